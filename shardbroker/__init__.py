@@ -1,0 +1,3 @@
+"""ShardBroker: a sharded, durable MQTT 3.1 / 3.1.1 / 5.0 broker."""
+
+__version__ = "0.1.0"
