@@ -1,0 +1,1 @@
+"""ShardBroker's command line (typer)."""

@@ -1,0 +1,102 @@
+"""``shardbroker``: serve, check-config, version, and store inspection.
+
+Typer lives only under ``cli/``. Bad configuration is reported as one line naming
+the setting, with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shardbroker import __version__
+from shardbroker.config import DEFAULT_TOML, Config, ConfigError, config_table, load_config
+
+app = typer.Typer(help="ShardBroker: a sharded, durable MQTT 3.1/3.1.1/5.0 broker.",
+                  no_args_is_help=True, add_completion=False)
+
+try:
+    from cli.store import app as store_app
+
+    app.add_typer(store_app, name="store")
+except ImportError:  # pragma: no cover - store CLI not installed
+    pass
+
+
+def _load(config: Optional[Path], overrides: dict[str, object]) -> Config:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"shardbroker: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML configuration file")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address to listen on [server.host]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port, 0 for any free one [server.port]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="worker processes, 0 = one per core [server.workers]")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="where the stores live [server.data_dir]")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error [server.log_level]")] = None,
+    durability: Annotated[Optional[str], typer.Option(help="fsync or no-fsync [storage.durability]")] = None,
+) -> None:
+    """Run the broker until SIGTERM or Ctrl-C."""
+    cfg = _load(config, {
+        "server.host": host, "server.port": port, "server.workers": workers,
+        "server.data_dir": str(data_dir) if data_dir is not None else None,
+        "server.log_level": log_level, "storage.durability": durability,
+    })
+    from shardbroker.runtime import setup_logging
+    from shardbroker.supervisor import Supervisor
+
+    setup_logging(cfg.server.log_level)
+    try:
+        code = Supervisor(cfg).run()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            typer.echo(exc.code, err=True)
+            raise typer.Exit(1) from None
+        raise
+    raise typer.Exit(code)
+
+
+@app.command("check-config")
+def check_config(file: Annotated[Path, typer.Argument(help="TOML configuration file")]) -> None:
+    """Validate a configuration file and print the resolved settings."""
+    cfg = _load(file, {})
+    from shardbroker.supervisor import config_overrides
+
+    for name, value in config_overrides(cfg).items():
+        typer.echo(f"{name} = {value!r}")
+    typer.echo(f"{file}: ok ({cfg.server.worker_count} workers)")
+
+
+@app.command("default-config")
+def default_config() -> None:
+    """Print the embedded default configuration (a starting point for a file)."""
+    typer.echo(DEFAULT_TOML)
+
+
+@app.command("settings")
+def settings() -> None:
+    """List every setting with its default and meaning."""
+    for name, default, text in config_table():
+        typer.echo(f"{name:32} {default:24} {text}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"shardbroker {__version__} (Python {sys.version.split()[0]})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Entry point of the supervisor's child processes:
+``python -m shardbroker.child acceptor|worker N --run-dir DIR --shards N`` with the
+resolved configuration as JSON in ``SHARDBROKER_CONFIG``.
+
+Exit status 2 means a fatal configuration or store error that a restart cannot
+fix (the supervisor then stops the broker instead of restarting the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+from .runtime import setup_logging
+
+FATAL = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardbroker.child")
+    parser.add_argument("role", choices=["acceptor", "worker"])
+    parser.add_argument("shard", nargs="?", type=int, default=0)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--shards", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, default=-1)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(None, json.loads(os.environ["SHARDBROKER_CONFIG"]))
+    except (ConfigError, KeyError, ValueError) as exc:
+        print(f"shardbroker: bad configuration handed to child: {exc}", file=sys.stderr)
+        return FATAL
+    setup_logging(config.server.log_level)
+    log = logging.getLogger("shardbroker.child")
+    if args.role == "acceptor":
+        from . import acceptor
+
+        acceptor.run(config, args.listen_fd, args.run_dir, args.shards)
+        return 0
+    from storage.lmdb_store import StoreError
+
+    from . import worker
+
+    try:
+        worker.run(config, args.shard, args.shards, args.run_dir)
+    except StoreError as exc:
+        log.error("shard %d: %s", args.shard, exc)
+        return FATAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

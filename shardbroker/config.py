@@ -1,0 +1,480 @@
+"""Broker configuration: defaults, an optional TOML file, and command-line overrides.
+
+What it does: ``load_config`` starts from the defaults, applies a TOML file if
+one is given, then applies overrides (dotted names such as ``"server.port"``,
+usually from CLI flags), checks every value and returns a frozen ``Config``.
+
+Invariants:
+
+* The dataclass fields below are the single source of truth: each field's
+  default, description and allowed values (its ``metadata``) produce
+  ``DEFAULT_TOML``, ``config_table()`` and the checks. Adding a setting means
+  adding one field.
+* A ``Config`` returned by ``load_config`` has been fully checked; a
+  ``Config()`` built in code holds the defaults (the dataclasses themselves do
+  not re-check values passed to them).
+* Every problem is a ``ConfigError`` whose message is one line that starts
+  with the setting's dotted name (or the file path for I/O and syntax errors).
+  Only the first problem found is reported.
+
+What it does not do: read environment variables, reload at runtime, create
+``data_dir``, or know how the settings are used (the broker does).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
+
+__all__ = [
+    "DEFAULT_TOML",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "config_table",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str(e)`` is one line naming the setting (or file).
+
+    ``setting`` is the dotted name concerned, or ``""`` for file-level problems.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}" if setting else message)
+        self.setting = setting
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class _Invalid(Exception):
+    """Raised by a check; the loader turns it into a ``ConfigError`` naming the setting."""
+
+
+_SHOW_CHARS = 60
+
+
+def _show(value: object) -> str:
+    text = repr(value).replace("\n", "\\n")
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
+
+
+class _Check(Protocol):
+    def check(self, value: object) -> object:
+        """The value to store, or raise ``_Invalid``."""
+
+    def from_text(self, text: str) -> object:
+        """Interpret a command-line string (returned unchanged if it does not parse)."""
+
+    def allowed(self) -> str:
+        """Allowed values, for documentation."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Int:
+    lo: int
+    hi: int
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
+            raise _Invalid(
+                f"must be an integer between {self.lo} and {self.hi}, got {_show(value)}"
+            )
+        return value
+
+    def from_text(self, text: str) -> object:
+        try:
+            return int(text.strip())
+        except ValueError:
+            return text
+
+    def allowed(self) -> str:
+        return f"{self.lo}..{self.hi}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Float:
+    lo: float
+    hi: float
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            ok = False
+        else:
+            value = float(value)
+            ok = math.isfinite(value) and self.lo <= value <= self.hi
+        if not ok:
+            raise _Invalid(
+                f"must be a number between {self.lo:g} and {self.hi:g}, got {_show(value)}"
+            )
+        return value
+
+    def from_text(self, text: str) -> object:
+        try:
+            return float(text.strip())
+        except ValueError:
+            return text
+
+    def allowed(self) -> str:
+        return f"{self.lo:g}..{self.hi:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Bool:
+    def check(self, value: object) -> object:
+        if not isinstance(value, bool):
+            raise _Invalid(f"must be true or false, got {_show(value)}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        word = text.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+        return text
+
+    def allowed(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    options: tuple[str, ...]
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str) or value not in self.options:
+            listed = ", ".join(repr(o) for o in self.options)
+            raise _Invalid(f"must be one of {listed}, got {_show(value)}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """A non-empty string; ``path`` also accepts ``os.PathLike`` (stored as ``str``)."""
+
+    path: bool = False
+
+    def check(self, value: object) -> object:
+        if self.path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value:
+            raise _Invalid(f"must be a non-empty string, got {_show(value)}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def allowed(self) -> str:
+        return "non-empty string"
+
+
+def _setting(default: Any, doc: str, check: _Check) -> Any:
+    """A dataclass field carrying its description and check."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Process-level settings: where to listen, how many shards, where data lives."""
+
+    host: str = _setting("127.0.0.1", "address to listen on (MQTT over TCP)", _Text())
+    port: int = _setting(1883, "TCP port; 0 picks a free port", _Int(0, 65535))
+    workers: int = _setting(0, "worker processes (shards); 0 means one per CPU core", _Int(0, 256))
+    data_dir: str = _setting("./shardbroker-data", "where the LMDB stores live", _Text(path=True))
+    log_level: str = _setting("info", "log level", _Choice(("debug", "info", "warning", "error")))
+    shutdown_timeout: float = _setting(
+        5.0, "seconds for an orderly shutdown before processes are killed", _Float(0.0, 3600.0)
+    )
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, with 0 resolved to the number of CPU cores (at least 1)."""
+        if self.workers > 0:
+            return self.workers
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Per-connection and per-session limits."""
+
+    connect_timeout: float = _setting(
+        10.0, "seconds a new connection has to send CONNECT", _Float(0.001, 3600.0)
+    )
+    max_packet_size: int = _setting(1048576, "largest packet accepted, bytes", _Int(64, 268435455))
+    max_keepalive: int = _setting(
+        65535,
+        "larger keepalives are lowered to this (sent as Server Keep Alive to 5.0 clients)",
+        _Int(1, 65535),
+    )
+    receive_maximum: int = _setting(
+        20, "QoS 1/2 publishes a client may have unacknowledged toward the broker", _Int(1, 65535)
+    )
+    max_inflight: int = _setting(
+        20,
+        "QoS 1/2 messages sent to a client before waiting for acknowledgements"
+        " (the lower of this and the client's Receive Maximum)",
+        _Int(1, 65535),
+    )
+    max_queued_messages: int = _setting(
+        1000,
+        "messages queued per session while offline or over the inflight window",
+        _Int(1, 10_000_000),
+    )
+    max_queued_bytes: int = _setting(16777216, "payload bytes queued per session", _Int(1, 2**40))
+    queue_full_policy: str = _setting(
+        "drop_oldest",
+        "when a session queue is full: drop_oldest, or reject_new"
+        " (a 5.0 QoS 1/2 publisher is then answered 0x97 quota exceeded)",
+        _Choice(("drop_oldest", "reject_new")),
+    )
+    queue_qos0: bool = _setting(
+        False, "also queue QoS 0 messages for offline persistent sessions", _Bool()
+    )
+    max_sessions: int = _setting(
+        1000000, "sessions per broker (connected + persistent offline)", _Int(1, 2**31)
+    )
+    topic_alias_maximum: int = _setting(
+        10, "topic aliases a 5.0 client may use toward the broker", _Int(0, 65535)
+    )
+    max_session_expiry: int = _setting(
+        4294967295, "cap on Session Expiry Interval, seconds", _Int(0, 4294967295)
+    )
+    max_message_expiry: int = _setting(
+        0, "cap on message expiry, seconds; 0 means no cap", _Int(0, 4294967295)
+    )
+    retain_available: bool = _setting(True, "whether retained messages are supported", _Bool())
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """LMDB persistence settings."""
+
+    durability: str = _setting(
+        "fsync",
+        "fsync: every group commit is fsynced before acknowledging (survives process, OS and power"
+        " failure); no-fsync: survives any process crash incl. kill -9, but an OS crash or power loss"
+        " may lose the last acknowledged messages",
+        _Choice(("fsync", "no-fsync")),
+    )
+    map_size: int = _setting(
+        67108864,
+        "initial LMDB map size per environment, bytes; grows by itself",
+        _Int(2**20, 2**40),
+    )
+    max_map_size: int = _setting(
+        17179869184,
+        "the map never grows past this, bytes; then new QoS 1/2 work is refused as if the disk were full",
+        _Int(2**20, 2**40),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, one nested dataclass per TOML section."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+_Section = ServerConfig | LimitsConfig | StorageConfig
+_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "storage": StorageConfig,
+}
+"""TOML section name -> dataclass, in file order (the same names as ``Config``'s fields)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    section: str
+    key: str
+    default: object
+    doc: str
+    check: _Check
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _specs() -> dict[str, _Spec]:
+    specs: dict[str, _Spec] = {}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            assert f.default is not MISSING, f"{section}.{f.name} needs a default"
+            spec = _Spec(section, f.name, f.default, f.metadata["doc"], f.metadata["check"])
+            specs[spec.name] = spec
+    return specs
+
+
+_SPECS = _specs()
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _describe(spec: _Spec) -> str:
+    return f"{spec.doc} [{spec.check.allowed()}]"
+
+
+def _default_toml() -> str:
+    lines = ["# ShardBroker configuration. Every setting is listed with its default value."]
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]"]
+        for spec in _SPECS.values():
+            if spec.section == section:
+                lines.append(f"# {_describe(spec)}")
+                lines.append(f"{spec.key} = {_toml_value(spec.default)}")
+    return "\n".join(lines) + "\n"
+
+
+DEFAULT_TOML: str = _default_toml()
+"""The default configuration as TOML text, one commented line per setting."""
+
+
+def config_table() -> list[tuple[str, str, str]]:
+    """``(dotted name, default as TOML text, description)`` for every setting, in file order."""
+    return [(s.name, _toml_value(s.default), _describe(s)) for s in _SPECS.values()]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unknown(name: str) -> ConfigError:
+    if name in _SECTIONS:
+        return ConfigError(
+            name, "is a section, not a setting (use a dotted name such as server.port)"
+        )
+    section, _, key = name.rpartition(".")
+    # Compare keys, not dotted names: a shared "server." prefix says nothing.
+    close = [s.name for s in _SPECS.values() if s.key == key]  # right key, wrong section
+    if not close:
+        in_section = [s.key for s in _SPECS.values() if s.section == section]
+        close = [f"{section}.{k}" for k in difflib.get_close_matches(key, in_section, n=1)]
+    if not close:
+        by_key = {s.key: s.name for s in _SPECS.values()}
+        close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=1)]
+    if not close and not section:
+        close = difflib.get_close_matches(key, list(_SECTIONS), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(name, f"unknown setting{hint}")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError("", f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        message = " ".join(str(e).split())
+        raise ConfigError("", f"{path}: invalid TOML: {message}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            "", f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    except OSError as e:
+        raise ConfigError("", f"{path}: cannot read config file: {e.strerror or e}") from None
+
+
+def _from_file(document: Mapping[str, Any]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for section, table in document.items():
+        if section not in _SECTIONS:
+            if isinstance(table, dict):
+                hint = difflib.get_close_matches(section, list(_SECTIONS), n=1, cutoff=0.6)
+                suffix = f"; did you mean [{hint[0]}]?" if hint else ""
+                raise ConfigError(section, f"unknown section{suffix}")
+            raise _unknown(section)
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"must be a table ([{section}]), got {_show(table)}")
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if name not in _SPECS:
+                raise _unknown(name)
+            values[name] = value
+    return values
+
+
+def _check(name: str, value: object) -> object:
+    try:
+        return _SPECS[name].check.check(value)
+    except _Invalid as e:
+        raise ConfigError(name, str(e)) from None
+
+
+_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig)
+
+
+def _build(cls: type[_S], section: str, values: Mapping[str, object]) -> _S:
+    kwargs: dict[str, Any] = {
+        s.key: values[s.name] for s in _SPECS.values() if s.section == section
+    }
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, object] | None = None
+) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``; all checked.
+
+    ``overrides`` maps dotted names (``"server.port"``) to values; ``None``
+    values are ignored (a CLI flag that was not given). A string given for a
+    number or boolean setting is parsed (``"1884"``, ``"true"``), since CLI
+    flags are text; values in the file must have the right TOML type.
+    """
+    values: dict[str, object] = {name: spec.default for name, spec in _SPECS.items()}
+    if path is not None:
+        for name, value in _from_file(_read_file(Path(path))).items():
+            values[name] = _check(name, value)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in _SPECS:
+            raise _unknown(name)
+        if isinstance(value, str):
+            value = _SPECS[name].check.from_text(value)
+        values[name] = _check(name, value)
+
+    map_size = cast(int, values["storage.map_size"])
+    max_map_size = cast(int, values["storage.max_map_size"])
+    if max_map_size < map_size:
+        raise ConfigError(
+            "storage.max_map_size",
+            f"must be at least storage.map_size ({map_size}), got {max_map_size}",
+        )
+
+    return Config(
+        server=_build(ServerConfig, "server", values),
+        limits=_build(LimitsConfig, "limits", values),
+        storage=_build(StorageConfig, "storage", values),
+    )

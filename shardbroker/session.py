@@ -1,0 +1,166 @@
+"""In-memory session state of one client on its shard.
+
+A session outlives its connections when it is persistent (3.1.1 Clean Session 0,
+5.0 Session Expiry Interval > 0). Its durable part mirrors what the shard store
+holds (``storage.records``); this module holds no I/O and no store handle: the
+shard decides what to persist and when.
+
+Invariants:
+- ``inflight`` holds at most the send window of QoS 1/2 messages, keyed by the
+  broker's outgoing packet IDs, in send order (dicts keep insertion order).
+- ``qos2_in`` holds the client's incoming QoS 2 packet IDs awaiting PUBREL; the two
+  packet-ID spaces never mix.
+- ``queue`` holds messages waiting for a connection or for room in the window,
+  oldest first; ``queued_bytes`` is the sum of their payload sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .protocol.packets import NO_PROPERTIES, Properties
+from storage.records import AWAIT_PUBACK, AWAIT_PUBCOMP, AWAIT_PUBREC, StoredSubscription
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+NEVER = 0xFFFFFFFF
+
+__all__ = [
+    "AWAIT_PUBACK", "AWAIT_PUBCOMP", "AWAIT_PUBREC", "Message", "NEVER", "Outgoing", "Queued",
+    "Session", "StoredSubscription", "WillState",
+]
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """An application message as routed: what every subscriber copy is made from."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties = NO_PROPERTIES  # forwarded ones only: no alias, no subscription ids
+    expires_at: float | None = None  # wall clock
+    origin: str | None = None  # publishing client id (No Local)
+    store_id: int | None = None  # id in this shard's store once stored
+    cache: dict[tuple[int, bool], bytes] | None = None  # encoded QoS 0 copies by (version, retain)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def remaining_expiry(self, now: float) -> int | None:
+        if self.expires_at is None:
+            return None
+        return max(0, math.ceil(self.expires_at - now))
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A QoS 1/2 message sent to the client and not yet fully acknowledged."""
+
+    message: Message | None  # None once only PUBCOMP is awaited
+    qos: int
+    retain: bool
+    sub_ids: tuple[int, ...]
+    state: int = AWAIT_PUBACK
+
+
+@dataclass(slots=True)
+class Queued:
+    message: Message
+    qos: int
+    retain: bool
+    sub_ids: tuple[int, ...]
+    seq: int | None = None  # store sequence number when the session is persistent
+
+
+@dataclass(slots=True)
+class WillState:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties
+    delay: int
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    client_id: str
+    version: int
+    expiry_interval: int  # seconds; NEVER = no expiry; 0 = ends with the connection
+    subscriptions: dict[str, StoredSubscription] = field(default_factory=dict)
+    will: WillState | None = None
+    conn: Connection | None = None
+    inflight: dict[int, Outgoing] = field(default_factory=dict)
+    queue: deque[Queued] = field(default_factory=deque)
+    queued_bytes: int = 0
+    qos2_in: set[int] = field(default_factory=set)
+    next_pid: int = 1
+    disconnected_at: float | None = None  # wall clock
+    will_due: float | None = None  # wall clock at which a delayed will is published
+    dropped: int = 0  # messages dropped because the queue was full
+
+    @property
+    def persistent(self) -> bool:
+        return self.expiry_interval > 0
+
+    def expires_at(self) -> float | None:
+        """Wall-clock time the session ends, when disconnected and not NEVER."""
+        if self.conn is not None or self.disconnected_at is None or self.expiry_interval >= NEVER:
+            return None
+        return self.disconnected_at + self.expiry_interval
+
+    def alloc_pid(self) -> int:
+        """The next free outgoing packet ID (1..65535, skipping ones in flight)."""
+        pid = self.next_pid
+        for _ in range(65535):
+            if pid not in self.inflight:
+                break
+            pid = pid + 1 if pid < 65535 else 1
+        else:  # pragma: no cover - the window is far below 65535
+            raise RuntimeError("no free packet identifier")
+        self.next_pid = pid + 1 if pid < 65535 else 1
+        return pid
+
+
+_PROPERTY_FIELDS = Properties.__dataclass_fields__
+_TUPLE_FIELDS = ("user_properties", "subscription_identifiers")
+
+
+def properties_to_wire(props: Properties) -> dict[str, object] | None:
+    """Non-default properties as a CBOR-friendly map (None when there are none)."""
+    if props is NO_PROPERTIES:
+        return None
+    out: dict[str, object] = {}
+    for name in _PROPERTY_FIELDS:
+        value = getattr(props, name)
+        if value is not None and value != ():
+            out[name] = value
+    return out or None
+
+
+def properties_from_wire(data: dict[str, object] | None) -> Properties:
+    if not data:
+        return NO_PROPERTIES
+    kwargs = dict(data)
+    if "user_properties" in kwargs:
+        kwargs["user_properties"] = tuple((str(k), str(v)) for k, v in kwargs["user_properties"])  # type: ignore[attr-defined]
+    if "subscription_identifiers" in kwargs:
+        kwargs["subscription_identifiers"] = tuple(kwargs["subscription_identifiers"])  # type: ignore[arg-type]
+    return Properties(**kwargs)  # type: ignore[arg-type]
+
+
+def message_to_wire(msg: Message) -> list[object]:
+    return [msg.topic, msg.payload, msg.qos, msg.retain, properties_to_wire(msg.properties),
+            msg.expires_at, msg.origin]
+
+
+def message_from_wire(data: list[object]) -> Message:
+    topic, payload, qos, retain, props, expires_at, origin = data
+    return Message(str(topic), bytes(payload), int(qos), bool(retain),  # type: ignore[arg-type,call-overload]
+                   properties_from_wire(props), expires_at, origin)  # type: ignore[arg-type]

@@ -1,0 +1,979 @@
+"""One shard's broker semantics: sessions, subscriptions, delivery and acknowledgements.
+
+One handler per packet type (``on_connect``, ``on_publish``, ...). Handlers mutate
+in-memory state, queue store operations in the current batch, queue bytes on
+connections and items on the bus; :meth:`Shard.flush`, run once per event-loop
+iteration, commits the batch (group commit) and only then writes the queued bytes
+and bus items. So every acknowledgement (PUBACK, PUBREC, SUBACK, the CONNACK of a
+persistent session) leaves after the state it promises is committed.
+
+What this module does not do: sockets and the event loop (``connection.py``,
+``worker.py``), bytes (``protocol/``), LMDB (``storage/``), ZeroMQ (``bus.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+from storage.lmdb_store import RetainedStore, ShardStore, StoreError, StoreFull
+from storage.records import InflightRecord, SessionRecord, StoredMessage, StoredWill
+
+from .config import Config
+from .protocol import codec, reasons
+from .protocol.errors import ProtocolError
+from .protocol.packets import (
+    MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Disconnect, PingReq, PingResp, Properties,
+    PubAck, PubComp, PubRec, PubRel, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe,
+)
+from .routing import RouteTable
+from .session import (
+    AWAIT_PUBACK, AWAIT_PUBCOMP, AWAIT_PUBREC, NEVER, Message, Outgoing, Queued, Session,
+    StoredSubscription, WillState, message_from_wire, message_to_wire,
+)
+from .topics import TopicTrie, parse_shared, validate_topic_filter, validate_topic_name
+
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .connection import Connection
+
+log = logging.getLogger("shardbroker.shard")
+
+ROUTE_ACK_TIMEOUT = 2.0
+MAX_HOPS = 3
+
+
+class Shard:
+    def __init__(
+        self, config: Config, shard: int, shards: int, store: ShardStore,
+        retained: RetainedStore, bus: Bus, loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.shard = shard
+        self.shards = shards
+        self.store = store
+        self.retained = retained
+        self.bus = bus
+        self.loop = loop
+        self.sessions: dict[str, Session] = {}
+        self.stored: set[str] = set()  # client ids with a session record in the store
+        self.connections: set[Connection] = set()
+        self.subs: TopicTrie[str, StoredSubscription] = TopicTrie()
+        self.shared_subs: TopicTrie[tuple[str, str], StoredSubscription] = TopicTrie()
+        self.filter_refs: dict[str, int] = {}
+        self.routes = RouteTable()
+        self._route_waits: dict[int, tuple[set[int], asyncio.Future[None]]] = {}
+        self._route_pending: dict[str, asyncio.Future[None]] = {}
+        self._req = count(1)
+        self._rr: dict[tuple[str, str], int] = {}
+        self.synced: set[int] = set()
+        self.batch: Any = None
+        self.retained_ops: list[tuple[str, StoredMessage | None]] = []
+        self.dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self.store_full = False
+        self.max_sessions = max(1, self.limits.max_sessions // max(1, shards))
+        self.stats = {
+            "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
+            "dropped_too_large": 0, "expired": 0, "protocol_errors": 0,
+        }
+
+    # ------------------------------------------------------------------ startup
+
+    def restore(self) -> None:
+        """Load this shard's sessions from the store (startup)."""
+        now = time.time()
+        for rec in self.store.sessions():
+            sess = Session(rec.client_id, rec.protocol_version, rec.expiry_interval)
+            sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else now
+            if rec.will is not None:
+                w = rec.will
+                sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
+                sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
+            for sub in rec.subscriptions:
+                self._add_subscription(sess, sub)
+            for pid, inf, smsg in self.store.inflight(rec.client_id):
+                msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
+                sess.inflight[pid] = Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state)
+                sess.next_pid = pid % 65535 + 1
+            for seq, msg_id, qos, smsg in self.store.queue(rec.client_id):
+                msg = _message_from_stored(smsg, msg_id)
+                sess.queue.append(Queued(msg, qos, msg.retain, (), seq))
+                sess.queued_bytes += len(msg.payload)
+            sess.qos2_in.update(self.store.qos2_incoming(rec.client_id))
+            self.sessions[rec.client_id] = sess
+            self.stored.add(rec.client_id)
+            for sub in rec.subscriptions:
+                self.filter_refs[sub.topic_filter] = self.filter_refs.get(sub.topic_filter, 0) + 1
+        for key in self.filter_refs:
+            self.routes.add(self.shard, key)
+        log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions), len(self.filter_refs))
+
+    def announce(self) -> None:
+        """Ask every peer for its routes and tell them ours (startup and restart)."""
+        self.bus.broadcast(["s?", self.shard])
+        self.bus.broadcast(["s", self.shard, sorted(self.filter_refs)])
+        self.schedule_flush()
+
+    # ------------------------------------------------------------------ flush
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def mark_dirty(self, conn: Connection) -> None:
+        self.dirty.append(conn)
+        self.schedule_flush()
+
+    def _batch(self) -> Any:
+        if self.batch is None:
+            self.batch = self.store.batch()
+        return self.batch
+
+    def flush(self) -> None:
+        """Commit what this iteration changed, then write what it promised."""
+        self._flush_scheduled = False
+        failed = False
+        if self.retained_ops:
+            ops, self.retained_ops = self.retained_ops, []
+            try:
+                self.retained.write(ops)
+            except StoreError as exc:
+                log.error("retained store write failed: %s", exc)
+                failed = True
+        batch, self.batch = self.batch, None
+        if batch is not None and len(batch):
+            try:
+                batch.commit()
+                if self.store_full:
+                    log.warning("shard %d: store accepts writes again", self.shard)
+                self.store_full = False
+            except StoreError as exc:
+                log.error("shard %d: store commit failed: %s", self.shard, exc)
+                failed = True
+        dirty, self.dirty = self.dirty, []
+        if failed:
+            # Nothing promised in this batch may be acknowledged: drop the output of every
+            # connection that had any and close it; the clients resend what was not acked.
+            self.store_full = True
+            for conn in dirty:
+                conn.discard_output()
+                conn.dirty = False
+                self.close(conn, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
+            dirty, self.dirty = self.dirty, []
+        self.bus.flush()
+        for conn in dirty:
+            conn.write_out()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, conn: Connection, packet: object) -> None:
+        """Handle one packet from a connected client (CONNECT is handled by on_connect)."""
+        try:
+            handler = self._handlers.get(type(packet))
+            if handler is None:
+                if isinstance(packet, Connect):  # [MQTT-3.1.0-2]
+                    raise ProtocolError(reasons.PROTOCOL_ERROR, "second CONNECT")
+                raise ProtocolError(reasons.PROTOCOL_ERROR, f"unexpected {type(packet).__name__} from a client")
+            handler(self, conn, packet)
+        except ProtocolError as exc:
+            self.protocol_violation(conn, exc)
+        except Exception:  # noqa: BLE001 - one client's bug must not take down the shard
+            log.exception("shard %d: internal error handling %s from %s", self.shard,
+                          type(packet).__name__, conn.client_id)
+            self.close(conn, reasons.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
+
+    def protocol_violation(self, conn: Connection, exc: ProtocolError) -> None:
+        self.stats["protocol_errors"] += 1
+        self.close(conn, exc.reason, exc.message)
+
+    def close(self, conn: Connection, reason: int | None, text: str, *, will: bool = True) -> None:
+        """Server-side disconnect: DISCONNECT with ``reason`` to a 5.0 client, then close."""
+        if conn.closing:
+            return
+        log.info("closing %s (%s): %s%s", conn.client_id or conn.peer, conn.peer, text,
+                 f" [{reasons.name(reason)}]" if reason is not None else "")
+        if reason is not None and conn.version == MQTT_5 and conn.session is not None:
+            props = Properties(reason_string=text[:200]) if text else NO_PROPERTIES
+            conn.send(codec.encode(Disconnect(reason, props), MQTT_5))
+        self.detach(conn, publish_will=will)
+        conn.close_after_write()
+
+    # ------------------------------------------------------------------ CONNECT
+
+    def on_connect(self, conn: Connection, pkt: Connect, assigned: str | None) -> None:
+        version = pkt.protocol_version
+        conn.version = version
+        conn.reader.version = version
+        client_id = assigned or pkt.client_id
+        conn.client_id = client_id
+        props = pkt.properties
+        v5 = version == MQTT_5
+        if props.authentication_method is not None:
+            return self._refuse(conn, reasons.BAD_AUTHENTICATION_METHOD,
+                                f"authentication method {props.authentication_method!r} is not supported")
+        if pkt.will is not None:
+            try:
+                validate_topic_name(pkt.will.topic)
+            except ProtocolError as exc:
+                return self._refuse(conn, exc.reason, f"will topic: {exc.message}")
+            if pkt.will.topic.startswith("$SYS/") or pkt.will.topic == "$SYS":
+                return self._refuse(conn, reasons.NOT_AUTHORIZED, "$SYS is read-only for clients")
+            if (pkt.will.properties.payload_format_indicator == 1 and not _utf8(pkt.will.payload)):
+                return self._refuse(conn, reasons.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
+            if pkt.will.retain and not self.limits.retain_available:
+                return self._refuse(conn, reasons.RETAIN_NOT_SUPPORTED, "retain is not available")
+        if v5:
+            expiry = props.session_expiry_interval or 0
+        else:
+            expiry = 0 if pkt.clean_start else NEVER
+        capped_expiry = min(expiry, self.limits.max_session_expiry)
+        keepalive = pkt.keepalive
+        server_keepalive = None
+        if v5 and (keepalive > self.limits.max_keepalive or keepalive == 0):
+            keepalive = self.limits.max_keepalive
+            server_keepalive = keepalive
+        conn.keepalive = keepalive
+        if v5:
+            conn.send_window = min(props.receive_maximum or 65535, self.limits.max_inflight)
+            conn.max_packet_out = props.maximum_packet_size
+            conn.alias_max_out = props.topic_alias_maximum or 0
+            conn.problem_info = props.request_problem_information != 0
+        else:
+            conn.send_window = self.limits.max_inflight
+
+        sess = self.sessions.get(client_id)
+        if sess is not None and sess.conn is not None:
+            old = sess.conn
+            log.info("client %s taken over by a new connection from %s", client_id, conn.peer)
+            publish_old_will = pkt.clean_start or (sess.will is not None and sess.will.delay == 0)
+            self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_old_will)
+        session_present = False
+        if sess is not None and (pkt.clean_start or not sess.persistent):
+            if sess.will is not None and sess.will_due is not None:
+                self._publish_will(sess)  # a will delay never outlives the session
+            self._end_session(sess)
+            sess = None
+        if sess is None:
+            if len(self.sessions) >= self.max_sessions:
+                return self._refuse(conn, reasons.QUOTA_EXCEEDED if v5 else reasons.SERVER_UNAVAILABLE,
+                                    "session limit reached")
+            sess = Session(client_id, version, capped_expiry)
+            self.sessions[client_id] = sess
+        else:
+            session_present = True
+            sess.version = version
+            sess.expiry_interval = capped_expiry
+        sess.will = None
+        sess.will_due = None
+        if pkt.will is not None:
+            w = pkt.will
+            sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties,
+                                  w.properties.will_delay_interval or 0)
+        sess.conn = conn
+        sess.disconnected_at = None
+        conn.session = sess
+        self.connections.add(conn)
+        if sess.persistent:
+            self._persist_session(sess)
+        elif client_id in self.stored:
+            self._batch().delete_session(client_id)
+            self.stored.discard(client_id)
+        cprops = NO_PROPERTIES
+        if v5:
+            cprops = Properties(
+                receive_maximum=self.limits.receive_maximum,
+                topic_alias_maximum=self.limits.topic_alias_maximum or None,
+                maximum_packet_size=self.limits.max_packet_size,
+                assigned_client_identifier=assigned,
+                server_keep_alive=server_keepalive,
+                session_expiry_interval=capped_expiry if capped_expiry != expiry else None,
+                retain_available=0 if not self.limits.retain_available else None,
+            )
+        conn.send(codec.encode(ConnAck(session_present, reasons.SUCCESS, cprops), version))
+        conn.connected = True
+        log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
+                  client_id, conn.peer, version, self.shard, session_present)
+        if session_present:
+            self._resume(sess, conn)
+
+    def _refuse(self, conn: Connection, reason: int, text: str) -> None:
+        log.info("refusing CONNECT from %s (%s): %s [%s]", conn.client_id, conn.peer, text, reasons.name(reason))
+        if conn.version == MQTT_5:
+            props = Properties(reason_string=text[:200])
+            conn.send(codec.encode(ConnAck(False, reason, props), MQTT_5))
+        else:
+            code = reasons.V5_TO_V3_CONNACK.get(reason)
+            if code is not None:
+                conn.send(codec.encode(ConnAck(False, code), conn.version))
+        conn.close_after_write()
+
+    def _resume(self, sess: Session, conn: Connection) -> None:
+        """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
+        for pid, out in sess.inflight.items():
+            if out.state == AWAIT_PUBCOMP or out.message is None:
+                conn.send(codec.encode(PubRel(pid), conn.version))
+            else:
+                data = self._publish_bytes(conn, out.message, out.qos, out.retain, pid, True, out.sub_ids)
+                if data is not None:
+                    conn.send(data)
+        self._pump(sess)
+
+    # ------------------------------------------------------------------ sessions
+
+    def _persist_session(self, sess: Session) -> None:
+        will = None
+        if sess.will is not None:
+            w = sess.will
+            will = StoredWill(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
+        rec = SessionRecord(sess.client_id, sess.version, sess.expiry_interval,
+                            sess.disconnected_at, tuple(sess.subscriptions.values()), will)
+        self._batch().put_session(rec)
+        self.stored.add(sess.client_id)
+
+    def detach(self, conn: Connection, *, publish_will: bool) -> None:
+        """The connection is gone (or going): the session carries on or ends."""
+        self.connections.discard(conn)
+        sess = conn.session
+        conn.session = None
+        if sess is None or sess.conn is not conn:
+            return
+        sess.conn = None
+        sess.disconnected_at = time.time()
+        if not publish_will:
+            sess.will = None
+        if not sess.persistent:
+            if sess.will is not None:
+                self._publish_will(sess)
+            self._end_session(sess)
+            return
+        if sess.will is not None:
+            delay = min(sess.will.delay, sess.expiry_interval)
+            if delay <= 0:
+                self._publish_will(sess)
+            else:
+                sess.will_due = sess.disconnected_at + delay
+        self._persist_session(sess)
+
+    def _publish_will(self, sess: Session) -> None:
+        w = sess.will
+        sess.will = None
+        sess.will_due = None
+        if w is None:
+            return
+        expiry = w.properties.message_expiry_interval
+        props = replace(w.properties, will_delay_interval=None) if w.properties is not NO_PROPERTIES else w.properties
+        msg = Message(w.topic, w.payload, w.qos, w.retain, props,
+                      time.time() + expiry if expiry is not None else None, sess.client_id)
+        log.debug("publishing will of %s to %s", sess.client_id, w.topic)
+        self.route(msg)
+
+    def _end_session(self, sess: Session) -> None:
+        for flt in list(sess.subscriptions):
+            self._remove_subscription(sess, flt)
+        self.sessions.pop(sess.client_id, None)
+        if sess.client_id in self.stored:
+            self._batch().delete_session(sess.client_id)
+            self.stored.discard(sess.client_id)
+
+    def tick(self, now: float, mono: float) -> None:
+        """Once-a-second sweep: keepalive, delayed wills, session expiry."""
+        for conn in list(self.connections):
+            if conn.keepalive and conn.connected and mono - conn.last_rx > conn.keepalive * 1.5:
+                self.close(conn, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {conn.keepalive}s expired")
+        for sess in list(self.sessions.values()):
+            if sess.conn is not None:
+                continue
+            if sess.will_due is not None and now >= sess.will_due:
+                self._publish_will(sess)
+                if sess.persistent:
+                    self._persist_session(sess)
+            end = sess.expires_at()
+            if end is not None and now >= end:
+                log.debug("session %s expired", sess.client_id)
+                if sess.will is not None:
+                    self._publish_will(sess)
+                self._end_session(sess)
+        if self.batch is not None or self.retained_ops:
+            self.schedule_flush()
+
+    # ------------------------------------------------------------------ PUBLISH in
+
+    def on_publish(self, conn: Connection, pkt: Publish) -> None:
+        sess = conn.session
+        assert sess is not None
+        v5 = conn.version == MQTT_5
+        topic = pkt.topic
+        props = pkt.properties
+        if v5 and props.topic_alias is not None:
+            alias = props.topic_alias
+            if alias == 0 or alias > self.limits.topic_alias_maximum:  # [MQTT-3.3.2-9/10]
+                raise ProtocolError(reasons.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
+            if topic:
+                conn.aliases_in[alias] = topic
+            else:
+                known = conn.aliases_in.get(alias)
+                if known is None:
+                    raise ProtocolError(reasons.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+                topic = known
+        validate_topic_name(topic)
+        qos = pkt.qos
+        pid = pkt.packet_id
+        if qos:
+            conn.unacked_in += 1
+            if conn.unacked_in + len(sess.qos2_in) > self.limits.receive_maximum:
+                raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+        if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
+            conn.send(codec.encode(PubRec(pid), conn.version))  # type: ignore[arg-type]
+            return
+        self.stats["received"] += 1
+        code = reasons.SUCCESS
+        if props.payload_format_indicator == 1 and not _utf8(pkt.payload):
+            if qos == 0:
+                raise ProtocolError(reasons.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
+            code = reasons.PAYLOAD_FORMAT_INVALID
+        elif pkt.retain and not self.limits.retain_available:
+            raise ProtocolError(reasons.RETAIN_NOT_SUPPORTED, "retain is not available")
+        elif topic.startswith("$SYS/") or topic == "$SYS":
+            log.info("dropping publish from %s to read-only %s", conn.client_id, topic)
+            code = reasons.NOT_AUTHORIZED
+        elif qos and self.store_full:
+            code = reasons.QUOTA_EXCEEDED
+        else:
+            if props is not NO_PROPERTIES and (props.topic_alias is not None or props.subscription_identifiers):
+                props = replace(props, topic_alias=None, subscription_identifiers=())
+            expires_at = None
+            expiry = props.message_expiry_interval
+            cap = self.limits.max_message_expiry
+            if cap and (expiry is None or expiry > cap):
+                expiry = cap
+            if expiry is not None:
+                expires_at = time.time() + expiry
+            msg = Message(topic, pkt.payload, qos, pkt.retain, props, expires_at, conn.client_id)
+            matched = self.route(msg)
+            if not matched and v5 and qos:
+                code = reasons.NO_MATCHING_SUBSCRIBERS
+        if qos == 1:
+            conn.send(codec.encode(PubAck(pid, code) if v5 else PubAck(pid), conn.version))  # type: ignore[arg-type]
+        elif qos == 2:
+            if code < 0x80:
+                sess.qos2_in.add(pid)  # type: ignore[arg-type]
+                if sess.persistent:
+                    self._batch().add_qos2_incoming(sess.client_id, pid)
+            conn.send(codec.encode(PubRec(pid, code) if v5 else PubRec(pid), conn.version))  # type: ignore[arg-type]
+
+    def on_pubrel(self, conn: Connection, pkt: PubRel) -> None:
+        sess = conn.session
+        assert sess is not None
+        code = reasons.SUCCESS
+        if pkt.packet_id in sess.qos2_in:
+            sess.qos2_in.discard(pkt.packet_id)
+            if sess.persistent:
+                self._batch().remove_qos2_incoming(sess.client_id, pkt.packet_id)
+        else:
+            code = reasons.PACKET_IDENTIFIER_NOT_FOUND
+        conn.send(codec.encode(PubComp(pkt.packet_id, code if conn.version == MQTT_5 else 0), conn.version))
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, msg: Message) -> bool:
+        """Send a publish to every shard that wants it (this one included). True if any does."""
+        if msg.retain:
+            self._retain(msg)
+        targets = self.routes.targets(msg.topic)
+        if not targets:
+            return False
+        wire = None
+        for shard, target in targets.items():
+            if shard == self.shard:
+                self.deliver_local(msg, target.plain, target.groups, 0)
+            else:
+                if wire is None:
+                    wire = message_to_wire(msg)
+                self.bus.send(shard, ["p", wire, target.plain, target.groups, 0])
+                self.stats["forwarded"] += 1
+                self.schedule_flush()
+        return True
+
+    def _retain(self, msg: Message) -> None:
+        if not msg.payload:  # [MQTT-3.3.1-6/7]: an empty payload deletes
+            self.retained_ops.append((msg.topic, None))
+        else:
+            self.retained_ops.append((msg.topic, StoredMessage(
+                msg.topic, msg.payload, msg.qos, True, msg.properties, msg.expires_at)))
+        self.schedule_flush()
+
+    def deliver_local(self, msg: Message, plain: bool, groups: Iterable[tuple[str, str]], hops: int) -> None:
+        now = time.time()
+        if msg.expires_at is not None and now >= msg.expires_at:
+            self.stats["expired"] += 1
+            return
+        if plain:
+            matches = self.subs.match(msg.topic)
+            if len(matches) == 1:
+                for cid, sub in matches[0][1].items():
+                    if sub.no_local and cid == msg.origin:
+                        continue
+                    sess = self.sessions.get(cid)
+                    if sess is not None:
+                        self.deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
+                                     (sub.subscription_id,) if sub.subscription_id else ())
+            elif matches:
+                # Overlapping subscriptions: one copy at the highest QoS with every identifier.
+                agg: dict[str, list[Any]] = {}
+                for _flt, entries in matches:
+                    for cid, sub in entries.items():
+                        if sub.no_local and cid == msg.origin:
+                            continue
+                        a = agg.get(cid)
+                        if a is None:
+                            a = agg[cid] = [0, False, []]
+                        a[0] = max(a[0], sub.qos)
+                        a[1] = a[1] or sub.retain_as_published
+                        if sub.subscription_id:
+                            a[2].append(sub.subscription_id)
+                for cid, (qos, rap, ids) in agg.items():
+                    sess = self.sessions.get(cid)
+                    if sess is not None:
+                        self.deliver(sess, msg, min(msg.qos, qos), msg.retain and rap, tuple(sorted(ids)))
+        for group, flt in groups:
+            self._deliver_shared(msg, group, flt, hops)
+
+    def _deliver_shared(self, msg: Message, group: str, flt: str, hops: int) -> None:
+        entries = self.shared_subs.get(flt) or {}
+        members = [(cid, sub) for (g, cid), sub in entries.items() if g == group]
+        if not members:
+            others = [s for s in self.routes.shards_for_group(group, flt) if s != self.shard]
+            if others and hops < MAX_HOPS:
+                self.bus.send(others[hops % len(others)], ["p", message_to_wire(msg), False, [(group, flt)], hops + 1])
+                self.schedule_flush()
+            return
+        online = [m for m in members if (s := self.sessions.get(m[0])) is not None and s.conn is not None]
+        pool = online or members
+        k = (group, flt)
+        n = self._rr.get(k, 0)
+        self._rr[k] = n + 1
+        cid, sub = pool[n % len(pool)]
+        sess = self.sessions.get(cid)
+        if sess is not None:
+            self.deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
+                         (sub.subscription_id,) if sub.subscription_id else ())
+
+    def on_bus(self, items: list[list[Any]]) -> None:
+        for item in items:
+            try:
+                kind = item[0]
+                if kind == "p":
+                    self.deliver_local(message_from_wire(item[1]), item[2], [tuple(g) for g in item[3]], item[4])
+                elif kind == "r+":
+                    self.routes.add(item[1], item[2])
+                    self.bus.send(item[1], ["ra", self.shard, item[3]])
+                elif kind == "r-":
+                    self.routes.remove(item[1], item[2])
+                elif kind == "ra":
+                    wait = self._route_waits.get(item[2])
+                    if wait is not None:
+                        wait[0].discard(item[1])
+                        if not wait[0]:
+                            del self._route_waits[item[2]]
+                            if not wait[1].done():
+                                wait[1].set_result(None)
+                elif kind == "s?":
+                    self.bus.send(item[1], ["s", self.shard, sorted(self.filter_refs)])
+                elif kind == "s":
+                    self.routes.replace(item[1], set(item[2]))
+                    self.synced.add(item[1])
+                else:
+                    log.warning("bus: unknown item kind %r", kind)
+            except Exception:  # noqa: BLE001
+                log.exception("bus: bad item %r", item[:1])
+        self.schedule_flush()
+
+    # ------------------------------------------------------------------ delivery out
+
+    def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        conn = sess.conn
+        if conn is None or conn.closing:
+            if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
+                return
+            self._enqueue(sess, msg, qos, retain, sub_ids)
+            return
+        if qos == 0:
+            data = self._publish_bytes(conn, msg, 0, retain, None, False, sub_ids)
+            if data is not None:
+                if conn.write_buffer_full():
+                    self.stats["dropped_queue_full"] += 1
+                    return
+                conn.send(data)
+                self.stats["delivered"] += 1
+            return
+        if sess.queue or len(sess.inflight) >= conn.send_window:
+            self._enqueue(sess, msg, qos, retain, sub_ids)
+            return
+        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None)
+
+    def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
+                       sub_ids: tuple[int, ...], seq: int | None) -> None:
+        data_probe = self._publish_bytes(conn, msg, qos, retain, 1, False, sub_ids, probe=True)
+        if data_probe is None:  # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
+            if seq is not None:
+                self._batch().dequeue(sess.client_id, seq)
+            return
+        pid = sess.alloc_pid()
+        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC)
+        if sess.persistent:
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
+                                                                AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
+            if seq is not None:
+                b.dequeue(sess.client_id, seq)
+        data = self._publish_bytes(conn, msg, qos, retain, pid, False, sub_ids)
+        if data is not None:
+            conn.send(data)
+            self.stats["delivered"] += 1
+
+    def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        limits = self.limits
+        size = len(msg.payload)
+        while sess.queue and (len(sess.queue) >= limits.max_queued_messages
+                              or sess.queued_bytes + size > limits.max_queued_bytes):
+            if limits.queue_full_policy != "drop_oldest":
+                self.stats["dropped_queue_full"] += 1
+                sess.dropped += 1
+                return
+            old = sess.queue.popleft()
+            sess.queued_bytes -= len(old.message.payload)
+            if old.seq is not None:
+                self._batch().dequeue(sess.client_id, old.seq)
+            self.stats["dropped_queue_full"] += 1
+            sess.dropped += 1
+        seq = None
+        if sess.persistent and (qos > 0 or limits.queue_qos0):
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            seq = b.enqueue(sess.client_id, msg.store_id, qos)
+        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq))
+        sess.queued_bytes += size
+
+    def _pump(self, sess: Session) -> None:
+        """Move queued messages into the window while there is room."""
+        conn = sess.conn
+        if conn is None:
+            return
+        now = time.time()
+        while sess.queue and len(sess.inflight) < conn.send_window:
+            q = sess.queue.popleft()
+            sess.queued_bytes -= len(q.message.payload)
+            if q.message.expired(now):
+                self.stats["expired"] += 1
+                if q.seq is not None:
+                    self._batch().dequeue(sess.client_id, q.seq)
+                continue
+            if q.qos == 0:
+                data = self._publish_bytes(conn, q.message, 0, q.retain, None, False, q.sub_ids)
+                if data is not None:
+                    conn.send(data)
+                if q.seq is not None:
+                    self._batch().dequeue(sess.client_id, q.seq)
+                continue
+            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq)
+
+    def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
+                       dup: bool, sub_ids: tuple[int, ...], probe: bool = False) -> bytes | None:
+        version = conn.version
+        if version != MQTT_5:
+            if qos == 0:
+                cache = msg.cache
+                if cache is None:
+                    cache = msg.cache = {}
+                key = (version, retain)
+                data = cache.get(key)
+                if data is None:
+                    data = cache[key] = codec.encode(Publish(msg.topic, msg.payload, 0, retain), version)
+                return data
+            return codec.encode(Publish(msg.topic, msg.payload, qos, retain, dup, pid), version)
+        props = msg.properties
+        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+        topic = msg.topic
+        if qos == 0 and not sub_ids and expiry is None and not conn.alias_max_out:
+            cache = msg.cache
+            if cache is None:
+                cache = msg.cache = {}
+            data = cache.get((MQTT_5, retain))
+            if data is None:
+                data = cache[(MQTT_5, retain)] = codec.encode(Publish(topic, msg.payload, 0, retain, False, None, props), MQTT_5)
+            if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
+                self.stats["dropped_too_large"] += 1
+                return None
+            return data
+        if sub_ids or expiry is not None:
+            props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
+        if conn.max_packet_out is not None:
+            size = len(codec.encode(Publish(topic, msg.payload, qos, retain, dup, pid, props), MQTT_5))
+            if size > conn.max_packet_out:
+                self.stats["dropped_too_large"] += 1
+                return None
+        if probe:
+            return b""
+        if conn.alias_max_out:
+            alias = conn.aliases_out.get(topic)
+            if alias is not None:
+                props = replace(props, topic_alias=alias)
+                topic = ""
+            elif len(conn.aliases_out) < conn.alias_max_out:
+                alias = len(conn.aliases_out) + 1
+                conn.aliases_out[topic] = alias
+                props = replace(props, topic_alias=alias)
+        return codec.encode(Publish(topic, msg.payload, qos, retain, dup, pid, props), MQTT_5)
+
+    def on_puback(self, conn: Connection, pkt: PubAck) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.qos != 1:
+            log.debug("%s: PUBACK for unknown packet id %d", conn.client_id, pkt.packet_id)
+            return
+        del sess.inflight[pkt.packet_id]
+        if sess.persistent:
+            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+        self._pump(sess)
+
+    def on_pubrec(self, conn: Connection, pkt: PubRec) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.qos != 2:
+            if conn.version == MQTT_5:
+                conn.send(codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND), MQTT_5))
+            return
+        if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends here
+            del sess.inflight[pkt.packet_id]
+            if sess.persistent:
+                self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+            self._pump(sess)
+            return
+        if out.state != AWAIT_PUBCOMP:
+            out.state = AWAIT_PUBCOMP
+            out.message = None
+            if sess.persistent:
+                self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))
+        conn.send(codec.encode(PubRel(pkt.packet_id), conn.version))
+
+    def on_pubcomp(self, conn: Connection, pkt: PubComp) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.state != AWAIT_PUBCOMP:
+            return
+        del sess.inflight[pkt.packet_id]
+        if sess.persistent:
+            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+        self._pump(sess)
+
+    # ------------------------------------------------------------------ SUBSCRIBE
+
+    def _add_subscription(self, sess: Session, sub: StoredSubscription) -> None:
+        sess.subscriptions[sub.topic_filter] = sub
+        shared = parse_shared(sub.topic_filter)
+        if shared is None:
+            self.subs.add(sub.topic_filter, sess.client_id, sub)
+        else:
+            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+
+    def _remove_subscription(self, sess: Session, flt: str) -> bool:
+        if sess.subscriptions.pop(flt, None) is None:
+            return False
+        shared = parse_shared(flt)
+        if shared is None:
+            self.subs.remove(flt, sess.client_id)
+        else:
+            self.shared_subs.remove(shared[1], (shared[0], sess.client_id))
+        n = self.filter_refs.get(flt, 0) - 1
+        if n <= 0:
+            self.filter_refs.pop(flt, None)
+            self.routes.remove(self.shard, flt)
+            self.bus.broadcast(["r-", self.shard, flt])
+            self.schedule_flush()
+        else:
+            self.filter_refs[flt] = n
+        return True
+
+    def _ref_route(self, flt: str) -> asyncio.Future[None] | None:
+        n = self.filter_refs.get(flt, 0)
+        self.filter_refs[flt] = n + 1
+        if n:
+            fut = self._route_pending.get(flt)
+            return fut if fut is not None and not fut.done() else None
+        self.routes.add(self.shard, flt)
+        peers = set(self.bus.peers)
+        if not peers:
+            return None
+        req = next(self._req)
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._route_waits[req] = (peers, fut)
+        self._route_pending[flt] = fut
+        fut.add_done_callback(lambda _f, flt=flt: self._route_pending.pop(flt, None))
+        self.bus.broadcast(["r+", self.shard, flt, req])
+        self.schedule_flush()
+        return fut
+
+    def on_subscribe(self, conn: Connection, pkt: Subscribe) -> None:
+        sess = conn.session
+        assert sess is not None
+        v5 = conn.version == MQTT_5
+        sub_id = pkt.properties.subscription_identifiers[0] if pkt.properties.subscription_identifiers else None
+        codes: list[int] = []
+        waits: list[asyncio.Future[None]] = []
+        retained_for: list[StoredSubscription] = []
+        for s in pkt.subscriptions:
+            try:
+                validate_topic_filter(s.topic_filter)
+            except ProtocolError as exc:
+                log.info("%s: subscription to %r refused: %s", conn.client_id, s.topic_filter, exc.message)
+                codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)
+                continue
+            shared = parse_shared(s.topic_filter)
+            if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
+                raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
+            existed = s.topic_filter in sess.subscriptions
+            sub = StoredSubscription(s.topic_filter, s.qos, s.no_local, s.retain_as_published,
+                                     s.retain_handling, sub_id)
+            if existed:
+                self._replace_subscription(sess, sub)
+            else:
+                self._add_subscription(sess, sub)
+                fut = self._ref_route(s.topic_filter)
+                if fut is not None:
+                    waits.append(fut)
+            codes.append(s.qos)
+            if shared is None and (s.retain_handling == 0 or (s.retain_handling == 1 and not existed)):
+                retained_for.append(sub)
+        if sess.persistent:
+            self._persist_session(sess)
+        suback = codec.encode(SubAck(pkt.packet_id, tuple(codes)), conn.version)
+        if not waits:
+            conn.send(suback)
+            self._send_retained(sess, conn, retained_for)
+            return
+
+        async def after_routes() -> None:
+            await asyncio.wait(waits, timeout=ROUTE_ACK_TIMEOUT)
+            if conn.session is sess and not conn.closing:
+                conn.send(suback)
+                self._send_retained(sess, conn, retained_for)
+
+        self.loop.create_task(after_routes())
+
+    def _replace_subscription(self, sess: Session, sub: StoredSubscription) -> None:
+        sess.subscriptions[sub.topic_filter] = sub
+        shared = parse_shared(sub.topic_filter)
+        if shared is None:
+            self.subs.add(sub.topic_filter, sess.client_id, sub)
+        else:
+            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+
+    def _send_retained(self, sess: Session, conn: Connection, subs: list[StoredSubscription]) -> None:
+        if not subs:
+            return
+        now = time.time()
+        from .topics import matches
+        for sub in subs:
+            flt = sub.topic_filter
+            cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
+            prefix = flt[:cut]
+            try:
+                found = list(self.retained.scan(prefix)) if cut < len(flt) else (
+                    [(flt, m)] if (m := self.retained.get(flt)) is not None else [])
+            except StoreError as exc:
+                log.error("retained store read failed: %s", exc)
+                return
+            for topic, smsg in found:
+                if not matches(flt, topic):
+                    continue
+                if smsg.expires_at is not None and now >= smsg.expires_at:
+                    continue
+                msg = Message(topic, smsg.payload, smsg.qos, True, smsg.properties, smsg.expires_at, None)
+                self.deliver(sess, msg, min(smsg.qos, sub.qos), True,
+                             (sub.subscription_id,) if sub.subscription_id else ())
+
+    def on_unsubscribe(self, conn: Connection, pkt: Unsubscribe) -> None:
+        sess = conn.session
+        assert sess is not None
+        codes = []
+        for flt in pkt.topic_filters:
+            removed = self._remove_subscription(sess, flt)
+            codes.append(reasons.SUCCESS if removed else reasons.NO_SUBSCRIPTION_EXISTED)
+        if sess.persistent:
+            self._persist_session(sess)
+        conn.send(codec.encode(UnsubAck(pkt.packet_id, tuple(codes)), conn.version))
+
+    # ------------------------------------------------------------------ the rest
+
+    def on_pingreq(self, conn: Connection, pkt: PingReq) -> None:
+        conn.send(codec.encode(PingResp(), conn.version))
+
+    def on_disconnect(self, conn: Connection, pkt: Disconnect) -> None:
+        sess = conn.session
+        assert sess is not None
+        new_expiry = pkt.properties.session_expiry_interval
+        if conn.version == MQTT_5 and new_expiry is not None:
+            if sess.expiry_interval == 0 and new_expiry != 0:  # [MQTT-3.14.2-2]
+                raise ProtocolError(reasons.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
+            sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
+        publish_will = conn.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
+        log.debug("client %s disconnected (reason 0x%02X)", conn.client_id, pkt.reason_code)
+        if not sess.persistent and sess.client_id in self.stored:
+            pass
+        self.detach(conn, publish_will=publish_will)
+        conn.close_after_write()
+
+    def on_auth(self, conn: Connection, pkt: Auth) -> None:
+        # No authentication method was agreed in CONNECT, so AUTH is a protocol error [MQTT-4.12.0-1].
+        raise ProtocolError(reasons.PROTOCOL_ERROR, "AUTH without an authentication method")
+
+    def shutdown(self) -> None:
+        """Server shutting down: 5.0 clients are told 0x8B; sessions stay as they are stored."""
+        for conn in list(self.connections):
+            if conn.version == MQTT_5 and conn.session is not None:
+                conn.send(codec.encode(Disconnect(reasons.SERVER_SHUTTING_DOWN), MQTT_5))
+            sess = conn.session
+            if sess is not None and sess.persistent:
+                sess.conn = None
+                sess.disconnected_at = time.time()
+                self._persist_session(sess)  # the will stays: it fires after restart as for a lost link
+            conn.session = None
+            conn.close_after_write()
+        self.flush()
+
+    _handlers: dict[type, Any] = {
+        Publish: on_publish, PubAck: on_puback, PubRec: on_pubrec, PubRel: on_pubrel,
+        PubComp: on_pubcomp, Subscribe: on_subscribe, Unsubscribe: on_unsubscribe,
+        PingReq: on_pingreq, Disconnect: on_disconnect, Auth: on_auth,
+    }
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _stored(msg: Message) -> StoredMessage:
+    return StoredMessage(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at)
+
+
+def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:
+    return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at,
+                   None, msg_id)

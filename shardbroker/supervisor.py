@@ -1,0 +1,187 @@
+"""The supervisor (``shardbroker serve``): binds the listener, starts the acceptor
+and the workers, restarts a process that dies, and shuts down in order.
+
+Startup: lock the data directory, bind the TCP listener (so ``port = 0`` resolves
+once and restarts keep the port), start N workers and the acceptor, wait for each
+to report ready on a pipe, then log ``ready``.
+
+Shutdown on SIGTERM/SIGINT, bounded by ``server.shutdown_timeout``: stop the
+acceptor first (no new clients), then the workers (each tells its 5.0 clients
+0x8B and commits), then SIGKILL whatever is still running.
+
+A child that exits with status 2 hit a fatal configuration or store error: the
+broker stops with that error rather than restarting it in a loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import Config
+
+log = logging.getLogger("shardbroker.supervisor")
+
+FATAL = 2
+
+
+def config_overrides(config: Config) -> dict[str, object]:
+    """The resolved configuration as dotted overrides (how children receive it)."""
+    out: dict[str, object] = {}
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        for f in dataclasses.fields(value):
+            out[f"{section.name}.{f.name}"] = getattr(value, f.name)
+    return out
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], pass_fds: tuple[int, ...]) -> None:
+        self.name = name
+        self.argv = argv
+        self.pass_fds = pass_fds
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.ready = False
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.shards = config.server.worker_count
+        self.data_dir = Path(config.server.data_dir)
+        self._stop = False
+        self.exit_code = 0
+
+    def _lock_data_dir(self) -> int:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "broker.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(f"shardbroker: data directory {self.data_dir} is in use by another broker") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _bind(self) -> socket.socket:
+        host, port = self.config.server.host, self.config.server.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"shardbroker: cannot listen on {host}:{port}: {exc.strerror}") from None
+        sock.listen(4096)
+        return sock
+
+    def run(self) -> int:
+        lock_fd = self._lock_data_dir()
+        listen = self._bind()
+        host, port = listen.getsockname()[:2]
+        run_dir = tempfile.mkdtemp(prefix="shardbroker-")
+        ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_r, False)
+        env = dict(os.environ)
+        env["SHARDBROKER_CONFIG"] = json.dumps(config_overrides(self.config))
+        env["SHARDBROKER_READY_FD"] = str(ready_w)
+        base = [sys.executable, "-m", "shardbroker.child"]
+        common = ["--run-dir", run_dir, "--shards", str(self.shards)]
+        workers = [Child(f"worker {i}", base + ["worker", str(i)] + common, (ready_w,))
+                   for i in range(self.shards)]
+        acceptor = Child("acceptor", base + ["acceptor"] + common + ["--listen-fd", str(listen.fileno())],
+                         (ready_w, listen.fileno()))
+        children = workers + [acceptor]
+
+        def on_signal(signum: int, _frame: object) -> None:
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        log.info("shardbroker starting: %d workers, data in %s", self.shards, self.data_dir)
+        log.info("listening on %s:%d (mqtt)", host, port)
+        for child in children:
+            self._start(child, env)
+        announced = False
+        buf = b""
+        try:
+            while not self._stop:
+                r, _, _ = select.select([ready_r], [], [], 0.2)
+                if r:
+                    try:
+                        buf += os.read(ready_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        name = line.decode(errors="replace").removeprefix("ready ").strip()
+                        for child in children:
+                            if child.name == name:
+                                child.ready = True
+                if not announced and all(c.ready for c in children):
+                    announced = True
+                    log.info("ready: %d workers serving on %s:%d", self.shards, host, port)
+                for child in children:
+                    assert child.proc is not None
+                    code = child.proc.poll()
+                    if code is None or self._stop:
+                        continue
+                    child.ready = False
+                    if code == FATAL:
+                        log.error("%s failed with a fatal error: stopping the broker", child.name)
+                        self.exit_code = FATAL
+                        self._stop = True
+                        break
+                    delay = min(5.0, 0.2 * (2 ** min(child.restarts, 5))) if time.monotonic() - child.started < 5 else 0.0
+                    log.warning("%s (pid %d) exited with status %d: restarting%s", child.name, child.proc.pid,
+                                code, f" in {delay:.1f}s" if delay else "")
+                    if delay:
+                        time.sleep(delay)
+                    child.restarts += 1
+                    self._start(child, env)
+        finally:
+            self._shutdown(acceptor, workers)
+            listen.close()
+            os.close(ready_r)
+            os.close(ready_w)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.close(lock_fd)
+        log.info("shardbroker stopped")
+        return self.exit_code
+
+    def _start(self, child: Child, env: dict[str, str]) -> None:
+        child.proc = subprocess.Popen(child.argv, env=env, pass_fds=child.pass_fds, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        log.debug("started %s (pid %d)", child.name, child.proc.pid)
+
+    def _shutdown(self, acceptor: Child, workers: list[Child]) -> None:
+        deadline = time.monotonic() + self.config.server.shutdown_timeout
+        log.info("shutting down")
+        for group in ([acceptor], workers):
+            for child in group:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time: killing it", child.name)
+                    child.proc.kill()
+                    child.proc.wait()

@@ -1,0 +1,430 @@
+"""MQTT topic names, topic filters, and a trie that matches topics to filters.
+
+What it does:
+
+* ``validate_topic_name`` / ``validate_topic_filter`` enforce the rules of
+  MQTT 5.0 section 4.7 (and 4.8.2 for shared subscriptions) and raise
+  ``ProtocolError`` with reason 0x90 (topic name invalid) or 0x8F (topic filter
+  invalid). The same rules hold for 3.1 and 3.1.1.
+* ``parse_shared`` splits ``$share/{group}/{filter}``.
+* ``matches`` compares one filter with one topic.
+* ``TopicTrie`` maps many filters to ``{key: value}`` entries (typically
+  ``{client_id: subscription}``) and finds every filter matching a topic at a
+  cost that depends on the topic's depth, not on the number of filters.
+
+Invariants:
+
+* Levels are separated by ``/`` and empty levels are real levels: ``"a//b"``
+  has three levels, ``"/a"`` has two (the first empty).
+* ``+`` matches exactly one level, including an empty one. ``#`` matches its
+  parent level and every level below it (``"a/#"`` matches ``"a"``).
+* Filters whose first level is ``+`` or ``#`` never match topics that start
+  with ``$`` [MQTT-4.7.2-1].
+* In a ``TopicTrie`` every stored node either holds at least one entry or has
+  descendants that do; nodes are pruned as soon as this stops being true, so
+  memory follows the live filters.
+
+What it does not do:
+
+* ``matches`` and ``TopicTrie`` do not validate their input: they expect a
+  filter accepted by ``validate_topic_filter`` and a topic accepted by
+  ``validate_topic_name`` (invalid input gives unspecified, but harmless,
+  results).
+* They treat a filter literally: a shared subscription ``$share/g/a/b`` is not
+  understood by ``matches`` or the trie. Callers split it with
+  ``parse_shared`` and store the inner filter ``a/b`` (keyed by group and
+  client) themselves.
+* Nothing here knows about protocol versions, authorisation, or retained
+  messages (matching stored topics against a new filter is the reverse
+  problem and lives elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+from .protocol import reasons
+from .protocol.errors import ProtocolError
+
+__all__ = [
+    "MAX_TOPIC_BYTES",
+    "SHARE_PREFIX",
+    "TopicTrie",
+    "matches",
+    "parse_shared",
+    "validate_topic_filter",
+    "validate_topic_name",
+]
+
+MAX_TOPIC_BYTES = 65535
+"""Longest topic name or filter, in UTF-8 bytes (a UTF-8 string's 16-bit length)."""
+
+SHARE_PREFIX = "$share/"
+"""Topic filters starting with this are shared subscriptions (MQTT 5.0 section 4.8.2)."""
+
+_SAFE_CHARS = MAX_TOPIC_BYTES // 4
+"""A string of at most this many code points is within the byte limit whatever it holds."""
+
+_SHOW_CHARS = 80
+"""How much of an offending string an error message quotes."""
+
+
+def _show(text: str) -> str:
+    """``repr`` of ``text``, shortened so that error messages stay readable."""
+    if len(text) <= _SHOW_CHARS:
+        return repr(text)
+    return repr(text[:_SHOW_CHARS]) + f"... ({len(text)} characters)"
+
+
+def _too_long(text: str) -> bool:
+    if len(text) <= _SAFE_CHARS:
+        return False
+    # surrogatepass: lone surrogates are the codec's business, not a crash here.
+    return len(text.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES
+
+
+def validate_topic_name(topic: str) -> None:
+    """Check a PUBLISH (or Will) topic name; raise ``ProtocolError(0x90)`` if invalid."""
+    if not topic:
+        raise ProtocolError(reasons.TOPIC_NAME_INVALID, "topic name is empty [MQTT-4.7.3-1]")
+    if "+" in topic or "#" in topic:
+        raise ProtocolError(
+            reasons.TOPIC_NAME_INVALID,
+            f"topic name {_show(topic)} contains a wildcard '+' or '#' [MQTT-3.3.2-2]",
+        )
+    if "\x00" in topic:
+        raise ProtocolError(
+            reasons.TOPIC_NAME_INVALID, f"topic name {_show(topic)} contains U+0000 [MQTT-4.7.3-2]"
+        )
+    if _too_long(topic):
+        raise ProtocolError(
+            reasons.TOPIC_NAME_INVALID,
+            f"topic name {_show(topic)} is longer than {MAX_TOPIC_BYTES} UTF-8 bytes [MQTT-4.7.3-3]",
+        )
+
+
+def _filter_error(topic_filter: str, problem: str) -> ProtocolError:
+    return ProtocolError(
+        reasons.TOPIC_FILTER_INVALID, f"topic filter {_show(topic_filter)} {problem}"
+    )
+
+
+def _check_levels(whole: str, levels_text: str) -> None:
+    """Wildcard placement in a (non-shared) filter; ``whole`` is only for messages."""
+    if "+" not in levels_text and "#" not in levels_text:
+        return
+    levels = levels_text.split("/")
+    last = len(levels) - 1
+    for i, level in enumerate(levels):
+        if "#" in level:
+            if level != "#":
+                raise _filter_error(
+                    whole, "has '#' sharing a level with other characters [MQTT-4.7.1-1]"
+                )
+            if i != last:
+                raise _filter_error(whole, "has '#' before the last level [MQTT-4.7.1-1]")
+        elif "+" in level and level != "+":
+            raise _filter_error(
+                whole, "has '+' sharing a level with other characters [MQTT-4.7.1-2]"
+            )
+
+
+def validate_topic_filter(topic_filter: str) -> None:
+    """Check a SUBSCRIBE / UNSUBSCRIBE topic filter; raise ``ProtocolError(0x8F)`` if invalid.
+
+    Shared subscriptions ``$share/{group}/{filter}`` are checked too: the group
+    (ShareName) is non-empty and holds no ``/``, ``+`` or ``#``, and is followed
+    by ``/`` and a non-empty valid filter [MQTT-4.8.2-1, MQTT-4.8.2-2].
+    Whether shared subscriptions are *allowed* (e.g. for a 3.1.1 client) is the
+    caller's decision.
+    """
+    if not topic_filter:
+        raise ProtocolError(reasons.TOPIC_FILTER_INVALID, "topic filter is empty [MQTT-4.7.3-1]")
+    if "\x00" in topic_filter:
+        raise _filter_error(topic_filter, "contains U+0000 [MQTT-4.7.3-2]")
+    if _too_long(topic_filter):
+        raise _filter_error(
+            topic_filter, f"is longer than {MAX_TOPIC_BYTES} UTF-8 bytes [MQTT-4.7.3-3]"
+        )
+    if topic_filter.startswith(SHARE_PREFIX):
+        group, slash, inner = topic_filter[len(SHARE_PREFIX) :].partition("/")
+        if not group:
+            raise _filter_error(
+                topic_filter, "is a shared subscription with an empty share name [MQTT-4.8.2-1]"
+            )
+        if "+" in group or "#" in group:
+            raise _filter_error(
+                topic_filter,
+                "is a shared subscription whose share name contains '+' or '#' [MQTT-4.8.2-2]",
+            )
+        if not slash or not inner:
+            raise _filter_error(
+                topic_filter,
+                "is a shared subscription without a topic filter after the share name [MQTT-4.8.2-2]",
+            )
+        _check_levels(topic_filter, inner)
+    else:
+        _check_levels(topic_filter, topic_filter)
+
+
+def parse_shared(topic_filter: str) -> tuple[str, str] | None:
+    """``"$share/g/a/b"`` -> ``("g", "a/b")``; a non-shared filter -> ``None``.
+
+    Expects a filter accepted by ``validate_topic_filter``.
+    """
+    if not topic_filter.startswith(SHARE_PREFIX):
+        return None
+    group, _, inner = topic_filter[len(SHARE_PREFIX) :].partition("/")
+    return group, inner
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic_filter`` (valid, not shared) matches ``topic`` (a valid topic name)."""
+    if topic[:1] == "$" and topic_filter[:1] in ("+", "#"):
+        return False  # [MQTT-4.7.2-1]
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    depth = len(topic_levels)
+    for i, level in enumerate(filter_levels):
+        if level == "#":
+            return True  # '#' is last; it matches its parent level too [MQTT-4.7.1-1]
+        if i >= depth:
+            return False
+        if level != "+" and level != topic_levels[i]:
+            return False
+    return len(filter_levels) == depth
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Node(Generic[K, V]):
+    """One level of the trie.
+
+    ``children`` holds literal levels (``None`` until the first one); the ``+``
+    and ``#`` children have their own slots so that matching never looks them
+    up in a dict. ``entries`` is ``None`` or a non-empty dict, and ``filter``
+    is the full filter string whenever ``entries`` is not ``None``.
+    """
+
+    __slots__ = ("children", "entries", "filter", "hash", "plus")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[K, V]] | None = None
+        self.plus: _Node[K, V] | None = None
+        self.hash: _Node[K, V] | None = None
+        self.entries: dict[K, V] | None = None
+        self.filter: str = ""
+
+    def is_empty(self) -> bool:
+        return (
+            self.entries is None
+            and self.children is None
+            and self.plus is None
+            and self.hash is None
+        )
+
+
+class TopicTrie(Generic[K, V]):
+    """Maps topic filters to {key: value}. Matching cost depends on topic depth, not on the number of filters.
+
+    Filters are stored literally (see the module docstring about shared
+    subscriptions) and are expected to be valid. The dicts returned by ``get``
+    and ``match`` are the trie's own: read them, never mutate them, and do not
+    hold on to them across ``add``/``remove`` if you need a snapshot.
+
+    ``cache_size`` (default 256, 0 disables) bounds a small topic -> result
+    cache for ``match``. It is emptied whenever a filter appears or disappears
+    and when it fills up; adding or removing a key of an existing filter
+    changes that filter's dict in place, so cached results stay correct.
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_count", "_root")
+
+    def __init__(self, cache_size: int = 256) -> None:
+        self._root: _Node[K, V] = _Node()
+        self._count = 0
+        self._cache: dict[str, list[tuple[str, dict[K, V]]]] = {}
+        self._cache_size = cache_size
+
+    def __len__(self) -> int:
+        """Number of filters with entries."""
+        return self._count
+
+    def add(self, topic_filter: str, key: K, value: V) -> bool:
+        """Store ``key: value`` under ``topic_filter`` (replacing ``key``'s old value).
+
+        Returns True if the filter had no entries before.
+        """
+        node = self._root
+        for level in topic_filter.split("/"):
+            if level == "+":
+                child = node.plus
+                if child is None:
+                    child = node.plus = _Node()
+            elif level == "#":
+                child = node.hash
+                if child is None:
+                    child = node.hash = _Node()
+            else:
+                children = node.children
+                if children is None:
+                    children = node.children = {}
+                child = children.get(level)
+                if child is None:
+                    child = children[level] = _Node()
+            node = child
+        entries = node.entries
+        if entries is not None:
+            entries[key] = value
+            return False
+        node.entries = {key: value}
+        node.filter = topic_filter
+        self._count += 1
+        self._cache.clear()
+        return True
+
+    def remove(self, topic_filter: str, key: K) -> bool:
+        """Remove ``key`` from ``topic_filter``.
+
+        Returns True if this removed the filter's last entry (its node, and any
+        ancestors left empty, are pruned). Returns False if entries remain, or
+        if the filter or key was not there.
+        """
+        node = self._root
+        path: list[tuple[_Node[K, V], str]] = []
+        for level in topic_filter.split("/"):
+            if level == "+":
+                child = node.plus
+            elif level == "#":
+                child = node.hash
+            else:
+                child = node.children.get(level) if node.children is not None else None
+            if child is None:
+                return False
+            path.append((node, level))
+            node = child
+        entries = node.entries
+        if entries is None or key not in entries:
+            return False
+        del entries[key]
+        if entries:
+            return False
+        node.entries = None
+        node.filter = ""
+        self._count -= 1
+        self._cache.clear()
+        # Prune from the bottom up while nodes are left with nothing in them.
+        for parent, level in reversed(path):
+            if not node.is_empty():
+                break
+            if level == "+":
+                parent.plus = None
+            elif level == "#":
+                parent.hash = None
+            else:
+                children = parent.children
+                assert children is not None
+                del children[level]
+                if not children:
+                    parent.children = None
+            node = parent
+        return True
+
+    def get(self, topic_filter: str) -> dict[K, V] | None:
+        """The entries stored under exactly ``topic_filter`` (no wildcard matching), or None."""
+        node: _Node[K, V] | None = self._root
+        for level in topic_filter.split("/"):
+            assert node is not None
+            if level == "+":
+                node = node.plus
+            elif level == "#":
+                node = node.hash
+            else:
+                children = node.children
+                node = children.get(level) if children is not None else None
+            if node is None:
+                return None
+        assert node is not None
+        return node.entries
+
+    def match(self, topic: str) -> list[tuple[str, dict[K, V]]]:
+        """Every ``(filter, entries)`` whose filter matches ``topic`` (a valid topic name).
+
+        Each matching filter appears once; the order is unspecified. The list is
+        the caller's to keep or change (the dicts in it are not, see the class).
+        """
+        cache = self._cache
+        cached = cache.get(topic)
+        if cached is not None:
+            return cached.copy()
+        result = self._match(topic)
+        if self._cache_size > 0:
+            if len(cache) >= self._cache_size:
+                cache.clear()
+            cache[topic] = result.copy()
+        return result
+
+    def _match(self, topic: str) -> list[tuple[str, dict[K, V]]]:
+        out: list[tuple[str, dict[K, V]]] = []
+        levels = topic.split("/")
+        root = self._root
+        frontier: list[_Node[K, V]] = []
+        # First level: '+' and '#' at the root never match '$' topics [MQTT-4.7.2-1].
+        if topic[:1] != "$":
+            node = root.hash
+            if node is not None and node.entries is not None:
+                out.append((node.filter, node.entries))
+            node = root.plus
+            if node is not None:
+                frontier.append(node)
+        children = root.children
+        if children is not None:
+            node = children.get(levels[0])
+            if node is not None:
+                frontier.append(node)
+        # Each further level: follow '+', the literal level, and collect '#'.
+        for i in range(1, len(levels)):
+            if not frontier:
+                return out
+            level = levels[i]
+            following: list[_Node[K, V]] = []
+            for parent in frontier:
+                node = parent.hash
+                if node is not None and node.entries is not None:
+                    out.append((node.filter, node.entries))
+                node = parent.plus
+                if node is not None:
+                    following.append(node)
+                children = parent.children
+                if children is not None:
+                    node = children.get(level)
+                    if node is not None:
+                        following.append(node)
+            frontier = following
+        # Filters ending exactly at the topic's depth, and 'parent/#' matching 'parent'.
+        for node in frontier:
+            if node.entries is not None:
+                out.append((node.filter, node.entries))
+            hash_node = node.hash
+            if hash_node is not None and hash_node.entries is not None:
+                out.append((hash_node.filter, hash_node.entries))
+        return out
+
+    def filters(self) -> Iterator[str]:
+        """All filters with entries (a snapshot: safe to change the trie while iterating)."""
+        found: list[str] = []
+        stack: list[_Node[K, V]] = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.entries is not None:
+                found.append(node.filter)
+            if node.children is not None:
+                stack.extend(node.children.values())
+            if node.plus is not None:
+                stack.append(node.plus)
+            if node.hash is not None:
+                stack.append(node.hash)
+        return iter(found)

@@ -1,0 +1,151 @@
+"""A worker process: one shard's connections, sessions and store.
+
+Receives client sockets from the acceptor (``handoff``), runs each through a
+``Connection`` into the ``Shard``, exchanges routes and publishes with the other
+workers over the bus, sweeps timers once a second, and shuts down in order on
+SIGTERM: 5.0 clients are told 0x8B, the last batch is committed, the store closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from storage.lmdb_store import RetainedStore, ShardStore
+
+from .bus import Bus, endpoint
+from .config import Config
+from .connection import Connection
+from .handoff import Handoff, HandoffReceiver
+from .runtime import install_loop, ready
+from .shard import Shard
+
+log = logging.getLogger("shardbroker.worker")
+
+SYNC_WAIT = 3.0
+TICK = 0.5
+
+
+class Worker:
+    def __init__(self, config: Config, shard: int, shards: int, run_dir: str) -> None:
+        self.config = config
+        self.shard_index = shard
+        self.shards = shards
+        self.run_dir = run_dir
+        sync = config.storage.durability == "fsync"
+        data_dir = Path(config.server.data_dir)
+        self.store = ShardStore.open(data_dir, shard, shards, map_size=config.storage.map_size,
+                                     max_map_size=config.storage.max_map_size, sync=sync)
+        self.retained = RetainedStore.open(data_dir, map_size=config.storage.map_size,
+                                           max_map_size=config.storage.max_map_size, sync=sync)
+        self._links: list[HandoffReceiver] = []
+        self._listen: socket.socket | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        endpoints = [endpoint(self.run_dir, i) for i in range(self.shards)]
+        core_holder: list[Shard] = []
+        bus = Bus(self.shard_index, endpoints, lambda items: core_holder[0].on_bus(items))
+        core = Shard(self.config, self.shard_index, self.shards, self.store, self.retained, bus, loop)
+        core_holder.append(core)
+        self.core = core
+        core.restore()
+        bus.start(loop)
+        core.announce()
+
+        path = os.path.join(self.run_dir, f"handoff-{self.shard_index}.sock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listen.bind(path)
+        listen.listen(16)
+        listen.setblocking(False)
+        self._listen = listen
+        loop.add_reader(listen.fileno(), self._accept_link, loop)
+
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        deadline = time.monotonic() + SYNC_WAIT
+        while len(core.synced) < self.shards - 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if len(core.synced) < self.shards - 1:
+            log.warning("shard %d: no route sync from shards %s yet; serving anyway", self.shard_index,
+                        sorted(set(range(self.shards)) - core.synced - {self.shard_index}))
+        ready(f"worker {self.shard_index}")
+        log.info("shard %d serving (%d sessions restored)", self.shard_index, len(core.sessions))
+
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), TICK)
+            except TimeoutError:
+                pass
+            core.tick(time.time(), time.monotonic())
+
+        log.info("shard %d shutting down: %d connections", self.shard_index, len(core.connections))
+        loop.remove_reader(listen.fileno())
+        listen.close()
+        core.shutdown()
+        await asyncio.sleep(0.05)  # let the transports write DISCONNECT before the process ends
+        bus.close()
+        self.store.close()
+        self.retained.close()
+        log.info("shard %d stopped", self.shard_index)
+
+    def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._listen is not None
+        try:
+            sock, _ = self._listen.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        receiver = HandoffReceiver(sock)
+        self._links.append(receiver)
+        loop.add_reader(sock.fileno(), self._read_link, loop, receiver)
+
+    def _read_link(self, loop: asyncio.AbstractEventLoop, receiver: HandoffReceiver) -> None:
+        try:
+            handoffs = receiver.read()
+        except ValueError as exc:
+            log.error("bad hand-off stream: %s", exc)
+            handoffs = []
+            receiver.closed = True
+        for h in handoffs:
+            loop.create_task(self._adopt(h))
+        if receiver.closed:
+            loop.remove_reader(receiver.sock.fileno())
+            receiver.close()
+            self._links.remove(receiver)
+
+    async def _adopt(self, h: Handoff) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=h.fd)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            sock.close()
+            return
+        try:
+            await loop.connect_accepted_socket(
+                lambda: Connection(self.core, h.client_id, peer, h.initial), sock)
+        except OSError as exc:
+            log.info("could not adopt connection from %s: %s", peer, exc)
+            sock.close()
+
+
+def run(config: Config, shard: int, shards: int, run_dir: str) -> None:
+    """Process entry point."""
+    install_loop()
+    worker = Worker(config, shard, shards, run_dir)
+    asyncio.run(worker.run())

@@ -1,0 +1,408 @@
+"""Durable records of the message store and their CBOR encoding.
+
+What it does:
+
+* Defines the frozen, slotted dataclasses the broker persists: ``StoredMessage``,
+  ``StoredSubscription``, ``StoredWill``, ``SessionRecord`` and ``InflightRecord``.
+* Encodes each to CBOR (``encode_*``) and back (``decode_*``). Every record is a
+  CBOR map with short text keys; fields equal to their default are left out, so
+  the common record is small and a field added later (with a default) decodes
+  from old data. Unknown keys are ignored on decode.
+* ``Properties`` (MQTT 5.0) are stored as a map keyed by the MQTT property
+  identifier (0x01 payload format indicator, 0x26 user property, ...): the
+  identifiers are fixed by the standard, so the encoding does not depend on
+  Python attribute names. Only non-default properties are written; a record
+  without properties decodes to the shared ``NO_PROPERTIES``.
+* Defines the store's exceptions (``StoreError`` and subclasses) so that record
+  decoding can raise ``StoreCorrupt`` without importing LMDB.
+
+Invariants:
+
+* ``decode_x(encode_x(r)) == r`` for every valid record ``r``.
+* A decode of anything that is not a well-formed record of the expected shape
+  (bad CBOR, wrong types, missing fields) raises ``StoreCorrupt`` and nothing
+  else.
+
+What it does not do:
+
+* No I/O and no LMDB: keys, tables and transactions live in ``lmdb_store.py``.
+* No validation of MQTT semantics (topic syntax, QoS ranges beyond type checks);
+  the broker validates before it stores.
+* The schema version is kept in the store's meta table, not in each record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+import cbor2
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+
+__all__ = [
+    "AWAIT_PUBACK",
+    "AWAIT_PUBCOMP",
+    "AWAIT_PUBREC",
+    "EXPIRY_NEVER",
+    "InflightRecord",
+    "PROPERTY_IDS",
+    "SessionRecord",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "StoredMessage",
+    "StoredSubscription",
+    "StoredWill",
+    "decode_inflight",
+    "decode_message",
+    "decode_properties",
+    "decode_session",
+    "decode_value",
+    "encode_inflight",
+    "encode_message",
+    "encode_properties",
+    "encode_session",
+    "encode_value",
+]
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message is one line for people."""
+
+
+class StoreCorrupt(StoreError):
+    """Stored bytes do not decode to the record that should be there."""
+
+
+class StoreFull(StoreError):
+    """The map cannot grow further (max_map_size) or the disk is full."""
+
+
+EXPIRY_NEVER: Final = 0xFFFFFFFF
+"""Session expiry interval meaning "never expires"."""
+
+AWAIT_PUBACK: Final = 1
+AWAIT_PUBREC: Final = 2
+AWAIT_PUBCOMP: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties
+    expires_at: float | None = None  # wall-clock unix time, None = never
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSubscription:
+    topic_filter: str  # as subscribed, incl. "$share/g/..." prefix
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWill:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties
+    delay: int = 0  # will delay interval, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    client_id: str
+    protocol_version: int
+    expiry_interval: int  # seconds; 0xFFFFFFFF = never
+    disconnected_at: float | None  # wall clock; None while connected
+    subscriptions: tuple[StoredSubscription, ...] = ()
+    will: StoredWill | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InflightRecord:
+    msg_id: int | None  # None once only PUBCOMP is awaited (message no longer needed)
+    qos: int
+    state: int  # AWAIT_PUBACK, AWAIT_PUBREC or AWAIT_PUBCOMP
+
+
+# --------------------------------------------------------------------------- properties
+
+_INT, _STR, _BYTES, _INTS, _PAIRS = "int", "str", "bytes", "ints", "pairs"
+
+PROPERTY_IDS: Final[tuple[tuple[str, int, str], ...]] = (
+    ("payload_format_indicator", 0x01, _INT),
+    ("message_expiry_interval", 0x02, _INT),
+    ("content_type", 0x03, _STR),
+    ("response_topic", 0x08, _STR),
+    ("correlation_data", 0x09, _BYTES),
+    ("subscription_identifiers", 0x0B, _INTS),
+    ("session_expiry_interval", 0x11, _INT),
+    ("assigned_client_identifier", 0x12, _STR),
+    ("server_keep_alive", 0x13, _INT),
+    ("authentication_method", 0x15, _STR),
+    ("authentication_data", 0x16, _BYTES),
+    ("request_problem_information", 0x17, _INT),
+    ("will_delay_interval", 0x18, _INT),
+    ("request_response_information", 0x19, _INT),
+    ("response_information", 0x1A, _STR),
+    ("server_reference", 0x1C, _STR),
+    ("reason_string", 0x1F, _STR),
+    ("receive_maximum", 0x21, _INT),
+    ("topic_alias_maximum", 0x22, _INT),
+    ("topic_alias", 0x23, _INT),
+    ("maximum_qos", 0x24, _INT),
+    ("retain_available", 0x25, _INT),
+    ("user_properties", 0x26, _PAIRS),
+    ("maximum_packet_size", 0x27, _INT),
+    ("wildcard_subscription_available", 0x28, _INT),
+    ("subscription_identifier_available", 0x29, _INT),
+    ("shared_subscription_available", 0x2A, _INT),
+)
+"""(attribute of ``Properties``, MQTT property identifier, value kind)."""
+
+_BY_ID: Final = {pid: (name, kind) for name, pid, kind in PROPERTY_IDS}
+_PROPERTY_DEFAULTS: Final = {f.name: f.default for f in fields(Properties)}
+
+
+def _corrupt(what: str, problem: str) -> StoreCorrupt:
+    return StoreCorrupt(f"corrupt {what} record: {problem}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def encode_properties(props: Properties) -> dict[int, Any]:
+    """The CBOR-ready map of the non-default properties (empty for ``NO_PROPERTIES``)."""
+    out: dict[int, Any] = {}
+    if props is NO_PROPERTIES or props == NO_PROPERTIES:
+        return out
+    for name, pid, kind in PROPERTY_IDS:
+        value = getattr(props, name)
+        if value == _PROPERTY_DEFAULTS[name]:
+            continue
+        if kind == _INTS:
+            out[pid] = list(value)
+        elif kind == _PAIRS:
+            out[pid] = [[k, v] for k, v in value]
+        else:
+            out[pid] = value
+    return out
+
+
+def decode_properties(raw: object, what: str = "properties") -> Properties:
+    """Inverse of ``encode_properties``; unknown identifiers are ignored."""
+    if not isinstance(raw, Mapping):
+        raise _corrupt(what, "properties are not a map")
+    if not raw:
+        return NO_PROPERTIES
+    kwargs: dict[str, Any] = {}
+    for pid, value in raw.items():
+        entry = _BY_ID.get(pid) if _is_int(pid) else None
+        if entry is None:
+            continue  # written by a later version with a property we do not know
+        name, kind = entry
+        if kind == _INT:
+            ok = _is_int(value)
+        elif kind == _STR:
+            ok = isinstance(value, str)
+        elif kind == _BYTES:
+            ok = isinstance(value, bytes)
+        elif kind == _INTS:
+            ok = isinstance(value, list) and all(_is_int(v) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, list) and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p)
+                for p in value
+            )
+            value = tuple((p[0], p[1]) for p in value) if ok else value
+        if not ok:
+            raise _corrupt(what, f"property 0x{pid:02X} has a value of the wrong type")
+        kwargs[name] = value
+    return Properties(**kwargs) if kwargs else NO_PROPERTIES
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _loads(data: bytes, what: str) -> Any:
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage input
+        raise _corrupt(what, f"undecodable CBOR ({exc.__class__.__name__})") from None
+
+
+def _map(data: bytes, what: str) -> Mapping[Any, Any]:
+    raw = _loads(data, what)
+    if not isinstance(raw, Mapping):
+        raise _corrupt(what, "not a CBOR map")
+    return raw
+
+
+def _field(raw: Mapping[Any, Any], key: str, kind: type, what: str, default: Any = ...) -> Any:
+    """``raw[key]`` checked to be an instance of ``kind`` (``int`` excludes ``bool``)."""
+    if key not in raw:
+        if default is ...:
+            raise _corrupt(what, f"field {key!r} missing")
+        return default
+    value = raw[key]
+    if kind is float:
+        ok = (isinstance(value, (int, float))) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = _is_int(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise _corrupt(what, f"field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def encode_value(value: object) -> bytes:
+    """CBOR for a meta value (any CBOR-serialisable Python value)."""
+    return cbor2.dumps(value)
+
+
+def decode_value(data: bytes, what: str = "meta") -> object:
+    result: object = _loads(data, what)
+    return result
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _message_map(msg: StoredMessage | StoredWill) -> dict[str, Any]:
+    out: dict[str, Any] = {"t": msg.topic, "p": bytes(msg.payload), "q": msg.qos}
+    if msg.retain:
+        out["r"] = True
+    props = encode_properties(msg.properties)
+    if props:
+        out["pr"] = props
+    return out
+
+
+def encode_message(msg: StoredMessage) -> bytes:
+    """``{"t": topic, "p": payload, "q": qos, "r"?: True, "pr"?: props, "x"?: expires_at}``."""
+    out = _message_map(msg)
+    if msg.expires_at is not None:
+        out["x"] = float(msg.expires_at)
+    return cbor2.dumps(out)
+
+
+def _decode_message_map(raw: Mapping[Any, Any], what: str) -> tuple[str, bytes, int, bool, Properties]:
+    return (
+        _field(raw, "t", str, what),
+        _field(raw, "p", bytes, what),
+        _field(raw, "q", int, what),
+        _field(raw, "r", bool, what, False),
+        decode_properties(raw["pr"], what) if "pr" in raw else NO_PROPERTIES,
+    )
+
+
+def decode_message(data: bytes) -> StoredMessage:
+    raw = _map(data, "message")
+    topic, payload, qos, retain, props = _decode_message_map(raw, "message")
+    expires_at = _field(raw, "x", float, "message", None)
+    return StoredMessage(topic, payload, qos, retain, props, expires_at)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _encode_subscription(sub: StoredSubscription) -> dict[str, Any]:
+    out: dict[str, Any] = {"f": sub.topic_filter, "q": sub.qos}
+    if sub.no_local:
+        out["nl"] = True
+    if sub.retain_as_published:
+        out["rap"] = True
+    if sub.retain_handling:
+        out["rh"] = sub.retain_handling
+    if sub.subscription_id is not None:
+        out["id"] = sub.subscription_id
+    return out
+
+
+def _decode_subscription(raw: object) -> StoredSubscription:
+    what = "subscription"
+    if not isinstance(raw, Mapping):
+        raise _corrupt(what, "not a map")
+    return StoredSubscription(
+        topic_filter=_field(raw, "f", str, what),
+        qos=_field(raw, "q", int, what),
+        no_local=_field(raw, "nl", bool, what, False),
+        retain_as_published=_field(raw, "rap", bool, what, False),
+        retain_handling=_field(raw, "rh", int, what, 0),
+        subscription_id=_field(raw, "id", int, what, None),
+    )
+
+
+def encode_session(rec: SessionRecord) -> bytes:
+    """``{"c": client_id, "v": version, "e": expiry, "d"?: disconnected_at, "s"?: [sub], "w"?: will}``.
+
+    A subscription is ``{"f": filter, "q": qos, "nl"?, "rap"?, "rh"?, "id"?}``; a will is a
+    message map plus ``"dl"?: delay``.
+    """
+    out: dict[str, Any] = {"c": rec.client_id, "v": rec.protocol_version, "e": rec.expiry_interval}
+    if rec.disconnected_at is not None:
+        out["d"] = float(rec.disconnected_at)
+    if rec.subscriptions:
+        out["s"] = [_encode_subscription(s) for s in rec.subscriptions]
+    if rec.will is not None:
+        will = _message_map(rec.will)
+        if rec.will.delay:
+            will["dl"] = rec.will.delay
+        out["w"] = will
+    return cbor2.dumps(out)
+
+
+def decode_session(data: bytes) -> SessionRecord:
+    what = "session"
+    raw = _map(data, what)
+    subs_raw = _field(raw, "s", list, what, [])
+    will: StoredWill | None = None
+    if "w" in raw:
+        will_raw = raw["w"]
+        if not isinstance(will_raw, Mapping):
+            raise _corrupt(what, "will is not a map")
+        topic, payload, qos, retain, props = _decode_message_map(will_raw, "will")
+        will = StoredWill(topic, payload, qos, retain, props, _field(will_raw, "dl", int, "will", 0))
+    return SessionRecord(
+        client_id=_field(raw, "c", str, what),
+        protocol_version=_field(raw, "v", int, what),
+        expiry_interval=_field(raw, "e", int, what),
+        disconnected_at=_field(raw, "d", float, what, None),
+        subscriptions=tuple(_decode_subscription(s) for s in subs_raw),
+        will=will,
+    )
+
+
+# --------------------------------------------------------------------------- inflight
+
+
+def encode_inflight(rec: InflightRecord) -> bytes:
+    """``{"m"?: msg_id, "q": qos, "s": state}`` (no ``"m"`` once the message is released)."""
+    out: dict[str, Any] = {"q": rec.qos, "s": rec.state}
+    if rec.msg_id is not None:
+        out["m"] = rec.msg_id
+    return cbor2.dumps(out)
+
+
+def decode_inflight(data: bytes) -> InflightRecord:
+    what = "inflight"
+    raw = _map(data, what)
+    return InflightRecord(
+        msg_id=_field(raw, "m", int, what, None),
+        qos=_field(raw, "q", int, what),
+        state=_field(raw, "s", int, what),
+    )
