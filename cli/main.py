@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - store CLI not installed
     pass
 
 
-def _load(config: Optional[Path], overrides: dict[str, object]) -> Config:
+def _load(config: Path | None, overrides: dict[str, object]) -> Config:
     try:
         return load_config(config, overrides)
     except ConfigError as exc:
@@ -36,13 +36,13 @@ def _load(config: Optional[Path], overrides: dict[str, object]) -> Config:
 
 @app.command()
 def serve(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML configuration file")] = None,
-    host: Annotated[Optional[str], typer.Option(help="address to listen on [server.host]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port, 0 for any free one [server.port]")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="worker processes, 0 = one per core [server.workers]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="where the stores live [server.data_dir]")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error [server.log_level]")] = None,
-    durability: Annotated[Optional[str], typer.Option(help="fsync or no-fsync [storage.durability]")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file")] = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on [server.host]")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port, 0 for any free one [server.port]")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes, 0 = one per core [server.workers]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where the stores live [server.data_dir]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error [server.log_level]")] = None,
+    durability: Annotated[str | None, typer.Option(help="fsync or no-fsync [storage.durability]")] = None,
 ) -> None:
     """Run the broker until SIGTERM or Ctrl-C."""
     cfg = _load(config, {

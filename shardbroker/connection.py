@@ -87,7 +87,7 @@ class Connection(asyncio.Protocol):
                     return
                 try:
                     shard.on_connect(self, packet, self.assigned_id)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("%s: internal error in CONNECT", self.peer)
                     self._abort()
                     return

@@ -21,8 +21,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from storage.records import (
+    AWAIT_PUBACK,
+    AWAIT_PUBCOMP,
+    AWAIT_PUBREC,
+    StoredSubscription,
+    decode_properties,
+    encode_properties,
+)
+
 from .protocol.packets import NO_PROPERTIES, Properties
-from storage.records import AWAIT_PUBACK, AWAIT_PUBCOMP, AWAIT_PUBREC, StoredSubscription
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -30,8 +38,16 @@ if TYPE_CHECKING:
 NEVER = 0xFFFFFFFF
 
 __all__ = [
-    "AWAIT_PUBACK", "AWAIT_PUBCOMP", "AWAIT_PUBREC", "Message", "NEVER", "Outgoing", "Queued",
-    "Session", "StoredSubscription", "WillState",
+    "AWAIT_PUBACK",
+    "AWAIT_PUBCOMP",
+    "AWAIT_PUBREC",
+    "NEVER",
+    "Message",
+    "Outgoing",
+    "Queued",
+    "Session",
+    "StoredSubscription",
+    "WillState",
 ]
 
 
@@ -128,39 +144,13 @@ class Session:
         return pid
 
 
-_PROPERTY_FIELDS = Properties.__dataclass_fields__
-_TUPLE_FIELDS = ("user_properties", "subscription_identifiers")
-
-
-def properties_to_wire(props: Properties) -> dict[str, object] | None:
-    """Non-default properties as a CBOR-friendly map (None when there are none)."""
-    if props is NO_PROPERTIES:
-        return None
-    out: dict[str, object] = {}
-    for name in _PROPERTY_FIELDS:
-        value = getattr(props, name)
-        if value is not None and value != ():
-            out[name] = value
-    return out or None
-
-
-def properties_from_wire(data: dict[str, object] | None) -> Properties:
-    if not data:
-        return NO_PROPERTIES
-    kwargs = dict(data)
-    if "user_properties" in kwargs:
-        kwargs["user_properties"] = tuple((str(k), str(v)) for k, v in kwargs["user_properties"])  # type: ignore[attr-defined]
-    if "subscription_identifiers" in kwargs:
-        kwargs["subscription_identifiers"] = tuple(kwargs["subscription_identifiers"])  # type: ignore[arg-type]
-    return Properties(**kwargs)  # type: ignore[arg-type]
-
 
 def message_to_wire(msg: Message) -> list[object]:
-    return [msg.topic, msg.payload, msg.qos, msg.retain, properties_to_wire(msg.properties),
+    return [msg.topic, msg.payload, msg.qos, msg.retain, encode_properties(msg.properties),
             msg.expires_at, msg.origin]
 
 
 def message_from_wire(data: list[object]) -> Message:
     topic, payload, qos, retain, props, expires_at, origin = data
     return Message(str(topic), bytes(payload), int(qos), bool(retain),  # type: ignore[arg-type,call-overload]
-                   properties_from_wire(props), expires_at, origin)  # type: ignore[arg-type]
+                   decode_properties(props or {}, "bus message"), expires_at, origin)  # type: ignore[arg-type]

@@ -62,9 +62,9 @@ from .packets import (
     Properties,
     PubAck,
     PubComp,
+    Publish,
     PubRec,
     PubRel,
-    Publish,
     SubAck,
     Subscribe,
     Subscription,
@@ -75,8 +75,8 @@ from .packets import (
 
 __all__ = [
     "MAX_REMAINING_LENGTH",
-    "PacketReader",
     "WILL_PROPERTIES",
+    "PacketReader",
     "connect_version",
     "decode",
     "encode",
@@ -639,7 +639,7 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int) -> Pu
 
 
 def _make_ack_decoder(
-    cls: type[PubAck] | type[PubRec] | type[PubRel] | type[PubComp],
+    cls: type[PubAck | PubRec | PubRel | PubComp],
     ptype: PacketType,
     expected_first: int,
     codes: frozenset[int],
@@ -1104,7 +1104,7 @@ class PacketReader:
     connection.
     """
 
-    __slots__ = ("version", "max_packet_size", "_buf")
+    __slots__ = ("_buf", "max_packet_size", "version")
 
     def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
         self.version = version

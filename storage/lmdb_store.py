@@ -1,0 +1,1294 @@
+"""The durable message store on LMDB: one environment per shard, one for retained messages.
+
+What it does:
+
+* ``ShardStore`` keeps everything one shard (one worker process) must survive a
+  restart with: sessions (with subscriptions and will), queued messages,
+  in-flight QoS 1/2 state and the packet ids of incoming QoS 2 publishes. Each
+  shard has its own LMDB environment and therefore its own writer: shards commit
+  in parallel.
+* ``Batch`` is the only way to write a shard: operations are collected in
+  memory and ``commit()`` applies them in order in ONE write transaction (one
+  fsync when ``sync=True``) - group commit. Ids (``msg_id``, ``seq``) are
+  allocated when the operation is added, so callers have them at once.
+* A message that fans out to many sessions of a shard is stored once, with a
+  reference count: +1 per queue row and per in-flight row naming it.
+* ``RetainedStore`` is the one environment shared by all worker processes for
+  retained messages (LMDB serialises writers across processes).
+* When the map is full a commit grows it (doubling, up to ``max_map_size``) and
+  retries the whole batch; past that, or when the disk is full, it raises
+  ``StoreFull`` and the transaction is aborted, so the store is unchanged.
+
+On-disk layout (``data_dir`` is what ``--data-dir`` names)::
+
+    data_dir/shard-000/{data.mdb,lock.mdb}   one environment per shard (shard-001, ...)
+    data_dir/retained/{data.mdb,lock.mdb}    retained messages, shared by all shards
+
+Keys are bytes. ``CK`` (client key) is the client id in UTF-8 if that is at most
+400 bytes, else its first 383 bytes + ``0xFF`` + a 16-byte BLAKE2b digest of the
+whole id (``0xFF`` never occurs in UTF-8, LMDB keys are limited to 511 bytes).
+Retained topics use the same scheme. Client ids never contain NUL, so
+``CK + 0x00`` is a prefix owned by exactly one client. Integers are big-endian
+so that byte order is numeric order. Shard tables (LMDB named databases):
+
+=========  =====================================  ==========================================
+table      key                                    value
+=========  =====================================  ==========================================
+meta       UTF-8 name                             CBOR value: ``schema_version``, ``kind``
+                                                  ("shard"), ``shard``, ``shards``,
+                                                  ``created_at``, ``next_msg_id``,
+                                                  ``next_seq``; plus ``set_meta`` keys
+sessions   CK                                     CBOR ``SessionRecord``
+messages   msg_id (u64)                           CBOR ``StoredMessage``
+refs       msg_id (u64)                           refcount (u64); no row = 0 = deleted
+queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
+inflight   CK + 0x00 + packet_id (u16)            CBOR ``InflightRecord``
+qos2in     CK + 0x00 + packet_id (u16)            empty
+=========  =====================================  ==========================================
+
+The retained environment has ``meta`` (``kind`` = "retained") and ``retained``:
+topic key (as CK above) -> CBOR ``StoredMessage``.
+
+Invariants:
+
+* ``refs[m]`` equals the number of queue and inflight rows naming ``m``; a
+  message exists iff its count is > 0. Counts are settled at the end of each
+  batch: a message whose count is 0 after a commit (including one added by the
+  batch and never enqueued) is deleted. Moving a message from the queue to
+  in-flight within one batch therefore never deletes it.
+* ``msg_id`` and ``seq`` are per shard, start at 1, only increase, and survive
+  restarts (counters in ``meta``); ids allocated by a batch that failed are not
+  reused.
+* Nothing is ever written to a directory that is not recognisably ours: foreign
+  files, a non-LMDB ``data.mdb``, an LMDB file without our meta, a newer schema
+  or a different shard count all raise ``StoreError`` before any write.
+* Reads take their own short read transaction (LMDB readers never block the
+  writer). Iterators read in pages and never hold a transaction across a
+  ``yield``; they see a consistent page, not a snapshot of the whole table.
+
+What it does not do:
+
+* No MQTT logic: expiry, delivery order and session takeover are the broker's.
+* Not thread-safe, and one writing process per shard (detected on commit).
+* Do not open the same environment twice in one process (LMDB forbids it; the
+  second open raises ``StoreError``) - this includes ``data_dir_shards`` in a
+  process that holds shard 0 open.
+* Retained ``scan`` order is byte order of the key: topics longer than 400
+  UTF-8 bytes sort after the shorter topics sharing their first 383 bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import lmdb
+
+from storage.records import (
+    InflightRecord,
+    SessionRecord,
+    StoreCorrupt,
+    StoredMessage,
+    StoreError,
+    StoreFull,
+    decode_inflight,
+    decode_message,
+    decode_session,
+    decode_value,
+    encode_inflight,
+    encode_message,
+    encode_session,
+    encode_value,
+)
+
+__all__ = [
+    "Batch",
+    "RetainedStore",
+    "SCHEMA_VERSION",
+    "ShardStore",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "data_dir_shards",
+    "shard_dir_name",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+
+_SHARD_TABLES: Final = ("meta", "sessions", "messages", "refs", "queue", "inflight", "qos2in")
+_RETAINED_TABLES: Final = ("meta", "retained")
+_RESERVED_META: Final = frozenset(
+    {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
+)
+_LMDB_FILES: Final = frozenset({"data.mdb", "lock.mdb"})
+_LMDB_MAGIC: Final = 0xBEEFC0DE
+_OS_PAGE: Final = 4096
+_MAX_DBS: Final = 8
+_MAX_READERS: Final = 126
+_PAGE_ROWS: Final = 512
+_PLAIN_KEY_MAX: Final = 400
+_HASHED_HEAD: Final = 383
+_SEP: Final = b"\x00"
+_U64: Final = struct.Struct(">Q")
+_U16: Final = struct.Struct(">H")
+_QROW: Final = struct.Struct(">QB")
+_SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
+_DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def shard_dir_name(shard: int) -> str:
+    return f"shard-{shard:03d}"
+
+
+def _text_key(text: str) -> bytes:
+    """Key for a client id or topic (see the module docstring)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= _PLAIN_KEY_MAX:
+        return raw
+    return raw[:_HASHED_HEAD] + b"\xff" + hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _key_text(key: bytes) -> str:
+    """Best-effort text of a key made by ``_text_key`` (for reports on orphan rows)."""
+    if b"\xff" not in key:
+        return key.decode("utf-8", "surrogatepass")
+    head, _, digest = key.partition(b"\xff")
+    return head.decode("utf-8", "ignore") + "...#" + digest.hex()[:8]
+
+
+def _client_key(client_id: str) -> bytes:
+    if not client_id:
+        raise ValueError("client id must not be empty")
+    if "\x00" in client_id:
+        raise ValueError("client id must not contain NUL")
+    return _text_key(client_id)
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    return isinstance(exc, lmdb.DiskError) or getattr(exc, "code", None) in _DISK_FULL_ERRNOS
+
+
+def _page_align(n: int) -> int:
+    return -(-n // _OS_PAGE) * _OS_PAGE
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _check_directory(path: Path, *, readonly: bool, create: bool) -> int | None:
+    """Refuse anything that is not (or not yet) one of our environments.
+
+    Returns the size of ``data.mdb``, or ``None`` when there is none yet (after
+    creating the directory if allowed).
+    """
+    if not path.exists():
+        if readonly or not create:
+            raise StoreError(f"{path}: no store here")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create directory ({exc.strerror})") from None
+        return None
+    if not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a directory")
+    try:
+        names = set(os.listdir(path))
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read directory ({exc.strerror})") from None
+    foreign = sorted(names - _LMDB_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(f"{path}: not a ShardBroker store (contains {shown}); refusing to touch it")
+    data = path / "data.mdb"
+    if "data.mdb" not in names:
+        if readonly or not create:
+            raise StoreError(f"{path}: no store here (no data.mdb)")
+        return None
+    try:
+        size = data.stat().st_size
+        with data.open("rb") as fh:
+            head = fh.read(24)
+    except OSError as exc:
+        raise StoreError(f"{data}: cannot read ({exc.strerror})") from None
+    if size == 0 and not readonly:
+        return 0  # created by a concurrent opener that has not written yet; LMDB initialises it
+    if len(head) < 24 or struct.unpack_from("<II", head, 16) != (_LMDB_MAGIC, 1):
+        raise StoreError(f"{data}: not an LMDB data file; refusing to touch it")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    key: bytes
+    value: bytes
+
+
+class _Env:
+    """One open LMDB environment with its named tables; no knowledge of records."""
+
+    __slots__ = ("path", "env", "dbs", "readonly", "max_map_size", "meta")
+
+    def __init__(
+        self,
+        path: Path,
+        env: lmdb.Environment,
+        dbs: dict[str, lmdb._Database],
+        readonly: bool,
+        max_map_size: int,
+        meta: dict[str, object],
+    ) -> None:
+        self.path = path
+        self.env = env
+        self.dbs = dbs
+        self.readonly = readonly
+        self.max_map_size = max_map_size
+        self.meta = meta
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        kind: str,
+        tables: tuple[str, ...],
+        init_meta: Callable[[], dict[str, object]],
+        map_size: int,
+        max_map_size: int,
+        sync: bool,
+        readonly: bool,
+        create: bool,
+    ) -> _Env:
+        if map_size <= 0 or max_map_size < map_size:
+            raise ValueError("need 0 < map_size <= max_map_size")
+        size = _check_directory(path, readonly=readonly, create=create)
+        requested = _page_align(map_size)
+        effective = max(requested, _page_align(size or 0))
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=0 if readonly else effective,
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                metasync=sync,
+                sync=sync,
+                map_async=False,
+                writemap=False,
+                max_readers=_MAX_READERS,
+                max_dbs=_MAX_DBS,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot open LMDB environment ({_reason(exc)})") from None
+        try:
+            if not readonly:
+                cls._initialise(env, path, tables, init_meta)
+                got = env.info()["map_size"]
+                if got > requested:
+                    log.info(
+                        "%s: existing data (%d bytes) is larger than map_size %d; map set to %d",
+                        path, size or 0, requested, got,
+                    )
+                    if got > max_map_size:
+                        log.warning(
+                            "%s: store is already larger than max_map_size %d; it cannot grow",
+                            path, max_map_size,
+                        )
+            dbs = cls._open_tables(env, path, ("meta",))
+            meta = cls._read_meta(env, dbs["meta"], path)
+            version = meta.get("schema_version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise StoreCorrupt(f"{path}: store has an invalid schema version {version!r}")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: store was written by a newer ShardBroker (schema {version}, "
+                    f"this version reads {SCHEMA_VERSION}); refusing to touch it"
+                )
+            if meta.get("kind") != kind:
+                raise StoreError(f"{path}: holds a {meta.get('kind')!r} store, expected {kind!r}")
+            dbs.update(cls._open_tables(env, path, tables))
+        except BaseException:
+            env.close()
+            raise
+        return cls(path, env, dbs, readonly, max_map_size, meta)
+
+    @staticmethod
+    def _initialise(
+        env: lmdb.Environment,
+        path: Path,
+        tables: tuple[str, ...],
+        init_meta: Callable[[], dict[str, object]],
+    ) -> None:
+        """Create our tables and meta in an empty environment; refuse a foreign one.
+
+        Runs in a write transaction, so concurrent openers of a new shared
+        environment (the retained store) initialise it exactly once.
+        """
+        try:
+            txn = env.begin(write=True)
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot start a transaction ({_reason(exc)})") from None
+        try:
+            names = [key for key, _ in txn.cursor()]
+            if b"meta" in names:
+                txn.abort()
+                return  # ours, or claims to be: validated by the caller
+            if names:
+                raise StoreError(
+                    f"{path}: LMDB file without ShardBroker metadata; refusing to touch it"
+                )
+            dbs = {name: env.open_db(name.encode(), txn=txn, create=True) for name in tables}
+            for key, value in init_meta().items():
+                txn.put(key.encode(), encode_value(value), db=dbs["meta"])
+            txn.commit()
+            log.info("%s: created new store", path)
+        except lmdb.Error as exc:
+            txn.abort()
+            raise StoreError(f"{path}: cannot initialise store ({_reason(exc)})") from None
+        except BaseException:
+            txn.abort()
+            raise
+
+    @staticmethod
+    def _open_tables(env: lmdb.Environment, path: Path, tables: tuple[str, ...]) -> dict[str, lmdb._Database]:
+        dbs: dict[str, lmdb._Database] = {}
+        for name in tables:
+            try:
+                dbs[name] = env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                if name == "meta":
+                    raise StoreError(
+                        f"{path}: LMDB file without ShardBroker metadata; refusing to touch it"
+                    ) from None
+                raise StoreCorrupt(f"{path}: table {name!r} is missing") from None
+            except lmdb.Error as exc:
+                raise StoreError(f"{path}: not a ShardBroker store ({_reason(exc)})") from None
+        return dbs
+
+    @staticmethod
+    def _read_meta(env: lmdb.Environment, db: lmdb._Database, path: Path) -> dict[str, object]:
+        meta: dict[str, object] = {}
+        try:
+            with env.begin(db=db) as txn:
+                for key, value in txn.cursor():
+                    meta[key.decode("utf-8", "replace")] = decode_value(value, f"{path} meta")
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot read meta ({_reason(exc)})") from None
+        return meta
+
+    # -- transactions
+
+    def begin(self, write: bool = False) -> lmdb.Transaction[bytes]:
+        for _ in range(3):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+            except lmdb.Error as exc:
+                raise StoreError(f"{self.path}: cannot start a transaction ({_reason(exc)})") from None
+        raise StoreError(f"{self.path}: map keeps being resized by another process")
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
+        txn = self.begin()
+        try:
+            yield txn
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: read failed ({_reason(exc)})") from None
+        finally:
+            txn.abort()
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        with self.read() as txn:
+            return txn.get(key, db=self.dbs[table])
+
+    def rows(self, table: str, prefix: bytes = b"", page: int = _PAGE_ROWS) -> Iterator[_Row]:
+        """Rows whose key starts with ``prefix``, in key order, read ``page`` at a time."""
+        db = self.dbs[table]
+        last: bytes | None = None
+        while True:
+            chunk: list[_Row] = []
+            with self.read() as txn:
+                cur = txn.cursor(db=db)
+                start = prefix if last is None else last
+                ok = cur.set_range(start) if start else cur.first()
+                if ok and last is not None and cur.key() == last:
+                    ok = cur.next()
+                while ok:
+                    key = cur.key()
+                    if not key.startswith(prefix):
+                        break
+                    chunk.append(_Row(key, cur.value()))
+                    if len(chunk) >= page:
+                        break
+                    ok = cur.next()
+            yield from chunk
+            if len(chunk) < page:
+                return
+            last = chunk[-1].key
+
+    def count(self, table: str, prefix: bytes = b"") -> int:
+        if not prefix:
+            with self.read() as txn:
+                return txn.stat(self.dbs[table])["entries"]
+        n = 0
+        with self.read() as txn:
+            cur = txn.cursor(db=self.dbs[table])
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                n += 1
+                ok = cur.next()
+        return n
+
+    def sizes(self) -> dict[str, int]:
+        info = self.env.info()
+        psize = self.env.stat()["psize"]
+        try:
+            file_bytes = (self.path / "data.mdb").stat().st_size
+        except OSError:
+            file_bytes = 0
+        return {
+            "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * psize,
+            "file_bytes": file_bytes,
+        }
+
+    # -- writes
+
+    def write(self, apply: Callable[[lmdb.Transaction[bytes]], Callable[[], None] | None]) -> None:
+        """Run ``apply`` in one write transaction and commit; grow the map and retry when full.
+
+        ``apply`` may return a callback, run only after a successful commit.
+        On any failure the transaction is aborted and nothing is written.
+        """
+        if self.readonly:
+            raise StoreError(f"{self.path}: store is open read-only")
+        while True:
+            txn = self.begin(write=True)
+            try:
+                after = apply(txn)
+                txn.commit()
+            except lmdb.MapFullError:
+                _abort(txn)
+                self.grow()
+                continue
+            except lmdb.Error as exc:
+                _abort(txn)
+                if _is_disk_full(exc):
+                    raise StoreFull(f"{self.path}: disk full ({_reason(exc)})") from None
+                raise StoreError(f"{self.path}: write failed ({_reason(exc)})") from None
+            except BaseException:
+                _abort(txn)
+                raise
+            if after is not None:
+                after()
+            return
+
+    def grow(self) -> None:
+        current = self.env.info()["map_size"]
+        if current >= self.max_map_size:
+            raise StoreFull(
+                f"{self.path}: store is full (map size {current} bytes reached max_map_size)"
+            )
+        new = min(_page_align(current * 2), self.max_map_size)
+        log.info("%s: map full at %d bytes, growing to %d", self.path, current, new)
+        try:
+            self.env.set_mapsize(new)
+        except lmdb.Error as exc:
+            raise StoreFull(f"{self.path}: cannot grow map to {new} bytes ({_reason(exc)})") from None
+
+    def copy_compacted(self, dest: Path) -> None:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            if any(dest.iterdir()):
+                raise StoreError(f"{dest}: destination is not empty")
+        except OSError as exc:
+            raise StoreError(f"{dest}: cannot create ({exc.strerror})") from None
+        try:
+            self.env.copy(str(dest), compact=True)
+        except lmdb.Error as exc:
+            if _is_disk_full(exc):
+                raise StoreFull(f"{dest}: disk full while copying") from None
+            raise StoreError(f"{dest}: copy failed ({_reason(exc)})") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _abort(txn: lmdb.Transaction[bytes]) -> None:
+    try:
+        txn.abort()
+    except lmdb.Error:  # already finished by a failed commit
+        pass
+
+
+# --------------------------------------------------------------------------- shard store
+
+
+@dataclass(frozen=True, slots=True)
+class _PutSession:
+    key: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _DeleteSession:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _AddMessage:
+    msg_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Enqueue:
+    key: bytes
+    msg_id: int
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Dequeue:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _PutInflight:
+    key: bytes
+    msg_id: int | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _DeleteInflight:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _PutQos2:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _DeleteQos2:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _SetMeta:
+    key: bytes
+    data: bytes
+
+
+_Op = (
+    _PutSession | _DeleteSession | _AddMessage | _Enqueue | _Dequeue | _PutInflight
+    | _DeleteInflight | _PutQos2 | _DeleteQos2 | _SetMeta
+)
+
+
+def _meta_int(meta: dict[str, object], key: str, path: Path) -> int:
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StoreCorrupt(f"{path}: meta {key!r} is missing or not an integer")
+    return value
+
+
+class ShardStore:
+    """The durable state of one shard. See the module docstring."""
+
+    __slots__ = ("_env", "data_dir", "shard", "shards", "_next_msg_id", "_next_seq",
+                 "_saved_msg_id", "_saved_seq")
+
+    def __init__(self, env: _Env, data_dir: Path, shard: int, shards: int) -> None:
+        self._env = env
+        self.data_dir = data_dir
+        self.shard = shard
+        self.shards = shards
+        self._next_msg_id = self._saved_msg_id = _meta_int(env.meta, "next_msg_id", env.path)
+        self._next_seq = self._saved_seq = _meta_int(env.meta, "next_seq", env.path)
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        shard: int,
+        shards: int,
+        *,
+        map_size: int = 64 << 20,
+        max_map_size: int = 16 << 30,
+        sync: bool = True,
+        readonly: bool = False,
+        create: bool = True,
+    ) -> ShardStore:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} out of range for {shards} shards")
+        data_dir = Path(data_dir)
+        path = data_dir / shard_dir_name(shard)
+        if not readonly and create and not (path / "data.mdb").exists():
+            _check_siblings(data_dir, shards)
+
+        def init_meta() -> dict[str, object]:
+            return {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "shard",
+                "shard": shard,
+                "shards": shards,
+                "created_at": time.time(),
+                "next_msg_id": 1,
+                "next_seq": 1,
+            }
+
+        env = _Env.open(
+            path, kind="shard", tables=_SHARD_TABLES, init_meta=init_meta, map_size=map_size,
+            max_map_size=max_map_size, sync=sync, readonly=readonly, create=create,
+        )
+        try:
+            stored_shards = _meta_int(env.meta, "shards", path)
+            stored_shard = _meta_int(env.meta, "shard", path)
+            if stored_shards != shards:
+                raise StoreError(
+                    f"data directory {data_dir} was created with {stored_shards} workers "
+                    f"(shards), not {shards}; start with {stored_shards} workers or use "
+                    f"another data directory"
+                )
+            if stored_shard != shard:
+                raise StoreError(f"{path}: holds shard {stored_shard}, not shard {shard}")
+            store = cls(env, data_dir, shard, shards)
+        except BaseException:
+            env.close()
+            raise
+        log.debug("opened shard %d/%d at %s (readonly=%s)", shard, shards, path, readonly)
+        return store
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._env.path
+
+    @property
+    def readonly(self) -> bool:
+        return self._env.readonly
+
+    @property
+    def next_msg_id(self) -> int:
+        """The id the next ``add_message`` gets (internal; for tests and tools)."""
+        return self._next_msg_id
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next ``enqueue`` gets (internal; for tests and tools)."""
+        return self._next_seq
+
+    # -- reads
+
+    def sessions(self) -> Iterator[SessionRecord]:
+        for row in self._env.rows("sessions"):
+            yield decode_session(row.value)
+
+    def session(self, client_id: str) -> SessionRecord | None:
+        data = self._env.get("sessions", _client_key(client_id))
+        return None if data is None else decode_session(data)
+
+    def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
+        prefix = _client_key(client_id) + _SEP
+        out: list[tuple[int, int, int, StoredMessage]] = []
+        cache: dict[int, StoredMessage | None] = {}
+        with self._env.read() as txn:
+            cur = txn.cursor(db=self._env.dbs["queue"])
+            ok = cur.set_range(prefix)
+            while ok and (key := cur.key()).startswith(prefix):
+                msg_id, qos = _QROW.unpack(cur.value())
+                msg = self._message_in(txn, msg_id, cache)
+                if msg is None:
+                    log.warning("%s: queue row of %r names missing message %d",
+                                self.path, client_id, msg_id)
+                else:
+                    out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
+                ok = cur.next()
+        return out
+
+    def inflight(self, client_id: str) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
+        prefix = _client_key(client_id) + _SEP
+        out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
+        cache: dict[int, StoredMessage | None] = {}
+        with self._env.read() as txn:
+            cur = txn.cursor(db=self._env.dbs["inflight"])
+            ok = cur.set_range(prefix)
+            while ok and (key := cur.key()).startswith(prefix):
+                rec = decode_inflight(cur.value())
+                msg = None if rec.msg_id is None else self._message_in(txn, rec.msg_id, cache)
+                out.append((_U16.unpack(key[-2:])[0], rec, msg))
+                ok = cur.next()
+        return out
+
+    def qos2_incoming(self, client_id: str) -> list[int]:
+        prefix = _client_key(client_id) + _SEP
+        return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
+
+    def queue_length(self, client_id: str) -> int:
+        return self._env.count("queue", _client_key(client_id) + _SEP)
+
+    def inflight_count(self, client_id: str) -> int:
+        return self._env.count("inflight", _client_key(client_id) + _SEP)
+
+    def message(self, msg_id: int) -> StoredMessage | None:
+        data = self._env.get("messages", _U64.pack(msg_id))
+        return None if data is None else decode_message(data)
+
+    def messages(self) -> Iterator[tuple[int, int, StoredMessage]]:
+        """(msg_id, refcount, message) in msg_id order."""
+        refs_db = self._env.dbs["refs"]
+        for rows in _chunks(self._env.rows("messages"), _PAGE_ROWS):
+            with self._env.read() as txn:
+                counts = [txn.get(row.key, db=refs_db) for row in rows]
+            for row, count in zip(rows, counts):
+                refs = 0 if count is None else _U64.unpack(count)[0]
+                yield _U64.unpack(row.key)[0], refs, decode_message(row.value)
+
+    def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
+        """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
+        for row in self._env.rows("queue"):
+            msg_id, qos = _QROW.unpack(row.value)
+            yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
+
+    def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
+        for row in self._env.rows("inflight"):
+            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
+
+    def qos2_rows(self) -> Iterator[tuple[str, int]]:
+        for row in self._env.rows("qos2in"):
+            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
+
+    def get_meta(self, key: str) -> object | None:
+        data = self._env.get("meta", key.encode())
+        return None if data is None else decode_value(data)
+
+    def meta_items(self) -> Iterator[tuple[str, object]]:
+        for row in self._env.rows("meta"):
+            yield row.key.decode("utf-8", "replace"), decode_value(row.value)
+
+    def stats(self) -> dict[str, int]:
+        counts = {
+            name: self._env.count(table)
+            for name, table in (
+                ("sessions", "sessions"), ("queued", "queue"), ("inflight", "inflight"),
+                ("qos2_incoming", "qos2in"), ("messages", "messages"),
+            )
+        }
+        subscriptions = 0
+        for row in self._env.rows("sessions"):
+            try:
+                subscriptions += len(decode_session(row.value).subscriptions)
+            except StoreCorrupt:
+                pass  # check() reports it
+        return {"shard": self.shard, **counts, "subscriptions": subscriptions, **self._env.sizes()}
+
+    def check(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Problems found (empty list = healthy). ``progress(n)`` is told about rows read."""
+        problems: list[str] = []
+        env, where = self._env, f"shard {self.shard}"
+        seen = 0
+
+        def tick() -> None:
+            nonlocal seen
+            seen += 1
+            if progress is not None and seen % 1000 == 0:
+                progress(1000)
+
+        session_keys: set[bytes] = set()
+        for row in env.rows("sessions"):
+            tick()
+            session_keys.add(row.key)
+            try:
+                rec = decode_session(row.value)
+            except StoreCorrupt as exc:
+                problems.append(f"{where}: session {_key_text(row.key)!r}: {exc}")
+                continue
+            if _text_key(rec.client_id) != row.key:
+                problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
+                                f"{rec.client_id!r}")
+        message_ids: set[int] = set()
+        for row in env.rows("messages"):
+            tick()
+            if len(row.key) != 8:
+                problems.append(f"{where}: message key {row.key!r} is not 8 bytes")
+                continue
+            msg_id = _U64.unpack(row.key)[0]
+            message_ids.add(msg_id)
+            try:
+                decode_message(row.value)
+            except StoreCorrupt as exc:
+                problems.append(f"{where}: message {msg_id}: {exc}")
+        stored_refs: dict[int, int] = {}
+        for row in env.rows("refs"):
+            tick()
+            if len(row.key) != 8 or len(row.value) != 8:
+                problems.append(f"{where}: malformed refcount row {row.key!r}")
+                continue
+            stored_refs[_U64.unpack(row.key)[0]] = _U64.unpack(row.value)[0]
+        actual: Counter[int] = Counter()
+        max_seq = 0
+
+        def owner(key: bytes, suffix: int, what: str) -> bool:
+            if len(key) < suffix + 2 or key[-suffix - 1:-suffix] != _SEP:
+                problems.append(f"{where}: malformed {what} key {key!r}")
+                return False
+            if key[:-suffix - 1] not in session_keys:
+                problems.append(f"{where}: orphan {what} row of client "
+                                f"{_key_text(key[:-suffix - 1])!r} (no session)")
+            return True
+
+        for row in env.rows("queue"):
+            tick()
+            if not owner(row.key, 8, "queue"):
+                continue
+            seq = _U64.unpack(row.key[-8:])[0]
+            max_seq = max(max_seq, seq)
+            if len(row.value) != _QROW.size:
+                problems.append(f"{where}: malformed queue row seq {seq}")
+                continue
+            msg_id, _qos = _QROW.unpack(row.value)
+            actual[msg_id] += 1
+            if msg_id not in message_ids:
+                problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r} "
+                                f"names missing message {msg_id}")
+        for row in env.rows("inflight"):
+            tick()
+            if not owner(row.key, 2, "inflight"):
+                continue
+            packet_id = _U16.unpack(row.key[-2:])[0]
+            try:
+                irec = decode_inflight(row.value)
+            except StoreCorrupt as exc:
+                problems.append(f"{where}: inflight {packet_id} of "
+                                f"{_key_text(row.key[:-3])!r}: {exc}")
+                continue
+            if irec.msg_id is not None:
+                actual[irec.msg_id] += 1
+                if irec.msg_id not in message_ids:
+                    problems.append(f"{where}: inflight {packet_id} of "
+                                    f"{_key_text(row.key[:-3])!r} names missing message "
+                                    f"{irec.msg_id}")
+        for row in env.rows("qos2in"):
+            tick()
+            owner(row.key, 2, "qos2_incoming")
+        for msg_id in sorted(message_ids):
+            stored, real = stored_refs.get(msg_id, 0), actual.get(msg_id, 0)
+            if stored != real:
+                problems.append(f"{where}: message {msg_id} has refcount {stored} but "
+                                f"{real} references")
+        for msg_id in sorted(set(stored_refs) - message_ids):
+            problems.append(f"{where}: refcount row for missing message {msg_id}")
+        next_msg_id = self.get_meta("next_msg_id")
+        next_seq = self.get_meta("next_seq")
+        if not isinstance(next_msg_id, int) or not isinstance(next_seq, int):
+            problems.append(f"{where}: meta next_msg_id / next_seq missing or not integers")
+        else:
+            if message_ids and next_msg_id <= max(message_ids):
+                problems.append(f"{where}: next_msg_id {next_msg_id} is not above the highest "
+                                f"message id {max(message_ids)}")
+            if next_seq <= max_seq:
+                problems.append(f"{where}: next_seq {next_seq} is not above the highest queue "
+                                f"seq {max_seq}")
+        if progress is not None and seen % 1000:
+            progress(seen % 1000)
+        return problems
+
+    def copy_compacted(self, dest: Path) -> None:
+        self._env.copy_compacted(Path(dest))
+
+    # -- writes
+
+    def batch(self) -> Batch:
+        if self._env.readonly:
+            raise StoreError(f"{self.path}: store is open read-only")
+        return Batch(self)
+
+    def _alloc_msg_id(self) -> int:
+        msg_id = self._next_msg_id
+        self._next_msg_id += 1
+        return msg_id
+
+    def _alloc_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _commit(self, ops: Sequence[_Op]) -> None:
+        env = self._env
+        meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
+        messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
+
+        def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
+            next_msg_id, next_seq = self._next_msg_id, self._next_seq
+            self._check_counters(txn)
+            refs: dict[int, int] = {}
+            known: set[int] = set()
+
+            def need(msg_id: int) -> None:
+                if msg_id not in known:
+                    if txn.get(_U64.pack(msg_id), db=messages) is None:
+                        raise StoreError(f"{self.path}: message {msg_id} does not exist")
+                    known.add(msg_id)
+                refs[msg_id] = refs.get(msg_id, 0) + 1
+
+            def release(msg_id: int | None) -> None:
+                if msg_id is not None:
+                    refs[msg_id] = refs.get(msg_id, 0) - 1
+
+            for op in ops:
+                match op:
+                    case _Enqueue(key, msg_id, qos):
+                        need(msg_id)
+                        txn.put(key, _QROW.pack(msg_id, qos), db=queue)
+                    case _Dequeue(key):
+                        old = txn.pop(key, db=queue)
+                        if old is not None:
+                            release(_QROW.unpack(old)[0])
+                    case _AddMessage(msg_id, data):
+                        txn.put(_U64.pack(msg_id), data, db=messages)
+                        known.add(msg_id)
+                        refs.setdefault(msg_id, 0)
+                    case _PutInflight(key, msg_id, data):
+                        if msg_id is not None:
+                            need(msg_id)
+                        old = txn.replace(key, data, db=inflight)
+                        if old is not None:
+                            release(decode_inflight(old).msg_id)
+                    case _DeleteInflight(key):
+                        old = txn.pop(key, db=inflight)
+                        if old is not None:
+                            release(decode_inflight(old).msg_id)
+                    case _PutQos2(key):
+                        txn.put(key, b"", db=qos2in)
+                    case _DeleteQos2(key):
+                        txn.delete(key, db=qos2in)
+                    case _PutSession(key, data):
+                        txn.put(key, data, db=sessions)
+                    case _DeleteSession(key):
+                        txn.delete(key, db=sessions)
+                        prefix = key + _SEP
+                        for value in _drop_prefix(txn, queue, prefix):
+                            release(_QROW.unpack(value)[0])
+                        for value in _drop_prefix(txn, inflight, prefix):
+                            release(decode_inflight(value).msg_id)
+                        _drop_prefix(txn, qos2in, prefix)
+                    case _SetMeta(key, data):
+                        txn.put(key, data, db=meta)
+            self._settle(txn, refs)
+            if next_msg_id != self._saved_msg_id:
+                txn.put(b"next_msg_id", encode_value(next_msg_id), db=meta)
+            if next_seq != self._saved_seq:
+                txn.put(b"next_seq", encode_value(next_seq), db=meta)
+
+            def committed() -> None:
+                self._saved_msg_id, self._saved_seq = next_msg_id, next_seq
+
+            return committed
+
+        env.write(apply)
+
+    def _check_counters(self, txn: lmdb.Transaction[bytes]) -> None:
+        meta = self._env.dbs["meta"]
+        for key, saved in ((b"next_msg_id", self._saved_msg_id), (b"next_seq", self._saved_seq)):
+            raw = txn.get(key, db=meta)
+            if raw is None or decode_value(raw) != saved:
+                raise StoreError(
+                    f"{self.path}: shard was written by another process since it was opened "
+                    f"(one writer per shard)"
+                )
+
+    def _settle(self, txn: lmdb.Transaction[bytes], refs: dict[int, int]) -> None:
+        refs_db, messages = self._env.dbs["refs"], self._env.dbs["messages"]
+        for msg_id, delta in refs.items():
+            key = _U64.pack(msg_id)
+            raw = txn.get(key, db=refs_db)
+            current = 0 if raw is None else _U64.unpack(raw)[0]
+            count = current + delta
+            if count < 0:
+                log.warning("%s: refcount of message %d would drop below 0", self.path, msg_id)
+                count = 0
+            if count == 0:
+                txn.delete(key, db=refs_db)
+                txn.delete(key, db=messages)
+            elif delta:
+                txn.put(key, _U64.pack(count), db=refs_db)
+
+    def _message_in(
+        self, txn: lmdb.Transaction[bytes], msg_id: int, cache: dict[int, StoredMessage | None]
+    ) -> StoredMessage | None:
+        if msg_id not in cache:
+            data = txn.get(_U64.pack(msg_id), db=self._env.dbs["messages"])
+            cache[msg_id] = None if data is None else decode_message(data)
+        return cache[msg_id]
+
+
+def _drop_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes) -> list[bytes]:
+    """Delete every row whose key starts with ``prefix``; return their values."""
+    values: list[bytes] = []
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return values
+    while (key := cur.key()) and key.startswith(prefix):
+        values.append(cur.value())
+        if not cur.delete():
+            break
+    return values
+
+
+def _chunks(rows: Iterator[_Row], size: int) -> Iterator[list[_Row]]:
+    chunk: list[_Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_siblings(data_dir: Path, shards: int) -> None:
+    """Before creating a shard: refuse a data dir holding shards beyond ``shards``."""
+    try:
+        names = os.listdir(data_dir)
+    except OSError:
+        return
+    extra = [n for n in names if (m := _SHARD_DIR_RE.fullmatch(n)) and int(m.group(1)) >= shards]
+    if extra:
+        raise StoreError(
+            f"data directory {data_dir} was created with more than {shards} workers "
+            f"(found {sorted(extra)[-1]}); start with the original worker count"
+        )
+
+
+class Batch:
+    """Collects operations in memory; commit() applies them all in ONE write transaction.
+
+    One fsync when ``sync=True``. If the map is full, commit() grows the map
+    (doubling, up to max_map_size) and retries the whole batch; beyond that or
+    on ENOSPC it raises StoreFull and the store is unchanged (the transaction
+    is aborted). Operations are applied in order; ids are allocated when an
+    operation is added. After a successful commit the batch is empty and can
+    be reused; after a failed one it keeps its operations (commit again, or
+    drop the batch). As a context manager it commits on a clean exit.
+    """
+
+    __slots__ = ("_store", "_ops")
+
+    def __init__(self, store: ShardStore) -> None:
+        self._store = store
+        self._ops: list[_Op] = []
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+
+    def put_session(self, rec: SessionRecord) -> None:
+        self._ops.append(_PutSession(_client_key(rec.client_id), encode_session(rec)))
+
+    def delete_session(self, client_id: str) -> None:
+        """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
+        self._ops.append(_DeleteSession(_client_key(client_id)))
+
+    def add_message(self, msg: StoredMessage) -> int:
+        """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
+        data = encode_message(msg)
+        msg_id = self._store._alloc_msg_id()
+        self._ops.append(_AddMessage(msg_id, data))
+        return msg_id
+
+    def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
+        """Append to the client's queue; returns the seq. +1 ref."""
+        key = _client_key(client_id) + _SEP
+        seq = self._store._alloc_seq()
+        self._ops.append(_Enqueue(key + _U64.pack(seq), msg_id, qos))
+        return seq
+
+    def dequeue(self, client_id: str, seq: int) -> None:
+        """-1 ref; the message is deleted when no reference is left. Unknown seq: no-op."""
+        self._ops.append(_Dequeue(_client_key(client_id) + _SEP + _U64.pack(seq)))
+
+    def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
+        """Replace the row; refs follow the msg_id change (old -1, new +1)."""
+        key = _client_key(client_id) + _SEP + _U16.pack(packet_id)
+        self._ops.append(_PutInflight(key, rec.msg_id, encode_inflight(rec)))
+
+    def delete_inflight(self, client_id: str, packet_id: int) -> None:
+        self._ops.append(_DeleteInflight(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+
+    def add_qos2_incoming(self, client_id: str, packet_id: int) -> None:
+        self._ops.append(_PutQos2(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+
+    def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
+        self._ops.append(_DeleteQos2(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+
+    def set_meta(self, key: str, value: object) -> None:
+        if key in _RESERVED_META:
+            raise ValueError(f"meta key {key!r} is reserved")
+        if not key:
+            raise ValueError("meta key must not be empty")
+        self._ops.append(_SetMeta(key.encode(), encode_value(value)))
+
+    def commit(self) -> None:
+        if not self._ops:
+            return
+        self._store._commit(self._ops)
+        self._ops = []
+
+
+# --------------------------------------------------------------------------- retained
+
+
+class RetainedStore:
+    """Retained messages of all shards, in one environment shared by every worker."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self, env: _Env) -> None:
+        self._env = env
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        map_size: int = 64 << 20,
+        max_map_size: int = 16 << 30,
+        sync: bool = True,
+        readonly: bool = False,
+        create: bool = True,
+    ) -> RetainedStore:
+        def init_meta() -> dict[str, object]:
+            return {"schema_version": SCHEMA_VERSION, "kind": "retained", "created_at": time.time()}
+
+        env = _Env.open(
+            Path(data_dir) / "retained", kind="retained", tables=_RETAINED_TABLES,
+            init_meta=init_meta, map_size=map_size, max_map_size=max_map_size, sync=sync,
+            readonly=readonly, create=create,
+        )
+        return cls(env)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> RetainedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._env.path
+
+    def get(self, topic: str) -> StoredMessage | None:
+        data = self._env.get("retained", _text_key(topic))
+        return None if data is None else decode_message(data)
+
+    def scan(self, prefix: str = "") -> Iterator[tuple[str, StoredMessage]]:
+        """(topic, message) for topics starting with ``prefix``, in key order."""
+        key_prefix = prefix.encode("utf-8", "surrogatepass")[:_HASHED_HEAD]
+        for row in self._env.rows("retained", key_prefix):
+            msg = decode_message(row.value)
+            if msg.topic.startswith(prefix):
+                yield msg.topic, msg
+
+    def count(self) -> int:
+        return self._env.count("retained")
+
+    def write(self, ops: Sequence[tuple[str, StoredMessage | None]]) -> None:
+        """One transaction: put each (topic, message), or delete the topic when message is None."""
+        encoded = [(_text_key(t), None if m is None else encode_message(m)) for t, m in ops]
+        if not encoded:
+            return
+        db = self._env.dbs["retained"]
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            for key, data in encoded:
+                if data is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, data, db=db)
+
+        self._env.write(apply)
+
+    def get_meta(self, key: str) -> object | None:
+        data = self._env.get("meta", key.encode())
+        return None if data is None else decode_value(data)
+
+    def stats(self) -> dict[str, int]:
+        return {"retained": self.count(), **self._env.sizes()}
+
+    def check(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        problems: list[str] = []
+        n = 0
+        for row in self._env.rows("retained"):
+            n += 1
+            if progress is not None and n % 1000 == 0:
+                progress(1000)
+            try:
+                msg = decode_message(row.value)
+            except StoreCorrupt as exc:
+                problems.append(f"retained {_key_text(row.key)!r}: {exc}")
+                continue
+            if _text_key(msg.topic) != row.key:
+                problems.append(f"retained {_key_text(row.key)!r} holds topic {msg.topic!r}")
+        if progress is not None and n % 1000:
+            progress(n % 1000)
+        return problems
+
+    def copy_compacted(self, dest: Path) -> None:
+        self._env.copy_compacted(Path(dest))
+
+
+def data_dir_shards(data_dir: Path) -> int | None:
+    """Shard count of an existing data dir (from shard-000's meta); None if empty or new."""
+    path = Path(data_dir) / shard_dir_name(0)
+    if not (path / "data.mdb").exists():
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a directory")
+        return None
+    env = _Env.open(
+        path, kind="shard", tables=("meta",), init_meta=lambda: {}, map_size=_OS_PAGE,
+        max_map_size=_OS_PAGE, sync=False, readonly=True, create=False,
+    )
+    try:
+        return _meta_int(env.meta, "shards", path)
+    finally:
+        env.close()
