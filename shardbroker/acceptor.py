@@ -101,6 +101,10 @@ class Acceptor:
                         sock.close()
                         return
                     data += chunk
+                    if data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
+                        log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", peer, data[0])
+                        sock.close()
+                        return
                     raw = reader.feed_raw(bytes(chunk))
         except TimeoutError:
             log.info("%s sent no CONNECT within %.1fs: closing", peer, limits.connect_timeout)

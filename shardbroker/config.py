@@ -245,8 +245,8 @@ class LimitsConfig:
     max_queued_bytes: int = _setting(16777216, "payload bytes queued per session", _Int(1, 2**40))
     queue_full_policy: str = _setting(
         "drop_oldest",
-        "when a session queue is full: drop_oldest, or reject_new"
-        " (a 5.0 QoS 1/2 publisher is then answered 0x97 quota exceeded)",
+        "when a session queue is full: drop_oldest (the oldest queued message is dropped),"
+        " or reject_new (the new message is not queued); both are counted",
         _Choice(("drop_oldest", "reject_new")),
     )
     queue_qos0: bool = _setting(

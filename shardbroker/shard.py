@@ -452,7 +452,7 @@ class Shard:
         validate_topic_name(topic)
         qos = pkt.qos
         pid = pkt.packet_id
-        if qos:
+        if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             conn.unacked_in += 1
             if conn.unacked_in + len(sess.qos2_in) > self.limits.receive_maximum:
                 raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")

@@ -380,7 +380,10 @@ class _Env:
                     ) from None
                 raise StoreCorrupt(f"{path}: table {name!r} is missing") from None
             except lmdb.Error as exc:
-                raise StoreError(f"{path}: not a ShardBroker store ({_reason(exc)})") from None
+                raise StoreError(
+                    f"{path}: LMDB file without ShardBroker metadata ({_reason(exc)}); "
+                    f"refusing to touch it"
+                ) from None
         return dbs
 
     @staticmethod

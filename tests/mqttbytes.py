@@ -862,11 +862,13 @@ class RawClient:
         deadline = time.monotonic() + timeout
         return [self.recv_publish(max(deadline - time.monotonic(), 0.01), ack) for _ in range(n)]
 
-    def drain_publishes(self, quiet: float = 0.3, ack: bool = True) -> list[Publish]:
-        """All PUBLISHes until nothing arrives for ``quiet`` seconds."""
-        out = []
+    def drain_publishes(self, quiet: float = 0.3, ack: bool = True,
+                        first_timeout: float | None = None) -> list[Publish]:
+        """All PUBLISHes until nothing arrives for ``quiet`` seconds (the first may take
+        up to ``first_timeout`` when something is expected)."""
+        out: list[Publish] = []
         while True:
-            pkt = self.recv_packet(quiet)
+            pkt = self.recv_packet(first_timeout if (first_timeout and not out) else quiet)
             if pkt is None:
                 return out
             if pkt[0] != PUBLISH:

@@ -649,10 +649,9 @@ def _make_ack_decoder(
     v3_alt = expected_first | 0x08 if expected_first & 0x02 else -1
 
     def dec(first: int, buf: bytes, pos: int, end: int, version: int) -> Packet:
-        if first != expected_first:
-            # [MQTT-3.6.1-1] PUBREL flags 0010; others 0000 ([MQTT-2.1.3-1]).
-            if not (version == MQTT_3_1 and first == v3_alt):
-                raise _bad_flags(name)
+        # [MQTT-3.6.1-1] PUBREL flags 0010; others 0000 ([MQTT-2.1.3-1]).
+        if first != expected_first and not (version == MQTT_3_1 and first == v3_alt):
+            raise _bad_flags(name)
         n = end - pos
         if n < 2:
             raise malformed(f"{name} too short")

@@ -1,0 +1,608 @@
+"""Contract tests of the durable store against real LMDB files in ``tmp_path``.
+
+Covers every write operation read back, durability across close/reopen and a
+SIGKILL right after commit, message sharing with refcounts, map growth and
+StoreFull, refusal of foreign/newer/mismatched directories (which must stay
+byte-for-byte unchanged), read-only opens next to a live writer, the retained
+store, and ``check()``. Tests may import ``lmdb`` to damage files on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+import cbor2
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from storage.lmdb_store import (
+    SCHEMA_VERSION,
+    RetainedStore,
+    ShardStore,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    data_dir_shards,
+)
+from storage.records import (
+    AWAIT_PUBACK,
+    AWAIT_PUBCOMP,
+    AWAIT_PUBREC,
+    PROPERTY_IDS,
+    InflightRecord,
+    SessionRecord,
+    StoredMessage,
+    StoredSubscription,
+    StoredWill,
+    decode_inflight,
+    decode_message,
+    decode_session,
+    encode_inflight,
+    encode_message,
+    encode_session,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = 64 << 10
+
+FULL_PROPS = Properties(
+    payload_format_indicator=1,
+    message_expiry_interval=60,
+    content_type="text/plain",
+    response_topic="r/t",
+    correlation_data=b"\x00\x01",
+    subscription_identifiers=(3, 7),
+    user_properties=(("a", "1"), ("a", "2"), ("b", "")),
+)
+
+
+def msg(topic: str = "a/b", payload: bytes = b"hello", qos: int = 1, **kw: object) -> StoredMessage:
+    return StoredMessage(topic, payload, qos, bool(kw.pop("retain", False)),
+                         kw.pop("properties", NO_PROPERTIES), **kw)  # type: ignore[arg-type]
+
+
+def session(client_id: str, **kw: object) -> SessionRecord:
+    base: dict[str, object] = dict(protocol_version=5, expiry_interval=3600, disconnected_at=None)
+    base.update(kw)
+    return SessionRecord(client_id, **base)  # type: ignore[arg-type]
+
+
+def digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under ``path`` (lock.mdb excluded: LMDB rewrites it on open)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*")) if p.is_file() and p.name != "lock.mdb"
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = ShardStore.open(tmp_path / "data", 0, 1, map_size=SMALL)
+    yield s
+    s.close()
+
+
+def reopen(s: ShardStore, **kw: object) -> ShardStore:
+    s.close()
+    return ShardStore.open(s.data_dir, s.shard, s.shards, map_size=SMALL, **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_property_table_covers_every_properties_field() -> None:
+    assert sorted(name for name, _, _ in PROPERTY_IDS) == sorted(f.name for f in fields(Properties))
+
+
+def test_records_round_trip_and_defaults_are_left_out() -> None:
+    m = StoredMessage("t", b"\xff\x00", 2, True, FULL_PROPS, 1.5e9)
+    assert decode_message(encode_message(m)) == m
+    plain = decode_message(encode_message(msg()))
+    assert plain.properties is NO_PROPERTIES and plain.expires_at is None
+    assert set(cbor2.loads(encode_message(msg()))) == {"t", "p", "q"}
+    rec = SessionRecord(
+        "c", 4, 0xFFFFFFFF, 123.25,
+        (StoredSubscription("$share/g/x/#", 1, True, True, 2, 99), StoredSubscription("y", 0)),
+        StoredWill("w", b"bye", 1, True, FULL_PROPS, 30),
+    )
+    assert decode_session(encode_session(rec)) == rec
+    assert decode_session(encode_session(session("c"))) == session("c")
+    for inf in (InflightRecord(5, 1, AWAIT_PUBACK), InflightRecord(None, 2, AWAIT_PUBCOMP)):
+        assert decode_inflight(encode_inflight(inf)) == inf
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    topic=st.text(min_size=1, max_size=20),
+    payload=st.binary(max_size=50),
+    qos=st.integers(0, 2),
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+    users=st.lists(st.tuples(st.text(max_size=5), st.text(max_size=5)), max_size=3),
+    sub_ids=st.lists(st.integers(1, 268435455), max_size=3),
+)
+def test_message_round_trip_property(topic: str, payload: bytes, qos: int, expiry: int | None,
+                                     users: list[tuple[str, str]], sub_ids: list[int]) -> None:
+    props = Properties(message_expiry_interval=expiry, user_properties=tuple(users),
+                       subscription_identifiers=tuple(sub_ids))
+    m = StoredMessage(topic, payload, qos, False, props, None if expiry is None else 1e9 + expiry)
+    assert decode_message(encode_message(m)) == m
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xff", cbor2.dumps([1, 2]), cbor2.dumps({"t": 1}),
+                                  cbor2.dumps({"t": "a", "p": "str", "q": 1})])
+def test_decoding_garbage_raises_store_corrupt(data: bytes) -> None:
+    with pytest.raises(StoreCorrupt):
+        decode_message(data)
+    with pytest.raises(StoreCorrupt):
+        decode_session(data)
+
+
+# --------------------------------------------------------------------------- write ops
+
+
+def test_sessions_put_replace_delete(store: ShardStore) -> None:
+    will = StoredWill("w/t", b"gone", 1, False, NO_PROPERTIES, 5)
+    with store.batch() as b:
+        b.put_session(session("a", subscriptions=(StoredSubscription("x/+", 1),), will=will))
+        b.put_session(session("b"))
+        assert len(b) == 2
+    assert store.session("a") == session("a", subscriptions=(StoredSubscription("x/+", 1),), will=will)
+    with store.batch() as b:
+        b.put_session(session("a", disconnected_at=42.0))
+        b.delete_session("b")
+    assert store.session("a") == session("a", disconnected_at=42.0)
+    assert store.session("b") is None
+    assert [r.client_id for r in store.sessions()] == ["a"]
+
+
+def test_message_stored_once_refcounted_and_deleted_with_last_ref(store: ShardStore) -> None:
+    b = store.batch()
+    for c in "abc":
+        b.put_session(session(c))
+    mid = b.add_message(msg(payload=b"shared"))
+    seqs = {c: b.enqueue(c, mid, 1) for c in "abc"}
+    b.commit()
+    assert [(i, refs) for i, refs, _ in store.messages()] == [(mid, 3)]
+    assert store.queue("a") == [(seqs["a"], mid, 1, msg(payload=b"shared"))]
+    assert store.stats()["messages"] == 1 and store.stats()["queued"] == 3
+    with store.batch() as b:
+        b.dequeue("a", seqs["a"])
+        b.dequeue("b", seqs["b"])
+    assert [(i, refs) for i, refs, _ in store.messages()] == [(mid, 1)]
+    with store.batch() as b:
+        b.dequeue("c", seqs["c"])
+        b.dequeue("c", 999_999)  # unknown seq: no-op
+    assert list(store.messages()) == [] and store.queue("c") == []
+    assert store.check() == []
+
+
+def test_queue_order_and_inflight_ref_follows_msg_id(store: ShardStore) -> None:
+    b = store.batch()
+    b.put_session(session("a"))
+    ids = [b.add_message(msg(payload=bytes([i]))) for i in range(5)]
+    seqs = [b.enqueue("a", i, 1) for i in ids]
+    b.commit()
+    assert [q[0] for q in store.queue("a")] == seqs == sorted(seqs)
+    # Move the first from queue to inflight in one batch: refcount 1 -> 0 -> 1, never deleted.
+    with store.batch() as b:
+        b.dequeue("a", seqs[0])
+        b.put_inflight("a", 7, InflightRecord(ids[0], 2, AWAIT_PUBREC))
+    assert store.inflight("a") == [(7, InflightRecord(ids[0], 2, AWAIT_PUBREC), msg(payload=b"\x00"))]
+    # PUBREC received: only PUBCOMP awaited, the message is no longer needed.
+    with store.batch() as b:
+        b.put_inflight("a", 7, InflightRecord(None, 2, AWAIT_PUBCOMP))
+    assert store.inflight("a") == [(7, InflightRecord(None, 2, AWAIT_PUBCOMP), None)]
+    assert ids[0] not in [i for i, _, _ in store.messages()]
+    with store.batch() as b:
+        b.put_inflight("a", 1, InflightRecord(ids[1], 1, AWAIT_PUBACK))
+        b.delete_inflight("a", 7)
+        b.delete_inflight("a", 8)  # unknown: no-op
+    assert [p for p, _, _ in store.inflight("a")] == [1]
+    assert dict((i, r) for i, r, _ in store.messages())[ids[1]] == 2
+    assert store.check() == []
+
+
+def test_unreferenced_message_does_not_survive_commit(store: ShardStore) -> None:
+    with store.batch() as b:
+        mid = b.add_message(msg())
+    assert store.message(mid) is None and list(store.messages()) == []
+
+
+def test_qos2_incoming_and_meta(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        for pid in (9, 1, 65535):
+            b.add_qos2_incoming("a", pid)
+        b.add_qos2_incoming("ab", 2)  # a prefix-sharing client must not leak into "a"
+        b.set_meta("owner", {"x": [1, 2]})
+    assert store.qos2_incoming("a") == [1, 9, 65535]
+    with store.batch() as b:
+        b.remove_qos2_incoming("a", 9)
+    assert store.qos2_incoming("a") == [1, 65535] and store.qos2_incoming("ab") == [2]
+    assert store.get_meta("owner") == {"x": [1, 2]}
+    assert store.get_meta("schema_version") == SCHEMA_VERSION and store.get_meta("nope") is None
+    with pytest.raises(ValueError):
+        store.batch().set_meta("next_seq", 1)
+    with pytest.raises(ValueError):
+        store.batch().enqueue("a\x00b", 1, 1)
+
+
+def test_delete_session_cleans_rows_and_refs(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        b.put_session(session("a2"))
+        m1, m2 = b.add_message(msg(payload=b"1")), b.add_message(msg(payload=b"2"))
+        b.enqueue("a", m1, 1)
+        b.enqueue("a", m2, 1)
+        b.enqueue("a2", m2, 1)
+        b.put_inflight("a", 3, InflightRecord(m1, 1, AWAIT_PUBACK))
+        b.add_qos2_incoming("a", 4)
+    with store.batch() as b:
+        b.delete_session("a")
+    assert store.session("a") is None
+    assert (store.queue("a"), store.inflight("a"), store.qos2_incoming("a")) == ([], [], [])
+    assert [(i, r) for i, r, _ in store.messages()] == [(m2, 1)]
+    assert len(store.queue("a2")) == 1
+    assert store.check() == []
+
+
+def test_failed_commit_leaves_store_unchanged_and_ids_are_not_reused(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+    seq0 = store.next_seq
+    b = store.batch()
+    mid = b.add_message(msg())
+    b.enqueue("a", mid, 1)
+    b.enqueue("a", 12345, 1)  # no such message
+    with pytest.raises(StoreError, match="does not exist"):
+        b.commit()
+    assert len(b) == 3 and store.queue("a") == [] and list(store.messages()) == []
+    with store.batch() as b:
+        mid2 = b.add_message(msg())
+        assert mid2 > mid and b.enqueue("a", mid2, 1) > seq0 + 1
+
+
+def test_long_client_ids_and_prefixes(store: ShardStore) -> None:
+    long_a, long_b = "é" * 300, "é" * 300 + "x"  # > 400 UTF-8 bytes: hashed keys
+    with store.batch() as b:
+        for c in (long_a, long_b):
+            b.put_session(session(c))
+            b.enqueue(c, b.add_message(msg(payload=c.encode()[-3:])), 0)
+    assert store.session(long_a) == session(long_a)
+    assert [m.payload for _, _, _, m in store.queue(long_b)] == [long_b.encode()[-3:]]
+    assert store.check() == []
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def test_reopen_keeps_everything_and_ids_keep_increasing(store: ShardStore) -> None:
+    rec = session("a", disconnected_at=10.0, subscriptions=(StoredSubscription("t/#", 2, subscription_id=4),),
+                  will=StoredWill("w", b"x", 2, True, FULL_PROPS, 9))
+    with store.batch() as b:
+        b.put_session(rec)
+        ids = [b.add_message(msg(payload=bytes([i]), properties=FULL_PROPS)) for i in range(3)]
+        seqs = [b.enqueue("a", i, 2) for i in ids]
+        b.put_inflight("a", 10, InflightRecord(ids[0], 2, AWAIT_PUBREC))
+        b.put_inflight("a", 11, InflightRecord(None, 2, AWAIT_PUBCOMP))
+        b.add_qos2_incoming("a", 77)
+    before = (store.queue("a"), store.inflight("a"), store.qos2_incoming("a"), list(store.messages()))
+    store = reopen(store)
+    try:
+        assert store.session("a") == rec
+        assert (store.queue("a"), store.inflight("a"), store.qos2_incoming("a"),
+                list(store.messages())) == before
+        assert [q[0] for q in store.queue("a")] == seqs
+        with store.batch() as b:
+            new_id = b.add_message(msg())
+            new_seq = b.enqueue("a", new_id, 1)
+        assert new_id > max(ids) and new_seq > max(seqs)
+        # ids stay monotonic even after every message is gone
+        with store.batch() as b:
+            b.delete_session("a")
+        store = reopen(store)
+        with store.batch() as b:
+            assert b.add_message(msg()) > new_id
+    finally:
+        store.close()
+
+
+def _run_child(code: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+CHILD_PRELUDE = """
+    import sys
+    from pathlib import Path
+    from shardbroker.protocol.packets import NO_PROPERTIES
+    from storage.lmdb_store import ShardStore
+    from storage.records import SessionRecord, StoredMessage
+    store = ShardStore.open(Path(sys.argv[1]), 0, 1, map_size=64 << 10, sync=True)
+    def fill(n, tag):
+        b = store.batch()
+        b.put_session(SessionRecord(tag, 5, 60, None))
+        for i in range(n):
+            b.enqueue(tag, b.add_message(StoredMessage(tag, bytes(2000), 1, False, NO_PROPERTIES)), 1)
+        b.commit()
+"""
+
+
+def test_sigkill_right_after_commit_loses_nothing(tmp_path: Path) -> None:
+    child = _run_child(CHILD_PRELUDE + """
+    fill(50, "first")
+    fill(100, "second")
+    print("committed", flush=True)
+    sys.stdin.readline()
+    """, str(tmp_path))
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "committed\n"
+        os.kill(child.pid, 9)
+    finally:
+        child.wait(10)
+    assert child.returncode == -9
+    s = ShardStore.open(tmp_path, 0, 1)
+    try:
+        assert len(s.queue("first")) == 50 and len(s.queue("second")) == 100
+        assert s.check() == []
+        with s.batch() as b:  # the killed writer's lock is recovered
+            b.put_session(session("after"))
+    finally:
+        s.close()
+
+
+def test_readonly_open_sees_commits_of_a_live_writer_even_after_map_growth(tmp_path: Path) -> None:
+    child = _run_child(CHILD_PRELUDE + """
+    fill(1, "first")
+    print("1", flush=True)
+    sys.stdin.readline()
+    fill(200, "second")   # grows the map well past the reader's mapping
+    print("2", flush=True)
+    sys.stdin.readline()
+    store.close()
+    """, str(tmp_path))
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "1\n"
+        ro = ShardStore.open(tmp_path, 0, 1, readonly=True)
+        try:
+            assert len(ro.queue("first")) == 1
+            with pytest.raises(StoreError):
+                ro.batch()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "2\n"
+            assert len(ro.queue("second")) == 200
+            assert ro.stats()["messages"] == 201
+        finally:
+            ro.close()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    finally:
+        assert child.wait(10) == 0
+
+
+# --------------------------------------------------------------------------- map size
+
+
+def test_map_grows_when_full(store: ShardStore) -> None:
+    start = store.stats()["map_size"]
+    with store.batch() as b:
+        b.put_session(session("a"))
+        for _ in range(300):
+            b.enqueue("a", b.add_message(msg(payload=bytes(1000))), 1)
+    stats = store.stats()
+    assert stats["map_size"] > start and stats["queued"] == 300
+    assert stats["used_bytes"] > SMALL
+
+
+def test_store_full_at_max_map_size_leaves_store_readable_and_unchanged(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL, max_map_size=256 << 10)
+    try:
+        with s.batch() as b:
+            b.put_session(session("a"))
+            b.enqueue("a", b.add_message(msg(payload=b"keep")), 1)
+        before = (list(s.sessions()), s.queue("a"), list(s.messages()))
+        b = s.batch()
+        for _ in range(400):
+            b.enqueue("a", b.add_message(msg(payload=bytes(1000))), 1)
+        with pytest.raises(StoreFull):
+            b.commit()
+        assert (list(s.sessions()), s.queue("a"), list(s.messages())) == before
+        assert s.stats()["map_size"] == 256 << 10
+        with s.batch() as b:  # small work still fits
+            b.put_session(session("b"))
+        assert s.session("b") is not None and s.check() == []
+    finally:
+        s.close()
+
+
+def test_reopen_with_map_size_smaller_than_file(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
+    with s.batch() as b:
+        b.put_session(session("a"))
+        for _ in range(200):
+            b.enqueue("a", b.add_message(msg(payload=bytes(1000))), 1)
+    s.close()
+    size = (tmp_path / "shard-000" / "data.mdb").stat().st_size
+    s = ShardStore.open(tmp_path, 0, 1, map_size=16 << 10)
+    try:
+        assert s.stats()["map_size"] >= size and len(s.queue("a")) == 200
+        with s.batch() as b:
+            b.enqueue("a", b.add_message(msg()), 1)
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- refusing directories
+
+
+def _set_meta_raw(env_dir: Path, key: bytes, value: object) -> None:
+    env = lmdb.open(str(env_dir), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(key, cbor2.dumps(value), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    ShardStore.open(tmp_path, 0, 1, map_size=SMALL).close()
+    _set_meta_raw(tmp_path / "shard-000", b"schema_version", SCHEMA_VERSION + 1)
+    before = digest(tmp_path)
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="newer"):
+            ShardStore.open(tmp_path, 0, 1, map_size=1 << 30, readonly=readonly)
+    assert digest(tmp_path) == before
+
+
+def test_foreign_files_are_refused_and_left_untouched(tmp_path: Path) -> None:
+    shard_dir = tmp_path / "shard-000"
+    shard_dir.mkdir()
+    (shard_dir / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not a ShardBroker store"):
+        ShardStore.open(tmp_path, 0, 1)
+    assert sorted(os.listdir(shard_dir)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 2000, b"x"])
+def test_garbage_data_mdb_is_refused_and_left_untouched(tmp_path: Path, content: bytes) -> None:
+    shard_dir = tmp_path / "shard-000"
+    shard_dir.mkdir()
+    (shard_dir / "data.mdb").write_bytes(content)
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="not an LMDB"):
+            ShardStore.open(tmp_path, 0, 1, readonly=readonly)
+    assert os.listdir(shard_dir) == ["data.mdb"]
+    assert (shard_dir / "data.mdb").read_bytes() == content
+    with pytest.raises(StoreError):
+        data_dir_shards(tmp_path)
+
+
+@pytest.mark.parametrize("key", [b"meta", b"other"])
+def test_lmdb_file_that_is_not_ours_is_refused(tmp_path: Path, key: bytes) -> None:
+    env = lmdb.open(str(tmp_path / "retained"))
+    with env.begin(write=True) as txn:
+        txn.put(key, b"someone else's")
+    env.close()
+    before = digest(tmp_path)
+    with pytest.raises(StoreError, match="without ShardBroker metadata"):
+        RetainedStore.open(tmp_path)
+    with pytest.raises(StoreError):
+        RetainedStore.open(tmp_path, readonly=True)
+    assert digest(tmp_path) == before
+
+
+def test_wrong_shard_count_is_refused(tmp_path: Path) -> None:
+    for shard in (0, 1):
+        ShardStore.open(tmp_path, shard, 2, map_size=SMALL).close()
+    assert data_dir_shards(tmp_path) == 2
+    with pytest.raises(StoreError, match="created with 2 workers"):
+        ShardStore.open(tmp_path, 0, 4)
+    with pytest.raises(StoreError, match="created with 2 workers"):
+        ShardStore.open(tmp_path, 0, 1, readonly=True)
+    other = tmp_path / "other"
+    ShardStore.open(other, 3, 4, map_size=SMALL).close()
+    with pytest.raises(StoreError, match="more than 2 workers"):
+        ShardStore.open(other, 0, 2)  # a new shard next to shard-003
+    assert sorted(os.listdir(other)) == ["shard-003"]
+
+
+def test_readonly_and_create_false_never_create(tmp_path: Path) -> None:
+    assert data_dir_shards(tmp_path / "nothing") is None
+    with pytest.raises(StoreError, match="no store"):
+        ShardStore.open(tmp_path / "nothing", 0, 1, readonly=True)
+    with pytest.raises(StoreError, match="no store"):
+        ShardStore.open(tmp_path / "nothing", 0, 1, create=False)
+    with pytest.raises(StoreError, match="no store"):
+        RetainedStore.open(tmp_path / "nothing", readonly=True)
+    assert not (tmp_path / "nothing").exists()
+
+
+# --------------------------------------------------------------------------- retained
+
+
+def test_retained_put_replace_delete_scan(tmp_path: Path) -> None:
+    long_topic = "long/" + "x" * 500
+    r = RetainedStore.open(tmp_path, map_size=SMALL)
+    try:
+        r.write([("a/b", msg("a/b", b"1", retain=True)), ("a/c", msg("a/c", b"2", retain=True)),
+                 ("b", msg("b", b"3", retain=True)), (long_topic, msg(long_topic, b"4", retain=True))])
+        r.write([("a/b", msg("a/b", b"new", retain=True, properties=FULL_PROPS)), ("b", None),
+                 ("missing", None)])
+        assert r.get("a/b") == msg("a/b", b"new", retain=True, properties=FULL_PROPS)
+        assert r.get("b") is None and r.count() == 3
+        assert [t for t, _ in r.scan("a/")] == ["a/b", "a/c"]
+        assert [t for t, _ in r.scan()] == ["a/b", "a/c", long_topic]
+        assert [m.payload for _, m in r.scan("long/" + "x" * 450)] == [b"4"]
+        assert r.get(long_topic) == msg(long_topic, b"4", retain=True)
+        assert r.stats()["retained"] == 3 and r.check() == []
+        r.write([(f"bulk/{i}", msg(f"bulk/{i}", bytes(1000))) for i in range(200)])  # grows the map
+        assert r.count() == 203
+    finally:
+        r.close()
+    r = RetainedStore.open(tmp_path, readonly=True)
+    try:
+        assert r.count() == 203 and r.get("a/c") == msg("a/c", b"2", retain=True)
+    finally:
+        r.close()
+
+
+# --------------------------------------------------------------------------- check / compact
+
+
+def test_check_finds_injected_damage(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        mid = b.add_message(msg())
+        b.enqueue("a", mid, 1)
+        b.enqueue("a", mid, 1)
+    assert store.check() == []
+    path = store.path
+    store.close()
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(mid.to_bytes(8, "big"), (5).to_bytes(8, "big"), db=env.open_db(b"refs", txn=txn))
+        txn.put(b"ghost\x00" + (1).to_bytes(2, "big"), b"", db=env.open_db(b"qos2in", txn=txn))
+        txn.put(b"bad", b"\xff\xfe", db=env.open_db(b"sessions", txn=txn))
+    env.close()
+    s = ShardStore.open(path.parent, 0, 1, readonly=True)
+    try:
+        problems = s.check()
+    finally:
+        s.close()
+    text = "\n".join(problems)
+    assert f"message {mid} has refcount 5 but 2 references" in text
+    assert "orphan qos2_incoming row of client 'ghost'" in text
+    assert "session 'bad'" in text and "corrupt" in text
+    assert len(problems) == 3
+
+
+def test_copy_compacted(store: ShardStore, tmp_path: Path) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        for _ in range(100):
+            b.enqueue("a", b.add_message(msg(payload=bytes(500))), 1)
+    with store.batch() as b:
+        for seq, *_ in store.queue("a")[:90]:
+            b.dequeue("a", seq)
+    dest = tmp_path / "copy"
+    store.copy_compacted(dest / "shard-000")
+    with pytest.raises(StoreError, match="not empty"):
+        store.copy_compacted(dest / "shard-000")
+    copy = ShardStore.open(dest, 0, 1, readonly=True)
+    try:
+        assert copy.queue("a") == store.queue("a") and copy.check() == []
+        assert (dest / "shard-000" / "data.mdb").stat().st_size < (store.path / "data.mdb").stat().st_size
+    finally:
+        copy.close()
