@@ -59,7 +59,7 @@ def serve(
     except SystemExit as exc:
         if isinstance(exc.code, str):
             typer.echo(exc.code, err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2) from None
         raise
     raise typer.Exit(code)
 

@@ -83,6 +83,7 @@ class Outgoing:
     retain: bool
     sub_ids: tuple[int, ...]
     state: int = AWAIT_PUBACK
+    group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class Queued:
     retain: bool
     sub_ids: tuple[int, ...]
     seq: int | None = None  # store sequence number when the session is persistent
+    group: tuple[str, str] | None = None  # (group, filter) when queued for a shared subscription
 
 
 @dataclass(slots=True)

@@ -408,6 +408,15 @@ class Shard:
         if sess.client_id in self.stored:
             self._batch().delete_session(sess.client_id)
             self.stored.discard(sess.client_id)
+        # Shared-subscription messages this session had not acknowledged go to another member
+        # of their group rather than being lost with it [MQTT-4.8.2, "SHOULD"].
+        stranded = [(o.message, o.group) for o in sess.inflight.values()
+                    if o.group is not None and o.message is not None and o.state != AWAIT_PUBCOMP]
+        stranded += [(q.message, q.group) for q in sess.queue if q.group is not None]
+        sess.inflight.clear()
+        sess.queue.clear()
+        for msg, (group, flt) in stranded:  # type: ignore[misc]
+            self._deliver_shared(msg, group, flt, 0)
 
     def tick(self, now: float, mono: float) -> None:
         """Once-a-second sweep: keepalive, delayed wills, session expiry."""
@@ -590,7 +599,7 @@ class Shard:
         sess = self.sessions.get(cid)
         if sess is not None:
             self.deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
-                         (sub.subscription_id,) if sub.subscription_id else ())
+                         (sub.subscription_id,) if sub.subscription_id else (), (group, flt))
 
     def on_bus(self, items: list[list[Any]]) -> None:
         for item in items:
@@ -624,12 +633,13 @@ class Shard:
 
     # ------------------------------------------------------------------ delivery out
 
-    def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+    def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                group: tuple[str, str] | None = None) -> None:
         conn = sess.conn
         if conn is None or conn.closing:
             if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
                 return
-            self._enqueue(sess, msg, qos, retain, sub_ids)
+            self._enqueue(sess, msg, qos, retain, sub_ids, group)
             return
         if qos == 0:
             data = self._publish_bytes(conn, msg, 0, retain, None, False, sub_ids)
@@ -641,19 +651,19 @@ class Shard:
                 self.stats["delivered"] += 1
             return
         if sess.queue or len(sess.inflight) >= conn.send_window:
-            self._enqueue(sess, msg, qos, retain, sub_ids)
+            self._enqueue(sess, msg, qos, retain, sub_ids, group)
             return
-        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None)
+        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None, group)
 
     def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
-                       sub_ids: tuple[int, ...], seq: int | None) -> None:
+                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
         data_probe = self._publish_bytes(conn, msg, qos, retain, 1, False, sub_ids, probe=True)
         if data_probe is None:  # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
             if seq is not None:
                 self._batch().dequeue(sess.client_id, seq)
             return
         pid = sess.alloc_pid()
-        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC)
+        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
         if sess.persistent:
             b = self._batch()
             if msg.store_id is None:
@@ -667,7 +677,8 @@ class Shard:
             conn.send(data)
             self.stats["delivered"] += 1
 
-    def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+    def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                 group: tuple[str, str] | None = None) -> None:
         limits = self.limits
         size = len(msg.payload)
         while sess.queue and (len(sess.queue) >= limits.max_queued_messages
@@ -688,7 +699,7 @@ class Shard:
             if msg.store_id is None:
                 msg.store_id = b.add_message(_stored(msg))
             seq = b.enqueue(sess.client_id, msg.store_id, qos)
-        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq))
+        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
 
     def _pump(self, sess: Session) -> None:
@@ -712,7 +723,7 @@ class Shard:
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                 continue
-            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq)
+            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
 
     def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
                        dup: bool, sub_ids: tuple[int, ...], probe: bool = False) -> bytes | None:

@@ -90,8 +90,23 @@ class Supervisor:
         sock.listen(4096)
         return sock
 
+    def _check_data_dir(self) -> None:
+        """Refuse, before any worker writes, a data dir made for another shard count."""
+        from storage.lmdb_store import StoreError, data_dir_shards
+
+        try:
+            existing = data_dir_shards(self.data_dir)
+        except StoreError as exc:
+            raise SystemExit(f"shardbroker: {exc}") from None
+        if existing is not None and existing != self.shards:
+            raise SystemExit(
+                f"shardbroker: data directory {self.data_dir} was created with {existing} workers, not "
+                f"{self.shards}; start with --workers {existing} or use another data directory"
+            )
+
     def run(self) -> int:
         lock_fd = self._lock_data_dir()
+        self._check_data_dir()
         listen = self._bind()
         host, port = listen.getsockname()[:2]
         run_dir = tempfile.mkdtemp(prefix="shardbroker-")

@@ -92,7 +92,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, Self
 
 import lmdb
 
@@ -114,9 +114,9 @@ from storage.records import (
 )
 
 __all__ = [
+    "SCHEMA_VERSION",
     "Batch",
     "RetainedStore",
-    "SCHEMA_VERSION",
     "ShardStore",
     "StoreCorrupt",
     "StoreError",
@@ -203,7 +203,7 @@ def _check_directory(path: Path, *, readonly: bool, create: bool) -> int | None:
         if readonly or not create:
             raise StoreError(f"{path}: no store here")
         try:
-            path.mkdir(parents=True)
+            path.mkdir(parents=True, exist_ok=True)  # exist_ok: concurrent first opens
         except OSError as exc:
             raise StoreError(f"{path}: cannot create directory ({exc.strerror})") from None
         return None
@@ -244,7 +244,7 @@ class _Row:
 class _Env:
     """One open LMDB environment with its named tables; no knowledge of records."""
 
-    __slots__ = ("path", "env", "dbs", "readonly", "max_map_size", "meta")
+    __slots__ = ("dbs", "env", "max_map_size", "meta", "path", "readonly")
 
     def __init__(
         self,
@@ -619,8 +619,16 @@ def _meta_int(meta: dict[str, object], key: str, path: Path) -> int:
 class ShardStore:
     """The durable state of one shard. See the module docstring."""
 
-    __slots__ = ("_env", "data_dir", "shard", "shards", "_next_msg_id", "_next_seq",
-                 "_saved_msg_id", "_saved_seq")
+    __slots__ = (
+        "_env",
+        "_next_msg_id",
+        "_next_seq",
+        "_saved_msg_id",
+        "_saved_seq",
+        "data_dir",
+        "shard",
+        "shards",
+    )
 
     def __init__(self, env: _Env, data_dir: Path, shard: int, shards: int) -> None:
         self._env = env
@@ -686,7 +694,7 @@ class ShardStore:
     def close(self) -> None:
         self._env.close()
 
-    def __enter__(self) -> ShardStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -798,14 +806,19 @@ class ShardStore:
         for row in self._env.rows("meta"):
             yield row.key.decode("utf-8", "replace"), decode_value(row.value)
 
-    def stats(self) -> dict[str, int]:
-        counts = {
+    def counts(self) -> dict[str, int]:
+        """Row counts (sessions, queued, inflight, qos2_incoming, messages) without decoding."""
+        return {
             name: self._env.count(table)
             for name, table in (
                 ("sessions", "sessions"), ("queued", "queue"), ("inflight", "inflight"),
                 ("qos2_incoming", "qos2in"), ("messages", "messages"),
             )
         }
+
+    def stats(self) -> dict[str, int]:
+        """counts() plus subscriptions (decodes every session), map_size, used and file bytes."""
+        counts = self.counts()
         subscriptions = 0
         for row in self._env.rows("sessions"):
             try:
@@ -1088,7 +1101,7 @@ def _check_siblings(data_dir: Path, shards: int) -> None:
     if extra:
         raise StoreError(
             f"data directory {data_dir} was created with more than {shards} workers "
-            f"(found {sorted(extra)[-1]}); start with the original worker count"
+            f"(found {max(extra)}); start with the original worker count"
         )
 
 
@@ -1104,7 +1117,7 @@ class Batch:
     drop the batch). As a context manager it commits on a clean exit.
     """
 
-    __slots__ = ("_store", "_ops")
+    __slots__ = ("_ops", "_store")
 
     def __init__(self, store: ShardStore) -> None:
         self._store = store
@@ -1113,7 +1126,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def __enter__(self) -> Batch:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1210,7 +1223,7 @@ class RetainedStore:
     def close(self) -> None:
         self._env.close()
 
-    def __enter__(self) -> RetainedStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1288,7 +1301,7 @@ def data_dir_shards(data_dir: Path) -> int | None:
             raise StoreError(f"{path}: exists and is not a directory")
         return None
     env = _Env.open(
-        path, kind="shard", tables=("meta",), init_meta=lambda: {}, map_size=_OS_PAGE,
+        path, kind="shard", tables=("meta",), init_meta=dict, map_size=_OS_PAGE,
         max_map_size=_OS_PAGE, sync=False, readonly=True, create=False,
     )
     try:

@@ -46,8 +46,8 @@ __all__ = [
     "AWAIT_PUBCOMP",
     "AWAIT_PUBREC",
     "EXPIRY_NEVER",
-    "InflightRecord",
     "PROPERTY_IDS",
+    "InflightRecord",
     "SessionRecord",
     "StoreCorrupt",
     "StoreError",
@@ -239,7 +239,7 @@ def decode_properties(raw: object, what: str = "properties") -> Properties:
 def _loads(data: bytes, what: str) -> Any:
     try:
         return cbor2.loads(data)
-    except Exception as exc:  # cbor2 raises several types on garbage input
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise _corrupt(what, f"undecodable CBOR ({exc.__class__.__name__})") from None
 
 

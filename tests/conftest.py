@@ -212,6 +212,8 @@ class Broker:
         lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
                  f"persistence_location {self.data_dir}/", "log_dest stderr", "log_type all",
                  "max_inflight_messages 20"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else mosquitto drops to a user that cannot write data_dir
         if "max_packet_size" in limits:
             lines.append(f"max_packet_size {limits['max_packet_size']}")
         if "max_keepalive" in limits:

@@ -881,6 +881,9 @@ class RawClient:
         self.send(pingreq())
         self.expect(PINGRESP, timeout, skip_publish=True)
 
-    def disconnect(self, reason: int | None = None, props: bytes = b"") -> None:
-        self.try_send(disconnect(self.version, reason, props))
+    def disconnect(self, reason: int | None = None, props: bytes = b"", wait: float = 3.0) -> None:
+        """Send DISCONNECT and, with ``wait``, wait until the server closes its side (so the
+        broker has processed it before the test goes on), then close."""
+        if self.try_send(disconnect(self.version, reason, props)) and wait:
+            self.expect_closed(wait)
         self.close()

@@ -24,6 +24,15 @@ Invariants
     * Packets without 5.0 properties share the ``NO_PROPERTIES`` instance.
     * Each validity check cites the statement of the specification it enforces:
       ``[MQTT-x.y.z-n]`` numbers are those of 5.0 unless marked "3.1.1".
+    * ``PacketReader.feed`` switches to the protocol level of a CONNECT it
+      decodes, so packets pipelined behind a 5.0 CONNECT are read as 5.0.
+
+Deliberate leniencies
+    * 3.1 (level 3) only: PUBREL/SUBSCRIBE/UNSUBSCRIBE may carry the DUP bit
+      (3.1 defines it for them), and a CONNECT whose user name / password flags
+      are set but whose payload ends before those fields reads them as absent.
+    * A non-minimal Remaining Length ([MQTT-1.5.5-1]) is refused in 5.0 only;
+      3.1.1 has no such rule.
 
 Not done here
     * Topic name / topic filter semantics (wildcards, ``$share``, empty topics,

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def msg(topic: str = "a/b", payload: bytes = b"hello", qos: int = 1, **kw: objec
 
 
 def session(client_id: str, **kw: object) -> SessionRecord:
-    base: dict[str, object] = dict(protocol_version=5, expiry_interval=3600, disconnected_at=None)
+    base: dict[str, object] = {"protocol_version": 5, "expiry_interval": 3600,
+                                 "disconnected_at": None}
     base.update(kw)
     return SessionRecord(client_id, **base)  # type: ignore[arg-type]
 
@@ -85,7 +87,7 @@ def digest(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
+def store(tmp_path: Path) -> Iterator[ShardStore]:
     s = ShardStore.open(tmp_path / "data", 0, 1, map_size=SMALL)
     yield s
     s.close()
@@ -207,7 +209,7 @@ def test_queue_order_and_inflight_ref_follows_msg_id(store: ShardStore) -> None:
         b.delete_inflight("a", 7)
         b.delete_inflight("a", 8)  # unknown: no-op
     assert [p for p, _, _ in store.inflight("a")] == [1]
-    assert dict((i, r) for i, r, _ in store.messages())[ids[1]] == 2
+    assert {i: r for i, r, _ in store.messages()}[ids[1]] == 2
     assert store.check() == []
 
 
