@@ -13,8 +13,9 @@ Invariants:
 * A bad data directory is one ``error:`` line on stderr and exit status 2,
   never a traceback. ``session`` of an unknown client and ``check`` finding
   problems exit with 1.
-* Payloads in JSON are text when valid UTF-8 (``"payload_encoding": "utf-8"``),
-  else base64; other bytes become ``{"base64": "..."}``.
+* Payloads in JSON are text when valid UTF-8 without control characters
+  (``"payload_encoding": "utf-8"``), else base64 (``"base64"``); other bytes
+  (correlation data, meta values) become ``{"base64": "..."}``.
 
 What it does not do: modify a data directory, or know which shard a client
 hashes to (it looks in every shard, so it also finds misplaced sessions).
@@ -149,7 +150,7 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], indent: str = "") -> None:
     """Plain aligned columns; numbers right-aligned."""
     raw = [list(row) for row in rows]
     cells = [[("-" if c is None else str(c)) for c in row] for row in raw]
@@ -162,7 +163,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
 
     def line(values: Sequence[str], nums: Sequence[bool]) -> str:
         out = [v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, nums)]
-        return "  ".join(out).rstrip()
+        return (indent + "  ".join(out)).rstrip()
 
     typer.echo(line(headers, [False] * len(headers)))
     for row in cells:
@@ -192,11 +193,17 @@ def _properties(props: Properties) -> dict[str, Any]:
     return out
 
 
+_BINARY_CONTROLS = frozenset(range(32)) - {9, 10, 13}
+
+
 def _payload(data: bytes) -> dict[str, Any]:
-    try:
-        return {"payload": data.decode("utf-8"), "payload_encoding": "utf-8"}
-    except UnicodeDecodeError:
-        return {"payload": base64.b64encode(data).decode("ascii"), "payload_encoding": "base64"}
+    """Text if valid UTF-8 without control characters (tab/CR/LF allowed), else base64."""
+    if not _BINARY_CONTROLS.intersection(data):
+        try:
+            return {"payload": data.decode("utf-8"), "payload_encoding": "utf-8"}
+        except UnicodeDecodeError:
+            pass
+    return {"payload": base64.b64encode(data).decode("ascii"), "payload_encoding": "base64"}
 
 
 def _message_json(msg: StoredMessage) -> dict[str, Any]:
@@ -398,20 +405,20 @@ def session(
              f"delay {w.delay}s, {len(w.payload)} bytes")
     echo(f"\nsubscriptions ({len(rec.subscriptions)}):")
     if rec.subscriptions:
-        _table(["  FILTER", "QOS", "NO-LOCAL", "RETAIN-AS-PUB", "RETAIN-HANDLING", "SUB-ID"],
-               [["  " + sub.topic_filter, sub.qos, "yes" if sub.no_local else "no",
+        _table(["FILTER", "QOS", "NO-LOCAL", "RETAIN-AS-PUB", "RETAIN-HANDLING", "SUB-ID"],
+               [[sub.topic_filter, sub.qos, "yes" if sub.no_local else "no",
                  "yes" if sub.retain_as_published else "no", sub.retain_handling,
-                 sub.subscription_id] for sub in rec.subscriptions])
+                 sub.subscription_id] for sub in rec.subscriptions], indent="  ")
     echo(f"\nqueue ({len(queue)}):")
     if queue:
-        _table(["  SEQ", "MSG-ID", "QOS", "BYTES", "EXPIRES", "TOPIC"],
-               [[f"  {seq}", mid, qos, len(m.payload), _iso(m.expires_at), m.topic]
-                for seq, mid, qos, m in queue])
+        _table(["SEQ", "MSG-ID", "QOS", "BYTES", "EXPIRES", "TOPIC"],
+               [[seq, mid, qos, len(m.payload), _iso(m.expires_at), m.topic]
+                for seq, mid, qos, m in queue], indent="  ")
     echo(f"\ninflight ({len(inflight)}):")
     if inflight:
-        _table(["  PACKET-ID", "STATE", "QOS", "MSG-ID", "TOPIC"],
-               [[f"  {pid}", STATES.get(r.state, str(r.state)), r.qos, r.msg_id,
-                 None if m is None else m.topic] for pid, r, m in inflight])
+        _table(["PACKET-ID", "STATE", "QOS", "MSG-ID", "TOPIC"],
+               [[pid, STATES.get(r.state, str(r.state)), r.qos, r.msg_id,
+                 None if m is None else m.topic] for pid, r, m in inflight], indent="  ")
     echo(f"\nqos2 incoming: {', '.join(map(str, qos2)) if qos2 else 'none'}")
 
 

@@ -93,6 +93,12 @@ class Connection(asyncio.Protocol):
                     return
                 continue
             shard.handle(self, packet)
+        error = self.reader.error
+        if error is not None and not self.closing:  # bad bytes after good packets in one read
+            if self.connected:
+                shard.protocol_violation(self, error)
+            else:
+                self._abort()
 
     def eof_received(self) -> bool | None:
         return False

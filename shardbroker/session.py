@@ -62,8 +62,19 @@ class Message:
     properties: Properties = NO_PROPERTIES  # forwarded ones only: no alias, no subscription ids
     expires_at: float | None = None  # wall clock
     origin: str | None = None  # publishing client id (No Local)
-    store_id: int | None = None  # id in this shard's store once stored
+    store_id: int | None = None  # id in this shard's store while stored rows reference it
+    refs: int = 0  # stored queue/inflight rows referencing store_id (the store deletes it at 0)
     cache: dict[tuple[int, bool], bytes] | None = None  # encoded QoS 0 copies by (version, retain)
+
+    def ref(self) -> None:
+        self.refs += 1
+
+    def unref(self) -> None:
+        """One stored row less; at none the store drops the message, so forget its id."""
+        self.refs -= 1
+        if self.refs <= 0:
+            self.refs = 0
+            self.store_id = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

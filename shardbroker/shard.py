@@ -310,8 +310,7 @@ class Shard:
         if sess.persistent:
             self._persist_session(sess)
         elif client_id in self.stored:
-            self._batch().delete_session(client_id)
-            self.stored.discard(client_id)
+            self._forget_stored(sess)
         cprops = NO_PROPERTIES
         if v5:
             cprops = Properties(
@@ -406,8 +405,7 @@ class Shard:
             self._remove_subscription(sess, flt)
         self.sessions.pop(sess.client_id, None)
         if sess.client_id in self.stored:
-            self._batch().delete_session(sess.client_id)
-            self.stored.discard(sess.client_id)
+            self._forget_stored(sess)
         # Shared-subscription messages this session had not acknowledged go to another member
         # of their group rather than being lost with it [MQTT-4.8.2, "SHOULD"].
         stranded = [(o.message, o.group) for o in sess.inflight.values()
@@ -417,6 +415,18 @@ class Shard:
         sess.queue.clear()
         for msg, (group, flt) in stranded:  # type: ignore[misc]
             self._deliver_shared(msg, group, flt, 0)
+
+    def _forget_stored(self, sess: Session) -> None:
+        """Delete the session's stored rows; its in-memory state no longer points at them."""
+        self._batch().delete_session(sess.client_id)
+        self.stored.discard(sess.client_id)
+        for q in sess.queue:
+            if q.seq is not None:
+                q.seq = None
+                q.message.unref()
+        for out in sess.inflight.values():
+            if out.message is not None:
+                out.message.unref()
 
     def tick(self, now: float, mono: float) -> None:
         """Once-a-second sweep: keepalive, delayed wills, session expiry."""
@@ -458,16 +468,20 @@ class Shard:
                 if known is None:
                     raise ProtocolError(reasons.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                 topic = known
+        if props.subscription_identifiers:  # [MQTT-3.3.4-6]
+            raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
         validate_topic_name(topic)
         qos = pkt.qos
         pid = pkt.packet_id
-        if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
-            conn.unacked_in += 1
-            if conn.unacked_in + len(sess.qos2_in) > self.limits.receive_maximum:
-                raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
         if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
             conn.send(codec.encode(PubRec(pid), conn.version))  # type: ignore[arg-type]
             return
+        if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
+            # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
+            if qos == 1:
+                conn.unacked_in += 1
+            if conn.unacked_in + len(sess.qos2_in) + (qos == 2) > self.limits.receive_maximum:
+                raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
         self.stats["received"] += 1
         code = reasons.SUCCESS
         if props.payload_format_indicator == 1 and not _utf8(pkt.payload):
@@ -482,8 +496,8 @@ class Shard:
         elif qos and self.store_full:
             code = reasons.QUOTA_EXCEEDED
         else:
-            if props is not NO_PROPERTIES and (props.topic_alias is not None or props.subscription_identifiers):
-                props = replace(props, topic_alias=None, subscription_identifiers=())
+            if props.topic_alias is not None:
+                props = replace(props, topic_alias=None)
             expires_at = None
             expiry = props.message_expiry_interval
             cap = self.limits.max_message_expiry
@@ -661,6 +675,7 @@ class Shard:
         if data_probe is None:  # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
             if seq is not None:
                 self._batch().dequeue(sess.client_id, seq)
+                msg.unref()
             return
         pid = sess.alloc_pid()
         sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
@@ -670,8 +685,10 @@ class Shard:
                 msg.store_id = b.add_message(_stored(msg))
             b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
                                                                 AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
+            msg.ref()
             if seq is not None:
                 b.dequeue(sess.client_id, seq)
+                msg.unref()
         data = self._publish_bytes(conn, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
             conn.send(data)
@@ -691,6 +708,7 @@ class Shard:
             sess.queued_bytes -= len(old.message.payload)
             if old.seq is not None:
                 self._batch().dequeue(sess.client_id, old.seq)
+                old.message.unref()
             self.stats["dropped_queue_full"] += 1
             sess.dropped += 1
         seq = None
@@ -699,6 +717,7 @@ class Shard:
             if msg.store_id is None:
                 msg.store_id = b.add_message(_stored(msg))
             seq = b.enqueue(sess.client_id, msg.store_id, qos)
+            msg.ref()
         sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
 
@@ -715,6 +734,7 @@ class Shard:
                 self.stats["expired"] += 1
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
+                    q.message.unref()
                 continue
             if q.qos == 0:
                 data = self._publish_bytes(conn, q.message, 0, q.retain, None, False, q.sub_ids)
@@ -722,6 +742,7 @@ class Shard:
                     conn.send(data)
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
+                    q.message.unref()
                 continue
             self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
 
@@ -783,6 +804,8 @@ class Shard:
         del sess.inflight[pkt.packet_id]
         if sess.persistent:
             self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+            if out.message is not None:
+                out.message.unref()
         self._pump(sess)
 
     def on_pubrec(self, conn: Connection, pkt: PubRec) -> None:
@@ -797,13 +820,17 @@ class Shard:
             del sess.inflight[pkt.packet_id]
             if sess.persistent:
                 self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+                if out.message is not None:
+                    out.message.unref()
             self._pump(sess)
             return
         if out.state != AWAIT_PUBCOMP:
             out.state = AWAIT_PUBCOMP
-            out.message = None
             if sess.persistent:
                 self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))
+                if out.message is not None:
+                    out.message.unref()
+            out.message = None
         conn.send(codec.encode(PubRel(pkt.packet_id), conn.version))
 
     def on_pubcomp(self, conn: Connection, pkt: PubComp) -> None:
@@ -1013,4 +1040,4 @@ def _stored(msg: Message) -> StoredMessage:
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:
     return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at,
-                   None, msg_id)
+                   None, msg_id, refs=1 if msg_id is not None else 0)

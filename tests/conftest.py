@@ -58,6 +58,7 @@ WORKER_RE = re.compile(r"worker[^0-9]*(\d+)")
 CONFIG_CONNECT_TIMEOUT_1 = "[limits]\nconnect_timeout = 1\n"
 CONFIG_MAX_PACKET_2048 = "[limits]\nmax_packet_size = 2048\n"
 CONFIG_MAX_KEEPALIVE_10 = "[limits]\nmax_keepalive = 10\n"
+CONFIG_SMALL_LIMITS = "[limits]\nmax_packet_size = 2048\nmax_keepalive = 10\n"
 
 
 def skip_unless_shardbroker(reason: str = "ShardBroker-specific") -> None:
@@ -648,12 +649,12 @@ class PahoClient:
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_subscribe = self._on_subscribe
-        self.c.loop_start()
         if version == 5:
             self.c.connect("127.0.0.1", port, keepalive=keepalive, clean_start=clean,
                            properties=connect_props)
         else:
             self.c.connect("127.0.0.1", port, keepalive=keepalive)
+        self.c.loop_start()  # after connect(): else the loop idles up to 1 s first
         if not self.connected.wait(5):
             self.close()
             raise AssertionError(f"paho {client_id} v{version}: no CONNACK in 5 s")

@@ -1108,16 +1108,20 @@ class PacketReader:
     (fixed header + remaining length): a larger packet raises
     ``ProtocolError(0x95)`` as soon as its fixed header is read.
 
+    When bad bytes follow good packets in one ``feed``, the good packets are
+    returned and the error is kept in ``error`` (and raised by the next
+    ``feed``): the caller handles what came first, then the violation, in order.
     After a ``ProtocolError`` the reader's state is unspecified: close the
     connection.
     """
 
-    __slots__ = ("_buf", "max_packet_size", "version")
+    __slots__ = ("_buf", "error", "max_packet_size", "version")
 
     def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
         self._buf = bytearray()
+        self.error: ProtocolError | None = None
 
     def pending(self) -> bytes:
         """Bytes buffered but not yet a whole packet."""
@@ -1136,6 +1140,8 @@ class PacketReader:
                              f"packet of {total} bytes exceeds maximum {self.max_packet_size}")
 
     def _scan(self, data: bytes, decode_packets: bool) -> list[Any]:
+        if self.error is not None:
+            raise self.error
         pending = self._buf
         if pending:
             pending += data
@@ -1166,28 +1172,34 @@ class PacketReader:
         version = self.version
         maxsize = self.max_packet_size
         decoders = _DECODERS
-        while n - pos >= 2:
-            first = buf[pos]
-            rl = buf[pos + 1]
-            if rl < 0x80:
-                start = pos + 2
-            else:
-                rl, start = _frame_length(buf, pos + 1, n, version)
-                if start < 0:
+        try:
+            while n - pos >= 2:
+                first = buf[pos]
+                rl = buf[pos + 1]
+                if rl < 0x80:
+                    start = pos + 2
+                else:
+                    rl, start = _frame_length(buf, pos + 1, n, version)
+                    if start < 0:
+                        break
+                end = start + rl
+                if end - pos > maxsize:
+                    raise self._too_large(end - pos)
+                if end > n:
                     break
-            end = start + rl
-            if end - pos > maxsize:
-                raise self._too_large(end - pos)
-            if end > n:
-                break
-            if decode_packets:
-                packet = decoders[first >> 4](first, buf, start, end, version)
-                if first == 0x10:
-                    version = self.version = packet.protocol_version  # type: ignore[union-attr]
-                append(packet)
-            else:
-                append((first, buf[start:end]))
-            pos = end
+                if decode_packets:
+                    packet = decoders[first >> 4](first, buf, start, end, version)
+                    if first == 0x10:
+                        version = self.version = packet.protocol_version  # type: ignore[union-attr]
+                    append(packet)
+                else:
+                    append((first, buf[start:end]))
+                pos = end
+        except ProtocolError as exc:
+            if not out:
+                raise
+            self.error = exc
+            return out
         if pos < n:
             pending += memoryview(buf)[pos:]
         return out

@@ -574,10 +574,14 @@ def test_oversize_packet_rejected_from_fixed_header() -> None:
         with pytest.raises(ProtocolError) as exc:
             reader.feed(b"\x07")
         assert exc.value.reason == reasons.PACKET_TOO_LARGE
-        # behind a good packet in the same chunk, with feed_raw
+        # behind a good packet in the same chunk, with feed_raw: the good one is returned
+        # first and the error is kept, then raised by the next feed
         good = encode(Publish("a", b"b"), version)
+        reader = PacketReader(version, max_packet_size=100)
+        assert len(reader.feed_raw(good + b"\x30\xff\x01")) == 1
+        assert reader.error is not None and reader.error.reason == reasons.PACKET_TOO_LARGE
         with pytest.raises(ProtocolError) as exc:
-            PacketReader(version, max_packet_size=100).feed_raw(good + b"\x30\xff\x01")
+            reader.feed_raw(b"")
         assert exc.value.reason == reasons.PACKET_TOO_LARGE
         # the limit can be changed on a live reader
         reader = PacketReader(version)

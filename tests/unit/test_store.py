@@ -560,6 +560,31 @@ def test_retained_put_replace_delete_scan(tmp_path: Path) -> None:
         r.close()
 
 
+def test_retained_store_opened_by_several_processes_at_first_start(tmp_path: Path) -> None:
+    code = """
+    import sys
+    from pathlib import Path
+    from shardbroker.protocol.packets import NO_PROPERTIES
+    from storage.lmdb_store import RetainedStore
+    from storage.records import StoredMessage
+    sys.stdin.readline()
+    r = RetainedStore.open(Path(sys.argv[1]), map_size=64 << 10)
+    r.write([(sys.argv[2], StoredMessage(sys.argv[2], b"x", 0, True, NO_PROPERTIES))])
+    r.close()
+    """
+    children = [_run_child(code, str(tmp_path), f"t/{i}") for i in range(3)]
+    for child in children:  # start together: all race to create the environment
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    assert [c.wait(20) for c in children] == [0, 0, 0]
+    r = RetainedStore.open(tmp_path, readonly=True)
+    try:
+        assert [t for t, _ in r.scan()] == ["t/0", "t/1", "t/2"]
+    finally:
+        r.close()
+
+
 # --------------------------------------------------------------------------- check / compact
 
 

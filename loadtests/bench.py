@@ -1,0 +1,1708 @@
+"""Side-by-side MQTT benchmark: ShardBroker against Mosquitto.
+
+Run from the repository root (loopback only, every run bounded in time)::
+
+    .venv/bin/python -m loadtests.bench                         # all scenarios, both brokers, 3 repeats
+    .venv/bin/python -m loadtests.bench --scenario fanin-qos0 --duration 2 --repeat 1
+    .venv/bin/python -m loadtests.bench --broker-only           # ShardBroker alone
+    .venv/bin/python -m loadtests.bench --mosquitto-only        # Mosquitto alone (checks the generator)
+    .venv/bin/python -m loadtests.bench --target 127.0.0.1:1883 # a broker that is already running
+    .venv/bin/python -m loadtests.bench --json loadtests/reports/bench.json
+
+Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
+pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, connect-rate,
+persistent-qos1. See docs/BENCHMARKS.md for what each one measures.
+
+How the load generator works (it must not be the bottleneck):
+
+* ``--procs`` generator processes (default: CPU count), each running one
+  event loop (uvloop when installed) over plain TCP sockets;
+* MQTT packets are pre-encoded by ``loadtests.mqttwire`` (an encoder written for
+  this tool; nothing is imported from shardbroker's codec) and written in
+  batches, one ``write`` per batch;
+* subscribers split frames with an inlined incremental parser that only
+  counts PUBLISH packets (and reads the timestamp in the payload when latency
+  is measured) and answers PUBACK / PUBREC / PUBCOMP in one write per read;
+* QoS 1/2 publishers pipeline up to ``--window`` unacknowledged messages
+  (capped by the broker's Receive Maximum under MQTT 5);
+* QoS 0 publishers run closed-loop: at most ``--qos0-window`` deliveries may
+  be outstanding (sent but not yet counted by a subscriber, over all
+  processes, via shared counters), so a broker is driven at its maximum rate
+  without building an unbounded queue. Deliveries that never arrive are
+  written off after a short stall so that a broker that drops messages does
+  not stall the publishers.
+
+Brokers are started on free loopback ports in their own process groups, with
+a parent-death signal, and are stopped (SIGTERM, then SIGKILL) on exit,
+error or Ctrl-C. Runs of the brokers are interleaved (A, B, A, B, ...) and the
+table reports medians over ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime as _dt
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtests import mqttwire as w
+
+try:  # the broker's client placement; only used to choose client ids
+    from shardbroker.sharding import shard_for
+except Exception:  # pragma: no cover - same function, for use without the package
+    def shard_for(client_id: str, shards: int) -> int:
+        if shards <= 1:
+            return 0
+        digest = hashlib.blake2b(client_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % shards
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = "/usr/sbin/mosquitto"
+SCENARIOS = ["fanin-qos0", "pairs-qos1", "pairs-qos2", "fanout-qos0", "latency-qos1",
+             "connect-rate", "persistent-qos1"]
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+MAX_LAT_SAMPLES = 500_000
+_PR_SET_PDEATHSIG = 1
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pdeathsig(sig: int) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _raise_nofile() -> None:
+    with contextlib.suppress(Exception):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        import ipaddress
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# =====================================================================================
+# Generator side (runs in worker processes)
+# =====================================================================================
+
+@dataclass
+class Plan:
+    """What one generator process does in one run."""
+
+    index: int
+    host: str
+    port: int
+    proto: int = 4
+    qos: int = 0
+    payload: int = 64
+    subs: list[tuple[str, str]] = field(default_factory=list)   # (client id, filter)
+    pubs: list[tuple[str, str]] = field(default_factory=list)   # (client id, topic)
+    idle: list[str] = field(default_factory=list)               # client ids (connect-rate)
+    sub_clean: bool = True
+    sub_expiry: int = 0
+    cleanup_sessions: bool = False
+    rate_per_pub: float = 0.0       # msg/s per publisher; 0 = as fast as possible
+    window: int = 64                # QoS 1/2 unacknowledged per publisher
+    qos0_window: int = 20000        # QoS 0 deliveries outstanding (all processes)
+    fan: int = 1                    # deliveries expected per published message
+    batch: int = 64                 # QoS 0 messages per write
+    stamp: bool = False             # timestamp in payload, latency at subscribers
+    coalesce_ms: float = 1.0        # clients pause reading this long after a small read
+    pairs: bool = False             # pubs[k] and subs[k] form a pair (end-to-end window)
+    e2e_window: int = 500           # QoS 1/2 pairs: sent but not yet received, per pair
+    connect_concurrency: int = 100
+    keepalive: int = 60
+    timeout: float = 20.0           # per wait (connect, CONNACK, SUBACK)
+
+
+class Client(asyncio.Protocol):
+    """One MQTT connection: publisher, subscriber or idle client."""
+
+    def __init__(self, gen: "Generator", client_id: str, role: str) -> None:
+        loop = gen.loop
+        self.gen = gen
+        self.client_id = client_id
+        self.role = role
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.connack: asyncio.Future[tuple[int, dict[int, int]]] = loop.create_future()
+        self.suback: asyncio.Future[bytes] | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.paused = False
+        self.leaving = False
+        self.window = gen.plan.window
+        self.inflight: set[int] = set()
+        self.next_pid = 1
+        self.sent = 0
+        self.recv = 0
+        self.connect_pkt = b""
+        self.prefix = b""
+        self.pkts: list[bytes] = []
+        self.pid_max = 65535
+        self.partner: Client | None = None   # publisher <-> subscriber of one pair
+        self.e2e = gen.plan.e2e_window
+
+    # ---- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.connect_pkt)  # type: ignore[attr-defined]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.role == "pub" and self.gen.plan.qos and not self.gen.paced:
+            self.top_up()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if not self.leaving:
+            self.gen.errors.append(f"{self.client_id}: connection lost ({exc or 'closed by broker'})")
+        for fut in (self.connack, self.suback):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+
+    def data_received(self, data: bytes) -> None:  # noqa: C901 - hot path, kept inline
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        gen = self.gen
+        gen.reads += 1
+        n = len(data)
+        i = 0
+        count = 0
+        acks: list[bytes] = []
+        freed = 0
+        v5 = gen.plan.proto == 5
+        stamp = gen.plan.stamp
+        if stamp:
+            now = time.monotonic_ns()
+            lat = gen.lat
+            warm = gen.warm_ns
+        while i + 2 <= n:
+            first = data[i]
+            rl = data[i + 1]
+            j = i + 2
+            if rl & 0x80:
+                rl &= 0x7F
+                shift = 7
+                complete = False
+                while j < n and shift <= 21:
+                    b = data[j]
+                    j += 1
+                    rl |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        complete = True
+                        break
+                    shift += 7
+                if not complete:
+                    if shift > 21:
+                        gen.errors.append(f"{self.client_id}: malformed remaining length")
+                        self._abort()
+                        return
+                    break
+            end = j + rl
+            if end > n:
+                break
+            t = first >> 4
+            if t == 3:  # PUBLISH
+                count += 1
+                q = (first >> 1) & 3
+                if q or stamp:
+                    p = j + 2 + ((data[j] << 8) | data[j + 1])
+                    if q:
+                        acks.append((b"\x40\x02" if q == 1 else b"\x50\x02") + data[p:p + 2])
+                        p += 2
+                    if stamp:
+                        if v5:  # skip the property list
+                            plen = 0
+                            shift = 0
+                            while True:
+                                b = data[p]
+                                p += 1
+                                plen |= (b & 0x7F) << shift
+                                if not b & 0x80:
+                                    break
+                                shift += 7
+                            p += plen
+                        if end - p >= 8:
+                            ts = int.from_bytes(data[p:p + 8], "big")
+                            if ts >= warm and len(lat) < MAX_LAT_SAMPLES:
+                                lat.append(now - ts)
+            elif t == 4 or t == 7:  # PUBACK / PUBCOMP: a publisher's slot is free
+                pid = (data[j] << 8) | data[j + 1]
+                if pid in self.inflight:
+                    self.inflight.discard(pid)
+                    freed += 1
+                    gen.acked += 1
+                if rl > 2 and data[j + 2] >= 0x80:
+                    gen.ack_errors += 1
+            elif t == 5:  # PUBREC
+                pid = (data[j] << 8) | data[j + 1]
+                if rl > 2 and data[j + 2] >= 0x80:  # refused: the flow ends here
+                    gen.ack_errors += 1
+                    if pid in self.inflight:
+                        self.inflight.discard(pid)
+                        freed += 1
+                else:
+                    acks.append(b"\x62\x02" + data[j:j + 2])
+            elif t == 6:  # PUBREL (to a QoS 2 subscriber)
+                acks.append(b"\x70\x02" + data[j:j + 2])
+            elif t == 2:  # CONNACK
+                if not self.connack.done():
+                    try:
+                        self.connack.set_result(w.connack_result(data[j:end], gen.plan.proto))
+                    except Exception as exc:  # noqa: BLE001
+                        self.connack.set_exception(exc)
+            elif t == 9:  # SUBACK
+                if self.suback is not None and not self.suback.done():
+                    self.suback.set_result(data[j:end])
+            elif t == 14:  # DISCONNECT from the server (MQTT 5)
+                code = data[j] if rl else 0
+                gen.errors.append(f"{self.client_id}: DISCONNECT from broker, reason 0x{code:02x}")
+            # PINGRESP (13), UNSUBACK (11): nothing to do
+            i = end
+        if i < n:
+            self.buf = data[i:]
+        if count:
+            gen.last_recv_ns = time.monotonic_ns()
+            self.recv += count
+            gen.recv_total += count
+            gen.recv_arr[gen.plan.index] = gen.recv_total
+            partner = self.partner
+            if partner is not None and gen.publishing and not gen.paced:
+                partner.top_up()
+        if acks and self.transport is not None:
+            self.transport.write(b"".join(acks))
+        if freed and not gen.paced and gen.publishing:
+            self.top_up()
+        if gen.coalescing and n < 32768 and self.transport is not None:
+            # Let a few more messages arrive before the next read: far fewer syscalls
+            # and callbacks per message, which leaves the CPU to the broker.
+            self.transport.pause_reading()
+            gen.to_resume.append(self)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- publishing
+    def prepare(self, prefix: bytes) -> None:
+        """Pre-encode this publisher's QoS 1/2 packets, one per packet id of its cycle."""
+        gen = self.gen
+        self.prefix = prefix
+        size = len(prefix) + 2 + len(gen.mid) + len(gen.payload_bytes)
+        # packet ids cycle through 1..pid_max; pid_max stays well above the window
+        self.pid_max = max(4 * self.window, min(4096, (4 << 20) // max(size, 1)), 16)
+        self.pid_max = min(self.pid_max, 65535)
+        if gen.plan.qos and not gen.plan.stamp:
+            tail = gen.mid + gen.payload_bytes
+            self.pkts = [b""] + [prefix + w.PID_BYTES[i] + tail for i in range(1, self.pid_max + 1)]
+
+    def _pid(self) -> int:
+        pid = self.next_pid
+        inflight = self.inflight
+        top = self.pid_max
+        while pid in inflight:
+            pid = pid + 1 if pid < top else 1
+        self.next_pid = pid + 1 if pid < top else 1
+        inflight.add(pid)
+        return pid
+
+    def send_qos(self, k: int) -> int:
+        """Send up to ``k`` QoS 1/2 messages within the windows; returns how many."""
+        room = self.window - len(self.inflight)
+        if k > room:
+            k = room
+        partner = self.partner
+        if partner is not None:  # end-to-end window: sent but not yet received by the partner
+            room = self.e2e - (self.sent - partner.recv)
+            if k > room:
+                k = room
+        if k <= 0 or self.transport is None:
+            return 0
+        gen = self.gen
+        pid = self._pid
+        if gen.plan.stamp:
+            prefix, mid, payload = self.prefix, gen.mid, gen.payload_bytes
+            pids = w.PID_BYTES
+            pad = payload[8:]
+            parts = [prefix + pids[pid()] + mid + time.monotonic_ns().to_bytes(8, "big") + pad
+                     for _ in range(k)]
+        else:
+            pkts = self.pkts
+            parts = [pkts[pid()] for _ in range(k)]
+        self.transport.write(b"".join(parts))
+        self.sent += k
+        gen.sent_total += k
+        gen.sent_arr[gen.plan.index] = gen.sent_total
+        return k
+
+    def top_up(self) -> None:
+        if self.gen.publishing and not self.paused:
+            self.send_qos(self.window)
+
+
+class Generator:
+    """One generator process: connects its clients, obeys the parent's commands."""
+
+    def __init__(self, plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
+        self.plan = plan
+        self.conn = conn
+        self.sent_arr = sent_arr
+        self.recv_arr = recv_arr
+        self.loop = asyncio.get_running_loop()
+        self.errors: list[str] = []
+        self.cmds: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.subs: list[Client] = []
+        self.pubs: list[Client] = []
+        self.idle: list[Client] = []
+        self.publishing = False
+        self.paced = plan.rate_per_pub > 0
+        self.coalescing = False
+        self.to_resume: list[Client] = []
+        self.sent_total = 0
+        self.recv_total = 0
+        self.acked = 0
+        self.ack_errors = 0
+        self.reads = 0
+        self.last_recv_ns = 0
+        self.lat: list[int] = []
+        self.warm_ns = 0
+        self.recv_at_warm = 0
+        self.recv_at_end = 0
+        self.sent_at_warm = 0
+        self.sent_at_end = 0
+        self.mid = b"\x00" if plan.proto == 5 else b""
+        size = max(plan.payload, 8) if plan.stamp else plan.payload
+        self.payload_bytes = bytes((65 + k % 26) for k in range(size))
+        self.connect_times: list[int] = []
+        self.connect_fail = 0
+        self.first_connack = 0
+        self.last_connack = 0
+        self.deadline = 0.0
+
+    # ---- parent link
+    def _on_cmd(self) -> None:
+        try:
+            while self.conn.poll():
+                self.cmds.put_nowait(self.conn.recv())
+        except (EOFError, OSError):
+            self.cmds.put_nowait(("exit", None))
+            self.loop.remove_reader(self.conn.fileno())
+
+    async def cmd(self, timeout: float) -> tuple[str, Any]:
+        try:
+            return await asyncio.wait_for(self.cmds.get(), timeout)
+        except asyncio.TimeoutError:
+            return ("exit", "timeout waiting for the parent")
+
+    def send(self, *msg: Any) -> None:
+        self.conn.send(msg)
+
+    # ---- connections
+    async def open(self, client_id: str, role: str, *, clean: bool = True, expiry: int = 0) -> Client:
+        plan = self.plan
+        c = Client(self, client_id, role)
+        c.connect_pkt = w.connect(client_id, proto=plan.proto, clean=clean, keepalive=plan.keepalive,
+                                  session_expiry=expiry)
+        await asyncio.wait_for(
+            self.loop.create_connection(lambda: c, plan.host, plan.port), plan.timeout)
+        sock = c.transport.get_extra_info("socket") if c.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code, props = await asyncio.wait_for(c.connack, plan.timeout)
+        if code != 0:
+            c.leaving = True
+            c._abort()
+            raise ConnectionError(f"{client_id}: CONNACK refused, code 0x{code:02x}")
+        rm = props.get(w.PROP_RECEIVE_MAXIMUM)
+        if rm:
+            c.window = min(c.window, rm)
+        return c
+
+    async def subscribe(self, c: Client, topic_filter: str) -> None:
+        c.suback = self.loop.create_future()
+        assert c.transport is not None
+        c.transport.write(w.subscribe(1, [(topic_filter, self.plan.qos)], proto=self.plan.proto))
+        body = await asyncio.wait_for(c.suback, self.plan.timeout)
+        codes = body[2:]
+        if self.plan.proto == 5 and codes:
+            # skip property length (varint) and properties
+            j, plen, shift = 0, 0, 0
+            while True:
+                b = codes[j]
+                j += 1
+                plen |= (b & 0x7F) << shift
+                if not b & 0x80:
+                    break
+                shift += 7
+            codes = codes[j + plen:]
+        if not codes or codes[0] >= 0x80:
+            raise ConnectionError(f"{c.client_id}: SUBSCRIBE {topic_filter!r} refused: {codes.hex()}")
+
+    async def _bounded(self, coros: list[Any]) -> list[Any]:
+        sem = asyncio.Semaphore(self.plan.connect_concurrency)
+
+        async def one(coro: Any) -> Any:
+            async with sem:
+                return await coro
+        return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+
+    async def setup(self) -> None:
+        plan = self.plan
+
+        async def sub(cid: str, flt: str) -> Client:
+            c = await self.open(cid, "sub", clean=plan.sub_clean, expiry=plan.sub_expiry)
+            await self.subscribe(c, flt)
+            return c
+
+        res = await self._bounded([sub(cid, flt) for cid, flt in plan.subs])
+        for r in res:
+            if isinstance(r, BaseException):
+                raise r
+            self.subs.append(r)
+        res = await self._bounded([self.open(cid, "pub") for cid, _ in plan.pubs])
+        for r, (_, topic) in zip(res, plan.pubs):
+            if isinstance(r, BaseException):
+                raise r
+            self.pubs.append(r)
+            pre, _mid = w.publish_parts(topic, len(self.payload_bytes), qos=plan.qos, proto=plan.proto)
+            r.prepare(pre)
+        if plan.pairs and plan.e2e_window > 0 and plan.qos:
+            for pub, sub in zip(self.pubs, self.subs):
+                pub.partner = sub
+                sub.partner = pub
+
+    async def connect_idle(self) -> None:
+        async def one(cid: str) -> None:
+            t0 = time.monotonic_ns()
+            try:
+                c = await self.open(cid, "idle")
+            except Exception as exc:  # noqa: BLE001
+                self.connect_fail += 1
+                if len(self.errors) < 20:
+                    self.errors.append(f"{cid}: {exc!r}")
+                return
+            t1 = time.monotonic_ns()
+            self.idle.append(c)
+            self.connect_times.append(t1 - t0)
+            if not self.first_connack:
+                self.first_connack = t1
+            self.last_connack = max(self.last_connack, t1)
+        await self._bounded([one(cid) for cid in self.plan.idle])
+
+    # ---- publishing drivers
+    async def drive_qos0(self, t_end: float) -> None:
+        plan = self.plan
+        pkt = {p: p.prefix + self.mid + self.payload_bytes for p in self.pubs}
+        batch = {p: pkt[p] * plan.batch for p in self.pubs}
+        nb = plan.batch
+        sent_arr, recv_arr = self.sent_arr, self.recv_arr
+        fan, limit = plan.fan, plan.qos0_window
+        written_off = 0
+        last_recv, stall_since = -1, 0.0
+        mono = time.monotonic
+        resume = limit * 3 // 4
+        stalled = False
+        while self.publishing and mono() < t_end:
+            outstanding = sum(sent_arr) * fan - sum(recv_arr) - written_off
+            if outstanding > (resume if stalled else limit):
+                stalled = True
+                got = sum(recv_arr)
+                now = mono()
+                if got != last_recv:
+                    last_recv, stall_since = got, now
+                elif now - stall_since > 1.0:  # nothing arrives for 1 s: count the rest as lost
+                    written_off += outstanding
+                    stall_since = now
+                await asyncio.sleep(0.001)  # (uvloop timers have 1 ms resolution)
+                continue
+            stalled = False
+            wrote = 0
+            for p in self.pubs:
+                if not p.paused and p.transport is not None:
+                    p.transport.write(batch[p])
+                    p.sent += nb
+                    wrote += nb
+            if wrote:
+                self.sent_total += wrote
+                sent_arr[plan.index] = self.sent_total
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.001)
+
+    async def drive_paced(self, t_start: float, t_end: float) -> None:
+        """Fixed rate per publisher, ticking every 2 ms; QoS 0 and QoS 1/2."""
+        plan = self.plan
+        rate = plan.rate_per_pub
+        mono = time.monotonic
+        pad = self.payload_bytes[8:] if plan.stamp else b""
+        while self.publishing:
+            now = mono()
+            if now >= t_end:
+                break
+            due = int(rate * (now - t_start)) + 1
+            for p in self.pubs:
+                k = due - p.sent
+                if k <= 0 or p.paused:
+                    continue
+                if plan.qos:
+                    p.send_qos(k)
+                elif p.transport is not None:
+                    head = p.prefix + self.mid
+                    if plan.stamp:
+                        parts = [head + time.monotonic_ns().to_bytes(8, "big") + pad for _ in range(k)]
+                    else:
+                        parts = [head + self.payload_bytes] * k
+                    p.transport.write(b"".join(parts))
+                    p.sent += k
+                    self.sent_total += k
+                    self.sent_arr[plan.index] = self.sent_total
+            await asyncio.sleep(0.002)
+
+    def _mark_warm(self) -> None:
+        self.recv_at_warm = self.recv_total
+        self.sent_at_warm = self.sent_total
+
+    def _mark_end(self) -> None:
+        self.recv_at_end = self.recv_total
+        self.sent_at_end = self.sent_total
+        self.publishing = False
+
+    async def resumer(self) -> None:
+        every = self.plan.coalesce_ms / 1000
+        while self.coalescing:
+            await asyncio.sleep(every)
+            self.resume_all()
+
+    def resume_all(self) -> None:
+        if self.to_resume:
+            todo, self.to_resume = self.to_resume, []
+            for c in todo:
+                if c.transport is not None and not c.transport.is_closing():
+                    c.transport.resume_reading()
+
+    async def pinger(self) -> None:
+        every = max(1.0, self.plan.keepalive / 2)
+        while True:
+            await asyncio.sleep(every)
+            for c in self.subs + self.pubs + self.idle:
+                if c.transport is not None and not c.transport.is_closing():
+                    c.transport.write(w.PINGREQ_PACKET)
+
+    async def close_all(self) -> None:
+        self.coalescing = False
+        self.resume_all()
+        clients = self.subs + self.pubs + self.idle
+        for c in clients:
+            c.leaving = True
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.write(w.DISCONNECT_PACKET)
+        # The broker closes after DISCONNECT: its side keeps the TIME_WAIT, not our ports.
+        pending = [c.closed for c in clients if not c.closed.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=3.0)
+        for c in clients:
+            if c.transport is not None and not c.closed.done():
+                c.transport.close()
+        if self.plan.cleanup_sessions and self.plan.subs:
+            async def wipe(cid: str) -> None:
+                try:
+                    c = await self.open(cid, "wipe", clean=True)
+                    c.leaving = True
+                    assert c.transport is not None
+                    c.transport.write(w.DISCONNECT_PACKET)
+                    await asyncio.wait_for(c.closed, 3.0)
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+            await self._bounded([wipe(cid) for cid, _ in self.plan.subs])
+
+    def stats(self) -> dict[str, Any]:
+        t = os.times()
+        return {
+            "index": self.plan.index,
+            "sent": self.sent_total, "recv": self.recv_total,
+            "recv_warm": self.recv_at_warm, "recv_end": self.recv_at_end,
+            "sent_warm": self.sent_at_warm, "sent_end": self.sent_at_end,
+            "acked": self.acked, "ack_errors": self.ack_errors,
+            "lat_ns": self.lat,
+            "connect_ok": len(self.connect_times), "connect_fail": self.connect_fail,
+            "connect_ns": self.connect_times,
+            "first_connack": self.first_connack, "last_connack": self.last_connack,
+            "cpu": t.user + t.system, "reads": self.reads, "last_recv_ns": self.last_recv_ns,
+            "errors": self.errors[:20], "error_count": len(self.errors),
+        }
+
+    async def run(self) -> None:
+        self.loop.add_reader(self.conn.fileno(), self._on_cmd)
+        pinger = asyncio.ensure_future(self.pinger())
+        try:
+            await self._run()
+        finally:
+            pinger.cancel()
+
+    async def _run(self) -> None:
+        plan = self.plan
+        try:
+            await self.setup()
+        except Exception as exc:  # noqa: BLE001
+            self.send("error", f"worker {plan.index} setup: {exc!r}")
+            await self.close_all()
+            return
+        self.send("ready", len(self.subs), len(self.pubs))
+        kind, arg = await self.cmd(120)
+        if kind != "start":
+            await self.close_all()
+            return
+        t_start, t_warm, t_end = arg
+        self.warm_ns = int(t_warm * 1e9)
+        delay = t_start - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if plan.idle:
+            await self.connect_idle()
+            self.send("connected", self.stats())
+        else:
+            if plan.coalesce_ms > 0 and self.subs:
+                self.coalescing = True
+                asyncio.ensure_future(self.resumer())
+            self.loop.call_later(max(0.0, t_warm - time.monotonic()), self._mark_warm)
+            self.loop.call_later(max(0.0, t_end - time.monotonic()), self._mark_end)
+            if self.pubs:
+                self.publishing = True
+                if self.paced:
+                    await self.drive_paced(t_start, t_end)
+                elif plan.qos == 0:
+                    await self.drive_qos0(t_end)
+                else:
+                    for p in self.pubs:
+                        p.top_up()
+                    while self.publishing and time.monotonic() < t_end:
+                        await asyncio.sleep(0.05)
+                self.publishing = False
+            remaining = t_end - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            await asyncio.sleep(0.01)  # let _mark_end run
+            if self.recv_at_end == 0 and self.sent_at_end == 0:
+                self._mark_end()
+            self.send("published", self.sent_total)
+        kind, _ = await self.cmd(300)
+        await self.close_all()
+        self.send("done", self.stats())
+
+
+class _Pending:
+    __slots__ = ("cid", "t0", "phase", "buf")
+
+    def __init__(self, cid: str, t0: int) -> None:
+        self.cid, self.t0, self.phase, self.buf = cid, t0, 0, b""
+
+
+def run_idle(plan: Plan, conn: mpc.Connection) -> None:
+    """connect-rate: raw non-blocking sockets on one epoll selector, no asyncio.
+
+    Keeps up to ``connect_concurrency`` handshakes (TCP connect, CONNECT,
+    CONNACK) in flight, then holds the connections idle until told to stop.
+    """
+    import errno
+    import selectors
+
+    t_begin = os.times()
+    conn.send(("ready", 0, 0))
+    if not conn.poll(120):
+        return
+    kind, arg = conn.recv()
+    if kind != "start":
+        return
+    t_start = arg[0]
+    delay = t_start - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    sel = selectors.DefaultSelector()
+    todo = list(reversed(plan.idle))
+    pending: dict[socket.socket, _Pending] = {}
+    held: list[socket.socket] = []
+    times: list[int] = []
+    errors: list[str] = []
+    fail = 0
+    first = last = 0
+    limit = max(1, plan.connect_concurrency)
+    timeout_ns = int(plan.timeout * 1e9)
+    deadline = time.monotonic() + plan.timeout + len(plan.idle) / 100 + 30
+    next_sweep = time.monotonic() + 0.5
+    addr = (plan.host, plan.port)
+
+    def drop(sock: socket.socket, why: str, cid: str) -> None:
+        nonlocal fail
+        fail += 1
+        if len(errors) < 20:
+            errors.append(f"{cid}: {why}")
+        with contextlib.suppress(Exception):
+            sel.unregister(sock)
+        pending.pop(sock, None)
+        sock.close()
+
+    while (todo or pending) and time.monotonic() < deadline:
+        while todo and len(pending) < limit:
+            cid = todo.pop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            rc = sock.connect_ex(addr)
+            if rc not in (0, errno.EINPROGRESS):
+                fail += 1
+                if len(errors) < 20:
+                    errors.append(f"{cid}: connect: {os.strerror(rc)}")
+                sock.close()
+                continue
+            pending[sock] = _Pending(cid, time.monotonic_ns())
+            sel.register(sock, selectors.EVENT_WRITE)
+        for key, _mask in sel.select(timeout=0.2):
+            sock = key.fileobj  # type: ignore[assignment]
+            st = pending.get(sock)  # type: ignore[arg-type]
+            if st is None:
+                continue
+            if st.phase == 0:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+                if err:
+                    drop(sock, f"connect: {os.strerror(err)}", st.cid)  # type: ignore[arg-type]
+                    continue
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+                    sock.send(w.connect(st.cid, proto=plan.proto, keepalive=plan.keepalive))  # type: ignore[union-attr]
+                except OSError as exc:
+                    drop(sock, f"send CONNECT: {exc}", st.cid)  # type: ignore[arg-type]
+                    continue
+                st.phase = 1
+                sel.modify(sock, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(256)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                drop(sock, f"recv: {exc}", st.cid)  # type: ignore[arg-type]
+                continue
+            if not data:
+                drop(sock, "closed before CONNACK", st.cid)  # type: ignore[arg-type]
+                continue
+            st.buf += data
+            try:
+                frames, _ = w.split_frames(st.buf)
+            except ValueError:
+                drop(sock, "malformed reply", st.cid)  # type: ignore[arg-type]
+                continue
+            if not frames:
+                continue
+            ptype, body = frames[0]
+            code = w.connack_result(body, plan.proto)[0] if ptype >> 4 == w.CONNACK else -1
+            if code != 0:
+                drop(sock, f"CONNACK code {code}", st.cid)  # type: ignore[arg-type]
+                continue
+            now = time.monotonic_ns()
+            times.append(now - st.t0)
+            first = first or now
+            last = now
+            sel.unregister(sock)
+            del pending[sock]  # type: ignore[arg-type]
+            held.append(sock)  # type: ignore[arg-type]
+        if time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + 0.5
+            now = time.monotonic_ns()
+            for sock, st in list(pending.items()):
+                if now - st.t0 > timeout_ns:
+                    drop(sock, "timeout", st.cid)
+    for sock, st in list(pending.items()):
+        drop(sock, "timeout", st.cid)
+    fail += len(todo)
+
+    def stats() -> dict[str, Any]:
+        t = os.times()
+        return {"index": plan.index, "sent": 0, "recv": 0, "recv_warm": 0, "recv_end": 0,
+                "sent_warm": 0, "sent_end": 0, "acked": 0, "ack_errors": 0, "lat_ns": [],
+                "connect_ok": len(times), "connect_fail": fail, "connect_ns": times,
+                "first_connack": first, "last_connack": last,
+                "cpu": (t.user + t.system) - (t_begin.user + t_begin.system), "reads": 0,
+                "errors": errors[:20], "error_count": len(errors)}
+
+    conn.send(("connected", stats()))
+    conn.poll(300)  # "stop" (or the parent is gone)
+    # DISCONNECT, then let the broker close first (its side keeps the TIME_WAIT)
+    for sock in held:
+        with contextlib.suppress(OSError):
+            sock.send(w.DISCONNECT_PACKET)
+        with contextlib.suppress(Exception):
+            sel.register(sock, selectors.EVENT_READ)
+    open_socks = set(held)
+    end = time.monotonic() + 3.0
+    while open_socks and time.monotonic() < end:
+        for key, _mask in sel.select(timeout=0.2):
+            sock = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(4096)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+                open_socks.discard(sock)  # type: ignore[arg-type]
+    for sock in open_socks:
+        sock.close()
+    sel.close()
+    conn.send(("done", stats()))
+
+
+def worker_main(plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
+    _pdeathsig(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends us
+    _raise_nofile()
+    if plan.idle:
+        try:
+            run_idle(plan, conn)
+        except Exception as exc:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                conn.send(("error", f"worker {plan.index} crashed: {exc!r}"))
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        return
+    try:
+        import uvloop  # type: ignore[import-not-found]
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        await Generator(plan, conn, sent_arr, recv_arr).run()
+    profile_dir = os.environ.get("BENCH_PROFILE")  # debugging the generator itself
+    prof = None
+    if profile_dir:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"worker {plan.index} crashed: {exc!r}"))
+    finally:
+        if prof is not None:
+            prof.disable()
+            with contextlib.suppress(Exception):
+                prof.dump_stats(os.path.join(profile_dir, f"gen-{plan.index}-{os.getpid()}.prof"))
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+# =====================================================================================
+# Brokers
+# =====================================================================================
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_setup() -> None:
+    os.setsid()
+    _pdeathsig(signal.SIGTERM)
+
+
+def ids_for_shards(prefix: str, shards: int) -> list[str]:
+    """One client id per shard (``shards`` ids), found by counting up a suffix."""
+    out: dict[int, str] = {}
+    k = 0
+    while len(out) < shards and k < 100_000:
+        cid = f"{prefix}{k}"
+        out.setdefault(shard_for(cid, shards), cid)
+        k += 1
+    return [out[s] for s in sorted(out)]
+
+
+def probe(host: str, port: int, client_id: str, proto: int, timeout: float = 2.0) -> bool:
+    """CONNECT / CONNACK / DISCONNECT over a blocking socket."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(w.connect(client_id, proto=proto))
+            data = b""
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+                frames, _ = w.split_frames(data)
+                if frames:
+                    first, body = frames[0]
+                    ok = first >> 4 == w.CONNACK and w.connack_result(body, proto)[0] == 0
+                    if ok:
+                        with contextlib.suppress(OSError):
+                            s.sendall(w.DISCONNECT_PACKET)
+                    return ok
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+class Broker:
+    """A broker under test: started by us, or an external ``--target``."""
+
+    def __init__(self, label: str, kind: str, host: str, port: int, shards: int = 1) -> None:
+        self.label = label
+        self.kind = kind  # "shardbroker", "mosquitto" or "target"
+        self.host = host
+        self.port = port
+        self.shards = shards
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.tmp: str | None = None
+        self.errlog: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.label} ({self.host}:{self.port})"
+
+    def _spawn(self, argv: list[str], cwd: Path | None = None) -> None:
+        assert self.tmp is not None
+        self.errlog = Path(self.tmp) / "stderr.log"
+        err = open(self.errlog, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         cwd=cwd, preexec_fn=_child_setup, close_fds=True)
+        finally:
+            err.close()
+        self.pid = self.proc.pid
+
+    def _tail(self) -> str:
+        if self.errlog and self.errlog.exists():
+            return self.errlog.read_text(errors="replace")[-2000:]
+        return ""
+
+    def wait_ready(self, timeout: float, proto: int) -> None:
+        deadline = time.monotonic() + timeout
+        ids = ids_for_shards("bench-probe-", self.shards)
+        pending = list(ids)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with status {self.proc.returncode}:\n{self._tail()}")
+            pending = [cid for cid in pending if not probe(self.host, self.port, cid, proto, 1.0)]
+            if not pending:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.label} not ready after {timeout:.0f} s:\n{self._tail()}")
+
+    @classmethod
+    def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
+                    proto: int, timeout: float) -> "Broker":
+        b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
+        b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
+        argv = [python, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
+                "--workers", str(workers), "--data-dir", str(Path(b.tmp) / "data"),
+                "--log-level", "warning"]
+        if durability:
+            argv += ["--durability", durability]
+        b._spawn(argv, cwd=REPO_ROOT)
+        try:
+            b.wait_ready(timeout, proto)
+        except BaseException:
+            b.stop()
+            raise
+        return b
+
+    @classmethod
+    def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float) -> "Broker":
+        b = cls(label, "mosquitto", "127.0.0.1", free_port())
+        b.tmp = tempfile.mkdtemp(prefix="bench-mosq-")
+        os.chmod(b.tmp, 0o777)  # mosquitto drops root privileges to its own user
+        lines = [f"listener {b.port} 127.0.0.1", "allow_anonymous true",
+                 "log_dest stderr", "log_type error", "log_type warning",
+                 "connection_messages false"]
+        if persistence:
+            pdir = Path(b.tmp) / "persist"
+            pdir.mkdir()
+            os.chmod(pdir, 0o777)
+            lines += ["persistence true", f"persistence_location {pdir}/"]
+        else:
+            lines += ["persistence false"]
+        conf = Path(b.tmp) / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        os.chmod(conf, 0o644)
+        b._spawn([MOSQUITTO, "-c", str(conf)])
+        try:
+            b.wait_ready(timeout, proto)
+        except BaseException:
+            b.stop()
+            raise
+        return b
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)
+        if self.proc is not None:
+            # children left in the group (a worker that outlived its supervisor)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def tree_pids(root: int | None) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    if not root:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo, seen = [], [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_rss_kb(root: int | None) -> int | None:
+    """Sum of VmRSS (kB) over ``root`` and all its descendants."""
+    total, found = 0, False
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        found = True
+                        break
+        except OSError:
+            continue
+    return total if found else None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def tree_cpu_s(root: int | None) -> float | None:
+    """CPU seconds (user + system) used so far by ``root`` and its descendants."""
+    total, found = 0, False
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / _CLK_TCK if found else None
+
+
+# =====================================================================================
+# Scenarios (parent side)
+# =====================================================================================
+
+@dataclass
+class Metric:
+    key: str
+    unit: str
+    higher_is_better: bool = True
+
+
+SCENARIO_METRICS: dict[str, list[Metric]] = {
+    "fanin-qos0": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "pairs-qos1": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "pairs-qos2": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "fanout-qos0": [Metric("deliveries/s", "msg/s"), Metric("loss", "msgs", False)],
+    "latency-qos1": [Metric("p50 ms", "ms", False), Metric("p99 ms", "ms", False),
+                     Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "connect-rate": [Metric("conn/s", "conn/s"), Metric("KB/idle conn", "KB", False),
+                     Metric("failed", "conns", False)],
+    "persistent-qos1": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+}
+
+
+def _cross_pair_ids(tag: str, i: int, shards: int) -> tuple[str, str]:
+    pub = f"bp{i}-{tag}"
+    ps = shard_for(pub, shards)
+    k = 0
+    while True:
+        sub = f"bs{i}-{tag}-{k}"
+        if shards <= 1 or shard_for(sub, shards) != ps or k > 1000:
+            return pub, sub
+        k += 1
+
+
+def _ids_avoiding(prefix: str, count: int, shards: int, avoid: int) -> list[str]:
+    """``count`` ids spread round-robin over every shard except ``avoid``."""
+    if shards <= 1:
+        return [f"{prefix}{i}" for i in range(count)]
+    targets = [s for s in range(shards) if s != avoid]
+    buckets: dict[int, list[str]] = {s: [] for s in targets}
+    need = {s: (count // len(targets)) + (1 if idx < count % len(targets) else 0)
+            for idx, s in enumerate(targets)}
+    k = 0
+    while any(len(buckets[s]) < need[s] for s in targets) and k < count * 50 + 1000:
+        cid = f"{prefix}{k}"
+        s = shard_for(cid, shards)
+        if s in buckets and len(buckets[s]) < need[s]:
+            buckets[s].append(cid)
+        k += 1
+    out: list[str] = []
+    for r in range(max(need.values())):
+        for s in targets:
+            if r < len(buckets[s]):
+                out.append(buckets[s][r])
+    return out
+
+
+def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) -> list[Plan]:
+    procs = max(1, args.procs)
+    shards = broker.shards
+    common = dict(host=broker.host, port=broker.port, proto=args.protocol, payload=args.payload,
+                  coalesce_ms=args.read_coalesce_ms, e2e_window=args.e2e_window,
+                  window=args.window, qos0_window=args.qos0_window, batch=args.batch,
+                  connect_concurrency=args.connect_concurrency, timeout=args.timeout)
+    plans = [Plan(index=k, **common) for k in range(procs)]
+
+    def every(**kw: Any) -> None:
+        for p in plans:
+            for k, v in kw.items():
+                setattr(p, k, v)
+
+    rate_total = args.rate
+    if scn == "fanin-qos0":
+        n = args.fanin_publishers
+        every(qos=0, fan=1)
+        sub_id = f"bs-fanin-{tag}"
+        pub_ids = _ids_avoiding(f"bp-fanin-{tag}-", n, shards, shard_for(sub_id, shards))
+        plans[0].subs.append((sub_id, "bench/fanin/+"))
+        pub_procs = plans[1:] if procs > 1 else plans
+        for i, cid in enumerate(pub_ids):
+            pub_procs[i % len(pub_procs)].pubs.append((cid, f"bench/fanin/{i}"))
+        npub = n
+    elif scn in ("pairs-qos1", "pairs-qos2", "latency-qos1", "persistent-qos1"):
+        qos = 2 if scn == "pairs-qos2" else 1
+        every(qos=qos, fan=1, pairs=True, window=args.window_qos2 if qos == 2 else args.window)
+        n = args.pairs
+        base = {"persistent-qos1": f"bench/persist/{tag}", "latency-qos1": "bench/lat"}.get(scn, "bench/pairs")
+        for i in range(n):
+            pub, sub = _cross_pair_ids(tag, i, shards)
+            plans[i % procs].pubs.append((pub, f"{base}/{i}"))
+            plans[i % procs].subs.append((sub, f"{base}/{i}"))
+        if scn == "latency-qos1":
+            every(stamp=True, coalesce_ms=0.0)
+            rate_total = rate_total or args.latency_rate
+        if scn == "persistent-qos1":
+            every(sub_clean=False, sub_expiry=3600 if args.protocol == 5 else 0,
+                  cleanup_sessions=True)
+        npub = n
+    elif scn == "fanout-qos0":
+        n = args.fanout_subscribers
+        every(qos=0, fan=n)
+        pub_id = f"bp-fanout-{tag}"
+        plans[0].pubs.append((pub_id, "bench/fanout"))
+        for i, cid in enumerate(_ids_avoiding(f"bs-fanout-{tag}-", n, shards, shard_for(pub_id, shards))):
+            plans[i % procs].subs.append((cid, "bench/fanout"))
+        npub = 1
+        # keep a batch well under the delivery window
+        every(batch=max(1, min(args.batch, args.qos0_window // (4 * n))))
+    elif scn == "connect-rate":
+        for i in range(args.connections):
+            plans[i % procs].idle.append(f"bc-{tag}-{i}")
+        every(keepalive=300, connect_concurrency=max(1, args.connect_concurrency // procs))
+        npub = 0
+    else:
+        raise ValueError(scn)
+    if rate_total and npub:
+        every(rate_per_pub=rate_total / npub)
+    return [p for p in plans if p.subs or p.pubs or p.idle]
+
+
+class RunError(Exception):
+    pass
+
+
+def _percentile(sorted_vals: list[int], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100 * len(sorted_vals)) - 1))
+    return float(sorted_vals[k])
+
+
+def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, float | None]:
+    """One run of one scenario against one broker: returns {metric: value}."""
+    tag = secrets.token_hex(3)
+    plans = build_plans(scn, broker, args, tag)
+    ctx = mp.get_context("fork")
+    sent_arr = ctx.RawArray("q", len(plans) + 1)
+    recv_arr = ctx.RawArray("q", len(plans) + 1)
+    workers: list[tuple[Any, mpc.Connection]] = []
+    try:
+        for plan in plans:
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(plan, child_end, sent_arr, recv_arr),
+                               daemon=True, name=f"bench-gen-{plan.index}")
+            proc.start()
+            child_end.close()
+            workers.append((proc, parent_end))
+        conns = [c for _, c in workers]
+
+        def collect(kind: str, timeout: float) -> list[Any]:
+            got: dict[int, Any] = {}
+            deadline = time.monotonic() + timeout
+            while len(got) < len(conns):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RunError(f"timeout waiting for '{kind}' from generator processes")
+                for c in mpc.wait([c for i, c in enumerate(conns) if i not in got], timeout=left):
+                    idx = conns.index(c)  # type: ignore[arg-type]
+                    try:
+                        msg = c.recv()  # type: ignore[union-attr]
+                    except EOFError:
+                        raise RunError(f"generator {idx} exited") from None
+                    if msg[0] == "error":
+                        raise RunError(msg[1])
+                    if msg[0] == kind:
+                        got[idx] = msg[1:]
+            return [got[i] for i in range(len(conns))]
+
+        def broadcast(*msg: Any) -> None:
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.send(msg)
+
+        collect("ready", args.timeout * 3 + 10)
+        rss_before = tree_rss_kb(broker.pid)
+        warm = min(1.0, max(0.2, args.duration * 0.1))
+        t_start = time.monotonic() + 0.3
+        t_warm, t_end = t_start + warm, t_start + args.duration
+        broadcast("start", (t_start, t_warm, t_end))
+        out: dict[str, float | None] = {}
+        if scn == "connect-rate":
+            res = [r[0] for r in collect("connected", args.timeout * 3 + 60)]
+            ok = sum(r["connect_ok"] for r in res)
+            fail = sum(r["connect_fail"] for r in res)
+            last = max((r["last_connack"] for r in res), default=0)
+            elapsed = (last / 1e9 - t_start) if last else float("nan")
+            time.sleep(1.0)  # let the broker settle before measuring memory
+            rss_after = tree_rss_kb(broker.pid)
+            out["conn/s"] = ok / elapsed if ok and elapsed > 0 else 0.0
+            out["failed"] = float(fail)
+            out["KB/idle conn"] = ((rss_after - rss_before) / ok
+                                   if rss_before is not None and rss_after is not None and ok else None)
+            lat = sorted(x for r in res for x in r["connect_ns"])
+            out["_connect_p50_ms"] = _percentile(lat, 50) / 1e6 if lat else None
+            out["_connect_p99_ms"] = _percentile(lat, 99) / 1e6 if lat else None
+            out["_rss_before_kb"] = rss_before
+            out["_rss_after_kb"] = rss_after
+            errors = [e for r in res for e in r["errors"]]
+            broadcast("stop", None)
+            final = [r[0] for r in collect("done", 60)]
+            out["_gen_cpu"] = sum(r["cpu"] for r in final)
+            out["_gen_cpu_each"] = [round(r["cpu"], 2) for r in final]
+            if errors:
+                out["_errors"] = errors[:5]  # type: ignore[assignment]
+            return out
+
+        time.sleep(max(0.0, t_warm - time.monotonic()))
+        cpu_before, wall_before = tree_cpu_s(broker.pid), time.monotonic()
+        collect("published", args.duration + args.timeout + 10)
+        cpu_after = tree_cpu_s(broker.pid)
+        if cpu_before is not None and cpu_after is not None:
+            out["_broker_cpu_pct"] = round(100 * (cpu_after - cpu_before)
+                                           / (time.monotonic() - wall_before), 1)
+        fan = plans[0].fan
+        # drain: until everything sent has arrived, or nothing moves for a while
+        deadline = time.monotonic() + args.drain
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            expected = sum(sent_arr) * fan
+            got = sum(recv_arr)
+            if got >= expected:
+                break
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > min(1.0, args.drain):
+                break
+            time.sleep(0.02)
+        broadcast("stop", None)
+        res = [r[0] for r in collect("done", args.timeout + 30)]
+        sent = sum(r["sent"] for r in res)
+        recv = sum(r["recv"] for r in res)
+        window = t_end - t_warm
+        rate = (sum(r["recv_end"] for r in res) - sum(r["recv_warm"] for r in res)) / window
+        sent_rate = (sum(r["sent_end"] for r in res) - sum(r["sent_warm"] for r in res)) / window
+        key = "deliveries/s" if scn == "fanout-qos0" else "msg/s"
+        out[key] = rate
+        out["loss"] = float(sent * fan - recv)
+        out["_sent"] = sent
+        out["_received"] = recv
+        out["_publish_rate"] = sent_rate
+        last_recv = max((r.get("last_recv_ns", 0) for r in res), default=0)
+        if last_recv:
+            # everything received over the time from start to the last delivery (drain included)
+            out["_overall_rate"] = recv / max(1e-9, last_recv / 1e9 - t_start)
+        out["_gen_cpu"] = sum(r["cpu"] for r in res)
+        out["_gen_cpu_each"] = [round(r["cpu"], 2) for r in res]
+        out["_reads"] = [r["reads"] for r in res]
+        out["_ack_errors"] = sum(r["ack_errors"] for r in res)
+        errors = [e for r in res for e in r["errors"]]
+        if errors:
+            out["_errors"] = errors[:5]  # type: ignore[assignment]
+        if scn == "latency-qos1":
+            lat = sorted(x for r in res for x in r["lat_ns"])
+            out["p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
+            out["p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
+            out["_samples"] = len(lat)
+        return out
+    finally:
+        for proc, c in workers:
+            with contextlib.suppress(Exception):
+                c.close()
+        for proc, _ in workers:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+
+# =====================================================================================
+# Reporting
+# =====================================================================================
+
+def fmt(v: float | None, metric: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if metric.endswith("ms"):
+        return f"{v:,.2f}"
+    if metric.startswith("KB"):
+        return f"{v:,.1f}"
+    return f"{v:,.0f}"
+
+
+def median(vals: list[float | None]) -> float | None:
+    good = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(good) if good else None
+
+
+def print_table(rows: list[dict[str, Any]], col_a: str, col_b: str | None) -> None:
+    header = ["scenario", "metric", col_a] + ([col_b, "ratio"] if col_b else [])
+    lines = [header]
+    for r in rows:
+        line = [r["scenario"], r["metric"], fmt(r["a"], r["metric"])]
+        if col_b:
+            ratio = r.get("ratio")
+            line += [fmt(r["b"], r["metric"]), "n/a" if ratio is None else f"{ratio:.2f}"]
+        lines.append(line)
+    widths = [max(len(str(row[k])) for row in lines) for k in range(len(header))]
+    for n, row in enumerate(lines):
+        cells = [str(c).ljust(widths[k]) if k < 2 else str(c).rjust(widths[k]) for k, c in enumerate(row)]
+        print("  ".join(cells).rstrip())
+        if n == 0:
+            print("  ".join("-" * wdt for wdt in widths))
+
+
+def describe(scn: str, label: str, n: int, total: int, m: dict[str, Any], dur: float) -> str:
+    bits = []
+    for metric in SCENARIO_METRICS[scn]:
+        bits.append(f"{metric.key} {fmt(m.get(metric.key), metric.key)}")
+    if m.get("_connect_p50_ms") is not None:
+        bits.append(f"CONNACK p50/p99 {m['_connect_p50_ms']:.1f}/{m['_connect_p99_ms']:.1f} ms")
+    if "_broker_cpu_pct" in m:
+        bits.append(f"broker cpu {m['_broker_cpu_pct']:.0f}%")
+    if "_gen_cpu_each" in m:
+        bits.append(f"generator cpu s {m['_gen_cpu_each']}")
+    if m.get("_errors"):
+        bits.append(f"errors: {m['_errors'][:2]}")
+    return f"  [{scn}] {label} run {n}/{total}: " + ", ".join(bits)
+
+
+# =====================================================================================
+# Main
+# =====================================================================================
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cpus = os.cpu_count() or 1
+    ap = argparse.ArgumentParser(prog="python -m loadtests.bench",
+                                 description="ShardBroker vs Mosquitto, side by side, on loopback.")
+    ap.add_argument("--scenario", action="append", choices=SCENARIOS,
+                    help="run only this scenario (repeatable); default: all")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of load per run (default 5)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per broker and scenario (default 3)")
+    ap.add_argument("--payload", type=int, default=64, help="payload bytes (default 64)")
+    ap.add_argument("--protocol", type=int, choices=(4, 5), default=4,
+                    help="MQTT protocol level: 4 = 3.1.1 (default), 5 = 5.0")
+    ap.add_argument("--workers", type=int, default=cpus,
+                    help=f"ShardBroker --workers (default: CPU count = {cpus})")
+    ap.add_argument("--durability", choices=("fsync", "no-fsync"), default=None,
+                    help="ShardBroker --durability for the non-persistent scenarios (default: its own)")
+    ap.add_argument("--procs", type=int, default=max(2, cpus),
+                    help="generator processes (default: CPU count, at least 2)")
+    ap.add_argument("--broker-only", action="store_true", help="ShardBroker alone, no Mosquitto")
+    ap.add_argument("--mosquitto-only", action="store_true",
+                    help="Mosquitto alone (to check the generator)")
+    ap.add_argument("--target", metavar="HOST:PORT",
+                    help="benchmark an already running broker on loopback (nothing is started)")
+    ap.add_argument("--target-pid", type=int, default=None,
+                    help="pid of the --target broker's top process (for connect-rate memory)")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="shard count for choosing client ids with --target (default: --workers)")
+    ap.add_argument("--json", metavar="FILE", help="also write all runs and medians as JSON")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs ShardBroker")
+    g = ap.add_argument_group("scenario sizes")
+    g.add_argument("--fanin-publishers", type=int, default=8)
+    g.add_argument("--pairs", type=int, default=50)
+    g.add_argument("--fanout-subscribers", type=int, default=100)
+    g.add_argument("--latency-rate", type=float, default=2000.0,
+                   help="total msg/s in latency-qos1 (default 2000)")
+    g.add_argument("--connections", type=int, default=5000, help="clients in connect-rate (default 5000)")
+    g.add_argument("--rate", type=float, default=0.0,
+                   help="total publish rate msg/s for throughput scenarios (default 0 = max)")
+    t = ap.add_argument_group("generator tuning")
+    t.add_argument("--window", type=int, default=64, help="QoS 1/2 unacked per publisher (default 64)")
+    t.add_argument("--window-qos2", type=int, default=20,
+                   help="QoS 2 unfinished flows per publisher (default 20: Mosquitto 2.0 silently "
+                        "drops MQTT 3.1.1 QoS 2 publishes beyond its max_inflight_messages, 20)")
+    t.add_argument("--e2e-window", type=int, default=500,
+                   help="QoS 1/2 pairs: messages sent but not yet received, per pair (default 500; "
+                        "0 = only the acknowledgement window)")
+    t.add_argument("--qos0-window", type=int, default=20000,
+                   help="QoS 0 deliveries outstanding over all publishers (default 20000)")
+    t.add_argument("--batch", type=int, default=64, help="QoS 0 messages per write (default 64)")
+    t.add_argument("--connect-concurrency", type=int, default=80,
+                   help="handshakes in flight over all generator processes in connect-rate "
+                        "(default 80: Mosquitto listens with a backlog of 100, and an overflowing "
+                        "backlog measures SYN retransmission timers instead of the broker)")
+    t.add_argument("--read-coalesce-ms", type=float, default=1.0,
+                   help="subscribers wait this long after a small read before reading again, to "
+                        "read many messages per syscall (default 1; 0 = off; always off for latency)")
+    t.add_argument("--drain", type=float, default=3.0,
+                   help="max seconds to wait for deliveries after publishing stops (default 3)")
+    t.add_argument("--timeout", type=float, default=20.0, help="seconds for each wait (default 20)")
+    t.add_argument("--start-timeout", type=float, default=60.0, help="seconds for a broker to start")
+    args = ap.parse_args(argv)
+    if args.broker_only and args.mosquitto_only:
+        ap.error("--broker-only and --mosquitto-only exclude each other")
+    if args.target:
+        host, _, port = args.target.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        if not port.isdigit():
+            ap.error("--target must be HOST:PORT")
+        if not is_loopback(host):
+            ap.error("--target must be a loopback address (this tool only sends to this machine)")
+        args.target_host, args.target_port = host, int(port)
+    if args.duration <= 0 or args.duration > 3600:
+        ap.error("--duration must be in (0, 3600]")
+    if args.repeat < 1 or args.repeat > 100:
+        ap.error("--repeat must be in 1..100")
+    if args.payload < 0 or args.payload > 1_000_000:
+        ap.error("--payload must be in 0..1000000")
+    if args.connections < 1 or args.connections > 100_000:
+        ap.error("--connections must be in 1..100000")
+    args.scenarios = args.scenario or list(SCENARIOS)
+    return args
+
+
+class Interrupted(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _raise_nofile()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started: list[Broker] = []
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    have_mosq = os.path.exists(MOSQUITTO) and not args.broker_only and not args.target
+    with_sb = not args.mosquitto_only and not args.target
+    if args.mosquitto_only and not os.path.exists(MOSQUITTO):
+        log(f"{MOSQUITTO} not found")
+        return 2
+    if not have_mosq and not args.target and not args.mosquitto_only and not args.broker_only:
+        log(f"note: {MOSQUITTO} not found: ShardBroker alone")
+    col_a = "target" if args.target else ("Mosquitto" if args.mosquitto_only else "ShardBroker")
+    col_b = "Mosquitto" if (have_mosq and with_sb) else None
+
+    def start_sb(label: str, durability: str | None) -> Broker:
+        log(f"starting ShardBroker ({label}, {args.workers} workers) ...")
+        b = Broker.shardbroker(label, args.workers, durability, args.python, args.protocol,
+                               args.start_timeout)
+        started.append(b)
+        log(f"  {b} ready (pid {b.pid})")
+        return b
+
+    def start_mosq(label: str, persistence: bool) -> Broker:
+        log(f"starting Mosquitto ({label}) ...")
+        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout)
+        started.append(b)
+        log(f"  {b} ready (pid {b.pid})")
+        return b
+
+    def stop(b: Broker) -> None:
+        b.stop()
+        if b in started:
+            started.remove(b)
+
+    def run_series(scn: str, row_label: str, brokers: list[Broker]) -> None:
+        for r in range(args.repeat):
+            for b in brokers:
+                try:
+                    m = run_once(scn, b, args)
+                except RunError as exc:
+                    log(f"  [{scn}] {b.label} run {r + 1}/{args.repeat}: FAILED: {exc}")
+                    m = {"_failed": str(exc)}
+                log(describe(scn, b.label, r + 1, args.repeat, m, args.duration))
+                runs.setdefault((row_label, b.label), []).append(m)
+
+    def add_rows(scn: str, row_label: str, a: Broker, b: Broker | None) -> None:
+        for metric in SCENARIO_METRICS[scn]:
+            va = median([m.get(metric.key) for m in runs.get((row_label, a.label), [])])
+            vb = median([m.get(metric.key) for m in runs.get((row_label, b.label), [])]) if b else None
+            ratio = va / vb if (va is not None and vb not in (None, 0)) else None
+            rows.append({"scenario": row_label, "metric": metric.key, "a": va, "b": vb,
+                         "ratio": ratio, "broker_a": a.label, "broker_b": b.label if b else None,
+                         "higher_is_better": metric.higher_is_better})
+
+    try:
+        plain = [s for s in args.scenarios if s != "persistent-qos1"]
+        if args.target:
+            tb = Broker("target", "target", args.target_host, args.target_port,
+                        shards=args.shards or args.workers)
+            tb.pid = args.target_pid
+            if not probe(tb.host, tb.port, "bench-probe-target", args.protocol):
+                log(f"cannot CONNECT to {args.target}")
+                return 2
+            for scn in args.scenarios:
+                run_series(scn, scn, [tb])
+                add_rows(scn, scn, tb, None)
+        else:
+            if plain:
+                main_brokers: list[Broker] = []
+                if with_sb:
+                    main_brokers.append(start_sb("ShardBroker", args.durability))
+                if have_mosq or args.mosquitto_only:
+                    main_brokers.append(start_mosq("Mosquitto", False))
+                for scn in plain:
+                    run_series(scn, scn, main_brokers)
+                    add_rows(scn, scn, main_brokers[0], main_brokers[1] if len(main_brokers) > 1 else None)
+                for b in main_brokers:
+                    stop(b)
+            if "persistent-qos1" in args.scenarios:
+                scn = "persistent-qos1"
+                mosq = start_mosq("Mosquitto persistence", True) if (have_mosq or args.mosquitto_only) else None
+                if with_sb:
+                    for mode in ("fsync", "no-fsync"):
+                        sb = start_sb(f"ShardBroker {mode}", mode)
+                        label = f"{scn} {mode}"
+                        # interleave with the persistent Mosquitto
+                        run_series(scn, label, [sb] + ([mosq] if mosq else []))
+                        add_rows(scn, label, sb, mosq)
+                        stop(sb)
+                elif mosq:
+                    run_series(scn, scn, [mosq])
+                    add_rows(scn, scn, mosq, None)
+                if mosq:
+                    stop(mosq)
+    except KeyboardInterrupt:
+        log("interrupted: stopping generators and brokers")
+        return 130
+    except RuntimeError as exc:
+        log(f"error: {exc}")
+        return 1
+    finally:
+        for b in list(started):
+            b.stop()
+
+    print()
+    print(f"medians of {args.repeat} run(s), {args.duration:g} s each, payload {args.payload} B, "
+          f"MQTT {'5.0' if args.protocol == 5 else '3.1.1'}, ShardBroker workers {args.workers}, "
+          f"generator processes {args.procs}")
+    print_table(rows, col_a, col_b)
+    if col_b:
+        print("ratio = ShardBroker / Mosquitto (above 1 is better for rates, worse for ms, KB, loss)")
+    if args.json:
+        doc = {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "command": " ".join([os.path.basename(sys.executable), "-m", "loadtests.bench"]
+                                + (argv if argv is not None else sys.argv[1:])),
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "rows": rows,
+            "runs": [{"scenario": s, "broker": b, "runs": ms} for (s, b), ms in runs.items()],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
