@@ -15,14 +15,16 @@ persistent-qos1. See docs/BENCHMARKS.md for what each one measures.
 
 How the load generator works (it must not be the bottleneck):
 
-* ``--procs`` generator processes (default: CPU count), each running one
-  event loop (uvloop when installed) over plain TCP sockets;
+* ``--procs`` generator processes (default: CPU count), each running its own
+  level-triggered epoll loop over raw non-blocking TCP sockets (no asyncio);
 * MQTT packets are pre-encoded by ``loadtests.mqttwire`` (an encoder written for
   this tool; nothing is imported from shardbroker's codec) and written in
-  batches, one ``write`` per batch;
+  batches, one ``send`` per batch;
 * subscribers split frames with an inlined incremental parser that only
   counts PUBLISH packets (and reads the timestamp in the payload when latency
-  is measured) and answers PUBACK / PUBREC / PUBCOMP in one write per read;
+  is measured) and answers PUBACK / PUBREC / PUBCOMP in one ``send`` per read;
+  when a pass of the loop read little, it sleeps ``--read-coalesce-ms`` so the
+  next pass reads many messages per syscall (off for latency-qos1);
 * QoS 1/2 publishers pipeline up to ``--window`` unacknowledged messages
   (capped by the broker's Receive Maximum under MQTT 5);
 * QoS 0 publishers run closed-loop: at most ``--qos0-window`` deliveries may
@@ -41,10 +43,11 @@ table reports medians over ``--repeat`` runs.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
 import contextlib
 import ctypes
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
@@ -54,6 +57,7 @@ import os
 import platform
 import resource
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -70,7 +74,7 @@ from loadtests import mqttwire as w
 
 try:  # the broker's client placement; only used to choose client ids
     from shardbroker.sharding import shard_for
-except Exception:  # pragma: no cover - same function, for use without the package
+except ImportError:  # pragma: no cover - same function, for use without the package
     def shard_for(client_id: str, shards: int) -> int:
         if shards <= 1:
             return 0
@@ -143,7 +147,7 @@ class Plan:
     fan: int = 1                    # deliveries expected per published message
     batch: int = 64                 # QoS 0 messages per write
     stamp: bool = False             # timestamp in payload, latency at subscribers
-    coalesce_ms: float = 1.0        # clients pause reading this long after a small read
+    coalesce_ms: float = 2.0        # sleep after a loop pass that read little
     pairs: bool = False             # pubs[k] and subs[k] form a pair (end-to-end window)
     e2e_window: int = 500           # QoS 1/2 pairs: sent but not yet received, per pair
     connect_concurrency: int = 100
@@ -151,72 +155,284 @@ class Plan:
     timeout: float = 20.0           # per wait (connect, CONNACK, SUBACK)
 
 
-class Client(asyncio.Protocol):
-    """One MQTT connection: publisher, subscriber or idle client."""
+S_CONNECTING, S_CONNACK, S_SUBACK, S_READY, S_CLOSED = range(5)
+_EP_IN, _EP_OUT = select.EPOLLIN, select.EPOLLOUT
+_EP_ERR = select.EPOLLERR | select.EPOLLHUP
+_OUT_HIGH = 256 * 1024       # a QoS 0 publisher with more than this unsent waits
+_COALESCE_BYTES = 64 * 1024  # read less than this in one pass: wait a little before the next
 
-    def __init__(self, gen: "Generator", client_id: str, role: str) -> None:
-        loop = gen.loop
-        self.gen = gen
-        self.client_id = client_id
+
+class SetupError(Exception):
+    pass
+
+
+class Conn:
+    """One MQTT connection on a raw non-blocking socket."""
+
+    __slots__ = (
+        "batch",
+        "blocked_e2e",
+        "buf",
+        "cid",
+        "connack_code",
+        "connect_pkt",
+        "e2e",
+        "error",
+        "fd",
+        "filter",
+        "inflight",
+        "leaving",
+        "min_batch",
+        "next_pid",
+        "out",
+        "partner",
+        "pid_max",
+        "pkts",
+        "prefix",
+        "recv",
+        "role",
+        "sent",
+        "sock",
+        "state",
+        "t0",
+        "window",
+    )
+
+    def __init__(self, sock: socket.socket, cid: str, role: str, window: int, e2e: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.cid = cid
         self.role = role
-        self.transport: asyncio.Transport | None = None
+        self.state = S_CONNECTING
         self.buf = b""
-        self.connack: asyncio.Future[tuple[int, dict[int, int]]] = loop.create_future()
-        self.suback: asyncio.Future[bytes] | None = None
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.paused = False
+        self.out = bytearray()
         self.leaving = False
-        self.window = gen.plan.window
+        self.filter: str | None = None
+        self.connect_pkt = b""
+        self.connack_code = -1
+        self.error = ""
+        self.window = window
+        self.min_batch = max(1, window // 4)
         self.inflight: set[int] = set()
         self.next_pid = 1
+        self.pid_max = 65535
+        self.pkts: list[bytes] = []
+        self.prefix = b""
+        self.batch = b""
         self.sent = 0
         self.recv = 0
-        self.connect_pkt = b""
-        self.prefix = b""
-        self.pkts: list[bytes] = []
-        self.pid_max = 65535
-        self.partner: Client | None = None   # publisher <-> subscriber of one pair
-        self.e2e = gen.plan.e2e_window
+        self.partner: Conn | None = None
+        self.e2e = e2e
+        self.blocked_e2e = False
+        self.t0 = 0
 
-    # ---- asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(self.connect_pkt)  # type: ignore[attr-defined]
 
-    def pause_writing(self) -> None:
-        self.paused = True
+class Engine:
+    """One generator process: a level-triggered epoll loop over raw sockets.
 
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.role == "pub" and self.gen.plan.qos and not self.gen.paced:
-            self.top_up()
+    No asyncio: each pass of the loop is one ``epoll.poll`` and, per ready
+    socket, one ``recv`` and at most one ``send``. When a pass reads little,
+    the loop sleeps ``coalesce_ms`` so that the next pass reads many messages
+    per syscall (the sockets stay registered: no epoll_ctl churn).
+    """
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        if not self.leaving:
-            self.gen.errors.append(f"{self.client_id}: connection lost ({exc or 'closed by broker'})")
-        for fut in (self.connack, self.suback):
-            if fut is not None and not fut.done():
-                fut.set_exception(ConnectionError("connection lost"))
+    def __init__(self, plan: Plan, pipe: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
+        self.plan = plan
+        self.pipe = pipe
+        self.sent_arr = sent_arr
+        self.recv_arr = recv_arr
+        self.ep = select.epoll()
+        self.by_fd: dict[int, Conn] = {}
+        self.pipe_fd = pipe.fileno()
+        self.ep.register(self.pipe_fd, _EP_IN)
+        self.cmds: collections.deque[tuple[str, Any]] = collections.deque()
+        self.errors: list[str] = []
+        self.error_count = 0
+        self.subs: list[Conn] = []
+        self.pubs: list[Conn] = []
+        self.publishing = False
+        self.paced = plan.rate_per_pub > 0
+        self.sent_total = 0
+        self.recv_total = 0
+        self.acked = 0
+        self.ack_errors = 0
+        self.reads = 0
+        self.bytes_in = 0
+        self.last_recv_ns = 0
+        self.lat: list[int] = []
+        self.warm_ns = 0
+        self.recv_at_warm = self.recv_at_end = self.sent_at_warm = self.sent_at_end = 0
+        self.mid = b"\x00" if plan.proto == 5 else b""
+        size = max(plan.payload, 8) if plan.stamp else plan.payload
+        self.payload_bytes = bytes((65 + k % 26) for k in range(size))
+        self.addr = (plan.host, plan.port)
+        self.written_off = 0
+        self.stalled = False
+        self.stall_seen = -1
+        self.stall_since = 0.0
+        self.next_ping = 0.0
+        self.cpu0 = os.times()
 
-    def data_received(self, data: bytes) -> None:  # noqa: C901 - hot path, kept inline
-        if self.buf:
-            data = self.buf + data
-            self.buf = b""
-        gen = self.gen
-        gen.reads += 1
+    # ------------------------------------------------------------------ plumbing
+    def note(self, msg: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < 20:
+            self.errors.append(msg)
+
+    def tell(self, *msg: Any) -> None:
+        self.pipe.send(msg)
+
+    def open(self, cid: str, role: str, *, clean: bool = True, expiry: int = 0,
+             keepalive: int | None = None) -> Conn:
+        plan = self.plan
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = Conn(sock, cid, role, plan.window, plan.e2e_window)
+        c.connect_pkt = w.connect(cid, proto=plan.proto, clean=clean,
+                                  keepalive=plan.keepalive if keepalive is None else keepalive,
+                                  session_expiry=expiry)
+        c.t0 = time.monotonic_ns()
+        rc = sock.connect_ex(self.addr)
+        if rc not in (0, errno.EINPROGRESS):
+            sock.close()
+            c.state = S_CLOSED
+            c.error = f"connect: {os.strerror(rc)}"
+            return c
+        self.by_fd[c.fd] = c
+        self.ep.register(c.fd, _EP_OUT)
+        return c
+
+    def lost(self, c: Conn, why: str) -> None:
+        if c.state == S_CLOSED:
+            return
+        if not c.leaving:
+            c.error = c.error or why
+            self.note(f"{c.cid}: {why}")
+        c.state = S_CLOSED
+        with contextlib.suppress(Exception):
+            self.ep.unregister(c.fd)
+        self.by_fd.pop(c.fd, None)
+        c.sock.close()
+
+    def send(self, c: Conn, data: bytes) -> None:
+        if c.state == S_CLOSED:
+            return
+        if c.out:
+            c.out += data
+            return
+        try:
+            n = c.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.lost(c, f"send: {exc}")
+            return
+        if n < len(data):
+            c.out += data[n:]
+            self.ep.modify(c.fd, _EP_IN | _EP_OUT)
+
+    def _writable(self, c: Conn) -> None:
+        if c.state == S_CONNECTING:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.lost(c, f"connect: {os.strerror(err)}")
+                return
+            c.state = S_CONNACK
+            self.ep.modify(c.fd, _EP_IN)
+            self.send(c, c.connect_pkt)
+            return
+        if c.out:
+            try:
+                n = c.sock.send(c.out)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.lost(c, f"send: {exc}")
+                return
+            del c.out[:n]
+        if not c.out:
+            self.ep.modify(c.fd, _EP_IN)
+            if c.role == "pub" and self.plan.qos and not self.paced and self.publishing:
+                self.top_up(c)
+
+    def poll(self, timeout: float) -> int:
+        """One pass: returns the bytes read."""
+        got = 0
+        by_fd = self.by_fd
+        for fd, ev in self.ep.poll(timeout):
+            c = by_fd.get(fd)
+            if c is None:
+                if fd == self.pipe_fd:
+                    self._read_pipe()
+                continue
+            if ev & _EP_OUT or c.state == S_CONNECTING:
+                self._writable(c)
+                if c.state == S_CLOSED:
+                    continue
+            if ev & (_EP_IN | _EP_ERR) and c.state != S_CONNECTING:
+                try:
+                    data = c.sock.recv(262144)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self.lost(c, f"recv: {exc}")
+                    continue
+                if not data:
+                    self.lost(c, "closed by the broker")
+                    continue
+                got += len(data)
+                self.on_data(c, data)
+        self.bytes_in += got
+        return got
+
+    def _read_pipe(self) -> None:
+        try:
+            while self.pipe.poll():
+                self.cmds.append(self.pipe.recv())
+        except (EOFError, OSError):
+            self.cmds.append(("exit", None))
+            with contextlib.suppress(Exception):
+                self.ep.unregister(self.pipe_fd)
+
+    def wait_cmd(self, timeout: float) -> tuple[str, Any]:
+        """Keep serving the sockets until the parent says something."""
+        deadline = time.monotonic() + timeout
+        while not self.cmds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ("exit", "timeout waiting for the parent")
+            self.poll(min(left, 0.005))
+            self.ping()
+        return self.cmds.popleft()
+
+    def ping(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_ping:
+            self.next_ping = now + max(1.0, self.plan.keepalive / 2)
+            for c in list(self.by_fd.values()):
+                if c.state == S_READY:
+                    self.send(c, w.PINGREQ_PACKET)
+
+    # ------------------------------------------------------------------ parser
+    def on_data(self, c: Conn, data: bytes) -> None:
+        if c.buf:
+            data = c.buf + data
+            c.buf = b""
+        self.reads += 1
         n = len(data)
         i = 0
         count = 0
         acks: list[bytes] = []
         freed = 0
-        v5 = gen.plan.proto == 5
-        stamp = gen.plan.stamp
+        plan = self.plan
+        stamp = plan.stamp
         if stamp:
             now = time.monotonic_ns()
-            lat = gen.lat
-            warm = gen.warm_ns
+            lat = self.lat
+            warm = self.warm_ns
+            v5 = plan.proto == 5
         while i + 2 <= n:
             first = data[i]
             rl = data[i + 1]
@@ -235,8 +451,7 @@ class Client(asyncio.Protocol):
                     shift += 7
                 if not complete:
                     if shift > 21:
-                        gen.errors.append(f"{self.client_id}: malformed remaining length")
-                        self._abort()
+                        self.lost(c, "malformed remaining length")
                         return
                     break
             end = j + rl
@@ -269,205 +484,75 @@ class Client(asyncio.Protocol):
                                 lat.append(now - ts)
             elif t == 4 or t == 7:  # PUBACK / PUBCOMP: a publisher's slot is free
                 pid = (data[j] << 8) | data[j + 1]
-                if pid in self.inflight:
-                    self.inflight.discard(pid)
+                if pid in c.inflight:
+                    c.inflight.discard(pid)
                     freed += 1
-                    gen.acked += 1
+                    self.acked += 1
                 if rl > 2 and data[j + 2] >= 0x80:
-                    gen.ack_errors += 1
+                    self.ack_errors += 1
             elif t == 5:  # PUBREC
-                pid = (data[j] << 8) | data[j + 1]
                 if rl > 2 and data[j + 2] >= 0x80:  # refused: the flow ends here
-                    gen.ack_errors += 1
-                    if pid in self.inflight:
-                        self.inflight.discard(pid)
+                    self.ack_errors += 1
+                    pid = (data[j] << 8) | data[j + 1]
+                    if pid in c.inflight:
+                        c.inflight.discard(pid)
                         freed += 1
                 else:
                     acks.append(b"\x62\x02" + data[j:j + 2])
             elif t == 6:  # PUBREL (to a QoS 2 subscriber)
                 acks.append(b"\x70\x02" + data[j:j + 2])
             elif t == 2:  # CONNACK
-                if not self.connack.done():
-                    try:
-                        self.connack.set_result(w.connack_result(data[j:end], gen.plan.proto))
-                    except Exception as exc:  # noqa: BLE001
-                        self.connack.set_exception(exc)
+                self._connack(c, data[j:end])
             elif t == 9:  # SUBACK
-                if self.suback is not None and not self.suback.done():
-                    self.suback.set_result(data[j:end])
+                self._suback(c, data[j:end])
             elif t == 14:  # DISCONNECT from the server (MQTT 5)
                 code = data[j] if rl else 0
-                gen.errors.append(f"{self.client_id}: DISCONNECT from broker, reason 0x{code:02x}")
+                self.note(f"{c.cid}: DISCONNECT from the broker, reason 0x{code:02x}")
             # PINGRESP (13), UNSUBACK (11): nothing to do
             i = end
         if i < n:
-            self.buf = data[i:]
+            c.buf = data[i:]
         if count:
-            gen.last_recv_ns = time.monotonic_ns()
-            self.recv += count
-            gen.recv_total += count
-            gen.recv_arr[gen.plan.index] = gen.recv_total
-            partner = self.partner
-            if partner is not None and gen.publishing and not gen.paced:
-                partner.top_up()
-        if acks and self.transport is not None:
-            self.transport.write(b"".join(acks))
-        if freed and not gen.paced and gen.publishing:
-            self.top_up()
-        if gen.coalescing and n < 32768 and self.transport is not None:
-            # Let a few more messages arrive before the next read: far fewer syscalls
-            # and callbacks per message, which leaves the CPU to the broker.
-            self.transport.pause_reading()
-            gen.to_resume.append(self)
+            self.last_recv_ns = time.monotonic_ns()
+            c.recv += count
+            self.recv_total += count
+            self.recv_arr[plan.index] = self.recv_total
+            partner = c.partner
+            if partner is not None and partner.blocked_e2e and self.publishing and not self.paced:
+                self.top_up(partner)
+        if acks:
+            self.send(c, b"".join(acks))
+        if freed and not self.paced and self.publishing:
+            self.top_up(c)
 
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    # ---- publishing
-    def prepare(self, prefix: bytes) -> None:
-        """Pre-encode this publisher's QoS 1/2 packets, one per packet id of its cycle."""
-        gen = self.gen
-        self.prefix = prefix
-        size = len(prefix) + 2 + len(gen.mid) + len(gen.payload_bytes)
-        # packet ids cycle through 1..pid_max; pid_max stays well above the window
-        self.pid_max = max(4 * self.window, min(4096, (4 << 20) // max(size, 1)), 16)
-        self.pid_max = min(self.pid_max, 65535)
-        if gen.plan.qos and not gen.plan.stamp:
-            tail = gen.mid + gen.payload_bytes
-            self.pkts = [b""] + [prefix + w.PID_BYTES[i] + tail for i in range(1, self.pid_max + 1)]
-
-    def _pid(self) -> int:
-        pid = self.next_pid
-        inflight = self.inflight
-        top = self.pid_max
-        while pid in inflight:
-            pid = pid + 1 if pid < top else 1
-        self.next_pid = pid + 1 if pid < top else 1
-        inflight.add(pid)
-        return pid
-
-    def send_qos(self, k: int) -> int:
-        """Send up to ``k`` QoS 1/2 messages within the windows; returns how many."""
-        room = self.window - len(self.inflight)
-        if k > room:
-            k = room
-        partner = self.partner
-        if partner is not None:  # end-to-end window: sent but not yet received by the partner
-            room = self.e2e - (self.sent - partner.recv)
-            if k > room:
-                k = room
-        if k <= 0 or self.transport is None:
-            return 0
-        gen = self.gen
-        pid = self._pid
-        if gen.plan.stamp:
-            prefix, mid, payload = self.prefix, gen.mid, gen.payload_bytes
-            pids = w.PID_BYTES
-            pad = payload[8:]
-            parts = [prefix + pids[pid()] + mid + time.monotonic_ns().to_bytes(8, "big") + pad
-                     for _ in range(k)]
-        else:
-            pkts = self.pkts
-            parts = [pkts[pid()] for _ in range(k)]
-        self.transport.write(b"".join(parts))
-        self.sent += k
-        gen.sent_total += k
-        gen.sent_arr[gen.plan.index] = gen.sent_total
-        return k
-
-    def top_up(self) -> None:
-        if self.gen.publishing and not self.paused:
-            self.send_qos(self.window)
-
-
-class Generator:
-    """One generator process: connects its clients, obeys the parent's commands."""
-
-    def __init__(self, plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
-        self.plan = plan
-        self.conn = conn
-        self.sent_arr = sent_arr
-        self.recv_arr = recv_arr
-        self.loop = asyncio.get_running_loop()
-        self.errors: list[str] = []
-        self.cmds: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.subs: list[Client] = []
-        self.pubs: list[Client] = []
-        self.idle: list[Client] = []
-        self.publishing = False
-        self.paced = plan.rate_per_pub > 0
-        self.coalescing = False
-        self.to_resume: list[Client] = []
-        self.sent_total = 0
-        self.recv_total = 0
-        self.acked = 0
-        self.ack_errors = 0
-        self.reads = 0
-        self.last_recv_ns = 0
-        self.lat: list[int] = []
-        self.warm_ns = 0
-        self.recv_at_warm = 0
-        self.recv_at_end = 0
-        self.sent_at_warm = 0
-        self.sent_at_end = 0
-        self.mid = b"\x00" if plan.proto == 5 else b""
-        size = max(plan.payload, 8) if plan.stamp else plan.payload
-        self.payload_bytes = bytes((65 + k % 26) for k in range(size))
-        self.connect_times: list[int] = []
-        self.connect_fail = 0
-        self.first_connack = 0
-        self.last_connack = 0
-        self.deadline = 0.0
-
-    # ---- parent link
-    def _on_cmd(self) -> None:
+    def _connack(self, c: Conn, body: bytes) -> None:
+        if c.state != S_CONNACK:
+            return
         try:
-            while self.conn.poll():
-                self.cmds.put_nowait(self.conn.recv())
-        except (EOFError, OSError):
-            self.cmds.put_nowait(("exit", None))
-            self.loop.remove_reader(self.conn.fileno())
-
-    async def cmd(self, timeout: float) -> tuple[str, Any]:
-        try:
-            return await asyncio.wait_for(self.cmds.get(), timeout)
-        except asyncio.TimeoutError:
-            return ("exit", "timeout waiting for the parent")
-
-    def send(self, *msg: Any) -> None:
-        self.conn.send(msg)
-
-    # ---- connections
-    async def open(self, client_id: str, role: str, *, clean: bool = True, expiry: int = 0) -> Client:
-        plan = self.plan
-        c = Client(self, client_id, role)
-        c.connect_pkt = w.connect(client_id, proto=plan.proto, clean=clean, keepalive=plan.keepalive,
-                                  session_expiry=expiry)
-        await asyncio.wait_for(
-            self.loop.create_connection(lambda: c, plan.host, plan.port), plan.timeout)
-        sock = c.transport.get_extra_info("socket") if c.transport else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code, props = await asyncio.wait_for(c.connack, plan.timeout)
+            code, props = w.connack_result(body, self.plan.proto)
+        except (ValueError, IndexError) as exc:
+            self.lost(c, f"bad CONNACK: {exc}")
+            return
+        c.connack_code = code
         if code != 0:
-            c.leaving = True
-            c._abort()
-            raise ConnectionError(f"{client_id}: CONNACK refused, code 0x{code:02x}")
+            c.error = f"CONNACK refused, code 0x{code:02x}"
+            self.lost(c, c.error)
+            return
         rm = props.get(w.PROP_RECEIVE_MAXIMUM)
         if rm:
             c.window = min(c.window, rm)
-        return c
+        c.min_batch = max(1, c.window // 4)
+        if c.filter is not None:
+            c.state = S_SUBACK
+            self.send(c, w.subscribe(1, [(c.filter, self.plan.qos)], proto=self.plan.proto))
+        else:
+            c.state = S_READY
 
-    async def subscribe(self, c: Client, topic_filter: str) -> None:
-        c.suback = self.loop.create_future()
-        assert c.transport is not None
-        c.transport.write(w.subscribe(1, [(topic_filter, self.plan.qos)], proto=self.plan.proto))
-        body = await asyncio.wait_for(c.suback, self.plan.timeout)
+    def _suback(self, c: Conn, body: bytes) -> None:
+        if c.state != S_SUBACK:
+            return
         codes = body[2:]
         if self.plan.proto == 5 and codes:
-            # skip property length (varint) and properties
             j, plen, shift = 0, 0, 0
             while True:
                 b = codes[j]
@@ -478,184 +563,217 @@ class Generator:
                 shift += 7
             codes = codes[j + plen:]
         if not codes or codes[0] >= 0x80:
-            raise ConnectionError(f"{c.client_id}: SUBSCRIBE {topic_filter!r} refused: {codes.hex()}")
+            c.error = f"SUBSCRIBE {c.filter!r} refused: {codes.hex()}"
+            self.lost(c, c.error)
+            return
+        c.state = S_READY
 
-    async def _bounded(self, coros: list[Any]) -> list[Any]:
-        sem = asyncio.Semaphore(self.plan.connect_concurrency)
+    # ------------------------------------------------------------------ setup
+    def connect_many(self, specs: list[tuple[str, str, str | None, bool, int]],
+                     concurrency: int) -> list[Conn]:
+        """Open ``(client id, role, filter, clean, expiry)`` connections; all must succeed."""
+        todo = list(reversed(specs))
+        active: list[Conn] = []
+        done: list[Conn] = []
+        deadline = time.monotonic() + self.plan.timeout + len(specs) / 200
+        while todo or active:
+            if time.monotonic() > deadline:
+                raise SetupError(f"{len(active) + len(todo)} of {len(specs)} connections "
+                                 f"not ready after {self.plan.timeout:.0f} s")
+            while todo and len(active) < concurrency:
+                cid, role, flt, clean, expiry = todo.pop()
+                c = self.open(cid, role, clean=clean, expiry=expiry)
+                c.filter = flt
+                if c.state == S_CLOSED:
+                    raise SetupError(f"{cid}: {c.error}")
+                active.append(c)
+            self.poll(0.02)
+            still = []
+            for c in active:
+                if c.state == S_READY:
+                    done.append(c)
+                elif c.state == S_CLOSED:
+                    raise SetupError(f"{c.cid}: {c.error or 'closed'}")
+                else:
+                    still.append(c)
+            active = still
+            if self.cmds and self.cmds[0][0] == "exit":
+                raise SetupError("parent gone")
+        return done
 
-        async def one(coro: Any) -> Any:
-            async with sem:
-                return await coro
-        return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
-
-    async def setup(self) -> None:
+    def setup(self) -> None:
         plan = self.plan
-
-        async def sub(cid: str, flt: str) -> Client:
-            c = await self.open(cid, "sub", clean=plan.sub_clean, expiry=plan.sub_expiry)
-            await self.subscribe(c, flt)
-            return c
-
-        res = await self._bounded([sub(cid, flt) for cid, flt in plan.subs])
-        for r in res:
-            if isinstance(r, BaseException):
-                raise r
-            self.subs.append(r)
-        res = await self._bounded([self.open(cid, "pub") for cid, _ in plan.pubs])
-        for r, (_, topic) in zip(res, plan.pubs):
-            if isinstance(r, BaseException):
-                raise r
-            self.pubs.append(r)
-            pre, _mid = w.publish_parts(topic, len(self.payload_bytes), qos=plan.qos, proto=plan.proto)
-            r.prepare(pre)
+        conc = max(1, plan.connect_concurrency)
+        self.subs = self.connect_many(
+            [(cid, "sub", flt, plan.sub_clean, plan.sub_expiry) for cid, flt in plan.subs], conc)
+        by_id = {c.cid: c for c in self.subs}
+        self.subs = [by_id[cid] for cid, _ in plan.subs]
+        pubs = self.connect_many([(cid, "pub", None, True, 0) for cid, _ in plan.pubs], conc)
+        by_id = {c.cid: c for c in pubs}
+        self.pubs = [by_id[cid] for cid, _ in plan.pubs]
+        tail = self.mid + self.payload_bytes
+        for c, (_, topic) in zip(self.pubs, plan.pubs):
+            prefix, _ = w.publish_parts(topic, len(self.payload_bytes), qos=plan.qos, proto=plan.proto)
+            c.prefix = prefix
+            if plan.qos:
+                size = len(prefix) + 2 + len(tail)
+                # packet ids cycle through 1..pid_max, well above the window
+                c.pid_max = min(65535, max(4 * c.window, min(4096, (4 << 20) // max(size, 1)), 16))
+                if not plan.stamp:
+                    c.pkts = [b""] + [prefix + w.PID_BYTES[i] + tail for i in range(1, c.pid_max + 1)]
+            else:
+                c.batch = (prefix + tail) * plan.batch
         if plan.pairs and plan.e2e_window > 0 and plan.qos:
             for pub, sub in zip(self.pubs, self.subs):
                 pub.partner = sub
                 sub.partner = pub
 
-    async def connect_idle(self) -> None:
-        async def one(cid: str) -> None:
-            t0 = time.monotonic_ns()
-            try:
-                c = await self.open(cid, "idle")
-            except Exception as exc:  # noqa: BLE001
-                self.connect_fail += 1
-                if len(self.errors) < 20:
-                    self.errors.append(f"{cid}: {exc!r}")
-                return
-            t1 = time.monotonic_ns()
-            self.idle.append(c)
-            self.connect_times.append(t1 - t0)
-            if not self.first_connack:
-                self.first_connack = t1
-            self.last_connack = max(self.last_connack, t1)
-        await self._bounded([one(cid) for cid in self.plan.idle])
+    # ------------------------------------------------------------------ publishing
+    def _pid(self, c: Conn) -> int:
+        pid = c.next_pid
+        inflight = c.inflight
+        top = c.pid_max
+        while pid in inflight:
+            pid = pid + 1 if pid < top else 1
+        c.next_pid = pid + 1 if pid < top else 1
+        inflight.add(pid)
+        return pid
 
-    # ---- publishing drivers
-    async def drive_qos0(self, t_end: float) -> None:
+    def send_qos(self, c: Conn, k: int, min_batch: int = 1) -> int:
+        """Up to ``k`` QoS 1/2 messages within the windows; returns how many were sent.
+
+        Nothing is sent while fewer than ``min_batch`` fit and some are still
+        outstanding: a few more acknowledgements make one larger write.
+        """
+        room = c.window - len(c.inflight)
+        k = min(k, room)
+        partner = c.partner
+        if partner is not None:  # end-to-end: sent but not yet received by the partner
+            room = c.e2e - (c.sent - partner.recv)
+            c.blocked_e2e = room < k
+            k = min(k, room)
+        if k < min_batch and c.inflight:
+            return 0
+        if k <= 0 or c.state != S_READY:
+            return 0
+        pid = self._pid
+        if self.plan.stamp:
+            prefix, mid, pids = c.prefix, self.mid, w.PID_BYTES
+            pad = self.payload_bytes[8:]
+            parts = [prefix + pids[pid(c)] + mid + time.monotonic_ns().to_bytes(8, "big") + pad
+                     for _ in range(k)]
+        else:
+            pkts = c.pkts
+            parts = [pkts[pid(c)] for _ in range(k)]
+        self.send(c, b"".join(parts))
+        c.sent += k
+        self.sent_total += k
+        self.sent_arr[self.plan.index] = self.sent_total
+        return k
+
+    def top_up(self, c: Conn) -> None:
+        if not c.out:
+            self.send_qos(c, c.window, c.min_batch)
+
+    def qos0_step(self) -> int:
+        """Closed-loop QoS 0: one batch per publisher unless too much is outstanding."""
         plan = self.plan
-        pkt = {p: p.prefix + self.mid + self.payload_bytes for p in self.pubs}
-        batch = {p: pkt[p] * plan.batch for p in self.pubs}
-        nb = plan.batch
         sent_arr, recv_arr = self.sent_arr, self.recv_arr
-        fan, limit = plan.fan, plan.qos0_window
-        written_off = 0
-        last_recv, stall_since = -1, 0.0
-        mono = time.monotonic
-        resume = limit * 3 // 4
-        stalled = False
-        while self.publishing and mono() < t_end:
-            outstanding = sum(sent_arr) * fan - sum(recv_arr) - written_off
-            if outstanding > (resume if stalled else limit):
-                stalled = True
-                got = sum(recv_arr)
-                now = mono()
-                if got != last_recv:
-                    last_recv, stall_since = got, now
-                elif now - stall_since > 1.0:  # nothing arrives for 1 s: count the rest as lost
-                    written_off += outstanding
-                    stall_since = now
-                await asyncio.sleep(0.001)  # (uvloop timers have 1 ms resolution)
-                continue
-            stalled = False
-            wrote = 0
-            for p in self.pubs:
-                if not p.paused and p.transport is not None:
-                    p.transport.write(batch[p])
-                    p.sent += nb
-                    wrote += nb
-            if wrote:
-                self.sent_total += wrote
-                sent_arr[plan.index] = self.sent_total
-                await asyncio.sleep(0)
-            else:
-                await asyncio.sleep(0.001)
+        got = sum(recv_arr)
+        outstanding = sum(sent_arr) * plan.fan - got - self.written_off
+        limit = plan.qos0_window
+        if outstanding > (limit * 3 // 4 if self.stalled else limit):
+            self.stalled = True
+            now = time.monotonic()
+            if got != self.stall_seen:
+                self.stall_seen, self.stall_since = got, now
+            elif now - self.stall_since > 1.0:  # nothing arrives for 1 s: count the rest as lost
+                self.written_off += outstanding
+                self.stall_since = now
+            return -1
+        self.stalled = False
+        wrote = 0
+        nb = plan.batch
+        for p in self.pubs:
+            if len(p.out) < _OUT_HIGH and p.state == S_READY:
+                self.send(p, p.batch)
+                p.sent += nb
+                wrote += nb
+        if wrote:
+            self.sent_total += wrote
+            sent_arr[plan.index] = self.sent_total
+        return wrote
 
-    async def drive_paced(self, t_start: float, t_end: float) -> None:
-        """Fixed rate per publisher, ticking every 2 ms; QoS 0 and QoS 1/2."""
+    def paced_step(self, t_start: float, now: float) -> None:
         plan = self.plan
-        rate = plan.rate_per_pub
+        due = int(plan.rate_per_pub * (now - t_start)) + 1
+        pad = self.payload_bytes[8:]
+        for p in self.pubs:
+            k = due - p.sent
+            if k <= 0 or len(p.out) >= _OUT_HIGH or p.state != S_READY:
+                continue
+            if plan.qos:
+                self.send_qos(p, k)
+                continue
+            head = p.prefix + self.mid
+            if plan.stamp:
+                parts = [head + time.monotonic_ns().to_bytes(8, "big") + pad for _ in range(k)]
+            else:
+                parts = [head + self.payload_bytes] * k
+            self.send(p, b"".join(parts))
+            p.sent += k
+            self.sent_total += k
+            self.sent_arr[plan.index] = self.sent_total
+
+    # ------------------------------------------------------------------ phases
+    def run_load(self, t_start: float, t_warm: float, t_end: float) -> None:
+        plan = self.plan
         mono = time.monotonic
-        pad = self.payload_bytes[8:] if plan.stamp else b""
-        while self.publishing:
-            now = mono()
-            if now >= t_end:
-                break
-            due = int(rate * (now - t_start)) + 1
+        self.warm_ns = int(t_warm * 1e9)
+        while mono() < t_start:
+            self.poll(min(0.005, max(0.0, t_start - mono())))
+        coalesce = plan.coalesce_ms / 1000
+        warm_marked = False
+        self.publishing = bool(self.pubs)
+        if self.publishing and plan.qos and not self.paced:
             for p in self.pubs:
-                k = due - p.sent
-                if k <= 0 or p.paused:
-                    continue
-                if plan.qos:
-                    p.send_qos(k)
-                elif p.transport is not None:
-                    head = p.prefix + self.mid
-                    if plan.stamp:
-                        parts = [head + time.monotonic_ns().to_bytes(8, "big") + pad for _ in range(k)]
-                    else:
-                        parts = [head + self.payload_bytes] * k
-                    p.transport.write(b"".join(parts))
-                    p.sent += k
-                    self.sent_total += k
-                    self.sent_arr[plan.index] = self.sent_total
-            await asyncio.sleep(0.002)
-
-    def _mark_warm(self) -> None:
-        self.recv_at_warm = self.recv_total
-        self.sent_at_warm = self.sent_total
-
-    def _mark_end(self) -> None:
-        self.recv_at_end = self.recv_total
-        self.sent_at_end = self.sent_total
+                self.send_qos(p, p.window)
+        last_tick = 0.0
+        hard_stop = t_end + 5.0
+        while True:
+            now = mono()
+            if not warm_marked and now >= t_warm:
+                warm_marked = True
+                self.recv_at_warm, self.sent_at_warm = self.recv_total, self.sent_total
+            if now >= t_end or now > hard_stop:
+                break
+            did = 0
+            if self.publishing:
+                if self.paced:
+                    if now - last_tick >= 0.002:
+                        last_tick = now
+                        self.paced_step(t_start, now)
+                elif plan.qos == 0:
+                    did = self.qos0_step()
+            got = self.poll(0 if did > 0 else 0.001)
+            if coalesce and did <= 0 and got < _COALESCE_BYTES:
+                time.sleep(coalesce)
+            if self.cmds and self.cmds[0][0] == "exit":
+                break
+            self.ping()
+        self.recv_at_end, self.sent_at_end = self.recv_total, self.sent_total
         self.publishing = False
 
-    async def resumer(self) -> None:
-        every = self.plan.coalesce_ms / 1000
-        while self.coalescing:
-            await asyncio.sleep(every)
-            self.resume_all()
-
-    def resume_all(self) -> None:
-        if self.to_resume:
-            todo, self.to_resume = self.to_resume, []
-            for c in todo:
-                if c.transport is not None and not c.transport.is_closing():
-                    c.transport.resume_reading()
-
-    async def pinger(self) -> None:
-        every = max(1.0, self.plan.keepalive / 2)
-        while True:
-            await asyncio.sleep(every)
-            for c in self.subs + self.pubs + self.idle:
-                if c.transport is not None and not c.transport.is_closing():
-                    c.transport.write(w.PINGREQ_PACKET)
-
-    async def close_all(self) -> None:
-        self.coalescing = False
-        self.resume_all()
-        clients = self.subs + self.pubs + self.idle
-        for c in clients:
+    def close_all(self, conns: list[Conn]) -> None:
+        for c in conns:
             c.leaving = True
-            if c.transport is not None and not c.transport.is_closing():
-                c.transport.write(w.DISCONNECT_PACKET)
-        # The broker closes after DISCONNECT: its side keeps the TIME_WAIT, not our ports.
-        pending = [c.closed for c in clients if not c.closed.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=3.0)
-        for c in clients:
-            if c.transport is not None and not c.closed.done():
-                c.transport.close()
-        if self.plan.cleanup_sessions and self.plan.subs:
-            async def wipe(cid: str) -> None:
-                try:
-                    c = await self.open(cid, "wipe", clean=True)
-                    c.leaving = True
-                    assert c.transport is not None
-                    c.transport.write(w.DISCONNECT_PACKET)
-                    await asyncio.wait_for(c.closed, 3.0)
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
-            await self._bounded([wipe(cid) for cid, _ in self.plan.subs])
+            self.send(c, w.DISCONNECT_PACKET)
+        # the broker closes after DISCONNECT: its side keeps the TIME_WAIT, not our ports
+        deadline = time.monotonic() + 3.0
+        while any(c.state != S_CLOSED for c in conns) and time.monotonic() < deadline:
+            self.poll(0.01)
+        for c in conns:
+            self.lost(c, "")
 
     def stats(self) -> dict[str, Any]:
         t = os.times()
@@ -664,76 +782,42 @@ class Generator:
             "sent": self.sent_total, "recv": self.recv_total,
             "recv_warm": self.recv_at_warm, "recv_end": self.recv_at_end,
             "sent_warm": self.sent_at_warm, "sent_end": self.sent_at_end,
-            "acked": self.acked, "ack_errors": self.ack_errors,
-            "lat_ns": self.lat,
-            "connect_ok": len(self.connect_times), "connect_fail": self.connect_fail,
-            "connect_ns": self.connect_times,
-            "first_connack": self.first_connack, "last_connack": self.last_connack,
-            "cpu": t.user + t.system, "reads": self.reads, "last_recv_ns": self.last_recv_ns,
-            "errors": self.errors[:20], "error_count": len(self.errors),
+            "acked": self.acked, "ack_errors": self.ack_errors, "lat_ns": self.lat,
+            "connect_ok": 0, "connect_fail": 0, "connect_ns": [], "first_connack": 0,
+            "last_connack": 0,
+            "cpu": (t.user + t.system) - (self.cpu0.user + self.cpu0.system),
+            "reads": self.reads, "bytes_in": self.bytes_in, "last_recv_ns": self.last_recv_ns,
+            "errors": self.errors[:20], "error_count": self.error_count,
         }
 
-    async def run(self) -> None:
-        self.loop.add_reader(self.conn.fileno(), self._on_cmd)
-        pinger = asyncio.ensure_future(self.pinger())
-        try:
-            await self._run()
-        finally:
-            pinger.cancel()
-
-    async def _run(self) -> None:
+    def run(self) -> None:
         plan = self.plan
         try:
-            await self.setup()
-        except Exception as exc:  # noqa: BLE001
-            self.send("error", f"worker {plan.index} setup: {exc!r}")
-            await self.close_all()
+            self.setup()
+        except SetupError as exc:
+            self.tell("error", f"generator {plan.index} setup: {exc}")
+            self.close_all(list(self.by_fd.values()))
             return
-        self.send("ready", len(self.subs), len(self.pubs))
-        kind, arg = await self.cmd(120)
+        self.tell("ready", len(self.subs), len(self.pubs))
+        kind, arg = self.wait_cmd(120)
         if kind != "start":
-            await self.close_all()
+            self.close_all(self.subs + self.pubs)
             return
-        t_start, t_warm, t_end = arg
-        self.warm_ns = int(t_warm * 1e9)
-        delay = t_start - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if plan.idle:
-            await self.connect_idle()
-            self.send("connected", self.stats())
-        else:
-            if plan.coalesce_ms > 0 and self.subs:
-                self.coalescing = True
-                asyncio.ensure_future(self.resumer())
-            self.loop.call_later(max(0.0, t_warm - time.monotonic()), self._mark_warm)
-            self.loop.call_later(max(0.0, t_end - time.monotonic()), self._mark_end)
-            if self.pubs:
-                self.publishing = True
-                if self.paced:
-                    await self.drive_paced(t_start, t_end)
-                elif plan.qos == 0:
-                    await self.drive_qos0(t_end)
-                else:
-                    for p in self.pubs:
-                        p.top_up()
-                    while self.publishing and time.monotonic() < t_end:
-                        await asyncio.sleep(0.05)
-                self.publishing = False
-            remaining = t_end - time.monotonic()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
-            await asyncio.sleep(0.01)  # let _mark_end run
-            if self.recv_at_end == 0 and self.sent_at_end == 0:
-                self._mark_end()
-            self.send("published", self.sent_total)
-        kind, _ = await self.cmd(300)
-        await self.close_all()
-        self.send("done", self.stats())
+        self.run_load(*arg)
+        self.tell("published", self.sent_total)
+        self.wait_cmd(300)
+        self.close_all(self.subs + self.pubs)
+        if plan.cleanup_sessions and plan.subs:
+            # remove the persistent sessions: connect again with a clean session, then leave
+            with contextlib.suppress(SetupError):
+                wipers = self.connect_many([(cid, "wipe", None, True, 0) for cid, _ in plan.subs],
+                                           max(1, plan.connect_concurrency))
+                self.close_all(wipers)
+        self.tell("done", self.stats())
 
 
 class _Pending:
-    __slots__ = ("cid", "t0", "phase", "buf")
+    __slots__ = ("buf", "cid", "phase", "t0")
 
     def __init__(self, cid: str, t0: int) -> None:
         self.cid, self.t0, self.phase, self.buf = cid, t0, 0, b""
@@ -745,7 +829,6 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
     Keeps up to ``connect_concurrency`` handshakes (TCP connect, CONNECT,
     CONNACK) in flight, then holds the connections idle until told to stop.
     """
-    import errno
     import selectors
 
     t_begin = os.times()
@@ -799,53 +882,53 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
             sel.register(sock, selectors.EVENT_WRITE)
         for key, _mask in sel.select(timeout=0.2):
             sock = key.fileobj  # type: ignore[assignment]
-            st = pending.get(sock)  # type: ignore[arg-type]
+            st = pending.get(sock)
             if st is None:
                 continue
             if st.phase == 0:
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    drop(sock, f"connect: {os.strerror(err)}", st.cid)  # type: ignore[arg-type]
+                    drop(sock, f"connect: {os.strerror(err)}", st.cid)
                     continue
                 try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
-                    sock.send(w.connect(st.cid, proto=plan.proto, keepalive=plan.keepalive))  # type: ignore[union-attr]
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.send(w.connect(st.cid, proto=plan.proto, keepalive=plan.keepalive))
                 except OSError as exc:
-                    drop(sock, f"send CONNECT: {exc}", st.cid)  # type: ignore[arg-type]
+                    drop(sock, f"send CONNECT: {exc}", st.cid)
                     continue
                 st.phase = 1
                 sel.modify(sock, selectors.EVENT_READ)
                 continue
             try:
-                data = sock.recv(256)  # type: ignore[union-attr]
+                data = sock.recv(256)
             except BlockingIOError:
                 continue
             except OSError as exc:
-                drop(sock, f"recv: {exc}", st.cid)  # type: ignore[arg-type]
+                drop(sock, f"recv: {exc}", st.cid)
                 continue
             if not data:
-                drop(sock, "closed before CONNACK", st.cid)  # type: ignore[arg-type]
+                drop(sock, "closed before CONNACK", st.cid)
                 continue
             st.buf += data
             try:
                 frames, _ = w.split_frames(st.buf)
             except ValueError:
-                drop(sock, "malformed reply", st.cid)  # type: ignore[arg-type]
+                drop(sock, "malformed reply", st.cid)
                 continue
             if not frames:
                 continue
             ptype, body = frames[0]
             code = w.connack_result(body, plan.proto)[0] if ptype >> 4 == w.CONNACK else -1
             if code != 0:
-                drop(sock, f"CONNACK code {code}", st.cid)  # type: ignore[arg-type]
+                drop(sock, f"CONNACK code {code}", st.cid)
                 continue
             now = time.monotonic_ns()
             times.append(now - st.t0)
             first = first or now
             last = now
             sel.unregister(sock)
-            del pending[sock]  # type: ignore[arg-type]
-            held.append(sock)  # type: ignore[arg-type]
+            del pending[sock]
+            held.append(sock)
         if time.monotonic() >= next_sweep:
             next_sweep = time.monotonic() + 0.5
             now = time.monotonic_ns()
@@ -879,15 +962,15 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
         for key, _mask in sel.select(timeout=0.2):
             sock = key.fileobj  # type: ignore[assignment]
             try:
-                data = sock.recv(4096)  # type: ignore[union-attr]
+                data = sock.recv(4096)
             except BlockingIOError:
                 continue
             except OSError:
                 data = b""
             if not data:
                 sel.unregister(sock)
-                sock.close()  # type: ignore[union-attr]
-                open_socks.discard(sock)  # type: ignore[arg-type]
+                sock.close()
+                open_socks.discard(sock)
     for sock in open_socks:
         sock.close()
     sel.close()
@@ -908,30 +991,23 @@ def worker_main(plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) 
             with contextlib.suppress(Exception):
                 conn.close()
         return
-    try:
-        import uvloop  # type: ignore[import-not-found]
-        uvloop.install()
-    except ImportError:
-        pass
-
-    async def main() -> None:
-        await Generator(plan, conn, sent_arr, recv_arr).run()
-    profile_dir = os.environ.get("BENCH_PROFILE")  # debugging the generator itself
+    profile_dir = os.environ.get("BENCH_PROFILE")  # for profiling the generator itself
     prof = None
     if profile_dir:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
     try:
-        asyncio.run(main())
+        Engine(plan, conn, sent_arr, recv_arr).run()
     except Exception as exc:  # noqa: BLE001
         with contextlib.suppress(Exception):
-            conn.send(("error", f"worker {plan.index} crashed: {exc!r}"))
+            conn.send(("error", f"generator {plan.index} crashed: {exc!r}"))
     finally:
         if prof is not None:
             prof.disable()
             with contextlib.suppress(Exception):
-                prof.dump_stats(os.path.join(profile_dir, f"gen-{plan.index}-{os.getpid()}.prof"))
+                prof.dump_stats(os.path.join(profile_dir or ".",
+                                             f"gen-{plan.index}-{os.getpid()}.prof"))
         with contextlib.suppress(Exception):
             conn.close()
 
@@ -943,7 +1019,7 @@ def worker_main(plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _child_setup() -> None:
@@ -1011,7 +1087,8 @@ class Broker:
         err = open(self.errlog, "wb")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         cwd=cwd, preexec_fn=_child_setup, close_fds=True)
+                                         cwd=cwd, preexec_fn=_child_setup,  # noqa: PLW1509 - no threads here
+                                         close_fds=True)
         finally:
             err.close()
         self.pid = self.proc.pid
@@ -1036,7 +1113,7 @@ class Broker:
 
     @classmethod
     def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
-                    proto: int, timeout: float) -> "Broker":
+                    proto: int, timeout: float) -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
         argv = [python, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
@@ -1053,7 +1130,7 @@ class Broker:
         return b
 
     @classmethod
-    def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float) -> "Broker":
+    def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float) -> Broker:
         b = cls(label, "mosquitto", "127.0.0.1", free_port())
         b.tmp = tempfile.mkdtemp(prefix="bench-mosq-")
         os.chmod(b.tmp, 0o777)  # mosquitto drops root privileges to its own user
@@ -1220,10 +1297,12 @@ def _ids_avoiding(prefix: str, count: int, shards: int, avoid: int) -> list[str]
 def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) -> list[Plan]:
     procs = max(1, args.procs)
     shards = broker.shards
-    common = dict(host=broker.host, port=broker.port, proto=args.protocol, payload=args.payload,
-                  coalesce_ms=args.read_coalesce_ms, e2e_window=args.e2e_window,
-                  window=args.window, qos0_window=args.qos0_window, batch=args.batch,
-                  connect_concurrency=args.connect_concurrency, timeout=args.timeout)
+    common: dict[str, Any] = {
+        "host": broker.host, "port": broker.port, "proto": args.protocol, "payload": args.payload,
+        "coalesce_ms": args.read_coalesce_ms, "e2e_window": args.e2e_window, "window": args.window,
+        "qos0_window": args.qos0_window, "batch": args.batch,
+        "connect_concurrency": args.connect_concurrency, "timeout": args.timeout,
+    }
     plans = [Plan(index=k, **common) for k in range(procs)]
 
     def every(**kw: Any) -> None:
@@ -1253,7 +1332,7 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
             plans[i % procs].subs.append((sub, f"{base}/{i}"))
         if scn == "latency-qos1":
             every(stamp=True, coalesce_ms=0.0)
-            rate_total = rate_total or args.latency_rate
+            rate_total = args.latency_rate
         if scn == "persistent-qos1":
             every(sub_clean=False, sub_expiry=3600 if args.protocol == 5 else 0,
                   cleanup_sessions=True)
@@ -1277,6 +1356,11 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
         raise ValueError(scn)
     if rate_total and npub:
         every(rate_per_pub=rate_total / npub)
+    # large payloads: keep a write batch near 64 KB and the outstanding deliveries near 16 MB
+    pkt = args.payload + 40
+    for p in plans:
+        p.batch = max(1, min(p.batch, (64 << 10) // pkt))
+        p.qos0_window = max(4 * p.batch * max(1, p.fan), min(p.qos0_window, (16 << 20) // pkt))
     return [p for p in plans if p.subs or p.pubs or p.idle]
 
 
@@ -1291,7 +1375,7 @@ def _percentile(sorted_vals: list[int], q: float) -> float:
     return float(sorted_vals[k])
 
 
-def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, float | None]:
+def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, Any]:
     """One run of one scenario against one broker: returns {metric: value}."""
     tag = secrets.token_hex(3)
     plans = build_plans(scn, broker, args, tag)
@@ -1316,10 +1400,12 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, fl
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RunError(f"timeout waiting for '{kind}' from generator processes")
-                for c in mpc.wait([c for i, c in enumerate(conns) if i not in got], timeout=left):
-                    idx = conns.index(c)  # type: ignore[arg-type]
+                ready = mpc.wait([c for i, c in enumerate(conns) if i not in got], timeout=left)
+                for c in ready:
+                    assert isinstance(c, mpc.Connection)
+                    idx = conns.index(c)
                     try:
-                        msg = c.recv()  # type: ignore[union-attr]
+                        msg = c.recv()
                     except EOFError:
                         raise RunError(f"generator {idx} exited") from None
                     if msg[0] == "error":
@@ -1339,7 +1425,7 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, fl
         t_start = time.monotonic() + 0.3
         t_warm, t_end = t_start + warm, t_start + args.duration
         broadcast("start", (t_start, t_warm, t_end))
-        out: dict[str, float | None] = {}
+        out: dict[str, Any] = {}
         if scn == "connect-rate":
             res = [r[0] for r in collect("connected", args.timeout * 3 + 60)]
             ok = sum(r["connect_ok"] for r in res)
@@ -1363,14 +1449,14 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, fl
             out["_gen_cpu"] = sum(r["cpu"] for r in final)
             out["_gen_cpu_each"] = [round(r["cpu"], 2) for r in final]
             if errors:
-                out["_errors"] = errors[:5]  # type: ignore[assignment]
+                out["_errors"] = errors[:5]
             return out
 
         time.sleep(max(0.0, t_warm - time.monotonic()))
         cpu_before, wall_before = tree_cpu_s(broker.pid), time.monotonic()
         collect("published", args.duration + args.timeout + 10)
         cpu_after = tree_cpu_s(broker.pid)
-        if cpu_before is not None and cpu_after is not None:
+        if cpu_before is not None and cpu_after is not None and cpu_after >= cpu_before:
             out["_broker_cpu_pct"] = round(100 * (cpu_after - cpu_before)
                                            / (time.monotonic() - wall_before), 1)
         fan = plans[0].fan
@@ -1410,13 +1496,18 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, fl
         out["_ack_errors"] = sum(r["ack_errors"] for r in res)
         errors = [e for r in res for e in r["errors"]]
         if errors:
-            out["_errors"] = errors[:5]  # type: ignore[assignment]
+            out["_errors"] = errors[:5]
         if scn == "latency-qos1":
             lat = sorted(x for r in res for x in r["lat_ns"])
             out["p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
             out["p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
             out["_samples"] = len(lat)
         return out
+    except BaseException:  # Ctrl-C, SIGTERM, a failed run: do not wait for the generators
+        for proc, _ in workers:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        raise
     finally:
         for proc, c in workers:
             with contextlib.suppress(Exception):
@@ -1535,9 +1626,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="handshakes in flight over all generator processes in connect-rate "
                         "(default 80: Mosquitto listens with a backlog of 100, and an overflowing "
                         "backlog measures SYN retransmission timers instead of the broker)")
-    t.add_argument("--read-coalesce-ms", type=float, default=1.0,
-                   help="subscribers wait this long after a small read before reading again, to "
-                        "read many messages per syscall (default 1; 0 = off; always off for latency)")
+    t.add_argument("--read-coalesce-ms", type=float, default=2.0,
+                   help="after a pass of the generator loop that read little, wait this long "
+                        "so the next pass reads many messages per syscall (default 2; 0 = off; "
+                        "always off for latency-qos1)")
     t.add_argument("--drain", type=float, default=3.0,
                    help="max seconds to wait for deliveries after publishing stops (default 3)")
     t.add_argument("--timeout", type=float, default=20.0, help="seconds for each wait (default 20)")
@@ -1565,10 +1657,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Interrupted(Exception):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _raise_nofile()
@@ -1577,6 +1665,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started in the background (SIGINT ignored)
     started: list[Broker] = []
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
@@ -1610,28 +1699,36 @@ def main(argv: list[str] | None = None) -> int:
         if b in started:
             started.remove(b)
 
-    def run_series(scn: str, row_label: str, brokers: list[Broker]) -> None:
+    def run_series(scn: str, brokers: list[Any]) -> None:
+        """``repeat`` rounds over ``brokers``, interleaved; an item is a running
+        Broker or a ``(label, start)`` pair for a broker started fresh for each run."""
         for r in range(args.repeat):
-            for b in brokers:
+            for item in brokers:
+                fresh = isinstance(item, tuple)
+                label = item[0] if fresh else item.label
+                b = None
                 try:
+                    b = item[1]() if fresh else item
                     m = run_once(scn, b, args)
                 except RunError as exc:
-                    log(f"  [{scn}] {b.label} run {r + 1}/{args.repeat}: FAILED: {exc}")
+                    log(f"  [{scn}] {label} run {r + 1}/{args.repeat}: FAILED: {exc}")
                     m = {"_failed": str(exc)}
-                log(describe(scn, b.label, r + 1, args.repeat, m, args.duration))
-                runs.setdefault((row_label, b.label), []).append(m)
+                finally:
+                    if fresh and b is not None:
+                        stop(b)
+                log(describe(scn, label, r + 1, args.repeat, m, args.duration))
+                runs.setdefault((scn, label), []).append(m)
 
-    def add_rows(scn: str, row_label: str, a: Broker, b: Broker | None) -> None:
+    def add_rows(scn: str, row_label: str, a: str, b: str | None) -> None:
         for metric in SCENARIO_METRICS[scn]:
-            va = median([m.get(metric.key) for m in runs.get((row_label, a.label), [])])
-            vb = median([m.get(metric.key) for m in runs.get((row_label, b.label), [])]) if b else None
+            va = median([m.get(metric.key) for m in runs.get((scn, a), [])])
+            vb = median([m.get(metric.key) for m in runs.get((scn, b), [])]) if b else None
             ratio = va / vb if (va is not None and vb not in (None, 0)) else None
             rows.append({"scenario": row_label, "metric": metric.key, "a": va, "b": vb,
-                         "ratio": ratio, "broker_a": a.label, "broker_b": b.label if b else None,
+                         "ratio": ratio, "broker_a": a, "broker_b": b,
                          "higher_is_better": metric.higher_is_better})
 
     try:
-        plain = [s for s in args.scenarios if s != "persistent-qos1"]
         if args.target:
             tb = Broker("target", "target", args.target_host, args.target_port,
                         shards=args.shards or args.workers)
@@ -1640,36 +1737,52 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"cannot CONNECT to {args.target}")
                 return 2
             for scn in args.scenarios:
-                run_series(scn, scn, [tb])
-                add_rows(scn, scn, tb, None)
+                run_series(scn, [tb])
+                add_rows(scn, scn, tb.label, None)
         else:
+            use_mosq = have_mosq or args.mosquitto_only
+            labels = (["ShardBroker"] if with_sb else []) + (["Mosquitto"] if use_mosq else [])
+            pair = (labels[0], labels[1] if len(labels) > 1 else None)
+            plain = [s for s in args.scenarios if s not in ("connect-rate", "persistent-qos1")]
             if plain:
-                main_brokers: list[Broker] = []
+                brokers: list[Broker] = []
                 if with_sb:
-                    main_brokers.append(start_sb("ShardBroker", args.durability))
-                if have_mosq or args.mosquitto_only:
-                    main_brokers.append(start_mosq("Mosquitto", False))
+                    brokers.append(start_sb("ShardBroker", args.durability))
+                if use_mosq:
+                    brokers.append(start_mosq("Mosquitto", False))
                 for scn in plain:
-                    run_series(scn, scn, main_brokers)
-                    add_rows(scn, scn, main_brokers[0], main_brokers[1] if len(main_brokers) > 1 else None)
-                for b in main_brokers:
+                    run_series(scn, brokers)
+                    add_rows(scn, scn, *pair)
+                for b in brokers:
                     stop(b)
+            if "connect-rate" in args.scenarios:
+                # a fresh broker for every run, so that memory per connection starts from
+                # a broker that has not yet grown its heap in earlier runs
+                fresh: list[Any] = []
+                if with_sb:
+                    fresh.append(("ShardBroker", lambda: start_sb("ShardBroker", args.durability)))
+                if use_mosq:
+                    fresh.append(("Mosquitto", lambda: start_mosq("Mosquitto", False)))
+                run_series("connect-rate", fresh)
+                add_rows("connect-rate", "connect-rate", *pair)
             if "persistent-qos1" in args.scenarios:
                 scn = "persistent-qos1"
-                mosq = start_mosq("Mosquitto persistence", True) if (have_mosq or args.mosquitto_only) else None
+                brokers = []
                 if with_sb:
-                    for mode in ("fsync", "no-fsync"):
-                        sb = start_sb(f"ShardBroker {mode}", mode)
-                        label = f"{scn} {mode}"
-                        # interleave with the persistent Mosquitto
-                        run_series(scn, label, [sb] + ([mosq] if mosq else []))
-                        add_rows(scn, label, sb, mosq)
-                        stop(sb)
-                elif mosq:
-                    run_series(scn, scn, [mosq])
-                    add_rows(scn, scn, mosq, None)
-                if mosq:
-                    stop(mosq)
+                    brokers.append(start_sb("ShardBroker fsync", "fsync"))
+                if use_mosq:
+                    brokers.append(start_mosq("Mosquitto persistence", True))
+                if with_sb:
+                    brokers.append(start_sb("ShardBroker no-fsync", "no-fsync"))
+                run_series(scn, brokers)  # fsync, Mosquitto, no-fsync, fsync, ...
+                mosq_label = "Mosquitto persistence" if use_mosq else None
+                if with_sb:
+                    add_rows(scn, f"{scn} fsync", "ShardBroker fsync", mosq_label)
+                    add_rows(scn, f"{scn} no-fsync", "ShardBroker no-fsync", mosq_label)
+                elif mosq_label:
+                    add_rows(scn, scn, mosq_label, None)
+                for b in brokers:
+                    stop(b)
     except KeyboardInterrupt:
         log("interrupted: stopping generators and brokers")
         return 130
@@ -1677,7 +1790,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return 1
     finally:
-        for b in list(started):
+        for b in started:
             b.stop()
 
     print()
@@ -1687,9 +1800,16 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, col_a, col_b)
     if col_b:
         print("ratio = ShardBroker / Mosquitto (above 1 is better for rates, worse for ms, KB, loss)")
+    troubled = [(scn, label, n + 1, m.get("_failed") or m.get("_errors"))
+                for (scn, label), ms in runs.items() for n, m in enumerate(ms)
+                if m.get("_failed") or m.get("_errors")]
+    if troubled:
+        print("runs with errors (their figures are suspect):")
+        for scn, label, n, what in troubled:
+            print(f"  {scn} / {label} run {n}: {what}")
     if args.json:
         doc = {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()},
             "command": " ".join([os.path.basename(sys.executable), "-m", "loadtests.bench"]

@@ -60,14 +60,14 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:  # locust puts only loadtests/ on the path
     sys.path.insert(0, _ROOT)
 
-import gevent  # noqa: E402
-from locust import User, events, task  # noqa: E402
+import gevent
+from locust import User, events, task
 
-from loadtests.mqtt_user import MQTTClient, make_payload, parse_host  # noqa: E402
+from loadtests.mqtt_user import MQTTClient, make_payload, parse_host
 
 try:
     from shardbroker.sharding import shard_for
-except Exception:  # pragma: no cover - same hash, for use without the package
+except ImportError:  # pragma: no cover - same hash, for use without the package
     import hashlib
 
     def shard_for(client_id: str, shards: int) -> int:
@@ -82,7 +82,7 @@ _seq = itertools.count()
 _RUN = secrets.token_hex(3)  # per process: unique client ids across processes and runs
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _add_arguments(parser: Any) -> None:
     env = os.environ.get
     parser.add_argument("--mqtt-scenario", choices=SCENARIOS, env_var="MQTT_SCENARIO",

@@ -16,10 +16,13 @@ paho's network thread (``loop_start``) is a greenlet as well.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -145,13 +148,17 @@ class MQTTClient:
             if self.v5:
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 if self.session_expiry:
                     props.SessionExpiryInterval = self.session_expiry
                 self.client.connect(self.host, self.port, self.keepalive, clean_start=self.clean,
                                     properties=props)
             else:
                 self.client.connect(self.host, self.port, self.keepalive)
+            sock: Any = self.client.socket()
+            if sock is not None:  # paho leaves Nagle on: small acks would wait for the peer's ACK
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.client.loop_start()
             if not self._connected.wait(self.timeout):
                 raise TimeoutError(f"no CONNACK within {self.timeout} s")
@@ -206,11 +213,7 @@ class MQTTClient:
 
     def close(self) -> None:
         self.closing = True
-        try:
+        with contextlib.suppress(Exception):
             self.client.disconnect()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
+        with contextlib.suppress(Exception):
             self.client.loop_stop()
-        except Exception:  # noqa: BLE001
-            pass

@@ -65,6 +65,8 @@ class Message:
     store_id: int | None = None  # id in this shard's store while stored rows reference it
     refs: int = 0  # stored queue/inflight rows referencing store_id (the store deletes it at 0)
     cache: dict[tuple[int, bool], bytes] | None = None  # encoded QoS 0 copies by (version, retain)
+    topic_bytes: bytes | None = None  # UTF-8 topic, encoded on first use
+    props_bytes: bytes | None = None  # 5.0 property block of ``properties``, encoded on first use
 
     def ref(self) -> None:
         self.refs += 1
@@ -166,4 +168,4 @@ def message_to_wire(msg: Message) -> list[object]:
 def message_from_wire(data: list[object]) -> Message:
     topic, payload, qos, retain, props, expires_at, origin = data
     return Message(str(topic), bytes(payload), int(qos), bool(retain),  # type: ignore[arg-type,call-overload]
-                   decode_properties(props or {}, "bus message"), expires_at, origin)  # type: ignore[arg-type]
+                   decode_properties(props, "bus message") if props else NO_PROPERTIES, expires_at, origin)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -30,6 +31,7 @@ from .protocol.errors import ProtocolError
 from .protocol.packets import (
     MQTT_5,
     NO_PROPERTIES,
+    PacketType,
     Auth,
     ConnAck,
     Connect,
@@ -47,6 +49,7 @@ from .protocol.packets import (
     UnsubAck,
     Unsubscribe,
 )
+from .handover import APPLY, GAP, Handover
 from .routing import RouteTable
 from .session import (
     AWAIT_PUBACK,
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardbroker.shard")
 
 ROUTE_ACK_TIMEOUT = 2.0
+_ACK = struct.Struct(">BBH").pack  # PUBACK/PUBREC/PUBREL/PUBCOMP with reason 0 and no properties
 MAX_HOPS = 3
 
 
@@ -94,6 +98,8 @@ class Shard:
         self.shared_subs: TopicTrie[tuple[str, str], StoredSubscription] = TopicTrie()
         self.filter_refs: dict[str, int] = {}
         self.routes = RouteTable()
+        self.handover = Handover(shard)
+        self._replay_asked: set[int] = set()
         self._route_waits: dict[int, tuple[set[int], asyncio.Future[None]]] = {}
         self._route_pending: dict[str, asyncio.Future[None]] = {}
         self._req = count(1)
@@ -139,6 +145,7 @@ class Shard:
                 self.filter_refs[sub.topic_filter] = self.filter_refs.get(sub.topic_filter, 0) + 1
         for key in self.filter_refs:
             self.routes.add(self.shard, key)
+        self.handover.load(self.store.outbox(), self.store.meta_items())
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions), len(self.filter_refs))
 
     def announce(self) -> None:
@@ -174,6 +181,8 @@ class Shard:
             except StoreError as exc:
                 log.error("retained store write failed: %s", exc)
                 failed = True
+        if self.handover.has_dirty():
+            self.handover.persist(self._batch())
         batch, self.batch = self.batch, None
         if batch is not None and len(batch):
             try:
@@ -194,6 +203,12 @@ class Shard:
                 conn.dirty = False
                 self.close(conn, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
             dirty, self.dirty = self.dirty, []
+            self.handover.acks_due.clear()  # not durable, so not acknowledged: the origin resends
+        else:
+            for origin, mark in self.handover.acks_due.items():
+                self.bus.send(origin, ["PA", self.shard, mark])
+            self.handover.acks_due.clear()
+        self._replay_asked.clear()
         self.bus.flush()
         for conn in dirty:
             conn.write_out()
@@ -446,7 +461,10 @@ class Shard:
                 if sess.will is not None:
                     self._publish_will(sess)
                 self._end_session(sess)
-        if self.batch is not None or self.retained_ops:
+        for peer in self.handover.overdue(mono):
+            for again in self.handover.resend(peer, mono):
+                self.bus.send(peer, again)
+        if self.batch is not None or self.retained_ops or self.bus.has_pending():
             self.schedule_flush()
 
     # ------------------------------------------------------------------ PUBLISH in
@@ -510,13 +528,15 @@ class Shard:
             if not matched and v5 and qos:
                 code = reasons.NO_MATCHING_SUBSCRIBERS
         if qos == 1:
-            conn.send(codec.encode(PubAck(pid, code) if v5 else PubAck(pid), conn.version))  # type: ignore[arg-type]
+            conn.send(_ACK(0x40, 2, pid) if code == 0 or not v5
+                      else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif qos == 2:
             if code < 0x80:
                 sess.qos2_in.add(pid)  # type: ignore[arg-type]
                 if sess.persistent:
                     self._batch().add_qos2_incoming(sess.client_id, pid)
-            conn.send(codec.encode(PubRec(pid, code) if v5 else PubRec(pid), conn.version))  # type: ignore[arg-type]
+            conn.send(_ACK(0x50, 2, pid) if code == 0 or not v5
+                      else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
 
     def on_pubrel(self, conn: Connection, pkt: PubRel) -> None:
         sess = conn.session
@@ -546,10 +566,17 @@ class Shard:
             else:
                 if wire is None:
                     wire = message_to_wire(msg)
-                self.bus.send(shard, ["p", wire, target.plain, target.groups, 0])
-                self.stats["forwarded"] += 1
-                self.schedule_flush()
+                self._forward(shard, msg, [wire, target.plain, target.groups, 0])
         return True
+
+    def _forward(self, peer: int, msg: Message, body: list[Any]) -> None:
+        """Hand a publish to another shard: QoS 1/2 through the durable outbox (``handover``)."""
+        if msg.qos:
+            self.bus.send(peer, self.handover.send(peer, body, self._batch(), time.monotonic()))
+        else:
+            self.bus.send(peer, ["p", *body])
+        self.stats["forwarded"] += 1
+        self.schedule_flush()
 
     def _retain(self, msg: Message) -> None:
         if not msg.payload:  # [MQTT-3.3.1-6/7]: an empty payload deletes
@@ -601,8 +628,7 @@ class Shard:
         if not members:
             others = [s for s in self.routes.shards_for_group(group, flt) if s != self.shard]
             if others and hops < MAX_HOPS:
-                self.bus.send(others[hops % len(others)], ["p", message_to_wire(msg), False, [(group, flt)], hops + 1])
-                self.schedule_flush()
+                self._forward(others[hops % len(others)], msg, [message_to_wire(msg), False, [(group, flt)], hops + 1])
             return
         online = [m for m in members if (s := self.sessions.get(m[0])) is not None and s.conn is not None]
         pool = online or members
@@ -621,6 +647,19 @@ class Shard:
                 kind = item[0]
                 if kind == "p":
                     self.deliver_local(message_from_wire(item[1]), item[2], [tuple(g) for g in item[3]], item[4])
+                elif kind == "P":
+                    origin = item[1]
+                    verdict = self.handover.accept(origin, item[2])
+                    if verdict == APPLY:
+                        self.deliver_local(message_from_wire(item[3]), item[4], [tuple(g) for g in item[5]], item[6])
+                    elif verdict == GAP and origin not in self._replay_asked:
+                        self._replay_asked.add(origin)
+                        self.bus.send(origin, ["PR", self.shard, self.handover.mark(origin)])
+                elif kind == "PA":
+                    self.handover.acknowledged(item[1], item[2], self._batch(), time.monotonic())
+                elif kind == "PR":
+                    for again in self.handover.resend(item[1], time.monotonic()):
+                        self.bus.send(item[1], again)
                 elif kind == "r+":
                     self.routes.add(item[1], item[2])
                     self.bus.send(item[1], ["ra", self.shard, item[3]])
@@ -639,6 +678,8 @@ class Shard:
                 elif kind == "s":
                     self.routes.replace(item[1], set(item[2]))
                     self.synced.add(item[1])
+                    for again in self.handover.resend(item[1], time.monotonic()):  # it (re)started
+                        self.bus.send(item[1], again)
                 else:
                     log.warning("bus: unknown item kind %r", kind)
             except Exception:
@@ -671,8 +712,9 @@ class Shard:
 
     def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
                        sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
-        data_probe = self._publish_bytes(conn, msg, qos, retain, 1, False, sub_ids, probe=True)
-        if data_probe is None:  # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
+        if conn.max_packet_out is not None and not self._fits(conn, msg, qos, sub_ids):
+            # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
+            self.stats["dropped_too_large"] += 1
             if seq is not None:
                 self._batch().dequeue(sess.client_id, seq)
                 msg.unref()
@@ -693,6 +735,17 @@ class Shard:
         if data is not None:
             conn.send(data)
             self.stats["delivered"] += 1
+
+    @staticmethod
+    def _fits(conn: Connection, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
+        """Whether the PUBLISH (without a topic alias, so an upper bound) fits the client's maximum."""
+        props = msg.properties
+        if sub_ids or msg.expires_at is not None:
+            props = replace(props, subscription_identifiers=sub_ids,
+                            message_expiry_interval=msg.remaining_expiry(time.time()))
+        size = len(codec.encode_publish(msg.topic.encode(), msg.payload, qos, False, False, 1,
+                                        codec.encode_properties(props, PacketType.PUBLISH)))
+        return conn.max_packet_out is None or size <= conn.max_packet_out
 
     def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                  group: tuple[str, str] | None = None) -> None:
@@ -747,52 +800,60 @@ class Shard:
             self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
 
     def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
-                       dup: bool, sub_ids: tuple[int, ...], probe: bool = False) -> bytes | None:
+                       dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
+        """The PUBLISH for one subscriber, or None when it exceeds the client's Maximum Packet Size.
+
+        QoS 0 copies that differ in nothing per subscriber are encoded once per message.
+        """
         version = conn.version
+        tb = msg.topic_bytes
+        if tb is None:
+            tb = msg.topic_bytes = msg.topic.encode()
         if version != MQTT_5:
-            if qos == 0:
-                cache = msg.cache
-                if cache is None:
-                    cache = msg.cache = {}
-                key = (version, retain)
-                data = cache.get(key)
-                if data is None:
-                    data = cache[key] = codec.encode(Publish(msg.topic, msg.payload, 0, retain), version)
-                return data
-            return codec.encode(Publish(msg.topic, msg.payload, qos, retain, dup, pid), version)
-        props = msg.properties
-        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
-        topic = msg.topic
-        if qos == 0 and not sub_ids and expiry is None and not conn.alias_max_out:
+            if qos:
+                return codec.encode_publish(tb, msg.payload, qos, retain, dup, pid)
             cache = msg.cache
             if cache is None:
                 cache = msg.cache = {}
-            data = cache.get((MQTT_5, retain))
+            key = (version, retain)
+            data = cache.get(key)
             if data is None:
-                data = cache[(MQTT_5, retain)] = codec.encode(Publish(topic, msg.payload, 0, retain, False, None, props), MQTT_5)
-            if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
-                self.stats["dropped_too_large"] += 1
-                return None
+                data = cache[key] = codec.encode_publish(tb, msg.payload, 0, retain)
             return data
-        if sub_ids or expiry is not None:
-            props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
-        if conn.max_packet_out is not None:
-            size = len(codec.encode(Publish(topic, msg.payload, qos, retain, dup, pid, props), MQTT_5))
-            if size > conn.max_packet_out:
-                self.stats["dropped_too_large"] += 1
-                return None
-        if probe:
-            return b""
-        if conn.alias_max_out:
-            alias = conn.aliases_out.get(topic)
-            if alias is not None:
-                props = replace(props, topic_alias=alias)
-                topic = ""
-            elif len(conn.aliases_out) < conn.alias_max_out:
-                alias = len(conn.aliases_out) + 1
-                conn.aliases_out[topic] = alias
-                props = replace(props, topic_alias=alias)
-        return codec.encode(Publish(topic, msg.payload, qos, retain, dup, pid, props), MQTT_5)
+        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+        plain = not sub_ids and expiry is None
+        if plain and not conn.alias_max_out:
+            pb = msg.props_bytes
+            if pb is None:
+                pb = msg.props_bytes = codec.encode_properties(msg.properties, PacketType.PUBLISH)
+            if qos:
+                data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid, pb)
+            else:
+                cache = msg.cache
+                if cache is None:
+                    cache = msg.cache = {}
+                data = cache.get((MQTT_5, retain))
+                if data is None:
+                    data = cache[(MQTT_5, retain)] = codec.encode_publish(tb, msg.payload, 0, retain, False, None, pb)
+        else:
+            props = msg.properties
+            if not plain:
+                props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
+            if conn.alias_max_out:
+                alias = conn.aliases_out.get(msg.topic)
+                if alias is not None:
+                    props = replace(props, topic_alias=alias)
+                    tb = b""
+                elif len(conn.aliases_out) < conn.alias_max_out:
+                    alias = len(conn.aliases_out) + 1
+                    conn.aliases_out[msg.topic] = alias
+                    props = replace(props, topic_alias=alias)
+            data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid,
+                                        codec.encode_properties(props, PacketType.PUBLISH))
+        if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
+            self.stats["dropped_too_large"] += 1
+            return None
+        return data
 
     def on_puback(self, conn: Connection, pkt: PubAck) -> None:
         sess = conn.session

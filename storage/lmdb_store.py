@@ -44,6 +44,8 @@ refs       msg_id (u64)                           refcount (u64); no row = 0 = d
 queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
 inflight   CK + 0x00 + packet_id (u16)            CBOR ``InflightRecord``
 qos2in     CK + 0x00 + packet_id (u16)            empty
+outbox     peer shard (u16) + seq (u64)           CBOR bus item: a QoS 1/2 publish handed to
+                                                  another shard, kept until that shard acks it
 =========  =====================================  ==========================================
 
 The retained environment has ``meta`` (``kind`` = "retained") and ``retained``:
@@ -129,7 +131,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 
-_SHARD_TABLES: Final = ("meta", "sessions", "messages", "refs", "queue", "inflight", "qos2in")
+_SHARD_TABLES: Final = ("meta", "sessions", "messages", "refs", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")
 _RESERVED_META: Final = frozenset(
     {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
@@ -603,9 +605,20 @@ class _SetMeta:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _PutOutbox:
+    key: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _DeleteOutbox:
+    key: bytes
+
+
 _Op = (
     _PutSession | _DeleteSession | _AddMessage | _Enqueue | _Dequeue | _PutInflight
-    | _DeleteInflight | _PutQos2 | _DeleteQos2 | _SetMeta
+    | _DeleteInflight | _PutQos2 | _DeleteQos2 | _SetMeta | _PutOutbox | _DeleteOutbox
 )
 
 
@@ -802,6 +815,11 @@ class ShardStore:
         data = self._env.get("meta", key.encode())
         return None if data is None else decode_value(data)
 
+    def outbox(self) -> Iterator[tuple[int, int, bytes]]:
+        """(peer shard, seq, item) of every hand-over not yet acknowledged, in key order."""
+        for row in self._env.rows("outbox"):
+            yield _U16.unpack(row.key[:2])[0], _U64.unpack(row.key[2:])[0], bytes(row.value)
+
     def meta_items(self) -> Iterator[tuple[str, object]]:
         for row in self._env.rows("meta"):
             yield row.key.decode("utf-8", "replace"), decode_value(row.value)
@@ -812,7 +830,7 @@ class ShardStore:
             name: self._env.count(table)
             for name, table in (
                 ("sessions", "sessions"), ("queued", "queue"), ("inflight", "inflight"),
-                ("qos2_incoming", "qos2in"), ("messages", "messages"),
+                ("qos2_incoming", "qos2in"), ("messages", "messages"), ("outbox", "outbox"),
             )
         }
 
@@ -962,6 +980,7 @@ class ShardStore:
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
+        outbox = env.dbs["outbox"]
 
         def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
             next_msg_id, next_seq = self._next_msg_id, self._next_seq
@@ -1019,6 +1038,10 @@ class ShardStore:
                         _drop_prefix(txn, qos2in, prefix)
                     case _SetMeta(key, data):
                         txn.put(key, data, db=meta)
+                    case _PutOutbox(key, data):
+                        txn.put(key, data, db=outbox)
+                    case _DeleteOutbox(key):
+                        txn.delete(key, db=outbox)
             self._settle(txn, refs)
             if next_msg_id != self._saved_msg_id:
                 txn.put(b"next_msg_id", encode_value(next_msg_id), db=meta)
@@ -1173,6 +1196,13 @@ class Batch:
 
     def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
         self._ops.append(_DeleteQos2(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+
+    def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
+        """Keep a hand-over to ``peer`` (numbered ``seq`` by the caller) until it is acknowledged."""
+        self._ops.append(_PutOutbox(_U16.pack(peer) + _U64.pack(seq), item))
+
+    def delete_outbox(self, peer: int, seq: int) -> None:
+        self._ops.append(_DeleteOutbox(_U16.pack(peer) + _U64.pack(seq)))
 
     def set_meta(self, key: str, value: object) -> None:
         if key in _RESERVED_META:

@@ -731,7 +731,12 @@ class RawClient:
         try:
             while True:
                 left = deadline - time.monotonic()
-                pkt = self._recv_raw(max(left, 0.0))
+                try:
+                    pkt = self.recv_packet(max(left, 0.0))
+                except ConnectionClosed as e:
+                    raise ConnectionClosed(
+                        f"server closed the connection while {PACKET_NAMES[packet_type]} was "
+                        f"expected ({e})") from None
                 if pkt is None:
                     raise Timeout(f"expected {PACKET_NAMES[packet_type]}, got nothing in {timeout}s")
                 if pkt[0] == packet_type:
@@ -742,10 +747,6 @@ class RawClient:
                 raise AssertionError(f"expected {PACKET_NAMES[packet_type]}, got {describe(pkt)}")
         finally:
             self._pending.extendleft(reversed(stash))
-
-    def _recv_raw(self, timeout: float) -> Packet | None:
-        """Like recv_packet but only pending packets that were not stashed by this call."""
-        return self.recv_packet(timeout)
 
     def expect_closed(self, timeout: float = 5.0) -> bool:
         """True if the server closes the connection within ``timeout``.
@@ -840,9 +841,12 @@ class RawClient:
     def recv_publish(self, timeout: float = 5.0, ack: bool = True) -> Publish:
         """The next packet, which must be a PUBLISH; with ``ack`` the QoS flow is
         completed as the receiver (PUBACK, or PUBREC / PUBREL / PUBCOMP)."""
-        pkt = self.recv_packet(timeout)
+        try:
+            pkt = self.recv_packet(timeout)
+        except ConnectionClosed as e:
+            raise ConnectionClosed(f"server closed the connection while PUBLISH was expected ({e})") from None
         if pkt is None:
-            raise Timeout(f"expected PUBLISH, got nothing in {timeout}s")
+            raise Timeout(f"expected PUBLISH, got nothing in {timeout:.1f}s")
         if pkt[0] != PUBLISH:
             raise AssertionError(f"expected PUBLISH, got {describe(pkt)}")
         msg = parse_publish(pkt[1], pkt[2], self.version)

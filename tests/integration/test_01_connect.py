@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import (
     CONFIG_CONNECT_TIMEOUT_1,
     TARGET,
@@ -14,14 +13,13 @@ from conftest import (
     skip_unless_shardbroker,
 )
 
-
 # -- CONNACK per protocol version ------------------------------------------------
 
 
 def test_connect_v31_mqisdp(broker, mqtt, uniq):
     c = mqtt.raw(broker)
     c.send(mb.connect(uniq.cid("v31"), version=3))
-    ptype, flags, body = c.expect(mb.CONNACK)
+    _ptype, flags, body = c.expect(mb.CONNACK)
     assert flags == 0
     assert body == b"\x00\x00"  # accepted; 3.1 has no session present flag in use
     c.ping()
@@ -105,7 +103,7 @@ def test_unsupported_protocol_level(broker, mqtt, uniq, level):
     c.send(mb.connect(uniq.cid("lvl"), version=level, protocol_name="MQTT"))
     pkt = c.recv_packet(5)
     if pkt is not None:  # a CONNACK is expected; either 3.1.1 or 5.0 form
-        ptype, flags, body = pkt
+        ptype, _flags, body = pkt
         assert ptype == mb.CONNACK, mb.describe(pkt)
         assert body == b"\x00\x01" or (len(body) >= 2 and body[1] == 0x84), (
             f"expected CONNACK rc 1 (3.1.1) or 0x84 (5.0), got {body!r}")

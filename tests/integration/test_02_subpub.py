@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import assert_no_publish, collect_until
 
 
@@ -14,7 +13,7 @@ def test_suback_grants_requested_qos(broker, mqtt, uniq, version):
     base = uniq.topic()
     c.send(mb.subscribe(0x1234, [(f"{base}/0", 0), (f"{base}/1", 1), (f"{base}/2", 2)],
                         version=version))
-    ptype, flags, body = c.expect(mb.SUBACK)
+    _ptype, flags, body = c.expect(mb.SUBACK)
     assert flags == 0
     ack = mb.parse_suback(body, version)
     assert ack.pid == 0x1234
@@ -239,7 +238,7 @@ def test_unsubscribe_stops_delivery(broker, mqtt, uniq, version):
     sub = mqtt(broker, uniq.cid("s"), version=version)
     sub.subscribe([(topic, 1), (sentinel, 1)])
     sub.send(mb.unsubscribe(77, [topic], version=version))
-    ptype, flags, body = sub.expect(mb.UNSUBACK)
+    _ptype, flags, body = sub.expect(mb.UNSUBACK)
     assert flags == 0
     ack = mb.parse_unsuback(body, version)
     assert ack.pid == 77
@@ -314,7 +313,7 @@ def test_packet_id_spaces_are_separate_per_direction_qos1(broker, mqtt, uniq):
     x = msg.pid
     # c -> broker with the same pid X: a separate space, so a normal PUBACK X follows
     c.send(mb.publish(other, b"from-c", qos=1, pid=x))
-    ptype, _, body = c.expect(mb.PUBACK)
+    _ptype, _, body = c.expect(mb.PUBACK)
     assert mb.parse_ack(body).pid == x
     assert watcher.recv_publish().payload == b"from-c"
     c.send(mb.puback(x))  # now acknowledge the broker's message

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import assert_no_publish
 
 
@@ -30,7 +29,7 @@ def test_qos1_puback_exact_v311(broker, mqtt, uniq):
 def test_qos1_puback_v5_success(broker, mqtt, uniq):
     topic, sub, pub = _pair(broker, mqtt, uniq, version=5)
     pub.send(mb.publish(topic, b"one", qos=1, pid=0x0102, version=5))
-    ptype, flags, body = pub.expect(mb.PUBACK)
+    _ptype, flags, body = pub.expect(mb.PUBACK)
     assert flags == 0
     ack = mb.parse_ack(body, 5)
     assert (ack.pid, ack.reason) == (0x0102, mb.RC_SUCCESS)
@@ -62,7 +61,7 @@ def test_qos2_flow_v5(broker, mqtt, uniq):
     rec = mb.parse_ack(pub.expect(mb.PUBREC)[2], 5)
     assert (rec.pid, rec.reason) == (9, 0)
     pub.send(mb.pubrel(9, 5))
-    ptype, flags, body = pub.expect(mb.PUBCOMP)
+    _ptype, flags, body = pub.expect(mb.PUBCOMP)
     comp = mb.parse_ack(body, 5)
     assert (flags, comp.pid, comp.reason) == (0, 9, 0)
     assert sub.recv_publish().payload == b"two"
@@ -137,7 +136,7 @@ def test_acks_in_publish_order(broker, mqtt, uniq, qos, ack_type):
 def test_broker_to_client_qos1(broker, mqtt, uniq, version):
     topic, sub, pub = _pair(broker, mqtt, uniq, sub_qos=1, version=4, sub_version=version)
     pub.publish(topic, b"deliver", qos=1)
-    ptype, flags, body = sub.expect(mb.PUBLISH)
+    _ptype, flags, body = sub.expect(mb.PUBLISH)
     assert flags == 0b0010  # QoS 1, DUP 0, RETAIN 0
     msg = mb.parse_publish(flags, body, version)
     assert msg.pid and msg.pid != 0
@@ -150,11 +149,11 @@ def test_broker_to_client_qos1(broker, mqtt, uniq, version):
 def test_broker_to_client_qos2(broker, mqtt, uniq, version):
     topic, sub, pub = _pair(broker, mqtt, uniq, sub_qos=2, version=4, sub_version=version)
     pub.publish(topic, b"deliver2", qos=2)
-    ptype, flags, body = sub.expect(mb.PUBLISH)
+    _ptype, flags, body = sub.expect(mb.PUBLISH)
     assert flags == 0b0100  # QoS 2
     msg = mb.parse_publish(flags, body, version)
     sub.send(mb.pubrec(msg.pid, version))
-    ptype, flags, body = sub.expect(mb.PUBREL)
+    _ptype, flags, body = sub.expect(mb.PUBREL)
     assert flags == 0b0010, "PUBREL fixed header flags must be 0010 [MQTT-3.6.1-1]"
     rel = mb.parse_ack(body, version)
     assert (rel.pid, rel.reason) == (msg.pid, 0)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import assert_no_publish, collect_until
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import assert_disconnected, assert_no_publish, collect_until
 
 
@@ -128,7 +127,7 @@ def test_pubrel_resent_after_reconnect(broker, mqtt, uniq, version):
     assert mb.parse_ack(c.expect(mb.PUBREL)[2], version).pid == msg.pid
     c.abort()  # without PUBCOMP
     c2 = mqtt(broker, cid, version=version, **_persistent(version))
-    ptype, flags, body = c2.expect(mb.PUBREL)  # not the PUBLISH again [MQTT-4.4.0-1]
+    _ptype, flags, body = c2.expect(mb.PUBREL)  # not the PUBLISH again [MQTT-4.4.0-1]
     assert flags == 0x02
     assert mb.parse_ack(body, version).pid == msg.pid
     c2.send(mb.pubcomp(msg.pid, version))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import assert_no_publish, collect_until
 
 

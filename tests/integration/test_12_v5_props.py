@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import (
     CONFIG_SMALL_LIMITS,
     assert_disconnected,

@@ -7,9 +7,8 @@ connected before the bad client, must keep working afterwards.
 
 from __future__ import annotations
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 from conftest import TARGET, assert_disconnected, check_bystanders
 
 MAL = mb.RC_MALFORMED_PACKET

@@ -1,0 +1,111 @@
+"""Durable hand-over of QoS 1/2 publishes between shards: the outbox and the inbox marks.
+
+A QoS 1/2 publish that must reach subscribers on another shard is numbered per
+peer (1, 2, 3, ... without gaps), written to the origin shard's outbox in the
+same batch as everything else the publish promises, and only then acknowledged
+to the publisher. The receiving shard applies item ``n`` only when it has
+applied ``n - 1`` (its mark for that origin), commits the mark together with the
+deliveries, and then acknowledges ``n`` (cumulatively). The origin deletes what
+is acknowledged. What is not acknowledged is sent again when the peer announces
+itself (restart), when the peer reports a gap, or after ``RESEND_AFTER`` seconds.
+Duplicates (at or below the mark) are acknowledged and dropped, so a crash of
+either side at any moment loses nothing and delivers nothing twice.
+
+No I/O here: the shard passes in its store batch and sends what this returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import cbor2
+
+RESEND_AFTER = 5.0
+
+APPLY, DUPLICATE, GAP = 0, 1, 2
+
+
+class _Batch(Protocol):
+    def put_outbox(self, peer: int, seq: int, item: bytes) -> None: ...
+    def delete_outbox(self, peer: int, seq: int) -> None: ...
+    def set_meta(self, key: str, value: object) -> None: ...
+
+
+class Handover:
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self._next: dict[int, int] = {}  # peer -> next sequence number
+        self.pending: dict[int, dict[int, list[Any]]] = {}  # peer -> seq -> item, in order
+        self._inbox: dict[int, int] = {}  # origin -> highest applied sequence number
+        self._dirty_next: set[int] = set()
+        self._dirty_inbox: set[int] = set()
+        self.acks_due: dict[int, int] = {}  # origin -> mark to acknowledge after the commit
+        self.last_sent: dict[int, float] = {}
+
+    def load(self, outbox: Any, meta: Any) -> None:
+        """Restore from the store: unacknowledged items and the counters."""
+        for key, value in meta:
+            if key.startswith("handover.next.") and isinstance(value, int):
+                self._next[int(key.rsplit(".", 1)[1])] = value
+            elif key.startswith("handover.inbox.") and isinstance(value, int):
+                self._inbox[int(key.rsplit(".", 1)[1])] = value
+        for peer, seq, data in outbox:
+            self.pending.setdefault(peer, {})[seq] = cbor2.loads(data)
+            self._next[peer] = max(self._next.get(peer, 1), seq + 1)
+
+    def send(self, peer: int, body: list[Any], batch: _Batch, now: float) -> list[Any]:
+        """Number an item for ``peer`` and keep it in the outbox; returns the bus item."""
+        seq = self._next.get(peer, 1)
+        self._next[peer] = seq + 1
+        self._dirty_next.add(peer)
+        item = ["P", self.shard, seq, *body]
+        self.pending.setdefault(peer, {})[seq] = item
+        batch.put_outbox(peer, seq, cbor2.dumps(item))
+        self.last_sent.setdefault(peer, now)
+        return item
+
+    def acknowledged(self, peer: int, upto: int, batch: _Batch, now: float) -> None:
+        pending = self.pending.get(peer)
+        if not pending:
+            return
+        for seq in [s for s in pending if s <= upto]:
+            del pending[seq]
+            batch.delete_outbox(peer, seq)
+        self.last_sent[peer] = now
+
+    def resend(self, peer: int, now: float) -> list[list[Any]]:
+        """Everything not yet acknowledged by ``peer``, oldest first."""
+        self.last_sent[peer] = now
+        return list(self.pending.get(peer, {}).values())
+
+    def overdue(self, now: float) -> list[int]:
+        return [p for p, items in self.pending.items()
+                if items and now - self.last_sent.get(p, now) > RESEND_AFTER]
+
+    def accept(self, origin: int, seq: int) -> int:
+        """APPLY (and advance the mark), DUPLICATE, or GAP for an incoming item."""
+        mark = self._inbox.get(origin, 0)
+        if seq <= mark:
+            self.acks_due[origin] = mark
+            return DUPLICATE
+        if seq != mark + 1:
+            return GAP
+        self._inbox[origin] = seq
+        self._dirty_inbox.add(origin)
+        self.acks_due[origin] = seq
+        return APPLY
+
+    def mark(self, origin: int) -> int:
+        return self._inbox.get(origin, 0)
+
+    def persist(self, batch: _Batch) -> None:
+        """Write the counters that changed (called just before the commit)."""
+        for peer in self._dirty_next:
+            batch.set_meta(f"handover.next.{peer}", self._next[peer])
+        for origin in self._dirty_inbox:
+            batch.set_meta(f"handover.inbox.{origin}", self._inbox[origin])
+        self._dirty_next.clear()
+        self._dirty_inbox.clear()
+
+    def has_dirty(self) -> bool:
+        return bool(self._dirty_next or self._dirty_inbox)
