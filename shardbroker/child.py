@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from .config import ConfigError, load_config
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, default=-1)
     args = parser.parse_args(argv)
+    _die_with_parent()
     try:
         config = load_config(None, json.loads(os.environ["SHARDBROKER_CONFIG"]))
     except (ConfigError, KeyError, ValueError) as exc:
@@ -50,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("shard %d: %s", args.shard, exc)
         return FATAL
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the supervisor dies, even by SIGKILL, so no child outlives it."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
