@@ -55,7 +55,7 @@ class Acceptor:
 
     def _handoff(self, shard: int, sock: socket.socket, client_id: str | None, data: bytes) -> bool:
         # A worker that is restarting refuses for a moment: retry briefly, then give up.
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 5.0
         while True:
             try:
                 send_handoff(self._link(shard), sock.fileno(), client_id, data)

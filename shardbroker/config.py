@@ -186,6 +186,30 @@ class _Text:
         return "non-empty string"
 
 
+@dataclass(frozen=True, slots=True)
+class _Filters:
+    """A list of MQTT topic filters (stored as a tuple)."""
+
+    def check(self, value: object) -> object:
+        from .protocol.errors import ProtocolError
+        from .topics import validate_topic_filter
+
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise _Invalid(f"must be a list of topic filters, got {_show(value)}")
+        for flt in value:
+            try:
+                validate_topic_filter(flt)
+            except ProtocolError as exc:
+                raise _Invalid(f"{flt!r} is not a valid topic filter: {exc.message}") from None
+        return tuple(value)
+
+    def from_text(self, text: str) -> object:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    def allowed(self) -> str:
+        return "list of topic filters"
+
+
 def _setting(default: Any, doc: str, check: _Check) -> Any:
     """A dataclass field carrying its description and check."""
     return field(default=default, metadata={"doc": doc, "check": check})
@@ -291,19 +315,34 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AclConfig:
+    """What clients may not do. A topic matched by a listed filter is refused."""
+
+    deny_subscribe: tuple[str, ...] = _setting(
+        (), "subscriptions to topics under these filters are refused (SUBACK 0x80)", _Filters()
+    )
+    deny_publish: tuple[str, ...] = _setting(
+        (), "publishes to topics under these filters are dropped (5.0: PUBACK/PUBREC 0x87)",
+        _Filters(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration, one nested dataclass per TOML section."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    acl: AclConfig = field(default_factory=AclConfig)
 
 
-_Section = ServerConfig | LimitsConfig | StorageConfig
+_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
     "limits": LimitsConfig,
     "storage": StorageConfig,
+    "acl": AclConfig,
 }
 """TOML section name -> dataclass, in file order (the same names as ``Config``'s fields)."""
 
@@ -335,6 +374,8 @@ _SPECS = _specs()
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -477,4 +518,5 @@ def load_config(
         server=_build(ServerConfig, "server", values),
         limits=_build(LimitsConfig, "limits", values),
         storage=_build(StorageConfig, "storage", values),
+        acl=_build(AclConfig, "acl", values),
     )

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardbroker.connection")
 
-MAX_WRITE_BUFFER = 8 << 20  # QoS 0 to a client whose socket backs up beyond this is dropped
+MAX_WRITE_BUFFER = 8 << 20
+CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input after its FIN  # QoS 0 to a client whose socket backs up beyond this is dropped
 
 
 class Connection(asyncio.Protocol):
@@ -132,7 +133,14 @@ class Connection(asyncio.Protocol):
         if t is not None and out:
             t.write(out[0] if len(out) == 1 else b"".join(out))
         if self._close_after and t is not None:
-            t.close()
+            self._close_after = False
+            if t.can_write_eof():
+                # FIN after the queued bytes, then read and discard for a moment before closing:
+                # a client still sending does not get a reset before it reads our DISCONNECT.
+                t.write_eof()
+                self.shard.loop.call_later(CLOSE_LINGER, t.close)
+            else:
+                t.close()
 
     def discard_output(self) -> None:
         self.out = []

@@ -20,18 +20,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 from itertools import count
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from storage.lmdb_store import RetainedStore, ShardStore, StoreError
-from storage.records import InflightRecord, SessionRecord, StoredMessage, StoredWill
+from storage.records import SessionRecord, StoredMessage, StoredWill
 
 from .config import Config
+from .delivery import Delivery
+from .handover import APPLY, GAP, Handover
 from .protocol import codec, reasons
 from .protocol.errors import ProtocolError
 from .protocol.packets import (
     MQTT_5,
     NO_PROPERTIES,
-    PacketType,
     Auth,
     ConnAck,
     Connect,
@@ -44,17 +45,12 @@ from .protocol.packets import (
     Publish,
     PubRec,
     PubRel,
-    SubAck,
     Subscribe,
-    UnsubAck,
     Unsubscribe,
 )
-from .handover import APPLY, GAP, Handover
 from .routing import RouteTable
 from .session import (
-    AWAIT_PUBACK,
     AWAIT_PUBCOMP,
-    AWAIT_PUBREC,
     NEVER,
     Message,
     Outgoing,
@@ -65,7 +61,8 @@ from .session import (
     message_from_wire,
     message_to_wire,
 )
-from .topics import TopicTrie, parse_shared, validate_topic_filter, validate_topic_name
+from .subscriptions import Subscriptions
+from .topics import TopicTrie, validate_topic_name
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -73,12 +70,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardbroker.shard")
 
-ROUTE_ACK_TIMEOUT = 2.0
 _ACK = struct.Struct(">BBH").pack  # PUBACK/PUBREC/PUBREL/PUBCOMP with reason 0 and no properties
 MAX_HOPS = 3
 
 
-class Shard:
+# One handler per packet type once connected (CONNECT goes to ``on_connect``).
+HANDLERS: dict[type, str] = {
+    Publish: "on_publish", PubAck: "on_puback", PubRec: "on_pubrec", PubRel: "on_pubrel",
+    PubComp: "on_pubcomp", Subscribe: "on_subscribe", Unsubscribe: "on_unsubscribe",
+    PingReq: "on_pingreq", Disconnect: "on_disconnect", Auth: "on_auth",
+}
+
+
+class Shard(Delivery, Subscriptions):
     def __init__(
         self, config: Config, shard: int, shards: int, store: ShardStore,
         retained: RetainedStore, bus: Bus, loop: asyncio.AbstractEventLoop,
@@ -91,6 +95,7 @@ class Shard:
         self.retained = retained
         self.bus = bus
         self.loop = loop
+        self._handlers: dict[type, Any] = {t: getattr(self, name) for t, name in HANDLERS.items()}
         self.sessions: dict[str, Session] = {}
         self.stored: set[str] = set()  # client ids with a session record in the store
         self.connections: set[Connection] = set()
@@ -99,6 +104,9 @@ class Shard:
         self.filter_refs: dict[str, int] = {}
         self.routes = RouteTable()
         self.handover = Handover(shard)
+        self._deny_publish: TopicTrie[int, None] = TopicTrie()
+        for i, flt in enumerate(config.acl.deny_publish):
+            self._deny_publish.add(flt, i, None)
         self._replay_asked: set[int] = set()
         self._route_waits: dict[int, tuple[set[int], asyncio.Future[None]]] = {}
         self._route_pending: dict[str, asyncio.Future[None]] = {}
@@ -223,7 +231,7 @@ class Shard:
                 if isinstance(packet, Connect):  # [MQTT-3.1.0-2]
                     raise ProtocolError(reasons.PROTOCOL_ERROR, "second CONNECT")
                 raise ProtocolError(reasons.PROTOCOL_ERROR, f"unexpected {type(packet).__name__} from a client")
-            handler(self, conn, packet)
+            handler(conn, packet)
         except ProtocolError as exc:
             self.protocol_violation(conn, exc)
         except Exception:
@@ -354,17 +362,6 @@ class Shard:
             if code is not None:
                 conn.send(codec.encode(ConnAck(False, code), conn.version))
         conn.close_after_write()
-
-    def _resume(self, sess: Session, conn: Connection) -> None:
-        """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
-        for pid, out in sess.inflight.items():
-            if out.state == AWAIT_PUBCOMP or out.message is None:
-                conn.send(codec.encode(PubRel(pid), conn.version))
-            else:
-                data = self._publish_bytes(conn, out.message, out.qos, out.retain, pid, True, out.sub_ids)
-                if data is not None:
-                    conn.send(data)
-        self._pump(sess)
 
     # ------------------------------------------------------------------ sessions
 
@@ -511,6 +508,9 @@ class Shard:
         elif topic.startswith("$SYS/") or topic == "$SYS":
             log.info("dropping publish from %s to read-only %s", conn.client_id, topic)
             code = reasons.NOT_AUTHORIZED
+        elif self._deny_publish and self._deny_publish.match(topic):
+            log.info("dropping publish from %s to %s (acl.deny_publish)", conn.client_id, topic)
+            code = reasons.NOT_AUTHORIZED
         elif qos and self.store_full:
             code = reasons.QUOTA_EXCEEDED
         else:
@@ -653,6 +653,8 @@ class Shard:
                     if verdict == APPLY:
                         self.deliver_local(message_from_wire(item[3]), item[4], [tuple(g) for g in item[5]], item[6])
                     elif verdict == GAP and origin not in self._replay_asked:
+                        log.info("shard %d: hand-over gap from shard %d (got %d, mark %d): asking for a resend",
+                                 self.shard, origin, item[2], self.handover.mark(origin))
                         self._replay_asked.add(origin)
                         self.bus.send(origin, ["PR", self.shard, self.handover.mark(origin)])
                 elif kind == "PA":
@@ -676,6 +678,7 @@ class Shard:
                 elif kind == "s?":
                     self.bus.send(item[1], ["s", self.shard, sorted(self.filter_refs)])
                 elif kind == "s":
+                    log.debug("shard %d: routes of shard %d: %d filters", self.shard, item[1], len(item[2]))
                     self.routes.replace(item[1], set(item[2]))
                     self.synced.add(item[1])
                     for again in self.handover.resend(item[1], time.monotonic()):  # it (re)started
@@ -685,362 +688,6 @@ class Shard:
             except Exception:
                 log.exception("bus: bad item %r", item[:1])
         self.schedule_flush()
-
-    # ------------------------------------------------------------------ delivery out
-
-    def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
-                group: tuple[str, str] | None = None) -> None:
-        conn = sess.conn
-        if conn is None or conn.closing:
-            if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
-                return
-            self._enqueue(sess, msg, qos, retain, sub_ids, group)
-            return
-        if qos == 0:
-            data = self._publish_bytes(conn, msg, 0, retain, None, False, sub_ids)
-            if data is not None:
-                if conn.write_buffer_full():
-                    self.stats["dropped_queue_full"] += 1
-                    return
-                conn.send(data)
-                self.stats["delivered"] += 1
-            return
-        if sess.queue or len(sess.inflight) >= conn.send_window:
-            self._enqueue(sess, msg, qos, retain, sub_ids, group)
-            return
-        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None, group)
-
-    def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
-                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
-        if conn.max_packet_out is not None and not self._fits(conn, msg, qos, sub_ids):
-            # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
-            self.stats["dropped_too_large"] += 1
-            if seq is not None:
-                self._batch().dequeue(sess.client_id, seq)
-                msg.unref()
-            return
-        pid = sess.alloc_pid()
-        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
-        if sess.persistent:
-            b = self._batch()
-            if msg.store_id is None:
-                msg.store_id = b.add_message(_stored(msg))
-            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
-                                                                AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
-            msg.ref()
-            if seq is not None:
-                b.dequeue(sess.client_id, seq)
-                msg.unref()
-        data = self._publish_bytes(conn, msg, qos, retain, pid, False, sub_ids)
-        if data is not None:
-            conn.send(data)
-            self.stats["delivered"] += 1
-
-    @staticmethod
-    def _fits(conn: Connection, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
-        """Whether the PUBLISH (without a topic alias, so an upper bound) fits the client's maximum."""
-        props = msg.properties
-        if sub_ids or msg.expires_at is not None:
-            props = replace(props, subscription_identifiers=sub_ids,
-                            message_expiry_interval=msg.remaining_expiry(time.time()))
-        size = len(codec.encode_publish(msg.topic.encode(), msg.payload, qos, False, False, 1,
-                                        codec.encode_properties(props, PacketType.PUBLISH)))
-        return conn.max_packet_out is None or size <= conn.max_packet_out
-
-    def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
-                 group: tuple[str, str] | None = None) -> None:
-        limits = self.limits
-        size = len(msg.payload)
-        while sess.queue and (len(sess.queue) >= limits.max_queued_messages
-                              or sess.queued_bytes + size > limits.max_queued_bytes):
-            if limits.queue_full_policy != "drop_oldest":
-                self.stats["dropped_queue_full"] += 1
-                sess.dropped += 1
-                return
-            old = sess.queue.popleft()
-            sess.queued_bytes -= len(old.message.payload)
-            if old.seq is not None:
-                self._batch().dequeue(sess.client_id, old.seq)
-                old.message.unref()
-            self.stats["dropped_queue_full"] += 1
-            sess.dropped += 1
-        seq = None
-        if sess.persistent and (qos > 0 or limits.queue_qos0):
-            b = self._batch()
-            if msg.store_id is None:
-                msg.store_id = b.add_message(_stored(msg))
-            seq = b.enqueue(sess.client_id, msg.store_id, qos)
-            msg.ref()
-        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
-        sess.queued_bytes += size
-
-    def _pump(self, sess: Session) -> None:
-        """Move queued messages into the window while there is room."""
-        conn = sess.conn
-        if conn is None:
-            return
-        now = time.time()
-        while sess.queue and len(sess.inflight) < conn.send_window:
-            q = sess.queue.popleft()
-            sess.queued_bytes -= len(q.message.payload)
-            if q.message.expired(now):
-                self.stats["expired"] += 1
-                if q.seq is not None:
-                    self._batch().dequeue(sess.client_id, q.seq)
-                    q.message.unref()
-                continue
-            if q.qos == 0:
-                data = self._publish_bytes(conn, q.message, 0, q.retain, None, False, q.sub_ids)
-                if data is not None:
-                    conn.send(data)
-                if q.seq is not None:
-                    self._batch().dequeue(sess.client_id, q.seq)
-                    q.message.unref()
-                continue
-            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
-
-    def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
-                       dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
-        """The PUBLISH for one subscriber, or None when it exceeds the client's Maximum Packet Size.
-
-        QoS 0 copies that differ in nothing per subscriber are encoded once per message.
-        """
-        version = conn.version
-        tb = msg.topic_bytes
-        if tb is None:
-            tb = msg.topic_bytes = msg.topic.encode()
-        if version != MQTT_5:
-            if qos:
-                return codec.encode_publish(tb, msg.payload, qos, retain, dup, pid)
-            cache = msg.cache
-            if cache is None:
-                cache = msg.cache = {}
-            key = (version, retain)
-            data = cache.get(key)
-            if data is None:
-                data = cache[key] = codec.encode_publish(tb, msg.payload, 0, retain)
-            return data
-        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
-        plain = not sub_ids and expiry is None
-        if plain and not conn.alias_max_out:
-            pb = msg.props_bytes
-            if pb is None:
-                pb = msg.props_bytes = codec.encode_properties(msg.properties, PacketType.PUBLISH)
-            if qos:
-                data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid, pb)
-            else:
-                cache = msg.cache
-                if cache is None:
-                    cache = msg.cache = {}
-                data = cache.get((MQTT_5, retain))
-                if data is None:
-                    data = cache[(MQTT_5, retain)] = codec.encode_publish(tb, msg.payload, 0, retain, False, None, pb)
-        else:
-            props = msg.properties
-            if not plain:
-                props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
-            if conn.alias_max_out:
-                alias = conn.aliases_out.get(msg.topic)
-                if alias is not None:
-                    props = replace(props, topic_alias=alias)
-                    tb = b""
-                elif len(conn.aliases_out) < conn.alias_max_out:
-                    alias = len(conn.aliases_out) + 1
-                    conn.aliases_out[msg.topic] = alias
-                    props = replace(props, topic_alias=alias)
-            data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid,
-                                        codec.encode_properties(props, PacketType.PUBLISH))
-        if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
-            self.stats["dropped_too_large"] += 1
-            return None
-        return data
-
-    def on_puback(self, conn: Connection, pkt: PubAck) -> None:
-        sess = conn.session
-        assert sess is not None
-        out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.qos != 1:
-            log.debug("%s: PUBACK for unknown packet id %d", conn.client_id, pkt.packet_id)
-            return
-        del sess.inflight[pkt.packet_id]
-        if sess.persistent:
-            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
-            if out.message is not None:
-                out.message.unref()
-        self._pump(sess)
-
-    def on_pubrec(self, conn: Connection, pkt: PubRec) -> None:
-        sess = conn.session
-        assert sess is not None
-        out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.qos != 2:
-            if conn.version == MQTT_5:
-                conn.send(codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND), MQTT_5))
-            return
-        if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends here
-            del sess.inflight[pkt.packet_id]
-            if sess.persistent:
-                self._batch().delete_inflight(sess.client_id, pkt.packet_id)
-                if out.message is not None:
-                    out.message.unref()
-            self._pump(sess)
-            return
-        if out.state != AWAIT_PUBCOMP:
-            out.state = AWAIT_PUBCOMP
-            if sess.persistent:
-                self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))
-                if out.message is not None:
-                    out.message.unref()
-            out.message = None
-        conn.send(codec.encode(PubRel(pkt.packet_id), conn.version))
-
-    def on_pubcomp(self, conn: Connection, pkt: PubComp) -> None:
-        sess = conn.session
-        assert sess is not None
-        out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.state != AWAIT_PUBCOMP:
-            return
-        del sess.inflight[pkt.packet_id]
-        if sess.persistent:
-            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
-        self._pump(sess)
-
-    # ------------------------------------------------------------------ SUBSCRIBE
-
-    def _add_subscription(self, sess: Session, sub: StoredSubscription) -> None:
-        sess.subscriptions[sub.topic_filter] = sub
-        shared = parse_shared(sub.topic_filter)
-        if shared is None:
-            self.subs.add(sub.topic_filter, sess.client_id, sub)
-        else:
-            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
-
-    def _remove_subscription(self, sess: Session, flt: str) -> bool:
-        if sess.subscriptions.pop(flt, None) is None:
-            return False
-        shared = parse_shared(flt)
-        if shared is None:
-            self.subs.remove(flt, sess.client_id)
-        else:
-            self.shared_subs.remove(shared[1], (shared[0], sess.client_id))
-        n = self.filter_refs.get(flt, 0) - 1
-        if n <= 0:
-            self.filter_refs.pop(flt, None)
-            self.routes.remove(self.shard, flt)
-            self.bus.broadcast(["r-", self.shard, flt])
-            self.schedule_flush()
-        else:
-            self.filter_refs[flt] = n
-        return True
-
-    def _ref_route(self, flt: str) -> asyncio.Future[None] | None:
-        n = self.filter_refs.get(flt, 0)
-        self.filter_refs[flt] = n + 1
-        if n:
-            fut = self._route_pending.get(flt)
-            return fut if fut is not None and not fut.done() else None
-        self.routes.add(self.shard, flt)
-        peers = set(self.bus.peers)
-        if not peers:
-            return None
-        req = next(self._req)
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self._route_waits[req] = (peers, fut)
-        self._route_pending[flt] = fut
-        fut.add_done_callback(lambda _f, flt=flt: self._route_pending.pop(flt, None))
-        self.bus.broadcast(["r+", self.shard, flt, req])
-        self.schedule_flush()
-        return fut
-
-    def on_subscribe(self, conn: Connection, pkt: Subscribe) -> None:
-        sess = conn.session
-        assert sess is not None
-        v5 = conn.version == MQTT_5
-        sub_id = pkt.properties.subscription_identifiers[0] if pkt.properties.subscription_identifiers else None
-        codes: list[int] = []
-        waits: list[asyncio.Future[None]] = []
-        retained_for: list[StoredSubscription] = []
-        for s in pkt.subscriptions:
-            try:
-                validate_topic_filter(s.topic_filter)
-            except ProtocolError as exc:
-                log.info("%s: subscription to %r refused: %s", conn.client_id, s.topic_filter, exc.message)
-                codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)
-                continue
-            shared = parse_shared(s.topic_filter)
-            if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
-                raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
-            existed = s.topic_filter in sess.subscriptions
-            sub = StoredSubscription(s.topic_filter, s.qos, s.no_local, s.retain_as_published,
-                                     s.retain_handling, sub_id)
-            if existed:
-                self._replace_subscription(sess, sub)
-            else:
-                self._add_subscription(sess, sub)
-                fut = self._ref_route(s.topic_filter)
-                if fut is not None:
-                    waits.append(fut)
-            codes.append(s.qos)
-            if shared is None and (s.retain_handling == 0 or (s.retain_handling == 1 and not existed)):
-                retained_for.append(sub)
-        if sess.persistent:
-            self._persist_session(sess)
-        suback = codec.encode(SubAck(pkt.packet_id, tuple(codes)), conn.version)
-        if not waits:
-            conn.send(suback)
-            self._send_retained(sess, conn, retained_for)
-            return
-
-        async def after_routes() -> None:
-            await asyncio.wait(waits, timeout=ROUTE_ACK_TIMEOUT)
-            if conn.session is sess and not conn.closing:
-                conn.send(suback)
-                self._send_retained(sess, conn, retained_for)
-
-        self.loop.create_task(after_routes())
-
-    def _replace_subscription(self, sess: Session, sub: StoredSubscription) -> None:
-        sess.subscriptions[sub.topic_filter] = sub
-        shared = parse_shared(sub.topic_filter)
-        if shared is None:
-            self.subs.add(sub.topic_filter, sess.client_id, sub)
-        else:
-            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
-
-    def _send_retained(self, sess: Session, conn: Connection, subs: list[StoredSubscription]) -> None:
-        if not subs:
-            return
-        now = time.time()
-        from .topics import matches
-        for sub in subs:
-            flt = sub.topic_filter
-            cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
-            prefix = flt[:cut]
-            try:
-                found = list(self.retained.scan(prefix)) if cut < len(flt) else (
-                    [(flt, m)] if (m := self.retained.get(flt)) is not None else [])
-            except StoreError as exc:
-                log.error("retained store read failed: %s", exc)
-                return
-            for topic, smsg in found:
-                if not matches(flt, topic):
-                    continue
-                if smsg.expires_at is not None and now >= smsg.expires_at:
-                    continue
-                msg = Message(topic, smsg.payload, smsg.qos, True, smsg.properties, smsg.expires_at, None)
-                self.deliver(sess, msg, min(smsg.qos, sub.qos), True,
-                             (sub.subscription_id,) if sub.subscription_id else ())
-
-    def on_unsubscribe(self, conn: Connection, pkt: Unsubscribe) -> None:
-        sess = conn.session
-        assert sess is not None
-        codes = []
-        for flt in pkt.topic_filters:
-            removed = self._remove_subscription(sess, flt)
-            codes.append(reasons.SUCCESS if removed else reasons.NO_SUBSCRIPTION_EXISTED)
-        if sess.persistent:
-            self._persist_session(sess)
-        conn.send(codec.encode(UnsubAck(pkt.packet_id, tuple(codes)), conn.version))
 
     # ------------------------------------------------------------------ the rest
 
@@ -1080,11 +727,6 @@ class Shard:
             conn.close_after_write()
         self.flush()
 
-    _handlers: ClassVar[dict[type, Any]] = {
-        Publish: on_publish, PubAck: on_puback, PubRec: on_pubrec, PubRel: on_pubrel,
-        PubComp: on_pubcomp, Subscribe: on_subscribe, Unsubscribe: on_unsubscribe,
-        PingReq: on_pingreq, Disconnect: on_disconnect, Auth: on_auth,
-    }
 
 
 def _utf8(data: bytes) -> bool:
@@ -1093,10 +735,6 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def _stored(msg: Message) -> StoredMessage:
-    return StoredMessage(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at)
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

@@ -27,7 +27,7 @@ from .shard import Shard
 
 log = logging.getLogger("shardbroker.worker")
 
-SYNC_WAIT = 3.0
+SYNC_WAIT = 2.0
 TICK = 0.5
 
 
@@ -58,6 +58,17 @@ class Worker:
         bus.start(loop)
         core.announce()
 
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        deadline = time.monotonic() + SYNC_WAIT
+        while len(core.synced) < self.shards - 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if len(core.synced) < self.shards - 1:
+            log.warning("shard %d: no route sync from shards %s yet; serving anyway", self.shard_index,
+                        sorted(set(range(self.shards)) - core.synced - {self.shard_index}))
+        # Clients only once the routes are known: a publish must reach every subscriber.
         path = os.path.join(self.run_dir, f"handoff-{self.shard_index}.sock")
         try:
             os.unlink(path)
@@ -70,16 +81,6 @@ class Worker:
         self._listen = listen
         loop.add_reader(listen.fileno(), self._accept_link, loop)
 
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-
-        deadline = time.monotonic() + SYNC_WAIT
-        while len(core.synced) < self.shards - 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if len(core.synced) < self.shards - 1:
-            log.warning("shard %d: no route sync from shards %s yet; serving anyway", self.shard_index,
-                        sorted(set(range(self.shards)) - core.synced - {self.shard_index}))
         ready(f"worker {self.shard_index}")
         log.info("shard %d serving (%d sessions restored)", self.shard_index, len(core.sessions))
 

@@ -279,6 +279,28 @@ def test_receive_maximum_exceeded_disconnects_0x93(broker, mqtt, uniq):
     assert recs == list(range(1, len(recs) + 1)) and len(recs) <= window
 
 
+def test_disconnect_readable_by_a_client_that_keeps_sending(broker, mqtt, uniq):
+    """After DISCONNECT the broker half-closes and drains: a client still answering
+    PUBRECs with PUBRELs is not reset before it reads the 0x93 [MQTT-3.14.4-2]."""
+    pub = mqtt(broker, uniq.cid("p"), version=5)
+    window = pub.connack.props.get(mb.RECEIVE_MAXIMUM, 65535)
+    topic = uniq.topic()
+    pub.send(b"".join(mb.publish(topic, b"x", qos=2, pid=i, version=5)
+                      for i in range(1, window + 2)))
+    reasons = []
+    while True:
+        try:
+            pkt = pub.recv_packet(5)
+        except mb.ConnectionClosed:
+            break
+        assert pkt is not None, "no DISCONNECT and no close within 5 s"
+        if pkt[0] == mb.PUBREC:
+            pub.send(mb.pubrel(mb.parse_ack(pkt[2], 5).pid, 5))  # raises on a reset
+        elif pkt[0] == mb.DISCONNECT:
+            reasons.append(mb.parse_disconnect(pkt[2], 5).reason)
+    assert reasons == [mb.RC_RECEIVE_MAXIMUM_EXCEEDED]
+
+
 def test_receive_maximum_window_reused_after_pubcomp(broker, mqtt, uniq):
     topic, sub, pub = _pair(broker, mqtt, uniq, sub_qos=2)
     window = pub.connack.props.get(mb.RECEIVE_MAXIMUM, 65535)

@@ -44,6 +44,8 @@ EXPECTED_DEFAULTS = {
     "storage.durability": "fsync",
     "storage.map_size": 67108864,
     "storage.max_map_size": 17179869184,
+    "acl.deny_subscribe": (),
+    "acl.deny_publish": (),
 }
 
 
@@ -87,7 +89,8 @@ def test_defaults_without_file() -> None:
 
 def test_default_toml_is_exactly_the_defaults(tmp_path: Path) -> None:
     document = tomllib.loads(DEFAULT_TOML)
-    flat = {f"{s}.{k}": v for s, table in document.items() for k, v in table.items()}
+    flat = {f"{s}.{k}": tuple(v) if isinstance(v, list) else v
+            for s, table in document.items() for k, v in table.items()}
     assert flat == EXPECTED_DEFAULTS
     assert {k: type(v) for k, v in flat.items()} == {
         k: type(v) for k, v in EXPECTED_DEFAULTS.items()
@@ -395,3 +398,15 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_config(path)
     assert str(info.value).startswith(f"{path}: invalid TOML: ")
     assert "\n" not in str(info.value)
+
+
+def test_acl_filters_are_validated(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[acl]\ndeny_subscribe = ["test/nosubscribe", "secret/#"]\n'))
+    assert config.acl.deny_subscribe == ("test/nosubscribe", "secret/#")
+    assert load_config(overrides={"acl.deny_publish": "a/+, b"}).acl.deny_publish == ("a/+", "b")
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, '[acl]\ndeny_subscribe = ["a/#/b"]\n'))
+    assert str(exc.value).startswith("acl.deny_subscribe:") and "a/#/b" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "[acl]\ndeny_publish = 3\n"))
+    assert "list of topic filters" in str(exc.value)

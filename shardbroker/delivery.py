@@ -1,0 +1,285 @@
+"""Outbound delivery: a message to one session, through the window, the queue and the store.
+
+QoS is already the lower of message and subscription; this decides whether a copy
+goes out now (QoS 0, or QoS 1/2 with room in the window), waits in the session
+queue (offline, or window full), or is dropped (too large for the client, queue full
+by policy, expired). Persistent sessions get their queue and inflight rows written to
+the shard's current batch; ``Message.ref``/``unref`` keep the stored message id valid.
+Also the acknowledgements of outbound QoS 1/2 (PUBACK, PUBREC, PUBCOMP) and the resend
+of unacknowledged messages on session resume.
+
+A mixin of ``Shard``: it uses the shard's store batch, limits and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from storage.records import InflightRecord, StoredMessage
+
+from .protocol import codec, reasons
+from .protocol.packets import (
+    MQTT_5,
+    PacketType,
+    PubAck,
+    PubComp,
+    PubRec,
+    PubRel,
+)
+from .session import (
+    AWAIT_PUBACK,
+    AWAIT_PUBCOMP,
+    AWAIT_PUBREC,
+    Message,
+    Outgoing,
+    Queued,
+    Session,
+)
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("shardbroker.shard")
+
+
+class Delivery:
+    """Outbound delivery (mixin of ``Shard``)."""
+
+    stats: dict[str, int]
+
+    def _resume(self, sess: Session, conn: Connection) -> None:
+        """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
+        for pid, out in sess.inflight.items():
+            if out.state == AWAIT_PUBCOMP or out.message is None:
+                conn.send(codec.encode(PubRel(pid), conn.version))
+            else:
+                data = self._publish_bytes(conn, out.message, out.qos, out.retain, pid, True, out.sub_ids)
+                if data is not None:
+                    conn.send(data)
+        self._pump(sess)
+
+    def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                group: tuple[str, str] | None = None) -> None:
+        conn = sess.conn
+        if conn is None or conn.closing:
+            if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
+                return
+            self._enqueue(sess, msg, qos, retain, sub_ids, group)
+            return
+        if qos == 0:
+            data = self._publish_bytes(conn, msg, 0, retain, None, False, sub_ids)
+            if data is not None:
+                if conn.write_buffer_full():
+                    self.stats["dropped_queue_full"] += 1
+                    return
+                conn.send(data)
+                self.stats["delivered"] += 1
+            return
+        if sess.queue or len(sess.inflight) >= conn.send_window:
+            self._enqueue(sess, msg, qos, retain, sub_ids, group)
+            return
+        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None, group)
+
+    def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
+                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
+        if conn.max_packet_out is not None and not self._fits(conn, msg, qos, sub_ids):
+            # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
+            self.stats["dropped_too_large"] += 1
+            if seq is not None:
+                self._batch().dequeue(sess.client_id, seq)
+                msg.unref()
+            return
+        pid = sess.alloc_pid()
+        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
+        if sess.persistent:
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
+                                                                AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
+            msg.ref()
+            if seq is not None:
+                b.dequeue(sess.client_id, seq)
+                msg.unref()
+        data = self._publish_bytes(conn, msg, qos, retain, pid, False, sub_ids)
+        if data is not None:
+            conn.send(data)
+            self.stats["delivered"] += 1
+
+    @staticmethod
+    def _fits(conn: Connection, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
+        """Whether the PUBLISH (without a topic alias, so an upper bound) fits the client's maximum."""
+        props = msg.properties
+        if sub_ids or msg.expires_at is not None:
+            props = replace(props, subscription_identifiers=sub_ids,
+                            message_expiry_interval=msg.remaining_expiry(time.time()))
+        size = len(codec.encode_publish(msg.topic.encode(), msg.payload, qos, False, False, 1,
+                                        codec.encode_properties(props, PacketType.PUBLISH)))
+        return conn.max_packet_out is None or size <= conn.max_packet_out
+
+    def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                 group: tuple[str, str] | None = None) -> None:
+        limits = self.limits
+        size = len(msg.payload)
+        while sess.queue and (len(sess.queue) >= limits.max_queued_messages
+                              or sess.queued_bytes + size > limits.max_queued_bytes):
+            if limits.queue_full_policy != "drop_oldest":
+                self.stats["dropped_queue_full"] += 1
+                sess.dropped += 1
+                return
+            old = sess.queue.popleft()
+            sess.queued_bytes -= len(old.message.payload)
+            if old.seq is not None:
+                self._batch().dequeue(sess.client_id, old.seq)
+                old.message.unref()
+            self.stats["dropped_queue_full"] += 1
+            sess.dropped += 1
+        seq = None
+        if sess.persistent and (qos > 0 or limits.queue_qos0):
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            seq = b.enqueue(sess.client_id, msg.store_id, qos)
+            msg.ref()
+        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
+        sess.queued_bytes += size
+
+    def _pump(self, sess: Session) -> None:
+        """Move queued messages into the window while there is room."""
+        conn = sess.conn
+        if conn is None:
+            return
+        now = time.time()
+        while sess.queue and len(sess.inflight) < conn.send_window:
+            q = sess.queue.popleft()
+            sess.queued_bytes -= len(q.message.payload)
+            if q.message.expired(now):
+                self.stats["expired"] += 1
+                if q.seq is not None:
+                    self._batch().dequeue(sess.client_id, q.seq)
+                    q.message.unref()
+                continue
+            if q.qos == 0:
+                data = self._publish_bytes(conn, q.message, 0, q.retain, None, False, q.sub_ids)
+                if data is not None:
+                    conn.send(data)
+                if q.seq is not None:
+                    self._batch().dequeue(sess.client_id, q.seq)
+                    q.message.unref()
+                continue
+            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
+
+    def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
+                       dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
+        """The PUBLISH for one subscriber, or None when it exceeds the client's Maximum Packet Size.
+
+        QoS 0 copies that differ in nothing per subscriber are encoded once per message.
+        """
+        version = conn.version
+        tb = msg.topic_bytes
+        if tb is None:
+            tb = msg.topic_bytes = msg.topic.encode()
+        if version != MQTT_5:
+            if qos:
+                return codec.encode_publish(tb, msg.payload, qos, retain, dup, pid)
+            cache = msg.cache
+            if cache is None:
+                cache = msg.cache = {}
+            key = (version, retain)
+            data = cache.get(key)
+            if data is None:
+                data = cache[key] = codec.encode_publish(tb, msg.payload, 0, retain)
+            return data
+        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+        plain = not sub_ids and expiry is None
+        if plain and not conn.alias_max_out:
+            pb = msg.props_bytes
+            if pb is None:
+                pb = msg.props_bytes = codec.encode_properties(msg.properties, PacketType.PUBLISH)
+            if qos:
+                data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid, pb)
+            else:
+                cache = msg.cache
+                if cache is None:
+                    cache = msg.cache = {}
+                data = cache.get((MQTT_5, retain))
+                if data is None:
+                    data = cache[(MQTT_5, retain)] = codec.encode_publish(tb, msg.payload, 0, retain, False, None, pb)
+        else:
+            props = msg.properties
+            if not plain:
+                props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
+            if conn.alias_max_out:
+                alias = conn.aliases_out.get(msg.topic)
+                if alias is not None:
+                    props = replace(props, topic_alias=alias)
+                    tb = b""
+                elif len(conn.aliases_out) < conn.alias_max_out:
+                    alias = len(conn.aliases_out) + 1
+                    conn.aliases_out[msg.topic] = alias
+                    props = replace(props, topic_alias=alias)
+            data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid,
+                                        codec.encode_properties(props, PacketType.PUBLISH))
+        if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
+            self.stats["dropped_too_large"] += 1
+            return None
+        return data
+
+    def on_puback(self, conn: Connection, pkt: PubAck) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.qos != 1:
+            log.debug("%s: PUBACK for unknown packet id %d", conn.client_id, pkt.packet_id)
+            return
+        del sess.inflight[pkt.packet_id]
+        if sess.persistent:
+            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+            if out.message is not None:
+                out.message.unref()
+        self._pump(sess)
+
+    def on_pubrec(self, conn: Connection, pkt: PubRec) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.qos != 2:
+            if conn.version == MQTT_5:
+                conn.send(codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND), MQTT_5))
+            return
+        if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends here
+            del sess.inflight[pkt.packet_id]
+            if sess.persistent:
+                self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+                if out.message is not None:
+                    out.message.unref()
+            self._pump(sess)
+            return
+        if out.state != AWAIT_PUBCOMP:
+            out.state = AWAIT_PUBCOMP
+            if sess.persistent:
+                self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))
+                if out.message is not None:
+                    out.message.unref()
+            out.message = None
+        conn.send(codec.encode(PubRel(pkt.packet_id), conn.version))
+
+    def on_pubcomp(self, conn: Connection, pkt: PubComp) -> None:
+        sess = conn.session
+        assert sess is not None
+        out = sess.inflight.get(pkt.packet_id)
+        if out is None or out.state != AWAIT_PUBCOMP:
+            return
+        del sess.inflight[pkt.packet_id]
+        if sess.persistent:
+            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+        self._pump(sess)
+
+
+def _stored(msg: Message) -> StoredMessage:
+    return StoredMessage(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at)
+
+
