@@ -72,6 +72,8 @@ log = logging.getLogger("shardbroker.shard")
 
 _ACK = struct.Struct(">BBH").pack  # PUBACK/PUBREC/PUBREL/PUBCOMP with reason 0 and no properties
 MAX_HOPS = 3
+STORE_FULL_AT = 0.9  # fraction of storage.max_map_size at which new QoS 1/2 work is refused
+STORE_FULL_RETRY = 5.0  # seconds after a failed commit before writes are tried again
 
 
 # One handler per packet type once connected (CONNECT goes to ``on_connect``).
@@ -118,6 +120,7 @@ class Shard(Delivery, Subscriptions):
         self.dirty: list[Connection] = []
         self._flush_scheduled = False
         self.store_full = False
+        self._hard_full_at = -1e9
         self.max_sessions = max(1, self.limits.max_sessions // max(1, shards))
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
@@ -195,9 +198,8 @@ class Shard(Delivery, Subscriptions):
         if batch is not None and len(batch):
             try:
                 batch.commit()
-                if self.store_full:
-                    log.warning("shard %d: store accepts writes again", self.shard)
-                self.store_full = False
+                if self.store.map_at_max():  # close to the limit: look after every commit
+                    self._check_fill(time.monotonic())
             except StoreError as exc:
                 log.error("shard %d: store commit failed: %s", self.shard, exc)
                 failed = True
@@ -206,6 +208,7 @@ class Shard(Delivery, Subscriptions):
             # Nothing promised in this batch may be acknowledged: drop the output of every
             # connection that had any and close it; the clients resend what was not acked.
             self.store_full = True
+            self._hard_full_at = time.monotonic()
             for conn in dirty:
                 conn.discard_output()
                 conn.dirty = False
@@ -428,6 +431,24 @@ class Shard(Delivery, Subscriptions):
         for msg, (group, flt) in stranded:  # type: ignore[misc]
             self._deliver_shared(msg, group, flt, 0)
 
+    def _check_fill(self, mono: float) -> None:
+        """Refuse new QoS 1/2 work while the store is nearly full: the headroom left is what
+        draining queues needs (LMDB writes even to delete). A failed commit also sets it."""
+        try:
+            fill = self.store.fill()
+        except StoreError as exc:
+            log.error("shard %d: cannot read store fill: %s", self.shard, exc)
+            return
+        full = fill >= STORE_FULL_AT or mono - self._hard_full_at < STORE_FULL_RETRY
+        if full != self.store_full:
+            if full:
+                log.warning("shard %d: message store %.0f%% full: refusing new QoS 1/2 publishes",
+                            self.shard, 100 * fill)
+            else:
+                log.warning("shard %d: message store %.0f%% full: accepting QoS 1/2 again",
+                            self.shard, 100 * fill)
+            self.store_full = full
+
     def _forget_stored(self, sess: Session) -> None:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self._batch().delete_session(sess.client_id)
@@ -441,7 +462,8 @@ class Shard(Delivery, Subscriptions):
                 out.message.unref()
 
     def tick(self, now: float, mono: float) -> None:
-        """Once-a-second sweep: keepalive, delayed wills, session expiry."""
+        """Periodic sweep: store fill, keepalive, delayed wills, session expiry."""
+        self._check_fill(mono)
         for conn in list(self.connections):
             if conn.keepalive and conn.connected and mono - conn.last_rx > conn.keepalive * 1.5:
                 self.close(conn, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {conn.keepalive}s expired")
@@ -512,6 +534,8 @@ class Shard(Delivery, Subscriptions):
             log.info("dropping publish from %s to %s (acl.deny_publish)", conn.client_id, topic)
             code = reasons.NOT_AUTHORIZED
         elif qos and self.store_full:
+            if not v5:  # 3.1.1 cannot refuse a PUBLISH, and must not acknowledge what it cannot keep
+                raise ProtocolError(reasons.QUOTA_EXCEEDED, "message store full: QoS 1/2 refused")
             code = reasons.QUOTA_EXCEEDED
         else:
             if props.topic_alias is not None:

@@ -476,6 +476,19 @@ class _Env:
             "file_bytes": file_bytes,
         }
 
+    def fill(self) -> float:
+        """Pages holding data (all tables, LMDB's own bookkeeping aside) over ``max_map_size``.
+
+        Unlike the file's high-water mark this falls again when data is deleted, so it
+        tells whether there is room left to write, and to drain."""
+        with self.read() as txn:
+            pages = 0
+            for db in self.dbs.values():
+                st = txn.stat(db)
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            psize = self.env.stat()["psize"]
+        return pages * psize / self.max_map_size
+
     # -- writes
 
     def write(self, apply: Callable[[lmdb.Transaction[bytes]], Callable[[], None] | None]) -> None:
@@ -814,6 +827,14 @@ class ShardStore:
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
         return None if data is None else decode_value(data)
+
+    def fill(self) -> float:
+        """How full the store is, as a fraction of ``max_map_size`` (see ``_Env.fill``)."""
+        return self._env.fill()
+
+    def map_at_max(self) -> bool:
+        """Whether the map can no longer grow (then every commit may be the one that fills it)."""
+        return int(self._env.env.info()["map_size"]) >= self._env.max_map_size
 
     def outbox(self) -> Iterator[tuple[int, int, bytes]]:
         """(peer shard, seq, item) of every hand-over not yet acknowledged, in key order."""
