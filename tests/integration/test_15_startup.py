@@ -1,0 +1,76 @@
+"""15: refusing to start, with one clear line and nothing overwritten: bad configuration,
+a foreign or damaged data directory, a data directory made for another worker count,
+a data directory already in use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--log-level", "warning", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_bad_setting_is_one_line_naming_it(tmp_path):
+    res = serve("--data-dir", str(tmp_path / "d"), "--workers", "-1")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "shardbroker: configuration error: server.workers: must be an integer between 0 and 256, got -1"
+    ]
+
+
+def test_bad_config_file_is_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[limits]\nmax_packet_sise = 10\n")
+    res = serve("--config", str(cfg), "--data-dir", str(tmp_path / "d"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "limits.max_packet_sise" in lines[0] and "limits.max_packet_size" in lines[0]
+
+
+def test_foreign_data_file_is_refused_and_untouched(tmp_path):
+    shard = tmp_path / "d" / "shard-000"
+    shard.mkdir(parents=True)
+    junk = b"this is not an LMDB file" * 100
+    (shard / "data.mdb").write_bytes(junk)
+    res = serve("--data-dir", str(tmp_path / "d"), "--workers", "1")
+    assert res.returncode != 0
+    assert "not an LMDB data file" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (shard / "data.mdb").read_bytes() == junk
+
+
+@pytest.mark.slow
+def test_other_worker_count_is_refused_before_any_write(tmp_path):
+    data = tmp_path / "d"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--workers", "2", "--data-dir", str(data), "--log-level", "info"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "ready" in line:
+                break
+        # a second broker on the same data directory is refused while the first runs
+        res = serve("--data-dir", str(data), "--workers", "2")
+        assert res.returncode != 0 and "in use by another broker" in res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    before = sorted(p.name for p in data.iterdir())
+    res = serve("--data-dir", str(data), "--workers", "3")
+    assert res.returncode == 2
+    assert "was created with 2 workers, not 3" in res.stderr
+    assert sorted(p.name for p in data.iterdir()) == before  # no shard-002 created
