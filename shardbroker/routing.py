@@ -5,9 +5,14 @@ subscribed: a plain filter (``a/+/c``) or a shared one (``$share/g/a/+/c``).
 A shard holds a key while at least one of its sessions subscribes to it; the
 first subscriber adds the key everywhere, the last one removes it.
 
+Each key of a shard carries a *durable* flag: whether a persistent session of
+that shard subscribes to it. Only publishes that reach a durable key of another
+shard need the durable hand-over (``handover.py``); the rest go straight over the bus.
+
 ``targets(topic)`` is the per-publish question: for each shard, whether it has
-plain subscribers and which shared groups it must serve. A shared group's message
-goes to exactly one shard that has members of that group, chosen round robin.
+plain subscribers, which shared groups it must serve, and whether any of them is
+durable. A shared group's message goes to exactly one shard that has members of
+that group, chosen round robin.
 
 No I/O: the shard sends and receives updates over the bus; this is the table.
 """
@@ -23,35 +28,37 @@ from .topics import TopicTrie, parse_shared
 class Target:
     plain: bool = False
     groups: list[tuple[str, str]] = field(default_factory=list)  # (group, filter)
+    durable: bool = False  # a persistent session there may need it: hand over durably
 
 
 class RouteTable:
     def __init__(self) -> None:
-        self._plain: TopicTrie[int, None] = TopicTrie()
-        self._shared: TopicTrie[tuple[str, int], None] = TopicTrie()
-        self._keys: dict[int, set[str]] = {}
+        self._plain: TopicTrie[int, bool] = TopicTrie()
+        self._shared: TopicTrie[tuple[str, int], bool] = TopicTrie()
+        self._keys: dict[int, dict[str, bool]] = {}
         self._rr: dict[tuple[str, str], int] = {}
         self._cache: dict[str, dict[int, Target]] = {}
 
-    def add(self, shard: int, key: str) -> bool:
-        keys = self._keys.setdefault(shard, set())
-        if key in keys:
+    def add(self, shard: int, key: str, durable: bool = False) -> bool:
+        """Add ``key`` for ``shard`` or change its durable flag; True if anything changed."""
+        keys = self._keys.setdefault(shard, {})
+        if keys.get(key) is durable:
             return False
-        keys.add(key)
+        keys[key] = durable
         self._cache.clear()
         shared = parse_shared(key)
         if shared is None:
-            self._plain.add(key, shard, None)
+            self._plain.add(key, shard, durable)
         else:
             group, flt = shared
-            self._shared.add(flt, (group, shard), None)
+            self._shared.add(flt, (group, shard), durable)
         return True
 
     def remove(self, shard: int, key: str) -> bool:
         keys = self._keys.get(shard)
         if not keys or key not in keys:
             return False
-        keys.discard(key)
+        del keys[key]
         self._cache.clear()
         shared = parse_shared(key)
         if shared is None:
@@ -61,16 +68,16 @@ class RouteTable:
             self._shared.remove(flt, (group, shard))
         return True
 
-    def replace(self, shard: int, keys: set[str]) -> None:
-        """Make ``keys`` the complete set for ``shard`` (a sync from that shard)."""
+    def replace(self, shard: int, keys: dict[str, bool]) -> None:
+        """Make ``keys`` (key -> durable) the complete set for ``shard`` (a sync from it)."""
         for key in list(self._keys.get(shard, ())):
             if key not in keys:
                 self.remove(shard, key)
-        for key in keys:
-            self.add(shard, key)
+        for key, durable in keys.items():
+            self.add(shard, key, durable)
 
-    def keys(self, shard: int) -> set[str]:
-        return set(self._keys.get(shard, ()))
+    def keys(self, shard: int) -> dict[str, bool]:
+        return dict(self._keys.get(shard, {}))
 
     def shards_for_group(self, group: str, flt: str) -> list[int]:
         entries = self._shared.get(flt) or {}
@@ -86,29 +93,32 @@ class RouteTable:
         if cached is None:
             cached = {}
             for _flt, entries in self._plain.match(topic):
-                for shard in entries:
+                for shard, durable in entries.items():
                     t = cached.get(shard)
                     if t is None:
-                        cached[shard] = Target(plain=True)
+                        cached[shard] = Target(plain=True, durable=durable)
+                    elif durable:
+                        t.durable = True
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[topic] = cached
         shared = self._shared.match(topic) if len(self._shared) else []
         if not shared:
             return cached
-        out = {s: Target(t.plain, []) for s, t in cached.items()}
+        out = {s: Target(t.plain, [], t.durable) for s, t in cached.items()}
         for flt, entries in shared:
-            groups: dict[str, list[int]] = {}
-            for group, shard in entries:
-                groups.setdefault(group, []).append(shard)
+            groups: dict[str, list[tuple[int, bool]]] = {}
+            for (group, shard), durable in entries.items():
+                groups.setdefault(group, []).append((shard, durable))
             for group, shards in groups.items():
                 shards.sort()
                 k = (group, flt)
                 n = self._rr.get(k, 0)
                 self._rr[k] = n + 1
-                pick = shards[n % len(shards)]
+                pick, durable = shards[n % len(shards)]
                 t = out.get(pick)
                 if t is None:
                     t = out[pick] = Target()
                 t.groups.append((group, flt))
+                t.durable = t.durable or durable
         return out

@@ -103,7 +103,8 @@ class Shard(Delivery, Subscriptions):
         self.connections: set[Connection] = set()
         self.subs: TopicTrie[str, StoredSubscription] = TopicTrie()
         self.shared_subs: TopicTrie[tuple[str, str], StoredSubscription] = TopicTrie()
-        self.filter_refs: dict[str, int] = {}
+        self.filter_refs: dict[str, int] = {}  # route key -> local subscriptions
+        self.durable_refs: dict[str, int] = {}  # route key -> local persistent subscriptions
         self.routes = RouteTable()
         self.handover = Handover(shard)
         self._deny_publish: TopicTrie[int, None] = TopicTrie()
@@ -154,15 +155,16 @@ class Shard(Delivery, Subscriptions):
             self.stored.add(rec.client_id)
             for sub in rec.subscriptions:
                 self.filter_refs[sub.topic_filter] = self.filter_refs.get(sub.topic_filter, 0) + 1
+        self.durable_refs = dict(self.filter_refs)  # every restored session is persistent
         for key in self.filter_refs:
-            self.routes.add(self.shard, key)
+            self.routes.add(self.shard, key, True)
         self.handover.load(self.store.outbox(), self.store.meta_items())
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions), len(self.filter_refs))
 
     def announce(self) -> None:
         """Ask every peer for its routes and tell them ours (startup and restart)."""
         self.bus.broadcast(["s?", self.shard])
-        self.bus.broadcast(["s", self.shard, sorted(self.filter_refs)])
+        self.bus.broadcast(["s", self.shard, self._route_keys()])
         self.schedule_flush()
 
     # ------------------------------------------------------------------ flush
@@ -590,17 +592,21 @@ class Shard(Delivery, Subscriptions):
             else:
                 if wire is None:
                     wire = message_to_wire(msg)
-                self._forward(shard, msg, [wire, target.plain, target.groups, 0])
+                self._forward(shard, msg, [wire, target.plain, target.groups, 0], target.durable)
         return True
 
-    def _forward(self, peer: int, msg: Message, body: list[Any]) -> None:
-        """Hand a publish to another shard: QoS 1/2 through the durable outbox (``handover``)."""
-        if msg.qos:
+    def _forward(self, peer: int, msg: Message, body: list[Any], durable: bool) -> None:
+        """Hand a publish to another shard: QoS 1/2 for a persistent session there through the
+        durable outbox (``handover``), everything else straight over the bus."""
+        if msg.qos and durable:
             self.bus.send(peer, self.handover.send(peer, body, self._batch(), time.monotonic()))
         else:
             self.bus.send(peer, ["p", *body])
         self.stats["forwarded"] += 1
         self.schedule_flush()
+
+    def _route_keys(self) -> dict[str, bool]:
+        return {key: key in self.durable_refs for key in self.filter_refs}
 
     def _retain(self, msg: Message) -> None:
         if not msg.payload:  # [MQTT-3.3.1-6/7]: an empty payload deletes
@@ -652,7 +658,8 @@ class Shard(Delivery, Subscriptions):
         if not members:
             others = [s for s in self.routes.shards_for_group(group, flt) if s != self.shard]
             if others and hops < MAX_HOPS:
-                self._forward(others[hops % len(others)], msg, [message_to_wire(msg), False, [(group, flt)], hops + 1])
+                self._forward(others[hops % len(others)], msg,
+                              [message_to_wire(msg), False, [(group, flt)], hops + 1], True)
             return
         online = [m for m in members if (s := self.sessions.get(m[0])) is not None and s.conn is not None]
         pool = online or members
@@ -687,8 +694,9 @@ class Shard(Delivery, Subscriptions):
                     for again in self.handover.resend(item[1], time.monotonic()):
                         self.bus.send(item[1], again)
                 elif kind == "r+":
-                    self.routes.add(item[1], item[2])
-                    self.bus.send(item[1], ["ra", self.shard, item[3]])
+                    self.routes.add(item[1], item[2], bool(item[4]))
+                    if item[3]:
+                        self.bus.send(item[1], ["ra", self.shard, item[3]])
                 elif kind == "r-":
                     self.routes.remove(item[1], item[2])
                 elif kind == "ra":
@@ -700,10 +708,10 @@ class Shard(Delivery, Subscriptions):
                             if not wait[1].done():
                                 wait[1].set_result(None)
                 elif kind == "s?":
-                    self.bus.send(item[1], ["s", self.shard, sorted(self.filter_refs)])
+                    self.bus.send(item[1], ["s", self.shard, self._route_keys()])
                 elif kind == "s":
                     log.debug("shard %d: routes of shard %d: %d filters", self.shard, item[1], len(item[2]))
-                    self.routes.replace(item[1], set(item[2]))
+                    self.routes.replace(item[1], {str(k): bool(v) for k, v in item[2].items()})
                     self.synced.add(item[1])
                     for again in self.handover.resend(item[1], time.monotonic()):  # it (re)started
                         self.bus.send(item[1], again)

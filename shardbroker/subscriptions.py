@@ -61,22 +61,36 @@ class Subscriptions:
         else:
             self.shared_subs.remove(shared[1], (shared[0], sess.client_id))
         n = self.filter_refs.get(flt, 0) - 1
+        d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
         if n <= 0:
             self.filter_refs.pop(flt, None)
+            self.durable_refs.pop(flt, None)
             self.routes.remove(self.shard, flt)
             self.bus.broadcast(["r-", self.shard, flt])
             self.schedule_flush()
-        else:
-            self.filter_refs[flt] = n
+            return True
+        self.filter_refs[flt] = n
+        if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
+            del self.durable_refs[flt]
+            self.routes.add(self.shard, flt, False)
+            self.bus.broadcast(["r+", self.shard, flt, 0, False])
+            self.schedule_flush()
+        elif d > 0:
+            self.durable_refs[flt] = d
         return True
 
-    def _ref_route(self, flt: str) -> asyncio.Future[None] | None:
+    def _ref_route(self, flt: str, durable: bool) -> asyncio.Future[None] | None:
+        """Count a subscription to ``flt``; tell every shard when it is the first one, or the
+        first persistent one. The future completes when they all have acknowledged."""
         n = self.filter_refs.get(flt, 0)
         self.filter_refs[flt] = n + 1
-        if n:
+        d = self.durable_refs.get(flt, 0)
+        if durable:
+            self.durable_refs[flt] = d + 1
+        if n and not (durable and d == 0):
             fut = self._route_pending.get(flt)
             return fut if fut is not None and not fut.done() else None
-        self.routes.add(self.shard, flt)
+        self.routes.add(self.shard, flt, flt in self.durable_refs)
         peers = set(self.bus.peers)
         if not peers:
             return None
@@ -85,7 +99,7 @@ class Subscriptions:
         self._route_waits[req] = (peers, fut)
         self._route_pending[flt] = fut
         fut.add_done_callback(lambda _f, flt=flt: self._route_pending.pop(flt, None))
-        self.bus.broadcast(["r+", self.shard, flt, req])
+        self.bus.broadcast(["r+", self.shard, flt, req, flt in self.durable_refs])
         self.schedule_flush()
         return fut
 
@@ -119,7 +133,7 @@ class Subscriptions:
                 self._replace_subscription(sess, sub)
             else:
                 self._add_subscription(sess, sub)
-                fut = self._ref_route(s.topic_filter)
+                fut = self._ref_route(s.topic_filter, sess.persistent)
                 if fut is not None:
                     waits.append(fut)
             codes.append(s.qos)
