@@ -121,8 +121,8 @@ class Bus:
         if self._loop is not None:
             try:
                 self._loop.remove_reader(self._pull.getsockopt(zmq.FD))
-            except Exception:  # noqa: BLE001
-                pass
+            except (zmq.ZMQError, RuntimeError) as exc:  # loop or socket already closed
+                log.debug("bus: remove_reader on close: %s", exc)
         self.flush()
         for s in self._push.values():
             s.close(linger=200)

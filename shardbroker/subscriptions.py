@@ -129,10 +129,8 @@ class Subscriptions:
             existed = s.topic_filter in sess.subscriptions
             sub = StoredSubscription(s.topic_filter, s.qos, s.no_local, s.retain_as_published,
                                      s.retain_handling, sub_id)
-            if existed:
-                self._replace_subscription(sess, sub)
-            else:
-                self._add_subscription(sess, sub)
+            self._add_subscription(sess, sub)  # replaces the options of an existing one
+            if not existed:
                 fut = self._ref_route(s.topic_filter, sess.persistent)
                 if fut is not None:
                     waits.append(fut)
@@ -154,14 +152,6 @@ class Subscriptions:
                 self._send_retained(sess, conn, retained_for)
 
         self.loop.create_task(after_routes())
-
-    def _replace_subscription(self, sess: Session, sub: StoredSubscription) -> None:
-        sess.subscriptions[sub.topic_filter] = sub
-        shared = parse_shared(sub.topic_filter)
-        if shared is None:
-            self.subs.add(sub.topic_filter, sess.client_id, sub)
-        else:
-            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
 
     def _send_retained(self, sess: Session, conn: Connection, subs: list[StoredSubscription]) -> None:
         if not subs:

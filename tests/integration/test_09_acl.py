@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-import mqttbytes as mb
 from conftest import BrokerStartError, assert_no_publish
 
 CONFIG = """

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import mqttbytes as mb
+import pytest
 
 CONFIG = """
 [storage]

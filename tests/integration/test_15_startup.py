@@ -17,7 +17,7 @@ def serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
          "--log-level", "warning", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
