@@ -73,7 +73,8 @@ log = logging.getLogger("shardbroker.shard")
 _ACK = struct.Struct(">BBH").pack  # PUBACK/PUBREC/PUBREL/PUBCOMP with reason 0 and no properties
 MAX_HOPS = 3
 STORE_FULL_AT = 0.9  # fraction of storage.max_map_size at which new QoS 1/2 work is refused
-STORE_FULL_RETRY = 5.0  # seconds after a failed commit before writes are tried again
+STORE_FULL_RETRY = 5.0
+ALIVE_EVERY = 1.0  # seconds between "alive at" marks in the store  # seconds after a failed commit before writes are tried again
 
 
 # One handler per packet type once connected (CONNECT goes to ``on_connect``).
@@ -122,6 +123,7 @@ class Shard(Delivery, Subscriptions):
         self._flush_scheduled = False
         self.store_full = False
         self._hard_full_at = -1e9
+        self._alive_written = 0.0
         self.max_sessions = max(1, self.limits.max_sessions // max(1, shards))
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
@@ -133,9 +135,13 @@ class Shard(Delivery, Subscriptions):
     def restore(self) -> None:
         """Load this shard's sessions from the store (startup)."""
         now = time.time()
+        # A session that was connected when the shard died lost its connection at the last
+        # moment the shard is known to have been alive: downtime counts toward its expiry.
+        alive_at = self.store.get_meta("alive_at")
+        crashed_at = float(alive_at) if isinstance(alive_at, (int, float)) and alive_at <= now else now
         for rec in self.store.sessions():
             sess = Session(rec.client_id, rec.protocol_version, rec.expiry_interval)
-            sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else now
+            sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else crashed_at
             if rec.will is not None:
                 w = rec.will
                 sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
@@ -310,6 +316,12 @@ class Shard(Delivery, Subscriptions):
             publish_old_will = pkt.clean_start or (sess.will is not None and sess.will.delay == 0)
             self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_old_will)
         session_present = False
+        if sess is not None and sess.conn is None and (end := sess.expires_at()) is not None \
+                and time.time() >= end:  # expired, and the sweep has not got to it yet
+            if sess.will is not None:
+                self._publish_will(sess)
+            self._end_session(sess)
+            sess = None
         if sess is not None and (pkt.clean_start or not sess.persistent):
             if sess.will is not None and sess.will_due is not None:
                 self._publish_will(sess)  # a will delay never outlives the session
@@ -466,6 +478,9 @@ class Shard(Delivery, Subscriptions):
     def tick(self, now: float, mono: float) -> None:
         """Periodic sweep: store fill, keepalive, delayed wills, session expiry."""
         self._check_fill(mono)
+        if now - self._alive_written >= ALIVE_EVERY:
+            self._batch().set_meta("alive_at", now)  # how long a crash lasted, for expiry
+            self._alive_written = now
         for conn in list(self.connections):
             if conn.keepalive and conn.connected and mono - conn.last_rx > conn.keepalive * 1.5:
                 self.close(conn, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {conn.keepalive}s expired")

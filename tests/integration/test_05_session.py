@@ -411,3 +411,20 @@ def test_qos2_exactly_once_across_kill9(make_broker, mqtt, uniq):
     assert s2.connack.session_present is True
     assert s2.recv_publish(10).payload == b"exactly once"
     assert_no_publish(s2, 0.8)
+
+
+@pytest.mark.slow
+def test_downtime_counts_toward_session_expiry_after_kill9(make_broker, mqtt, uniq):
+    """A session connected when the broker was killed expires from the moment of the crash
+    (the last "alive" mark), not from the restart."""
+    b = make_broker(workers=1)
+    short, long_ = uniq.cid("x"), uniq.cid("y")
+    mqtt(b, short, version=5, clean=False, props=_expiry(2)).subscribe(uniq.topic(), 1)
+    mqtt(b, long_, version=5, clean=False, props=_expiry(3600)).subscribe(uniq.topic(), 1)
+    time.sleep(1.5)  # at least one alive mark after both connected
+    b.kill9()
+    mqtt.close_all()
+    time.sleep(3)  # longer than the short expiry
+    b.start()
+    assert mqtt(b, short, version=5, clean=False, props=_expiry(2)).connack.session_present is False
+    assert mqtt(b, long_, version=5, clean=False, props=_expiry(3600)).connack.session_present is True
