@@ -31,6 +31,23 @@ from .sharding import shard_for
 log = logging.getLogger("shardbroker.acceptor")
 
 
+SWEEP = 0.25  # seconds between connect-deadline sweeps
+ACCEPT_BATCH = 256  # connections accepted per readiness callback
+
+
+class _Pending:
+    """A connection whose CONNECT has not fully arrived yet."""
+
+    __slots__ = ("data", "deadline", "reader", "sock", "watched")
+
+    def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.reader = reader
+        self.data = bytearray()
+        self.watched = False
+
+
 class Acceptor:
     def __init__(self, config: Config, listen: socket.socket, run_dir: str, shards: int) -> None:
         self.config = config
@@ -39,6 +56,9 @@ class Acceptor:
         self.shards = shards
         self._links: dict[int, socket.socket] = {}
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self.accepted = 0
         self.handed_off = 0
 
@@ -69,111 +89,127 @@ class Acceptor:
                     return False
                 time.sleep(0.05)
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve from the event loop: readiness callbacks, no task per connection."""
+        self._loop = loop
         self.listen.setblocking(False)
-        while not self._stopping:
+        loop.add_reader(self.listen.fileno(), self._on_accept)
+        self._sweep_handle = loop.call_later(SWEEP, self._sweep)
+
+    def _on_accept(self) -> None:
+        assert self._loop is not None
+        deadline = time.monotonic() + self.config.limits.connect_timeout
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, _addr = await loop.sock_accept(self.listen)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
+                sock, _addr = self.listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the sweep keeps going, try later
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.05)
-                continue
+                return
             self.accepted += 1
             sock.setblocking(False)
-            loop.create_task(self._connection(sock))
+            pending = _Pending(sock, deadline, codec.PacketReader(max_packet_size=self.config.limits.max_packet_size))
+            self._pending[sock.fileno()] = pending
+            if not self._read(pending):  # CONNECT often comes with the handshake's last ACK
+                self._loop.add_reader(sock.fileno(), self._read, pending)
+                pending.watched = True
 
-    async def _connection(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        limits = self.config.limits
-        reader = codec.PacketReader(max_packet_size=limits.max_packet_size)
-        data = bytearray()
-        peer = _peername(sock)
+    def _read(self, p: _Pending) -> bool:
+        """Read what is there; True when the connection is dealt with (handed off or closed)."""
         try:
-            async with asyncio.timeout(limits.connect_timeout):
-                raw: list[tuple[int, memoryview | bytes]] = []
-                while not raw:
-                    chunk = await loop.sock_recv(sock, 65536)
-                    if not chunk:
-                        log.debug("%s closed before CONNECT", peer)
-                        sock.close()
-                        return
-                    data += chunk
-                    if data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
-                        log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", peer, data[0])
-                        sock.close()
-                        return
-                    raw = reader.feed_raw(bytes(chunk))
-        except TimeoutError:
-            log.info("%s sent no CONNECT within %.1fs: closing", peer, limits.connect_timeout)
-            sock.close()
-            return
-        except ProtocolError as exc:
-            log.info("%s: bad first packet: %s: closing", peer, exc.message)
-            sock.close()
-            return
+            chunk = p.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return False
         except OSError as exc:
-            log.debug("%s: %s", peer, exc)
-            sock.close()
-            return
-        first, body = raw[0]
-        if first >> 4 != PacketType.CONNECT:
-            log.info("%s: first packet is type %d, not CONNECT [MQTT-3.1.0-1]: closing", peer, first >> 4)
-            sock.close()
-            return
+            log.debug("%s: %s", _peername(p.sock), exc)
+            self._close(p)
+            return True
+        if not chunk:
+            log.debug("%s closed before CONNECT", _peername(p.sock))
+            self._close(p)
+            return True
+        p.data += chunk
+        if p.data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
+            log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _peername(p.sock), p.data[0])
+            self._close(p)
+            return True
+        try:
+            raw = p.reader.feed_raw(chunk)
+        except ProtocolError as exc:
+            log.info("%s: bad first packet: %s: closing", _peername(p.sock), exc.message)
+            self._close(p)
+            return True
+        if not raw:
+            return False
+        self._connect(p, *raw[0])
+        return True
+
+    def _connect(self, p: _Pending, first: int, body: memoryview | bytes) -> None:
+        """A whole CONNECT has arrived: refuse it here, or hand the socket to its shard."""
+        peer = _peername(p.sock)
         try:
             version = codec.connect_version(body)
         except ProtocolError as exc:
-            await self._refuse(sock, peer, MQTT_3_1_1 if exc.reason == reasons.UNSUPPORTED_PROTOCOL_VERSION else None, exc)
-            return
+            return self._refuse(p, peer, MQTT_3_1_1 if exc.reason == reasons.UNSUPPORTED_PROTOCOL_VERSION else None, exc)
         try:
             connect = codec.decode(first, body, version)
         except ProtocolError as exc:
-            await self._refuse(sock, peer, version, exc)
-            return
+            return self._refuse(p, peer, version, exc)
         assert isinstance(connect, Connect)
         client_id: str | None = None
         if not connect.client_id:
             if version == MQTT_5 or (version == MQTT_3_1_1 and connect.clean_start):
                 client_id = "auto-" + uuid.uuid4().hex  # [MQTT-3.1.3-6]
             else:  # [MQTT-3.1.3-8]
-                await self._refuse(
-                    sock, peer, version,
-                    ProtocolError(reasons.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier with a persistent session"),
-                )
-                return
+                return self._refuse(p, peer, version, ProtocolError(
+                    reasons.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier with a persistent session"))
         elif version == MQTT_3_1 and len(connect.client_id) > 23:
-            await self._refuse(
-                sock, peer, version,
-                ProtocolError(reasons.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 client identifier longer than 23 characters"),
-            )
-            return
+            return self._refuse(p, peer, version, ProtocolError(
+                reasons.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 client identifier longer than 23 characters"))
         owner = shard_for(client_id or connect.client_id, self.shards)
-        ok = self._handoff(owner, sock, client_id, bytes(data))
-        if ok:
-            self.handed_off += 1
-        else:
-            await self._refuse(sock, peer, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
-            return
-        sock.close()  # the worker has its own descriptor now
+        if not self._handoff(owner, p.sock, client_id, bytes(p.data)):
+            return self._refuse(p, peer, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
+        self.handed_off += 1
+        self._close(p)  # the worker has its own descriptor now
 
-    async def _refuse(self, sock: socket.socket, peer: str, version: int | None, exc: ProtocolError) -> None:
+    def _refuse(self, p: _Pending, peer: str, version: int | None, exc: ProtocolError) -> None:
         log.info("%s: CONNECT refused: %s (%s)", peer, exc.message, reasons.name(exc.reason))
         if version is not None and (version == MQTT_5 or exc.reason in reasons.V5_TO_V3_CONNACK):
             code = exc.reason if version == MQTT_5 else reasons.V5_TO_V3_CONNACK.get(exc.reason)
             if code is not None:
                 try:
-                    await asyncio.get_running_loop().sock_sendall(
-                        sock, codec.encode(ConnAck(False, code), version)
-                    )
+                    p.sock.send(codec.encode(ConnAck(False, code), version))  # a few bytes: fits the buffer
                 except OSError:
                     pass
-        sock.close()
+        self._close(p)
+
+    def _close(self, p: _Pending) -> None:
+        fd = p.sock.fileno()
+        if fd >= 0:
+            self._pending.pop(fd, None)
+            if p.watched and self._loop is not None:
+                self._loop.remove_reader(fd)
+        p.sock.close()
+
+    def _sweep(self) -> None:
+        """Close connections that sent no whole CONNECT in time (one pass, ``now`` read once)."""
+        now = time.monotonic()
+        for p in [p for p in self._pending.values() if now > p.deadline]:
+            log.info("%s sent no CONNECT within %.1fs: closing", _peername(p.sock),
+                     self.config.limits.connect_timeout)
+            self._close(p)
+        if self._loop is not None and not self._stopping:
+            self._sweep_handle = self._loop.call_later(SWEEP, self._sweep)
 
     def stop(self) -> None:
         self._stopping = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.listen.fileno())
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+        for p in list(self._pending.values()):
+            self._close(p)
         for link in self._links.values():
             link.close()
         self._links.clear()
@@ -197,14 +233,13 @@ def run(config: Config, listen_fd: int, run_dir: str, shards: int) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(acceptor.serve())
+        acceptor.start(loop)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         ready("acceptor")
         await stop.wait()
         acceptor.stop()
-        task.cancel()
         listen.close()
         log.info("acceptor stopped (accepted %d, handed off %d)", acceptor.accepted, acceptor.handed_off)
 
