@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from storage.records import (
     AWAIT_PUBACK,
@@ -165,7 +165,7 @@ def message_to_wire(msg: Message) -> list[object]:
             msg.expires_at, msg.origin]
 
 
-def message_from_wire(data: list[object]) -> Message:
+def message_from_wire(data: list[Any]) -> Message:
     topic, payload, qos, retain, props, expires_at, origin = data
-    return Message(str(topic), bytes(payload), int(qos), bool(retain),  # type: ignore[arg-type,call-overload]
-                   decode_properties(props, "bus message") if props else NO_PROPERTIES, expires_at, origin)  # type: ignore[arg-type]
+    return Message(topic, payload, qos, retain,
+                   decode_properties(props, "bus message") if props else NO_PROPERTIES, expires_at, origin)

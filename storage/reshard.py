@@ -1,0 +1,663 @@
+"""Offline change of a data directory's shard count (``shardbroker store reshard``).
+
+What it does:
+
+* ``locked(data_dir)`` takes the broker's own exclusive ``flock`` on
+  ``DATA/broker.lock`` (non-blocking) and holds it, so neither a running broker
+  nor a second reshard can touch the directory meanwhile.
+* ``prepare(data_dir, shards)`` validates the directory and returns a ``Plan``:
+  the current shard count N, the wanted count M, and the row counts. It refuses
+  (``ReshardRefused``) a missing directory, one without shard stores, a shard
+  directory missing or beyond N, M outside 1..256, any non-empty outbox (QoS 1/2
+  hand-overs between shards not yet acknowledged: start the broker once with N
+  workers and stop it cleanly) and any problem ``check()`` finds in an old shard.
+* ``migrate(plan)`` builds the M new shard environments in ``DATA/.reshard-tmp/``
+  through the ordinary ``Batch`` API: every session goes to ``shard_for(client_id,
+  M)`` with its queue (re-enqueued in seq order, new seqs), its inflight rows
+  (same packet ids and states; the message re-added, or ``msg_id`` None for
+  AWAIT_PUBCOMP) and its incoming QoS 2 ids. A message shared by several
+  sessions that land in the same new shard is stored there once. Commits are
+  batched (1000 sessions or 20000 operations) with ``sync=True``.
+* It then verifies: the old stores did not change meanwhile; per new shard the
+  rows equal what was copied; the totals of sessions, queued, inflight and QoS 2
+  rows equal the old ones; ``check()`` of every new store finds nothing.
+* Then the switch: old ``shard-NNN`` directories move to
+  ``DATA/.reshard-old-<UTC timestamp>/``, the new ones into place, the temp
+  directory is removed. The old ones are kept unless ``delete_old``.
+* ``reshard()`` is the three steps under the lock, for scripts and tests.
+
+Invariants:
+
+* Nothing outside ``DATA/.reshard-tmp`` is written before the switch; any failure
+  before it removes the temp directory and leaves the old data untouched.
+* The switch is a few renames in one directory, recorded first in
+  ``DATA/.reshard-journal``. While it runs, ``DATA/shard-000`` is a plain file
+  (so a broker started on a half-switched directory refuses to start). A failure
+  during the switch undoes the renames done so far; if the process dies in the
+  middle, the next ``reshard`` on that directory finds the journal and finishes
+  the switch (if only the clean-up was left) or undoes it.
+* The retained store (``DATA/retained``) is shared by all shards and is not touched.
+* No hand-over meta (``handover.next.*``, ``handover.inbox.*``) is copied: with
+  every outbox empty, nothing is in flight between shards, so all numbering
+  starts afresh. ``msg_id`` and ``seq`` are renumbered per new shard.
+* A session stored while connected (``disconnected_at`` None) is restored by the
+  broker as disconnected at its shard's ``alive_at`` mark. That mark is
+  per shard and not copied, so such a session gets ``disconnected_at =
+  alive_at`` of its old shard (what the broker would have used); without a mark
+  the record is copied as is.
+
+What it does not do:
+
+* No typer, no printing: progress is a callback taking one line of text.
+* It does not work on a running broker, change the retained store, or merge
+  two data directories. It needs free disk space for a second copy of the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from shardbroker.sharding import shard_for
+from storage.lmdb_store import ShardStore, data_dir_shards, shard_dir_name
+from storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
+
+__all__ = [
+    "MAX_SHARDS",
+    "Plan",
+    "ReshardFailed",
+    "ReshardRefused",
+    "Result",
+    "Totals",
+    "locked",
+    "migrate",
+    "prepare",
+    "reshard",
+]
+
+MAX_SHARDS: Final = 256
+LOCK_NAME: Final = "broker.lock"
+TMP_NAME: Final = ".reshard-tmp"
+OLD_PREFIX: Final = ".reshard-old-"
+JOURNAL_NAME: Final = ".reshard-journal"
+SESSIONS_PER_COMMIT: Final = 1000
+OPS_PER_COMMIT: Final = 20_000
+_SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
+_DEFAULT_MAX_MAP: Final = 16 << 30
+
+Progress = Callable[[str], None]
+
+
+class ReshardRefused(StoreError):
+    """Refused before anything was written; the message is one line for people."""
+
+
+class ReshardFailed(StoreError):
+    """The migration failed; the message says whether the old data is untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    sessions: int = 0
+    queued: int = 0
+    inflight: int = 0
+    qos2_incoming: int = 0
+    messages: int = 0
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> Totals:
+        return cls(counts["sessions"], counts["queued"], counts["inflight"],
+                   counts["qos2_incoming"], counts["messages"])
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                              dataclasses.astuple(other))))
+
+    def rows(self) -> tuple[int, int, int, int]:
+        """What must survive a reshard unchanged (messages may be stored more often)."""
+        return self.sessions, self.queued, self.inflight, self.qos2_incoming
+
+    def describe(self) -> str:
+        return (f"{self.sessions} sessions, {self.queued} queued, {self.inflight} inflight, "
+                f"{self.qos2_incoming} qos2 ids, {self.messages} messages")
+
+
+@dataclass(frozen=True)
+class Plan:
+    data_dir: Path
+    old_shards: int
+    new_shards: int
+    per_shard: tuple[Totals, ...] = ()
+    recovered: str | None = None  # what was done about an interrupted earlier switch
+    _snapshot: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.old_shards == self.new_shards
+
+    @property
+    def totals(self) -> Totals:
+        total = Totals()
+        for t in self.per_shard:
+            total += t
+        return total
+
+
+@dataclass(frozen=True)
+class Result:
+    plan: Plan
+    per_shard: tuple[Totals, ...]  # of the new shards
+    old_dir: Path | None  # where the old shards are kept; None when deleted
+    pinned: int  # sessions whose disconnected_at was set from alive_at
+    seconds: float
+
+    @property
+    def totals(self) -> Totals:
+        total = Totals()
+        for t in self.per_shard:
+            total += t
+        return total
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def _noop(_line: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def _check_dir(data_dir: Path) -> None:
+    if not data_dir.exists():
+        raise ReshardRefused(f"{data_dir}: no such directory")
+    if not data_dir.is_dir():
+        raise ReshardRefused(f"{data_dir}: not a directory")
+
+
+@contextlib.contextmanager
+def locked(data_dir: Path) -> Iterator[None]:
+    """Hold the broker's exclusive lock on ``data_dir`` (refuse if a broker runs there)."""
+    data_dir = Path(data_dir)
+    _check_dir(data_dir)
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ReshardRefused(f"{data_dir / LOCK_NAME}: cannot open ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReshardRefused(
+                f"{data_dir} is in use by a running broker (or another reshard): "
+                f"{data_dir / LOCK_NAME} is locked; stop the broker first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _validate_count(shards: int) -> None:
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ReshardRefused(f"--workers must be between 1 and {MAX_SHARDS}, got {shards}")
+
+
+def _snapshot(store: ShardStore) -> tuple[Any, ...]:
+    """What would change if anybody wrote the shard (counts and meta, incl. alive_at)."""
+    meta = sorted((k, repr(v)) for k, v in store.meta_items())
+    return tuple(sorted(store.counts().items())), tuple(meta)
+
+
+@contextlib.contextmanager
+def _open_old(data_dir: Path, shards: int) -> Iterator[list[ShardStore]]:
+    stores: list[ShardStore] = []
+    try:
+        for i in range(shards):
+            stores.append(ShardStore.open(data_dir, i, shards, readonly=True))
+        yield stores
+    finally:
+        for s in stores:
+            s.close()
+
+
+def prepare(data_dir: Path, shards: int, progress: Progress | None = None) -> Plan:
+    """Validate ``data_dir`` for a reshard to ``shards``; the caller holds ``locked``."""
+    data_dir = Path(data_dir)
+    say = progress or _noop
+    _validate_count(shards)
+    _check_dir(data_dir)
+    recovered = _recover(data_dir)
+    if recovered:
+        say(recovered)
+    tmp = data_dir / TMP_NAME
+    if tmp.exists() or tmp.is_symlink():
+        say(f"removing {tmp} left over by an earlier reshard that did not finish")
+        _remove(tmp)
+    try:
+        old = data_dir_shards(data_dir)
+    except StoreError as exc:
+        raise ReshardRefused(str(exc)) from None
+    if old is None:
+        raise ReshardRefused(
+            f"{data_dir}: not a ShardBroker data directory (no {shard_dir_name(0)} store)")
+    names = {n for n in os.listdir(data_dir) if _SHARD_DIR_RE.fullmatch(n)}
+    expected = {shard_dir_name(i) for i in range(old)}
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    if missing:
+        raise ReshardRefused(f"{data_dir}: {missing[0]} is missing (the directory has {old} "
+                             f"shards); run `shardbroker store check`")
+    if extra:
+        raise ReshardRefused(f"{data_dir}: found {extra[0]} beyond the {old} shards recorded "
+                             f"in {shard_dir_name(0)}; refusing to guess which data is current")
+    if old == shards:
+        return Plan(data_dir, old, shards, recovered=recovered)
+    per_shard: list[Totals] = []
+    snapshot: list[tuple[Any, ...]] = []
+    try:
+        with _open_old(data_dir, old) as stores:
+            for s in stores:
+                pending = sum(1 for _ in s.outbox())
+                if pending:
+                    raise ReshardRefused(
+                        f"{shard_dir_name(s.shard)} has {pending} cross-shard hand-over(s) not "
+                        f"yet acknowledged; start the broker once with {old} workers and stop "
+                        f"it cleanly, then reshard")
+            for s in stores:
+                say(f"checking {shard_dir_name(s.shard)} ...")
+                problems = s.check()
+                if problems:
+                    raise ReshardRefused(
+                        f"{shard_dir_name(s.shard)} has {len(problems)} problem(s) (first: "
+                        f"{problems[0]}); run `shardbroker store check` and repair it first")
+                per_shard.append(Totals.of(s.counts()))
+                snapshot.append(_snapshot(s))
+    except ReshardRefused:
+        raise
+    except StoreError as exc:
+        raise ReshardRefused(str(exc)) from None
+    return Plan(data_dir, old, shards, tuple(per_shard), recovered, tuple(snapshot))
+
+
+# --------------------------------------------------------------------------- copy
+
+
+class _Target:
+    """One new shard being filled: its store, the open batch, and what went in."""
+
+    __slots__ = ("batch", "ids", "inflight", "qos2", "queued", "sessions", "since_commit",
+                 "store")
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self.batch = store.batch()
+        self.ids: dict[tuple[int, int], int] = {}  # (old shard, old msg_id) -> new msg_id
+        self.sessions = self.queued = self.inflight = self.qos2 = 0
+        self.since_commit = 0
+
+    def message(self, old_shard: int, old_id: int, msg: StoredMessage) -> int:
+        key = (old_shard, old_id)
+        new_id = self.ids.get(key)
+        if new_id is None:
+            new_id = self.ids[key] = self.batch.add_message(msg)
+        return new_id
+
+    def maybe_commit(self, session_done: bool) -> None:
+        """Commit between whole rows (a message added is always referenced in its batch)."""
+        if session_done:
+            self.since_commit += 1
+        if self.since_commit >= SESSIONS_PER_COMMIT or len(self.batch) >= OPS_PER_COMMIT:
+            self.commit()
+
+    def commit(self) -> None:
+        self.batch.commit()
+        self.since_commit = 0
+
+    def totals(self) -> Totals:
+        return Totals(self.sessions, self.queued, self.inflight, self.qos2, len(self.ids))
+
+
+def _alive_at(store: ShardStore, now: float) -> float | None:
+    value = store.get_meta("alive_at")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= now:
+        return float(value)
+    return None
+
+
+def _copy_shard(old: ShardStore, targets: Sequence[_Target], seen: set[str],
+                now: float) -> tuple[int, int]:
+    """Copy every session of ``old`` to its new shard; returns (sessions, pinned)."""
+    shards = len(targets)
+    alive_at = _alive_at(old, now)
+    where = shard_dir_name(old.shard)
+    n = pinned = 0
+    for rec in old.sessions():
+        cid = rec.client_id
+        if cid in seen:
+            raise StoreError(f"client id {cid!r} has a session in more than one shard "
+                             f"(again in {where}); run `shardbroker store sessions`")
+        seen.add(cid)
+        t = targets[shard_for(cid, shards)]
+        if rec.disconnected_at is None and alive_at is not None:
+            rec = dataclasses.replace(rec, disconnected_at=alive_at)
+            pinned += 1
+        _put_session(old, t, rec, where)
+        n += 1
+        t.maybe_commit(session_done=True)
+    return n, pinned
+
+
+def _put_session(old: ShardStore, t: _Target, rec: SessionRecord, where: str) -> None:
+    cid = rec.client_id
+    b = t.batch
+    b.put_session(rec)
+    t.sessions += 1
+    for packet_id, irec, msg in old.inflight(cid):
+        new_id: int | None = None
+        if irec.msg_id is not None:
+            if msg is None:
+                raise StoreError(f"{where}: inflight {packet_id} of {cid!r} names missing "
+                                 f"message {irec.msg_id}")
+            new_id = t.message(old.shard, irec.msg_id, msg)
+        b.put_inflight(cid, packet_id, InflightRecord(new_id, irec.qos, irec.state))
+        t.inflight += 1
+        t.maybe_commit(session_done=False)
+    for _seq, msg_id, qos, msg in old.queue(cid):  # in seq order
+        b.enqueue(cid, t.message(old.shard, msg_id, msg), qos)
+        t.queued += 1
+        t.maybe_commit(session_done=False)
+    for packet_id in old.qos2_incoming(cid):
+        b.add_qos2_incoming(cid, packet_id)
+        t.qos2 += 1
+
+
+def _max_map(data_dir: Path, shards: int) -> int:
+    total = 0
+    for i in range(shards):
+        with contextlib.suppress(OSError):
+            total += (data_dir / shard_dir_name(i) / "data.mdb").stat().st_size
+    return max(_DEFAULT_MAX_MAP, 2 * total)
+
+
+def _build(plan: Plan, tmp: Path, say: Progress) -> tuple[tuple[Totals, ...], int]:
+    """Fill and verify the new shards in ``tmp``; returns their totals and the pinned count."""
+    data_dir, old_n, new_n = plan.data_dir, plan.old_shards, plan.new_shards
+    max_map = _max_map(data_dir, old_n)
+    new_stores: list[ShardStore] = []
+    try:
+        for j in range(new_n):
+            new_stores.append(ShardStore.open(tmp, j, new_n, max_map_size=max_map, sync=True))
+        targets = [_Target(s) for s in new_stores]
+        seen: set[str] = set()
+        pinned = 0
+        now = time.time()
+        with _open_old(data_dir, old_n) as olds:
+            for s in olds:
+                count, p = _copy_shard(s, targets, seen, now)
+                pinned += p
+                for t in targets:
+                    t.commit()
+                say(f"copied {shard_dir_name(s.shard)} ({s.shard + 1}/{old_n}): "
+                    f"{count} sessions")
+            changed = [shard_dir_name(s.shard) for s, snap in zip(olds, plan._snapshot)
+                       if _snapshot(s) != snap]
+            if changed:
+                raise StoreError(f"{changed[0]} was written during the reshard (a broker "
+                                 f"process still running?)")
+        totals = _verify(plan, targets, say)
+        return totals, pinned
+    finally:
+        for s in new_stores:
+            s.close()
+
+
+def _verify(plan: Plan, targets: Sequence[_Target], say: Progress) -> tuple[Totals, ...]:
+    out: list[Totals] = []
+    for t in targets:
+        name = shard_dir_name(t.store.shard)
+        counts = t.store.counts()
+        got, want = Totals.of(counts), t.totals()
+        if got != want or counts["outbox"]:
+            raise StoreError(f"verification failed: new {name} holds {got.describe()}, "
+                             f"expected {want.describe()}")
+        problems = t.store.check()
+        if problems:
+            raise StoreError(f"verification failed: new {name}: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        say(f"verified new {name} ({t.store.shard + 1}/{len(targets)}): {got.describe()}")
+        out.append(got)
+    before, after = plan.totals, sum(out, Totals())
+    if before.rows() != after.rows():
+        raise StoreError(f"verification failed: before {before.describe()}; after "
+                         f"{after.describe()}")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- switch
+
+# A journal step is ["move", src, dst] or ["placeholder", path] or ["unplace", path],
+# paths relative to the data directory.
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _write_journal(data_dir: Path, doc: dict[str, Any]) -> None:
+    path = data_dir / JOURNAL_NAME
+    part = data_dir / (JOURNAL_NAME + ".part")
+    with open(part, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+    _fsync_dir(data_dir)
+
+
+def _placeholder_text(data_dir: Path, new_shards: int) -> str:
+    return (f"A reshard of this data directory was interrupted. Run\n"
+            f"  shardbroker store reshard --data-dir {data_dir} --workers {new_shards}\n"
+            f"to finish or undo it (see {JOURNAL_NAME}).\n")
+
+
+def _steps(old_n: int, new_n: int, old_rel: str) -> list[list[str]]:
+    s0 = shard_dir_name(0)
+    steps: list[list[str]] = [["move", s0, f"{old_rel}/{s0}"], ["placeholder", s0]]
+    steps += [["move", shard_dir_name(i), f"{old_rel}/{shard_dir_name(i)}"]
+              for i in range(1, old_n)]
+    steps += [["move", f"{TMP_NAME}/{shard_dir_name(j)}", shard_dir_name(j)]
+              for j in range(1, new_n)]
+    steps += [["unplace", s0], ["move", f"{TMP_NAME}/{s0}", s0]]
+    return steps
+
+
+def _do(data_dir: Path, step: Sequence[str], text: str) -> None:
+    match step:
+        case ["move", src, dst]:
+            os.rename(data_dir / src, data_dir / dst)
+        case ["placeholder", rel]:
+            with open(data_dir / rel, "x", encoding="utf-8") as fh:
+                fh.write(text)
+        case ["unplace", rel]:
+            (data_dir / rel).unlink()
+        case _:
+            raise StoreError(f"unknown journal step {step!r}")
+
+
+def _undo(data_dir: Path, steps: Sequence[Sequence[str]]) -> None:
+    """Undo whichever of ``steps`` were done, newest first (each undo checks the disk)."""
+    for step in reversed(steps):
+        match step:
+            case ["move", src, dst]:
+                s, d = data_dir / src, data_dir / dst
+                if d.is_dir() and not (s.exists() or s.is_symlink()):
+                    os.rename(d, s)
+            case ["placeholder", rel]:
+                p = data_dir / rel
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+            case _:
+                pass  # "unplace": nothing to undo
+    _fsync_dir(data_dir)
+
+
+def _switch(plan: Plan, old_dir: Path, say: Progress) -> None:
+    data_dir = plan.data_dir
+    steps = _steps(plan.old_shards, plan.new_shards, old_dir.name)
+    doc = {"old_shards": plan.old_shards, "new_shards": plan.new_shards,
+           "old_dir": old_dir.name, "steps": steps}
+    text = _placeholder_text(data_dir, plan.new_shards)
+    old_dir.mkdir()
+    try:
+        _write_journal(data_dir, doc)
+        for step in steps:
+            _do(data_dir, step, text)
+        _fsync_dir(data_dir)
+        _fsync_dir(old_dir)
+    except BaseException as exc:
+        try:
+            _undo(data_dir, steps)
+            with contextlib.suppress(OSError):
+                old_dir.rmdir()
+            (data_dir / JOURNAL_NAME).unlink(missing_ok=True)
+        except OSError as undo_exc:
+            raise ReshardFailed(
+                f"switching failed ({_reason(exc)}) and so did undoing it ({_reason(undo_exc)}); "
+                f"the new shards are in {data_dir / TMP_NAME}, the old ones in {old_dir} or in "
+                f"place; run the same reshard command again to recover"
+            ) from exc
+        raise
+    (data_dir / JOURNAL_NAME).unlink()
+    _fsync_dir(data_dir)
+    say(f"switched {data_dir} from {plan.old_shards} to {plan.new_shards} shards")
+
+
+def _recover(data_dir: Path) -> str | None:
+    """Finish or undo a switch that was interrupted (the journal is still there)."""
+    path = data_dir / JOURNAL_NAME
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        steps = [list(map(str, s)) for s in doc["steps"]]
+        old_n, new_n, old_rel = int(doc["old_shards"]), int(doc["new_shards"]), str(doc["old_dir"])
+        if steps != _steps(old_n, new_n, old_rel):
+            raise ValueError("unexpected steps")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReshardRefused(f"{path}: an interrupted reshard left a journal that cannot be "
+                             f"read ({_reason(exc)}); inspect the directory by hand") from None
+    old_dir = data_dir / old_rel
+    last = steps[-1]
+    done = (data_dir / last[2]).is_dir() and not (data_dir / last[1]).exists()
+    try:
+        if done:
+            _remove(data_dir / TMP_NAME)
+            path.unlink()
+            _fsync_dir(data_dir)
+            return (f"finished an interrupted reshard ({old_n} -> {new_n} shards); the old shards "
+                    f"are in {old_dir}")
+        _undo(data_dir, steps)
+        with contextlib.suppress(OSError):
+            old_dir.rmdir()
+        _remove(data_dir / TMP_NAME)
+        path.unlink()
+        _fsync_dir(data_dir)
+    except OSError as exc:
+        raise ReshardRefused(f"{data_dir}: cannot recover an interrupted reshard "
+                             f"({_reason(exc)}); see {path}") from None
+    return (f"undid an interrupted reshard ({old_n} -> {new_n} shards); {data_dir} has its "
+            f"{old_n} shards again")
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def _old_dir_name(data_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = data_dir / f"{OLD_PREFIX}{stamp}"
+    n = 1
+    while path.exists() or path.is_symlink():
+        path = data_dir / f"{OLD_PREFIX}{stamp}-{n}"
+        n += 1
+    return path
+
+
+def migrate(plan: Plan, *, delete_old: bool = False, progress: Progress | None = None) -> Result:
+    """Copy, verify and switch (see the module docstring); the caller holds ``locked``."""
+    say = progress or _noop
+    if plan.nothing_to_do:
+        raise ReshardRefused(f"{plan.data_dir} already has {plan.new_shards} shards")
+    started = time.monotonic()
+    data_dir = plan.data_dir
+    tmp = data_dir / TMP_NAME
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise ReshardFailed(f"cannot create {tmp} ({_reason(exc)}); nothing changed") from None
+    try:
+        totals, pinned = _build(plan, tmp, say)
+    except BaseException as exc:
+        cleanup = ""
+        try:
+            _remove(tmp)
+        except OSError as rm_exc:
+            cleanup = f" (could not remove {tmp}: {_reason(rm_exc)}; delete it by hand)"
+        if not isinstance(exc, Exception):
+            raise
+        raise ReshardFailed(f"reshard failed, old data untouched: {_reason(exc)}{cleanup}") from exc
+    old_dir = _old_dir_name(data_dir)
+    try:
+        _switch(plan, old_dir, say)
+    except ReshardFailed:
+        raise
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        raise ReshardFailed(f"reshard failed while switching, undone, old data in place: "
+                            f"{_reason(exc)}") from exc
+    with contextlib.suppress(OSError):
+        _remove(tmp)
+    kept: Path | None = old_dir
+    if delete_old:
+        shutil.rmtree(old_dir)
+        kept = None
+    return Result(plan, totals, kept, pinned, time.monotonic() - started)
+
+
+def reshard(data_dir: Path, shards: int, *, delete_old: bool = False,
+            progress: Progress | None = None) -> Result | None:
+    """Lock, prepare and migrate; None when the directory already has ``shards`` shards."""
+    _validate_count(shards)
+    with locked(Path(data_dir)):
+        plan = prepare(Path(data_dir), shards, progress)
+        if plan.nothing_to_do:
+            return None
+        return migrate(plan, delete_old=delete_old, progress=progress)
