@@ -17,8 +17,14 @@ Invariants:
   (``"payload_encoding": "utf-8"``), else base64 (``"base64"``); other bytes
   (correlation data, meta values) become ``{"base64": "..."}``.
 
-What it does not do: modify a data directory, or know which shard a client
-hashes to (it looks in every shard, so it also finds misplaced sessions).
+``reshard`` is the one command that writes: offline, under the broker's lock, it
+moves every session to the shard it hashes to for a new worker count
+(``storage/reshard.py``). It refuses with exit status 2, and exits 1 if the
+migration failed (the old data is then untouched).
+
+What it does not do: modify a data directory (except ``reshard``), or know which
+shard a client hashes to (it looks in every shard, so it also finds misplaced
+sessions).
 """
 
 from __future__ import annotations
@@ -539,3 +545,49 @@ def compact(
             rows.append([name, _size(before), _size(after)])
     _table(["ENV", "BEFORE", "AFTER"], rows)
     typer.echo(f"compacted copy written to {output}")
+
+
+@app.command()
+def reshard(
+    workers: Annotated[int, typer.Option("--workers", help="the new worker (shard) count, 1..256")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    delete_old: Annotated[bool, typer.Option("--delete-old",
+                                             help="delete the old shards after the switch")] = False,
+) -> None:
+    """Offline: move every session to its shard for a new worker count (the broker must be stopped)."""
+    from storage.reshard import ReshardFailed, locked, migrate, prepare
+
+    def progress(line: str) -> None:
+        typer.echo(line, err=True)
+
+    try:
+        with locked(data_dir):
+            plan = prepare(data_dir, workers, progress)
+            if plan.nothing_to_do:
+                typer.echo(f"{data_dir} already has {workers} shard(s): nothing to do")
+                return
+            typer.echo(f"reshard {data_dir}: {plan.old_shards} -> {plan.new_shards} shards; "
+                       f"{plan.totals.describe()}")
+            if not yes and not typer.confirm("Proceed?", default=False, err=True):
+                typer.echo("aborted: nothing changed", err=True)
+                raise typer.Exit(1)
+            result = migrate(plan, delete_old=delete_old, progress=progress)
+    except ReshardFailed as exc:
+        _fail(str(exc), 1)
+    except StoreError as exc:
+        _fail(str(exc))
+    except typer.Abort:  # no answer (end of input) or Ctrl-C at the prompt
+        typer.echo("\naborted: nothing changed", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"resharded {data_dir} from {plan.old_shards} to {plan.new_shards} shards in "
+               f"{result.seconds:.1f}s: {result.totals.describe()}")
+    if result.pinned:
+        typer.echo(f"{result.pinned} session(s) saved while connected now record the old "
+                   f"shard's last alive time as their disconnect time")
+    if result.old_dir is None:
+        typer.echo("the old shards were deleted")
+    else:
+        typer.echo(f"the old shards are kept in {result.old_dir}; delete that directory once "
+                   f"the broker runs well with {plan.new_shards} workers")
+    typer.echo(f"start the broker with --workers {plan.new_shards}")
