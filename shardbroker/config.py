@@ -230,6 +230,10 @@ class ServerConfig:
     shutdown_timeout: float = _setting(
         5.0, "seconds for an orderly shutdown before processes are killed", _Float(0.0, 3600.0)
     )
+    sys_interval: float = _setting(
+        10.0, "seconds between $SYS/shardbroker/... statistics publishes; 0 turns them off",
+        _Float(0.0, 86400.0),
+    )
 
     @property
     def worker_count(self) -> int:

@@ -124,6 +124,7 @@ class Shard(Delivery, Subscriptions):
         self.store_full = False
         self._hard_full_at = -1e9
         self._alive_written = 0.0
+        self._sys_published = time.monotonic()
         self.max_sessions = max(1, self.limits.max_sessions // max(1, shards))
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
@@ -445,6 +446,18 @@ class Shard(Delivery, Subscriptions):
         for msg, (group, flt) in stranded:  # type: ignore[misc]
             self._deliver_shared(msg, group, flt, 0)
 
+    def publish_stats(self) -> None:
+        """This shard's counters as ``$SYS/shardbroker/shard/N/<name>`` (QoS 0, not retained)."""
+        values = dict(self.stats)
+        values.update(
+            connections=len(self.connections), sessions=len(self.sessions),
+            filters=len(self.filter_refs), store_full=int(self.store_full),
+            bus_sent=self.bus.sent, bus_received=self.bus.received,
+            handover_pending=sum(len(v) for v in self.handover.pending.values()),
+        )
+        for name, value in values.items():
+            self.route(Message(f"$SYS/shardbroker/shard/{self.shard}/{name}", str(value).encode(), 0, False))
+
     def _check_fill(self, mono: float) -> None:
         """Refuse new QoS 1/2 work while the store is nearly full: the headroom left is what
         draining queues needs (LMDB writes even to delete). A failed commit also sets it."""
@@ -478,6 +491,10 @@ class Shard(Delivery, Subscriptions):
     def tick(self, now: float, mono: float) -> None:
         """Periodic sweep: store fill, keepalive, delayed wills, session expiry."""
         self._check_fill(mono)
+        interval = self.config.server.sys_interval
+        if interval and mono - self._sys_published >= interval:
+            self._sys_published = mono
+            self.publish_stats()
         if now - self._alive_written >= ALIVE_EVERY:
             self._batch().set_meta("alive_at", now)  # how long a crash lasted, for expiry
             self._alive_written = now

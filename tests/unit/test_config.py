@@ -27,6 +27,7 @@ EXPECTED_DEFAULTS = {
     "server.data_dir": "./shardbroker-data",
     "server.log_level": "info",
     "server.shutdown_timeout": 5.0,
+    "server.sys_interval": 10.0,
     "limits.connect_timeout": 10.0,
     "limits.max_packet_size": 1048576,
     "limits.max_keepalive": 65535,
