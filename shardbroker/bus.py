@@ -47,7 +47,7 @@ class Bus:
     ) -> None:
         self.shard = shard
         self.shards = len(endpoints)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.setsockopt(zmq.LINGER, 0)
@@ -73,8 +73,13 @@ class Bus:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._pull.getsockopt(zmq.FD), self._drain)
+        loop.add_reader(self._fd(), self._drain)
         loop.call_soon(self._drain)
+
+    def _fd(self) -> int:
+        fd = self._pull.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        return fd
 
     def send(self, peer: int, item: Item) -> None:
         """Queue an item for a peer; it leaves at the next :meth:`flush`."""
@@ -125,7 +130,7 @@ class Bus:
     def close(self) -> None:
         if self._loop is not None:
             try:
-                self._loop.remove_reader(self._pull.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._fd())
             except (zmq.ZMQError, RuntimeError) as exc:  # loop or socket already closed
                 log.debug("bus: remove_reader on close: %s", exc)
         self.flush()

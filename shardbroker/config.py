@@ -477,7 +477,7 @@ def _check(name: str, value: object) -> object:
         raise ConfigError(name, str(e)) from None
 
 
-_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig)
+_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig)
 
 
 def _build(cls: type[_S], section: str, values: Mapping[str, object]) -> _S:

@@ -48,7 +48,15 @@ log = logging.getLogger("shardbroker.shard")
 class Delivery:
     """Outbound delivery (mixin of ``Shard``)."""
 
-    stats: dict[str, int]
+    if TYPE_CHECKING:  # provided by Shard
+        from storage.lmdb_store import Batch
+
+        from .config import LimitsConfig
+
+        limits: LimitsConfig
+        stats: dict[str, int]
+
+        def _batch(self) -> Batch: ...
 
     def _resume(self, sess: Session, conn: Connection) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""

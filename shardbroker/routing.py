@@ -106,9 +106,9 @@ class RouteTable:
         if not shared:
             return cached
         out = {s: Target(t.plain, [], t.durable) for s, t in cached.items()}
-        for flt, entries in shared:
+        for flt, members in shared:
             groups: dict[str, list[tuple[int, bool]]] = {}
-            for (group, shard), durable in entries.items():
+            for (group, shard), durable in members.items():
                 groups.setdefault(group, []).append((shard, durable))
             for group, shards in groups.items():
                 shards.sort()

@@ -443,7 +443,7 @@ class Shard(Delivery, Subscriptions):
         stranded += [(q.message, q.group) for q in sess.queue if q.group is not None]
         sess.inflight.clear()
         sess.queue.clear()
-        for msg, (group, flt) in stranded:  # type: ignore[misc]
+        for msg, (group, flt) in stranded:
             self._deliver_shared(msg, group, flt, 0)
 
     def publish_stats(self) -> None:
@@ -545,7 +545,7 @@ class Shard(Delivery, Subscriptions):
         qos = pkt.qos
         pid = pkt.packet_id
         if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
-            conn.send(codec.encode(PubRec(pid), conn.version))  # type: ignore[arg-type]
+            conn.send(codec.encode(PubRec(pid), conn.version))
             return
         if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.

@@ -44,6 +44,35 @@ ROUTE_ACK_TIMEOUT = 2.0
 class Subscriptions:
     """SUBSCRIBE / UNSUBSCRIBE (mixin of ``Shard``)."""
 
+    if TYPE_CHECKING:  # provided by Shard
+        from itertools import count
+
+        from storage.lmdb_store import RetainedStore
+
+        from .bus import Bus
+        from .config import Config
+        from .routing import RouteTable
+        from .topics import TopicTrie
+
+        config: Config
+        shard: int
+        bus: Bus
+        loop: asyncio.AbstractEventLoop
+        routes: RouteTable
+        retained: RetainedStore
+        subs: TopicTrie[str, StoredSubscription]
+        shared_subs: TopicTrie[tuple[str, str], StoredSubscription]
+        filter_refs: dict[str, int]
+        durable_refs: dict[str, int]
+        _route_waits: dict[int, tuple[set[int], asyncio.Future[None]]]
+        _route_pending: dict[str, asyncio.Future[None]]
+        _req: count[int]
+
+        def schedule_flush(self) -> None: ...
+        def _persist_session(self, sess: Session) -> None: ...
+        def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                    group: tuple[str, str] | None = None) -> None: ...
+
     def _add_subscription(self, sess: Session, sub: StoredSubscription) -> None:
         sess.subscriptions[sub.topic_filter] = sub
         shared = parse_shared(sub.topic_filter)
@@ -88,8 +117,8 @@ class Subscriptions:
         if durable:
             self.durable_refs[flt] = d + 1
         if n and not (durable and d == 0):
-            fut = self._route_pending.get(flt)
-            return fut if fut is not None and not fut.done() else None
+            pending = self._route_pending.get(flt)
+            return pending if pending is not None and not pending.done() else None
         self.routes.add(self.shard, flt, flt in self.durable_refs)
         peers = set(self.bus.peers)
         if not peers:
@@ -98,7 +127,7 @@ class Subscriptions:
         fut: asyncio.Future[None] = self.loop.create_future()
         self._route_waits[req] = (peers, fut)
         self._route_pending[flt] = fut
-        fut.add_done_callback(lambda _f, flt=flt: self._route_pending.pop(flt, None))
+        fut.add_done_callback(lambda _f: self._route_pending.pop(flt, None))
         self.bus.broadcast(["r+", self.shard, flt, req, flt in self.durable_refs])
         self.schedule_flush()
         return fut
