@@ -577,6 +577,8 @@ def reshard(
         _fail(str(exc), 1)
     except StoreError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{data_dir}: {exc}")
     except typer.Abort:  # no answer (end of input) or Ctrl-C at the prompt
         typer.echo("\naborted: nothing changed", err=True)
         raise typer.Exit(1) from None

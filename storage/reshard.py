@@ -28,14 +28,17 @@ What it does:
 
 Invariants:
 
-* Nothing outside ``DATA/.reshard-tmp`` is written before the switch; any failure
-  before it removes the temp directory and leaves the old data untouched.
+* Before the switch nothing is written outside ``DATA/.reshard-tmp`` (but
+  ``DATA/broker.lock``, created if absent); any failure before it removes the temp
+  directory and leaves the old data untouched.
 * The switch is a few renames in one directory, recorded first in
   ``DATA/.reshard-journal``. While it runs, ``DATA/shard-000`` is a plain file
   (so a broker started on a half-switched directory refuses to start). A failure
   during the switch undoes the renames done so far; if the process dies in the
-  middle, the next ``reshard`` on that directory finds the journal and finishes
-  the switch (if only the clean-up was left) or undoes it.
+  middle, the next ``reshard`` on that directory finds the journal, works out
+  from the disk how many steps were done, and finishes the switch (if only the
+  clean-up was left) or undoes it; if the disk matches no step count it refuses
+  and changes nothing.
 * The retained store (``DATA/retained``) is shared by all shards and is not touched.
 * No hand-over meta (``handover.next.*``, ``handover.inbox.*``) is copied: with
   every outbox empty, nothing is in flight between shards, so all numbering
@@ -51,6 +54,9 @@ What it does not do:
 * No typer, no printing: progress is a callback taking one line of text.
 * It does not work on a running broker, change the retained store, or merge
   two data directories. It needs free disk space for a second copy of the shards.
+* It cannot stop a broker from starting in the two instants of the switch when
+  ``shard-000`` is absent (between renames); a crash exactly there followed by a
+  broker start creates an empty shard-000, and the next ``reshard`` refuses.
 """
 
 from __future__ import annotations
@@ -452,8 +458,10 @@ def _verify(plan: Plan, targets: Sequence[_Target], say: Progress) -> tuple[Tota
 
 # --------------------------------------------------------------------------- switch
 
-# A journal step is ["move", src, dst] or ["placeholder", path] or ["unplace", path],
-# paths relative to the data directory.
+# A journal step is ["move", src, dst], ["placeholder", path] or ["unplace", path], paths
+# relative to the data directory. Each step is atomic and changes what is on disk, so the
+# disk after k steps differs from the disk after any other number of steps: after a crash
+# the journal and the disk tell exactly how far the switch got.
 
 
 def _fsync_dir(path: Path) -> None:
@@ -489,6 +497,8 @@ def _placeholder_text(data_dir: Path, new_shards: int) -> str:
 
 
 def _steps(old_n: int, new_n: int, old_rel: str) -> list[list[str]]:
+    """Old shard-000 out and a plain file in its place first (a broker refuses to start),
+    then the other old shards out, the new ones in, and the new shard-000 last."""
     s0 = shard_dir_name(0)
     steps: list[list[str]] = [["move", s0, f"{old_rel}/{s0}"], ["placeholder", s0]]
     steps += [["move", shard_dir_name(i), f"{old_rel}/{shard_dir_name(i)}"]
@@ -499,33 +509,72 @@ def _steps(old_n: int, new_n: int, old_rel: str) -> list[list[str]]:
     return steps
 
 
+def _states(old_n: int, new_n: int, old_rel: str) -> list[dict[str, str]]:
+    """What the disk holds after 0, 1, ... len(steps) steps: path -> dir/file/absent."""
+    state: dict[str, str] = {}
+    for i in range(max(old_n, new_n)):
+        state[shard_dir_name(i)] = "dir" if i < old_n else "absent"
+    for i in range(old_n):
+        state[f"{old_rel}/{shard_dir_name(i)}"] = "absent"
+    for j in range(new_n):
+        state[f"{TMP_NAME}/{shard_dir_name(j)}"] = "dir"
+    out = [dict(state)]
+    for step in _steps(old_n, new_n, old_rel):
+        if step[0] == "move":
+            state[step[2]], state[step[1]] = state[step[1]], "absent"
+        else:
+            state[step[1]] = "file" if step[0] == "placeholder" else "absent"
+        out.append(dict(state))
+    return out
+
+
+def _kind(path: Path) -> str:
+    if path.is_symlink():
+        return "other"
+    if path.is_dir():
+        return "dir"
+    if path.is_file():
+        return "file"
+    return "other" if path.exists() else "absent"
+
+
 def _do(data_dir: Path, step: Sequence[str], text: str) -> None:
     match step:
         case ["move", src, dst]:
             os.rename(data_dir / src, data_dir / dst)
         case ["placeholder", rel]:
-            with open(data_dir / rel, "x", encoding="utf-8") as fh:
-                fh.write(text)
+            _placeholder(data_dir / rel, text)
         case ["unplace", rel]:
             (data_dir / rel).unlink()
         case _:
             raise StoreError(f"unknown journal step {step!r}")
 
 
-def _undo(data_dir: Path, steps: Sequence[Sequence[str]]) -> None:
-    """Undo whichever of ``steps`` were done, newest first (each undo checks the disk)."""
-    for step in reversed(steps):
+def _placeholder(path: Path, text: str) -> None:
+    """Create the plain file, or (on any failure) leave nothing."""
+    with open(path, "x", encoding="utf-8") as fh:
+        try:
+            fh.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+
+def _undo(data_dir: Path, done: Sequence[Sequence[str]], text: str) -> None:
+    """Undo the steps in ``done`` (all of them were done), newest first.
+
+    Each undo is the exact inverse of its step, so an undo that is itself interrupted
+    leaves a disk that matches an earlier step count and can be recovered the same way."""
+    for step in reversed(done):
         match step:
             case ["move", src, dst]:
-                s, d = data_dir / src, data_dir / dst
-                if d.is_dir() and not (s.exists() or s.is_symlink()):
-                    os.rename(d, s)
+                os.rename(data_dir / dst, data_dir / src)
             case ["placeholder", rel]:
-                p = data_dir / rel
-                if p.is_file() and not p.is_symlink():
-                    p.unlink()
+                (data_dir / rel).unlink(missing_ok=True)
+            case ["unplace", rel]:
+                _placeholder(data_dir / rel, text)
             case _:
-                pass  # "unplace": nothing to undo
+                raise StoreError(f"unknown journal step {step!r}")
     _fsync_dir(data_dir)
 
 
@@ -536,28 +585,32 @@ def _switch(plan: Plan, old_dir: Path, say: Progress) -> None:
            "old_dir": old_dir.name, "steps": steps}
     text = _placeholder_text(data_dir, plan.new_shards)
     old_dir.mkdir()
+    done = 0
     try:
         _write_journal(data_dir, doc)
         for step in steps:
             _do(data_dir, step, text)
+            done += 1
         _fsync_dir(data_dir)
         _fsync_dir(old_dir)
     except BaseException as exc:
         try:
-            _undo(data_dir, steps)
-            with contextlib.suppress(OSError):
-                old_dir.rmdir()
+            _undo(data_dir, steps[:done], text)
+            old_dir.rmdir()
+            (data_dir / (JOURNAL_NAME + ".part")).unlink(missing_ok=True)
             (data_dir / JOURNAL_NAME).unlink(missing_ok=True)
-        except OSError as undo_exc:
+        except Exception as undo_exc:  # noqa: BLE001 - the journal stays; tmp must stay too
             raise ReshardFailed(
                 f"switching failed ({_reason(exc)}) and so did undoing it ({_reason(undo_exc)}); "
-                f"the new shards are in {data_dir / TMP_NAME}, the old ones in {old_dir} or in "
-                f"place; run the same reshard command again to recover"
+                f"run the same reshard command again to finish or undo the switch"
             ) from exc
         raise
-    (data_dir / JOURNAL_NAME).unlink()
-    _fsync_dir(data_dir)
     say(f"switched {data_dir} from {plan.old_shards} to {plan.new_shards} shards")
+    try:
+        (data_dir / JOURNAL_NAME).unlink()
+        _fsync_dir(data_dir)
+    except OSError as exc:  # the switch is complete; the next reshard run removes it
+        say(f"warning: cannot remove {data_dir / JOURNAL_NAME} ({_reason(exc)}); delete it")
 
 
 def _recover(data_dir: Path) -> str | None:
@@ -567,32 +620,41 @@ def _recover(data_dir: Path) -> str | None:
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        steps = [list(map(str, s)) for s in doc["steps"]]
         old_n, new_n, old_rel = int(doc["old_shards"]), int(doc["new_shards"]), str(doc["old_dir"])
-        if steps != _steps(old_n, new_n, old_rel):
+        if not old_rel.startswith(OLD_PREFIX) or "/" in old_rel or old_rel in (".", ".."):
+            raise ValueError(f"bad old_dir {old_rel!r}")
+        if not (1 <= old_n <= 10_000 and 1 <= new_n <= MAX_SHARDS):
+            raise ValueError("bad shard counts")
+        steps = _steps(old_n, new_n, old_rel)
+        if doc["steps"] != steps:
             raise ValueError("unexpected steps")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReshardRefused(f"{path}: an interrupted reshard left a journal that cannot be "
                              f"read ({_reason(exc)}); inspect the directory by hand") from None
+    states = _states(old_n, new_n, old_rel)
+    disk = {rel: _kind(data_dir / rel) for rel in states[0]}
+    matches = [k for k, state in enumerate(states) if state == disk]
+    if len(matches) != 1:
+        raise ReshardRefused(
+            f"{data_dir}: an interrupted reshard ({old_n} -> {new_n} shards) left shard "
+            f"directories that do not match its journal {path} (was the broker started "
+            f"meanwhile?); inspect the directory by hand")
+    k = matches[0]
     old_dir = data_dir / old_rel
-    last = steps[-1]
-    done = (data_dir / last[2]).is_dir() and not (data_dir / last[1]).exists()
     try:
-        if done:
-            _remove(data_dir / TMP_NAME)
-            path.unlink()
-            _fsync_dir(data_dir)
-            return (f"finished an interrupted reshard ({old_n} -> {new_n} shards); the old shards "
-                    f"are in {old_dir}")
-        _undo(data_dir, steps)
-        with contextlib.suppress(OSError):
-            old_dir.rmdir()
+        if k < len(steps):
+            _undo(data_dir, steps[:k], _placeholder_text(data_dir, new_n))
+            with contextlib.suppress(OSError):
+                old_dir.rmdir()
         _remove(data_dir / TMP_NAME)
         path.unlink()
         _fsync_dir(data_dir)
     except OSError as exc:
         raise ReshardRefused(f"{data_dir}: cannot recover an interrupted reshard "
                              f"({_reason(exc)}); see {path}") from None
+    if k == len(steps):
+        return (f"finished an interrupted reshard ({old_n} -> {new_n} shards); the old shards "
+                f"are in {old_dir}")
     return (f"undid an interrupted reshard ({old_n} -> {new_n} shards); {data_dir} has its "
             f"{old_n} shards again")
 
@@ -647,8 +709,11 @@ def migrate(plan: Plan, *, delete_old: bool = False, progress: Progress | None =
         _remove(tmp)
     kept: Path | None = old_dir
     if delete_old:
-        shutil.rmtree(old_dir)
-        kept = None
+        try:
+            shutil.rmtree(old_dir)
+            kept = None
+        except OSError as exc:
+            say(f"could not delete {old_dir} ({_reason(exc)}); delete it by hand")
     return Result(plan, totals, kept, pinned, time.monotonic() - started)
 
 
