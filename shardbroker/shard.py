@@ -128,7 +128,7 @@ class Shard(Delivery, Subscriptions):
         self.max_sessions = max(1, self.limits.max_sessions // max(1, shards))
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
-            "dropped_too_large": 0, "expired": 0, "protocol_errors": 0,
+            "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
         }
 
     # ------------------------------------------------------------------ startup
@@ -206,7 +206,10 @@ class Shard(Delivery, Subscriptions):
         batch, self.batch = self.batch, None
         if batch is not None and len(batch):
             try:
+                ops = len(batch)
                 batch.commit()
+                self.stats["commits"] += 1
+                self.stats["commit_ops"] += ops
                 if self.store.map_at_max():  # close to the limit: look after every commit
                     self._check_fill(time.monotonic())
             except StoreError as exc:

@@ -99,7 +99,10 @@ class Worker:
         bus.close()
         self.store.close()
         self.retained.close()
-        log.info("shard %d stopped", self.shard_index)
+        st = core.stats
+        log.info("shard %d stopped: received %d, delivered %d, forwarded %d; %d commits of %.1f operations on average",
+                 self.shard_index, st["received"], st["delivered"], st["forwarded"], st["commits"],
+                 st["commit_ops"] / max(1, st["commits"]))
 
     def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listen is not None
