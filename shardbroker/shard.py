@@ -48,7 +48,7 @@ from .protocol.packets import (
     Subscribe,
     Unsubscribe,
 )
-from .routing import RouteTable
+from .routing import RouteTable, Target
 from .session import (
     AWAIT_PUBCOMP,
     NEVER,
@@ -206,10 +206,10 @@ class Shard(Delivery, Subscriptions):
         batch, self.batch = self.batch, None
         if batch is not None and len(batch):
             try:
-                ops = len(batch)
+                n_ops = len(batch)
                 batch.commit()
                 self.stats["commits"] += 1
-                self.stats["commit_ops"] += ops
+                self.stats["commit_ops"] += n_ops
                 if self.store.map_at_max():  # close to the limit: look after every commit
                     self._check_fill(time.monotonic())
             except StoreError as exc:
@@ -618,6 +618,14 @@ class Shard(Delivery, Subscriptions):
         if msg.retain:
             self._retain(msg)
         targets = self.routes.targets(msg.topic)
+        if len(self.synced) < self.shards - 1 and msg.qos:
+            # A peer whose routes we do not know yet (it is starting) may have persistent
+            # subscribers: send it QoS 1/2 durably and let it match; it drops what it has no use for.
+            targets = dict(targets)
+            for peer in self.bus.peers:
+                if peer not in self.synced:
+                    known = targets.get(peer)
+                    targets[peer] = Target(True, list(known.groups) if known else [], True)
         if not targets:
             return False
         wire = None

@@ -90,6 +90,20 @@ class Supervisor:
         sock.listen(4096)
         return sock
 
+    def _run_dir(self) -> str:
+        """A private directory for the Unix and ipc sockets (short paths: a socket path is at
+        most 107 bytes). The previous one is removed, in case a SIGKILL left it behind."""
+        note = self.data_dir / "run-dir"
+        try:
+            old = note.read_text().strip()
+        except OSError:
+            old = ""
+        if old and os.path.basename(old).startswith("shardbroker-") and os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        run_dir = tempfile.mkdtemp(prefix="shardbroker-")
+        note.write_text(run_dir + "\n")
+        return run_dir
+
     def _check_data_dir(self) -> None:
         """Refuse, before any worker writes, a data dir made for another shard count."""
         from storage.lmdb_store import StoreError, data_dir_shards
@@ -109,7 +123,7 @@ class Supervisor:
         self._check_data_dir()
         listen = self._bind()
         host, port = listen.getsockname()[:2]
-        run_dir = tempfile.mkdtemp(prefix="shardbroker-")
+        run_dir = self._run_dir()
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         env = dict(os.environ)

@@ -266,3 +266,37 @@ def test_acknowledged_cross_shard_messages_survive_immediate_kill9(make_broker, 
         if got != list(range(count)):
             lost[f"{scid} (shard {shard_of(scid, n)})"] = got
     assert not lost, f"acknowledged messages lost by kill -9 (received instead): {lost}"
+
+
+@pytest.mark.slow
+def test_restarted_shard_without_a_peers_routes_still_delivers_durably(make_broker, mqtt, uniq):
+    """A worker that restarts while a peer cannot answer serves without that peer's routes;
+    QoS 1/2 it acknowledges meanwhile must still reach the peer's persistent subscribers."""
+    skip_unless_shardbroker()
+    b = make_broker(workers=2)
+    workers = wait_until(lambda: len(b.worker_pids()) == 2 and b.worker_pids(), 10, message="2 workers")
+    topic = uniq.topic()
+    sub = mqtt(b, _on(b, uniq, 1, "s"), version=4, clean=False)
+    sub.subscribe(topic, 1)
+    os.kill(workers[1], signal.SIGSTOP)  # the peer cannot answer the route sync
+    try:
+        os.kill(workers[0], signal.SIGKILL)
+        time.sleep(0.5)
+
+        def publish_on_restarted_shard():
+            try:
+                c = mqtt.raw(b)
+                if c.connect_mqtt(_on(b, uniq, 0, "p"), version=4, timeout=2).rc == 0:
+                    return c
+                c.close()
+            except (OSError, AssertionError, mb.ConnectionClosed):
+                pass
+            time.sleep(0.2)
+            return None
+
+        pub = wait_until(publish_on_restarted_shard, 15, interval=0, message="restarted shard 0")
+        ack = pub.publish(topic, b"acked while the peer was unknown", qos=1, timeout=5)
+        assert ack is not None
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
+    assert sub.recv_publish(10).payload == b"acked while the peer was unknown"
