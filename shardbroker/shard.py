@@ -166,6 +166,8 @@ class Shard(Delivery, Subscriptions):
         for key in self.filter_refs:
             self.routes.add(self.shard, key, True)
         self.handover.load(self.store.outbox(), self.store.meta_items())
+        self._batch().set_meta("alive_at", now)  # a crash right after start counts from here
+        self._alive_written = now
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions), len(self.filter_refs))
 
     def announce(self) -> None:
