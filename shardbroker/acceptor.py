@@ -151,7 +151,11 @@ class Acceptor:
         try:
             version = codec.connect_version(body)
         except ProtocolError as exc:
-            return self._refuse(p, peer, MQTT_3_1_1 if exc.reason == reasons.UNSUPPORTED_PROTOCOL_VERSION else None, exc)
+            if exc.reason != reasons.UNSUPPORTED_PROTOCOL_VERSION:
+                return self._refuse(p, peer, None, exc)
+            # Answer in the form the client will read: 5.0 (0x84) if it asked for level 5,
+            # else the 3.1.1 return code 1 [MQTT-3.1.2-2].
+            return self._refuse(p, peer, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, exc)
         try:
             connect = codec.decode(first, body, version)
         except ProtocolError as exc:
@@ -213,6 +217,14 @@ class Acceptor:
         for link in self._links.values():
             link.close()
         self._links.clear()
+
+
+def _level(body: memoryview | bytes) -> int | None:
+    """The protocol level byte of a CONNECT body, whatever its protocol name says."""
+    if len(body) < 2:
+        return None
+    at = 2 + int.from_bytes(body[0:2], "big")
+    return body[at] if at < len(body) else None
 
 
 def _peername(sock: socket.socket) -> str:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import marshal
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import marshal
 
 import zmq
 

@@ -112,6 +112,17 @@ def test_unsupported_protocol_level(broker, mqtt, uniq, level):
     assert c.expect_closed(3)
 
 
+@pytest.mark.parametrize("level, expected", [(5, b"\x00\x84\x00"), (4, b"\x00\x01")])
+def test_unknown_protocol_name_answered_in_the_form_the_client_reads(broker, mqtt, uniq, level, expected):
+    """A bad protocol name with level 5 gets a 5.0 CONNACK 0x84; with level 4 the 3.1.1 rc 1."""
+    c = mqtt.raw(broker)
+    c.send(mb.connect(uniq.cid("hj"), version=level, protocol_name="hj"))
+    pkt = c.recv_packet(5)
+    assert pkt is not None and pkt[0] == mb.CONNACK
+    assert pkt[2] == expected
+    assert c.expect_closed(3)
+
+
 # -- packet order rules ---------------------------------------------------------------
 
 
