@@ -147,38 +147,37 @@ class Acceptor:
 
     def _connect(self, p: _Pending, first: int, body: memoryview | bytes) -> None:
         """A whole CONNECT has arrived: refuse it here, or hand the socket to its shard."""
-        peer = _peername(p.sock)
         try:
             version = codec.connect_version(body)
         except ProtocolError as exc:
             if exc.reason != reasons.UNSUPPORTED_PROTOCOL_VERSION:
-                return self._refuse(p, peer, None, exc)
+                return self._refuse(p, None, exc)
             # Answer in the form the client will read: 5.0 (0x84) if it asked for level 5,
             # else the 3.1.1 return code 1 [MQTT-3.1.2-2].
-            return self._refuse(p, peer, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, exc)
+            return self._refuse(p, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, exc)
         try:
             connect = codec.decode(first, body, version)
         except ProtocolError as exc:
-            return self._refuse(p, peer, version, exc)
+            return self._refuse(p, version, exc)
         assert isinstance(connect, Connect)
         client_id: str | None = None
         if not connect.client_id:
             if version == MQTT_5 or (version == MQTT_3_1_1 and connect.clean_start):
                 client_id = "auto-" + uuid.uuid4().hex  # [MQTT-3.1.3-6]
             else:  # [MQTT-3.1.3-8]
-                return self._refuse(p, peer, version, ProtocolError(
+                return self._refuse(p, version, ProtocolError(
                     reasons.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier with a persistent session"))
         elif version == MQTT_3_1 and len(connect.client_id) > 23:
-            return self._refuse(p, peer, version, ProtocolError(
+            return self._refuse(p, version, ProtocolError(
                 reasons.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 client identifier longer than 23 characters"))
         owner = shard_for(client_id or connect.client_id, self.shards)
         if not self._handoff(owner, p.sock, client_id, bytes(p.data)):
-            return self._refuse(p, peer, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
+            return self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
         self.handed_off += 1
         self._close(p)  # the worker has its own descriptor now
 
-    def _refuse(self, p: _Pending, peer: str, version: int | None, exc: ProtocolError) -> None:
-        log.info("%s: CONNECT refused: %s (%s)", peer, exc.message, reasons.name(exc.reason))
+    def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
+        log.info("%s: CONNECT refused: %s (%s)", _peername(p.sock), exc.message, reasons.name(exc.reason))
         if version is not None and (version == MQTT_5 or exc.reason in reasons.V5_TO_V3_CONNACK):
             code = exc.reason if version == MQTT_5 else reasons.V5_TO_V3_CONNACK.get(exc.reason)
             if code is not None:

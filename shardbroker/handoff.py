@@ -5,7 +5,7 @@ The acceptor reads a client's CONNECT, then sends the socket's file descriptor
 that the owning worker listens on (``handoff-N.sock`` in the run directory).
 
 Wire format of one hand-off: a 4-byte big-endian length, then a frame:
-``u16 header length, header (UTF-8 JSON: {"client_id": ...}), initial bytes``.
+``u16 length of the assigned client id + 1 (0: none), the id (UTF-8), initial bytes``.
 The descriptor rides on the first ``sendmsg`` of the frame, so on the receiving
 side a descriptor always arrives no later than the first byte of its frame:
 frames and descriptors pair up in order.
@@ -16,7 +16,6 @@ This module does no MQTT; it only moves sockets and bytes.
 from __future__ import annotations
 
 import array
-import json
 import os
 import socket
 import struct
@@ -36,8 +35,8 @@ class Handoff:
 
 
 def encode_frame(client_id: str | None, initial: bytes) -> bytes:
-    header = json.dumps({"client_id": client_id}).encode()
-    body = _HLEN.pack(len(header)) + header + initial
+    header = b"" if client_id is None else client_id.encode()
+    body = _HLEN.pack(0 if client_id is None else len(header) + 1) + header + initial
     return _LEN.pack(len(body)) + body
 
 
@@ -94,9 +93,10 @@ class HandoffReceiver:
                 break
             body = bytes(self._buf[4 : 4 + size])
             del self._buf[: 4 + size]
-            (hlen,) = _HLEN.unpack_from(body, 0)
-            header = json.loads(body[2 : 2 + hlen])
-            out.append(Handoff(self._fds.popleft(), header.get("client_id"), body[2 + hlen :]))
+            (marker,) = _HLEN.unpack_from(body, 0)
+            hlen = max(0, marker - 1)
+            client_id = body[2 : 2 + hlen].decode() if marker else None
+            out.append(Handoff(self._fds.popleft(), client_id, body[2 + hlen :]))
         return out
 
     def close(self) -> None:
