@@ -781,8 +781,6 @@ class Shard(Delivery, Subscriptions):
             sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
         publish_will = conn.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
         log.debug("client %s disconnected (reason 0x%02X)", conn.client_id, pkt.reason_code)
-        if not sess.persistent and sess.client_id in self.stored:
-            pass
         self.detach(conn, publish_will=publish_will)
         conn.close_after_write()
 
