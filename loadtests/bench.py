@@ -468,15 +468,7 @@ class Engine:
                         p += 2
                     if stamp:
                         if v5:  # skip the property list
-                            plen = 0
-                            shift = 0
-                            while True:
-                                b = data[p]
-                                p += 1
-                                plen |= (b & 0x7F) << shift
-                                if not b & 0x80:
-                                    break
-                                shift += 7
+                            plen, p = w.read_varint(data, p)
                             p += plen
                         if end - p >= 8:
                             ts = int.from_bytes(data[p:p + 8], "big")
@@ -553,14 +545,7 @@ class Engine:
             return
         codes = body[2:]
         if self.plan.proto == 5 and codes:
-            j, plen, shift = 0, 0, 0
-            while True:
-                b = codes[j]
-                j += 1
-                plen |= (b & 0x7F) << shift
-                if not b & 0x80:
-                    break
-                shift += 7
+            plen, j = w.read_varint(codes, 0)
             codes = codes[j + plen:]
         if not codes or codes[0] >= 0x80:
             c.error = f"SUBSCRIBE {c.filter!r} refused: {codes.hex()}"

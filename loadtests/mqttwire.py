@@ -46,6 +46,18 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
+def read_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the variable byte integer at ``pos``."""
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
 def utf8(s: str | bytes) -> bytes:
     b = s.encode("utf-8") if isinstance(s, str) else s
     if len(b) > 65535:
@@ -165,15 +177,7 @@ def connack_result(body: bytes, proto: int) -> tuple[int, dict[int, int]]:
     code = body[1]
     props: dict[int, int] = {}
     if proto == 5 and len(body) > 2:
-        # property length varint
-        j, plen, shift = 2, 0, 0
-        while True:
-            b = body[j]
-            j += 1
-            plen |= (b & 0x7F) << shift
-            if not b & 0x80:
-                break
-            shift += 7
+        plen, j = read_varint(body, 2)
         end = j + plen
         while j < end:
             pid = body[j]
