@@ -243,9 +243,13 @@ class Delivery:
         if out is None or out.qos != 1:
             log.debug("%s: PUBACK for unknown packet id %d", conn.client_id, pkt.packet_id)
             return
-        del sess.inflight[pkt.packet_id]
+        self._acknowledged(sess, pkt.packet_id, out)
+
+    def _acknowledged(self, sess: Session, pid: int, out: Outgoing) -> None:
+        """An outgoing QoS 1/2 exchange is over: free its packet id and window slot."""
+        del sess.inflight[pid]
         if sess.persistent:
-            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
+            self._batch().delete_inflight(sess.client_id, pid)
             if out.message is not None:
                 out.message.unref()
         self._pump(sess)
@@ -259,12 +263,7 @@ class Delivery:
                 conn.send(codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND), MQTT_5))
             return
         if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends here
-            del sess.inflight[pkt.packet_id]
-            if sess.persistent:
-                self._batch().delete_inflight(sess.client_id, pkt.packet_id)
-                if out.message is not None:
-                    out.message.unref()
-            self._pump(sess)
+            self._acknowledged(sess, pkt.packet_id, out)
             return
         if out.state != AWAIT_PUBCOMP:
             out.state = AWAIT_PUBCOMP
@@ -281,10 +280,7 @@ class Delivery:
         out = sess.inflight.get(pkt.packet_id)
         if out is None or out.state != AWAIT_PUBCOMP:
             return
-        del sess.inflight[pkt.packet_id]
-        if sess.persistent:
-            self._batch().delete_inflight(sess.client_id, pkt.packet_id)
-        self._pump(sess)
+        self._acknowledged(sess, pkt.packet_id, out)
 
 
 def _stored(msg: Message) -> StoredMessage:

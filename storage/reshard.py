@@ -153,10 +153,14 @@ class Plan:
 
     @property
     def totals(self) -> Totals:
-        total = Totals()
-        for t in self.per_shard:
-            total += t
-        return total
+        return _sum(self.per_shard)
+
+
+def _sum(parts: tuple[Totals, ...]) -> Totals:
+    total = Totals()
+    for t in parts:
+        total += t
+    return total
 
 
 @dataclass(frozen=True)
@@ -169,10 +173,7 @@ class Result:
 
     @property
     def totals(self) -> Totals:
-        total = Totals()
-        for t in self.per_shard:
-            total += t
-        return total
+        return _sum(self.per_shard)
 
 
 def _reason(exc: BaseException) -> str:
