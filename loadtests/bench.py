@@ -25,6 +25,11 @@ How the load generator works (it must not be the bottleneck):
   is measured) and answers PUBACK / PUBREC / PUBCOMP in one ``send`` per read;
   when a pass of the loop read little, it sleeps ``--read-coalesce-ms`` so the
   next pass reads many messages per syscall (off for latency-qos1);
+* latency-qos1 runs its publishers and its subscribers in separate processes
+  (half of ``--procs`` publish, at least one of each): a publisher sleeps until
+  each message's own due time (the pairs' messages evenly spread) and sends it
+  alone, stamped right before the ``send``; a subscriber blocks in epoll until
+  data arrives and takes the receive time right after the ``recv``;
 * QoS 1/2 publishers pipeline up to ``--window`` unacknowledged messages
   (capped by the broker's Receive Maximum under MQTT 5);
 * QoS 0 publishers run closed-loop: at most ``--qos0-window`` deliveries may
@@ -142,11 +147,13 @@ class Plan:
     sub_expiry: int = 0
     cleanup_sessions: bool = False
     rate_per_pub: float = 0.0       # msg/s per publisher; 0 = as fast as possible
+    # latency: message k of pubs[j] is due at start + due_offsets[j] + k / rate_per_pub
+    due_offsets: list[float] = field(default_factory=list)
     window: int = 64                # QoS 1/2 unacknowledged per publisher
     qos0_window: int = 20000        # QoS 0 deliveries outstanding (all processes)
     fan: int = 1                    # deliveries expected per published message
     batch: int = 64                 # QoS 0 messages per write
-    stamp: bool = False             # timestamp in payload, latency at subscribers
+    stamp: bool = False             # latency: timestamp in payload, run_latency's loop
     coalesce_ms: float = 2.0        # sleep after a loop pass that read little
     pairs: bool = False             # pubs[k] and subs[k] form a pair (end-to-end window)
     e2e_window: int = 500           # QoS 1/2 pairs: sent but not yet received, per pair
@@ -233,7 +240,8 @@ class Engine:
     No asyncio: each pass of the loop is one ``epoll.poll`` and, per ready
     socket, one ``recv`` and at most one ``send``. When a pass reads little,
     the loop sleeps ``coalesce_ms`` so that the next pass reads many messages
-    per syscall (the sockets stay registered: no epoll_ctl churn).
+    per syscall (the sockets stay registered: no epoll_ctl churn). The latency
+    scenario runs its own loop instead (``run_latency``).
     """
 
     def __init__(self, plan: Plan, pipe: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
@@ -417,6 +425,13 @@ class Engine:
 
     # ------------------------------------------------------------------ parser
     def on_data(self, c: Conn, data: bytes) -> None:
+        plan = self.plan
+        stamp = plan.stamp
+        if stamp:
+            now = time.monotonic_ns()  # the receive time, right after the recv
+            lat = self.lat
+            warm = self.warm_ns
+            v5 = plan.proto == 5
         if c.buf:
             data = c.buf + data
             c.buf = b""
@@ -426,13 +441,6 @@ class Engine:
         count = 0
         acks: list[bytes] = []
         freed = 0
-        plan = self.plan
-        stamp = plan.stamp
-        if stamp:
-            now = time.monotonic_ns()
-            lat = self.lat
-            warm = self.warm_ns
-            v5 = plan.proto == 5
         while i + 2 <= n:
             first = data[i]
             rl = data[i + 1]
@@ -715,6 +723,9 @@ class Engine:
         plan = self.plan
         mono = time.monotonic
         self.warm_ns = int(t_warm * 1e9)
+        if plan.stamp:
+            self.run_latency(t_start, t_warm, t_end)
+            return
         while mono() < t_start:
             self.poll(min(0.005, max(0.0, t_start - mono())))
         coalesce = plan.coalesce_ms / 1000
@@ -743,6 +754,47 @@ class Engine:
             got = self.poll(0 if did > 0 else 0.001)
             if coalesce and did <= 0 and got < _COALESCE_BYTES:
                 time.sleep(coalesce)
+            if self.cmds and self.cmds[0][0] == "exit":
+                break
+            self.ping()
+        self.recv_at_end, self.sent_at_end = self.recv_total, self.sent_total
+        self.publishing = False
+
+    def run_latency(self, t_start: float, t_warm: float, t_end: float) -> None:
+        """latency-qos1: this process only publishes or only subscribes.
+
+        A publisher sleeps until each message's own due time (``due_offsets``
+        spread the pairs evenly), sends it alone (``send_qos`` stamps it right
+        before the ``send``), then reads the acknowledgements that have arrived
+        without waiting. A subscriber blocks in epoll until data arrives. Neither
+        spins, coalesces reads or polls on a tick.
+        """
+        mono = time.monotonic
+        pubs, offsets = self.pubs, self.plan.due_offsets
+        period = 1.0 / self.plan.rate_per_pub if pubs else 0.0
+        self.publishing = bool(pubs)
+        k = j = 0  # the next message: round k, publisher j
+        warm_marked = False
+        while True:
+            now = mono()
+            if not warm_marked and now >= t_warm:
+                warm_marked = True
+                self.recv_at_warm, self.sent_at_warm = self.recv_total, self.sent_total
+            if now >= t_end:
+                break
+            wake = t_end if warm_marked else t_warm
+            if pubs:
+                due = t_start + offsets[j] + k * period
+                if due > now:
+                    time.sleep(min(due, wake) - now)
+                    continue
+                self.send_qos(pubs[j], 1)  # skipped if the window is full: msg/s shows it
+                j += 1
+                if j == len(pubs):
+                    j, k = 0, k + 1
+                self.poll(0)
+            else:
+                self.poll(min(1.0, wake - now))  # the pipe wakes it too
             if self.cmds and self.cmds[0][0] == "exit":
                 break
             self.ping()
@@ -1280,7 +1332,7 @@ def _ids_avoiding(prefix: str, count: int, shards: int, avoid: int) -> list[str]
 
 
 def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) -> list[Plan]:
-    procs = max(1, args.procs)
+    procs = max(2 if scn == "latency-qos1" else 1, args.procs)
     shards = broker.shards
     common: dict[str, Any] = {
         "host": broker.host, "port": broker.port, "proto": args.protocol, "payload": args.payload,
@@ -1311,13 +1363,20 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
         every(qos=qos, fan=1, pairs=True, window=args.window_qos2 if qos == 2 else args.window)
         n = args.pairs
         base = {"persistent-qos1": f"bench/persist/{tag}", "latency-qos1": "bench/lat"}.get(scn, "bench/pairs")
-        for i in range(n):
-            pub, sub = _cross_pair_ids(tag, i, shards)
-            plans[i % procs].pubs.append((pub, f"{base}/{i}"))
-            plans[i % procs].subs.append((sub, f"{base}/{i}"))
+        pub_plans = sub_plans = plans
         if scn == "latency-qos1":
+            # publishers and subscribers in separate processes; message k of pair i is
+            # due at k * n / rate + i / rate: the pairs' messages evenly spread
             every(stamp=True, coalesce_ms=0.0)
             rate_total = args.latency_rate
+            pub_plans, sub_plans = plans[:procs // 2], plans[procs // 2:]
+        for i in range(n):
+            pub, sub = _cross_pair_ids(tag, i, shards)
+            pp = pub_plans[i % len(pub_plans)]
+            pp.pubs.append((pub, f"{base}/{i}"))
+            sub_plans[i % len(sub_plans)].subs.append((sub, f"{base}/{i}"))
+            if pp.stamp:
+                pp.due_offsets.append(i / rate_total)
         if scn == "persistent-qos1":
             every(sub_clean=False, sub_expiry=3600 if args.protocol == 5 else 0,
                   cleanup_sessions=True)
@@ -1575,7 +1634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--durability", choices=("fsync", "no-fsync"), default=None,
                     help="ShardBroker --durability for the non-persistent scenarios (default: its own)")
     ap.add_argument("--procs", type=int, default=max(2, cpus),
-                    help="generator processes (default: CPU count, at least 2)")
+                    help="generator processes (default: CPU count, at least 2; latency-qos1: "
+                         "half publish, the others subscribe)")
     ap.add_argument("--broker-only", action="store_true", help="ShardBroker alone, no Mosquitto")
     ap.add_argument("--mosquitto-only", action="store_true",
                     help="Mosquitto alone (to check the generator)")
@@ -1638,6 +1698,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--payload must be in 0..1000000")
     if args.connections < 1 or args.connections > 100_000:
         ap.error("--connections must be in 1..100000")
+    if args.latency_rate <= 0:
+        ap.error("--latency-rate must be above 0")
     args.scenarios = args.scenario or list(SCENARIOS)
     return args
 

@@ -4,9 +4,10 @@ The acceptor speaks MQTT only as far as the CONNECT packet: it reads it under a
 deadline (``limits.connect_timeout``) and a size limit, assigns an identifier to a
 client that sent an empty one where the version allows it, and hands the socket
 with every byte read so far to the worker that owns the client ID
-(``shard_for(client_id, workers)``). A CONNECT that is malformed or illegal gets
-the spec's answer here (a CONNACK with a reason code where one exists, then a
-close), and the reason is logged.
+(``shard_for(client_id, workers)``). Hand-offs made in one loop iteration go to
+each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
+that is malformed or illegal gets the spec's answer here (a CONNACK with a
+reason code where one exists, then a close), and the reason is logged.
 
 It never touches a store, a session or the bus.
 """
@@ -22,7 +23,7 @@ import time
 import uuid
 
 from .config import Config
-from .handoff import send_handoff
+from .handoff import MAX_FDS, send_handoffs
 from .protocol import codec, reasons
 from .protocol.errors import ProtocolError
 from .protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
@@ -59,6 +60,7 @@ class Acceptor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._outgoing: dict[int, list[tuple[_Pending, str | None, int]]] = {}  # shard -> hand-offs
         self.accepted = 0
         self.handed_off = 0
 
@@ -73,19 +75,40 @@ class Acceptor:
         self._links[shard] = link
         return link
 
-    def _handoff(self, shard: int, sock: socket.socket, client_id: str | None, data: bytes) -> bool:
+    def _queue_handoff(self, shard: int, p: _Pending, client_id: str | None, version: int) -> None:
+        """Hand the socket to its shard at the end of this loop iteration, with the others."""
+        self._forget(p)  # no more reading or deadline here; the socket stays open until sent
+        if not self._outgoing:
+            assert self._loop is not None
+            self._loop.call_soon(self._send_handoffs)
+        self._outgoing.setdefault(shard, []).append((p, client_id, version))
+
+    def _send_handoffs(self) -> None:
+        outgoing, self._outgoing = self._outgoing, {}
+        for shard, items in outgoing.items():
+            for at in range(0, len(items), MAX_FDS):
+                chunk = items[at:at + MAX_FDS]
+                if self._handoff(shard, [(p.sock.fileno(), cid, bytes(p.data)) for p, cid, _v in chunk]):
+                    self.handed_off += len(chunk)
+                    for p, _cid, _v in chunk:
+                        p.sock.close()  # the worker has its own descriptor now
+                else:
+                    for p, _cid, version in chunk:
+                        self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
+
+    def _handoff(self, shard: int, batch: list[tuple[int, str | None, bytes]]) -> bool:
         # A worker that is restarting refuses for a moment: retry briefly, then give up.
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                send_handoff(self._link(shard), sock.fileno(), client_id, data)
+                send_handoffs(self._link(shard), batch)
                 return True
             except OSError as exc:
                 stale = self._links.pop(shard, None)
                 if stale is not None:
                     stale.close()
                 if time.monotonic() > deadline or self._stopping:
-                    log.warning("hand-off to shard %d failed: %s", shard, exc)
+                    log.warning("hand-off of %d connections to shard %d failed: %s", len(batch), shard, exc)
                     return False
                 time.sleep(0.05)
 
@@ -170,11 +193,7 @@ class Acceptor:
         elif version == MQTT_3_1 and len(connect.client_id) > 23:
             return self._refuse(p, version, ProtocolError(
                 reasons.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 client identifier longer than 23 characters"))
-        owner = shard_for(client_id or connect.client_id, self.shards)
-        if not self._handoff(owner, p.sock, client_id, bytes(p.data)):
-            return self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
-        self.handed_off += 1
-        self._close(p)  # the worker has its own descriptor now
+        self._queue_handoff(shard_for(client_id or connect.client_id, self.shards), p, client_id, version)
 
     def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
         log.info("%s: CONNECT refused: %s (%s)", _peername(p.sock), exc.message, reasons.name(exc.reason))
@@ -187,12 +206,14 @@ class Acceptor:
                     pass
         self._close(p)
 
-    def _close(self, p: _Pending) -> None:
+    def _forget(self, p: _Pending) -> None:
         fd = p.sock.fileno()
-        if fd >= 0:
-            self._pending.pop(fd, None)
-            if p.watched and self._loop is not None:
-                self._loop.remove_reader(fd)
+        if fd >= 0 and self._pending.pop(fd, None) is not None and p.watched and self._loop is not None:
+            self._loop.remove_reader(fd)
+            p.watched = False
+
+    def _close(self, p: _Pending) -> None:
+        self._forget(p)
         p.sock.close()
 
     def _sweep(self) -> None:
@@ -213,6 +234,10 @@ class Acceptor:
             self._sweep_handle.cancel()
         for p in list(self._pending.values()):
             self._close(p)
+        for items in self._outgoing.values():
+            for p, _cid, _v in items:
+                p.sock.close()
+        self._outgoing.clear()
         for link in self._links.values():
             link.close()
         self._links.clear()

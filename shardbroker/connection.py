@@ -31,11 +31,11 @@ CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input af
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, shard: Shard, assigned_id: str | None, peer: str, initial: bytes = b"") -> None:
+    def __init__(self, shard: Shard, assigned_id: str | None, initial: bytes = b"") -> None:
         self.shard = shard
         self._initial = initial
         self.assigned_id = assigned_id
-        self.peer = peer
+        self._peer: str | None = None
         self.transport: asyncio.Transport | None = None
         self.reader = codec.PacketReader(MQTT_3_1_1, shard.limits.max_packet_size)
         self.version = MQTT_3_1_1
@@ -55,6 +55,16 @@ class Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.dirty = False
         self._close_after = False
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, for logs (looked up on first use)."""
+        if self._peer is None:
+            addr = self.transport.get_extra_info("peername") if self.transport is not None else None
+            if not addr:
+                return "?"
+            self._peer = f"{addr[0]}:{addr[1]}"
+        return self._peer
 
     # ---- asyncio callbacks
 

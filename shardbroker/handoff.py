@@ -6,9 +6,10 @@ that the owning worker listens on (``handoff-N.sock`` in the run directory).
 
 Wire format of one hand-off: a 4-byte big-endian length, then a frame:
 ``u16 length of the assigned client id + 1 (0: none), the id (UTF-8), initial bytes``.
-The descriptor rides on the first ``sendmsg`` of the frame, so on the receiving
-side a descriptor always arrives no later than the first byte of its frame:
-frames and descriptors pair up in order.
+Hand-offs are sent in batches: one ``sendmsg`` carries up to ``MAX_FDS`` frames
+and their descriptors, in the same order. The descriptors ride on the first byte
+of the batch, so on the receiving side a descriptor always arrives no later than
+the first byte of its frame: frames and descriptors pair up in order.
 
 This module does no MQTT; it only moves sockets and bytes.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 _LEN = struct.Struct(">I")
 _HLEN = struct.Struct(">H")
 MAX_FRAME = 512 << 20
+MAX_FDS = 64  # descriptors per sendmsg; the receiver's control buffer holds exactly this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +42,16 @@ def encode_frame(client_id: str | None, initial: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def send_handoff(sock: socket.socket, fd: int, client_id: str | None, initial: bytes) -> None:
-    """Send one hand-off on a blocking Unix stream socket (raises OSError on failure)."""
-    frame = encode_frame(client_id, initial)
-    fds = array.array("i", [fd])
-    sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
+def send_handoffs(sock: socket.socket, batch: list[tuple[int, str | None, bytes]]) -> None:
+    """Send up to ``MAX_FDS`` hand-offs ``(fd, assigned id, initial bytes)`` in one ``sendmsg``
+    on a blocking Unix stream socket (raises OSError on failure)."""
+    if not 0 < len(batch) <= MAX_FDS:
+        raise ValueError(f"a hand-off batch holds 1 to {MAX_FDS} sockets, not {len(batch)}")
+    data = b"".join(encode_frame(client_id, initial) for _fd, client_id, initial in batch)
+    fds = array.array("i", [fd for fd, _cid, _initial in batch])
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
 class HandoffReceiver:
@@ -61,16 +66,19 @@ class HandoffReceiver:
 
     def read(self) -> list[Handoff]:
         out: list[Handoff] = []
+        fds_size = array.array("i").itemsize
         while True:
             try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(
-                    1 << 18, socket.CMSG_SPACE(64 * 4)
+                data, ancdata, flags, _addr = self.sock.recvmsg(
+                    1 << 18, socket.CMSG_SPACE(MAX_FDS * fds_size)
                 )
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self.closed = True
                 break
+            if flags & socket.MSG_CTRUNC:  # descriptors were dropped: frames no longer pair up
+                raise ValueError("hand-off descriptors truncated")
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")

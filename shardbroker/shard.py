@@ -370,8 +370,9 @@ class Shard(Delivery, Subscriptions):
             )
         conn.send(codec.encode(ConnAck(session_present, reasons.SUCCESS, cprops), version))
         conn.connected = True
-        log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
-                  client_id, conn.peer, version, self.shard, session_present)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
+                      client_id, conn.peer, version, self.shard, session_present)
         if session_present:
             self._resume(sess, conn)
 

@@ -135,16 +135,9 @@ class Worker:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            host, port = sock.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            sock.close()
-            return
-        try:
-            await loop.connect_accepted_socket(
-                lambda: Connection(self.core, h.client_id, peer, h.initial), sock)
-        except OSError as exc:
-            log.info("could not adopt connection from %s: %s", peer, exc)
+            await loop.connect_accepted_socket(lambda: Connection(self.core, h.client_id, h.initial), sock)
+        except OSError as exc:  # the client is already gone
+            log.info("could not adopt a connection: %s", exc)
             sock.close()
 
 

@@ -1,0 +1,85 @@
+"""Socket hand-off framing over a real Unix socket pair: descriptors and frames pair up in order."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from shardbroker.handoff import MAX_FDS, HandoffReceiver, send_handoffs
+
+
+def _pipes(n: int) -> list[tuple[int, int]]:
+    return [os.pipe() for _ in range(n)]
+
+
+def _receive_all(receiver: HandoffReceiver, want: int) -> list:
+    got = []
+    for _ in range(1000):
+        got.extend(receiver.read())
+        if len(got) >= want:
+            break
+    return got
+
+
+@pytest.mark.parametrize("count", [1, 7, MAX_FDS])
+def test_batch_of_descriptors_pairs_with_frames(count: int) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setblocking(False)
+    pipes = _pipes(count)
+    try:
+        batch = [(w, None if i % 3 == 0 else f"id-{i}", bytes([i]) * (i + 1)) for i, (_r, w) in enumerate(pipes)]
+        send_handoffs(a, batch)
+        receiver = HandoffReceiver(b)
+        got = _receive_all(receiver, count)
+        assert [(h.client_id, h.initial) for h in got] == [(cid, data) for _fd, cid, data in batch]
+        # Each received descriptor is the write end of the matching pipe: write through it, read the other end.
+        for i, h in enumerate(got):
+            os.write(h.fd, b"x%d" % i)
+            os.close(h.fd)
+            assert os.read(pipes[i][0], 16) == b"x%d" % i
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        a.close()
+        b.close()
+
+
+def test_large_initial_bytes_arrive_over_several_reads() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setblocking(False)
+    r, w = os.pipe()
+    big = os.urandom(600_000)  # more than one recvmsg buffer
+    try:
+        t = threading.Thread(target=send_handoffs, args=(a, [(w, "c", big), (r, None, b"tail")]))
+        t.start()
+        receiver = HandoffReceiver(b)
+        got: list = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            got.extend(receiver.read())
+        t.join()
+        assert got[0].client_id == "c" and got[0].initial == big
+        assert got[1].client_id is None and got[1].initial == b"tail"
+        for h in got:
+            os.close(h.fd)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("count", [0, MAX_FDS + 1])
+def test_batch_size_is_bounded(count: int) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(ValueError, match="hand-off batch"):
+            send_handoffs(a, [(0, None, b"")] * count)
+    finally:
+        a.close()
+        b.close()
