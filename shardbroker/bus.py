@@ -6,6 +6,16 @@ pair delivers in order, so messages from one shard to another keep their order
 (MQTT 4.6 ordering across shards rests on this). Messages queue in ZeroMQ while a
 peer restarts and are delivered when it is back.
 
+Flow control: each pipe holds at most ``HWM`` batches on either side. A batch
+that finds the pipe toward a peer full waits in this shard's backlog for that
+peer (order kept: later batches queue behind it) and is retried every
+``RETRY`` seconds. ``congested`` says whether some peer is full but still taking
+batches, so that the shard can stop reading its clients (``flow.py``); a peer
+that took nothing for ``PEER_STALL`` seconds is taken to be down, and its backlog
+simply waits in memory until it is back. ``hold``/``release`` stop and restart
+draining this shard's own pipe, which is how a busy shard pushes back on its
+peers.
+
 Items sent within one event-loop iteration are batched into one ZeroMQ message
 per peer, encoded with ``marshal``: both ends are processes of the same
 interpreter started by one supervisor, and the ipc endpoints live in the
@@ -20,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import marshal
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +41,10 @@ log = logging.getLogger(__name__)
 
 Item = list[Any]
 DRAIN_BUDGET = 512  # ZeroMQ messages handled per loop callback before yielding
+DRAIN_BYTES = 1 << 20  # ... or this many bytes of them, so that the flush writes in between
+HWM = 64  # batches a pipe holds on each side before sends to that peer wait
+RETRY = 0.001  # seconds between tries to send a waiting backlog
+PEER_STALL = 1.0  # seconds without taking a batch after which a full peer is taken to be down
 
 
 def endpoint(run_dir: str, shard: int) -> str:
@@ -43,12 +59,13 @@ class Bus:
         shard: int,
         endpoints: Sequence[str],
         on_items: Callable[[list[Item]], None],
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.shard = shard
         self.shards = len(endpoints)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(endpoints[shard])
         self._push: dict[int, zmq.Socket[bytes]] = {}
@@ -56,13 +73,19 @@ class Bus:
             if peer == shard:
                 continue
             s = self._ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.SNDHWM, HWM)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(ep)
             self._push[peer] = s
         self._pending: dict[int, list[Item]] = {}
         self._on_items = on_items
+        self._on_progress = on_progress
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._backlog: dict[int, deque[bytes]] = {}  # peer -> encoded batches waiting for room
+        self._took_at: dict[int, float] = {}  # peer -> when it last took a batch (monotonic)
+        self._retry: asyncio.TimerHandle | None = None
+        self._held = False
+        self.waited = 0  # batches that had to wait for room (statistics)
         self.sent = 0
         self.received = 0
 
@@ -100,14 +123,72 @@ class Bus:
             return
         pending, self._pending = self._pending, {}
         for peer, items in pending.items():
-            try:
-                self._push[peer].send(marshal.dumps(items), zmq.NOBLOCK)
-                self.sent += len(items)
-            except zmq.ZMQError as exc:  # only on a closed context or an unlimited-HWM surprise
-                log.error("bus: could not send %d items to shard %d: %s", len(items), peer, exc)
+            self.sent += len(items)
+            data = marshal.dumps(items)
+            backlog = self._backlog.get(peer)
+            if backlog is not None:  # behind earlier batches: order first
+                backlog.append(data)
+                self.waited += 1
+            elif not self._send(peer, data):
+                self._backlog[peer] = deque((data,))
+                self._took_at.setdefault(peer, time.monotonic())
+                self.waited += 1
+                self._schedule_retry()
+
+    def _send(self, peer: int, data: bytes) -> bool:
+        """Send one batch unless the pipe is full; False when it must wait."""
+        try:
+            self._push[peer].send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:  # only on a closed context
+            log.error("bus: could not send a batch of %d bytes to shard %d: %s", len(data), peer, exc)
+        return True
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None and self._loop is not None:
+            self._retry = self._loop.call_later(RETRY, self._send_backlog)
+
+    def _send_backlog(self) -> None:
+        self._retry = None
+        now = time.monotonic()
+        for peer, backlog in list(self._backlog.items()):
+            while backlog and self._send(peer, backlog[0]):
+                backlog.popleft()
+                self._took_at[peer] = now
+            if not backlog:
+                del self._backlog[peer]
+                self._took_at.pop(peer, None)
+        if self._backlog:
+            self._schedule_retry()
+        if self._on_progress is not None:
+            self._on_progress()
+
+    def congested(self, now: float) -> bool:
+        """Whether a peer's pipe is full while the peer still takes batches (it is busy, not down)."""
+        return any(now - self._took_at.get(peer, now) < PEER_STALL for peer in self._backlog)
+
+    def backlog(self) -> int:
+        """Batches waiting for room, over all peers."""
+        return sum(len(b) for b in self._backlog.values())
+
+    def hold(self) -> None:
+        """Stop draining this shard's pipe (peers then wait, see the module docstring)."""
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)  # the edge-triggered FD will not fire again
 
     def _drain(self) -> None:
+        if self._held:
+            return
+        taken = 0
         for _ in range(DRAIN_BUDGET):
+            if taken > DRAIN_BYTES:
+                break
             try:
                 raw = self._pull.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -120,8 +201,11 @@ class Bus:
             except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the shard
                 log.error("bus: undecodable message of %d bytes dropped: %s", len(raw), exc)
                 continue
+            taken += len(raw)
             self.received += len(items)
             self._on_items(items)
+            if self._held:  # the items just handled backed up a client
+                return
         # More may be waiting: the FD is edge-triggered, so come back soon.
         if self._loop is not None:
             self._loop.call_soon(self._drain)
@@ -132,7 +216,12 @@ class Bus:
                 self._loop.remove_reader(self._fd())
             except (zmq.ZMQError, RuntimeError) as exc:  # loop or socket already closed
                 log.debug("bus: remove_reader on close: %s", exc)
+        if self._retry is not None:
+            self._retry.cancel()
         self.flush()
+        for peer, backlog in self._backlog.items():  # last try: a peer that is gone loses them
+            while backlog and self._send(peer, backlog[0]):
+                backlog.popleft()
         for s in self._push.values():
             s.close(linger=200)
         self._pull.close(linger=0)

@@ -1,9 +1,17 @@
-"""One client connection in a worker: the asyncio Protocol around the codec.
+"""One client connection in a worker: its socket, driven by readiness callbacks.
 
-It frames bytes into packets (``PacketReader``), hands each to the shard in
-order (never a task per packet), and buffers outgoing bytes until the shard's
-flush, which writes them in one ``transport.write`` per connection per loop
-iteration, after the group commit.
+It reads the socket when the loop says it is readable (one ``recv`` per callback,
+so busy clients take turns), frames bytes into packets (``PacketReader``) and hands
+each to the shard in order (never a task per packet). Outgoing bytes wait in
+``out`` until the shard's flush, which runs after the group commit and writes them
+with one ``send``; what the kernel does not take waits in the connection's own
+write buffer, sent when the socket is writable again. There is no asyncio
+transport in between: the shard's flow control (``flow.py``) sees the real write
+backlog, and a write goes to the kernel at once.
+
+Water marks: above ``HIGH_WATER`` bytes waiting the connection is backed up (the
+shard holds its inputs, ``flow.py``); below ``LOW_WATER`` it is drained again.
+Above ``MAX_WRITE_BUFFER`` QoS 0 to it is dropped (``delivery.py``).
 
 It holds per-connection protocol state (version, keepalive, topic aliases, the
 client's limits) and no broker semantics.
@@ -11,8 +19,8 @@ client's limits) and no broker semantics.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -26,17 +34,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardbroker.connection")
 
-MAX_WRITE_BUFFER = 8 << 20
-CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input after its FIN  # QoS 0 to a client whose socket backs up beyond this is dropped
+READ_SIZE = 256 * 1024
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+MAX_WRITE_BUFFER = 8 << 20  # QoS 0 to a client whose write buffer is beyond this is dropped
+CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input after its FIN
 
 
-class Connection(asyncio.Protocol):
-    def __init__(self, shard: Shard, assigned_id: str | None, initial: bytes = b"") -> None:
+class Connection:
+    def __init__(self, shard: Shard, sock: socket.socket, assigned_id: str | None, initial: bytes = b"") -> None:
         self.shard = shard
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._loop = shard.loop
         self._initial = initial
         self.assigned_id = assigned_id
         self._peer: str | None = None
-        self.transport: asyncio.Transport | None = None
         self.reader = codec.PacketReader(MQTT_3_1_1, shard.limits.max_packet_size)
         self.version = MQTT_3_1_1
         self.client_id = ""
@@ -55,24 +68,46 @@ class Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.dirty = False
         self._close_after = False
+        self._wbuf = bytearray()  # what the kernel has not taken yet
+        self.bytes_sent = 0
+        self._reading = False
+        self._writing = False
+        self._backed_up = False
+        self._lingering = False  # FIN sent: input is read and discarded until the linger ends
+        self._closed = False
 
     @property
     def peer(self) -> str:
         """``host:port`` of the client, for logs (looked up on first use)."""
         if self._peer is None:
-            addr = self.transport.get_extra_info("peername") if self.transport is not None else None
-            if not addr:
+            try:
+                addr = self.sock.getpeername()
+            except OSError:
                 return "?"
             self._peer = f"{addr[0]}:{addr[1]}"
         return self._peer
 
-    # ---- asyncio callbacks
+    # ---- socket events
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if self._initial:  # the bytes the acceptor read, CONNECT first: before anything newer
+    def start(self) -> None:
+        """Start reading; the bytes the acceptor read (CONNECT first) come before anything newer."""
+        self.resume_reading()
+        if self._initial:
             initial, self._initial = self._initial, b""
             self.data_received(initial)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(None)
+        elif not self._lingering:
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -110,18 +145,47 @@ class Connection(asyncio.Protocol):
                 shard.protocol_violation(self, error)
             else:
                 self._abort()
+        if shard.flow.holding:
+            shard.flow.received(self)
 
-    def eof_received(self) -> bool | None:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _lost(self, exc: Exception | None) -> None:
+        """The connection is over (closed by the client, an error, or by us): tell the shard once."""
+        if self._closed:
+            return
+        self._closed = True
         self.closing = True
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        self._wbuf = bytearray()
+        self.out = []
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        shard = self.shard
+        shard.flow.forget(self)
         if self.session is not None:
             log.debug("connection of %s lost: %s", self.client_id, exc or "closed by peer")
-            self.shard.detach(self, publish_will=True)
-            self.shard.schedule_flush()
-        self.shard.connections.discard(self)
-        self.transport = None
+            shard.detach(self, publish_will=True)
+            shard.schedule_flush()
+        shard.connections.discard(self)
+
+    # ---- flow control (``flow.py``)
+
+    def pause_reading(self) -> None:
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._reading = True
+            self._loop.add_reader(self.fd, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
 
     # ---- output
 
@@ -132,25 +196,75 @@ class Connection(asyncio.Protocol):
             self.shard.mark_dirty(self)
 
     def write_buffer_full(self) -> bool:
-        t = self.transport
-        return t is not None and t.get_write_buffer_size() > MAX_WRITE_BUFFER
+        return len(self._wbuf) > MAX_WRITE_BUFFER
+
+    def write_buffer_size(self) -> int:
+        return len(self._wbuf)
 
     def write_out(self) -> None:
+        """Write what the shard queued (the flush, after the commit)."""
         self.dirty = False
         self.unacked_in = 0
         out, self.out = self.out, []
-        t = self.transport
-        if t is not None and out:
-            t.write(out[0] if len(out) == 1 else b"".join(out))
-        if self._close_after and t is not None:
-            self._close_after = False
-            if t.can_write_eof():
-                # FIN after the queued bytes, then read and discard for a moment before closing:
-                # a client still sending does not get a reset before it reads our DISCONNECT.
-                t.write_eof()
-                self.shard.loop.call_later(CLOSE_LINGER, t.close)
+        if self._closed:
+            return
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self._wbuf:
+                self._wbuf += data
             else:
-                t.close()
+                try:
+                    sent = self.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._lost(exc)
+                    return
+                self.bytes_sent += sent
+                if sent < len(data):
+                    self._wbuf += memoryview(data)[sent:]
+            if self._wbuf:
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(self.fd, self._on_writable)
+                if not self._backed_up and len(self._wbuf) > HIGH_WATER:
+                    self._backed_up = True
+                    self.shard.flow.backed_up_at(self, time.monotonic())
+        if self._close_after and not self._wbuf:
+            self._finish_close()
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._wbuf[:sent]
+        self.bytes_sent += sent
+        if self._backed_up and len(self._wbuf) < LOW_WATER:
+            self._backed_up = False
+            self.shard.flow.drained(self)
+            self.shard.schedule_flush()
+        if not self._wbuf:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+            if self._close_after:
+                self._finish_close()
+
+    def _finish_close(self) -> None:
+        """Everything is written: FIN, then read and discard for a moment before closing, so a
+        client still sending does not get a reset before it reads our DISCONNECT."""
+        self._close_after = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._lost(None)
+            return
+        self._lingering = True
+        self.resume_reading()  # drain (and discard) until EOF or the linger ends
+        self._loop.call_later(CLOSE_LINGER, self._lost, None)
 
     def discard_output(self) -> None:
         self.out = []
@@ -165,5 +279,4 @@ class Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        self._lost(None)

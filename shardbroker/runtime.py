@@ -12,7 +12,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def install_loop() -> str:
-    """Use uvloop when it is installed; returns the loop's name."""
+    """Use uvloop when it is installed (unless SHARDBROKER_LOOP=asyncio); returns the loop's name."""
+    if os.environ.get("SHARDBROKER_LOOP") == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX

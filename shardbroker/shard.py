@@ -27,6 +27,7 @@ from storage.records import SessionRecord, StoredMessage, StoredWill
 
 from .config import Config
 from .delivery import Delivery
+from .flow import Flow
 from .handover import APPLY, GAP, Handover
 from .protocol import codec, reasons
 from .protocol.errors import ProtocolError
@@ -121,6 +122,8 @@ class Shard(Delivery, Subscriptions):
         self.retained_ops: list[tuple[str, StoredMessage | None]] = []
         self.dirty: list[Connection] = []
         self._flush_scheduled = False
+        self.flow = Flow()
+        self._flow_recheck: asyncio.TimerHandle | None = None
         self.store_full = False
         self._hard_full_at = -1e9
         self._alive_written = 0.0
@@ -237,6 +240,23 @@ class Shard(Delivery, Subscriptions):
         self.bus.flush()
         for conn in dirty:
             conn.write_out()
+        self._update_flow()
+
+    def _update_flow(self) -> None:
+        """Hold or release the inputs (``flow.py``) now that this iteration's output is written."""
+        now = time.monotonic()
+        flow, bus = self.flow, self.bus
+        recheck = flow.update(now, bus.congested(now))
+        if flow.hold_bus:
+            bus.hold()
+        else:
+            bus.release()
+        if recheck is not None and self._flow_recheck is None:
+            self._flow_recheck = self.loop.call_later(max(0.0, recheck - now), self._flow_recheck_due)
+
+    def _flow_recheck_due(self) -> None:
+        self._flow_recheck = None
+        self._update_flow()
 
     # ------------------------------------------------------------------ dispatch
 

@@ -50,7 +50,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         endpoints = [endpoint(self.run_dir, i) for i in range(self.shards)]
         core_holder: list[Shard] = []
-        bus = Bus(self.shard_index, endpoints, lambda items: core_holder[0].on_bus(items))
+        bus = Bus(self.shard_index, endpoints, lambda items: core_holder[0].on_bus(items),
+                  lambda: core_holder[0].schedule_flush())
         core = Shard(self.config, self.shard_index, self.shards, self.store, self.retained, bus, loop)
         core_holder.append(core)
         self.core = core
@@ -95,14 +96,15 @@ class Worker:
         loop.remove_reader(listen.fileno())
         listen.close()
         core.shutdown()
-        await asyncio.sleep(0.05)  # let the transports write DISCONNECT before the process ends
+        await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         bus.close()
         self.store.close()
         self.retained.close()
         st = core.stats
-        log.info("shard %d stopped: received %d, delivered %d, forwarded %d; %d commits of %.1f operations on average",
-                 self.shard_index, st["received"], st["delivered"], st["forwarded"], st["commits"],
-                 st["commit_ops"] / max(1, st["commits"]))
+        log.info("shard %d stopped: received %d, delivered %d, forwarded %d, dropped %d (queue full) and %d "
+                 "(too large); %d commits of %.1f operations on average; inputs held %d times",
+                 self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
+                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), core.flow.holds)
 
     def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listen is not None
@@ -123,22 +125,22 @@ class Worker:
             handoffs = []
             receiver.closed = True
         for h in handoffs:
-            loop.create_task(self._adopt(h))
+            self._adopt(h)
         if receiver.closed:
             loop.remove_reader(receiver.sock.fileno())
             receiver.close()
             self._links.remove(receiver)
 
-    async def _adopt(self, h: Handoff) -> None:
-        loop = asyncio.get_running_loop()
+    def _adopt(self, h: Handoff) -> None:
         sock = socket.socket(fileno=h.fd)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.connect_accepted_socket(lambda: Connection(self.core, h.client_id, h.initial), sock)
         except OSError as exc:  # the client is already gone
             log.info("could not adopt a connection: %s", exc)
             sock.close()
+            return
+        Connection(self.core, sock, h.client_id, h.initial).start()
 
 
 def run(config: Config, shard: int, shards: int, run_dir: str) -> None:
