@@ -6,7 +6,8 @@ pair delivers in order, so messages from one shard to another keep their order
 (MQTT 4.6 ordering across shards rests on this). Messages queue in ZeroMQ while a
 peer restarts and are delivered when it is back.
 
-Flow control: each pipe holds at most ``HWM`` batches on either side. A batch
+Flow control: each pipe holds at most ``HWM`` batches on either side (so about
+``2 * HWM * BATCH_BYTES`` bytes, plus the kernel's socket buffers). A batch
 that finds the pipe toward a peer full waits in this shard's backlog for that
 peer (order kept: later batches queue behind it) and is retried every
 ``RETRY`` seconds. ``congested`` says whether some peer is full but still taking
@@ -16,8 +17,9 @@ simply waits in memory until it is back. ``hold``/``release`` stop and restart
 draining this shard's own pipe, which is how a busy shard pushes back on its
 peers.
 
-Items sent within one event-loop iteration are batched into one ZeroMQ message
-per peer, encoded with ``marshal``: both ends are processes of the same
+Items sent within one event-loop iteration are batched into ZeroMQ messages
+per peer of about ``BATCH_BYTES`` at most (the sender tells an item's size),
+encoded with ``marshal``: both ends are processes of the same
 interpreter started by one supervisor, and the ipc endpoints live in the
 supervisor's private run directory (mode 0700), so the fastest encoding of plain
 lists, strings, bytes and numbers is safe here (CBOR cost 3 µs an item, marshal
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 Item = list[Any]
 DRAIN_BUDGET = 512  # ZeroMQ messages handled per loop callback before yielding
 DRAIN_BYTES = 1 << 20  # ... or this many bytes of them, so that the flush writes in between
-HWM = 64  # batches a pipe holds on each side before sends to that peer wait
+HWM = 16  # batches a pipe holds on each side before sends to that peer wait
+BATCH_BYTES = 64 * 1024  # a batch is closed once its items' sizes add up to this
+ITEM_COST = 40  # bytes counted for an item besides the size its sender gives
 RETRY = 0.001  # seconds between tries to send a waiting backlog
 PEER_STALL = 1.0  # seconds without taking a batch after which a full peer is taken to be down
 
@@ -77,7 +81,8 @@ class Bus:
             s.setsockopt(zmq.LINGER, 0)
             s.connect(ep)
             self._push[peer] = s
-        self._pending: dict[int, list[Item]] = {}
+        self._pending: dict[int, list[list[Item]]] = {}  # peer -> batches, the last one open
+        self._open_size: dict[int, int] = {}  # peer -> bytes counted in its open batch
         self._on_items = on_items
         self._on_progress = on_progress
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,13 +108,21 @@ class Bus:
         assert isinstance(fd, int)
         return fd
 
-    def send(self, peer: int, item: Item) -> None:
-        """Queue an item for a peer; it leaves at the next :meth:`flush`."""
-        batch = self._pending.get(peer)
-        if batch is None:
-            self._pending[peer] = [item]
+    def send(self, peer: int, item: Item, size: int = 0) -> None:
+        """Queue an item for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`."""
+        batches = self._pending.get(peer)
+        size += ITEM_COST
+        if batches is None:
+            self._pending[peer] = [[item]]
+            self._open_size[peer] = size
+            return
+        total = self._open_size[peer] + size
+        if total > BATCH_BYTES:
+            batches.append([item])
+            self._open_size[peer] = size
         else:
-            batch.append(item)
+            batches[-1].append(item)
+            self._open_size[peer] = total
 
     def broadcast(self, item: Item) -> None:
         for peer in self._push:
@@ -122,18 +135,19 @@ class Bus:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        for peer, items in pending.items():
-            self.sent += len(items)
-            data = marshal.dumps(items)
-            backlog = self._backlog.get(peer)
-            if backlog is not None:  # behind earlier batches: order first
-                backlog.append(data)
-                self.waited += 1
-            elif not self._send(peer, data):
-                self._backlog[peer] = deque((data,))
-                self._took_at.setdefault(peer, time.monotonic())
-                self.waited += 1
-                self._schedule_retry()
+        for peer, batches in pending.items():
+            for items in batches:
+                self.sent += len(items)
+                data = marshal.dumps(items)
+                backlog = self._backlog.get(peer)
+                if backlog is not None:  # behind earlier batches: order first
+                    backlog.append(data)
+                    self.waited += 1
+                elif not self._send(peer, data):
+                    self._backlog[peer] = deque((data,))
+                    self._took_at.setdefault(peer, time.monotonic())
+                    self.waited += 1
+                    self._schedule_retry()
 
     def _send(self, peer: int, data: bytes) -> bool:
         """Send one batch unless the pipe is full; False when it must wait."""

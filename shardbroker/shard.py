@@ -664,10 +664,11 @@ class Shard(Delivery, Subscriptions):
     def _forward(self, peer: int, msg: Message, body: list[Any], durable: bool) -> None:
         """Hand a publish to another shard: QoS 1/2 for a persistent session there through the
         durable outbox (``handover``), everything else straight over the bus."""
+        size = len(msg.payload) + len(msg.topic)
         if msg.qos and durable:
-            self.bus.send(peer, self.handover.send(peer, body, self._batch(), time.monotonic()))
+            self.bus.send(peer, self.handover.send(peer, body, self._batch(), time.monotonic()), size)
         else:
-            self.bus.send(peer, ["p", *body])
+            self.bus.send(peer, ["p", *body], size)
         self.stats["forwarded"] += 1
         self.schedule_flush()
 
