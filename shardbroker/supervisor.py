@@ -32,6 +32,8 @@ from pathlib import Path
 
 from .config import Config
 
+DEFER_ACCEPT = 1  # seconds
+
 log = logging.getLogger("shardbroker.supervisor")
 
 FATAL = 2
@@ -87,6 +89,13 @@ class Supervisor:
             sock.bind((host, port))
         except OSError as exc:
             raise SystemExit(f"shardbroker: cannot listen on {host}:{port}: {exc.strerror}") from None
+        # Accepted sockets inherit TCP_NODELAY (acknowledgements leave at once). TCP_DEFER_ACCEPT:
+        # the kernel hands a connection to the acceptor once its first bytes (the CONNECT) are
+        # in, so the acceptor wakes once per client, not twice; a client silent for DEFER_ACCEPT
+        # seconds is handed over anyway and then has limits.connect_timeout as usual.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         sock.listen(4096)
         return sock
 

@@ -132,15 +132,9 @@ class Worker:
             self._links.remove(receiver)
 
     def _adopt(self, h: Handoff) -> None:
-        sock = socket.socket(fileno=h.fd)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # the client is already gone
-            log.info("could not adopt a connection: %s", exc)
-            sock.close()
-            return
-        Connection(self.core, sock, h.client_id, h.initial).start()
+        # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
+        # belong to the socket, so they came along with the descriptor.
+        Connection(self.core, socket.socket(fileno=h.fd), h.client_id, h.initial).start()
 
 
 def run(config: Config, shard: int, shards: int, run_dir: str) -> None:
