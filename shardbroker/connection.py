@@ -42,6 +42,13 @@ CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input af
 
 
 class Connection:
+    __slots__ = (
+        "_backed_up", "_close_after", "_closed", "_initial", "_lingering", "_loop", "_peer", "_reading",
+        "_wbuf", "_writing", "alias_max_out", "aliases_in", "aliases_out", "assigned_id", "bytes_sent",
+        "client_id", "closing", "connected", "dirty", "fd", "keepalive", "last_rx", "max_packet_out", "out",
+        "problem_info", "reader", "send_window", "session", "shard", "sock", "unacked_in", "version",
+    )
+
     def __init__(self, shard: Shard, sock: socket.socket, assigned_id: str | None, initial: bytes = b"") -> None:
         self.shard = shard
         self.sock = sock
