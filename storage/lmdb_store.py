@@ -82,6 +82,7 @@ What it does not do:
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -94,7 +95,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import lmdb
 
@@ -172,6 +173,7 @@ def _key_text(key: bytes) -> str:
     return head.decode("utf-8", "ignore") + "...#" + digest.hex()[:8]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _client_key(client_id: str) -> bytes:
     if not client_id:
         raise ValueError("client id must not be empty")
@@ -561,78 +563,11 @@ def _abort(txn: lmdb.Transaction[bytes]) -> None:
 # --------------------------------------------------------------------------- shard store
 
 
-@dataclass(frozen=True, slots=True)
-class _PutSession:
-    key: bytes
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _DeleteSession:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _AddMessage:
-    msg_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Enqueue:
-    key: bytes
-    msg_id: int
-    qos: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Dequeue:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _PutInflight:
-    key: bytes
-    msg_id: int | None
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _DeleteInflight:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _PutQos2:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _DeleteQos2:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _SetMeta:
-    key: bytes
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _PutOutbox:
-    key: bytes
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _DeleteOutbox:
-    key: bytes
-
-
-_Op = (
-    _PutSession | _DeleteSession | _AddMessage | _Enqueue | _Dequeue | _PutInflight
-    | _DeleteInflight | _PutQos2 | _DeleteQos2 | _SetMeta | _PutOutbox | _DeleteOutbox
-)
+# A batch operation is a tuple ``(code, key, a, b)``; the codes, most frequent first in
+# ``ShardStore._commit``. Plain tuples: a batch holds thousands of them per commit.
+_ENQUEUE, _DEQUEUE, _ADD_MESSAGE, _PUT_INFLIGHT, _DELETE_INFLIGHT = range(5)
+_PUT_OUTBOX, _DELETE_OUTBOX, _SET_META, _PUT_QOS2, _DELETE_QOS2, _PUT_SESSION, _DELETE_SESSION = range(5, 12)
+_Op = tuple[int, bytes, Any, Any]
 
 
 def _meta_int(meta: dict[str, object], key: str, path: Path) -> int:
@@ -1020,49 +955,55 @@ class ShardStore:
                 if msg_id is not None:
                     refs[msg_id] = refs.get(msg_id, 0) - 1
 
-            for op in ops:
-                match op:
-                    case _Enqueue(key, msg_id, qos):
-                        need(msg_id)
-                        txn.put(key, _QROW.pack(msg_id, qos), db=queue)
-                    case _Dequeue(key):
-                        old = txn.pop(key, db=queue)
-                        if old is not None:
-                            release(_QROW.unpack(old)[0])
-                    case _AddMessage(msg_id, data):
-                        txn.put(_U64.pack(msg_id), data, db=messages)
-                        known.add(msg_id)
-                        refs.setdefault(msg_id, 0)
-                    case _PutInflight(key, msg_id, data):
-                        if msg_id is not None:
-                            need(msg_id)
-                        old = txn.replace(key, data, db=inflight)
-                        if old is not None:
-                            release(decode_inflight(old).msg_id)
-                    case _DeleteInflight(key):
-                        old = txn.pop(key, db=inflight)
-                        if old is not None:
-                            release(decode_inflight(old).msg_id)
-                    case _PutQos2(key):
-                        txn.put(key, b"", db=qos2in)
-                    case _DeleteQos2(key):
-                        txn.delete(key, db=qos2in)
-                    case _PutSession(key, data):
-                        txn.put(key, data, db=sessions)
-                    case _DeleteSession(key):
-                        txn.delete(key, db=sessions)
-                        prefix = key + _SEP
-                        for value in _drop_prefix(txn, queue, prefix):
-                            release(_QROW.unpack(value)[0])
-                        for value in _drop_prefix(txn, inflight, prefix):
-                            release(decode_inflight(value).msg_id)
-                        _drop_prefix(txn, qos2in, prefix)
-                    case _SetMeta(key, data):
-                        txn.put(key, data, db=meta)
-                    case _PutOutbox(key, data):
-                        txn.put(key, data, db=outbox)
-                    case _DeleteOutbox(key):
-                        txn.delete(key, db=outbox)
+            put, pop, get = txn.put, txn.pop, txn.get
+            for code, key, a, b in ops:
+                if code == _ENQUEUE:  # a: msg_id, b: qos
+                    if a not in known:
+                        if get(_U64.pack(a), db=messages) is None:
+                            raise StoreError(f"{self.path}: message {a} does not exist")
+                        known.add(a)
+                    refs[a] = refs.get(a, 0) + 1
+                    put(key, _QROW.pack(a, b), db=queue)
+                elif code == _DEQUEUE:
+                    old = pop(key, db=queue)
+                    if old is not None:
+                        release(_QROW.unpack(old)[0])
+                elif code == _ADD_MESSAGE:  # key: msg_id (u64), a: msg_id, b: the record
+                    put(key, b, db=messages)
+                    known.add(a)
+                    refs.setdefault(a, 0)
+                elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
+                    if a is not None:
+                        need(a)
+                    old = txn.replace(key, b, db=inflight)
+                    if old is not None:
+                        release(decode_inflight(old).msg_id)
+                elif code == _DELETE_INFLIGHT:
+                    old = pop(key, db=inflight)
+                    if old is not None:
+                        release(decode_inflight(old).msg_id)
+                elif code == _PUT_OUTBOX:
+                    put(key, a, db=outbox)
+                elif code == _DELETE_OUTBOX:
+                    txn.delete(key, db=outbox)
+                elif code == _SET_META:
+                    put(key, a, db=meta)
+                elif code == _PUT_QOS2:
+                    put(key, b"", db=qos2in)
+                elif code == _DELETE_QOS2:
+                    txn.delete(key, db=qos2in)
+                elif code == _PUT_SESSION:
+                    put(key, a, db=sessions)
+                elif code == _DELETE_SESSION:
+                    txn.delete(key, db=sessions)
+                    prefix = key + _SEP
+                    for value in _drop_prefix(txn, queue, prefix):
+                        release(_QROW.unpack(value)[0])
+                    for value in _drop_prefix(txn, inflight, prefix):
+                        release(decode_inflight(value).msg_id)
+                    _drop_prefix(txn, qos2in, prefix)
+                else:
+                    raise StoreError(f"{self.path}: unknown batch operation {code}")
             self._settle(txn, refs)
             if next_msg_id != self._saved_msg_id:
                 txn.put(b"next_msg_id", encode_value(next_msg_id), db=meta)
@@ -1180,57 +1121,57 @@ class Batch:
             self.commit()
 
     def put_session(self, rec: SessionRecord) -> None:
-        self._ops.append(_PutSession(_client_key(rec.client_id), encode_session(rec)))
+        self._ops.append((_PUT_SESSION, _client_key(rec.client_id), encode_session(rec), None))
 
     def delete_session(self, client_id: str) -> None:
         """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
-        self._ops.append(_DeleteSession(_client_key(client_id)))
+        self._ops.append((_DELETE_SESSION, _client_key(client_id), None, None))
 
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
         data = encode_message(msg)
         msg_id = self._store._alloc_msg_id()
-        self._ops.append(_AddMessage(msg_id, data))
+        self._ops.append((_ADD_MESSAGE, _U64.pack(msg_id), msg_id, data))
         return msg_id
 
     def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
         """Append to the client's queue; returns the seq. +1 ref."""
         key = _client_key(client_id) + _SEP
         seq = self._store._alloc_seq()
-        self._ops.append(_Enqueue(key + _U64.pack(seq), msg_id, qos))
+        self._ops.append((_ENQUEUE, key + _U64.pack(seq), msg_id, qos))
         return seq
 
     def dequeue(self, client_id: str, seq: int) -> None:
         """-1 ref; the message is deleted when no reference is left. Unknown seq: no-op."""
-        self._ops.append(_Dequeue(_client_key(client_id) + _SEP + _U64.pack(seq)))
+        self._ops.append((_DEQUEUE, _client_key(client_id) + _SEP + _U64.pack(seq), None, None))
 
     def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
         """Replace the row; refs follow the msg_id change (old -1, new +1)."""
         key = _client_key(client_id) + _SEP + _U16.pack(packet_id)
-        self._ops.append(_PutInflight(key, rec.msg_id, encode_inflight(rec)))
+        self._ops.append((_PUT_INFLIGHT, key, rec.msg_id, encode_inflight(rec)))
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        self._ops.append(_DeleteInflight(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+        self._ops.append((_DELETE_INFLIGHT, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
 
     def add_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append(_PutQos2(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+        self._ops.append((_PUT_QOS2, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
 
     def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append(_DeleteQos2(_client_key(client_id) + _SEP + _U16.pack(packet_id)))
+        self._ops.append((_DELETE_QOS2, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
 
     def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
         """Keep a hand-over to ``peer`` (numbered ``seq`` by the caller) until it is acknowledged."""
-        self._ops.append(_PutOutbox(_U16.pack(peer) + _U64.pack(seq), item))
+        self._ops.append((_PUT_OUTBOX, _U16.pack(peer) + _U64.pack(seq), item, None))
 
     def delete_outbox(self, peer: int, seq: int) -> None:
-        self._ops.append(_DeleteOutbox(_U16.pack(peer) + _U64.pack(seq)))
+        self._ops.append((_DELETE_OUTBOX, _U16.pack(peer) + _U64.pack(seq), None, None))
 
     def set_meta(self, key: str, value: object) -> None:
         if key in _RESERVED_META:
             raise ValueError(f"meta key {key!r} is reserved")
         if not key:
             raise ValueError("meta key must not be empty")
-        self._ops.append(_SetMeta(key.encode(), encode_value(value)))
+        self._ops.append((_SET_META, key.encode(), encode_value(value), None))
 
     def commit(self) -> None:
         if not self._ops:
