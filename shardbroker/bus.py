@@ -3,8 +3,9 @@
 Every worker binds one PULL socket (``ipc://RUN/shard-N.zmq``, or a ``tcp://``
 endpoint between hosts) and connects one PUSH socket to each peer. A PUSH/PULL
 pair delivers in order, so messages from one shard to another keep their order
-(MQTT 4.6 ordering across shards rests on this). Messages queue in ZeroMQ while a
-peer restarts and are delivered when it is back.
+(MQTT 4.6 ordering across shards rests on this). Messages queue in ZeroMQ (and beyond
+its HWM in the sender's backlog) while a peer restarts and are delivered when it
+is back.
 
 Flow control: each pipe holds at most ``HWM`` batches on either side (so about
 ``2 * HWM * BATCH_BYTES`` bytes, plus the kernel's socket buffers). A batch

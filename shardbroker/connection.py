@@ -39,6 +39,7 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_WRITE_BUFFER = 8 << 20  # QoS 0 to a client whose write buffer is beyond this is dropped
 CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input after its FIN
+CLOSE_TIMEOUT = 5.0  # seconds a server-closed connection may take to write what it owes, then abort
 
 
 class Connection:
@@ -277,7 +278,10 @@ class Connection:
         self.out = []
 
     def close_after_write(self) -> None:
-        """Close once what is queued has been written (after the next flush)."""
+        """Close once what is queued has been written (after the next flush); a client that
+        does not read it within ``CLOSE_TIMEOUT`` is cut off."""
+        if not self._close_after and not self._lingering and not self._closed:
+            self._loop.call_later(CLOSE_TIMEOUT, self._lost, None)
         self.closing = True
         self._close_after = True
         if not self.dirty:

@@ -524,8 +524,10 @@ class Shard(Delivery, Subscriptions):
         if now - self._alive_written >= ALIVE_EVERY:
             self._batch().set_meta("alive_at", now)  # how long a crash lasted, for expiry
             self._alive_written = now
+        held = self.flow.held
         for conn in list(self.connections):
-            if conn.keepalive and conn.connected and mono - conn.last_rx > conn.keepalive * 1.5:
+            if (conn.keepalive and conn.connected and mono - conn.last_rx > conn.keepalive * 1.5
+                    and conn not in held):  # a client we stopped reading may have sent a PINGREQ
                 self.close(conn, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {conn.keepalive}s expired")
         for sess in list(self.sessions.values()):
             if sess.conn is not None:

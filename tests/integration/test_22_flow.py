@@ -103,3 +103,45 @@ def test_stuck_subscriber_is_cut_loose_and_the_others_get_everything(make_broker
     assert 0 < dropped < N
     for c in (stuck, reader, watcher, t.pub):  # type: ignore[attr-defined]
         c.close()
+
+
+def test_a_client_that_never_reads_is_cut_off_after_it_is_closed(make_broker, uniq):
+    """Closing a connection waits for its output to be written, but not for ever: one whose
+    client reads nothing is aborted after the close timeout, its unsent bytes dropped."""
+    skip_unless_shardbroker("close timeout")
+    from shardbroker.connection import CLOSE_TIMEOUT
+
+    b = make_broker(workers=1)
+    topic = uniq.topic()
+    cid = uniq.cid("stuck")
+    stuck = _subscriber(b.port, cid, topic, rcvbuf=8192)
+    pub = mb.RawClient(port=b.port)
+    pub.connect_mqtt(uniq.cid("p"), version=4)
+    assert pub.sock is not None
+    # 30 MB: more than the kernel buffers; 8 MB of it waits in the connection's write buffer
+    # (the rest is dropped for this slow consumer)
+    pub.sock.settimeout(30)
+    pub.sock.sendall(b"".join(mb.publish(topic, b"x" * 1000) for _ in range(30_000)))
+    pub.ping(timeout=30)
+    taker = mb.RawClient(port=b.port)
+    taker.connect_mqtt(cid, version=4)  # takes the session over: the stuck connection is closed
+    time.sleep(CLOSE_TIMEOUT + 1.5)
+    assert stuck.sock is not None
+    stuck.sock.settimeout(5)
+    got, ended = 0, False
+    try:
+        while True:
+            chunk = stuck.sock.recv(1 << 16)
+            if not chunk:
+                ended = True
+                break
+            got += len(chunk)
+    except ConnectionResetError:
+        ended = True
+    except TimeoutError:
+        pass
+    assert ended, "the connection was still open"
+    # what the kernel had taken still arrives; the connection's own buffer (8 MB) does not
+    assert got < 8_000_000, f"{got} bytes were still delivered after the close timeout"
+    for c in (stuck, pub, taker):
+        c.close()
