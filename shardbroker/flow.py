@@ -50,6 +50,8 @@ class Flow:
         self.held: set[Reader] = set()  # connections whose reading is paused
         self.holding = False
         self.holds = 0  # times the shard started holding (statistics)
+        self.held_for = 0.0  # seconds spent holding, over all holds (statistics)
+        self._held_since = 0.0
 
     # ---- events
 
@@ -101,8 +103,10 @@ class Flow:
         if hold and not self.holding:
             self.holding = True
             self.holds += 1
+            self._held_since = now
         elif not hold and self.holding:
             self.holding = False
+            self.held_for += now - self._held_since
             held, self.held = self.held, set()
             for conn in held:
                 conn.resume_reading()

@@ -102,9 +102,11 @@ class Worker:
         self.retained.close()
         st = core.stats
         log.info("shard %d stopped: received %d, delivered %d, forwarded %d, dropped %d (queue full) and %d "
-                 "(too large); %d commits of %.1f operations on average; inputs held %d times",
+                 "(too large); %d commits of %.1f operations on average; inputs held %d times for %.2f s; "
+                 "%d bus batches waited for room",
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
-                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), core.flow.holds)
+                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), core.flow.holds,
+                 core.flow.held_for, bus.waited)
 
     def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listen is not None
