@@ -19,6 +19,7 @@ client's limits) and no broker semantics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -44,7 +45,7 @@ CLOSE_TIMEOUT = 5.0  # seconds a server-closed connection may take to write what
 
 class Connection:
     __slots__ = (
-        "_backed_up", "_close_after", "_closed", "_initial", "_lingering", "_loop", "_peer", "_reading",
+        "_backed_up", "_close_after", "_close_timer", "_closed", "_initial", "_lingering", "_loop", "_peer", "_reading",
         "_wbuf", "_writing", "alias_max_out", "aliases_in", "aliases_out", "assigned_id", "bytes_sent",
         "client_id", "closing", "connected", "dirty", "fd", "keepalive", "last_rx", "max_packet_out", "out",
         "problem_info", "reader", "send_window", "session", "shard", "sock", "unacked_in", "version",
@@ -83,6 +84,7 @@ class Connection:
         self._backed_up = False
         self._lingering = False  # FIN sent: input is read and discarded until the linger ends
         self._closed = False
+        self._close_timer: asyncio.TimerHandle | None = None  # the close timeout, then the linger
 
     @property
     def peer(self) -> str:
@@ -162,6 +164,9 @@ class Connection:
             return
         self._closed = True
         self.closing = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._stop_reading()
         if self._writing:
             self._loop.remove_writer(self.fd)
@@ -272,7 +277,9 @@ class Connection:
             return
         self._lingering = True
         self.resume_reading()  # drain (and discard) until EOF or the linger ends
-        self._loop.call_later(CLOSE_LINGER, self._lost, None)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._close_timer = self._loop.call_later(CLOSE_LINGER, self._lost, None)
 
     def discard_output(self) -> None:
         self.out = []
@@ -280,8 +287,8 @@ class Connection:
     def close_after_write(self) -> None:
         """Close once what is queued has been written (after the next flush); a client that
         does not read it within ``CLOSE_TIMEOUT`` is cut off."""
-        if not self._close_after and not self._lingering and not self._closed:
-            self._loop.call_later(CLOSE_TIMEOUT, self._lost, None)
+        if self._close_timer is None and not self._closed:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost, None)
         self.closing = True
         self._close_after = True
         if not self.dirty:

@@ -161,8 +161,9 @@ class Session:
 
 
 def message_to_wire(msg: Message) -> list[object]:
-    return [msg.topic, msg.payload, msg.qos, msg.retain, encode_properties(msg.properties),
-            msg.expires_at, msg.origin]
+    props = msg.properties
+    return [msg.topic, msg.payload, msg.qos, msg.retain,
+            None if props is NO_PROPERTIES else encode_properties(props), msg.expires_at, msg.origin]
 
 
 def message_from_wire(data: list[Any]) -> Message:

@@ -73,6 +73,7 @@ log = logging.getLogger("shardbroker.shard")
 
 _ACK = struct.Struct(">BBH").pack  # PUBACK/PUBREC/PUBREL/PUBCOMP with reason 0 and no properties
 MAX_HOPS = 3
+VALID_TOPICS_KEPT = 10000  # topic names remembered as valid (forgotten all at once when full)
 STORE_FULL_AT = 0.9  # fraction of storage.max_map_size at which new QoS 1/2 work is refused
 STORE_FULL_RETRY = 5.0
 ALIVE_EVERY = 1.0  # seconds between "alive at" marks in the store  # seconds after a failed commit before writes are tried again
@@ -123,6 +124,7 @@ class Shard(Delivery, Subscriptions):
         self.dirty: list[Connection] = []
         self._flush_scheduled = False
         self.flow = Flow()
+        self._valid_topics: set[str] = set()  # topic names already checked (bounded)
         self._flow_recheck: asyncio.TimerHandle | None = None
         self.store_full = False
         self._hard_full_at = -1e9
@@ -569,7 +571,11 @@ class Shard(Delivery, Subscriptions):
                 topic = known
         if props.subscription_identifiers:  # [MQTT-3.3.4-6]
             raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
-        validate_topic_name(topic)
+        if topic not in self._valid_topics:
+            validate_topic_name(topic)
+            if len(self._valid_topics) >= VALID_TOPICS_KEPT:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)
         qos = pkt.qos
         pid = pkt.packet_id
         if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
@@ -686,8 +692,7 @@ class Shard(Delivery, Subscriptions):
         self.schedule_flush()
 
     def deliver_local(self, msg: Message, plain: bool, groups: Iterable[tuple[str, str]], hops: int) -> None:
-        now = time.time()
-        if msg.expires_at is not None and now >= msg.expires_at:
+        if msg.expires_at is not None and time.time() >= msg.expires_at:
             self.stats["expired"] += 1
             return
         if plain:
@@ -746,7 +751,9 @@ class Shard(Delivery, Subscriptions):
             try:
                 kind = item[0]
                 if kind == "p":
-                    self.deliver_local(message_from_wire(item[1]), item[2], [tuple(g) for g in item[3]], item[4])
+                    groups = item[3]
+                    self.deliver_local(message_from_wire(item[1]), item[2],
+                                       [tuple(g) for g in groups] if groups else (), item[4])
                 elif kind == "P":
                     origin = item[1]
                     verdict = self.handover.accept(origin, item[2])
