@@ -418,7 +418,12 @@ class Shard(Delivery, Subscriptions):
             will = StoredWill(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
         rec = SessionRecord(sess.client_id, sess.version, sess.expiry_interval,
                             sess.disconnected_at, tuple(sess.subscriptions.values()), will)
-        self._batch().put_session(rec)
+        batch = self._batch()
+        batch.put_session(rec)
+        if not self.stored:  # alive marks resume with the first stored session (see tick)
+            now = time.time()
+            batch.set_meta("alive_at", now)
+            self._alive_written = now
         self.stored.add(sess.client_id)
 
     def detach(self, conn: Connection, *, publish_will: bool) -> None:
@@ -523,8 +528,10 @@ class Shard(Delivery, Subscriptions):
         if interval and mono - self._sys_published >= interval:
             self._sys_published = mono
             self.publish_stats()
-        if now - self._alive_written >= ALIVE_EVERY:
-            self._batch().set_meta("alive_at", now)  # how long a crash lasted, for expiry
+        if self.stored and now - self._alive_written >= ALIVE_EVERY:
+            # How long a crash lasted, for the expiry of stored sessions; a shard without any
+            # writes nothing (an fsync a second would stall its loop for nothing).
+            self._batch().set_meta("alive_at", now)
             self._alive_written = now
         held = self.flow.held
         for conn in list(self.connections):
