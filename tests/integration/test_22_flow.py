@@ -12,8 +12,8 @@ import mqttbytes as mb
 from conftest import client_id_on_shard, skip_unless_shardbroker, wait_until
 
 SHARDS = 2
-N = 100_000
-PAYLOAD = 300  # 100,000 x ~320 bytes: about 32 MB, beyond every buffer on the way
+N = 150_000
+PAYLOAD = 300  # 150,000 x ~320 bytes: about 48 MB, beyond every buffer on the way
 
 
 def _subscriber(port: int, cid: str, topic: str, rcvbuf: int | None = None) -> mb.RawClient:
