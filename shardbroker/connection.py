@@ -211,9 +211,6 @@ class Connection:
     def write_buffer_full(self) -> bool:
         return len(self._wbuf) > MAX_WRITE_BUFFER
 
-    def write_buffer_size(self) -> int:
-        return len(self._wbuf)
-
     def write_out(self) -> None:
         """Write what the shard queued (the flush, after the commit)."""
         self.dirty = False
