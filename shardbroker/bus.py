@@ -164,13 +164,17 @@ class Bus:
         if self._retry is None and self._loop is not None:
             self._retry = self._loop.call_later(RETRY, self._send_backlog)
 
+    def _send_waiting(self, peer: int, backlog: deque[bytes], now: float) -> None:
+        """Send what the pipe to ``peer`` takes from its backlog, oldest first."""
+        while backlog and self._send(peer, backlog[0]):
+            backlog.popleft()
+            self._took_at[peer] = now
+
     def _send_backlog(self) -> None:
         self._retry = None
         now = time.monotonic()
         for peer, backlog in list(self._backlog.items()):
-            while backlog and self._send(peer, backlog[0]):
-                backlog.popleft()
-                self._took_at[peer] = now
+            self._send_waiting(peer, backlog, now)
             if not backlog:
                 del self._backlog[peer]
                 self._took_at.pop(peer, None)
@@ -234,9 +238,9 @@ class Bus:
         if self._retry is not None:
             self._retry.cancel()
         self.flush()
+        now = time.monotonic()
         for peer, backlog in self._backlog.items():  # last try: a peer that is gone loses them
-            while backlog and self._send(peer, backlog[0]):
-                backlog.popleft()
+            self._send_waiting(peer, backlog, now)
         for s in self._push.values():
             s.close(linger=200)
         self._pull.close(linger=0)

@@ -89,7 +89,7 @@ class Flow:
     def update(self, now: float, bus_congested: bool) -> float | None:
         """Start or end the hold; returns when to look again (a grace running out), or None."""
         recheck: float | None = None
-        for conn, (since, sent) in list(self.backed_up.items()):
+        for conn, (since, sent) in list(self.backed_up.items()) if self.backed_up else ():
             if now - since >= SLOW_CONSUMER_GRACE:
                 if (conn.bytes_sent - sent) / (now - since) < SLOW_CONSUMER_RATE:
                     del self.backed_up[conn]
