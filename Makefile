@@ -12,10 +12,13 @@ run:
 test:
 	scripts/test $(PYTEST_ARGS)
 
+## ruff, mypy --strict and the import contracts, on the package as installed (scripts/layout.py)
 lint: install
 	.venv/bin/pip install --quiet ruff mypy
 	.venv/bin/ruff check .
-	.venv/bin/mypy --strict shardbroker storage cli
+	rm -rf .lint && .venv/bin/python scripts/layout.py .lint
+	cd .lint && ../.venv/bin/mypy --strict --cache-dir ../.mypy_cache shardbroker
+	cd .lint && PYTHONPATH=. ../.venv/bin/lint-imports ../pyproject.toml
 
 bench: install
 	.venv/bin/python -m loadtests.bench $(ARGS)

@@ -19,7 +19,7 @@ app = typer.Typer(help="ShardBroker: a sharded, durable MQTT 3.1/3.1.1/5.0 broke
                   no_args_is_help=True, add_completion=False)
 
 try:
-    from cli.store import app as store_app
+    from shardbroker.cli.store import app as store_app
 
     app.add_typer(store_app, name="store")
 except ImportError:  # pragma: no cover - store CLI not installed
@@ -50,8 +50,8 @@ def serve(
         "server.data_dir": str(data_dir) if data_dir is not None else None,
         "server.log_level": log_level, "storage.durability": durability,
     })
-    from shardbroker.runtime import setup_logging
-    from shardbroker.supervisor import Supervisor
+    from shardbroker.process.runtime import setup_logging
+    from shardbroker.process.supervisor import Supervisor
 
     setup_logging(cfg.server.log_level)
     try:
@@ -68,7 +68,7 @@ def serve(
 def check_config(file: Annotated[Path, typer.Argument(help="TOML configuration file")]) -> None:
     """Validate a configuration file and print the resolved settings."""
     cfg = _load(file, {})
-    from shardbroker.supervisor import config_overrides
+    from shardbroker.process.supervisor import config_overrides
 
     for name, value in config_overrides(cfg).items():
         typer.echo(f"{name} = {value!r}")

@@ -41,17 +41,14 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-
-from shardbroker.protocol.errors import ProtocolError
-from shardbroker.protocol.packets import Properties
-from storage.lmdb_store import (
+from shardbroker.storage.lmdb_store import (
     RetainedStore,
     ShardStore,
     StoreError,
     data_dir_shards,
     shard_dir_name,
 )
-from storage.records import (
+from shardbroker.storage.records import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
@@ -60,6 +57,9 @@ from storage.records import (
     SessionRecord,
     StoredMessage,
 )
+
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import Properties
 
 app = typer.Typer(help="Inspect the durable message store", no_args_is_help=True,
                   add_completion=False)
@@ -73,7 +73,7 @@ STATES = {AWAIT_PUBACK: "await PUBACK", AWAIT_PUBREC: "await PUBREC", AWAIT_PUBC
 
 
 def _local_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT level matching, used only if ``shardbroker.topics`` is unavailable."""
+    """MQTT level matching, used only if ``shardbroker.core.topics`` is unavailable."""
     if topic[:1] == "$" and topic_filter[:1] in ("+", "#"):
         return False
     flevels, tlevels = topic_filter.split("/"), topic.split("/")
@@ -88,8 +88,8 @@ def _local_matches(topic_filter: str, topic: str) -> bool:
 _matches: Callable[[str, str], bool]
 _validate: Callable[[str], None] | None
 try:
-    from shardbroker.topics import matches as _topics_matches
-    from shardbroker.topics import validate_topic_filter as _topics_validate
+    from shardbroker.core.topics import matches as _topics_matches
+    from shardbroker.core.topics import validate_topic_filter as _topics_validate
 
     _matches, _validate = _topics_matches, _topics_validate
 except ImportError:  # pragma: no cover - topics module absent
@@ -556,7 +556,7 @@ def reshard(
                                              help="delete the old shards after the switch")] = False,
 ) -> None:
     """Offline: move every session to its shard for a new worker count (the broker must be stopped)."""
-    from storage.reshard import ReshardFailed, locked, migrate, prepare
+    from shardbroker.storage.reshard import ReshardFailed, locked, migrate, prepare
 
     def progress(line: str) -> None:
         typer.echo(line, err=True)

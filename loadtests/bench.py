@@ -1153,7 +1153,7 @@ class Broker:
                     proto: int, timeout: float) -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
-        argv = [python, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
+        argv = [python, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
                 "--workers", str(workers), "--data-dir", str(Path(b.tmp) / "data"),
                 "--log-level", "warning"]
         if durability:

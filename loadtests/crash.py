@@ -11,7 +11,7 @@ subscribed before it was published, whatever broker process is killed with SIGKI
 whenever; QoS 2 exactly once; per publisher and topic, in order.
 
 What it does
-  * starts the broker (``python -m cli.main serve``, through ``tests/conftest.Broker``)
+  * starts the broker (``python -m shardbroker.cli.main serve``, through ``tests/conftest.Broker``)
     on a fresh data directory, with the session queue limits raised so that no message
     is dropped by the queue-full policy (that is a documented policy, not a crash);
   * subscribers (persistent, each subscribed QoS 2 to ``crash/#``; 3.1.1 and 5.0 mixed):
@@ -176,7 +176,7 @@ class CrashBroker(Broker):
 
     def acceptor_pid(self) -> int | None:
         for pid in self.descendant_pids():
-            if "shardbroker.child acceptor" in _cmdline(pid):
+            if "shardbroker.process.child acceptor" in _cmdline(pid):
                 return pid
         return None
 

@@ -191,8 +191,8 @@ class _Filters:
     """A list of MQTT topic filters (stored as a tuple)."""
 
     def check(self, value: object) -> object:
-        from .protocol.errors import ProtocolError
-        from .topics import validate_topic_filter
+        from shardbroker.core.topics import validate_topic_filter
+        from shardbroker.protocol.errors import ProtocolError
 
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise _Invalid(f"must be a list of topic filters, got {_show(value)}")

@@ -6,7 +6,7 @@ no LMDB dependency and holds the exception classes both modules raise.
 What it does not do: no logic of its own.
 """
 
-from storage.lmdb_store import (
+from shardbroker.storage.lmdb_store import (
     SCHEMA_VERSION,
     Batch,
     RetainedStore,
@@ -14,7 +14,7 @@ from storage.lmdb_store import (
     data_dir_shards,
     shard_dir_name,
 )
-from storage.records import (
+from shardbroker.storage.records import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,

@@ -98,8 +98,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import lmdb
-
-from storage.records import (
+from shardbroker.storage.records import (
     InflightRecord,
     SessionRecord,
     StoreCorrupt,

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import cbor2
 
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.protocol.packets import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyKind
 
 __all__ = [
     "AWAIT_PUBACK",
@@ -139,35 +139,12 @@ class InflightRecord:
 
 _INT, _STR, _BYTES, _INTS, _PAIRS = "int", "str", "bytes", "ints", "pairs"
 
-PROPERTY_IDS: Final[tuple[tuple[str, int, str], ...]] = (
-    ("payload_format_indicator", 0x01, _INT),
-    ("message_expiry_interval", 0x02, _INT),
-    ("content_type", 0x03, _STR),
-    ("response_topic", 0x08, _STR),
-    ("correlation_data", 0x09, _BYTES),
-    ("subscription_identifiers", 0x0B, _INTS),
-    ("session_expiry_interval", 0x11, _INT),
-    ("assigned_client_identifier", 0x12, _STR),
-    ("server_keep_alive", 0x13, _INT),
-    ("authentication_method", 0x15, _STR),
-    ("authentication_data", 0x16, _BYTES),
-    ("request_problem_information", 0x17, _INT),
-    ("will_delay_interval", 0x18, _INT),
-    ("request_response_information", 0x19, _INT),
-    ("response_information", 0x1A, _STR),
-    ("server_reference", 0x1C, _STR),
-    ("reason_string", 0x1F, _STR),
-    ("receive_maximum", 0x21, _INT),
-    ("topic_alias_maximum", 0x22, _INT),
-    ("topic_alias", 0x23, _INT),
-    ("maximum_qos", 0x24, _INT),
-    ("retain_available", 0x25, _INT),
-    ("user_properties", 0x26, _PAIRS),
-    ("maximum_packet_size", 0x27, _INT),
-    ("wildcard_subscription_available", 0x28, _INT),
-    ("subscription_identifier_available", 0x29, _INT),
-    ("shared_subscription_available", 0x2A, _INT),
-)
+_STORED_KIND: Final = {
+    PropertyKind.BYTE: _INT, PropertyKind.U16: _INT, PropertyKind.U32: _INT, PropertyKind.VBI: _INTS,
+    PropertyKind.STR: _STR, PropertyKind.BIN: _BYTES, PropertyKind.PAIR: _PAIRS,
+}
+PROPERTY_IDS: Final[tuple[tuple[str, int, str], ...]] = tuple(
+    (name, ident, _STORED_KIND[kind]) for ident, name, kind in PROPERTY_TABLE)
 """(attribute of ``Properties``, MQTT property identifier, value kind)."""
 
 _BY_ID: Final = {pid: (name, kind) for name, pid, kind in PROPERTY_IDS}

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -74,9 +73,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards, shard_dir_name
+from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
+from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
+
 from shardbroker.sharding import shard_for
-from storage.lmdb_store import ShardStore, data_dir_shards, shard_dir_name
-from storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
 
 __all__ = [
     "MAX_SHARDS",
@@ -92,7 +93,6 @@ __all__ = [
 ]
 
 MAX_SHARDS: Final = 256
-LOCK_NAME: Final = "broker.lock"
 TMP_NAME: Final = ".reshard-tmp"
 OLD_PREFIX: Final = ".reshard-old-"
 JOURNAL_NAME: Final = ".reshard-journal"
@@ -203,17 +203,15 @@ def locked(data_dir: Path) -> Iterator[None]:
     data_dir = Path(data_dir)
     _check_dir(data_dir)
     try:
-        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = lock_data_dir(data_dir)
+    except DataDirInUse:
+        raise ReshardRefused(
+            f"{data_dir} is in use by a running broker (or another reshard): "
+            f"{data_dir / LOCK_NAME} is locked; stop the broker first"
+        ) from None
     except OSError as exc:
         raise ReshardRefused(f"{data_dir / LOCK_NAME}: cannot open ({exc.strerror})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ReshardRefused(
-                f"{data_dir} is in use by a running broker (or another reshard): "
-                f"{data_dir / LOCK_NAME} is locked; stop the broker first"
-            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock

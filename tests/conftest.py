@@ -1,6 +1,6 @@
 """Fixtures for black-box tests: a real broker process, raw and paho clients.
 
-The broker is started as ``python -m cli.main serve --host 127.0.0.1 --port 0 ...`` in
+The broker is started as ``python -m shardbroker.cli.main serve --host 127.0.0.1 --port 0 ...`` in
 its own process group; its stderr/stdout are drained by a thread into ``Broker.lines``.
 Start-up waits for the log line ``listening on HOST:PORT`` then a line containing
 ``ready``, then probes every shard with a real CONNECT/CONNACK.
@@ -198,7 +198,7 @@ class Broker:
     def _command(self, port: int) -> list[str]:
         if TARGET == "mosquitto":
             return self._mosquitto_command(port)
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(self.workers),
                "--data-dir", str(self.data_dir), "--log-level", "debug"]
         if self.config_path is not None:

@@ -10,7 +10,9 @@ Public API
     ``connect_version(body)``           peek the protocol level of a CONNECT body
     ``PacketReader``                    incremental framing: feed bytes, get packets
     ``encode_publish(...)``             the PUBLISH hot path without a ``Publish``
+    ``encode_ack(ptype, packet_id)``    PUBACK/PUBREC/PUBREL/PUBCOMP, Success, no properties
     ``encode_properties(props, ptype)`` a 5.0 property block (length included)
+    ``decode_properties(data, ptype)``  its inverse
     ``encode_remaining_length(n)``      a Variable Byte Integer
 
 Invariants
@@ -60,6 +62,7 @@ from .packets import (
     MQTT_3_1,
     MQTT_5,
     NO_PROPERTIES,
+    PROPERTY_TABLE,
     Auth,
     ConnAck,
     Connect,
@@ -69,6 +72,7 @@ from .packets import (
     PingReq,
     PingResp,
     Properties,
+    PropertyKind,
     PubAck,
     PubComp,
     Publish,
@@ -88,7 +92,9 @@ __all__ = [
     "PacketReader",
     "connect_version",
     "decode",
+    "decode_properties",
     "encode",
+    "encode_ack",
     "encode_properties",
     "encode_publish",
     "encode_remaining_length",
@@ -237,38 +243,10 @@ def _enc_pid(pid: int | None) -> bytes:
 # Properties (5.0 section 2.2.2)
 # ---------------------------------------------------------------------------
 
-_K_BYTE, _K_U16, _K_U32, _K_VBI, _K_STR, _K_BIN, _K_PAIR = range(7)
+_K_BYTE, _K_U16, _K_U32, _K_VBI, _K_STR, _K_BIN, _K_PAIR = (int(k) for k in PropertyKind)
 
-# identifier -> (Properties field, kind), section 2.2.2.2 table 2-4.
-_PROPS: Final[dict[int, tuple[str, int]]] = {
-    0x01: ("payload_format_indicator", _K_BYTE),
-    0x02: ("message_expiry_interval", _K_U32),
-    0x03: ("content_type", _K_STR),
-    0x08: ("response_topic", _K_STR),
-    0x09: ("correlation_data", _K_BIN),
-    0x0B: ("subscription_identifiers", _K_VBI),
-    0x11: ("session_expiry_interval", _K_U32),
-    0x12: ("assigned_client_identifier", _K_STR),
-    0x13: ("server_keep_alive", _K_U16),
-    0x15: ("authentication_method", _K_STR),
-    0x16: ("authentication_data", _K_BIN),
-    0x17: ("request_problem_information", _K_BYTE),
-    0x18: ("will_delay_interval", _K_U32),
-    0x19: ("request_response_information", _K_BYTE),
-    0x1A: ("response_information", _K_STR),
-    0x1C: ("server_reference", _K_STR),
-    0x1F: ("reason_string", _K_STR),
-    0x21: ("receive_maximum", _K_U16),
-    0x22: ("topic_alias_maximum", _K_U16),
-    0x23: ("topic_alias", _K_U16),
-    0x24: ("maximum_qos", _K_BYTE),
-    0x25: ("retain_available", _K_BYTE),
-    0x26: ("user_properties", _K_PAIR),
-    0x27: ("maximum_packet_size", _K_U32),
-    0x28: ("wildcard_subscription_available", _K_BYTE),
-    0x29: ("subscription_identifier_available", _K_BYTE),
-    0x2A: ("shared_subscription_available", _K_BYTE),
-}
+# identifier -> (Properties field, kind), from the one table in ``packets.py``.
+_PROPS: Final[dict[int, tuple[str, int]]] = {ident: (name, int(kind)) for ident, name, kind in PROPERTY_TABLE}
 _PROP_ORDER: Final = tuple((ident, name, kind) for ident, (name, kind) in sorted(_PROPS.items()))
 
 # Which properties each packet type may carry (table 2-4). Key 0 = Will Properties.
@@ -383,6 +361,25 @@ def _decode_properties(buf: bytes, pos: int, end: int, ptype: int) -> tuple[Prop
     if sub_ids:
         kw["subscription_identifiers"] = tuple(sub_ids)
     return Properties(**kw), pos
+
+
+_ACK_FIRST: Final[dict[int, int]] = {PacketType.PUBACK: 0x40, PacketType.PUBREC: 0x50, PacketType.PUBREL: 0x62,
+                     PacketType.PUBCOMP: 0x70}
+
+
+def encode_ack(packet_type: int, packet_id: int) -> bytes:
+    """PUBACK, PUBREC, PUBREL or PUBCOMP with reason Success and no properties: the same four
+    bytes in every version (5.0 omits a Success reason code without properties, 3.3.4 /
+    3.4.2.1 / 3.6.2.1 / 3.7.2.1). The hot path of ``encode`` for these packets."""
+    return _PACK_BBH(_ACK_FIRST[packet_type], 2, packet_id) if 0 < packet_id <= 0xFFFF else _enc_pid(packet_id)
+
+
+def decode_properties(data: bytes, packet_type: int) -> Properties:
+    """Decode a whole 5.0 property block (Property Length included) as ``packet_type`` carries it."""
+    props, end = _decode_properties(data, 0, len(data), packet_type)
+    if end != len(data):
+        raise malformed("bytes after the property block")
+    return props
 
 
 def encode_properties(props: Properties, packet_type: int) -> bytes:

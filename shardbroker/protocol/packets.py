@@ -79,6 +79,51 @@ class Properties:
 NO_PROPERTIES = Properties()
 
 
+class PropertyKind(IntEnum):
+    """How a property's value is carried on the wire (1.5 data representation)."""
+
+    BYTE = 0
+    U16 = 1
+    U32 = 2
+    VBI = 3  # Variable Byte Integer; only the Subscription Identifier, which may repeat
+    STR = 4
+    BIN = 5
+    PAIR = 6  # UTF-8 string pair; only User Property, which may repeat
+
+
+# The one table of 5.0 properties (2.2.2.2, table 2-4): (identifier, ``Properties`` field, kind).
+# The codec and the store's record encoding are both derived from it.
+PROPERTY_TABLE: tuple[tuple[int, str, PropertyKind], ...] = (
+    (0x01, "payload_format_indicator", PropertyKind.BYTE),
+    (0x02, "message_expiry_interval", PropertyKind.U32),
+    (0x03, "content_type", PropertyKind.STR),
+    (0x08, "response_topic", PropertyKind.STR),
+    (0x09, "correlation_data", PropertyKind.BIN),
+    (0x0B, "subscription_identifiers", PropertyKind.VBI),
+    (0x11, "session_expiry_interval", PropertyKind.U32),
+    (0x12, "assigned_client_identifier", PropertyKind.STR),
+    (0x13, "server_keep_alive", PropertyKind.U16),
+    (0x15, "authentication_method", PropertyKind.STR),
+    (0x16, "authentication_data", PropertyKind.BIN),
+    (0x17, "request_problem_information", PropertyKind.BYTE),
+    (0x18, "will_delay_interval", PropertyKind.U32),
+    (0x19, "request_response_information", PropertyKind.BYTE),
+    (0x1A, "response_information", PropertyKind.STR),
+    (0x1C, "server_reference", PropertyKind.STR),
+    (0x1F, "reason_string", PropertyKind.STR),
+    (0x21, "receive_maximum", PropertyKind.U16),
+    (0x22, "topic_alias_maximum", PropertyKind.U16),
+    (0x23, "topic_alias", PropertyKind.U16),
+    (0x24, "maximum_qos", PropertyKind.BYTE),
+    (0x25, "retain_available", PropertyKind.BYTE),
+    (0x26, "user_properties", PropertyKind.PAIR),
+    (0x27, "maximum_packet_size", PropertyKind.U32),
+    (0x28, "wildcard_subscription_available", PropertyKind.BYTE),
+    (0x29, "subscription_identifier_available", PropertyKind.BYTE),
+    (0x2A, "shared_subscription_available", PropertyKind.BYTE),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str

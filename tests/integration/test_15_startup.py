@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
          "--log-level", "warning", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
@@ -54,7 +54,7 @@ def test_foreign_data_file_is_refused_and_untouched(tmp_path):
 def test_other_worker_count_is_refused_before_any_write(tmp_path):
     data = tmp_path / "d"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
          "--workers", "2", "--data-dir", str(data), "--log-level", "info"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )

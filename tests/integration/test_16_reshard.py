@@ -17,9 +17,9 @@ from pathlib import Path
 import mqttbytes as mb
 import pytest
 from conftest import REPO, client_id_on_shard, skip_unless_shardbroker, wait_until
+from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards
 
 from shardbroker.sharding import shard_for
-from storage.lmdb_store import ShardStore, data_dir_shards
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def _totals(data_dir: Path, shards: int) -> dict[str, int]:
 
 def _reshard(data_dir: Path, workers: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "store", "reshard", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "shardbroker.cli.main", "store", "reshard", "--data-dir", str(data_dir),
          "--workers", str(workers), "--yes"],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
         stdin=subprocess.DEVNULL)

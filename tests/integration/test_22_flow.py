@@ -109,7 +109,7 @@ def test_a_client_that_never_reads_is_cut_off_after_it_is_closed(make_broker, un
     """Closing a connection waits for its output to be written, but not for ever: one whose
     client reads nothing is aborted after the close timeout, its unsent bytes dropped."""
     skip_unless_shardbroker("close timeout")
-    from shardbroker.connection import CLOSE_TIMEOUT
+    from shardbroker.transport.tcp import CLOSE_TIMEOUT
 
     b = make_broker(workers=1)
     topic = uniq.topic()

@@ -1,8 +1,8 @@
-"""Flow control decisions (``shardbroker.flow``), loop-free, with fake connections and time."""
+"""Flow control decisions (``shardbroker.core.flow``), loop-free, with fake connections and time."""
 
 from __future__ import annotations
 
-from shardbroker.flow import SLOW_CONSUMER_GRACE, SLOW_CONSUMER_RATE, Flow
+from shardbroker.core.flow import SLOW_CONSUMER_GRACE, SLOW_CONSUMER_RATE, Flow
 
 
 class FakeConn:

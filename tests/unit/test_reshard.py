@@ -22,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
-
-import storage.reshard as rs
-from cli.store import app
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from shardbroker.sharding import shard_for
-from storage.lmdb_store import RetainedStore, ShardStore, StoreError, data_dir_shards
-from storage.records import (
+import shardbroker.storage.reshard as rs
+from shardbroker.cli.store import app
+from shardbroker.storage.lmdb_store import RetainedStore, ShardStore, StoreError, data_dir_shards
+from shardbroker.storage.records import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
@@ -40,6 +36,10 @@ from storage.records import (
     StoredSubscription,
     StoredWill,
 )
+from typer.testing import CliRunner, Result
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.sharding import shard_for
 
 SMALL = 64 << 10
 runner = CliRunner()
@@ -482,7 +482,7 @@ def test_old_store_written_during_copy_is_detected(data: Path,
 ROOT = Path(__file__).resolve().parents[2]
 WRITE_ALIVE_AT = """
 import sys
-from storage.lmdb_store import ShardStore
+from shardbroker.storage.lmdb_store import ShardStore
 with ShardStore.open(sys.argv[1], 0, 2) as s, s.batch() as b:
     b.set_meta("alive_at", 1.0)
 """

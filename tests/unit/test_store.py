@@ -23,9 +23,7 @@ import lmdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from storage.lmdb_store import (
+from shardbroker.storage.lmdb_store import (
     SCHEMA_VERSION,
     RetainedStore,
     ShardStore,
@@ -34,7 +32,7 @@ from storage.lmdb_store import (
     StoreFull,
     data_dir_shards,
 )
-from storage.records import (
+from shardbroker.storage.records import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
@@ -51,6 +49,8 @@ from storage.records import (
     encode_message,
     encode_session,
 )
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = 64 << 10
@@ -328,8 +328,8 @@ CHILD_PRELUDE = """
     import sys
     from pathlib import Path
     from shardbroker.protocol.packets import NO_PROPERTIES
-    from storage.lmdb_store import ShardStore
-    from storage.records import SessionRecord, StoredMessage
+    from shardbroker.storage.lmdb_store import ShardStore
+    from shardbroker.storage.records import SessionRecord, StoredMessage
     store = ShardStore.open(Path(sys.argv[1]), 0, 1, map_size=64 << 10, sync=True)
     def fill(n, tag):
         b = store.batch()
@@ -565,8 +565,8 @@ def test_retained_store_opened_by_several_processes_at_first_start(tmp_path: Pat
     import sys
     from pathlib import Path
     from shardbroker.protocol.packets import NO_PROPERTIES
-    from storage.lmdb_store import RetainedStore
-    from storage.records import StoredMessage
+    from shardbroker.storage.lmdb_store import RetainedStore
+    from shardbroker.storage.records import StoredMessage
     sys.stdin.readline()
     r = RetainedStore.open(Path(sys.argv[1]), map_size=64 << 10)
     r.write([(sys.argv[2], StoredMessage(sys.argv[2], b"x", 0, True, NO_PROPERTIES))])

@@ -15,13 +15,9 @@ from typing import Any
 
 import lmdb
 import pytest
-from typer.testing import CliRunner, Result
-
-from cli.store import app
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from shardbroker.sharding import shard_for
-from storage.lmdb_store import RetainedStore, ShardStore
-from storage.records import (
+from shardbroker.cli.store import app
+from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
+from shardbroker.storage.records import (
     AWAIT_PUBREC,
     EXPIRY_NEVER,
     InflightRecord,
@@ -30,6 +26,10 @@ from storage.records import (
     StoredSubscription,
     StoredWill,
 )
+from typer.testing import CliRunner, Result
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.sharding import shard_for
 
 SHARDS = 2
 runner = CliRunner()

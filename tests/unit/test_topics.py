@@ -1,4 +1,4 @@
-"""Tests for shardbroker.topics: validation rules, matching, and the TopicTrie.
+"""Tests for shardbroker.core.topics: validation rules, matching, and the TopicTrie.
 
 The property tests compare the trie and ``matches`` against a deliberately
 naive reference matcher written here, level by level, without regexes.
@@ -11,15 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from shardbroker.protocol import reasons
-from shardbroker.protocol.errors import ProtocolError
-from shardbroker.topics import (
+from shardbroker.core.topics import (
     TopicTrie,
     matches,
     parse_shared,
     validate_topic_filter,
     validate_topic_name,
 )
+from shardbroker.protocol import reasons
+from shardbroker.protocol.errors import ProtocolError
 
 # --------------------------------------------------------------------------- reference
 

@@ -19,14 +19,33 @@ No I/O: the shard sends and receives updates over the bus; this is the table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from .topics import TopicTrie, parse_shared
+from shardbroker.core.topics import TopicTrie, parse_shared
+
+T = TypeVar("T")
+
+
+class RoundRobin:
+    """Takes turns among the candidates of each key (a shared group and its filter): the one
+    rotation used both to pick a shard for a group and to pick a member on that shard."""
+
+    __slots__ = ("_turns",)
+
+    def __init__(self) -> None:
+        self._turns: dict[tuple[str, str], int] = {}
+
+    def pick(self, key: tuple[str, str], candidates: Sequence[T]) -> T:
+        n = self._turns.get(key, 0)
+        self._turns[key] = n + 1
+        return candidates[n % len(candidates)]
 
 
 @dataclass(slots=True)
 class Target:
-    plain: bool = False
+    non_shared: bool = False  # it has non-shared subscriptions matching the topic
     groups: list[tuple[str, str]] = field(default_factory=list)  # (group, filter)
     durable: bool = False  # a persistent session there may need it: hand over durably
 
@@ -36,7 +55,7 @@ class RouteTable:
         self._plain: TopicTrie[int, bool] = TopicTrie()
         self._shared: TopicTrie[tuple[str, int], bool] = TopicTrie()
         self._keys: dict[int, dict[str, bool]] = {}
-        self._rr: dict[tuple[str, str], int] = {}
+        self._turns = RoundRobin()
         self._cache: dict[str, dict[int, Target]] = {}
 
     def add(self, shard: int, key: str, durable: bool = False) -> bool:
@@ -96,7 +115,7 @@ class RouteTable:
                 for shard, durable in entries.items():
                     t = cached.get(shard)
                     if t is None:
-                        cached[shard] = Target(plain=True, durable=durable)
+                        cached[shard] = Target(non_shared=True, durable=durable)
                     elif durable:
                         t.durable = True
             if len(self._cache) > 10000:
@@ -105,17 +124,14 @@ class RouteTable:
         shared = self._shared.match(topic) if len(self._shared) else []
         if not shared:
             return cached
-        out = {s: Target(t.plain, [], t.durable) for s, t in cached.items()}
+        out = {s: Target(t.non_shared, [], t.durable) for s, t in cached.items()}
         for flt, members in shared:
             groups: dict[str, list[tuple[int, bool]]] = {}
             for (group, shard), durable in members.items():
                 groups.setdefault(group, []).append((shard, durable))
             for group, shards in groups.items():
                 shards.sort()
-                k = (group, flt)
-                n = self._rr.get(k, 0)
-                self._rr[k] = n + 1
-                pick, durable = shards[n % len(shards)]
+                pick, durable = self._turns.pick((group, flt), shards)
                 t = out.get(pick)
                 if t is None:
                     t = out[pick] = Target()

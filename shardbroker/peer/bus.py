@@ -18,31 +18,28 @@ simply waits in memory until it is back. ``hold``/``release`` stop and restart
 draining this shard's own pipe, which is how a busy shard pushes back on its
 peers.
 
-Items sent within one event-loop iteration are batched into ZeroMQ messages
-per peer of about ``BATCH_BYTES`` at most (the sender tells an item's size),
-encoded with ``marshal``: both ends are processes of the same
-interpreter started by one supervisor, and the ipc endpoints live in the
-supervisor's private run directory (mode 0700), so the fastest encoding of plain
-lists, strings, bytes and numbers is safe here (CBOR cost 3 µs an item, marshal
-0.25). This module knows nothing about MQTT: items are plain lists. It is the
-only module that imports ``zmq``.
+Messages sent within one event-loop iteration are batched into ZeroMQ messages
+per peer of about ``BATCH_BYTES`` at most (the sender tells a message's size),
+encoded by ``messages.encode_batch``: typed, versioned, and valid between hosts
+and interpreters, so an endpoint may as well be ``tcp://``. A frame that does not
+decode is logged and dropped; it never stops the shard. This module knows nothing
+about what the messages mean. It is the only module that imports ``zmq``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import marshal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import zmq
 
+from shardbroker.peer.messages import PeerFormatError, PeerMessage, decode_batch, encode_batch
+
 log = logging.getLogger(__name__)
 
-Item = list[Any]
 DRAIN_BUDGET = 512  # ZeroMQ messages handled per loop callback before yielding
 DRAIN_BYTES = 1 << 20  # ... or this many bytes of them, so that the flush writes in between
 HWM = 256  # batches a pipe holds on each side before sends to that peer wait
@@ -63,7 +60,7 @@ class Bus:
         self,
         shard: int,
         endpoints: Sequence[str],
-        on_items: Callable[[list[Item]], None],
+        on_items: Callable[[list[PeerMessage]], None],
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.shard = shard
@@ -82,7 +79,7 @@ class Bus:
             s.setsockopt(zmq.LINGER, 0)
             s.connect(ep)
             self._push[peer] = s
-        self._pending: dict[int, list[list[Item]]] = {}  # peer -> batches, the last one open
+        self._pending: dict[int, list[list[PeerMessage]]] = {}  # peer -> batches, the last one open
         self._open_size: dict[int, int] = {}  # peer -> bytes counted in its open batch
         self._on_items = on_items
         self._on_progress = on_progress
@@ -109,8 +106,8 @@ class Bus:
         assert isinstance(fd, int)
         return fd
 
-    def send(self, peer: int, item: Item, size: int = 0) -> None:
-        """Queue an item for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`."""
+    def send(self, peer: int, item: PeerMessage, size: int = 0) -> None:
+        """Queue a message for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`."""
         batches = self._pending.get(peer)
         size += ITEM_COST
         if batches is None:
@@ -125,7 +122,7 @@ class Bus:
             batches[-1].append(item)
             self._open_size[peer] = total
 
-    def broadcast(self, item: Item) -> None:
+    def broadcast(self, item: PeerMessage) -> None:
         for peer in self._push:
             self.send(peer, item)
 
@@ -139,7 +136,7 @@ class Bus:
         for peer, batches in pending.items():
             for items in batches:
                 self.sent += len(items)
-                data = marshal.dumps(items)
+                data = encode_batch(items)
                 backlog = self._backlog.get(peer)
                 if backlog is not None:  # behind earlier batches: order first
                     backlog.append(data)
@@ -216,8 +213,8 @@ class Bus:
                 log.error("bus: receive failed: %s", exc)
                 return
             try:
-                items = marshal.loads(raw)
-            except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the shard
+                items = decode_batch(raw)
+            except PeerFormatError as exc:  # a bad frame must not stop the shard
                 log.error("bus: undecodable message of %d bytes dropped: %s", len(raw), exc)
                 continue
             taken += len(raw)

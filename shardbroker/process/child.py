@@ -1,5 +1,5 @@
 """Entry point of the supervisor's child processes:
-``python -m shardbroker.child acceptor|worker N --run-dir DIR --shards N`` with the
+``python -m shardbroker.process.child acceptor|worker N --run-dir DIR --shards N`` with the
 resolved configuration as JSON in ``SHARDBROKER_CONFIG``.
 
 Exit status 2 means a fatal configuration or store error that a restart cannot
@@ -15,14 +15,14 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
-from .runtime import setup_logging
+from shardbroker.config import ConfigError, load_config
+from shardbroker.process.runtime import setup_logging
 
 FATAL = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardbroker.child")
+    parser = argparse.ArgumentParser(prog="shardbroker.process.child")
     parser.add_argument("role", choices=["acceptor", "worker"])
     parser.add_argument("shard", nargs="?", type=int, default=0)
     parser.add_argument("--run-dir", required=True)
@@ -36,15 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardbroker: bad configuration handed to child: {exc}", file=sys.stderr)
         return FATAL
     setup_logging(config.server.log_level)
-    log = logging.getLogger("shardbroker.child")
+    log = logging.getLogger("shardbroker.process.child")
     if args.role == "acceptor":
-        from . import acceptor
+        from shardbroker.process import acceptor
 
         acceptor.run(config, args.listen_fd, args.run_dir, args.shards)
         return 0
-    from storage.lmdb_store import StoreError
-
-    from . import worker
+    from shardbroker.process import worker
+    from shardbroker.storage.lmdb_store import StoreError
 
     try:
         worker.run(config, args.shard, args.shards, args.run_dir)

@@ -37,7 +37,10 @@ SLOW_CONSUMER_RATE = 1 << 20  # bytes/s below which a backed-up client is a slow
 
 
 class Reader(Protocol):
-    bytes_sent: int  # bytes the kernel has taken for this client so far
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes the client has taken so far."""
+        ...
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...

@@ -4,32 +4,25 @@ QoS is already the lower of message and subscription; this decides whether a cop
 goes out now (QoS 0, or QoS 1/2 with room in the window), waits in the session
 queue (offline, or window full), or is dropped (too large for the client, queue full
 by policy, expired). Persistent sessions get their queue and inflight rows written to
-the shard's current batch; ``Message.ref``/``unref`` keep the stored message id valid.
+the current store batch; ``Message.ref``/``unref`` keep the stored message id valid.
 Also the acknowledgements of outbound QoS 1/2 (PUBACK, PUBREC, PUBCOMP) and the resend
 of unacknowledged messages on session resume.
 
-A mixin of ``Shard``: it uses the shard's store batch, limits and statistics.
+It owns no state of its own beyond the sessions it is handed; it writes to the store
+batch and to the clients' output, and counts in the shard's statistics.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from storage.records import InflightRecord, StoredMessage
-
-from .protocol import codec, reasons
-from .protocol.packets import (
-    MQTT_5,
-    PacketType,
-    PubAck,
-    PubComp,
-    PubRec,
-    PubRel,
-)
-from .session import (
+from shardbroker.config import LimitsConfig
+from shardbroker.core.client import Client
+from shardbroker.core.clock import EventTime
+from shardbroker.core.output import Output
+from shardbroker.core.session import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
@@ -38,62 +31,61 @@ from .session import (
     Queued,
     Session,
 )
+from shardbroker.core.store import Batch
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.packets import MQTT_5, PacketType, PubAck, PubComp, PubRec, PubRel
+from shardbroker.storage.records import InflightRecord, StoredMessage
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-log = logging.getLogger("shardbroker.shard")
+log = logging.getLogger("shardbroker.delivery")
 
 
 class Delivery:
-    """Outbound delivery (mixin of ``Shard``)."""
+    """Outbound delivery to the sessions of one shard."""
 
-    if TYPE_CHECKING:  # provided by Shard
-        from storage.lmdb_store import Batch
+    def __init__(self, limits: LimitsConfig, stats: dict[str, int], time: EventTime, output: Output,
+                 batch: Callable[[], Batch]) -> None:
+        self.limits = limits
+        self.stats = stats
+        self.time = time
+        self.output = output
+        self._batch = batch  # the store batch of this event (``Commit.batch``)
 
-        from .config import LimitsConfig
-
-        limits: LimitsConfig
-        stats: dict[str, int]
-
-        def _batch(self) -> Batch: ...
-
-    def _resume(self, sess: Session, conn: Connection) -> None:
+    def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
         for pid, out in sess.inflight.items():
             if out.state == AWAIT_PUBCOMP or out.message is None:
-                conn.send(codec.encode(PubRel(pid), conn.version))
+                self.output.send(client, codec.encode_ack(PacketType.PUBREL, pid))
             else:
-                data = self._publish_bytes(conn, out.message, out.qos, out.retain, pid, True, out.sub_ids)
+                data = self._publish_bytes(client, out.message, out.qos, out.retain, pid, True, out.sub_ids)
                 if data is not None:
-                    conn.send(data)
-        self._pump(sess)
+                    self.output.send(client, data)
+        self.pump(sess)
 
     def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                 group: tuple[str, str] | None = None) -> None:
-        conn = sess.conn
-        if conn is None or conn.closing:
+        client = sess.client
+        if client is None or client.closing:
             if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
                 return
             self._enqueue(sess, msg, qos, retain, sub_ids, group)
             return
         if qos == 0:
-            data = self._publish_bytes(conn, msg, 0, retain, None, False, sub_ids)
+            data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
             if data is not None:
-                if conn.write_buffer_full():
+                if client.transport.write_buffer_full():
                     self.stats["dropped_queue_full"] += 1
                     return
-                conn.send(data)
+                self.output.send(client, data)
                 self.stats["delivered"] += 1
             return
-        if sess.queue or len(sess.inflight) >= conn.send_window:
+        if sess.queue or len(sess.inflight) >= client.send_window:
             self._enqueue(sess, msg, qos, retain, sub_ids, group)
             return
-        self._send_inflight(sess, conn, msg, qos, retain, sub_ids, None, group)
+        self._send_inflight(sess, client, msg, qos, retain, sub_ids, None, group)
 
-    def _send_inflight(self, sess: Session, conn: Connection, msg: Message, qos: int, retain: bool,
+    def _send_inflight(self, sess: Session, client: Client, msg: Message, qos: int, retain: bool,
                        sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
-        if conn.max_packet_out is not None and not self._fits(conn, msg, qos, sub_ids):
+        if client.max_packet_out is not None and not self._fits(client, msg, qos, sub_ids):
             # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
             self.stats["dropped_too_large"] += 1
             if seq is not None:
@@ -112,21 +104,20 @@ class Delivery:
             if seq is not None:
                 b.dequeue(sess.client_id, seq)
                 msg.unref()
-        data = self._publish_bytes(conn, msg, qos, retain, pid, False, sub_ids)
+        data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
-            conn.send(data)
+            self.output.send(client, data)
             self.stats["delivered"] += 1
 
-    @staticmethod
-    def _fits(conn: Connection, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
+    def _fits(self, client: Client, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
         """Whether the PUBLISH (without a topic alias, so an upper bound) fits the client's maximum."""
         props = msg.properties
         if sub_ids or msg.expires_at is not None:
             props = replace(props, subscription_identifiers=sub_ids,
-                            message_expiry_interval=msg.remaining_expiry(time.time()))
+                            message_expiry_interval=msg.remaining_expiry(self.time.wall))
         size = len(codec.encode_publish(msg.topic.encode(), msg.payload, qos, False, False, 1,
                                         codec.encode_properties(props, PacketType.PUBLISH)))
-        return conn.max_packet_out is None or size <= conn.max_packet_out
+        return client.max_packet_out is None or size <= client.max_packet_out
 
     def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                  group: tuple[str, str] | None = None) -> None:
@@ -155,13 +146,13 @@ class Delivery:
         sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
 
-    def _pump(self, sess: Session) -> None:
+    def pump(self, sess: Session) -> None:
         """Move queued messages into the window while there is room."""
-        conn = sess.conn
-        if conn is None:
+        client = sess.client
+        if client is None:
             return
-        now = time.time()
-        while sess.queue and len(sess.inflight) < conn.send_window:
+        now = self.time.wall
+        while sess.queue and len(sess.inflight) < client.send_window:
             q = sess.queue.popleft()
             sess.queued_bytes -= len(q.message.payload)
             if q.message.expired(now):
@@ -171,22 +162,22 @@ class Delivery:
                     q.message.unref()
                 continue
             if q.qos == 0:
-                data = self._publish_bytes(conn, q.message, 0, q.retain, None, False, q.sub_ids)
+                data = self._publish_bytes(client, q.message, 0, q.retain, None, False, q.sub_ids)
                 if data is not None:
-                    conn.send(data)
+                    self.output.send(client, data)
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()
                 continue
-            self._send_inflight(sess, conn, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
+            self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
 
-    def _publish_bytes(self, conn: Connection, msg: Message, qos: int, retain: bool, pid: int | None,
+    def _publish_bytes(self, client: Client, msg: Message, qos: int, retain: bool, pid: int | None,
                        dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
         """The PUBLISH for one subscriber, or None when it exceeds the client's Maximum Packet Size.
 
         QoS 0 copies that differ in nothing per subscriber are encoded once per message.
         """
-        version = conn.version
+        version = client.version
         tb = msg.topic_bytes
         if tb is None:
             tb = msg.topic_bytes = msg.topic.encode()
@@ -201,9 +192,9 @@ class Delivery:
             if data is None:
                 data = cache[key] = codec.encode_publish(tb, msg.payload, 0, retain)
             return data
-        expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+        expiry = msg.remaining_expiry(self.time.wall) if msg.expires_at is not None else None
         plain = not sub_ids and expiry is None
-        if plain and not conn.alias_max_out:
+        if plain and not client.alias_max_out:
             pb = msg.props_bytes
             if pb is None:
                 pb = msg.props_bytes = codec.encode_properties(msg.properties, PacketType.PUBLISH)
@@ -220,28 +211,26 @@ class Delivery:
             props = msg.properties
             if not plain:
                 props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
-            if conn.alias_max_out:
-                alias = conn.aliases_out.get(msg.topic)
+            if client.alias_max_out:
+                alias = client.aliases_out.get(msg.topic)
                 if alias is not None:
                     props = replace(props, topic_alias=alias)
                     tb = b""
-                elif len(conn.aliases_out) < conn.alias_max_out:
-                    alias = len(conn.aliases_out) + 1
-                    conn.aliases_out[msg.topic] = alias
+                elif len(client.aliases_out) < client.alias_max_out:
+                    alias = len(client.aliases_out) + 1
+                    client.aliases_out[msg.topic] = alias
                     props = replace(props, topic_alias=alias)
             data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid,
                                         codec.encode_properties(props, PacketType.PUBLISH))
-        if conn.max_packet_out is not None and len(data) > conn.max_packet_out:
+        if client.max_packet_out is not None and len(data) > client.max_packet_out:
             self.stats["dropped_too_large"] += 1
             return None
         return data
 
-    def on_puback(self, conn: Connection, pkt: PubAck) -> None:
-        sess = conn.session
-        assert sess is not None
+    def on_puback(self, client: Client, sess: Session, pkt: PubAck) -> None:
         out = sess.inflight.get(pkt.packet_id)
         if out is None or out.qos != 1:
-            log.debug("%s: PUBACK for unknown packet id %d", conn.client_id, pkt.packet_id)
+            log.debug("%s: PUBACK for unknown packet id %d", client.client_id, pkt.packet_id)
             return
         self._acknowledged(sess, pkt.packet_id, out)
 
@@ -252,15 +241,14 @@ class Delivery:
             self._batch().delete_inflight(sess.client_id, pid)
             if out.message is not None:
                 out.message.unref()
-        self._pump(sess)
+        self.pump(sess)
 
-    def on_pubrec(self, conn: Connection, pkt: PubRec) -> None:
-        sess = conn.session
-        assert sess is not None
+    def on_pubrec(self, client: Client, sess: Session, pkt: PubRec) -> None:
         out = sess.inflight.get(pkt.packet_id)
         if out is None or out.qos != 2:
-            if conn.version == MQTT_5:
-                conn.send(codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND), MQTT_5))
+            if client.version == MQTT_5:
+                self.output.send(client, codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND),
+                                                      MQTT_5))
             return
         if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends here
             self._acknowledged(sess, pkt.packet_id, out)
@@ -272,11 +260,9 @@ class Delivery:
                 if out.message is not None:
                     out.message.unref()
             out.message = None
-        conn.send(codec.encode(PubRel(pkt.packet_id), conn.version))
+        self.output.send(client, codec.encode_ack(PacketType.PUBREL, pkt.packet_id))
 
-    def on_pubcomp(self, conn: Connection, pkt: PubComp) -> None:
-        sess = conn.session
-        assert sess is not None
+    def on_pubcomp(self, client: Client, sess: Session, pkt: PubComp) -> None:
         out = sess.inflight.get(pkt.packet_id)
         if out is None or out.state != AWAIT_PUBCOMP:
             return
@@ -285,5 +271,3 @@ class Delivery:
 
 def _stored(msg: Message) -> StoredMessage:
     return StoredMessage(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at)
-
-

@@ -2,7 +2,7 @@
 
 A session outlives its connections when it is persistent (3.1.1 Clean Session 0,
 5.0 Session Expiry Interval > 0). Its durable part mirrors what the shard store
-holds (``storage.records``); this module holds no I/O and no store handle: the
+holds (``shardbroker.storage.records``); this module holds no I/O and no store handle: the
 shard decides what to persist and when.
 
 Invariants:
@@ -19,21 +19,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from storage.records import (
-    AWAIT_PUBACK,
-    AWAIT_PUBCOMP,
-    AWAIT_PUBREC,
-    StoredSubscription,
-    decode_properties,
-    encode_properties,
-)
-
-from .protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.storage.records import AWAIT_PUBACK, AWAIT_PUBCOMP, AWAIT_PUBREC
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from shardbroker.core.client import Client
 
 NEVER = 0xFFFFFFFF
 
@@ -46,7 +38,7 @@ __all__ = [
     "Outgoing",
     "Queued",
     "Session",
-    "StoredSubscription",
+    "Subscribed",
     "WillState",
 ]
 
@@ -109,6 +101,19 @@ class Queued:
     group: tuple[str, str] | None = None  # (group, filter) when queued for a shared subscription
 
 
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """One of a session's subscriptions, with its options (``topic_filter`` as subscribed,
+    ``$share/group/`` included)."""
+
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+
+
 @dataclass(slots=True)
 class WillState:
     topic: str
@@ -124,9 +129,9 @@ class Session:
     client_id: str
     version: int
     expiry_interval: int  # seconds; NEVER = no expiry; 0 = ends with the connection
-    subscriptions: dict[str, StoredSubscription] = field(default_factory=dict)
+    subscriptions: dict[str, Subscribed] = field(default_factory=dict)
     will: WillState | None = None
-    conn: Connection | None = None
+    client: Client | None = None  # the connected client, None while offline
     inflight: dict[int, Outgoing] = field(default_factory=dict)
     queue: deque[Queued] = field(default_factory=deque)
     queued_bytes: int = 0
@@ -142,7 +147,7 @@ class Session:
 
     def expires_at(self) -> float | None:
         """Wall-clock time the session ends, when disconnected and not NEVER."""
-        if self.conn is not None or self.disconnected_at is None or self.expiry_interval >= NEVER:
+        if self.client is not None or self.disconnected_at is None or self.expiry_interval >= NEVER:
             return None
         return self.disconnected_at + self.expiry_interval
 
@@ -157,16 +162,3 @@ class Session:
             raise RuntimeError("no free packet identifier")
         self.next_pid = pid + 1 if pid < 65535 else 1
         return pid
-
-
-
-def message_to_wire(msg: Message) -> list[object]:
-    props = msg.properties
-    return [msg.topic, msg.payload, msg.qos, msg.retain,
-            None if props is NO_PROPERTIES else encode_properties(props), msg.expires_at, msg.origin]
-
-
-def message_from_wire(data: list[Any]) -> Message:
-    topic, payload, qos, retain, props, expires_at, origin = data
-    return Message(topic, payload, qos, retain,
-                   decode_properties(props, "bus message") if props else NO_PROPERTIES, expires_at, origin)

@@ -22,14 +22,14 @@ import socket
 import time
 import uuid
 
-from .config import Config
-from .handoff import MAX_FDS, send_handoffs
-from .protocol import codec, reasons
-from .protocol.errors import ProtocolError
-from .protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
-from .sharding import shard_for
+from shardbroker.config import Config
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
+from shardbroker.sharding import shard_for
+from shardbroker.transport.fd_passing import MAX_FDS, send_handoffs
 
-log = logging.getLogger("shardbroker.acceptor")
+log = logging.getLogger("shardbroker.process.acceptor")
 
 
 SWEEP = 0.25  # seconds between connect-deadline sweeps
@@ -261,7 +261,7 @@ def _peername(sock: socket.socket) -> str:
 
 def run(config: Config, listen_fd: int, run_dir: str, shards: int) -> None:
     """Process entry point."""
-    from .runtime import install_loop, ready
+    from shardbroker.process.runtime import install_loop, ready
 
     install_loop()
     listen = socket.socket(fileno=listen_fd)

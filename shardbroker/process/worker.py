@@ -1,9 +1,11 @@
-"""A worker process: one shard's connections, sessions and store.
+"""A worker process: the asyncio shell around one shard's ``Broker``.
 
-Receives client sockets from the acceptor (``handoff``), runs each through a
-``Connection`` into the ``Shard``, exchanges routes and publishes with the other
-workers over the bus, sweeps timers once a second, and shuts down in order on
-SIGTERM: 5.0 clients are told 0x8B, the last batch is committed, the store closed.
+It opens the shard's store, receives client sockets from the acceptor
+(``transport.fd_passing``) and runs each as a ``TcpConnection`` into the broker,
+connects the broker to the other workers over the bus, reads the clock for every
+event it passes on, runs the broker's timers on the event loop (``LoopScheduler``),
+sweeps every ``TICK`` seconds, and shuts down in order on SIGTERM: 5.0 clients are
+told 0x8B, the last batch is committed, the store closed.
 """
 
 from __future__ import annotations
@@ -15,22 +17,40 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from storage.lmdb_store import RetainedStore, ShardStore
+from shardbroker.config import Config
+from shardbroker.core.broker import Broker
+from shardbroker.core.clock import Now
+from shardbroker.peer.bus import Bus, endpoint
+from shardbroker.process.runtime import install_loop, ready
+from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
+from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
+from shardbroker.transport.tcp import TcpConnection
 
-from .bus import Bus, endpoint
-from .config import Config
-from .connection import Connection
-from .handoff import Handoff, HandoffReceiver
-from .runtime import install_loop, ready
-from .shard import Shard
-
-log = logging.getLogger("shardbroker.worker")
+log = logging.getLogger("shardbroker.process.worker")
 
 SYNC_WAIT = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)  # the defaults are (700, 10, 10)
 TICK = 0.5
+
+
+def now() -> Now:
+    return Now(time.time(), time.monotonic())
+
+
+class LoopScheduler:
+    """The broker's ``Scheduler`` on an asyncio loop: callbacks get the time they run at."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def soon(self, callback: Callable[[Now], None]) -> None:
+        self._loop.call_soon(lambda: callback(now()))
+
+    def later(self, delay: float, callback: Callable[[Now], None]) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, lambda: callback(now()))
 
 
 class Worker:
@@ -51,26 +71,27 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         endpoints = [endpoint(self.run_dir, i) for i in range(self.shards)]
-        core_holder: list[Shard] = []
-        bus = Bus(self.shard_index, endpoints, lambda items: core_holder[0].on_bus(items),
-                  lambda: core_holder[0].schedule_flush())
-        core = Shard(self.config, self.shard_index, self.shards, self.store, self.retained, bus, loop)
-        core_holder.append(core)
-        self.core = core
-        core.restore()
+        holder: list[Broker] = []
+        bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
+                  lambda: holder[0].wake())
+        broker = Broker(self.config, self.shard_index, self.shards, self.store, self.retained, bus,
+                        LoopScheduler(loop), now())
+        holder.append(broker)
+        self.broker = broker
+        broker.restore(now())
         bus.start(loop)
-        core.announce()
+        broker.announce()
 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
         deadline = time.monotonic() + SYNC_WAIT
-        while len(core.synced) < self.shards - 1 and time.monotonic() < deadline:
+        while len(broker.synced) < self.shards - 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if len(core.synced) < self.shards - 1:
+        if len(broker.synced) < self.shards - 1:
             log.warning("shard %d: no route sync from shards %s yet; serving anyway", self.shard_index,
-                        sorted(set(range(self.shards)) - core.synced - {self.shard_index}))
+                        sorted(set(range(self.shards)) - broker.synced - {self.shard_index}))
         # Clients only once the routes are known: a publish must reach every subscriber.
         path = os.path.join(self.run_dir, f"handoff-{self.shard_index}.sock")
         try:
@@ -92,30 +113,30 @@ class Worker:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         ready(f"worker {self.shard_index}")
-        log.info("shard %d serving (%d sessions restored)", self.shard_index, len(core.sessions))
+        log.info("shard %d serving (%d sessions restored)", self.shard_index, len(broker.sessions))
 
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), TICK)
             except TimeoutError:
                 pass
-            core.tick(time.time(), time.monotonic())
+            broker.tick(now())
 
-        log.info("shard %d shutting down: %d connections", self.shard_index, len(core.connections))
+        log.info("shard %d shutting down: %d connections", self.shard_index, len(broker.sessions.clients))
         loop.remove_reader(listen.fileno())
         listen.close()
-        core.shutdown()
+        broker.shutdown(now())
         await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         bus.close()
         self.store.close()
         self.retained.close()
-        st = core.stats
+        st = broker.stats
         log.info("shard %d stopped: received %d, delivered %d, forwarded %d, dropped %d (queue full) and %d "
                  "(too large); %d commits of %.1f operations on average; inputs held %d times for %.2f s; "
                  "%d bus batches waited for room",
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
-                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), core.flow.holds,
-                 core.flow.held_for, bus.waited)
+                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
+                 broker.flow.held_for, bus.waited)
 
     def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listen is not None
@@ -136,16 +157,17 @@ class Worker:
             handoffs = []
             receiver.closed = True
         for h in handoffs:
-            self._adopt(h)
+            self._adopt(loop, h)
         if receiver.closed:
             loop.remove_reader(receiver.sock.fileno())
             receiver.close()
             self._links.remove(receiver)
 
-    def _adopt(self, h: Handoff) -> None:
+    def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
         # belong to the socket, so they came along with the descriptor.
-        Connection(self.core, socket.socket(fileno=h.fd), h.client_id, h.initial).start()
+        conn = TcpConnection(socket.socket(fileno=h.fd), loop, h.initial)
+        conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 
 
 def run(config: Config, shard: int, shards: int, run_dir: str) -> None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shardbroker.handoff import MAX_FDS, HandoffReceiver, send_handoffs
+from shardbroker.transport.fd_passing import MAX_FDS, HandoffReceiver, send_handoffs
 
 
 def _pipes(n: int) -> list[tuple[int, int]]:

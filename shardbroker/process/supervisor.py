@@ -16,7 +16,6 @@ broker stops with that error rather than restarting it in a loop.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -30,11 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Config
+from shardbroker.config import Config
+from shardbroker.storage.lock import DataDirInUse, lock_data_dir
 
 DEFER_ACCEPT = 1  # seconds
 
-log = logging.getLogger("shardbroker.supervisor")
+log = logging.getLogger("shardbroker.process.supervisor")
 
 FATAL = 2
 
@@ -70,15 +70,10 @@ class Supervisor:
 
     def _lock_data_dir(self) -> int:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "broker.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            return lock_data_dir(self.data_dir, os.getpid())
+        except DataDirInUse:
             raise SystemExit(f"shardbroker: data directory {self.data_dir} is in use by another broker") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
 
     def _bind(self) -> socket.socket:
         host, port = self.config.server.host, self.config.server.port
@@ -115,7 +110,7 @@ class Supervisor:
 
     def _check_data_dir(self) -> None:
         """Refuse, before any worker writes, a data dir made for another shard count."""
-        from storage.lmdb_store import StoreError, data_dir_shards
+        from shardbroker.storage.lmdb_store import StoreError, data_dir_shards
 
         try:
             existing = data_dir_shards(self.data_dir)
@@ -138,7 +133,7 @@ class Supervisor:
         env = dict(os.environ)
         env["SHARDBROKER_CONFIG"] = json.dumps(config_overrides(self.config))
         env["SHARDBROKER_READY_FD"] = str(ready_w)
-        base = [sys.executable, "-m", "shardbroker.child"]
+        base = [sys.executable, "-m", "shardbroker.process.child"]
         common = ["--run-dir", run_dir, "--shards", str(self.shards)]
         workers = [Child(f"worker {i}", base + ["worker", str(i)] + common, (ready_w,))
                    for i in range(self.shards)]

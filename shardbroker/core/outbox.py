@@ -11,14 +11,29 @@ itself (restart), when the peer reports a gap, or after ``RESEND_AFTER`` seconds
 Duplicates (at or below the mark) are acknowledged and dropped, so a crash of
 either side at any moment loses nothing and delivers nothing twice.
 
+Items are ``DurableForward`` peer messages (``shardbroker.peer.messages``); an
+outbox record holds one, in the peer encoding, whose header carries its format
+version. Records written before that encoding (CBOR lists) are still read.
+
 No I/O here: the shard passes in its store batch and sends what this returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import cbor2
+
+from shardbroker.peer.messages import (
+    DurableForward,
+    Forward,
+    PeerFormatError,
+    decode_message,
+    encode_message,
+)
+from shardbroker.protocol.packets import NO_PROPERTIES
+from shardbroker.storage.records import StoreCorrupt, decode_properties
 
 RESEND_AFTER = 5.0
 
@@ -31,18 +46,18 @@ class _Batch(Protocol):
     def set_meta(self, key: str, value: object) -> None: ...
 
 
-class Handover:
+class Outbox:
     def __init__(self, shard: int) -> None:
         self.shard = shard
         self._next: dict[int, int] = {}  # peer -> next sequence number
-        self.pending: dict[int, dict[int, list[Any]]] = {}  # peer -> seq -> item, in order
+        self.pending: dict[int, dict[int, DurableForward]] = {}  # peer -> seq -> item, in order
         self._inbox: dict[int, int] = {}  # origin -> highest applied sequence number
         self._dirty_next: set[int] = set()
         self._dirty_inbox: set[int] = set()
         self.acks_due: dict[int, int] = {}  # origin -> mark to acknowledge after the commit
         self.last_sent: dict[int, float] = {}
 
-    def load(self, outbox: Any, meta: Any) -> None:
+    def load(self, outbox: Iterable[tuple[int, int, bytes]], meta: Iterable[tuple[str, object]]) -> None:
         """Restore from the store: unacknowledged items and the counters."""
         for key, value in meta:
             if key.startswith("handover.next.") and isinstance(value, int):
@@ -50,17 +65,17 @@ class Handover:
             elif key.startswith("handover.inbox.") and isinstance(value, int):
                 self._inbox[int(key.rsplit(".", 1)[1])] = value
         for peer, seq, data in outbox:
-            self.pending.setdefault(peer, {})[seq] = cbor2.loads(data)
+            self.pending.setdefault(peer, {})[seq] = _decode_record(data)
             self._next[peer] = max(self._next.get(peer, 1), seq + 1)
 
-    def send(self, peer: int, body: list[Any], batch: _Batch, now: float) -> list[Any]:
-        """Number an item for ``peer`` and keep it in the outbox; returns the bus item."""
+    def send(self, peer: int, forward: Forward, batch: _Batch, now: float) -> DurableForward:
+        """Number a publish for ``peer`` and keep it in the outbox; returns the peer message."""
         seq = self._next.get(peer, 1)
         self._next[peer] = seq + 1
         self._dirty_next.add(peer)
-        item = ["P", self.shard, seq, *body]
+        item = DurableForward(self.shard, seq, forward)
         self.pending.setdefault(peer, {})[seq] = item
-        batch.put_outbox(peer, seq, cbor2.dumps(item))
+        batch.put_outbox(peer, seq, encode_message(item))
         self.last_sent.setdefault(peer, now)
         return item
 
@@ -73,7 +88,7 @@ class Handover:
             batch.delete_outbox(peer, seq)
         self.last_sent[peer] = now
 
-    def resend(self, peer: int, now: float) -> list[list[Any]]:
+    def resend(self, peer: int, now: float) -> list[DurableForward]:
         """Everything not yet acknowledged by ``peer``, oldest first."""
         self.last_sent[peer] = now
         return list(self.pending.get(peer, {}).values())
@@ -109,3 +124,33 @@ class Handover:
 
     def has_dirty(self) -> bool:
         return bool(self._dirty_next or self._dirty_inbox)
+
+    def pending_count(self) -> int:
+        return sum(len(items) for items in self.pending.values())
+
+
+def _decode_record(data: bytes) -> DurableForward:
+    """An outbox record: the peer encoding, or the CBOR list written before it."""
+    try:
+        message = decode_message(data)
+    except PeerFormatError as exc:
+        try:
+            return _decode_cbor_record(data)
+        except (ValueError, TypeError, IndexError, StoreCorrupt, cbor2.CBORDecodeError):
+            raise StoreCorrupt(f"corrupt outbox record: {exc}") from None
+    if not isinstance(message, DurableForward):
+        raise StoreCorrupt(f"corrupt outbox record: a {type(message).__name__}, not a durable forward")
+    return message
+
+
+def _decode_cbor_record(data: bytes) -> DurableForward:
+    """``["P", origin, seq, [topic, payload, qos, retain, properties, expires_at, origin], plain,
+    groups, hops]`` with properties as ``storage.records`` maps them (or None)."""
+    item: Any = cbor2.loads(data)
+    if not isinstance(item, list) or len(item) != 7 or item[0] != "P":
+        raise ValueError("not an outbox item")
+    topic, payload, qos, retain, props, expires_at, origin = item[3]
+    forward = Forward(str(topic), bytes(payload), int(qos), bool(retain),
+                      decode_properties(props, "outbox message") if props else NO_PROPERTIES,
+                      expires_at, origin, bool(item[4]), tuple((str(g), str(f)) for g, f in item[5]), int(item[6]))
+    return DurableForward(int(item[1]), int(item[2]), forward)

@@ -44,8 +44,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
-from .protocol import reasons
-from .protocol.errors import ProtocolError
+from shardbroker.protocol import reasons
+from shardbroker.protocol.errors import ProtocolError
 
 __all__ = [
     "MAX_TOPIC_BYTES",

@@ -1,0 +1,55 @@
+"""Access rules: what a client may publish and subscribe to, checked in one place.
+
+Every check goes through ``AccessRules``: a PUBLISH, a will (a publish made on the
+client's behalf later), a SUBSCRIBE, and ``$SYS``, which is the broker's own and
+read-only for clients. Rules are topic filters kept in tries, so a check costs one
+match whatever the number of rules. Today's sources are the broker's own rule
+(``$SYS``) and ``[acl]`` in the configuration; an ACL file with per-client rules
+will be one more source here (``shardbroker.security``).
+
+A check returns ``None`` when allowed, else the reason for the log and the client.
+No I/O; nothing here knows sessions or connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shardbroker.core.topics import TopicTrie, parse_shared
+
+SYS_PREFIX = "$SYS"
+
+
+def is_sys(topic: str) -> bool:
+    """Whether ``topic`` is a ``$SYS`` topic (the broker's, read-only for clients)."""
+    return topic.startswith("$SYS/") or topic == SYS_PREFIX
+
+
+class AccessRules:
+    def __init__(self, deny_publish: Iterable[str] = (), deny_subscribe: Iterable[str] = ()) -> None:
+        self._deny_publish: TopicTrie[int, None] = TopicTrie()
+        self._deny_subscribe: TopicTrie[int, None] = TopicTrie()
+        for i, flt in enumerate(deny_publish):
+            self._deny_publish.add(flt, i, None)
+        for i, flt in enumerate(deny_subscribe):
+            self._deny_subscribe.add(flt, i, None)
+
+    def publish_denied(self, topic: str) -> str | None:
+        """Why a client may not publish to ``topic`` (a PUBLISH or a will), or None."""
+        if is_sys(topic):
+            return "$SYS is read-only for clients"
+        if self._deny_publish and self._deny_publish.match(topic):
+            return "refused by acl.deny_publish"
+        return None
+
+    def subscribe_denied(self, topic_filter: str) -> str | None:
+        """Why a client may not subscribe to ``topic_filter`` (shared or not), or None.
+
+        A rule refuses a filter whose levels it matches as if they were a topic, so
+        ``a/#`` refuses ``a/+/b`` and ``a/#`` alike.
+        """
+        shared = parse_shared(topic_filter)
+        inner = shared[1] if shared is not None else topic_filter
+        if self._deny_subscribe and self._deny_subscribe.match(inner):
+            return "refused by acl.deny_subscribe"
+        return None

@@ -1,0 +1,371 @@
+"""One shard's broker: its parts put together, and the entry points its shell drives.
+
+The parts, each owning its own state (see each module):
+
+    ``Sessions``       the session registry: attach at CONNECT, takeover, detach, wills, expiry
+    ``Handshake``      CONNECT to CONNACK (and, later, an AUTH exchange)
+    ``Inbound``        PUBLISH and PUBREL from clients
+    ``Delivery``       messages to sessions: window, queue, store rows; PUBACK/PUBREC/PUBCOMP
+    ``Subscriptions``  SUBSCRIBE/UNSUBSCRIBE, the local tries, local fan-out, retained
+    ``Peers``          the route table, publishes to other shards, the peer protocol, the outbox
+    ``Commit``         the store batch of each iteration (group commit), store-full state
+    ``Output``         bytes for clients, held until the commit
+    ``Flow``           when to stop reading inputs (``flow.py``)
+    ``AccessRules``    what clients may publish and subscribe to
+
+Entry points (the shell calls them; each takes the time as a ``Now``):
+``open_client`` / ``received`` / ``lost`` / ``backed_up`` / ``drained`` for
+transports, ``peer_messages`` for the bus, ``tick`` for the sweep, ``flush`` when
+the scheduler runs it, and ``restore`` / ``announce`` / ``shutdown``.
+
+The flush's invariant, kept in :meth:`Broker.flush`: commit the batch, then send
+peer messages, then write client bytes. So every acknowledgement (PUBACK, PUBREC,
+SUBACK, the CONNACK of a persistent session) and every durable forward leaves after
+the state it promises is committed.
+
+No sockets, event loop, clock, ZeroMQ or LMDB here (an import contract checks it):
+the shell passes the time, a ``Scheduler``, the store and the peer link.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from shardbroker.config import Config
+from shardbroker.core.access import AccessRules
+from shardbroker.core.client import Client, Transport
+from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
+from shardbroker.core.commit import Commit
+from shardbroker.core.delivery import Delivery
+from shardbroker.core.flow import Flow
+from shardbroker.core.handshake import Handshake
+from shardbroker.core.inbound import Inbound
+from shardbroker.core.output import Output
+from shardbroker.core.peers import PeerLink, Peers
+from shardbroker.core.session import Message, Session
+from shardbroker.core.sessions import Sessions
+from shardbroker.core.store import RetainedStore, ShardStore
+from shardbroker.core.subscriptions import Subscriptions
+from shardbroker.peer.messages import PeerMessage
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import (
+    MQTT_5,
+    NO_PROPERTIES,
+    Auth,
+    Connect,
+    Disconnect,
+    PingReq,
+    PingResp,
+    Properties,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+)
+
+log = logging.getLogger("shardbroker.broker")
+
+INITIAL_SEND_WINDOW = 20  # QoS 1/2 in flight toward a client before its CONNECT says otherwise
+_PINGRESP = codec.encode(PingResp(), MQTT_5)  # the same two bytes in every version
+
+
+class BrokerLink(PeerLink, Protocol):
+    """The peer link as flow control also uses it (``shardbroker.peer.bus.Bus``)."""
+
+    def congested(self, now: float) -> bool: ...
+    def hold(self) -> None: ...
+    def release(self) -> None: ...
+
+
+Handler = Callable[[Client, Session, Any], None]
+
+
+class Broker:
+    def __init__(self, config: Config, shard: int, shards: int, store: ShardStore, retained: RetainedStore,
+                 link: BrokerLink, scheduler: Scheduler, now: Now) -> None:
+        self.config = config
+        self.limits = limits = config.limits
+        self.shard = shard
+        self.shards = shards
+        self.store = store
+        self.link = link
+        self.scheduler = scheduler
+        self.time = EventTime(now)
+        self.stats = {
+            "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
+            "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
+        }
+        self._flush_scheduled = False
+        self._flow_recheck: Timer | None = None
+        self._sys_published = now.mono
+        self.flow = Flow()
+        self.access = AccessRules(config.acl.deny_publish, config.acl.deny_subscribe)
+        self.output = Output(self.wake)
+        self.commit = Commit(shard, store, retained, self.time, self.stats)
+        self.delivery = Delivery(limits, self.stats, self.time, self.output, self.commit.batch)
+        self.sessions = Sessions(self.commit, self.time, max(1, limits.max_sessions // max(1, shards)))
+        self.subscriptions = Subscriptions(shard, self.sessions, self.delivery, self.output, self.access,
+                                           retained, scheduler, self.time)
+        self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
+        self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
+        self.handshake = Handshake(shard, limits, self.access, self.sessions, self.delivery, self.output)
+        # The parts that need each other:
+        self.sessions.subscriptions = self.subscriptions
+        self.sessions.route = self.peers.route
+        self.sessions.take_over = self._take_over
+        self.subscriptions.peers = self.peers
+        self.peers.subscriptions = self.subscriptions
+        # One handler per packet type once connected (CONNECT goes to the handshake).
+        self._handlers: dict[type, Handler] = {
+            Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
+            PubRel: self.inbound.on_pubrel, PubComp: self.delivery.on_pubcomp,
+            Subscribe: self.subscriptions.on_subscribe, Unsubscribe: self.subscriptions.on_unsubscribe,
+            PingReq: self._on_pingreq, Disconnect: self._on_disconnect, Auth: self.handshake.on_auth,
+        }
+
+    # ------------------------------------------------------------------ startup and shutdown
+
+    def restore(self, now: Now) -> None:
+        """Load this shard's sessions and outbox from the store."""
+        self.time.set(now)
+        self.sessions.restore(self.store)
+        self.peers.outbox.load(self.store.outbox(), self.store.meta_items())
+        log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions),
+                 len(self.subscriptions.filter_refs))
+
+    def announce(self) -> None:
+        """Ask every peer for its routes and tell them ours (startup and restart)."""
+        self.peers.announce()
+
+    @property
+    def synced(self) -> set[int]:
+        """Peers whose routes this shard knows."""
+        return self.peers.synced
+
+    def shutdown(self, now: Now) -> None:
+        """The broker stops: 5.0 clients are told 0x8B; sessions stay as they are stored."""
+        self.time.set(now)
+        for client in list(self.sessions.clients):
+            if client.version == MQTT_5 and client.session is not None:
+                self.output.send(client, codec.encode(Disconnect(reasons.SERVER_SHUTTING_DOWN), MQTT_5))
+            self.sessions.shut_down(client)
+            self.output.close(client)
+        self.flush(now)
+
+    # ------------------------------------------------------------------ transports
+
+    def open_client(self, transport: Transport, assigned_id: str | None, now: Now) -> Client:
+        """A new connection (its CONNECT is among the first bytes ``received`` gets)."""
+        return Client(transport, assigned_id, self.limits.max_packet_size, now.mono, INITIAL_SEND_WINDOW)
+
+    def received(self, client: Client, data: bytes, now: Now) -> None:
+        """Bytes from a client: frame them and handle each packet in order."""
+        if client.closing:
+            return
+        self.time.set(now)
+        client.last_rx = now.mono
+        try:
+            packets = client.reader.feed(data)
+        except ProtocolError as exc:
+            if not client.connected:
+                log.info("%s: bad CONNECT: %s", client.peer, exc.message)
+                self._abort(client)
+                return
+            self.protocol_violation(client, exc)
+            return
+        for packet in packets:
+            if client.closing:
+                break
+            if not client.connected:
+                if not isinstance(packet, Connect):
+                    log.info("%s: first packet is not CONNECT: closing", client.peer)
+                    self._abort(client)
+                    return
+                try:
+                    self.handshake.on_connect(client, packet)
+                except Exception:
+                    log.exception("%s: internal error in CONNECT", client.peer)
+                    self._abort(client)
+                    return
+                continue
+            self.handle(client, packet)
+        error = client.reader.error
+        if error is not None and not client.closing:  # bad bytes after good packets in one read
+            if client.connected:
+                self.protocol_violation(client, error)
+            else:
+                self._abort(client)
+        if self.flow.holding:
+            self.flow.received(client)
+
+    def lost(self, client: Client, now: Now) -> None:
+        """The transport is closed (by the client, an error, or after we closed it)."""
+        if client.gone:
+            return
+        self.time.set(now)
+        client.gone = True
+        client.closing = True
+        client.out = []
+        self.flow.forget(client)
+        if client.session is not None:
+            log.debug("connection of %s lost", client.client_id)
+            self.sessions.detach(client, publish_will=True)
+            self.wake()
+        self.sessions.clients.discard(client)
+
+    def backed_up(self, client: Client, now: Now) -> None:
+        """The client's transport holds more than its high-water mark."""
+        self.flow.backed_up_at(client, now.mono)
+
+    def drained(self, client: Client) -> None:
+        """The client's transport is below its low-water mark again."""
+        self.flow.drained(client)
+        self.wake()
+
+    def _abort(self, client: Client) -> None:
+        client.closing = True
+        client.transport.abort()
+
+    # ------------------------------------------------------------------ packets
+
+    def handle(self, client: Client, packet: object) -> None:
+        """Handle one packet from a connected client."""
+        try:
+            handler = self._handlers.get(type(packet))
+            sess = client.session
+            if handler is None or sess is None:
+                if isinstance(packet, Connect):  # [MQTT-3.1.0-2]
+                    raise ProtocolError(reasons.PROTOCOL_ERROR, "second CONNECT")
+                raise ProtocolError(reasons.PROTOCOL_ERROR, f"unexpected {type(packet).__name__} from a client")
+            handler(client, sess, packet)
+        except ProtocolError as exc:
+            self.protocol_violation(client, exc)
+        except Exception:
+            log.exception("shard %d: internal error handling %s from %s", self.shard,
+                          type(packet).__name__, client.client_id)
+            self.close(client, reasons.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
+
+    def protocol_violation(self, client: Client, exc: ProtocolError) -> None:
+        self.stats["protocol_errors"] += 1
+        self.close(client, exc.reason, exc.message)
+
+    def close(self, client: Client, reason: int | None, text: str, *, will: bool = True) -> None:
+        """Server-side disconnect: DISCONNECT with ``reason`` to a 5.0 client, then close."""
+        if client.closing:
+            return
+        log.info("closing %s (%s): %s%s", client.name, client.peer, text,
+                 f" [{reasons.name(reason)}]" if reason is not None else "")
+        if reason is not None and client.version == MQTT_5 and client.session is not None:
+            props = Properties(reason_string=text[:200]) if text else NO_PROPERTIES
+            self.output.send(client, codec.encode(Disconnect(reason, props), MQTT_5))
+        self.sessions.detach(client, publish_will=will)
+        self.output.close(client)
+
+    def _take_over(self, old: Client, publish_will: bool) -> None:
+        self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)
+
+    def _on_pingreq(self, client: Client, sess: Session, pkt: PingReq) -> None:
+        self.output.send(client, _PINGRESP)
+
+    def _on_disconnect(self, client: Client, sess: Session, pkt: Disconnect) -> None:
+        new_expiry = pkt.properties.session_expiry_interval
+        if client.version == MQTT_5 and new_expiry is not None:
+            if sess.expiry_interval == 0 and new_expiry != 0:  # [MQTT-3.14.2-2]
+                raise ProtocolError(reasons.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
+            sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
+        publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
+        log.debug("client %s disconnected (reason 0x%02X)", client.client_id, pkt.reason_code)
+        self.sessions.detach(client, publish_will=publish_will)
+        self.output.close(client)
+
+    # ------------------------------------------------------------------ peers
+
+    def peer_messages(self, messages: Iterable[PeerMessage], now: Now) -> None:
+        self.time.set(now)
+        self.peers.on_messages(messages)
+
+    # ------------------------------------------------------------------ the flush
+
+    def wake(self) -> None:
+        """Something is due at the next flush: have the scheduler run it (once per iteration)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.scheduler.soon(self.flush)
+
+    def flush(self, now: Now) -> None:
+        """Commit what this iteration changed, then send what it promised: peers, then clients."""
+        self._flush_scheduled = False
+        self.time.set(now)
+        outbox = self.peers.outbox
+        if outbox.has_dirty():
+            outbox.persist(self.commit.batch())
+        ok = self.commit.run()
+        dirty = self.output.take()
+        if not ok:
+            # Nothing promised in this batch may be acknowledged: drop the output of every
+            # client that had any and close it; the clients resend what was not acked.
+            for client in dirty:
+                client.out = []
+                client.dirty = False
+                self.close(client, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
+            dirty = self.output.take()
+        self.peers.committed(ok)
+        for client in dirty:
+            Output.write(client)
+        self._update_flow()
+
+    def _update_flow(self) -> None:
+        """Hold or release the inputs (``flow.py``) now that this iteration's output is written."""
+        mono = self.time.mono
+        flow, link = self.flow, self.link
+        recheck = flow.update(mono, link.congested(mono))
+        if flow.hold_bus:
+            link.hold()
+        else:
+            link.release()
+        if recheck is not None and self._flow_recheck is None:
+            self._flow_recheck = self.scheduler.later(max(0.0, recheck - mono), self._flow_recheck_due)
+
+    def _flow_recheck_due(self, now: Now) -> None:
+        self._flow_recheck = None
+        self.time.set(now)
+        self._update_flow()
+
+    # ------------------------------------------------------------------ the sweep
+
+    def tick(self, now: Now) -> None:
+        """Periodic sweep: store fill, ``$SYS``, alive marks, keepalive, wills, expiry, resends."""
+        self.time.set(now)
+        self.commit.check_fill()
+        interval = self.config.server.sys_interval
+        if interval and now.mono - self._sys_published >= interval:
+            self._sys_published = now.mono
+            self.publish_stats()
+        self.commit.sweep(bool(self.sessions.stored_client_ids))
+        held = self.flow.held
+        for client in list(self.sessions.clients):
+            if (client.keepalive and client.connected and now.mono - client.last_rx > client.keepalive * 1.5
+                    and client not in held):  # a client we stopped reading may have sent a PINGREQ
+                self.close(client, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {client.keepalive}s expired")
+        self.sessions.sweep()
+        self.peers.sweep()
+        if self.commit.pending() or self.link.has_pending():
+            self.wake()
+
+    def publish_stats(self) -> None:
+        """This shard's counters as ``$SYS/shardbroker/shard/N/<name>`` (QoS 0, not retained)."""
+        values = dict(self.stats)
+        values.update(
+            connections=len(self.sessions.clients), sessions=len(self.sessions),
+            filters=len(self.subscriptions.filter_refs), store_full=int(self.commit.store_full),
+            bus_sent=self.link.sent, bus_received=self.link.received,
+            handover_pending=self.peers.outbox.pending_count(),
+        )
+        for name, value in values.items():
+            self.peers.route(Message(f"$SYS/shardbroker/shard/{self.shard}/{name}", str(value).encode(), 0, False))

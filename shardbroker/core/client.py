@@ -1,0 +1,110 @@
+"""A client as the broker sees it: its negotiated MQTT state and its transport.
+
+``Transport`` is all the core needs of a connection: write bytes, close, pause and
+resume reading, and two figures for flow control. TCP implements it today
+(``shardbroker.transport.tcp``); TLS and WebSocket transports implement the same
+and need nothing else. A transport reports back through ``Broker.received``,
+``Broker.lost``, ``Broker.backed_up`` and ``Broker.drained``.
+
+``Client`` holds what the broker negotiated with the client (version, keepalive,
+windows, limits, topic aliases), its session once connected, the packet reader
+(framing happens here, so every transport hands over plain bytes), and the bytes
+the broker queued for it until the next flush. Queued bytes leave only at the flush,
+after the group commit (``Broker.flush``): nothing is written that the store has not
+made true.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from shardbroker.protocol import codec
+from shardbroker.protocol.packets import MQTT_3_1_1
+
+if TYPE_CHECKING:
+    from shardbroker.core.session import Session
+
+
+class Transport(Protocol):
+    """One client connection's byte stream (no MQTT)."""
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, for logs."""
+        ...
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes the client has taken so far (flow control measures slow consumers by it)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Send now; what the client does not take yet waits in the transport's buffer."""
+
+    def write_buffer_full(self) -> bool:
+        """Whether so much waits that QoS 0 to this client is dropped."""
+        ...
+
+    def close(self) -> None:
+        """Close after what was written has gone out (bounded in time by the transport)."""
+
+    def abort(self) -> None:
+        """Close at once."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Client:
+    """One connected (or connecting) client of this shard."""
+
+    __slots__ = (
+        "alias_max_out", "aliases_in", "aliases_out", "assigned_id", "client_id", "close_requested", "closing",
+        "connected", "dirty", "gone", "keepalive", "last_rx", "max_packet_out", "out", "problem_info", "reader",
+        "send_window", "session", "transport", "unacked_in", "version",
+    )
+
+    def __init__(self, transport: Transport, assigned_id: str | None, max_packet_size: int, mono: float,
+                 send_window: int) -> None:
+        self.transport = transport
+        self.assigned_id = assigned_id  # an identifier the acceptor assigned, or None
+        self.reader = codec.PacketReader(MQTT_3_1_1, max_packet_size)
+        self.version = MQTT_3_1_1
+        self.client_id = ""
+        self.session: Session | None = None
+        self.connected = False  # CONNACK sent
+        self.closing = False  # no more input is handled, nothing new is sent
+        self.close_requested = False  # close the transport after the next flush
+        self.gone = False  # the transport is closed
+        self.keepalive = 0
+        self.last_rx = mono
+        self.send_window = send_window  # QoS 1/2 in flight toward the client
+        self.max_packet_out: int | None = None  # the client's Maximum Packet Size
+        self.alias_max_out = 0  # the client's Topic Alias Maximum
+        self.aliases_out: dict[str, int] = {}
+        self.aliases_in: dict[int, str] = {}
+        self.problem_info = True
+        self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
+        self.out: list[bytes] = []  # bytes for the client, written at the next flush
+        self.dirty = False  # in the broker's list of clients to write at the flush
+
+    @property
+    def peer(self) -> str:
+        return self.transport.peer
+
+    @property
+    def name(self) -> str:
+        """The client id once known, else the peer address (for logs)."""
+        return self.client_id or self.transport.peer
+
+    # The flow-control view of a client (``flow.Reader``).
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.transport.bytes_sent
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()

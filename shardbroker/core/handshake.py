@@ -1,0 +1,165 @@
+"""CONNECT to CONNACK: what the broker and a client agree on, and the client's session.
+
+``negotiate`` is the pure part: from a CONNECT and the broker's limits it computes
+the ``Terms`` of the connection (client id, session expiry, keepalive, windows, the
+client's own limits) or a ``Refusal`` with the reason code the spec asks for. The
+``Handshake`` then applies the terms to the ``Client``, attaches it to its session
+(``Sessions.attach``: takeover, resume or a new session), answers CONNACK and, when
+a session was present, resends what it had in flight.
+
+Where authentication goes: a CONNECT with an Authentication Method is refused today
+(0x8C). An authenticator (``shardbroker.security``) will take the CONNECT here,
+answer AUTH packets through ``on_auth`` until it decides, and only then let
+``_accept`` run; nothing after ``_accept`` changes for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from shardbroker.config import LimitsConfig
+from shardbroker.core.access import AccessRules
+from shardbroker.core.client import Client
+from shardbroker.core.delivery import Delivery
+from shardbroker.core.inbound import is_utf8
+from shardbroker.core.output import Output
+from shardbroker.core.session import NEVER, Session
+from shardbroker.core.sessions import Sessions
+from shardbroker.core.topics import validate_topic_name
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Properties
+
+log = logging.getLogger("shardbroker.handshake")
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What a CONNECT was accepted with."""
+
+    client_id: str
+    version: int
+    expiry: int  # session expiry interval granted (capped by the broker)
+    expiry_capped: bool  # the client asked for more: CONNACK says what it got
+    keepalive: int
+    server_keepalive: int | None  # set when the broker overrides the client's keepalive (5.0)
+    send_window: int  # QoS 1/2 in flight toward the client
+    max_packet_out: int | None
+    alias_max_out: int
+    problem_info: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: int  # 5.0 CONNACK reason code (mapped to a 3.1.1 return code where one exists)
+    text: str
+
+
+def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, access: AccessRules) -> Terms | Refusal:
+    version = pkt.protocol_version
+    props = pkt.properties
+    v5 = version == MQTT_5
+    if props.authentication_method is not None:
+        return Refusal(reasons.BAD_AUTHENTICATION_METHOD,
+                       f"authentication method {props.authentication_method!r} is not supported")
+    will = pkt.will
+    if will is not None:
+        try:
+            validate_topic_name(will.topic)
+        except ProtocolError as exc:
+            return Refusal(exc.reason, f"will topic: {exc.message}")
+        denied = access.publish_denied(will.topic)
+        if denied is not None:
+            return Refusal(reasons.NOT_AUTHORIZED, f"will topic {will.topic!r}: {denied}")
+        if will.properties.payload_format_indicator == 1 and not is_utf8(will.payload):
+            return Refusal(reasons.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
+        if will.retain and not limits.retain_available:
+            return Refusal(reasons.RETAIN_NOT_SUPPORTED, "retain is not available")
+    if v5:
+        expiry = props.session_expiry_interval or 0
+    else:
+        expiry = 0 if pkt.clean_start else NEVER
+    capped = min(expiry, limits.max_session_expiry)
+    keepalive = pkt.keepalive
+    server_keepalive = None
+    if v5 and (keepalive > limits.max_keepalive or keepalive == 0):
+        keepalive = server_keepalive = limits.max_keepalive
+    if v5:
+        return Terms(assigned_id or pkt.client_id, version, capped, capped != expiry, keepalive, server_keepalive,
+                     min(props.receive_maximum or 65535, limits.max_inflight), props.maximum_packet_size,
+                     props.topic_alias_maximum or 0, props.request_problem_information != 0)
+    return Terms(assigned_id or pkt.client_id, version, capped, capped != expiry, keepalive, None,
+                 limits.max_inflight, None, 0, True)
+
+
+class Handshake:
+    def __init__(self, shard: int, limits: LimitsConfig, access: AccessRules, sessions: Sessions,
+                 delivery: Delivery, output: Output) -> None:
+        self.shard = shard
+        self.limits = limits
+        self.access = access
+        self.sessions = sessions
+        self.delivery = delivery
+        self.output = output
+
+    def on_connect(self, client: Client, pkt: Connect) -> None:
+        version = pkt.protocol_version
+        client.version = version
+        client.reader.version = version  # packets pipelined behind the CONNECT are of its version
+        client.client_id = client.assigned_id or pkt.client_id
+        terms = negotiate(pkt, client.assigned_id, self.limits, self.access)
+        if isinstance(terms, Refusal):
+            return self._refuse(client, terms)
+        self._accept(client, pkt, terms)
+
+    def _accept(self, client: Client, pkt: Connect, terms: Terms) -> None:
+        client.keepalive = terms.keepalive
+        client.send_window = terms.send_window
+        client.max_packet_out = terms.max_packet_out
+        client.alias_max_out = terms.alias_max_out
+        client.problem_info = terms.problem_info
+        attached = self.sessions.attach(client, terms.client_id, terms.version, terms.expiry, pkt.clean_start,
+                                        pkt.will)
+        if attached is None:
+            return self._refuse(client, Refusal(reasons.QUOTA_EXCEEDED if terms.version == MQTT_5
+                                                else reasons.SERVER_UNAVAILABLE, "session limit reached"))
+        sess, present = attached
+        self.output.send(client, codec.encode(ConnAck(present, reasons.SUCCESS, self._connack_properties(client, terms)),
+                                              terms.version))
+        client.connected = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
+                      terms.client_id, client.peer, terms.version, self.shard, present)
+        if present:
+            self.delivery.resume(sess, client)
+
+    def _connack_properties(self, client: Client, terms: Terms) -> Properties:
+        if terms.version != MQTT_5:
+            return NO_PROPERTIES
+        limits = self.limits
+        return Properties(
+            receive_maximum=limits.receive_maximum,
+            topic_alias_maximum=limits.topic_alias_maximum or None,
+            maximum_packet_size=limits.max_packet_size,
+            assigned_client_identifier=client.assigned_id,
+            server_keep_alive=terms.server_keepalive,
+            session_expiry_interval=terms.expiry if terms.expiry_capped else None,
+            retain_available=0 if not limits.retain_available else None,
+        )
+
+    def _refuse(self, client: Client, refusal: Refusal) -> None:
+        log.info("refusing CONNECT from %s (%s): %s [%s]", client.client_id, client.peer, refusal.text,
+                 reasons.name(refusal.reason))
+        if client.version == MQTT_5:
+            props = Properties(reason_string=refusal.text[:200])
+            self.output.send(client, codec.encode(ConnAck(False, refusal.reason, props), MQTT_5))
+        else:
+            code = reasons.V5_TO_V3_CONNACK.get(refusal.reason)
+            if code is not None:
+                self.output.send(client, codec.encode(ConnAck(False, code), client.version))
+        self.output.close(client)
+
+    def on_auth(self, client: Client, sess: Session, pkt: Auth) -> None:
+        # No authentication method was agreed in CONNECT, so AUTH is a protocol error [MQTT-4.12.0-1].
+        raise ProtocolError(reasons.PROTOCOL_ERROR, "AUTH without an authentication method")

@@ -1,0 +1,145 @@
+"""PUBLISH and PUBREL from a client: checks, acknowledgement, and the hand-off to routing.
+
+A PUBLISH is checked (topic alias, topic name, receive maximum, payload format,
+retain, access rules, a full store), turned into a ``Message`` (aliases resolved,
+expiry capped and made absolute) and routed (``Peers.route``). Its acknowledgement
+(PUBACK for QoS 1, PUBREC for QoS 2) is queued on the client's output, which the
+flush writes only after the commit of everything the publish stored. Incoming QoS 2
+packet ids are kept until PUBREL (durably for persistent sessions), so a resend is
+acknowledged again and never routed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from shardbroker.config import LimitsConfig
+from shardbroker.core.access import AccessRules
+from shardbroker.core.client import Client
+from shardbroker.core.clock import EventTime
+from shardbroker.core.commit import Commit
+from shardbroker.core.output import Output
+from shardbroker.core.peers import Peers
+from shardbroker.core.session import Message, Session
+from shardbroker.core.topics import validate_topic_name
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import (
+    MQTT_5,
+    PacketType,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+)
+
+log = logging.getLogger("shardbroker.inbound")
+
+VALID_TOPICS_KEPT = 10000  # topic names remembered as valid (forgotten all at once when full)
+
+
+class Inbound:
+    def __init__(self, limits: LimitsConfig, access: AccessRules, peers: Peers, commit: Commit, output: Output,
+                 time: EventTime, stats: dict[str, int]) -> None:
+        self.limits = limits
+        self.access = access
+        self.peers = peers
+        self.commit = commit
+        self.output = output
+        self.time = time
+        self.stats = stats
+        self._valid_topics: set[str] = set()  # topic names already checked (bounded)
+
+    def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
+        v5 = client.version == MQTT_5
+        topic = pkt.topic
+        props = pkt.properties
+        if v5 and props.topic_alias is not None:
+            alias = props.topic_alias
+            if alias == 0 or alias > self.limits.topic_alias_maximum:  # [MQTT-3.3.2-9/10]
+                raise ProtocolError(reasons.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
+            if topic:
+                client.aliases_in[alias] = topic
+            else:
+                known = client.aliases_in.get(alias)
+                if known is None:
+                    raise ProtocolError(reasons.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+                topic = known
+        if props.subscription_identifiers:  # [MQTT-3.3.4-6]
+            raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
+        if topic not in self._valid_topics:
+            validate_topic_name(topic)
+            if len(self._valid_topics) >= VALID_TOPICS_KEPT:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)
+        qos = pkt.qos
+        pid = pkt.packet_id
+        if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
+            self.output.send(client, codec.encode(PubRec(pid), client.version))
+            return
+        if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
+            # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
+            if qos == 1:
+                client.unacked_in += 1
+            if client.unacked_in + len(sess.qos2_in) + (qos == 2) > self.limits.receive_maximum:
+                raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+        self.stats["received"] += 1
+        code = reasons.SUCCESS
+        if props.payload_format_indicator == 1 and not is_utf8(pkt.payload):
+            if qos == 0:
+                raise ProtocolError(reasons.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
+            code = reasons.PAYLOAD_FORMAT_INVALID
+        elif pkt.retain and not self.limits.retain_available:
+            raise ProtocolError(reasons.RETAIN_NOT_SUPPORTED, "retain is not available")
+        elif (denied := self.access.publish_denied(topic)) is not None:
+            log.info("dropping publish from %s to %s: %s", client.client_id, topic, denied)
+            code = reasons.NOT_AUTHORIZED
+        elif qos and self.commit.store_full:
+            if not v5:  # 3.1.1 cannot refuse a PUBLISH, and must not acknowledge what it cannot keep
+                raise ProtocolError(reasons.QUOTA_EXCEEDED, "message store full: QoS 1/2 refused")
+            code = reasons.QUOTA_EXCEEDED
+        else:
+            if props.topic_alias is not None:
+                props = replace(props, topic_alias=None)
+            expires_at = None
+            expiry = props.message_expiry_interval
+            cap = self.limits.max_message_expiry
+            if cap and (expiry is None or expiry > cap):
+                expiry = cap
+            if expiry is not None:
+                expires_at = self.time.wall + expiry
+            msg = Message(topic, pkt.payload, qos, pkt.retain, props, expires_at, client.client_id)
+            matched = self.peers.route(msg)
+            if not matched and v5 and qos:
+                code = reasons.NO_MATCHING_SUBSCRIBERS
+        if qos == 1:
+            self.output.send(client, codec.encode_ack(PacketType.PUBACK, pid) if code == 0 or not v5  # type: ignore[arg-type]
+                             else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
+        elif qos == 2:
+            if code < 0x80:
+                sess.qos2_in.add(pid)  # type: ignore[arg-type]
+                if sess.persistent:
+                    self.commit.batch().add_qos2_incoming(sess.client_id, pid)  # type: ignore[arg-type]
+            self.output.send(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
+                             else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
+
+    def on_pubrel(self, client: Client, sess: Session, pkt: PubRel) -> None:
+        code = reasons.SUCCESS
+        if pkt.packet_id in sess.qos2_in:
+            sess.qos2_in.discard(pkt.packet_id)
+            if sess.persistent:
+                self.commit.batch().remove_qos2_incoming(sess.client_id, pkt.packet_id)
+        else:
+            code = reasons.PACKET_IDENTIFIER_NOT_FOUND
+        self.output.send(client, codec.encode(PubComp(pkt.packet_id, code if client.version == MQTT_5 else 0),
+                                              client.version))
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,247 @@
+"""Routing across shards and the peer protocol: where a publish goes, and what shards tell
+each other about it.
+
+It owns this shard's copy of the route table (``routing.RouteTable``), which peers
+have told us their routes (``synced``), and the durable outbox (``outbox.Outbox``).
+``route(msg)`` is the one way a publish enters the broker's fan-out, whether it came
+from a client, a will or ``$SYS``: the retained store first, then this shard's
+subscribers (``Subscriptions.deliver_local``) and one ``Forward`` to each other shard
+that wants it. A QoS 1/2 publish for a persistent session on another shard goes
+through the outbox (a numbered ``DurableForward``, committed before the publisher is
+acknowledged); everything else goes straight over the link.
+
+Messages between shards are the typed ones of ``shardbroker.peer.messages``;
+``on_messages`` handles what peers send, one handler per message type. What goes
+out waits in the link until ``Broker.flush`` has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from itertools import count
+from typing import TYPE_CHECKING, Any, Protocol
+
+from shardbroker.core.clock import EventTime
+from shardbroker.core.commit import Commit
+from shardbroker.core.outbox import APPLY, GAP, Outbox
+from shardbroker.core.routing import RouteTable, Target
+from shardbroker.core.session import Message
+from shardbroker.peer.messages import (
+    DurableForward,
+    Forward,
+    ForwardAck,
+    PeerMessage,
+    ResendRequest,
+    RouteAck,
+    RouteAdd,
+    RouteRemove,
+    Routes,
+    RoutesQuery,
+)
+from shardbroker.storage.records import StoredMessage
+
+if TYPE_CHECKING:
+    from shardbroker.core.subscriptions import Subscriptions
+
+log = logging.getLogger("shardbroker.peers")
+
+
+class PeerLink(Protocol):
+    """How messages reach the other shards (``shardbroker.peer.bus.Bus``): in order per peer,
+    sent at ``flush``."""
+
+    sent: int
+    received: int
+
+    @property
+    def peers(self) -> list[int]: ...
+    def send(self, peer: int, message: PeerMessage, size: int = 0) -> None: ...
+    def broadcast(self, message: PeerMessage) -> None: ...
+    def has_pending(self) -> bool: ...
+    def flush(self) -> None: ...
+
+
+class Peers:
+    def __init__(self, shard: int, shards: int, link: PeerLink, commit: Commit, time: EventTime,
+                 stats: dict[str, int], wake: Callable[[], None]) -> None:
+        self.shard = shard
+        self.shards = shards
+        self.link = link
+        self.commit = commit
+        self.time = time
+        self.stats = stats
+        self._wake = wake
+        self.routes = RouteTable()
+        self.outbox = Outbox(shard)
+        self.synced: set[int] = set()  # peers whose routes we know
+        self._replay_asked: set[int] = set()  # peers asked for a resend this iteration
+        self._requests = count(1)
+        self.subscriptions: Subscriptions  # set by the broker (they need each other)
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
+            ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
+            RouteRemove: self._on_route_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
+            Routes: self._on_routes,
+        }
+
+    def peer_ids(self) -> list[int]:
+        return self.link.peers
+
+    # ---- routes
+
+    def announce(self) -> None:
+        """Ask every peer for its routes and tell them ours (startup and restart)."""
+        self.link.broadcast(RoutesQuery(self.shard))
+        self.link.broadcast(Routes(self.shard, self._route_keys()))
+        self._wake()
+
+    def _route_keys(self) -> tuple[tuple[str, bool], ...]:
+        return tuple(self.subscriptions.route_keys().items())
+
+    def announce_route(self, key: str, durable: bool, *, ack: bool) -> int | None:
+        """This shard subscribes to ``key`` (or changed its durable flag): tell every peer.
+        With ``ack``, the request id that their ``RouteAck``s will carry (None without peers)."""
+        self.routes.add(self.shard, key, durable)
+        peers = self.link.peers
+        if not peers:
+            return None
+        request = next(self._requests) if ack else 0
+        self.link.broadcast(RouteAdd(self.shard, key, request, durable))
+        self._wake()
+        return request or None
+
+    def withdraw_route(self, key: str) -> None:
+        self.routes.remove(self.shard, key)
+        self.link.broadcast(RouteRemove(self.shard, key))
+        self._wake()
+
+    # ---- publishes
+
+    def route(self, msg: Message) -> bool:
+        """Send a publish to every shard that wants it (this one included). True if any does."""
+        if msg.retain:
+            self._retain(msg)
+        targets = self.routes.targets(msg.topic)
+        if len(self.synced) < self.shards - 1 and msg.qos:
+            # A peer whose routes we do not know yet (it is starting) may have persistent
+            # subscribers: send it QoS 1/2 durably and let it match; it drops what it has no use for.
+            targets = dict(targets)
+            for peer in self.link.peers:
+                if peer not in self.synced:
+                    known = targets.get(peer)
+                    targets[peer] = Target(True, list(known.groups) if known else [], True)
+        if not targets:
+            return False
+        for shard, target in targets.items():
+            if shard == self.shard:
+                self.subscriptions.deliver_local(msg, target.non_shared, target.groups, 0)
+            else:
+                self._forward(shard, Forward(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties,
+                                             msg.expires_at, msg.origin, target.non_shared, tuple(target.groups), 0),
+                              target.durable)
+        return True
+
+    def pass_shared(self, msg: Message, group: str, flt: str, hops: int) -> None:
+        """No member of ``group`` here: pass ``msg`` to another shard that has members."""
+        others = [s for s in self.routes.shards_for_group(group, flt) if s != self.shard]
+        if others:
+            self._forward(others[hops % len(others)], Forward(
+                msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at, msg.origin,
+                False, ((group, flt),), hops + 1), True)
+
+    def _forward(self, peer: int, forward: Forward, durable: bool) -> None:
+        """QoS 1/2 for a persistent session there through the durable outbox, the rest straight."""
+        size = len(forward.payload) + len(forward.topic)
+        if forward.qos and durable:
+            self.link.send(peer, self.outbox.send(peer, forward, self.commit.batch(), self.time.mono), size)
+        else:
+            self.link.send(peer, forward, size)
+        self.stats["forwarded"] += 1
+        self._wake()
+
+    def _retain(self, msg: Message) -> None:
+        if not msg.payload:  # [MQTT-3.3.1-6/7]: an empty payload deletes
+            self.commit.retain(msg.topic, None)
+        else:
+            self.commit.retain(msg.topic, StoredMessage(msg.topic, msg.payload, msg.qos, True, msg.properties,
+                                                        msg.expires_at))
+        self._wake()
+
+    # ---- what peers send
+
+    def on_messages(self, messages: Iterable[PeerMessage]) -> None:
+        handlers = self._handlers
+        for m in messages:
+            try:
+                handlers[type(m)](m)
+            except Exception:
+                log.exception("shard %d: bad peer message %s", self.shard, type(m).__name__)
+        self._wake()
+
+    def _deliver(self, f: Forward) -> None:
+        msg = Message(f.topic, f.payload, f.qos, f.retain, f.properties, f.expires_at, f.origin)
+        self.subscriptions.deliver_local(msg, f.plain, f.groups, f.hops)
+
+    def _on_forward(self, m: Forward) -> None:
+        self._deliver(m)
+
+    def _on_durable_forward(self, m: DurableForward) -> None:
+        origin = m.origin_shard
+        verdict = self.outbox.accept(origin, m.seq)
+        if verdict == APPLY:
+            self._deliver(m.forward)
+        elif verdict == GAP and origin not in self._replay_asked:
+            mark = self.outbox.mark(origin)
+            log.info("shard %d: hand-over gap from shard %d (got %d, mark %d): asking for a resend",
+                     self.shard, origin, m.seq, mark)
+            self._replay_asked.add(origin)
+            self.link.send(origin, ResendRequest(self.shard, mark))
+
+    def _on_forward_ack(self, m: ForwardAck) -> None:
+        self.outbox.acknowledged(m.shard, m.upto, self.commit.batch(), self.time.mono)
+
+    def _on_resend_request(self, m: ResendRequest) -> None:
+        self._resend(m.shard)
+
+    def _resend(self, peer: int) -> None:
+        for again in self.outbox.resend(peer, self.time.mono):
+            self.link.send(peer, again)
+
+    def _on_route_add(self, m: RouteAdd) -> None:
+        self.routes.add(m.shard, m.key, m.durable)
+        if m.request:
+            self.link.send(m.shard, RouteAck(self.shard, m.request))
+
+    def _on_route_remove(self, m: RouteRemove) -> None:
+        self.routes.remove(m.shard, m.key)
+
+    def _on_route_ack(self, m: RouteAck) -> None:
+        self.subscriptions.route_acknowledged(m.shard, m.request)
+
+    def _on_routes_query(self, m: RoutesQuery) -> None:
+        self.link.send(m.shard, Routes(self.shard, self._route_keys()))
+
+    def _on_routes(self, m: Routes) -> None:
+        log.debug("shard %d: routes of shard %d: %d filters", self.shard, m.shard, len(m.keys))
+        self.routes.replace(m.shard, dict(m.keys))
+        self.synced.add(m.shard)
+        self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
+
+    # ---- the flush and the sweep
+
+    def committed(self, ok: bool) -> None:
+        """The iteration's commit is done: acknowledge what it made durable (nothing if it failed,
+        so the origins resend), then send everything queued."""
+        acks = self.outbox.acks_due
+        if ok:
+            for origin, mark in acks.items():
+                self.link.send(origin, ForwardAck(self.shard, mark))
+        acks.clear()
+        self._replay_asked.clear()
+        self.link.flush()
+
+    def sweep(self) -> None:
+        """Resend durable forwards that a peer has left unacknowledged too long."""
+        for peer in self.outbox.overdue(self.time.mono):
+            self._resend(peer)

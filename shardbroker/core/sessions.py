@@ -1,0 +1,260 @@
+"""The session registry of one shard: who is connected, which sessions live, and their ends.
+
+It owns the sessions (by client id), the set of client ids that have a session
+record in the store, and the connected clients. It attaches a client to its
+session at CONNECT (taking over from an older connection, resuming or starting
+afresh), detaches it when the connection ends, fires wills (at once or after their
+delay), ends sessions (expiry, Clean Start, the end of a clean one) and restores
+them from the store at startup. What a session stores is written to the current
+batch (``Commit``); when it is written is the flush's business.
+
+Sessions are persistent when their expiry interval is above 0 (3.1.1 Clean Session
+0 is ``NEVER``). Expiry and will delay are wall-clock times, so they count the
+downtime of a restart; keepalive is the broker's (``Broker.tick``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from shardbroker.core.client import Client
+from shardbroker.core.clock import EventTime
+from shardbroker.core.commit import Commit
+from shardbroker.core.session import (
+    AWAIT_PUBCOMP,
+    Message,
+    Outgoing,
+    Queued,
+    Session,
+    Subscribed,
+    WillState,
+)
+from shardbroker.core.store import ShardStore
+from shardbroker.protocol.packets import NO_PROPERTIES, Will
+from shardbroker.storage.records import SessionRecord, StoredMessage, StoredSubscription, StoredWill
+
+if TYPE_CHECKING:
+    from shardbroker.core.subscriptions import Subscriptions
+
+log = logging.getLogger("shardbroker.sessions")
+
+
+class Sessions:
+    def __init__(self, commit: Commit, time: EventTime, max_sessions: int) -> None:
+        self.commit = commit
+        self.time = time
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, Session] = {}
+        self.stored_client_ids: set[str] = set()  # client ids with a session record in the store
+        self.clients: set[Client] = set()  # connected clients (CONNECT accepted)
+        # Set by the broker once its parts exist (they need each other):
+        self.subscriptions: Subscriptions
+        self.route: Callable[[Message], bool]  # publish a will
+        self.take_over: Callable[[Client, bool], None]  # close an older connection (publish its will?)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, client_id: str) -> Session | None:
+        return self.sessions.get(client_id)
+
+    # ---- startup
+
+    def restore(self, store: ShardStore) -> None:
+        """Load this shard's sessions from the store."""
+        now = self.time.wall
+        # A session that was connected when the shard died lost its connection at the last
+        # moment the shard is known to have been alive: downtime counts toward its expiry.
+        alive_at = store.get_meta("alive_at")
+        crashed_at = float(alive_at) if isinstance(alive_at, (int, float)) and alive_at <= now else now
+        for rec in store.sessions():
+            sess = Session(rec.client_id, rec.protocol_version, rec.expiry_interval)
+            sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else crashed_at
+            if rec.will is not None:
+                w = rec.will
+                sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
+                sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
+            for pid, inf, smsg in store.inflight(rec.client_id):
+                msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
+                sess.inflight[pid] = Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state)
+                sess.next_pid = pid % 65535 + 1
+            for seq, msg_id, qos, smsg in store.queue(rec.client_id):
+                msg = _message_from_stored(smsg, msg_id)
+                sess.queue.append(Queued(msg, qos, msg.retain, (), seq))
+                sess.queued_bytes += len(msg.payload)
+            sess.qos2_in.update(store.qos2_incoming(rec.client_id))
+            self.sessions[rec.client_id] = sess
+            self.stored_client_ids.add(rec.client_id)
+            for sub in rec.subscriptions:
+                self.subscriptions.restore(sess, _subscribed(sub))
+        self.commit.mark_alive()  # a crash right after start counts from here
+
+    # ---- CONNECT
+
+    def attach(self, client: Client, client_id: str, version: int, expiry: int, clean_start: bool,
+               will: Will | None) -> tuple[Session, bool] | None:
+        """Give ``client`` its session: the existing one (session present) or a new one; an
+        older connection of the same client id is taken over (closed). None when a new
+        session would exceed the session limit."""
+        sess = self.sessions.get(client_id)
+        if sess is not None and sess.client is not None:
+            log.info("client %s taken over by a new connection from %s", client_id, client.peer)
+            self.take_over(sess.client, clean_start or (sess.will is not None and sess.will.delay == 0))
+        if sess is not None and sess.client is None and (end := sess.expires_at()) is not None \
+                and self.time.wall >= end:  # expired, and the sweep has not got to it yet
+            if sess.will is not None:
+                self.publish_will(sess)
+            self.end(sess)
+            sess = None
+        if sess is not None and (clean_start or not sess.persistent):
+            if sess.will is not None and sess.will_due is not None:
+                self.publish_will(sess)  # a will delay never outlives the session
+            self.end(sess)
+            sess = None
+        present = sess is not None
+        if sess is None:
+            if len(self.sessions) >= self.max_sessions:
+                return None
+            sess = Session(client_id, version, expiry)
+            self.sessions[client_id] = sess
+        else:
+            sess.version = version
+            sess.expiry_interval = expiry
+        sess.will = None
+        sess.will_due = None
+        if will is not None:
+            sess.will = WillState(will.topic, will.payload, will.qos, will.retain, will.properties,
+                                  will.properties.will_delay_interval or 0)
+        sess.client = client
+        sess.disconnected_at = None
+        client.session = sess
+        self.clients.add(client)
+        if sess.persistent:
+            self.persist(sess)
+        elif client_id in self.stored_client_ids:
+            self._forget_stored(sess)
+        return sess, present
+
+    # ---- the end of a connection, of a session
+
+    def detach(self, client: Client, *, publish_will: bool) -> None:
+        """The connection is gone (or going): the session carries on or ends."""
+        self.clients.discard(client)
+        sess = client.session
+        client.session = None
+        if sess is None or sess.client is not client:
+            return
+        sess.client = None
+        sess.disconnected_at = self.time.wall
+        if not publish_will:
+            sess.will = None
+        if not sess.persistent:
+            if sess.will is not None:
+                self.publish_will(sess)
+            self.end(sess)
+            return
+        if sess.will is not None:
+            delay = min(sess.will.delay, sess.expiry_interval)
+            if delay <= 0:
+                self.publish_will(sess)
+            else:
+                sess.will_due = sess.disconnected_at + delay
+        self.persist(sess)
+
+    def shut_down(self, client: Client) -> None:
+        """The broker stops: the session stays as stored, its will fires after the restart as
+        for a lost connection."""
+        self.clients.discard(client)
+        sess = client.session
+        client.session = None
+        if sess is not None and sess.persistent and sess.client is client:
+            sess.client = None
+            sess.disconnected_at = self.time.wall
+            self.persist(sess)
+
+    def publish_will(self, sess: Session) -> None:
+        w = sess.will
+        sess.will = None
+        sess.will_due = None
+        if w is None:
+            return
+        expiry = w.properties.message_expiry_interval
+        props = replace(w.properties, will_delay_interval=None) if w.properties is not NO_PROPERTIES else w.properties
+        msg = Message(w.topic, w.payload, w.qos, w.retain, props,
+                      self.time.wall + expiry if expiry is not None else None, sess.client_id)
+        log.debug("publishing will of %s to %s", sess.client_id, w.topic)
+        self.route(msg)
+
+    def end(self, sess: Session) -> None:
+        """The session is over: its subscriptions go, its stored rows are deleted."""
+        self.subscriptions.remove_all(sess)
+        self.sessions.pop(sess.client_id, None)
+        if sess.client_id in self.stored_client_ids:
+            self._forget_stored(sess)
+        # Shared-subscription messages this session had not acknowledged go to another member
+        # of their group rather than being lost with it [MQTT-4.8.2, "SHOULD"].
+        stranded = [(o.message, o.group) for o in sess.inflight.values()
+                    if o.group is not None and o.message is not None and o.state != AWAIT_PUBCOMP]
+        stranded += [(q.message, q.group) for q in sess.queue if q.group is not None]
+        sess.inflight.clear()
+        sess.queue.clear()
+        for msg, (group, flt) in stranded:
+            self.subscriptions.deliver_shared(msg, group, flt, 0)
+
+    def sweep(self) -> None:
+        """Delayed wills that are due, sessions that expired (offline ones only)."""
+        now = self.time.wall
+        for sess in list(self.sessions.values()):
+            if sess.client is not None:
+                continue
+            if sess.will_due is not None and now >= sess.will_due:
+                self.publish_will(sess)
+                if sess.persistent:
+                    self.persist(sess)
+            end = sess.expires_at()
+            if end is not None and now >= end:
+                log.debug("session %s expired", sess.client_id)
+                if sess.will is not None:
+                    self.publish_will(sess)
+                self.end(sess)
+
+    # ---- the store
+
+    def persist(self, sess: Session) -> None:
+        """Write the session record (options, subscriptions, will) to the current batch."""
+        will = None
+        if sess.will is not None:
+            w = sess.will
+            will = StoredWill(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
+        subs = tuple(StoredSubscription(s.topic_filter, s.qos, s.no_local, s.retain_as_published,
+                                        s.retain_handling, s.subscription_id) for s in sess.subscriptions.values())
+        rec = SessionRecord(sess.client_id, sess.version, sess.expiry_interval, sess.disconnected_at, subs, will)
+        self.commit.batch().put_session(rec)
+        if not self.stored_client_ids:  # alive marks resume with the first stored session
+            self.commit.mark_alive()
+        self.stored_client_ids.add(sess.client_id)
+
+    def _forget_stored(self, sess: Session) -> None:
+        """Delete the session's stored rows; its in-memory state no longer points at them."""
+        self.commit.batch().delete_session(sess.client_id)
+        self.stored_client_ids.discard(sess.client_id)
+        for q in sess.queue:
+            if q.seq is not None:
+                q.seq = None
+                q.message.unref()
+        for out in sess.inflight.values():
+            if out.message is not None:
+                out.message.unref()
+
+
+def _subscribed(sub: StoredSubscription) -> Subscribed:
+    return Subscribed(sub.topic_filter, sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling,
+                      sub.subscription_id)
+
+
+def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:
+    return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at,
+                   None, msg_id, refs=1 if msg_id is not None else 0)

@@ -1,0 +1,311 @@
+"""Subscriptions of one shard: the local tries, route references, SUBSCRIBE and UNSUBSCRIBE,
+retained delivery, and the local fan-out of a publish.
+
+The first local subscriber of a filter adds it to every shard's route table
+(``Peers.announce_route``) and its SUBACK waits until all of them have acknowledged,
+so that a publish accepted anywhere after SUBACK reaches the subscription; later
+subscribers of the same filter wait for the same acknowledgements while they are
+outstanding. A SUBACK waits at most ``ROUTE_ACK_TIMEOUT`` seconds (a peer that is
+down must not stall subscribers). The last local subscriber removes the filter.
+Retained messages are sent after SUBACK, per Retain Handling.
+
+A publish that reaches this shard is fanned out here (``deliver_local``): one copy per
+session, at the highest QoS of its matching subscriptions, with all their
+identifiers; a shared group's message goes to one member, taken in turns, online
+members first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shardbroker.core.access import AccessRules
+from shardbroker.core.client import Client
+from shardbroker.core.clock import EventTime, Scheduler, Timer
+from shardbroker.core.delivery import Delivery
+from shardbroker.core.output import Output
+from shardbroker.core.routing import RoundRobin
+from shardbroker.core.session import Message, Session, Subscribed
+from shardbroker.core.store import RetainedStore, StoreError
+from shardbroker.core.topics import TopicTrie, matches, parse_shared, validate_topic_filter
+from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import MQTT_5, SubAck, Subscribe, UnsubAck, Unsubscribe
+
+if TYPE_CHECKING:
+    from shardbroker.core.peers import Peers
+    from shardbroker.core.sessions import Sessions
+
+log = logging.getLogger("shardbroker.subscriptions")
+
+ROUTE_ACK_TIMEOUT = 2.0
+MAX_HOPS = 3  # shards a shared-group message may be passed on to in search of a member
+
+
+@dataclass(eq=False)
+class _WaitingSuback:
+    """A SUBACK held until the route announcements it depends on are acknowledged."""
+
+    client: Client
+    session: Session
+    suback: bytes
+    retained_for: list[Subscribed]
+    requests: set[int]
+    timer: Timer | None = field(default=None)
+
+
+class Subscriptions:
+    def __init__(self, shard: int, sessions: Sessions, delivery: Delivery, output: Output, access: AccessRules,
+                 retained: RetainedStore, scheduler: Scheduler, time: EventTime) -> None:
+        self.shard = shard
+        self.sessions = sessions
+        self.delivery = delivery
+        self.output = output
+        self.access = access
+        self.retained = retained
+        self.scheduler = scheduler
+        self.time = time
+        self.peers: Peers  # set by the broker (the peers need the subscriptions too)
+        self.subs: TopicTrie[str, Subscribed] = TopicTrie()
+        self.shared_subs: TopicTrie[tuple[str, str], Subscribed] = TopicTrie()
+        self.filter_refs: dict[str, int] = {}  # route key -> local subscriptions
+        self.durable_refs: dict[str, int] = {}  # route key -> local persistent subscriptions
+        self._requests: dict[int, set[int]] = {}  # route announcement -> peers yet to acknowledge
+        self._filter_request: dict[str, int] = {}  # filter -> its outstanding announcement
+        self._waiting: dict[int, list[_WaitingSuback]] = {}  # announcement -> SUBACKs waiting for it
+        self._members = RoundRobin()
+
+    # ---- the local tries and the route references
+
+    def restore(self, sess: Session, sub: Subscribed) -> None:
+        """A subscription of a session restored from the store (startup: persistent, so durable)."""
+        self._add(sess, sub)
+        flt = sub.topic_filter
+        self.filter_refs[flt] = self.filter_refs.get(flt, 0) + 1
+        self.durable_refs[flt] = self.durable_refs.get(flt, 0) + 1
+        self.peers.routes.add(self.shard, flt, True)
+
+    def _add(self, sess: Session, sub: Subscribed) -> None:
+        sess.subscriptions[sub.topic_filter] = sub
+        shared = parse_shared(sub.topic_filter)
+        if shared is None:
+            self.subs.add(sub.topic_filter, sess.client_id, sub)
+        else:
+            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+
+    def remove(self, sess: Session, flt: str) -> bool:
+        if sess.subscriptions.pop(flt, None) is None:
+            return False
+        shared = parse_shared(flt)
+        if shared is None:
+            self.subs.remove(flt, sess.client_id)
+        else:
+            self.shared_subs.remove(shared[1], (shared[0], sess.client_id))
+        n = self.filter_refs.get(flt, 0) - 1
+        d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
+        if n <= 0:
+            self.filter_refs.pop(flt, None)
+            self.durable_refs.pop(flt, None)
+            self.peers.withdraw_route(flt)
+            return True
+        self.filter_refs[flt] = n
+        if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
+            del self.durable_refs[flt]
+            self.peers.announce_route(flt, False, ack=False)
+        elif d > 0:
+            self.durable_refs[flt] = d
+        return True
+
+    def remove_all(self, sess: Session) -> None:
+        for flt in list(sess.subscriptions):
+            self.remove(sess, flt)
+
+    def route_keys(self) -> dict[str, bool]:
+        """Every filter this shard subscribes to, and whether a persistent session does."""
+        return {key: key in self.durable_refs for key in self.filter_refs}
+
+    def _ref_route(self, flt: str, durable: bool) -> int | None:
+        """Count a subscription to ``flt``; tell every shard when it is the first one, or the
+        first persistent one. Returns the announcement to wait for, if one is outstanding."""
+        n = self.filter_refs.get(flt, 0)
+        self.filter_refs[flt] = n + 1
+        d = self.durable_refs.get(flt, 0)
+        if durable:
+            self.durable_refs[flt] = d + 1
+        if n and not (durable and d == 0):
+            return self._filter_request.get(flt)
+        request = self.peers.announce_route(flt, flt in self.durable_refs, ack=True)
+        if request is not None:
+            self._requests[request] = set(self.peers.peer_ids())
+            self._filter_request[flt] = request
+        return request
+
+    def route_acknowledged(self, peer: int, request: int) -> None:
+        waiting = self._requests.get(request)
+        if waiting is None:
+            return
+        waiting.discard(peer)
+        if waiting:
+            return
+        self._request_done(request)
+
+    def _request_done(self, request: int) -> None:
+        self._requests.pop(request, None)
+        for flt in [f for f, r in self._filter_request.items() if r == request]:
+            del self._filter_request[flt]
+        for w in self._waiting.pop(request, ()):
+            w.requests.discard(request)
+            if not w.requests:
+                self._release(w)
+
+    def _release(self, w: _WaitingSuback) -> None:
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        for request in w.requests:  # the timeout: stop waiting for the rest
+            others = self._waiting.get(request)
+            if others is not None and w in others:
+                others.remove(w)
+        w.requests.clear()
+        if w.client.session is w.session and not w.client.closing:
+            self.output.send(w.client, w.suback)
+            self._send_retained(w.session, w.client, w.retained_for)
+
+    # ---- SUBSCRIBE, UNSUBSCRIBE
+
+    def on_subscribe(self, client: Client, sess: Session, pkt: Subscribe) -> None:
+        v5 = client.version == MQTT_5
+        sub_id = pkt.properties.subscription_identifiers[0] if pkt.properties.subscription_identifiers else None
+        codes: list[int] = []
+        waits: set[int] = set()
+        retained_for: list[Subscribed] = []
+        for s in pkt.subscriptions:
+            try:
+                validate_topic_filter(s.topic_filter)
+            except ProtocolError as exc:
+                log.info("%s: subscription to %r refused: %s", client.client_id, s.topic_filter, exc.message)
+                codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)
+                continue
+            denied = self.access.subscribe_denied(s.topic_filter)
+            if denied is not None:
+                log.info("%s: subscription to %r %s", client.client_id, s.topic_filter, denied)
+                codes.append(reasons.UNSPECIFIED_ERROR)  # 0x80 in 3.1.1 and 5.0
+                continue
+            shared = parse_shared(s.topic_filter)
+            if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
+                raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
+            existed = s.topic_filter in sess.subscriptions
+            sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id)
+            self._add(sess, sub)  # replaces the options of an existing one
+            if not existed:
+                request = self._ref_route(s.topic_filter, sess.persistent)
+                if request is not None:
+                    waits.add(request)
+            codes.append(s.qos)
+            if shared is None and (s.retain_handling == 0 or (s.retain_handling == 1 and not existed)):
+                retained_for.append(sub)
+        if sess.persistent:
+            self.sessions.persist(sess)
+        suback = codec.encode(SubAck(pkt.packet_id, tuple(codes)), client.version)
+        if not waits:
+            self.output.send(client, suback)
+            self._send_retained(sess, client, retained_for)
+            return
+        w = _WaitingSuback(client, sess, suback, retained_for, waits)
+        for request in waits:
+            self._waiting.setdefault(request, []).append(w)
+        w.timer = self.scheduler.later(ROUTE_ACK_TIMEOUT, lambda _now: self._release(w))
+
+    def on_unsubscribe(self, client: Client, sess: Session, pkt: Unsubscribe) -> None:
+        codes = []
+        for flt in pkt.topic_filters:
+            removed = self.remove(sess, flt)
+            codes.append(reasons.SUCCESS if removed else reasons.NO_SUBSCRIPTION_EXISTED)
+        if sess.persistent:
+            self.sessions.persist(sess)
+        self.output.send(client, codec.encode(UnsubAck(pkt.packet_id, tuple(codes)), client.version))
+
+    def _send_retained(self, sess: Session, client: Client, subs: list[Subscribed]) -> None:
+        if not subs:
+            return
+        now = self.time.wall
+        for sub in subs:
+            flt = sub.topic_filter
+            cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
+            prefix = flt[:cut]
+            try:
+                found = list(self.retained.scan(prefix)) if cut < len(flt) else (
+                    [(flt, m)] if (m := self.retained.get(flt)) is not None else [])
+            except StoreError as exc:
+                log.error("retained store read failed: %s", exc)
+                return
+            for topic, smsg in found:
+                if not matches(flt, topic):
+                    continue
+                if smsg.expires_at is not None and now >= smsg.expires_at:
+                    continue
+                msg = Message(topic, smsg.payload, smsg.qos, True, smsg.properties, smsg.expires_at, None)
+                self.delivery.deliver(sess, msg, min(smsg.qos, sub.qos), True,
+                                      (sub.subscription_id,) if sub.subscription_id else ())
+
+    # ---- fan-out of a publish on this shard
+
+    def deliver_local(self, msg: Message, non_shared: bool, groups: Iterable[tuple[str, str]], hops: int) -> None:
+        """Deliver ``msg`` to this shard's matching subscriptions: the plain ones when
+        ``non_shared``, and one member of each shared group in ``groups``."""
+        if msg.expires_at is not None and self.time.wall >= msg.expires_at:
+            self.delivery.stats["expired"] += 1
+            return
+        if non_shared:
+            matches_ = self.subs.match(msg.topic)
+            sessions = self.sessions.sessions
+            deliver = self.delivery.deliver
+            if len(matches_) == 1:
+                for cid, sub in matches_[0][1].items():
+                    if sub.no_local and cid == msg.origin:
+                        continue
+                    sess = sessions.get(cid)
+                    if sess is not None:
+                        deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
+                                (sub.subscription_id,) if sub.subscription_id else ())
+            elif matches_:
+                # Overlapping subscriptions: one copy at the highest QoS with every identifier.
+                agg: dict[str, list[Any]] = {}
+                for _flt, entries in matches_:
+                    for cid, sub in entries.items():
+                        if sub.no_local and cid == msg.origin:
+                            continue
+                        a = agg.get(cid)
+                        if a is None:
+                            a = agg[cid] = [0, False, []]
+                        a[0] = max(a[0], sub.qos)
+                        a[1] = a[1] or sub.retain_as_published
+                        if sub.subscription_id:
+                            a[2].append(sub.subscription_id)
+                for cid, (qos, rap, ids) in agg.items():
+                    sess = sessions.get(cid)
+                    if sess is not None:
+                        deliver(sess, msg, min(msg.qos, qos), msg.retain and rap, tuple(sorted(ids)))
+        for group, flt in groups:
+            self.deliver_shared(msg, group, flt, hops)
+
+    def deliver_shared(self, msg: Message, group: str, flt: str, hops: int) -> None:
+        """One member of ``group`` on ``flt`` gets ``msg``; with none here, another shard that
+        has members is asked (at most ``MAX_HOPS`` times)."""
+        entries = self.shared_subs.get(flt) or {}
+        members = [(cid, sub) for (g, cid), sub in entries.items() if g == group]
+        if not members:
+            if hops < MAX_HOPS:
+                self.peers.pass_shared(msg, group, flt, hops)
+            return
+        sessions = self.sessions.sessions
+        online = [m for m in members if (s := sessions.get(m[0])) is not None and s.client is not None]
+        cid, sub = self._members.pick((group, flt), online or members)
+        sess = sessions.get(cid)
+        if sess is not None:
+            self.delivery.deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
+                                  (sub.subscription_id,) if sub.subscription_id else (), (group, flt))
+

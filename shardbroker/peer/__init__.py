@@ -1,0 +1,1 @@
+"""The peer layer: what shards say to each other (``messages``) and how it travels (``bus``)."""

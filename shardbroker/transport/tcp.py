@@ -1,0 +1,224 @@
+"""A plain TCP client connection in a worker, driven by readiness callbacks.
+
+It implements ``shardbroker.core.client.Transport``: it reads the socket when the
+loop says it is readable (one ``recv`` per callback, so busy clients take turns)
+and hands the bytes to the broker (``Broker.received``), which frames and handles
+them in order (never a task per packet). ``write`` sends at once with one ``send``;
+what the kernel does not take waits in the connection's own write buffer and is
+sent when the socket is writable again. There is no asyncio transport in between:
+flow control (``core/flow.py``) sees the real write backlog.
+
+Water marks: above ``HIGH_WATER`` bytes waiting the connection is backed up
+(``Broker.backed_up``: the shard holds its inputs); below ``LOW_WATER`` it is
+drained again (``Broker.drained``). Above ``MAX_WRITE_BUFFER`` QoS 0 to it is
+dropped (``write_buffer_full``).
+
+Closing: ``close`` writes what is buffered, sends FIN, then reads and discards for
+``CLOSE_LINGER`` seconds so that a client still sending reads our last packets
+rather than a reset; a client that does not take what it is owed within
+``CLOSE_TIMEOUT`` is cut off. However it ends, the broker is told once
+(``Broker.lost``).
+
+No MQTT here: bytes, readiness and the socket's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from shardbroker.core.clock import Now
+
+if TYPE_CHECKING:
+    from shardbroker.core.broker import Broker
+    from shardbroker.core.client import Client
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+MAX_WRITE_BUFFER = 8 << 20  # QoS 0 to a client whose write buffer is beyond this is dropped
+CLOSE_LINGER = 1.0  # seconds a server-closed connection keeps draining input after its FIN
+CLOSE_TIMEOUT = 5.0  # seconds a server-closed connection may take to write what it owes, then abort
+
+
+def _now() -> Now:
+    return Now(time.time(), time.monotonic())
+
+
+class TcpConnection:
+    __slots__ = (
+        "_backed_up", "_broker", "_client", "_close_after", "_close_timer", "_closed", "_initial", "_lingering",
+        "_loop", "_peer", "_reading", "_wbuf", "_writing", "bytes_sent", "fd", "sock",
+    )
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, initial: bytes = b"") -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._loop = loop
+        self._initial = initial
+        self._peer: str | None = None
+        self._broker: Broker | None = None
+        self._client: Client | None = None
+        self._close_after = False
+        self._wbuf = bytearray()  # what the kernel has not taken yet
+        self.bytes_sent = 0
+        self._reading = False
+        self._writing = False
+        self._backed_up = False
+        self._lingering = False  # FIN sent: input is read and discarded until the linger ends
+        self._closed = False
+        self._close_timer: asyncio.TimerHandle | None = None  # the close timeout, then the linger
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, for logs (looked up on first use)."""
+        if self._peer is None:
+            try:
+                addr = self.sock.getpeername()
+            except OSError:
+                return "?"
+            self._peer = f"{addr[0]}:{addr[1]}"
+        return self._peer
+
+    # ---- socket events
+
+    def start(self, broker: Broker, client: Client) -> None:
+        """Start reading; the bytes the acceptor read (CONNECT first) come before anything newer."""
+        self._broker = broker
+        self._client = client
+        self.resume_reading()
+        if self._initial:
+            initial, self._initial = self._initial, b""
+            broker.received(client, initial, _now())
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        if not data:
+            self._lost()
+        elif not self._lingering:
+            assert self._broker is not None and self._client is not None
+            self._broker.received(self._client, data, _now())
+
+    def _lost(self) -> None:
+        """The connection is over (closed by the client, an error, or by us): tell the broker once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        self._wbuf = bytearray()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self._broker is not None and self._client is not None:
+            self._broker.lost(self._client, _now())
+
+    # ---- reading (flow control pauses and resumes it)
+
+    def pause_reading(self) -> None:
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._reading = True
+            self._loop.add_reader(self.fd, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
+
+    # ---- writing
+
+    def write_buffer_full(self) -> bool:
+        return len(self._wbuf) > MAX_WRITE_BUFFER
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._wbuf:
+            self._wbuf += data
+        else:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._lost()
+                return
+            self.bytes_sent += sent
+            if sent < len(data):
+                self._wbuf += memoryview(data)[sent:]
+        if self._wbuf:
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self.fd, self._on_writable)
+            if not self._backed_up and len(self._wbuf) > HIGH_WATER:
+                self._backed_up = True
+                if self._broker is not None and self._client is not None:
+                    self._broker.backed_up(self._client, _now())
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        del self._wbuf[:sent]
+        self.bytes_sent += sent
+        if self._backed_up and len(self._wbuf) < LOW_WATER:
+            self._backed_up = False
+            if self._broker is not None and self._client is not None:
+                self._broker.drained(self._client)
+        if not self._wbuf:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+            if self._close_after:
+                self._finish_close()
+
+    # ---- closing
+
+    def close(self) -> None:
+        """Close once what is buffered has been written; a client that does not read it within
+        ``CLOSE_TIMEOUT`` is cut off."""
+        if self._closed:
+            return
+        if self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
+        self._close_after = True
+        if not self._wbuf:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        """Everything is written: FIN, then read and discard for a moment before closing, so a
+        client still sending does not get a reset before it reads our last packets."""
+        self._close_after = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._lost()
+            return
+        self._lingering = True
+        self.resume_reading()  # drain (and discard) until EOF or the linger ends
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._close_timer = self._loop.call_later(CLOSE_LINGER, self._lost)
+
+    def abort(self) -> None:
+        self._lost()

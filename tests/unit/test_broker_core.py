@@ -1,0 +1,450 @@
+"""The broker core driven without a loop or sockets: fake clients, a fake clock, a fake peer link.
+
+Each test drives ``shardbroker.core.broker.Broker`` through its entry points, as the
+worker does, and reads what it wrote to each client (``core_harness``). The store is
+a real LMDB environment in a temporary directory, so restarts are real too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from core_harness import Harness
+
+from shardbroker.config import load_config
+from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
+from shardbroker.peer.messages import (
+    DurableForward,
+    Forward,
+    ForwardAck,
+    RouteAck,
+    RouteAdd,
+    Routes,
+)
+from shardbroker.protocol import reasons
+from shardbroker.protocol.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    ConnAck,
+    Disconnect,
+    PingReq,
+    PingResp,
+    Properties,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    Subscription,
+    Will,
+)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def _sub(topic: str, qos: int) -> Subscribe:
+    return Subscribe(1, (Subscription(topic, qos),))
+
+
+def _publishes(packets: list[object]) -> list[Publish]:
+    return [p for p in packets if isinstance(p, Publish)]
+
+
+# --------------------------------------------------------------------------- CONNECT and takeover
+
+
+@pytest.mark.parametrize("version", [MQTT_3_1_1, MQTT_5])
+def test_connect_is_answered_with_connack(h: Harness, version: int) -> None:
+    c = h.connect("a", version)
+    [ack] = c.packets()
+    assert isinstance(ack, ConnAck) and ack.reason_code == 0 and not ack.session_present
+    assert c.client.connected and h.broker.sessions.get("a") is not None
+
+
+def test_session_present_after_reconnect_of_persistent_session(h: Harness) -> None:
+    c = h.connect("a", clean=False)
+    c.packets()
+    c.send(Disconnect())
+    assert c.transport.closed
+    c2 = h.connect("a", clean=False)
+    [ack] = c2.packets()
+    assert isinstance(ack, ConnAck) and ack.session_present
+
+
+def test_clean_start_discards_the_old_session(h: Harness) -> None:
+    c = h.connect("a", clean=False)
+    c.send(_sub("t", 1))
+    c.send(Disconnect())
+    c2 = h.connect("a", clean=True)
+    [ack] = c2.packets()
+    assert not ack.session_present
+    assert h.broker.sessions.get("a").subscriptions == {}
+    assert "t" not in h.broker.subscriptions.filter_refs
+
+
+def test_takeover_closes_the_old_connection_with_0x8e(h: Harness) -> None:
+    old = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=60))
+    old.send(_sub("t", 1))
+    old.packets()
+    new = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=60))
+    [disconnect] = old.packets()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == reasons.SESSION_TAKEN_OVER
+    assert old.transport.closed
+    [ack] = new.packets()
+    assert ack.session_present
+    assert h.broker.sessions.get("a").client is new.client
+    assert "t" in h.broker.sessions.get("a").subscriptions
+
+
+def test_takeover_publishes_the_old_will_only_when_the_session_ends(h: Harness) -> None:
+    watcher = h.connect("w")
+    watcher.send(_sub("will/#", 0))
+    watcher.packets()
+    h.connect("a", clean=False, will=Will("will/a", b"gone"))
+    h.connect("a", clean=False)  # same session continues: a 3.1.1 will has delay 0, so it fires
+    assert [p.payload for p in _publishes(watcher.packets())] == [b"gone"]
+
+
+def test_authentication_method_is_refused_with_0x8c(h: Harness) -> None:
+    c = h.connect("a", MQTT_5, properties=Properties(authentication_method="SCRAM-SHA-256"))
+    [ack] = c.packets()
+    assert ack.reason_code == reasons.BAD_AUTHENTICATION_METHOD
+    assert c.transport.closed and h.broker.sessions.get("a") is None
+
+
+def test_will_to_sys_is_refused(h: Harness) -> None:
+    c = h.connect("a", MQTT_5, will=Will("$SYS/x", b"no"))
+    [ack] = c.packets()
+    assert ack.reason_code == reasons.NOT_AUTHORIZED and c.transport.closed
+
+
+def test_first_packet_other_than_connect_aborts(h: Harness) -> None:
+    c = h.client("x")
+    c.send(PingReq())
+    assert c.transport.aborted and c.packets() == []
+
+
+def test_second_connect_is_a_protocol_violation(h: Harness) -> None:
+    from shardbroker.protocol.packets import Connect
+
+    c = h.connect("a", MQTT_5)
+    c.packets()
+    c.send(Connect("a", MQTT_5))
+    [d] = c.packets()
+    assert isinstance(d, Disconnect) and d.reason_code == reasons.PROTOCOL_ERROR and c.transport.closed
+
+
+def test_session_limit_refuses_new_sessions(tmp_path: Path) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_sessions": 1})
+    h = Harness(tmp_path, config)
+    try:
+        h.connect("a").packets()
+        c = h.connect("b", MQTT_5)
+        [ack] = c.packets()
+        assert ack.reason_code == reasons.QUOTA_EXCEEDED
+    finally:
+        h.close()
+
+
+# --------------------------------------------------------------------------- commit before bytes
+
+
+def test_puback_leaves_only_at_the_flush(h: Harness) -> None:
+    c = h.connect("p")
+    c.packets()
+    h.broker.received(c.client, b"\x32\x06\x00\x01t\x00\x07x", h.now)  # QoS 1 PUBLISH, id 7
+    assert c.transport.written[-4:] != b"\x40\x02\x00\x07"  # not yet: the commit comes first
+    h.run()
+    assert c.packets() == [PubAck(7)]
+
+
+def test_pingreq(h: Harness) -> None:
+    c = h.connect("p")
+    c.packets()
+    c.send(PingReq())
+    assert c.packets() == [PingResp()]
+
+
+# --------------------------------------------------------------------------- QoS 2 both ways
+
+
+def test_qos2_inbound_is_routed_once_and_completed(h: Harness) -> None:
+    sub = h.connect("s")
+    sub.send(_sub("t", 0))
+    sub.packets()
+    pub = h.connect("p", MQTT_5)
+    pub.packets()
+    pub.send(Publish("t", b"x", qos=2, packet_id=5))
+    assert pub.packets() == [PubRec(5)]
+    pub.send(Publish("t", b"x", qos=2, packet_id=5, dup=True))  # a resend before PUBREL
+    assert pub.packets() == [PubRec(5)]
+    assert [p.payload for p in _publishes(sub.packets())] == [b"x"]  # delivered once
+    pub.send(PubRel(5))
+    assert pub.packets() == [PubComp(5)]
+    pub.send(PubRel(5))
+    assert pub.packets() == [PubComp(5, reasons.PACKET_IDENTIFIER_NOT_FOUND)]
+
+
+def test_qos2_outbound_exchange_and_pubrel_resent_on_resume(h: Harness) -> None:
+    sub = h.connect("s", clean=False)
+    sub.send(_sub("t", 2))
+    sub.packets()
+    pub = h.connect("p")
+    pub.send(Publish("t", b"x", qos=2, packet_id=1))
+    [out] = _publishes(sub.packets())
+    assert out.qos == 2 and out.packet_id is not None
+    sub.send(PubRec(out.packet_id))
+    assert sub.packets() == [PubRel(out.packet_id)]
+    sub.drop()  # before PUBCOMP
+    again = h.connect("s", clean=False)
+    packets = again.packets()
+    assert packets[0].session_present and packets[1:] == [PubRel(out.packet_id)]
+    again.send(PubComp(out.packet_id))
+    assert h.broker.sessions.get("s").inflight == {}
+
+
+def test_qos2_incoming_ids_survive_a_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    sub = h.connect("s", clean=False)
+    sub.send(_sub("t", 2))
+    pub = h.connect("p", clean=False)
+    pub.send(Publish("t", b"x", qos=2, packet_id=9))
+    assert PubRec(9) in pub.packets()
+    h = h.restart()
+    try:
+        pub = h.connect("p", clean=False)
+        pub.packets()
+        pub.send(Publish("t", b"x", qos=2, packet_id=9, dup=True))  # resent after the crash
+        assert pub.packets() == [PubRec(9)]
+        sub = h.connect("s", clean=False)
+        assert [p.payload for p in _publishes(sub.packets())] == [b"x"]  # exactly once, from the store
+    finally:
+        h.close()
+
+
+def test_queued_qos1_is_delivered_after_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    sub = h.connect("s", clean=False)
+    sub.send(_sub("t", 1))
+    sub.drop()
+    pub = h.connect("p")
+    for i in range(3):
+        pub.send(Publish("t", b"m%d" % i, qos=1, packet_id=i + 1))
+    h = h.restart()
+    try:
+        sub = h.connect("s", clean=False)
+        assert [p.payload for p in _publishes(sub.packets())] == [b"m0", b"m1", b"m2"]
+    finally:
+        h.close()
+
+
+# --------------------------------------------------------------------------- wills and expiry
+
+
+def test_will_on_lost_connection_not_on_disconnect(h: Harness) -> None:
+    watcher = h.connect("w")
+    watcher.send(_sub("will/#", 0))
+    watcher.packets()
+    a = h.connect("a", will=Will("will/a", b"a-gone"))
+    a.drop()
+    b = h.connect("b", will=Will("will/b", b"b-gone"))
+    b.send(Disconnect())
+    assert [p.payload for p in _publishes(watcher.packets())] == [b"a-gone"]
+
+
+def test_will_delay_fires_after_the_delay(h: Harness) -> None:
+    watcher = h.connect("w")
+    watcher.send(_sub("will/#", 0))
+    watcher.packets()
+    a = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=100),
+                  will=Will("will/a", b"late", properties=Properties(will_delay_interval=5)))
+    a.drop()
+    h.advance(4)
+    assert _publishes(watcher.packets()) == []
+    h.advance(1.5)
+    assert [p.payload for p in _publishes(watcher.packets())] == [b"late"]
+
+
+def test_reconnect_within_the_will_delay_cancels_the_will(h: Harness) -> None:
+    watcher = h.connect("w")
+    watcher.send(_sub("will/#", 0))
+    watcher.packets()
+    props = Properties(session_expiry_interval=100)
+    a = h.connect("a", MQTT_5, clean=False, properties=props,
+                  will=Will("will/a", b"late", properties=Properties(will_delay_interval=5)))
+    a.drop()
+    h.advance(2)
+    h.connect("a", MQTT_5, clean=False, properties=props)
+    h.advance(10)
+    assert _publishes(watcher.packets()) == []
+
+
+def test_session_expires_after_its_interval(h: Harness) -> None:
+    a = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=10))
+    a.send(_sub("t", 1))
+    a.drop()
+    assert "a" in h.broker.sessions.stored_client_ids
+    h.advance(9)
+    assert h.broker.sessions.get("a") is not None
+    h.advance(2)
+    assert h.broker.sessions.get("a") is None
+    assert "a" not in h.broker.sessions.stored_client_ids and "t" not in h.broker.subscriptions.filter_refs
+    assert h.store.session("a") is None  # deleted from the store too
+
+
+def test_expiry_counts_the_downtime_of_a_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    a = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=10))
+    a.drop()
+    h.advance(1)
+    h.now = h.now._replace(wall=h.now.wall + 20)  # the broker was down for 20 s
+    h = h.restart()
+    try:
+        h.advance(0.5)
+        assert h.broker.sessions.get("a") is None
+    finally:
+        h.close()
+
+
+def test_keepalive_expiry_closes_the_client(h: Harness) -> None:
+    watcher = h.connect("w", keepalive=0)
+    watcher.send(_sub("will/#", 0))
+    watcher.packets()
+    a = h.connect("a", MQTT_5, keepalive=10, will=Will("will/a", b"silent"))
+    a.packets()
+    h.advance(14)
+    assert not a.transport.closed
+    h.advance(2)  # 1.5 x keepalive without a packet
+    [d] = a.packets()
+    assert isinstance(d, Disconnect) and d.reason_code == reasons.KEEP_ALIVE_TIMEOUT and a.transport.closed
+    assert [p.payload for p in _publishes(watcher.packets())] == [b"silent"]
+
+
+# --------------------------------------------------------------------------- routes and peers
+
+
+def test_suback_waits_for_every_peer_to_acknowledge_the_route(tmp_path: Path) -> None:
+    h = Harness(tmp_path, peers=[1, 2], shards=3)
+    try:
+        c = h.connect("s")
+        c.packets()
+        c.send(_sub("a/b", 1))
+        adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAdd)]
+        assert {peer for peer, _ in adds} == {1, 2} and all(m.key == "a/b" and m.request for _, m in adds)
+        assert c.packets() == []  # SUBACK waits
+        request = adds[0][1].request
+        h.peer_messages([RouteAck(1, request)])
+        assert c.packets() == []
+        h.peer_messages([RouteAck(2, request)])
+        assert c.packets() == [SubAck(1, (1,))]
+    finally:
+        h.close()
+
+
+def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(tmp_path: Path) -> None:
+    h = Harness(tmp_path, peers=[1], shards=2)
+    try:
+        c = h.connect("s")
+        c.packets()
+        c.send(_sub("a/b", 0))
+        assert c.packets() == []
+        h.advance(ROUTE_ACK_TIMEOUT - 0.1, tick=False)
+        assert c.packets() == []
+        h.advance(0.2, tick=False)
+        assert c.packets() == [SubAck(1, (0,))]
+    finally:
+        h.close()
+
+
+def test_publish_to_a_durable_route_goes_through_the_outbox(tmp_path: Path) -> None:
+    h = Harness(tmp_path, peers=[1], shards=2)
+    try:
+        h.peer_messages([Routes(1, (("t/#", True),))])
+        h.link.take()
+        p = h.connect("p")
+        p.packets()
+        p.send(Publish("t/x", b"v", qos=1, packet_id=3))
+        assert p.packets() == [PubAck(3)]  # after the outbox row was committed
+        [(peer, m)] = [(peer, m) for peer, m in h.link.take() if isinstance(m, DurableForward)]
+        assert peer == 1 and m.seq == 1 and m.forward.topic == "t/x" and m.forward.payload == b"v"
+        assert h.broker.peers.outbox.pending_count() == 1
+        h.peer_messages([ForwardAck(1, 1)])
+        assert h.broker.peers.outbox.pending_count() == 0
+    finally:
+        h.close()
+
+
+def test_forwards_from_a_peer_reach_local_subscribers_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path, peers=[1], shards=2)
+    try:
+        s = h.connect("s")
+        s.send(_sub("t", 1))
+        s.packets()
+        h.link.take()
+        fwd = Forward("t", b"v", 1, False)
+        h.peer_messages([DurableForward(1, 1, fwd), DurableForward(1, 1, fwd), Forward("t", b"w", 0, False)])
+        assert [p.payload for p in _publishes(s.packets())] == [b"v", b"w"]
+        acks = [m for _, m in h.link.take() if isinstance(m, ForwardAck)]
+        assert acks == [ForwardAck(0, 1)]  # acknowledged after the commit, the duplicate too
+    finally:
+        h.close()
+
+
+# --------------------------------------------------------------------------- access rules
+
+
+def test_publish_to_sys_or_a_denied_topic_is_refused(tmp_path: Path) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_publish": "ro/+"})
+    h = Harness(tmp_path, config)
+    try:
+        s = h.connect("s")
+        s.send(Subscribe(1, (Subscription("#", 0), Subscription("$SYS/#", 0))))
+        s.packets()
+        p = h.connect("p", MQTT_5)
+        p.packets()
+        p.send(Publish("ro/x", b"v", qos=1, packet_id=1))
+        p.send(Publish("$SYS/x", b"v", qos=1, packet_id=2))
+        assert p.packets() == [PubAck(1, reasons.NOT_AUTHORIZED), PubAck(2, reasons.NOT_AUTHORIZED)]
+        assert _publishes(s.packets()) == []
+    finally:
+        h.close()
+
+
+def test_subscribe_to_a_denied_filter_is_refused(tmp_path: Path) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_subscribe": "secret/#"})
+    h = Harness(tmp_path, config)
+    try:
+        s = h.connect("s")
+        s.packets()
+        s.send(Subscribe(1, (Subscription("secret/a", 1), Subscription("$share/g/secret/b", 1),
+                             Subscription("open", 1))))
+        assert s.packets() == [SubAck(1, (0x80, 0x80, 1))]
+    finally:
+        h.close()
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def test_a_backed_up_client_holds_the_inputs_of_others(h: Harness) -> None:
+    slow = h.connect("slow")
+    slow.packets()
+    pub = h.connect("p")
+    pub.packets()
+    h.broker.backed_up(slow.client, h.now)
+    h.run()
+    h.broker.flush(h.now)  # flow decisions are taken at the flush
+    assert h.link.held
+    pub.send(Publish("t", b"x"))
+    assert pub.transport.paused  # paused after its read while the hold lasts
+    h.broker.drained(slow.client)
+    h.run()
+    assert not pub.transport.paused and not h.link.held
