@@ -101,7 +101,7 @@ def mixed_batch() -> list[PeerMessage]:
 _PUBLISH = PacketType.PUBLISH
 _new = object.__new__
 _FSET = tuple(Forward.__dict__[f].__set__ for f in (
-    "topic", "payload", "qos", "retain", "properties", "expires_at", "origin", "plain",
+    "topic", "payload", "qos", "retain", "properties", "expires_at", "origin", "non_shared",
     "groups", "hops"))
 
 
@@ -126,7 +126,7 @@ def _fwd_out(m: Forward) -> list[Any]:
         raise ValueError("qos or hops")
     exp = m.expires_at
     return [0, m.topic, m.payload, qos, m.retain, _props_out(m.properties),
-            None if exp is None else float(exp), m.origin, m.plain,
+            None if exp is None else float(exp), m.origin, m.non_shared,
             [list(g) for g in m.groups] if m.groups else [], hops]
 
 
@@ -156,11 +156,11 @@ def _seq(v: object) -> bool:
 
 
 def _fwd_in(it: Sequence[Any]) -> Forward:
-    _, topic, payload, qos, retain, block, exp, origin, plain, groups, hops = it
+    _, topic, payload, qos, retain, block, exp, origin, non_shared, groups, hops = it
     if (type(topic) is not str or type(payload) is not bytes or type(qos) is not int
             or not 0 <= qos <= 2 or type(retain) is not bool
             or (exp is not None and type(exp) is not float)
-            or (origin is not None and type(origin) is not str) or type(plain) is not bool
+            or (origin is not None and type(origin) is not str) or type(non_shared) is not bool
             or not _seq(groups) or type(hops) is not int or hops < 0):
         raise PeerFormatError("bad Forward")
     if groups:
@@ -185,7 +185,7 @@ def _fwd_in(it: Sequence[Any]) -> Forward:
     s[4](m, props)
     s[5](m, exp)
     s[6](m, origin)
-    s[7](m, plain)
+    s[7](m, non_shared)
     s[8](m, groups)
     s[9](m, hops)
     return m
@@ -258,7 +258,7 @@ def cbor2_decode(data: bytes) -> list[PeerMessage]:
 #   Forward := 0:u8 flags:u8 hops:u16 len(topic):u16 len(payload):u32 len(origin):u16
 #              len(props):u32 ngroups:u16 expires_at:f64, then topic payload origin props,
 #              then per group: len:u16 group len:u16 filter
-#   flags   := qos (bits 0-1) | retain 4 | plain 8 | has origin 16 | has expires_at 32
+#   flags   := qos (bits 0-1) | retain 4 | non_shared 8 | has origin 16 | has expires_at 32
 #   others  := kind:u8, ints u64, strings len:u16 + UTF-8, bools u8
 # ---------------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ def _s_fwd(m: Forward, kind: int, out: list[bytes]) -> None:
     g = m.groups
     props = m.properties
     pr = b"" if props is NO_PROPERTIES else encode_properties(props, _PUBLISH)
-    flags = (qos | (4 if m.retain else 0) | (8 if m.plain else 0)
+    flags = (qos | (4 if m.retain else 0) | (8 if m.non_shared else 0)
              | (0 if origin is None else 16) | (0 if exp is None else 32))
     out += (_S_FWD.pack(kind, flags, m.hops, len(t), len(p), len(o), len(pr), len(g),
                         0.0 if exp is None else exp), t, p, o, pr)

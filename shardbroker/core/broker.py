@@ -306,17 +306,17 @@ class Broker:
         if outbox.has_dirty():
             outbox.persist(self.commit.batch())
         ok = self.commit.run()
-        dirty = self.output.take()
+        due = self.output.take()
         if not ok:
             # Nothing promised in this batch may be acknowledged: drop the output of every
             # client that had any and close it; the clients resend what was not acked.
-            for client in dirty:
+            for client in due:
                 client.out = []
-                client.dirty = False
+                client.output_due = False
                 self.close(client, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
-            dirty = self.output.take()
+            due = self.output.take()
         self.peers.committed(ok)
-        for client in dirty:
+        for client in due:
             Output.write(client)
         self._update_flow()
 

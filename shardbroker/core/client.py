@@ -60,7 +60,7 @@ class Client:
 
     __slots__ = (
         "alias_max_out", "aliases_in", "aliases_out", "assigned_id", "client_id", "close_requested", "closing",
-        "connected", "dirty", "gone", "keepalive", "last_rx", "max_packet_out", "out", "problem_info", "reader",
+        "connected", "gone", "keepalive", "last_rx", "max_packet_out", "out", "output_due", "problem_info", "reader",
         "send_window", "session", "transport", "unacked_in", "version",
     )
 
@@ -86,7 +86,7 @@ class Client:
         self.problem_info = True
         self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
         self.out: list[bytes] = []  # bytes for the client, written at the next flush
-        self.dirty = False  # in the broker's list of clients to write at the flush
+        self.output_due = False  # listed in ``Output`` to be written at the next flush
 
     @property
     def peer(self) -> str:

@@ -1,7 +1,7 @@
 """What the broker has to say to its clients, held until the flush.
 
 Handlers queue bytes on a client with ``send``; ``Broker.flush`` commits the store
-batch first and only then hands each dirty client's bytes to its transport in one
+batch first and only then hands each client's due bytes to its transport in one
 write. So an acknowledgement never leaves before the state it promises is on disk.
 ``close`` ends a client the same way: after what is queued has been written.
 """
@@ -16,32 +16,34 @@ from shardbroker.core.client import Client
 class Output:
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake  # asks for a flush soon
-        self.dirty: list[Client] = []  # clients with bytes (or a close) due at the flush
+        self._due: list[Client] = []  # clients with bytes (or a close) due at the flush
 
     def send(self, client: Client, data: bytes) -> None:
         client.out.append(data)
-        if not client.dirty:
-            client.dirty = True
-            self.dirty.append(client)
-            self._wake()
+        if not client.output_due:
+            self._mark_due(client)
 
     def close(self, client: Client) -> None:
         """Close the client once what is queued for it has been written."""
         client.closing = True
         client.close_requested = True
-        if not client.dirty:
-            client.dirty = True
-            self.dirty.append(client)
-            self._wake()
+        if not client.output_due:
+            self._mark_due(client)
+
+    def _mark_due(self, client: Client) -> None:
+        client.output_due = True
+        self._due.append(client)
+        self._wake()
 
     def take(self) -> list[Client]:
-        dirty, self.dirty = self.dirty, []
-        return dirty
+        """The clients due to be written, once (the flush)."""
+        due, self._due = self._due, []
+        return due
 
     @staticmethod
     def write(client: Client) -> None:
         """Hand the client's queued bytes to its transport (the flush, after the commit)."""
-        client.dirty = False
+        client.output_due = False
         client.unacked_in = 0
         out, client.out = client.out, []
         if client.gone:

@@ -181,7 +181,7 @@ class Peers:
 
     def _deliver(self, f: Forward) -> None:
         msg = Message(f.topic, f.payload, f.qos, f.retain, f.properties, f.expires_at, f.origin)
-        self.subscriptions.deliver_local(msg, f.plain, f.groups, f.hops)
+        self.subscriptions.deliver_local(msg, f.non_shared, f.groups, f.hops)
 
     def _on_forward(self, m: Forward) -> None:
         self._deliver(m)

@@ -14,7 +14,7 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     kind  message             fields after the kind, in order
     ====  ==================  ===============================================
     0     ``Forward``         topic, payload, qos, retain, properties,
-                              expires_at, origin, plain, groups, hops
+                              expires_at, origin, non_shared, groups, hops
     1     ``DurableForward``  origin_shard, seq, forward (a kind-0 item)
     2     ``ForwardAck``      shard, upto
     3     ``ResendRequest``   shard, mark
@@ -133,8 +133,8 @@ class Forward:
     """A publish forwarded to another shard, fire-and-forget.
 
     ``expires_at`` is wall-clock UNIX seconds (``None``: never). ``origin`` is
-    the publishing client's id, for No Local. ``plain``: the receiver matches its
-    plain subscriptions; ``groups``: the (share group, filter) pairs it serves.
+    the publishing client's id, for No Local. ``non_shared``: the receiver matches its
+    non-shared subscriptions; ``groups``: the (share group, filter) pairs it serves.
     """
 
     topic: str
@@ -144,7 +144,7 @@ class Forward:
     properties: Properties = NO_PROPERTIES
     expires_at: float | None = None
     origin: str | None = None
-    plain: bool = True
+    non_shared: bool = True
     groups: tuple[tuple[str, str], ...] = ()
     hops: int = 0
 
@@ -322,7 +322,7 @@ _FORWARD_SPEC: Final[_Spec] = (
     ("properties", _is_opt_bytes, "bytes or nil"),
     ("expires_at", _is_opt_float, "a float or nil"),
     ("origin", _is_opt_str, "a str or nil"),
-    ("plain", _is_bool, "a bool"),
+    ("non_shared", _is_bool, "a bool"),
     ("groups", _is_groups, "an array of [str, str] pairs"),
     ("hops", _is_uint, "an int >= 0"),
 )
@@ -389,7 +389,7 @@ def _wire_forward(m: Forward) -> tuple[Any, ...]:
         None if props is NO_PROPERTIES else _property_block(props),
         None if expires_at is None else float(expires_at),  # an int type-checks as a float
         m.origin,
-        m.plain,
+        m.non_shared,
         m.groups,
         hops,
     )
@@ -473,7 +473,7 @@ def _slot_setter(cls: type, field: str) -> Callable[[object, object], None]:
 # (about 1 µs for Forward); setting the slots directly gives the same object for half that.
 (
     _set_topic, _set_payload, _set_qos, _set_retain, _set_properties,
-    _set_expires_at, _set_origin, _set_plain, _set_groups, _set_hops,
+    _set_expires_at, _set_origin, _set_non_shared, _set_groups, _set_hops,
 ) = (_slot_setter(Forward, field) for field, _, _ in _FORWARD_SPEC)
 _set_origin_shard, _set_seq, _set_forward = (
     _slot_setter(DurableForward, field) for field, _, _ in _DURABLE_SPEC
@@ -492,7 +492,7 @@ def _properties(block: bytes) -> Properties:
 
 def _forward(item: tuple[Any, ...]) -> Forward:
     try:
-        _, topic, payload, qos, retain, block, expires_at, origin, plain, groups, hops = item
+        _, topic, payload, qos, retain, block, expires_at, origin, non_shared, groups, hops = item
     except ValueError:
         raise PeerFormatError(_problem("Forward", _FORWARD_SPEC, item[1:])) from None
     if (
@@ -503,7 +503,7 @@ def _forward(item: tuple[Any, ...]) -> Forward:
         or type(retain) is not bool
         or (expires_at is not None and type(expires_at) is not float)
         or (origin is not None and type(origin) is not str)
-        or type(plain) is not bool
+        or type(non_shared) is not bool
         or type(groups) is not tuple
         or (groups and not _is_groups(groups))
         or type(hops) is not int
@@ -524,7 +524,7 @@ def _forward(item: tuple[Any, ...]) -> Forward:
     _set_properties(m, props)
     _set_expires_at(m, expires_at)
     _set_origin(m, origin)
-    _set_plain(m, plain)
+    _set_non_shared(m, non_shared)
     _set_groups(m, groups)
     _set_hops(m, hops)
     return m

@@ -52,7 +52,7 @@ FULL = Forward(
     properties=PROPS,
     expires_at=1_900_000_000.25,
     origin="client-1",
-    plain=False,
+    non_shared=False,
     groups=(("g1", "a/#"), ("g2", "a/+/c")),
     hops=3,
 )
@@ -61,7 +61,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "forward-minimal": Forward("t", b"p", 0, False),
     "forward-full": FULL,
     "forward-properties-only": Forward("t", b"p", 1, False, PROPS),
-    "forward-groups-only": Forward("t", b"p", 1, False, groups=(("g", "t"),), plain=False),
+    "forward-groups-only": Forward("t", b"p", 1, False, groups=(("g", "t"),), non_shared=False),
     "forward-expiry-float": Forward("t", b"p", 1, False, expires_at=12.5),
     "forward-origin": Forward("t", b"p", 1, False, origin="ö-client"),
     "forward-unicode-topic": Forward("données/温度/🌡", "✓".encode(), 1, False),
@@ -96,7 +96,7 @@ def fwd_item(**change: Any) -> list[Any]:
     """The wire item of a valid Forward, with some fields replaced."""
     fields = {
         "topic": "t", "payload": b"p", "qos": 1, "retain": False, "properties": None,
-        "expires_at": None, "origin": None, "plain": True, "groups": [], "hops": 0,
+        "expires_at": None, "origin": None, "non_shared": True, "groups": [], "hops": 0,
     }
     fields.update(change)
     return [0, *fields.values()]
@@ -274,7 +274,7 @@ def test_non_items_are_refused(body: Any) -> None:
     ({"expires_at": 5}, "expires_at"),
     ({"expires_at": "soon"}, "expires_at"),
     ({"origin": b"c"}, "origin"),
-    ({"plain": None}, "plain"),
+    ({"non_shared": None}, "non_shared"),
     ({"groups": None}, "groups"),
     ({"groups": [["g"]]}, "groups"),
     ({"groups": [["g", b"f"]]}, "groups"),
@@ -417,7 +417,7 @@ forwards = st.builds(
     properties=properties,
     expires_at=st.none() | st.floats(allow_nan=False),
     origin=st.none() | texts,
-    plain=st.booleans(),
+    non_shared=st.booleans(),
     groups=st.lists(st.tuples(texts, texts), max_size=3).map(tuple),
     hops=st.integers(0, 2**64 - 1),
 )
