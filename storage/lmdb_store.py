@@ -44,7 +44,7 @@ refs       msg_id (u64)                           refcount (u64); no row = 0 = d
 queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
 inflight   CK + 0x00 + packet_id (u16)            CBOR ``InflightRecord``
 qos2in     CK + 0x00 + packet_id (u16)            empty
-outbox     peer shard (u16) + seq (u64)           CBOR bus item: a QoS 1/2 publish handed to
+outbox     peer shard (u16) + seq (u64)           a ``DurableForward`` peer message (older: CBOR), to
                                                   another shard, kept until that shard acks it
 =========  =====================================  ==========================================
 

@@ -22,7 +22,7 @@ SYS_PREFIX = "$SYS"
 
 def is_sys(topic: str) -> bool:
     """Whether ``topic`` is a ``$SYS`` topic (the broker's, read-only for clients)."""
-    return topic.startswith("$SYS/") or topic == SYS_PREFIX
+    return topic[:1] == "$" and (topic.startswith("$SYS/") or topic == SYS_PREFIX)
 
 
 class AccessRules:
@@ -33,12 +33,14 @@ class AccessRules:
             self._deny_publish.add(flt, i, None)
         for i, flt in enumerate(deny_subscribe):
             self._deny_subscribe.add(flt, i, None)
+        self._any_publish_rule = len(self._deny_publish) > 0  # checked per PUBLISH: no trie call
+        self._any_subscribe_rule = len(self._deny_subscribe) > 0
 
     def publish_denied(self, topic: str) -> str | None:
         """Why a client may not publish to ``topic`` (a PUBLISH or a will), or None."""
         if is_sys(topic):
             return "$SYS is read-only for clients"
-        if self._deny_publish and self._deny_publish.match(topic):
+        if self._any_publish_rule and self._deny_publish.match(topic):
             return "refused by acl.deny_publish"
         return None
 
@@ -50,6 +52,6 @@ class AccessRules:
         """
         shared = parse_shared(topic_filter)
         inner = shared[1] if shared is not None else topic_filter
-        if self._deny_subscribe and self._deny_subscribe.match(inner):
+        if self._any_subscribe_rule and self._deny_subscribe.match(inner):
             return "refused by acl.deny_subscribe"
         return None

@@ -7,7 +7,7 @@ backlog into its own memory, and then drops it. So a shard *holds* its inputs
 * a client connection's write buffer is above its high-water mark, as long as
   the client reads at least ``SLOW_CONSUMER_RATE`` bytes/s (judged over each
   ``SLOW_CONSUMER_GRACE`` seconds): one that reads less is a slow consumer and no
-  longer holds anyone back (QoS 0 beyond ``connection.MAX_WRITE_BUFFER`` is
+  longer holds anyone back (QoS 0 beyond the transport's ``write_buffer_full`` is
   dropped for it, counted); it holds again only after it has drained below the
   low-water mark. So a stuck client stalls the others for at most the grace; or
 * the bus toward a peer shard is full and the peer is still taking batches

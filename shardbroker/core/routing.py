@@ -7,7 +7,7 @@ first subscriber adds the key everywhere, the last one removes it.
 
 Each key of a shard carries a *durable* flag: whether a persistent session of
 that shard subscribes to it. Only publishes that reach a durable key of another
-shard need the durable hand-over (``handover.py``); the rest go straight over the bus.
+shard need the durable outbox (``outbox.py``); the rest go straight over the bus.
 
 ``targets(topic)`` is the per-publish question: for each shard, whether it has
 plain subscribers, which shared groups it must serve, and whether any of them is

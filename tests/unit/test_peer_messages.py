@@ -166,14 +166,12 @@ def test_no_properties_costs_one_byte() -> None:
                                                          PacketType.PUBLISH)) + 1
 
 
-def test_decoded_forward_is_a_normal_frozen_dataclass() -> None:
+def test_decoded_forward_is_a_normal_dataclass() -> None:
     decoded = decode_message(encode_message(FULL))
-    assert isinstance(decoded, Forward)
+    assert type(decoded) is Forward
     assert decoded == FULL
-    assert hash(decoded) == hash(FULL)
     assert repr(decoded) == repr(FULL)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        decoded.topic = "other"  # type: ignore[misc]
+    assert dataclasses.fields(decoded) == dataclasses.fields(FULL)
 
 
 def test_an_int_expiry_travels_as_a_float() -> None:
@@ -183,8 +181,8 @@ def test_an_int_expiry_travels_as_a_float() -> None:
     assert type(decoded.expires_at) is float
 
 
-def test_routes_is_hashable() -> None:
-    assert hash(MESSAGES["routes"]) == hash(decode_message(encode_message(MESSAGES["routes"])))
+def test_routes_round_trip_keeps_key_order() -> None:
+    assert decode_message(encode_message(MESSAGES["routes"])) == MESSAGES["routes"]
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""The durable outbox between shards: numbering, marks, resends, and the records it stores."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+
+from shardbroker.core.outbox import APPLY, DUPLICATE, GAP, Outbox, _decode_record
+from shardbroker.peer.messages import DurableForward, Forward, RouteAck, encode_message
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.storage.records import StoreCorrupt, encode_properties
+
+
+class Batch:
+    def __init__(self) -> None:
+        self.outbox: dict[tuple[int, int], bytes] = {}
+        self.meta: dict[str, object] = {}
+
+    def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
+        self.outbox[(peer, seq)] = item
+
+    def delete_outbox(self, peer: int, seq: int) -> None:
+        del self.outbox[(peer, seq)]
+
+    def set_meta(self, key: str, value: object) -> None:
+        self.meta[key] = value
+
+
+def test_numbering_acknowledgement_and_reload() -> None:
+    box, batch = Outbox(0), Batch()
+    first = box.send(1, Forward("t", b"a", 1, False), batch, 10.0)
+    second = box.send(1, Forward("t", b"b", 1, False), batch, 10.0)
+    assert (first.seq, second.seq) == (1, 2) and first.origin_shard == 0
+    box.persist(batch)
+    assert batch.meta == {"handover.next.1": 3}
+    box.acknowledged(1, 1, batch, 11.0)
+    assert list(batch.outbox) == [(1, 2)]
+    again = Outbox(0)
+    again.load([(peer, seq, data) for (peer, seq), data in batch.outbox.items()], batch.meta.items())
+    assert again.resend(1, 12.0) == [second]
+    assert again.send(1, Forward("t", b"c", 1, False), Batch(), 12.0).seq == 3
+
+
+def test_inbox_marks_apply_in_order_only() -> None:
+    box = Outbox(1)
+    assert box.accept(0, 1) == APPLY
+    assert box.accept(0, 1) == DUPLICATE
+    assert box.accept(0, 3) == GAP
+    assert box.mark(0) == 1 and box.acks_due == {0: 1}
+
+
+def test_overdue_after_the_resend_delay() -> None:
+    box = Outbox(0)
+    box.send(2, Forward("t", b"a", 1, False), Batch(), 0.0)
+    assert box.overdue(4.0) == [] and box.overdue(6.0) == [2]
+
+
+def test_records_written_before_the_peer_encoding_are_still_read() -> None:
+    props = Properties(content_type="text/plain", user_properties=(("k", "v"),))
+    legacy = cbor2.dumps(["P", 3, 7, ["a/b", b"payload", 1, True, encode_properties(props), 1.5e9, "pub"],
+                          True, [["g", "a/+"]], 1])
+    assert _decode_record(legacy) == DurableForward(
+        3, 7, Forward("a/b", b"payload", 1, True, props, 1.5e9, "pub", True, (("g", "a/+"),), 1))
+    plain = cbor2.dumps(["P", 3, 8, ["a", b"", 0, False, None, None, None], False, [], 0])
+    assert _decode_record(plain).forward.properties is NO_PROPERTIES
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x01", cbor2.dumps(["P", 1]), cbor2.dumps({"x": 1}),
+                                  encode_message(RouteAck(1, 1))])
+def test_a_corrupt_record_is_reported_as_such(data: bytes) -> None:
+    with pytest.raises(StoreCorrupt):
+        _decode_record(data)
