@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import cbor2
 import pytest
+from shardbroker.storage.records import StoreCorrupt, encode_properties
 
 from shardbroker.core.outbox import APPLY, DUPLICATE, GAP, Outbox, _decode_record
 from shardbroker.peer.messages import DurableForward, Forward, RouteAck, encode_message
 from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from shardbroker.storage.records import StoreCorrupt, encode_properties
 
 
 class Batch:
