@@ -326,7 +326,9 @@ class AclConfig:
         (), "subscriptions to topics under these filters are refused (SUBACK 0x80)", _Filters()
     )
     deny_publish: tuple[str, ...] = _setting(
-        (), "publishes to topics under these filters are dropped (5.0: PUBACK/PUBREC 0x87)",
+        (),
+        "publishes to topics under these filters are dropped (5.0: PUBACK/PUBREC 0x87); "
+        "a will to one is refused (CONNACK 0x87 / 5)",
         _Filters(),
     )
 

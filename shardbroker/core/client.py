@@ -81,8 +81,8 @@ class Client:
         self.send_window = send_window  # QoS 1/2 in flight toward the client
         self.max_packet_out: int | None = None  # the client's Maximum Packet Size
         self.alias_max_out = 0  # the client's Topic Alias Maximum
-        self.aliases_out: dict[str, int] = {}
-        self.aliases_in: dict[int, str] = {}
+        self.aliases_out: dict[str, int] | None = None  # topic -> alias, made on first use
+        self.aliases_in: dict[int, str] | None = None  # alias -> topic, made on first use
         self.problem_info = True
         self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
         self.out: list[bytes] = []  # bytes for the client, written at the next flush

@@ -212,13 +212,16 @@ class Delivery:
             if not plain:
                 props = replace(props, subscription_identifiers=sub_ids, message_expiry_interval=expiry)
             if client.alias_max_out:
-                alias = client.aliases_out.get(msg.topic)
+                aliases = client.aliases_out
+                if aliases is None:
+                    aliases = client.aliases_out = {}
+                alias = aliases.get(msg.topic)
                 if alias is not None:
                     props = replace(props, topic_alias=alias)
                     tb = b""
-                elif len(client.aliases_out) < client.alias_max_out:
-                    alias = len(client.aliases_out) + 1
-                    client.aliases_out[msg.topic] = alias
+                elif len(aliases) < client.alias_max_out:
+                    alias = len(aliases) + 1
+                    aliases[msg.topic] = alias
                     props = replace(props, topic_alias=alias)
             data = codec.encode_publish(tb, msg.payload, qos, retain, dup, pid,
                                         codec.encode_properties(props, PacketType.PUBLISH))

@@ -60,10 +60,13 @@ class Inbound:
             alias = props.topic_alias
             if alias == 0 or alias > self.limits.topic_alias_maximum:  # [MQTT-3.3.2-9/10]
                 raise ProtocolError(reasons.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
+            aliases = client.aliases_in
             if topic:
-                client.aliases_in[alias] = topic
+                if aliases is None:
+                    aliases = client.aliases_in = {}
+                aliases[alias] = topic
             else:
-                known = client.aliases_in.get(alias)
+                known = aliases.get(alias) if aliases is not None else None
                 if known is None:
                     raise ProtocolError(reasons.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                 topic = known

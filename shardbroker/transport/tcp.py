@@ -62,7 +62,7 @@ class TcpConnection:
         self._broker: Broker | None = None
         self._client: Client | None = None
         self._close_after = False
-        self._wbuf = bytearray()  # what the kernel has not taken yet
+        self._wbuf: bytearray | None = None  # what the kernel has not taken yet (None: nothing)
         self.bytes_sent = 0
         self._reading = False
         self._writing = False
@@ -119,7 +119,7 @@ class TcpConnection:
         if self._writing:
             self._loop.remove_writer(self.fd)
             self._writing = False
-        self._wbuf = bytearray()
+        self._wbuf = None
         try:
             self.sock.close()
         except OSError:
@@ -145,13 +145,15 @@ class TcpConnection:
     # ---- writing
 
     def write_buffer_full(self) -> bool:
-        return len(self._wbuf) > MAX_WRITE_BUFFER
+        wbuf = self._wbuf
+        return wbuf is not None and len(wbuf) > MAX_WRITE_BUFFER
 
     def write(self, data: bytes) -> None:
         if self._closed:
             return
-        if self._wbuf:
-            self._wbuf += data
+        wbuf = self._wbuf
+        if wbuf is not None:
+            wbuf += data
         else:
             try:
                 sent = self.sock.send(data)
@@ -162,31 +164,35 @@ class TcpConnection:
                 return
             self.bytes_sent += sent
             if sent < len(data):
-                self._wbuf += memoryview(data)[sent:]
-        if self._wbuf:
+                wbuf = self._wbuf = bytearray(memoryview(data)[sent:])
+        if wbuf is not None:
             if not self._writing:
                 self._writing = True
                 self._loop.add_writer(self.fd, self._on_writable)
-            if not self._backed_up and len(self._wbuf) > HIGH_WATER:
+            if not self._backed_up and len(wbuf) > HIGH_WATER:
                 self._backed_up = True
                 if self._broker is not None and self._client is not None:
                     self._broker.backed_up(self._client, _now())
 
     def _on_writable(self) -> None:
+        wbuf = self._wbuf
+        if wbuf is None:  # pragma: no cover - the writer is removed with the buffer
+            return
         try:
-            sent = self.sock.send(self._wbuf)
+            sent = self.sock.send(wbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._lost()
             return
-        del self._wbuf[:sent]
+        del wbuf[:sent]
         self.bytes_sent += sent
-        if self._backed_up and len(self._wbuf) < LOW_WATER:
+        if self._backed_up and len(wbuf) < LOW_WATER:
             self._backed_up = False
             if self._broker is not None and self._client is not None:
                 self._broker.drained(self._client)
-        if not self._wbuf:
+        if not wbuf:
+            self._wbuf = None  # an idle connection keeps no buffer
             self._loop.remove_writer(self.fd)
             self._writing = False
             if self._close_after:
@@ -196,13 +202,13 @@ class TcpConnection:
 
     def close(self) -> None:
         """Close once what is buffered has been written; a client that does not read it within
-        ``CLOSE_TIMEOUT`` is cut off."""
-        if self._closed:
+        ``CLOSE_TIMEOUT`` is cut off. Closing twice is closing once."""
+        if self._closed or self._lingering or self._close_after:
             return
         if self._close_timer is None:
             self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
         self._close_after = True
-        if not self._wbuf:
+        if self._wbuf is None:
             self._finish_close()
 
     def _finish_close(self) -> None:

@@ -448,3 +448,17 @@ def test_a_backed_up_client_holds_the_inputs_of_others(h: Harness) -> None:
     h.broker.drained(slow.client)
     h.run()
     assert not pub.transport.paused and not h.link.held
+
+
+def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path) -> None:
+    """A will is a publish made later on the client's behalf: the same rules apply to it."""
+    config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_publish": "ro/#"})
+    h = Harness(tmp_path, config)
+    try:
+        c = h.connect("a", MQTT_5, will=Will("ro/x", b"no"))
+        [ack] = c.packets()
+        assert ack.reason_code == reasons.NOT_AUTHORIZED and c.transport.closed
+        ok = h.connect("b", MQTT_5, will=Will("rw/x", b"yes"))
+        assert ok.packets()[0].reason_code == reasons.SUCCESS
+    finally:
+        h.close()
