@@ -155,7 +155,7 @@ class Broker:
             if client.version == MQTT_5 and client.session is not None:
                 self.output.send(client, codec.encode(Disconnect(reasons.SERVER_SHUTTING_DOWN), MQTT_5))
             self.sessions.shut_down(client)
-            self.output.close(client)
+            self.output.close(client, "server shutting down")
         self.flush(now)
 
     # ------------------------------------------------------------------ transports
@@ -175,7 +175,7 @@ class Broker:
         except ProtocolError as exc:
             if not client.connected:
                 log.info("%s: bad CONNECT: %s", client.peer, exc.message)
-                self._abort(client)
+                self._abort(client, f"bad CONNECT: {exc.message}")
                 return
             self.protocol_violation(client, exc)
             return
@@ -185,13 +185,13 @@ class Broker:
             if not client.connected:
                 if not isinstance(packet, Connect):
                     log.info("%s: first packet is not CONNECT: closing", client.peer)
-                    self._abort(client)
+                    self._abort(client, "first packet is not CONNECT")
                     return
                 try:
                     self.handshake.on_connect(client, packet)
                 except Exception:
                     log.exception("%s: internal error in CONNECT", client.peer)
-                    self._abort(client)
+                    self._abort(client, "internal error in CONNECT")
                     return
                 continue
             self.handle(client, packet)
@@ -200,7 +200,7 @@ class Broker:
             if client.connected:
                 self.protocol_violation(client, error)
             else:
-                self._abort(client)
+                self._abort(client, f"bad CONNECT: {error.message}")
         if self.flow.holding:
             self.flow.received(client)
 
@@ -228,9 +228,9 @@ class Broker:
         self.flow.drained(client)
         self.wake()
 
-    def _abort(self, client: Client) -> None:
+    def _abort(self, client: Client, reason: str) -> None:
         client.closing = True
-        client.transport.abort()
+        client.transport.abort(reason)
 
     # ------------------------------------------------------------------ packets
 
@@ -265,7 +265,7 @@ class Broker:
             props = Properties(reason_string=text[:200]) if text else NO_PROPERTIES
             self.output.send(client, codec.encode(Disconnect(reason, props), MQTT_5))
         self.sessions.detach(client, publish_will=will)
-        self.output.close(client)
+        self.output.close(client, text)
 
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)
@@ -282,7 +282,7 @@ class Broker:
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
         log.debug("client %s disconnected (reason 0x%02X)", client.client_id, pkt.reason_code)
         self.sessions.detach(client, publish_will=publish_will)
-        self.output.close(client)
+        self.output.close(client, "client disconnected")
 
     # ------------------------------------------------------------------ peers
 

@@ -45,11 +45,12 @@ class Transport(Protocol):
         """Whether so much waits that QoS 0 to this client is dropped."""
         ...
 
-    def close(self) -> None:
-        """Close after what was written has gone out (bounded in time by the transport)."""
+    def close(self, reason: str) -> None:
+        """Close after what was written has gone out (bounded in time by the transport).
+        ``reason`` says why, for the transport's own close (a WebSocket close frame) and logs."""
 
-    def abort(self) -> None:
-        """Close at once."""
+    def abort(self, reason: str) -> None:
+        """Close at once (``reason`` as for ``close``)."""
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -59,9 +60,28 @@ class Client:
     """One connected (or connecting) client of this shard."""
 
     __slots__ = (
-        "alias_max_out", "aliases_in", "aliases_out", "assigned_id", "client_id", "close_requested", "closing",
-        "connected", "gone", "keepalive", "last_rx", "max_packet_out", "out", "output_due", "problem_info", "reader",
-        "send_window", "session", "transport", "unacked_in", "version",
+        "alias_max_out",
+        "aliases_in",
+        "aliases_out",
+        "assigned_id",
+        "client_id",
+        "close_reason",
+        "close_requested",
+        "closing",
+        "connected",
+        "gone",
+        "keepalive",
+        "last_rx",
+        "max_packet_out",
+        "out",
+        "output_due",
+        "problem_info",
+        "reader",
+        "send_window",
+        "session",
+        "transport",
+        "unacked_in",
+        "version",
     )
 
     def __init__(self, transport: Transport, assigned_id: str | None, max_packet_size: int, mono: float,
@@ -75,6 +95,7 @@ class Client:
         self.connected = False  # CONNACK sent
         self.closing = False  # no more input is handled, nothing new is sent
         self.close_requested = False  # close the transport after the next flush
+        self.close_reason = ""  # why, when close_requested
         self.gone = False  # the transport is closed
         self.keepalive = 0
         self.last_rx = mono

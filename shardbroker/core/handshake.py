@@ -158,7 +158,7 @@ class Handshake:
             code = reasons.V5_TO_V3_CONNACK.get(refusal.reason)
             if code is not None:
                 self.output.send(client, codec.encode(ConnAck(False, code), client.version))
-        self.output.close(client)
+        self.output.close(client, f"CONNECT refused: {refusal.text}")
 
     def on_auth(self, client: Client, sess: Session, pkt: Auth) -> None:
         # No authentication method was agreed in CONNECT, so AUTH is a protocol error [MQTT-4.12.0-1].

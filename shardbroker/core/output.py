@@ -23,10 +23,11 @@ class Output:
         if not client.output_due:
             self._mark_due(client)
 
-    def close(self, client: Client) -> None:
+    def close(self, client: Client, reason: str) -> None:
         """Close the client once what is queued for it has been written."""
         client.closing = True
         client.close_requested = True
+        client.close_reason = reason
         if not client.output_due:
             self._mark_due(client)
 
@@ -52,4 +53,4 @@ class Output:
             client.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if client.close_requested:
             client.close_requested = False
-            client.transport.close()
+            client.transport.close(client.close_reason)

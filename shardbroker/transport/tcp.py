@@ -200,9 +200,10 @@ class TcpConnection:
 
     # ---- closing
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
         """Close once what is buffered has been written; a client that does not read it within
-        ``CLOSE_TIMEOUT`` is cut off. Closing twice is closing once."""
+        ``CLOSE_TIMEOUT`` is cut off. Closing twice is closing once. TCP has no way to say why:
+        ``reason`` is the broker's, which it has logged."""
         if self._closed or self._lingering or self._close_after:
             return
         if self._close_timer is None:
@@ -226,5 +227,5 @@ class TcpConnection:
             self._close_timer.cancel()
         self._close_timer = self._loop.call_later(CLOSE_LINGER, self._lost)
 
-    def abort(self) -> None:
+    def abort(self, reason: str) -> None:
         self._lost()

@@ -85,6 +85,7 @@ class FakeTransport:
         self.bytes_sent = 0
         self.closed = False
         self.aborted = False
+        self.close_reason: str | None = None
         self.paused = False
         self.buffer_full = False
         self.on_close: Callable[[], None] | None = None
@@ -97,13 +98,15 @@ class FakeTransport:
     def write_buffer_full(self) -> bool:
         return self.buffer_full
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
         self.closed = True
+        self.close_reason = reason
         if self.on_close is not None:
             self.on_close()
 
-    def abort(self) -> None:
+    def abort(self, reason: str) -> None:
         self.aborted = self.closed = True
+        self.close_reason = reason
         if self.on_close is not None:
             self.on_close()
 

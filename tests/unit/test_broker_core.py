@@ -97,7 +97,7 @@ def test_takeover_closes_the_old_connection_with_0x8e(h: Harness) -> None:
     new = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=60))
     [disconnect] = old.packets()
     assert isinstance(disconnect, Disconnect) and disconnect.reason_code == reasons.SESSION_TAKEN_OVER
-    assert old.transport.closed
+    assert old.transport.closed and old.transport.close_reason == "session taken over"
     [ack] = new.packets()
     assert ack.session_present
     assert h.broker.sessions.get("a").client is new.client
@@ -130,6 +130,7 @@ def test_first_packet_other_than_connect_aborts(h: Harness) -> None:
     c = h.client("x")
     c.send(PingReq())
     assert c.transport.aborted and c.packets() == []
+    assert c.transport.close_reason == "first packet is not CONNECT"
 
 
 def test_second_connect_is_a_protocol_violation(h: Harness) -> None:
@@ -325,6 +326,7 @@ def test_keepalive_expiry_closes_the_client(h: Harness) -> None:
     h.advance(2)  # 1.5 x keepalive without a packet
     [d] = a.packets()
     assert isinstance(d, Disconnect) and d.reason_code == reasons.KEEP_ALIVE_TIMEOUT and a.transport.closed
+    assert a.transport.close_reason == "keepalive 10s expired"
     assert [p.payload for p in _publishes(watcher.packets())] == [b"silent"]
 
 
