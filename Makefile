@@ -12,13 +12,12 @@ run:
 test:
 	scripts/test $(PYTEST_ARGS)
 
-## ruff, mypy --strict and the import contracts, on the package as installed (scripts/layout.py)
+## ruff, mypy --strict and the import contracts
 lint: install
 	.venv/bin/pip install --quiet ruff mypy
 	.venv/bin/ruff check .
-	rm -rf .lint && .venv/bin/python scripts/layout.py .lint
-	cd .lint && ../.venv/bin/mypy --strict --cache-dir ../.mypy_cache shardbroker
-	cd .lint && PYTHONPATH=. ../.venv/bin/lint-imports ../pyproject.toml
+	.venv/bin/mypy --strict shardbroker
+	.venv/bin/lint-imports
 
 bench: install
 	.venv/bin/python -m loadtests.bench $(ARGS)
