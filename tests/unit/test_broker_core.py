@@ -7,7 +7,9 @@ a real LMDB environment in a temporary directory, so restarts are real too.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from core_harness import Harness
@@ -42,12 +44,26 @@ from shardbroker.protocol.packets import (
     Will,
 )
 
+MakeHarness = Callable[..., Harness]
+
 
 @pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
+def make(tmp_path: Path) -> Iterator[MakeHarness]:
+    """Harnesses on ``tmp_path`` (``Harness`` arguments after the directory), closed after the test."""
+    made: list[Harness] = []
+
+    def build(*args: Any, **kwargs: Any) -> Harness:
+        made.append(Harness(tmp_path, *args, **kwargs))
+        return made[-1]
+
+    yield build
+    for harness in made:
+        harness.close()
+
+
+@pytest.fixture
+def h(make: MakeHarness) -> Harness:
+    return make()
 
 
 def _sub(topic: str, qos: int) -> Subscribe:
@@ -143,16 +159,13 @@ def test_second_connect_is_a_protocol_violation(h: Harness) -> None:
     assert isinstance(d, Disconnect) and d.reason_code == reasons.PROTOCOL_ERROR and c.transport.closed
 
 
-def test_session_limit_refuses_new_sessions(tmp_path: Path) -> None:
+def test_session_limit_refuses_new_sessions(tmp_path: Path, make: MakeHarness) -> None:
     config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_sessions": 1})
-    h = Harness(tmp_path, config)
-    try:
-        h.connect("a").packets()
-        c = h.connect("b", MQTT_5)
-        [ack] = c.packets()
-        assert ack.reason_code == reasons.QUOTA_EXCEEDED
-    finally:
-        h.close()
+    h = make(config)
+    h.connect("a").packets()
+    c = h.connect("b", MQTT_5)
+    [ack] = c.packets()
+    assert ack.reason_code == reasons.QUOTA_EXCEEDED
 
 
 # --------------------------------------------------------------------------- commit before bytes
@@ -162,7 +175,7 @@ def test_puback_leaves_only_at_the_flush(h: Harness) -> None:
     c = h.connect("p")
     c.packets()
     h.broker.received(c.client, b"\x32\x06\x00\x01t\x00\x07x", h.now)  # QoS 1 PUBLISH, id 7
-    assert c.transport.written[-4:] != b"\x40\x02\x00\x07"  # not yet: the commit comes first
+    assert c.packets() == []  # nothing written yet: the commit comes first
     h.run()
     assert c.packets() == [PubAck(7)]
 
@@ -333,104 +346,86 @@ def test_keepalive_expiry_closes_the_client(h: Harness) -> None:
 # --------------------------------------------------------------------------- routes and peers
 
 
-def test_suback_waits_for_every_peer_to_acknowledge_the_route(tmp_path: Path) -> None:
-    h = Harness(tmp_path, peers=[1, 2], shards=3)
-    try:
-        c = h.connect("s")
-        c.packets()
-        c.send(_sub("a/b", 1))
-        adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAdd)]
-        assert {peer for peer, _ in adds} == {1, 2} and all(m.key == "a/b" and m.request for _, m in adds)
-        assert c.packets() == []  # SUBACK waits
-        request = adds[0][1].request
-        h.peer_messages([RouteAck(1, request)])
-        assert c.packets() == []
-        h.peer_messages([RouteAck(2, request)])
-        assert c.packets() == [SubAck(1, (1,))]
-    finally:
-        h.close()
+def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness) -> None:
+    h = make(peers=[1, 2], shards=3)
+    c = h.connect("s")
+    c.packets()
+    c.send(_sub("a/b", 1))
+    adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAdd)]
+    assert {peer for peer, _ in adds} == {1, 2} and all(m.key == "a/b" and m.request for _, m in adds)
+    assert c.packets() == []  # SUBACK waits
+    request = adds[0][1].request
+    h.peer_messages([RouteAck(1, request)])
+    assert c.packets() == []
+    h.peer_messages([RouteAck(2, request)])
+    assert c.packets() == [SubAck(1, (1,))]
 
 
-def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(tmp_path: Path) -> None:
-    h = Harness(tmp_path, peers=[1], shards=2)
-    try:
-        c = h.connect("s")
-        c.packets()
-        c.send(_sub("a/b", 0))
-        assert c.packets() == []
-        h.advance(ROUTE_ACK_TIMEOUT - 0.1, tick=False)
-        assert c.packets() == []
-        h.advance(0.2, tick=False)
-        assert c.packets() == [SubAck(1, (0,))]
-    finally:
-        h.close()
+def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    c = h.connect("s")
+    c.packets()
+    c.send(_sub("a/b", 0))
+    assert c.packets() == []
+    h.advance(ROUTE_ACK_TIMEOUT - 0.1, tick=False)
+    assert c.packets() == []
+    h.advance(0.2, tick=False)
+    assert c.packets() == [SubAck(1, (0,))]
 
 
-def test_publish_to_a_durable_route_goes_through_the_outbox(tmp_path: Path) -> None:
-    h = Harness(tmp_path, peers=[1], shards=2)
-    try:
-        h.peer_messages([Routes(1, (("t/#", True),))])
-        h.link.take()
-        p = h.connect("p")
-        p.packets()
-        p.send(Publish("t/x", b"v", qos=1, packet_id=3))
-        assert p.packets() == [PubAck(3)]  # after the outbox row was committed
-        [(peer, m)] = [(peer, m) for peer, m in h.link.take() if isinstance(m, DurableForward)]
-        assert peer == 1 and m.seq == 1 and m.forward.topic == "t/x" and m.forward.payload == b"v"
-        assert h.broker.peers.outbox.pending_count() == 1
-        h.peer_messages([ForwardAck(1, 1)])
-        assert h.broker.peers.outbox.pending_count() == 0
-    finally:
-        h.close()
+def test_publish_to_a_durable_route_goes_through_the_outbox(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    h.peer_messages([Routes(1, (("t/#", True),))])
+    h.link.take()
+    p = h.connect("p")
+    p.packets()
+    p.send(Publish("t/x", b"v", qos=1, packet_id=3))
+    assert p.packets() == [PubAck(3)]  # after the outbox row was committed
+    [(peer, m)] = [(peer, m) for peer, m in h.link.take() if isinstance(m, DurableForward)]
+    assert peer == 1 and m.seq == 1 and m.forward.topic == "t/x" and m.forward.payload == b"v"
+    assert h.broker.peers.outbox.pending_count() == 1
+    h.peer_messages([ForwardAck(1, 1)])
+    assert h.broker.peers.outbox.pending_count() == 0
 
 
-def test_forwards_from_a_peer_reach_local_subscribers_once(tmp_path: Path) -> None:
-    h = Harness(tmp_path, peers=[1], shards=2)
-    try:
-        s = h.connect("s")
-        s.send(_sub("t", 1))
-        s.packets()
-        h.link.take()
-        fwd = Forward("t", b"v", 1, False)
-        h.peer_messages([DurableForward(1, 1, fwd), DurableForward(1, 1, fwd), Forward("t", b"w", 0, False)])
-        assert [p.payload for p in _publishes(s.packets())] == [b"v", b"w"]
-        acks = [m for _, m in h.link.take() if isinstance(m, ForwardAck)]
-        assert acks == [ForwardAck(0, 1)]  # acknowledged after the commit, the duplicate too
-    finally:
-        h.close()
+def test_forwards_from_a_peer_reach_local_subscribers_once(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    s = h.connect("s")
+    s.send(_sub("t", 1))
+    s.packets()
+    h.link.take()
+    fwd = Forward("t", b"v", 1, False)
+    h.peer_messages([DurableForward(1, 1, fwd), DurableForward(1, 1, fwd), Forward("t", b"w", 0, False)])
+    assert [p.payload for p in _publishes(s.packets())] == [b"v", b"w"]
+    acks = [m for _, m in h.link.take() if isinstance(m, ForwardAck)]
+    assert acks == [ForwardAck(0, 1)]  # acknowledged after the commit, the duplicate too
 
 
 # --------------------------------------------------------------------------- access rules
 
 
-def test_publish_to_sys_or_a_denied_topic_is_refused(tmp_path: Path) -> None:
+def test_publish_to_sys_or_a_denied_topic_is_refused(tmp_path: Path, make: MakeHarness) -> None:
     config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_publish": "ro/+"})
-    h = Harness(tmp_path, config)
-    try:
-        s = h.connect("s")
-        s.send(Subscribe(1, (Subscription("#", 0), Subscription("$SYS/#", 0))))
-        s.packets()
-        p = h.connect("p", MQTT_5)
-        p.packets()
-        p.send(Publish("ro/x", b"v", qos=1, packet_id=1))
-        p.send(Publish("$SYS/x", b"v", qos=1, packet_id=2))
-        assert p.packets() == [PubAck(1, reasons.NOT_AUTHORIZED), PubAck(2, reasons.NOT_AUTHORIZED)]
-        assert _publishes(s.packets()) == []
-    finally:
-        h.close()
+    h = make(config)
+    s = h.connect("s")
+    s.send(Subscribe(1, (Subscription("#", 0), Subscription("$SYS/#", 0))))
+    s.packets()
+    p = h.connect("p", MQTT_5)
+    p.packets()
+    p.send(Publish("ro/x", b"v", qos=1, packet_id=1))
+    p.send(Publish("$SYS/x", b"v", qos=1, packet_id=2))
+    assert p.packets() == [PubAck(1, reasons.NOT_AUTHORIZED), PubAck(2, reasons.NOT_AUTHORIZED)]
+    assert _publishes(s.packets()) == []
 
 
-def test_subscribe_to_a_denied_filter_is_refused(tmp_path: Path) -> None:
+def test_subscribe_to_a_denied_filter_is_refused(tmp_path: Path, make: MakeHarness) -> None:
     config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_subscribe": "secret/#"})
-    h = Harness(tmp_path, config)
-    try:
-        s = h.connect("s")
-        s.packets()
-        s.send(Subscribe(1, (Subscription("secret/a", 1), Subscription("$share/g/secret/b", 1),
-                             Subscription("open", 1))))
-        assert s.packets() == [SubAck(1, (0x80, 0x80, 1))]
-    finally:
-        h.close()
+    h = make(config)
+    s = h.connect("s")
+    s.packets()
+    s.send(Subscribe(1, (Subscription("secret/a", 1), Subscription("$share/g/secret/b", 1),
+                         Subscription("open", 1))))
+    assert s.packets() == [SubAck(1, (0x80, 0x80, 1))]
 
 
 # --------------------------------------------------------------------------- flow
@@ -452,15 +447,12 @@ def test_a_backed_up_client_holds_the_inputs_of_others(h: Harness) -> None:
     assert not pub.transport.paused and not h.link.held
 
 
-def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path) -> None:
+def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path, make: MakeHarness) -> None:
     """A will is a publish made later on the client's behalf: the same rules apply to it."""
     config = load_config(None, {"server.data_dir": str(tmp_path), "acl.deny_publish": "ro/#"})
-    h = Harness(tmp_path, config)
-    try:
-        c = h.connect("a", MQTT_5, will=Will("ro/x", b"no"))
-        [ack] = c.packets()
-        assert ack.reason_code == reasons.NOT_AUTHORIZED and c.transport.closed
-        ok = h.connect("b", MQTT_5, will=Will("rw/x", b"yes"))
-        assert ok.packets()[0].reason_code == reasons.SUCCESS
-    finally:
-        h.close()
+    h = make(config)
+    c = h.connect("a", MQTT_5, will=Will("ro/x", b"no"))
+    [ack] = c.packets()
+    assert ack.reason_code == reasons.NOT_AUTHORIZED and c.transport.closed
+    ok = h.connect("b", MQTT_5, will=Will("rw/x", b"yes"))
+    assert ok.packets()[0].reason_code == reasons.SUCCESS
