@@ -267,15 +267,25 @@ class LimitsConfig:
     )
     max_queued_messages: int = _setting(
         1000,
-        "messages queued per session while offline or over the inflight window",
+        "messages queued per session while it is offline or a slow subscriber (an online one"
+        " that keeps acknowledging holds its publishers back instead)",
         _Int(1, 10_000_000),
     )
-    max_queued_bytes: int = _setting(16777216, "payload bytes queued per session", _Int(1, 2**40))
+    max_queued_bytes: int = _setting(
+        16777216, "payload bytes queued per session (offline or slow, as above)", _Int(1, 2**40)
+    )
     queue_full_policy: str = _setting(
         "drop_oldest",
         "when a session queue is full: drop_oldest (the oldest queued message is dropped),"
         " or reject_new (the new message is not queued); both are counted",
         _Choice(("drop_oldest", "reject_new")),
+    )
+    ack_timeout: float = _setting(
+        0.0,
+        "seconds a subscriber with a full inflight window may acknowledge nothing before it is"
+        " slow: its publishers are no longer held and its queue falls under the limits above;"
+        " 0 means its keep-alive, at most 60 s",
+        _Float(0.0, 86400.0),
     )
     queue_qos0: bool = _setting(
         False, "also queue QoS 0 messages for offline persistent sessions", _Bool()

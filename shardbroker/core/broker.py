@@ -10,7 +10,8 @@ The parts, each owning its own state (see each module):
     ``Peers``          the route table, publishes to other shards, the peer protocol, the outbox
     ``Commit``         the store batch of each iteration (group commit), store-full state
     ``Output``         bytes for clients, held until the commit
-    ``Flow``           when to stop reading inputs (``flow.py``)
+    ``Backpressure``   backlogs hold back the publishers that feed them (``backpressure.py``)
+    ``Flow``           slow consumers by bytes; the hold while the bus is full (``flow.py``)
     ``AccessRules``    what clients may publish and subscribe to
 
 Entry points (the shell calls them; each takes the time as a ``Now``):
@@ -35,11 +36,12 @@ from typing import Any, Protocol
 
 from shardbroker.config import Config
 from shardbroker.core.access import AccessRules
+from shardbroker.core.backpressure import WRITE, Backpressure
 from shardbroker.core.client import Client, Transport
 from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
 from shardbroker.core.commit import Commit
 from shardbroker.core.delivery import Delivery
-from shardbroker.core.flow import Flow
+from shardbroker.core.flow import SLOW_CONSUMER_RATE, Flow
 from shardbroker.core.handshake import Handshake
 from shardbroker.core.inbound import Inbound
 from shardbroker.core.output import Output
@@ -79,8 +81,6 @@ class BrokerLink(PeerLink, Protocol):
     """The peer link as flow control also uses it (``shardbroker.peer.bus.Bus``)."""
 
     def congested(self, now: float) -> bool: ...
-    def hold(self) -> None: ...
-    def release(self) -> None: ...
 
 
 Handler = Callable[[Client, Session, Any], None]
@@ -100,11 +100,12 @@ class Broker:
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
+            "backlogs": 0, "holds": 0, "slow_subscribers": 0,
         }
         self._flush_scheduled = False
         self._flow_recheck: Timer | None = None
         self._sys_published = now.mono
-        self.flow = Flow()
+        self.flow: Flow[Client] = Flow()
         self.access = AccessRules(config.acl.deny_publish, config.acl.deny_subscribe)
         self.output = Output(self.wake)
         self.commit = Commit(shard, store, retained, self.time, self.stats)
@@ -115,10 +116,14 @@ class Broker:
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
         self.handshake = Handshake(shard, limits, self.access, self.sessions, self.delivery, self.output)
+        self.backpressure = Backpressure(shard, shards, limits, self.sessions, self.output, link, self.time,
+                                         self.stats, self.wake)
         # The parts that need each other:
         self.sessions.subscriptions = self.subscriptions
         self.sessions.route = self.peers.route
         self.sessions.take_over = self._take_over
+        self.sessions.offline = self.backpressure.end
+        self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
         self.subscriptions.peers = self.peers
         self.peers.subscriptions = self.subscriptions
         # One handler per packet type once connected (CONNECT goes to the handshake).
@@ -193,6 +198,8 @@ class Broker:
                     log.exception("%s: internal error in CONNECT", client.peer)
                     self._abort(client, "internal error in CONNECT")
                     return
+                if client.session is not None:
+                    self.backpressure.attached(client)
                 continue
             self.handle(client, packet)
         error = client.reader.error
@@ -213,6 +220,7 @@ class Broker:
         client.closing = True
         client.out = []
         self.flow.forget(client)
+        self.backpressure.forget(client)
         if client.session is not None:
             log.debug("connection of %s lost", client.client_id)
             self.sessions.detach(client, publish_will=True)
@@ -220,12 +228,18 @@ class Broker:
         self.sessions.clients.discard(client)
 
     def backed_up(self, client: Client, now: Now) -> None:
-        """The client's transport holds more than its high-water mark."""
-        self.flow.backed_up_at(client, now.mono)
+        """The client's transport holds more than its high-water mark: a backlog, unless the
+        client is a slow consumer (``flow.py``)."""
+        self.time.set(now)
+        if self.flow.backed_up_at(client, now.mono) and client.session is not None and not client.closing:
+            self.backpressure.start(client.session, WRITE)
+            self.wake()  # the flush judges it (``_update_flow``)
 
     def drained(self, client: Client) -> None:
         """The client's transport is below its low-water mark again."""
         self.flow.drained(client)
+        if client.session is not None:
+            self.backpressure.stop(client.session, WRITE)
         self.wake()
 
     def _abort(self, client: Client, reason: str) -> None:
@@ -324,11 +338,12 @@ class Broker:
         """Hold or release the inputs (``flow.py``) now that this iteration's output is written."""
         mono = self.time.mono
         flow, link = self.flow, self.link
-        recheck = flow.update(mono, link.congested(mono))
-        if flow.hold_bus:
-            link.hold()
-        else:
-            link.release()
+        recheck, slow = flow.update(mono, link.congested(mono))
+        for client in slow:
+            log.info("%s reads too slowly (under %d bytes/s while backed up): its publishers are no longer held, "
+                     "QoS 0 beyond its write buffer is dropped", client.name, SLOW_CONSUMER_RATE)
+            if client.session is not None:
+                self.backpressure.stop(client.session, WRITE)
         if recheck is not None and self._flow_recheck is None:
             self._flow_recheck = self.scheduler.later(max(0.0, recheck - mono), self._flow_recheck_due)
 
@@ -348,10 +363,14 @@ class Broker:
             self._sys_published = now.mono
             self.publish_stats()
         self.commit.sweep(bool(self.sessions.stored_client_ids))
-        held = self.flow.held
+        pressure = self.backpressure
+        pressure.check_slow()
+        pressure.renew()
+        pressure.resume_subscribers()
+        held, paused = self.flow.held, pressure.paused
         for client in list(self.sessions.clients):
             if (client.keepalive and client.connected and now.mono - client.last_rx > client.keepalive * 1.5
-                    and client not in held):  # a client we stopped reading may have sent a PINGREQ
+                    and client not in held and client not in paused):  # we stopped reading: it may have pinged
                 self.close(client, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {client.keepalive}s expired")
         self.sessions.sweep()
         self.peers.sweep()

@@ -71,6 +71,7 @@ class Client:
         "connected",
         "gone",
         "keepalive",
+        "last_ack",
         "last_rx",
         "max_packet_out",
         "out",
@@ -82,6 +83,7 @@ class Client:
         "transport",
         "unacked_in",
         "version",
+        "withheld",
     )
 
     def __init__(self, transport: Transport, assigned_id: str | None, max_packet_size: int, mono: float,
@@ -99,6 +101,8 @@ class Client:
         self.gone = False  # the transport is closed
         self.keepalive = 0
         self.last_rx = mono
+        self.last_ack = mono  # when it last acknowledged a QoS 1/2 message sent to it
+        self.withheld: list[bytes] | None = None  # acknowledgements held back while it is held
         self.send_window = send_window  # QoS 1/2 in flight toward the client
         self.max_packet_out: int | None = None  # the client's Maximum Packet Size
         self.alias_max_out = 0  # the client's Topic Alias Maximum

@@ -6,7 +6,9 @@ queue (offline, or window full), or is dropped (too large for the client, queue 
 by policy, expired). Persistent sessions get their queue and inflight rows written to
 the current store batch; ``Message.ref``/``unref`` keep the stored message id valid.
 Also the acknowledgements of outbound QoS 1/2 (PUBACK, PUBREC, PUBCOMP) and the resend
-of unacknowledged messages on session resume.
+of unacknowledged messages on session resume. A copy that lands in a subscriber's
+backlog holds its publisher back (``backpressure.py``); an online subscriber's queue
+is limited only once it is slow.
 
 It owns no state of its own beyond the sessions it is handed; it writes to the store
 batch and to the clients' output, and counts in the shard's statistics.
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from shardbroker.config import LimitsConfig
+from shardbroker.core.backpressure import QUEUE, QUEUE_HIGH_WATER, QUEUE_LOW_WATER, Backpressure
 from shardbroker.core.client import Client
 from shardbroker.core.clock import EventTime
 from shardbroker.core.output import Output
@@ -49,6 +52,7 @@ class Delivery:
         self.time = time
         self.output = output
         self._batch = batch  # the store batch of this event (``Commit.batch``)
+        self.backpressure: Backpressure  # set by the broker (it needs the sessions)
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -67,21 +71,22 @@ class Delivery:
         if client is None or client.closing:
             if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
                 return
-            self._enqueue(sess, msg, qos, retain, sub_ids, group)
+            self._enqueue(sess, msg, qos, retain, sub_ids, group, True)
             return
         if qos == 0:
             data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
             if data is not None:
                 if client.transport.write_buffer_full():
                     self.stats["dropped_queue_full"] += 1
-                    return
-                self.output.send(client, data)
-                self.stats["delivered"] += 1
-            return
-        if sess.queue or len(sess.inflight) >= client.send_window:
-            self._enqueue(sess, msg, qos, retain, sub_ids, group)
-            return
-        self._send_inflight(sess, client, msg, qos, retain, sub_ids, None, group)
+                else:
+                    self.output.send(client, data)
+                    self.stats["delivered"] += 1
+        elif sess.queue or len(sess.inflight) >= client.send_window:
+            self._enqueue(sess, msg, qos, retain, sub_ids, group, sess.slow)
+        else:
+            self._send_inflight(sess, client, msg, qos, retain, sub_ids, None, group)
+        if sess.backlog:
+            self.backpressure.fed(sess, msg.origin)
 
     def _send_inflight(self, sess: Session, client: Client, msg: Message, qos: int, retain: bool,
                        sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
@@ -120,22 +125,25 @@ class Delivery:
         return client.max_packet_out is None or size <= client.max_packet_out
 
     def _enqueue(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
-                 group: tuple[str, str] | None = None) -> None:
+                 group: tuple[str, str] | None, limited: bool) -> None:
+        """Queue a copy; ``limited``: the session is offline or slow, so its queue limits apply
+        (an online one that keeps acknowledging holds its publishers back instead)."""
         limits = self.limits
         size = len(msg.payload)
-        while sess.queue and (len(sess.queue) >= limits.max_queued_messages
-                              or sess.queued_bytes + size > limits.max_queued_bytes):
+        queue = sess.queue
+        while limited and queue and (len(queue) >= limits.max_queued_messages
+                                     or sess.queued_bytes + size > limits.max_queued_bytes):
             if limits.queue_full_policy != "drop_oldest":
-                self.stats["dropped_queue_full"] += 1
-                sess.dropped += 1
+                self._dropped(sess)
                 return
-            old = sess.queue.popleft()
+            old = queue.popleft()
             sess.queued_bytes -= len(old.message.payload)
             if old.seq is not None:
                 self._batch().dequeue(sess.client_id, old.seq)
                 old.message.unref()
-            self.stats["dropped_queue_full"] += 1
-            sess.dropped += 1
+            self._dropped(sess)
+        if not limited and len(queue) >= QUEUE_HIGH_WATER and not sess.backlog & QUEUE:
+            self.backpressure.start(sess, QUEUE)
         seq = None
         if sess.persistent and (qos > 0 or limits.queue_qos0):
             b = self._batch()
@@ -143,8 +151,18 @@ class Delivery:
                 msg.store_id = b.add_message(_stored(msg))
             seq = b.enqueue(sess.client_id, msg.store_id, qos)
             msg.ref()
-        sess.queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
+        queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
+
+    def _dropped(self, sess: Session) -> None:
+        """A message for ``sess`` is dropped by its queue limits: counted, and logged once."""
+        self.stats["dropped_queue_full"] += 1
+        sess.dropped += 1
+        if sess.dropped == 1:
+            limits = self.limits
+            log.warning("session %s (%s): queue full at %d messages / %d bytes, %s; further drops for it are "
+                        "counted, not logged", sess.client_id, "slow subscriber" if sess.client else "offline",
+                        len(sess.queue), sess.queued_bytes, limits.queue_full_policy)
 
     def pump(self, sess: Session) -> None:
         """Move queued messages into the window while there is room."""
@@ -170,6 +188,8 @@ class Delivery:
                     q.message.unref()
                 continue
             self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
+        if sess.backlog & QUEUE and len(sess.queue) <= QUEUE_LOW_WATER:
+            self.backpressure.stop(sess, QUEUE)
 
     def _publish_bytes(self, client: Client, msg: Message, qos: int, retain: bool, pid: int | None,
                        dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
@@ -240,11 +260,21 @@ class Delivery:
     def _acknowledged(self, sess: Session, pid: int, out: Outgoing) -> None:
         """An outgoing QoS 1/2 exchange is over: free its packet id and window slot."""
         del sess.inflight[pid]
+        self._progress(sess)
         if sess.persistent:
             self._batch().delete_inflight(sess.client_id, pid)
             if out.message is not None:
                 out.message.unref()
         self.pump(sess)
+
+    def _progress(self, sess: Session) -> None:
+        """The subscriber acknowledged something: it is not slow."""
+        client = sess.client
+        if client is not None:
+            client.last_ack = self.time.mono
+        if sess.slow:
+            sess.slow = False
+            log.info("subscriber %s acknowledges again", sess.client_id)
 
     def on_pubrec(self, client: Client, sess: Session, pkt: PubRec) -> None:
         out = sess.inflight.get(pkt.packet_id)
@@ -257,6 +287,7 @@ class Delivery:
             self._acknowledged(sess, pkt.packet_id, out)
             return
         if out.state != AWAIT_PUBCOMP:
+            self._progress(sess)
             out.state = AWAIT_PUBCOMP
             if sess.persistent:
                 self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))

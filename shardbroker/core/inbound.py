@@ -6,7 +6,9 @@ expiry capped and made absolute) and routed (``Peers.route``). Its acknowledgeme
 (PUBACK for QoS 1, PUBREC for QoS 2) is queued on the client's output, which the
 flush writes only after the commit of everything the publish stored. Incoming QoS 2
 packet ids are kept until PUBREL (durably for persistent sessions), so a resend is
-acknowledged again and never routed twice.
+acknowledged again and never routed twice. While the publisher is held back
+(``backpressure.py``) its PUBACKs and PUBRECs wait, in order; PUBCOMP never does (its
+PUBREC has been sent).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import replace
 
 from shardbroker.config import LimitsConfig
 from shardbroker.core.access import AccessRules
+from shardbroker.core.backpressure import Backpressure
 from shardbroker.core.client import Client
 from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
@@ -51,6 +54,7 @@ class Inbound:
         self.time = time
         self.stats = stats
         self._valid_topics: set[str] = set()  # topic names already checked (bounded)
+        self.backpressure: Backpressure  # set by the broker
 
     def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
         v5 = client.version == MQTT_5
@@ -80,7 +84,7 @@ class Inbound:
         qos = pkt.qos
         pid = pkt.packet_id
         if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
-            self.output.send(client, codec.encode(PubRec(pid), client.version))
+            self._ack(client, codec.encode(PubRec(pid), client.version))
             return
         if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
@@ -118,15 +122,24 @@ class Inbound:
             if not matched and v5 and qos:
                 code = reasons.NO_MATCHING_SUBSCRIBERS
         if qos == 1:
-            self.output.send(client, codec.encode_ack(PacketType.PUBACK, pid) if code == 0 or not v5  # type: ignore[arg-type]
-                             else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
+            self._ack(client, codec.encode_ack(PacketType.PUBACK, pid) if code == 0 or not v5  # type: ignore[arg-type]
+                      else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif qos == 2:
             if code < 0x80:
                 sess.qos2_in.add(pid)  # type: ignore[arg-type]
                 if sess.persistent:
                     self.commit.batch().add_qos2_incoming(sess.client_id, pid)  # type: ignore[arg-type]
-            self.output.send(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
-                             else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
+            self._ack(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
+                      else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
+        elif client.withheld is not None:  # held, and QoS 0 has no acknowledgement to hold back
+            self.backpressure.pause(client)
+
+    def _ack(self, client: Client, data: bytes) -> None:
+        """PUBACK/PUBREC: after the commit, and later still while the client is held back."""
+        if client.withheld is None:
+            self.output.send(client, data)
+        else:
+            self.backpressure.withhold(client, data)
 
     def on_pubrel(self, client: Client, sess: Session, pkt: PubRel) -> None:
         code = reasons.SUCCESS

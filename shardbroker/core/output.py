@@ -23,6 +23,11 @@ class Output:
         if not client.output_due:
             self._mark_due(client)
 
+    def mark(self, client: Client) -> None:
+        """List ``client`` at the flush with nothing to write (so a failed commit closes it)."""
+        if not client.output_due:
+            self._mark_due(client)
+
     def close(self, client: Client, reason: str) -> None:
         """Close the client once what is queued for it has been written."""
         client.closing = True

@@ -31,7 +31,9 @@ from shardbroker.peer.messages import (
     DurableForward,
     Forward,
     ForwardAck,
+    Hold,
     PeerMessage,
+    Release,
     ResendRequest,
     RouteAck,
     RouteAdd,
@@ -42,6 +44,7 @@ from shardbroker.peer.messages import (
 from shardbroker.storage.records import StoredMessage
 
 if TYPE_CHECKING:
+    from shardbroker.core.backpressure import Backpressure
     from shardbroker.core.subscriptions import Subscriptions
 
 log = logging.getLogger("shardbroker.peers")
@@ -78,11 +81,12 @@ class Peers:
         self._replay_asked: set[int] = set()  # peers asked for a resend this iteration
         self._requests = count(1)
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
+        self.backpressure: Backpressure  # set by the broker
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
             RouteRemove: self._on_route_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
-            Routes: self._on_routes,
+            Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
         }
 
     def peer_ids(self) -> list[int]:
@@ -227,6 +231,13 @@ class Peers:
         self.routes.replace(m.shard, dict(m.keys))
         self.synced.add(m.shard)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
+        self.backpressure.peer_restarted(m.shard)  # ... and its holds on our publishers are gone
+
+    def _on_hold(self, m: Hold) -> None:
+        self.backpressure.on_hold(m)
+
+    def _on_release(self, m: Release) -> None:
+        self.backpressure.on_release(m)
 
     # ---- the flush and the sweep
 

@@ -11,7 +11,9 @@ Invariants:
 - ``qos2_in`` holds the client's incoming QoS 2 packet IDs awaiting PUBREL; the two
   packet-ID spaces never mix.
 - ``queue`` holds messages waiting for a connection or for room in the window,
-  oldest first; ``queued_bytes`` is the sum of their payload sizes.
+  oldest first; ``queued_bytes`` is the sum of their payload sizes. Its limits apply
+  while the session is offline or ``slow``; otherwise its publishers are held back
+  (``backpressure.py``).
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class Session:
     disconnected_at: float | None = None  # wall clock
     will_due: float | None = None  # wall clock at which a delayed will is published
     dropped: int = 0  # messages dropped because the queue was full
+    backlog: int = 0  # the kinds of backlog it is in (``backpressure.QUEUE | WRITE``), 0 for none
+    slow: bool = False  # online but not acknowledging (``backpressure.py``): its queue limits apply
 
     @property
     def persistent(self) -> bool:

@@ -54,6 +54,7 @@ class Sessions:
         self.subscriptions: Subscriptions
         self.route: Callable[[Message], bool]  # publish a will
         self.take_over: Callable[[Client, bool], None]  # close an older connection (publish its will?)
+        self.offline: Callable[[Session], None]  # the session lost its connection (no backlog any more)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -149,6 +150,7 @@ class Sessions:
             return
         sess.client = None
         sess.disconnected_at = self.time.wall
+        self.offline(sess)
         if not publish_will:
             sess.will = None
         if not sess.persistent:
@@ -173,6 +175,7 @@ class Sessions:
         if sess is not None and sess.persistent and sess.client is client:
             sess.client = None
             sess.disconnected_at = self.time.wall
+            self.offline(sess)
             self.persist(sess)
 
     def publish_will(self, sess: Session) -> None:

@@ -14,9 +14,10 @@ peer (order kept: later batches queue behind it) and is retried every
 ``RETRY`` seconds. ``congested`` says whether some peer is full but still taking
 batches, so that the shard can stop reading its clients (``flow.py``); a peer
 that took nothing for ``PEER_STALL`` seconds is taken to be down, and its backlog
-simply waits in memory until it is back. ``hold``/``release`` stop and restart
-draining this shard's own pipe, which is how a busy shard pushes back on its
-peers.
+simply waits in memory until it is back. A shard drains its own pipe as fast as it
+can handle what comes: a busy one pushes back on its peers by being slow to drain, and
+a backlog holds its publishers back through peer messages (``Hold``), never by
+stopping the drain.
 
 Messages sent within one event-loop iteration are batched into ZeroMQ messages
 per peer of about ``BATCH_BYTES`` at most (the sender tells a message's size),
@@ -87,7 +88,6 @@ class Bus:
         self._backlog: dict[int, deque[bytes]] = {}  # peer -> encoded batches waiting for room
         self._took_at: dict[int, float] = {}  # peer -> when it last took a batch (monotonic)
         self._retry: asyncio.TimerHandle | None = None
-        self._held = False
         self.waited = 0  # batches that had to wait for room (statistics)
         self.sent = 0
         self.received = 0
@@ -188,19 +188,7 @@ class Bus:
         """Batches waiting for room, over all peers."""
         return sum(len(b) for b in self._backlog.values())
 
-    def hold(self) -> None:
-        """Stop draining this shard's pipe (peers then wait, see the module docstring)."""
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            if self._loop is not None:
-                self._loop.call_soon(self._drain)  # the edge-triggered FD will not fire again
-
     def _drain(self) -> None:
-        if self._held:
-            return
         taken = 0
         for _ in range(DRAIN_BUDGET):
             if taken > DRAIN_BYTES:
@@ -220,8 +208,6 @@ class Bus:
             taken += len(raw)
             self.received += len(items)
             self._on_items(items)
-            if self._held:  # the items just handled backed up a client
-                return
         # More may be waiting: the FD is edge-triggered, so come back soon.
         if self._loop is not None:
             self._loop.call_soon(self._drain)

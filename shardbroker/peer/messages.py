@@ -23,6 +23,8 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     6     ``RouteAck``        shard, request
     7     ``RoutesQuery``     shard
     8     ``Routes``          shard, keys (an array of [key, durable] pairs)
+    9     ``Hold``            shard, publisher
+    10    ``Release``         shard, publisher
     ====  ==================  ===============================================
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
@@ -99,8 +101,10 @@ __all__ = [
     "DurableForward",
     "Forward",
     "ForwardAck",
+    "Hold",
     "PeerFormatError",
     "PeerMessage",
+    "Release",
     "ResendRequest",
     "RouteAck",
     "RouteAdd",
@@ -223,6 +227,25 @@ class Routes:
     keys: tuple[tuple[str, bool], ...]
 
 
+@dataclass(slots=True)
+class Hold:
+    """``shard`` has a backlog that ``publisher`` (a client of the receiver) feeds: hold it back.
+
+    A lease: it lasts ``backpressure.HOLD_LEASE`` seconds unless sent again.
+    """
+
+    shard: int
+    publisher: str
+
+
+@dataclass(slots=True)
+class Release:
+    """``shard`` no longer holds ``publisher`` back."""
+
+    shard: int
+    publisher: str
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -233,6 +256,8 @@ PeerMessage: TypeAlias = (
     | RouteAck
     | RoutesQuery
     | Routes
+    | Hold
+    | Release
 )
 
 _KIND_FORWARD: Final = 0
@@ -345,6 +370,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (6, RouteAck, (("shard", *_UINT), ("request", *_POS))),
     (7, RoutesQuery, (("shard", *_UINT),)),
     (8, Routes, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"))),
+    (9, Hold, (("shard", *_UINT), ("publisher", *_STR))),
+    (10, Release, (("shard", *_UINT), ("publisher", *_STR))),
 )
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
-
 from shardbroker.config import Config, load_config
 from shardbroker.core.broker import Broker
 from shardbroker.core.client import Client
@@ -31,6 +29,7 @@ from shardbroker.protocol.packets import (
     Properties,
     Will,
 )
+from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 
 START = Now(1_800_000_000.0, 1000.0)
 
@@ -145,12 +144,6 @@ class FakeLink:
 
     def congested(self, now: float) -> bool:
         return False
-
-    def hold(self) -> None:
-        self.held = True
-
-    def release(self) -> None:
-        self.held = False
 
     def take(self) -> list[tuple[int, PeerMessage]]:
         out, self.sent_messages = self.sent_messages, []

@@ -7,6 +7,7 @@ a real LMDB environment in a temporary directory, so restarts are real too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ import pytest
 from core_harness import Harness
 
 from shardbroker.config import load_config
+from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER
 from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
     DurableForward,
     Forward,
     ForwardAck,
+    Hold,
+    Release,
     RouteAck,
     RouteAdd,
     Routes,
@@ -43,6 +47,7 @@ from shardbroker.protocol.packets import (
     Subscription,
     Will,
 )
+from shardbroker.sharding import shard_for
 
 MakeHarness = Callable[..., Harness]
 
@@ -431,20 +436,157 @@ def test_subscribe_to_a_denied_filter_is_refused(tmp_path: Path, make: MakeHarne
 # --------------------------------------------------------------------------- flow
 
 
-def test_a_backed_up_client_holds_the_inputs_of_others(h: Harness) -> None:
-    slow = h.connect("slow")
-    slow.packets()
-    pub = h.connect("p")
-    pub.packets()
-    h.broker.backed_up(slow.client, h.now)
+def _on_shard(prefix: str, shard: int, shards: int) -> str:
+    """A client id that ``shard_for`` places on ``shard``."""
+    return next(f"{prefix}{i}" for i in range(1000) if shard_for(f"{prefix}{i}", shards) == shard)
+
+
+def _flood(pub: Any, topic: str, n: int, first: int = 1) -> None:
+    for pid in range(first, first + n):
+        pub.send(Publish(topic, str(pid).encode(), qos=1, packet_id=pid))
+
+
+def _ack_all(sub: Any) -> list[bytes]:
+    """Acknowledge every QoS 1 PUBLISH the subscriber was sent; their payloads."""
+    got = _publishes(sub.packets())
+    for p in got:
+        sub.send(PubAck(p.packet_id))
+    return [p.payload for p in got]
+
+
+def test_a_backed_up_subscriber_holds_only_the_publishers_that_feed_it(h: Harness) -> None:
+    stuck = h.connect("stuck")
+    stuck.send(_sub("flood", 0))
+    other = h.connect("other")
+    other.send(_sub("calm", 1))
+    feeder, bystander = h.connect("feeder"), h.connect("bystander")
+    for c in (stuck, other, feeder, bystander):
+        c.packets()
+    h.broker.backed_up(stuck.client, h.now)
     h.run()
-    h.broker.flush(h.now)  # flow decisions are taken at the flush
-    assert h.link.held
-    pub.send(Publish("t", b"x"))
-    assert pub.transport.paused  # paused after its read while the hold lasts
-    h.broker.drained(slow.client)
+    feeder.send(Publish("flood", b"x"))
+    assert feeder.transport.paused  # QoS 0 into a full write buffer: it is not read any more
+    bystander.send(Publish("calm", b"y", qos=1, packet_id=1))
+    assert not bystander.transport.paused and bystander.packets() == [PubAck(1)]
+    assert [p.payload for p in _publishes(other.packets())] == [b"y"]
+    h.broker.drained(stuck.client)
     h.run()
-    assert not pub.transport.paused and not h.link.held
+    assert not feeder.transport.paused
+
+
+def test_a_queue_backlog_withholds_its_publishers_acks_and_drops_nothing(tmp_path: Path,
+                                                                          make: MakeHarness) -> None:
+    """An online subscriber that acknowledges is never subject to the queue limit (here 10):
+    the publisher's PUBACKs wait instead, and come in order once the queue is down."""
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_queued_messages": 10})
+    h = make(config)
+    sub = h.connect("sub")
+    sub.send(_sub("q", 1))
+    pub = h.connect("pub")
+    sub.packets(), pub.packets()
+    window = h.config.limits.max_inflight
+    total = window + QUEUE_HIGH_WATER + 50
+    _flood(pub, "q", total)
+    acks = pub.packets()
+    # acknowledged until the message that filled the queue to its high-water mark
+    assert acks == [PubAck(i) for i in range(1, window + QUEUE_HIGH_WATER + 1)]
+    assert h.broker.stats["holds"] == 1 and h.broker.stats["dropped_queue_full"] == 0
+    got: list[bytes] = []
+    while len(got) < total:
+        more = _ack_all(sub)
+        assert more, f"delivery stopped at {len(got)}"
+        got += more
+    assert got == [str(i).encode() for i in range(1, total + 1)]  # complete, in order
+    assert pub.packets() == [PubAck(i) for i in range(window + QUEUE_HIGH_WATER + 1, total + 1)]
+    assert h.broker.stats["dropped_queue_full"] == 0
+
+
+def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeout(tmp_path: Path,
+                                                                                  make: MakeHarness) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_queued_messages": 100,
+                                "limits.ack_timeout": 5})
+    h = make(config)
+    sub = h.connect("sub")
+    sub.send(_sub("q", 1))
+    pub = h.connect("pub")
+    sub.packets(), pub.packets()
+    window = h.config.limits.max_inflight
+    held_from = window + QUEUE_HIGH_WATER + 1
+    _flood(pub, "q", held_from + 9)
+    assert len(pub.packets()) == held_from - 1
+    h.advance(4.0)
+    assert pub.packets() == []  # still within its ack timeout: it may yet acknowledge
+    h.advance(1.5)
+    assert pub.packets() == [PubAck(i) for i in range(held_from, held_from + 10)]  # released
+    sess = h.broker.sessions.get("sub")
+    assert sess is not None and sess.slow and not sess.backlog and h.broker.stats["slow_subscribers"] == 1
+    pub.send(Publish("q", b"late", qos=1, packet_id=1000))
+    assert pub.packets() == [PubAck(1000)]  # no one holds it now
+    assert len(sess.queue) == 100  # its queue is limited now, oldest dropped
+    assert h.broker.stats["dropped_queue_full"] == QUEUE_HIGH_WATER + 10 + 1 - 100
+    first = _publishes(sub.packets())[0]
+    sub.send(PubAck(first.packet_id))
+    assert not sess.slow  # acknowledging again
+
+
+def test_a_backlog_holds_a_publisher_of_another_shard_through_the_bus(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    sub = h.connect(_on_shard("sub", 0, 2))
+    sub.send(_sub("q", 1))
+    sub.packets()
+    remote = _on_shard("pub", 1, 2)
+    window = h.config.limits.max_inflight
+    h.peer_messages([Forward("q", str(i).encode(), 1, False, origin=remote)
+                     for i in range(window + QUEUE_HIGH_WATER + 5)])
+    assert [m for _, m in h.link.take() if isinstance(m, (Hold, Release))] == [Hold(0, remote)]
+    h.advance(0.5)  # the sweep renews the lease
+    assert [m for _, m in h.link.take() if isinstance(m, Hold)] == [Hold(0, remote)]
+    while _ack_all(sub):
+        pass
+    assert [m for _, m in h.link.take() if isinstance(m, (Hold, Release))] == [Release(0, remote)]
+
+
+def test_a_hold_from_another_shard_withholds_acks_until_released_or_expired(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    cid = _on_shard("pub", 0, 2)
+    pub = h.connect(cid)
+    watcher = h.connect(_on_shard("w", 0, 2))
+    watcher.send(_sub("t", 1))
+    pub.packets(), watcher.packets()
+    h.peer_messages([Hold(1, cid)])
+    pub.send(Publish("t", b"a", qos=1, packet_id=1))
+    pub.send(Publish("t", b"b", qos=2, packet_id=2))
+    assert pub.packets() == []  # withheld, but delivered all the same
+    assert [p.payload for p in _publishes(watcher.packets())] == [b"a", b"b"]
+    h.peer_messages([Release(1, cid)])
+    assert pub.packets() == [PubAck(1), PubRec(2)]
+    pub.send(PubRel(2))
+    assert pub.packets() == [PubComp(2)]
+    h.peer_messages([Hold(1, cid)])
+    pub.send(Publish("t", b"c", qos=1, packet_id=3))
+    h.advance(HOLD_LEASE - 0.5)
+    assert pub.packets() == []
+    h.advance(1.0)  # not renewed: the lease ran out
+    assert pub.packets() == [PubAck(3)]
+
+
+def test_a_held_client_still_reads_and_acknowledges_what_it_is_sent(h: Harness) -> None:
+    """Two clients that publish to each other: holding one must not stop it acknowledging."""
+    a, b = h.connect("a"), h.connect("b")
+    a.send(_sub("to-a", 1))
+    b.send(_sub("to-b", 1))
+    a.packets(), b.packets()
+    h.broker.backpressure.hold("a", 0, math.inf)
+    b.send(Publish("to-a", b"m", qos=1, packet_id=1))
+    [m] = _publishes(a.packets())
+    a.send(PubAck(m.packet_id))
+    a.send(Publish("to-b", b"n", qos=1, packet_id=7))
+    assert not a.transport.paused and a.packets() == []  # its PUBACK waits, its reading does not
+    sess = h.broker.sessions.get("a")
+    assert sess is not None and not sess.inflight  # its acknowledgement was taken
+    h.broker.backpressure.release("a", 0)
+    h.run()
+    assert a.packets() == [PubAck(7)]
 
 
 def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path, make: MakeHarness) -> None:

@@ -18,8 +18,10 @@ from shardbroker.peer.messages import (
     DurableForward,
     Forward,
     ForwardAck,
+    Hold,
     PeerFormatError,
     PeerMessage,
+    Release,
     ResendRequest,
     RouteAck,
     RouteAdd,
@@ -79,6 +81,8 @@ MESSAGES: dict[str, PeerMessage] = {
     "routes-query": RoutesQuery(5),
     "routes-empty": Routes(1, ()),
     "routes": Routes(1, (("a/#", True), ("$share/g/b", False), ("ü/+", True))),
+    "hold": Hold(1, "publisher-ü"),
+    "release": Release(0, ""),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -246,7 +250,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [9, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [11, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -315,6 +319,9 @@ def test_wrong_forward_field_count_is_refused(item: list[Any]) -> None:
     ([8, 1, [["a", 1]]], "Routes.keys"),
     ([8, 1, [["a"]]], "Routes.keys"),
     ([8, 1, {"a": True}], "Routes.keys"),
+    ([9, 1, b"p"], "Hold.publisher"),
+    ([9, -1, "p"], "Hold.shard"),
+    ([10, 1], "Release: expected 2 fields"),
 ])
 def test_wrong_field_of_other_kinds_is_named(item: list[Any], match: str) -> None:
     with pytest.raises(PeerFormatError, match=match):
