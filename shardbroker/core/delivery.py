@@ -74,11 +74,11 @@ class Delivery:
             self._enqueue(sess, msg, qos, retain, sub_ids, group, True)
             return
         if qos == 0:
-            data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
-            if data is not None:
-                if client.transport.write_buffer_full():
-                    self.stats["dropped_queue_full"] += 1
-                else:
+            if client.transport.write_buffer_full():  # a slow consumer: dropped before any encoding
+                self.stats["dropped_queue_full"] += 1
+            else:
+                data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
+                if data is not None:
                     self.output.send(client, data)
                     self.stats["delivered"] += 1
         elif sess.queue or len(sess.inflight) >= client.send_window:
