@@ -48,22 +48,32 @@ def _packets(sock: socket.socket, buf: bytearray) -> list[tuple[int, int, bytes]
     return out
 
 
-class Publisher(threading.Thread):
-    """Publishes ``count`` messages ``(index, seq)`` to ``topic``, at most WINDOW unacknowledged."""
+class _Client(threading.Thread):
+    """A client in its own thread; what went wrong in it is kept for the test to report."""
 
-    def __init__(self, port: int, cid: str, topic: str, qos: int, count: int, index: int) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.client = mb.RawClient(port=port)
-        self.client.connect_mqtt(cid)
-        self.topic, self.qos, self.count, self.index = topic, qos, count, index
-        self.acked = 0
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
 
     def run(self) -> None:
         try:
             self._run()
-        except BaseException as exc:  # reported by the test
+        except Exception as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Publisher(_Client):
+    """Publishes ``count`` messages ``(index, seq)`` to ``topic``, at most WINDOW unacknowledged."""
+
+    def __init__(self, port: int, cid: str, topic: str, qos: int, count: int, index: int) -> None:
+        super().__init__()
+        self.client = mb.RawClient(port=port)
+        self.client.connect_mqtt(cid)
+        self.topic, self.qos, self.count, self.index = topic, qos, count, index
+        self.acked = 0
 
     def _run(self) -> None:
         sock = self.client.sock
@@ -90,13 +100,13 @@ class Publisher(threading.Thread):
                     self.acked += 1
 
 
-class Subscriber(threading.Thread):
+class Subscriber(_Client):
     """Acknowledges every message (after ``pause_every``-th ones it waits ``pause`` s first) and
     records each publisher's sequence numbers in arrival order."""
 
     def __init__(self, port: int, cid: str, topic: str, qos: int, expect: int, *, pause_every: int = 0,
                  pause: float = 0.0, acknowledge: bool = True) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.client = mb.RawClient(port=port)
         self.client.connect_mqtt(cid)
         self.client.subscribe(topic, qos)
@@ -104,13 +114,6 @@ class Subscriber(threading.Thread):
         self.got: dict[int, list[int]] = {}
         self.received = 0
         self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
 
     def _run(self) -> None:
         sock = self.client.sock
