@@ -10,8 +10,8 @@ Run from the repository root (loopback only, every run bounded in time)::
     .venv/bin/python -m loadtests.bench --json loadtests/reports/bench.json
 
 Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
-pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, connect-rate,
-persistent-qos1. See docs/BENCHMARKS.md for what each one measures.
+pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, fairness, fairness-qos1,
+connect-rate, persistent-qos1. See docs/BENCHMARKS.md for what each one measures.
 
 How the load generator works (it must not be the bottleneck):
 
@@ -20,18 +20,36 @@ How the load generator works (it must not be the bottleneck):
 * MQTT packets are pre-encoded by ``loadtests.mqttwire`` (an encoder written for
   this tool; nothing is imported from shardbroker's codec) and written in
   batches, one ``send`` per batch;
-* subscribers split frames with an inlined incremental parser that only
-  counts PUBLISH packets (and reads the timestamp in the payload when latency
-  is measured) and answers PUBACK / PUBREC / PUBCOMP in one ``send`` per read;
-  when a pass of the loop read little, it sleeps ``--read-coalesce-ms`` so the
-  next pass reads many messages per syscall (off for latency-qos1);
+* subscribers split frames with an inlined incremental parser that counts
+  PUBLISH packets (and reads the payload's header when messages are checked
+  or latency is measured) and answers PUBACK / PUBREC / PUBCOMP in one
+  ``send`` per read; when a pass of the loop read little, it sleeps
+  ``--read-coalesce-ms`` so the next pass reads many messages per syscall
+  (off for latency-qos1 and the canary of the fairness scenarios);
+* QoS 1/2 publishers pipeline against the broker's acknowledgements only, as
+  real clients do: up to ``--window`` (QoS 2: ``--window-qos2``) unacknowledged
+  messages per publisher (capped by the broker's Receive Maximum under MQTT 5);
+  nothing waits for end-to-end delivery unless ``--e2e-window`` asks for it
+  (which hides a broker that acknowledges more than it delivers);
+* every QoS 1/2 message is checked: its payload starts with the publisher's
+  index and a sequence number; publishers record which sequence numbers the
+  broker acknowledged (PUBACK; PUBREC for QoS 2), subscribers which ones
+  arrived, how often and in what order. After the load the bench drains (until
+  every acknowledged message has arrived, or nothing moved for
+  ``--drain-idle`` seconds) and counts ``lost`` = acknowledged but never
+  delivered to the online subscriber, duplicates and reordered messages. A run
+  with lost > 0, reordered > 0 or (QoS 2) duplicates > 0 FAILED, and the exit
+  status is then 1;
 * latency-qos1 runs its publishers and its subscribers in separate processes
   (half of ``--procs`` publish, at least one of each): a publisher sleeps until
   each message's own due time (the pairs' messages evenly spread) and sends it
   alone, stamped right before the ``send``; a subscriber blocks in epoll until
   data arrives and takes the receive time right after the ``recv``;
-* QoS 1/2 publishers pipeline up to ``--window`` unacknowledged messages
-  (capped by the broker's Receive Maximum under MQTT 5);
+* fairness / fairness-qos1: subscribers of ``bench/flood/#`` that never read
+  their sockets (nor send anything) are flooded by publishers writing as fast
+  as their sockets take data (QoS 1: pipelined against PUBACK); a canary pair
+  on ``bench/canary``, in a process of its own, publishes stamped QoS 1
+  messages at ``--canary-rate`` and measures publish-to-delivery latency;
 * QoS 0 publishers run closed-loop: at most ``--qos0-window`` deliveries may
   be outstanding (sent but not yet counted by a subscriber, over all
   processes, via shared counters), so a broker is driven at its maximum rate
@@ -53,6 +71,7 @@ import contextlib
 import ctypes
 import datetime as _dt
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -67,9 +86,11 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +111,7 @@ except ImportError:  # pragma: no cover - same function, for use without the pac
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 SCENARIOS = ["fanin-qos0", "pairs-qos1", "pairs-qos2", "fanout-qos0", "latency-qos1",
-             "connect-rate", "persistent-qos1"]
+             "fairness", "fairness-qos1", "connect-rate", "persistent-qos1"]
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 MAX_LAT_SAMPLES = 500_000
 _PR_SET_PDEATHSIG = 1
@@ -142,23 +163,29 @@ class Plan:
     payload: int = 64
     subs: list[tuple[str, str]] = field(default_factory=list)   # (client id, filter)
     pubs: list[tuple[str, str]] = field(default_factory=list)   # (client id, topic)
+    pub_gids: list[int] = field(default_factory=list)           # checked publishers' indexes
+    stuck: list[tuple[str, str]] = field(default_factory=list)  # subscribers that never read
     idle: list[str] = field(default_factory=list)               # client ids (connect-rate)
+    kind: str = ""                  # "canary" or "flood" in the fairness scenarios
+    track: bool = False             # QoS 1/2: index + sequence number in payloads, checked
     sub_clean: bool = True
     sub_expiry: int = 0
     cleanup_sessions: bool = False
     rate_per_pub: float = 0.0       # msg/s per publisher; 0 = as fast as possible
     # latency: message k of pubs[j] is due at start + due_offsets[j] + k / rate_per_pub
     due_offsets: list[float] = field(default_factory=list)
-    window: int = 64                # QoS 1/2 unacknowledged per publisher
+    window: int = 100               # QoS 1/2 unacknowledged per publisher
     qos0_window: int = 20000        # QoS 0 deliveries outstanding (all processes)
+    open_loop: bool = False         # QoS 0: write as fast as the sockets take data
     fan: int = 1                    # deliveries expected per published message
     batch: int = 64                 # QoS 0 messages per write
     stamp: bool = False             # latency: timestamp in payload, run_latency's loop
     coalesce_ms: float = 2.0        # sleep after a loop pass that read little
     pairs: bool = False             # pubs[k] and subs[k] form a pair (end-to-end window)
-    e2e_window: int = 500           # QoS 1/2 pairs: sent but not yet received, per pair
+    e2e_window: int = 0             # opt-in: sent but not yet received, per pair (hides loss)
     connect_concurrency: int = 100
     keepalive: int = 60
+    stuck_keepalive: int = 0        # the never-reading subscribers' keepalive (0 = none)
     timeout: float = 20.0           # per wait (connect, CONNACK, SUBACK)
 
 
@@ -167,6 +194,10 @@ _EP_IN, _EP_OUT = select.EPOLLIN, select.EPOLLOUT
 _EP_ERR = select.EPOLLERR | select.EPOLLHUP
 _OUT_HIGH = 256 * 1024       # a QoS 0 publisher with more than this unsent waits
 _COALESCE_BYTES = 64 * 1024  # read less than this in one pass: wait a little before the next
+_HDR = struct.Struct(">II")  # checked payloads start with (publisher index, sequence number)
+_HDR_LEN = _HDR.size
+_MAX_SEQ = 1 << 28           # a sequence number above this is a corrupt payload
+_TCP_ESTABLISHED = 1
 
 
 class SetupError(Exception):
@@ -177,6 +208,7 @@ class Conn:
     """One MQTT connection on a raw non-blocking socket."""
 
     __slots__ = (
+        "acked_bits",
         "batch",
         "blocked_e2e",
         "buf",
@@ -187,6 +219,8 @@ class Conn:
         "error",
         "fd",
         "filter",
+        "gid",
+        "gid_b",
         "inflight",
         "leaving",
         "min_batch",
@@ -194,14 +228,18 @@ class Conn:
         "out",
         "partner",
         "pid_max",
+        "pid_seq",
         "pkts",
         "prefix",
         "recv",
         "role",
         "sent",
+        "seq",
         "sock",
         "state",
         "t0",
+        "track",
+        "tracks",
         "window",
     )
 
@@ -232,6 +270,17 @@ class Conn:
         self.e2e = e2e
         self.blocked_e2e = False
         self.t0 = 0
+        # checked messages: a publisher's index, next sequence number, the sequence number
+        # of each packet id in flight (-1: none, or already acknowledged) and one byte per
+        # sequence number, 1 once the broker acknowledged it; a subscriber's per-publisher
+        # [copies received per sequence number, highest first delivery, reordered, dup]
+        self.track = False
+        self.gid = -1
+        self.gid_b = b""
+        self.seq = 0
+        self.pid_seq: list[int] = []
+        self.acked_bits = bytearray()
+        self.tracks: dict[int, list[Any]] = {}
 
 
 class Engine:
@@ -241,14 +290,16 @@ class Engine:
     socket, one ``recv`` and at most one ``send``. When a pass reads little,
     the loop sleeps ``coalesce_ms`` so that the next pass reads many messages
     per syscall (the sockets stay registered: no epoll_ctl churn). The latency
-    scenario runs its own loop instead (``run_latency``).
+    scenario and the fairness canary run their own loop instead (``run_latency``).
     """
 
-    def __init__(self, plan: Plan, pipe: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
+    def __init__(self, plan: Plan, pipe: mpc.Connection, shared: dict[str, Any]) -> None:
         self.plan = plan
         self.pipe = pipe
-        self.sent_arr = sent_arr
-        self.recv_arr = recv_arr
+        self.sent_arr = shared["sent"]
+        self.recv_arr = shared["recv"]
+        self.acked_arr = shared["acked"]
+        self.infl_arr = shared["inflight"]
         self.ep = select.epoll()
         self.by_fd: dict[int, Conn] = {}
         self.pipe_fd = pipe.fileno()
@@ -258,21 +309,29 @@ class Engine:
         self.error_count = 0
         self.subs: list[Conn] = []
         self.pubs: list[Conn] = []
+        self.stuck: list[Conn] = []
         self.publishing = False
         self.paced = plan.rate_per_pub > 0
         self.sent_total = 0
-        self.recv_total = 0
-        self.acked = 0
+        self.recv_total = 0     # checked subscribers: first deliveries only
+        self.acked = 0          # accepted by the broker (PUBACK; PUBREC for QoS 2)
+        self.t_acked = 0        # the same, checked publishers only (shared with the parent)
+        self.t_inflight = 0     # checked publishers' unfinished flows (shared with the parent)
         self.ack_errors = 0
+        self.bad_payload = 0
+        self.skipped = 0        # paced messages not sent because the window was full
         self.reads = 0
         self.bytes_in = 0
         self.last_recv_ns = 0
         self.lat: list[int] = []
         self.warm_ns = 0
         self.recv_at_warm = self.recv_at_end = self.sent_at_warm = self.sent_at_end = 0
+        self.acked_at_warm = self.acked_at_end = 0
         self.mid = b"\x00" if plan.proto == 5 else b""
-        size = max(plan.payload, 8) if plan.stamp else plan.payload
+        self.hdr_len = (_HDR_LEN if plan.track else 0) + (8 if plan.stamp else 0)
+        size = max(plan.payload, self.hdr_len)
         self.payload_bytes = bytes((65 + k % 26) for k in range(size))
+        self.pad = self.payload_bytes[self.hdr_len:]
         self.addr = (plan.host, plan.port)
         self.written_off = 0
         self.stalled = False
@@ -420,18 +479,34 @@ class Engine:
         if now >= self.next_ping:
             self.next_ping = now + max(1.0, self.plan.keepalive / 2)
             for c in list(self.by_fd.values()):
-                if c.state == S_READY:
+                if c.state == S_READY and c.role != "stuck":
                     self.send(c, w.PINGREQ_PACKET)
 
     # ------------------------------------------------------------------ parser
+    def _accepted(self, c: Conn, pid: int) -> None:
+        """The broker took responsibility for the message sent with ``pid``."""
+        seq = c.pid_seq[pid]
+        if seq < 0:  # a second PUBREC for the same flow
+            return
+        c.pid_seq[pid] = -1
+        self.acked += 1
+        if c.track:
+            c.acked_bits[seq] = 1
+            self.t_acked += 1
+
     def on_data(self, c: Conn, data: bytes) -> None:
         plan = self.plan
         stamp = plan.stamp
+        track = c.track and c.role == "sub"
+        parse = stamp or track
+        v5 = plan.proto == 5
         if stamp:
             now = time.monotonic_ns()  # the receive time, right after the recv
             lat = self.lat
             warm = self.warm_ns
-            v5 = plan.proto == 5
+        if track:
+            tracks = c.tracks
+            unpack = _HDR.unpack_from
         if c.buf:
             data = c.buf + data
             c.buf = b""
@@ -439,6 +514,7 @@ class Engine:
         n = len(data)
         i = 0
         count = 0
+        uniq = 0
         acks: list[bytes] = []
         freed = 0
         while i + 2 <= n:
@@ -469,36 +545,69 @@ class Engine:
             if t == 3:  # PUBLISH
                 count += 1
                 q = (first >> 1) & 3
-                if q or stamp:
+                if q or parse:
                     p = j + 2 + ((data[j] << 8) | data[j + 1])
                     if q:
                         acks.append((b"\x40\x02" if q == 1 else b"\x50\x02") + data[p:p + 2])
                         p += 2
-                    if stamp:
-                        if v5:  # skip the property list
-                            plen, p = w.read_varint(data, p)
-                            p += plen
-                        if end - p >= 8:
-                            ts = int.from_bytes(data[p:p + 8], "big")
-                            if ts >= warm and len(lat) < MAX_LAT_SAMPLES:
-                                lat.append(now - ts)
-            elif t == 4 or t == 7:  # PUBACK / PUBCOMP: a publisher's slot is free
+                    if parse and v5:  # skip the property list
+                        plen, p = w.read_varint(data, p)
+                        p += plen
+                    if track:
+                        if end - p >= _HDR_LEN:
+                            gi, sq = unpack(data, p)
+                            tr = tracks.get(gi)
+                            if tr is None:
+                                tr = tracks[gi] = [bytearray(4096), -1, 0, 0]
+                            cnt = tr[0]
+                            if sq >= len(cnt) and sq < _MAX_SEQ:
+                                cnt.extend(bytes(max(sq + 1 - len(cnt), len(cnt))))
+                            if sq >= _MAX_SEQ:
+                                self.bad_payload += 1
+                            elif cnt[sq]:  # a second copy
+                                tr[3] += 1
+                                if cnt[sq] < 255:
+                                    cnt[sq] += 1
+                            else:
+                                cnt[sq] = 1
+                                uniq += 1
+                                if sq < tr[1]:
+                                    tr[2] += 1  # first delivered after a later one
+                                else:
+                                    tr[1] = sq
+                        else:
+                            self.bad_payload += 1
+                        p += _HDR_LEN
+                    if stamp and end - p >= 8:
+                        ts = int.from_bytes(data[p:p + 8], "big")
+                        if ts >= warm and len(lat) < MAX_LAT_SAMPLES:
+                            lat.append(now - ts)
+            elif t == 4:  # PUBACK: a QoS 1 publish accepted (or refused), its slot is free
                 pid = (data[j] << 8) | data[j + 1]
                 if pid in c.inflight:
                     c.inflight.discard(pid)
                     freed += 1
-                    self.acked += 1
-                if rl > 2 and data[j + 2] >= 0x80:
-                    self.ack_errors += 1
-            elif t == 5:  # PUBREC
+                    if rl > 2 and data[j + 2] >= 0x80:
+                        self.ack_errors += 1
+                    else:
+                        self._accepted(c, pid)
+            elif t == 5:  # PUBREC: a QoS 2 publish accepted (or refused)
+                pid = (data[j] << 8) | data[j + 1]
                 if rl > 2 and data[j + 2] >= 0x80:  # refused: the flow ends here
                     self.ack_errors += 1
-                    pid = (data[j] << 8) | data[j + 1]
                     if pid in c.inflight:
                         c.inflight.discard(pid)
+                        c.pid_seq[pid] = -1
                         freed += 1
                 else:
                     acks.append(b"\x62\x02" + data[j:j + 2])
+                    if pid in c.inflight:
+                        self._accepted(c, pid)
+            elif t == 7:  # PUBCOMP: the QoS 2 flow is over, its slot is free
+                pid = (data[j] << 8) | data[j + 1]
+                if pid in c.inflight:
+                    c.inflight.discard(pid)
+                    freed += 1
             elif t == 6:  # PUBREL (to a QoS 2 subscriber)
                 acks.append(b"\x70\x02" + data[j:j + 2])
             elif t == 2:  # CONNACK
@@ -512,16 +621,21 @@ class Engine:
             i = end
         if i < n:
             c.buf = data[i:]
+        idx = plan.index
         if count:
             self.last_recv_ns = time.monotonic_ns()
-            c.recv += count
-            self.recv_total += count
-            self.recv_arr[plan.index] = self.recv_total
+            c.recv += uniq if track else count
+            self.recv_total += uniq if track else count
+            self.recv_arr[idx] = self.recv_total
             partner = c.partner
             if partner is not None and partner.blocked_e2e and self.publishing and not self.paced:
                 self.top_up(partner)
         if acks:
             self.send(c, b"".join(acks))
+        if c.track and c.role == "pub":
+            self.t_inflight -= freed
+            self.infl_arr[idx] = self.t_inflight
+            self.acked_arr[idx] = self.t_acked
         if freed and not self.paced and self.publishing:
             self.top_up(c)
 
@@ -563,7 +677,7 @@ class Engine:
 
     # ------------------------------------------------------------------ setup
     def connect_many(self, specs: list[tuple[str, str, str | None, bool, int]],
-                     concurrency: int) -> list[Conn]:
+                     concurrency: int, keepalive: int | None = None) -> list[Conn]:
         """Open ``(client id, role, filter, clean, expiry)`` connections; all must succeed."""
         todo = list(reversed(specs))
         active: list[Conn] = []
@@ -575,7 +689,7 @@ class Engine:
                                  f"not ready after {self.plan.timeout:.0f} s")
             while todo and len(active) < concurrency:
                 cid, role, flt, clean, expiry = todo.pop()
-                c = self.open(cid, role, clean=clean, expiry=expiry)
+                c = self.open(cid, role, clean=clean, expiry=expiry, keepalive=keepalive)
                 c.filter = flt
                 if c.state == S_CLOSED:
                     raise SetupError(f"{cid}: {c.error}")
@@ -597,22 +711,43 @@ class Engine:
     def setup(self) -> None:
         plan = self.plan
         conc = max(1, plan.connect_concurrency)
+        if plan.stuck:
+            # subscribed, then never read again (and never write: no PINGREQ, keepalive 0);
+            # out of the epoll set, so that their data does not wake the loop
+            stuck = self.connect_many([(cid, "stuck", flt, True, 0) for cid, flt in plan.stuck],
+                                      conc, keepalive=plan.stuck_keepalive)
+            for c in stuck:
+                with contextlib.suppress(Exception):
+                    self.ep.unregister(c.fd)
+                self.by_fd.pop(c.fd, None)
+            self.stuck = stuck
         self.subs = self.connect_many(
             [(cid, "sub", flt, plan.sub_clean, plan.sub_expiry) for cid, flt in plan.subs], conc)
         by_id = {c.cid: c for c in self.subs}
         self.subs = [by_id[cid] for cid, _ in plan.subs]
+        for c in self.subs:
+            c.track = plan.track and plan.qos > 0
         pubs = self.connect_many([(cid, "pub", None, True, 0) for cid, _ in plan.pubs], conc)
         by_id = {c.cid: c for c in pubs}
         self.pubs = [by_id[cid] for cid, _ in plan.pubs]
         tail = self.mid + self.payload_bytes
-        for c, (_, topic) in zip(self.pubs, plan.pubs):
+        for k, (c, (_, topic)) in enumerate(zip(self.pubs, plan.pubs)):
             prefix, _ = w.publish_parts(topic, len(self.payload_bytes), qos=plan.qos, proto=plan.proto)
             c.prefix = prefix
             if plan.qos:
                 size = len(prefix) + 2 + len(tail)
                 # packet ids cycle through 1..pid_max, well above the window
                 c.pid_max = min(65535, max(4 * c.window, min(4096, (4 << 20) // max(size, 1)), 16))
-                if not plan.stamp:
+                c.pid_seq = [-1] * (c.pid_max + 1)
+                c.track = plan.track
+                if c.track:
+                    c.gid = plan.pub_gids[k]
+                    c.gid_b = c.gid.to_bytes(4, "big")
+                    c.acked_bits = bytearray(4096)
+                    # message = pkts[pid] + sequence number (+ stamp) + pad
+                    c.pkts = [b""] + [prefix + w.PID_BYTES[i] + self.mid + c.gid_b
+                                      for i in range(1, c.pid_max + 1)]
+                else:
                     c.pkts = [b""] + [prefix + w.PID_BYTES[i] + tail for i in range(1, c.pid_max + 1)]
             else:
                 c.batch = (prefix + tail) * plan.batch
@@ -641,7 +776,7 @@ class Engine:
         room = c.window - len(c.inflight)
         k = min(k, room)
         partner = c.partner
-        if partner is not None:  # end-to-end: sent but not yet received by the partner
+        if partner is not None:  # opt-in end-to-end window: sent but not yet received
             room = c.e2e - (c.sent - partner.recv)
             c.blocked_e2e = room < k
             k = min(k, room)
@@ -650,14 +785,31 @@ class Engine:
         if k <= 0 or c.state != S_READY:
             return 0
         pid = self._pid
-        if self.plan.stamp:
-            prefix, mid, pids = c.prefix, self.mid, w.PID_BYTES
-            pad = self.payload_bytes[8:]
-            parts = [prefix + pids[pid(c)] + mid + time.monotonic_ns().to_bytes(8, "big") + pad
-                     for _ in range(k)]
+        pkts, pid_seq = c.pkts, c.pid_seq
+        parts = []
+        if c.track:
+            seq = c.seq
+            if seq + k > len(c.acked_bits):
+                c.acked_bits.extend(bytes(max(k, len(c.acked_bits))))
+            pad = self.pad
+            stamp = self.plan.stamp
+            for _ in range(k):
+                p = pid(c)
+                pid_seq[p] = seq
+                if stamp:  # stamped right before the send
+                    parts.append(pkts[p] + seq.to_bytes(4, "big")
+                                 + time.monotonic_ns().to_bytes(8, "big") + pad)
+                else:
+                    parts.append(pkts[p] + seq.to_bytes(4, "big") + pad)
+                seq += 1
+            c.seq = seq
+            self.t_inflight += k
+            self.infl_arr[self.plan.index] = self.t_inflight
         else:
-            pkts = c.pkts
-            parts = [pkts[pid(c)] for _ in range(k)]
+            for _ in range(k):
+                p = pid(c)
+                pid_seq[p] = 0
+                parts.append(pkts[p])
         self.send(c, b"".join(parts))
         c.sent += k
         self.sent_total += k
@@ -669,22 +821,27 @@ class Engine:
             self.send_qos(c, c.window, c.min_batch)
 
     def qos0_step(self) -> int:
-        """Closed-loop QoS 0: one batch per publisher unless too much is outstanding."""
+        """Closed-loop QoS 0: one batch per publisher unless too much is outstanding.
+
+        Open loop (``plan.open_loop``): one batch per publisher whose socket took
+        the last one, however many deliveries are outstanding.
+        """
         plan = self.plan
         sent_arr, recv_arr = self.sent_arr, self.recv_arr
-        got = sum(recv_arr)
-        outstanding = sum(sent_arr) * plan.fan - got - self.written_off
-        limit = plan.qos0_window
-        if outstanding > (limit * 3 // 4 if self.stalled else limit):
-            self.stalled = True
-            now = time.monotonic()
-            if got != self.stall_seen:
-                self.stall_seen, self.stall_since = got, now
-            elif now - self.stall_since > 1.0:  # nothing arrives for 1 s: count the rest as lost
-                self.written_off += outstanding
-                self.stall_since = now
-            return -1
-        self.stalled = False
+        if not plan.open_loop:
+            got = sum(recv_arr)
+            outstanding = sum(sent_arr) * plan.fan - got - self.written_off
+            limit = plan.qos0_window
+            if outstanding > (limit * 3 // 4 if self.stalled else limit):
+                self.stalled = True
+                now = time.monotonic()
+                if got != self.stall_seen:
+                    self.stall_seen, self.stall_since = got, now
+                elif now - self.stall_since > 1.0:  # nothing arrives for 1 s: count the rest as lost
+                    self.written_off += outstanding
+                    self.stall_since = now
+                return -1
+            self.stalled = False
         wrote = 0
         nb = plan.batch
         for p in self.pubs:
@@ -719,6 +876,14 @@ class Engine:
             self.sent_arr[plan.index] = self.sent_total
 
     # ------------------------------------------------------------------ phases
+    def mark_warm(self) -> None:
+        self.recv_at_warm, self.sent_at_warm = self.recv_total, self.sent_total
+        self.acked_at_warm = self.acked
+
+    def mark_end(self) -> None:
+        self.recv_at_end, self.sent_at_end = self.recv_total, self.sent_total
+        self.acked_at_end = self.acked
+
     def run_load(self, t_start: float, t_warm: float, t_end: float) -> None:
         plan = self.plan
         mono = time.monotonic
@@ -740,7 +905,7 @@ class Engine:
             now = mono()
             if not warm_marked and now >= t_warm:
                 warm_marked = True
-                self.recv_at_warm, self.sent_at_warm = self.recv_total, self.sent_total
+                self.mark_warm()
             if now >= t_end or now > hard_stop:
                 break
             did = 0
@@ -757,21 +922,25 @@ class Engine:
             if self.cmds and self.cmds[0][0] == "exit":
                 break
             self.ping()
-        self.recv_at_end, self.sent_at_end = self.recv_total, self.sent_total
+        self.mark_end()
         self.publishing = False
 
     def run_latency(self, t_start: float, t_warm: float, t_end: float) -> None:
-        """latency-qos1: this process only publishes or only subscribes.
+        """latency-qos1 and the fairness canary: paced, stamped messages.
 
-        A publisher sleeps until each message's own due time (``due_offsets``
+        A publisher waits until each message's own due time (``due_offsets``
         spread the pairs evenly), sends it alone (``send_qos`` stamps it right
         before the ``send``), then reads the acknowledgements that have arrived
-        without waiting. A subscriber blocks in epoll until data arrives. Neither
-        spins, coalesces reads or polls on a tick.
+        without waiting. A process that only publishes sleeps until the due
+        time; one that also subscribes (the canary) waits in epoll until the due
+        time, so that a delivery is read as soon as it arrives. A process that
+        only subscribes blocks in epoll until data arrives. None of them spins,
+        coalesces reads or polls on a tick.
         """
         mono = time.monotonic
         pubs, offsets = self.pubs, self.plan.due_offsets
         period = 1.0 / self.plan.rate_per_pub if pubs else 0.0
+        mixed = bool(self.subs)
         self.publishing = bool(pubs)
         k = j = 0  # the next message: round k, publisher j
         warm_marked = False
@@ -779,16 +948,20 @@ class Engine:
             now = mono()
             if not warm_marked and now >= t_warm:
                 warm_marked = True
-                self.recv_at_warm, self.sent_at_warm = self.recv_total, self.sent_total
+                self.mark_warm()
             if now >= t_end:
                 break
             wake = t_end if warm_marked else t_warm
             if pubs:
                 due = t_start + offsets[j] + k * period
                 if due > now:
-                    time.sleep(min(due, wake) - now)
+                    if mixed:
+                        self.poll(min(due, wake) - now)
+                    else:
+                        time.sleep(min(due, wake) - now)
                     continue
-                self.send_qos(pubs[j], 1)  # skipped if the window is full: msg/s shows it
+                if not self.send_qos(pubs[j], 1):  # the window is full: msg/s shows it
+                    self.skipped += 1
                 j += 1
                 if j == len(pubs):
                     j, k = 0, k + 1
@@ -798,7 +971,7 @@ class Engine:
             if self.cmds and self.cmds[0][0] == "exit":
                 break
             self.ping()
-        self.recv_at_end, self.sent_at_end = self.recv_total, self.sent_total
+        self.mark_end()
         self.publishing = False
 
     def close_all(self, conns: list[Conn]) -> None:
@@ -812,14 +985,42 @@ class Engine:
         for c in conns:
             self.lost(c, "")
 
+    def stuck_report(self) -> list[dict[str, Any]]:
+        """The never-reading subscribers: still connected? bytes waiting unread."""
+        out = []
+        for c in self.stuck:
+            state, unread = -1, -1
+            with contextlib.suppress(OSError):
+                state = c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+            with contextlib.suppress(OSError):
+                unread = struct.unpack("i", fcntl.ioctl(c.fd, termios.FIONREAD, b"\0" * 4))[0]
+            out.append({"cid": c.cid, "connected": state == _TCP_ESTABLISHED,
+                        "tcp_state": state, "unread_bytes": unread})
+        return out
+
+    def drop_stuck(self) -> None:
+        for c in self.stuck:
+            with contextlib.suppress(OSError):
+                c.sock.send(w.DISCONNECT_PACKET)
+            c.state = S_CLOSED
+            c.sock.close()
+        self.stuck = []
+
     def stats(self) -> dict[str, Any]:
         t = os.times()
         return {
-            "index": self.plan.index,
+            "index": self.plan.index, "kind": self.plan.kind,
             "sent": self.sent_total, "recv": self.recv_total,
             "recv_warm": self.recv_at_warm, "recv_end": self.recv_at_end,
             "sent_warm": self.sent_at_warm, "sent_end": self.sent_at_end,
-            "acked": self.acked, "ack_errors": self.ack_errors, "lat_ns": self.lat,
+            "acked": self.acked, "acked_warm": self.acked_at_warm, "acked_end": self.acked_at_end,
+            "ack_errors": self.ack_errors, "lat_ns": self.lat,
+            "skipped": self.skipped, "bad_payload": self.bad_payload,
+            # checked messages: what each publisher had acknowledged, what each subscriber got
+            "pub_acked": {c.gid: bytes(c.acked_bits[:c.seq]) for c in self.pubs if c.track},
+            "sub_tracks": {c.cid: {gi: (bytes(tr[0][:tr[1] + 1]), tr[2], tr[3])
+                                   for gi, tr in c.tracks.items()}
+                           for c in self.subs if c.track},
             "connect_ok": 0, "connect_fail": 0, "connect_ns": [], "first_connack": 0,
             "last_connack": 0,
             "cpu": (t.user + t.system) - (self.cpu0.user + self.cpu0.system),
@@ -834,15 +1035,19 @@ class Engine:
         except SetupError as exc:
             self.tell("error", f"generator {plan.index} setup: {exc}")
             self.close_all(list(self.by_fd.values()))
+            self.drop_stuck()
             return
         self.tell("ready", len(self.subs), len(self.pubs))
         kind, arg = self.wait_cmd(120)
         if kind != "start":
             self.close_all(self.subs + self.pubs)
+            self.drop_stuck()
             return
         self.run_load(*arg)
         self.tell("published", self.sent_total)
         self.wait_cmd(300)
+        stuck = self.stuck_report()
+        self.drop_stuck()
         self.close_all(self.subs + self.pubs)
         if plan.cleanup_sessions and plan.subs:
             # remove the persistent sessions: connect again with a clean session, then leave
@@ -850,7 +1055,9 @@ class Engine:
                 wipers = self.connect_many([(cid, "wipe", None, True, 0) for cid, _ in plan.subs],
                                            max(1, plan.connect_concurrency))
                 self.close_all(wipers)
-        self.tell("done", self.stats())
+        st = self.stats()
+        st["stuck"] = stuck
+        self.tell("done", st)
 
 
 class _Pending:
@@ -1014,7 +1221,7 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
     conn.send(("done", stats()))
 
 
-def worker_main(plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) -> None:
+def worker_main(plan: Plan, conn: mpc.Connection, shared: dict[str, Any]) -> None:
     _pdeathsig(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends us
     _raise_nofile()
@@ -1035,7 +1242,7 @@ def worker_main(plan: Plan, conn: mpc.Connection, sent_arr: Any, recv_arr: Any) 
         prof = cProfile.Profile()
         prof.enable()
     try:
-        Engine(plan, conn, sent_arr, recv_arr).run()
+        Engine(plan, conn, shared).run()
     except Exception as exc:  # noqa: BLE001
         with contextlib.suppress(Exception):
             conn.send(("error", f"generator {plan.index} crashed: {exc!r}"))
@@ -1284,17 +1491,41 @@ class Metric:
     higher_is_better: bool = True
 
 
+def _checked_metrics(qos: int) -> list[Metric]:
+    return [Metric("delivered msg/s", "msg/s"), Metric("acked msg/s", "msg/s"),
+            Metric("acked", "msgs"), Metric("delivered", "msgs"), Metric("lost", "msgs", False),
+            Metric(f"qos{qos} dup", "msgs", False), Metric("reordered", "msgs", False)]
+
+
+_FAIRNESS_METRICS = [
+    Metric("canary p50 ms", "ms", False), Metric("canary p99 ms", "ms", False),
+    Metric("canary max ms", "ms", False), Metric("canary sent", "msgs"),
+    Metric("canary delivered", "msgs"), Metric("canary lost", "msgs", False),
+    Metric("canary not sent", "msgs", False),
+    Metric("flood msg/s", "msg/s"), Metric("stuck connected", "conns"),
+]
+
 SCENARIO_METRICS: dict[str, list[Metric]] = {
     "fanin-qos0": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
-    "pairs-qos1": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
-    "pairs-qos2": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "pairs-qos1": _checked_metrics(1),
+    "pairs-qos2": _checked_metrics(2),
     "fanout-qos0": [Metric("deliveries/s", "msg/s"), Metric("loss", "msgs", False)],
     "latency-qos1": [Metric("p50 ms", "ms", False), Metric("p99 ms", "ms", False),
-                     Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+                     Metric("delivered msg/s", "msg/s"), Metric("acked", "msgs"),
+                     Metric("delivered", "msgs"), Metric("lost", "msgs", False),
+                     Metric("qos1 dup", "msgs", False), Metric("reordered", "msgs", False)],
+    "fairness": _FAIRNESS_METRICS,
+    "fairness-qos1": _FAIRNESS_METRICS,
     "connect-rate": [Metric("conn/s", "conn/s"), Metric("KB/idle conn", "KB", False),
                      Metric("failed", "conns", False)],
-    "persistent-qos1": [Metric("msg/s", "msg/s"), Metric("loss", "msgs", False)],
+    "persistent-qos1": _checked_metrics(1),
 }
+# scenarios whose QoS 1/2 messages are checked one by one: a loss fails the run
+CHECKED = {"pairs-qos1", "pairs-qos2", "latency-qos1", "persistent-qos1", "fairness",
+           "fairness-qos1"}
+FAIRNESS = {"fairness", "fairness-qos1"}
+CANARY_TOPIC = "bench/canary"
+FLOOD_FILTER = "bench/flood/#"
 
 
 def _cross_pair_ids(tag: str, i: int, shards: int) -> tuple[str, str]:
@@ -1309,7 +1540,7 @@ def _cross_pair_ids(tag: str, i: int, shards: int) -> tuple[str, str]:
 
 
 def _ids_avoiding(prefix: str, count: int, shards: int, avoid: int) -> list[str]:
-    """``count`` ids spread round-robin over every shard except ``avoid``."""
+    """``count`` ids spread round-robin over every shard except ``avoid`` (-1: all shards)."""
     if shards <= 1:
         return [f"{prefix}{i}" for i in range(count)]
     targets = [s for s in range(shards) if s != avoid]
@@ -1331,8 +1562,35 @@ def _ids_avoiding(prefix: str, count: int, shards: int, avoid: int) -> list[str]
     return out
 
 
-def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) -> list[Plan]:
-    procs = max(2 if scn == "latency-qos1" else 1, args.procs)
+def _id_on_shard(prefix: str, shard: int, shards: int) -> str:
+    """The first ``prefix<k>`` that ``shard_for`` places on ``shard``."""
+    for k in range(100_000):
+        cid = f"{prefix}{k}"
+        if shards <= 1 or shard_for(cid, shards) == shard:
+            return cid
+    return f"{prefix}0"
+
+
+def fairness_ids(tag: str, stuck: int, flood: int, shards: int) -> dict[str, Any]:
+    """Client ids of a fairness run.
+
+    The never-reading subscribers and the flood publishers are spread over all
+    shards; with 2+ shards the canary's publisher and subscriber are on different
+    shards, each one shared with a never-reading subscriber.
+    """
+    stuck_ids = _ids_avoiding(f"bk-{tag}-", stuck, shards, -1)
+    flood_ids = _ids_avoiding(f"bf-{tag}-", flood, shards, -1)
+    on = sorted({shard_for(cid, shards) for cid in stuck_ids}) or [0]
+    pub = _id_on_shard(f"bcp-{tag}-", on[0], shards)
+    sub = _id_on_shard(f"bcs-{tag}-", on[1 % len(on)], shards)
+    return {"stuck": stuck_ids, "flood": flood_ids, "canary_pub": pub, "canary_sub": sub}
+
+
+def build_plans(scn: str, broker: Broker, args: argparse.Namespace,
+                tag: str) -> tuple[list[Plan], dict[int, list[str]]]:
+    """The generator processes' plans, and for each checked publisher (by index) the
+    client ids of the subscribers that must receive everything it had acknowledged."""
+    procs = max(2 if scn == "latency-qos1" or scn in FAIRNESS else 1, args.procs)
     shards = broker.shards
     common: dict[str, Any] = {
         "host": broker.host, "port": broker.port, "proto": args.protocol, "payload": args.payload,
@@ -1341,6 +1599,7 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
         "connect_concurrency": args.connect_concurrency, "timeout": args.timeout,
     }
     plans = [Plan(index=k, **common) for k in range(procs)]
+    expect: dict[int, list[str]] = {}
 
     def every(**kw: Any) -> None:
         for p in plans:
@@ -1360,7 +1619,8 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
         npub = n
     elif scn in ("pairs-qos1", "pairs-qos2", "latency-qos1", "persistent-qos1"):
         qos = 2 if scn == "pairs-qos2" else 1
-        every(qos=qos, fan=1, pairs=True, window=args.window_qos2 if qos == 2 else args.window)
+        every(qos=qos, fan=1, pairs=True, track=True,
+              window=args.window_qos2 if qos == 2 else args.window)
         n = args.pairs
         base = {"persistent-qos1": f"bench/persist/{tag}", "latency-qos1": "bench/lat"}.get(scn, "bench/pairs")
         pub_plans = sub_plans = plans
@@ -1374,13 +1634,37 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
             pub, sub = _cross_pair_ids(tag, i, shards)
             pp = pub_plans[i % len(pub_plans)]
             pp.pubs.append((pub, f"{base}/{i}"))
+            pp.pub_gids.append(i)
             sub_plans[i % len(sub_plans)].subs.append((sub, f"{base}/{i}"))
+            expect[i] = [sub]
             if pp.stamp:
                 pp.due_offsets.append(i / rate_total)
         if scn == "persistent-qos1":
             every(sub_clean=False, sub_expiry=3600 if args.protocol == 5 else 0,
                   cleanup_sessions=True)
         npub = n
+    elif scn in FAIRNESS:
+        # process 0: the canary pair alone; the others: flood publishers and the
+        # subscribers that never read
+        qos = 1 if scn == "fairness-qos1" else 0
+        every(qos=qos, kind="flood", coalesce_ms=0.0, open_loop=qos == 0,
+              stuck_keepalive=args.stuck_keepalive)
+        ids = fairness_ids(tag, args.stuck_subscribers, args.flood_publishers, shards)
+        flood = plans[1:]
+        for i, cid in enumerate(ids["stuck"]):
+            flood[i % len(flood)].stuck.append((cid, FLOOD_FILTER))
+        for i, cid in enumerate(ids["flood"]):
+            flood[i % len(flood)].pubs.append((cid, f"bench/flood/{i}"))
+        canary = plans[0]
+        canary.kind, canary.qos, canary.track, canary.stamp = "canary", 1, True, True
+        canary.open_loop = False
+        canary.rate_per_pub = args.canary_rate
+        canary.pubs.append((ids["canary_pub"], CANARY_TOPIC))
+        canary.pub_gids.append(0)
+        canary.due_offsets.append(0.0)
+        canary.subs.append((ids["canary_sub"], CANARY_TOPIC))
+        expect[0] = [ids["canary_sub"]]
+        npub = 0  # --rate does not apply: the flood goes as fast as the sockets take it
     elif scn == "fanout-qos0":
         n = args.fanout_subscribers
         every(qos=0, fan=n)
@@ -1405,7 +1689,7 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace, tag: str) ->
     for p in plans:
         p.batch = max(1, min(p.batch, (64 << 10) // pkt))
         p.qos0_window = max(4 * p.batch * max(1, p.fan), min(p.qos0_window, (16 << 20) // pkt))
-    return [p for p in plans if p.subs or p.pubs or p.idle]
+    return [p for p in plans if p.subs or p.pubs or p.idle or p.stuck], expect
 
 
 class RunError(Exception):
@@ -1419,18 +1703,105 @@ def _percentile(sorted_vals: list[int], q: float) -> float:
     return float(sorted_vals[k])
 
 
+_NONZERO_TO_0 = bytes([1] + [0] * 255)  # bytes.translate: 0 -> 1, anything else -> 0
+_ZERO_TO_0 = bytes([0] + [1] * 255)     # bytes.translate: 0 -> 0, anything else -> 1
+
+
+def _runs(flags: bytes, limit: int = 5) -> list[str]:
+    """The first ``limit`` runs of 1 bytes in ``flags``, as 'a-b' strings."""
+    out: list[str] = []
+    i = flags.find(1)
+    while i >= 0 and len(out) < limit:
+        j = flags.find(0, i)
+        j = len(flags) if j < 0 else j
+        out.append(f"{i}" if j == i + 1 else f"{i}-{j - 1}")
+        i = flags.find(1, j)
+    return out
+
+
+def check_messages(res: list[dict[str, Any]], expect: dict[int, list[str]]) -> dict[str, Any]:
+    """Compare what the broker acknowledged with what the subscribers received.
+
+    ``lost``: acknowledged, never delivered to a subscriber that was online and
+    subscribed all along; ``dup``: copies beyond the first; ``reordered``: first
+    deliveries of a message after a later one of the same publisher.
+    """
+    pub_acked: dict[int, bytes] = {}
+    tracks: dict[str, dict[int, tuple[bytes, int, int]]] = {}
+    for r in res:
+        pub_acked.update(r.get("pub_acked", {}))
+        tracks.update(r.get("sub_tracks", {}))
+    acked = delivered = lost = dup = reordered = not_acked = 0
+    examples: list[str] = []
+    expected_pairs = set()
+    for gid, bits in pub_acked.items():
+        acked += bits.count(1)
+        for cid in expect.get(gid, []):
+            expected_pairs.add((cid, gid))
+            counts, reord, dups = tracks.get(cid, {}).get(gid, (b"", 0, 0))
+            size = max(len(bits), len(counts))
+            bits_p = bits.ljust(size, b"\0")
+            missing = counts.ljust(size, b"\0").translate(_NONZERO_TO_0)  # 1 = never arrived
+            delivered += len(counts) - counts.count(0)
+            reordered += reord
+            dup += dups
+            a, m = int.from_bytes(bits_p, "big"), int.from_bytes(missing, "big")
+            n_lost = (a & m).bit_count()
+            # delivered although the acknowledgement never came (in flight at the end,
+            # or refused): not a loss, shown for information
+            arrived = counts.ljust(size, b"\0").translate(_ZERO_TO_0)
+            unacked = bits_p.translate(_NONZERO_TO_0)
+            not_acked += (int.from_bytes(arrived, "big") & int.from_bytes(unacked, "big")).bit_count()
+            if n_lost:
+                lost += n_lost
+                if len(examples) < 5:
+                    flags = (a & m).to_bytes(size, "big")
+                    examples.append(f"publisher {gid} -> {cid}: seq {', '.join(_runs(flags))}")
+    unexpected = sum(len(counts) - counts.count(0)
+                     for cid, per in tracks.items() for gid, (counts, _, _) in per.items()
+                     if (cid, gid) not in expected_pairs)
+    return {"acked": acked, "delivered": delivered, "lost": lost, "dup": dup,
+            "reordered": reordered, "delivered_not_acked": not_acked,
+            "unexpected": unexpected, "lost_examples": examples,
+            "bad_payload": sum(r.get("bad_payload", 0) for r in res)}
+
+
+def verdict(scn: str, out: dict[str, Any]) -> list[str]:
+    """Why a run failed (empty: it passed)."""
+    if out.get("_failed"):
+        return [f"run error: {out['_failed']}"]
+    if scn not in CHECKED:
+        return []
+    pre = "canary " if scn in FAIRNESS else ""
+    why = []
+    if out.get(f"{pre}lost"):
+        why.append(f"{pre}lost {out[f'{pre}lost']:.0f}")
+    if out.get(f"{pre}reordered"):
+        why.append(f"{pre}reordered {out[f'{pre}reordered']:.0f}")
+    if out.get(f"{pre}qos2 dup"):
+        why.append(f"{pre}qos2 dup {out[f'{pre}qos2 dup']:.0f}")
+    if out.get("_bad_payload"):
+        why.append(f"{out['_bad_payload']} unreadable payloads")
+    if out.get("_unexpected"):
+        why.append(f"{out['_unexpected']} messages delivered to the wrong subscriber")
+    if not out.get(f"{pre}acked"):
+        why.append("nothing was acknowledged")
+    return why
+
+
 def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, Any]:
     """One run of one scenario against one broker: returns {metric: value}."""
     tag = secrets.token_hex(3)
-    plans = build_plans(scn, broker, args, tag)
+    plans, expect = build_plans(scn, broker, args, tag)
     ctx = mp.get_context("fork")
-    sent_arr = ctx.RawArray("q", len(plans) + 1)
-    recv_arr = ctx.RawArray("q", len(plans) + 1)
+    shared = {k: ctx.RawArray("q", len(plans) + 1) for k in ("sent", "recv", "acked", "inflight")}
+    sent_arr, recv_arr = shared["sent"], shared["recv"]
+    acked_arr, infl_arr = shared["acked"], shared["inflight"]
     workers: list[tuple[Any, mpc.Connection]] = []
     try:
         for plan in plans:
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(plan, child_end, sent_arr, recv_arr),
+            proc = ctx.Process(target=worker_main, args=(plan, child_end, shared),
                                daemon=True, name=f"bench-gen-{plan.index}")
             proc.start()
             child_end.close()
@@ -1504,48 +1875,104 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             out["_broker_cpu_pct"] = round(100 * (cpu_after - cpu_before)
                                            / (time.monotonic() - wall_before), 1)
         fan = plans[0].fan
-        # drain: until everything sent has arrived, or nothing moves for a while
-        deadline = time.monotonic() + args.drain
-        last, last_change = -1, time.monotonic()
+        checked = scn in CHECKED
+        # drain: until everything expected has arrived, or nothing moves for a while
+        t_drain = time.monotonic()
+        deadline = t_drain + args.drain
+        idle = args.drain_idle if checked else min(1.0, args.drain_idle)
+        last: tuple[int, ...] = ()
+        last_change = t_drain
         while time.monotonic() < deadline:
-            expected = sum(sent_arr) * fan
             got = sum(recv_arr)
-            if got >= expected:
-                break
-            if got != last:
-                last, last_change = got, time.monotonic()
-            elif time.monotonic() - last_change > min(1.0, args.drain):
+            if checked:  # every acknowledged message delivered, no flow still open
+                state = (sum(acked_arr), got, sum(infl_arr))
+                if state[2] == 0 and got >= state[0]:
+                    break
+            else:
+                state = (got,)
+                if got >= sum(sent_arr) * fan:
+                    break
+            if state != last:
+                last, last_change = state, time.monotonic()
+            elif time.monotonic() - last_change > idle:
                 break
             time.sleep(0.02)
+        out["_drain_s"] = round(time.monotonic() - t_drain, 2)
         broadcast("stop", None)
         res = [r[0] for r in collect("done", args.timeout + 30)]
-        sent = sum(r["sent"] for r in res)
-        recv = sum(r["recv"] for r in res)
         window = t_end - t_warm
-        rate = (sum(r["recv_end"] for r in res) - sum(r["recv_warm"] for r in res)) / window
-        sent_rate = (sum(r["sent_end"] for r in res) - sum(r["sent_warm"] for r in res)) / window
-        key = "deliveries/s" if scn == "fanout-qos0" else "msg/s"
-        out[key] = rate
-        out["loss"] = float(sent * fan - recv)
-        out["_sent"] = sent
-        out["_received"] = recv
-        out["_publish_rate"] = sent_rate
-        last_recv = max((r.get("last_recv_ns", 0) for r in res), default=0)
-        if last_recv:
-            # everything received over the time from start to the last delivery (drain included)
-            out["_overall_rate"] = recv / max(1e-9, last_recv / 1e9 - t_start)
+        errors = [e for r in res for e in r["errors"]]
         out["_gen_cpu"] = sum(r["cpu"] for r in res)
         out["_gen_cpu_each"] = [round(r["cpu"], 2) for r in res]
         out["_reads"] = [r["reads"] for r in res]
         out["_ack_errors"] = sum(r["ack_errors"] for r in res)
-        errors = [e for r in res for e in r["errors"]]
         if errors:
             out["_errors"] = errors[:5]
-        if scn == "latency-qos1":
-            lat = sorted(x for r in res for x in r["lat_ns"])
-            out["p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
-            out["p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
-            out["_samples"] = len(lat)
+        if scn in FAIRNESS:
+            can = [r for r in res if r["kind"] == "canary"]
+            flood = [r for r in res if r["kind"] == "flood"]
+            chk = check_messages(can, expect)
+            lat = sorted(x for r in can for x in r["lat_ns"])
+            out["canary p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
+            out["canary p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
+            out["canary max ms"] = lat[-1] / 1e6 if lat else None
+            out["canary sent"] = float(sum(r["sent"] for r in can))
+            out["canary acked"] = float(chk["acked"])
+            out["canary delivered"] = float(chk["delivered"])
+            out["canary lost"] = float(chk["lost"])
+            out["canary qos1 dup"] = float(chk["dup"])
+            out["canary reordered"] = float(chk["reordered"])
+            out["_canary_samples"] = len(lat)
+            out["canary not sent"] = float(sum(r["skipped"] for r in can))
+            key = "acked" if plans[-1].qos else "sent"
+            out["flood msg/s"] = sum(r[f"{key}_end"] - r[f"{key}_warm"] for r in flood) / window
+            stuck = [s for r in flood for s in r.get("stuck", [])]
+            out["stuck connected"] = float(sum(1 for s in stuck if s["connected"]))
+            out["_stuck"] = len(stuck)
+            out["_stuck_unread_bytes"] = [s["unread_bytes"] for s in stuck]
+            out["_lost_examples"] = chk["lost_examples"]
+            out["_bad_payload"] = chk["bad_payload"]
+            out["_unexpected"] = chk["unexpected"]
+            # the broker refusing or dropping the never-reading clients is its right
+            out.pop("_errors", None)
+            mine = [e for e in errors if not e.startswith("bk-")]
+            if mine:
+                out["_errors"] = mine[:5]
+        elif checked:
+            chk = check_messages(res, expect)
+            qos = plans[0].qos
+            out["delivered msg/s"] = (sum(r["recv_end"] - r["recv_warm"] for r in res)) / window
+            out["acked msg/s"] = (sum(r["acked_end"] - r["acked_warm"] for r in res)) / window
+            out["acked"] = float(chk["acked"])
+            out["delivered"] = float(chk["delivered"])
+            out["lost"] = float(chk["lost"])
+            out[f"qos{qos} dup"] = float(chk["dup"])
+            out["reordered"] = float(chk["reordered"])
+            out["_sent"] = sum(r["sent"] for r in res)
+            out["_publish_rate"] = sum(r["sent_end"] - r["sent_warm"] for r in res) / window
+            out["_delivered_not_acked"] = chk["delivered_not_acked"]
+            out["_lost_examples"] = chk["lost_examples"]
+            out["_bad_payload"] = chk["bad_payload"]
+            out["_unexpected"] = chk["unexpected"]
+            if scn == "latency-qos1":
+                lat = sorted(x for r in res for x in r["lat_ns"])
+                out["p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
+                out["p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
+                out["_samples"] = len(lat)
+                out["_not_sent"] = sum(r["skipped"] for r in res)
+        else:
+            sent = sum(r["sent"] for r in res)
+            recv = sum(r["recv"] for r in res)
+            key = "deliveries/s" if scn == "fanout-qos0" else "msg/s"
+            out[key] = (sum(r["recv_end"] for r in res) - sum(r["recv_warm"] for r in res)) / window
+            out["loss"] = float(sent * fan - recv)
+            out["_sent"] = sent
+            out["_received"] = recv
+            out["_publish_rate"] = sum(r["sent_end"] - r["sent_warm"] for r in res) / window
+            last_recv = max((r.get("last_recv_ns", 0) for r in res), default=0)
+            if last_recv:
+                # everything received over the time from start to the last delivery (drain included)
+                out["_overall_rate"] = recv / max(1e-9, last_recv / 1e9 - t_start)
         return out
     except BaseException:  # Ctrl-C, SIGTERM, a failed run: do not wait for the generators
         for proc, _ in workers:
@@ -1567,7 +1994,9 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
 # Reporting
 # =====================================================================================
 
-def fmt(v: float | None, metric: str) -> str:
+def fmt(v: float | str | None, metric: str) -> str:
+    if isinstance(v, str):
+        return v
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if metric.endswith("ms"):
@@ -1609,8 +2038,27 @@ def describe(scn: str, label: str, n: int, total: int, m: dict[str, Any], dur: f
         bits.append(f"broker cpu {m['_broker_cpu_pct']:.0f}%")
     if "_gen_cpu_each" in m:
         bits.append(f"generator cpu s {m['_gen_cpu_each']}")
+    if "_drain_s" in m:
+        bits.append(f"drain {m['_drain_s']:.1f} s")
+    if m.get("_publish_rate") is not None and scn in CHECKED:
+        bits.append(f"published {m['_publish_rate']:,.0f} msg/s")
+    if m.get("_delivered_not_acked"):
+        bits.append(f"delivered before their ack {m['_delivered_not_acked']}")
+    if m.get("_not_sent"):
+        bits.append(f"not sent (window full) {m['_not_sent']}")
+    if m.get("_stuck_unread_bytes"):
+        bits.append(f"stuck unread bytes {m['_stuck_unread_bytes']}")
+    if m.get("_ack_errors"):
+        bits.append(f"refused by the broker {m['_ack_errors']}")
     if m.get("_errors"):
         bits.append(f"errors: {m['_errors'][:2]}")
+    why = m.get("_verdict")
+    if why:
+        bits.append("FAILED: " + "; ".join(why))
+        if m.get("_lost_examples"):
+            bits.append(f"lost e.g. {m['_lost_examples'][:3]}")
+    elif scn in CHECKED:
+        bits.append("ok")
     return f"  [{scn}] {label} run {n}/{total}: " + ", ".join(bits)
 
 
@@ -1654,16 +2102,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-rate", type=float, default=2000.0,
                    help="total msg/s in latency-qos1 (default 2000)")
     g.add_argument("--connections", type=int, default=5000, help="clients in connect-rate (default 5000)")
+    g.add_argument("--stuck-subscribers", type=int, default=4,
+                   help="fairness: subscribers of bench/flood/# that never read (default 4)")
+    g.add_argument("--flood-publishers", type=int, default=4,
+                   help="fairness: publishers flooding bench/flood/<i> as fast as possible (default 4)")
+    g.add_argument("--canary-rate", type=float, default=100.0,
+                   help="fairness: the canary's QoS 1 msg/s on bench/canary (default 100)")
+    g.add_argument("--canary-target-ms", type=float, default=50.0,
+                   help="fairness: the canary p99 round trip aimed at, shown in the table "
+                        "(default 50; not a failure)")
+    g.add_argument("--stuck-keepalive", type=int, default=0,
+                   help="fairness: keepalive of the never-reading subscribers (default 0 = none)")
     g.add_argument("--rate", type=float, default=0.0,
                    help="total publish rate msg/s for throughput scenarios (default 0 = max)")
     t = ap.add_argument_group("generator tuning")
-    t.add_argument("--window", type=int, default=64, help="QoS 1/2 unacked per publisher (default 64)")
-    t.add_argument("--window-qos2", type=int, default=20,
-                   help="QoS 2 unfinished flows per publisher (default 20: Mosquitto 2.0 silently "
-                        "drops MQTT 3.1.1 QoS 2 publishes beyond its max_inflight_messages, 20)")
-    t.add_argument("--e2e-window", type=int, default=500,
-                   help="QoS 1/2 pairs: messages sent but not yet received, per pair (default 500; "
-                        "0 = only the acknowledgement window)")
+    t.add_argument("--window", type=int, default=100,
+                   help="QoS 1 (and fairness-qos1 flood) unacknowledged publishes per publisher "
+                        "(default 100)")
+    t.add_argument("--window-qos2", type=int, default=100,
+                   help="QoS 2 unfinished flows (PUBREC or PUBCOMP outstanding) per publisher "
+                        "(default 100)")
+    t.add_argument("--e2e-window", type=int, default=0,
+                   help="QoS 1/2 pairs: also keep at most this many messages sent but not yet "
+                        "received, per pair (default 0 = off). It hides a broker that acknowledges "
+                        "more than it delivers: for studying rates only")
     t.add_argument("--qos0-window", type=int, default=20000,
                    help="QoS 0 deliveries outstanding over all publishers (default 20000)")
     t.add_argument("--batch", type=int, default=64, help="QoS 0 messages per write (default 64)")
@@ -1675,8 +2137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after a pass of the generator loop that read little, wait this long "
                         "so the next pass reads many messages per syscall (default 2; 0 = off; "
                         "always off for latency-qos1)")
-    t.add_argument("--drain", type=float, default=3.0,
-                   help="max seconds to wait for deliveries after publishing stops (default 3)")
+    t.add_argument("--drain", type=float, default=30.0,
+                   help="max seconds to wait for deliveries after publishing stops (default 30)")
+    t.add_argument("--drain-idle", type=float, default=3.0,
+                   help="stop draining when nothing arrived or was acknowledged for this many "
+                        "seconds (default 3; QoS 0 scenarios: at most 1)")
     t.add_argument("--timeout", type=float, default=20.0, help="seconds for each wait (default 20)")
     t.add_argument("--start-timeout", type=float, default=60.0, help="seconds for a broker to start")
     args = ap.parse_args(argv)
@@ -1700,6 +2165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--connections must be in 1..100000")
     if args.latency_rate <= 0:
         ap.error("--latency-rate must be above 0")
+    if args.canary_rate <= 0:
+        ap.error("--canary-rate must be above 0")
+    if args.window < 1 or args.window_qos2 < 1:
+        ap.error("--window and --window-qos2 must be at least 1")
+    if args.stuck_subscribers < 0 or args.flood_publishers < 0:
+        ap.error("--stuck-subscribers and --flood-publishers must not be negative")
     args.scenarios = args.scenario or list(SCENARIOS)
     return args
 
@@ -1763,6 +2234,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     if fresh and b is not None:
                         stop(b)
+                m["_verdict"] = verdict(scn, m)
                 log(describe(scn, label, r + 1, args.repeat, m, args.duration))
                 runs.setdefault((scn, label), []).append(m)
 
@@ -1774,6 +2246,29 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"scenario": row_label, "metric": metric.key, "a": va, "b": vb,
                          "ratio": ratio, "broker_a": a, "broker_b": b,
                          "higher_is_better": metric.higher_is_better})
+        if scn in FAIRNESS:
+            target = args.canary_target_ms
+
+            def under(label: str | None) -> str | None:
+                if label is None:
+                    return None
+                p99s = [m.get("canary p99 ms") for m in runs.get((scn, label), [])]
+                ok = sum(1 for v in p99s if v is not None and v <= target)
+                return f"{ok}/{len(p99s)} runs"
+            rows.append({"scenario": row_label, "metric": f"canary p99 <= {target:g} ms",
+                         "a": under(a), "b": under(b), "ratio": None, "broker_a": a,
+                         "broker_b": b, "higher_is_better": True})
+        if scn in CHECKED or any(m.get("_failed") for m in runs.get((scn, a), [])):
+
+            def verdict_of(label: str | None) -> str | None:
+                if label is None:
+                    return None
+                ms = runs.get((scn, label), [])
+                bad = sum(1 for m in ms if m.get("_verdict"))
+                return f"FAILED {bad}/{len(ms)}" if bad else "ok"
+            rows.append({"scenario": row_label, "metric": "verdict", "a": verdict_of(a),
+                         "b": verdict_of(b), "ratio": None, "broker_a": a, "broker_b": b,
+                         "higher_is_better": True})
 
     try:
         if args.target:
@@ -1847,13 +2342,25 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, col_a, col_b)
     if col_b:
         print("ratio = ShardBroker / Mosquitto (above 1 is better for rates, worse for ms, KB, loss)")
-    troubled = [(scn, label, n + 1, m.get("_failed") or m.get("_errors"))
+    troubled = [(scn, label, n + 1, m.get("_errors"))
                 for (scn, label), ms in runs.items() for n, m in enumerate(ms)
-                if m.get("_failed") or m.get("_errors")]
+                if m.get("_errors") and not m.get("_failed")]
     if troubled:
-        print("runs with errors (their figures are suspect):")
+        print("runs with connection errors (their figures are suspect):")
         for scn, label, n, what in troubled:
             print(f"  {scn} / {label} run {n}: {what}")
+    failed = [(scn, label, n + 1, m) for (scn, label), ms in runs.items()
+              for n, m in enumerate(ms) if m.get("_verdict")]
+    if failed:
+        print(f"FAILED runs ({len(failed)}): a QoS 1/2 message acknowledged by the broker was "
+              "not delivered, was delivered out of order or (QoS 2) twice, or the run broke:")
+        for scn, label, n, m in failed:
+            print(f"  {scn} / {label} run {n}: {'; '.join(m['_verdict'])}")
+            for ex in m.get("_lost_examples", [])[:3]:
+                print(f"      lost: {ex}")
+    elif any(scn in CHECKED for scn, _ in runs):
+        print("no run failed: every acknowledged QoS 1/2 message was delivered, in order"
+              " (QoS 2: once)")
     if args.json:
         doc = {
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -1868,7 +2375,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
         log(f"wrote {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
