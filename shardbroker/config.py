@@ -257,10 +257,10 @@ class LimitsConfig:
         _Int(1, 65535),
     )
     receive_maximum: int = _setting(
-        20, "QoS 1/2 publishes a client may have unacknowledged toward the broker", _Int(1, 65535)
+        100, "QoS 1/2 publishes a client may have unacknowledged toward the broker", _Int(1, 65535)
     )
     max_inflight: int = _setting(
-        20,
+        100,
         "QoS 1/2 messages sent to a client before waiting for acknowledgements"
         " (the lower of this and the client's Receive Maximum)",
         _Int(1, 65535),

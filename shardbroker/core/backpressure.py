@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shardbroker.config import LimitsConfig
-from shardbroker.core.client import Client
+from shardbroker.core.client import PAUSED_BY_HOLD, Client
 from shardbroker.core.clock import EventTime
 from shardbroker.core.output import Output
 from shardbroker.peer.messages import Hold, Release
@@ -332,7 +332,7 @@ class Backpressure:
         withheld, client.withheld = client.withheld, None
         if client in self.paused:
             self.paused.discard(client)
-            client.resume_reading()
+            client.resume_reading(PAUSED_BY_HOLD)
         if withheld and not client.closing:
             for data in withheld:
                 self.output.send(client, data)
@@ -355,7 +355,7 @@ class Backpressure:
             if sess is not None and (sess.backlog & WRITE or sess.inflight):
                 return
             self.paused.add(client)
-            client.pause_reading()
+            client.pause_reading(PAUSED_BY_HOLD)
 
     def resume_subscribers(self) -> None:
         """The sweep: a paused client that has since been sent QoS 1/2 is read again (it must
@@ -364,7 +364,7 @@ class Backpressure:
             sess = client.session
             if sess is None or sess.inflight or sess.backlog & WRITE:
                 self.paused.discard(client)
-                client.resume_reading()
+                client.resume_reading(PAUSED_BY_HOLD)
 
     def forget(self, client: Client) -> None:
         """``client``'s connection is gone."""

@@ -56,6 +56,10 @@ class Transport(Protocol):
     def resume_reading(self) -> None: ...
 
 
+PAUSED_BY_FLOW = 1  # the shard holds its inputs while the bus is full (``flow.py``)
+PAUSED_BY_HOLD = 2  # a held publisher (``backpressure.py``)
+
+
 class Client:
     """One connected (or connecting) client of this shard."""
 
@@ -76,6 +80,7 @@ class Client:
         "max_packet_out",
         "out",
         "output_due",
+        "paused",
         "problem_info",
         "reader",
         "send_window",
@@ -103,6 +108,7 @@ class Client:
         self.last_rx = mono
         self.last_ack = mono  # when it last acknowledged a QoS 1/2 message sent to it
         self.withheld: list[bytes] | None = None  # acknowledgements held back while it is held
+        self.paused = 0  # who stopped reading it (PAUSED_BY_FLOW | PAUSED_BY_HOLD), 0 while read
         self.send_window = send_window  # QoS 1/2 in flight toward the client
         self.max_packet_out: int | None = None  # the client's Maximum Packet Size
         self.alias_max_out = 0  # the client's Topic Alias Maximum
@@ -122,14 +128,21 @@ class Client:
         """The client id once known, else the peer address (for logs)."""
         return self.client_id or self.transport.peer
 
-    # The flow-control view of a client (``flow.Reader``).
+    # The flow-control view of a client (``flow.Reader``). Two parts may stop reading it, each
+    # for its own reason (``PAUSED_BY_FLOW``, ``PAUSED_BY_HOLD``); it is read again only once
+    # neither does: one must not resume what the other still holds.
 
     @property
     def bytes_sent(self) -> int:
         return self.transport.bytes_sent
 
-    def pause_reading(self) -> None:
-        self.transport.pause_reading()
+    def pause_reading(self, by: int = PAUSED_BY_FLOW) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused |= by
 
-    def resume_reading(self) -> None:
-        self.transport.resume_reading()
+    def resume_reading(self, by: int = PAUSED_BY_FLOW) -> None:
+        if self.paused & by:
+            self.paused &= ~by
+            if not self.paused:
+                self.transport.resume_reading()

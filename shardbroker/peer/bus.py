@@ -42,7 +42,7 @@ from shardbroker.peer.messages import PeerFormatError, PeerMessage, decode_batch
 log = logging.getLogger(__name__)
 
 DRAIN_BUDGET = 512  # ZeroMQ messages handled per loop callback before yielding
-DRAIN_BYTES = 1 << 18  # ... or this many bytes of them, so that the flush writes in between
+DRAIN_BYTES = 1 << 16  # ... or this many bytes of them, so that the flush writes in between
 HWM = 8  # batches a pipe holds on each side before sends to that peer wait
 BATCH_BYTES = 16 * 1024  # a batch is closed once its items' sizes add up to this
 ITEM_COST = 40  # bytes counted for an item besides the size its sender gives
