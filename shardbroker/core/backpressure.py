@@ -282,7 +282,7 @@ class Backpressure:
                 log.warning("subscriber %s is slow: %d messages in flight and nothing acknowledged for %.1f s; "
                             "its publishers are no longer held and its queue (%d messages) is limited to %d "
                             "messages (%s) until it acknowledges again", sess.client_id, len(sess.inflight),
-                            waited, len(sess.queue), self.limits.max_queued_messages, self.limits.queue_full_policy)
+                            waited, sess.queued(), self.limits.max_queued_messages, self.limits.queue_full_policy)
                 self.end(sess)
 
     def renew(self) -> None:

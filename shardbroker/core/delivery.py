@@ -17,6 +17,7 @@ batch and to the clients' output, and counts in the shard's statistics.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -131,6 +132,8 @@ class Delivery:
         limits = self.limits
         size = len(msg.payload)
         queue = sess.queue
+        if queue is None:
+            queue = sess.queue = deque()
         while limited and queue and (len(queue) >= limits.max_queued_messages
                                      or sess.queued_bytes + size > limits.max_queued_bytes):
             if limits.queue_full_policy != "drop_oldest":
@@ -162,7 +165,7 @@ class Delivery:
             limits = self.limits
             log.warning("session %s (%s): queue full at %d messages / %d bytes, %s; further drops for it are "
                         "counted, not logged", sess.client_id, "slow subscriber" if sess.client else "offline",
-                        len(sess.queue), sess.queued_bytes, limits.queue_full_policy)
+                        sess.queued(), sess.queued_bytes, limits.queue_full_policy)
 
     def pump(self, sess: Session) -> None:
         """Move queued messages into the window while there is room."""
@@ -170,8 +173,11 @@ class Delivery:
         if client is None:
             return
         now = self.time.wall
-        while sess.queue and len(sess.inflight) < client.send_window:
-            q = sess.queue.popleft()
+        queue = sess.queue
+        if queue is None:
+            return
+        while queue and len(sess.inflight) < client.send_window:
+            q = queue.popleft()
             sess.queued_bytes -= len(q.message.payload)
             if q.message.expired(now):
                 self.stats["expired"] += 1
@@ -188,7 +194,9 @@ class Delivery:
                     q.message.unref()
                 continue
             self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
-        if sess.backlog & QUEUE and len(sess.queue) <= QUEUE_LOW_WATER:
+        if not queue:
+            sess.queue = None  # an idle session keeps no empty deque
+        if sess.backlog & QUEUE and len(queue) <= QUEUE_LOW_WATER:
             self.backpressure.stop(sess, QUEUE)
 
     def _publish_bytes(self, client: Client, msg: Message, qos: int, retain: bool, pid: int | None,

@@ -83,14 +83,14 @@ class Inbound:
             self._valid_topics.add(topic)
         qos = pkt.qos
         pid = pkt.packet_id
-        if qos == 2 and pid in sess.qos2_in:  # a resend of one we have: acknowledge again only
+        if qos == 2 and pid is not None and sess.has_qos2_in(pid):  # a resend of one we have: acknowledge again only
             self._ack(client, codec.encode(PubRec(pid), client.version))
             return
         if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
             if qos == 1:
                 client.unacked_in += 1
-            if client.unacked_in + len(sess.qos2_in) + (qos == 2) > self.limits.receive_maximum:
+            if client.unacked_in + len(sess.qos2_in or ()) + (qos == 2) > self.limits.receive_maximum:
                 raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
         self.stats["received"] += 1
         code = reasons.SUCCESS
@@ -126,7 +126,7 @@ class Inbound:
                       else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif qos == 2:
             if code < 0x80:
-                sess.qos2_in.add(pid)  # type: ignore[arg-type]
+                sess.add_qos2_in(pid)  # type: ignore[arg-type]
                 if sess.persistent:
                     self.commit.batch().add_qos2_incoming(sess.client_id, pid)  # type: ignore[arg-type]
             self._ack(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
@@ -143,8 +143,8 @@ class Inbound:
 
     def on_pubrel(self, client: Client, sess: Session, pkt: PubRel) -> None:
         code = reasons.SUCCESS
-        if pkt.packet_id in sess.qos2_in:
-            sess.qos2_in.discard(pkt.packet_id)
+        if sess.has_qos2_in(pkt.packet_id):
+            sess.remove_qos2_in(pkt.packet_id)
             if sess.persistent:
                 self.commit.batch().remove_qos2_incoming(sess.client_id, pkt.packet_id)
         else:

@@ -135,9 +135,9 @@ class Session:
     will: WillState | None = None
     client: Client | None = None  # the connected client, None while offline
     inflight: dict[int, Outgoing] = field(default_factory=dict)
-    queue: deque[Queued] = field(default_factory=deque)
+    queue: deque[Queued] | None = None  # made on first use, dropped when empty (see ``push``)
     queued_bytes: int = 0
-    qos2_in: set[int] = field(default_factory=set)
+    qos2_in: set[int] | None = None  # made on first use (``add_qos2_in``)
     next_pid: int = 1
     disconnected_at: float | None = None  # wall clock
     will_due: float | None = None  # wall clock at which a delayed will is published
@@ -154,6 +154,31 @@ class Session:
         if self.client is not None or self.disconnected_at is None or self.expiry_interval >= NEVER:
             return None
         return self.disconnected_at + self.expiry_interval
+
+    def push(self, q: Queued) -> None:
+        """Queue ``q`` last. An idle session keeps no empty deque (760 bytes each)."""
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        queue.append(q)
+
+    def queued(self) -> int:
+        queue = self.queue
+        return len(queue) if queue is not None else 0
+
+    def add_qos2_in(self, pid: int) -> None:
+        if self.qos2_in is None:
+            self.qos2_in = set()
+        self.qos2_in.add(pid)
+
+    def has_qos2_in(self, pid: int) -> bool:
+        return self.qos2_in is not None and pid in self.qos2_in
+
+    def remove_qos2_in(self, pid: int) -> None:
+        if self.qos2_in is not None:
+            self.qos2_in.discard(pid)
+            if not self.qos2_in:
+                self.qos2_in = None
 
     def alloc_pid(self) -> int:
         """The next free outgoing packet ID (1..65535, skipping ones in flight)."""

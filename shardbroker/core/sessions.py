@@ -84,9 +84,10 @@ class Sessions:
                 sess.next_pid = pid % 65535 + 1
             for seq, msg_id, qos, smsg in store.queue(rec.client_id):
                 msg = _message_from_stored(smsg, msg_id)
-                sess.queue.append(Queued(msg, qos, msg.retain, (), seq))
+                sess.push(Queued(msg, qos, msg.retain, (), seq))
                 sess.queued_bytes += len(msg.payload)
-            sess.qos2_in.update(store.qos2_incoming(rec.client_id))
+            for pid in store.qos2_incoming(rec.client_id):
+                sess.add_qos2_in(pid)
             self.sessions[rec.client_id] = sess
             self.stored_client_ids.add(rec.client_id)
             for sub in rec.subscriptions:
@@ -201,9 +202,10 @@ class Sessions:
         # of their group rather than being lost with it [MQTT-4.8.2, "SHOULD"].
         stranded = [(o.message, o.group) for o in sess.inflight.values()
                     if o.group is not None and o.message is not None and o.state != AWAIT_PUBCOMP]
-        stranded += [(q.message, q.group) for q in sess.queue if q.group is not None]
+        stranded += [(q.message, q.group) for q in sess.queue or () if q.group is not None]
         sess.inflight.clear()
-        sess.queue.clear()
+        sess.queue = None
+        sess.queued_bytes = 0
         for msg, (group, flt) in stranded:
             self.subscriptions.deliver_shared(msg, group, flt, 0)
 
@@ -244,7 +246,7 @@ class Sessions:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self.commit.batch().delete_session(sess.client_id)
         self.stored_client_ids.discard(sess.client_id)
-        for q in sess.queue:
+        for q in sess.queue or ():
             if q.seq is not None:
                 q.seq = None
                 q.message.unref()

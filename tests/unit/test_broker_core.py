@@ -522,7 +522,7 @@ def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeou
     assert sess is not None and sess.slow and not sess.backlog and h.broker.stats["slow_subscribers"] == 1
     pub.send(Publish("q", b"late", qos=1, packet_id=1000))
     assert pub.packets() == [PubAck(1000)]  # no one holds it now
-    assert len(sess.queue) == 100  # its queue is limited now, oldest dropped
+    assert sess.queued() == 100  # its queue is limited now, oldest dropped
     assert h.broker.stats["dropped_queue_full"] == QUEUE_HIGH_WATER + 10 + 1 - 100
     first = _publishes(sub.packets())[0]
     sub.send(PubAck(first.packet_id))
