@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -93,43 +92,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import mqttwire as w
+from loadtests.bench import MOSQUITTO, REPO_ROOT, _child_setup, free_port, shard_for
 
-try:  # the broker's client placement; only used to choose client ids
-    from shardbroker.sharding import shard_for
-except ImportError:  # pragma: no cover - the same function, for use without the package
-    import hashlib
-
-    def shard_for(client_id: str, shards: int) -> int:
-        if shards <= 1:
-            return 0
-        digest = hashlib.blake2b(client_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        return int.from_bytes(digest, "big") % shards
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = "/usr/sbin/mosquitto"
 TOPIC = "window/test"
 SUB_ID = "window-sub"
-_PR_SET_PDEATHSIG = 1
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ===================================================================================== brokers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_setup() -> None:
-    os.setsid()
-    with contextlib.suppress(Exception):  # die with us
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def probe(port: int, client_id: str, timeout: float = 1.0) -> bool:

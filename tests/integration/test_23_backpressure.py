@@ -31,15 +31,9 @@ def _packets(sock: socket.socket, buf: bytearray) -> list[tuple[int, int, bytes]
     buf += data
     out = []
     while len(buf) >= 2:
-        length, pos, mult = 0, 1, 1
-        while pos < len(buf):
-            byte = buf[pos]
-            length += (byte & 0x7F) * mult
-            pos += 1
-            if not byte & 0x80:
-                break
-            mult *= 128
-        else:
+        try:
+            length, pos = mb.decode_varint(buf, 1)
+        except mb.MalformedError:  # the length itself is not complete yet
             break
         if len(buf) < pos + length:
             break

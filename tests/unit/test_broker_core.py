@@ -454,6 +454,17 @@ def _ack_all(sub: Any) -> list[bytes]:
     return [p.payload for p in got]
 
 
+def _queue_pair(tmp_path: Path, make: MakeHarness, settings: dict[str, Any]) -> tuple[Harness, Any, Any]:
+    """A harness with ``settings``, a QoS 1 subscriber of ``q`` that acknowledges nothing yet,
+    and a publisher."""
+    h = make(load_config(None, {"server.data_dir": str(tmp_path), **settings}))
+    sub = h.connect("sub")
+    sub.send(_sub("q", 1))
+    pub = h.connect("pub")
+    sub.packets(), pub.packets()
+    return h, sub, pub
+
+
 def test_a_backed_up_subscriber_holds_only_the_publishers_that_feed_it(h: Harness) -> None:
     stuck = h.connect("stuck")
     stuck.send(_sub("flood", 0))
@@ -478,12 +489,7 @@ def test_a_queue_backlog_withholds_its_publishers_acks_and_drops_nothing(tmp_pat
                                                                           make: MakeHarness) -> None:
     """An online subscriber that acknowledges is never subject to the queue limit (here 10):
     the publisher's PUBACKs wait instead, and come in order once the queue is down."""
-    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_queued_messages": 10})
-    h = make(config)
-    sub = h.connect("sub")
-    sub.send(_sub("q", 1))
-    pub = h.connect("pub")
-    sub.packets(), pub.packets()
+    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 10})
     window = h.config.limits.max_inflight
     total = window + QUEUE_HIGH_WATER + 50
     _flood(pub, "q", total)
@@ -503,13 +509,7 @@ def test_a_queue_backlog_withholds_its_publishers_acks_and_drops_nothing(tmp_pat
 
 def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeout(tmp_path: Path,
                                                                                   make: MakeHarness) -> None:
-    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_queued_messages": 100,
-                                "limits.ack_timeout": 5})
-    h = make(config)
-    sub = h.connect("sub")
-    sub.send(_sub("q", 1))
-    pub = h.connect("pub")
-    sub.packets(), pub.packets()
+    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 100, "limits.ack_timeout": 5})
     window = h.config.limits.max_inflight
     held_from = window + QUEUE_HIGH_WATER + 1
     _flood(pub, "q", held_from + 9)
