@@ -99,10 +99,10 @@ class Subscriber(_Client):
     records each publisher's sequence numbers in arrival order."""
 
     def __init__(self, port: int, cid: str, topic: str, qos: int, expect: int, *, pause_every: int = 0,
-                 pause: float = 0.0, acknowledge: bool = True) -> None:
+                 pause: float = 0.0, acknowledge: bool = True, clean: bool = True) -> None:
         super().__init__()
         self.client = mb.RawClient(port=port)
-        self.client.connect_mqtt(cid)
+        self.client.connect_mqtt(cid, clean=clean)
         self.client.subscribe(topic, qos)
         self.expect, self.pause_every, self.pause, self.acknowledge = expect, pause_every, pause, acknowledge
         self.got: dict[int, list[int]] = {}
@@ -177,7 +177,7 @@ def _sys_counter(port: int, cid: str, shard: int, name: str) -> int:
         watcher.close()
 
 
-def _flood_arrives_complete_and_in_order(make_broker, uniq, qos: int) -> None:
+def _flood_arrives_complete_and_in_order(make_broker, uniq, qos: int, clean: bool = True) -> None:
     skip_unless_shardbroker("back-pressure across shards")
     b = make_broker(workers=SHARDS, config="[server]\nsys_interval = 0.5\n")
     pairs, count = 4, 6000
@@ -187,7 +187,7 @@ def _flood_arrives_complete_and_in_order(make_broker, uniq, qos: int) -> None:
         # every subscriber pauses 0.4 s after each 1,500 messages, so its queue outgrows the
         # high-water mark and its publisher (on the other shard) has to be held back
         subs.append(Subscriber(b.port, client_id_on_shard(uniq.prefix(f"s{i}-"), 0, SHARDS), topic, qos, count,
-                               pause_every=1500, pause=0.4))
+                               pause_every=1500, pause=0.4, clean=clean))
         pubs.append(Publisher(b.port, client_id_on_shard(uniq.prefix(f"p{i}-"), 1, SHARDS), topic, qos, count, i))
     for t in subs + pubs:
         t.start()
@@ -209,6 +209,11 @@ def test_a_sustained_qos1_flood_arrives_complete_and_in_order(make_broker, uniq)
 
 def test_a_sustained_qos2_flood_arrives_complete_and_in_order(make_broker, uniq):
     _flood_arrives_complete_and_in_order(make_broker, uniq, 2)
+
+
+def test_a_qos1_flood_to_persistent_sessions_arrives_complete_and_in_order(make_broker, uniq):
+    """The same through the durable outbox between shards and the subscribers' stored queues."""
+    _flood_arrives_complete_and_in_order(make_broker, uniq, 1, clean=False)
 
 
 def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeout(make_broker, uniq):

@@ -16,7 +16,7 @@ import pytest
 from core_harness import Harness
 
 from shardbroker.config import load_config
-from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER
+from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
 from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
     DurableForward,
@@ -587,6 +587,60 @@ def test_a_held_client_still_reads_and_acknowledges_what_it_is_sent(h: Harness) 
     h.broker.backpressure.release("a", 0)
     h.run()
     assert a.packets() == [PubAck(7)]
+
+
+def test_a_held_publisher_that_reconnects_is_still_held(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    cid = _on_shard("pub", 0, 2)
+    h.peer_messages([Hold(1, cid)])
+    pub = h.connect(cid)
+    pub.packets()
+    pub.send(Publish("t", b"a", qos=1, packet_id=1))
+    assert pub.packets() == []
+    h.peer_messages([Release(1, cid)])
+    assert pub.packets() == [PubAck(1)]
+
+
+def test_a_backlog_that_goes_offline_releases_its_publishers(h: Harness) -> None:
+    sub = h.connect("sub")
+    sub.send(_sub("q", 1))
+    pub = h.connect("pub")
+    sub.packets(), pub.packets()
+    n = h.config.limits.max_inflight + QUEUE_HIGH_WATER + 5
+    _flood(pub, "q", n)
+    assert len(pub.packets()) == n - 5  # the last five are held
+    sub.drop()
+    assert pub.packets() == [PubAck(i) for i in range(n - 4, n + 1)]
+
+
+def test_a_restarted_peer_holds_nobody_any_more(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    cid = _on_shard("pub", 0, 2)
+    pub = h.connect(cid)
+    pub.packets()
+    h.peer_messages([Hold(1, cid)])
+    pub.send(Publish("t", b"a", qos=1, packet_id=1))
+    assert pub.packets() == []
+    h.peer_messages([Routes(1, ())])  # shard 1 announces itself: it restarted
+    assert pub.packets() == [PubAck(1)]
+
+
+def test_a_held_client_is_paused_for_qos0_or_too_many_withheld_acks(h: Harness) -> None:
+    qos0, greedy = h.connect("qos0"), h.connect("greedy")
+    qos0.packets(), greedy.packets()
+    h.broker.backpressure.hold("qos0", 0, math.inf)
+    h.broker.backpressure.hold("greedy", 0, math.inf)
+    qos0.send(Publish("t", b"x"))
+    assert qos0.transport.paused  # nothing to withhold from a QoS 0 publisher
+    _flood(greedy, "t", WITHHELD_MAX)
+    assert not greedy.transport.paused  # within what a client may have unacknowledged
+    greedy.send(Publish("t", b"y", qos=1, packet_id=WITHHELD_MAX + 1))
+    assert greedy.transport.paused and greedy.packets() == []
+    h.broker.backpressure.release("qos0", 0)
+    h.broker.backpressure.release("greedy", 0)
+    h.run()
+    assert not qos0.transport.paused and not greedy.transport.paused
+    assert greedy.packets() == [PubAck(i) for i in range(1, WITHHELD_MAX + 2)]
 
 
 def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path, make: MakeHarness) -> None:
