@@ -8,7 +8,7 @@ its HWM in the sender's backlog) while a peer restarts and are delivered when it
 is back.
 
 Flow control: each pipe holds at most ``HWM`` batches on either side (so about
-``2 * HWM * BATCH_BYTES`` bytes, plus the kernel's socket buffers). A batch
+``2 * HWM * BATCH_BYTES`` bytes, plus socket buffers of ``KERNEL_BUFFER`` each). A batch
 that finds the pipe toward a peer full waits in this shard's backlog for that
 peer (order kept: later batches queue behind it) and is retried every
 ``RETRY`` seconds. ``congested`` says whether some peer is full but still taking
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_BUDGET = 512  # ZeroMQ messages handled per loop callback before yielding
 DRAIN_BYTES = 1 << 16  # ... or this many bytes of them, so that the flush writes in between
+KERNEL_BUFFER = 64 * 1024  # socket buffer bytes at each end of a pipe: little queues beyond the HWM
 HWM = 8  # batches a pipe holds on each side before sends to that peer wait
 BATCH_BYTES = 16 * 1024  # a batch is closed once its items' sizes add up to this
 ITEM_COST = 40  # bytes counted for an item besides the size its sender gives
@@ -69,6 +70,7 @@ class Bus:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
+        self._pull.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(endpoints[shard])
         self._push: dict[int, zmq.Socket[bytes]] = {}
@@ -77,6 +79,7 @@ class Bus:
                 continue
             s = self._ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDHWM, HWM)
+            s.setsockopt(zmq.SNDBUF, KERNEL_BUFFER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(ep)
             self._push[peer] = s

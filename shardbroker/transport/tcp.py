@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from shardbroker.core.broker import Broker
     from shardbroker.core.client import Client
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 8 * 1024
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_WRITE_BUFFER = 8 << 20  # QoS 0 to a client whose write buffer is beyond this is dropped
