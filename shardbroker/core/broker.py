@@ -218,7 +218,7 @@ class Broker:
         self.time.set(now)
         client.gone = True
         client.closing = True
-        client.out = []
+        client.out = None
         self.flow.forget(client)
         self.backpressure.forget(client)
         if client.session is not None:
@@ -325,7 +325,7 @@ class Broker:
             # Nothing promised in this batch may be acknowledged: drop the output of every
             # client that had any and close it; the clients resend what was not acked.
             for client in due:
-                client.out = []
+                client.out = None
                 client.output_due = False
                 self.close(client, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
             due = self.output.take()

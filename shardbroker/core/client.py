@@ -116,7 +116,7 @@ class Client:
         self.aliases_in: dict[int, str] | None = None  # alias -> topic, made on first use
         self.problem_info = True
         self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
-        self.out: list[bytes] = []  # bytes for the client, written at the next flush
+        self.out: list[bytes] | None = None  # bytes for the client, written at the next flush
         self.output_due = False  # listed in ``Output`` to be written at the next flush
 
     @property

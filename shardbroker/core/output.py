@@ -19,7 +19,11 @@ class Output:
         self._due: list[Client] = []  # clients with bytes (or a close) due at the flush
 
     def send(self, client: Client, data: bytes) -> None:
-        client.out.append(data)
+        out = client.out
+        if out is None:  # an idle client keeps no empty list
+            client.out = [data]
+        else:
+            out.append(data)
         if not client.output_due:
             self._mark_due(client)
 
@@ -51,7 +55,7 @@ class Output:
         """Hand the client's queued bytes to its transport (the flush, after the commit)."""
         client.output_due = False
         client.unacked_in = 0
-        out, client.out = client.out, []
+        out, client.out = client.out, None
         if client.gone:
             return
         if out:
