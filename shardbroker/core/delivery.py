@@ -76,7 +76,7 @@ class Delivery:
             return
         if qos == 0:
             if client.transport.write_buffer_full():  # a slow consumer: dropped before any encoding
-                self.stats["dropped_queue_full"] += 1
+                self._dropped(sess, queue=False)
             else:
                 data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
                 if data is not None:
@@ -137,14 +137,14 @@ class Delivery:
         while limited and queue and (len(queue) >= limits.max_queued_messages
                                      or sess.queued_bytes + size > limits.max_queued_bytes):
             if limits.queue_full_policy != "drop_oldest":
-                self._dropped(sess)
+                self._dropped(sess, queue=True)
                 return
             old = queue.popleft()
             sess.queued_bytes -= len(old.message.payload)
             if old.seq is not None:
                 self._batch().dequeue(sess.client_id, old.seq)
                 old.message.unref()
-            self._dropped(sess)
+            self._dropped(sess, queue=True)
         if not limited and len(queue) >= QUEUE_HIGH_WATER and not sess.backlog & QUEUE:
             self.backpressure.start(sess, QUEUE)
         seq = None
@@ -157,15 +157,19 @@ class Delivery:
         queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
 
-    def _dropped(self, sess: Session) -> None:
-        """A message for ``sess`` is dropped by its queue limits: counted, and logged once."""
+    def _dropped(self, sess: Session, *, queue: bool) -> None:
+        """A message for ``sess`` is dropped, by its queue limits or (QoS 0) a full write buffer:
+        counted, and logged once per session."""
         self.stats["dropped_queue_full"] += 1
         sess.dropped += 1
         if sess.dropped == 1:
-            limits = self.limits
-            log.warning("session %s (%s): queue full at %d messages / %d bytes, %s; further drops for it are "
-                        "counted, not logged", sess.client_id, "slow subscriber" if sess.client else "offline",
-                        sess.queued(), sess.queued_bytes, limits.queue_full_policy)
+            if queue:
+                why = (f"its queue is full at {sess.queued()} messages / {sess.queued_bytes} bytes "
+                       f"({'slow subscriber' if sess.client else 'offline'}, {self.limits.queue_full_policy})")
+            else:
+                why = "QoS 0 beyond its full write buffer (it reads too slowly)"
+            log.warning("session %s: a message dropped: %s; further drops for it are counted, not logged",
+                        sess.client_id, why)
 
     def pump(self, sess: Session) -> None:
         """Move queued messages into the window while there is room."""

@@ -589,6 +589,20 @@ def test_a_held_client_still_reads_and_acknowledges_what_it_is_sent(h: Harness) 
     assert a.packets() == [PubAck(7)]
 
 
+def test_drops_for_an_offline_session_are_counted_and_logged_once(tmp_path: Path, make: MakeHarness,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    h = make(load_config(None, {"server.data_dir": str(tmp_path), "limits.max_queued_messages": 2}))
+    sub = h.connect("sub", clean=False)
+    sub.send(_sub("q", 1))
+    sub.send(Disconnect())
+    pub = h.connect("pub")
+    with caplog.at_level("WARNING", logger="shardbroker.delivery"):
+        _flood(pub, "q", 5)
+    assert h.broker.stats["dropped_queue_full"] == 3
+    logged = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(logged) == 1 and "sub" in logged[0] and "offline" in logged[0]
+
+
 def test_a_held_publisher_that_reconnects_is_still_held(make: MakeHarness) -> None:
     h = make(peers=[1], shards=2)
     cid = _on_shard("pub", 0, 2)
