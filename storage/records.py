@@ -29,10 +29,27 @@ What it does not do:
 * No validation of MQTT semantics (topic syntax, QoS ranges beyond type checks);
   the broker validates before it stores.
 * The schema version is kept in the store's meta table, not in each record.
+
+Two row formats (the shard schema, ``lmdb_store.SCHEMA_VERSION``, tells which one a
+store writes; readers accept both):
+
+* CBOR maps (above): every record of schema 1, and still what sessions, meta values
+  and retained messages are written as.
+* Packed rows, schema 2, for the two rows written per message on the hot path.
+  They start with a format byte that no CBOR map starts with (maps are 0xA0-0xBF),
+  so a decoder tells the formats apart by the first byte:
+
+  - a message row (``pack_message``): ``0x01, flags (u8: 1 retain, 2 expiry,
+    4 properties), qos (u8), topic length (u32), topic (UTF-8)``, then the expiry
+    (f64) if flag 2, then the properties (u32 length + the CBOR map above) if flag
+    4, then the payload: the rest of the row;
+  - an inflight row (``pack_inflight``): ``0x01, qos (u8), state (u8), msg_id
+    (u64, 0 = none)``, 11 bytes.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
@@ -65,6 +82,9 @@ __all__ = [
     "encode_properties",
     "encode_session",
     "encode_value",
+    "inflight_msg_id",
+    "pack_inflight",
+    "pack_message",
 ]
 
 
@@ -287,7 +307,62 @@ def _decode_message_map(raw: Mapping[Any, Any], what: str) -> tuple[str, bytes, 
     )
 
 
+_PACKED: Final = 0x01  # first byte of a packed message row or inflight row (schema 2)
+_MSG_HEAD: Final = struct.Struct(">BBBI")  # format, flags, qos, topic length
+_F64: Final = struct.Struct(">d")
+_U32: Final = struct.Struct(">I")
+_RETAIN, _EXPIRY, _PROPS = 1, 2, 4
+_INFLIGHT_ROW: Final = struct.Struct(">BBBQ")  # format, qos, state, msg_id (0 = none)
+
+
+def pack_message(msg: StoredMessage) -> bytes:
+    """The packed message row (schema 2; see the module docstring)."""
+    topic = msg.topic.encode()
+    flags = _RETAIN if msg.retain else 0
+    parts = [b"", topic]
+    if msg.expires_at is not None:
+        flags |= _EXPIRY
+        parts.append(_F64.pack(msg.expires_at))
+    if msg.properties is not NO_PROPERTIES:
+        props = encode_properties(msg.properties)
+        if props:
+            flags |= _PROPS
+            data = cbor2.dumps(props)
+            parts += (_U32.pack(len(data)), data)
+    parts[0] = _MSG_HEAD.pack(_PACKED, flags, msg.qos, len(topic))
+    parts.append(msg.payload)
+    return b"".join(parts)
+
+
+def _unpack_message(data: bytes, start: int = 0) -> StoredMessage:
+    try:
+        _, flags, qos, n = _MSG_HEAD.unpack_from(data, start)
+        at = start + _MSG_HEAD.size
+        if flags & ~(_RETAIN | _EXPIRY | _PROPS) or at + n > len(data):
+            raise _corrupt("message", "bad packed header")
+        topic = data[at:at + n].decode()
+        at += n
+        expires_at = None
+        if flags & _EXPIRY:
+            expires_at = _F64.unpack_from(data, at)[0]
+            at += 8
+        props = NO_PROPERTIES
+        if flags & _PROPS:
+            size = _U32.unpack_from(data, at)[0]
+            at += 4
+            if at + size > len(data):
+                raise _corrupt("message", "properties overrun the row")
+            props = decode_properties(_loads(data[at:at + size], "message"), "message")
+            at += size
+    except (struct.error, UnicodeDecodeError):
+        raise _corrupt("message", "truncated or undecodable packed row") from None
+    return StoredMessage(topic, data[at:], qos, bool(flags & _RETAIN), props, expires_at)
+
+
 def decode_message(data: bytes) -> StoredMessage:
+    """A packed message row or a CBOR message map."""
+    if data[:1] == b"\x01":
+        return _unpack_message(data)
     raw = _map(data, "message")
     topic, payload, qos, retain, props = _decode_message_map(raw, "message")
     expires_at = _field(raw, "x", float, "message", None)
@@ -375,8 +450,26 @@ def encode_inflight(rec: InflightRecord) -> bytes:
     return cbor2.dumps(out)
 
 
+def pack_inflight(rec: InflightRecord) -> bytes:
+    """The packed inflight row (schema 2): format 0x01, qos, state, msg_id (0 = none)."""
+    return _INFLIGHT_ROW.pack(_PACKED, rec.qos, rec.state, rec.msg_id or 0)
+
+
+def inflight_msg_id(data: bytes) -> int | None:
+    """The msg_id an inflight row names, without decoding more of it."""
+    if len(data) == _INFLIGHT_ROW.size and data[0] == _PACKED:
+        return _INFLIGHT_ROW.unpack_from(data)[3] or None
+    return decode_inflight(data).msg_id
+
+
 def decode_inflight(data: bytes) -> InflightRecord:
+    """A packed inflight row or a CBOR map."""
     what = "inflight"
+    if data[:1] == b"\x01":
+        if len(data) != _INFLIGHT_ROW.size:
+            raise _corrupt(what, f"packed row of {len(data)} bytes")
+        _, qos, state, msg_id = _INFLIGHT_ROW.unpack_from(data)
+        return InflightRecord(msg_id or None, qos, state)
     raw = _map(data, what)
     return InflightRecord(
         msg_id=_field(raw, "m", int, what, None),

@@ -48,6 +48,9 @@ from shardbroker.storage.records import (
     encode_inflight,
     encode_message,
     encode_session,
+    inflight_msg_id,
+    pack_inflight,
+    pack_message,
 )
 
 from shardbroker.protocol.packets import NO_PROPERTIES, Properties
@@ -633,3 +636,22 @@ def test_copy_compacted(store: ShardStore, tmp_path: Path) -> None:
         assert (dest / "shard-000" / "data.mdb").stat().st_size < (store.path / "data.mdb").stat().st_size
     finally:
         copy.close()
+
+
+def test_packed_rows_round_trip_and_old_rows_still_decode() -> None:
+    for m in (msg(), msg("t", b"", 0, retain=True), StoredMessage("t/ü", b"\xff\x00", 2, True, FULL_PROPS, 1.5e9)):
+        data = pack_message(m)
+        assert data[0] == 1 and decode_message(data) == m
+        assert decode_message(encode_message(m)) == m
+    for inf in (InflightRecord(5, 1, AWAIT_PUBACK), InflightRecord(None, 2, AWAIT_PUBCOMP)):
+        data = pack_inflight(inf)
+        assert len(data) == 11 and decode_inflight(data) == inf and inflight_msg_id(data) == inf.msg_id
+        old = encode_inflight(inf)
+        assert decode_inflight(old) == inf and inflight_msg_id(old) == inf.msg_id
+    for bad in (b"\x01", b"\x01\x00\x01\x00\x00\x00\x09ab", b"\x01\x08\x01\x00\x00\x00\x00",
+                pack_message(msg())[:-7]):
+        with pytest.raises(StoreCorrupt):
+            decode_message(bad)
+    for bad in (b"\x01\x01", pack_inflight(InflightRecord(1, 1, 1)) + b"x"):
+        with pytest.raises(StoreCorrupt):
+            decode_inflight(bad)
