@@ -12,7 +12,8 @@ What it does:
   fsync when ``sync=True``) - group commit. Ids (``msg_id``, ``seq``) are
   allocated when the operation is added, so callers have them at once.
 * A message that fans out to many sessions of a shard is stored once, with a
-  reference count: +1 per queue row and per in-flight row naming it.
+  reference count: +1 per queue row and per in-flight row naming it. The counts
+  live in memory (a writable open counts the rows once); only the rows are stored.
 * ``RetainedStore`` is the one environment shared by all worker processes for
   retained messages (LMDB serialises writers across processes).
 * When the map is full a commit grows it (doubling, up to ``max_map_size``) and
@@ -39,25 +40,48 @@ meta       UTF-8 name                             CBOR value: ``schema_version``
                                                   ``created_at``, ``next_msg_id``,
                                                   ``next_seq``; plus ``set_meta`` keys
 sessions   CK                                     CBOR ``SessionRecord``
-messages   msg_id (u64)                           CBOR ``StoredMessage``
-refs       msg_id (u64)                           refcount (u64); no row = 0 = deleted
+messages   msg_id (u64)                           packed ``StoredMessage`` (schema 1: CBOR)
 queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
-inflight   CK + 0x00 + packet_id (u16)            CBOR ``InflightRecord``
+inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord`` (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
 outbox     peer shard (u16) + seq (u64)           a ``DurableForward`` peer message (older: CBOR), to
                                                   another shard, kept until that shard acks it
 =========  =====================================  ==========================================
 
+The packed row formats are described in ``records.py``; readers take both them
+and the CBOR rows of schema 1.
+
 The retained environment has ``meta`` (``kind`` = "retained") and ``retained``:
-topic key (as CK above) -> CBOR ``StoredMessage``.
+topic key (as CK above) -> CBOR ``StoredMessage``. Its schema
+(``RETAINED_SCHEMA_VERSION``) is still 1.
+
+Schema versions (``meta`` ``schema_version``; ``SCHEMA_VERSION`` is what this code
+writes, a store of a higher one is refused):
+
+* 1: CBOR message and inflight rows, and a ``refs`` table (msg_id (u64) ->
+  refcount (u64)) written in every commit that changed a count.
+* 2: packed message and inflight rows (CBOR ones written by 1 are read as they
+  are, never rewritten), no ``refs`` table: the counts are rebuilt at open from
+  the queue and inflight rows. A writable open of a schema 1 store migrates it in
+  one transaction: it drops ``refs`` and sets the version to 2 (which keeps an
+  older ShardBroker, which would take the missing ``refs`` rows for zero counts,
+  from opening it). A read-only open changes nothing and reads it as it is.
 
 Invariants:
 
-* ``refs[m]`` equals the number of queue and inflight rows naming ``m``; a
-  message exists iff its count is > 0. Counts are settled at the end of each
-  batch: a message whose count is 0 after a commit (including one added by the
-  batch and never enqueued) is deleted. Moving a message from the queue to
-  in-flight within one batch therefore never deletes it.
+* A message row exists iff some queue or inflight row names it. The count of
+  ``m`` (``ShardStore._refs``, in memory) equals the number of those rows; counts
+  are settled at the end of each batch, in its transaction: a message whose count
+  is 0 after the batch (including one added by the batch and never enqueued) is
+  deleted in the same commit that removed its last row, so no crash leaves a row
+  naming a deleted message. The in-memory counts change only after a successful
+  commit. Moving a message from the queue to in-flight within one batch therefore
+  never deletes it.
+* A writable open counts the references of every message and deletes message rows
+  that nothing names (a leak: none should exist, as every commit keeps the
+  invariant above; it is not done when some row cannot be read). ``check()``
+  reports such a row, and a count (schema 1 ``refs`` row, or in memory) that
+  differs from the rows.
 * ``msg_id`` and ``seq`` are per shard, start at 1, only increase, and survive
   restarts (counters in ``meta``); ids allocated by a batch that failed are not
   reused.
@@ -109,13 +133,16 @@ from shardbroker.storage.records import (
     decode_message,
     decode_session,
     decode_value,
-    encode_inflight,
     encode_message,
     encode_session,
     encode_value,
+    inflight_msg_id,
+    pack_inflight,
+    pack_message,
 )
 
 __all__ = [
+    "RETAINED_SCHEMA_VERSION",
     "SCHEMA_VERSION",
     "Batch",
     "RetainedStore",
@@ -129,9 +156,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""Shard stores: 2 packed rows, counts in memory; 1 (still read, migrated on a writable open)."""
+RETAINED_SCHEMA_VERSION: Final = 1
+"""The retained store's format did not change with shard schema 2."""
 
-_SHARD_TABLES: Final = ("meta", "sessions", "messages", "refs", "queue", "inflight", "qos2in", "outbox")
+_SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")
 _RESERVED_META: Final = frozenset(
     {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
@@ -278,6 +308,7 @@ class _Env:
         sync: bool,
         readonly: bool,
         create: bool,
+        schema: int,
     ) -> _Env:
         if map_size <= 0 or max_map_size < map_size:
             raise ValueError("need 0 < map_size <= max_map_size")
@@ -320,10 +351,10 @@ class _Env:
             version = meta.get("schema_version")
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise StoreCorrupt(f"{path}: store has an invalid schema version {version!r}")
-            if version > SCHEMA_VERSION:
+            if version > schema:
                 raise StoreError(
                     f"{path}: store was written by a newer ShardBroker (schema {version}, "
-                    f"this version reads {SCHEMA_VERSION}); refusing to touch it"
+                    f"this version reads {schema}); refusing to touch it"
                 )
             if meta.get("kind") != kind:
                 raise StoreError(f"{path}: holds a {meta.get('kind')!r} store, expected {kind!r}")
@@ -388,6 +419,16 @@ class _Env:
                     f"refusing to touch it"
                 ) from None
         return dbs
+
+    def open_optional(self, name: str) -> bool:
+        """Open table ``name`` into ``dbs`` if the environment has it; whether it has."""
+        try:
+            self.dbs[name] = self.env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            return False
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: cannot open table {name!r} ({_reason(exc)})") from None
+        return True
 
     @staticmethod
     def _read_meta(env: lmdb.Environment, db: lmdb._Database, path: Path) -> dict[str, object]:
@@ -583,6 +624,7 @@ class ShardStore:
         "_env",
         "_next_msg_id",
         "_next_seq",
+        "_refs",
         "_saved_msg_id",
         "_saved_seq",
         "data_dir",
@@ -597,6 +639,9 @@ class ShardStore:
         self.shards = shards
         self._next_msg_id = self._saved_msg_id = _meta_int(env.meta, "next_msg_id", env.path)
         self._next_seq = self._saved_seq = _meta_int(env.meta, "next_seq", env.path)
+        # msg_id -> queue and inflight rows naming it, for every row of ``messages``; kept
+        # by writable stores only (built by ``_prepare``, updated after each commit)
+        self._refs: dict[int, int] = {}
 
     @classmethod
     def open(
@@ -632,6 +677,7 @@ class ShardStore:
         env = _Env.open(
             path, kind="shard", tables=_SHARD_TABLES, init_meta=init_meta, map_size=map_size,
             max_map_size=max_map_size, sync=sync, readonly=readonly, create=create,
+            schema=SCHEMA_VERSION,
         )
         try:
             stored_shards = _meta_int(env.meta, "shards", path)
@@ -645,6 +691,10 @@ class ShardStore:
             if stored_shard != shard:
                 raise StoreError(f"{path}: holds shard {stored_shard}, not shard {shard}")
             store = cls(env, data_dir, shard, shards)
+            if env.meta["schema_version"] == 1:
+                env.open_optional("refs")
+            if not readonly:
+                store._prepare()
         except BaseException:
             env.close()
             raise
@@ -659,6 +709,81 @@ class ShardStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _prepare(self) -> None:
+        """A writable open: count every message's references, delete any message no row
+        references, and migrate a schema 1 store (see the module docstring)."""
+        env = self._env
+        messages, meta = env.dbs["messages"], env.dbs["meta"]
+        with env.read() as txn:
+            refs, complete = self._references(txn)
+            keys = list(txn.cursor(db=messages).iternext(keys=True, values=False))
+        counts: dict[int, int] = {}
+        orphans: list[bytes] = []
+        for key in keys:
+            if len(key) != 8:
+                complete = False  # not ours to judge: check() reports it
+                continue
+            msg_id = _U64.unpack(key)[0]
+            n = refs.get(msg_id)
+            if n:
+                counts[msg_id] = n
+            else:
+                orphans.append(key)
+        if not complete:  # a row we cannot read may name any of them: keep them all
+            orphans = []
+        if len(counts) < len(refs):
+            log.warning("%s: %d message(s) named by queue or inflight rows are missing",
+                        self.path, len(refs) - len(counts))
+        migrate = env.meta["schema_version"] == 1
+        if orphans or migrate:
+            refs_db = env.dbs.get("refs")
+
+            def apply(txn: lmdb.Transaction[bytes]) -> None:
+                for key in orphans:
+                    txn.delete(key, db=messages)
+                if migrate:
+                    if refs_db is not None:
+                        txn.drop(refs_db, delete=True)
+                    txn.put(b"schema_version", encode_value(SCHEMA_VERSION), db=meta)
+
+            env.write(apply)
+            if orphans:
+                log.warning("%s: deleted %d message(s) that no queue or inflight row named",
+                            self.path, len(orphans))
+            if migrate:
+                env.dbs.pop("refs", None)
+                env.meta["schema_version"] = SCHEMA_VERSION
+                log.info("%s: migrated store from schema 1 to %d", self.path, SCHEMA_VERSION)
+        self._refs = counts
+
+    def _references(self, txn: lmdb.Transaction[bytes]) -> tuple[dict[int, int], bool]:
+        """msg_id -> queue and inflight rows naming it; False if some row could not be read."""
+        refs: dict[int, int] = {}
+        get = refs.get
+        complete = True
+        for value in txn.cursor(db=self._env.dbs["queue"]).iternext(keys=False, values=True):
+            if len(value) != _QROW.size:
+                complete = False
+                continue
+            msg_id = _QROW.unpack(value)[0]
+            refs[msg_id] = get(msg_id, 0) + 1
+        for value in txn.cursor(db=self._env.dbs["inflight"]).iternext(keys=False, values=True):
+            try:
+                ref = inflight_msg_id(value)
+            except StoreCorrupt:
+                complete = False
+                continue
+            if ref is not None:
+                refs[ref] = get(ref, 0) + 1
+        return refs, complete
+
+    def _current_refs(self) -> dict[int, int]:
+        """The reference counts: kept in memory when writable, else counted now."""
+        if not self._env.readonly:
+            return self._refs
+        with self._env.read() as txn:
+            return self._references(txn)[0]
 
     @property
     def path(self) -> Path:
@@ -735,14 +860,11 @@ class ShardStore:
         return None if data is None else decode_message(data)
 
     def messages(self) -> Iterator[tuple[int, int, StoredMessage]]:
-        """(msg_id, refcount, message) in msg_id order."""
-        refs_db = self._env.dbs["refs"]
-        for rows in _chunks(self._env.rows("messages"), _PAGE_ROWS):
-            with self._env.read() as txn:
-                counts = [txn.get(row.key, db=refs_db) for row in rows]
-            for row, count in zip(rows, counts):
-                refs = 0 if count is None else _U64.unpack(count)[0]
-                yield _U64.unpack(row.key)[0], refs, decode_message(row.value)
+        """(msg_id, refcount, message) in msg_id order; refcount = queue and inflight rows naming it."""
+        refs = self._current_refs()
+        for row in self._env.rows("messages"):
+            msg_id = _U64.unpack(row.key)[0]
+            yield msg_id, refs.get(msg_id, 0), decode_message(row.value)
 
     def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
@@ -836,13 +958,17 @@ class ShardStore:
                 decode_message(row.value)
             except StoreCorrupt as exc:
                 problems.append(f"{where}: message {msg_id}: {exc}")
-        stored_refs: dict[int, int] = {}
-        for row in env.rows("refs"):
-            tick()
-            if len(row.key) != 8 or len(row.value) != 8:
-                problems.append(f"{where}: malformed refcount row {row.key!r}")
-                continue
-            stored_refs[_U64.unpack(row.key)[0]] = _U64.unpack(row.value)[0]
+        # the counts to hold against the rows: a schema 1 store's refs table (read only), or
+        # the ones a writable store keeps in memory
+        stored_refs: dict[int, int] | None = None if env.readonly else dict(self._refs)
+        if "refs" in env.dbs:
+            stored_refs = {}
+            for row in env.rows("refs"):
+                tick()
+                if len(row.key) != 8 or len(row.value) != 8:
+                    problems.append(f"{where}: malformed refcount row {row.key!r}")
+                    continue
+                stored_refs[_U64.unpack(row.key)[0]] = _U64.unpack(row.value)[0]
         actual: Counter[int] = Counter()
         max_seq = 0
 
@@ -890,12 +1016,15 @@ class ShardStore:
             tick()
             owner(row.key, 2, "qos2_incoming")
         for msg_id in sorted(message_ids):
-            stored, real = stored_refs.get(msg_id, 0), actual.get(msg_id, 0)
-            if stored != real:
-                problems.append(f"{where}: message {msg_id} has refcount {stored} but "
-                                f"{real} references")
-        for msg_id in sorted(set(stored_refs) - message_ids):
-            problems.append(f"{where}: refcount row for missing message {msg_id}")
+            real = actual.get(msg_id, 0)
+            if stored_refs is not None and stored_refs.get(msg_id, 0) != real:
+                problems.append(f"{where}: message {msg_id} has refcount "
+                                f"{stored_refs.get(msg_id, 0)} but {real} references")
+            elif not real:
+                problems.append(f"{where}: message {msg_id} is named by no queue or inflight row "
+                                f"(a writable open deletes it)")
+        for msg_id in sorted(set(stored_refs or ()) - message_ids):
+            problems.append(f"{where}: refcount for missing message {msg_id}")
         next_msg_id = self.get_meta("next_msg_id")
         next_seq = self.get_meta("next_seq")
         if not isinstance(next_msg_id, int) or not isinstance(next_seq, int):
@@ -936,51 +1065,43 @@ class ShardStore:
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
         outbox = env.dbs["outbox"]
+        stored = self._refs  # committed counts; changed only once the commit succeeded
+        missing = self._missing
 
         def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
             next_msg_id, next_seq = self._next_msg_id, self._next_seq
             self._check_counters(txn)
-            refs: dict[int, int] = {}
-            known: set[int] = set()
-
-            def need(msg_id: int) -> None:
-                if msg_id not in known:
-                    if txn.get(_U64.pack(msg_id), db=messages) is None:
-                        raise StoreError(f"{self.path}: message {msg_id} does not exist")
-                    known.add(msg_id)
-                refs[msg_id] = refs.get(msg_id, 0) + 1
-
-            def release(msg_id: int | None) -> None:
-                if msg_id is not None:
-                    refs[msg_id] = refs.get(msg_id, 0) - 1
-
-            put, pop, get = txn.put, txn.pop, txn.get
+            delta: dict[int, int] = {}  # msg_id -> references added (-removed) by this batch
+            added: set[int] = set()
+            get = delta.get
+            put, pop, replace = txn.put, txn.pop, txn.replace
             for code, key, a, b in ops:
-                if code == _ENQUEUE:  # a: msg_id, b: qos
-                    if a not in known:
-                        if get(_U64.pack(a), db=messages) is None:
-                            raise StoreError(f"{self.path}: message {a} does not exist")
-                        known.add(a)
-                    refs[a] = refs.get(a, 0) + 1
+                if code == _ADD_MESSAGE:  # key: msg_id (u64), a: msg_id, b: the record
+                    put(key, b, db=messages)
+                    added.add(a)
+                    delta[a] = 0
+                elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
+                    if a is not None:
+                        if a not in stored and a not in added:
+                            raise missing(a)
+                        delta[a] = get(a, 0) + 1
+                    old = replace(key, b, db=inflight)
+                    if old is not None and (ref := inflight_msg_id(old)) is not None:
+                        delta[ref] = get(ref, 0) - 1
+                elif code == _DELETE_INFLIGHT:
+                    old = pop(key, db=inflight)
+                    if old is not None and (ref := inflight_msg_id(old)) is not None:
+                        delta[ref] = get(ref, 0) - 1
+                elif code == _ENQUEUE:  # a: msg_id, b: qos
+                    if a not in stored and a not in added:
+                        raise missing(a)
+                    delta[a] = get(a, 0) + 1
                     put(key, _QROW.pack(a, b), db=queue)
                 elif code == _DEQUEUE:
                     old = pop(key, db=queue)
                     if old is not None:
-                        release(_QROW.unpack(old)[0])
-                elif code == _ADD_MESSAGE:  # key: msg_id (u64), a: msg_id, b: the record
-                    put(key, b, db=messages)
-                    known.add(a)
-                    refs.setdefault(a, 0)
-                elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
-                    if a is not None:
-                        need(a)
-                    old = txn.replace(key, b, db=inflight)
-                    if old is not None:
-                        release(decode_inflight(old).msg_id)
-                elif code == _DELETE_INFLIGHT:
-                    old = pop(key, db=inflight)
-                    if old is not None:
-                        release(decode_inflight(old).msg_id)
+                        ref = _QROW.unpack(old)[0]
+                        delta[ref] = get(ref, 0) - 1
                 elif code == _PUT_OUTBOX:
                     put(key, a, db=outbox)
                 elif code == _DELETE_OUTBOX:
@@ -997,13 +1118,15 @@ class ShardStore:
                     txn.delete(key, db=sessions)
                     prefix = key + _SEP
                     for value in _drop_prefix(txn, queue, prefix):
-                        release(_QROW.unpack(value)[0])
+                        ref = _QROW.unpack(value)[0]
+                        delta[ref] = get(ref, 0) - 1
                     for value in _drop_prefix(txn, inflight, prefix):
-                        release(decode_inflight(value).msg_id)
+                        if (ref := inflight_msg_id(value)) is not None:
+                            delta[ref] = get(ref, 0) - 1
                     _drop_prefix(txn, qos2in, prefix)
                 else:
                     raise StoreError(f"{self.path}: unknown batch operation {code}")
-            self._settle(txn, refs)
+            counts = self._settle(txn, delta)
             if next_msg_id != self._saved_msg_id:
                 txn.put(b"next_msg_id", encode_value(next_msg_id), db=meta)
             if next_seq != self._saved_seq:
@@ -1011,10 +1134,18 @@ class ShardStore:
 
             def committed() -> None:
                 self._saved_msg_id, self._saved_seq = next_msg_id, next_seq
+                for msg_id, count in counts:
+                    if count:
+                        stored[msg_id] = count
+                    else:
+                        stored.pop(msg_id, None)
 
             return committed
 
         env.write(apply)
+
+    def _missing(self, msg_id: int) -> StoreError:
+        return StoreError(f"{self.path}: message {msg_id} does not exist")
 
     def _check_counters(self, txn: lmdb.Transaction[bytes]) -> None:
         meta = self._env.dbs["meta"]
@@ -1026,21 +1157,24 @@ class ShardStore:
                     f"(one writer per shard)"
                 )
 
-    def _settle(self, txn: lmdb.Transaction[bytes], refs: dict[int, int]) -> None:
-        refs_db, messages = self._env.dbs["refs"], self._env.dbs["messages"]
-        for msg_id, delta in refs.items():
-            key = _U64.pack(msg_id)
-            raw = txn.get(key, db=refs_db)
-            current = 0 if raw is None else _U64.unpack(raw)[0]
-            count = current + delta
-            if count < 0:
-                log.warning("%s: refcount of message %d would drop below 0", self.path, msg_id)
+    def _settle(self, txn: lmdb.Transaction[bytes], delta: dict[int, int]) -> list[tuple[int, int]]:
+        """Delete the messages this batch left unreferenced; the new counts, to keep once committed.
+
+        Runs in the batch's transaction, so a message row goes in the same commit as the last
+        row naming it: on disk a message exists iff some queue or inflight row names it."""
+        stored, messages = self._refs, self._env.dbs["messages"]
+        counts: list[tuple[int, int]] = []
+        for msg_id, change in delta.items():
+            if not change and msg_id in stored:
+                continue
+            count = stored.get(msg_id, 0) + change
+            if count <= 0:
+                if count < 0:
+                    log.warning("%s: refcount of message %d would drop below 0", self.path, msg_id)
                 count = 0
-            if count == 0:
-                txn.delete(key, db=refs_db)
-                txn.delete(key, db=messages)
-            elif delta:
-                txn.put(key, _U64.pack(count), db=refs_db)
+                txn.delete(_U64.pack(msg_id), db=messages)
+            counts.append((msg_id, count))
+        return counts
 
     def _message_in(
         self, txn: lmdb.Transaction[bytes], msg_id: int, cache: dict[int, StoredMessage | None]
@@ -1062,17 +1196,6 @@ def _drop_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes
         if not cur.delete():
             break
     return values
-
-
-def _chunks(rows: Iterator[_Row], size: int) -> Iterator[list[_Row]]:
-    chunk: list[_Row] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _check_siblings(data_dir: Path, shards: int) -> None:
@@ -1128,7 +1251,7 @@ class Batch:
 
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
-        data = encode_message(msg)
+        data = pack_message(msg)
         msg_id = self._store._alloc_msg_id()
         self._ops.append((_ADD_MESSAGE, _U64.pack(msg_id), msg_id, data))
         return msg_id
@@ -1147,7 +1270,7 @@ class Batch:
     def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
         """Replace the row; refs follow the msg_id change (old -1, new +1)."""
         key = _client_key(client_id) + _SEP + _U16.pack(packet_id)
-        self._ops.append((_PUT_INFLIGHT, key, rec.msg_id, encode_inflight(rec)))
+        self._ops.append((_PUT_INFLIGHT, key, rec.msg_id, pack_inflight(rec)))
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
         self._ops.append((_DELETE_INFLIGHT, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
@@ -1202,12 +1325,12 @@ class RetainedStore:
         create: bool = True,
     ) -> RetainedStore:
         def init_meta() -> dict[str, object]:
-            return {"schema_version": SCHEMA_VERSION, "kind": "retained", "created_at": time.time()}
+            return {"schema_version": RETAINED_SCHEMA_VERSION, "kind": "retained", "created_at": time.time()}
 
         env = _Env.open(
             Path(data_dir) / "retained", kind="retained", tables=_RETAINED_TABLES,
             init_meta=init_meta, map_size=map_size, max_map_size=max_map_size, sync=sync,
-            readonly=readonly, create=create,
+            readonly=readonly, create=create, schema=RETAINED_SCHEMA_VERSION,
         )
         return cls(env)
 
@@ -1293,7 +1416,7 @@ def data_dir_shards(data_dir: Path) -> int | None:
         return None
     env = _Env.open(
         path, kind="shard", tables=("meta",), init_meta=dict, map_size=_OS_PAGE,
-        max_map_size=_OS_PAGE, sync=False, readonly=True, create=False,
+        max_map_size=_OS_PAGE, sync=False, readonly=True, create=False, schema=SCHEMA_VERSION,
     )
     try:
         return _meta_int(env.meta, "shards", path)

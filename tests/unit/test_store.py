@@ -602,7 +602,7 @@ def test_check_finds_injected_damage(store: ShardStore) -> None:
     store.close()
     env = lmdb.open(str(path), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(mid.to_bytes(8, "big"), (5).to_bytes(8, "big"), db=env.open_db(b"refs", txn=txn))
+        txn.put((0).to_bytes(8, "big"), encode_message(msg()), db=env.open_db(b"messages", txn=txn))
         txn.put(b"ghost\x00" + (1).to_bytes(2, "big"), b"", db=env.open_db(b"qos2in", txn=txn))
         txn.put(b"bad", b"\xff\xfe", db=env.open_db(b"sessions", txn=txn))
     env.close()
@@ -612,7 +612,7 @@ def test_check_finds_injected_damage(store: ShardStore) -> None:
     finally:
         s.close()
     text = "\n".join(problems)
-    assert f"message {mid} has refcount 5 but 2 references" in text
+    assert "message 0 is named by no queue or inflight row" in text
     assert "orphan qos2_incoming row of client 'ghost'" in text
     assert "session 'bad'" in text and "corrupt" in text
     assert len(problems) == 3
@@ -636,6 +636,171 @@ def test_copy_compacted(store: ShardStore, tmp_path: Path) -> None:
         assert (dest / "shard-000" / "data.mdb").stat().st_size < (store.path / "data.mdb").stat().st_size
     finally:
         copy.close()
+
+
+# --------------------------------------------------------------------------- schema 1 stores
+
+
+def _schema1_store(data_dir: Path) -> Path:
+    """A shard store as schema 1 wrote it: CBOR rows and a refs table.
+
+    alice: queue seq 1 -> m1, inflight 7 -> m1 (AWAIT_PUBACK), inflight 8 -> m2 (AWAIT_PUBREC),
+    inflight 9 (AWAIT_PUBCOMP, no message); bob: queue seq 2 -> m2. So m1 and m2 have 2 refs each.
+    """
+    path = data_dir / "shard-000"
+    path.mkdir(parents=True)
+    env = lmdb.open(str(path), max_dbs=8, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        dbs = {n: env.open_db(n.encode(), txn=txn, create=True)
+               for n in ("meta", "sessions", "messages", "refs", "queue", "inflight", "qos2in", "outbox")}
+        for key, value in {"schema_version": 1, "kind": "shard", "shard": 0, "shards": 1,
+                           "created_at": 1.7e9, "next_msg_id": 3, "next_seq": 3}.items():
+            txn.put(key.encode(), cbor2.dumps(value), db=dbs["meta"])
+        for cid in ("alice", "bob"):
+            txn.put(cid.encode(), encode_session(session(cid)), db=dbs["sessions"])
+        for mid, m in ((1, msg("t/1", b"one")), (2, msg("t/2", b"two", 2, properties=FULL_PROPS))):
+            txn.put(mid.to_bytes(8, "big"), encode_message(m), db=dbs["messages"])
+            txn.put(mid.to_bytes(8, "big"), (2).to_bytes(8, "big"), db=dbs["refs"])
+        txn.put(b"alice\x00" + (1).to_bytes(8, "big"), (1).to_bytes(8, "big") + b"\x01", db=dbs["queue"])
+        txn.put(b"bob\x00" + (2).to_bytes(8, "big"), (2).to_bytes(8, "big") + b"\x02", db=dbs["queue"])
+        for pid, row in ((7, {"m": 1, "q": 1, "s": AWAIT_PUBACK}), (8, {"m": 2, "q": 2, "s": AWAIT_PUBREC}),
+                         (9, {"q": 2, "s": AWAIT_PUBCOMP})):
+            txn.put(b"alice\x00" + pid.to_bytes(2, "big"), cbor2.dumps(row), db=dbs["inflight"])
+    env.close()
+    return path
+
+
+def _tables(path: Path) -> set[bytes]:
+    env = lmdb.open(str(path), max_dbs=8, readonly=True)
+    try:
+        with env.begin() as txn:
+            return {key for key, _ in txn.cursor()}
+    finally:
+        env.close()
+
+
+def test_schema1_store_is_read_as_is_read_only(tmp_path: Path) -> None:
+    path = _schema1_store(tmp_path)
+    before = digest(tmp_path)
+    s = ShardStore.open(tmp_path, 0, 1, readonly=True)
+    try:
+        assert s.get_meta("schema_version") == 1
+        assert [(seq, mid, m.topic) for seq, mid, _q, m in s.queue("alice")] == [(1, 1, "t/1")]
+        assert [(pid, rec, None if m is None else m.payload) for pid, rec, m in s.inflight("alice")] == [
+            (7, InflightRecord(1, 1, AWAIT_PUBACK), b"one"), (8, InflightRecord(2, 2, AWAIT_PUBREC), b"two"),
+            (9, InflightRecord(None, 2, AWAIT_PUBCOMP), None)]
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)]
+        assert s.message(2) == msg("t/2", b"two", 2, properties=FULL_PROPS)
+        assert s.check() == []
+    finally:
+        s.close()
+    assert digest(tmp_path) == before and b"refs" in _tables(path)
+
+
+def test_schema1_refs_table_is_checked_read_only(tmp_path: Path) -> None:
+    path = _schema1_store(tmp_path)
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put((1).to_bytes(8, "big"), (5).to_bytes(8, "big"), db=env.open_db(b"refs", txn=txn))
+    env.close()
+    s = ShardStore.open(tmp_path, 0, 1, readonly=True)
+    try:
+        assert s.check() == ["shard 0: message 1 has refcount 5 but 2 references"]
+    finally:
+        s.close()
+
+
+def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
+    path = _schema1_store(tmp_path)
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
+    try:
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 2
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
+        # the old CBOR rows release their messages like new ones
+        with s.batch() as b:
+            b.delete_inflight("alice", 7)
+            b.put_inflight("alice", 8, InflightRecord(None, 2, AWAIT_PUBCOMP))
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 1), (2, 1)] and s.check() == []
+        s = reopen(s)
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 1), (2, 1)] and s.check() == []
+        with s.batch() as b:
+            b.dequeue("alice", 1)
+            b.delete_session("bob")
+            b.enqueue("alice", b.add_message(msg("t/3")), 1)
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(3, 1)] and s.check() == []
+    finally:
+        s.close()
+    assert b"refs" not in _tables(path)
+    s = ShardStore.open(tmp_path, 0, 1, readonly=True)
+    try:
+        assert s.check() == [] and [m.topic for _, _, _, m in s.queue("alice")] == ["t/3"]
+    finally:
+        s.close()
+
+
+def test_reference_counts_are_rebuilt_at_open(store: ShardStore) -> None:
+    with store.batch() as b:
+        for cid in ("a", "b"):
+            b.put_session(session(cid))
+        shared = b.add_message(msg())
+        seq_a = b.enqueue("a", shared, 1)
+        b.put_inflight("b", 1, InflightRecord(shared, 1, AWAIT_PUBACK))
+    store = reopen(store)
+    try:
+        assert [(mid, refs) for mid, refs, _ in store.messages()] == [(shared, 2)]
+        with store.batch() as b:
+            b.dequeue("a", seq_a)
+        assert store.message(shared) is not None and store.check() == []
+        store = reopen(store)
+        with store.batch() as b:
+            b.delete_inflight("b", 1)
+        assert store.message(shared) is None and list(store.messages()) == [] and store.check() == []
+    finally:
+        store.close()
+
+
+def test_writable_open_deletes_messages_no_row_names(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        kept = b.add_message(msg("kept"))
+        b.enqueue("a", kept, 1)
+    path = store.path
+    store.close()
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put((0).to_bytes(8, "big"), encode_message(msg("leaked")), db=env.open_db(b"messages", txn=txn))
+    env.close()
+    s = ShardStore.open(path.parent, 0, 1, readonly=True)
+    try:
+        assert [mid for mid, _, _ in s.messages()] == [0, kept] and len(s.check()) == 1
+    finally:
+        s.close()
+    s = ShardStore.open(path.parent, 0, 1, map_size=SMALL)
+    try:
+        assert [(mid, refs) for mid, refs, _ in s.messages()] == [(kept, 1)] and s.check() == []
+    finally:
+        s.close()
+
+
+def test_a_failed_commit_leaves_the_counts_alone(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL, max_map_size=256 << 10)
+    try:
+        with s.batch() as b:
+            b.put_session(session("a"))
+            mid = b.add_message(msg())
+            b.enqueue("a", mid, 1)
+        b = s.batch()
+        b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+        for _ in range(400):
+            b.enqueue("a", b.add_message(msg(payload=bytes(1000))), 1)
+        with pytest.raises(StoreFull):
+            b.commit()
+        assert [(m, refs) for m, refs, _ in s.messages()] == [(mid, 1)] and s.check() == []
+        with s.batch() as b:
+            b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+        assert [(m, refs) for m, refs, _ in s.messages()] == [(mid, 2)] and s.check() == []
+    finally:
+        s.close()
 
 
 def test_packed_rows_round_trip_and_old_rows_still_decode() -> None:

@@ -182,18 +182,18 @@ def test_dump_streams_json_lines(data_dir: Path) -> None:
         "alice", 5, "await PUBREC")
 
 
-def test_check_ok_then_finds_refcount_mismatch(data_dir: Path) -> None:
+def test_check_ok_then_finds_unreferenced_message(data_dir: Path) -> None:
     out = ok(run("check", "--data-dir", str(data_dir))).stdout
     assert out.startswith("ok: 3 environment(s)")
     env = lmdb.open(str(data_dir / "shard-000"), max_dbs=8)
     with env.begin(write=True) as txn:
-        refs = env.open_db(b"refs", txn=txn)
-        key, _ = next(iter(txn.cursor(db=refs)))
-        txn.put(key, (9).to_bytes(8, "big"), db=refs)
+        messages = env.open_db(b"messages", txn=txn)
+        _, value = next(iter(txn.cursor(db=messages)))
+        txn.put((0).to_bytes(8, "big"), value, db=messages)
     env.close()
     result = run("check", "--data-dir", str(data_dir))
     assert result.exit_code == 1
-    assert "has refcount 9 but 1 references" in result.stdout
+    assert "message 0 is named by no queue or inflight row" in result.stdout
     assert "1 problem(s)" in result.stderr
 
 
