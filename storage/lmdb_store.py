@@ -42,7 +42,8 @@ meta       UTF-8 name                             CBOR value: ``schema_version``
 sessions   CK                                     CBOR ``SessionRecord``
 messages   msg_id (u64)                           packed ``StoredMessage`` (schema 1: CBOR)
 queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
-inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord`` (schema 1: CBOR)
+inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord``, possibly holding
+                                                  its message (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
 outbox     peer shard (u16) + seq (u64)           a ``DurableForward`` peer message (older: CBOR), to
                                                   another shard, kept until that shard acks it
@@ -66,11 +67,21 @@ writes, a store of a higher one is refused):
   one transaction: it drops ``refs`` and sets the version to 2 (which keeps an
   older ShardBroker, which would take the missing ``refs`` rows for zero counts,
   from opening it). A read-only open changes nothing and reads it as it is.
+* 3: as 2, and an inflight row may hold its message (format 0x02 in
+  ``records.py``): a message added by a batch whose only reference at the end of
+  that batch is one inflight row is written into that row, not into ``messages``,
+  and goes when the row goes (replaced or deleted). When a later operation names it
+  too, it gets its own ``messages`` row first and the inflight row is rewritten
+  without it. The version keeps a schema 2 reader, which does not know such
+  rows, away. A writable open of a schema 1 or 2 store migrates it to 3 as above
+  (2 -> 3 only sets the version).
 
 Invariants:
 
-* A message row exists iff some queue or inflight row names it. The count of
-  ``m`` (``ShardStore._refs``, in memory) equals the number of those rows; counts
+* A message row exists iff some queue or inflight row names it; a held message
+  is named by its row alone. The count of ``m`` (``ShardStore._refs``, in memory)
+  equals the number of those rows; a held one is in ``ShardStore._held`` (msg_id ->
+  key of its row), also in memory and rebuilt at open. Counts
   are settled at the end of each batch, in its transaction: a message whose count
   is 0 after the batch (including one added by the batch and never enqueued) is
   deleted in the same commit that removed its last row, so no crash leaves a row
@@ -130,15 +141,19 @@ from shardbroker.storage.records import (
     StoreError,
     StoreFull,
     decode_inflight,
+    decode_inflight_row,
     decode_message,
     decode_session,
     decode_value,
     encode_message,
     encode_session,
     encode_value,
+    held_message,
+    hold_message,
     inflight_msg_id,
     pack_inflight,
     pack_message,
+    plain_inflight,
 )
 
 __all__ = [
@@ -156,10 +171,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
-"""Shard stores: 2 packed rows, counts in memory; 1 (still read, migrated on a writable open)."""
+SCHEMA_VERSION: Final = 3
+"""Shard stores (see the module docstring): 1 and 2 are still read, and migrated by a writable open."""
 RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schema 2."""
+"""The retained store's format did not change with shard schemas 2 and 3."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")
@@ -622,6 +637,7 @@ class ShardStore:
 
     __slots__ = (
         "_env",
+        "_held",
         "_next_msg_id",
         "_next_seq",
         "_refs",
@@ -642,6 +658,8 @@ class ShardStore:
         # msg_id -> queue and inflight rows naming it, for every row of ``messages``; kept
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
+        # msg_id -> key of the inflight row that holds it (writable stores only, like _refs)
+        self._held: dict[int, bytes] = {}
 
     @classmethod
     def open(
@@ -711,12 +729,12 @@ class ShardStore:
         self.close()
 
     def _prepare(self) -> None:
-        """A writable open: count every message's references, delete any message no row
-        references, and migrate a schema 1 store (see the module docstring)."""
+        """A writable open: count every message's references, delete any message row nothing
+        names, and migrate a store of an older schema (see the module docstring)."""
         env = self._env
         messages, meta = env.dbs["messages"], env.dbs["meta"]
         with env.read() as txn:
-            refs, complete = self._references(txn)
+            refs, held, complete = self._references(txn)
             keys = list(txn.cursor(db=messages).iternext(keys=True, values=False))
         counts: dict[int, int] = {}
         orphans: list[bytes] = []
@@ -735,31 +753,36 @@ class ShardStore:
         if len(counts) < len(refs):
             log.warning("%s: %d message(s) named by queue or inflight rows are missing",
                         self.path, len(refs) - len(counts))
-        migrate = env.meta["schema_version"] == 1
-        if orphans or migrate:
+        version = env.meta["schema_version"]
+        if orphans or version != SCHEMA_VERSION:
             refs_db = env.dbs.get("refs")
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
                 for key in orphans:
                     txn.delete(key, db=messages)
-                if migrate:
-                    if refs_db is not None:
-                        txn.drop(refs_db, delete=True)
+                if refs_db is not None:
+                    txn.drop(refs_db, delete=True)
+                if version != SCHEMA_VERSION:
                     txn.put(b"schema_version", encode_value(SCHEMA_VERSION), db=meta)
 
             env.write(apply)
             if orphans:
                 log.warning("%s: deleted %d message(s) that no queue or inflight row named",
                             self.path, len(orphans))
-            if migrate:
+            if version != SCHEMA_VERSION:
                 env.dbs.pop("refs", None)
                 env.meta["schema_version"] = SCHEMA_VERSION
-                log.info("%s: migrated store from schema 1 to %d", self.path, SCHEMA_VERSION)
+                log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
+        self._held = held
 
-    def _references(self, txn: lmdb.Transaction[bytes]) -> tuple[dict[int, int], bool]:
-        """msg_id -> queue and inflight rows naming it; False if some row could not be read."""
+    def _references(
+        self, txn: lmdb.Transaction[bytes]
+    ) -> tuple[dict[int, int], dict[int, bytes], bool]:
+        """msg_id -> queue and inflight rows naming it; msg_id -> key of the inflight row
+        holding it; and False if some row could not be read."""
         refs: dict[int, int] = {}
+        held: dict[int, bytes] = {}
         get = refs.get
         complete = True
         for value in txn.cursor(db=self._env.dbs["queue"]).iternext(keys=False, values=True):
@@ -768,22 +791,27 @@ class ShardStore:
                 continue
             msg_id = _QROW.unpack(value)[0]
             refs[msg_id] = get(msg_id, 0) + 1
-        for value in txn.cursor(db=self._env.dbs["inflight"]).iternext(keys=False, values=True):
+        for key, value in txn.cursor(db=self._env.dbs["inflight"]):
             try:
                 ref = inflight_msg_id(value)
             except StoreCorrupt:
                 complete = False
                 continue
-            if ref is not None:
+            if ref is None:
+                continue
+            if value[0] == 2:
+                held[ref] = key
+            else:
                 refs[ref] = get(ref, 0) + 1
-        return refs, complete
+        return refs, held, complete
 
-    def _current_refs(self) -> dict[int, int]:
-        """The reference counts: kept in memory when writable, else counted now."""
+    def _current_refs(self) -> tuple[dict[int, int], dict[int, bytes]]:
+        """The counts and the held messages: kept in memory when writable, else read now."""
         if not self._env.readonly:
-            return self._refs
+            return self._refs, self._held
         with self._env.read() as txn:
-            return self._references(txn)[0]
+            refs, held, _ = self._references(txn)
+        return refs, held
 
     @property
     def path(self) -> Path:
@@ -839,8 +867,9 @@ class ShardStore:
             cur = txn.cursor(db=self._env.dbs["inflight"])
             ok = cur.set_range(prefix)
             while ok and (key := cur.key()).startswith(prefix):
-                rec = decode_inflight(cur.value())
-                msg = None if rec.msg_id is None else self._message_in(txn, rec.msg_id, cache)
+                rec, msg = decode_inflight_row(cur.value())
+                if msg is None and rec.msg_id is not None:
+                    msg = self._message_in(txn, rec.msg_id, cache)
                 out.append((_U16.unpack(key[-2:])[0], rec, msg))
                 ok = cur.next()
         return out
@@ -856,15 +885,34 @@ class ShardStore:
         return self._env.count("inflight", _client_key(client_id) + _SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
+        """A stored message, in its own row or held by an inflight row."""
         data = self._env.get("messages", _U64.pack(msg_id))
-        return None if data is None else decode_message(data)
+        if data is not None:
+            return decode_message(data)
+        key = self._current_refs()[1].get(msg_id)
+        row = None if key is None else self._env.get("inflight", key)
+        return None if row is None else decode_inflight_row(row)[1]
 
     def messages(self) -> Iterator[tuple[int, int, StoredMessage]]:
-        """(msg_id, refcount, message) in msg_id order; refcount = queue and inflight rows naming it."""
-        refs = self._current_refs()
+        """(msg_id, refcount, message) in msg_id order; refcount = queue and inflight rows naming
+        it (1 for a message an inflight row holds)."""
+        refs, held = self._current_refs()
+        pending = sorted(held.items())
+        i = 0
         for row in self._env.rows("messages"):
             msg_id = _U64.unpack(row.key)[0]
+            while i < len(pending) and pending[i][0] < msg_id:
+                yield from self._held_message(*pending[i])
+                i += 1
             yield msg_id, refs.get(msg_id, 0), decode_message(row.value)
+        for entry in pending[i:]:
+            yield from self._held_message(*entry)
+
+    def _held_message(self, msg_id: int, key: bytes) -> Iterator[tuple[int, int, StoredMessage]]:
+        row = self._env.get("inflight", key)
+        msg = None if row is None else decode_inflight_row(row)[1]
+        if msg is not None:
+            yield msg_id, 1, msg
 
     def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
@@ -902,14 +950,17 @@ class ShardStore:
             yield row.key.decode("utf-8", "replace"), decode_value(row.value)
 
     def counts(self) -> dict[str, int]:
-        """Row counts (sessions, queued, inflight, qos2_incoming, messages) without decoding."""
-        return {
+        """Row counts (sessions, queued, inflight, qos2_incoming, outbox) without decoding, and
+        messages: rows of their own plus those inflight rows hold."""
+        counts = {
             name: self._env.count(table)
             for name, table in (
                 ("sessions", "sessions"), ("queued", "queue"), ("inflight", "inflight"),
                 ("qos2_incoming", "qos2in"), ("messages", "messages"), ("outbox", "outbox"),
             )
         }
+        counts["messages"] += len(self._current_refs()[1])
+        return counts
 
     def stats(self) -> dict[str, int]:
         """counts() plus subscriptions (decodes every session), map_size, used and file bytes."""
@@ -995,18 +1046,24 @@ class ShardStore:
             if msg_id not in message_ids:
                 problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r} "
                                 f"names missing message {msg_id}")
+        held: dict[int, bytes] = {}
         for row in env.rows("inflight"):
             tick()
             if not owner(row.key, 2, "inflight"):
                 continue
             packet_id = _U16.unpack(row.key[-2:])[0]
             try:
-                irec = decode_inflight(row.value)
+                irec, msg = decode_inflight_row(row.value)
             except StoreCorrupt as exc:
                 problems.append(f"{where}: inflight {packet_id} of "
                                 f"{_key_text(row.key[:-3])!r}: {exc}")
                 continue
-            if irec.msg_id is not None:
+            if msg is not None and irec.msg_id is not None:
+                if irec.msg_id in held or irec.msg_id in message_ids:
+                    problems.append(f"{where}: message {irec.msg_id} held by inflight {packet_id} "
+                                    f"of {_key_text(row.key[:-3])!r} is stored more than once")
+                held[irec.msg_id] = row.key
+            elif irec.msg_id is not None:
                 actual[irec.msg_id] += 1
                 if irec.msg_id not in message_ids:
                     problems.append(f"{where}: inflight {packet_id} of "
@@ -1025,6 +1082,13 @@ class ShardStore:
                                 f"(a writable open deletes it)")
         for msg_id in sorted(set(stored_refs or ()) - message_ids):
             problems.append(f"{where}: refcount for missing message {msg_id}")
+        for msg_id in sorted(set(held) & set(actual)):
+            problems.append(f"{where}: message {msg_id} held by an inflight row is named by "
+                            f"{actual[msg_id]} other row(s)")
+        if not env.readonly and held != self._held:
+            problems.append(f"{where}: {len(self._held)} messages are known to be held by "
+                            f"inflight rows, but {len(held)} are")
+        message_ids.update(held)
         next_msg_id = self.get_meta("next_msg_id")
         next_seq = self.get_meta("next_seq")
         if not isinstance(next_msg_id, int) or not isinstance(next_seq, int):
@@ -1061,40 +1125,94 @@ class ShardStore:
         return seq
 
     def _commit(self, ops: Sequence[_Op]) -> None:
+        """Apply ``ops`` in one transaction (see the module docstring for the counts and for
+        messages held by their inflight row)."""
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
         outbox = env.dbs["outbox"]
         stored = self._refs  # committed counts; changed only once the commit succeeded
+        holding = self._held  # committed: msg_id -> key of the inflight row holding it
         missing = self._missing
 
         def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
             next_msg_id, next_seq = self._next_msg_id, self._next_seq
             self._check_counters(txn)
-            delta: dict[int, int] = {}  # msg_id -> references added (-removed) by this batch
-            added: set[int] = set()
+            delta: dict[int, int] = {}  # msg_id -> references added (-removed) to table messages
+            fresh: dict[int, bytes] = {}  # added by this batch and not (yet) in ``messages``
+            held: dict[int, tuple[bytes, bytes]] = {}  # of fresh: inflight key, its plain row
+            gone: dict[int, bytes] = {}  # committed held messages whose row this batch removed
+            tabled: set[int] = set()  # put into ``messages`` by this batch
             get = delta.get
             put, pop, replace = txn.put, txn.pop, txn.replace
+
+            def to_table(msg_id: int) -> None:
+                """Another reference to ``msg_id``: it needs a row of its own in ``messages``."""
+                if msg_id in stored or msg_id in tabled:
+                    return
+                tabled.add(msg_id)
+                if msg_id in fresh:
+                    put(_U64.pack(msg_id), fresh.pop(msg_id), db=messages)
+                    if msg_id in held:  # its row stays, naming it
+                        key, plain = held.pop(msg_id)
+                        put(key, plain, db=inflight)
+                        delta[msg_id] = 1
+                    else:
+                        delta[msg_id] = 0
+                elif msg_id in gone:  # its row went earlier in this batch
+                    data = held_message(gone.pop(msg_id))
+                    assert data is not None  # only rows that hold a message are in ``gone``
+                    put(_U64.pack(msg_id), data, db=messages)
+                    delta[msg_id] = 0
+                elif msg_id in holding:
+                    key = holding[msg_id]
+                    row = txn.get(key, db=inflight)
+                    data = None if row is None else held_message(row)
+                    if row is None or data is None or inflight_msg_id(row) != msg_id:
+                        raise StoreCorrupt(f"{self.path}: inflight row holding message {msg_id} "
+                                           f"is missing")
+                    put(_U64.pack(msg_id), data, db=messages)
+                    put(key, plain_inflight(row), db=inflight)
+                    delta[msg_id] = 1  # that row, from now on counted
+                else:
+                    tabled.discard(msg_id)
+                    raise missing(msg_id)
+
+            def release(row: bytes) -> None:
+                """An inflight row is gone (replaced or deleted)."""
+                ref = inflight_msg_id(row)
+                if ref is None:
+                    return
+                if row[0] == 2:  # it held its message, which goes with it
+                    entry = held.get(ref)
+                    if entry is not None:
+                        del held[ref]  # fresh[ref] still has the data, should it come back
+                    else:
+                        gone[ref] = row
+                else:
+                    delta[ref] = get(ref, 0) - 1
+
             for code, key, a, b in ops:
                 if code == _ADD_MESSAGE:  # key: msg_id (u64), a: msg_id, b: the record
-                    put(key, b, db=messages)
-                    added.add(a)
-                    delta[a] = 0
+                    fresh[a] = b
                 elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
+                    value = b
                     if a is not None:
-                        if a not in stored and a not in added:
-                            raise missing(a)
-                        delta[a] = get(a, 0) + 1
-                    old = replace(key, b, db=inflight)
-                    if old is not None and (ref := inflight_msg_id(old)) is not None:
-                        delta[ref] = get(ref, 0) - 1
+                        if a in fresh and a not in held:
+                            value = hold_message(b, fresh[a])
+                            held[a] = (key, b)
+                        else:
+                            to_table(a)
+                            delta[a] = get(a, 0) + 1
+                    old = replace(key, value, db=inflight)
+                    if old is not None:
+                        release(old)
                 elif code == _DELETE_INFLIGHT:
                     old = pop(key, db=inflight)
-                    if old is not None and (ref := inflight_msg_id(old)) is not None:
-                        delta[ref] = get(ref, 0) - 1
+                    if old is not None:
+                        release(old)
                 elif code == _ENQUEUE:  # a: msg_id, b: qos
-                    if a not in stored and a not in added:
-                        raise missing(a)
+                    to_table(a)
                     delta[a] = get(a, 0) + 1
                     put(key, _QROW.pack(a, b), db=queue)
                 elif code == _DEQUEUE:
@@ -1121,8 +1239,7 @@ class ShardStore:
                         ref = _QROW.unpack(value)[0]
                         delta[ref] = get(ref, 0) - 1
                     for value in _drop_prefix(txn, inflight, prefix):
-                        if (ref := inflight_msg_id(value)) is not None:
-                            delta[ref] = get(ref, 0) - 1
+                        release(value)
                     _drop_prefix(txn, qos2in, prefix)
                 else:
                     raise StoreError(f"{self.path}: unknown batch operation {code}")
@@ -1139,6 +1256,11 @@ class ShardStore:
                         stored[msg_id] = count
                     else:
                         stored.pop(msg_id, None)
+                    holding.pop(msg_id, None)  # now in the table (or gone)
+                for msg_id in gone:
+                    holding.pop(msg_id, None)
+                for msg_id, (key, _) in held.items():
+                    holding[msg_id] = key
 
             return committed
 

@@ -35,7 +35,7 @@ store writes; readers accept both):
 
 * CBOR maps (above): every record of schema 1, and still what sessions, meta values
   and retained messages are written as.
-* Packed rows, schema 2, for the two rows written per message on the hot path.
+* Packed rows, schema 2 and 3, for the two rows written per message on the hot path.
   They start with a format byte that no CBOR map starts with (maps are 0xA0-0xBF),
   so a decoder tells the formats apart by the first byte:
 
@@ -44,7 +44,10 @@ store writes; readers accept both):
     (f64) if flag 2, then the properties (u32 length + the CBOR map above) if flag
     4, then the payload: the rest of the row;
   - an inflight row (``pack_inflight``): ``0x01, qos (u8), state (u8), msg_id
-    (u64, 0 = none)``, 11 bytes.
+    (u64, 0 = none)``, 11 bytes;
+  - an inflight row that holds its message (schema 3, ``hold_message``): ``0x02``
+    and the same three fields, then the packed message row. A message whose only
+    reference is one inflight row needs no message row of its own.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ __all__ = [
     "StoredSubscription",
     "StoredWill",
     "decode_inflight",
+    "decode_inflight_row",
     "decode_message",
     "decode_properties",
     "decode_session",
@@ -82,9 +86,12 @@ __all__ = [
     "encode_properties",
     "encode_session",
     "encode_value",
+    "held_message",
+    "hold_message",
     "inflight_msg_id",
     "pack_inflight",
     "pack_message",
+    "plain_inflight",
 ]
 
 
@@ -308,6 +315,7 @@ def _decode_message_map(raw: Mapping[Any, Any], what: str) -> tuple[str, bytes, 
 
 
 _PACKED: Final = 0x01  # first byte of a packed message row or inflight row (schema 2)
+_HOLDS: Final = 0x02  # first byte of an inflight row that holds its message (schema 3)
 _MSG_HEAD: Final = struct.Struct(">BBBI")  # format, flags, qos, topic length
 _F64: Final = struct.Struct(">d")
 _U32: Final = struct.Struct(">I")
@@ -455,19 +463,46 @@ def pack_inflight(rec: InflightRecord) -> bytes:
     return _INFLIGHT_ROW.pack(_PACKED, rec.qos, rec.state, rec.msg_id or 0)
 
 
+def hold_message(row: bytes, message_row: bytes) -> bytes:
+    """The inflight row ``row`` (a ``pack_inflight`` row) holding ``message_row`` (a ``pack_message`` row)."""
+    return b"\x02" + row[1:_INFLIGHT_ROW.size] + message_row
+
+
+def held_message(row: bytes) -> bytes | None:
+    """The packed message row an inflight row holds, or None."""
+    return row[_INFLIGHT_ROW.size:] if row[:1] == b"\x02" else None
+
+
+def plain_inflight(row: bytes) -> bytes:
+    """A packed inflight row without the message it may hold."""
+    return b"\x01" + row[1:_INFLIGHT_ROW.size] if row[:1] == b"\x02" else row
+
+
 def inflight_msg_id(data: bytes) -> int | None:
-    """The msg_id an inflight row names, without decoding more of it."""
-    if len(data) == _INFLIGHT_ROW.size and data[0] == _PACKED:
+    """The msg_id an inflight row names (or holds), without decoding more of it."""
+    if len(data) >= _INFLIGHT_ROW.size and data[0] in (_PACKED, _HOLDS):
         return _INFLIGHT_ROW.unpack_from(data)[3] or None
     return decode_inflight(data).msg_id
 
 
+def decode_inflight_row(data: bytes) -> tuple[InflightRecord, StoredMessage | None]:
+    """The record, and the message if the row holds it (else None)."""
+    rec = decode_inflight(data)
+    if data[:1] != b"\x02":
+        return rec, None
+    if rec.msg_id is None:
+        raise _corrupt("inflight", "row holds a message but names none")
+    return rec, _unpack_message(data, _INFLIGHT_ROW.size)
+
+
 def decode_inflight(data: bytes) -> InflightRecord:
-    """A packed inflight row or a CBOR map."""
+    """A packed inflight row (a message it holds is not decoded) or a CBOR map."""
     what = "inflight"
-    if data[:1] == b"\x01":
-        if len(data) != _INFLIGHT_ROW.size:
-            raise _corrupt(what, f"packed row of {len(data)} bytes")
+    if data[:1] in (b"\x01", b"\x02"):
+        size = len(data)
+        if size < _INFLIGHT_ROW.size or (data[0] == _PACKED and size != _INFLIGHT_ROW.size) or (
+                data[0] == _HOLDS and size < _INFLIGHT_ROW.size + _MSG_HEAD.size):
+            raise _corrupt(what, f"packed row of {size} bytes")
         _, qos, state, msg_id = _INFLIGHT_ROW.unpack_from(data)
         return InflightRecord(msg_id or None, qos, state)
     raw = _map(data, what)

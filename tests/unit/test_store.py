@@ -714,7 +714,7 @@ def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
     path = _schema1_store(tmp_path)
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == SCHEMA_VERSION == 2
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 3
         assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
         # the old CBOR rows release their messages like new ones
         with s.batch() as b:
@@ -820,3 +820,226 @@ def test_packed_rows_round_trip_and_old_rows_still_decode() -> None:
     for bad in (b"\x01\x01", pack_inflight(InflightRecord(1, 1, 1)) + b"x"):
         with pytest.raises(StoreCorrupt):
             decode_inflight(bad)
+
+
+# --------------------------------------------------------------------------- held messages
+
+
+def _raw_rows(store: ShardStore) -> dict[str, list[bytes]]:
+    """Values of the messages and inflight tables, read through the store's own environment."""
+    env = store._env
+    with env.env.begin() as txn:
+        return {name: [v for _, v in txn.cursor(db=env.dbs[name])] for name in ("messages", "inflight")}
+
+
+def test_a_message_only_one_inflight_row_names_is_held_by_it(store: ShardStore) -> None:
+    m = msg("held", b"payload", 2, properties=FULL_PROPS, expires_at=2e9)
+    with store.batch() as b:
+        b.put_session(session("a"))
+        mid = b.add_message(m)
+        b.put_inflight("a", 1, InflightRecord(mid, 2, AWAIT_PUBREC))
+    assert store.inflight("a") == [(1, InflightRecord(mid, 2, AWAIT_PUBREC), m)]
+    assert store.message(mid) == m and list(store.messages()) == [(mid, 1, m)]
+    assert store.counts()["messages"] == 1 and store.check() == []
+    path = store.path
+    store = reopen(store)
+    raw = _raw_rows(store)
+    assert raw["messages"] == [] and raw["inflight"][0][0] == 2
+    assert store.inflight("a") == [(1, InflightRecord(mid, 2, AWAIT_PUBREC), m)] and store.check() == []
+    with store.batch() as b:  # PUBREC: the message goes with the row
+        b.put_inflight("a", 1, InflightRecord(None, 2, AWAIT_PUBCOMP))
+    assert store.message(mid) is None and list(store.messages()) == []
+    assert store.counts()["messages"] == 0 and store.check() == []
+    store.close()
+    s = ShardStore.open(path.parent, 0, 1, readonly=True)
+    try:
+        assert s.check() == [] and s.inflight("a") == [(1, InflightRecord(None, 2, AWAIT_PUBCOMP), None)]
+    finally:
+        s.close()
+
+
+def test_a_held_message_named_again_gets_its_own_row(store: ShardStore) -> None:
+    with store.batch() as b:
+        for cid in ("a", "b", "c"):
+            b.put_session(session(cid))
+        same = b.add_message(msg("same batch"))
+        b.put_inflight("a", 1, InflightRecord(same, 1, AWAIT_PUBACK))
+        b.enqueue("b", same, 1)
+        later = b.add_message(msg("later batch"))
+        b.put_inflight("a", 2, InflightRecord(later, 1, AWAIT_PUBACK))
+    assert [(i, r) for i, r, _ in store.messages()] == [(same, 2), (later, 1)] and store.check() == []
+    with store.batch() as b:
+        b.put_inflight("c", 1, InflightRecord(later, 1, AWAIT_PUBACK))
+    assert [(i, r) for i, r, _ in store.messages()] == [(same, 2), (later, 2)] and store.check() == []
+    assert [row[0] for row in _raw_rows(store)["inflight"]] == [1, 1, 1]
+    store = reopen(store)
+    try:
+        assert [(i, r) for i, r, _ in store.messages()] == [(same, 2), (later, 2)] and store.check() == []
+        with store.batch() as b:
+            b.delete_inflight("a", 2)
+            b.delete_inflight("c", 1)
+        assert [(i, r) for i, r, _ in store.messages()] == [(same, 2)] and store.check() == []
+    finally:
+        store.close()
+
+
+def test_a_held_message_whose_row_goes_can_be_named_again_in_the_batch(store: ShardStore) -> None:
+    with store.batch() as b:
+        for cid in ("a", "b"):
+            b.put_session(session(cid))
+        fresh = b.add_message(msg("fresh"))
+        b.put_inflight("a", 1, InflightRecord(fresh, 1, AWAIT_PUBACK))
+        b.delete_inflight("a", 1)
+        b.put_inflight("b", 1, InflightRecord(fresh, 1, AWAIT_PUBACK))
+        kept = b.add_message(msg("kept"))
+        b.put_inflight("a", 2, InflightRecord(kept, 1, AWAIT_PUBACK))
+    assert [(i, r) for i, r, _ in store.messages()] == [(fresh, 1), (kept, 1)] and store.check() == []
+    with store.batch() as b:  # the row holding ``kept`` is replaced, then ``kept`` is named again
+        b.put_inflight("a", 2, InflightRecord(None, 2, AWAIT_PUBCOMP))
+        b.enqueue("b", kept, 1)
+        b.delete_session("b")
+        b.enqueue("a", kept, 1)
+    assert [(i, r, m.topic) for i, r, m in store.messages()] == [(kept, 1, "kept")] and store.check() == []
+    assert store.queue("a")[0][1:3] == (kept, 1)
+    store.close()
+
+
+def test_deleting_a_session_drops_the_messages_its_rows_hold(store: ShardStore) -> None:
+    with store.batch() as b:
+        b.put_session(session("a"))
+        for pid in (1, 2):
+            b.put_inflight("a", pid, InflightRecord(b.add_message(msg()), 1, AWAIT_PUBACK))
+    assert store.counts()["messages"] == 2
+    with store.batch() as b:
+        b.delete_session("a")
+    assert store.counts()["messages"] == 0 and list(store.messages()) == [] and store.check() == []
+    store.close()
+
+
+def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL, max_map_size=256 << 10)
+    try:
+        with s.batch() as b:
+            b.put_session(session("a"))
+            mid = b.add_message(msg())
+            b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+        b = s.batch()
+        b.enqueue("a", mid, 1)  # would give it a row of its own
+        for _ in range(400):
+            b.enqueue("a", b.add_message(msg(payload=bytes(1000))), 1)
+        with pytest.raises(StoreFull):
+            b.commit()
+        assert list(s.messages()) == [(mid, 1, msg())] and s.check() == []
+        with s.batch() as b:
+            b.enqueue("a", mid, 1)
+        assert [(m, refs) for m, refs, _ in s.messages()] == [(mid, 2)] and s.check() == []
+    finally:
+        s.close()
+
+
+def test_schema2_store_is_migrated_to_3(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
+    with s.batch() as b:
+        b.put_session(session("a"))
+        b.enqueue("a", b.add_message(msg()), 1)
+    s.close()
+    _set_meta_raw(tmp_path / "shard-000", b"schema_version", 2)
+    s = ShardStore.open(tmp_path, 0, 1, readonly=True)
+    try:
+        assert s.get_meta("schema_version") == 2 and s.check() == []
+    finally:
+        s.close()
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
+    try:
+        assert s.get_meta("schema_version") == 3 and len(s.queue("a")) == 1 and s.check() == []
+    finally:
+        s.close()
+
+
+_OPS = st.lists(st.tuples(st.sampled_from("NQIRDXPS"), st.integers(0, 2), st.integers(0, 3)),
+                min_size=1, max_size=12)
+
+
+@settings(max_examples=120, deadline=None)
+@given(batches=st.lists(st.tuples(_OPS, st.booleans()), min_size=1, max_size=8))
+def test_store_keeps_counts_and_held_messages_right_under_any_sequence(
+        tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[list[tuple[str, int, int]], bool]]) -> None:
+    """Random batches against a model of the rows; check() after each commit, and reopens."""
+    data = tmp_path_factory.mktemp("seq")
+    clients = ("a", "b", "c")
+    queue: dict[tuple[str, int], int] = {}  # (client, seq) -> msg_id
+    inflight: dict[tuple[str, int], int | None] = {}  # (client, pid) -> msg_id
+    store = ShardStore.open(data, 0, 1, map_size=SMALL)
+    try:
+        with store.batch() as b:
+            for cid in clients:
+                b.put_session(session(cid))
+        for ops, reopen_after in batches:
+            live = sorted(set(queue.values()) | {m for m in inflight.values() if m is not None})
+            b = store.batch()
+            for op, c, n in ops:
+                cid = clients[c]
+                target = live[n % len(live)] if live and op in "QI" else None
+                if op == "N" or (op in "QI" and target is None):
+                    target = b.add_message(msg(f"m{store.next_msg_id}"))
+                    live.append(target)
+                    op = "I" if n % 2 else "Q"
+                if op == "Q":
+                    assert target is not None
+                    queue[(cid, b.enqueue(cid, target, 1))] = target
+                elif op == "I":
+                    b.put_inflight(cid, n + 1, InflightRecord(target, 1, AWAIT_PUBACK))
+                    inflight[(cid, n + 1)] = target
+                elif op == "R":
+                    b.put_inflight(cid, n + 1, InflightRecord(None, 2, AWAIT_PUBCOMP))
+                    inflight[(cid, n + 1)] = None
+                elif op == "D":
+                    b.delete_inflight(cid, n + 1)
+                    inflight.pop((cid, n + 1), None)
+                elif op == "P":
+                    seqs = sorted(seq for (qc, seq) in queue if qc == cid)
+                    if seqs:
+                        b.dequeue(cid, seqs[0])
+                        del queue[(cid, seqs[0])]
+                elif op == "X":
+                    b.delete_session(cid)
+                    b.put_session(session(cid))
+                    queue = {k: v for k, v in queue.items() if k[0] != cid}
+                    inflight = {k: v for k, v in inflight.items() if k[0] != cid}
+            b.commit()
+            if reopen_after:
+                store = reopen(store)
+            want: dict[int, int] = {}
+            for m in [*queue.values(), *inflight.values()]:
+                if m is not None:
+                    want[m] = want.get(m, 0) + 1
+            assert {m: r for m, r, _ in store.messages()} == want
+            assert store.counts()["messages"] == len(want)
+            assert store.check() == []
+            for cid in clients:
+                assert {seq: m for seq, m, _q, _msg in store.queue(cid)} == {
+                    seq: m for (qc, seq), m in queue.items() if qc == cid}
+                got = {pid: (rec.msg_id, None if m is None else m.topic) for pid, rec, m in store.inflight(cid)}
+                assert got == {pid: (m, None if m is None else f"m{m}")
+                               for (ic, pid), m in inflight.items() if ic == cid}
+    finally:
+        store.close()
+
+
+def test_held_messages_are_read_by_a_read_only_open(tmp_path: Path) -> None:
+    s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
+    with s.batch() as b:
+        b.put_session(session("a"))
+        own = b.add_message(msg("own"))
+        b.enqueue("a", own, 1)
+        held = b.add_message(msg("held"))
+        b.put_inflight("a", 3, InflightRecord(held, 1, AWAIT_PUBACK))
+    s.close()
+    s = ShardStore.open(tmp_path, 0, 1, readonly=True)
+    try:
+        assert [(i, r, m.topic) for i, r, m in s.messages()] == [(own, 1, "own"), (held, 1, "held")]
+        assert s.counts()["messages"] == 2 and s.message(held) == msg("held") and s.check() == []
+        assert s.inflight("a") == [(3, InflightRecord(held, 1, AWAIT_PUBACK), msg("held"))]
+        assert list(s.inflight_rows()) == [("a", 3, InflightRecord(held, 1, AWAIT_PUBACK))]
+    finally:
+        s.close()
