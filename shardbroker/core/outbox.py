@@ -83,7 +83,12 @@ class Outbox:
         pending = self.pending.get(peer)
         if not pending:
             return
-        for seq in [s for s in pending if s <= upto]:
+        done = []
+        for seq in pending:  # in numbering order (``send`` and ``load`` add them so)
+            if seq > upto:
+                break
+            done.append(seq)
+        for seq in done:
             del pending[seq]
             batch.delete_outbox(peer, seq)
         self.last_sent[peer] = now

@@ -41,6 +41,26 @@ def test_numbering_acknowledgement_and_reload() -> None:
     assert again.send(1, Forward("t", b"c", 1, False), Batch(), 12.0).seq == 3
 
 
+def test_an_acknowledgement_deletes_what_it_covers_and_nothing_more() -> None:
+    box, batch = Outbox(0), Batch()
+    for i in range(50):
+        box.send(1, Forward("t", bytes([i]), 1, False), batch, 10.0)
+    box.send(2, Forward("t", b"other peer", 1, False), batch, 10.0)
+    box.acknowledged(1, 30, batch, 11.0)
+    assert sorted(batch.outbox) == [(1, seq) for seq in range(31, 51)] + [(2, 1)]
+    assert [item.seq for item in box.resend(1, 12.0)] == list(range(31, 51))
+    box.acknowledged(1, 30, batch, 13.0)  # again: nothing left to delete
+    box.acknowledged(1, 99, batch, 13.0)
+    assert list(batch.outbox) == [(2, 1)] and box.pending_count() == 1
+    stored = Batch()
+    stored.outbox = {(2, 1): batch.outbox[(2, 1)], (3, 4): batch.outbox[(2, 1)], (3, 5): batch.outbox[(2, 1)]}
+    reloaded = Outbox(0)
+    reloaded.load([(peer, seq, data) for (peer, seq), data in stored.outbox.items()], ())
+    reloaded.acknowledged(3, 4, stored, 14.0)
+    assert sorted(stored.outbox) == [(2, 1), (3, 5)]
+    assert {peer: list(items) for peer, items in reloaded.pending.items()} == {2: [1], 3: [5]}
+
+
 def test_inbox_marks_apply_in_order_only() -> None:
     box = Outbox(1)
     assert box.accept(0, 1) == APPLY
