@@ -2,8 +2,12 @@
 
 What it does:
 
-* Defines the frozen, slotted dataclasses the broker persists: ``StoredMessage``,
+* Defines the slotted dataclasses the broker persists: ``StoredMessage``,
   ``StoredSubscription``, ``StoredWill``, ``SessionRecord`` and ``InflightRecord``.
+  They are frozen, but for the two built for every stored message
+  (``StoredMessage``, ``InflightRecord``): a frozen one cost 0.74 us to build, a
+  plain one 0.18 us (6 fields). Those two are hashable all the same, and nothing
+  changes a record once built.
 * Encodes each to CBOR (``encode_*``) and back (``decode_*``). Every record is a
   CBOR map with short text keys; fields equal to their default are left out, so
   the common record is small and a field added later (with a default) decodes
@@ -115,7 +119,7 @@ AWAIT_PUBREC: Final = 2
 AWAIT_PUBCOMP: Final = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: see the module docstring
 class StoredMessage:
     topic: str
     payload: bytes
@@ -155,7 +159,7 @@ class SessionRecord:
     will: StoredWill | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: see the module docstring
 class InflightRecord:
     msg_id: int | None  # None once only PUBCOMP is awaited (message no longer needed)
     qos: int
