@@ -1193,7 +1193,7 @@ class ShardStore:
                     delta[ref] = get(ref, 0) - 1
 
             for code, key, a, b in ops:
-                if code == _ADD_MESSAGE:  # key: msg_id (u64), a: msg_id, b: the record
+                if code == _ADD_MESSAGE:  # a: msg_id, b: the record (written when needed)
                     fresh[a] = b
                 elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
                     value = b
@@ -1375,7 +1375,7 @@ class Batch:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
         data = pack_message(msg)
         msg_id = self._store._alloc_msg_id()
-        self._ops.append((_ADD_MESSAGE, _U64.pack(msg_id), msg_id, data))
+        self._ops.append((_ADD_MESSAGE, b"", msg_id, data))
         return msg_id
 
     def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
