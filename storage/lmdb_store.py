@@ -41,7 +41,8 @@ meta       UTF-8 name                             CBOR value: ``schema_version``
                                                   ``next_seq``; plus ``set_meta`` keys
 sessions   CK                                     CBOR ``SessionRecord``
 messages   msg_id (u64)                           packed ``StoredMessage`` (schema 1: CBOR)
-queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8)
+queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8), then possibly
+                                                  the packed message it holds
 inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord``, possibly holding
                                                   its message (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
@@ -73,15 +74,22 @@ writes, a store of a higher one is refused):
   and goes when the row goes (replaced or deleted). When a later operation names it
   too, it gets its own ``messages`` row first and the inflight row is rewritten
   without it. The version keeps a schema 2 reader, which does not know such
-  rows, away. A writable open of a schema 1 or 2 store migrates it to 3 as above
-  (2 -> 3 only sets the version).
+  rows, away.
+* 4: as 3, and a queue row may hold its message in the same way (the packed
+  message after its 9 bytes). A row that is removed leaves its message at hand for
+  the rest of the batch: a message dequeued and put in flight in one batch moves
+  from the queue row into the inflight row, and is never written on its own.
+  A writable open of a schema 1, 2 or 3 store migrates it to 4 as above (from 2 or
+  3 it only sets the version).
 
 Invariants:
 
 * A message row exists iff some queue or inflight row names it; a held message
   is named by its row alone. The count of ``m`` (``ShardStore._refs``, in memory)
-  equals the number of those rows; a held one is in ``ShardStore._held`` (msg_id ->
-  key of its row), also in memory and rebuilt at open. Counts
+  equals the number of those rows; a held one is in ``ShardStore._held`` or
+  ``_held_queue`` (msg_id -> key of its row), also in memory and rebuilt at open.
+  These cost about 100 bytes of memory per stored message (the broker keeps each
+  queued or in-flight message in memory anyway). Counts
   are settled at the end of each batch, in its transaction: a message whose count
   is 0 after the batch (including one added by the batch and never enqueued) is
   deleted in the same commit that removed its last row, so no crash leaves a row
@@ -148,7 +156,6 @@ from shardbroker.storage.records import (
     encode_message,
     encode_session,
     encode_value,
-    held_message,
     hold_message,
     inflight_msg_id,
     pack_inflight,
@@ -171,10 +178,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 3
-"""Shard stores (see the module docstring): 1 and 2 are still read, and migrated by a writable open."""
+SCHEMA_VERSION: Final = 4
+"""Shard stores (see the module docstring): 1 to 3 are still read, and migrated by a writable open."""
 RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schemas 2 and 3."""
+"""The retained store's format did not change with shard schemas 2 to 4."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")
@@ -192,7 +199,9 @@ _HASHED_HEAD: Final = 383
 _SEP: Final = b"\x00"
 _U64: Final = struct.Struct(">Q")
 _U16: Final = struct.Struct(">H")
-_QROW: Final = struct.Struct(">QB")
+_QROW: Final = struct.Struct(">QB")  # a queue row: msg_id, qos (then the message it may hold)
+_INFLIGHT_SIZE: Final = 11  # a packed inflight row, without the message it may hold
+_INFLIGHT_ID: Final = struct.Struct(">BBBQ")  # its fields: format, qos, state, msg_id
 _SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
 _DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -638,6 +647,7 @@ class ShardStore:
     __slots__ = (
         "_env",
         "_held",
+        "_held_queue",
         "_next_msg_id",
         "_next_seq",
         "_refs",
@@ -658,8 +668,9 @@ class ShardStore:
         # msg_id -> queue and inflight rows naming it, for every row of ``messages``; kept
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
-        # msg_id -> key of the inflight row that holds it (writable stores only, like _refs)
+        # msg_id -> key of the inflight (queue) row that holds it (writable stores only, like _refs)
         self._held: dict[int, bytes] = {}
+        self._held_queue: dict[int, bytes] = {}
 
     @classmethod
     def open(
@@ -734,7 +745,7 @@ class ShardStore:
         env = self._env
         messages, meta = env.dbs["messages"], env.dbs["meta"]
         with env.read() as txn:
-            refs, held, complete = self._references(txn)
+            refs, held, held_queue, complete = self._references(txn)
             keys = list(txn.cursor(db=messages).iternext(keys=True, values=False))
         counts: dict[int, int] = {}
         orphans: list[bytes] = []
@@ -774,23 +785,27 @@ class ShardStore:
                 env.meta["schema_version"] = SCHEMA_VERSION
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
-        self._held = held
+        self._held, self._held_queue = held, held_queue
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
-    ) -> tuple[dict[int, int], dict[int, bytes], bool]:
-        """msg_id -> queue and inflight rows naming it; msg_id -> key of the inflight row
-        holding it; and False if some row could not be read."""
+    ) -> tuple[dict[int, int], dict[int, bytes], dict[int, bytes], bool]:
+        """msg_id -> queue and inflight rows naming it; msg_id -> key of the inflight row, and
+        of the queue row, holding it; and False if some row could not be read."""
         refs: dict[int, int] = {}
         held: dict[int, bytes] = {}
+        held_queue: dict[int, bytes] = {}
         get = refs.get
         complete = True
-        for value in txn.cursor(db=self._env.dbs["queue"]).iternext(keys=False, values=True):
-            if len(value) != _QROW.size:
+        for key, value in txn.cursor(db=self._env.dbs["queue"]):
+            if len(value) < _QROW.size:
                 complete = False
                 continue
-            msg_id = _QROW.unpack(value)[0]
-            refs[msg_id] = get(msg_id, 0) + 1
+            msg_id = _QROW.unpack_from(value)[0]
+            if len(value) > _QROW.size:
+                held_queue[msg_id] = key
+            else:
+                refs[msg_id] = get(msg_id, 0) + 1
         for key, value in txn.cursor(db=self._env.dbs["inflight"]):
             try:
                 ref = inflight_msg_id(value)
@@ -803,15 +818,16 @@ class ShardStore:
                 held[ref] = key
             else:
                 refs[ref] = get(ref, 0) + 1
-        return refs, held, complete
+        return refs, held, held_queue, complete
 
-    def _current_refs(self) -> tuple[dict[int, int], dict[int, bytes]]:
-        """The counts and the held messages: kept in memory when writable, else read now."""
+    def _current_refs(self) -> tuple[dict[int, int], dict[int, bytes], dict[int, bytes]]:
+        """The counts and the held messages (inflight, queue): kept in memory when writable,
+        else read now."""
         if not self._env.readonly:
-            return self._refs, self._held
+            return self._refs, self._held, self._held_queue
         with self._env.read() as txn:
-            refs, held, _ = self._references(txn)
-        return refs, held
+            refs, held, held_queue, _ = self._references(txn)
+        return refs, held, held_queue
 
     @property
     def path(self) -> Path:
@@ -849,8 +865,12 @@ class ShardStore:
             cur = txn.cursor(db=self._env.dbs["queue"])
             ok = cur.set_range(prefix)
             while ok and (key := cur.key()).startswith(prefix):
-                msg_id, qos = _QROW.unpack(cur.value())
-                msg = self._message_in(txn, msg_id, cache)
+                value = cur.value()
+                msg_id, qos = _QROW.unpack_from(value)
+                if len(value) > _QROW.size:
+                    msg: StoredMessage | None = decode_message(value[_QROW.size:])
+                else:
+                    msg = self._message_in(txn, msg_id, cache)
                 if msg is None:
                     log.warning("%s: queue row of %r names missing message %d",
                                 self.path, client_id, msg_id)
@@ -885,19 +905,24 @@ class ShardStore:
         return self._env.count("inflight", _client_key(client_id) + _SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
-        """A stored message, in its own row or held by an inflight row."""
+        """A stored message, in its own row or held by a queue or inflight row."""
         data = self._env.get("messages", _U64.pack(msg_id))
         if data is not None:
             return decode_message(data)
-        key = self._current_refs()[1].get(msg_id)
-        row = None if key is None else self._env.get("inflight", key)
-        return None if row is None else decode_inflight_row(row)[1]
+        _, held, held_queue = self._current_refs()
+        for in_queue, where in ((False, held), (True, held_queue)):
+            key = where.get(msg_id)
+            if key is not None:
+                for _, _, msg in self._held_message(msg_id, in_queue, key):
+                    return msg
+        return None
 
     def messages(self) -> Iterator[tuple[int, int, StoredMessage]]:
         """(msg_id, refcount, message) in msg_id order; refcount = queue and inflight rows naming
-        it (1 for a message an inflight row holds)."""
-        refs, held = self._current_refs()
-        pending = sorted(held.items())
+        it (1 for a message held by its row)."""
+        refs, held, held_queue = self._current_refs()
+        pending = sorted([(m, False, k) for m, k in held.items()]
+                         + [(m, True, k) for m, k in held_queue.items()])
         i = 0
         for row in self._env.rows("messages"):
             msg_id = _U64.unpack(row.key)[0]
@@ -908,16 +933,16 @@ class ShardStore:
         for entry in pending[i:]:
             yield from self._held_message(*entry)
 
-    def _held_message(self, msg_id: int, key: bytes) -> Iterator[tuple[int, int, StoredMessage]]:
-        row = self._env.get("inflight", key)
-        msg = None if row is None else decode_inflight_row(row)[1]
-        if msg is not None:
-            yield msg_id, 1, msg
+    def _held_message(self, msg_id: int, in_queue: bool,
+                      key: bytes) -> Iterator[tuple[int, int, StoredMessage]]:
+        row = self._env.get("queue" if in_queue else "inflight", key)
+        if row is not None and _holds(row, in_queue):
+            yield msg_id, 1, decode_message(row[_QROW.size if in_queue else _INFLIGHT_SIZE:])
 
     def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
         for row in self._env.rows("queue"):
-            msg_id, qos = _QROW.unpack(row.value)
+            msg_id, qos = _QROW.unpack_from(row.value)
             yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
 
     def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
@@ -959,7 +984,8 @@ class ShardStore:
                 ("qos2_incoming", "qos2in"), ("messages", "messages"), ("outbox", "outbox"),
             )
         }
-        counts["messages"] += len(self._current_refs()[1])
+        _, held, held_queue = self._current_refs()
+        counts["messages"] += len(held) + len(held_queue)
         return counts
 
     def stats(self) -> dict[str, int]:
@@ -1032,21 +1058,36 @@ class ShardStore:
                                 f"{_key_text(key[:-suffix - 1])!r} (no session)")
             return True
 
+        held: dict[int, bytes] = {}  # by inflight rows
+        held_queue: dict[int, bytes] = {}
+
+        def holds(msg_id: int, key: bytes, what: str) -> None:
+            if msg_id in held or msg_id in held_queue or msg_id in message_ids:
+                problems.append(f"{where}: message {msg_id} held by {what} of "
+                                f"{_key_text(key[:key.rindex(_SEP)])!r} is stored more than once")
+
         for row in env.rows("queue"):
             tick()
             if not owner(row.key, 8, "queue"):
                 continue
             seq = _U64.unpack(row.key[-8:])[0]
             max_seq = max(max_seq, seq)
-            if len(row.value) != _QROW.size:
+            if len(row.value) < _QROW.size:
                 problems.append(f"{where}: malformed queue row seq {seq}")
                 continue
-            msg_id, _qos = _QROW.unpack(row.value)
+            msg_id, _qos = _QROW.unpack_from(row.value)
+            if len(row.value) > _QROW.size:
+                try:
+                    decode_message(row.value[_QROW.size:])
+                except StoreCorrupt as exc:
+                    problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
+                holds(msg_id, row.key, f"queue seq {seq}")
+                held_queue[msg_id] = row.key
+                continue
             actual[msg_id] += 1
             if msg_id not in message_ids:
                 problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r} "
                                 f"names missing message {msg_id}")
-        held: dict[int, bytes] = {}
         for row in env.rows("inflight"):
             tick()
             if not owner(row.key, 2, "inflight"):
@@ -1059,9 +1100,7 @@ class ShardStore:
                                 f"{_key_text(row.key[:-3])!r}: {exc}")
                 continue
             if msg is not None and irec.msg_id is not None:
-                if irec.msg_id in held or irec.msg_id in message_ids:
-                    problems.append(f"{where}: message {irec.msg_id} held by inflight {packet_id} "
-                                    f"of {_key_text(row.key[:-3])!r} is stored more than once")
+                holds(irec.msg_id, row.key, f"inflight {packet_id}")
                 held[irec.msg_id] = row.key
             elif irec.msg_id is not None:
                 actual[irec.msg_id] += 1
@@ -1082,13 +1121,17 @@ class ShardStore:
                                 f"(a writable open deletes it)")
         for msg_id in sorted(set(stored_refs or ()) - message_ids):
             problems.append(f"{where}: refcount for missing message {msg_id}")
-        for msg_id in sorted(set(held) & set(actual)):
-            problems.append(f"{where}: message {msg_id} held by an inflight row is named by "
+        for msg_id in sorted((set(held) | set(held_queue)) & set(actual)):
+            problems.append(f"{where}: message {msg_id} held by its row is named by "
                             f"{actual[msg_id]} other row(s)")
-        if not env.readonly and held != self._held:
-            problems.append(f"{where}: {len(self._held)} messages are known to be held by "
-                            f"inflight rows, but {len(held)} are")
+        if not env.readonly:
+            for what, found, known in (("inflight", held, self._held),
+                                       ("queue", held_queue, self._held_queue)):
+                if found != known:
+                    problems.append(f"{where}: {len(known)} messages are known to be held by "
+                                    f"{what} rows, but {len(found)} are")
         message_ids.update(held)
+        message_ids.update(held_queue)
         next_msg_id = self.get_meta("next_msg_id")
         next_seq = self.get_meta("next_seq")
         if not isinstance(next_msg_id, int) or not isinstance(next_seq, int):
@@ -1126,100 +1169,142 @@ class ShardStore:
 
     def _commit(self, ops: Sequence[_Op]) -> None:
         """Apply ``ops`` in one transaction (see the module docstring for the counts and for
-        messages held by their inflight row)."""
+        messages held by their queue or inflight row)."""
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
         outbox = env.dbs["outbox"]
-        stored = self._refs  # committed counts; changed only once the commit succeeded
-        holding = self._held  # committed: msg_id -> key of the inflight row holding it
+        # committed state, changed only once the commit succeeded
+        stored, held_in, held_q = self._refs, self._held, self._held_queue
         missing = self._missing
+        inflight_id = _INFLIGHT_ID.unpack_from
+        queue_id = _QROW.unpack_from
 
         def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
             next_msg_id, next_seq = self._next_msg_id, self._next_seq
             self._check_counters(txn)
             delta: dict[int, int] = {}  # msg_id -> references added (-removed) to table messages
-            fresh: dict[int, bytes] = {}  # added by this batch and not (yet) in ``messages``
-            held: dict[int, tuple[bytes, bytes]] = {}  # of fresh: inflight key, its plain row
-            gone: dict[int, bytes] = {}  # committed held messages whose row this batch removed
+            # Messages at hand that no row names and ``messages`` does not hold, by msg_id:
+            # added by this batch (the packed message), or held by a queue or inflight row
+            # this batch removed (that row).
+            loose: dict[int, bytes] = {}
+            gone_q: dict[int, bytes] = {}
+            gone_in: dict[int, bytes] = {}
+            # held by a row this batch wrote: msg_id -> its key
+            now_q: dict[int, bytes] = {}
+            now_in: dict[int, bytes] = {}
+            # committed held messages whose row no longer holds them
+            unheld_q: set[int] = set()
+            unheld_in: set[int] = set()
             tabled: set[int] = set()  # put into ``messages`` by this batch
             get = delta.get
             put, pop, replace = txn.put, txn.pop, txn.replace
 
+            def take_gone(msg_id: int) -> bytes | None:
+                """The packed message of a held message whose row this batch removed."""
+                row = gone_q.pop(msg_id, None)
+                if row is not None:
+                    return row[_QROW.size:]
+                row = gone_in.pop(msg_id, None)
+                return None if row is None else row[_INFLIGHT_SIZE:]
+
             def to_table(msg_id: int) -> None:
-                """Another reference to ``msg_id``: it needs a row of its own in ``messages``."""
+                """``msg_id`` is named by one more row: it needs a row of its own in ``messages``;
+                the row that held it is rewritten without it (and counted)."""
                 if msg_id in stored or msg_id in tabled:
                     return
-                tabled.add(msg_id)
-                if msg_id in fresh:
-                    put(_U64.pack(msg_id), fresh.pop(msg_id), db=messages)
-                    if msg_id in held:  # its row stays, naming it
-                        key, plain = held.pop(msg_id)
-                        put(key, plain, db=inflight)
-                        delta[msg_id] = 1
-                    else:
-                        delta[msg_id] = 0
-                elif msg_id in gone:  # its row went earlier in this batch
-                    data = held_message(gone.pop(msg_id))
-                    assert data is not None  # only rows that hold a message are in ``gone``
-                    put(_U64.pack(msg_id), data, db=messages)
-                    delta[msg_id] = 0
-                elif msg_id in holding:
-                    key = holding[msg_id]
-                    row = txn.get(key, db=inflight)
-                    data = None if row is None else held_message(row)
-                    if row is None or data is None or inflight_msg_id(row) != msg_id:
-                        raise StoreCorrupt(f"{self.path}: inflight row holding message {msg_id} "
-                                           f"is missing")
-                    put(_U64.pack(msg_id), data, db=messages)
-                    put(key, plain_inflight(row), db=inflight)
-                    delta[msg_id] = 1  # that row, from now on counted
+                in_queue = True
+                if (key := now_q.pop(msg_id, None)) is not None:
+                    pass
+                elif (key := now_in.pop(msg_id, None)) is not None:
+                    in_queue = False
+                elif msg_id in held_q and msg_id not in unheld_q:
+                    key = held_q[msg_id]
+                    unheld_q.add(msg_id)
+                elif msg_id in held_in and msg_id not in unheld_in:
+                    key, in_queue = held_in[msg_id], False
+                    unheld_in.add(msg_id)
                 else:
-                    tabled.discard(msg_id)
                     raise missing(msg_id)
+                db = queue if in_queue else inflight
+                row = txn.get(key, db=db)
+                if row is None or _named(row, in_queue) != msg_id or not _holds(row, in_queue):
+                    raise StoreCorrupt(f"{self.path}: the row holding message {msg_id} is missing")
+                at = _QROW.size if in_queue else _INFLIGHT_SIZE
+                put(_U64.pack(msg_id), row[at:], db=messages)
+                put(key, row[:at] if in_queue else plain_inflight(row), db=db)
+                delta[msg_id] = 1  # that row
+                tabled.add(msg_id)
 
-            def release(row: bytes) -> None:
-                """An inflight row is gone (replaced or deleted)."""
-                ref = inflight_msg_id(row)
-                if ref is None:
-                    return
-                if row[0] == 2:  # it held its message, which goes with it
-                    entry = held.get(ref)
-                    if entry is not None:
-                        del held[ref]  # fresh[ref] still has the data, should it come back
-                    else:
-                        gone[ref] = row
+            def table_ref(msg_id: int) -> None:
+                """A row naming ``msg_id`` (not holding it) is written."""
+                data = take_gone(msg_id)
+                if data is not None:  # named again after its row went: it gets a row of its own
+                    put(_U64.pack(msg_id), data, db=messages)
+                    tabled.add(msg_id)
+                    delta[msg_id] = 1
                 else:
+                    to_table(msg_id)
+                    delta[msg_id] = get(msg_id, 0) + 1
+
+            def release_inflight(row: bytes) -> None:
+                if row[:1] == b"\x02":
+                    msg_id = inflight_id(row)[3]
+                    if now_in.pop(msg_id, None) is None:
+                        unheld_in.add(msg_id)
+                    gone_in[msg_id] = row
+                elif (ref := inflight_msg_id(row)) is not None:
                     delta[ref] = get(ref, 0) - 1
+
+            def release_queue(row: bytes) -> None:
+                msg_id = queue_id(row)[0]
+                if len(row) > _QROW.size:
+                    if now_q.pop(msg_id, None) is None:
+                        unheld_q.add(msg_id)
+                    gone_q[msg_id] = row
+                else:
+                    delta[msg_id] = get(msg_id, 0) - 1
 
             for code, key, a, b in ops:
                 if code == _ADD_MESSAGE:  # a: msg_id, b: the record (written when needed)
-                    fresh[a] = b
+                    loose[a] = b
+                elif code == _DELETE_INFLIGHT:
+                    old = pop(key, db=inflight)
+                    if old is not None:
+                        release_inflight(old)
                 elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
                     value = b
                     if a is not None:
-                        if a in fresh and a not in held:
-                            value = hold_message(b, fresh[a])
-                            held[a] = (key, b)
+                        data = loose.pop(a, None)
+                        if data is None:
+                            data = take_gone(a)
+                        if data is not None and a not in now_in and a not in now_q:
+                            value = hold_message(b, data)
+                            now_in[a] = key
                         else:
+                            if data is not None:  # cannot be: a held one is not at hand
+                                raise StoreCorrupt(f"{self.path}: message {a} held twice")
                             to_table(a)
                             delta[a] = get(a, 0) + 1
                     old = replace(key, value, db=inflight)
                     if old is not None:
-                        release(old)
-                elif code == _DELETE_INFLIGHT:
-                    old = pop(key, db=inflight)
-                    if old is not None:
-                        release(old)
+                        release_inflight(old)
                 elif code == _ENQUEUE:  # a: msg_id, b: qos
-                    to_table(a)
-                    delta[a] = get(a, 0) + 1
-                    put(key, _QROW.pack(a, b), db=queue)
+                    value = _QROW.pack(a, b)
+                    data = loose.pop(a, None)
+                    if data is None:
+                        data = take_gone(a)
+                    if data is not None:
+                        value += data
+                        now_q[a] = key
+                    else:
+                        to_table(a)
+                        delta[a] = get(a, 0) + 1
+                    put(key, value, db=queue)
                 elif code == _DEQUEUE:
                     old = pop(key, db=queue)
                     if old is not None:
-                        ref = _QROW.unpack(old)[0]
-                        delta[ref] = get(ref, 0) - 1
+                        release_queue(old)
                 elif code == _PUT_OUTBOX:
                     put(key, a, db=outbox)
                 elif code == _DELETE_OUTBOX:
@@ -1236,10 +1321,9 @@ class ShardStore:
                     txn.delete(key, db=sessions)
                     prefix = key + _SEP
                     for value in _drop_prefix(txn, queue, prefix):
-                        ref = _QROW.unpack(value)[0]
-                        delta[ref] = get(ref, 0) - 1
+                        release_queue(value)
                     for value in _drop_prefix(txn, inflight, prefix):
-                        release(value)
+                        release_inflight(value)
                     _drop_prefix(txn, qos2in, prefix)
                 else:
                     raise StoreError(f"{self.path}: unknown batch operation {code}")
@@ -1256,11 +1340,12 @@ class ShardStore:
                         stored[msg_id] = count
                     else:
                         stored.pop(msg_id, None)
-                    holding.pop(msg_id, None)  # now in the table (or gone)
-                for msg_id in gone:
-                    holding.pop(msg_id, None)
-                for msg_id, (key, _) in held.items():
-                    holding[msg_id] = key
+                for msg_id in unheld_in:
+                    held_in.pop(msg_id, None)
+                for msg_id in unheld_q:
+                    held_q.pop(msg_id, None)
+                held_in.update(now_in)
+                held_q.update(now_q)
 
             return committed
 
@@ -1305,6 +1390,19 @@ class ShardStore:
             data = txn.get(_U64.pack(msg_id), db=self._env.dbs["messages"])
             cache[msg_id] = None if data is None else decode_message(data)
         return cache[msg_id]
+
+
+def _named(row: bytes, in_queue: bool) -> int | None:
+    """The msg_id a queue or inflight row names (or holds)."""
+    if in_queue:
+        msg_id: int = _QROW.unpack_from(row)[0]
+        return msg_id
+    return inflight_msg_id(row)
+
+
+def _holds(row: bytes, in_queue: bool) -> bool:
+    """Whether a queue or inflight row holds its message."""
+    return len(row) > _QROW.size if in_queue else row[:1] == b"\x02"
 
 
 def _drop_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes) -> list[bytes]:

@@ -90,7 +90,6 @@ __all__ = [
     "encode_properties",
     "encode_session",
     "encode_value",
-    "held_message",
     "hold_message",
     "inflight_msg_id",
     "pack_inflight",
@@ -470,11 +469,6 @@ def pack_inflight(rec: InflightRecord) -> bytes:
 def hold_message(row: bytes, message_row: bytes) -> bytes:
     """The inflight row ``row`` (a ``pack_inflight`` row) holding ``message_row`` (a ``pack_message`` row)."""
     return b"\x02" + row[1:_INFLIGHT_ROW.size] + message_row
-
-
-def held_message(row: bytes) -> bytes | None:
-    """The packed message row an inflight row holds, or None."""
-    return row[_INFLIGHT_ROW.size:] if row[:1] == b"\x02" else None
 
 
 def plain_inflight(row: bytes) -> bytes:

@@ -102,13 +102,14 @@ class Delivery:
         sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
         if sess.persistent:
             b = self._batch()
+            if seq is not None:  # first, so that the store can move a message its queue row holds
+                b.dequeue(sess.client_id, seq)
             if msg.store_id is None:
                 msg.store_id = b.add_message(_stored(msg))
             b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
                                                                 AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
             msg.ref()
             if seq is not None:
-                b.dequeue(sess.client_id, seq)
                 msg.unref()
         data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:

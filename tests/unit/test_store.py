@@ -714,7 +714,7 @@ def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
     path = _schema1_store(tmp_path)
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == SCHEMA_VERSION == 3
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 4
         assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
         # the old CBOR rows release their messages like new ones
         with s.batch() as b:
@@ -826,10 +826,10 @@ def test_packed_rows_round_trip_and_old_rows_still_decode() -> None:
 
 
 def _raw_rows(store: ShardStore) -> dict[str, list[bytes]]:
-    """Values of the messages and inflight tables, read through the store's own environment."""
+    """Values of the messages, queue and inflight tables, read through the store's own environment."""
     env = store._env
     with env.env.begin() as txn:
-        return {name: [v for _, v in txn.cursor(db=env.dbs[name])] for name in ("messages", "inflight")}
+        return {name: [v for _, v in txn.cursor(db=env.dbs[name])] for name in ("messages", "queue", "inflight")}
 
 
 def test_a_message_only_one_inflight_row_names_is_held_by_it(store: ShardStore) -> None:
@@ -937,21 +937,23 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
         s.close()
 
 
-def test_schema2_store_is_migrated_to_3(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_schema2_and_3_stores_are_migrated_to_4(tmp_path: Path, version: int) -> None:
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     with s.batch() as b:
         b.put_session(session("a"))
-        b.enqueue("a", b.add_message(msg()), 1)
+        for _ in range(2):  # a message of its own, as 2 and 3 wrote it
+            b.enqueue("a", b.add_message(msg()) if _ == 0 else s.next_msg_id - 1, 1)
     s.close()
-    _set_meta_raw(tmp_path / "shard-000", b"schema_version", 2)
+    _set_meta_raw(tmp_path / "shard-000", b"schema_version", version)
     s = ShardStore.open(tmp_path, 0, 1, readonly=True)
     try:
-        assert s.get_meta("schema_version") == 2 and s.check() == []
+        assert s.get_meta("schema_version") == version and s.check() == []
     finally:
         s.close()
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == 3 and len(s.queue("a")) == 1 and s.check() == []
+        assert s.get_meta("schema_version") == 4 and len(s.queue("a")) == 2 and s.check() == []
     finally:
         s.close()
 
@@ -1043,3 +1045,26 @@ def test_held_messages_are_read_by_a_read_only_open(tmp_path: Path) -> None:
         assert list(s.inflight_rows()) == [("a", 3, InflightRecord(held, 1, AWAIT_PUBACK))]
     finally:
         s.close()
+
+
+def test_a_queued_message_moves_with_its_row_into_flight(store: ShardStore) -> None:
+    m = msg("queued", b"q", 1, properties=FULL_PROPS)
+    with store.batch() as b:
+        b.put_session(session("a"))
+        mid = b.add_message(m)
+        seq = b.enqueue("a", mid, 1)
+    raw = _raw_rows(store)
+    assert raw["messages"] == [] and len(raw["queue"]) == 1 and len(raw["queue"][0]) > 9
+    assert store.queue("a") == [(seq, mid, 1, m)] and list(store.messages()) == [(mid, 1, m)]
+    assert store.check() == []
+    store = reopen(store)
+    with store.batch() as b:  # as the broker moves it into the window: dequeue, then put in flight
+        b.dequeue("a", seq)
+        b.put_inflight("a", 7, InflightRecord(mid, 1, AWAIT_PUBACK))
+    raw = _raw_rows(store)
+    assert raw["messages"] == [] and raw["queue"] == [] and raw["inflight"][0][0] == 2
+    assert store.inflight("a") == [(7, InflightRecord(mid, 1, AWAIT_PUBACK), m)] and store.check() == []
+    with store.batch() as b:
+        b.delete_inflight("a", 7)
+    assert list(store.messages()) == [] and store.counts()["messages"] == 0 and store.check() == []
+    store.close()

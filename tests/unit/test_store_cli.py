@@ -25,6 +25,7 @@ from shardbroker.storage.records import (
     StoredMessage,
     StoredSubscription,
     StoredWill,
+    pack_message,
 )
 from typer.testing import CliRunner, Result
 
@@ -187,9 +188,7 @@ def test_check_ok_then_finds_unreferenced_message(data_dir: Path) -> None:
     assert out.startswith("ok: 3 environment(s)")
     env = lmdb.open(str(data_dir / "shard-000"), max_dbs=8)
     with env.begin(write=True) as txn:
-        messages = env.open_db(b"messages", txn=txn)
-        _, value = next(iter(txn.cursor(db=messages)))
-        txn.put((0).to_bytes(8, "big"), value, db=messages)
+        txn.put((0).to_bytes(8, "big"), pack_message(m("leak", b"x")), db=env.open_db(b"messages", txn=txn))
     env.close()
     result = run("check", "--data-dir", str(data_dir))
     assert result.exit_code == 1
