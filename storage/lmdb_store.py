@@ -70,7 +70,8 @@ writes, a store of a higher one is refused):
   from opening it). A read-only open changes nothing and reads it as it is.
 * 3: as 2, and an inflight row may hold its message (format 0x02 in
   ``records.py``): a message added by a batch whose only reference at the end of
-  that batch is one inflight row is written into that row, not into ``messages``,
+  that batch is one inflight row, and whose packed form is at most ``_HOLD_MAX``
+  (512) bytes, is written into that row, not into ``messages``,
   and goes when the row goes (replaced or deleted). When a later operation names it
   too, it gets its own ``messages`` row first and the inflight row is rewritten
   without it. The version keeps a schema 2 reader, which does not know such
@@ -79,6 +80,10 @@ writes, a store of a higher one is refused):
   message after its 9 bytes). A row that is removed leaves its message at hand for
   the rest of the batch: a message dequeued and put in flight in one batch moves
   from the queue row into the inflight row, and is never written on its own.
+  Such a move writes the message again, and LMDB reuses the pages a transaction
+  frees only in later ones: draining a nearly full store needs room for what a
+  commit moves. Hence the small ``_HOLD_MAX``: a larger message gets its own row, as
+  in schema 2, and moving it writes 11 bytes.
   A writable open of a schema 1, 2 or 3 store migrates it to 4 as above (from 2 or
   3 it only sets the version).
 
@@ -202,6 +207,7 @@ _U16: Final = struct.Struct(">H")
 _QROW: Final = struct.Struct(">QB")  # a queue row: msg_id, qos (then the message it may hold)
 _INFLIGHT_SIZE: Final = 11  # a packed inflight row, without the message it may hold
 _INFLIGHT_ID: Final = struct.Struct(">BBBQ")  # its fields: format, qos, state, msg_id
+_HOLD_MAX: Final = 512  # largest packed message a queue or inflight row holds (module docstring)
 _SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
 _DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -1267,7 +1273,12 @@ class ShardStore:
 
             for code, key, a, b in ops:
                 if code == _ADD_MESSAGE:  # a: msg_id, b: the record (written when needed)
-                    loose[a] = b
+                    if len(b) <= _HOLD_MAX:
+                        loose[a] = b
+                    else:
+                        put(_U64.pack(a), b, db=messages)
+                        tabled.add(a)
+                        delta[a] = 0
                 elif code == _DELETE_INFLIGHT:
                     old = pop(key, db=inflight)
                     if old is not None:

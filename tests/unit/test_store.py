@@ -983,7 +983,8 @@ def test_store_keeps_counts_and_held_messages_right_under_any_sequence(
                 cid = clients[c]
                 target = live[n % len(live)] if live and op in "QI" else None
                 if op == "N" or (op in "QI" and target is None):
-                    target = b.add_message(msg(f"m{store.next_msg_id}"))
+                    # n == 3: too large to be held by its row
+                    target = b.add_message(msg(f"m{store.next_msg_id}", bytes(600 if n == 3 else 5)))
                     live.append(target)
                     op = "I" if n % 2 else "Q"
                 if op == "Q":
@@ -1067,4 +1068,24 @@ def test_a_queued_message_moves_with_its_row_into_flight(store: ShardStore) -> N
     with store.batch() as b:
         b.delete_inflight("a", 7)
     assert list(store.messages()) == [] and store.counts()["messages"] == 0 and store.check() == []
+    store.close()
+
+
+def test_a_large_message_gets_a_row_of_its_own(store: ShardStore) -> None:
+    big = msg("big", bytes(600))
+    with store.batch() as b:
+        b.put_session(session("a"))
+        mid = b.add_message(big)
+        seq = b.enqueue("a", mid, 1)
+    raw = _raw_rows(store)
+    assert len(raw["messages"]) == 1 and [len(v) for v in raw["queue"]] == [9]
+    with store.batch() as b:
+        b.dequeue("a", seq)
+        b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+    raw = _raw_rows(store)
+    assert len(raw["messages"]) == 1 and [len(v) for v in raw["inflight"]] == [11]
+    assert store.inflight("a") == [(1, InflightRecord(mid, 1, AWAIT_PUBACK), big)] and store.check() == []
+    with store.batch() as b:
+        b.delete_inflight("a", 1)
+    assert _raw_rows(store)["messages"] == [] and store.check() == []
     store.close()
