@@ -1204,7 +1204,12 @@ class ShardStore:
             unheld_in: set[int] = set()
             tabled: set[int] = set()  # put into ``messages`` by this batch
             get = delta.get
-            put, pop, replace = txn.put, txn.pop, txn.replace
+            put = txn.put
+            # one cursor per busy table: its key operations cost less than the transaction's
+            queue_put, queue_pop = (cur := txn.cursor(db=queue)).put, cur.pop
+            inflight_replace, inflight_pop = (cur := txn.cursor(db=inflight)).replace, cur.pop
+            outbox_put, outbox_pop = (cur := txn.cursor(db=outbox)).put, cur.pop
+            message_put = txn.cursor(db=messages).put
 
             def take_gone(msg_id: int) -> bytes | None:
                 """The packed message of a held message whose row this batch removed."""
@@ -1276,11 +1281,11 @@ class ShardStore:
                     if len(b) <= _HOLD_MAX:
                         loose[a] = b
                     else:
-                        put(_U64.pack(a), b, db=messages)
+                        message_put(_U64.pack(a), b)
                         tabled.add(a)
                         delta[a] = 0
                 elif code == _DELETE_INFLIGHT:
-                    old = pop(key, db=inflight)
+                    old = inflight_pop(key)
                     if old is not None:
                         release_inflight(old)
                 elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
@@ -1297,7 +1302,7 @@ class ShardStore:
                                 raise StoreCorrupt(f"{self.path}: message {a} held twice")
                             to_table(a)
                             delta[a] = get(a, 0) + 1
-                    old = replace(key, value, db=inflight)
+                    old = inflight_replace(key, value)
                     if old is not None:
                         release_inflight(old)
                 elif code == _ENQUEUE:  # a: msg_id, b: qos
@@ -1311,15 +1316,15 @@ class ShardStore:
                     else:
                         to_table(a)
                         delta[a] = get(a, 0) + 1
-                    put(key, value, db=queue)
+                    queue_put(key, value)
                 elif code == _DEQUEUE:
-                    old = pop(key, db=queue)
+                    old = queue_pop(key)
                     if old is not None:
                         release_queue(old)
                 elif code == _PUT_OUTBOX:
-                    put(key, a, db=outbox)
+                    outbox_put(key, a)
                 elif code == _DELETE_OUTBOX:
-                    txn.delete(key, db=outbox)
+                    outbox_pop(key)
                 elif code == _SET_META:
                     put(key, a, db=meta)
                 elif code == _PUT_QOS2:
