@@ -91,10 +91,8 @@ Invariants:
 
 * A message row exists iff some queue or inflight row names it; a held message
   is named by its row alone. The count of ``m`` (``ShardStore._refs``, in memory)
-  equals the number of those rows; a held one is in ``ShardStore._held`` or
-  ``_held_queue`` (msg_id -> key of its row), also in memory and rebuilt at open.
-  These cost about 100 bytes of memory per stored message (the broker keeps each
-  queued or in-flight message in memory anyway). Counts
+  equals the number of those rows (about 100 bytes of memory per message with a
+  row of its own; a held message costs none). Counts
   are settled at the end of each batch, in its transaction: a message whose count
   is 0 after the batch (including one added by the batch and never enqueued) is
   deleted in the same commit that removed its last row, so no crash leaves a row
@@ -652,8 +650,7 @@ class ShardStore:
 
     __slots__ = (
         "_env",
-        "_held",
-        "_held_queue",
+        "_holder_scans",
         "_next_msg_id",
         "_next_seq",
         "_refs",
@@ -674,9 +671,7 @@ class ShardStore:
         # msg_id -> queue and inflight rows naming it, for every row of ``messages``; kept
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
-        # msg_id -> key of the inflight (queue) row that holds it (writable stores only, like _refs)
-        self._held: dict[int, bytes] = {}
-        self._held_queue: dict[int, bytes] = {}
+        self._holder_scans = 0  # see ``_holder``
 
     @classmethod
     def open(
@@ -751,7 +746,7 @@ class ShardStore:
         env = self._env
         messages, meta = env.dbs["messages"], env.dbs["meta"]
         with env.read() as txn:
-            refs, held, held_queue, complete = self._references(txn)
+            refs, _, _, complete = self._references(txn)
             keys = list(txn.cursor(db=messages).iternext(keys=True, values=False))
         counts: dict[int, int] = {}
         orphans: list[bytes] = []
@@ -791,7 +786,6 @@ class ShardStore:
                 env.meta["schema_version"] = SCHEMA_VERSION
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
-        self._held, self._held_queue = held, held_queue
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -827,13 +821,11 @@ class ShardStore:
         return refs, held, held_queue, complete
 
     def _current_refs(self) -> tuple[dict[int, int], dict[int, bytes], dict[int, bytes]]:
-        """The counts and the held messages (inflight, queue): kept in memory when writable,
-        else read now."""
-        if not self._env.readonly:
-            return self._refs, self._held, self._held_queue
+        """The counts (kept in memory when writable) and the held messages (inflight, queue),
+        read now."""
         with self._env.read() as txn:
             refs, held, held_queue, _ = self._references(txn)
-        return refs, held, held_queue
+        return self._refs if not self._env.readonly else refs, held, held_queue
 
     @property
     def path(self) -> Path:
@@ -1130,12 +1122,6 @@ class ShardStore:
         for msg_id in sorted((set(held) | set(held_queue)) & set(actual)):
             problems.append(f"{where}: message {msg_id} held by its row is named by "
                             f"{actual[msg_id]} other row(s)")
-        if not env.readonly:
-            for what, found, known in (("inflight", held, self._held),
-                                       ("queue", held_queue, self._held_queue)):
-                if found != known:
-                    problems.append(f"{where}: {len(known)} messages are known to be held by "
-                                    f"{what} rows, but {len(found)} are")
         message_ids.update(held)
         message_ids.update(held_queue)
         next_msg_id = self.get_meta("next_msg_id")
@@ -1158,10 +1144,12 @@ class ShardStore:
 
     # -- writes
 
-    def batch(self) -> Batch:
+    def batch(self, hold: bool = True) -> Batch:
+        """A new batch; with ``hold=False`` no message it adds is held by its row (for bulk
+        loads that name a message again in later batches: see ``_holder``)."""
         if self._env.readonly:
             raise StoreError(f"{self.path}: store is open read-only")
-        return Batch(self)
+        return Batch(self, hold)
 
     def _alloc_msg_id(self) -> int:
         msg_id = self._next_msg_id
@@ -1173,15 +1161,15 @@ class ShardStore:
         self._next_seq += 1
         return seq
 
-    def _commit(self, ops: Sequence[_Op]) -> None:
+    def _commit(self, ops: Sequence[_Op], hold: bool = True) -> None:
         """Apply ``ops`` in one transaction (see the module docstring for the counts and for
         messages held by their queue or inflight row)."""
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
         outbox = env.dbs["outbox"]
-        # committed state, changed only once the commit succeeded
-        stored, held_in, held_q = self._refs, self._held, self._held_queue
+        stored = self._refs  # committed counts, changed only once the commit succeeded
+        hold_max = _HOLD_MAX if hold else -1
         missing = self._missing
         inflight_id = _INFLIGHT_ID.unpack_from
         queue_id = _QROW.unpack_from
@@ -1199,9 +1187,6 @@ class ShardStore:
             # held by a row this batch wrote: msg_id -> its key
             now_q: dict[int, bytes] = {}
             now_in: dict[int, bytes] = {}
-            # committed held messages whose row no longer holds them
-            unheld_q: set[int] = set()
-            unheld_in: set[int] = set()
             tabled: set[int] = set()  # put into ``messages`` by this batch
             get = delta.get
             put = txn.put
@@ -1229,14 +1214,11 @@ class ShardStore:
                     pass
                 elif (key := now_in.pop(msg_id, None)) is not None:
                     in_queue = False
-                elif msg_id in held_q and msg_id not in unheld_q:
-                    key = held_q[msg_id]
-                    unheld_q.add(msg_id)
-                elif msg_id in held_in and msg_id not in unheld_in:
-                    key, in_queue = held_in[msg_id], False
-                    unheld_in.add(msg_id)
-                else:
-                    raise missing(msg_id)
+                else:  # held by a row of an earlier batch, if at all: look for it
+                    found = self._holder(txn, msg_id)
+                    if found is None:
+                        raise missing(msg_id)
+                    in_queue, key = found
                 db = queue if in_queue else inflight
                 row = txn.get(key, db=db)
                 if row is None or _named(row, in_queue) != msg_id or not _holds(row, in_queue):
@@ -1247,22 +1229,10 @@ class ShardStore:
                 delta[msg_id] = 1  # that row
                 tabled.add(msg_id)
 
-            def table_ref(msg_id: int) -> None:
-                """A row naming ``msg_id`` (not holding it) is written."""
-                data = take_gone(msg_id)
-                if data is not None:  # named again after its row went: it gets a row of its own
-                    put(_U64.pack(msg_id), data, db=messages)
-                    tabled.add(msg_id)
-                    delta[msg_id] = 1
-                else:
-                    to_table(msg_id)
-                    delta[msg_id] = get(msg_id, 0) + 1
-
             def release_inflight(row: bytes) -> None:
                 if row[:1] == b"\x02":
                     msg_id = inflight_id(row)[3]
-                    if now_in.pop(msg_id, None) is None:
-                        unheld_in.add(msg_id)
+                    now_in.pop(msg_id, None)
                     gone_in[msg_id] = row
                 elif (ref := inflight_msg_id(row)) is not None:
                     delta[ref] = get(ref, 0) - 1
@@ -1270,15 +1240,14 @@ class ShardStore:
             def release_queue(row: bytes) -> None:
                 msg_id = queue_id(row)[0]
                 if len(row) > _QROW.size:
-                    if now_q.pop(msg_id, None) is None:
-                        unheld_q.add(msg_id)
+                    now_q.pop(msg_id, None)
                     gone_q[msg_id] = row
                 else:
                     delta[msg_id] = get(msg_id, 0) - 1
 
             for code, key, a, b in ops:
                 if code == _ADD_MESSAGE:  # a: msg_id, b: the record (written when needed)
-                    if len(b) <= _HOLD_MAX:
+                    if len(b) <= hold_max:
                         loose[a] = b
                     else:
                         message_put(_U64.pack(a), b)
@@ -1356,16 +1325,29 @@ class ShardStore:
                         stored[msg_id] = count
                     else:
                         stored.pop(msg_id, None)
-                for msg_id in unheld_in:
-                    held_in.pop(msg_id, None)
-                for msg_id in unheld_q:
-                    held_q.pop(msg_id, None)
-                held_in.update(now_in)
-                held_q.update(now_q)
 
             return committed
 
         env.write(apply)
+
+    def _holder(self, txn: lmdb.Transaction[bytes], msg_id: int) -> tuple[bool, bytes] | None:
+        """(queue row?, key) of the row holding ``msg_id``, found by reading every row.
+
+        Slow, and rare: it takes a message held by a row of an earlier batch, named again by
+        another row (the broker names a message again in the batch that stored it, or moves
+        it from its queue row). Keeping an index instead would cost memory for every held
+        message."""
+        self._holder_scans += 1
+        if self._holder_scans == 1:
+            log.info("%s: looking for the row holding message %d (slow; logged once)",
+                     self.path, msg_id)
+        for key, row in txn.cursor(db=self._env.dbs["queue"]):
+            if len(row) > _QROW.size and _QROW.unpack_from(row)[0] == msg_id:
+                return True, key
+        for key, row in txn.cursor(db=self._env.dbs["inflight"]):
+            if row[:1] == b"\x02" and _INFLIGHT_ID.unpack_from(row)[3] == msg_id:
+                return False, key
+        return None
 
     def _missing(self, msg_id: int) -> StoreError:
         return StoreError(f"{self.path}: message {msg_id} does not exist")
@@ -1460,10 +1442,11 @@ class Batch:
     drop the batch). As a context manager it commits on a clean exit.
     """
 
-    __slots__ = ("_ops", "_store")
+    __slots__ = ("_hold", "_ops", "_store")
 
-    def __init__(self, store: ShardStore) -> None:
+    def __init__(self, store: ShardStore, hold: bool = True) -> None:
         self._store = store
+        self._hold = hold
         self._ops: list[_Op] = []
 
     def __len__(self) -> int:
@@ -1534,7 +1517,7 @@ class Batch:
     def commit(self) -> None:
         if not self._ops:
             return
-        self._store._commit(self._ops)
+        self._store._commit(self._ops, self._hold)
         self._ops = []
 
 

@@ -312,7 +312,8 @@ class _Target:
 
     def __init__(self, store: ShardStore) -> None:
         self.store = store
-        self.batch = store.batch()
+        # a message shared by sessions may be named again in a later batch: not held by a row
+        self.batch = store.batch(hold=False)
         self.ids: dict[tuple[int, int], int] = {}  # (old shard, old msg_id) -> new msg_id
         self.sessions = self.queued = self.inflight = self.qos2 = 0
         self.since_commit = 0

@@ -1089,3 +1089,16 @@ def test_a_large_message_gets_a_row_of_its_own(store: ShardStore) -> None:
         b.delete_inflight("a", 1)
     assert _raw_rows(store)["messages"] == [] and store.check() == []
     store.close()
+
+
+def test_a_batch_that_holds_nothing(store: ShardStore) -> None:
+    with store.batch(hold=False) as b:
+        b.put_session(session("a"))
+        mid = b.add_message(msg())
+        b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+    raw = _raw_rows(store)
+    assert len(raw["messages"]) == 1 and [len(v) for v in raw["inflight"]] == [11]
+    with store.batch() as b:
+        b.enqueue("a", mid, 1)
+    assert [(m, r) for m, r, _ in store.messages()] == [(mid, 2)] and store.check() == []
+    store.close()
