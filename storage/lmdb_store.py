@@ -46,8 +46,10 @@ queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8), then 
 inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord``, possibly holding
                                                   its message (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
-outbox     peer shard (u16) + seq (u64)           a ``DurableForward`` peer message (older: CBOR), to
-                                                  another shard, kept until that shard acks it
+outbox     peer shard (u16) + seq (u64)           hand-overs to another shard from ``seq`` on, kept
+                                                  until that shard acks the last: a peer batch of
+                                                  ``DurableForward`` (schema 4 and older: one, as
+                                                  a peer message, or older still CBOR)
 =========  =====================================  ==========================================
 
 The packed row formats are described in ``records.py``; readers take both them
@@ -84,8 +86,12 @@ writes, a store of a higher one is refused):
   frees only in later ones: draining a nearly full store needs room for what a
   commit moves. Hence the small ``_HOLD_MAX``: a larger message gets its own row, as
   in schema 2, and moving it writes 11 bytes.
-  A writable open of a schema 1, 2 or 3 store migrates it to 4 as above (from 2 or
-  3 it only sets the version).
+* 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
+  (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
+  schema 4 reader takes a row for one.
+
+A writable open of a store of schema 1 to 4 migrates it to 5 as above (from 2 on it
+only sets the version).
 
 Invariants:
 
@@ -181,10 +187,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 4
-"""Shard stores (see the module docstring): 1 to 3 are still read, and migrated by a writable open."""
+SCHEMA_VERSION: Final = 5
+"""Shard stores (see the module docstring): 1 to 4 are still read, and migrated by a writable open."""
 RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schemas 2 to 4."""
+"""The retained store's format did not change with shard schemas 2 to 5."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")

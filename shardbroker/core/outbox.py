@@ -11,15 +11,20 @@ itself (restart), when the peer reports a gap, or after ``RESEND_AFTER`` seconds
 Duplicates (at or below the mark) are acknowledged and dropped, so a crash of
 either side at any moment loses nothing and delivers nothing twice.
 
-Items are ``DurableForward`` peer messages (``shardbroker.peer.messages``); an
-outbox record holds one, in the peer encoding, whose header carries its format
-version. Records written before that encoding (CBOR lists) are still read.
+Items are ``DurableForward`` peer messages (``shardbroker.peer.messages``). The
+items numbered for a peer in one event-loop iteration are written as ONE outbox
+row (``persist``, just before the commit), keyed by the first one's number and
+holding them all as a peer batch (``encode_batch``); the row is deleted once the
+peer has acknowledged its last item. Rows written before that (store schema 4 and
+older) hold one item each, in the peer encoding, or, older still, as a CBOR list;
+both are still read.
 
 No I/O here: the shard passes in its store batch and sends what this returns.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -29,8 +34,9 @@ from shardbroker.peer.messages import (
     DurableForward,
     Forward,
     PeerFormatError,
+    decode_batch,
     decode_message,
-    encode_message,
+    encode_batch,
 )
 from shardbroker.protocol.packets import NO_PROPERTIES
 from shardbroker.storage.records import StoreCorrupt, decode_properties
@@ -56,6 +62,8 @@ class Outbox:
         self._dirty_inbox: set[int] = set()
         self.acks_due: dict[int, int] = {}  # origin -> mark to acknowledge after the commit
         self.last_sent: dict[int, float] = {}
+        self._unsaved: dict[int, list[DurableForward]] = {}  # peer -> items not yet in a row
+        self._rows: dict[int, deque[tuple[int, int]]] = {}  # peer -> (first, last) of each row
 
     def load(self, outbox: Iterable[tuple[int, int, bytes]], meta: Iterable[tuple[str, object]]) -> None:
         """Restore from the store: unacknowledged items and the counters."""
@@ -65,32 +73,45 @@ class Outbox:
             elif key.startswith("handover.inbox.") and isinstance(value, int):
                 self._inbox[int(key.rsplit(".", 1)[1])] = value
         for peer, seq, data in outbox:
-            self.pending.setdefault(peer, {})[seq] = _decode_record(data)
-            self._next[peer] = max(self._next.get(peer, 1), seq + 1)
+            items = _decode_row(data, seq)
+            pending = self.pending.setdefault(peer, {})
+            for item in items:
+                pending[item.seq] = item
+            last = items[-1].seq
+            self._rows.setdefault(peer, deque()).append((seq, last))
+            self._next[peer] = max(self._next.get(peer, 1), last + 1)
 
     def send(self, peer: int, forward: Forward, batch: _Batch, now: float) -> DurableForward:
-        """Number a publish for ``peer`` and keep it in the outbox; returns the peer message."""
+        """Number a publish for ``peer`` and keep it in the outbox; returns the peer message.
+
+        It is written to ``batch`` by ``persist``, which the broker calls before every commit
+        (with the counters), so the row is in the same commit as the rest of the publish."""
         seq = self._next.get(peer, 1)
         self._next[peer] = seq + 1
         self._dirty_next.add(peer)
         item = DurableForward(self.shard, seq, forward)
         self.pending.setdefault(peer, {})[seq] = item
-        batch.put_outbox(peer, seq, encode_message(item))
+        unsaved = self._unsaved.get(peer)
+        if unsaved is None:
+            self._unsaved[peer] = [item]
+        else:
+            unsaved.append(item)
         self.last_sent.setdefault(peer, now)
         return item
 
     def acknowledged(self, peer: int, upto: int, batch: _Batch, now: float) -> None:
         pending = self.pending.get(peer)
-        if not pending:
-            return
-        done = []
-        for seq in pending:  # in numbering order (``send`` and ``load`` add them so)
-            if seq > upto:
-                break
-            done.append(seq)
-        for seq in done:
-            del pending[seq]
-            batch.delete_outbox(peer, seq)
+        if pending:
+            done = []
+            for seq in pending:  # in numbering order (``send`` and ``load`` add them so)
+                if seq > upto:
+                    break
+                done.append(seq)
+            for seq in done:
+                del pending[seq]
+        rows = self._rows.get(peer)
+        while rows and rows[0][1] <= upto:
+            batch.delete_outbox(peer, rows.popleft()[0])
         self.last_sent[peer] = now
 
     def resend(self, peer: int, now: float) -> list[DurableForward]:
@@ -119,7 +140,13 @@ class Outbox:
         return self._inbox.get(origin, 0)
 
     def persist(self, batch: _Batch) -> None:
-        """Write the counters that changed (called just before the commit)."""
+        """Write the items numbered since the last call, one row per peer, and the counters
+        that changed (called just before the commit)."""
+        for peer, items in self._unsaved.items():
+            first = items[0].seq
+            batch.put_outbox(peer, first, encode_batch(items))
+            self._rows.setdefault(peer, deque()).append((first, items[-1].seq))
+        self._unsaved.clear()
         for peer in self._dirty_next:
             batch.set_meta(f"handover.next.{peer}", self._next[peer])
         for origin in self._dirty_inbox:
@@ -128,10 +155,25 @@ class Outbox:
         self._dirty_inbox.clear()
 
     def has_dirty(self) -> bool:
-        return bool(self._dirty_next or self._dirty_inbox)
+        return bool(self._unsaved or self._dirty_next or self._dirty_inbox)
 
     def pending_count(self) -> int:
         return sum(len(items) for items in self.pending.values())
+
+
+def _decode_row(data: bytes, first: int) -> list[DurableForward]:
+    """The items of an outbox row: a peer batch of consecutive items from ``first``, or one item
+    (written before rows held several)."""
+    try:
+        items = decode_batch(data)
+    except PeerFormatError:
+        return [_decode_record(data)]
+    if not items or not all(isinstance(item, DurableForward) for item in items):
+        raise StoreCorrupt("corrupt outbox row: not a batch of durable forwards")
+    durable = [item for item in items if isinstance(item, DurableForward)]
+    if [item.seq for item in durable] != list(range(first, first + len(durable))):
+        raise StoreCorrupt(f"corrupt outbox row: items are not numbered from {first} on")
+    return durable
 
 
 def _decode_record(data: bytes) -> DurableForward:

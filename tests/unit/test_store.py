@@ -714,7 +714,7 @@ def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
     path = _schema1_store(tmp_path)
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == SCHEMA_VERSION == 4
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 5
         assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
         # the old CBOR rows release their messages like new ones
         with s.batch() as b:
@@ -937,8 +937,8 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_schema2_and_3_stores_are_migrated_to_4(tmp_path: Path, version: int) -> None:
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_schema2_to_4_stores_are_migrated_to_5(tmp_path: Path, version: int) -> None:
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     with s.batch() as b:
         b.put_session(session("a"))
@@ -953,7 +953,7 @@ def test_schema2_and_3_stores_are_migrated_to_4(tmp_path: Path, version: int) ->
         s.close()
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == 4 and len(s.queue("a")) == 2 and s.check() == []
+        assert s.get_meta("schema_version") == 5 and len(s.queue("a")) == 2 and s.check() == []
     finally:
         s.close()
 
