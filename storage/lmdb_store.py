@@ -245,6 +245,12 @@ def _client_key(client_id: str) -> bytes:
     return _text_key(client_id)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _client_prefix(client_id: str) -> bytes:
+    """``CK + 0x00``: the prefix of the client's queue, inflight and qos2 keys."""
+    return _client_key(client_id) + _SEP
+
+
 def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or exc.__class__.__name__
 
@@ -1157,16 +1163,6 @@ class ShardStore:
             raise StoreError(f"{self.path}: store is open read-only")
         return Batch(self, hold)
 
-    def _alloc_msg_id(self) -> int:
-        msg_id = self._next_msg_id
-        self._next_msg_id += 1
-        return msg_id
-
-    def _alloc_seq(self) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        return seq
-
     def _commit(self, ops: Sequence[_Op], hold: bool = True) -> None:
         """Apply ``ops`` in one transaction (see the module docstring for the counts and for
         messages held by their queue or inflight row)."""
@@ -1477,34 +1473,37 @@ class Batch:
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
         data = pack_message(msg)
-        msg_id = self._store._alloc_msg_id()
+        store = self._store
+        msg_id = store._next_msg_id
+        store._next_msg_id = msg_id + 1
         self._ops.append((_ADD_MESSAGE, b"", msg_id, data))
         return msg_id
 
     def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
         """Append to the client's queue; returns the seq. +1 ref."""
-        key = _client_key(client_id) + _SEP
-        seq = self._store._alloc_seq()
-        self._ops.append((_ENQUEUE, key + _U64.pack(seq), msg_id, qos))
+        store = self._store
+        seq = store._next_seq
+        store._next_seq = seq + 1
+        self._ops.append((_ENQUEUE, _client_prefix(client_id) + _U64.pack(seq), msg_id, qos))
         return seq
 
     def dequeue(self, client_id: str, seq: int) -> None:
         """-1 ref; the message is deleted when no reference is left. Unknown seq: no-op."""
-        self._ops.append((_DEQUEUE, _client_key(client_id) + _SEP + _U64.pack(seq), None, None))
+        self._ops.append((_DEQUEUE, _client_prefix(client_id) + _U64.pack(seq), None, None))
 
     def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
         """Replace the row; refs follow the msg_id change (old -1, new +1)."""
-        key = _client_key(client_id) + _SEP + _U16.pack(packet_id)
+        key = _client_prefix(client_id) + _U16.pack(packet_id)
         self._ops.append((_PUT_INFLIGHT, key, rec.msg_id, pack_inflight(rec)))
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_DELETE_INFLIGHT, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
+        self._ops.append((_DELETE_INFLIGHT, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
 
     def add_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_PUT_QOS2, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
+        self._ops.append((_PUT_QOS2, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
 
     def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_DELETE_QOS2, _client_key(client_id) + _SEP + _U16.pack(packet_id), None, None))
+        self._ops.append((_DELETE_QOS2, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
 
     def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
         """Keep a hand-over to ``peer`` (numbered ``seq`` by the caller) until it is acknowledged."""
