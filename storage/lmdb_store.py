@@ -76,8 +76,10 @@ writes, a store of a higher one is refused):
   (512) bytes, is written into that row, not into ``messages``,
   and goes when the row goes (replaced or deleted). When a later operation names it
   too, it gets its own ``messages`` row first and the inflight row is rewritten
-  without it. The version keeps a schema 2 reader, which does not know such
-  rows, away.
+  without it (a row of an earlier batch is found by reading the queue and inflight
+  tables: slow, and the broker does not do it, see ``ShardStore._holder``; a
+  ``Batch(hold=False)`` holds nothing, for bulk loads). The version keeps a
+  schema 2 reader, which does not know such rows, away.
 * 4: as 3, and a queue row may hold its message in the same way (the packed
   message after its 9 bytes). A row that is removed leaves its message at hand for
   the rest of the batch: a message dequeued and put in flight in one batch moves
@@ -102,9 +104,10 @@ Invariants:
   are settled at the end of each batch, in its transaction: a message whose count
   is 0 after the batch (including one added by the batch and never enqueued) is
   deleted in the same commit that removed its last row, so no crash leaves a row
-  naming a deleted message. The in-memory counts change only after a successful
-  commit. Moving a message from the queue to in-flight within one batch therefore
-  never deletes it.
+  naming a deleted message. A held message and its row are one LMDB value, so a
+  crash leaves both or neither, and a move between rows is in one transaction.
+  The in-memory counts change only after a successful commit. Moving a message
+  from the queue to in-flight within one batch therefore never deletes it.
 * A writable open counts the references of every message and deletes message rows
   that nothing names (a leak: none should exist, as every commit keeps the
   invariant above; it is not done when some row cannot be read). ``check()``
