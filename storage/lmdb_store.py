@@ -78,7 +78,7 @@ writes, a store of a higher one is refused):
   too, it gets its own ``messages`` row first and the inflight row is rewritten
   without it (a row of an earlier batch is found by reading the queue and inflight
   tables: slow, and the broker does not do it, see ``ShardStore._holder``; a
-  ``Batch(hold=False)`` holds nothing, for bulk loads). The version keeps a
+  batch from ``ShardStore.batch(hold=False)`` holds nothing, for bulk loads). The version keeps a
   schema 2 reader, which does not know such rows, away.
 * 4: as 3, and a queue row may hold its message in the same way (the packed
   message after its 9 bytes). A row that is removed leaves its message at hand for
