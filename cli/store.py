@@ -41,6 +41,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
+from shardbroker.protocol.errors import ProtocolError
+from shardbroker.protocol.packets import Properties
 from shardbroker.storage.lmdb_store import (
     RetainedStore,
     ShardStore,
@@ -57,9 +60,6 @@ from shardbroker.storage.records import (
     SessionRecord,
     StoredMessage,
 )
-
-from shardbroker.protocol.errors import ProtocolError
-from shardbroker.protocol.packets import Properties
 
 app = typer.Typer(help="Inspect the durable message store", no_args_is_help=True,
                   add_completion=False)

@@ -153,6 +153,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import lmdb
+
 from shardbroker.storage.records import (
     InflightRecord,
     SessionRecord,

@@ -73,11 +73,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from shardbroker.sharding import shard_for
 from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards, shard_dir_name
 from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
 from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
-
-from shardbroker.sharding import shard_for
 
 __all__ = [
     "MAX_SHARDS",

@@ -17,9 +17,9 @@ from pathlib import Path
 import mqttbytes as mb
 import pytest
 from conftest import REPO, client_id_on_shard, skip_unless_shardbroker, wait_until
-from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards
 
 from shardbroker.sharding import shard_for
+from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards
 
 pytestmark = pytest.mark.slow
 

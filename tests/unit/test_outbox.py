@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import cbor2
 import pytest
-from shardbroker.storage.records import StoreCorrupt, encode_properties
 
 from shardbroker.core.outbox import APPLY, DUPLICATE, GAP, Outbox, _decode_record, _decode_row
-from shardbroker.peer.messages import DurableForward, Forward, RouteAck, encode_batch, encode_message
+from shardbroker.peer.messages import (
+    DurableForward,
+    Forward,
+    RouteAck,
+    encode_batch,
+    encode_message,
+)
 from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.storage.records import StoreCorrupt, encode_properties
 
 
 class Batch:

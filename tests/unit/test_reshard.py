@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner, Result
+
 import shardbroker.storage.reshard as rs
 from shardbroker.cli.store import app
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.sharding import shard_for
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore, StoreError, data_dir_shards
 from shardbroker.storage.records import (
     AWAIT_PUBACK,
@@ -36,10 +40,6 @@ from shardbroker.storage.records import (
     StoredSubscription,
     StoredWill,
 )
-from typer.testing import CliRunner, Result
-
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from shardbroker.sharding import shard_for
 
 SMALL = 64 << 10
 runner = CliRunner()

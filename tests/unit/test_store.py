@@ -23,6 +23,8 @@ import lmdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
 from shardbroker.storage.lmdb_store import (
     SCHEMA_VERSION,
     RetainedStore,
@@ -52,8 +54,6 @@ from shardbroker.storage.records import (
     pack_inflight,
     pack_message,
 )
-
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = 64 << 10

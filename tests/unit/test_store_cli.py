@@ -15,7 +15,11 @@ from typing import Any
 
 import lmdb
 import pytest
+from typer.testing import CliRunner, Result
+
 from shardbroker.cli.store import app
+from shardbroker.protocol.packets import NO_PROPERTIES, Properties
+from shardbroker.sharding import shard_for
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 from shardbroker.storage.records import (
     AWAIT_PUBREC,
@@ -27,10 +31,6 @@ from shardbroker.storage.records import (
     StoredWill,
     pack_message,
 )
-from typer.testing import CliRunner, Result
-
-from shardbroker.protocol.packets import NO_PROPERTIES, Properties
-from shardbroker.sharding import shard_for
 
 SHARDS = 2
 runner = CliRunner()
