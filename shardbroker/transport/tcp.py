@@ -9,7 +9,7 @@ sent when the socket is writable again. There is no asyncio transport in between
 flow control (``core/flow.py``) sees the real write backlog.
 
 Water marks: above ``HIGH_WATER`` bytes waiting the connection is backed up
-(``Broker.backed_up``: the shard holds its inputs); below ``LOW_WATER`` it is
+(``Broker.backed_up``: a backlog, whose publishers are held); below ``LOW_WATER`` it is
 drained again (``Broker.drained``). Above ``MAX_WRITE_BUFFER`` QoS 0 to it is
 dropped (``write_buffer_full``).
 
