@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from shardbroker.config import LimitsConfig
 from shardbroker.core.client import PAUSED_BY_HOLD, Client
@@ -69,7 +69,10 @@ HOLD_LEASE = 2.0  # seconds a hold from another shard lasts unless renewed
 MAX_ACK_WAIT = 60.0  # the default ack timeout: the client's keep-alive, at most this
 
 
-class Backlogs:
+K = TypeVar("K", bound=Hashable)
+
+
+class Backlogs(Generic[K]):
     """Which subscribers are backlogged, since when, and which publishers each one holds.
 
     Keys are whatever identifies a subscriber (the broker uses its ``Session``); publishers
@@ -78,21 +81,21 @@ class Backlogs:
     """
 
     def __init__(self) -> None:
-        self.kinds: dict[object, int] = {}  # backlog -> its kinds (QUEUE | WRITE)
-        self.since: dict[object, float] = {}  # backlog -> when its QUEUE kind started
-        self._feeders: dict[object, set[str]] = {}  # backlog -> publishers it holds
+        self.kinds: dict[K, int] = {}  # backlog -> its kinds (QUEUE | WRITE)
+        self.since: dict[K, float] = {}  # backlog -> when its QUEUE kind started
+        self._feeders: dict[K, set[str]] = {}  # backlog -> publishers it holds
         self._holding: dict[str, int] = {}  # publisher -> backlogs holding it
 
     def __contains__(self, key: object) -> bool:
         return key in self.kinds
 
-    def start(self, key: object, kind: int, now: float) -> None:
+    def start(self, key: K, kind: int, now: float) -> None:
         kinds = self.kinds.get(key, 0)
         if kind == QUEUE and not kinds & QUEUE:
             self.since[key] = now
         self.kinds[key] = kinds | kind
 
-    def stop(self, key: object, kind: int) -> list[str]:
+    def stop(self, key: K, kind: int) -> list[str]:
         """``key`` is no longer backlogged in ``kind``: the publishers released if it is over."""
         kinds = self.kinds.get(key)
         if kinds is None:
@@ -105,7 +108,7 @@ class Backlogs:
             return []
         return self.end(key)
 
-    def end(self, key: object) -> list[str]:
+    def end(self, key: K) -> list[str]:
         """``key`` is not backlogged any more (drained, slow, gone): the publishers released."""
         self.kinds.pop(key, None)
         self.since.pop(key, None)
@@ -120,7 +123,7 @@ class Backlogs:
                 released.append(publisher)
         return released
 
-    def feed(self, key: object, publisher: str) -> bool:
+    def feed(self, key: K, publisher: str) -> bool:
         """A message of ``publisher`` landed in backlog ``key``: True if its hold starts now."""
         feeders = self._feeders.get(key)
         if feeders is None:
@@ -218,7 +221,7 @@ class Backpressure:
         self.time = time
         self.stats = stats
         self._wake = wake
-        self.backlogs = Backlogs()
+        self.backlogs: Backlogs[Session] = Backlogs()
         self.holds = Holds()  # publishers of this shard held, by which shards
         self.paused: set[Client] = set()  # held clients whose socket is paused as well
 
@@ -246,28 +249,31 @@ class Backpressure:
         if publisher is None or not self.backlogs.feed(sess, publisher):
             return
         self.stats["holds"] += 1
-        owner = shard_for(publisher, self.shards)
-        if owner == self.shard:
-            self.hold(publisher, self.shard, math.inf)
-        else:
-            self.link.send(owner, Hold(self.shard, publisher))
-            self._wake()
+        self._tell(publisher, True)
 
     def _released(self, publishers: list[str]) -> None:
         for publisher in publishers:
-            owner = shard_for(publisher, self.shards)
-            if owner == self.shard:
-                self.release(publisher, self.shard)
+            self._tell(publisher, False)
+
+    def _tell(self, publisher: str, hold: bool, *, renewal: bool = False) -> None:
+        """Hold or release ``publisher`` here, or through a peer message to the shard that owns it."""
+        owner = shard_for(publisher, self.shards)
+        if owner == self.shard:
+            if renewal:
+                return  # this shard's own holds need no lease
+            if hold:
+                self.hold(publisher, self.shard, math.inf)
             else:
-                self.link.send(owner, Release(self.shard, publisher))
-                self._wake()
+                self.release(publisher, self.shard)
+        else:
+            self.link.send(owner, Hold(self.shard, publisher) if hold else Release(self.shard, publisher))
+            self._wake()
 
     def check_slow(self) -> None:
         """The sweep: a backlogged subscriber that stopped acknowledging is slow (see above)."""
         now = self.time.mono
         backlogs = self.backlogs
-        for key, since in list(backlogs.since.items()):
-            sess: Session = key  # type: ignore[assignment]
+        for sess, since in list(backlogs.since.items()):
             client = sess.client
             if client is None:
                 self.end(sess)
@@ -288,9 +294,7 @@ class Backpressure:
     def renew(self) -> None:
         """The sweep: renew the holds on other shards' publishers, drop the expired ones here."""
         for publisher in self.backlogs.held():
-            owner = shard_for(publisher, self.shards)
-            if owner != self.shard:
-                self.link.send(owner, Hold(self.shard, publisher))
+            self._tell(publisher, True, renewal=True)
         for publisher in self.holds.expire(self.time.mono):
             self._unhold(publisher)
 

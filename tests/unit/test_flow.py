@@ -91,7 +91,7 @@ def test_forgotten_connection_is_neither_held_nor_resumed() -> None:
 
 
 def test_a_publisher_is_held_once_and_released_when_its_last_backlog_ends() -> None:
-    b = Backlogs()
+    b: Backlogs[str] = Backlogs()
     b.start("s1", QUEUE, 1.0)
     b.start("s2", WRITE, 1.0)
     assert b.feed("s1", "p")  # its hold starts
@@ -104,13 +104,13 @@ def test_a_publisher_is_held_once_and_released_when_its_last_backlog_ends() -> N
 
 
 def test_a_message_for_a_subscriber_without_a_backlog_holds_no_one() -> None:
-    b = Backlogs()
+    b: Backlogs[str] = Backlogs()
     assert not b.feed("s", "p")
     assert b.held() == []
 
 
 def test_a_backlog_of_two_kinds_ends_when_both_are_over() -> None:
-    b = Backlogs()
+    b: Backlogs[str] = Backlogs()
     b.start("s", QUEUE, 5.0)
     b.start("s", WRITE, 6.0)
     b.start("s", QUEUE, 7.0)  # still the same queue backlog: its start time stays
