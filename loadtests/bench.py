@@ -11,7 +11,8 @@ Run from the repository root (loopback only, every run bounded in time)::
 
 Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
 pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, fairness, fairness-qos1,
-connect-rate, persistent-qos1. See docs/BENCHMARKS.md for what each one measures.
+connect-rate, subscriptions, persistent-qos1. See docs/BENCHMARKS.md for what each one
+measures.
 
 How the load generator works (it must not be the bottleneck):
 
@@ -82,6 +83,7 @@ import platform
 import resource
 import secrets
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -111,7 +113,7 @@ except ImportError:  # pragma: no cover - same function, for use without the pac
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 SCENARIOS = ["fanin-qos0", "pairs-qos1", "pairs-qos2", "fanout-qos0", "latency-qos1",
-             "fairness", "fairness-qos1", "connect-rate", "persistent-qos1"]
+             "fairness", "fairness-qos1", "connect-rate", "subscriptions", "persistent-qos1"]
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 MAX_LAT_SAMPLES = 500_000
 _PR_SET_PDEATHSIG = 1
@@ -166,6 +168,7 @@ class Plan:
     pub_gids: list[int] = field(default_factory=list)           # checked publishers' indexes
     stuck: list[tuple[str, str]] = field(default_factory=list)  # subscribers that never read
     idle: list[str] = field(default_factory=list)               # client ids (connect-rate)
+    subs_each: int = 0              # subscriptions: filters each idle connection subscribes to
     kind: str = ""                  # "canary" or "flood" in the fairness scenarios
     track: bool = False             # QoS 1/2: index + sequence number in payloads, checked
     sub_clean: bool = True
@@ -1073,8 +1076,6 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
     Keeps up to ``connect_concurrency`` handshakes (TCP connect, CONNECT,
     CONNACK) in flight, then holds the connections idle until told to stop.
     """
-    import selectors
-
     t_begin = os.times()
     conn.send(("ready", 0, 0))
     if not conn.poll(120):
@@ -1193,6 +1194,12 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
                 "errors": errors[:20], "error_count": len(errors)}
 
     conn.send(("connected", stats()))
+    if plan.subs_each:
+        if not conn.poll(300):
+            return
+        if conn.recv()[0] != "subscribe":
+            return
+        conn.send(("subscribed", subscribe_idle(plan, held, sel)))
     conn.poll(300)  # "stop" (or the parent is gone)
     # DISCONNECT, then let the broker close first (its side keeps the TIME_WAIT)
     for sock in held:
@@ -1219,6 +1226,84 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
         sock.close()
     sel.close()
     conn.send(("done", stats()))
+
+
+SUBS_PER_PACKET = 10
+
+
+def subscription_filter(client: int, k: int) -> str:
+    """The k-th filter of idle connection ``client`` in the subscriptions scenario: a
+    device's own topics, every other one with a wildcard (``+`` or ``#``)."""
+    if k % 4 == 1:
+        return f"bench/dev/{client}/{k}/+"
+    if k % 4 == 3:
+        return f"bench/dev/{client}/{k}/#"
+    return f"bench/dev/{client}/{k}/state"
+
+
+def subscribe_idle(plan: Plan, held: list[socket.socket], sel: selectors.BaseSelector) -> dict[str, Any]:
+    """subscriptions: every held connection subscribes to ``plan.subs_each`` filters of its
+    own, ``SUBS_PER_PACKET`` per SUBSCRIBE, one SUBSCRIBE outstanding per connection;
+    returns how many were granted and when the last SUBACK came."""
+    t0 = time.monotonic_ns()
+    todo: dict[socket.socket, list[list[tuple[str, int]]]] = {}
+    for j, sock in enumerate(held):
+        client = plan.index * 1_000_000 + j
+        filters = [(subscription_filter(client, k), 1) for k in range(plan.subs_each)]
+        todo[sock] = [filters[i:i + SUBS_PER_PACKET] for i in range(0, len(filters), SUBS_PER_PACKET)]
+    bufs: dict[socket.socket, bytes] = {sock: b"" for sock in held}
+    granted = refused = 0
+    errors: list[str] = []
+    pid = 1
+
+    def send_next(sock: socket.socket) -> bool:
+        nonlocal pid
+        batches = todo[sock]
+        if not batches:
+            return False
+        sock.sendall(w.subscribe(pid, batches.pop(), proto=plan.proto))
+        pid = pid % 65535 + 1
+        return True
+
+    waiting = set()
+    for sock in held:
+        sel.register(sock, selectors.EVENT_READ)
+        if send_next(sock):
+            waiting.add(sock)
+    deadline = time.monotonic() + plan.timeout + plan.subs_each * len(held) / 2000
+    last = t0
+    while waiting and time.monotonic() < deadline:
+        for key, _mask in sel.select(timeout=0.2):
+            sock = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                data = b""
+                errors.append(f"recv: {exc}")
+            if not data:
+                waiting.discard(sock)
+                sel.unregister(sock)
+                errors.append("closed while subscribing")
+                continue
+            frames, used = w.split_frames(bufs[sock] + data)
+            bufs[sock] = (bufs[sock] + data)[used:]
+            for ptype, body in frames:
+                if ptype >> 4 != w.SUBACK:
+                    continue
+                codes = body[2:] if plan.proto != 5 else body[2 + 1 + body[2]:]
+                granted += sum(1 for c in codes if c < 0x80)
+                refused += sum(1 for c in codes if c >= 0x80)
+                last = time.monotonic_ns()
+                if not send_next(sock):
+                    waiting.discard(sock)
+    for sock in held:
+        with contextlib.suppress(Exception):
+            sel.unregister(sock)
+    if waiting:
+        errors.append(f"{len(waiting)} connections still waiting for a SUBACK")
+    return {"granted": granted, "refused": refused, "first": t0, "last": last, "errors": errors[:5]}
 
 
 def worker_main(plan: Plan, conn: mpc.Connection, shared: dict[str, Any]) -> None:
@@ -1518,6 +1603,8 @@ SCENARIO_METRICS: dict[str, list[Metric]] = {
     "fairness-qos1": _FAIRNESS_METRICS,
     "connect-rate": [Metric("conn/s", "conn/s"), Metric("KB/idle conn", "KB", False),
                      Metric("failed", "conns", False)],
+    "subscriptions": [Metric("B/subscription", "B", False), Metric("subscriptions/s", "subs/s"),
+                      Metric("refused", "subs", False)],
     "persistent-qos1": _checked_metrics(1),
 }
 # scenarios whose QoS 1/2 messages are checked one by one: a loss fails the run
@@ -1675,10 +1762,13 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace,
         npub = 1
         # keep a batch well under the delivery window
         every(batch=max(1, min(args.batch, args.qos0_window // (4 * n))))
-    elif scn == "connect-rate":
-        for i in range(args.connections):
+    elif scn in ("connect-rate", "subscriptions"):
+        count = args.connections if scn == "connect-rate" else args.subscribers
+        for i in range(count):
             plans[i % procs].idle.append(f"bc-{tag}-{i}")
         every(keepalive=300, connect_concurrency=max(1, args.connect_concurrency // procs))
+        if scn == "subscriptions":
+            every(subs_each=args.subscriptions_each)
         npub = 0
     else:
         raise ValueError(scn)
@@ -1841,6 +1931,29 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
         t_warm, t_end = t_start + warm, t_start + args.duration
         broadcast("start", (t_start, t_warm, t_end))
         out: dict[str, Any] = {}
+        if scn == "subscriptions":
+            collect("connected", args.timeout * 3 + 60)
+            time.sleep(1.0)
+            rss_mid = tree_rss_kb(broker.pid)
+            broadcast("subscribe", None)
+            res = [r[0] for r in collect("subscribed", args.timeout * 3 + 600)]
+            time.sleep(1.0)
+            rss_after = tree_rss_kb(broker.pid)
+            granted = sum(r["granted"] for r in res)
+            first = min(r["first"] for r in res)
+            last = max(r["last"] for r in res)
+            out["B/subscription"] = ((rss_after - rss_mid) * 1024 / granted
+                                     if rss_mid is not None and rss_after is not None and granted else None)
+            out["subscriptions/s"] = granted / ((last - first) / 1e9) if last > first else 0.0
+            out["refused"] = float(sum(r["refused"] for r in res)
+                                   + args.subscribers * args.subscriptions_each - granted)
+            out["_rss_mid_kb"], out["_rss_after_kb"] = rss_mid, rss_after
+            errors = [e for r in res for e in r["errors"]]
+            if errors:
+                out["_errors"] = errors[:5]
+            broadcast("stop", None)
+            collect("done", 60)
+            return out
         if scn == "connect-rate":
             res = [r[0] for r in collect("connected", args.timeout * 3 + 60)]
             ok = sum(r["connect_ok"] for r in res)
@@ -2102,6 +2215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-rate", type=float, default=2000.0,
                    help="total msg/s in latency-qos1 (default 2000)")
     g.add_argument("--connections", type=int, default=5000, help="clients in connect-rate (default 5000)")
+    g.add_argument("--subscribers", type=int, default=200,
+                   help="idle clients in subscriptions (default 200)")
+    g.add_argument("--subscriptions-each", type=int, default=100,
+                   help="filters of its own each of them subscribes to (default 100)")
     g.add_argument("--stuck-subscribers", type=int, default=4,
                    help="fairness: subscribers of bench/flood/# that never read (default 4)")
     g.add_argument("--flood-publishers", type=int, default=4,
@@ -2285,7 +2402,8 @@ def main(argv: list[str] | None = None) -> int:
             use_mosq = have_mosq or args.mosquitto_only
             labels = (["ShardBroker"] if with_sb else []) + (["Mosquitto"] if use_mosq else [])
             pair = (labels[0], labels[1] if len(labels) > 1 else None)
-            plain = [s for s in args.scenarios if s not in ("connect-rate", "persistent-qos1")]
+            plain = [s for s in args.scenarios
+                     if s not in ("connect-rate", "subscriptions", "persistent-qos1")]
             if plain:
                 brokers: list[Broker] = []
                 if with_sb:
@@ -2297,16 +2415,18 @@ def main(argv: list[str] | None = None) -> int:
                     add_rows(scn, scn, *pair)
                 for b in brokers:
                     stop(b)
-            if "connect-rate" in args.scenarios:
-                # a fresh broker for every run, so that memory per connection starts from
-                # a broker that has not yet grown its heap in earlier runs
+            for scn in ("connect-rate", "subscriptions"):
+                if scn not in args.scenarios:
+                    continue
+                # a fresh broker for every run, so that memory per connection or
+                # subscription starts from a broker that has not yet grown its heap
                 fresh: list[Any] = []
                 if with_sb:
                     fresh.append(("ShardBroker", lambda: start_sb("ShardBroker", args.durability)))
                 if use_mosq:
                     fresh.append(("Mosquitto", lambda: start_mosq("Mosquitto", False)))
-                run_series("connect-rate", fresh)
-                add_rows("connect-rate", "connect-rate", *pair)
+                run_series(scn, fresh)
+                add_rows(scn, scn, *pair)
             if "persistent-qos1" in args.scenarios:
                 scn = "persistent-qos1"
                 brokers = []

@@ -142,7 +142,7 @@ class Broker:
         self.sessions.restore(self.store)
         self.peers.outbox.load(self.store.outbox(), self.store.meta_items())
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions),
-                 len(self.subscriptions.filter_refs))
+                 self.subscriptions.route_count())
 
     def announce(self) -> None:
         """Ask every peer for its routes and tell them ours (startup and restart)."""
@@ -382,7 +382,7 @@ class Broker:
         values = dict(self.stats)
         values.update(
             connections=len(self.sessions.clients), sessions=len(self.sessions),
-            filters=len(self.subscriptions.filter_refs), store_full=int(self.commit.store_full),
+            filters=self.subscriptions.route_count(), store_full=int(self.commit.store_full),
             bus_sent=self.link.sent, bus_received=self.link.received,
             handover_pending=self.peers.outbox.pending_count(),
         )

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from shardbroker.core.topics import TopicTrie, parse_shared
+from shardbroker.core.topics import SHARE_PREFIX, FilterMap, TopicTrie, parse_shared
 
 T = TypeVar("T")
 
@@ -51,52 +51,73 @@ class Target:
 
 
 class RouteTable:
+    """Plain keys map to one small integer each (``FilterMap``): bit ``2 * s`` says that
+    shard ``s`` has the key, bit ``2 * s + 1`` that it is durable there. With up to four
+    shards that integer is one of the interpreter's shared small ints, so a route costs
+    its filter string and a dict slot (or the trie nodes of a wildcard filter)."""
+
     def __init__(self) -> None:
-        self._plain: TopicTrie[int, bool] = TopicTrie()
+        self._plain: FilterMap[int] = FilterMap()
         self._shared: TopicTrie[tuple[str, int], bool] = TopicTrie()
-        self._keys: dict[int, dict[str, bool]] = {}
         self._turns = RoundRobin()
         self._cache: dict[str, dict[int, Target]] = {}
 
     def add(self, shard: int, key: str, durable: bool = False) -> bool:
         """Add ``key`` for ``shard`` or change its durable flag; True if anything changed."""
-        keys = self._keys.setdefault(shard, {})
-        if keys.get(key) is durable:
-            return False
-        keys[key] = durable
-        self._cache.clear()
         shared = parse_shared(key)
         if shared is None:
-            self._plain.add(key, shard, durable)
+            mask = self._plain.get(key) or 0
+            bits = (3 if durable else 1) << (2 * shard)
+            new = (mask & ~(3 << (2 * shard))) | bits
+            if new == mask:
+                return False
+            self._plain.set(key, new)
         else:
             group, flt = shared
+            entries = self._shared.get(flt)
+            if entries is not None and entries.get((group, shard)) is durable:
+                return False
             self._shared.add(flt, (group, shard), durable)
+        self._cache.clear()
         return True
 
     def remove(self, shard: int, key: str) -> bool:
-        keys = self._keys.get(shard)
-        if not keys or key not in keys:
-            return False
-        del keys[key]
-        self._cache.clear()
         shared = parse_shared(key)
         if shared is None:
-            self._plain.remove(key, shard)
+            mask = self._plain.get(key)
+            if mask is None or not mask & (1 << (2 * shard)):
+                return False
+            rest = mask & ~(3 << (2 * shard))
+            if rest:
+                self._plain.set(key, rest)
+            else:
+                self._plain.remove(key)
         else:
             group, flt = shared
+            entries = self._shared.get(flt)
+            if entries is None or (group, shard) not in entries:
+                return False
             self._shared.remove(flt, (group, shard))
+        self._cache.clear()
         return True
 
     def replace(self, shard: int, keys: dict[str, bool]) -> None:
         """Make ``keys`` (key -> durable) the complete set for ``shard`` (a sync from it)."""
-        for key in list(self._keys.get(shard, ())):
+        for key in self.keys(shard):
             if key not in keys:
                 self.remove(shard, key)
         for key, durable in keys.items():
             self.add(shard, key, durable)
 
     def keys(self, shard: int) -> dict[str, bool]:
-        return dict(self._keys.get(shard, {}))
+        """Every key of ``shard``, with its durable flag."""
+        present = 1 << (2 * shard)
+        out = {key: bool(mask & (present << 1)) for key, mask in self._plain.items() if mask & present}
+        for flt in self._shared.filters():
+            for (group, s), durable in (self._shared.get(flt) or {}).items():
+                if s == shard:
+                    out[f"{SHARE_PREFIX}{group}/{flt}"] = durable
+        return out
 
     def shards_for_group(self, group: str, flt: str) -> list[int]:
         entries = self._shared.get(flt) or {}
@@ -111,13 +132,18 @@ class RouteTable:
         cached = self._cache.get(topic)
         if cached is None:
             cached = {}
-            for _flt, entries in self._plain.match(topic):
-                for shard, durable in entries.items():
-                    t = cached.get(shard)
-                    if t is None:
-                        cached[shard] = Target(non_shared=True, durable=durable)
-                    elif durable:
-                        t.durable = True
+            for _flt, mask in self._plain.match(topic):
+                shard = 0
+                while mask:
+                    if mask & 1:
+                        durable = bool(mask & 2)
+                        t = cached.get(shard)
+                        if t is None:
+                            cached[shard] = Target(non_shared=True, durable=durable)
+                        elif durable:
+                            t.durable = True
+                    mask >>= 2
+                    shard += 1
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[topic] = cached

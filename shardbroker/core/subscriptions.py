@@ -30,7 +30,13 @@ from shardbroker.core.output import Output
 from shardbroker.core.routing import RoundRobin
 from shardbroker.core.session import Message, Session, Subscribed
 from shardbroker.core.store import RetainedStore, StoreError
-from shardbroker.core.topics import TopicTrie, matches, parse_shared, validate_topic_filter
+from shardbroker.core.topics import (
+    SHARE_PREFIX,
+    TopicTrie,
+    matches,
+    parse_shared,
+    validate_topic_filter,
+)
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_5, SubAck, Subscribe, UnsubAck, Unsubscribe
@@ -71,10 +77,13 @@ class Subscriptions:
         self.peers: Peers  # set by the broker (the peers need the subscriptions too)
         self.subs: TopicTrie[str, Subscribed] = TopicTrie()
         self.shared_subs: TopicTrie[tuple[str, str], Subscribed] = TopicTrie()
-        self.filter_refs: dict[str, int] = {}  # route key -> local subscriptions
+        # a plain route key's local subscriptions are its entries in ``subs``; a shared
+        # key's are counted here
+        self.shared_refs: dict[str, int] = {}  # $share/... route key -> local subscriptions
         self.durable_refs: dict[str, int] = {}  # route key -> local persistent subscriptions
         self._requests: dict[int, set[int]] = {}  # route announcement -> peers yet to acknowledge
         self._filter_request: dict[str, int] = {}  # filter -> its outstanding announcement
+        self._request_filters: dict[int, list[str]] = {}  # announcement -> the filters it announced
         self._waiting: dict[int, list[_WaitingSuback]] = {}  # announcement -> SUBACKs waiting for it
         self._members = RoundRobin()
 
@@ -82,19 +91,30 @@ class Subscriptions:
 
     def restore(self, sess: Session, sub: Subscribed) -> None:
         """A subscription of a session restored from the store (startup: persistent, so durable)."""
-        self._add(sess, sub)
-        flt = sub.topic_filter
-        self.filter_refs[flt] = self.filter_refs.get(flt, 0) + 1
-        self.durable_refs[flt] = self.durable_refs.get(flt, 0) + 1
-        self.peers.routes.add(self.shard, flt, True)
+        if self._add(sess, sub):
+            flt = sub.topic_filter
+            self.durable_refs[flt] = self.durable_refs.get(flt, 0) + 1
+            self.peers.routes.add(self.shard, flt, True)
 
-    def _add(self, sess: Session, sub: Subscribed) -> None:
-        sess.subscriptions[sub.topic_filter] = sub
-        shared = parse_shared(sub.topic_filter)
+    def _add(self, sess: Session, sub: Subscribed) -> bool:
+        """Store ``sub`` (or new options of a subscription the session has); True if new."""
+        flt = sub.topic_filter
+        new = sess.subscriptions.get(flt) is None
+        sess.subscriptions[flt] = sub
+        shared = parse_shared(flt)
         if shared is None:
-            self.subs.add(sub.topic_filter, sess.client_id, sub)
+            self.subs.add(flt, sess.client_id, sub)
         else:
             self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+            if new:
+                self.shared_refs[flt] = self.shared_refs.get(flt, 0) + 1
+        return new
+
+    def _local_count(self, flt: str) -> int:
+        """This shard's subscriptions to route key ``flt``."""
+        if flt.startswith(SHARE_PREFIX):
+            return self.shared_refs.get(flt, 0)
+        return len(self.subs.get(flt) or ())
 
     def remove(self, sess: Session, flt: str) -> bool:
         if sess.subscriptions.pop(flt, None) is None:
@@ -104,14 +124,17 @@ class Subscriptions:
             self.subs.remove(flt, sess.client_id)
         else:
             self.shared_subs.remove(shared[1], (shared[0], sess.client_id))
-        n = self.filter_refs.get(flt, 0) - 1
+            left = self.shared_refs.get(flt, 0) - 1
+            if left > 0:
+                self.shared_refs[flt] = left
+            else:
+                self.shared_refs.pop(flt, None)
+        n = self._local_count(flt)
         d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
         if n <= 0:
-            self.filter_refs.pop(flt, None)
             self.durable_refs.pop(flt, None)
             self.peers.withdraw_route(flt)
             return True
-        self.filter_refs[flt] = n
         if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
             del self.durable_refs[flt]
             self.peers.announce_route(flt, False, ack=False)
@@ -123,24 +146,30 @@ class Subscriptions:
         for flt in list(sess.subscriptions):
             self.remove(sess, flt)
 
+    def route_count(self) -> int:
+        """How many route keys this shard holds."""
+        return len(self.subs) + len(self.shared_refs)
+
     def route_keys(self) -> dict[str, bool]:
         """Every filter this shard subscribes to, and whether a persistent session does."""
-        return {key: key in self.durable_refs for key in self.filter_refs}
+        keys = [*self.subs.filters(), *self.shared_refs]
+        return {key: key in self.durable_refs for key in keys}
 
     def _ref_route(self, flt: str, durable: bool) -> int | None:
-        """Count a subscription to ``flt``; tell every shard when it is the first one, or the
-        first persistent one. Returns the announcement to wait for, if one is outstanding."""
-        n = self.filter_refs.get(flt, 0)
-        self.filter_refs[flt] = n + 1
+        """A new subscription to ``flt`` (already stored): tell every shard when it is the
+        first one, or the first persistent one. Returns the announcement to wait for, if
+        one is outstanding."""
+        first = self._local_count(flt) == 1
         d = self.durable_refs.get(flt, 0)
         if durable:
             self.durable_refs[flt] = d + 1
-        if n and not (durable and d == 0):
+        if not first and not (durable and d == 0):
             return self._filter_request.get(flt)
         request = self.peers.announce_route(flt, flt in self.durable_refs, ack=True)
         if request is not None:
             self._requests[request] = set(self.peers.peer_ids())
             self._filter_request[flt] = request
+            self._request_filters.setdefault(request, []).append(flt)
         return request
 
     def route_acknowledged(self, peer: int, request: int) -> None:
@@ -154,8 +183,9 @@ class Subscriptions:
 
     def _request_done(self, request: int) -> None:
         self._requests.pop(request, None)
-        for flt in [f for f, r in self._filter_request.items() if r == request]:
-            del self._filter_request[flt]
+        for flt in self._request_filters.pop(request, ()):
+            if self._filter_request.get(flt) == request:
+                del self._filter_request[flt]
         for w in self._waiting.pop(request, ()):
             w.requests.discard(request)
             if not w.requests:
@@ -197,9 +227,8 @@ class Subscriptions:
             shared = parse_shared(s.topic_filter)
             if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
-            existed = s.topic_filter in sess.subscriptions
             sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id)
-            self._add(sess, sub)  # replaces the options of an existing one
+            existed = not self._add(sess, sub)  # replaces the options of an existing one
             if not existed:
                 request = self._ref_route(s.topic_filter, sess.persistent)
                 if request is not None:

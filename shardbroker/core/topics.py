@@ -8,9 +8,10 @@ What it does:
   invalid). The same rules hold for 3.1 and 3.1.1.
 * ``parse_shared`` splits ``$share/{group}/{filter}``.
 * ``matches`` compares one filter with one topic.
-* ``TopicTrie`` maps many filters to ``{key: value}`` entries (typically
-  ``{client_id: subscription}``) and finds every filter matching a topic at a
-  cost that depends on the topic's depth, not on the number of filters.
+* ``FilterMap`` maps many filters to one value each and finds every filter
+  matching a topic at a cost that depends on the topic's depth, not on the
+  number of filters. ``TopicTrie`` is a ``FilterMap`` of ``{key: value}``
+  entries (typically ``{client_id: subscription}``).
 
 Invariants:
 
@@ -20,9 +21,9 @@ Invariants:
   parent level and every level below it (``"a/#"`` matches ``"a"``).
 * Filters whose first level is ``+`` or ``#`` never match topics that start
   with ``$`` [MQTT-4.7.2-1].
-* In a ``TopicTrie`` every stored node either holds at least one entry or has
-  descendants that do; nodes are pruned as soon as this stops being true, so
-  memory follows the live filters.
+* In a ``FilterMap`` every trie node either holds a value or has descendants
+  that do; nodes are pruned as soon as this stops being true, so memory follows
+  the live filters. A ``TopicTrie`` filter is there while it has entries.
 
 What it does not do:
 
@@ -41,6 +42,7 @@ What it does not do:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
@@ -50,6 +52,7 @@ from shardbroker.protocol.errors import ProtocolError
 __all__ = [
     "MAX_TOPIC_BYTES",
     "SHARE_PREFIX",
+    "FilterMap",
     "TopicTrie",
     "matches",
     "parse_shared",
@@ -200,101 +203,104 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class _Node(Generic[K, V]):
-    """One level of the trie.
+def _is_literal(topic_filter: str) -> bool:
+    return "+" not in topic_filter and "#" not in topic_filter
+
+
+class _Node(Generic[V]):
+    """One level of the wildcard part of a ``FilterMap``.
 
     ``children`` holds literal levels (``None`` until the first one); the ``+``
     and ``#`` children have their own slots so that matching never looks them
-    up in a dict. ``entries`` is ``None`` or a non-empty dict, and ``filter``
-    is the full filter string whenever ``entries`` is not ``None``.
+    up in a dict. ``value`` is ``None`` or the value of the filter ``filter``
+    that ends here.
     """
 
-    __slots__ = ("children", "entries", "filter", "hash", "plus")
+    __slots__ = ("children", "filter", "hash", "plus", "value")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[K, V]] | None = None
-        self.plus: _Node[K, V] | None = None
-        self.hash: _Node[K, V] | None = None
-        self.entries: dict[K, V] | None = None
+        self.children: dict[str, _Node[V]] | None = None
+        self.plus: _Node[V] | None = None
+        self.hash: _Node[V] | None = None
+        self.value: V | None = None
         self.filter: str = ""
 
     def is_empty(self) -> bool:
-        return (
-            self.entries is None
-            and self.children is None
-            and self.plus is None
-            and self.hash is None
-        )
+        return self.value is None and self.children is None and self.plus is None and self.hash is None
 
 
-class TopicTrie(Generic[K, V]):
-    """Maps topic filters to {key: value}. Matching cost depends on topic depth, not on the number of filters.
+class FilterMap(Generic[V]):
+    """One value per topic filter, and every filter that matches a topic, at a cost that
+    depends on the topic's depth, not on the number of filters.
 
-    Filters are stored literally (see the module docstring about shared
-    subscriptions) and are expected to be valid. The dicts returned by ``get``
-    and ``match`` are the trie's own: read them, never mutate them, and do not
-    hold on to them across ``add``/``remove`` if you need a snapshot.
+    Filters without wildcards, most of a broker's, live in one dict: matching looks the
+    topic up once, and such a filter costs a dict slot, not a chain of nodes. Filters
+    with ``+`` or ``#`` live in a trie with one node per level (its level names
+    interned, so filters and maps in one process share them). Values must not be
+    ``None``.
 
-    ``cache_size`` (default 256, 0 disables) bounds a small topic -> result
-    cache for ``match``. It is emptied whenever a filter appears or disappears
-    and when it fills up; adding or removing a key of an existing filter
-    changes that filter's dict in place, so cached results stay correct.
+    ``cache_size`` (default 256, 0 disables) bounds a small topic -> result cache for
+    ``match``, emptied whenever a filter is added, removed or given another value
+    (callers that change a value in place, such as ``TopicTrie``'s dicts, see the
+    change through the cache too).
     """
 
-    __slots__ = ("_cache", "_cache_size", "_count", "_root")
+    __slots__ = ("_cache", "_cache_size", "_exact", "_root", "_wild")
 
     def __init__(self, cache_size: int = 256) -> None:
-        self._root: _Node[K, V] = _Node()
-        self._count = 0
-        self._cache: dict[str, list[tuple[str, dict[K, V]]]] = {}
+        self._exact: dict[str, V] = {}
+        self._root: _Node[V] = _Node()
+        self._wild = 0
+        self._cache: dict[str, list[tuple[str, V]]] = {}
         self._cache_size = cache_size
 
     def __len__(self) -> int:
-        """Number of filters with entries."""
-        return self._count
+        return len(self._exact) + self._wild
 
-    def add(self, topic_filter: str, key: K, value: V) -> bool:
-        """Store ``key: value`` under ``topic_filter`` (replacing ``key``'s old value).
+    def set(self, topic_filter: str, value: V) -> bool:
+        """Map ``topic_filter`` to ``value``; True if the filter was not there before."""
+        if _is_literal(topic_filter):
+            exact = self._exact
+            old = exact.get(topic_filter)
+            exact[topic_filter] = value
+        else:
+            node = self._root
+            for level in topic_filter.split("/"):
+                if level == "+":
+                    child = node.plus
+                    if child is None:
+                        child = node.plus = _Node()
+                elif level == "#":
+                    child = node.hash
+                    if child is None:
+                        child = node.hash = _Node()
+                else:
+                    children = node.children
+                    if children is None:
+                        children = node.children = {}
+                    child = children.get(level)
+                    if child is None:
+                        child = children[sys.intern(level)] = _Node()
+                node = child
+            old = node.value
+            node.value = value
+            node.filter = topic_filter
+            if old is None:
+                self._wild += 1
+        if old is not value:
+            self._cache.clear()
+        return old is None
 
-        Returns True if the filter had no entries before.
-        """
+    def remove(self, topic_filter: str) -> V | None:
+        """Forget ``topic_filter``; its value, or None if it was not there. Trie nodes left
+        with nothing below them are pruned, so memory follows the live filters."""
+        if _is_literal(topic_filter):
+            value = self._exact.pop(topic_filter, None)
+            if value is not None:
+                self._cache.clear()
+            return value
         node = self._root
-        for level in topic_filter.split("/"):
-            if level == "+":
-                child = node.plus
-                if child is None:
-                    child = node.plus = _Node()
-            elif level == "#":
-                child = node.hash
-                if child is None:
-                    child = node.hash = _Node()
-            else:
-                children = node.children
-                if children is None:
-                    children = node.children = {}
-                child = children.get(level)
-                if child is None:
-                    child = children[level] = _Node()
-            node = child
-        entries = node.entries
-        if entries is not None:
-            entries[key] = value
-            return False
-        node.entries = {key: value}
-        node.filter = topic_filter
-        self._count += 1
-        self._cache.clear()
-        return True
-
-    def remove(self, topic_filter: str, key: K) -> bool:
-        """Remove ``key`` from ``topic_filter``.
-
-        Returns True if this removed the filter's last entry (its node, and any
-        ancestors left empty, are pruned). Returns False if entries remain, or
-        if the filter or key was not there.
-        """
-        node = self._root
-        path: list[tuple[_Node[K, V], str]] = []
+        path: list[tuple[_Node[V], str]] = []
         for level in topic_filter.split("/"):
             if level == "+":
                 child = node.plus
@@ -303,21 +309,17 @@ class TopicTrie(Generic[K, V]):
             else:
                 child = node.children.get(level) if node.children is not None else None
             if child is None:
-                return False
+                return None
             path.append((node, level))
             node = child
-        entries = node.entries
-        if entries is None or key not in entries:
-            return False
-        del entries[key]
-        if entries:
-            return False
-        node.entries = None
+        value = node.value
+        if value is None:
+            return None
+        node.value = None
         node.filter = ""
-        self._count -= 1
+        self._wild -= 1
         self._cache.clear()
-        # Prune from the bottom up while nodes are left with nothing in them.
-        for parent, level in reversed(path):
+        for parent, level in reversed(path):  # prune from the bottom up
             if not node.is_empty():
                 break
             if level == "+":
@@ -331,11 +333,13 @@ class TopicTrie(Generic[K, V]):
                 if not children:
                     parent.children = None
             node = parent
-        return True
+        return value
 
-    def get(self, topic_filter: str) -> dict[K, V] | None:
-        """The entries stored under exactly ``topic_filter`` (no wildcard matching), or None."""
-        node: _Node[K, V] | None = self._root
+    def get(self, topic_filter: str) -> V | None:
+        """The value of exactly ``topic_filter`` (no wildcard matching), or None."""
+        if _is_literal(topic_filter):
+            return self._exact.get(topic_filter)
+        node: _Node[V] | None = self._root
         for level in topic_filter.split("/"):
             assert node is not None
             if level == "+":
@@ -348,35 +352,37 @@ class TopicTrie(Generic[K, V]):
             if node is None:
                 return None
         assert node is not None
-        return node.entries
+        return node.value
 
-    def match(self, topic: str) -> list[tuple[str, dict[K, V]]]:
-        """Every ``(filter, entries)`` whose filter matches ``topic`` (a valid topic name).
+    def match(self, topic: str) -> list[tuple[str, V]]:
+        """Every ``(filter, value)`` whose filter matches ``topic`` (a valid topic name).
 
-        Each matching filter appears once; the order is unspecified. The list is
-        the caller's to keep or change (the dicts in it are not, see the class).
+        Each matching filter appears once; the order is unspecified. The list is the
+        caller's to keep or change.
         """
         cache = self._cache
         cached = cache.get(topic)
         if cached is not None:
             return cached.copy()
-        result = self._match(topic)
+        value = self._exact.get(topic)
+        result: list[tuple[str, V]] = [] if value is None else [(topic, value)]
+        if self._wild:
+            self._match(topic, result)
         if self._cache_size > 0:
             if len(cache) >= self._cache_size:
                 cache.clear()
             cache[topic] = result.copy()
         return result
 
-    def _match(self, topic: str) -> list[tuple[str, dict[K, V]]]:
-        out: list[tuple[str, dict[K, V]]] = []
+    def _match(self, topic: str, out: list[tuple[str, V]]) -> None:
         levels = topic.split("/")
         root = self._root
-        frontier: list[_Node[K, V]] = []
+        frontier: list[_Node[V]] = []
         # First level: '+' and '#' at the root never match '$' topics [MQTT-4.7.2-1].
         if topic[:1] != "$":
             node = root.hash
-            if node is not None and node.entries is not None:
-                out.append((node.filter, node.entries))
+            if node is not None and node.value is not None:
+                out.append((node.filter, node.value))
             node = root.plus
             if node is not None:
                 frontier.append(node)
@@ -388,13 +394,13 @@ class TopicTrie(Generic[K, V]):
         # Each further level: follow '+', the literal level, and collect '#'.
         for i in range(1, len(levels)):
             if not frontier:
-                return out
+                return
             level = levels[i]
-            following: list[_Node[K, V]] = []
+            following: list[_Node[V]] = []
             for parent in frontier:
                 node = parent.hash
-                if node is not None and node.entries is not None:
-                    out.append((node.filter, node.entries))
+                if node is not None and node.value is not None:
+                    out.append((node.filter, node.value))
                 node = parent.plus
                 if node is not None:
                     following.append(node)
@@ -406,25 +412,89 @@ class TopicTrie(Generic[K, V]):
             frontier = following
         # Filters ending exactly at the topic's depth, and 'parent/#' matching 'parent'.
         for node in frontier:
-            if node.entries is not None:
-                out.append((node.filter, node.entries))
+            if node.value is not None:
+                out.append((node.filter, node.value))
             hash_node = node.hash
-            if hash_node is not None and hash_node.entries is not None:
-                out.append((hash_node.filter, hash_node.entries))
-        return out
+            if hash_node is not None and hash_node.value is not None:
+                out.append((hash_node.filter, hash_node.value))
 
-    def filters(self) -> Iterator[str]:
-        """All filters with entries (a snapshot: safe to change the trie while iterating)."""
-        found: list[str] = []
-        stack: list[_Node[K, V]] = [self._root]
+    def items(self) -> list[tuple[str, V]]:
+        """Every ``(filter, value)`` (a snapshot: safe to change the map while iterating)."""
+        found = list(self._exact.items())
+        stack: list[_Node[V]] = [self._root]
         while stack:
             node = stack.pop()
-            if node.entries is not None:
-                found.append(node.filter)
+            if node.value is not None:
+                found.append((node.filter, node.value))
             if node.children is not None:
                 stack.extend(node.children.values())
             if node.plus is not None:
                 stack.append(node.plus)
             if node.hash is not None:
                 stack.append(node.hash)
-        return iter(found)
+        return found
+
+
+class TopicTrie(Generic[K, V]):
+    """Maps topic filters to {key: value} (a ``FilterMap`` of dicts). Matching cost depends
+    on topic depth, not on the number of filters.
+
+    Filters are stored literally (see the module docstring about shared
+    subscriptions) and are expected to be valid. The dicts returned by ``get``
+    and ``match`` are the trie's own: read them, never mutate them, and do not
+    hold on to them across ``add``/``remove`` if you need a snapshot. Adding or
+    removing a key of an existing filter changes that filter's dict in place, so
+    ``match``'s cached results stay correct.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, cache_size: int = 256) -> None:
+        self._map: FilterMap[dict[K, V]] = FilterMap(cache_size)
+
+    def __len__(self) -> int:
+        """Number of filters with entries."""
+        return len(self._map)
+
+    def add(self, topic_filter: str, key: K, value: V) -> bool:
+        """Store ``key: value`` under ``topic_filter`` (replacing ``key``'s old value).
+
+        Returns True if the filter had no entries before.
+        """
+        entries = self._map.get(topic_filter)
+        if entries is not None:
+            entries[key] = value
+            return False
+        self._map.set(topic_filter, {key: value})
+        return True
+
+    def remove(self, topic_filter: str, key: K) -> bool:
+        """Remove ``key`` from ``topic_filter``.
+
+        Returns True if this removed the filter's last entry. Returns False if
+        entries remain, or if the filter or key was not there.
+        """
+        entries = self._map.get(topic_filter)
+        if entries is None or key not in entries:
+            return False
+        del entries[key]
+        if entries:
+            return False
+        self._map.remove(topic_filter)
+        return True
+
+    def get(self, topic_filter: str) -> dict[K, V] | None:
+        """The entries stored under exactly ``topic_filter`` (no wildcard matching), or None."""
+        return self._map.get(topic_filter)
+
+    def match(self, topic: str) -> list[tuple[str, dict[K, V]]]:
+        """Every ``(filter, entries)`` whose filter matches ``topic`` (a valid topic name).
+
+        Each matching filter appears once; the order is unspecified. The list is
+        the caller's to keep or change (the dicts in it are not, see the class).
+        """
+        return self._map.match(topic)
+
+    def filters(self) -> Iterator[str]:
+        """All filters with entries (a snapshot: safe to change the trie while iterating)."""
+        return iter([flt for flt, _ in self._map.items()])

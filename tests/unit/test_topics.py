@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from shardbroker.core.topics import (
+    FilterMap,
     TopicTrie,
     matches,
     parse_shared,
@@ -239,8 +240,8 @@ def test_trie_prunes_empty_nodes() -> None:
     trie.add("a", "k", None)
     for topic_filter in ("a/b/c/d", "a/+/#", "a"):
         assert trie.remove(topic_filter, "k") is True
-    root = trie._root
-    assert root.is_empty()
+    assert trie._map._root.is_empty()
+    assert not trie._map._exact
 
 
 def test_trie_match_uses_live_entries_and_cache_is_invalidated() -> None:
@@ -264,7 +265,37 @@ def test_trie_cache_is_bounded() -> None:
     trie.add("#", 0, 0)
     for i in range(20):
         assert trie.match(f"t/{i}") == [("#", {0: 0})]
-        assert len(trie._cache) <= 4
+        assert len(trie._map._cache) <= 4
+
+
+def test_filter_map_one_value_per_filter() -> None:
+    fm: FilterMap[int] = FilterMap()
+    assert fm.set("a/b", 1) is True  # literal: the dict
+    assert fm.set("a/+", 2) is True  # wildcard: the trie
+    assert fm.set("a/b", 3) is False  # replaced, not added
+    assert len(fm) == 2
+    assert sorted(fm.match("a/b")) == [("a/+", 2), ("a/b", 3)]
+    assert fm.get("a/b") == 3 and fm.get("a/+") == 2 and fm.get("a/#") is None
+    assert sorted(fm.items()) == [("a/+", 2), ("a/b", 3)]
+    fm.set("a/b", 4)  # a new value, not changed in place: the cached match is stale
+    fm.set("a/+", 5)
+    assert sorted(fm.match("a/b")) == [("a/+", 5), ("a/b", 4)]
+    assert fm.remove("a/b") == 4
+    assert fm.remove("a/b") is None
+    assert fm.match("a/b") == [("a/+", 5)]  # the cache was emptied by the removal
+    assert fm.remove("a/+") == 5
+    assert len(fm) == 0 and fm.match("a/b") == [] and fm._root.is_empty()
+
+
+def test_filter_map_shares_level_names() -> None:
+    fm: FilterMap[int] = FilterMap()
+    fm.set("device/+", 1)  # split at run time: new strings
+    other: FilterMap[int] = FilterMap()
+    other.set("device/#", 2)
+    assert fm._root.children is not None and other._root.children is not None
+    (a,) = fm._root.children
+    (b,) = other._root.children
+    assert a is b  # one interned string for the level in both maps
 
 
 def test_dollar_topics_in_trie() -> None:
@@ -377,7 +408,8 @@ class TrieModel(RuleBasedStateMachine):
         for topic_filter, entries in list(self.model.items()):
             for key in list(entries):
                 self._remove(topic_filter, key)
-        assert self.trie._root.is_empty()
+        assert self.trie._map._root.is_empty()
+        assert not self.trie._map._exact
 
 
 TrieModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

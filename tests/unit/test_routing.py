@@ -1,0 +1,77 @@
+"""The route table against a plain model: which shards want which keys, and what a publish
+to a topic must reach (no loop, no sockets)."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from shardbroker.core.routing import RouteTable
+from shardbroker.core.topics import matches, parse_shared
+
+KEYS = ["a/b", "a/+", "a/#", "#", "+/b", "x", "$share/g/a/b", "$share/g/a/+", "$share/h/a/b"]
+TOPICS = ["a/b", "a/c", "x", "a", "y/b"]
+SHARDS = st.integers(0, 6)  # past four shards the masks are no longer small ints
+
+
+def test_add_remove_and_durable_flag() -> None:
+    rt = RouteTable()
+    assert rt.add(0, "a/+") is True
+    assert rt.add(0, "a/+") is False  # no change
+    assert rt.add(0, "a/+", True) is True  # the durable flag changed
+    assert rt.add(5, "a/b") is True
+    assert rt.keys(0) == {"a/+": True} and rt.keys(5) == {"a/b": False}
+    t = rt.targets("a/b")
+    assert sorted(t) == [0, 5] and t[0].durable and not t[5].durable
+    assert rt.remove(0, "a/b") is False  # shard 0 does not have it
+    assert rt.remove(0, "a/+") is True and rt.remove(0, "a/+") is False
+    assert sorted(rt.targets("a/b")) == [5]
+    rt.replace(5, {"x": True})
+    assert rt.keys(5) == {"x": True} and rt.targets("a/b") == {}
+
+
+class RouteModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rt = RouteTable()
+        self.model: dict[int, dict[str, bool]] = {}
+
+    @rule(shard=SHARDS, key=st.sampled_from(KEYS), durable=st.booleans())
+    def add(self, shard: int, key: str, durable: bool) -> None:
+        keys = self.model.setdefault(shard, {})
+        changed = keys.get(key) is not durable
+        assert self.rt.add(shard, key, durable) is changed
+        keys[key] = durable
+
+    @rule(shard=SHARDS, key=st.sampled_from(KEYS))
+    def remove(self, shard: int, key: str) -> None:
+        keys = self.model.setdefault(shard, {})
+        assert self.rt.remove(shard, key) is (key in keys)
+        keys.pop(key, None)
+
+    @rule(shard=SHARDS, keys=st.dictionaries(st.sampled_from(KEYS), st.booleans()))
+    def replace(self, shard: int, keys: dict[str, bool]) -> None:
+        self.rt.replace(shard, keys)
+        self.model[shard] = dict(keys)
+
+    @invariant()
+    def same(self) -> None:
+        for shard in range(7):
+            assert self.rt.keys(shard) == self.model.get(shard, {})
+        for topic in TOPICS:
+            targets = self.rt.targets(topic)
+            plain = {s for s, keys in self.model.items()
+                     if any(parse_shared(k) is None and matches(k, topic) for k in keys)}
+            assert {s for s, t in targets.items() if t.non_shared} == plain
+            for s in plain:
+                durable = any(d for k, d in self.model[s].items()
+                              if parse_shared(k) is None and matches(k, topic))
+                assert targets[s].durable is durable or (targets[s].groups and targets[s].durable)
+            for group, flt in {parse_shared(k) for keys in self.model.values() for k in keys} - {None}:
+                assert self.rt.shards_for_group(group, flt) == sorted(
+                    s for s, keys in self.model.items() if f"$share/{group}/{flt}" in keys)
+
+
+RouteModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_route_model = RouteModel.TestCase
