@@ -106,7 +106,7 @@ class Queued:
 @dataclass(frozen=True, slots=True)
 class Subscribed:
     """One of a session's subscriptions, with its options (``topic_filter`` as subscribed,
-    ``$share/group/`` included)."""
+    ``$share/group/`` included) and the session's ``client_id``."""
 
     topic_filter: str
     qos: int
@@ -114,6 +114,7 @@ class Subscribed:
     retain_as_published: bool = False
     retain_handling: int = 0
     subscription_id: int | None = None
+    client_id: str = ""
 
 
 @dataclass(slots=True)

@@ -91,7 +91,7 @@ class Sessions:
             self.sessions[rec.client_id] = sess
             self.stored_client_ids.add(rec.client_id)
             for sub in rec.subscriptions:
-                self.subscriptions.restore(sess, _subscribed(sub))
+                self.subscriptions.restore(sess, _subscribed(sub, sess.client_id))
         self.commit.mark_alive()  # a crash right after start counts from here
 
     # ---- CONNECT
@@ -255,9 +255,9 @@ class Sessions:
                 out.message.unref()
 
 
-def _subscribed(sub: StoredSubscription) -> Subscribed:
+def _subscribed(sub: StoredSubscription, client_id: str) -> Subscribed:
     return Subscribed(sub.topic_filter, sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling,
-                      sub.subscription_id)
+                      sub.subscription_id, client_id)
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

@@ -32,6 +32,7 @@ from shardbroker.core.session import Message, Session, Subscribed
 from shardbroker.core.store import RetainedStore, StoreError
 from shardbroker.core.topics import (
     SHARE_PREFIX,
+    FilterMap,
     TopicTrie,
     matches,
     parse_shared,
@@ -49,6 +50,57 @@ log = logging.getLogger("shardbroker.subscriptions")
 
 ROUTE_ACK_TIMEOUT = 2.0
 MAX_HOPS = 3  # shards a shared-group message may be passed on to in search of a member
+
+
+class PlainIndex:
+    """This shard's plain (not shared) subscriptions by filter. A filter with one
+    subscriber, the usual case, maps to its ``Subscribed`` itself; one with more to a dict
+    by client ID. Without the one-entry dict a subscription costs a slot, not a table."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        self._map: FilterMap[Subscribed | dict[str, Subscribed]] = FilterMap()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def add(self, sub: Subscribed) -> None:
+        """Store ``sub`` (replacing the same client's subscription to that filter)."""
+        flt, cid = sub.topic_filter, sub.client_id
+        held = self._map.get(flt)
+        if held is None or (type(held) is Subscribed and held.client_id == cid):
+            self._map.set(flt, sub)
+        elif type(held) is Subscribed:
+            self._map.set(flt, {held.client_id: held, cid: sub})
+        else:
+            assert isinstance(held, dict)
+            held[cid] = sub
+
+    def remove(self, flt: str, client_id: str) -> None:
+        held = self._map.get(flt)
+        if held is None:
+            return
+        if type(held) is Subscribed:
+            if held.client_id == client_id:
+                self._map.remove(flt)
+            return
+        assert isinstance(held, dict)
+        held.pop(client_id, None)
+        if len(held) == 1:
+            (last,) = held.values()
+            self._map.set(flt, last)
+
+    def count(self, flt: str) -> int:
+        held = self._map.get(flt)
+        return 0 if held is None else len(held) if isinstance(held, dict) else 1
+
+    def filters(self) -> list[str]:
+        return [flt for flt, _ in self._map.items()]
+
+    def match(self, topic: str) -> list[tuple[str, Subscribed | dict[str, Subscribed]]]:
+        """``(filter, subscriber or subscribers)`` for every filter matching ``topic``."""
+        return self._map.match(topic)
 
 
 @dataclass(eq=False)
@@ -75,7 +127,7 @@ class Subscriptions:
         self.scheduler = scheduler
         self.time = time
         self.peers: Peers  # set by the broker (the peers need the subscriptions too)
-        self.subs: TopicTrie[str, Subscribed] = TopicTrie()
+        self.subs = PlainIndex()
         self.shared_subs: TopicTrie[tuple[str, str], Subscribed] = TopicTrie()
         # a plain route key's local subscriptions are its entries in ``subs``; a shared
         # key's are counted here
@@ -103,7 +155,7 @@ class Subscriptions:
         sess.subscriptions[flt] = sub
         shared = parse_shared(flt)
         if shared is None:
-            self.subs.add(flt, sess.client_id, sub)
+            self.subs.add(sub)
         else:
             self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
             if new:
@@ -114,7 +166,7 @@ class Subscriptions:
         """This shard's subscriptions to route key ``flt``."""
         if flt.startswith(SHARE_PREFIX):
             return self.shared_refs.get(flt, 0)
-        return len(self.subs.get(flt) or ())
+        return self.subs.count(flt)
 
     def remove(self, sess: Session, flt: str) -> bool:
         if sess.subscriptions.pop(flt, None) is None:
@@ -155,21 +207,32 @@ class Subscriptions:
         keys = [*self.subs.filters(), *self.shared_refs]
         return {key: key in self.durable_refs for key in keys}
 
-    def _ref_route(self, flt: str, durable: bool) -> int | None:
-        """A new subscription to ``flt`` (already stored): tell every shard when it is the
-        first one, or the first persistent one. Returns the announcement to wait for, if
-        one is outstanding."""
+    def _ref_route(self, flt: str, durable: bool, announce: list[str]) -> int | None:
+        """A new subscription to ``flt`` (already stored). When it is the first one, or the
+        first persistent one, every shard must hear of it: ``flt`` joins ``announce``.
+        Otherwise returns the announcement still outstanding for ``flt``, if any."""
         first = self._local_count(flt) == 1
         d = self.durable_refs.get(flt, 0)
         if durable:
             self.durable_refs[flt] = d + 1
         if not first and not (durable and d == 0):
             return self._filter_request.get(flt)
-        request = self.peers.announce_route(flt, flt in self.durable_refs, ack=True)
+        announce.append(flt)
+        return None
+
+    def _announce(self, filters: list[str]) -> int | None:
+        """Tell every shard of ``filters``; returns the announcement to wait for (None
+        without peers). Only the last one asks for acknowledgements: a peer applies a
+        shard's messages in order, so its ``RouteAck`` for the last covers them all."""
+        request = None
+        last = len(filters) - 1
+        for i, flt in enumerate(filters):
+            request = self.peers.announce_route(flt, flt in self.durable_refs, ack=i == last)
         if request is not None:
             self._requests[request] = set(self.peers.peer_ids())
-            self._filter_request[flt] = request
-            self._request_filters.setdefault(request, []).append(flt)
+            self._request_filters[request] = filters
+            for flt in filters:
+                self._filter_request[flt] = request
         return request
 
     def route_acknowledged(self, peer: int, request: int) -> None:
@@ -212,6 +275,7 @@ class Subscriptions:
         codes: list[int] = []
         waits: set[int] = set()
         retained_for: list[Subscribed] = []
+        announce: list[str] = []
         for s in pkt.subscriptions:
             try:
                 validate_topic_filter(s.topic_filter)
@@ -227,15 +291,20 @@ class Subscriptions:
             shared = parse_shared(s.topic_filter)
             if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
-            sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id)
+            sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id,
+                             sess.client_id)
             existed = not self._add(sess, sub)  # replaces the options of an existing one
             if not existed:
-                request = self._ref_route(s.topic_filter, sess.persistent)
+                request = self._ref_route(s.topic_filter, sess.persistent, announce)
                 if request is not None:
                     waits.add(request)
             codes.append(s.qos)
             if shared is None and (s.retain_handling == 0 or (s.retain_handling == 1 and not existed)):
                 retained_for.append(sub)
+        if announce:
+            request = self._announce(announce)
+            if request is not None:
+                waits.add(request)
         if sess.persistent:
             self.sessions.persist(sess)
         suback = codec.encode(SubAck(pkt.packet_id, tuple(codes)), client.version)
@@ -293,7 +362,9 @@ class Subscriptions:
             sessions = self.sessions.sessions
             deliver = self.delivery.deliver
             if len(matches_) == 1:
-                for cid, sub in matches_[0][1].items():
+                held = matches_[0][1]
+                for sub in held.values() if isinstance(held, dict) else (held,):
+                    cid = sub.client_id
                     if sub.no_local and cid == msg.origin:
                         continue
                     sess = sessions.get(cid)
@@ -303,8 +374,9 @@ class Subscriptions:
             elif matches_:
                 # Overlapping subscriptions: one copy at the highest QoS with every identifier.
                 agg: dict[str, list[Any]] = {}
-                for _flt, entries in matches_:
-                    for cid, sub in entries.items():
+                for _flt, held in matches_:
+                    for sub in held.values() if isinstance(held, dict) else (held,):
+                        cid = sub.client_id
                         if sub.no_local and cid == msg.origin:
                             continue
                         a = agg.get(cid)

@@ -366,6 +366,24 @@ def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness)
     assert c.packets() == [SubAck(1, (1,))]
 
 
+def test_one_acknowledgement_covers_every_new_filter_of_a_subscribe(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    c = h.connect("s")
+    c.packets()
+    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "c/#"))))
+    adds = [m for _, m in h.link.take() if isinstance(m, RouteAdd)]
+    assert [m.key for m in adds] == ["a", "b/+", "c/#"]  # in order, on one pipe
+    assert [bool(m.request) for m in adds] == [False, False, True]
+    assert c.packets() == []
+    other = h.connect("t")  # a second subscriber of one of them waits for the same announcement
+    other.packets()
+    other.send(_sub("b/+", 1))
+    assert not [m for _, m in h.link.take() if isinstance(m, RouteAdd)] and other.packets() == []
+    h.peer_messages([RouteAck(1, adds[-1].request)])
+    assert c.packets() == [SubAck(1, (1, 1, 1))]
+    assert other.packets() == [SubAck(1, (1,))]
+
+
 def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(make: MakeHarness) -> None:
     h = make(peers=[1], shards=2)
     c = h.connect("s")

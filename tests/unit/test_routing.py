@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shardbroker.core.routing import RouteTable
+from shardbroker.core.session import Subscribed
+from shardbroker.core.subscriptions import PlainIndex
 from shardbroker.core.topics import matches, parse_shared
 
 KEYS = ["a/b", "a/+", "a/#", "#", "+/b", "x", "$share/g/a/b", "$share/g/a/+", "$share/h/a/b"]
@@ -75,3 +77,23 @@ class RouteModel(RuleBasedStateMachine):
 
 RouteModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_route_model = RouteModel.TestCase
+
+
+def test_plain_index_one_subscriber_then_many_then_one() -> None:
+    idx = PlainIndex()
+    a1 = Subscribed("a/+", 1, client_id="a")
+    idx.add(a1)
+    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", a1)]  # the subscription itself
+    a2 = Subscribed("a/+", 2, client_id="a")
+    idx.add(a2)  # new options of the same client's subscription
+    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", a2)]
+    b = Subscribed("a/+", 0, client_id="b")
+    idx.add(b)
+    assert idx.count("a/+") == 2 and idx.match("a/b") == [("a/+", {"a": a2, "b": b})]
+    idx.remove("a/+", "nobody")
+    idx.remove("a/+", "a")
+    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", b)]
+    idx.remove("a/+", "a")  # not there any more: nothing changes
+    assert idx.count("a/+") == 1
+    idx.remove("a/+", "b")
+    assert idx.count("a/+") == 0 and idx.match("a/b") == [] and len(idx) == 0 and idx.filters() == []
