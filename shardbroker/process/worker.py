@@ -1,7 +1,8 @@
 """A worker process: the asyncio shell around one shard's ``Broker``.
 
 It opens the shard's store, receives client sockets from the acceptor
-(``transport.fd_passing``) and runs each as a ``TcpConnection`` into the broker,
+(``transport.fd_passing``) and runs each as a ``TcpConnection`` into the broker (all
+of them watched through one ``Poller``),
 connects the broker to the other workers over the bus, reads the clock for every
 event it passes on, runs the broker's timers on the event loop (``LoopScheduler``),
 sweeps every ``TICK`` seconds, and shuts down in order on SIGTERM: 5.0 clients are
@@ -27,7 +28,7 @@ from shardbroker.peer.bus import Bus, endpoint
 from shardbroker.process.runtime import install_loop, ready
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
-from shardbroker.transport.tcp import TcpConnection
+from shardbroker.transport.tcp import Poller, TcpConnection
 
 log = logging.getLogger("shardbroker.process.worker")
 
@@ -67,6 +68,7 @@ class Worker:
                                            max_map_size=config.storage.max_map_size, sync=sync)
         self._links: list[HandoffReceiver] = []
         self._listen: socket.socket | None = None
+        self._poller: Poller | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,6 +81,7 @@ class Worker:
         holder.append(broker)
         self.broker = broker
         broker.restore(now())
+        poller = self._poller = Poller(loop)
         bus.start(loop)
         broker.announce()
 
@@ -127,6 +130,7 @@ class Worker:
         listen.close()
         broker.shutdown(now())
         await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
+        poller.close()
         bus.close()
         self.store.close()
         self.retained.close()
@@ -166,7 +170,8 @@ class Worker:
     def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
         # belong to the socket, so they came along with the descriptor.
-        conn = TcpConnection(socket.socket(fileno=h.fd), loop, h.initial)
+        assert self._poller is not None
+        conn = TcpConnection(socket.socket(fileno=h.fd), loop, self._poller, h.initial)
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 
 
