@@ -225,7 +225,7 @@ class Broker:
             log.debug("connection of %s lost", client.client_id)
             self.sessions.detach(client, publish_will=True)
             self.wake()
-        self.sessions.clients.discard(client)
+        self.sessions.clients.pop(client, None)
 
     def backed_up(self, client: Client, now: Now) -> None:
         """The client's transport holds more than its high-water mark: a backlog, unless the

@@ -132,7 +132,7 @@ class Session:
     client_id: str
     version: int
     expiry_interval: int  # seconds; NEVER = no expiry; 0 = ends with the connection
-    subscriptions: dict[str, Subscribed] = field(default_factory=dict)
+    subscriptions: dict[str, Subscribed] | None = None  # made on the first, dropped with the last
     will: WillState | None = None
     client: Client | None = None  # the connected client, None while offline
     inflight: dict[int, Outgoing] = field(default_factory=dict)

@@ -151,8 +151,11 @@ class Subscriptions:
     def _add(self, sess: Session, sub: Subscribed) -> bool:
         """Store ``sub`` (or new options of a subscription the session has); True if new."""
         flt = sub.topic_filter
-        new = sess.subscriptions.get(flt) is None
-        sess.subscriptions[flt] = sub
+        subs = sess.subscriptions
+        if subs is None:
+            subs = sess.subscriptions = {}
+        new = subs.get(flt) is None
+        subs[flt] = sub
         shared = parse_shared(flt)
         if shared is None:
             self.subs.add(sub)
@@ -169,8 +172,11 @@ class Subscriptions:
         return self.subs.count(flt)
 
     def remove(self, sess: Session, flt: str) -> bool:
-        if sess.subscriptions.pop(flt, None) is None:
+        subs = sess.subscriptions
+        if subs is None or subs.pop(flt, None) is None:
             return False
+        if not subs:
+            sess.subscriptions = None
         shared = parse_shared(flt)
         if shared is None:
             self.subs.remove(flt, sess.client_id)
@@ -195,7 +201,7 @@ class Subscriptions:
         return True
 
     def remove_all(self, sess: Session) -> None:
-        for flt in list(sess.subscriptions):
+        for flt in list(sess.subscriptions or ()):
             self.remove(sess, flt)
 
     def route_count(self) -> int:

@@ -1117,12 +1117,12 @@ class PacketReader:
     def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
-        self._buf = bytearray()
+        self._buf: bytearray | None = None  # a packet's first bytes; None between packets (idle)
         self.error: ProtocolError | None = None
 
     def pending(self) -> bytes:
         """Bytes buffered but not yet a whole packet."""
-        return bytes(self._buf)
+        return bytes(self._buf or b"")
 
     def feed(self, data: bytes) -> list[Packet]:
         """Append ``data``; return every complete packet, decoded, in order."""
@@ -1157,7 +1157,7 @@ class PacketReader:
             if start + rl > n:
                 return []
             buf = bytes(pending)
-            pending.clear()
+            pending = self._buf = None
         elif type(data) is bytes:
             buf = data
         else:
@@ -1198,7 +1198,10 @@ class PacketReader:
             self.error = exc
             return out
         if pos < n:
-            pending += memoryview(buf)[pos:]
+            if pending is None:
+                self._buf = bytearray(memoryview(buf)[pos:])
+            else:
+                pending += memoryview(buf)[pos:]
         return out
 
 
