@@ -1,4 +1,4 @@
-"""``shardbroker``: serve, check-config, version, and store inspection.
+"""``shardbroker``: serve, check-config, passwd, version, and store inspection.
 
 Typer lives only under ``cli/``. Bad configuration is reported as one line naming
 the setting, with exit status 2, never a traceback.
@@ -86,6 +86,59 @@ def settings() -> None:
     """List every setting with its default and meaning."""
     for name, default, text in config_table():
         typer.echo(f"{name:32} {default:24} {text}")
+
+
+@app.command("passwd")
+def passwd(
+    file: Annotated[Path, typer.Argument(help="password file (Mosquitto's format; made if missing)")],
+    user: Annotated[str, typer.Argument(help="the user to add, change or delete")],
+    delete: Annotated[bool, typer.Option("--delete", "-D", help="delete the user")] = False,
+    stdin: Annotated[bool, typer.Option("--stdin", help="read the password from the first line of stdin")] = False,
+    iterations: Annotated[int, typer.Option(help="PBKDF2-HMAC-SHA512 rounds for the new hash")] = 210_000,
+) -> None:
+    """Add a user, change its password, or delete it. The password is asked for twice (or read
+    from stdin with --stdin), never taken from the command line. Files written by
+    mosquitto_passwd are read, and Mosquitto reads the files this writes."""
+    import getpass
+
+    from shardbroker.security import passwords
+
+    if not user or ":" in user or any(ord(ch) < 32 for ch in user):
+        typer.echo("shardbroker passwd: a username must be non-empty, without ':' or control characters", err=True)
+        raise typer.Exit(2)
+    if iterations < 1:
+        typer.echo("shardbroker passwd: --iterations must be at least 1", err=True)
+        raise typer.Exit(2)
+    try:
+        pf = passwords.load(file) if file.exists() else passwords.PasswordFile()
+    except passwords.PasswordFileError as exc:
+        typer.echo(f"shardbroker passwd: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for problem in pf.problems:
+        typer.echo(f"shardbroker passwd: warning: {file}: {problem} (the line is dropped)", err=True)
+    if delete:
+        if pf.entries.pop(user, None) is None:
+            typer.echo(f"shardbroker passwd: {file}: no user {user!r}", err=True)
+            raise typer.Exit(1)
+    else:
+        if stdin:
+            line = sys.stdin.readline()
+            password = line.removesuffix("\n")
+        else:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Reenter password: ") != password:
+                typer.echo("shardbroker passwd: the passwords do not match", err=True)
+                raise typer.Exit(1)
+        if not password:
+            typer.echo("shardbroker passwd: empty password", err=True)
+            raise typer.Exit(1)
+        pf.entries[user] = passwords.hash_password(password.encode("utf-8"), iterations)
+    try:
+        passwords.save(file, pf)
+    except passwords.PasswordFileError as exc:
+        typer.echo(f"shardbroker passwd: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{file}: {'deleted' if delete else 'set'} {user}")
 
 
 @app.command()

@@ -168,14 +168,16 @@ class _Choice:
 
 @dataclass(frozen=True, slots=True)
 class _Text:
-    """A non-empty string; ``path`` also accepts ``os.PathLike`` (stored as ``str``)."""
+    """A non-empty string; ``path`` also accepts ``os.PathLike`` (stored as ``str``);
+    ``optional``: the empty string too (not set)."""
 
     path: bool = False
+    optional: bool = False
 
     def check(self, value: object) -> object:
         if self.path and isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or (not value and not self.optional):
             raise _Invalid(f"must be a non-empty string, got {_show(value)}")
         return value
 
@@ -183,7 +185,24 @@ class _Text:
         return text
 
     def allowed(self) -> str:
-        return "non-empty string"
+        return "a path, or \"\" for none" if self.optional else "non-empty string"
+
+
+@dataclass(frozen=True, slots=True)
+class _BoolOrAuto:
+    """true, false, or "auto" (the setting follows from others)."""
+
+    def check(self, value: object) -> object:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise _Invalid(f'must be true, false or "auto", got {_show(value)}')
+
+    def from_text(self, text: str) -> object:
+        word = text.strip().lower()
+        return word if word == "auto" else _Bool().from_text(word)
+
+    def allowed(self) -> str:
+        return 'true, false or "auto"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +363,31 @@ class AclConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who may connect (a password file) and what each client may do (an ACL file)."""
+
+    allow_anonymous: bool | str = _setting(
+        "auto",
+        "whether clients without a username may connect; auto: yes unless a password file is set",
+        _BoolOrAuto(),
+    )
+    password_file: str = _setting(
+        "", "users and their password hashes (Mosquitto's format, see `shardbroker passwd`)",
+        _Text(path=True, optional=True),
+    )
+    acl_file: str = _setting(
+        "", "what each user may read and write (Mosquitto's ACL file syntax)", _Text(path=True, optional=True)
+    )
+
+    @property
+    def anonymous(self) -> bool:
+        """``allow_anonymous`` decided: "auto" is true without a password file."""
+        if isinstance(self.allow_anonymous, bool):
+            return self.allow_anonymous
+        return not self.password_file
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration, one nested dataclass per TOML section."""
 
@@ -351,14 +395,16 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     acl: AclConfig = field(default_factory=AclConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
-_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig
+_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
     "limits": LimitsConfig,
     "storage": StorageConfig,
     "acl": AclConfig,
+    "auth": AuthConfig,
 }
 """TOML section name -> dataclass, in file order (the same names as ``Config``'s fields)."""
 
@@ -489,7 +535,7 @@ def _check(name: str, value: object) -> object:
         raise ConfigError(name, str(e)) from None
 
 
-_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig)
+_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig, AuthConfig)
 
 
 def _build(cls: type[_S], section: str, values: Mapping[str, object]) -> _S:
@@ -535,4 +581,5 @@ def load_config(
         limits=_build(LimitsConfig, "limits", values),
         storage=_build(StorageConfig, "storage", values),
         acl=_build(AclConfig, "acl", values),
+        auth=_build(AuthConfig, "auth", values),
     )

@@ -1,11 +1,12 @@
 """Access rules: what a client may publish and subscribe to, checked in one place.
 
 Every check goes through ``AccessRules``: a PUBLISH, a will (a publish made on the
-client's behalf later), a SUBSCRIBE, and ``$SYS``, which is the broker's own and
-read-only for clients. Rules are topic filters kept in tries, so a check costs one
-match whatever the number of rules. Today's sources are the broker's own rule
-(``$SYS``) and ``[acl]`` in the configuration; an ACL file with per-client rules
-will be one more source here (``shardbroker.security``).
+client's behalf later), a SUBSCRIBE, a delivery, and ``$SYS``, which is the broker's own
+and read-only for clients. The sources, in the order they are asked: the broker's own
+rule (``$SYS``), ``[acl]`` in the configuration (filters kept in tries, so a check costs
+one match whatever the number of rules), and the client's view of the ACL file
+(``shardbroker.security.acl.ClientAcl``, None without one), which keeps its recent
+answers.
 
 A check returns ``None`` when allowed, else the reason for the log and the client.
 No I/O; nothing here knows sessions or connections.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from shardbroker.core.topics import TopicTrie, parse_shared
+from shardbroker.security.acl import WRITE, ClientAcl
 
 SYS_PREFIX = "$SYS"
 
@@ -36,22 +38,27 @@ class AccessRules:
         self._any_publish_rule = len(self._deny_publish) > 0  # checked per PUBLISH: no trie call
         self._any_subscribe_rule = len(self._deny_subscribe) > 0
 
-    def publish_denied(self, topic: str) -> str | None:
+    def publish_denied(self, topic: str, acl: ClientAcl | None = None) -> str | None:
         """Why a client may not publish to ``topic`` (a PUBLISH or a will), or None."""
         if is_sys(topic):
             return "$SYS is read-only for clients"
         if self._any_publish_rule and self._deny_publish.match(topic):
             return "refused by acl.deny_publish"
+        if acl is not None and not acl.allows(topic, WRITE):
+            return "not allowed to write by the ACL file"
         return None
 
-    def subscribe_denied(self, topic_filter: str) -> str | None:
+    def subscribe_denied(self, topic_filter: str, acl: ClientAcl | None = None) -> str | None:
         """Why a client may not subscribe to ``topic_filter`` (shared or not), or None.
 
         A rule refuses a filter whose levels it matches as if they were a topic, so
-        ``a/#`` refuses ``a/+/b`` and ``a/#`` alike.
+        ``a/#`` refuses ``a/+/b`` and ``a/#`` alike. The ACL file refuses a filter under
+        which nothing could ever be read (``ClientAcl.may_subscribe``).
         """
         shared = parse_shared(topic_filter)
         inner = shared[1] if shared is not None else topic_filter
         if self._any_subscribe_rule and self._deny_subscribe.match(inner):
             return "refused by acl.deny_subscribe"
+        if acl is not None and not acl.may_subscribe(inner):
+            return "nothing under it may be read by the ACL file"
         return None

@@ -37,12 +37,12 @@ from typing import Any, Protocol
 from shardbroker.config import Config
 from shardbroker.core.access import AccessRules
 from shardbroker.core.backpressure import WRITE, Backpressure
-from shardbroker.core.client import Client, Transport
+from shardbroker.core.client import PAUSED_BY_AUTH, Client, Transport
 from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
 from shardbroker.core.commit import Commit
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.flow import SLOW_CONSUMER_RATE, Flow
-from shardbroker.core.handshake import Handshake
+from shardbroker.core.handshake import Handshake, InlineVerifier, Verifier
 from shardbroker.core.inbound import Inbound
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
@@ -70,6 +70,7 @@ from shardbroker.protocol.packets import (
     Subscribe,
     Unsubscribe,
 )
+from shardbroker.security.auth import Authenticator, Policy
 
 log = logging.getLogger("shardbroker.broker")
 
@@ -88,7 +89,11 @@ Handler = Callable[[Client, Session, Any], None]
 
 class Broker:
     def __init__(self, config: Config, shard: int, shards: int, store: ShardStore, retained: RetainedStore,
-                 link: BrokerLink, scheduler: Scheduler, now: Now) -> None:
+                 link: BrokerLink, scheduler: Scheduler, now: Now, *, policy: Policy | None = None,
+                 verifier: Verifier | None = None) -> None:
+        """``policy``: the loaded password and ACL files (required when the configuration names
+        any); ``verifier``: where slow password hashes are verified (default: on the loop, for
+        tests; a worker passes a thread pool)."""
         self.config = config
         self.limits = limits = config.limits
         self.shard = shard
@@ -100,8 +105,14 @@ class Broker:
         self.stats = {
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
-            "backlogs": 0, "holds": 0, "slow_subscribers": 0,
+            "backlogs": 0, "holds": 0, "slow_subscribers": 0, "dropped_not_authorized": 0,
         }
+        if policy is None:
+            if config.auth.password_file or config.auth.acl_file:
+                raise ValueError("the configuration names a password or ACL file: pass the loaded Policy")
+            policy = Policy(allow_anonymous=config.auth.anonymous)
+        self.auth = Authenticator(policy)
+        self.verifier: Verifier = verifier or InlineVerifier(scheduler)
         self._flush_scheduled = False
         self._flow_recheck: Timer | None = None
         self._sys_published = now.mono
@@ -115,7 +126,8 @@ class Broker:
                                            retained, scheduler, self.time)
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
-        self.handshake = Handshake(shard, limits, self.access, self.sessions, self.delivery, self.output)
+        self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
+                                   self.output)
         self.backpressure = Backpressure(shard, shards, limits, self.sessions, self.output, link, self.time,
                                          self.stats, self.wake)
         # The parts that need each other:
@@ -184,7 +196,13 @@ class Broker:
                 return
             self.protocol_violation(client, exc)
             return
-        for packet in packets:
+        if client.pending is not None:  # read before the pause took effect: after the CONNECT
+            client.pending.stash.extend(packets)
+            return
+        self._packets(client, packets)
+
+    def _packets(self, client: Client, packets: list[Any]) -> None:
+        for i, packet in enumerate(packets):
             if client.closing:
                 break
             if not client.connected:
@@ -193,10 +211,18 @@ class Broker:
                     self._abort(client, "first packet is not CONNECT")
                     return
                 try:
-                    self.handshake.on_connect(client, packet)
+                    pending = self.handshake.on_connect(client, packet)
                 except Exception:
                     log.exception("%s: internal error in CONNECT", client.peer)
                     self._abort(client, "internal error in CONNECT")
+                    return
+                if pending is not None:  # its password is verified away from the loop
+                    pending.stash.extend(packets[i + 1:])
+                    client.pending = pending
+                    client.pause_reading(PAUSED_BY_AUTH)
+                    assert packet.password is not None
+                    self.verifier.verify(pending.against, packet.password,
+                                         lambda ok, now: self.verified(client, ok, now))
                     return
                 if client.session is not None:
                     self.backpressure.attached(client)
@@ -210,6 +236,44 @@ class Broker:
                 self._abort(client, f"bad CONNECT: {error.message}")
         if self.flow.holding:
             self.flow.received(client)
+
+    def verified(self, client: Client, ok: bool, now: Now) -> None:
+        """The password of a client's pending CONNECT was verified: answer it, then handle
+        what came behind it and read the client again."""
+        pending = client.pending
+        client.pending = None
+        if pending is None or client.closing:
+            return
+        self.time.set(now)
+        try:
+            self.handshake.finish(client, pending, ok)
+        except Exception:
+            log.exception("%s: internal error in CONNECT", client.peer)
+            self._abort(client, "internal error in CONNECT")
+            return
+        if client.session is not None:
+            self.backpressure.attached(client)
+        if not client.closing:
+            client.resume_reading(PAUSED_BY_AUTH)
+            self._packets(client, pending.stash)
+        self.wake()
+
+    def security_changed(self, policy: Policy, now: Now) -> None:
+        """New password or ACL files (a reload): connected clients that would no longer get in
+        are disconnected; the others get their new view of the ACL file at once."""
+        self.time.set(now)
+        self.auth.reload(policy)
+        for client in list(self.sessions.clients):
+            if client.closing:
+                continue
+            refused = self.auth.still_valid(client.identity)
+            if refused is not None:
+                log.warning("disconnecting %s after a reload: %s", client.client_id, refused.text)
+                self.close(client, reasons.NOT_AUTHORIZED, refused.text)
+                continue
+            username = client.identity.username if client.identity is not None else None
+            client.acl = policy.acl_for(username, client.client_id)
+        self.wake()
 
     def lost(self, client: Client, now: Now) -> None:
         """The transport is closed (by the client, an error, or after we closed it)."""

@@ -22,7 +22,10 @@ from shardbroker.protocol import codec
 from shardbroker.protocol.packets import MQTT_3_1_1
 
 if TYPE_CHECKING:
+    from shardbroker.core.handshake import PendingConnect
     from shardbroker.core.session import Session
+    from shardbroker.security.acl import ClientAcl
+    from shardbroker.security.auth import Identity
 
 
 class Transport(Protocol):
@@ -58,12 +61,14 @@ class Transport(Protocol):
 
 PAUSED_BY_FLOW = 1  # the shard holds its inputs while the bus is full (``flow.py``)
 PAUSED_BY_HOLD = 2  # a held publisher (``backpressure.py``)
+PAUSED_BY_AUTH = 4  # its password is being verified (``handshake.py``)
 
 
 class Client:
     """One connected (or connecting) client of this shard."""
 
     __slots__ = (
+        "acl",
         "alias_max_out",
         "aliases_in",
         "aliases_out",
@@ -74,6 +79,7 @@ class Client:
         "closing",
         "connected",
         "gone",
+        "identity",
         "keepalive",
         "last_ack",
         "last_rx",
@@ -81,6 +87,7 @@ class Client:
         "out",
         "output_due",
         "paused",
+        "pending",
         "problem_info",
         "reader",
         "send_window",
@@ -118,6 +125,9 @@ class Client:
         self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
         self.out: list[bytes] | None = None  # bytes for the client, written at the next flush
         self.output_due = False  # listed in ``Output`` to be written at the next flush
+        self.identity: Identity | None = None  # who it authenticated as, when a password file is in use
+        self.acl: ClientAcl | None = None  # what it may read and write, when an ACL file is in use
+        self.pending: PendingConnect | None = None  # its CONNECT, while the password is verified
 
     @property
     def peer(self) -> str:

@@ -38,6 +38,7 @@ from shardbroker.core.session import (
 from shardbroker.core.store import Batch
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.packets import MQTT_5, PacketType, PubAck, PubComp, PubRec, PubRel
+from shardbroker.security.acl import READ
 from shardbroker.storage.records import InflightRecord, StoredMessage
 
 log = logging.getLogger("shardbroker.delivery")
@@ -73,6 +74,10 @@ class Delivery:
             if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):
                 return
             self._enqueue(sess, msg, qos, retain, sub_ids, group, True)
+            return
+        acl = client.acl
+        if acl is not None and not acl.allows(msg.topic, READ):  # the ACL file: not for this client
+            self.stats["dropped_not_authorized"] += 1
             return
         if qos == 0:
             if client.transport.write_buffer_full():  # a slow consumer: dropped before any encoding
@@ -184,8 +189,9 @@ class Delivery:
         while queue and len(sess.inflight) < client.send_window:
             q = queue.popleft()
             sess.queued_bytes -= len(q.message.payload)
-            if q.message.expired(now):
-                self.stats["expired"] += 1
+            expired = q.message.expired(now)
+            if expired or (client.acl is not None and not client.acl.allows(q.message.topic, READ)):
+                self.stats["expired" if expired else "dropped_not_authorized"] += 1
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()

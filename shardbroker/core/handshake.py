@@ -7,20 +7,26 @@ client's own limits) or a ``Refusal`` with the reason code the spec asks for. Th
 (``Sessions.attach``: takeover, resume or a new session), answers CONNACK and, when
 a session was present, resends what it had in flight.
 
-Where authentication goes: a CONNECT with an Authentication Method is refused today
-(0x8C). An authenticator (``shardbroker.security``) will take the CONNECT here,
-answer AUTH packets through ``on_auth`` until it decides, and only then let
-``_accept`` run; nothing after ``_accept`` changes for it.
+Authentication (``shardbroker.security.auth``) comes between the two: the username and
+password are decided by the ``Authenticator``; when a password has to be verified
+against a slow hash, ``on_connect`` returns a ``PendingConnect`` and the broker has it
+verified away from the loop (a ``Verifier``), holding the client's later packets until
+``finish`` has the outcome. Once in, the client gets its view of the ACL file and its
+will topic is checked against it. A CONNECT with an Authentication Method is refused
+(0x8C): enhanced authentication is not implemented.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from shardbroker.config import LimitsConfig
 from shardbroker.core.access import AccessRules
 from shardbroker.core.client import Client
+from shardbroker.core.clock import Now, Scheduler
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.inbound import is_utf8
 from shardbroker.core.output import Output
@@ -30,6 +36,8 @@ from shardbroker.core.topics import validate_topic_name
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Properties
+from shardbroker.security.auth import Authenticator, Identity, Refused
+from shardbroker.security.passwords import PasswordHash
 
 log = logging.getLogger("shardbroker.handshake")
 
@@ -56,6 +64,34 @@ class Refusal:
     text: str
 
 
+@dataclass(eq=False, slots=True)
+class PendingConnect:
+    """A CONNECT whose password is being verified, and the packets that came behind it."""
+
+    packet: Connect
+    terms: Terms
+    against: PasswordHash
+    stash: list[object] = field(default_factory=list)
+
+
+class Verifier(Protocol):
+    """Verifies a password against a slow hash away from the event loop, then calls ``done``
+    on the loop with the outcome and the time."""
+
+    def verify(self, against: PasswordHash, password: bytes, done: Callable[[bool, Now], None]) -> None: ...
+
+
+class InlineVerifier:
+    """Verifies on the event loop at its next turn: for tests and tools; a worker verifies in
+    a thread pool instead, so that a slow hash stalls nobody."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def verify(self, against: PasswordHash, password: bytes, done: Callable[[bool, Now], None]) -> None:
+        self._scheduler.soon(lambda now: done(against.verify(password), now))
+
+
 def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, access: AccessRules) -> Terms | Refusal:
     version = pkt.protocol_version
     props = pkt.properties
@@ -69,9 +105,6 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
             validate_topic_name(will.topic)
         except ProtocolError as exc:
             return Refusal(exc.reason, f"will topic: {exc.message}")
-        denied = access.publish_denied(will.topic)
-        if denied is not None:
-            return Refusal(reasons.NOT_AUTHORIZED, f"will topic {will.topic!r}: {denied}")
         if will.properties.payload_format_indicator == 1 and not is_utf8(will.payload):
             return Refusal(reasons.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
         if will.retain and not limits.retain_available:
@@ -94,23 +127,57 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
 
 
 class Handshake:
-    def __init__(self, shard: int, limits: LimitsConfig, access: AccessRules, sessions: Sessions,
-                 delivery: Delivery, output: Output) -> None:
+    def __init__(self, shard: int, limits: LimitsConfig, access: AccessRules, auth: Authenticator,
+                 sessions: Sessions, delivery: Delivery, output: Output) -> None:
         self.shard = shard
         self.limits = limits
         self.access = access
+        self.auth = auth
         self.sessions = sessions
         self.delivery = delivery
         self.output = output
+        self.auth_failures = 0  # CONNECTs refused for their credentials
 
-    def on_connect(self, client: Client, pkt: Connect) -> None:
+    def on_connect(self, client: Client, pkt: Connect) -> PendingConnect | None:
+        """Answer the CONNECT, or return what must be verified before it can be answered."""
         version = pkt.protocol_version
         client.version = version
         client.reader.version = version  # packets pipelined behind the CONNECT are of its version
         client.client_id = client.assigned_id or pkt.client_id
         terms = negotiate(pkt, client.assigned_id, self.limits, self.access)
         if isinstance(terms, Refusal):
-            return self._refuse(client, terms)
+            self._refuse(client, terms)
+            return None
+        verdict = self.auth.check(pkt.username, pkt.password)
+        if isinstance(verdict, PasswordHash):
+            return PendingConnect(pkt, terms, verdict)
+        self._authenticated(client, pkt, terms, verdict, None)
+        return None
+
+    def finish(self, client: Client, pending: PendingConnect, ok: bool) -> None:
+        """The password of a pending CONNECT was verified (``ok``) or not."""
+        pkt = pending.packet
+        assert pkt.username is not None and pkt.password is not None
+        verdict = self.auth.verified(pkt.username, pkt.password, pending.against, ok)
+        self._authenticated(client, pkt, pending.terms, verdict, pending.against)
+
+    def _authenticated(self, client: Client, pkt: Connect, terms: Terms, verdict: Refused | None,
+                       credential: PasswordHash | None) -> None:
+        if verdict is not None:
+            self.auth_failures += 1
+            self._refuse(client, Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}"),
+                         logging.WARNING)
+            return
+        policy = self.auth.policy
+        if policy.passwords is not None or policy.acl is not None:
+            client.identity = Identity(pkt.username, credential)
+        client.acl = policy.acl_for(pkt.username, terms.client_id)
+        will = pkt.will
+        if will is not None:
+            denied = self.access.publish_denied(will.topic, client.acl)
+            if denied is not None:
+                self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, f"will topic {will.topic!r}: {denied}"))
+                return
         self._accept(client, pkt, terms)
 
     def _accept(self, client: Client, pkt: Connect, terms: Terms) -> None:
@@ -148,9 +215,9 @@ class Handshake:
             retain_available=0 if not limits.retain_available else None,
         )
 
-    def _refuse(self, client: Client, refusal: Refusal) -> None:
-        log.info("refusing CONNECT from %s (%s): %s [%s]", client.client_id, client.peer, refusal.text,
-                 reasons.name(refusal.reason))
+    def _refuse(self, client: Client, refusal: Refusal, level: int = logging.INFO) -> None:
+        log.log(level, "refusing CONNECT from %s (%s): %s [%s]", client.client_id, client.peer, refusal.text,
+                reasons.name(refusal.reason))
         if client.version == MQTT_5:
             props = Properties(reason_string=refusal.text[:200])
             self.output.send(client, codec.encode(ConnAck(False, refusal.reason, props), MQTT_5))

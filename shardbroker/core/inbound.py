@@ -100,7 +100,7 @@ class Inbound:
             code = reasons.PAYLOAD_FORMAT_INVALID
         elif pkt.retain and not self.limits.retain_available:
             raise ProtocolError(reasons.RETAIN_NOT_SUPPORTED, "retain is not available")
-        elif (denied := self.access.publish_denied(topic)) is not None:
+        elif (denied := self.access.publish_denied(topic, client.acl)) is not None:
             log.info("dropping publish from %s to %s: %s", client.client_id, topic, denied)
             code = reasons.NOT_AUTHORIZED
         elif qos and self.commit.store_full:

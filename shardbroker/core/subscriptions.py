@@ -289,10 +289,10 @@ class Subscriptions:
                 log.info("%s: subscription to %r refused: %s", client.client_id, s.topic_filter, exc.message)
                 codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)
                 continue
-            denied = self.access.subscribe_denied(s.topic_filter)
+            denied = self.access.subscribe_denied(s.topic_filter, client.acl)
             if denied is not None:
                 log.info("%s: subscription to %r %s", client.client_id, s.topic_filter, denied)
-                codes.append(reasons.UNSPECIFIED_ERROR)  # 0x80 in 3.1.1 and 5.0
+                codes.append(reasons.NOT_AUTHORIZED if v5 else 0x80)
                 continue
             shared = parse_shared(s.topic_filter)
             if shared is not None and s.no_local:  # [MQTT-3.8.3-4]

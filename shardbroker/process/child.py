@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, default=-1)
     args = parser.parse_args(argv)
+    # SIGHUP asks a worker to reload its files; until its handler is in, and in the
+    # acceptor, it must not end the process (its default action)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     try:
         config = load_config(None, json.loads(os.environ["SHARDBROKER_CONFIG"]))
@@ -43,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         acceptor.run(config, args.listen_fd, args.run_dir, args.shards)
         return 0
     from shardbroker.process import worker
+    from shardbroker.security.acl import AclFileError
+    from shardbroker.security.passwords import PasswordFileError
     from shardbroker.storage.lmdb_store import StoreError
 
     try:
         worker.run(config, args.shard, args.shards, args.run_dir)
-    except StoreError as exc:
+    except (StoreError, PasswordFileError, AclFileError) as exc:
         log.error("shard %d: %s", args.shard, exc)
         return FATAL
     return 0

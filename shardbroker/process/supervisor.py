@@ -11,6 +11,9 @@ acceptor first (no new clients), then the workers (each tells its 5.0 clients
 
 A child that exits with status 2 hit a fatal configuration or store error: the
 broker stops with that error rather than restarting it in a loop.
+
+SIGHUP: the workers read the password and ACL files again (``Worker.reload``); nobody is
+disconnected but clients those files no longer let in. The other settings need a restart.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Supervisor:
         self.shards = config.server.worker_count
         self.data_dir = Path(config.server.data_dir)
         self._stop = False
+        self._reload = False
         self.exit_code = 0
 
     def _lock_data_dir(self) -> int:
@@ -122,7 +126,21 @@ class Supervisor:
                 f"{self.shards}; start with --workers {existing} or use another data directory"
             )
 
+    def _check_security(self) -> None:
+        """Read the password and ACL files once before any child starts: a missing or broken
+        one is a one-line error and exit status 2, not a worker that keeps failing."""
+        from shardbroker.security.acl import AclFileError
+        from shardbroker.security.auth import load_policy
+        from shardbroker.security.passwords import PasswordFileError
+
+        auth = self.config.auth
+        try:
+            load_policy(auth.anonymous, auth.password_file, auth.acl_file)
+        except (PasswordFileError, AclFileError) as exc:
+            raise SystemExit(f"shardbroker: {exc}") from None
+
     def run(self) -> int:
+        self._check_security()
         lock_fd = self._lock_data_dir()
         self._check_data_dir()
         listen = self._bind()
@@ -144,8 +162,12 @@ class Supervisor:
         def on_signal(signum: int, _frame: object) -> None:
             self._stop = True
 
+        def on_hup(signum: int, _frame: object) -> None:
+            self._reload = True
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
         log.info("shardbroker starting: %d workers, data in %s", self.shards, self.data_dir)
         log.info("listening on %s:%d (mqtt)", host, port)
         for child in children:
@@ -166,6 +188,12 @@ class Supervisor:
                         for child in children:
                             if child.name == name:
                                 child.ready = True
+                if self._reload:
+                    self._reload = False
+                    log.info("SIGHUP: the workers read the password and ACL files again")
+                    for child in workers:
+                        if child.proc is not None and child.proc.poll() is None:
+                            child.proc.send_signal(signal.SIGHUP)
                 if not announced and all(c.ready for c in children):
                     announced = True
                     log.info("ready: %d workers serving on %s:%d", self.shards, host, port)

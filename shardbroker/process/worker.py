@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from shardbroker.config import Config
@@ -26,6 +27,9 @@ from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
 from shardbroker.peer.bus import Bus, endpoint
 from shardbroker.process.runtime import install_loop, ready
+from shardbroker.security.acl import AclFileError
+from shardbroker.security.auth import Policy, load_policy
+from shardbroker.security.passwords import PasswordFileError, PasswordHash
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
 from shardbroker.transport.tcp import Poller, TcpConnection
@@ -35,6 +39,7 @@ log = logging.getLogger("shardbroker.process.worker")
 SYNC_WAIT = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)  # the defaults are (700, 10, 10)
 TICK = 0.5
+VERIFY_THREADS = 2  # password hashes verified at once per worker
 
 
 def now() -> Now:
@@ -54,6 +59,35 @@ class LoopScheduler:
         return self._loop.call_later(delay, lambda: callback(now()))
 
 
+class ThreadVerifier:
+    """Verifies passwords in a small thread pool (``hashlib.pbkdf2_hmac`` releases the GIL),
+    so that a slow hash stalls no client; the outcome comes back on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = VERIFY_THREADS) -> None:
+        self._loop = loop
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
+
+    def verify(self, against: PasswordHash, password: bytes, done: Callable[[bool, Now], None]) -> None:
+        def finished(future: Future[bool]) -> None:
+            ok = not future.cancelled() and future.exception() is None and future.result()
+            self._loop.call_soon_threadsafe(lambda: done(ok, now()))
+
+        self._pool.submit(against.verify, password).add_done_callback(finished)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_security(config: Config) -> Policy:
+    """The password and ACL files the configuration names, read now; ``PasswordFileError`` and
+    ``AclFileError`` propagate (fatal at startup, not at a reload)."""
+    auth = config.auth
+    policy, problems = load_policy(auth.anonymous, auth.password_file, auth.acl_file)
+    for problem in problems:
+        log.warning("password file line left out: %s", problem)
+    return policy
+
+
 class Worker:
     def __init__(self, config: Config, shard: int, shards: int, run_dir: str) -> None:
         self.config = config
@@ -66,6 +100,7 @@ class Worker:
                                      max_map_size=config.storage.max_map_size, sync=sync)
         self.retained = RetainedStore.open(data_dir, map_size=config.storage.map_size,
                                            max_map_size=config.storage.max_map_size, sync=sync)
+        self.policy = load_security(config)
         self._links: list[HandoffReceiver] = []
         self._listen: socket.socket | None = None
         self._poller: Poller | None = None
@@ -76,8 +111,9 @@ class Worker:
         holder: list[Broker] = []
         bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
                   lambda: holder[0].wake())
+        verifier = ThreadVerifier(loop)
         broker = Broker(self.config, self.shard_index, self.shards, self.store, self.retained, bus,
-                        LoopScheduler(loop), now())
+                        LoopScheduler(loop), now(), policy=self.policy, verifier=verifier)
         holder.append(broker)
         self.broker = broker
         broker.restore(now())
@@ -88,6 +124,7 @@ class Worker:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
 
         deadline = time.monotonic() + SYNC_WAIT
         while len(broker.synced) < self.shards - 1 and time.monotonic() < deadline:
@@ -131,6 +168,7 @@ class Worker:
         broker.shutdown(now())
         await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         poller.close()
+        verifier.close()
         bus.close()
         self.store.close()
         self.retained.close()
@@ -141,6 +179,19 @@ class Worker:
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
                  st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
                  broker.flow.held_for, bus.waited)
+
+    def reload(self) -> None:
+        """SIGHUP: read the password and ACL files again; a file that no longer reads or parses
+        leaves the previous ones in force."""
+        try:
+            policy = load_security(self.config)
+        except (PasswordFileError, AclFileError) as exc:
+            log.error("shard %d: reload failed, the previous password and ACL files stay in force: %s",
+                      self.shard_index, exc)
+            return
+        self.policy = policy
+        self.broker.security_changed(policy, now())
+        log.info("shard %d: password and ACL files reloaded", self.shard_index)
 
     def _accept_link(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listen is not None

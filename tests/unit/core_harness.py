@@ -29,6 +29,7 @@ from shardbroker.protocol.packets import (
     Properties,
     Will,
 )
+from shardbroker.security.auth import Policy
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 
 START = Now(1_800_000_000.0, 1000.0)
@@ -183,7 +184,7 @@ class FakeClient:
 
 class Harness:
     def __init__(self, data_dir: Path, config: Config | None = None, peers: list[int] | None = None,
-                 shard: int = 0, shards: int = 1, now: Now = START) -> None:
+                 shard: int = 0, shards: int = 1, now: Now = START, policy: Policy | None = None) -> None:
         self.data_dir = data_dir
         self.config = config or load_config(None, {"server.data_dir": str(data_dir)})
         self.now = now
@@ -192,7 +193,8 @@ class Harness:
         self.scheduler = FakeScheduler(lambda: self.now)
         self.store = ShardStore.open(data_dir, shard, shards, sync=False)
         self.retained = RetainedStore.open(data_dir, sync=False)
-        self.broker = Broker(self.config, shard, shards, self.store, self.retained, self.link, self.scheduler, now)
+        self.broker = Broker(self.config, shard, shards, self.store, self.retained, self.link, self.scheduler, now,
+                             policy=policy)
         self.broker.restore(now)
         self.run()
 

@@ -48,6 +48,9 @@ EXPECTED_DEFAULTS = {
     "storage.max_map_size": 17179869184,
     "acl.deny_subscribe": (),
     "acl.deny_publish": (),
+    "auth.allow_anonymous": "auto",
+    "auth.password_file": "",
+    "auth.acl_file": "",
 }
 
 

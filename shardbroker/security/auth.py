@@ -1,0 +1,145 @@
+"""Who may connect: the decision for a CONNECT's username and password, and the client's
+ACL view once it is in.
+
+``Policy`` is what the configuration and its files say (loaded by the process that
+runs the broker, reloaded on SIGHUP). ``Authenticator.check`` decides a CONNECT:
+
+* no username: accepted when anonymous access is allowed, else refused with
+  "not authorized" (5.0 0x87, 3.1.1 return code 5);
+* a username and a password file: the user must be in the file and the password
+  must match its hash; otherwise "bad user name or password" (0x86, return code 4),
+  the same answer for an unknown user and a wrong password, so that the reply does
+  not tell which names exist;
+* a username and no password file: accepted (the name is the client's word; give a
+  password file to check it).
+
+Matching a password costs a slow hash (about 0.2 s at the default iterations), which
+must not run on an event loop: ``check`` returns the ``PasswordHash`` to verify instead
+of a verdict, the caller verifies it elsewhere (``PasswordHash.verify``) and hands the
+result to ``verified``. A password that verified is remembered (a keyed digest of it,
+never the password) until the user's hash changes, so that a client reconnecting, or
+a thousand of them after a restart of their network, costs one hash per user instead
+of one per CONNECT.
+
+Pure: no threads, and no I/O besides ``load_policy``, which reads the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from shardbroker.protocol import reasons
+from shardbroker.security import acl as aclmod
+from shardbroker.security import passwords
+from shardbroker.security.acl import AclFile, ClientAcl
+from shardbroker.security.passwords import PasswordFile, PasswordHash
+
+__all__ = ["ACCEPTED", "Authenticator", "Identity", "Policy", "Refused", "load_policy"]
+
+CACHE_SIZE = 100_000  # verified (user, password) pairs kept
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    allow_anonymous: bool = True
+    passwords: PasswordFile | None = None
+    acl: AclFile | None = None
+
+    def acl_for(self, username: str | None, client_id: str) -> ClientAcl | None:
+        """The client's view of the ACL file; None without one (everything allowed)."""
+        return None if self.acl is None else self.acl.for_client(username, client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connected client authenticated as: its username and the hash its password
+    matched (None when no password was checked). A reload that changes that hash ends
+    the client's access: its password is not kept, so it cannot be checked again."""
+
+    username: str | None
+    credential: PasswordHash | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: int  # a 5.0 CONNACK reason code (mapped to 3.1.1 by the handshake)
+    text: str
+
+
+ACCEPTED = None
+Verdict = Refused | None
+
+
+class Authenticator:
+    __slots__ = ("_cache", "_key", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._key = secrets.token_bytes(32)  # digests of verified passwords are keyed per process
+        self._cache: dict[str, tuple[PasswordHash, bytes]] = {}
+
+    def reload(self, policy: Policy) -> None:
+        """New files: remembered passwords stay valid only where the user's hash is unchanged."""
+        self.policy = policy
+
+    def check(self, username: str | None, password: bytes | None) -> Verdict | PasswordHash:
+        """The verdict, or the hash that ``password`` must be verified against."""
+        policy = self.policy
+        if username is None:
+            if policy.allow_anonymous:
+                return ACCEPTED
+            return Refused(reasons.NOT_AUTHORIZED, "anonymous access is not allowed")
+        if policy.passwords is None:
+            return ACCEPTED
+        wanted = policy.passwords.entries.get(username)
+        if wanted is None or password is None:
+            return Refused(reasons.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+        known = self._cache.get(username)
+        if known is not None and known[0] == wanted and hmac.compare_digest(known[1], self._digest(password)):
+            return ACCEPTED
+        return wanted
+
+    def verified(self, username: str, password: bytes, against: PasswordHash, ok: bool) -> Verdict:
+        """The outcome of verifying ``password`` against the hash ``check`` returned."""
+        if not ok:
+            return Refused(reasons.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+        current = self.policy.passwords.entries.get(username) if self.policy.passwords is not None else None
+        if current != against:  # the file changed while it was being verified: ask again
+            verdict = self.check(username, password)
+            if not isinstance(verdict, PasswordHash):
+                return verdict
+            return Refused(reasons.BAD_USER_NAME_OR_PASSWORD, "its password changed while it was checked")
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[username] = (against, self._digest(password))
+        return ACCEPTED
+
+    def still_valid(self, identity: Identity | None) -> Refused | None:
+        """After a reload: why a connected client may no longer be connected, or None."""
+        policy = self.policy
+        username = identity.username if identity is not None else None
+        if username is None:
+            return None if policy.allow_anonymous else Refused(reasons.NOT_AUTHORIZED,
+                                                               "anonymous access is no longer allowed")
+        if policy.passwords is None:
+            return None
+        assert identity is not None
+        if policy.passwords.entries.get(username) != identity.credential or identity.credential is None:
+            return Refused(reasons.NOT_AUTHORIZED, f"the password of {username!r} changed or was removed")
+        return None
+
+    def _digest(self, password: bytes) -> bytes:
+        return hmac.new(self._key, password, hashlib.sha256).digest()
+
+
+def load_policy(allow_anonymous: bool, password_file: str, acl_file: str) -> tuple[Policy, list[str]]:
+    """Read the files the configuration names: the policy, and the password-file lines that
+    were left out (for the log). ``PasswordFileError`` / ``AclFileError`` when a file
+    cannot be read, or the ACL file does not parse."""
+    pw = passwords.load(password_file) if password_file else None
+    acl = aclmod.load(acl_file) if acl_file else None
+    problems = [f"{password_file}: {p}" for p in pw.problems] if pw is not None else []
+    return Policy(allow_anonymous, pw, acl), problems
