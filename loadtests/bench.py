@@ -11,8 +11,8 @@ Run from the repository root (loopback only, every run bounded in time)::
 
 Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
 pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, fairness, fairness-qos1,
-connect-rate, subscriptions, persistent-qos1. See docs/BENCHMARKS.md for what each one
-measures.
+connect-rate, connect-auth, subscriptions, persistent-qos1. See docs/BENCHMARKS.md for what
+each one measures.
 
 How the load generator works (it must not be the bottleneck):
 
@@ -113,7 +113,8 @@ except ImportError:  # pragma: no cover - same function, for use without the pac
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 SCENARIOS = ["fanin-qos0", "pairs-qos1", "pairs-qos2", "fanout-qos0", "latency-qos1",
-             "fairness", "fairness-qos1", "connect-rate", "subscriptions", "persistent-qos1"]
+             "fairness", "fairness-qos1", "connect-rate", "connect-auth", "subscriptions", "persistent-qos1"]
+FRESH = ("connect-rate", "connect-auth", "subscriptions")  # a broker started for each run
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 MAX_LAT_SAMPLES = 500_000
 _PR_SET_PDEATHSIG = 1
@@ -169,6 +170,7 @@ class Plan:
     stuck: list[tuple[str, str]] = field(default_factory=list)  # subscribers that never read
     idle: list[str] = field(default_factory=list)               # client ids (connect-rate)
     subs_each: int = 0              # subscriptions: filters each idle connection subscribes to
+    auth_users: int = 0             # connect-auth: client i logs in as user i % auth_users
     kind: str = ""                  # "canary" or "flood" in the fairness scenarios
     track: bool = False             # QoS 1/2: index + sequence number in payloads, checked
     sub_clean: bool = True
@@ -1064,10 +1066,32 @@ class Engine:
 
 
 class _Pending:
-    __slots__ = ("buf", "cid", "phase", "t0")
+    __slots__ = ("buf", "cid", "index", "phase", "t0")
 
-    def __init__(self, cid: str, t0: int) -> None:
-        self.cid, self.t0, self.phase, self.buf = cid, t0, 0, b""
+    def __init__(self, cid: str, t0: int, index: int = 0) -> None:
+        self.cid, self.t0, self.phase, self.buf, self.index = cid, t0, 0, b"", index
+
+
+def auth_user(i: int, users: int) -> tuple[str, str]:
+    """connect-auth: the user and password of client ``i``."""
+    k = i % users
+    return f"bench-user-{k}", f"pw-{k}-{k * 7919 % 1000}"
+
+
+def write_password_file(path: Path, users: int, iterations: int) -> None:
+    """``users`` users in Mosquitto's $7$ format (PBKDF2-HMAC-SHA512, 12-byte salt), which both
+    brokers read; made here, not with either broker's code."""
+    import base64
+
+    lines = []
+    for k in range(users):
+        user, password = auth_user(k, users)
+        salt = secrets.token_bytes(12)
+        digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+        lines.append(f"{user}:$7${iterations}${base64.b64encode(salt).decode()}$"
+                     f"{base64.b64encode(digest).decode()}")
+    path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o644)
 
 
 def run_idle(plan: Plan, conn: mpc.Connection) -> None:
@@ -1123,7 +1147,7 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
                     errors.append(f"{cid}: connect: {os.strerror(rc)}")
                 sock.close()
                 continue
-            pending[sock] = _Pending(cid, time.monotonic_ns())
+            pending[sock] = _Pending(cid, time.monotonic_ns(), len(plan.idle) - len(todo) - 1 + plan.index * 1_000_000)
             sel.register(sock, selectors.EVENT_WRITE)
         for key, _mask in sel.select(timeout=0.2):
             sock = key.fileobj  # type: ignore[assignment]
@@ -1137,7 +1161,9 @@ def run_idle(plan: Plan, conn: mpc.Connection) -> None:
                     continue
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.send(w.connect(st.cid, proto=plan.proto, keepalive=plan.keepalive))
+                    user = auth_user(st.index, plan.auth_users) if plan.auth_users else None
+                    sock.send(w.connect(st.cid, proto=plan.proto, keepalive=plan.keepalive,
+                                        username=user and user[0], password=user and user[1]))
                 except OSError as exc:
                     drop(sock, f"send CONNECT: {exc}", st.cid)
                     continue
@@ -1367,12 +1393,14 @@ def ids_for_shards(prefix: str, shards: int) -> list[str]:
     return [out[s] for s in sorted(out)]
 
 
-def probe(host: str, port: int, client_id: str, proto: int, timeout: float = 2.0) -> bool:
+def probe(host: str, port: int, client_id: str, proto: int, timeout: float = 2.0,
+          creds: tuple[str, str] | None = None) -> bool:
     """CONNECT / CONNACK / DISCONNECT over a blocking socket."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(w.connect(client_id, proto=proto))
+            s.sendall(w.connect(client_id, proto=proto, username=creds and creds[0],
+                                password=creds and creds[1]))
             data = b""
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -1406,6 +1434,7 @@ class Broker:
         self.pid: int | None = None
         self.tmp: str | None = None
         self.errlog: Path | None = None
+        self.creds: tuple[str, str] | None = None  # what the readiness probe logs in with
 
     def __repr__(self) -> str:
         return f"{self.label} ({self.host}:{self.port})"
@@ -1434,7 +1463,7 @@ class Broker:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited with status {self.proc.returncode}:\n{self._tail()}")
-            pending = [cid for cid in pending if not probe(self.host, self.port, cid, proto, 1.0)]
+            pending = [cid for cid in pending if not probe(self.host, self.port, cid, proto, 1.0, self.creds)]
             if not pending:
                 return
             time.sleep(0.2)
@@ -1442,7 +1471,7 @@ class Broker:
 
     @classmethod
     def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
-                    proto: int, timeout: float) -> Broker:
+                    proto: int, timeout: float, password_file: Path | None = None) -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
         argv = [python, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
@@ -1450,6 +1479,11 @@ class Broker:
                 "--log-level", "warning"]
         if durability:
             argv += ["--durability", durability]
+        if password_file is not None:
+            conf = Path(b.tmp) / "broker.toml"
+            conf.write_text(f'[auth]\npassword_file = "{password_file}"\n')
+            argv += ["--config", str(conf)]
+            b.creds = auth_user(0, 1)
         b._spawn(argv, cwd=REPO_ROOT)
         try:
             b.wait_ready(timeout, proto)
@@ -1459,13 +1493,18 @@ class Broker:
         return b
 
     @classmethod
-    def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float) -> Broker:
+    def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float,
+                  password_file: Path | None = None) -> Broker:
         b = cls(label, "mosquitto", "127.0.0.1", free_port())
         b.tmp = tempfile.mkdtemp(prefix="bench-mosq-")
         os.chmod(b.tmp, 0o777)  # mosquitto drops root privileges to its own user
-        lines = [f"listener {b.port} 127.0.0.1", "allow_anonymous true",
+        lines = [f"listener {b.port} 127.0.0.1",
+                 "allow_anonymous true" if password_file is None else "allow_anonymous false",
                  "log_dest stderr", "log_type error", "log_type warning",
                  "connection_messages false"]
+        if password_file is not None:
+            lines.append(f"password_file {password_file}")
+            b.creds = auth_user(0, 1)
         if persistence:
             pdir = Path(b.tmp) / "persist"
             pdir.mkdir()
@@ -1603,6 +1642,7 @@ SCENARIO_METRICS: dict[str, list[Metric]] = {
     "fairness-qos1": _FAIRNESS_METRICS,
     "connect-rate": [Metric("conn/s", "conn/s"), Metric("KB/idle conn", "KB", False),
                      Metric("failed", "conns", False)],
+    "connect-auth": [Metric("conn/s", "conn/s"), Metric("failed", "conns", False)],
     "subscriptions": [Metric("B/subscription", "B", False), Metric("subscriptions/s", "subs/s"),
                       Metric("refused", "subs", False)],
     "persistent-qos1": _checked_metrics(1),
@@ -1762,13 +1802,15 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace,
         npub = 1
         # keep a batch well under the delivery window
         every(batch=max(1, min(args.batch, args.qos0_window // (4 * n))))
-    elif scn in ("connect-rate", "subscriptions"):
-        count = args.connections if scn == "connect-rate" else args.subscribers
+    elif scn in FRESH:
+        count = args.subscribers if scn == "subscriptions" else args.connections
         for i in range(count):
             plans[i % procs].idle.append(f"bc-{tag}-{i}")
         every(keepalive=300, connect_concurrency=max(1, args.connect_concurrency // procs))
         if scn == "subscriptions":
             every(subs_each=args.subscriptions_each)
+        if scn == "connect-auth":
+            every(auth_users=args.auth_users)
         npub = 0
     else:
         raise ValueError(scn)
@@ -1954,7 +1996,7 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             broadcast("stop", None)
             collect("done", 60)
             return out
-        if scn == "connect-rate":
+        if scn in ("connect-rate", "connect-auth"):
             res = [r[0] for r in collect("connected", args.timeout * 3 + 60)]
             ok = sum(r["connect_ok"] for r in res)
             fail = sum(r["connect_fail"] for r in res)
@@ -2215,6 +2257,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-rate", type=float, default=2000.0,
                    help="total msg/s in latency-qos1 (default 2000)")
     g.add_argument("--connections", type=int, default=5000, help="clients in connect-rate (default 5000)")
+    g.add_argument("--auth-users", type=int, default=100,
+                   help="connect-auth: users in the password file, client i logs in as user i %% N (default 100)")
+    g.add_argument("--auth-iterations", type=int, default=101,
+                   help="connect-auth: PBKDF2 rounds of their hashes (default 101, what mosquitto_passwd "
+                        "writes; ShardBroker's passwd writes 210000)")
     g.add_argument("--subscribers", type=int, default=200,
                    help="idle clients in subscriptions (default 200)")
     g.add_argument("--subscriptions-each", type=int, default=100,
@@ -2314,17 +2361,17 @@ def main(argv: list[str] | None = None) -> int:
     col_a = "target" if args.target else ("Mosquitto" if args.mosquitto_only else "ShardBroker")
     col_b = "Mosquitto" if (have_mosq and with_sb) else None
 
-    def start_sb(label: str, durability: str | None) -> Broker:
+    def start_sb(label: str, durability: str | None, password_file: Path | None = None) -> Broker:
         log(f"starting ShardBroker ({label}, {args.workers} workers) ...")
         b = Broker.shardbroker(label, args.workers, durability, args.python, args.protocol,
-                               args.start_timeout)
+                               args.start_timeout, password_file)
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
 
-    def start_mosq(label: str, persistence: bool) -> Broker:
+    def start_mosq(label: str, persistence: bool, password_file: Path | None = None) -> Broker:
         log(f"starting Mosquitto ({label}) ...")
-        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout)
+        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout, password_file)
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
@@ -2402,8 +2449,7 @@ def main(argv: list[str] | None = None) -> int:
             use_mosq = have_mosq or args.mosquitto_only
             labels = (["ShardBroker"] if with_sb else []) + (["Mosquitto"] if use_mosq else [])
             pair = (labels[0], labels[1] if len(labels) > 1 else None)
-            plain = [s for s in args.scenarios
-                     if s not in ("connect-rate", "subscriptions", "persistent-qos1")]
+            plain = [s for s in args.scenarios if s not in (*FRESH, "persistent-qos1")]
             if plain:
                 brokers: list[Broker] = []
                 if with_sb:
@@ -2415,16 +2461,22 @@ def main(argv: list[str] | None = None) -> int:
                     add_rows(scn, scn, *pair)
                 for b in brokers:
                     stop(b)
-            for scn in ("connect-rate", "subscriptions"):
+            for scn in FRESH:
                 if scn not in args.scenarios:
                     continue
                 # a fresh broker for every run, so that memory per connection or
                 # subscription starts from a broker that has not yet grown its heap
+                pwf: Path | None = None
+                if scn == "connect-auth":
+                    pw_dir = Path(tempfile.mkdtemp(prefix="bench-auth-"))
+                    os.chmod(pw_dir, 0o755)  # mosquitto drops root privileges to its own user
+                    pwf = pw_dir / "passwords"
+                    write_password_file(pwf, args.auth_users, args.auth_iterations)
                 fresh: list[Any] = []
                 if with_sb:
-                    fresh.append(("ShardBroker", lambda: start_sb("ShardBroker", args.durability)))
+                    fresh.append(("ShardBroker", lambda f=pwf: start_sb("ShardBroker", args.durability, f)))
                 if use_mosq:
-                    fresh.append(("Mosquitto", lambda: start_mosq("Mosquitto", False)))
+                    fresh.append(("Mosquitto", lambda f=pwf: start_mosq("Mosquitto", False, f)))
                 run_series(scn, fresh)
                 add_rows(scn, scn, *pair)
             if "persistent-qos1" in args.scenarios:

@@ -70,9 +70,13 @@ def _packet(first: int, body: bytes) -> bytes:
 
 
 def connect(client_id: str, *, proto: int = 4, clean: bool = True, keepalive: int = 60,
-            session_expiry: int = 0) -> bytes:
+            session_expiry: int = 0, username: str | None = None, password: str | None = None) -> bytes:
     """CONNECT. ``session_expiry`` is an MQTT 5 property (ignored for 3.1.1)."""
     flags = 0x02 if clean else 0x00
+    if username is not None:
+        flags |= 0x80
+    if password is not None:
+        flags |= 0x40
     body = utf8("MQTT") + bytes((proto, flags)) + struct.pack("!H", keepalive)
     if proto == 5:
         props = b""
@@ -80,6 +84,10 @@ def connect(client_id: str, *, proto: int = 4, clean: bool = True, keepalive: in
             props += bytes((PROP_SESSION_EXPIRY,)) + struct.pack("!I", session_expiry)
         body += varint(len(props)) + props
     body += utf8(client_id)
+    if username is not None:
+        body += utf8(username)
+    if password is not None:
+        body += utf8(password)
     return _packet(0x10, body)
 
 

@@ -378,6 +378,15 @@ class AuthConfig:
     acl_file: str = _setting(
         "", "what each user may read and write (Mosquitto's ACL file syntax)", _Text(path=True, optional=True)
     )
+    max_failures: int = _setting(
+        10,
+        "failed logins from one address within a minute (per worker) before it is refused for "
+        "auth.ban_time; from the 4th on, refusals are answered late; 0: no limit",
+        _Int(0, 1_000_000),
+    )
+    ban_time: float = _setting(
+        60.0, "seconds an address stays refused after auth.max_failures", _Float(0.0, 86400.0)
+    )
 
     @property
     def anonymous(self) -> bool:

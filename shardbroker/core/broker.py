@@ -42,7 +42,7 @@ from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
 from shardbroker.core.commit import Commit
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.flow import SLOW_CONSUMER_RATE, Flow
-from shardbroker.core.handshake import Handshake, InlineVerifier, Verifier
+from shardbroker.core.handshake import Handshake, InlineVerifier, PendingConnect, Verifier
 from shardbroker.core.inbound import Inbound
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
@@ -112,6 +112,7 @@ class Broker:
                 raise ValueError("the configuration names a password or ACL file: pass the loaded Policy")
             policy = Policy(allow_anonymous=config.auth.anonymous)
         self.auth = Authenticator(policy)
+        self._pending: dict[Client, PendingConnect] = {}  # CONNECTs whose password is being verified
         self.verifier: Verifier = verifier or InlineVerifier(scheduler)
         self._flush_scheduled = False
         self._flow_recheck: Timer | None = None
@@ -127,7 +128,7 @@ class Broker:
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
-                                   self.output)
+                                   self.output, scheduler, self.time, config.auth)
         self.backpressure = Backpressure(shard, shards, limits, self.sessions, self.output, link, self.time,
                                          self.stats, self.wake)
         # The parts that need each other:
@@ -196,8 +197,8 @@ class Broker:
                 return
             self.protocol_violation(client, exc)
             return
-        if client.pending is not None:  # read before the pause took effect: after the CONNECT
-            client.pending.stash.extend(packets)
+        if self._pending and client in self._pending:  # read before the pause took effect
+            self._pending[client].stash.extend(packets)
             return
         self._packets(client, packets)
 
@@ -218,7 +219,7 @@ class Broker:
                     return
                 if pending is not None:  # its password is verified away from the loop
                     pending.stash.extend(packets[i + 1:])
-                    client.pending = pending
+                    self._pending[client] = pending
                     client.pause_reading(PAUSED_BY_AUTH)
                     assert packet.password is not None
                     self.verifier.verify(pending.against, packet.password,
@@ -240,8 +241,7 @@ class Broker:
     def verified(self, client: Client, ok: bool, now: Now) -> None:
         """The password of a client's pending CONNECT was verified: answer it, then handle
         what came behind it and read the client again."""
-        pending = client.pending
-        client.pending = None
+        pending = self._pending.pop(client, None)
         if pending is None or client.closing:
             return
         self.time.set(now)
@@ -253,7 +253,7 @@ class Broker:
             return
         if client.session is not None:
             self.backpressure.attached(client)
-        if not client.closing:
+        if client.connected and not client.closing:  # (a refusal may be on its way, late)
             client.resume_reading(PAUSED_BY_AUTH)
             self._packets(client, pending.stash)
         self.wake()
@@ -263,15 +263,15 @@ class Broker:
         are disconnected; the others get their new view of the ACL file at once."""
         self.time.set(now)
         self.auth.reload(policy)
-        for client in list(self.sessions.clients):
+        for client, identity in list(self.sessions.clients.items()):
             if client.closing:
                 continue
-            refused = self.auth.still_valid(client.identity)
+            refused = self.auth.still_valid(identity)
             if refused is not None:
                 log.warning("disconnecting %s after a reload: %s", client.client_id, refused.text)
                 self.close(client, reasons.NOT_AUTHORIZED, refused.text)
                 continue
-            username = client.identity.username if client.identity is not None else None
+            username = identity.username if identity is not None else None
             client.acl = policy.acl_for(username, client.client_id)
         self.wake()
 
@@ -285,6 +285,7 @@ class Broker:
         client.out = None
         self.flow.forget(client)
         self.backpressure.forget(client)
+        self._pending.pop(client, None)
         if client.session is not None:
             log.debug("connection of %s lost", client.client_id)
             self.sessions.detach(client, publish_will=True)

@@ -22,10 +22,8 @@ from shardbroker.protocol import codec
 from shardbroker.protocol.packets import MQTT_3_1_1
 
 if TYPE_CHECKING:
-    from shardbroker.core.handshake import PendingConnect
     from shardbroker.core.session import Session
     from shardbroker.security.acl import ClientAcl
-    from shardbroker.security.auth import Identity
 
 
 class Transport(Protocol):
@@ -75,7 +73,6 @@ class Client:
         "assigned_id",
         "client_id",
         "close_reason",
-        "close_requested",
         "closing",
         "connected",
         "gone",
@@ -87,7 +84,6 @@ class Client:
         "out",
         "output_due",
         "paused",
-        "pending",
         "problem_info",
         "reader",
         "send_window",
@@ -108,8 +104,7 @@ class Client:
         self.session: Session | None = None
         self.connected = False  # CONNACK sent
         self.closing = False  # no more input is handled, nothing new is sent
-        self.close_requested = False  # close the transport after the next flush
-        self.close_reason = ""  # why, when close_requested
+        self.close_reason: str | None = None  # close the transport after the next flush, and why
         self.gone = False  # the transport is closed
         self.keepalive = 0
         self.last_rx = mono
@@ -125,9 +120,7 @@ class Client:
         self.unacked_in = 0  # QoS 1 publishes received since the last flush (acked at it)
         self.out: list[bytes] | None = None  # bytes for the client, written at the next flush
         self.output_due = False  # listed in ``Output`` to be written at the next flush
-        self.identity: Identity | None = None  # who it authenticated as, when a password file is in use
         self.acl: ClientAcl | None = None  # what it may read and write, when an ACL file is in use
-        self.pending: PendingConnect | None = None  # its CONNECT, while the password is verified
 
     @property
     def peer(self) -> str:

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shardbroker.config import LimitsConfig
+from shardbroker.config import AuthConfig, LimitsConfig
 from shardbroker.core.access import AccessRules
-from shardbroker.core.client import Client
-from shardbroker.core.clock import Now, Scheduler
+from shardbroker.core.client import PAUSED_BY_AUTH, Client
+from shardbroker.core.clock import EventTime, Now, Scheduler
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.inbound import is_utf8
 from shardbroker.core.output import Output
@@ -36,7 +36,7 @@ from shardbroker.core.topics import validate_topic_name
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Properties
-from shardbroker.security.auth import Authenticator, Identity, Refused
+from shardbroker.security.auth import Authenticator, Failures, Identity, Refused
 from shardbroker.security.passwords import PasswordHash
 
 log = logging.getLogger("shardbroker.handshake")
@@ -126,10 +126,21 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
                  limits.max_inflight, None, 0, True)
 
 
+def _host(peer: str) -> str:
+    """The address part of ``host:port`` (``[v6]:port`` too)."""
+    host = peer.rpartition(":")[0] or peer
+    return host.strip("[]")
+
+
 class Handshake:
     def __init__(self, shard: int, limits: LimitsConfig, access: AccessRules, auth: Authenticator,
-                 sessions: Sessions, delivery: Delivery, output: Output) -> None:
+                 sessions: Sessions, delivery: Delivery, output: Output, scheduler: Scheduler,
+                 time: EventTime, auth_limits: AuthConfig) -> None:
         self.shard = shard
+        self.scheduler = scheduler
+        self.time = time
+        self.failures = Failures(ban_after=auth_limits.max_failures, ban=auth_limits.ban_time,
+                                 slow_after=3 if auth_limits.max_failures else 1 << 30)
         self.limits = limits
         self.access = access
         self.auth = auth
@@ -148,6 +159,11 @@ class Handshake:
         if isinstance(terms, Refusal):
             self._refuse(client, terms)
             return None
+        if pkt.username is not None and self.failures.banned(_host(client.peer), self.time.mono):
+            self.auth_failures += 1
+            self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, "too many failed attempts from this address"),
+                         logging.WARNING)
+            return None
         verdict = self.auth.check(pkt.username, pkt.password)
         if isinstance(verdict, PasswordHash):
             return PendingConnect(pkt, terms, verdict)
@@ -165,12 +181,18 @@ class Handshake:
                        credential: PasswordHash | None) -> None:
         if verdict is not None:
             self.auth_failures += 1
-            self._refuse(client, Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}"),
-                         logging.WARNING)
+            refusal = Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}")
+            delay = self.failures.failed(_host(client.peer), self.time.mono) if pkt.username is not None else 0.0
+            if delay:  # a guesser waits for its answer (the socket is not read meanwhile)
+                client.pause_reading(PAUSED_BY_AUTH)
+                self.scheduler.later(delay, lambda _now: None if client.closing else self._refuse(
+                    client, refusal, logging.WARNING))
+                return
+            self._refuse(client, refusal, logging.WARNING)
             return
+        if pkt.username is not None and self.failures.any():
+            self.failures.succeeded(_host(client.peer))
         policy = self.auth.policy
-        if policy.passwords is not None or policy.acl is not None:
-            client.identity = Identity(pkt.username, credential)
         client.acl = policy.acl_for(pkt.username, terms.client_id)
         will = pkt.will
         if will is not None:
@@ -179,6 +201,8 @@ class Handshake:
                 self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, f"will topic {will.topic!r}: {denied}"))
                 return
         self._accept(client, pkt, terms)
+        if client.connected and (pkt.username is not None or policy.passwords is not None or policy.acl is not None):
+            self.sessions.clients[client] = Identity(pkt.username, credential)  # for a reload
 
     def _accept(self, client: Client, pkt: Connect, terms: Terms) -> None:
         client.keepalive = terms.keepalive

@@ -35,7 +35,6 @@ class Output:
     def close(self, client: Client, reason: str) -> None:
         """Close the client once what is queued for it has been written."""
         client.closing = True
-        client.close_requested = True
         client.close_reason = reason
         if not client.output_due:
             self._mark_due(client)
@@ -60,6 +59,7 @@ class Output:
             return
         if out:
             client.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if client.close_requested:
-            client.close_requested = False
-            client.transport.close(client.close_reason)
+        reason = client.close_reason
+        if reason is not None:
+            client.close_reason = None
+            client.transport.close(reason)

@@ -34,6 +34,7 @@ from shardbroker.core.session import (
 )
 from shardbroker.core.store import ShardStore
 from shardbroker.protocol.packets import NO_PROPERTIES, Will
+from shardbroker.security.auth import Identity
 from shardbroker.storage.records import SessionRecord, StoredMessage, StoredSubscription, StoredWill
 
 if TYPE_CHECKING:
@@ -49,8 +50,9 @@ class Sessions:
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
         self.stored_client_ids: set[str] = set()  # client ids with a session record in the store
-        # connected clients (CONNECT accepted); a dict, which costs a third of a set per entry
-        self.clients: dict[Client, None] = {}
+        # connected clients (CONNECT accepted), with who they authenticated as when password or
+        # ACL files are in use; a dict, which costs a third of a set per entry
+        self.clients: dict[Client, Identity | None] = {}
         # Set by the broker once its parts exist (they need each other):
         self.subscriptions: Subscriptions
         self.route: Callable[[Message], bool]  # publish a will

@@ -37,7 +37,7 @@ from shardbroker.security import passwords
 from shardbroker.security.acl import AclFile, ClientAcl
 from shardbroker.security.passwords import PasswordFile, PasswordHash
 
-__all__ = ["ACCEPTED", "Authenticator", "Identity", "Policy", "Refused", "load_policy"]
+__all__ = ["ACCEPTED", "Authenticator", "Failures", "Identity", "Policy", "Refused", "load_policy"]
 
 CACHE_SIZE = 100_000  # verified (user, password) pairs kept
 
@@ -143,3 +143,56 @@ def load_policy(allow_anonymous: bool, password_file: str, acl_file: str) -> tup
     acl = aclmod.load(acl_file) if acl_file else None
     problems = [f"{password_file}: {p}" for p in pw.problems] if pw is not None else []
     return Policy(allow_anonymous, pw, acl), problems
+
+
+class Failures:
+    """Failed authentications by source address, for slowing down and then refusing password
+    guessing. Per worker: a guesser whose client IDs fall on several workers is counted by
+    each of them.
+
+    After ``slow_after`` failures from an address within ``window`` seconds, its further
+    refusals are answered late (``delay``: 0.5 s doubling up to ``max_delay``), which costs a
+    guesser time and costs the broker nothing but an open socket. After ``ban_after``
+    failures the address is refused at once, without a hash being computed, until ``ban``
+    seconds have passed without a failure. A success clears the address.
+    """
+
+    __slots__ = ("_seen", "ban", "ban_after", "max_delay", "slow_after", "window")
+
+    def __init__(self, slow_after: int = 3, ban_after: int = 10, window: float = 60.0, ban: float = 60.0,
+                 max_delay: float = 5.0) -> None:
+        self.slow_after, self.ban_after = slow_after, ban_after
+        self.window, self.ban, self.max_delay = window, ban, max_delay
+        self._seen: dict[str, tuple[int, float]] = {}  # address -> (failures, time of the last)
+
+    def _count(self, address: str, mono: float) -> int:
+        seen = self._seen.get(address)
+        if seen is None:
+            return 0
+        failures, last = seen
+        limit = self.ban if failures >= self.ban_after else self.window
+        if mono - last > limit:
+            del self._seen[address]
+            return 0
+        return failures
+
+    def banned(self, address: str, mono: float) -> bool:
+        return self.ban_after > 0 and self._count(address, mono) >= self.ban_after
+
+    def failed(self, address: str, mono: float) -> float:
+        """Count a failure; returns how long to wait before answering it."""
+        failures = self._count(address, mono) + 1
+        delay = 0.0 if failures <= self.slow_after else min(self.max_delay,
+                                                            0.5 * 2.0 ** (failures - self.slow_after - 1))
+        self._seen[address] = (failures, mono + delay)  # a ban runs from when the answer goes out
+        if len(self._seen) > 100_000:  # bounded: forget the quietest
+            for addr in [a for a, (_, t) in self._seen.items() if mono - t > self.window]:
+                del self._seen[addr]
+        return delay
+
+    def any(self) -> bool:
+        """Whether any address has failures on record."""
+        return bool(self._seen)
+
+    def succeeded(self, address: str) -> None:
+        self._seen.pop(address, None)

@@ -206,3 +206,38 @@ def test_v5_disconnect_0x04_with_delay_respects_delay(broker, mqtt, uniq):
     c.disconnect(reason=mb.RC_DISCONNECT_WITH_WILL)
     assert_no_publish(sub, 0.5)
     mqtt(broker, cid, version=5, clean=False, props=session)
+
+
+def test_a_storm_of_2000_disconnects_delivers_every_will(make_broker, mqtt, uniq):
+    """2,000 clients with QoS 1 wills lose their connections at once; a connected QoS 1
+    subscriber that acknowledges gets every will (none dropped by a queue limit)."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    b = make_broker(workers=2)
+    topic = uniq.topic("storm")
+    sub = mqtt(b, uniq.cid("w"), version=4)
+    sub.subscribe(topic + "/#", 1)
+    n = 2000
+    socks = []
+    try:
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", b.port))
+            s.sendall(mb.connect(f"storm{i}x{uniq.prefix()}", will=mb.Will(f"{topic}/{i}", b"gone", qos=1),
+                                 keepalive=600))
+            socks.append(s)
+        for s in socks:  # every CONNACK in: all of them are connected
+            s.settimeout(10)
+            assert s.recv(4)[:1] == b"\x20"
+    finally:
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()  # RST: lost, no DISCONNECT
+    got = set()
+    deadline = time.monotonic() + 60
+    while len(got) < n and time.monotonic() < deadline:
+        got.add(sub.recv_publish(timeout=10).topic)
+    assert len(got) == n, f"{n - len(got)} of {n} wills never arrived"

@@ -106,8 +106,8 @@ def test_credentials_decide_the_connack(make_broker, tmp_path, mqtt, uniq, versi
     assert _as(mqtt, b, uniq.cid("u"), "nobody", version, password="x", expect_rc=None).connack.rc == bad
     # a password file makes anonymous access off unless it is asked for
     assert mqtt(b, uniq.cid("z"), version=version, expect_rc=None).connack.rc == anon
-    log = b.log_text()
-    assert "refusing CONNECT" in log and "user 'nobody'" in log and "127.0.0.1:" in log
+    line = b.wait_for_log("user 'nobody'", timeout=5)
+    assert "refusing CONNECT" in line and "(127.0.0.1:" in line
 
 
 def test_anonymous_access_can_stay_on_beside_a_password_file(secured, mqtt, uniq):
@@ -157,7 +157,7 @@ def test_a_storm_of_slow_hashes_does_not_stall_other_clients(make_broker, tmp_pa
     _passwd(pw, "alice", "wonder land")
     subprocess.run([*CLI, "passwd", str(pw), "slow", "--stdin", "--iterations", "300000"],
                    input="x\n", text=True, check=True, capture_output=True)
-    b = make_broker(workers=1, config=_config(pw, None))
+    b = make_broker(workers=1, config=_config(pw, None) + "max_failures = 0\n")  # every guess is hashed
     canary = _as(mqtt, b, uniq.cid("c"), "alice")
     topic = uniq.topic()
     canary.subscribe(topic, 1)
@@ -192,6 +192,23 @@ def test_a_storm_of_slow_hashes_does_not_stall_other_clients(make_broker, tmp_pa
     assert worst < 0.25, f"a round trip took {worst * 1000:.0f} ms while passwords were hashed"
 
 
+def test_guessing_is_slowed_down_then_refused_for_a_while(make_broker, tmp_path, mqtt, uniq):
+    pw, _ = _files(tmp_path)
+    b = make_broker(workers=1, config=_config(pw, None) + "max_failures = 6\nban_time = 2.0\n")
+    took = []
+    for _ in range(6):
+        t0 = time.monotonic()
+        assert _as(mqtt, b, uniq.cid("g"), "alice", 4, password="guess", expect_rc=None).connack.rc == 4
+        took.append(time.monotonic() - t0)
+    assert max(took[:3]) < 0.4 and took[3] >= 0.45 and took[4] >= 0.95  # late from the 4th on
+    t0 = time.monotonic()
+    assert _as(mqtt, b, uniq.cid("r"), "alice", 4, expect_rc=None).connack.rc == 5  # refused, right or not
+    assert time.monotonic() - t0 < 0.4
+    b.wait_for_log("too many failed attempts from this address", timeout=5)
+    time.sleep(2.2)
+    assert _as(mqtt, b, uniq.cid("ok"), "alice", 4).connack.rc == 0
+
+
 # --------------------------------------------------------------------------- what they may do
 
 
@@ -207,7 +224,7 @@ def test_publish_needs_write_access(secured, mqtt, uniq, version):
     got = [m.payload for m in admin.recv_publishes(2)]
     assert got == [b"yes", b"own"]
     assert_no_publish(admin, 0.3)
-    assert "not allowed to write by the ACL file" in secured.log_text()
+    secured.wait_for_log("not allowed to write by the ACL file", timeout=5)
 
 
 @pytest.mark.parametrize("version, no", [(4, 0x80), (5, 0x87)])

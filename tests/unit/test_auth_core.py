@@ -173,3 +173,39 @@ def test_a_broker_configured_with_files_needs_them_loaded(tmp_path: Path) -> Non
     config = load_config(None, {"server.data_dir": str(tmp_path), "auth.password_file": str(tmp_path / "pw")})
     with pytest.raises(ValueError, match="pass the loaded Policy"):
         Harness(tmp_path, config=config)
+
+
+def test_guessing_from_one_address_is_slowed_down_then_refused(harness: Harness) -> None:
+    failures = harness.broker.handshake.failures
+    answers = []
+    for i in range(failures.ban_after + 1):
+        c = _connect(harness, f"g{i}", "alice", b"guess")
+        harness.run()
+        got = c.packets()  # type: ignore[attr-defined]
+        if not got:  # answered late
+            assert i >= failures.slow_after and c.transport.paused  # type: ignore[attr-defined]
+            harness.advance(failures.max_delay, tick=False)
+            got = c.packets()  # type: ignore[attr-defined]
+        answers.append([p.reason_code for p in got])
+    assert answers[:-1] == [[reasons.BAD_USER_NAME_OR_PASSWORD]] * failures.ban_after
+    assert answers[-1] == [reasons.NOT_AUTHORIZED]  # refused at once, nothing verified
+    ok = _connect(harness, "ok", "alice", b"secret")  # the right password is refused too, for a while
+    harness.run()
+    assert _kinds(ok) == [("ConnAck", reasons.NOT_AUTHORIZED)]
+    harness.advance(failures.ban + 1, tick=False)
+    ok = _connect(harness, "ok2", "alice", b"secret")
+    harness.run()
+    assert _kinds(ok) == [("ConnAck", 0)]
+
+
+def test_failures_count_per_address_and_are_forgotten() -> None:
+    from shardbroker.security.auth import Failures
+
+    f = Failures(slow_after=2, ban_after=4, window=10, ban=30, max_delay=3)
+    assert [f.failed("a", t) for t in (0, 1, 2, 3)] == [0.0, 0.0, 0.5, 1.0]
+    assert f.banned("a", 4) and not f.banned("b", 4)
+    assert f.banned("a", 34) and not f.banned("a", 34.1)  # 30 s from the last answer (sent at 4, late)
+    f.failed("c", 0)
+    f.succeeded("c")
+    assert f.failed("c", 1) == 0.0
+    assert f.failed("d", 0) == 0.0 and f.failed("d", 11) == 0.0  # the window is 10 s

@@ -51,6 +51,8 @@ EXPECTED_DEFAULTS = {
     "auth.allow_anonymous": "auto",
     "auth.password_file": "",
     "auth.acl_file": "",
+    "auth.max_failures": 10,
+    "auth.ban_time": 60.0,
 }
 
 
