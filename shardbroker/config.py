@@ -396,15 +396,100 @@ class AuthConfig:
         return not self.password_file
 
 
+LISTENER_TYPES = ("mqtt", "mqtts")
+LISTENER_PORTS = {"mqtt": 1883, "mqtts": 8883}
+TLS_VERSIONS = ("tlsv1.2", "tlsv1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One ``[[listener]]`` table: where clients connect, and over what."""
+
+    type: str = "mqtt"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    certfile: str = ""  # mqtts: the server's certificate chain (PEM)
+    keyfile: str = ""  # mqtts: its private key (PEM)
+    cafile: str = ""  # mqtts: CAs whose client certificates are accepted
+    require_certificate: bool = False  # mqtts: a client without a valid certificate is refused
+    use_identity_as_username: bool = False  # mqtts: the certificate's CN is the username
+    tls_version: str = "tlsv1.2"  # mqtts: the lowest TLS version accepted
+    ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
+
+    @property
+    def name(self) -> str:
+        return f"{self.type} {self.host}:{self.port}"
+
+
+_LISTENER_CHECKS: dict[str, _Check] = {
+    "type": _Choice(LISTENER_TYPES), "host": _Text(), "port": _Int(0, 65535),
+    "certfile": _Text(path=True, optional=True), "keyfile": _Text(path=True, optional=True),
+    "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
+    "use_identity_as_username": _Bool(), "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
+}
+_NOT_YET = {"ws": "WebSocket", "wss": "WebSocket over TLS"}
+_NOT_YET_KEYS = {"path": "WebSocket listeners", "proxy_protocol": "the PROXY protocol"}
+
+
+def _listeners(value: object) -> tuple[ListenerConfig, ...]:
+    """``[[listener]]`` tables, checked; ``ConfigError`` naming ``listener[i].key``."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError("listener", "must be an array of tables ([[listener]])")
+    out = []
+    for i, table in enumerate(value):
+        where = f"listener[{i}]"
+        kind = table.get("type", "mqtt")
+        if kind in _NOT_YET:
+            raise ConfigError(f"{where}.type", f"{kind!r} ({_NOT_YET[kind]}) is not implemented yet; "
+                                                f"one of {', '.join(LISTENER_TYPES)}")
+        kwargs: dict[str, Any] = {}
+        for key, v in table.items():
+            if key in _NOT_YET_KEYS:
+                raise ConfigError(f"{where}.{key}", f"{_NOT_YET_KEYS[key]} is not implemented yet")
+            check = _LISTENER_CHECKS.get(key)
+            if check is None:
+                raise ConfigError(f"{where}.{key}", f"unknown listener setting; one of {', '.join(_LISTENER_CHECKS)}")
+            try:
+                kwargs[key] = check.check(v)
+            except _Invalid as e:
+                raise ConfigError(f"{where}.{key}", str(e)) from None
+        kwargs.setdefault("port", LISTENER_PORTS[kind])
+        lst = ListenerConfig(**kwargs)
+        if lst.type == "mqtts" and not (lst.certfile and lst.keyfile):
+            raise ConfigError(where, "an mqtts listener needs certfile and keyfile")
+        if lst.type == "mqtt" and (lst.certfile or lst.keyfile or lst.cafile or lst.require_certificate
+                                   or lst.use_identity_as_username):
+            raise ConfigError(where, "certfile, keyfile, cafile, require_certificate and "
+                                     "use_identity_as_username are for mqtts listeners")
+        if lst.require_certificate and not lst.cafile:
+            raise ConfigError(where, "require_certificate needs a cafile")
+        if lst.use_identity_as_username and not lst.require_certificate:
+            raise ConfigError(where, "use_identity_as_username needs require_certificate = true")
+        out.append(lst)
+    seen: set[tuple[str, int]] = set()
+    for i, lst in enumerate(out):
+        if lst.port and (lst.host, lst.port) in seen:
+            raise ConfigError(f"listener[{i}]", f"{lst.host}:{lst.port} is listed twice")
+        seen.add((lst.host, lst.port))
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration, one nested dataclass per TOML section."""
+    """The whole configuration, one nested dataclass per TOML section (and the
+    ``[[listener]]`` tables)."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     acl: AclConfig = field(default_factory=AclConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    listeners: tuple[ListenerConfig, ...] = ()  # none: one mqtt listener on server.host:server.port
+
+    @property
+    def effective_listeners(self) -> tuple[ListenerConfig, ...]:
+        """The listeners to open: ``[[listener]]``, or ``server.host``/``server.port`` as mqtt."""
+        return self.listeners or (ListenerConfig("mqtt", self.server.host, self.server.port),)
 
 
 _Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig
@@ -521,6 +606,9 @@ def _read_file(path: Path) -> dict[str, Any]:
 def _from_file(document: Mapping[str, Any]) -> dict[str, object]:
     values: dict[str, object] = {}
     for section, table in document.items():
+        if section == "listener":
+            values["listener"] = table
+            continue
         if section not in _SECTIONS:
             if isinstance(table, dict):
                 hint = difflib.get_close_matches(section, list(_SECTIONS), n=1, cutoff=0.6)
@@ -565,11 +653,18 @@ def load_config(
     flags are text; values in the file must have the right TOML type.
     """
     values: dict[str, object] = {name: spec.default for name, spec in _SPECS.items()}
+    listeners: tuple[ListenerConfig, ...] = ()
     if path is not None:
         for name, value in _from_file(_read_file(Path(path))).items():
+            if name == "listener":
+                listeners = _listeners(value)
+                continue
             values[name] = _check(name, value)
     for name, value in (overrides or {}).items():
         if value is None:
+            continue
+        if name == "listener":
+            listeners = _listeners(value)
             continue
         if name not in _SPECS:
             raise _unknown(name)
@@ -591,4 +686,5 @@ def load_config(
         storage=_build(StorageConfig, "storage", values),
         acl=_build(AclConfig, "acl", values),
         auth=_build(AuthConfig, "auth", values),
+        listeners=listeners,
     )

@@ -39,6 +39,12 @@ class Transport(Protocol):
         """Bytes the client has taken so far (flow control measures slow consumers by it)."""
         ...
 
+    @property
+    def identity(self) -> str | None:
+        """The identity in the client's TLS certificate when its listener makes it the
+        username (``use_identity_as_username``), else None."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Send now; what the client does not take yet waits in the transport's buffer."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from shardbroker.config import AuthConfig, LimitsConfig
@@ -158,6 +158,11 @@ class Handshake:
         terms = negotiate(pkt, client.assigned_id, self.limits, self.access)
         if isinstance(terms, Refusal):
             self._refuse(client, terms)
+            return None
+        certified = client.transport.identity
+        if certified is not None:  # the listener takes the certificate's identity as the username
+            pkt = replace(pkt, username=certified, password=None)
+            self._authenticated(client, pkt, terms, None, None)
             return None
         if pkt.username is not None and self.failures.banned(_host(client.peer), self.time.mono):
             self.auth_failures += 1

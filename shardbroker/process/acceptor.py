@@ -9,6 +9,12 @@ each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
 that is malformed or illegal gets the spec's answer here (a CONNACK with a
 reason code where one exists, then a close), and the reason is logged.
 
+On an ``mqtts`` listener the acceptor first does the TLS handshake, then reads the CONNECT
+through TLS, and hands the worker one end of a Unix socket pair instead of the TCP socket;
+a ``transport.tls.TlsRelay`` here carries the client's bytes between the two for the rest of
+the connection (that module says why TLS ends here). The connect deadline covers the
+handshake too: a handshake that never finishes is closed like a CONNECT that never comes.
+
 It never touches a store, a session or the bus.
 """
 
@@ -19,15 +25,17 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 import uuid
 
-from shardbroker.config import Config
+from shardbroker.config import Config, ListenerConfig
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
-from shardbroker.transport.fd_passing import MAX_FDS, send_handoffs
+from shardbroker.transport.fd_passing import MAX_FDS, Handoff, send_handoffs
+from shardbroker.transport.tls import TlsRelay, identity, server_context
 
 log = logging.getLogger("shardbroker.process.acceptor")
 
@@ -37,22 +45,30 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 
 
 class _Pending:
-    """A connection whose CONNECT has not fully arrived yet."""
+    """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "reader", "sock", "watched")
+    __slots__ = ("data", "deadline", "listener", "reader", "shaken", "sock", "watched", "writing")
 
-    def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
+                 listener: ListenerConfig | None = None) -> None:
+        self.sock = sock  # an ssl.SSLSocket on an mqtts listener
         self.deadline = deadline
         self.reader = reader
         self.data = bytearray()
         self.watched = False
+        self.listener = listener  # set for TLS connections
+        self.shaken = False  # TLS handshake done
+        self.writing = False  # a writer is registered (the handshake could not write)
+
+
+Listen = tuple[socket.socket, ListenerConfig, ssl.SSLContext | None]
 
 
 class Acceptor:
-    def __init__(self, config: Config, listen: socket.socket, run_dir: str, shards: int) -> None:
+    def __init__(self, config: Config, listens: list[Listen], run_dir: str, shards: int) -> None:
         self.config = config
-        self.listen = listen
+        self.listens = listens
+        self._relays: set[TlsRelay] = set()
         self.run_dir = run_dir
         self.shards = shards
         self._links: dict[int, socket.socket] = {}
@@ -88,15 +104,39 @@ class Acceptor:
         for shard, items in outgoing.items():
             for at in range(0, len(items), MAX_FDS):
                 chunk = items[at:at + MAX_FDS]
-                if self._handoff(shard, [(p.sock.fileno(), cid, bytes(p.data)) for p, cid, _v in chunk]):
+                pairs: list[tuple[socket.socket, socket.socket] | None] = []
+                batch = []
+                for p, cid, _v in chunk:
+                    if p.listener is None:
+                        pairs.append(None)
+                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data)))
+                        continue
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                    pairs.append((ours, theirs))
+                    assert isinstance(p.sock, ssl.SSLSocket)
+                    who = identity(p.sock) if p.listener.use_identity_as_username else None
+                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), _peername(p.sock), who))
+                if self._handoff(shard, batch):
                     self.handed_off += len(chunk)
-                    for p, _cid, _v in chunk:
-                        p.sock.close()  # the worker has its own descriptor now
+                    for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
+                        if pair is None:
+                            p.sock.close()  # the worker has its own descriptor now
+                            continue
+                        ours, theirs = pair
+                        theirs.close()
+                        ours.setblocking(False)
+                        assert isinstance(p.sock, ssl.SSLSocket) and self._loop is not None
+                        relay = TlsRelay(p.sock, ours, self._loop, self._relays.discard)
+                        self._relays.add(relay)
+                        relay.start()
                 else:
-                    for p, _cid, version in chunk:
+                    for (p, _cid, version), pair in zip(chunk, pairs, strict=True):
+                        if pair is not None:
+                            pair[0].close()
+                            pair[1].close()
                         self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
 
-    def _handoff(self, shard: int, batch: list[tuple[int, str | None, bytes]]) -> bool:
+    def _handoff(self, shard: int, batch: list[Handoff]) -> bool:
         # A worker that is restarting refuses for a moment: retry briefly, then give up.
         deadline = time.monotonic() + 5.0
         while True:
@@ -115,16 +155,17 @@ class Acceptor:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from the event loop: readiness callbacks, no task per connection."""
         self._loop = loop
-        self.listen.setblocking(False)
-        loop.add_reader(self.listen.fileno(), self._on_accept)
+        for listen, lst, ctx in self.listens:
+            listen.setblocking(False)
+            loop.add_reader(listen.fileno(), self._on_accept, listen, lst, ctx)
         self._sweep_handle = loop.call_later(SWEEP, self._sweep)
 
-    def _on_accept(self) -> None:
+    def _on_accept(self, listen: socket.socket, lst: ListenerConfig, ctx: ssl.SSLContext | None) -> None:
         assert self._loop is not None
         deadline = time.monotonic() + self.config.limits.connect_timeout
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _addr = self.listen.accept()
+                sock, _addr = listen.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: the sweep keeps going, try later
@@ -132,17 +173,59 @@ class Acceptor:
                 return
             self.accepted += 1
             sock.setblocking(False)
-            pending = _Pending(sock, deadline, codec.PacketReader(max_packet_size=self.config.limits.max_packet_size))
+            reader = codec.PacketReader(max_packet_size=self.config.limits.max_packet_size)
+            if ctx is not None:
+                tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                pending = _Pending(tls, deadline, reader, lst)
+                self._pending[tls.fileno()] = pending
+                self._tls_step(pending)
+                continue
+            pending = _Pending(sock, deadline, reader)
             self._pending[sock.fileno()] = pending
             if not self._read(pending):  # CONNECT often comes with the handshake's last ACK
                 self._loop.add_reader(sock.fileno(), self._read, pending)
                 pending.watched = True
 
+    def _tls_step(self, p: _Pending) -> None:
+        """Go on with a TLS connection: the handshake, then the CONNECT through it."""
+        assert self._loop is not None and isinstance(p.sock, ssl.SSLSocket)
+        if not p.shaken:
+            try:
+                p.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._tls_wait(p, write=False)
+                return
+            except ssl.SSLWantWriteError:
+                self._tls_wait(p, write=True)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s: TLS handshake failed: %s", _peername(p.sock), getattr(exc, "reason", None) or exc)
+                self._close(p)
+                return
+            p.shaken = True
+            self._tls_wait(p, write=False)
+        while self._pending.get(p.sock.fileno()) is p:  # read until OpenSSL has nothing more
+            if self._read(p) or not p.sock.pending():
+                return
+
+    def _tls_wait(self, p: _Pending, *, write: bool) -> None:
+        assert self._loop is not None
+        fd = p.sock.fileno()
+        if not p.watched:
+            self._loop.add_reader(fd, self._tls_step, p)
+            p.watched = True
+        if write and not p.writing:
+            self._loop.add_writer(fd, self._tls_step, p)
+            p.writing = True
+        elif not write and p.writing:
+            self._loop.remove_writer(fd)
+            p.writing = False
+
     def _read(self, p: _Pending) -> bool:
         """Read what is there; True when the connection is dealt with (handed off or closed)."""
         try:
             chunk = p.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError as exc:
             log.debug("%s: %s", _peername(p.sock), exc)
@@ -202,15 +285,19 @@ class Acceptor:
             if code is not None:
                 try:
                     p.sock.send(codec.encode(ConnAck(False, code), version))  # a few bytes: fits the buffer
-                except OSError:
+                except (OSError, ssl.SSLError):
                     pass
         self._close(p)
 
     def _forget(self, p: _Pending) -> None:
         fd = p.sock.fileno()
-        if fd >= 0 and self._pending.pop(fd, None) is not None and p.watched and self._loop is not None:
-            self._loop.remove_reader(fd)
-            p.watched = False
+        if fd >= 0 and self._pending.pop(fd, None) is not None and self._loop is not None:
+            if p.watched:
+                self._loop.remove_reader(fd)
+                p.watched = False
+            if p.writing:
+                self._loop.remove_writer(fd)
+                p.writing = False
 
     def _close(self, p: _Pending) -> None:
         self._forget(p)
@@ -229,7 +316,10 @@ class Acceptor:
     def stop(self) -> None:
         self._stopping = True
         if self._loop is not None:
-            self._loop.remove_reader(self.listen.fileno())
+            for listen, _lst, _ctx in self.listens:
+                self._loop.remove_reader(listen.fileno())
+        for relay in list(self._relays):
+            relay.close()
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
         for p in list(self._pending.values()):
@@ -259,13 +349,15 @@ def _peername(sock: socket.socket) -> str:
         return "?"
 
 
-def run(config: Config, listen_fd: int, run_dir: str, shards: int) -> None:
-    """Process entry point."""
+def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> None:
+    """Process entry point: ``listen_fds`` in the order of ``config.effective_listeners``."""
     from shardbroker.process.runtime import install_loop, ready
 
     install_loop()
-    listen = socket.socket(fileno=listen_fd)
-    acceptor = Acceptor(config, listen, run_dir, shards)
+    listens: list[Listen] = []
+    for fd, lst in zip(listen_fds, config.effective_listeners, strict=True):
+        listens.append((socket.socket(fileno=fd), lst, server_context(lst) if lst.type == "mqtts" else None))
+    acceptor = Acceptor(config, listens, run_dir, shards)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -276,7 +368,8 @@ def run(config: Config, listen_fd: int, run_dir: str, shards: int) -> None:
         ready("acceptor")
         await stop.wait()
         acceptor.stop()
-        listen.close()
+        for listen, _lst, _ctx in listens:
+            listen.close()
         log.info("acceptor stopped (accepted %d, handed off %d)", acceptor.accepted, acceptor.handed_off)
 
     asyncio.run(main())

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shard", nargs="?", type=int, default=0)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--shards", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, default=-1)
+    parser.add_argument("--listen-fd", type=int, action="append", default=[],
+                        help="a listening socket, in the order of the configured listeners")
     args = parser.parse_args(argv)
     # SIGHUP asks a worker to reload its files; until its handler is in, and in the
     # acceptor, it must not end the process (its default action)

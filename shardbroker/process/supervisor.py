@@ -47,6 +47,10 @@ def config_overrides(config: Config) -> dict[str, object]:
     out: dict[str, object] = {}
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
+        if section.name == "listeners":
+            if value:
+                out["listener"] = [dataclasses.asdict(lst) for lst in value]
+            continue
         for f in dataclasses.fields(value):
             out[f"{section.name}.{f.name}"] = getattr(value, f.name)
     return out
@@ -79,8 +83,7 @@ class Supervisor:
         except DataDirInUse:
             raise SystemExit(f"shardbroker: data directory {self.data_dir} is in use by another broker") from None
 
-    def _bind(self) -> socket.socket:
-        host, port = self.config.server.host, self.config.server.port
+    def _bind(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -139,12 +142,25 @@ class Supervisor:
         except (PasswordFileError, AclFileError) as exc:
             raise SystemExit(f"shardbroker: {exc}") from None
 
+    def _check_tls(self) -> None:
+        """Load every mqtts listener's certificate and key once before any child starts."""
+        from shardbroker.transport.tls import TlsError, server_context
+
+        for lst in self.config.effective_listeners:
+            if lst.type == "mqtts":
+                try:
+                    server_context(lst)
+                except TlsError as exc:
+                    raise SystemExit(f"shardbroker: listener {lst.name}: {exc}") from None
+
     def run(self) -> int:
         self._check_security()
+        self._check_tls()
         lock_fd = self._lock_data_dir()
         self._check_data_dir()
-        listen = self._bind()
-        host, port = listen.getsockname()[:2]
+        listeners = self.config.effective_listeners
+        socks = [self._bind(lst.host, lst.port) for lst in listeners]
+        host, port = socks[0].getsockname()[:2]
         run_dir = self._run_dir()
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
@@ -155,8 +171,9 @@ class Supervisor:
         common = ["--run-dir", run_dir, "--shards", str(self.shards)]
         workers = [Child(f"worker {i}", base + ["worker", str(i)] + common, (ready_w,))
                    for i in range(self.shards)]
-        acceptor = Child("acceptor", base + ["acceptor"] + common + ["--listen-fd", str(listen.fileno())],
-                         (ready_w, listen.fileno()))
+        fds = [sock.fileno() for sock in socks]  # in the order of config.effective_listeners
+        acceptor = Child("acceptor", base + ["acceptor"] + common + [a for fd in fds for a in ("--listen-fd", str(fd))],
+                         (ready_w, *fds))
         children = workers + [acceptor]
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -169,7 +186,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
         log.info("shardbroker starting: %d workers, data in %s", self.shards, self.data_dir)
-        log.info("listening on %s:%d (mqtt)", host, port)
+        for lst, sock in zip(listeners, socks, strict=True):
+            h, p = sock.getsockname()[:2]
+            log.info("listening on %s:%d (%s)", h, p, lst.type)
         for child in children:
             self._start(child, env)
         announced = False
@@ -217,7 +236,8 @@ class Supervisor:
                     self._start(child, env)
         finally:
             self._shutdown(acceptor, workers)
-            listen.close()
+            for sock in socks:
+                sock.close()
             os.close(ready_r)
             os.close(ready_w)
             shutil.rmtree(run_dir, ignore_errors=True)

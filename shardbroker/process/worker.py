@@ -32,7 +32,7 @@ from shardbroker.security.auth import Policy, load_policy
 from shardbroker.security.passwords import PasswordFileError, PasswordHash
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
-from shardbroker.transport.tcp import Poller, TcpConnection
+from shardbroker.transport.tcp import Poller, RelayedConnection, TcpConnection
 
 log = logging.getLogger("shardbroker.process.worker")
 
@@ -222,7 +222,9 @@ class Worker:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
         # belong to the socket, so they came along with the descriptor.
         assert self._poller is not None
-        conn = TcpConnection(socket.socket(fileno=h.fd), loop, self._poller, h.initial)
+        sock = socket.socket(fileno=h.fd)
+        conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None
+                else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity))
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 
 

@@ -4,8 +4,10 @@ The acceptor reads a client's CONNECT, then sends the socket's file descriptor
 (SCM_RIGHTS) together with the bytes already read over a Unix stream socket
 that the owning worker listens on (``handoff-N.sock`` in the run directory).
 
-Wire format of one hand-off: a 4-byte big-endian length, then a frame:
-``u16 length of the assigned client id + 1 (0: none), the id (UTF-8), initial bytes``.
+Wire format of one hand-off: a 4-byte big-endian length, then a frame of three optional
+strings and the initial bytes: the assigned client id, the client's address (``host:port``,
+for a socket that is not the client's own TCP socket: a TLS client's relay) and the identity
+in its certificate, each as ``u16 length + 1 (0: none)`` and UTF-8, then the initial bytes.
 Hand-offs are sent in batches: one ``sendmsg`` carries up to ``MAX_FDS`` frames
 and their descriptors, in the same order. The descriptors ride on the first byte
 of the batch, so on the receiving side a descriptor always arrives no later than
@@ -34,21 +36,30 @@ class Handoff:
     fd: int
     client_id: str | None  # an identifier the acceptor assigned, or None
     initial: bytes  # everything read from the client so far (CONNECT first)
+    peer: str | None = None  # the client's address when ``fd`` is not its own socket
+    identity: str | None = None  # the identity in its TLS certificate, when it is the username
 
 
-def encode_frame(client_id: str | None, initial: bytes) -> bytes:
-    header = b"" if client_id is None else client_id.encode()
-    body = _HLEN.pack(0 if client_id is None else len(header) + 1) + header + initial
+def _opt(text: str | None) -> bytes:
+    if text is None:
+        return _HLEN.pack(0)
+    raw = text.encode()
+    return _HLEN.pack(len(raw) + 1) + raw
+
+
+def encode_frame(client_id: str | None, initial: bytes, peer: str | None = None,
+                 identity: str | None = None) -> bytes:
+    body = _opt(client_id) + _opt(peer) + _opt(identity) + initial
     return _LEN.pack(len(body)) + body
 
 
-def send_handoffs(sock: socket.socket, batch: list[tuple[int, str | None, bytes]]) -> None:
-    """Send up to ``MAX_FDS`` hand-offs ``(fd, assigned id, initial bytes)`` in one ``sendmsg``
-    on a blocking Unix stream socket (raises OSError on failure)."""
+def send_handoffs(sock: socket.socket, batch: list[Handoff]) -> None:
+    """Send up to ``MAX_FDS`` hand-offs in one ``sendmsg`` on a blocking Unix stream socket
+    (raises OSError on failure)."""
     if not 0 < len(batch) <= MAX_FDS:
         raise ValueError(f"a hand-off batch holds 1 to {MAX_FDS} sockets, not {len(batch)}")
-    data = b"".join(encode_frame(client_id, initial) for _fd, client_id, initial in batch)
-    fds = array.array("i", [fd for fd, _cid, _initial in batch])
+    data = b"".join(encode_frame(h.client_id, h.initial, h.peer, h.identity) for h in batch)
+    fds = array.array("i", [h.fd for h in batch])
     sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
     if sent < len(data):
         sock.sendall(data[sent:])
@@ -101,10 +112,17 @@ class HandoffReceiver:
                 break
             body = bytes(self._buf[4 : 4 + size])
             del self._buf[: 4 + size]
-            (marker,) = _HLEN.unpack_from(body, 0)
-            hlen = max(0, marker - 1)
-            client_id = body[2 : 2 + hlen].decode() if marker else None
-            out.append(Handoff(self._fds.popleft(), client_id, body[2 + hlen :]))
+            pos = 0
+            fields: list[str | None] = []
+            for _ in range(3):
+                (marker,) = _HLEN.unpack_from(body, pos)
+                pos += 2
+                if marker:
+                    fields.append(body[pos : pos + marker - 1].decode())
+                    pos += marker - 1
+                else:
+                    fields.append(None)
+            out.append(Handoff(self._fds.popleft(), fields[0], body[pos:], fields[1], fields[2]))
         return out
 
     def close(self) -> None:

@@ -119,6 +119,8 @@ class TcpConnection:
         "_loop", "_peer", "_poller", "_reading", "_wbuf", "_writing", "bytes_sent", "fd", "sock",
     )
 
+    identity: str | None = None  # a certificate's identity, for ``RelayedConnection``
+
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, poller: Poller,
                  initial: bytes = b"") -> None:
         self.sock = sock
@@ -296,3 +298,18 @@ class TcpConnection:
 
     def abort(self, reason: str) -> None:
         self._lost()
+
+
+class RelayedConnection(TcpConnection):
+    """A client whose bytes come through a relay, one end of a Unix socket pair (its TLS ends
+    in the acceptor, ``tls.py``): its address and the identity in its certificate came with
+    the hand-off, since the socket itself knows neither."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, poller: Poller, initial: bytes,
+                 peer: str, identity: str | None) -> None:
+        super().__init__(sock, loop, poller, initial)
+        self._peer = peer
+        self.identity = identity
+

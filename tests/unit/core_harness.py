@@ -79,6 +79,8 @@ class FakeScheduler:
 class FakeTransport:
     """What the broker wrote, and whether it closed or paused the connection."""
 
+    identity: str | None = None
+
     def __init__(self, name: str) -> None:
         self.peer = f"fake:{name}"
         self.written = bytearray()

@@ -60,6 +60,8 @@ def flatten(config: Config) -> dict[str, object]:
     out: dict[str, object] = {}
     for section in dataclasses.fields(config):
         table = getattr(config, section.name)
+        if section.name == "listeners":  # [[listener]] tables, tested on their own
+            continue
         for f in dataclasses.fields(table):
             out[f"{section.name}.{f.name}"] = getattr(table, f.name)
     return out
@@ -417,3 +419,41 @@ def test_acl_filters_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, "[acl]\ndeny_publish = 3\n"))
     assert "list of topic filters" in str(exc.value)
+
+
+def test_listeners(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+[[listener]]
+port = 1884
+[[listener]]
+type = "mqtts"
+host = "0.0.0.0"
+certfile = "/c.pem"
+keyfile = "/k.pem"
+cafile = "/ca.pem"
+require_certificate = true
+"""))
+    plain, tls = config.listeners
+    assert (plain.type, plain.host, plain.port) == ("mqtt", "127.0.0.1", 1884)
+    assert (tls.type, tls.port, tls.require_certificate, tls.tls_version) == ("mqtts", 8883, True, "tlsv1.2")
+    assert config.effective_listeners == config.listeners
+    assert load_config().effective_listeners[0].name == "mqtt 127.0.0.1:1883"
+    again = load_config(None, {"listener": [dataclasses.asdict(x) for x in config.listeners]})
+    assert again.listeners == config.listeners  # how the children get them
+
+
+@pytest.mark.parametrize("table, error", [
+    ('type = "ws"', "listener[0].type: 'ws' (WebSocket) is not implemented yet"),
+    ('type = "mqtts"', "listener[0]: an mqtts listener needs certfile and keyfile"),
+    ('certfile = "/c.pem"', "are for mqtts listeners"),
+    ('type = "mqtts"\ncertfile = "c"\nkeyfile = "k"\nrequire_certificate = true', "needs a cafile"),
+    ('type = "mqtts"\ncertfile = "c"\nkeyfile = "k"\nuse_identity_as_username = true', "needs require_certificate"),
+    ('bogus = 1', "listener[0].bogus: unknown listener setting"),
+    ('port = 70000', "listener[0].port: must be an integer between 0 and 65535"),
+    ('tls_version = "tlsv1.0"', "listener[0].tls_version: must be one of"),
+    ('path = "/mqtt"', "WebSocket listeners is not implemented yet"),
+])
+def test_bad_listener_is_a_config_error_naming_it(tmp_path: Path, table: str, error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[[listener]]\n" + table + "\n"))
+    assert error in str(info.value)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shardbroker.transport.fd_passing import MAX_FDS, HandoffReceiver, send_handoffs
+from shardbroker.transport.fd_passing import MAX_FDS, Handoff, HandoffReceiver, send_handoffs
 
 
 def _pipes(n: int) -> list[tuple[int, int]]:
@@ -31,11 +31,14 @@ def test_batch_of_descriptors_pairs_with_frames(count: int) -> None:
     b.setblocking(False)
     pipes = _pipes(count)
     try:
-        batch = [(w, None if i % 3 == 0 else f"id-{i}", bytes([i]) * (i + 1)) for i, (_r, w) in enumerate(pipes)]
+        batch = [Handoff(w, None if i % 3 == 0 else f"id-{i}", bytes([i]) * (i + 1),
+                         None if i % 2 else f"10.0.0.{i}:{1000 + i}", "CN é" if i % 4 == 1 else None)
+                 for i, (_r, w) in enumerate(pipes)]
         send_handoffs(a, batch)
         receiver = HandoffReceiver(b)
         got = _receive_all(receiver, count)
-        assert [(h.client_id, h.initial) for h in got] == [(cid, data) for _fd, cid, data in batch]
+        assert [(h.client_id, h.initial, h.peer, h.identity) for h in got] == [
+            (h.client_id, h.initial, h.peer, h.identity) for h in batch]
         # Each received descriptor is the write end of the matching pipe: write through it, read the other end.
         for i, h in enumerate(got):
             os.write(h.fd, b"x%d" % i)
@@ -55,7 +58,7 @@ def test_large_initial_bytes_arrive_over_several_reads() -> None:
     r, w = os.pipe()
     big = os.urandom(600_000)  # more than one recvmsg buffer
     try:
-        t = threading.Thread(target=send_handoffs, args=(a, [(w, "c", big), (r, None, b"tail")]))
+        t = threading.Thread(target=send_handoffs, args=(a, [Handoff(w, "c", big), Handoff(r, None, b"tail")]))
         t.start()
         receiver = HandoffReceiver(b)
         got: list = []
@@ -79,7 +82,7 @@ def test_batch_size_is_bounded(count: int) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with pytest.raises(ValueError, match="hand-off batch"):
-            send_handoffs(a, [(0, None, b"")] * count)
+            send_handoffs(a, [Handoff(0, None, b"")] * count)
     finally:
         a.close()
         b.close()
