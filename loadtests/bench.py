@@ -87,6 +87,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -192,9 +193,11 @@ class Plan:
     keepalive: int = 60
     stuck_keepalive: int = 0        # the never-reading subscribers' keepalive (0 = none)
     timeout: float = 20.0           # per wait (connect, CONNACK, SUBACK)
+    tls_ca: str = ""                # --tls: the CA file; connections are TLS when set
 
 
-S_CONNECTING, S_CONNACK, S_SUBACK, S_READY, S_CLOSED = range(5)
+S_CONNECTING, S_CONNACK, S_SUBACK, S_READY, S_CLOSED, S_HANDSHAKE = range(6)
+TLS_WRITE = 16 * 1024  # bytes per SSL write: a retry after "want write" passes the same bytes
 _EP_IN, _EP_OUT = select.EPOLLIN, select.EPOLLOUT
 _EP_ERR = select.EPOLLERR | select.EPOLLHUP
 _OUT_HIGH = 256 * 1024       # a QoS 0 publisher with more than this unsent waits
@@ -338,6 +341,10 @@ class Engine:
         self.payload_bytes = bytes((65 + k % 26) for k in range(size))
         self.pad = self.payload_bytes[self.hdr_len:]
         self.addr = (plan.host, plan.port)
+        self.tls: ssl.SSLContext | None = None
+        if plan.tls_ca:
+            self.tls = ssl.create_default_context(cafile=plan.tls_ca)
+            self.tls.check_hostname = False
         self.written_off = 0
         self.stalled = False
         self.stall_seen = -1
@@ -394,6 +401,10 @@ class Engine:
         if c.out:
             c.out += data
             return
+        if self.tls is not None:  # through c.out: SSL writes go in records, retried alike
+            c.out += data
+            self._writable(c)
+            return
         try:
             n = c.sock.send(data)
         except BlockingIOError:
@@ -405,17 +416,75 @@ class Engine:
             c.out += data[n:]
             self.ep.modify(c.fd, _EP_IN | _EP_OUT)
 
+    def _recv_tls(self, c: Conn) -> bytes | None:
+        """What TLS has for ``c``: one SSL read returns one record, so read until OpenSSL wants
+        more from the kernel (up to 256 KB). ``b""``: closed; None: nothing yet (or lost)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < 262144:
+            try:
+                chunk = c.sock.recv(262144)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            except OSError as exc:
+                if parts:
+                    break
+                self.lost(c, f"recv: {exc}")
+                return None
+            if not chunk:
+                if parts:
+                    break
+                return b""
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts) if parts else None
+
+    def _handshake(self, c: Conn) -> None:
+        try:
+            c.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.ep.modify(c.fd, _EP_IN)
+            return
+        except ssl.SSLWantWriteError:
+            self.ep.modify(c.fd, _EP_IN | _EP_OUT)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self.lost(c, f"TLS handshake: {exc}")
+            return
+        c.state = S_CONNACK
+        self.ep.modify(c.fd, _EP_IN)
+        self.send(c, c.connect_pkt)
+
     def _writable(self, c: Conn) -> None:
         if c.state == S_CONNECTING:
             err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.lost(c, f"connect: {os.strerror(err)}")
                 return
+            if self.tls is not None:
+                c.sock = self.tls.wrap_socket(c.sock, do_handshake_on_connect=False)
+                c.state = S_HANDSHAKE
+                self._handshake(c)
+                return
             c.state = S_CONNACK
             self.ep.modify(c.fd, _EP_IN)
             self.send(c, c.connect_pkt)
             return
-        if c.out:
+        if c.state == S_HANDSHAKE:
+            self._handshake(c)
+            return
+        if c.out and self.tls is not None:
+            while c.out:
+                try:
+                    n = c.sock.send(c.out[:TLS_WRITE])
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    self.ep.modify(c.fd, _EP_IN | _EP_OUT)
+                    return
+                except OSError as exc:
+                    self.lost(c, f"send: {exc}")
+                    return
+                del c.out[:n]
+        elif c.out:
             try:
                 n = c.sock.send(c.out)
             except BlockingIOError:
@@ -443,14 +512,22 @@ class Engine:
                 self._writable(c)
                 if c.state == S_CLOSED:
                     continue
+            if c.state == S_HANDSHAKE:
+                self._handshake(c)
+                continue
             if ev & (_EP_IN | _EP_ERR) and c.state != S_CONNECTING:
-                try:
-                    data = c.sock.recv(262144)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self.lost(c, f"recv: {exc}")
-                    continue
+                if self.tls is not None:
+                    data = self._recv_tls(c)
+                    if data is None:
+                        continue
+                else:
+                    try:
+                        data = c.sock.recv(262144)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self.lost(c, f"recv: {exc}")
+                        continue
                 if not data:
                     self.lost(c, "closed by the broker")
                     continue
@@ -1072,6 +1149,42 @@ class _Pending:
         self.cid, self.t0, self.phase, self.buf, self.index = cid, t0, 0, b"", index
 
 
+def make_certificates(directory: Path) -> dict[str, str]:
+    """--tls: a CA and a server certificate for 127.0.0.1 (ECDSA P-256), readable by a broker
+    that dropped its privileges."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(cn: str, key: Any, issuer: str, issuer_key: Any, ca: bool) -> Any:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    out = {"ca": directory / "ca.crt", "crt": directory / "server.crt", "key": directory / "server.key"}
+    out["ca"].write_bytes(cert("bench CA", ca_key, "bench CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    out["crt"].write_bytes(cert("127.0.0.1", srv_key, "bench CA", ca_key, False)
+                           .public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(srv_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    for path in out.values():
+        os.chmod(path, 0o644)
+    return {k: str(v) for k, v in out.items()}
+
+
 def auth_user(i: int, users: int) -> tuple[str, str]:
     """connect-auth: the user and password of client ``i``."""
     k = i % users
@@ -1435,6 +1548,8 @@ class Broker:
         self.tmp: str | None = None
         self.errlog: Path | None = None
         self.creds: tuple[str, str] | None = None  # what the readiness probe logs in with
+        self.tls_port = 0  # --tls: the generators connect here, over TLS
+        self.tls_ca = ""
 
     def __repr__(self) -> str:
         return f"{self.label} ({self.host}:{self.port})"
@@ -1471,7 +1586,8 @@ class Broker:
 
     @classmethod
     def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
-                    proto: int, timeout: float, password_file: Path | None = None) -> Broker:
+                    proto: int, timeout: float, password_file: Path | None = None,
+                    tls: dict[str, str] | None = None) -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
         argv = [python, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
@@ -1479,11 +1595,18 @@ class Broker:
                 "--log-level", "warning"]
         if durability:
             argv += ["--durability", durability]
+        text = ""
         if password_file is not None:
-            conf = Path(b.tmp) / "broker.toml"
-            conf.write_text(f'[auth]\npassword_file = "{password_file}"\n')
-            argv += ["--config", str(conf)]
+            text += f'[auth]\npassword_file = "{password_file}"\n'
             b.creds = auth_user(0, 1)
+        if tls is not None:
+            b.tls_port, b.tls_ca = free_port(), tls["ca"]
+            text += (f'[[listener]]\nport = {b.port}\n\n[[listener]]\ntype = "mqtts"\nport = {b.tls_port}\n'
+                     f'certfile = "{tls["crt"]}"\nkeyfile = "{tls["key"]}"\n')
+        if text:
+            conf = Path(b.tmp) / "broker.toml"
+            conf.write_text(text)
+            argv += ["--config", str(conf)]
         b._spawn(argv, cwd=REPO_ROOT)
         try:
             b.wait_ready(timeout, proto)
@@ -1494,7 +1617,7 @@ class Broker:
 
     @classmethod
     def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float,
-                  password_file: Path | None = None) -> Broker:
+                  password_file: Path | None = None, tls: dict[str, str] | None = None) -> Broker:
         b = cls(label, "mosquitto", "127.0.0.1", free_port())
         b.tmp = tempfile.mkdtemp(prefix="bench-mosq-")
         os.chmod(b.tmp, 0o777)  # mosquitto drops root privileges to its own user
@@ -1505,6 +1628,9 @@ class Broker:
         if password_file is not None:
             lines.append(f"password_file {password_file}")
             b.creds = auth_user(0, 1)
+        if tls is not None:
+            b.tls_port, b.tls_ca = free_port(), tls["ca"]
+            lines += [f"listener {b.tls_port} 127.0.0.1", f"certfile {tls['crt']}", f"keyfile {tls['key']}"]
         if persistence:
             pdir = Path(b.tmp) / "persist"
             pdir.mkdir()
@@ -1720,10 +1846,11 @@ def build_plans(scn: str, broker: Broker, args: argparse.Namespace,
     procs = max(2 if scn == "latency-qos1" or scn in FAIRNESS else 1, args.procs)
     shards = broker.shards
     common: dict[str, Any] = {
-        "host": broker.host, "port": broker.port, "proto": args.protocol, "payload": args.payload,
+        "host": broker.host, "port": broker.tls_port or broker.port, "proto": args.protocol, "payload": args.payload,
         "coalesce_ms": args.read_coalesce_ms, "e2e_window": args.e2e_window, "window": args.window,
         "qos0_window": args.qos0_window, "batch": args.batch,
         "connect_concurrency": args.connect_concurrency, "timeout": args.timeout,
+        "tls_ca": broker.tls_ca if broker.tls_port else "",
     }
     plans = [Plan(index=k, **common) for k in range(procs)]
     expect: dict[int, list[str]] = {}
@@ -2257,6 +2384,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-rate", type=float, default=2000.0,
                    help="total msg/s in latency-qos1 (default 2000)")
     g.add_argument("--connections", type=int, default=5000, help="clients in connect-rate (default 5000)")
+    g.add_argument("--tls", action="store_true",
+                   help="clients connect over TLS (a listener of each broker with a certificate the bench "
+                        "makes); the scenarios of the main generator, not connect-rate/-auth or subscriptions")
     g.add_argument("--auth-users", type=int, default=100,
                    help="connect-auth: users in the password file, client i logs in as user i %% N (default 100)")
     g.add_argument("--auth-iterations", type=int, default=101,
@@ -2361,17 +2491,23 @@ def main(argv: list[str] | None = None) -> int:
     col_a = "target" if args.target else ("Mosquitto" if args.mosquitto_only else "ShardBroker")
     col_b = "Mosquitto" if (have_mosq and with_sb) else None
 
+    tls: dict[str, str] | None = None
+    if args.tls:
+        tls_dir = Path(tempfile.mkdtemp(prefix="bench-tls-"))
+        os.chmod(tls_dir, 0o755)  # mosquitto drops root privileges to its own user
+        tls = make_certificates(tls_dir)
+
     def start_sb(label: str, durability: str | None, password_file: Path | None = None) -> Broker:
         log(f"starting ShardBroker ({label}, {args.workers} workers) ...")
         b = Broker.shardbroker(label, args.workers, durability, args.python, args.protocol,
-                               args.start_timeout, password_file)
+                               args.start_timeout, password_file, tls)
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
 
     def start_mosq(label: str, persistence: bool, password_file: Path | None = None) -> Broker:
         log(f"starting Mosquitto ({label}) ...")
-        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout, password_file)
+        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout, password_file, tls)
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
