@@ -35,12 +35,13 @@ from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
 from shardbroker.transport.fd_passing import MAX_FDS, Handoff, send_handoffs
-from shardbroker.transport.tls import TlsRelay, identity, server_context
+from shardbroker.transport.tls import TlsError, TlsRelay, identity, server_context
 
 log = logging.getLogger("shardbroker.process.acceptor")
 
 
 SWEEP = 0.25  # seconds between connect-deadline sweeps
+CERT_CHECK = 2.0  # seconds between looks at the certificate files of mqtts listeners
 ACCEPT_BATCH = 256  # connections accepted per readiness callback
 
 
@@ -68,6 +69,9 @@ class Acceptor:
     def __init__(self, config: Config, listens: list[Listen], run_dir: str, shards: int) -> None:
         self.config = config
         self.listens = listens
+        self._contexts = [ctx for _sock, _lst, ctx in listens]  # the current one, per listener
+        self._cert_stamps = [_stamps(lst) for _sock, lst, _ctx in listens]
+        self._cert_checked = time.monotonic()
         self._relays: set[TlsRelay] = set()
         self.run_dir = run_dir
         self.shards = shards
@@ -155,13 +159,14 @@ class Acceptor:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from the event loop: readiness callbacks, no task per connection."""
         self._loop = loop
-        for listen, lst, ctx in self.listens:
+        for i, (listen, lst, _ctx) in enumerate(self.listens):
             listen.setblocking(False)
-            loop.add_reader(listen.fileno(), self._on_accept, listen, lst, ctx)
+            loop.add_reader(listen.fileno(), self._on_accept, listen, lst, i)
         self._sweep_handle = loop.call_later(SWEEP, self._sweep)
 
-    def _on_accept(self, listen: socket.socket, lst: ListenerConfig, ctx: ssl.SSLContext | None) -> None:
+    def _on_accept(self, listen: socket.socket, lst: ListenerConfig, index: int) -> None:
         assert self._loop is not None
+        ctx = self._contexts[index]
         deadline = time.monotonic() + self.config.limits.connect_timeout
         for _ in range(ACCEPT_BATCH):
             try:
@@ -303,9 +308,32 @@ class Acceptor:
         self._forget(p)
         p.sock.close()
 
+    def _check_certificates(self) -> None:
+        """An mqtts listener whose certificate, key or CA file changed gets a new context for
+        the connections that come from now on; connections already up keep their session. A
+        file that does not load (say, a certificate written before its key) is logged and the
+        old context stays, until the files change again."""
+        for i, (_sock, lst, _ctx) in enumerate(self.listens):
+            if lst.type != "mqtts":
+                continue
+            stamps = _stamps(lst)
+            if stamps == self._cert_stamps[i]:
+                continue
+            self._cert_stamps[i] = stamps
+            try:
+                self._contexts[i] = server_context(lst)
+            except TlsError as exc:
+                log.error("listener %s: certificate files changed but do not load, the previous ones stay "
+                          "in use: %s", lst.name, exc)
+                continue
+            log.info("listener %s: certificate files reloaded", lst.name)
+
     def _sweep(self) -> None:
         """Close connections that sent no whole CONNECT in time (one pass, ``now`` read once)."""
         now = time.monotonic()
+        if now - self._cert_checked >= CERT_CHECK:
+            self._cert_checked = now
+            self._check_certificates()
         for p in [p for p in self._pending.values() if now > p.deadline]:
             log.info("%s sent no CONNECT within %.1fs: closing", _peername(p.sock),
                      self.config.limits.connect_timeout)
@@ -331,6 +359,18 @@ class Acceptor:
         for link in self._links.values():
             link.close()
         self._links.clear()
+
+
+def _stamps(lst: ListenerConfig) -> tuple[tuple[int, int] | None, ...]:
+    """(modification time, size) of an mqtts listener's files, None for one that is missing."""
+    out: list[tuple[int, int] | None] = []
+    for path in (lst.certfile, lst.keyfile, lst.cafile):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        out.append((st.st_mtime_ns, st.st_size) if st is not None else None)
+    return tuple(out)
 
 
 def _level(body: memoryview | bytes) -> int | None:

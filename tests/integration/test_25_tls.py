@@ -239,3 +239,33 @@ def test_bad_certificate_files_are_a_one_line_error(make_broker, pki, tmp_path, 
         b.start(timeout=10)
     assert error in b.log_text() and "Traceback" not in b.log_text()
     assert b.returncode == 2
+
+
+def test_certificates_are_reloaded_when_their_files_change(make_broker, pki, tmp_path, uniq):
+    crt, key = tmp_path / "live.crt", tmp_path / "live.key"
+    crt.write_bytes(pki["crt"].read_bytes())
+    key.write_bytes(pki["key"].read_bytes())
+    b = make_broker(config=_tls_config({**pki, "crt": crt, "key": key}))
+    port = _tls_port(b)
+    old = TlsClient(port, _client_ctx(pki))
+    assert old.connect_mqtt(uniq.cid("o")).rc == 0
+    topic = uniq.topic()
+    old.subscribe(topic, 1)
+    # a new CA and certificate: written key first, then certificate (a moment where they do not match)
+    ca2_key, srv2_key = _key(), _key()
+    ca2 = _cert("second CA", ca2_key, "second CA", ca2_key, ca=True)
+    ca2_path, _ = _write(tmp_path / "ca2", ca2, ca2_key)
+    since = b.log_len()
+    key.write_bytes(srv2_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    b.wait_for_log("certificate files changed but do not load", timeout=10, since=since)
+    crt.write_bytes(_cert("localhost", srv2_key, "second CA", ca2_key, server=True)
+                    .public_bytes(serialization.Encoding.PEM))
+    b.wait_for_log("certificate files reloaded", timeout=10, since=since)
+    new_ctx = ssl.create_default_context(cafile=str(ca2_path))
+    fresh = TlsClient(port, new_ctx)
+    assert fresh.connect_mqtt(uniq.cid("n")).rc == 0
+    with pytest.raises(ssl.SSLError):  # the old CA no longer vouches for the server
+        TlsClient(port, _client_ctx(pki))
+    fresh.publish(topic, b"after the reload", qos=1)
+    assert old.recv_publish().payload == b"after the reload"  # the old connection is still up
