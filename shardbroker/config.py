@@ -396,9 +396,10 @@ class AuthConfig:
         return not self.password_file
 
 
-LISTENER_TYPES = ("mqtt", "mqtts")
-LISTENER_PORTS = {"mqtt": 1883, "mqtts": 8883}
+LISTENER_TYPES = ("mqtt", "mqtts", "ws", "wss")
+LISTENER_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 8083, "wss": 8084}
 TLS_VERSIONS = ("tlsv1.2", "tlsv1.3")
+WS_PATH = "/mqtt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +416,11 @@ class ListenerConfig:
     use_identity_as_username: bool = False  # mqtts: the certificate's CN is the username
     tls_version: str = "tlsv1.2"  # mqtts: the lowest TLS version accepted
     ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
+    path: str = WS_PATH  # ws, wss: the HTTP path of the WebSocket endpoint
+
+    @property
+    def tls(self) -> bool:
+        return self.type in ("mqtts", "wss")
 
     @property
     def name(self) -> str:
@@ -426,9 +432,10 @@ _LISTENER_CHECKS: dict[str, _Check] = {
     "certfile": _Text(path=True, optional=True), "keyfile": _Text(path=True, optional=True),
     "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
     "use_identity_as_username": _Bool(), "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
+    "path": _Text(),
 }
-_NOT_YET = {"ws": "WebSocket", "wss": "WebSocket over TLS"}
-_NOT_YET_KEYS = {"path": "WebSocket listeners", "proxy_protocol": "the PROXY protocol"}
+_NOT_YET: dict[str, str] = {}
+_NOT_YET_KEYS = {"proxy_protocol": "the PROXY protocol"}
 
 
 def _listeners(value: object) -> tuple[ListenerConfig, ...]:
@@ -455,12 +462,16 @@ def _listeners(value: object) -> tuple[ListenerConfig, ...]:
                 raise ConfigError(f"{where}.{key}", str(e)) from None
         kwargs.setdefault("port", LISTENER_PORTS[kind])
         lst = ListenerConfig(**kwargs)
-        if lst.type == "mqtts" and not (lst.certfile and lst.keyfile):
-            raise ConfigError(where, "an mqtts listener needs certfile and keyfile")
-        if lst.type == "mqtt" and (lst.certfile or lst.keyfile or lst.cafile or lst.require_certificate
-                                   or lst.use_identity_as_username):
+        if lst.tls and not (lst.certfile and lst.keyfile):
+            raise ConfigError(where, f"an {lst.type} listener needs certfile and keyfile")
+        if not lst.tls and (lst.certfile or lst.keyfile or lst.cafile or lst.require_certificate
+                            or lst.use_identity_as_username):
             raise ConfigError(where, "certfile, keyfile, cafile, require_certificate and "
-                                     "use_identity_as_username are for mqtts listeners")
+                                     "use_identity_as_username are for mqtts and wss listeners")
+        if lst.path != WS_PATH and lst.type not in ("ws", "wss"):
+            raise ConfigError(f"{where}.path", "is for ws and wss listeners")
+        if not lst.path.startswith("/"):
+            raise ConfigError(f"{where}.path", f"must start with '/', got {lst.path!r}")
         if lst.require_certificate and not lst.cafile:
             raise ConfigError(where, "require_certificate needs a cafile")
         if lst.use_identity_as_username and not lst.require_certificate:

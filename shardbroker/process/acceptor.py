@@ -35,7 +35,9 @@ from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
 from shardbroker.transport.fd_passing import MAX_FDS, Handoff, send_handoffs
-from shardbroker.transport.tls import TlsError, TlsRelay, identity, server_context
+from shardbroker.transport.relay import ClientRelay
+from shardbroker.transport.tls import TlsError, identity, server_context
+from shardbroker.transport.websocket import WsFramer
 
 log = logging.getLogger("shardbroker.process.acceptor")
 
@@ -48,16 +50,17 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "listener", "reader", "shaken", "sock", "watched", "writing")
+    __slots__ = ("data", "deadline", "framer", "listener", "reader", "shaken", "sock", "watched", "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
-                 listener: ListenerConfig | None = None) -> None:
-        self.sock = sock  # an ssl.SSLSocket on an mqtts listener
+                 listener: ListenerConfig | None = None, framer: WsFramer | None = None) -> None:
+        self.sock = sock  # an ssl.SSLSocket on an mqtts or wss listener
         self.deadline = deadline
         self.reader = reader
-        self.data = bytearray()
+        self.data = bytearray()  # the MQTT bytes read so far
         self.watched = False
-        self.listener = listener  # set for TLS connections
+        self.listener = listener  # set for the connections that are relayed (TLS, WebSocket)
+        self.framer = framer  # ws, wss
         self.shaken = False  # TLS handshake done
         self.writing = False  # a writer is registered (the handshake could not write)
 
@@ -72,7 +75,7 @@ class Acceptor:
         self._contexts = [ctx for _sock, _lst, ctx in listens]  # the current one, per listener
         self._cert_stamps = [_stamps(lst) for _sock, lst, _ctx in listens]
         self._cert_checked = time.monotonic()
-        self._relays: set[TlsRelay] = set()
+        self._relays: set[ClientRelay] = set()
         self.run_dir = run_dir
         self.shards = shards
         self._links: dict[int, socket.socket] = {}
@@ -117,8 +120,10 @@ class Acceptor:
                         continue
                     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                     pairs.append((ours, theirs))
-                    assert isinstance(p.sock, ssl.SSLSocket)
-                    who = identity(p.sock) if p.listener.use_identity_as_username else None
+                    who = None
+                    if p.listener.use_identity_as_username:
+                        assert isinstance(p.sock, ssl.SSLSocket)
+                        who = identity(p.sock)
                     batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), _peername(p.sock), who))
                 if self._handoff(shard, batch):
                     self.handed_off += len(chunk)
@@ -129,8 +134,8 @@ class Acceptor:
                         ours, theirs = pair
                         theirs.close()
                         ours.setblocking(False)
-                        assert isinstance(p.sock, ssl.SSLSocket) and self._loop is not None
-                        relay = TlsRelay(p.sock, ours, self._loop, self._relays.discard)
+                        assert self._loop is not None
+                        relay = ClientRelay(p.sock, ours, self._loop, self._relays.discard, p.framer)
                         self._relays.add(relay)
                         relay.start()
                 else:
@@ -178,14 +183,16 @@ class Acceptor:
                 return
             self.accepted += 1
             sock.setblocking(False)
-            reader = codec.PacketReader(max_packet_size=self.config.limits.max_packet_size)
+            max_size = self.config.limits.max_packet_size
+            reader = codec.PacketReader(max_packet_size=max_size)
+            framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
             if ctx is not None:
                 tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                pending = _Pending(tls, deadline, reader, lst)
+                pending = _Pending(tls, deadline, reader, lst, framer)
                 self._pending[tls.fileno()] = pending
                 self._tls_step(pending)
                 continue
-            pending = _Pending(sock, deadline, reader)
+            pending = _Pending(sock, deadline, reader, lst if framer is not None else None, framer)
             self._pending[sock.fileno()] = pending
             if not self._read(pending):  # CONNECT often comes with the handshake's last ACK
                 self._loop.add_reader(sock.fileno(), self._read, pending)
@@ -240,6 +247,18 @@ class Acceptor:
             log.debug("%s closed before CONNECT", _peername(p.sock))
             self._close(p)
             return True
+        if p.framer is not None:  # WebSocket: the opening handshake, then frames
+            chunk, reply, over = p.framer.feed(chunk)
+            if reply:
+                try:
+                    p.sock.send(reply)  # an HTTP response or a control frame: fits the buffer
+                except (OSError, ssl.SSLError):
+                    over = True
+            if over:
+                self._close(p)
+                return True
+            if not chunk:
+                return False
         p.data += chunk
         if p.data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
             log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _peername(p.sock), p.data[0])
@@ -288,8 +307,11 @@ class Acceptor:
         if version is not None and (version == MQTT_5 or exc.reason in reasons.V5_TO_V3_CONNACK):
             code = exc.reason if version == MQTT_5 else reasons.V5_TO_V3_CONNACK.get(exc.reason)
             if code is not None:
+                data = codec.encode(ConnAck(False, code), version)
+                if p.framer is not None:
+                    data = p.framer.encode(data) + p.framer.close()
                 try:
-                    p.sock.send(codec.encode(ConnAck(False, code), version))  # a few bytes: fits the buffer
+                    p.sock.send(data)  # a few bytes: fits the buffer
                 except (OSError, ssl.SSLError):
                     pass
         self._close(p)
@@ -314,7 +336,7 @@ class Acceptor:
         file that does not load (say, a certificate written before its key) is logged and the
         old context stays, until the files change again."""
         for i, (_sock, lst, _ctx) in enumerate(self.listens):
-            if lst.type != "mqtts":
+            if not lst.tls:
                 continue
             stamps = _stamps(lst)
             if stamps == self._cert_stamps[i]:
@@ -396,7 +418,7 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
     install_loop()
     listens: list[Listen] = []
     for fd, lst in zip(listen_fds, config.effective_listeners, strict=True):
-        listens.append((socket.socket(fileno=fd), lst, server_context(lst) if lst.type == "mqtts" else None))
+        listens.append((socket.socket(fileno=fd), lst, server_context(lst) if lst.tls else None))
     acceptor = Acceptor(config, listens, run_dir, shards)
 
     async def main() -> None:

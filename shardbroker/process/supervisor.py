@@ -147,7 +147,7 @@ class Supervisor:
         from shardbroker.transport.tls import TlsError, server_context
 
         for lst in self.config.effective_listeners:
-            if lst.type == "mqtts":
+            if lst.tls:
                 try:
                     server_context(lst)
                 except TlsError as exc:

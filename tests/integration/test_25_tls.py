@@ -4,8 +4,6 @@ handshake that never ends, bad certificate files."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import re
 import shutil
 import socket
@@ -18,11 +16,9 @@ import mqttbytes as mb
 import pytest
 from conftest import BrokerStartError, skip_unless_shardbroker
 
-cryptography = pytest.importorskip("cryptography")
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+pytest.importorskip("cryptography")
+from certs import key_pem, make_pki, new_cert, new_key, write_pem
+from cryptography.hazmat.primitives import serialization
 
 pytestmark = pytest.mark.usefixtures("_only_shardbroker")
 
@@ -32,46 +28,9 @@ def _only_shardbroker() -> None:
     skip_unless_shardbroker("ShardBroker's own listener configuration")
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(cn: str, key, issuer_cn: str, issuer_key, *, ca: bool = False, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn)]))
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key) -> tuple[Path, Path]:
-    cpath, kpath = path.with_suffix(".crt"), path.with_suffix(".key")
-    cpath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kpath.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    return cpath, kpath
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key = _key()
-    ca = _cert("test CA", ca_key, "test CA", ca_key, ca=True)
-    ca_crt, _ = _write(d / "ca", ca, ca_key)
-    srv_key = _key()
-    srv_crt, srv_key_path = _write(d / "server", _cert("localhost", srv_key, "test CA", ca_key, server=True), srv_key)
-    cli_key = _key()
-    cli_crt, cli_key_path = _write(d / "alice", _cert("alice", cli_key, "test CA", ca_key), cli_key)
-    rogue_key = _key()
-    rogue_crt, rogue_key_path = _write(d / "rogue", _cert("alice", rogue_key, "rogue", rogue_key), rogue_key)
-    return {"ca": ca_crt, "crt": srv_crt, "key": srv_key_path, "cli_crt": cli_crt, "cli_key": cli_key_path,
-            "rogue_crt": rogue_crt, "rogue_key": rogue_key_path}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_config(pki, **extra: object) -> str:
@@ -252,14 +211,13 @@ def test_certificates_are_reloaded_when_their_files_change(make_broker, pki, tmp
     topic = uniq.topic()
     old.subscribe(topic, 1)
     # a new CA and certificate: written key first, then certificate (a moment where they do not match)
-    ca2_key, srv2_key = _key(), _key()
-    ca2 = _cert("second CA", ca2_key, "second CA", ca2_key, ca=True)
-    ca2_path, _ = _write(tmp_path / "ca2", ca2, ca2_key)
+    ca2_key, srv2_key = new_key(), new_key()
+    ca2 = new_cert("second CA", ca2_key, "second CA", ca2_key, ca=True)
+    ca2_path, _ = write_pem(tmp_path / "ca2", ca2, ca2_key)
     since = b.log_len()
-    key.write_bytes(srv2_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key.write_bytes(key_pem(srv2_key))
     b.wait_for_log("certificate files changed but do not load", timeout=10, since=since)
-    crt.write_bytes(_cert("localhost", srv2_key, "second CA", ca2_key, server=True)
+    crt.write_bytes(new_cert("localhost", srv2_key, "second CA", ca2_key, server=True)
                     .public_bytes(serialization.Encoding.PEM))
     b.wait_for_log("certificate files reloaded", timeout=10, since=since)
     new_ctx = ssl.create_default_context(cafile=str(ca2_path))

@@ -443,15 +443,17 @@ require_certificate = true
 
 
 @pytest.mark.parametrize("table, error", [
-    ('type = "ws"', "listener[0].type: 'ws' (WebSocket) is not implemented yet"),
+    ('type = "wss"', "listener[0]: an wss listener needs certfile and keyfile"),
+    ('type = "ws"\npath = "mqtt"', "listener[0].path: must start with '/'"),
     ('type = "mqtts"', "listener[0]: an mqtts listener needs certfile and keyfile"),
-    ('certfile = "/c.pem"', "are for mqtts listeners"),
+    ('certfile = "/c.pem"', "are for mqtts and wss listeners"),
     ('type = "mqtts"\ncertfile = "c"\nkeyfile = "k"\nrequire_certificate = true', "needs a cafile"),
     ('type = "mqtts"\ncertfile = "c"\nkeyfile = "k"\nuse_identity_as_username = true', "needs require_certificate"),
     ('bogus = 1', "listener[0].bogus: unknown listener setting"),
     ('port = 70000', "listener[0].port: must be an integer between 0 and 65535"),
     ('tls_version = "tlsv1.0"', "listener[0].tls_version: must be one of"),
-    ('path = "/mqtt"', "WebSocket listeners is not implemented yet"),
+    ('path = "/ws"', "listener[0].path: is for ws and wss listeners"),
+    ('proxy_protocol = true', "the PROXY protocol is not implemented yet"),
 ])
 def test_bad_listener_is_a_config_error_naming_it(tmp_path: Path, table: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:
