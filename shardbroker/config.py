@@ -417,6 +417,7 @@ class ListenerConfig:
     tls_version: str = "tlsv1.2"  # mqtts: the lowest TLS version accepted
     ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
     path: str = WS_PATH  # ws, wss: the HTTP path of the WebSocket endpoint
+    proxy_protocol: bool = False  # every connection starts with a PROXY protocol v2 header
 
     @property
     def tls(self) -> bool:
@@ -432,10 +433,10 @@ _LISTENER_CHECKS: dict[str, _Check] = {
     "certfile": _Text(path=True, optional=True), "keyfile": _Text(path=True, optional=True),
     "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
     "use_identity_as_username": _Bool(), "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
-    "path": _Text(),
+    "path": _Text(), "proxy_protocol": _Bool(),
 }
 _NOT_YET: dict[str, str] = {}
-_NOT_YET_KEYS = {"proxy_protocol": "the PROXY protocol"}
+_NOT_YET_KEYS: dict[str, str] = {}
 
 
 def _listeners(value: object) -> tuple[ListenerConfig, ...]:

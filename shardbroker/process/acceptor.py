@@ -12,8 +12,11 @@ reason code where one exists, then a close), and the reason is logged.
 On an ``mqtts`` listener the acceptor first does the TLS handshake, then reads the CONNECT
 through TLS, and hands the worker one end of a Unix socket pair instead of the TCP socket;
 a ``transport.tls.TlsRelay`` here carries the client's bytes between the two for the rest of
-the connection (that module says why TLS ends here). The connect deadline covers the
-handshake too: a handshake that never finishes is closed like a CONNECT that never comes.
+the connection (that module says why TLS ends here); WebSocket listeners the same, with a
+``transport.websocket.WsFramer`` in between. The connect deadline covers the handshakes
+too: one that never finishes is closed like a CONNECT that never comes. A listener with
+``proxy_protocol`` first takes a PROXY protocol v2 header (``transport.proxy``), whose
+address the worker then sees as the client's.
 
 It never touches a store, a session or the bus.
 """
@@ -34,6 +37,7 @@ from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
+from shardbroker.transport import proxy
 from shardbroker.transport.fd_passing import MAX_FDS, Handoff, send_handoffs
 from shardbroker.transport.relay import ClientRelay
 from shardbroker.transport.tls import TlsError, identity, server_context
@@ -44,13 +48,15 @@ log = logging.getLogger("shardbroker.process.acceptor")
 
 SWEEP = 0.25  # seconds between connect-deadline sweeps
 CERT_CHECK = 2.0  # seconds between looks at the certificate files of mqtts listeners
+MAX_PROXY = proxy.MAX_LENGTH  # bytes peeked for a PROXY protocol header
 ACCEPT_BATCH = 256  # connections accepted per readiness callback
 
 
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "framer", "listener", "reader", "shaken", "sock", "watched", "writing")
+    __slots__ = ("data", "deadline", "framer", "listener", "peer", "reader", "shaken", "sock", "watched",
+                 "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
                  listener: ListenerConfig | None = None, framer: WsFramer | None = None) -> None:
@@ -61,6 +67,7 @@ class _Pending:
         self.watched = False
         self.listener = listener  # set for the connections that are relayed (TLS, WebSocket)
         self.framer = framer  # ws, wss
+        self.peer: str | None = None  # the client's address from a PROXY protocol header
         self.shaken = False  # TLS handshake done
         self.writing = False  # a writer is registered (the handshake could not write)
 
@@ -116,7 +123,7 @@ class Acceptor:
                 for p, cid, _v in chunk:
                     if p.listener is None:
                         pairs.append(None)
-                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data)))
+                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer))
                         continue
                     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                     pairs.append((ours, theirs))
@@ -124,7 +131,7 @@ class Acceptor:
                     if p.listener.use_identity_as_username:
                         assert isinstance(p.sock, ssl.SSLSocket)
                         who = identity(p.sock)
-                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), _peername(p.sock), who))
+                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), who))
                 if self._handoff(shard, batch):
                     self.handed_off += len(chunk)
                     for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
@@ -186,17 +193,56 @@ class Acceptor:
             max_size = self.config.limits.max_packet_size
             reader = codec.PacketReader(max_packet_size=max_size)
             framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
-            if ctx is not None:
-                tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                pending = _Pending(tls, deadline, reader, lst, framer)
-                self._pending[tls.fileno()] = pending
-                self._tls_step(pending)
-                continue
-            pending = _Pending(sock, deadline, reader, lst if framer is not None else None, framer)
+            relayed = ctx is not None or framer is not None
+            pending = _Pending(sock, deadline, reader, lst if relayed else None, framer)
             self._pending[sock.fileno()] = pending
-            if not self._read(pending):  # CONNECT often comes with the handshake's last ACK
-                self._loop.add_reader(sock.fileno(), self._read, pending)
-                pending.watched = True
+            if lst.proxy_protocol:
+                self._proxy_step(pending, ctx)
+            else:
+                self._begin(pending, ctx)
+
+    def _proxy_step(self, p: _Pending, ctx: ssl.SSLContext | None) -> None:
+        """Take the PROXY protocol header, and only it, off the socket (peeked first, so that
+        the TLS or MQTT bytes behind it stay in the kernel), then begin."""
+        assert self._loop is not None
+        try:
+            seen = p.sock.recv(MAX_PROXY, socket.MSG_PEEK)
+            if not seen:
+                self._close(p)
+                return
+            parsed = proxy.parse(seen)
+            if parsed is not None:
+                p.sock.recv(parsed[0])  # exactly the header
+        except (BlockingIOError, InterruptedError):
+            parsed = None
+        except proxy.ProxyError as exc:
+            log.info("%s: %s: closing", _peername(p.sock), exc)
+            self._close(p)
+            return
+        except OSError:
+            self._close(p)
+            return
+        if parsed is None:
+            if not p.watched:
+                self._loop.add_reader(p.sock.fileno(), self._proxy_step, p, ctx)
+                p.watched = True
+            return
+        p.peer = parsed[1] or _peername(p.sock)  # LOCAL or UNSPEC: the proxy itself
+        if p.watched:
+            self._loop.remove_reader(p.sock.fileno())
+            p.watched = False
+        self._begin(p, ctx)
+
+    def _begin(self, p: _Pending, ctx: ssl.SSLContext | None) -> None:
+        """The TLS handshake, or reading the CONNECT (or the WebSocket upgrade)."""
+        assert self._loop is not None
+        if ctx is not None:
+            p.sock = ctx.wrap_socket(p.sock, server_side=True, do_handshake_on_connect=False)  # the same fd
+            self._tls_step(p)
+            return
+        if not self._read(p):  # CONNECT often comes with the handshake's last ACK
+            self._loop.add_reader(p.sock.fileno(), self._read, p)
+            p.watched = True
 
     def _tls_step(self, p: _Pending) -> None:
         """Go on with a TLS connection: the handshake, then the CONNECT through it."""
@@ -211,7 +257,7 @@ class Acceptor:
                 self._tls_wait(p, write=True)
                 return
             except (ssl.SSLError, OSError) as exc:
-                log.info("%s: TLS handshake failed: %s", _peername(p.sock), getattr(exc, "reason", None) or exc)
+                log.info("%s: TLS handshake failed: %s", _who(p), getattr(exc, "reason", None) or exc)
                 self._close(p)
                 return
             p.shaken = True
@@ -240,11 +286,11 @@ class Acceptor:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError as exc:
-            log.debug("%s: %s", _peername(p.sock), exc)
+            log.debug("%s: %s", _who(p), exc)
             self._close(p)
             return True
         if not chunk:
-            log.debug("%s closed before CONNECT", _peername(p.sock))
+            log.debug("%s closed before CONNECT", _who(p))
             self._close(p)
             return True
         if p.framer is not None:  # WebSocket: the opening handshake, then frames
@@ -261,13 +307,13 @@ class Acceptor:
                 return False
         p.data += chunk
         if p.data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
-            log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _peername(p.sock), p.data[0])
+            log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _who(p), p.data[0])
             self._close(p)
             return True
         try:
             raw = p.reader.feed_raw(chunk)
         except ProtocolError as exc:
-            log.info("%s: bad first packet: %s: closing", _peername(p.sock), exc.message)
+            log.info("%s: bad first packet: %s: closing", _who(p), exc.message)
             self._close(p)
             return True
         if not raw:
@@ -303,7 +349,7 @@ class Acceptor:
         self._queue_handoff(shard_for(client_id or connect.client_id, self.shards), p, client_id, version)
 
     def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
-        log.info("%s: CONNECT refused: %s (%s)", _peername(p.sock), exc.message, reasons.name(exc.reason))
+        log.info("%s: CONNECT refused: %s (%s)", _who(p), exc.message, reasons.name(exc.reason))
         if version is not None and (version == MQTT_5 or exc.reason in reasons.V5_TO_V3_CONNACK):
             code = exc.reason if version == MQTT_5 else reasons.V5_TO_V3_CONNACK.get(exc.reason)
             if code is not None:
@@ -357,7 +403,7 @@ class Acceptor:
             self._cert_checked = now
             self._check_certificates()
         for p in [p for p in self._pending.values() if now > p.deadline]:
-            log.info("%s sent no CONNECT within %.1fs: closing", _peername(p.sock),
+            log.info("%s sent no CONNECT within %.1fs: closing", _who(p),
                      self.config.limits.connect_timeout)
             self._close(p)
         if self._loop is not None and not self._stopping:
@@ -401,6 +447,11 @@ def _level(body: memoryview | bytes) -> int | None:
         return None
     at = 2 + int.from_bytes(body[0:2], "big")
     return body[at] if at < len(body) else None
+
+
+def _who(p: _Pending) -> str:
+    """The client's address for the log: the PROXY header's, else the socket's."""
+    return p.peer or _peername(p.sock)
 
 
 def _peername(sock: socket.socket) -> str:

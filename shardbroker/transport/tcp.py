@@ -301,9 +301,9 @@ class TcpConnection:
 
 
 class RelayedConnection(TcpConnection):
-    """A client whose bytes come through a relay, one end of a Unix socket pair (its TLS ends
-    in the acceptor, ``tls.py``): its address and the identity in its certificate came with
-    the hand-off, since the socket itself knows neither."""
+    """A client whose address came with the hand-off: its bytes come through a relay, one end
+    of a Unix socket pair (its TLS or WebSocket ends in the acceptor, ``relay.py``), or over a
+    proxy that said who it is (``proxy.py``). The identity in its certificate comes along too."""
 
     __slots__ = ("identity",)
 

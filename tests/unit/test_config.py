@@ -453,7 +453,7 @@ require_certificate = true
     ('port = 70000', "listener[0].port: must be an integer between 0 and 65535"),
     ('tls_version = "tlsv1.0"', "listener[0].tls_version: must be one of"),
     ('path = "/ws"', "listener[0].path: is for ws and wss listeners"),
-    ('proxy_protocol = true', "the PROXY protocol is not implemented yet"),
+    ('proxy_protocol = "yes"', "listener[0].proxy_protocol: must be true or false"),
 ])
 def test_bad_listener_is_a_config_error_naming_it(tmp_path: Path, table: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:

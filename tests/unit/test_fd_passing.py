@@ -86,3 +86,30 @@ def test_batch_size_is_bounded(count: int) -> None:
     finally:
         a.close()
         b.close()
+
+
+# --------------------------------------------------------------------------- PROXY protocol v2
+
+def _v2(command: int, family: int, body: bytes, tlv: bytes = b"") -> bytes:
+    from shardbroker.transport.proxy import SIGNATURE
+
+    payload = body + tlv
+    return SIGNATURE + bytes([0x20 | command, family]) + len(payload).to_bytes(2, "big") + payload
+
+
+def test_proxy_v2_headers() -> None:
+    import ipaddress
+
+    from shardbroker.transport.proxy import ProxyError, parse
+
+    v4 = _v2(1, 0x11, bytes([203, 0, 113, 7, 10, 0, 0, 1]) + (40000).to_bytes(2, "big") + (1883).to_bytes(2, "big"),
+             tlv=b"\x04\x00\x01x")
+    assert parse(v4 + b"\x10rest") == (len(v4), "203.0.113.7:40000")  # what follows is not taken
+    assert parse(v4[:20]) is None and parse(v4[:5]) is None  # not complete yet
+    v6 = _v2(1, 0x21, ipaddress.IPv6Address("2001:db8::9").packed + bytes(16) + (5).to_bytes(2, "big") + bytes(2))
+    assert parse(v6) == (len(v6), "[2001:db8::9]:5")
+    assert parse(_v2(0, 0x00, b"")) == (16, None)  # LOCAL: a health check of the proxy
+    for bad in (b"\x10\x0c\x00\x04MQTT", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", _v2(2, 0x11, bytes(12)),
+                _v2(1, 0x31, bytes(216))):
+        with pytest.raises(ProxyError):
+            parse(bad)
