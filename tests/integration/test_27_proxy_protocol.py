@@ -11,7 +11,7 @@ import sys
 
 import mqttbytes as mb
 import pytest
-from conftest import skip_unless_shardbroker
+from conftest import client_id_on_shard, skip_unless_shardbroker
 
 pytest.importorskip("cryptography")
 from certs import make_pki
@@ -91,13 +91,15 @@ def test_over_tls_too(proxied, uniq):
 
 
 def test_limits_count_the_real_address(proxied, uniq):
-    for _ in range(3):
+    # failures are counted per worker: every client ID here is on shard 0
+    cids = [client_id_on_shard(uniq.prefix(f"g{i}"), 0, 2) for i in range(5)]
+    for cid in cids[:3]:
         c = _via_proxy(proxied.proxy_port, "192.0.2.66", 5000)
-        assert c.connect_mqtt(uniq.cid("g"), username="alice", password="guess", timeout=10).rc == 4
+        assert c.connect_mqtt(cid, username="alice", password="guess", timeout=10).rc == 4
     banned = _via_proxy(proxied.proxy_port, "192.0.2.66", 5001)
-    assert banned.connect_mqtt(uniq.cid("b"), username="alice", password="secret").rc == 5  # refused for a while
+    assert banned.connect_mqtt(cids[3], username="alice", password="secret").rc == 5  # refused for a while
     other = _via_proxy(proxied.proxy_port, "192.0.2.67", 5002)  # another client behind the same proxy
-    assert other.connect_mqtt(uniq.cid("o"), username="alice", password="secret").rc == 0
+    assert other.connect_mqtt(cids[4], username="alice", password="secret").rc == 0
 
 
 def test_a_connection_without_the_header_is_closed(proxied, uniq):
