@@ -322,6 +322,24 @@ class LimitsConfig:
         0, "cap on message expiry, seconds; 0 means no cap", _Int(0, 4294967295)
     )
     retain_available: bool = _setting(True, "whether retained messages are supported", _Bool())
+    max_client_id_length: int = _setting(
+        1024, "longest client ID accepted, UTF-8 bytes (more: CONNACK 0x85 / 2)", _Int(23, 65535)
+    )
+    max_topic_levels: int = _setting(
+        128,
+        "most levels in a topic name or filter (a PUBLISH with more: 5.0 DISCONNECT 0x90, 3.1.1 close; "
+        "a filter with more: SUBACK 0x8F / 0x80)",
+        _Int(1, 65535),
+    )
+    max_subscriptions: int = _setting(
+        10000, "subscriptions per session (more: SUBACK 0x97 / 0x80); 0 means no limit", _Int(0, 100_000_000)
+    )
+    max_connection_rate: int = _setting(
+        0,
+        "new connections per second from one address, over all listeners (more are closed at once, "
+        "counted and logged); 0 means no limit",
+        _Int(0, 1_000_000),
+    )
 
 
 @dataclass(frozen=True, slots=True)

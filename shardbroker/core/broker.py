@@ -106,6 +106,7 @@ class Broker:
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
             "backlogs": 0, "holds": 0, "slow_subscribers": 0, "dropped_not_authorized": 0,
+            "subscriptions_refused": 0,
         }
         if policy is None:
             if config.auth.password_file or config.auth.acl_file:
@@ -124,7 +125,7 @@ class Broker:
         self.delivery = Delivery(limits, self.stats, self.time, self.output, self.commit.batch)
         self.sessions = Sessions(self.commit, self.time, max(1, limits.max_sessions // max(1, shards)))
         self.subscriptions = Subscriptions(shard, self.sessions, self.delivery, self.output, self.access,
-                                           retained, scheduler, self.time)
+                                           retained, scheduler, self.time, limits, self.stats)
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,

@@ -78,6 +78,9 @@ class Inbound:
             raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
         if topic not in self._valid_topics:
             validate_topic_name(topic)
+            if topic.count("/") >= self.limits.max_topic_levels:
+                raise ProtocolError(reasons.TOPIC_NAME_INVALID,
+                                    f"topic name with more than {self.limits.max_topic_levels} levels")
             if len(self._valid_topics) >= VALID_TOPICS_KEPT:
                 self._valid_topics.clear()
             self._valid_topics.add(topic)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shardbroker.config import LimitsConfig
 from shardbroker.core.access import AccessRules
 from shardbroker.core.client import Client
 from shardbroker.core.clock import EventTime, Scheduler, Timer
@@ -117,8 +118,11 @@ class _WaitingSuback:
 
 class Subscriptions:
     def __init__(self, shard: int, sessions: Sessions, delivery: Delivery, output: Output, access: AccessRules,
-                 retained: RetainedStore, scheduler: Scheduler, time: EventTime) -> None:
+                 retained: RetainedStore, scheduler: Scheduler, time: EventTime, limits: LimitsConfig,
+                 stats: dict[str, int]) -> None:
         self.shard = shard
+        self.limits = limits
+        self.stats = stats
         self.sessions = sessions
         self.delivery = delivery
         self.output = output
@@ -285,6 +289,9 @@ class Subscriptions:
         for s in pkt.subscriptions:
             try:
                 validate_topic_filter(s.topic_filter)
+                if s.topic_filter.count("/") >= self.limits.max_topic_levels:
+                    raise ProtocolError(reasons.TOPIC_FILTER_INVALID,
+                                        f"more than {self.limits.max_topic_levels} levels (limits.max_topic_levels)")
             except ProtocolError as exc:
                 log.info("%s: subscription to %r refused: %s", client.client_id, s.topic_filter, exc.message)
                 codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)
@@ -297,6 +304,13 @@ class Subscriptions:
             shared = parse_shared(s.topic_filter)
             if shared is not None and s.no_local:  # [MQTT-3.8.3-4]
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "No Local on a shared subscription")
+            cap = self.limits.max_subscriptions
+            if cap and s.topic_filter not in (sess.subscriptions or ()) and len(sess.subscriptions or ()) >= cap:
+                log.info("%s: subscription to %r refused: it has %d (limits.max_subscriptions)",
+                         client.client_id, s.topic_filter, cap)
+                self.stats["subscriptions_refused"] += 1
+                codes.append(reasons.QUOTA_EXCEEDED if v5 else 0x80)
+                continue
             sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id,
                              sess.client_id)
             existed = not self._add(sess, sub)  # replaces the options of an existing one

@@ -93,6 +93,9 @@ class Acceptor:
         self._outgoing: dict[int, list[tuple[_Pending, str | None, int]]] = {}  # shard -> hand-offs
         self.accepted = 0
         self.handed_off = 0
+        self.refused = 0  # closed by limits.max_connection_rate
+        self._rate_second = 0
+        self._rate_counts: dict[str, int] = {}
 
     def _link(self, shard: int) -> socket.socket:
         link = self._links.get(shard)
@@ -189,6 +192,8 @@ class Acceptor:
                 log.warning("accept failed: %s", exc)
                 return
             self.accepted += 1
+            if self._rate_limited(sock, lst):
+                continue
             sock.setblocking(False)
             max_size = self.config.limits.max_packet_size
             reader = codec.PacketReader(max_packet_size=max_size)
@@ -200,6 +205,28 @@ class Acceptor:
                 self._proxy_step(pending, ctx)
             else:
                 self._begin(pending, ctx)
+
+    def _rate_limited(self, sock: socket.socket, lst: ListenerConfig) -> bool:
+        """``limits.max_connection_rate``: more new connections from one address in one second
+        are closed at once (counted; logged once per address and second). Behind a PROXY
+        protocol listener the address is the proxy's here: the limit is for direct clients."""
+        limit = self.config.limits.max_connection_rate
+        if not limit or lst.proxy_protocol:
+            return False
+        now = int(time.monotonic())
+        if now != self._rate_second:
+            self._rate_second, self._rate_counts = now, {}
+        host = _peername(sock).rpartition(":")[0]
+        n = self._rate_counts.get(host, 0) + 1
+        self._rate_counts[host] = n
+        if n <= limit:
+            return False
+        self.refused += 1
+        if n == limit + 1:
+            log.warning("%s: more than %d new connections in a second (limits.max_connection_rate): closing them",
+                        host, limit)
+        sock.close()
+        return True
 
     def _proxy_step(self, p: _Pending, ctx: ssl.SSLContext | None) -> None:
         """Take the PROXY protocol header, and only it, off the socket (peeked first, so that
@@ -346,6 +373,11 @@ class Acceptor:
         elif version == MQTT_3_1 and len(connect.client_id) > 23:
             return self._refuse(p, version, ProtocolError(
                 reasons.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 client identifier longer than 23 characters"))
+        elif len(connect.client_id.encode("utf-8", "surrogatepass")) > self.config.limits.max_client_id_length:
+            return self._refuse(p, version, ProtocolError(
+                reasons.CLIENT_IDENTIFIER_NOT_VALID,
+                f"client identifier longer than {self.config.limits.max_client_id_length} bytes "
+                "(limits.max_client_id_length)"))
         self._queue_handoff(shard_for(client_id or connect.client_id, self.shards), p, client_id, version)
 
     def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
@@ -483,6 +515,7 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
         acceptor.stop()
         for listen, _lst, _ctx in listens:
             listen.close()
-        log.info("acceptor stopped (accepted %d, handed off %d)", acceptor.accepted, acceptor.handed_off)
+        log.info("acceptor stopped (accepted %d, handed off %d, refused by the connection rate %d)",
+                 acceptor.accepted, acceptor.handed_off, acceptor.refused)
 
     asyncio.run(main())

@@ -34,3 +34,71 @@ def test_queue_bytes_limit(make_broker, mqtt, uniq):
     sub = _fill_offline_queue(b, mqtt, uniq, 6, payload=lambda i: bytes([48 + i]) * 30)
     got = [m.payload[:1] for m in sub.drain_publishes(0.5, first_timeout=5)]
     assert got == [b"3", b"4", b"5"]  # 3 x 30 bytes fit in 100; the oldest were dropped
+
+
+# --------------------------------------------------------------------------- client limits
+
+LIMITS = """
+[limits]
+max_client_id_length = 40
+max_topic_levels = 4
+max_subscriptions = 3
+max_connection_rate = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def limited(make_module_broker):
+    return make_module_broker(workers=2, config=LIMITS)
+
+
+@pytest.mark.parametrize("version, code", [(4, 2), (5, 0x85)])
+def test_a_client_id_too_long_is_refused(limited, mqtt, version, code):
+    assert mqtt(limited, "x" * 41, version=version, expect_rc=None).connack.rc == code
+    assert mqtt(limited, "y" * 40, version=version).connack.rc == 0
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_topics_and_filters_with_too_many_levels(limited, mqtt, uniq, version):
+    import mqttbytes as mb
+
+    c = mqtt(limited, uniq.cid("l"), version=version)
+    codes = c.subscribe([("a/b/c/d", 1), ("a/b/c/d/e", 1), ("a/+/+/#", 1)])
+    assert codes == [1, 0x8F if version == 5 else 0x80, 1]
+    c.publish("a/b/c/d", b"ok", qos=1)
+    assert c.recv_publish().payload == b"ok"
+    c.send(mb.publish("a/b/c/d/e", b"deep", qos=0, version=version))
+    if version == 5:
+        pkt = c.recv_packet(3)
+        assert pkt is not None and pkt[0] == mb.DISCONNECT and pkt[2][:1] == b"\x90"
+    with pytest.raises(mb.ConnectionClosed):
+        c.recv_packet(3)
+
+
+@pytest.mark.parametrize("version, code", [(4, 0x80), (5, 0x97)])
+def test_subscriptions_per_session_are_capped(limited, mqtt, uniq, version, code):
+    c = mqtt(limited, uniq.cid("s"), version=version)
+    assert c.subscribe([("s/1", 0), ("s/2", 0), ("s/3", 0), ("s/4", 0), ("s/1", 1)]) == [0, 0, 0, code, 1]
+    c.unsubscribe(["s/2"])  # (3.1.1 UNSUBACK has no codes)
+    assert c.subscribe("s/4", 0) == [0]  # room again
+
+
+def test_a_connection_storm_from_one_address_is_cut(limited, uniq):
+    import socket
+    import time
+
+    import mqttbytes as mb
+
+    time.sleep(1.02 - time.monotonic() % 1)  # at the start of a second of the broker's clock (the same clock)
+    socks = [socket.create_connection(("127.0.0.1", limited.port)) for _ in range(40)]
+    answered = 0
+    for i, s in enumerate(socks):
+        s.settimeout(3)
+        try:
+            s.sendall(mb.connect(f"{uniq.prefix('r')}{i}"))
+            answered += s.recv(4)[:1] == b"\x20"
+        except OSError:
+            pass
+        s.close()
+    assert 15 <= answered <= 20  # 20 a second get in
+    limited.wait_for_log("more than 20 new connections in a second", timeout=5)
