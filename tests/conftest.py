@@ -805,3 +805,18 @@ def check_bystanders(target: Broker | int, clients: Clients, uniq: Uniq, version
     pub.publish(topic, b"still-alive", qos=1)
     msg = sub.recv_publish(5)
     assert (msg.topic, msg.payload) == (topic, b"still-alive")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate (CN alice) and
+    one from another CA (``tests/certs.py``); skipped without ``cryptography``."""
+    pytest.importorskip("cryptography")
+    from certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def _only_shardbroker() -> None:
+    skip_unless_shardbroker("ShardBroker's own listener and security configuration")

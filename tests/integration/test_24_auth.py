@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mqttbytes as mb
 import pytest
-from conftest import BrokerStartError, assert_no_publish, skip_unless_shardbroker, wait_until
+from conftest import BrokerStartError, assert_no_publish, wait_until
 
 pytestmark = pytest.mark.usefixtures("_only_shardbroker")
 
@@ -49,10 +49,6 @@ pattern read inbox/%u
 
 USERS = {"alice": "wonder land", "bob": "b0b", "admin": "root:pw"}
 
-
-@pytest.fixture
-def _only_shardbroker() -> None:
-    skip_unless_shardbroker("password and ACL files of ShardBroker's own configuration")
 
 
 def _passwd(file: Path, user: str, password: str, *more: str) -> None:

@@ -10,27 +10,18 @@ import socket
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 import mqttbytes as mb
 import pytest
-from conftest import BrokerStartError, skip_unless_shardbroker
+from conftest import BrokerStartError
 
 pytest.importorskip("cryptography")
-from certs import key_pem, make_pki, new_cert, new_key, write_pem
+from certs import key_pem, new_cert, new_key, write_pem
 from cryptography.hazmat.primitives import serialization
 
 pytestmark = pytest.mark.usefixtures("_only_shardbroker")
 
 
-@pytest.fixture
-def _only_shardbroker() -> None:
-    skip_unless_shardbroker("ShardBroker's own listener configuration")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_config(pki, **extra: object) -> str:

@@ -11,24 +11,14 @@ from pathlib import Path
 
 import mqttbytes as mb
 import pytest
-from conftest import skip_unless_shardbroker
 
 pytest.importorskip("cryptography")
-from certs import make_pki
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.usefixtures("_only_shardbroker")
 
 
-@pytest.fixture
-def _only_shardbroker() -> None:
-    skip_unless_shardbroker("ShardBroker's own listener configuration")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 
 import mqttbytes as mb
 import pytest
-from conftest import client_id_on_shard, skip_unless_shardbroker
+from conftest import client_id_on_shard
 
 pytest.importorskip("cryptography")
 from certs import make_pki
@@ -19,10 +19,6 @@ from certs import make_pki
 pytestmark = pytest.mark.usefixtures("_only_shardbroker")
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
-
-@pytest.fixture
-def _only_shardbroker() -> None:
-    skip_unless_shardbroker("ShardBroker's own listener configuration")
 
 
 def _header(ip: str, port: int) -> bytes:
