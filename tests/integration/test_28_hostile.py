@@ -1,0 +1,257 @@
+"""28: hostile clients against the real broker (TCP, TLS and WebSocket listeners), each while a
+bystander on another topic makes QoS 1 round trips: afterwards the broker is up, the
+bystander was served on time throughout, and a persistent session's queued messages are
+all still there."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import mqttbytes as mb
+import pytest
+from conftest import client_id_on_shard
+
+pytestmark = pytest.mark.usefixtures("_only_shardbroker")
+
+BYSTANDER_BOUND = 0.5  # seconds: a generous bound on one round trip (the figure itself is the bench's)
+
+
+@pytest.fixture(scope="module")
+def target(make_module_broker, pki):
+    config = f"""
+[limits]
+connect_timeout = 1.0
+
+[[listener]]
+port = 0
+
+[[listener]]
+type = "mqtts"
+port = 0
+certfile = "{pki['crt']}"
+keyfile = "{pki['key']}"
+
+[[listener]]
+type = "ws"
+port = 0
+"""
+    b = make_module_broker(workers=2, config=config)
+    import re
+
+    ports = [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", b.log_text())]
+    b.tls_port, b.ws_port = ports[1], ports[2]
+    return b
+
+
+class Bystander:
+    """QoS 1 round trips on a topic of its own, in a thread, timing each one."""
+
+    def __init__(self, broker, uniq) -> None:
+        self.client = mb.RawClient(port=broker.port)
+        self.client.connect_mqtt(uniq.cid("by"), version=5)
+        self.topic = uniq.topic("bystander")
+        self.client.subscribe(self.topic, 1)
+        self.worst = 0.0
+        self.trips = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                self.client.publish(self.topic, b"%d" % self.trips, qos=1)
+                assert self.client.recv_publish(timeout=5).payload == b"%d" % self.trips
+                self.worst = max(self.worst, time.monotonic() - t0)
+                self.trips += 1
+                time.sleep(0.01)
+        except BaseException as exc:  # reported by check()
+            self.error = exc
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.client.close()
+
+    def check(self) -> None:
+        assert self.error is None, f"the bystander failed: {self.error!r}"
+        assert self.trips >= 5, f"only {self.trips} round trips"
+        assert self.worst < BYSTANDER_BOUND, f"a bystander round trip took {self.worst * 1000:.0f} ms"
+
+
+def _attack(target, uniq, attack: Callable[[], None]) -> None:
+    """Queue messages for a persistent session, run ``attack`` beside a bystander, then check."""
+    scid = uniq.cid("keep")
+    topic = uniq.topic("kept")
+    s = mb.RawClient(port=target.port)
+    s.connect_mqtt(scid, clean=False)
+    s.subscribe(topic, 1)
+    s.disconnect()
+    p = mb.RawClient(port=target.port)
+    p.connect_mqtt(uniq.cid("kp"))
+    for i in range(20):
+        p.publish(topic, b"%d" % i, qos=1)
+    p.close()
+    with Bystander(target, uniq) as by:
+        time.sleep(0.1)
+        attack()
+        time.sleep(0.2)
+    by.check()
+    assert target.alive()
+    back = mb.RawClient(port=target.port)
+    assert back.connect_mqtt(scid, clean=False).session_present
+    assert [m.payload for m in back.recv_publishes(20)] == [b"%d" % i for i in range(20)]
+    back.disconnect()
+
+
+def _sockets(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+
+
+def test_byte_by_byte_connect_and_publish(target, uniq):
+    def attack() -> None:
+        c = mb.RawClient(port=target.port)
+        data = mb.connect(uniq.cid("slow"), version=5) + mb.publish("slow/t", b"x" * 50, qos=1, pid=1, version=5)
+        for i in range(len(data)):
+            c.send(data[i:i + 1])
+            time.sleep(0.002)
+        assert c.recv_packet(5)[0] == mb.CONNACK
+        assert c.recv_packet(5)[0] == mb.PUBACK
+        c.close()
+
+    _attack(target, uniq, attack)
+
+
+def test_connections_that_never_send_connect(target, uniq):
+    def attack() -> None:
+        socks = _sockets(target.port, 200) + _sockets(target.tls_port, 50) + _sockets(target.ws_port, 50)
+        time.sleep(1.6)  # past the connect deadline: all of them closed by the broker
+        for s in socks:
+            s.settimeout(2)
+            try:
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+
+    _attack(target, uniq, attack)
+
+
+def test_remaining_lengths_that_claim_256_mb(target, uniq):
+    def attack() -> None:
+        for version in (4, 5):
+            c = mb.RawClient(port=target.port)
+            c.connect_mqtt(uniq.cid("big"), version=version)
+            c.send(b"\x30\xff\xff\xff\x7f" + b"x" * 1000)  # PUBLISH of 268,435,455 bytes
+            with pytest.raises((mb.ConnectionClosed, OSError)):
+                while True:
+                    if c.recv_packet(3) is None:
+                        raise AssertionError("the broker waited for 256 MB")
+            c.close()
+
+    _attack(target, uniq, attack)
+
+
+def test_invalid_utf8_and_duplicated_properties(target, uniq):
+    def attack() -> None:
+        bad = [
+            mb.connect(b"\xff\xfe bad id", version=4),
+            mb.connect(uniq.cid("dup"), version=5, props=b"\x11\x00\x00\x00\x0a\x11\x00\x00\x00\x0a"),
+        ]
+        for data in bad:
+            c = mb.RawClient(port=target.port)
+            c.send(data)
+            _refused_and_closed(c)
+        c = mb.RawClient(port=target.port)
+        c.connect_mqtt(uniq.cid("utf"), version=4)
+        c.send(mb.publish(b"bad/\xc0\xaf", b"x", qos=0))  # an overlong encoding of '/'
+        with pytest.raises((mb.ConnectionClosed, OSError)):
+            while c.recv_packet(3) is not None:
+                pass
+        c.close()
+
+    _attack(target, uniq, attack)
+
+
+def _refused_and_closed(c: mb.RawClient) -> None:
+    """The broker closes the connection, without accepting it first."""
+    with pytest.raises((mb.ConnectionClosed, OSError)):
+        while True:
+            pkt = c.recv_packet(3)
+            assert pkt is not None, "the broker neither answered nor closed"
+            assert pkt[0] != mb.CONNACK or pkt[2][1] != 0, "accepted"
+    c.close()
+
+
+def test_a_takeover_loop(target, uniq):
+    cid = client_id_on_shard(uniq.prefix("loop"), 0, 2)
+
+    def attack() -> None:
+        clients = []
+        for _ in range(60):
+            c = mb.RawClient(port=target.port)
+            c.connect_mqtt(cid, version=4)
+            clients.append(c)
+        for c in clients:
+            c.close()
+
+    _attack(target, uniq, attack)
+
+
+def test_a_flood_to_a_client_that_never_reads(target, uniq):
+    def attack() -> None:
+        stuck = mb.RawClient(port=target.port)
+        stuck.connect_mqtt(uniq.cid("stk"))
+        stuck.subscribe("flood/#", 0)
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads again
+        p = mb.RawClient(port=target.port)
+        p.connect_mqtt(uniq.cid("fl"))
+        payload = b"f" * 1000
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            p.send(b"".join(mb.publish("flood/x", payload) for _ in range(100)))
+        p.close()
+        stuck.close()
+
+    _attack(target, uniq, attack)
+
+
+def test_tls_and_websocket_handshakes_that_never_finish(target, pki, uniq):
+    def attack() -> None:
+        socks = _sockets(target.tls_port, 30)
+        for s in socks:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello, no more
+        ws = _sockets(target.ws_port, 30)
+        for s in ws:
+            s.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # no end of headers
+        huge = socket.create_connection(("127.0.0.1", target.ws_port))
+        try:
+            huge.sendall(b"GET /mqtt HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 60000 + b"\r\n\r\n")
+        except OSError:
+            pass
+        time.sleep(1.6)
+        for s in [*socks, *ws, huge]:
+            s.settimeout(2)
+            try:
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+            s.close()
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))  # and a real TLS client still gets in
+        t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", target.tls_port)), server_hostname="localhost")
+        t.settimeout(5)
+        c = mb.RawClient(port=target.tls_port, sock=t)
+        assert c.connect_mqtt(uniq.cid("ok")).rc == 0
+        c.close()
+
+    _attack(target, uniq, attack)
