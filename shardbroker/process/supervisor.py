@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
@@ -54,6 +55,9 @@ def config_overrides(config: Config) -> dict[str, object]:
         for f in dataclasses.fields(value):
             out[f"{section.name}.{f.name}"] = getattr(value, f.name)
     return out
+
+
+MAX_OPEN_FILES = 1 << 20
 
 
 class Child:
@@ -153,9 +157,26 @@ class Supervisor:
                 except TlsError as exc:
                     raise SystemExit(f"shardbroker: listener {lst.name}: {exc}") from None
 
+    @staticmethod
+    def _raise_file_limit() -> None:
+        """Every client is a descriptor (two for a TLS or WebSocket client in the acceptor): take
+        the hard limit of open files as the soft one, for this process and the children it
+        starts, instead of the usual 1,024."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+        want = min(want, MAX_OPEN_FILES)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            except (ValueError, OSError) as exc:
+                log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+                return
+            log.info("open files limit raised from %d to %d", soft, want)
+
     def run(self) -> int:
         self._check_security()
         self._check_tls()
+        self._raise_file_limit()
         lock_fd = self._lock_data_dir()
         self._check_data_dir()
         listeners = self.config.effective_listeners

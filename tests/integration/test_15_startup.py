@@ -4,6 +4,7 @@ a data directory already in use."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,27 @@ def test_other_worker_count_is_refused_before_any_write(tmp_path):
     assert res.returncode == 2
     assert "was created with 2 workers, not 3" in res.stderr
     assert sorted(p.name for p in data.iterdir()) == before  # no shard-002 created
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit(tmp_path):
+    """A soft limit of 256 would stop a worker at about 250 clients: the broker takes the hard one."""
+    import resource
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    proc = subprocess.Popen([sys.executable, "-m", "shardbroker.cli.main", "serve", "--port", "0", "--workers", "1",
+                             "--data-dir", str(tmp_path / "data")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=low)  # noqa: PLW1509 - no threads in this test process's child setup
+    try:
+        lines = []
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if "ready:" in line:
+                break
+        assert any("open files limit raised from 256 to 4096" in line for line in lines), "".join(lines)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
