@@ -334,6 +334,10 @@ class LimitsConfig:
     max_subscriptions: int = _setting(
         10000, "subscriptions per session (more: SUBACK 0x97 / 0x80); 0 means no limit", _Int(0, 100_000_000)
     )
+    max_will_size: int = _setting(
+        65536, "largest will payload accepted, bytes (more: CONNACK 0x95 in 5.0, a close in 3.1.1)",
+        _Int(0, 268435455),
+    )
     max_connection_rate: int = _setting(
         0,
         "new connections per second from one address, over all listeners (more are closed at once, "

@@ -105,6 +105,9 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
             validate_topic_name(will.topic)
         except ProtocolError as exc:
             return Refusal(exc.reason, f"will topic: {exc.message}")
+        if len(will.payload) > limits.max_will_size:
+            return Refusal(reasons.PACKET_TOO_LARGE,
+                           f"will payload of {len(will.payload)} bytes (limits.max_will_size {limits.max_will_size})")
         if will.properties.payload_format_indicator == 1 and not is_utf8(will.payload):
             return Refusal(reasons.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
         if will.retain and not limits.retain_available:

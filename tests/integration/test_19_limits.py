@@ -102,3 +102,18 @@ def test_a_connection_storm_from_one_address_is_cut(limited, uniq):
         s.close()
     assert 15 <= answered <= 20  # 20 a second get in
     limited.wait_for_log("more than 20 new connections in a second", timeout=5)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_will_too_large_is_refused(make_broker, mqtt, uniq, version):
+    import mqttbytes as mb
+
+    b = make_broker(config="[limits]\nmax_will_size = 100\n")
+    ok = mqtt(b, uniq.cid("ok"), version=version, will=mb.Will(uniq.topic(), b"w" * 100))
+    assert ok.connack.rc == 0
+    c = mb.RawClient(port=b.port)
+    c.send(mb.connect(uniq.cid("big"), version=version, will=mb.Will(uniq.topic(), b"w" * 101)))
+    if version == 5:
+        assert c.expect(mb.CONNACK, 5)[2][1] == 0x95
+    with pytest.raises(mb.ConnectionClosed):  # 3.1.1 has no code for it: closed
+        c.recv_packet(3)
