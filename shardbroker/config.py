@@ -334,6 +334,16 @@ class LimitsConfig:
     max_subscriptions: int = _setting(
         10000, "subscriptions per session (more: SUBACK 0x97 / 0x80); 0 means no limit", _Int(0, 100_000_000)
     )
+    max_publish_rate: int = _setting(
+        0,
+        "PUBLISH packets per second one client may send; beyond it its socket is not read until the "
+        "next second, and after 10 s of that, DISCONNECT 0x96 (3.1.1: close); 0 means no limit",
+        _Int(0, 100_000_000),
+    )
+    max_publish_bytes_rate: int = _setting(
+        0, "payload bytes per second one client may publish, handled as max_publish_rate; 0 means no limit",
+        _Int(0, 1 << 40),
+    )
     max_will_size: int = _setting(
         65536, "largest will payload accepted, bytes (more: CONNACK 0x95 in 5.0, a close in 3.1.1)",
         _Int(0, 268435455),

@@ -106,7 +106,7 @@ class Broker:
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
             "backlogs": 0, "holds": 0, "slow_subscribers": 0, "dropped_not_authorized": 0,
-            "subscriptions_refused": 0,
+            "subscriptions_refused": 0, "publish_rate_holds": 0,
         }
         if policy is None:
             if config.auth.password_file or config.auth.acl_file:
@@ -127,7 +127,8 @@ class Broker:
         self.subscriptions = Subscriptions(shard, self.sessions, self.delivery, self.output, self.access,
                                            retained, scheduler, self.time, limits, self.stats)
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
-        self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats)
+        self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats,
+                               scheduler)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
                                    self.output, scheduler, self.time, config.auth)
         self.backpressure = Backpressure(shard, shards, limits, self.sessions, self.output, link, self.time,
@@ -287,6 +288,7 @@ class Broker:
         self.flow.forget(client)
         self.backpressure.forget(client)
         self._pending.pop(client, None)
+        self.inbound.forget(client)
         if client.session is not None:
             log.debug("connection of %s lost", client.client_id)
             self.sessions.detach(client, publish_will=True)

@@ -66,6 +66,7 @@ class Transport(Protocol):
 PAUSED_BY_FLOW = 1  # the shard holds its inputs while the bus is full (``flow.py``)
 PAUSED_BY_HOLD = 2  # a held publisher (``backpressure.py``)
 PAUSED_BY_AUTH = 4  # its password is being verified (``handshake.py``)
+PAUSED_BY_RATE = 8  # it publishes faster than its limit, until the next second (``inbound.py``)
 
 
 class Client:

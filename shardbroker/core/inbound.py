@@ -19,8 +19,8 @@ from dataclasses import replace
 from shardbroker.config import LimitsConfig
 from shardbroker.core.access import AccessRules
 from shardbroker.core.backpressure import Backpressure
-from shardbroker.core.client import Client
-from shardbroker.core.clock import EventTime
+from shardbroker.core.client import PAUSED_BY_RATE, Client
+from shardbroker.core.clock import EventTime, Scheduler
 from shardbroker.core.commit import Commit
 from shardbroker.core.output import Output
 from shardbroker.core.peers import Peers
@@ -41,12 +41,16 @@ from shardbroker.protocol.packets import (
 log = logging.getLogger("shardbroker.inbound")
 
 VALID_TOPICS_KEPT = 10000  # topic names remembered as valid (forgotten all at once when full)
+RATE_PATIENCE = 10.0  # seconds a client may keep publishing over its rate before it is disconnected
 
 
 class Inbound:
     def __init__(self, limits: LimitsConfig, access: AccessRules, peers: Peers, commit: Commit, output: Output,
-                 time: EventTime, stats: dict[str, int]) -> None:
+                 time: EventTime, stats: dict[str, int], scheduler: Scheduler) -> None:
         self.limits = limits
+        self.scheduler = scheduler
+        self._rated = bool(limits.max_publish_rate or limits.max_publish_bytes_rate)
+        self._rates: dict[Client, list[float]] = {}  # client -> [second, packets, bytes, over since]
         self.access = access
         self.peers = peers
         self.commit = commit
@@ -57,6 +61,8 @@ class Inbound:
         self.backpressure: Backpressure  # set by the broker
 
     def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
+        if self._rated:
+            self._meter(client, len(pkt.payload))
         v5 = client.version == MQTT_5
         topic = pkt.topic
         props = pkt.properties
@@ -143,6 +149,40 @@ class Inbound:
             self.output.send(client, data)
         else:
             self.backpressure.withhold(client, data)
+
+    def _meter(self, client: Client, size: int) -> None:
+        """``limits.max_publish_rate`` / ``max_publish_bytes_rate``: a client over either is not
+        read until the next second; one that stays over for ``RATE_PATIENCE`` seconds is
+        disconnected (0x96). What it sent before the pause is still handled."""
+        limits = self.limits
+        mono = self.time.mono
+        second = float(int(mono))
+        st = self._rates.get(client)
+        if st is None:
+            st = self._rates[client] = [second, 0.0, 0.0, 0.0]
+        elif st[0] != second:
+            if second - st[0] > 1.0:  # a whole second without going over: no longer a persistent case
+                st[3] = 0.0
+            st[0], st[1], st[2] = second, 0.0, 0.0
+        st[1] += 1
+        st[2] += size
+        over = ((limits.max_publish_rate and st[1] > limits.max_publish_rate)
+                or (limits.max_publish_bytes_rate and st[2] > limits.max_publish_bytes_rate))
+        if not over:
+            return
+        if not st[3]:
+            st[3] = mono
+        elif mono - st[3] > RATE_PATIENCE:
+            raise ProtocolError(reasons.MESSAGE_RATE_TOO_HIGH,
+                                f"over limits.max_publish_rate / max_publish_bytes_rate for {RATE_PATIENCE:.0f} s")
+        if not client.paused & PAUSED_BY_RATE:
+            self.stats["publish_rate_holds"] += 1
+            client.pause_reading(PAUSED_BY_RATE)
+            self.scheduler.later(second + 1.0 - mono, lambda _now: client.resume_reading(PAUSED_BY_RATE))
+
+    def forget(self, client: Client) -> None:
+        """The client is gone."""
+        self._rates.pop(client, None)
 
     def on_pubrel(self, client: Client, sess: Session, pkt: PubRel) -> None:
         code = reasons.SUCCESS

@@ -117,3 +117,19 @@ def test_a_will_too_large_is_refused(make_broker, mqtt, uniq, version):
         assert c.expect(mb.CONNACK, 5)[2][1] == 0x95
     with pytest.raises(mb.ConnectionClosed):  # 3.1.1 has no code for it: closed
         c.recv_packet(3)
+
+
+def test_a_publisher_over_its_rate_is_slowed_down(make_broker, mqtt, uniq):
+    import time
+
+    b = make_broker(config="[limits]\nmax_publish_rate = 100\n")
+    sub = mqtt(b, uniq.cid("s"))
+    topic = uniq.topic()
+    sub.subscribe(topic, 0)
+    pub = mqtt(b, uniq.cid("p"))
+    t0 = time.monotonic()
+    for i in range(300):  # QoS 1, one at a time: the acknowledgements come at the allowed rate
+        pub.publish(topic, b"%d" % i, qos=1, timeout=10)
+    took = time.monotonic() - t0
+    assert took > 1.0, f"300 publishes at 100/s took {took:.2f} s"  # 100 per second of the clock: 3 seconds begun
+    assert len(sub.drain_publishes(quiet=0.5, first_timeout=5)) == 300  # nothing lost

@@ -209,3 +209,42 @@ def test_failures_count_per_address_and_are_forgotten() -> None:
     f.succeeded("c")
     assert f.failed("c", 1) == 0.0
     assert f.failed("d", 0) == 0.0 and f.failed("d", 11) == 0.0  # the window is 10 s
+
+
+def test_a_client_over_its_publish_rate_is_paused_then_disconnected(tmp_path: Path) -> None:
+    from shardbroker.config import load_config
+    from shardbroker.core.inbound import RATE_PATIENCE
+
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_publish_rate": 5})
+    h = Harness(tmp_path, config=config)
+    c = h.connect("fast", version=MQTT_5)
+    c.packets()
+    batch = b"".join(codec.encode(Publish("t", b"x", qos=0), MQTT_5) for _ in range(8))
+    h.broker.received(c.client, batch, h.now)
+    h.run()
+    assert c.transport.paused and h.broker.stats["received"] == 8  # what was read is handled
+    h.advance(1.0, tick=False)
+    assert not c.transport.paused  # the next second
+    seconds = 0
+    while not c.transport.closed and seconds < RATE_PATIENCE + 3:
+        h.broker.received(c.client, batch, h.now)
+        h.run()
+        h.advance(1.0, tick=False)
+        seconds += 1
+    assert c.transport.closed and seconds > RATE_PATIENCE - 1
+    assert [p.reason_code for p in c.packets() if isinstance(p, Disconnect)] == [reasons.MESSAGE_RATE_TOO_HIGH]
+    h.close()
+
+
+def test_a_client_within_its_rate_is_never_paused(tmp_path: Path) -> None:
+    from shardbroker.config import load_config
+
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_publish_bytes_rate": 1000})
+    h = Harness(tmp_path, config=config)
+    c = h.connect("calm", version=MQTT_5)
+    for _ in range(30):
+        c.send(Publish("t", b"y" * 100, qos=0))  # 100 bytes a second
+        assert not c.transport.paused
+        h.advance(1.0, tick=False)
+    assert not c.transport.closed
+    h.close()

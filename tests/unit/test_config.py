@@ -46,6 +46,8 @@ EXPECTED_DEFAULTS = {
     "limits.max_client_id_length": 1024,
     "limits.max_topic_levels": 128,
     "limits.max_subscriptions": 10000,
+    "limits.max_publish_rate": 0,
+    "limits.max_publish_bytes_rate": 0,
     "limits.max_will_size": 65536,
     "limits.max_connection_rate": 0,
     "storage.durability": "fsync",
