@@ -70,27 +70,22 @@ class PlainIndex:
         """Store ``sub`` (replacing the same client's subscription to that filter)."""
         flt, cid = sub.topic_filter, sub.client_id
         held = self._map.get(flt)
-        if held is None or (type(held) is Subscribed and held.client_id == cid):
-            self._map.set(flt, sub)
-        elif type(held) is Subscribed:
-            self._map.set(flt, {held.client_id: held, cid: sub})
-        else:
-            assert isinstance(held, dict)
+        if isinstance(held, dict):
             held[cid] = sub
+        elif held is None or held.client_id == cid:
+            self._map.set(flt, sub)
+        else:
+            self._map.set(flt, {held.client_id: held, cid: sub})
 
     def remove(self, flt: str, client_id: str) -> None:
         held = self._map.get(flt)
-        if held is None:
-            return
-        if type(held) is Subscribed:
-            if held.client_id == client_id:
-                self._map.remove(flt)
-            return
-        assert isinstance(held, dict)
-        held.pop(client_id, None)
-        if len(held) == 1:
-            (last,) = held.values()
-            self._map.set(flt, last)
+        if isinstance(held, dict):
+            held.pop(client_id, None)
+            if len(held) == 1:
+                (last,) = held.values()
+                self._map.set(flt, last)
+        elif held is not None and held.client_id == client_id:
+            self._map.remove(flt)
 
     def count(self, flt: str) -> int:
         held = self._map.get(flt)

@@ -146,17 +146,17 @@ class ClientAcl:
         self._rules = rules
         self._patterns = patterns
         self._dangerous = dangerous
-        self._cache: dict[tuple[str, int], bool] = {}
+        # answers by access and topic (no key to build per check: deliveries ask it per message)
+        self._cache: dict[int, dict[str, bool]] = {READ: {}, WRITE: {}}
 
     def allows(self, topic: str, access: int) -> bool:
-        key = (topic, access)
-        cache = self._cache
-        known = cache.get(key)
+        cache = self._cache[access]
+        known = cache.get(topic)
         if known is None:
             known = self._decide(topic, access)
             if len(cache) >= CACHE_SIZE:
                 cache.clear()
-            cache[key] = known
+            cache[topic] = known
         return known
 
     def _decide(self, topic: str, access: int) -> bool:

@@ -61,21 +61,18 @@ class ClientRelay:
         """Read a side only while the other side's buffer has room."""
         if self.closed:
             return
-        loop = self._loop
-        read_client = len(self._to_plain) < MAX_BUFFER
-        if read_client != self._read_client:
-            self._read_client = read_client
-            if read_client:
-                loop.add_reader(self.client.fileno(), self._from_client)
+        self._read_client = self._reader(self.client, len(self._to_plain) < MAX_BUFFER, self._read_client,
+                                         self._from_client)
+        self._read_plain = self._reader(self.plain, len(self._to_client) < MAX_BUFFER and not self._closing,
+                                        self._read_plain, self._from_plain)
+
+    def _reader(self, sock: socket.socket, want: bool, reading: bool, callback: Callable[[], None]) -> bool:
+        if want != reading:
+            if want:
+                self._loop.add_reader(sock.fileno(), callback)
             else:
-                loop.remove_reader(self.client.fileno())
-        read_plain = len(self._to_client) < MAX_BUFFER and not self._closing
-        if read_plain != self._read_plain:
-            self._read_plain = read_plain
-            if read_plain:
-                loop.add_reader(self.plain.fileno(), self._from_plain)
-            else:
-                loop.remove_reader(self.plain.fileno())
+                self._loop.remove_reader(sock.fileno())
+        return want
 
     # ---- client -> worker
 
