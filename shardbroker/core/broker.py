@@ -106,7 +106,7 @@ class Broker:
             "received": 0, "delivered": 0, "forwarded": 0, "dropped_queue_full": 0,
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
             "backlogs": 0, "holds": 0, "slow_subscribers": 0, "dropped_not_authorized": 0,
-            "subscriptions_refused": 0, "publish_rate_holds": 0,
+            "subscriptions_refused": 0, "publish_rate_holds": 0, "auth_failures": 0,
         }
         if policy is None:
             if config.auth.password_file or config.auth.acl_file:
@@ -130,7 +130,7 @@ class Broker:
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats,
                                scheduler)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
-                                   self.output, scheduler, self.time, config.auth)
+                                   self.output, scheduler, self.time, config.auth, self.stats)
         self.backpressure = Backpressure(shard, shards, limits, self.sessions, self.output, link, self.time,
                                          self.stats, self.wake)
         # The parts that need each other:

@@ -138,7 +138,7 @@ def _host(peer: str) -> str:
 class Handshake:
     def __init__(self, shard: int, limits: LimitsConfig, access: AccessRules, auth: Authenticator,
                  sessions: Sessions, delivery: Delivery, output: Output, scheduler: Scheduler,
-                 time: EventTime, auth_limits: AuthConfig) -> None:
+                 time: EventTime, auth_limits: AuthConfig, stats: dict[str, int]) -> None:
         self.shard = shard
         self.scheduler = scheduler
         self.time = time
@@ -150,7 +150,7 @@ class Handshake:
         self.sessions = sessions
         self.delivery = delivery
         self.output = output
-        self.auth_failures = 0  # CONNECTs refused for their credentials
+        self.stats = stats  # "auth_failures": CONNECTs refused for their credentials
 
     def on_connect(self, client: Client, pkt: Connect) -> PendingConnect | None:
         """Answer the CONNECT, or return what must be verified before it can be answered."""
@@ -168,7 +168,7 @@ class Handshake:
             self._authenticated(client, pkt, terms, None, None)
             return None
         if pkt.username is not None and self.failures.banned(_host(client.peer), self.time.mono):
-            self.auth_failures += 1
+            self.stats["auth_failures"] += 1
             self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, "too many failed attempts from this address"),
                          logging.WARNING)
             return None
@@ -188,7 +188,7 @@ class Handshake:
     def _authenticated(self, client: Client, pkt: Connect, terms: Terms, verdict: Refused | None,
                        credential: PasswordHash | None) -> None:
         if verdict is not None:
-            self.auth_failures += 1
+            self.stats["auth_failures"] += 1
             refusal = Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}")
             delay = self.failures.failed(_host(client.peer), self.time.mono) if pkt.username is not None else 0.0
             if delay:  # a guesser waits for its answer (the socket is not read meanwhile)
