@@ -98,10 +98,11 @@ def passwd(
 ) -> None:
     """Add a user, change its password, or delete it. The password is asked for twice (or read
     from stdin with --stdin), never taken from the command line. Files written by
-    mosquitto_passwd are read, and Mosquitto reads the files this writes."""
+    mosquitto_passwd are read, and Mosquitto reads the files this writes. The user's
+    SCRAM-SHA-256 keys go to FILE.scram beside it (SCRAM-SHA-512 needs nothing more)."""
     import getpass
 
-    from shardbroker.security import passwords
+    from shardbroker.security import passwords, scram
 
     if not user or ":" in user or any(ord(ch) < 32 for ch in user):
         typer.echo("shardbroker passwd: a username must be non-empty, without ':' or control characters", err=True)
@@ -116,10 +117,17 @@ def passwd(
         raise typer.Exit(2) from None
     for problem in pf.problems:
         typer.echo(f"shardbroker passwd: warning: {file}: {problem} (the line is dropped)", err=True)
+    sidecar = scram.sidecar_path(file)
+    try:
+        keys = scram.load(sidecar) or scram.ScramFile()
+    except passwords.PasswordFileError as exc:
+        typer.echo(f"shardbroker passwd: {exc}", err=True)
+        raise typer.Exit(2) from None
     if delete:
         if pf.entries.pop(user, None) is None:
             typer.echo(f"shardbroker passwd: {file}: no user {user!r}", err=True)
             raise typer.Exit(1)
+        keys.entries.pop(user, None)
     else:
         if stdin:
             line = sys.stdin.readline()
@@ -132,9 +140,16 @@ def passwd(
         if not password:
             typer.echo("shardbroker passwd: empty password", err=True)
             raise typer.Exit(1)
-        pf.entries[user] = passwords.hash_password(password.encode("utf-8"), iterations)
+        entry = pf.entries[user] = passwords.hash_password(password.encode("utf-8"), iterations)
+        try:
+            keys.entries[user] = (scram.derive(scram.SHA256, password, iterations), scram.fingerprint(entry))
+        except ValueError as exc:
+            keys.entries.pop(user, None)
+            typer.echo(f"shardbroker passwd: warning: {user} can log in by password, not by SCRAM: {exc}", err=True)
     try:
         passwords.save(file, pf)
+        if keys.entries or sidecar.exists():
+            scram.save(sidecar, keys)
     except passwords.PasswordFileError as exc:
         typer.echo(f"shardbroker passwd: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -450,6 +450,10 @@ class ListenerConfig:
     ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
     path: str = WS_PATH  # ws, wss: the HTTP path of the WebSocket endpoint
     proxy_protocol: bool = False  # every connection starts with a PROXY protocol v2 header
+    # Authentication on this listener; None: as [auth] says.
+    allow_anonymous: bool | str | None = None
+    password_file: str | None = None
+    acl_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -465,8 +469,10 @@ _LISTENER_CHECKS: dict[str, _Check] = {
     "certfile": _Text(path=True, optional=True), "keyfile": _Text(path=True, optional=True),
     "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
     "use_identity_as_username": _Bool(), "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
-    "path": _Text(), "proxy_protocol": _Bool(),
+    "path": _Text(), "proxy_protocol": _Bool(), "allow_anonymous": _BoolOrAuto(),
+    "password_file": _Text(path=True, optional=True), "acl_file": _Text(path=True, optional=True),
 }
+_INHERITED = ("allow_anonymous", "password_file", "acl_file")  # [auth]'s unless a listener sets them
 _NOT_YET: dict[str, str] = {}
 _NOT_YET_KEYS: dict[str, str] = {}
 
@@ -486,6 +492,8 @@ def _listeners(value: object) -> tuple[ListenerConfig, ...]:
         for key, v in table.items():
             if key in _NOT_YET_KEYS:
                 raise ConfigError(f"{where}.{key}", f"{_NOT_YET_KEYS[key]} is not implemented yet")
+            if v is None and key in _INHERITED:  # (not from TOML: how a child process is given them)
+                continue
             check = _LISTENER_CHECKS.get(key)
             if check is None:
                 raise ConfigError(f"{where}.{key}", f"unknown listener setting; one of {', '.join(_LISTENER_CHECKS)}")
@@ -534,6 +542,30 @@ class Config:
     def effective_listeners(self) -> tuple[ListenerConfig, ...]:
         """The listeners to open: ``[[listener]]``, or ``server.host``/``server.port`` as mqtt."""
         return self.listeners or (ListenerConfig("mqtt", self.server.host, self.server.port),)
+
+    def listener_auth(self, lst: ListenerConfig) -> ListenerAuth:
+        """Who may connect on ``lst``: its own ``allow_anonymous``, ``password_file`` and
+        ``acl_file`` where it sets them, ``[auth]``'s otherwise ("auto" decided against the
+        password file that applies on the listener)."""
+        auth = self.auth
+        password_file = auth.password_file if lst.password_file is None else lst.password_file
+        acl_file = auth.acl_file if lst.acl_file is None else lst.acl_file
+        allow = auth.allow_anonymous if lst.allow_anonymous is None else lst.allow_anonymous
+        anonymous = allow if isinstance(allow, bool) else not password_file
+        return ListenerAuth(anonymous, password_file, acl_file)
+
+    def listeners_auth(self) -> tuple[ListenerAuth, ...]:
+        """``listener_auth`` of every listener, in order (a hand-off names its listener by index)."""
+        return tuple(self.listener_auth(lst) for lst in self.effective_listeners)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAuth:
+    """The authentication settings in force on one listener."""
+
+    allow_anonymous: bool
+    password_file: str
+    acl_file: str
 
 
 _Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig

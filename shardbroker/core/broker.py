@@ -31,7 +31,7 @@ the shell passes the time, a ``Scheduler``, the store and the peer link.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from shardbroker.config import Config
@@ -89,10 +89,10 @@ Handler = Callable[[Client, Session, Any], None]
 
 class Broker:
     def __init__(self, config: Config, shard: int, shards: int, store: ShardStore, retained: RetainedStore,
-                 link: BrokerLink, scheduler: Scheduler, now: Now, *, policy: Policy | None = None,
-                 verifier: Verifier | None = None) -> None:
-        """``policy``: the loaded password and ACL files (required when the configuration names
-        any); ``verifier``: where slow password hashes are verified (default: on the loop, for
+                 link: BrokerLink, scheduler: Scheduler, now: Now, *,
+                 policy: Policy | Sequence[Policy] | None = None, verifier: Verifier | None = None) -> None:
+        """``policy``: the loaded password and ACL files, one policy per listener (required when
+        the configuration names any); ``verifier``: where slow password hashes are verified (default: on the loop, for
         tests; a worker passes a thread pool)."""
         self.config = config
         self.limits = limits = config.limits
@@ -109,9 +109,10 @@ class Broker:
             "subscriptions_refused": 0, "publish_rate_holds": 0, "auth_failures": 0,
         }
         if policy is None:
-            if config.auth.password_file or config.auth.acl_file:
+            settings = config.listeners_auth()
+            if any(a.password_file or a.acl_file for a in settings):
                 raise ValueError("the configuration names a password or ACL file: pass the loaded Policy")
-            policy = Policy(allow_anonymous=config.auth.anonymous)
+            policy = tuple(Policy(allow_anonymous=a.allow_anonymous) for a in settings)
         self.auth = Authenticator(policy)
         self._pending: dict[Client, PendingConnect] = {}  # CONNECTs whose password is being verified
         self.verifier: Verifier = verifier or InlineVerifier(scheduler)
@@ -137,6 +138,7 @@ class Broker:
         self.sessions.subscriptions = self.subscriptions
         self.sessions.route = self.peers.route
         self.sessions.take_over = self._take_over
+        self.handshake.disconnect = self.close
         self.sessions.offline = self.backpressure.end
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
         self.subscriptions.peers = self.peers
@@ -209,6 +211,11 @@ class Broker:
             if client.closing:
                 break
             if not client.connected:
+                if self.handshake.exchanges and self.handshake.in_exchange(client):  # SCRAM before CONNACK
+                    self.handshake.exchange_packet(client, packet)
+                    if client.session is not None:
+                        self.backpressure.attached(client)
+                    continue
                 if not isinstance(packet, Connect):
                     log.info("%s: first packet is not CONNECT: closing", client.peer)
                     self._abort(client, "first packet is not CONNECT")
@@ -260,7 +267,7 @@ class Broker:
             self._packets(client, pending.stash)
         self.wake()
 
-    def security_changed(self, policy: Policy, now: Now) -> None:
+    def security_changed(self, policy: Policy | Sequence[Policy], now: Now) -> None:
         """New password or ACL files (a reload): connected clients that would no longer get in
         are disconnected; the others get their new view of the ACL file at once."""
         self.time.set(now)
@@ -268,13 +275,13 @@ class Broker:
         for client, identity in list(self.sessions.clients.items()):
             if client.closing:
                 continue
-            refused = self.auth.still_valid(identity)
+            refused = self.auth.still_valid(identity, client.transport.listener)
             if refused is not None:
                 log.warning("disconnecting %s after a reload: %s", client.client_id, refused.text)
                 self.close(client, reasons.NOT_AUTHORIZED, refused.text)
                 continue
             username = identity.username if identity is not None else None
-            client.acl = policy.acl_for(username, client.client_id)
+            client.acl = self.auth.policy(client.transport.listener).acl_for(username, client.client_id)
         self.wake()
 
     def lost(self, client: Client, now: Now) -> None:
@@ -288,6 +295,7 @@ class Broker:
         self.flow.forget(client)
         self.backpressure.forget(client)
         self._pending.pop(client, None)
+        self.handshake.forget(client)
         self.inbound.forget(client)
         if client.session is not None:
             log.debug("connection of %s lost", client.client_id)

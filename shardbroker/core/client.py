@@ -45,6 +45,11 @@ class Transport(Protocol):
         username (``use_identity_as_username``), else None."""
         ...
 
+    @property
+    def listener(self) -> int:
+        """The index of the listener the client came in on (its authentication settings apply)."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Send now; what the client does not take yet waits in the transport's buffer."""
 

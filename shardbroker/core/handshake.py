@@ -12,8 +12,20 @@ password are decided by the ``Authenticator``; when a password has to be verifie
 against a slow hash, ``on_connect`` returns a ``PendingConnect`` and the broker has it
 verified away from the loop (a ``Verifier``), holding the client's later packets until
 ``finish`` has the outcome. Once in, the client gets its view of the ACL file and its
-will topic is checked against it. A CONNECT with an Authentication Method is refused
-(0x8C): enhanced authentication is not implemented.
+will topic is checked against it. Every decision is the policy of the listener the client
+came in on.
+
+Enhanced authentication (MQTT 5, section 4.12) by SCRAM (``security/scram.py``): a CONNECT
+with Authentication Method ``SCRAM-SHA-256`` or ``SCRAM-SHA-512`` and the client-first
+message is answered AUTH 0x18 with the server-first message; the client's AUTH 0x18 with
+the client-final message is answered CONNACK with the server-final message, or refused like
+a bad password (0x86, counted and slowed down the same way). Until then the client may send
+only AUTH or DISCONNECT [MQTT-3.1.2-30], and it has ``limits.connect_timeout`` to finish.
+Another method is refused with 0x8C. A connected client that authenticated so may
+re-authenticate (AUTH 0x19, same method [MQTT-4.12.1-1], as the same user): answered AUTH
+0x18, then AUTH 0x00, or DISCONNECT 0x87 when it fails; its packets go on being handled
+meanwhile. AUTH from a client that did not authenticate so is a protocol error [MQTT-4.12.0-1]
+(the SCRAM exchanges in progress are ``exchanges``; nothing of them is stored).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from typing import Protocol
 from shardbroker.config import AuthConfig, LimitsConfig
 from shardbroker.core.access import AccessRules
 from shardbroker.core.client import PAUSED_BY_AUTH, Client
-from shardbroker.core.clock import EventTime, Now, Scheduler
+from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.inbound import is_utf8
 from shardbroker.core.output import Output
@@ -35,9 +47,11 @@ from shardbroker.core.sessions import Sessions
 from shardbroker.core.topics import validate_topic_name
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
-from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Properties
+from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Disconnect, Properties
+from shardbroker.security import scram
 from shardbroker.security.auth import Authenticator, Failures, Identity, Refused
 from shardbroker.security.passwords import PasswordHash
+from shardbroker.security.scram import ScramExchange, ScramFailed
 
 log = logging.getLogger("shardbroker.handshake")
 
@@ -74,6 +88,20 @@ class PendingConnect:
     stash: list[object] = field(default_factory=list)
 
 
+@dataclass(eq=False, slots=True)
+class Exchange:
+    """A SCRAM exchange under way: of a CONNECT (its ``packet`` and ``terms``), or a
+    re-authentication of a connected client (both None)."""
+
+    scram: ScramExchange
+    packet: Connect | None
+    terms: Terms | None
+    timer: Timer
+
+
+AuthReply = tuple[str, bytes]  # (method, data) for the CONNACK's Authentication Method and Data
+
+
 class Verifier(Protocol):
     """Verifies a password against a slow hash away from the event loop, then calls ``done``
     on the loop with the outcome and the time."""
@@ -96,9 +124,10 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
     version = pkt.protocol_version
     props = pkt.properties
     v5 = version == MQTT_5
-    if props.authentication_method is not None:
+    method = props.authentication_method
+    if method is not None and method not in scram.METHODS:
         return Refusal(reasons.BAD_AUTHENTICATION_METHOD,
-                       f"authentication method {props.authentication_method!r} is not supported")
+                       f"authentication method {method!r} is not supported (only {', '.join(scram.METHODS)})")
     will = pkt.will
     if will is not None:
         try:
@@ -151,6 +180,9 @@ class Handshake:
         self.delivery = delivery
         self.output = output
         self.stats = stats  # "auth_failures": CONNECTs refused for their credentials
+        self.exchanges: dict[Client, Exchange] = {}
+        # Disconnects a connected client with a reason code (set by the broker).
+        self.disconnect: Callable[[Client, int, str], None] = lambda client, reason, text: None
 
     def on_connect(self, client: Client, pkt: Connect) -> PendingConnect | None:
         """Answer the CONNECT, or return what must be verified before it can be answered."""
@@ -162,17 +194,26 @@ class Handshake:
         if isinstance(terms, Refusal):
             self._refuse(client, terms)
             return None
+        method = pkt.properties.authentication_method
         certified = client.transport.identity
         if certified is not None:  # the listener takes the certificate's identity as the username
+            if method is not None:
+                self._refuse(client, Refusal(reasons.BAD_AUTHENTICATION_METHOD,
+                                             "the client certificate is the identity on this listener"))
+                return None
             pkt = replace(pkt, username=certified, password=None)
             self._authenticated(client, pkt, terms, None, None)
             return None
-        if pkt.username is not None and self.failures.banned(_host(client.peer), self.time.mono):
+        if (pkt.username is not None or method is not None) and self.failures.banned(_host(client.peer),
+                                                                                     self.time.mono):
             self.stats["auth_failures"] += 1
             self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, "too many failed attempts from this address"),
                          logging.WARNING)
             return None
-        verdict = self.auth.check(pkt.username, pkt.password)
+        if method is not None:
+            self._begin_exchange(client, pkt, terms, method)
+            return None
+        verdict = self.auth.check(pkt.username, pkt.password, client.transport.listener)
         if isinstance(verdict, PasswordHash):
             return PendingConnect(pkt, terms, verdict)
         self._authenticated(client, pkt, terms, verdict, None)
@@ -182,11 +223,140 @@ class Handshake:
         """The password of a pending CONNECT was verified (``ok``) or not."""
         pkt = pending.packet
         assert pkt.username is not None and pkt.password is not None
-        verdict = self.auth.verified(pkt.username, pkt.password, pending.against, ok)
+        verdict = self.auth.verified(pkt.username, pkt.password, pending.against, ok, client.transport.listener)
         self._authenticated(client, pkt, pending.terms, verdict, pending.against)
 
+    # ------------------------------------------------------------------ SCRAM
+
+    def _start_scram(self, client: Client, method: str, client_first: bytes | None) -> tuple[ScramExchange, bytes]:
+        """A new exchange and its server-first message; ``ScramFailed`` when it cannot begin."""
+        listener = client.transport.listener
+        if self.auth.policy(listener).passwords is None:
+            raise ScramFailed("no password file applies on this listener")
+        if client_first is None:
+            raise ScramFailed("no client-first message (Authentication Data)")
+        exchange = ScramExchange(method, lambda user: self.auth.scram_keys(method, user, listener), self.auth.decoy)
+        return exchange, exchange.first(client_first)
+
+    def _continue(self, client: Client, exchange: ScramExchange, server_first: bytes, pkt: Connect | None,
+                  terms: Terms | None) -> None:
+        timer = self.scheduler.later(self.limits.connect_timeout, lambda _now: self._expired(client))
+        self.exchanges[client] = Exchange(exchange, pkt, terms, timer)
+        props = Properties(authentication_method=exchange.method, authentication_data=server_first)
+        self.output.send(client, codec.encode(Auth(reasons.CONTINUE_AUTHENTICATION, props), MQTT_5))
+
+    def _begin_exchange(self, client: Client, pkt: Connect, terms: Terms, method: str) -> None:
+        if self.auth.policy(client.transport.listener).passwords is None:
+            self._refuse(client, Refusal(reasons.BAD_AUTHENTICATION_METHOD,
+                                         f"{method}: no password file applies on this listener"))
+            return
+        try:
+            exchange, server_first = self._start_scram(client, method, pkt.properties.authentication_data)
+        except ScramFailed as exc:
+            self._authenticated(client, pkt, terms, Refused(reasons.BAD_USER_NAME_OR_PASSWORD,
+                                                            f"{method}: {exc}"), None)
+            return
+        if pkt.username is not None and pkt.username != exchange.username:
+            self._authenticated(client, pkt, terms, Refused(reasons.BAD_USER_NAME_OR_PASSWORD,
+                                                            f"{method}: the user name is not SCRAM's"), None)
+            return
+        self._continue(client, exchange, server_first, pkt, terms)
+
+    def in_exchange(self, client: Client) -> bool:
+        """Whether the client's CONNECT waits for the end of a SCRAM exchange."""
+        exchange = self.exchanges.get(client)
+        return exchange is not None and exchange.packet is not None
+
+    def exchange_packet(self, client: Client, packet: object) -> None:
+        """A packet from a client whose CONNECT is in a SCRAM exchange: AUTH goes on with it,
+        DISCONNECT ends it, anything else is a protocol error [MQTT-3.1.2-30]."""
+        exchange = self.exchanges.pop(client)
+        exchange.timer.cancel()
+        pkt, terms = exchange.packet, exchange.terms
+        assert pkt is not None and terms is not None
+        if isinstance(packet, Disconnect):
+            self.output.close(client, "client disconnected during authentication")
+            return
+        if not isinstance(packet, Auth) or packet.reason_code != reasons.CONTINUE_AUTHENTICATION \
+                or packet.properties.authentication_method != exchange.scram.method:
+            self._refuse(client, Refusal(reasons.PROTOCOL_ERROR, f"{type(packet).__name__} during authentication: "
+                                         f"only AUTH 0x18 with method {exchange.scram.method} or DISCONNECT"))
+            return
+        method = exchange.scram.method
+        username = exchange.scram.username
+        pkt = replace(pkt, username=username, password=None)
+        try:
+            server_final = exchange.scram.final(packet.properties.authentication_data or b"")
+        except ScramFailed as exc:
+            self._authenticated(client, pkt, terms, Refused(reasons.BAD_USER_NAME_OR_PASSWORD, f"{method}: {exc}"),
+                                None)
+            return
+        assert username is not None
+        credential = self.auth.credential(username, client.transport.listener)
+        self._authenticated(client, pkt, terms, None, credential, (method, server_final))
+
+    def _expired(self, client: Client) -> None:
+        exchange = self.exchanges.pop(client, None)
+        if exchange is None or client.closing:
+            return
+        text = f"{exchange.scram.method} exchange not finished within limits.connect_timeout"
+        if exchange.packet is not None:
+            self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, text), logging.WARNING)
+        else:
+            self.disconnect(client, reasons.NOT_AUTHORIZED, f"re-authentication: {text}")
+
+    def forget(self, client: Client) -> None:
+        """The connection is gone."""
+        exchange = self.exchanges.pop(client, None)
+        if exchange is not None:
+            exchange.timer.cancel()
+
+    def on_auth(self, client: Client, sess: Session, pkt: Auth) -> None:
+        """AUTH from a connected client: a re-authentication [MQTT-4.12.1]."""
+        identity = self.sessions.clients.get(client)
+        method = identity.method if identity is not None else None
+        if identity is None or method is None:  # no method was agreed in CONNECT [MQTT-4.12.0-1]
+            raise ProtocolError(reasons.PROTOCOL_ERROR, "AUTH without an authentication method")
+        if pkt.properties.authentication_method != method:  # [MQTT-4.12.1-1]
+            raise ProtocolError(reasons.PROTOCOL_ERROR, f"AUTH with another authentication method than {method}")
+        data = pkt.properties.authentication_data
+        if pkt.reason_code == reasons.RE_AUTHENTICATE:
+            if client in self.exchanges:
+                raise ProtocolError(reasons.PROTOCOL_ERROR, "re-authentication while one is under way")
+            try:
+                exchange, server_first = self._start_scram(client, method, data)
+            except ScramFailed as exc:
+                return self._reauth_failed(client, identity, str(exc))
+            return self._continue(client, exchange, server_first, None, None)
+        under_way = self.exchanges.pop(client, None)
+        if pkt.reason_code != reasons.CONTINUE_AUTHENTICATION or under_way is None:
+            raise ProtocolError(reasons.PROTOCOL_ERROR, f"AUTH 0x{pkt.reason_code:02X} outside a re-authentication")
+        under_way.timer.cancel()
+        try:
+            server_final = under_way.scram.final(data or b"")
+        except ScramFailed as exc:
+            return self._reauth_failed(client, identity, str(exc))
+        if under_way.scram.username != identity.username:
+            return self._reauth_failed(client, identity, f"re-authenticated as another user "
+                                                         f"({under_way.scram.username!r})")
+        assert identity.username is not None
+        self.sessions.clients[client] = replace(
+            identity, credential=self.auth.credential(identity.username, client.transport.listener))
+        props = Properties(authentication_method=method, authentication_data=server_final)
+        self.output.send(client, codec.encode(Auth(reasons.SUCCESS, props), MQTT_5))
+        log.info("client %s (%s) re-authenticated as %r", client.client_id, client.peer, identity.username)
+
+    def _reauth_failed(self, client: Client, identity: Identity, text: str) -> None:
+        self.stats["auth_failures"] += 1
+        self.failures.failed(_host(client.peer), self.time.mono)
+        log.warning("re-authentication of %s (%s) as %r failed: %s", client.client_id, client.peer,
+                    identity.username, text)
+        self.disconnect(client, reasons.NOT_AUTHORIZED, f"re-authentication failed: {text}")
+
+    # ------------------------------------------------------------------ in or out
+
     def _authenticated(self, client: Client, pkt: Connect, terms: Terms, verdict: Refused | None,
-                       credential: PasswordHash | None) -> None:
+                       credential: PasswordHash | None, reply: AuthReply | None = None) -> None:
         if verdict is not None:
             self.stats["auth_failures"] += 1
             refusal = Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}")
@@ -200,7 +370,8 @@ class Handshake:
             return
         if pkt.username is not None and self.failures.any():
             self.failures.succeeded(_host(client.peer))
-        policy = self.auth.policy
+        listener = client.transport.listener
+        policy = self.auth.policy(listener)
         client.acl = policy.acl_for(pkt.username, terms.client_id)
         will = pkt.will
         if will is not None:
@@ -208,11 +379,12 @@ class Handshake:
             if denied is not None:
                 self._refuse(client, Refusal(reasons.NOT_AUTHORIZED, f"will topic {will.topic!r}: {denied}"))
                 return
-        self._accept(client, pkt, terms)
+        self._accept(client, pkt, terms, reply)
         if client.connected and (pkt.username is not None or policy.passwords is not None or policy.acl is not None):
-            self.sessions.clients[client] = Identity(pkt.username, credential)  # for a reload
+            self.sessions.clients[client] = Identity(pkt.username, credential, listener,  # for a reload
+                                                     reply[0] if reply is not None else None)
 
-    def _accept(self, client: Client, pkt: Connect, terms: Terms) -> None:
+    def _accept(self, client: Client, pkt: Connect, terms: Terms, reply: AuthReply | None = None) -> None:
         client.keepalive = terms.keepalive
         client.send_window = terms.send_window
         client.max_packet_out = terms.max_packet_out
@@ -224,8 +396,8 @@ class Handshake:
             return self._refuse(client, Refusal(reasons.QUOTA_EXCEEDED if terms.version == MQTT_5
                                                 else reasons.SERVER_UNAVAILABLE, "session limit reached"))
         sess, present = attached
-        self.output.send(client, codec.encode(ConnAck(present, reasons.SUCCESS, self._connack_properties(client, terms)),
-                                              terms.version))
+        self.output.send(client, codec.encode(ConnAck(present, reasons.SUCCESS,
+                                                      self._connack_properties(client, terms, reply)), terms.version))
         client.connected = True
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
@@ -233,11 +405,13 @@ class Handshake:
         if present:
             self.delivery.resume(sess, client)
 
-    def _connack_properties(self, client: Client, terms: Terms) -> Properties:
+    def _connack_properties(self, client: Client, terms: Terms, reply: AuthReply | None) -> Properties:
         if terms.version != MQTT_5:
             return NO_PROPERTIES
         limits = self.limits
         return Properties(
+            authentication_method=reply[0] if reply is not None else None,
+            authentication_data=reply[1] if reply is not None else None,
             receive_maximum=limits.receive_maximum,
             topic_alias_maximum=limits.topic_alias_maximum or None,
             maximum_packet_size=limits.max_packet_size,
@@ -258,7 +432,3 @@ class Handshake:
             if code is not None:
                 self.output.send(client, codec.encode(ConnAck(False, code), client.version))
         self.output.close(client, f"CONNECT refused: {refusal.text}")
-
-    def on_auth(self, client: Client, sess: Session, pkt: Auth) -> None:
-        # No authentication method was agreed in CONNECT, so AUTH is a protocol error [MQTT-4.12.0-1].
-        raise ProtocolError(reasons.PROTOCOL_ERROR, "AUTH without an authentication method")

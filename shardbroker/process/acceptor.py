@@ -55,11 +55,11 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "framer", "listener", "peer", "reader", "shaken", "sock", "watched",
+    __slots__ = ("data", "deadline", "framer", "index", "listener", "peer", "reader", "shaken", "sock", "watched",
                  "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
-                 listener: ListenerConfig | None = None, framer: WsFramer | None = None) -> None:
+                 listener: ListenerConfig | None = None, framer: WsFramer | None = None, index: int = 0) -> None:
         self.sock = sock  # an ssl.SSLSocket on an mqtts or wss listener
         self.deadline = deadline
         self.reader = reader
@@ -67,6 +67,7 @@ class _Pending:
         self.watched = False
         self.listener = listener  # set for the connections that are relayed (TLS, WebSocket)
         self.framer = framer  # ws, wss
+        self.index = index  # of its listener in the configuration (the worker applies its auth settings)
         self.peer: str | None = None  # the client's address from a PROXY protocol header
         self.shaken = False  # TLS handshake done
         self.writing = False  # a writer is registered (the handshake could not write)
@@ -126,7 +127,7 @@ class Acceptor:
                 for p, cid, _v in chunk:
                     if p.listener is None:
                         pairs.append(None)
-                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer))
+                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer, listener=p.index))
                         continue
                     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                     pairs.append((ours, theirs))
@@ -134,7 +135,7 @@ class Acceptor:
                     if p.listener.use_identity_as_username:
                         assert isinstance(p.sock, ssl.SSLSocket)
                         who = identity(p.sock)
-                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), who))
+                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), who, p.index))
                 if self._handoff(shard, batch):
                     self.handed_off += len(chunk)
                     for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
@@ -199,7 +200,7 @@ class Acceptor:
             reader = codec.PacketReader(max_packet_size=max_size)
             framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
             relayed = ctx is not None or framer is not None
-            pending = _Pending(sock, deadline, reader, lst if relayed else None, framer)
+            pending = _Pending(sock, deadline, reader, lst if relayed else None, framer, index)
             self._pending[sock.fileno()] = pending
             if lst.proxy_protocol:
                 self._proxy_step(pending, ctx)

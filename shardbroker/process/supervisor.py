@@ -137,12 +137,11 @@ class Supervisor:
         """Read the password and ACL files once before any child starts: a missing or broken
         one is a one-line error and exit status 2, not a worker that keeps failing."""
         from shardbroker.security.acl import AclFileError
-        from shardbroker.security.auth import load_policy
+        from shardbroker.security.auth import load_policies
         from shardbroker.security.passwords import PasswordFileError
 
-        auth = self.config.auth
         try:
-            load_policy(auth.anonymous, auth.password_file, auth.acl_file)
+            load_policies(self.config)
         except (PasswordFileError, AclFileError) as exc:
             raise SystemExit(f"shardbroker: {exc}") from None
 

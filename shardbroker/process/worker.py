@@ -28,7 +28,7 @@ from shardbroker.core.clock import Now
 from shardbroker.peer.bus import Bus, endpoint
 from shardbroker.process.runtime import install_loop, ready
 from shardbroker.security.acl import AclFileError
-from shardbroker.security.auth import Policy, load_policy
+from shardbroker.security.auth import Policies, load_policies
 from shardbroker.security.passwords import PasswordFileError, PasswordHash
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
 from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
@@ -78,11 +78,10 @@ class ThreadVerifier:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def load_security(config: Config) -> Policy:
-    """The password and ACL files the configuration names, read now; ``PasswordFileError`` and
-    ``AclFileError`` propagate (fatal at startup, not at a reload)."""
-    auth = config.auth
-    policy, problems = load_policy(auth.anonymous, auth.password_file, auth.acl_file)
+def load_security(config: Config) -> Policies:
+    """The password and ACL files the configuration names (per listener), read now;
+    ``PasswordFileError`` and ``AclFileError`` propagate (fatal at startup, not at a reload)."""
+    policy, problems = load_policies(config)
     for problem in problems:
         log.warning("password file line left out: %s", problem)
     return policy
@@ -223,8 +222,8 @@ class Worker:
         # belong to the socket, so they came along with the descriptor.
         assert self._poller is not None
         sock = socket.socket(fileno=h.fd)
-        conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None
-                else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity))
+        conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None and h.listener == 0
+                else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity, h.listener))
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 
 

@@ -21,6 +21,12 @@ never the password) until the user's hash changes, so that a client reconnecting
 a thousand of them after a restart of their network, costs one hash per user instead
 of one per CONNECT.
 
+Each listener has its own ``Policy`` (``listener.allow_anonymous``, ``password_file`` and
+``acl_file``, or ``[auth]``'s): the ``Authenticator`` holds one per listener, in the
+configuration's order, and every decision names the listener the client came in on.
+MQTT 5 enhanced authentication (SCRAM, ``scram.py``) checks against the same password
+file: ``scram_keys`` gives what an exchange verifies against.
+
 Pure: no threads, and no I/O besides ``load_policy``, which reads the files.
 """
 
@@ -29,15 +35,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from collections.abc import Sequence
+
+from shardbroker.config import Config
 from shardbroker.protocol import reasons
 from shardbroker.security import acl as aclmod
-from shardbroker.security import passwords
+from shardbroker.security import passwords, scram
 from shardbroker.security.acl import AclFile, ClientAcl
 from shardbroker.security.passwords import PasswordFile, PasswordHash
+from shardbroker.security.scram import ScramFile, ScramKeys
 
-__all__ = ["ACCEPTED", "Authenticator", "Failures", "Identity", "Policy", "Refused", "load_policy"]
+__all__ = ["ACCEPTED", "Authenticator", "Failures", "Identity", "Policies", "Policy", "Refused", "load_policies",
+           "load_policy"]
 
 CACHE_SIZE = 100_000  # verified (user, password) pairs kept
 
@@ -47,6 +58,7 @@ class Policy:
     allow_anonymous: bool = True
     passwords: PasswordFile | None = None
     acl: AclFile | None = None
+    scram: ScramFile | None = None  # SCRAM-SHA-256 keys kept beside the password file
 
     def acl_for(self, username: str | None, client_id: str) -> ClientAcl | None:
         """The client's view of the ACL file; None without one (everything allowed)."""
@@ -61,6 +73,8 @@ class Identity:
 
     username: str | None
     credential: PasswordHash | None
+    listener: int = 0  # the listener it came in on (whose policy applies)
+    method: str | None = None  # the enhanced authentication method of its CONNECT (re-authentication uses it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,23 +85,31 @@ class Refused:
 
 ACCEPTED = None
 Verdict = Refused | None
+Policies = tuple[Policy, ...]  # one per listener, in the configuration's order
 
 
 class Authenticator:
-    __slots__ = ("_cache", "_key", "policy")
+    __slots__ = ("_cache", "_key", "decoy", "policies")
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
+    def __init__(self, policies: Policy | Sequence[Policy]) -> None:
+        self.policies: Policies = ()
+        self.reload(policies)
         self._key = secrets.token_bytes(32)  # digests of verified passwords are keyed per process
+        self.decoy = secrets.token_bytes(32)  # SCRAM keys of users that do not exist
         self._cache: dict[str, tuple[PasswordHash, bytes]] = {}
 
-    def reload(self, policy: Policy) -> None:
+    def reload(self, policies: Policy | Sequence[Policy]) -> None:
         """New files: remembered passwords stay valid only where the user's hash is unchanged."""
-        self.policy = policy
+        self.policies = (policies,) if isinstance(policies, Policy) else tuple(policies)
 
-    def check(self, username: str | None, password: bytes | None) -> Verdict | PasswordHash:
+    def policy(self, listener: int = 0) -> Policy:
+        """The policy of a listener (the first one's for a listener it does not know)."""
+        policies = self.policies
+        return policies[listener] if 0 <= listener < len(policies) else policies[0]
+
+    def check(self, username: str | None, password: bytes | None, listener: int = 0) -> Verdict | PasswordHash:
         """The verdict, or the hash that ``password`` must be verified against."""
-        policy = self.policy
+        policy = self.policy(listener)
         if username is None:
             if policy.allow_anonymous:
                 return ACCEPTED
@@ -102,13 +124,13 @@ class Authenticator:
             return ACCEPTED
         return wanted
 
-    def verified(self, username: str, password: bytes, against: PasswordHash, ok: bool) -> Verdict:
+    def verified(self, username: str, password: bytes, against: PasswordHash, ok: bool,
+                 listener: int = 0) -> Verdict:
         """The outcome of verifying ``password`` against the hash ``check`` returned."""
         if not ok:
             return Refused(reasons.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
-        current = self.policy.passwords.entries.get(username) if self.policy.passwords is not None else None
-        if current != against:  # the file changed while it was being verified: ask again
-            verdict = self.check(username, password)
+        if self.credential(username, listener) != against:  # the file changed while it was verified: ask again
+            verdict = self.check(username, password, listener)
             if not isinstance(verdict, PasswordHash):
                 return verdict
             return Refused(reasons.BAD_USER_NAME_OR_PASSWORD, "its password changed while it was checked")
@@ -117,9 +139,19 @@ class Authenticator:
         self._cache[username] = (against, self._digest(password))
         return ACCEPTED
 
-    def still_valid(self, identity: Identity | None) -> Refused | None:
+    def credential(self, username: str, listener: int = 0) -> PasswordHash | None:
+        """The user's line of the password file that applies on ``listener``."""
+        pw = self.policy(listener).passwords
+        return pw.entries.get(username) if pw is not None else None
+
+    def scram_keys(self, method: str, username: str, listener: int = 0) -> ScramKeys | None:
+        """What a SCRAM exchange by ``username`` on ``listener`` verifies against; None when
+        the user cannot log in by ``method`` there."""
+        return scram.keys_for(method, self.credential(username, listener), self.policy(listener).scram, username)
+
+    def still_valid(self, identity: Identity | None, listener: int = 0) -> Refused | None:
         """After a reload: why a connected client may no longer be connected, or None."""
-        policy = self.policy
+        policy = self.policy(identity.listener if identity is not None else listener)
         username = identity.username if identity is not None else None
         if username is None:
             return None if policy.allow_anonymous else Refused(reasons.NOT_AUTHORIZED,
@@ -136,13 +168,34 @@ class Authenticator:
 
 
 def load_policy(allow_anonymous: bool, password_file: str, acl_file: str) -> tuple[Policy, list[str]]:
-    """Read the files the configuration names: the policy, and the password-file lines that
-    were left out (for the log). ``PasswordFileError`` / ``AclFileError`` when a file
-    cannot be read, or the ACL file does not parse."""
+    """Read the files the configuration names (and the SCRAM keys beside the password file,
+    where there are any): the policy, and the lines that were left out (for the log).
+    ``PasswordFileError`` / ``AclFileError`` when a file cannot be read, or the ACL file does
+    not parse."""
     pw = passwords.load(password_file) if password_file else None
+    keys = scram.load(scram.sidecar_path(password_file)) if password_file else None
     acl = aclmod.load(acl_file) if acl_file else None
     problems = [f"{password_file}: {p}" for p in pw.problems] if pw is not None else []
-    return Policy(allow_anonymous, pw, acl), problems
+    if keys is not None:
+        problems += [f"{scram.sidecar_path(password_file)}: {p}" for p in keys.problems]
+    return Policy(allow_anonymous, pw, acl, keys), problems
+
+
+def load_policies(config: Config) -> tuple[Policies, list[str]]:
+    """The policy of every listener, in order (a file that several name is read once), and
+    the lines left out; errors as ``load_policy``'s."""
+    files: dict[tuple[str, str], Policy] = {}
+    problems: list[str] = []
+    out = []
+    for settings in config.listeners_auth():
+        named = (settings.password_file, settings.acl_file)
+        policy = files.get(named)
+        if policy is None:
+            policy, left_out = load_policy(settings.allow_anonymous, *named)
+            files[named] = policy
+            problems += left_out
+        out.append(replace(policy, allow_anonymous=settings.allow_anonymous))
+    return tuple(out), problems
 
 
 class Failures:

@@ -44,6 +44,7 @@ __all__ = [
     "hash_password",
     "load",
     "save",
+    "write_private",
 ]
 
 DEFAULT_ITERATIONS = 210_000
@@ -182,15 +183,21 @@ def load(path: str | Path) -> PasswordFile:
 def save(path: str | Path, pf: PasswordFile) -> None:
     """Write ``pf`` to ``path`` at once (a new file renamed over the old), readable by its
     owner only; a reader never sees half a file."""
+    write_private(path, pf.render(), "password file")
+
+
+def write_private(path: str | Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` at once, readable by its owner only; ``PasswordFileError``
+    naming ``what`` when it cannot."""
     target = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     except OSError as exc:
-        raise PasswordFileError(f"{path}: cannot write the password file ({exc.strerror or exc})") from None
+        raise PasswordFileError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o600)
-            f.write(pf.render())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -199,4 +206,4 @@ def save(path: str | Path, pf: PasswordFile) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise PasswordFileError(f"{path}: cannot write the password file ({exc.strerror or exc})") from None
+        raise PasswordFileError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None

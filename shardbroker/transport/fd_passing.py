@@ -4,8 +4,8 @@ The acceptor reads a client's CONNECT, then sends the socket's file descriptor
 (SCM_RIGHTS) together with the bytes already read over a Unix stream socket
 that the owning worker listens on (``handoff-N.sock`` in the run directory).
 
-Wire format of one hand-off: a 4-byte big-endian length, then a frame of three optional
-strings and the initial bytes: the assigned client id, the client's address (``host:port``,
+Wire format of one hand-off: a 4-byte big-endian length, then a frame of the index of the
+listener it came in on (u16), three optional strings and the initial bytes: the assigned client id, the client's address (``host:port``,
 for a socket that is not the client's own TCP socket: a TLS client's relay) and the identity
 in its certificate, each as ``u16 length + 1 (0: none)`` and UTF-8, then the initial bytes.
 Hand-offs are sent in batches: one ``sendmsg`` carries up to ``MAX_FDS`` frames
@@ -38,6 +38,7 @@ class Handoff:
     initial: bytes  # everything read from the client so far (CONNECT first)
     peer: str | None = None  # the client's address when ``fd`` is not its own socket
     identity: str | None = None  # the identity in its TLS certificate, when it is the username
+    listener: int = 0  # which listener (its index in the configuration) it came in on
 
 
 def _opt(text: str | None) -> bytes:
@@ -48,8 +49,8 @@ def _opt(text: str | None) -> bytes:
 
 
 def encode_frame(client_id: str | None, initial: bytes, peer: str | None = None,
-                 identity: str | None = None) -> bytes:
-    body = _opt(client_id) + _opt(peer) + _opt(identity) + initial
+                 identity: str | None = None, listener: int = 0) -> bytes:
+    body = _HLEN.pack(listener) + _opt(client_id) + _opt(peer) + _opt(identity) + initial
     return _LEN.pack(len(body)) + body
 
 
@@ -58,7 +59,7 @@ def send_handoffs(sock: socket.socket, batch: list[Handoff]) -> None:
     (raises OSError on failure)."""
     if not 0 < len(batch) <= MAX_FDS:
         raise ValueError(f"a hand-off batch holds 1 to {MAX_FDS} sockets, not {len(batch)}")
-    data = b"".join(encode_frame(h.client_id, h.initial, h.peer, h.identity) for h in batch)
+    data = b"".join(encode_frame(h.client_id, h.initial, h.peer, h.identity, h.listener) for h in batch)
     fds = array.array("i", [h.fd for h in batch])
     sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
     if sent < len(data):
@@ -112,7 +113,8 @@ class HandoffReceiver:
                 break
             body = bytes(self._buf[4 : 4 + size])
             del self._buf[: 4 + size]
-            pos = 0
+            (listener,) = _HLEN.unpack_from(body, 0)
+            pos = 2
             fields: list[str | None] = []
             for _ in range(3):
                 (marker,) = _HLEN.unpack_from(body, pos)
@@ -122,7 +124,7 @@ class HandoffReceiver:
                     pos += marker - 1
                 else:
                     fields.append(None)
-            out.append(Handoff(self._fds.popleft(), fields[0], body[pos:], fields[1], fields[2]))
+            out.append(Handoff(self._fds.popleft(), fields[0], body[pos:], fields[1], fields[2], listener))
         return out
 
     def close(self) -> None:

@@ -120,6 +120,7 @@ class TcpConnection:
     )
 
     identity: str | None = None  # a certificate's identity, for ``RelayedConnection``
+    listener: int = 0  # the first listener's; ``RelayedConnection`` carries another
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, poller: Poller,
                  initial: bytes = b"") -> None:
@@ -303,13 +304,17 @@ class TcpConnection:
 class RelayedConnection(TcpConnection):
     """A client whose address came with the hand-off: its bytes come through a relay, one end
     of a Unix socket pair (its TLS or WebSocket ends in the acceptor, ``relay.py``), or over a
-    proxy that said who it is (``proxy.py``). The identity in its certificate comes along too."""
+    proxy that said who it is (``proxy.py``). The identity in its certificate comes along too,
+    and the listener it came in on. (A plain client of any listener but the first is one as
+    well, with no address given: it is its own socket's. The first listener's plain clients
+    are ``TcpConnection``s, which spend no memory on these.)"""
 
-    __slots__ = ("identity",)
+    __slots__ = ("identity", "listener")
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, poller: Poller, initial: bytes,
-                 peer: str, identity: str | None) -> None:
+                 peer: str | None, identity: str | None, listener: int = 0) -> None:
         super().__init__(sock, loop, poller, initial)
         self._peer = peer
         self.identity = identity
+        self.listener = listener
 

@@ -80,6 +80,7 @@ class FakeTransport:
     """What the broker wrote, and whether it closed or paused the connection."""
 
     identity: str | None = None
+    listener = 0
 
     def __init__(self, name: str) -> None:
         self.peer = f"fake:{name}"
@@ -186,7 +187,8 @@ class FakeClient:
 
 class Harness:
     def __init__(self, data_dir: Path, config: Config | None = None, peers: list[int] | None = None,
-                 shard: int = 0, shards: int = 1, now: Now = START, policy: Policy | None = None) -> None:
+                 shard: int = 0, shards: int = 1, now: Now = START,
+                 policy: Policy | tuple[Policy, ...] | None = None) -> None:
         self.data_dir = data_dir
         self.config = config or load_config(None, {"server.data_dir": str(data_dir)})
         self.now = now
