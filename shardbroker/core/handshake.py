@@ -47,7 +47,15 @@ from shardbroker.core.sessions import Sessions
 from shardbroker.core.topics import validate_topic_name
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
-from shardbroker.protocol.packets import MQTT_5, NO_PROPERTIES, Auth, ConnAck, Connect, Disconnect, Properties
+from shardbroker.protocol.packets import (
+    MQTT_5,
+    NO_PROPERTIES,
+    Auth,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Properties,
+)
 from shardbroker.security import scram
 from shardbroker.security.auth import Authenticator, Failures, Identity, Refused
 from shardbroker.security.passwords import PasswordHash

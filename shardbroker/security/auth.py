@@ -35,9 +35,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass, replace
-
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from shardbroker.config import Config
 from shardbroker.protocol import reasons

@@ -47,11 +47,11 @@ import scramp
 from shardbroker.security.passwords import PasswordFileError, PasswordHash, write_private
 
 __all__ = [
+    "MAX_ITERATIONS",
     "METHODS",
+    "MIN_ITERATIONS",
     "SHA256",
     "SHA512",
-    "MAX_ITERATIONS",
-    "MIN_ITERATIONS",
     "ScramExchange",
     "ScramFailed",
     "ScramFile",
