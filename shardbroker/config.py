@@ -431,6 +431,7 @@ class AuthConfig:
 LISTENER_TYPES = ("mqtt", "mqtts", "ws", "wss")
 LISTENER_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 8083, "wss": 8084}
 TLS_VERSIONS = ("tlsv1.2", "tlsv1.3")
+CERTIFICATE_IDENTITIES = ("cn", "san")
 WS_PATH = "/mqtt"
 
 
@@ -446,6 +447,7 @@ class ListenerConfig:
     cafile: str = ""  # mqtts: CAs whose client certificates are accepted
     require_certificate: bool = False  # mqtts: a client without a valid certificate is refused
     use_identity_as_username: bool = False  # mqtts: the certificate's CN is the username
+    certificate_identity: str = "cn"  # which name of the certificate: "cn" or "san" (its first DNS/email/URI name)
     tls_version: str = "tlsv1.2"  # mqtts: the lowest TLS version accepted
     ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
     path: str = WS_PATH  # ws, wss: the HTTP path of the WebSocket endpoint
@@ -468,7 +470,8 @@ _LISTENER_CHECKS: dict[str, _Check] = {
     "type": _Choice(LISTENER_TYPES), "host": _Text(), "port": _Int(0, 65535),
     "certfile": _Text(path=True, optional=True), "keyfile": _Text(path=True, optional=True),
     "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
-    "use_identity_as_username": _Bool(), "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
+    "use_identity_as_username": _Bool(), "certificate_identity": _Choice(CERTIFICATE_IDENTITIES),
+    "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
     "path": _Text(), "proxy_protocol": _Bool(), "allow_anonymous": _BoolOrAuto(),
     "password_file": _Text(path=True, optional=True), "acl_file": _Text(path=True, optional=True),
 }
@@ -515,6 +518,8 @@ def _listeners(value: object) -> tuple[ListenerConfig, ...]:
             raise ConfigError(f"{where}.path", f"must start with '/', got {lst.path!r}")
         if lst.require_certificate and not lst.cafile:
             raise ConfigError(where, "require_certificate needs a cafile")
+        if lst.certificate_identity != "cn" and not lst.use_identity_as_username:
+            raise ConfigError(f"{where}.certificate_identity", "is for use_identity_as_username = true")
         if lst.use_identity_as_username and not lst.require_certificate:
             raise ConfigError(where, "use_identity_as_username needs require_certificate = true")
         out.append(lst)

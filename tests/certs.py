@@ -19,7 +19,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def new_cert(cn: str, subject_key: Any, issuer_cn: str, issuer_key: Any, *, ca: bool = False,
-             server: bool = False) -> x509.Certificate:
+             server: bool = False, email: str | None = None) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -30,6 +30,8 @@ def new_cert(cn: str, subject_key: Any, issuer_cn: str, issuer_key: Any, *, ca: 
     if server:
         b = b.add_extension(x509.SubjectAlternativeName(
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    elif email is not None:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
@@ -53,7 +55,10 @@ def make_pki(d: Path) -> dict[str, Path]:
                                       srv_key)
     cli_key = new_key()
     cli_crt, cli_key_path = write_pem(d / "alice", new_cert("alice", cli_key, "test CA", ca_key), cli_key)
+    san_key = new_key()
+    san_crt, san_key_path = write_pem(d / "carol", new_cert("not-carol", san_key, "test CA", ca_key,
+                                                            email="carol@example.com"), san_key)
     rogue_key = new_key()
     rogue_crt, rogue_key_path = write_pem(d / "rogue", new_cert("alice", rogue_key, "rogue", rogue_key), rogue_key)
     return {"ca": ca_crt, "crt": srv_crt, "key": srv_key_path, "cli_crt": cli_crt, "cli_key": cli_key_path,
-            "rogue_crt": rogue_crt, "rogue_key": rogue_key_path}
+            "rogue_crt": rogue_crt, "rogue_key": rogue_key_path, "san_crt": san_crt, "san_key": san_key_path}

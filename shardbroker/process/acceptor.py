@@ -55,7 +55,7 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "framer", "index", "listener", "peer", "reader", "shaken", "sock", "watched",
+    __slots__ = ("data", "deadline", "framer", "identity", "index", "listener", "peer", "reader", "shaken", "sock", "watched",
                  "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
@@ -68,6 +68,7 @@ class _Pending:
         self.listener = listener  # set for the connections that are relayed (TLS, WebSocket)
         self.framer = framer  # ws, wss
         self.index = index  # of its listener in the configuration (the worker applies its auth settings)
+        self.identity: str | None = None  # the certificate's name, when the listener makes it the username
         self.peer: str | None = None  # the client's address from a PROXY protocol header
         self.shaken = False  # TLS handshake done
         self.writing = False  # a writer is registered (the handshake could not write)
@@ -131,11 +132,8 @@ class Acceptor:
                         continue
                     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                     pairs.append((ours, theirs))
-                    who = None
-                    if p.listener.use_identity_as_username:
-                        assert isinstance(p.sock, ssl.SSLSocket)
-                        who = identity(p.sock)
-                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), who, p.index))
+                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), p.identity,
+                                         p.index))
                 if self._handoff(shard, batch):
                     self.handed_off += len(chunk)
                     for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
@@ -379,6 +377,13 @@ class Acceptor:
                 reasons.CLIENT_IDENTIFIER_NOT_VALID,
                 f"client identifier longer than {self.config.limits.max_client_id_length} bytes "
                 "(limits.max_client_id_length)"))
+        if p.listener is not None and p.listener.use_identity_as_username:
+            assert isinstance(p.sock, ssl.SSLSocket)
+            p.identity = identity(p.sock, p.listener.certificate_identity)
+            if p.identity is None:  # never the CONNECT's user name instead
+                return self._refuse(p, version, ProtocolError(
+                    reasons.NOT_AUTHORIZED, f"the client certificate has no {p.listener.certificate_identity} "
+                                            "to be the user name (use_identity_as_username)"))
         self._queue_handoff(shard_for(client_id or connect.client_id, self.shards), p, client_id, version)
 
     def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:

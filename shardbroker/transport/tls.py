@@ -55,10 +55,19 @@ def server_context(listener: ListenerConfig) -> ssl.SSLContext:
     return ctx
 
 
-def identity(tls: ssl.SSLSocket) -> str | None:
-    """The common name of the client's verified certificate, or None."""
+SAN_KINDS = ("DNS", "email", "URI")  # the subjectAltName entries that can name a client
+
+
+def identity(tls: ssl.SSLSocket, source: str = "cn") -> str | None:
+    """The common name (``source`` "cn") or the first DNS name, email address or URI among the
+    subject alternative names ("san") of the client's verified certificate, or None."""
     cert = tls.getpeercert()
     if not cert:
+        return None
+    if source == "san":
+        for kind, value in cert.get("subjectAltName", ()):
+            if kind in SAN_KINDS:
+                return str(value)
         return None
     for rdn in cert.get("subject", ()):
         for attr in rdn:

@@ -168,6 +168,20 @@ def test_client_certificates_and_the_cn_as_username(make_broker, pki, tmp_path, 
     assert alice.publish("mallory/x", b"no", qos=1).reason == 0x87
 
 
+def test_a_subject_alternative_name_as_username(make_broker, pki, tmp_path, uniq):
+    acl = tmp_path / "acl"
+    acl.write_text("user carol@example.com\ntopic readwrite carol/#\n")
+    config = _tls_config(pki, cafile=str(pki["ca"]), require_certificate=True, use_identity_as_username=True,
+                         certificate_identity="san")
+    b = make_broker(config=f'[auth]\nacl_file = "{acl}"\n\n' + config)
+    carol = TlsClient(_tls_port(b), _client_ctx(pki, "san_crt", "san_key"))
+    assert carol.connect_mqtt(uniq.cid("c"), version=5).rc == 0
+    assert carol.subscribe("carol/#", 1) == [1]  # the ACL sees the email address, not the CN
+    assert carol.publish("not-carol/x", b"no", qos=1).reason == 0x87
+    alice = TlsClient(_tls_port(b), _client_ctx(pki, "cli_crt", "cli_key"))  # no such name: refused, whoever
+    assert alice.connect_mqtt(uniq.cid("a"), version=5, username="carol@example.com").rc == 0x87  # it says it is
+
+
 def test_a_tls13_only_listener_refuses_tls12(make_broker, pki):
     b = make_broker(config=_tls_config(pki, tls_version="tlsv1.3"))
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
