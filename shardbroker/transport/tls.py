@@ -65,9 +65,9 @@ def identity(tls: ssl.SSLSocket, source: str = "cn") -> str | None:
     if not cert:
         return None
     if source == "san":
-        for kind, value in cert.get("subjectAltName", ()):
-            if kind in SAN_KINDS:
-                return str(value)
+        for entry in cert.get("subjectAltName", ()):
+            if entry[0] in SAN_KINDS:
+                return str(entry[1])
         return None
     for rdn in cert.get("subject", ()):
         for attr in rdn:
