@@ -210,3 +210,23 @@ def test_a_silent_exchange_is_closed_after_the_connect_timeout(make_broker, tmp_
     assert _recv(c)[0] == mb.AUTH
     kind, _f, body = _recv(c)  # nothing more from the client
     assert kind == mb.CONNACK and mb.parse_connack(body, 5).rc == mb.RC_NOT_AUTHORIZED
+
+
+def test_passwd_keeps_the_sha256_keys_beside_the_password_file(tmp_path):
+    from shardbroker.security import scram
+    from shardbroker.security.passwords import load
+
+    pw = tmp_path / "pw"
+    _passwd(pw, "eve", "one")
+    keys = scram.load(scram.sidecar_path(pw))
+    assert keys is not None and set(keys.entries) == {"eve"}
+    assert (tmp_path / "pw.scram").stat().st_mode & 0o777 == 0o600
+    entry = load(pw).entries["eve"]
+    assert scram.keys_for(scram.SHA256, entry, keys, "eve") == keys.entries["eve"][0]
+    low = subprocess.run([*CLI, "passwd", str(pw), "eve", "--stdin", "--iterations", "100"], input="two\n",
+                         text=True, capture_output=True, check=True)
+    assert "can log in by password, not by SCRAM" in low.stderr  # and the old keys are gone with the old line
+    assert scram.load(scram.sidecar_path(pw)).entries == {}
+    _passwd(pw, "eve", "three")
+    subprocess.run([*CLI, "passwd", str(pw), "eve", "--delete"], check=True, capture_output=True)
+    assert scram.load(scram.sidecar_path(pw)).entries == {} and pw.read_text() == ""
