@@ -152,3 +152,64 @@ def test_wss_refuses_a_client_that_does_not_trust_it(ws_broker):
     with pytest.raises(ssl.SSLError):
         ws_connect(f"wss://localhost:{_port(ws_broker, 'wss')}/mqtt", subprotocols=["mqtt"], ssl=ctx,
                    open_timeout=5)
+
+
+def test_client_certificates_on_wss_name_the_user(make_broker, pki, tmp_path, uniq):
+    """wss with require_certificate and use_identity_as_username: paho with alice's certificate
+    gets alice's ACL; without a certificate the TLS handshake is refused."""
+    import paho.mqtt.client as pm
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic readwrite alice/#\n")
+    b = make_broker(config=f"""
+[auth]
+acl_file = "{acl}"
+
+[[listener]]
+port = 0
+
+[[listener]]
+type = "wss"
+port = 0
+certfile = "{pki['crt']}"
+keyfile = "{pki['key']}"
+cafile = "{pki['ca']}"
+require_certificate = true
+use_identity_as_username = true
+""")
+    port = _port(b, "wss")
+    c = pm.Client(CallbackAPIVersion.VERSION2, client_id=uniq.cid("a"), transport="websockets",
+                  protocol=pm.MQTTv5)
+    c.ws_set_options(path="/mqtt")
+    c.tls_set(ca_certs=str(pki["ca"]), certfile=str(pki["cli_crt"]), keyfile=str(pki["cli_key"]))
+    got: list[bytes] = []
+    c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    c.username_pw_set("mallory", "x")  # the certificate's name wins
+    c.connect("localhost", port)
+    c.loop_start()
+    try:
+        c.subscribe("alice/#", 1)
+        time.sleep(0.3)
+        c.publish("alice/x", b"mine", qos=1).wait_for_publish(5)
+        info = c.publish("mallory/x", b"not hers", qos=1)
+        info.wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [b"mine"]
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    upgrade = (b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Protocol: mqtt\r\n\r\n")
+    try:  # no certificate: the handshake fails, or (TLS 1.3) the connection ends at the first read
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(upgrade)
+        answer = tls.recv(100)
+    except (ssl.SSLError, ConnectionError):
+        answer = b""
+    assert answer == b"", answer
