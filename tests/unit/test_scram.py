@@ -126,29 +126,28 @@ def test_malformed_client_first_and_a_user_name_that_is_not_scrams(h: Harness) -
     assert [p.reason_code for p in c.packets()] == [reasons.BAD_USER_NAME_OR_PASSWORD]
 
 
+def _started(h: Harness, cid: str) -> FakeClient:
+    """A client whose CONNECT began an exchange (the broker's AUTH 0x18 read and dropped)."""
+    c = h.client(cid, MQTT_5)
+    c.send(Connect(protocol_version=MQTT_5, client_id=cid, properties=_props(
+        scram.SHA256, scramp.ScramClient([scram.SHA256], "alice", "secret").get_client_first())))
+    [step] = c.packets()
+    assert isinstance(step, Auth)
+    return c
+
+
 def test_only_auth_or_disconnect_before_connack(h: Harness) -> None:
     """[MQTT-3.1.2-30]: anything else during the exchange is a protocol error."""
-    client = scramp.ScramClient([scram.SHA256], "alice", "secret")
-    c = h.client("c1", MQTT_5)
-    c.send(Connect(protocol_version=MQTT_5, client_id="c1", properties=_props(scram.SHA256,
-                                                                               client.get_client_first())))
-    c.packets()
+    c = _started(h, "c1")
     c.send(PingReq())
     assert [p.reason_code for p in c.packets()] == [reasons.PROTOCOL_ERROR] and c.transport.closed
-    quits = h.client("c2", MQTT_5)
-    quits.send(Connect(protocol_version=MQTT_5, client_id="c2", properties=_props(
-        scram.SHA256, scramp.ScramClient([scram.SHA256], "alice", "secret").get_client_first())))
-    quits.packets()
+    quits = _started(h, "c2")
     quits.send(Disconnect())
     assert quits.packets() == [] and quits.transport.closed and not h.broker.handshake.exchanges
 
 
 def test_an_exchange_that_is_not_finished_in_time_is_refused(h: Harness) -> None:
-    client = scramp.ScramClient([scram.SHA256], "alice", "secret")
-    c = h.client("c1", MQTT_5)
-    c.send(Connect(protocol_version=MQTT_5, client_id="c1", properties=_props(scram.SHA256,
-                                                                               client.get_client_first())))
-    c.packets()
+    c = _started(h, "c1")
     h.advance(h.config.limits.connect_timeout - 1)
     assert not c.transport.closed
     h.advance(2)
