@@ -271,6 +271,7 @@ class Acceptor:
         deadline = time.monotonic() + self.config.limits.connect_timeout
         counts = self.counts
         per_address = counts.per_address and not lst.proxy_protocol  # behind it: once the header is read
+        trusted = self._trusted[index]
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = listen.accept()
@@ -283,7 +284,8 @@ class Acceptor:
             host: str = addr[0]
             if self._rate_limited(sock, lst, host):
                 continue
-            address = host if per_address else None
+            # A trusted proxy's connections count under the client's address, once its header is read
+            address = host if per_address and not (trusted and forwarded.trusted(host, trusted)) else None
             over = counts.admit(address)
             if over is not None:
                 sock.close()
@@ -295,7 +297,7 @@ class Acceptor:
             framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
             relayed = ctx is not None or framer is not None
             pending = _Pending(sock, deadline, reader, lst if relayed else None, framer, address)
-            pending.trusted = self._trusted[index]
+            pending.trusted = trusted
             self._pending[sock.fileno()] = pending
             if lst.proxy_protocol:
                 self._proxy_step(pending, ctx)
@@ -373,7 +375,8 @@ class Acceptor:
         if p.watched:
             self._loop.remove_reader(p.sock.fileno())
             p.watched = False
-        if not self._move(p, forwarded.host_of(p.peer)):
+        host = forwarded.host_of(p.peer)
+        if not (p.trusted and forwarded.trusted(host, p.trusted)) and not self._move(p, host):
             return
         self._begin(p, ctx)
 
@@ -479,9 +482,9 @@ class Acceptor:
                                     headers.get_all("Forwarded"))
         except forwarded.ForwardedError as exc:
             self._say_once(forwarded.host_of(peer), "%s: forwarding header of a trusted proxy ignored: %s", peer, exc)
-            return True
-        if hop is None:
-            return True
+            hop = None
+        if hop is None:  # the peer is the client (a trusted one without a header counts as itself now)
+            return self._move(p, forwarded.host_of(peer))
         client = forwarded.format_hop(hop)
         log.debug("%s: forwarded for %s", peer, client)
         if not self._move(p, str(hop[0])):

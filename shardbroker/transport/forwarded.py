@@ -27,7 +27,7 @@ Hop = tuple[IPAddress, int]  # an address and its port (0: not given)
 
 MAX_HOPS = 64  # a longer chain is refused as malformed
 
-__all__ = ["ForwardedError", "Hop", "Network", "format_hop", "host_of", "networks", "parse_hop", "resolve"]
+__all__ = ["ForwardedError", "Hop", "Network", "format_hop", "host_of", "networks", "parse_hop", "resolve", "trusted"]
 
 
 class ForwardedError(ValueError):
@@ -136,27 +136,30 @@ def chain(x_forwarded_for: Sequence[str], forwarded: Sequence[str]) -> list[Hop]
     return [parse_hop(t) for t in texts]
 
 
-def resolve(peer: str, trusted: Sequence[Network], x_forwarded_for: Sequence[str],
+def resolve(peer: str, proxies: Sequence[Network], x_forwarded_for: Sequence[str],
             forwarded: Sequence[str]) -> Hop | None:
-    """The client's address when ``peer`` (``host:port``) is a trusted proxy and the request
-    says whom it forwards; None when the headers are not to be used. ``ForwardedError`` for a
-    header from a trusted proxy that cannot be used."""
-    if not trusted:
-        return None
-    try:
-        peer_ip = _plain(ipaddress.ip_address(host_of(peer)))
-    except ValueError:
-        return None
-    if not _trusted(peer_ip, trusted):
+    """The client's address when ``peer`` (``host:port``) is one of the trusted ``proxies`` and
+    the request says whom it forwards; None when the headers are not to be used.
+    ``ForwardedError`` for a header from a trusted proxy that cannot be used."""
+    if not proxies or not trusted(host_of(peer), proxies):
         return None
     hops = chain(x_forwarded_for, forwarded)
     if not hops:
         return None
     for hop in reversed(hops):
-        if not _trusted(hop[0], trusted):
+        if not _trusted(hop[0], proxies):
             return hop
     return hops[0]
 
 
-def _trusted(ip: IPAddress, trusted: Sequence[Network]) -> bool:
-    return any(ip in net for net in trusted)
+def trusted(host: str, networks: Sequence[Network]) -> bool:
+    """Whether ``host`` (an address as text) is in one of ``networks``."""
+    try:
+        ip = _plain(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+    return _trusted(ip, networks)
+
+
+def _trusted(ip: IPAddress, networks: Sequence[Network]) -> bool:
+    return any(ip in net for net in networks)
