@@ -282,10 +282,11 @@ class Acceptor:
                 return
             self.accepted += 1
             host: str = addr[0]
-            if self._rate_limited(sock, lst, host):
-                continue
             # A trusted proxy's connections count under the client's address, once its header is read
-            address = host if per_address and not (trusted and forwarded.trusted(host, trusted)) else None
+            proxied = bool(trusted) and forwarded.trusted(host, trusted)
+            if not proxied and self._rate_limited(sock, lst, host):
+                continue
+            address = host if per_address and not proxied else None
             over = counts.admit(address)
             if over is not None:
                 sock.close()
@@ -327,7 +328,8 @@ class Acceptor:
     def _rate_limited(self, sock: socket.socket, lst: ListenerConfig, host: str) -> bool:
         """``limits.max_connection_rate``: more new connections from one address in one second
         are closed at once (counted; logged once per address and second). Behind a PROXY
-        protocol listener the address is the proxy's here: the limit is for direct clients."""
+        protocol listener, or from a trusted proxy of a WebSocket listener, the address is the
+        proxy's here: the limit is for direct clients."""
         limit = self.config.limits.max_connection_rate
         if not limit or lst.proxy_protocol:
             return False
