@@ -245,6 +245,9 @@ def test_x_forwarded_for_from_anyone_else_is_ignored(proxied, uniq, held):
     assert "127.0.0.6:" in line and "203.0.113.99" not in line
     # counted under its own address: a second one with another header is over the limit
     assert _ws_mqtt(held, port, "127.0.0.6", {"X-Forwarded-For": "203.0.113.98"}, uniq.cid("v")) is None
+    ws.close()  # a relayed connection frees its slot when its relay closes
+    wait_until(lambda: _ws_mqtt(held, port, "127.0.0.6", {}, uniq.cid("w")), 5, interval=0.1,
+               message="a WebSocket client admitted again")
 
 
 def test_a_malformed_header_leaves_the_proxys_address(proxied, uniq, held):
