@@ -206,6 +206,30 @@ class _BoolOrAuto:
 
 
 @dataclass(frozen=True, slots=True)
+class _Networks:
+    """A list of IP addresses or CIDR networks (stored as a tuple of their normal forms)."""
+
+    def check(self, value: object) -> object:
+        import ipaddress
+
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise _Invalid(f"must be a list of IP addresses or networks, got {_show(value)}")
+        out = []
+        for text in value:
+            try:
+                out.append(str(ipaddress.ip_network(text.strip(), strict=True)))
+            except ValueError as exc:
+                raise _Invalid(f"{text!r} is not an IP address or network: {exc}") from None
+        return tuple(out)
+
+    def from_text(self, text: str) -> object:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    def allowed(self) -> str:
+        return "list of IP addresses or CIDR networks"
+
+
+@dataclass(frozen=True, slots=True)
 class _Filters:
     """A list of MQTT topic filters (stored as a tuple)."""
 
@@ -354,6 +378,18 @@ class LimitsConfig:
         "counted and logged); 0 means no limit",
         _Int(0, 1_000_000),
     )
+    max_connections: int = _setting(
+        1000000,
+        "open connections over all listeners, those still before CONNECT included (more are closed "
+        "as soon as they are accepted, counted and logged); 0 means no limit",
+        _Int(0, 100_000_000),
+    )
+    max_connections_per_address: int = _setting(
+        0,
+        "open connections from one address (the PROXY protocol's or a trusted proxy's X-Forwarded-For "
+        "address where there is one); more are closed at once, counted and logged; 0 means no limit",
+        _Int(0, 100_000_000),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +488,7 @@ class ListenerConfig:
     ciphers: str = ""  # mqtts: OpenSSL cipher list for TLS 1.2 ("" = OpenSSL's defaults)
     path: str = WS_PATH  # ws, wss: the HTTP path of the WebSocket endpoint
     proxy_protocol: bool = False  # every connection starts with a PROXY protocol v2 header
+    trusted_proxies: tuple[str, ...] = ()  # ws, wss: peers whose X-Forwarded-For / Forwarded is believed
     # Authentication on this listener; None: as [auth] says.
     allow_anonymous: bool | str | None = None
     password_file: str | None = None
@@ -472,7 +509,7 @@ _LISTENER_CHECKS: dict[str, _Check] = {
     "cafile": _Text(path=True, optional=True), "require_certificate": _Bool(),
     "use_identity_as_username": _Bool(), "certificate_identity": _Choice(CERTIFICATE_IDENTITIES),
     "tls_version": _Choice(TLS_VERSIONS), "ciphers": _Text(optional=True),
-    "path": _Text(), "proxy_protocol": _Bool(), "allow_anonymous": _BoolOrAuto(),
+    "path": _Text(), "proxy_protocol": _Bool(), "trusted_proxies": _Networks(), "allow_anonymous": _BoolOrAuto(),
     "password_file": _Text(path=True, optional=True), "acl_file": _Text(path=True, optional=True),
 }
 _INHERITED = ("allow_anonymous", "password_file", "acl_file")  # [auth]'s unless a listener sets them
@@ -514,6 +551,8 @@ def _listeners(value: object) -> tuple[ListenerConfig, ...]:
                                      "use_identity_as_username are for mqtts and wss listeners")
         if lst.path != WS_PATH and lst.type not in ("ws", "wss"):
             raise ConfigError(f"{where}.path", "is for ws and wss listeners")
+        if lst.trusted_proxies and lst.type not in ("ws", "wss"):
+            raise ConfigError(f"{where}.trusted_proxies", "is for ws and wss listeners")
         if not lst.path.startswith("/"):
             raise ConfigError(f"{where}.path", f"must start with '/', got {lst.path!r}")
         if lst.require_certificate and not lst.cafile:

@@ -16,7 +16,16 @@ the connection (that module says why TLS ends here); WebSocket listeners the sam
 ``transport.websocket.WsFramer`` in between. The connect deadline covers the handshakes
 too: one that never finishes is closed like a CONNECT that never comes. A listener with
 ``proxy_protocol`` first takes a PROXY protocol v2 header (``transport.proxy``), whose
-address the worker then sees as the client's.
+address the worker then sees as the client's. A ``ws`` or ``wss`` listener with
+``trusted_proxies`` takes the client's address from a trusted proxy's ``X-Forwarded-For`` or
+``Forwarded`` header (``transport.forwarded``) the same way.
+
+It counts open connections (``connection_counts``) from accept to close, to enforce
+``limits.max_connections`` and ``limits.max_connections_per_address`` when it accepts: the
+ones it holds it sees close itself; for those it handed to a worker (relayed ones too: the
+worker's end of the pair closes with them), the worker writes a close notice back on the
+hand-off link, and a link that breaks (the worker died) releases all of its connections. A connection over a limit is closed at once, before any
+byte is read, and counted; the refusals are logged at most once a second per address.
 
 It never touches a store, a session or the bus.
 """
@@ -33,12 +42,13 @@ import time
 import uuid
 
 from shardbroker.config import Config, ListenerConfig
+from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
-from shardbroker.transport import proxy
-from shardbroker.transport.fd_passing import MAX_FDS, Handoff, send_handoffs
+from shardbroker.transport import forwarded, proxy
+from shardbroker.transport.fd_passing import MAX_FDS, ClosedReader, Handoff, send_handoffs
 from shardbroker.transport.relay import ClientRelay
 from shardbroker.transport.tls import TlsError, identity, server_context
 from shardbroker.transport.websocket import WsFramer
@@ -55,11 +65,12 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("data", "deadline", "framer", "identity", "index", "listener", "peer", "reader", "shaken", "sock", "watched",
-                 "writing")
+    __slots__ = ("address", "counted", "data", "deadline", "framer", "identity", "index", "listener", "peer",
+                 "reader", "shaken", "sock", "trusted", "watched", "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
-                 listener: ListenerConfig | None = None, framer: WsFramer | None = None, index: int = 0) -> None:
+                 listener: ListenerConfig | None = None, framer: WsFramer | None = None,
+                 address: str | None = None, index: int = 0) -> None:
         self.sock = sock  # an ssl.SSLSocket on an mqtts or wss listener
         self.deadline = deadline
         self.reader = reader
@@ -72,6 +83,21 @@ class _Pending:
         self.peer: str | None = None  # the client's address from a PROXY protocol header
         self.shaken = False  # TLS handshake done
         self.writing = False  # a writer is registered (the handshake could not write)
+        self.address = address  # the key it is counted under (ConnectionCounts)
+        self.counted = True  # by the acceptor, until it is closed or handed off
+        self.trusted: tuple[forwarded.Network, ...] = ()  # ws, wss: the listener's trusted proxies
+
+
+class _Link:
+    """A hand-off link to one worker: the socket (blocking, with a timeout, for sending), the
+    counted connections handed over it, and its close notices."""
+
+    __slots__ = ("handed", "notices", "sock")
+
+    def __init__(self, sock: socket.socket, keyed: bool) -> None:
+        self.sock = sock
+        self.handed = HandedOff(keyed)
+        self.notices = ClosedReader()
 
 
 Listen = tuple[socket.socket, ListenerConfig, ssl.SSLContext | None]
@@ -85,9 +111,10 @@ class Acceptor:
         self._cert_stamps = [_stamps(lst) for _sock, lst, _ctx in listens]
         self._cert_checked = time.monotonic()
         self._relays: set[ClientRelay] = set()
+        self._trusted = [forwarded.networks(lst.trusted_proxies) for _sock, lst, _ctx in listens]
         self.run_dir = run_dir
         self.shards = shards
-        self._links: dict[int, socket.socket] = {}
+        self._links: dict[int, _Link] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
@@ -98,17 +125,64 @@ class Acceptor:
         self.refused = 0  # closed by limits.max_connection_rate
         self._rate_second = 0
         self._rate_counts: dict[str, int] = {}
+        self.counts = ConnectionCounts(config.limits.max_connections, config.limits.max_connections_per_address)
+        self._said_second = 0
+        self._said: set[str] = set()  # what was logged this second (at most once a second per address)
 
-    def _link(self, shard: int) -> socket.socket:
+    def _say_once(self, key: str, msg: str, *args: object) -> None:
+        """Log ``msg`` at most once a second for ``key`` (an address, or a limit)."""
+        now = int(time.monotonic())
+        if now != self._said_second:
+            self._said_second, self._said = now, set()
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(msg, *args)
+
+    def _link(self, shard: int) -> _Link:
         link = self._links.get(shard)
         if link is not None:
             return link
         path = os.path.join(self.run_dir, f"handoff-{shard}.sock")
-        link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        link.settimeout(5.0)
-        link.connect(path)
-        self._links[shard] = link
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        link = self._links[shard] = _Link(sock, self.counts.per_address)
+        if self._loop is not None:
+            self._loop.add_reader(sock.fileno(), self._on_notices, shard, link)
         return link
+
+    def _on_notices(self, shard: int, link: _Link) -> None:
+        """Close notices from a worker; the end of the link: the worker is gone, and with it
+        every connection it was handed over this link."""
+        try:
+            data = link.sock.recv(65536)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            release = self.counts.release
+            for address in link.handed.closed(link.notices.feed(data)):
+                release(address)
+            return
+        self._drop_link(shard, link)
+
+    def _drop_link(self, shard: int, link: _Link) -> None:
+        if self._links.get(shard) is link:
+            del self._links[shard]
+        if link.sock.fileno() < 0:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(link.sock.fileno())
+        link.sock.close()
+        gone = link.handed.gone()
+        self.counts.release_all(gone)
+        if gone and not self._stopping:
+            log.info("hand-off link to shard %d closed: its %d connections are no longer counted", shard, len(gone))
 
     def _queue_handoff(self, shard: int, p: _Pending, client_id: str | None, version: int) -> None:
         """Hand the socket to its shard at the end of this loop iteration, with the others."""
@@ -134,9 +208,12 @@ class Acceptor:
                     pairs.append((ours, theirs))
                     batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), p.identity,
                                          p.index))
-                if self._handoff(shard, batch):
+                link = self._handoff(shard, batch)
+                if link is not None:
                     self.handed_off += len(chunk)
                     for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
+                        p.counted = False  # from now on by the link: until the worker says it closed
+                        link.handed.handed(p.address)
                         if pair is None:
                             p.sock.close()  # the worker has its own descriptor now
                             continue
@@ -154,25 +231,29 @@ class Acceptor:
                             pair[1].close()
                         self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
 
-    def _handoff(self, shard: int, batch: list[Handoff]) -> bool:
+    def _handoff(self, shard: int, batch: list[Handoff]) -> _Link | None:
+        """Send a batch to its worker; the link that took it, or None."""
         # A worker that is restarting refuses for a moment: retry briefly, then give up.
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                send_handoffs(self._link(shard), batch)
-                return True
+                link = self._link(shard)
+                send_handoffs(link.sock, batch)
+                return link
             except OSError as exc:
-                stale = self._links.pop(shard, None)
+                stale = self._links.get(shard)
                 if stale is not None:
-                    stale.close()
+                    self._drop_link(shard, stale)
                 if time.monotonic() > deadline or self._stopping:
                     log.warning("hand-off of %d connections to shard %d failed: %s", len(batch), shard, exc)
-                    return False
+                    return None
                 time.sleep(0.05)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from the event loop: readiness callbacks, no task per connection."""
         self._loop = loop
+        for link_shard, link in self._links.items():
+            loop.add_reader(link.sock.fileno(), self._on_notices, link_shard, link)
         for i, (listen, lst, _ctx) in enumerate(self.listens):
             listen.setblocking(False)
             loop.add_reader(listen.fileno(), self._on_accept, listen, lst, i)
@@ -182,40 +263,73 @@ class Acceptor:
         assert self._loop is not None
         ctx = self._contexts[index]
         deadline = time.monotonic() + self.config.limits.connect_timeout
+        counts = self.counts
+        per_address = counts.per_address and not lst.proxy_protocol  # behind it: once the header is read
+        trusted = self._trusted[index]
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _addr = listen.accept()
+                sock, addr = listen.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: the sweep keeps going, try later
                 log.warning("accept failed: %s", exc)
                 return
             self.accepted += 1
-            if self._rate_limited(sock, lst):
+            host: str = addr[0]
+            # A trusted proxy's connections count under the client's address, once its header is read
+            proxied = bool(trusted) and forwarded.trusted(host, trusted)
+            if not proxied and self._rate_limited(sock, lst, host):
+                continue
+            address = host if per_address and not proxied else None
+            over = counts.admit(address)
+            if over is not None:
+                sock.close()
+                self._over_limit(over, host)
                 continue
             sock.setblocking(False)
             max_size = self.config.limits.max_packet_size
             reader = codec.PacketReader(max_packet_size=max_size)
             framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
             relayed = ctx is not None or framer is not None
-            pending = _Pending(sock, deadline, reader, lst if relayed else None, framer, index)
+            pending = _Pending(sock, deadline, reader, lst if relayed else None, framer, address, index)
+            pending.trusted = trusted
             self._pending[sock.fileno()] = pending
             if lst.proxy_protocol:
                 self._proxy_step(pending, ctx)
             else:
                 self._begin(pending, ctx)
 
-    def _rate_limited(self, sock: socket.socket, lst: ListenerConfig) -> bool:
+    def _over_limit(self, limit: str, host: str) -> None:
+        """A connection closed by ``limits.max_connections`` or ``max_connections_per_address``."""
+        if limit == PER_ADDRESS:
+            self._say_once(host, "%s: %d connections open from this address (%s): closing new ones", host,
+                           self.counts.at(host), limit)
+        else:
+            self._say_once(limit, "%d connections open (%s): closing new ones (this one from %s)",
+                           self.counts.total, limit, host)
+
+    def _move(self, p: _Pending, host: str) -> bool:
+        """``p`` turns out to come from ``host`` (a PROXY header, a trusted proxy's header): count it
+        there, or close it (False) when that address is at its limit."""
+        if not self.counts.per_address or self.counts.move(p.address, host):
+            if self.counts.per_address:
+                p.address = host
+            return True
+        self._over_limit(PER_ADDRESS, host)
+        self._close(p)
+        return False
+
+    def _rate_limited(self, sock: socket.socket, lst: ListenerConfig, host: str) -> bool:
         """``limits.max_connection_rate``: more new connections from one address in one second
         are closed at once (counted; logged once per address and second). Behind a PROXY
-        protocol listener the address is the proxy's here: the limit is for direct clients."""
+        protocol listener, or from a trusted proxy of a WebSocket listener, the address is the
+        proxy's here: the limit is for direct clients."""
         limit = self.config.limits.max_connection_rate
         if not limit or lst.proxy_protocol:
             return False
         now = int(time.monotonic())
         if now != self._rate_second:
             self._rate_second, self._rate_counts = now, {}
-        host = _peername(sock).rpartition(":")[0]
         n = self._rate_counts.get(host, 0) + 1
         self._rate_counts[host] = n
         if n <= limit:
@@ -257,6 +371,9 @@ class Acceptor:
         if p.watched:
             self._loop.remove_reader(p.sock.fileno())
             p.watched = False
+        host = forwarded.host_of(p.peer)
+        if not (p.trusted and forwarded.trusted(host, p.trusted)) and not self._move(p, host):
+            return
         self._begin(p, ctx)
 
     def _begin(self, p: _Pending, ctx: ssl.SSLContext | None) -> None:
@@ -320,6 +437,7 @@ class Acceptor:
             self._close(p)
             return True
         if p.framer is not None:  # WebSocket: the opening handshake, then frames
+            opening = not p.framer.open
             chunk, reply, over = p.framer.feed(chunk)
             if reply:
                 try:
@@ -328,6 +446,8 @@ class Acceptor:
                     over = True
             if over:
                 self._close(p)
+                return True
+            if opening and p.framer.open and p.trusted and not self._forwarded(p):
                 return True
             if not chunk:
                 return False
@@ -345,6 +465,27 @@ class Acceptor:
         if not raw:
             return False
         self._connect(p, *raw[0])
+        return True
+
+    def _forwarded(self, p: _Pending) -> bool:
+        """A WebSocket request on a listener with ``trusted_proxies``: from a trusted proxy, its
+        forwarding header says who the client is. False when that closed the connection."""
+        assert p.framer is not None and p.framer.request is not None
+        headers = p.framer.request.headers
+        peer = _who(p)
+        try:
+            hop = forwarded.resolve(peer, p.trusted, headers.get_all("X-Forwarded-For"),
+                                    headers.get_all("Forwarded"))
+        except forwarded.ForwardedError as exc:
+            self._say_once(forwarded.host_of(peer), "%s: forwarding header of a trusted proxy ignored: %s", peer, exc)
+            hop = None
+        if hop is None:  # the peer is the client (a trusted one without a header counts as itself now)
+            return self._move(p, forwarded.host_of(peer))
+        client = forwarded.format_hop(hop)
+        log.debug("%s: forwarded for %s", peer, client)
+        if not self._move(p, str(hop[0])):
+            return False
+        p.peer = client
         return True
 
     def _connect(self, p: _Pending, first: int, body: memoryview | bytes) -> None:
@@ -411,8 +552,12 @@ class Acceptor:
                 p.writing = False
 
     def _close(self, p: _Pending) -> None:
+        """Close a connection the acceptor holds (pending, or waiting to be handed off)."""
         self._forget(p)
         p.sock.close()
+        if p.counted:
+            p.counted = False
+            self.counts.release(p.address)
 
     def _check_certificates(self) -> None:
         """An mqtts listener whose certificate, key or CA file changed gets a new context for
@@ -460,11 +605,10 @@ class Acceptor:
             self._close(p)
         for items in self._outgoing.values():
             for p, _cid, _v in items:
-                p.sock.close()
+                self._close(p)
         self._outgoing.clear()
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
+        for shard, link in list(self._links.items()):
+            self._drop_link(shard, link)
 
 
 def _stamps(lst: ListenerConfig) -> tuple[tuple[int, int] | None, ...]:
@@ -518,10 +662,14 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
             loop.add_signal_handler(sig, stop.set)
         ready("acceptor")
         await stop.wait()
+        open_before = acceptor.counts.total
         acceptor.stop()
         for listen, _lst, _ctx in listens:
             listen.close()
-        log.info("acceptor stopped (accepted %d, handed off %d, refused by the connection rate %d)",
-                 acceptor.accepted, acceptor.handed_off, acceptor.refused)
+        counts = acceptor.counts
+        log.info("acceptor stopped (accepted %d, handed off %d, refused by the connection rate %d, by "
+                 "limits.max_connections %d, by limits.max_connections_per_address %d; %d connections open "
+                 "before stopping)", acceptor.accepted, acceptor.handed_off, acceptor.refused,
+                 counts.refused_total, counts.refused_address, open_before)
 
     asyncio.run(main())

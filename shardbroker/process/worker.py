@@ -2,7 +2,8 @@
 
 It opens the shard's store, receives client sockets from the acceptor
 (``transport.fd_passing``) and runs each as a ``TcpConnection`` into the broker (all
-of them watched through one ``Poller``),
+of them watched through one ``Poller``), tells the acceptor when each of them closes (close
+notices on the same link, batched per loop iteration),
 connects the broker to the other workers over the bus, reads the clock for every
 event it passes on, runs the broker's timers on the event loop (``LoopScheduler``),
 sweeps every ``TICK`` seconds, and shuts down in order on SIGTERM: 5.0 clients are
@@ -31,7 +32,7 @@ from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
 from shardbroker.security.passwords import PasswordFileError, PasswordHash
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore
-from shardbroker.transport.fd_passing import Handoff, HandoffReceiver
+from shardbroker.transport.fd_passing import ClosedWriter, Handoff, HandoffReceiver
 from shardbroker.transport.tcp import Poller, RelayedConnection, TcpConnection
 
 log = logging.getLogger("shardbroker.process.worker")
@@ -87,6 +88,51 @@ def load_security(config: Config) -> Policies:
     return policy
 
 
+class Link:
+    """One hand-off link from the acceptor: the hand-offs read from it, numbered in order, and
+    the close notices written back on it, one ``send`` per loop iteration."""
+
+    __slots__ = ("_flushing", "_loop", "_writer", "_writing", "alive", "count", "receiver")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop = loop
+        self.receiver = HandoffReceiver(sock)
+        self._writer = ClosedWriter(sock)
+        self.count = 0  # hand-offs received: the next one's number
+        self.alive = True
+        self._flushing = False
+        self._writing = False
+
+    def next_number(self) -> int:
+        n, self.count = self.count, (self.count + 1) & 0xFFFFFFFF
+        return n
+
+    def closed(self, number: int) -> None:
+        if self.alive and self._writer.add(number) and not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        if not self.alive:
+            return
+        waiting = self._writer.flush()
+        if waiting != self._writing:
+            fd = self.receiver.sock.fileno()
+            if waiting:
+                self._loop.add_writer(fd, self._flush)
+            else:
+                self._loop.remove_writer(fd)
+            self._writing = waiting
+
+    def close(self) -> None:
+        if self._writing:
+            self._loop.remove_writer(self.receiver.sock.fileno())
+            self._writing = False
+        self.alive = False
+        self.receiver.close()
+
+
 class Worker:
     def __init__(self, config: Config, shard: int, shards: int, run_dir: str) -> None:
         self.config = config
@@ -100,7 +146,7 @@ class Worker:
         self.retained = RetainedStore.open(data_dir, map_size=config.storage.map_size,
                                            max_map_size=config.storage.max_map_size, sync=sync)
         self.policy = load_security(config)
-        self._links: list[HandoffReceiver] = []
+        self._links: list[Link] = []
         self._listen: socket.socket | None = None
         self._poller: Poller | None = None
 
@@ -199,11 +245,12 @@ class Worker:
         except BlockingIOError:
             return
         sock.setblocking(False)
-        receiver = HandoffReceiver(sock)
-        self._links.append(receiver)
-        loop.add_reader(sock.fileno(), self._read_link, loop, receiver)
+        link = Link(loop, sock)
+        self._links.append(link)
+        loop.add_reader(sock.fileno(), self._read_link, loop, link)
 
-    def _read_link(self, loop: asyncio.AbstractEventLoop, receiver: HandoffReceiver) -> None:
+    def _read_link(self, loop: asyncio.AbstractEventLoop, link: Link) -> None:
+        receiver = link.receiver
         try:
             handoffs = receiver.read()
         except ValueError as exc:
@@ -211,19 +258,20 @@ class Worker:
             handoffs = []
             receiver.closed = True
         for h in handoffs:
-            self._adopt(loop, h)
+            self._adopt(loop, h, link, link.next_number())
         if receiver.closed:
             loop.remove_reader(receiver.sock.fileno())
-            receiver.close()
-            self._links.remove(receiver)
+            link.close()
+            self._links.remove(link)
 
-    def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff) -> None:
+    def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff, link: Link, number: int) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
         # belong to the socket, so they came along with the descriptor.
         assert self._poller is not None
         sock = socket.socket(fileno=h.fd)
         conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None and h.listener == 0
                 else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity, h.listener))
+        conn.notify_close(link, number)
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 
 

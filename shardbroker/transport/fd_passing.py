@@ -13,6 +13,13 @@ and their descriptors, in the same order. The descriptors ride on the first byte
 of the batch, so on the receiving side a descriptor always arrives no later than
 the first byte of its frame: frames and descriptors pair up in order.
 
+The link is used both ways: the worker writes a *close notice* back on it for every
+connection handed over it, when that connection closes, so that the acceptor can count the
+connections that are open (``limits.max_connections``). Both ends number the hand-offs of one
+link in order, from 0 (``u32``, wrapping); a notice is that number as a 4-byte big-endian
+integer, and the notices of one loop iteration go in one ``send`` (``encode_closed``). The
+acceptor reads them with ``ClosedReader``. A link that breaks takes its numbering with it.
+
 This module does no MQTT; it only moves sockets and bytes.
 """
 
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 
 _LEN = struct.Struct(">I")
 _HLEN = struct.Struct(">H")
+_NOTICE = struct.Struct(">I")
 MAX_FRAME = 512 << 20
 MAX_FDS = 64  # descriptors per sendmsg; the receiver's control buffer holds exactly this many
 
@@ -131,3 +139,56 @@ class HandoffReceiver:
         while self._fds:
             os.close(self._fds.popleft())
         self.sock.close()
+
+
+def encode_closed(numbers: list[int]) -> bytes:
+    """Close notices for the hand-offs numbered ``numbers`` on a link."""
+    return struct.pack(f">{len(numbers)}I", *numbers)
+
+
+class ClosedReader:
+    """Close notices from the bytes read off a link, whatever their chunking."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[int]:
+        if self._rest:
+            data = self._rest + data
+        whole = len(data) - len(data) % _NOTICE.size
+        self._rest = data[whole:]
+        return [n for (n,) in _NOTICE.iter_unpack(memoryview(data)[:whole])]
+
+
+class ClosedWriter:
+    """The worker's side of the close notices of one link, no event loop inside: ``add`` a
+    number (True for the first since the last flush: schedule one), ``flush`` once per
+    iteration (True while bytes wait for the socket to be writable)."""
+
+    __slots__ = ("_numbers", "_out", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # non-blocking
+        self._numbers: list[int] = []
+        self._out = bytearray()
+
+    def add(self, number: int) -> bool:
+        self._numbers.append(number)
+        return len(self._numbers) == 1
+
+    def flush(self) -> bool:
+        if self._numbers:
+            self._out += encode_closed(self._numbers)
+            self._numbers = []
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:  # the acceptor is gone: so is the numbering
+                self._out.clear()
+                return False
+            del self._out[:sent]
+        return False

@@ -17,7 +17,8 @@ Closing: ``close`` writes what is buffered, sends FIN, then reads and discards f
 ``CLOSE_LINGER`` seconds so that a client still sending reads our last packets
 rather than a reset; a client that does not take what it is owed within
 ``CLOSE_TIMEOUT`` is cut off. However it ends, the broker is told once
-(``Broker.lost``).
+(``Broker.lost``), and so is the acceptor, through the hand-off link's close notices
+(``notify_close``), which it needs to count open connections.
 
 No MQTT here: bytes, readiness and the socket's life.
 """
@@ -28,7 +29,7 @@ import asyncio
 import select
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shardbroker.core.clock import Now
 
@@ -113,10 +114,17 @@ class Poller:
         self._conns.clear()
 
 
+class CloseNotice(Protocol):
+    """Told once when a connection that came over a hand-off link closes (``fd_passing``)."""
+
+    def closed(self, number: int) -> None: ...
+
+
 class TcpConnection:
     __slots__ = (
-        "_backed_up", "_broker", "_client", "_close_after", "_close_timer", "_closed", "_initial", "_lingering",
-        "_loop", "_peer", "_poller", "_reading", "_wbuf", "_writing", "bytes_sent", "fd", "sock",
+        "_backed_up", "_broker", "_client", "_close_after", "_close_timer", "_closed", "_handoff", "_initial",
+        "_lingering", "_loop", "_notice", "_peer", "_poller", "_reading", "_wbuf", "_writing", "bytes_sent", "fd",
+        "sock",
     )
 
     identity: str | None = None  # a certificate's identity, for ``RelayedConnection``
@@ -141,6 +149,12 @@ class TcpConnection:
         self._lingering = False  # FIN sent: input is read and discarded until the linger ends
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None  # the close timeout, then the linger
+        self._notice: CloseNotice | None = None
+        self._handoff = 0
+
+    def notify_close(self, notice: CloseNotice, number: int) -> None:
+        """Tell ``notice`` the hand-off ``number`` when the connection closes."""
+        self._notice, self._handoff = notice, number
 
     @property
     def peer(self) -> str:
@@ -194,6 +208,8 @@ class TcpConnection:
             self.sock.close()
         except OSError:
             pass
+        if self._notice is not None:
+            self._notice.closed(self._handoff)
         if self._broker is not None and self._client is not None:
             self._broker.lost(self._client, _now())
 

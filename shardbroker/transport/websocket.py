@@ -39,7 +39,7 @@ __all__ = ["WsFramer"]
 class WsFramer:
     """One client's WebSocket: ``feed`` what it sent, ``encode`` what goes to it."""
 
-    __slots__ = ("_path", "_proto", "_seen", "open")
+    __slots__ = ("_path", "_proto", "_seen", "open", "request")
 
     def __init__(self, path: str, max_packet_size: int) -> None:
         self._proto = ServerProtocol(subprotocols=SUBPROTOCOLS, max_size=max_packet_size + 1024,
@@ -47,6 +47,7 @@ class WsFramer:
         self._path = path
         self._seen = 0
         self.open = False  # the opening handshake was accepted
+        self.request: Request | None = None  # the opening request, once read (its headers, for the client's address)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """``(MQTT bytes, bytes to send back, the connection is over)``."""
@@ -59,6 +60,7 @@ class WsFramer:
         app: list[bytes] = []
         for event in proto.events_received():
             if isinstance(event, Request):
+                self.request = event
                 path = event.path.split("?", 1)[0]
                 if path != self._path:
                     response = proto.reject(404, f"MQTT is served on {self._path}\n")

@@ -256,3 +256,66 @@ def test_tls_and_websocket_handshakes_that_never_finish(target, pki, uniq):
         c.close()
 
     _attack(target, uniq, attack)
+
+
+def _rss(broker) -> int:
+    """Resident memory of the broker's processes, bytes."""
+    total = 0
+    for pid in [broker.pid, *broker.child_pids()]:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * 4096
+        except OSError:
+            pass
+    return total
+
+
+STORM = """
+import resource, socket, sys
+sys.path.insert(0, sys.argv[3])
+import mqttbytes as mb
+port, n = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(mb.connect(f"{sys.argv[4]}-{i}", version=4, keepalive=600))
+    socks.append(s)
+for s in socks:
+    s.settimeout(10)
+    assert s.recv(4) == b"\\x20\\x02\\x00\\x00"
+print("connected", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_ten_thousand_idle_connections(target, uniq):
+    """10,000 connected clients (from another process, so that it does not share the
+    bystander's interpreter) that then say nothing: the bystander is served throughout, and
+    the memory they cost comes back once they have gone."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    n = 10_000
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < n + 500:
+        pytest.skip(f"the open files limit is below {n + 500}")
+    before = _rss(target)
+    grown: list[int] = []
+
+    def attack() -> None:
+        storm = subprocess.Popen([sys.executable, "-c", STORM, str(target.port), str(n), os.path.dirname(mb.__file__),
+                                  uniq.prefix("idle")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert storm.stdout is not None and storm.stdout.readline() == "connected\n"
+            grown.append(_rss(target) - before)
+        finally:
+            storm.communicate("go\n", timeout=30)  # it closes them all as it exits
+        assert storm.returncode == 0
+
+    _attack(target, uniq, attack)
+    time.sleep(1.0)
+    left = _rss(target) - before
+    print(f"10,000 idle clients: +{grown[0] / 1e6:.1f} MB, {left / 1e6:.1f} MB left after they went")
+    assert left < grown[0] / 2, f"{left} of {grown[0]} bytes stayed after the clients went"

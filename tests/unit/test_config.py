@@ -50,6 +50,8 @@ EXPECTED_DEFAULTS = {
     "limits.max_publish_bytes_rate": 0,
     "limits.max_will_size": 65536,
     "limits.max_connection_rate": 0,
+    "limits.max_connections": 1000000,
+    "limits.max_connections_per_address": 0,
     "storage.durability": "fsync",
     "storage.map_size": 67108864,
     "storage.max_map_size": 17179869184,
@@ -449,6 +451,14 @@ require_certificate = true
     assert again.listeners == config.listeners  # how the children get them
 
 
+def test_trusted_proxies_are_kept_in_normal_form(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[listener]]\ntype = "ws"\n'
+                                         'trusted_proxies = ["10.0.0.0/8", " 192.0.2.1", "2001:DB8::/32"]\n'))
+    assert config.listeners[0].trusted_proxies == ("10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32")
+    again = load_config(None, {"listener": [dataclasses.asdict(x) for x in config.listeners]})
+    assert again.listeners == config.listeners
+
+
 @pytest.mark.parametrize("table, error", [
     ('type = "wss"', "listener[0]: an wss listener needs certfile and keyfile"),
     ('type = "ws"\npath = "mqtt"', "listener[0].path: must start with '/'"),
@@ -461,6 +471,11 @@ require_certificate = true
     ('tls_version = "tlsv1.0"', "listener[0].tls_version: must be one of"),
     ('path = "/ws"', "listener[0].path: is for ws and wss listeners"),
     ('proxy_protocol = "yes"', "listener[0].proxy_protocol: must be true or false"),
+    ('type = "ws"\ntrusted_proxies = ["10.0.0.300"]',
+     "listener[0].trusted_proxies: '10.0.0.300' is not an IP address or network"),
+    ('type = "ws"\ntrusted_proxies = ["10.1.2.3/8"]', "listener[0].trusted_proxies: '10.1.2.3/8' is not an IP"),
+    ('type = "ws"\ntrusted_proxies = "10.0.0.1"', "listener[0].trusted_proxies: must be a list of IP addresses"),
+    ('trusted_proxies = ["10.0.0.1"]', "listener[0].trusted_proxies: is for ws and wss listeners"),
 ])
 def test_bad_listener_is_a_config_error_naming_it(tmp_path: Path, table: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:
