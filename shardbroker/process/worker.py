@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,7 @@ SYNC_WAIT = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)  # the defaults are (700, 10, 10)
 TICK = 0.5
 VERIFY_THREADS = 2  # password hashes verified at once per worker
+ADOPT_BATCH = 64  # hand-offs adopted per loop turn: a storm of new clients does not hold up those connected
 
 
 def now() -> Now:
@@ -147,6 +149,8 @@ class Worker:
                                            max_map_size=config.storage.max_map_size, sync=sync)
         self.policy = load_security(config)
         self._links: list[Link] = []
+        self._arrivals: deque[tuple[Link, Handoff, int]] = deque()  # hand-offs not adopted yet, in order
+        self._adopting = False  # an _adopt_some is scheduled
         self._listen: socket.socket | None = None
         self._poller: Poller | None = None
 
@@ -257,12 +261,26 @@ class Worker:
             log.error("bad hand-off stream: %s", exc)
             handoffs = []
             receiver.closed = True
-        for h in handoffs:
-            self._adopt(loop, h, link, link.next_number())
+        if handoffs:
+            self._arrivals.extend((link, h, link.next_number()) for h in handoffs)
+            if not self._adopting:
+                self._adopt_some(loop)
         if receiver.closed:
             loop.remove_reader(receiver.sock.fileno())
             link.close()
             self._links.remove(link)
+
+    def _adopt_some(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Adopt up to ``ADOPT_BATCH`` of the hand-offs that arrived, the rest at the next turns
+        of the loop, so that the clients already connected are served in between."""
+        self._adopting = False
+        arrivals = self._arrivals
+        for _ in range(min(ADOPT_BATCH, len(arrivals))):
+            link, h, number = arrivals.popleft()
+            self._adopt(loop, h, link, number)
+        if arrivals:
+            self._adopting = True
+            loop.call_soon(self._adopt_some, loop)
 
     def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff, link: Link, number: int) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)

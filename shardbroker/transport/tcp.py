@@ -29,6 +29,7 @@ import asyncio
 import select
 import socket
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from shardbroker.core.clock import Now
@@ -46,6 +47,7 @@ CLOSE_TIMEOUT = 5.0  # seconds a server-closed connection may take to write what
 
 
 MAX_EVENTS = 256  # ready sockets served per loop callback, each with one read and/or one write
+REAP_BATCH = 64  # hung-up connections closed per loop turn
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _BROKEN = select.EPOLLERR | select.EPOLLHUP
@@ -68,12 +70,14 @@ class Poller:
     idle socket is out of it, so a peer that hung up cannot make it spin.
     """
 
-    __slots__ = ("_conns", "_ep", "_loop")
+    __slots__ = ("_conns", "_dying", "_ep", "_loop", "_reaping")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._ep = select.epoll()
         self._conns: dict[int, TcpConnection] = {}
         self._loop = loop
+        self._dying: deque[TcpConnection] = deque()  # hung up, out of the set, not closed yet
+        self._reaping = False
         loop.add_reader(self._ep.fileno(), self._ready)
 
     def __len__(self) -> int:
@@ -107,6 +111,25 @@ class Poller:
                 conn._on_readable()
             if conn._writing and not conn._closed and ev & (_OUT | _BROKEN):
                 conn._on_writable()
+
+    def bury(self, conn: TcpConnection) -> None:
+        """``conn`` hung up and is out of the set: close it (and tell the broker) at a later
+        turn of the loop, ``REAP_BATCH`` at a time. Closing a TCP socket is the costly part of
+        a hang-up (the kernel sends the FIN there); a crowd of clients leaving at once is then
+        taken off the ready list at once, and the clients that stay are served in between."""
+        self._dying.append(conn)
+        if not self._reaping:
+            self._reaping = True
+            self._loop.call_soon(self._reap)
+
+    def _reap(self) -> None:
+        dying = self._dying
+        for _ in range(min(REAP_BATCH, len(dying))):
+            dying.popleft()._lost()
+        if dying:
+            self._loop.call_soon(self._reap)
+        else:
+            self._reaping = False
 
     def close(self) -> None:
         self._loop.remove_reader(self._ep.fileno())
@@ -184,13 +207,21 @@ class TcpConnection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._lost()
+            self._hung_up()
             return
         if not data:
-            self._lost()
+            self._hung_up()
         elif not self._lingering:
             assert self._broker is not None and self._client is not None
             self._broker.received(self._client, data, _now())
+
+    def _hung_up(self) -> None:
+        """The client closed, or the connection broke: out of the poller's set now, closed at
+        its next reaping (``Poller.bury``)."""
+        if self._reading or self._writing:
+            self._reading = self._writing = False
+            self._poller.watch(self)
+        self._poller.bury(self)
 
     def _lost(self) -> None:
         """The connection is over (closed by the client, an error, or by us): tell the broker once."""
@@ -212,6 +243,10 @@ class TcpConnection:
             self._notice.closed(self._handoff)
         if self._broker is not None and self._client is not None:
             self._broker.lost(self._client, _now())
+        # The client refers to its transport: without this the pair would wait for the
+        # cyclic collector, which runs seldom here (worker.GC_THRESHOLDS), and a storm of
+        # short connections would pile up as garbage.
+        self._client = None
 
     # ---- reading (flow control pauses and resumes it)
 
@@ -219,7 +254,7 @@ class TcpConnection:
         self._stop_reading()
 
     def resume_reading(self) -> None:
-        if not self._reading and not self._closed:
+        if not self._reading and not self._closed:  # (a hung-up one is read again, and buried again)
             self._reading = True
             self._poller.watch(self)
 
