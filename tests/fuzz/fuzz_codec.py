@@ -1,0 +1,120 @@
+"""Fuzz target: the MQTT codec on arbitrary bytes, in every protocol version.
+
+Input: byte 0 picks the connection's protocol level (bits 0-1: 3.1, 3.1.1, 5.0, 5.0) and the
+maximum packet size (bits 2-3); byte 1 seeds where the stream is cut; the rest is what a
+client sent. Properties checked:
+
+* ``PacketReader.feed`` returns packets, keeps bytes for later, or raises ``ProtocolError``:
+  nothing else escapes (``errors.py``, ``codec.py`` invariants);
+* it gives the same packets, the same error and the same pending bytes whether the stream
+  comes whole, one byte at a time or cut anywhere else;
+* it never keeps more than a packet's header or ``max_packet_size`` bytes;
+* ``feed_raw`` frames the first packet as ``feed`` does, and ``decode`` of it agrees;
+* every decoded packet encodes for the version it was read in, and decodes back equal; its
+  encoding is stable (encoding the decoded copy gives the same bytes).
+
+Run longer by hand (new inputs go to the first directory, the seeds are read from the second):
+``python tests/fuzz/fuzz_codec.py -max_total_time=600 /tmp/codec-corpus tests/fuzz/corpus/codec``
+"""
+
+from __future__ import annotations
+
+from harness import chunks, fuzz, instrumented
+
+with instrumented(__name__ == "__main__"):
+    from shardbroker.protocol import codec
+    from shardbroker.protocol.errors import ProtocolError
+    from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, Connect, Packet
+
+VERSIONS = (MQTT_3_1, MQTT_3_1_1, MQTT_5, MQTT_5)
+MAX_SIZES = (codec.MAX_REMAINING_LENGTH, 64, 300, 4096)
+#: A fixed header: first byte and a Remaining Length of at most four bytes.
+MAX_HEADER = 5
+
+Outcome = tuple[list[Packet], tuple[int, str] | None, bytes]
+
+
+def read(pieces: list[bytes], version: int, max_size: int) -> Outcome:
+    """Feed ``pieces`` to a new reader: (packets, (reason, message) of the error, pending)."""
+    reader = codec.PacketReader(version, max_size)
+    packets: list[Packet] = []
+    error: ProtocolError | None = None
+    for piece in pieces:
+        try:
+            packets += reader.feed(piece)
+        except ProtocolError as exc:
+            error = exc
+            break
+        if reader.error is not None:
+            error = reader.error
+            break
+        pending = reader.pending()
+        assert len(pending) <= max(MAX_HEADER, max_size), (
+            f"reader keeps {len(pending)} bytes, max_packet_size {max_size}")
+    if error is not None:
+        return packets, (error.reason, error.message), b""
+    return packets, None, reader.pending()
+
+
+def round_trip(packet: Packet, version: int) -> None:
+    """``packet`` was decoded at ``version``: it encodes, and decodes back to itself."""
+    try:
+        data = codec.encode(packet, version)
+    except (ValueError, TypeError) as exc:
+        raise AssertionError(f"decoded {packet!r} does not encode for {version}: {exc}") from exc
+    reader = codec.PacketReader(version)
+    try:
+        again = reader.feed(data)
+    except ProtocolError as exc:
+        raise AssertionError(f"{packet!r} encodes to {data.hex()}, which does not decode: "
+                             f"{exc!r}") from exc
+    assert again == [packet], f"{packet!r} -> {data.hex()} -> {again!r}"
+    assert reader.pending() == b""
+    assert codec.encode(again[0], version) == data, f"encoding of {packet!r} is not stable"
+
+
+def check(data: bytes) -> Outcome | None:
+    """Check one input; return what the whole stream reads as (for the seed tests)."""
+    if len(data) < 2:
+        return None
+    version = VERSIONS[data[0] & 3]
+    max_size = MAX_SIZES[(data[0] >> 2) & 3]
+    stream = data[2:]
+
+    whole = read([stream], version, max_size)
+    for pieces in (chunks(stream, data[1] or 1), chunks(stream, 0)):
+        split = read(pieces, version, max_size)
+        assert split == whole, f"split at {[len(p) for p in pieces][:40]}: {split!r} != {whole!r}"
+
+    packets, error, _pending = whole
+    for packet in packets:
+        round_trip(packet, version)
+        if isinstance(packet, Connect):
+            version = packet.protocol_version  # the reader reads on in the CONNECT's version
+
+    # feed_raw frames the first packet as feed does (it never decodes, so it raises only
+    # framing errors and does not switch versions: compare the first packet only).
+    first_version = VERSIONS[data[0] & 3]
+    raw_reader = codec.PacketReader(first_version, max_size)
+    try:
+        raw = raw_reader.feed_raw(stream)
+    except ProtocolError as exc:
+        assert not packets and error == (exc.reason, exc.message), (
+            f"feed_raw: {exc!r}; feed: {whole!r}")
+        return whole
+    if not raw:
+        assert not packets and error is None, f"feed: {whole!r}, feed_raw: nothing yet"
+        return whole
+    first, body = raw[0]
+    try:
+        decoded = codec.decode(first, body, first_version)
+    except ProtocolError as exc:
+        assert not packets and error == (exc.reason, exc.message), (
+            f"decode of the first raw packet: {exc!r}; feed: {error!r}")
+        return whole
+    assert packets and packets[0] == decoded, f"feed: {packets[:1]!r}, decode: {decoded!r}"
+    return whole
+
+
+if __name__ == "__main__":
+    fuzz(check)
