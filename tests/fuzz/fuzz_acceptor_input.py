@@ -51,9 +51,12 @@ class _Errors(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def check(self) -> None:
+        assert not self.records, "websockets caught an exception: " + "; ".join(
+            r.getMessage() + (" " + repr(r.exc_info[1]) if r.exc_info else "") for r in self.records)
 
-_errors = _Errors()
-logging.getLogger("shardbroker.transport.websocket.protocol").addHandler(_errors)
+
+_PROTOCOL_LOG = logging.getLogger("shardbroker.transport.websocket.protocol")
 
 
 def check_proxy(data: bytes) -> bytes | None:
@@ -78,19 +81,26 @@ def check_proxy(data: bytes) -> bytes | None:
 
 def _feed_ws(pieces: list[bytes], max_size: int) -> tuple[bytes, bool, bool]:
     """(MQTT bytes, over, open) after feeding ``pieces`` until the connection is over."""
+    errors = _Errors()
+    _PROTOCOL_LOG.addHandler(errors)
+    try:
+        return _feed_framer(pieces, max_size, errors)
+    finally:
+        _PROTOCOL_LOG.removeHandler(errors)
+
+
+def _feed_framer(pieces: list[bytes], max_size: int, errors: _Errors) -> tuple[bytes, bool, bool]:
     framer = WsFramer(PATH, max_size)
     mqtt: list[bytes] = []
     replies = b""
     over = False
     for piece in pieces:
-        _errors.records.clear()
         out, reply, over = framer.feed(piece)
         replies += reply
         # The first bytes back are the HTTP response (or nothing, for a request that does
         # not parse), never a frame.
         assert replies[:9] == b"HTTP/1.1 "[:len(replies)], f"first bytes back: {replies[:40]!r}"
-        assert not _errors.records, "websockets caught an exception: " + "; ".join(
-            r.getMessage() + (" " + repr(r.exc_info[1]) if r.exc_info else "") for r in _errors.records)
+        errors.check()
         assert isinstance(out, bytes) and isinstance(reply, bytes) and isinstance(over, bool)
         if not framer.open:
             assert not out, f"{len(out)} MQTT bytes before the handshake was accepted"
@@ -101,6 +111,7 @@ def _feed_ws(pieces: list[bytes], max_size: int) -> tuple[bytes, bool, bool]:
     if not over:
         assert isinstance(framer.eof(), bytes)
         assert isinstance(framer.close(), bytes)
+        errors.check()
     return b"".join(mqtt), over, framer.open
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mqttbytes as mb  # noqa: E402
+import mqttbytes as mb
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
