@@ -11,7 +11,10 @@ client sent. Properties checked:
 * it never keeps more than a packet's header or ``max_packet_size`` bytes;
 * ``feed_raw`` frames the first packet as ``feed`` does, and ``decode`` of it agrees;
 * every decoded packet encodes for the version it was read in, and decodes back equal; its
-  encoding is stable (encoding the decoded copy gives the same bytes).
+  encoding is stable (encoding the decoded copy gives the same bytes);
+* what a server sends (PUBLISH, the acknowledgements, CONNACK, SUBACK, UNSUBACK, DISCONNECT,
+  AUTH), once the codec decodes it, reads the same with the independent parser of
+  ``tests/mqttbytes.py``, framed by it too.
 
 Run longer by hand (new inputs go to the first directory, the seeds are read from the second):
 ``python tests/fuzz/fuzz_codec.py -max_total_time=600 /tmp/codec-corpus tests/fuzz/corpus/codec``
@@ -19,12 +22,37 @@ Run longer by hand (new inputs go to the first directory, the seeds are read fro
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
 from harness import chunks, fuzz, instrumented
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mqttbytes as mb
 
 with instrumented(__name__ == "__main__"):
     from shardbroker.protocol import codec
     from shardbroker.protocol.errors import ProtocolError
-    from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, Connect, Packet
+    from shardbroker.protocol.packets import (
+        MQTT_3_1,
+        MQTT_3_1_1,
+        MQTT_5,
+        PROPERTY_TABLE,
+        Auth,
+        ConnAck,
+        Connect,
+        Disconnect,
+        Packet,
+        Properties,
+        PubAck,
+        PubComp,
+        Publish,
+        PubRec,
+        PubRel,
+        SubAck,
+        UnsubAck,
+    )
 
 VERSIONS = (MQTT_3_1, MQTT_3_1_1, MQTT_5, MQTT_5)
 MAX_SIZES = (codec.MAX_REMAINING_LENGTH, 64, 300, 4096)
@@ -73,6 +101,52 @@ def round_trip(packet: Packet, version: int) -> None:
     assert codec.encode(again[0], version) == data, f"encoding of {packet!r} is not stable"
 
 
+def _props(props: Properties) -> dict[int, Any]:
+    """``props`` as ``mqttbytes`` gives them: identifier -> value, a list for the repeatable."""
+    out: dict[int, Any] = {}
+    for ident, name, _kind in PROPERTY_TABLE:
+        value = getattr(props, name)
+        if value is None or value == ():
+            continue
+        out[ident] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def independent(packet: Packet, flags: int, body: bytes, version: int) -> None:
+    """``packet`` (decoded by the codec at ``version``) is what ``mqttbytes`` reads too."""
+    got: tuple[Any, ...]
+    want: tuple[Any, ...]
+    try:
+        if isinstance(packet, Publish):
+            p = mb.parse_publish(flags, body, version)
+            got = (p.topic, p.payload, p.qos, p.pid, p.props, p.retain, p.dup)
+            want = (packet.topic, packet.payload, packet.qos, packet.packet_id,
+                    _props(packet.properties), packet.retain, packet.dup)
+        elif isinstance(packet, PubAck | PubRec | PubRel | PubComp):
+            a = mb.parse_ack(body, version)
+            got = (a.pid, a.reason, a.props)
+            want = (packet.packet_id, packet.reason_code, _props(packet.properties))
+        elif isinstance(packet, ConnAck) and version != MQTT_3_1:  # 3.1: the first byte is unused
+            c = mb.parse_connack(body, version)
+            got = (c.session_present, c.rc, c.props)
+            want = (packet.session_present, packet.reason_code, _props(packet.properties))
+        elif isinstance(packet, SubAck | UnsubAck):
+            parse = mb.parse_suback if isinstance(packet, SubAck) else mb.parse_unsuback
+            s = parse(body, version)
+            got = (s.pid, s.codes, s.props)
+            want = (packet.packet_id, list(packet.reason_codes), _props(packet.properties))
+        elif isinstance(packet, Disconnect | Auth) and version == MQTT_5:
+            d = mb.parse_disconnect(body, version)
+            got = (d.reason, d.props)
+            want = (packet.reason_code, _props(packet.properties))
+        else:
+            return
+    except mb.MalformedError as exc:
+        raise AssertionError(f"the codec read {packet!r}, mqttbytes refuses {body.hex()}: "
+                             f"{exc}") from exc
+    assert got == want, f"{body.hex()} at {version}: codec {want!r}, mqttbytes {got!r}"
+
+
 def check(data: bytes) -> Outcome | None:
     """Check one input; return what the whole stream reads as (for the seed tests)."""
     if len(data) < 2:
@@ -87,8 +161,13 @@ def check(data: bytes) -> Outcome | None:
         assert split == whole, f"split at {[len(p) for p in pieces][:40]}: {split!r} != {whole!r}"
 
     packets, error, _pending = whole
+    pos = 0
     for packet in packets:
         round_trip(packet, version)
+        first = stream[pos]
+        length, start = mb.decode_varint(stream, pos + 1)
+        pos = start + length
+        independent(packet, first & 0x0F, stream[start:pos], version)
         if isinstance(packet, Connect):
             version = packet.protocol_version  # the reader reads on in the CONNECT's version
 
