@@ -19,7 +19,8 @@ Properties checked:
   the MQTT bytes are the same however the stream is cut (up to the point where it is over);
 * the CONNECT read raises ``ProtocolError`` only, and a decoded first packet is a CONNECT.
 
-Run longer by hand (new inputs go to the first directory, the seeds are read from the second):
+Run longer by hand (new inputs go to the first directory, which must exist; the seeds are read
+from the second): ``mkdir -p /tmp/acceptor-corpus``, then
 ``python tests/fuzz/fuzz_acceptor_input.py -max_total_time=600 /tmp/acceptor-corpus tests/fuzz/corpus/acceptor_input``
 """
 

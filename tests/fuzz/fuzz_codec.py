@@ -16,7 +16,8 @@ client sent. Properties checked:
   AUTH), once the codec decodes it, reads the same with the independent parser of
   ``tests/mqttbytes.py``, framed by it too.
 
-Run longer by hand (new inputs go to the first directory, the seeds are read from the second):
+Run longer by hand (new inputs go to the first directory, which must exist; the seeds are read
+from the second): ``mkdir -p /tmp/codec-corpus``, then
 ``python tests/fuzz/fuzz_codec.py -max_total_time=600 /tmp/codec-corpus tests/fuzz/corpus/codec``
 """
 

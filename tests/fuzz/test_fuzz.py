@@ -10,8 +10,8 @@ These skip only where atheris cannot be imported (pyproject's marker: no wheel t
 Without atheris: the committed corpus is what ``seeds.py`` builds, and every seed passes
 its target's checks and reads as it is meant to (a CONNECT, a packet per seed...).
 
-Longer by hand, for instance ten minutes of the codec target:
-``python tests/fuzz/fuzz_codec.py -max_total_time=600 /tmp/codec-corpus tests/fuzz/corpus/codec``
+Longer by hand, for instance ten minutes of the codec target (``mkdir -p /tmp/codec-corpus``
+first: new inputs go there): ``python tests/fuzz/fuzz_codec.py -max_total_time=600 /tmp/codec-corpus tests/fuzz/corpus/codec``
 """
 
 from __future__ import annotations
