@@ -12,7 +12,9 @@ The rules: the request's path must be the listener's (``/mqtt`` by default; anyt
 else gets 404) and the client must offer the ``mqtt`` subprotocol (``mqttv3.1`` too, for
 old clients) [MQTT-6.0.0-3]; a text frame is a protocol error (close 1003) [MQTT-6.0.0-1];
 a message may hold any number of MQTT packets or parts of one [MQTT-6.0.0-2]. A message is
-at most the MQTT maximum packet size plus room for its framing.
+at most the MQTT maximum packet size plus room for its framing. The request is at most
+``MAX_REQUEST`` bytes (else 431), and frames are read only once it is answered: what comes
+behind it in the same read waits for the 101, and is dropped if the request is refused.
 """
 
 from __future__ import annotations
