@@ -41,3 +41,16 @@ def test_only_the_request_counts_towards_max_request() -> None:
     assert framer.open and not over
     assert reply.startswith(b"HTTP/1.1 101 ")
     assert mqtt == payload
+
+
+def test_nothing_is_read_after_a_text_frame_fails_the_connection() -> None:
+    # [MQTT-6.0.0-1] a text frame closes the connection; RFC 6455 7.1.7: nothing the client
+    # sent after it is processed, not a binary frame read with it either.
+    framer = WsFramer("/mqtt", 1 << 20)
+    framer.feed(_request())
+    mask = b"\x01\x02\x03\x04"
+    text = b"\x81\x82" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"hi"))
+    binary = b"\x82\x82" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"\xc0\x00"))
+    mqtt, reply, over = framer.feed(text + binary)
+    assert over and mqtt == b""
+    assert reply.startswith(b"\x88")  # the close frame (1003)
