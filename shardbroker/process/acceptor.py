@@ -472,6 +472,7 @@ class Acceptor:
         forwarding header says who the client is. False when that closed the connection."""
         assert p.framer is not None and p.framer.request is not None
         headers = p.framer.request.headers
+        p.framer.request = None  # read once: not kept for the life of the relay
         peer = _who(p)
         try:
             hop = forwarded.resolve(peer, p.trusted, headers.get_all("X-Forwarded-For"),

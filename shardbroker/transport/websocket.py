@@ -12,7 +12,9 @@ The rules: the request's path must be the listener's (``/mqtt`` by default; anyt
 else gets 404) and the client must offer the ``mqtt`` subprotocol (``mqttv3.1`` too, for
 old clients) [MQTT-6.0.0-3]; a text frame is a protocol error (close 1003) [MQTT-6.0.0-1];
 a message may hold any number of MQTT packets or parts of one [MQTT-6.0.0-2]. A message is
-at most the MQTT maximum packet size plus room for its framing.
+at most the MQTT maximum packet size plus room for its framing. The request is at most
+``MAX_REQUEST`` bytes (else 431), and frames are read only once it is answered: what comes
+behind it in the same read waits for the 101, and is dropped if the request is refused.
 """
 
 from __future__ import annotations
@@ -39,23 +41,42 @@ __all__ = ["WsFramer"]
 class WsFramer:
     """One client's WebSocket: ``feed`` what it sent, ``encode`` what goes to it."""
 
-    __slots__ = ("_path", "_proto", "_seen", "open", "request")
+    __slots__ = ("_path", "_proto", "_seen", "_tail", "open", "request")
 
     def __init__(self, path: str, max_packet_size: int) -> None:
         self._proto = ServerProtocol(subprotocols=SUBPROTOCOLS, max_size=max_packet_size + 1024,
                                      logger=_protocol_log)
         self._path = path
-        self._seen = 0
+        self._seen = 0  # bytes of the opening handshake so far
+        self._tail = b""  # its last bytes, to find "\r\n\r\n" across reads
         self.open = False  # the opening handshake was accepted
         self.request: Request | None = None  # the opening request, once read (its headers, for the client's address)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """``(MQTT bytes, bytes to send back, the connection is over)``."""
+        if self.open:
+            return self._receive(data)
+        # The protocol parses all it is given, frames too, before the request is answered:
+        # a ping behind the request would be answered ahead of the 101, and frames behind
+        # a refused request would come out as MQTT bytes. So it gets the request alone
+        # first (it ends at the first empty line, RFC 7230 3), and what follows only once
+        # the request is accepted. (A client sends no frames before the response anyway,
+        # RFC 6455 4.1.)
+        window = self._tail + data
+        at = window.find(b"\r\n\r\n")
+        cut = len(data) if at < 0 else at + 4 - len(self._tail)
+        self._seen += cut
+        if self._seen > MAX_REQUEST:
+            return b"", self._refuse(431, "the opening handshake is too large"), True
+        self._tail = window[-3:]
+        mqtt, out, over = self._receive(data[:cut])
+        if over or not self.open or cut == len(data):
+            return mqtt, out, over
+        more, out_more, over = self._receive(data[cut:])
+        return mqtt + more, out + out_more, over
+
+    def _receive(self, data: bytes) -> tuple[bytes, bytes, bool]:
         proto = self._proto
-        if not self.open:
-            self._seen += len(data)
-            if self._seen > MAX_REQUEST:
-                return b"", self._refuse(431, "the opening handshake is too large"), True
         proto.receive_data(data)
         app: list[bytes] = []
         for event in proto.events_received():
@@ -77,6 +98,9 @@ class WsFramer:
                     app.append(bytes(event.data))
                 elif event.opcode == Opcode.TEXT:
                     proto.fail(1003, "MQTT over WebSocket is sent in binary frames")
+                    # RFC 6455 7.1.7: after failing the connection nothing more it sent is
+                    # processed, not the frames read with this one either.
+                    break
         out, over = self._outgoing()
         return b"".join(app), out, over or (not self.open and proto.state is not State.CONNECTING)
 
