@@ -447,8 +447,10 @@ class Acceptor:
             if over:
                 self._close(p)
                 return True
-            if opening and p.framer.open and p.trusted and not self._forwarded(p):
-                return True
+            if opening and p.framer.open:
+                if p.trusted and not self._forwarded(p):
+                    return True
+                p.framer.request = None  # its headers are read: not kept for the life of the relay
             if not chunk:
                 return False
         p.data += chunk
@@ -472,7 +474,6 @@ class Acceptor:
         forwarding header says who the client is. False when that closed the connection."""
         assert p.framer is not None and p.framer.request is not None
         headers = p.framer.request.headers
-        p.framer.request = None  # read once: not kept for the life of the relay
         peer = _who(p)
         try:
             hop = forwarded.resolve(peer, p.trusted, headers.get_all("X-Forwarded-For"),
