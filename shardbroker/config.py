@@ -355,6 +355,12 @@ class LimitsConfig:
         "a filter with more: SUBACK 0x8F / 0x80)",
         _Int(1, 65535),
     )
+    max_topic_length: int = _setting(
+        65535,
+        "longest topic name or filter, UTF-8 bytes (MQTT's own limit is 65535; a PUBLISH with a longer one: "
+        "5.0 DISCONNECT 0x90, 3.1.1 close; a filter: SUBACK 0x8F / 0x80)",
+        _Int(1, 65535),
+    )
     max_subscriptions: int = _setting(
         10000, "subscriptions per session (more: SUBACK 0x97 / 0x80); 0 means no limit", _Int(0, 100_000_000)
     )

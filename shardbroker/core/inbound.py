@@ -25,7 +25,7 @@ from shardbroker.core.commit import Commit
 from shardbroker.core.output import Output
 from shardbroker.core.peers import Peers
 from shardbroker.core.session import Message, Session
-from shardbroker.core.topics import validate_topic_name
+from shardbroker.core.topics import beyond_limits, validate_topic_name
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import (
@@ -84,9 +84,9 @@ class Inbound:
             raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
         if topic not in self._valid_topics:
             validate_topic_name(topic)
-            if topic.count("/") >= self.limits.max_topic_levels:
-                raise ProtocolError(reasons.TOPIC_NAME_INVALID,
-                                    f"topic name with more than {self.limits.max_topic_levels} levels")
+            beyond = beyond_limits(topic, self.limits.max_topic_levels, self.limits.max_topic_length)
+            if beyond is not None:
+                raise ProtocolError(reasons.TOPIC_NAME_INVALID, f"topic name {beyond}")
             if len(self._valid_topics) >= VALID_TOPICS_KEPT:
                 self._valid_topics.clear()
             self._valid_topics.add(topic)

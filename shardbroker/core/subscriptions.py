@@ -35,6 +35,7 @@ from shardbroker.core.topics import (
     SHARE_PREFIX,
     FilterMap,
     TopicTrie,
+    beyond_limits,
     matches,
     parse_shared,
     validate_topic_filter,
@@ -284,9 +285,10 @@ class Subscriptions:
         for s in pkt.subscriptions:
             try:
                 validate_topic_filter(s.topic_filter)
-                if s.topic_filter.count("/") >= self.limits.max_topic_levels:
-                    raise ProtocolError(reasons.TOPIC_FILTER_INVALID,
-                                        f"more than {self.limits.max_topic_levels} levels (limits.max_topic_levels)")
+                beyond = beyond_limits(s.topic_filter, self.limits.max_topic_levels, self.limits.max_topic_length)
+                if beyond is not None:
+                    self.stats["subscriptions_refused"] += 1
+                    raise ProtocolError(reasons.TOPIC_FILTER_INVALID, beyond)
             except ProtocolError as exc:
                 log.info("%s: subscription to %r refused: %s", client.client_id, s.topic_filter, exc.message)
                 codes.append(reasons.TOPIC_FILTER_INVALID if v5 else 0x80)

@@ -54,6 +54,7 @@ __all__ = [
     "SHARE_PREFIX",
     "FilterMap",
     "TopicTrie",
+    "beyond_limits",
     "matches",
     "parse_shared",
     "validate_topic_filter",
@@ -105,6 +106,17 @@ def validate_topic_name(topic: str) -> None:
             reasons.TOPIC_NAME_INVALID,
             f"topic name {_show(topic)} is longer than {MAX_TOPIC_BYTES} UTF-8 bytes [MQTT-4.7.3-3]",
         )
+
+
+def beyond_limits(topic: str, max_levels: int, max_bytes: int) -> str | None:
+    """Why a valid topic name or filter is beyond the broker's limits (``limits.max_topic_levels``,
+    ``limits.max_topic_length``), or None."""
+    if topic.count("/") >= max_levels:
+        return f"more than {max_levels} levels (limits.max_topic_levels)"
+    if max_bytes < MAX_TOPIC_BYTES and len(topic) * 4 > max_bytes \
+            and len(topic.encode("utf-8", "surrogatepass")) > max_bytes:
+        return f"longer than {max_bytes} UTF-8 bytes (limits.max_topic_length)"
+    return None
 
 
 def _filter_error(topic_filter: str, problem: str) -> ProtocolError:

@@ -42,6 +42,7 @@ LIMITS = """
 [limits]
 max_client_id_length = 40
 max_topic_levels = 4
+max_topic_length = 24
 max_subscriptions = 3
 max_connection_rate = 20
 """
@@ -68,6 +69,23 @@ def test_topics_and_filters_with_too_many_levels(limited, mqtt, uniq, version):
     c.publish("a/b/c/d", b"ok", qos=1)
     assert c.recv_publish().payload == b"ok"
     c.send(mb.publish("a/b/c/d/e", b"deep", qos=0, version=version))
+    if version == 5:
+        pkt = c.recv_packet(3)
+        assert pkt is not None and pkt[0] == mb.DISCONNECT and pkt[2][:1] == b"\x90"
+    with pytest.raises(mb.ConnectionClosed):
+        c.recv_packet(3)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_topics_and_filters_too_long(limited, mqtt, uniq, version):
+    import mqttbytes as mb
+
+    c = mqtt(limited, uniq.cid("t"), version=version)
+    assert c.subscribe([("x" * 24, 1), ("y" * 25, 1), ("é" * 12, 1), ("é" * 13, 1)]) == \
+        [1, 0x8F if version == 5 else 0x80, 1, 0x8F if version == 5 else 0x80]  # bytes, not characters
+    c.publish("x" * 24, b"ok", qos=1)
+    assert c.recv_publish().payload == b"ok"
+    c.send(mb.publish("z" * 25, b"long", qos=0, version=version))
     if version == 5:
         pkt = c.recv_packet(3)
         assert pkt is not None and pkt[0] == mb.DISCONNECT and pkt[2][:1] == b"\x90"

@@ -45,6 +45,7 @@ EXPECTED_DEFAULTS = {
     "limits.retain_available": True,
     "limits.max_client_id_length": 1024,
     "limits.max_topic_levels": 128,
+    "limits.max_topic_length": 65535,
     "limits.max_subscriptions": 10000,
     "limits.max_publish_rate": 0,
     "limits.max_publish_bytes_rate": 0,
