@@ -139,6 +139,7 @@ class Broker:
         self.sessions.route = self.peers.route
         self.sessions.take_over = self._take_over
         self.handshake.disconnect = self.close
+        self.handshake.listener_names = tuple(lst.name for lst in config.effective_listeners)
         self.sessions.offline = self.backpressure.end
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
         self.subscriptions.peers = self.peers

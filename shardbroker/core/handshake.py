@@ -188,6 +188,7 @@ class Handshake:
         self.delivery = delivery
         self.output = output
         self.stats = stats  # "auth_failures": CONNECTs refused for their credentials
+        self.listener_names: tuple[str, ...] = ()  # for the log, by listener index (set by the broker)
         self.exchanges: dict[Client, Exchange] = {}
         # Disconnects a connected client with a reason code (set by the broker).
         self.disconnect: Callable[[Client, int, str], None] = lambda client, reason, text: None
@@ -430,8 +431,10 @@ class Handshake:
         )
 
     def _refuse(self, client: Client, refusal: Refusal, level: int = logging.INFO) -> None:
-        log.log(level, "refusing CONNECT from %s (%s): %s [%s]", client.client_id, client.peer, refusal.text,
-                reasons.name(refusal.reason))
+        index = client.transport.listener
+        names = self.listener_names
+        log.log(level, "refusing CONNECT from %s (%s, listener %s): %s [%s]", client.client_id, client.peer,
+                names[index] if index < len(names) else index, refusal.text, reasons.name(refusal.reason))
         if client.version == MQTT_5:
             props = Properties(reason_string=refusal.text[:200])
             self.output.send(client, codec.encode(ConnAck(False, refusal.reason, props), MQTT_5))

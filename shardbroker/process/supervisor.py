@@ -185,7 +185,9 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         env = dict(os.environ)
-        env["SHARDBROKER_CONFIG"] = json.dumps(config_overrides(self.config))
+        # The children see the ports bound (port = 0 resolved), for their logs.
+        bound = tuple(dataclasses.replace(lst, port=sock.getsockname()[1]) for lst, sock in zip(listeners, socks, strict=True))
+        env["SHARDBROKER_CONFIG"] = json.dumps(config_overrides(dataclasses.replace(self.config, listeners=bound)))
         env["SHARDBROKER_READY_FD"] = str(ready_w)
         base = [sys.executable, "-m", "shardbroker.process.child"]
         common = ["--run-dir", run_dir, "--shards", str(self.shards)]

@@ -124,10 +124,11 @@ def test_login_publish_and_reauthenticate(scram_broker, method, shard, uniq):
 def test_wrong_password_is_refused_and_logged(scram_broker, uniq):
     port = _ports(scram_broker)[0]
     since = scram_broker.log_len()
-    c, _client, (kind, _f, body) = _login(port, uniq.cid(), "alice", "not it")
+    uid = uniq.cid()
+    c, _client, (kind, _f, body) = _login(port, uid, "alice", "not it")
     assert kind == mb.CONNACK and mb.parse_connack(body, 5).rc == mb.RC_BAD_USERNAME_OR_PASSWORD
-    scram_broker.wait_for_log(r"refusing CONNECT .*user 'alice': SCRAM-SHA-256: the proof does not verify",
-                              since=since)
+    scram_broker.wait_for_log(rf"refusing CONNECT from {uid} \(127\.0\.0\.1:\d+, listener mqtt 127\.0\.0\.1:{port}\): "
+                              r"user 'alice': SCRAM-SHA-256: the proof does not verify", since=since)
     with pytest.raises(mb.ConnectionClosed):
         c.recv_packet(2)
 
