@@ -454,7 +454,7 @@ class AuthConfig:
     )
     max_failures: int = _setting(
         10,
-        "failed logins from one address within a minute (per worker) before it is refused for "
+        "failed logins from one address within a minute (on any worker) before it is refused for "
         "auth.ban_time; from the 4th on, refusals are answered late; 0: no limit",
         _Int(0, 1_000_000),
     )

@@ -50,7 +50,7 @@ from shardbroker.core.session import Message, Session
 from shardbroker.core.sessions import Sessions
 from shardbroker.core.store import RetainedStore, ShardStore
 from shardbroker.core.subscriptions import Subscriptions
-from shardbroker.peer.messages import PeerMessage
+from shardbroker.peer.messages import LoginFailed, PeerMessage
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import (
@@ -139,6 +139,8 @@ class Broker:
         self.sessions.route = self.peers.route
         self.sessions.take_over = self._take_over
         self.handshake.disconnect = self.close
+        self.handshake.tell_peers = lambda address: link.broadcast(LoginFailed(shard, address))
+        self.peers.login_failed = self.handshake.peer_failed
         self.handshake.listener_names = tuple(lst.name for lst in config.effective_listeners)
         self.sessions.offline = self.backpressure.end
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure

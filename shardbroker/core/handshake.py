@@ -192,6 +192,8 @@ class Handshake:
         self.exchanges: dict[Client, Exchange] = {}
         # Disconnects a connected client with a reason code (set by the broker).
         self.disconnect: Callable[[Client, int, str], None] = lambda client, reason, text: None
+        # Tells the other shards of a failed login from an address (set by the broker).
+        self.tell_peers: Callable[[str], None] = lambda address: None
 
     def on_connect(self, client: Client, pkt: Connect) -> PendingConnect | None:
         """Answer the CONNECT, or return what must be verified before it can be answered."""
@@ -357,10 +359,23 @@ class Handshake:
 
     def _reauth_failed(self, client: Client, identity: Identity, text: str) -> None:
         self.stats["auth_failures"] += 1
-        self.failures.failed(_host(client.peer), self.time.mono)
+        self._failed(client)
         log.warning("re-authentication of %s (%s) as %r failed: %s", client.client_id, client.peer,
                     identity.username, text)
         self.disconnect(client, reasons.NOT_AUTHORIZED, f"re-authentication failed: {text}")
+
+    # ------------------------------------------------------------------ failed logins
+
+    def _failed(self, client: Client) -> float:
+        """A login of ``client`` failed: count it against its address here and on every other
+        shard; how long to wait before answering it."""
+        host = _host(client.peer)
+        self.tell_peers(host)
+        return self.failures.failed(host, self.time.mono)
+
+    def peer_failed(self, address: str) -> None:
+        """Another shard saw a login from ``address`` fail."""
+        self.failures.failed(address, self.time.mono)
 
     # ------------------------------------------------------------------ in or out
 
@@ -369,7 +384,7 @@ class Handshake:
         if verdict is not None:
             self.stats["auth_failures"] += 1
             refusal = Refusal(verdict.reason, f"user {pkt.username!r}: {verdict.text}")
-            delay = self.failures.failed(_host(client.peer), self.time.mono) if pkt.username is not None else 0.0
+            delay = self._failed(client) if pkt.username is not None else 0.0
             if delay:  # a guesser waits for its answer (the socket is not read meanwhile)
                 client.pause_reading(PAUSED_BY_AUTH)
                 self.scheduler.later(delay, lambda _now: None if client.closing else self._refuse(

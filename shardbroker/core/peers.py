@@ -32,6 +32,7 @@ from shardbroker.peer.messages import (
     Forward,
     ForwardAck,
     Hold,
+    LoginFailed,
     PeerMessage,
     Release,
     ResendRequest,
@@ -87,7 +88,9 @@ class Peers:
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
             RouteRemove: self._on_route_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
+            LoginFailed: self._on_login_failed,
         }
+        self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
     def peer_ids(self) -> list[int]:
         return self.link.peers
@@ -238,6 +241,9 @@ class Peers:
 
     def _on_release(self, m: Release) -> None:
         self.backpressure.on_release(m)
+
+    def _on_login_failed(self, m: LoginFailed) -> None:
+        self.login_failed(m.address)
 
     # ---- the flush and the sweep
 

@@ -25,6 +25,7 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     8     ``Routes``          shard, keys (an array of [key, durable] pairs)
     9     ``Hold``            shard, publisher
     10    ``Release``         shard, publisher
+    11    ``LoginFailed``     shard, address
     ====  ==================  ===============================================
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
@@ -102,6 +103,7 @@ __all__ = [
     "Forward",
     "ForwardAck",
     "Hold",
+    "LoginFailed",
     "PeerFormatError",
     "PeerMessage",
     "Release",
@@ -246,6 +248,15 @@ class Release:
     publisher: str
 
 
+@dataclass(slots=True)
+class LoginFailed:
+    """A login from ``address`` failed on ``shard``: count it against the address here too, so
+    that slowing down and banning a guesser do not depend on which shards its client IDs hit."""
+
+    shard: int
+    address: str
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -258,6 +269,7 @@ PeerMessage: TypeAlias = (
     | Routes
     | Hold
     | Release
+    | LoginFailed
 )
 
 _KIND_FORWARD: Final = 0
@@ -372,6 +384,7 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (8, Routes, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"))),
     (9, Hold, (("shard", *_UINT), ("publisher", *_STR))),
     (10, Release, (("shard", *_UINT), ("publisher", *_STR))),
+    (11, LoginFailed, (("shard", *_UINT), ("address", *_STR))),
 )
 
 

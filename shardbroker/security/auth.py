@@ -199,8 +199,8 @@ def load_policies(config: Config) -> tuple[Policies, list[str]]:
 
 class Failures:
     """Failed authentications by source address, for slowing down and then refusing password
-    guessing. Per worker: a guesser whose client IDs fall on several workers is counted by
-    each of them.
+    guessing. One per worker; the handshake also counts the failures other workers tell it of
+    (``LoginFailed``), so a guesser whose client IDs fall on several workers is counted whole.
 
     After ``slow_after`` failures from an address within ``window`` seconds, its further
     refusals are answered late (``delay``: 0.5 s doubling up to ``max_delay``), which costs a

@@ -205,6 +205,56 @@ def test_guessing_is_slowed_down_then_refused_for_a_while(make_broker, tmp_path,
     assert _as(mqtt, b, uniq.cid("ok"), "alice", 4).connack.rc == 0
 
 
+def test_guessing_from_many_addresses_at_once(make_broker, tmp_path, mqtt, uniq):
+    """40 addresses guess alice's password at the same time: every guess is refused, each
+    address is slowed down on its own, and alice (from another address) and a bystander's
+    round trips go on meanwhile."""
+    pw, _ = _files(tmp_path)
+    b = make_broker(workers=2, config=_config(pw, None))
+    canary = _as(mqtt, b, uniq.cid("c"), "alice")
+    topic = uniq.topic()
+    canary.subscribe(topic, 1)
+    answers: dict[str, list[tuple[int, float]]] = {}
+
+    def guesser(host: str) -> None:
+        got = answers.setdefault(host, [])
+        for i in range(5):
+            s = socket.create_connection((b.host if hasattr(b, "host") else "127.0.0.1", b.port), timeout=30,
+                                         source_address=(host, 0))
+            c = mb.RawClient(port=b.port, sock=s)
+            t0 = time.monotonic()
+            try:
+                got.append((c.connect_mqtt(f"{uniq.prefix('g')}-{host}-{i}", username="alice", password="guess",
+                                           timeout=30).rc, time.monotonic() - t0))
+            finally:
+                c.close()
+
+    threads = [threading.Thread(target=guesser, args=(f"127.0.0.{10 + k}",), daemon=True) for k in range(40)]
+    for t in threads:
+        t.start()
+    worst_trip = worst_login = 0.0
+    logins = 0
+    try:
+        while any(t.is_alive() for t in threads):
+            t0 = time.monotonic()
+            canary.publish(topic, b"%d" % logins, qos=1)
+            assert canary.recv_publish().payload == b"%d" % logins
+            worst_trip = max(worst_trip, time.monotonic() - t0)
+            t0 = time.monotonic()
+            _as(mqtt, b, uniq.cid(f"a{logins}"), "alice").disconnect()
+            worst_login = max(worst_login, time.monotonic() - t0)
+            logins += 1
+            time.sleep(0.05)
+    finally:
+        for t in threads:
+            t.join(timeout=60)
+    assert len(answers) == 40 and all(len(a) == 5 for a in answers.values())
+    assert {rc for a in answers.values() for rc, _ in a} == {4}
+    assert all(a[3][1] >= 0.45 for a in answers.values())  # each address slowed down from its 4th failure
+    assert logins >= 5 and worst_login < 1.0, f"alice's login took up to {worst_login * 1000:.0f} ms"
+    assert worst_trip < 0.5, f"a round trip took {worst_trip * 1000:.0f} ms"
+
+
 # --------------------------------------------------------------------------- what they may do
 
 

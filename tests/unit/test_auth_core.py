@@ -248,3 +248,25 @@ def test_a_client_within_its_rate_is_never_paused(tmp_path: Path) -> None:
         h.advance(1.0, tick=False)
     assert not c.transport.closed
     h.close()
+
+
+def test_failed_logins_are_counted_on_every_shard(tmp_path: Path) -> None:
+    """A failure on one shard is told to the others (LoginFailed), which count it against the
+    address too: a guesser is banned wherever its client IDs land."""
+    from shardbroker.config import load_config
+    from shardbroker.peer.messages import LoginFailed
+
+    config = load_config(None, {"server.data_dir": str(tmp_path), "auth.max_failures": 4})
+    h = Harness(tmp_path, config, peers=[1], shard=0, shards=2, policy=_policy())
+    try:
+        bad = _connect(h, "c1", "alice", b"nope")
+        h.run()
+        assert [p.reason_code for p in bad.packets()] == [reasons.BAD_USER_NAME_OR_PASSWORD]  # type: ignore[attr-defined]
+        assert (1, LoginFailed(0, "fake")) in h.link.take()  # the fake transport's address is "fake:c1"
+        for _ in range(3):  # three more failures of the same address, seen by shard 1
+            h.peer_messages([LoginFailed(1, "fake")])
+        late = _connect(h, "c2", "alice", b"secret")  # the right password, from a banned address
+        h.run()
+        assert [p.reason_code for p in late.packets()] == [reasons.NOT_AUTHORIZED]  # type: ignore[attr-defined]
+    finally:
+        h.close()

@@ -19,6 +19,7 @@ from shardbroker.peer.messages import (
     Forward,
     ForwardAck,
     Hold,
+    LoginFailed,
     PeerFormatError,
     PeerMessage,
     Release,
@@ -83,6 +84,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "routes": Routes(1, (("a/#", True), ("$share/g/b", False), ("ü/+", True))),
     "hold": Hold(1, "publisher-ü"),
     "release": Release(0, ""),
+    "login-failed": LoginFailed(1, "2001:db8::7"),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -250,7 +252,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [11, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [12, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
