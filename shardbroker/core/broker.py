@@ -51,7 +51,7 @@ from shardbroker.core.sessions import Sessions
 from shardbroker.core.store import RetainedStore, ShardStore
 from shardbroker.core.subscriptions import Subscriptions
 from shardbroker.peer.messages import LoginFailed, PeerMessage
-from shardbroker.protocol import codec, reasons
+from shardbroker.protocol import codec, reactions, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import (
     MQTT_5,
@@ -354,9 +354,12 @@ class Broker:
             return
         log.info("closing %s (%s): %s%s", client.name, client.peer, text,
                  f" [{reasons.name(reason)}]" if reason is not None else "")
-        if reason is not None and client.version == MQTT_5 and client.session is not None:
+        code = reactions.disconnect_for(reason, client.version) if reason is not None else None
+        if code is not None and client.session is not None:
             props = Properties(reason_string=text[:200]) if text else NO_PROPERTIES
-            self.output.send(client, codec.encode(Disconnect(reason, props), MQTT_5))
+            data = reactions.within(Disconnect(code, props), MQTT_5, client.max_packet_out)
+            if data is not None:
+                self.output.send(client, data)
         self.sessions.detach(client, publish_will=will)
         self.output.close(client, text)
 

@@ -110,7 +110,7 @@ class Client:
                  send_window: int) -> None:
         self.transport = transport
         self.assigned_id = assigned_id  # an identifier the acceptor assigned, or None
-        self.reader = codec.PacketReader(MQTT_3_1_1, max_packet_size)
+        self.reader = codec.PacketReader(MQTT_3_1_1, max_packet_size, server=True)
         self.version = MQTT_3_1_1
         self.client_id = ""
         self.session: Session | None = None

@@ -37,6 +37,7 @@ from shardbroker.core.session import (
 )
 from shardbroker.core.store import Batch
 from shardbroker.protocol import codec, reasons
+from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_5, PacketType, PubAck, PubComp, PubRec, PubRel
 from shardbroker.security.acl import READ
 from shardbroker.storage.records import InflightRecord, StoredMessage
@@ -271,9 +272,11 @@ class Delivery:
 
     def on_puback(self, client: Client, sess: Session, pkt: PubAck) -> None:
         out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.qos != 1:
+        if out is None:
             log.debug("%s: PUBACK for unknown packet id %d", client.client_id, pkt.packet_id)
             return
+        if out.qos != 1:  # a QoS 2 PUBLISH is answered with PUBREC (4.3.3): a Protocol Error (4.13; 3.1.1: 4.8)
+            raise ProtocolError(reasons.PROTOCOL_ERROR, f"PUBACK for QoS 2 packet id {pkt.packet_id}")
         self._acknowledged(sess, pkt.packet_id, out)
 
     def _acknowledged(self, sess: Session, pid: int, out: Outgoing) -> None:
@@ -297,7 +300,9 @@ class Delivery:
 
     def on_pubrec(self, client: Client, sess: Session, pkt: PubRec) -> None:
         out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.qos != 2:
+        if out is not None and out.qos != 2:  # a QoS 1 PUBLISH is answered with PUBACK (4.3.2): Protocol Error
+            raise ProtocolError(reasons.PROTOCOL_ERROR, f"PUBREC for QoS 1 packet id {pkt.packet_id}")
+        if out is None:
             if client.version == MQTT_5:
                 self.output.send(client, codec.encode(PubRel(pkt.packet_id, reasons.PACKET_IDENTIFIER_NOT_FOUND),
                                                       MQTT_5))
@@ -317,8 +322,10 @@ class Delivery:
 
     def on_pubcomp(self, client: Client, sess: Session, pkt: PubComp) -> None:
         out = sess.inflight.get(pkt.packet_id)
-        if out is None or out.state != AWAIT_PUBCOMP:
+        if out is None:
             return
+        if out.state != AWAIT_PUBCOMP:  # PUBCOMP answers our PUBREL, which a PUBREC comes before (4.3.3)
+            raise ProtocolError(reasons.PROTOCOL_ERROR, f"PUBCOMP for packet id {pkt.packet_id} before PUBREC")
         self._acknowledged(sess, pkt.packet_id, out)
 
 

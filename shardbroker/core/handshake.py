@@ -45,7 +45,7 @@ from shardbroker.core.output import Output
 from shardbroker.core.session import NEVER, Session
 from shardbroker.core.sessions import Sessions
 from shardbroker.core.topics import validate_topic_name
-from shardbroker.protocol import codec, reasons
+from shardbroker.protocol import codec, reactions, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import (
     MQTT_5,
@@ -201,6 +201,7 @@ class Handshake:
         client.version = version
         client.reader.version = version  # packets pipelined behind the CONNECT are of its version
         client.client_id = client.assigned_id or pkt.client_id
+        client.max_packet_out = pkt.properties.maximum_packet_size  # a refusal fits it too [MQTT-3.1.2-24]
         terms = negotiate(pkt, client.assigned_id, self.limits, self.access)
         if isinstance(terms, Refusal):
             self._refuse(client, terms)
@@ -420,8 +421,13 @@ class Handshake:
             return self._refuse(client, Refusal(reasons.QUOTA_EXCEEDED if terms.version == MQTT_5
                                                 else reasons.SERVER_UNAVAILABLE, "session limit reached"))
         sess, present = attached
-        self.output.send(client, codec.encode(ConnAck(present, reasons.SUCCESS,
-                                                      self._connack_properties(client, terms, reply)), terms.version))
+        connack = reactions.within(ConnAck(present, reasons.SUCCESS, self._connack_properties(client, terms, reply)),
+                                   terms.version, terms.max_packet_out)
+        if connack is None:  # not even a bare CONNACK fits the client's Maximum Packet Size [MQTT-3.1.2-25]
+            self.sessions.detach(client, publish_will=False)
+            self.output.close(client, f"a CONNACK does not fit its Maximum Packet Size {terms.max_packet_out}")
+            return
+        self.output.send(client, connack)
         client.connected = True
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
@@ -450,11 +456,10 @@ class Handshake:
         names = self.listener_names
         log.log(level, "refusing CONNECT from %s (%s, listener %s): %s [%s]", client.client_id, client.peer,
                 names[index] if index < len(names) else index, refusal.text, reasons.name(refusal.reason))
-        if client.version == MQTT_5:
-            props = Properties(reason_string=refusal.text[:200])
-            self.output.send(client, codec.encode(ConnAck(False, refusal.reason, props), MQTT_5))
-        else:
-            code = reasons.V5_TO_V3_CONNACK.get(refusal.reason)
-            if code is not None:
-                self.output.send(client, codec.encode(ConnAck(False, code), client.version))
+        code = reactions.connack_for(refusal.reason, client.version)
+        if code is not None:
+            props = Properties(reason_string=refusal.text[:200]) if client.version == MQTT_5 else NO_PROPERTIES
+            data = reactions.within(ConnAck(False, code, props), client.version, client.max_packet_out)
+            if data is not None:
+                self.output.send(client, data)
         self.output.close(client, f"CONNECT refused: {refusal.text}")

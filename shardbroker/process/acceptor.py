@@ -43,7 +43,7 @@ import uuid
 
 from shardbroker.config import Config, ListenerConfig
 from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
-from shardbroker.protocol import codec, reasons
+from shardbroker.protocol import codec, reactions, reasons
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
 from shardbroker.sharding import shard_for
@@ -288,7 +288,7 @@ class Acceptor:
                 continue
             sock.setblocking(False)
             max_size = self.config.limits.max_packet_size
-            reader = codec.PacketReader(max_packet_size=max_size)
+            reader = codec.PacketReader(max_packet_size=max_size, server=True)
             framer = WsFramer(lst.path, max_size) if lst.type in ("ws", "wss") else None
             relayed = ctx is not None or framer is not None
             pending = _Pending(sock, deadline, reader, lst if relayed else None, framer, address, index)
@@ -531,16 +531,15 @@ class Acceptor:
 
     def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
         log.info("%s: CONNECT refused: %s (%s)", _who(p), exc.message, reasons.name(exc.reason))
-        if version is not None and (version == MQTT_5 or exc.reason in reasons.V5_TO_V3_CONNACK):
-            code = exc.reason if version == MQTT_5 else reasons.V5_TO_V3_CONNACK.get(exc.reason)
-            if code is not None:
-                data = codec.encode(ConnAck(False, code), version)
-                if p.framer is not None:
-                    data = p.framer.encode(data) + p.framer.close()
-                try:
-                    p.sock.send(data)  # a few bytes: fits the buffer
-                except (OSError, ssl.SSLError):
-                    pass
+        code = reactions.connack_for(exc.reason, version) if version is not None else None
+        if code is not None and version is not None:
+            data = codec.encode(ConnAck(False, code), version)
+            if p.framer is not None:
+                data = p.framer.encode(data) + p.framer.close()
+            try:
+                p.sock.send(data)  # a few bytes: fits the buffer
+            except (OSError, ssl.SSLError):
+                pass
         self._close(p)
 
     def _forget(self, p: _Pending) -> None:

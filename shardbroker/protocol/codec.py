@@ -696,6 +696,8 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int) -> 
     subs: list[Subscription] = []
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end)  # [MQTT-3.8.3-1]
+        if not topic_filter:
+            raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         if pos >= end:
             raise malformed("missing subscription options")
         opts = buf[pos]
@@ -752,6 +754,8 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int) -
     filters: list[str] = []
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end)  # [MQTT-3.10.3-1]
+        if not topic_filter:
+            raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         filters.append(topic_filter)
     if not filters:
         raise protocol_error("UNSUBSCRIBE without topic filters")  # [MQTT-3.10.3-2]
@@ -1105,6 +1109,10 @@ class PacketReader:
     (fixed header + remaining length): a larger packet raises
     ``ProtocolError(0x95)`` as soon as its fixed header is read.
 
+    ``server``: the reader is a server's, which refuses the packet types a client never
+    sends (CONNACK, SUBACK, UNSUBACK, PINGRESP; the reserved 0, and 15 before 5.0) at their
+    first byte, before their length or body is read or waited for (``_FORBIDDEN``).
+
     When bad bytes follow good packets in one ``feed``, the good packets are
     returned and the error is kept in ``error`` (and raised by the next
     ``feed``): the caller handles what came first, then the violation, in order.
@@ -1112,11 +1120,12 @@ class PacketReader:
     connection.
     """
 
-    __slots__ = ("_buf", "error", "max_packet_size", "version")
+    __slots__ = ("_buf", "error", "max_packet_size", "server", "version")
 
-    def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
+    def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH, *, server: bool = False) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
+        self.server = server
         self._buf: bytearray | None = None  # a packet's first bytes; None between packets (idle)
         self.error: ProtocolError | None = None
 
@@ -1169,9 +1178,12 @@ class PacketReader:
         version = self.version
         maxsize = self.max_packet_size
         decoders = _DECODERS
+        forbidden = _FORBIDDEN[version >= MQTT_5] if self.server else _NOTHING_FORBIDDEN
         try:
             while n - pos >= 2:
                 first = buf[pos]
+                if forbidden[first >> 4]:
+                    raise _forbidden(first, version)
                 rl = buf[pos + 1]
                 if rl < 0x80:
                     start = pos + 2
@@ -1188,6 +1200,8 @@ class PacketReader:
                     packet = decoders[first >> 4](first, buf, start, end, version)
                     if first == 0x10:
                         version = self.version = packet.protocol_version  # type: ignore[union-attr]
+                        if self.server:
+                            forbidden = _FORBIDDEN[version >= MQTT_5]
                     append(packet)
                 else:
                     append((first, buf[start:end]))
@@ -1199,10 +1213,34 @@ class PacketReader:
             return out
         if pos < n:
             if pending is None:
+                if forbidden[buf[pos] >> 4]:  # judged by its first byte alone, not after waiting for more
+                    refused = _forbidden(buf[pos], version)
+                    if not out:
+                        raise refused
+                    self.error = refused
+                    return out
                 self._buf = bytearray(memoryview(buf)[pos:])
             else:
                 pending += memoryview(buf)[pos:]
         return out
+
+
+_SERVER_NEVER_GETS = (PacketType.CONNACK, PacketType.SUBACK, PacketType.UNSUBACK, PacketType.PINGRESP)
+_FORBIDDEN: Final = (  # by packet type, for a server's reader: before 5.0, and 5.0
+    tuple(t in (0, 15, *_SERVER_NEVER_GETS) for t in range(16)),
+    tuple(t in (0, *_SERVER_NEVER_GETS) for t in range(16)),
+)
+_NOTHING_FORBIDDEN: Final = (False,) * 16
+
+
+def _forbidden(first: int, version: int) -> ProtocolError:
+    """A packet type a server never receives, judged by the first byte: a reserved type cannot
+    be parsed (Malformed Packet, 2.1.2); a server's packet from a client is a Protocol Error
+    (2.1.2 "Client to Server" direction; 4.13; 3.1.1 closes either way, 4.8)."""
+    kind = first >> 4
+    if kind in (0, 15):
+        return malformed(f"packet type {kind} is reserved")
+    return protocol_error(f"{PacketType(kind).name} from a client: only a server sends it")
 
 
 def _frame_length(buf: bytes | bytearray, pos: int, n: int, version: int) -> tuple[int, int]:

@@ -976,6 +976,7 @@ def test_pings_and_disconnect_bodies(version: int) -> None:
 # ---------------------------------------------------------------------------
 
 TEXT = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=12)
+FILTERS = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=1, max_size=12)  # [MQTT-4.7.3-1]
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)
 BOOL01 = st.integers(0, 1)
@@ -1050,7 +1051,7 @@ def publishes(draw: st.DrawFn, version: int) -> Publish:
 def subscribes(draw: st.DrawFn, version: int) -> Subscribe:
     v5 = version == V5
     subs = draw(st.lists(st.builds(
-        Subscription, TEXT, st.integers(0, 2),
+        Subscription, FILTERS, st.integers(0, 2),
         st.booleans() if v5 else st.just(False),
         st.booleans() if v5 else st.just(False),
         st.integers(0, 2) if v5 else st.just(0)), min_size=1, max_size=4))
