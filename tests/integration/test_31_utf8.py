@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import mqttbytes as mb
 import pytest
-from conftest import assert_disconnected, assert_no_publish, check_bystanders, skip_unless_shardbroker
+from conftest import (
+    assert_disconnected,
+    assert_no_publish,
+    check_bystanders,
+    skip_unless_shardbroker,
+)
 
 MAL = mb.RC_MALFORMED_PACKET
 LENIENT = "[limits]\nstrict_utf8 = false\n"
