@@ -28,7 +28,9 @@ Invariants
       says SHOULD NOT be sent: U+0001..U+001F, U+007F..U+009F, the non-characters. The
       client identifier gets 0x85 ([MQTT-3.1.3-8]), any other string 0x81 (1.5.4 "MAY
       treat it as a Malformed Packet"; 3.1.1 1.5.3 "MAY close the Network Connection").
-      Without it only U+0000 is refused ([MQTT-1.5.4-2]).
+      Without it only U+0000 is refused ([MQTT-1.5.4-2]). Topic names found clean are
+      remembered (a bounded set, the module's only state), so a PUBLISH usually pays a
+      set lookup for it, not a scan.
     * ``decode(b[0], body, v) == p`` for ``b = encode(p, v)`` whenever ``p`` only
       uses what version ``v`` can carry (before 5.0: no properties, no reason
       codes except the CONNACK return code, no 5.0 subscription options).
