@@ -349,6 +349,15 @@ class LimitsConfig:
     max_client_id_length: int = _setting(
         1024, "longest client ID accepted, UTF-8 bytes (more: CONNACK 0x85 / 2)", _Int(23, 65535)
     )
+    strict_utf8: bool = _setting(
+        True,
+        "refuse UTF-8 control characters (U+0001-U+001F, U+007F-U+009F) and non-characters "
+        "(U+FDD0-U+FDEF, U+nFFFE, U+nFFFF) in every string a client sends (MQTT 1.5.4): in the "
+        "client ID, CONNACK 0x85 / 2; elsewhere (user name, will topic, topic names and filters, "
+        "5.0 string and user properties) malformed: CONNACK or DISCONNECT 0x81, 3.1.1 close; "
+        "false accepts them",
+        _Bool(),
+    )
     max_topic_levels: int = _setting(
         128,
         "most levels in a topic name or filter (a PUBLISH with more: 5.0 DISCONNECT 0x90, 3.1.1 close; "

@@ -187,7 +187,8 @@ class Broker:
 
     def open_client(self, transport: Transport, assigned_id: str | None, now: Now) -> Client:
         """A new connection (its CONNECT is among the first bytes ``received`` gets)."""
-        return Client(transport, assigned_id, self.limits.max_packet_size, now.mono, INITIAL_SEND_WINDOW)
+        return Client(transport, assigned_id, self.limits.max_packet_size, now.mono, INITIAL_SEND_WINDOW,
+                      self.limits.strict_utf8)
 
     def received(self, client: Client, data: bytes, now: Now) -> None:
         """Bytes from a client: frame them and handle each packet in order."""

@@ -107,10 +107,10 @@ class Client:
     )
 
     def __init__(self, transport: Transport, assigned_id: str | None, max_packet_size: int, mono: float,
-                 send_window: int) -> None:
+                 send_window: int, strict_utf8: bool = True) -> None:
         self.transport = transport
         self.assigned_id = assigned_id  # an identifier the acceptor assigned, or None
-        self.reader = codec.PacketReader(MQTT_3_1_1, max_packet_size, server=True)
+        self.reader = codec.PacketReader(MQTT_3_1_1, max_packet_size, strict_utf8, server=True)
         self.version = MQTT_3_1_1
         self.client_id = ""
         self.session: Session | None = None

@@ -501,7 +501,7 @@ class Acceptor:
             # else the 3.1.1 return code 1 [MQTT-3.1.2-2].
             return self._refuse(p, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, exc)
         try:
-            connect = codec.decode(first, body, version)
+            connect = codec.decode(first, body, version, self.config.limits.strict_utf8)
         except ProtocolError as exc:
             return self._refuse(p, version, exc)
         assert isinstance(connect, Connect)

@@ -14,12 +14,23 @@ Public API
     ``encode_properties(props, ptype)`` a 5.0 property block (length included)
     ``decode_properties(data, ptype)``  its inverse
     ``encode_remaining_length(n)``      a Variable Byte Integer
+    ``disallowed_code_point(s)``        a control character or non-character in ``s`` (1.5.4)
 
 Invariants
     * ``decode`` and ``PacketReader.feed``/``feed_raw`` raise ``ProtocolError`` and
       nothing else, whatever the input bytes. ``reason`` is the 5.0 reason code
       to report: 0x81 malformed, 0x82 protocol error, 0x84 unsupported protocol
-      version, 0x95 packet too large.
+      version, 0x85 client identifier not valid (``strict_utf8`` only), 0x95 packet
+      too large.
+    * With ``strict_utf8`` (``decode``, ``PacketReader``) every UTF-8 string a packet
+      carries (client identifier, will topic, user name, topic name, topic filters, 5.0
+      string properties and user properties) is refused if it holds a code point 1.5.4
+      says SHOULD NOT be sent: U+0001..U+001F, U+007F..U+009F, the non-characters. The
+      client identifier gets 0x85 ([MQTT-3.1.3-8]), any other string 0x81 (1.5.4 "MAY
+      treat it as a Malformed Packet"; 3.1.1 1.5.3 "MAY close the Network Connection").
+      Without it only U+0000 is refused ([MQTT-1.5.4-2]). Topic names found clean are
+      remembered (a bounded set, the module's only state), so a PUBLISH usually pays a
+      set lookup for it, not a scan.
     * ``decode(b[0], body, v) == p`` for ``b = encode(p, v)`` whenever ``p`` only
       uses what version ``v`` can carry (before 5.0: no properties, no reason
       codes except the CONNACK return code, no 5.0 subscription options).
@@ -52,6 +63,7 @@ Not done here
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -174,8 +186,56 @@ def _header(first: int, n: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def _read_str(buf: bytes, pos: int, end: int) -> tuple[str, int]:
-    """A UTF-8 Encoded String (1.5.4): 2-byte length then well-formed UTF-8."""
+# 1.5.4 (3.1.1: 1.5.3) "The data SHOULD NOT include encodings of the Unicode code points
+# listed below": U+0001..U+001F and U+007F..U+009F (control characters) and the
+# non-characters (U+FDD0..U+FDEF, and U+nFFFE, U+nFFFF in each of the 17 planes). 5.0: "If a
+# receiver ... receives an MQTT Control Packet containing any of them it MAY treat it as a
+# Malformed Packet"; 3.1.1: "it MAY close the Network Connection". U+0000 is refused always.
+# Two patterns: a character class with astral code points is several times slower to search.
+_DISALLOWED_BMP: Final = re.compile("[\x01-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff]").search
+_NONCHARACTERS_ASTRAL: Final = re.compile(
+    "[" + "".join(chr((plane << 16) | low) for plane in range(1, 17) for low in (0xFFFE, 0xFFFF)) + "]"
+).search
+#: Topic names already found free of them: a bounded memo, so that the PUBLISH path pays a set
+#: lookup, not a scan, for the topics a broker sees again and again.
+_CLEAN_TOPICS: Final[set[str]] = set()
+_CLEAN_TOPICS_KEPT: Final = 10000
+
+
+def disallowed_code_point(s: str) -> int | None:
+    """A code point of ``s`` that 1.5.4 says SHOULD NOT be sent (a control character or a
+    non-character), or None. A string of printable characters has none (non-characters are
+    unassigned, so never printable): that test is the cheap one."""
+    if s.isprintable():
+        return None
+    m = _DISALLOWED_BMP(s)
+    if m is None and max(s) > "\uffff":
+        m = _NONCHARACTERS_ASTRAL(s)
+    return None if m is None else ord(m.group())
+
+
+def _disallowed(what: str, code_point: int) -> ProtocolError:
+    # 1.5.4 "MAY treat it as a Malformed Packet" (3.1.1 1.5.3: "MAY close the Network
+    # Connection"); the message names the code point, never the character itself.
+    return malformed(f"{what} contains U+{code_point:04X}, a control character or non-character")
+
+
+def _check_topic(topic: str) -> None:
+    """``strict_utf8`` for a PUBLISH topic name, through the memo of clean ones."""
+    bad = disallowed_code_point(topic)
+    if bad is not None:
+        raise _disallowed("topic", bad)
+    if len(_CLEAN_TOPICS) >= _CLEAN_TOPICS_KEPT:
+        _CLEAN_TOPICS.clear()
+    _CLEAN_TOPICS.add(topic)
+
+
+def _read_str(buf: bytes, pos: int, end: int, strict: bool = False,
+              what: str = "string") -> tuple[str, int]:
+    """A UTF-8 Encoded String (1.5.4): 2-byte length then well-formed UTF-8.
+
+    ``strict`` also refuses the code points that 1.5.4 says SHOULD NOT be sent (0x81).
+    """
     start = pos + 2
     if start > end:
         raise malformed("truncated string length")
@@ -190,7 +250,9 @@ def _read_str(buf: bytes, pos: int, end: int) -> tuple[str, int]:
         raise malformed("string is not well-formed UTF-8") from None
     if "\x00" in s:
         # [MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2]) MUST NOT include U+0000.
-        raise malformed("string contains U+0000")
+        raise malformed(f"{what} contains U+0000")
+    if strict and (bad := disallowed_code_point(s)) is not None:
+        raise _disallowed(what, bad)
     return s, stop
 
 
@@ -280,7 +342,7 @@ _ZERO_OR_ONE: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A}
 _NON_ZERO: Final = frozenset({0x0B, 0x21, 0x27})
 
 
-def _decode_properties(buf: bytes, pos: int, end: int, ptype: int) -> tuple[Properties, int]:
+def _decode_properties(buf: bytes, pos: int, end: int, ptype: int, strict: bool) -> tuple[Properties, int]:
     """Read a property block (length + properties) at ``pos``; 2.2.2."""
     if pos >= end:
         # [MQTT-2.2.2-1] no properties is a Property Length of zero, not nothing.
@@ -328,13 +390,13 @@ def _decode_properties(buf: bytes, pos: int, end: int, ptype: int) -> tuple[Prop
             value = _UNPACK_I(buf, pos)[0]
             pos += 4
         elif kind == _K_STR:
-            value, pos = _read_str(buf, pos, pend)
+            value, pos = _read_str(buf, pos, pend, strict, name)
         elif kind == _K_BIN:
             value, pos = _read_bin(buf, pos, pend)
         elif kind == _K_PAIR:
             # 1.5.7 UTF-8 String Pair; [MQTT-1.5.7-1] both strings well-formed.
-            key, pos = _read_str(buf, pos, pend)
-            val, pos = _read_str(buf, pos, pend)
+            key, pos = _read_str(buf, pos, pend, strict, "user property")
+            val, pos = _read_str(buf, pos, pend, strict, "user property")
             users.append((key, val))  # 3.3.2.3.7: may repeat; order kept
             continue
         else:  # _K_VBI: the Subscription Identifier
@@ -376,7 +438,7 @@ def encode_ack(packet_type: int, packet_id: int) -> bytes:
 
 def decode_properties(data: bytes, packet_type: int) -> Properties:
     """Decode a whole 5.0 property block (Property Length included) as ``packet_type`` carries it."""
-    props, end = _decode_properties(data, 0, len(data), packet_type)
+    props, end = _decode_properties(data, 0, len(data), packet_type, False)
     if end != len(data):
         raise malformed("bytes after the property block")
     return props
@@ -456,7 +518,7 @@ def _check_reason(code: int, allowed: frozenset[int], what: str) -> int:
 # They read only buf[pos:end]; the buffer may hold other packets around it.
 # ---------------------------------------------------------------------------
 
-_Decoder = Callable[[int, bytes, int, int, int], Packet]
+_Decoder = Callable[[int, bytes, int, int, int, bool], Packet]
 
 
 def _bad_flags(name: str) -> ProtocolError:
@@ -497,7 +559,7 @@ def connect_version(body: bytes | memoryview) -> int:
     return _protocol_of(buf, 0, len(buf))[1]
 
 
-def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int) -> Connect:
+def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Connect:
     if first != 0x10:
         raise _bad_flags("CONNECT")
     name, level, pos = _protocol_of(buf, pos, end)
@@ -522,21 +584,21 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int) -> Co
         raise malformed("password flag without user name flag")  # 3.1.1 [MQTT-3.1.2-22]
     props = NO_PROPERTIES
     if level >= MQTT_5:
-        props, pos = _decode_properties(buf, pos, end, _CONNECT)
+        props, pos = _decode_properties(buf, pos, end, _CONNECT, strict)
         if props.authentication_data is not None and props.authentication_method is None:
             # 3.1.2.11.10 "It is a Protocol Error to include Authentication Data
             # if there is no Authentication Method".
             raise protocol_error("authentication data without authentication method")
     # [MQTT-3.1.3-3] the ClientID MUST be present; [MQTT-3.1.3-4] UTF-8. Its
     # length and content are the broker's business ([MQTT-3.1.3-5], -6).
-    client_id, pos = _read_str(buf, pos, end)
+    client_id, pos = _read_str(buf, pos, end, False, "client identifier")
     will = None
     if will_flag:
         # [MQTT-3.1.2-9] Will Properties, Will Topic and Will Payload MUST be present.
         wprops = NO_PROPERTIES
         if level >= MQTT_5:
-            wprops, pos = _decode_properties(buf, pos, end, WILL_PROPERTIES)
-        wtopic, pos = _read_str(buf, pos, end)  # [MQTT-3.1.3-11]
+            wprops, pos = _decode_properties(buf, pos, end, WILL_PROPERTIES, strict)
+        wtopic, pos = _read_str(buf, pos, end, strict, "will topic")  # [MQTT-3.1.3-11]
         wpayload, pos = _read_bin(buf, pos, end)
         will = Will(wtopic, wpayload, will_qos, will_retain, wprops)
     username = None
@@ -544,7 +606,7 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int) -> Co
     # other brokers, treat a missing trailing field as absent there.
     lax = level == MQTT_3_1
     if user_flag and not (lax and pos == end):
-        username, pos = _read_str(buf, pos, end)  # [MQTT-3.1.2-17], [MQTT-3.1.3-12]
+        username, pos = _read_str(buf, pos, end, strict, "user name")  # [MQTT-3.1.2-17], [MQTT-3.1.3-12]
     password = None
     if pass_flag and not (lax and pos == end):
         password, pos = _read_bin(buf, pos, end)  # [MQTT-3.1.2-19]
@@ -552,11 +614,19 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int) -> Co
         # [MQTT-3.1.2-16], [MQTT-3.1.2-18]: nothing follows but flagged fields;
         # [MQTT-3.1.4-1] the packet must match the format exactly.
         raise malformed("unexpected bytes after CONNECT payload")
+    if strict and (bad := disallowed_code_point(client_id)) is not None:
+        # 1.5.4: code points that SHOULD NOT be sent. [MQTT-3.1.3-5] the Server MUST allow
+        # 0-9a-zA-Z and MAY allow more; this it rejects: [MQTT-3.1.3-8] "it MAY respond ...
+        # with a CONNACK using Reason Code 0x85 (Client Identifier not valid)" (3.1.1
+        # [MQTT-3.1.3-9]: return code 0x02, Identifier rejected). Checked last, so that a
+        # packet malformed elsewhere is reported as malformed.
+        raise ProtocolError(reasons.CLIENT_IDENTIFIER_NOT_VALID,
+                            f"client identifier contains U+{bad:04X}, a control character or non-character")
     return Connect(client_id, level, bool(flags & 0x02), keepalive, username, password, will,
                    props, name)
 
 
-def _dec_connack(first: int, buf: bytes, pos: int, end: int, version: int) -> ConnAck:
+def _dec_connack(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> ConnAck:
     if first != 0x20:
         raise _bad_flags("CONNACK")
     if version < MQTT_5:
@@ -575,7 +645,7 @@ def _dec_connack(first: int, buf: bytes, pos: int, end: int, version: int) -> Co
     if ack & 0xFE:
         raise malformed("reserved connect acknowledge flags set")  # [MQTT-3.2.2-1]
     code = _check_reason(buf[pos + 1], _CONNACK_CODES, "CONNACK")
-    props, pos = _decode_properties(buf, pos + 2, end, PacketType.CONNACK)
+    props, pos = _decode_properties(buf, pos + 2, end, PacketType.CONNACK, strict)
     if pos != end:
         raise malformed("unexpected bytes after CONNACK properties")
     return ConnAck(bool(ack), code, props)
@@ -596,7 +666,7 @@ _set_props = _publish_slots["properties"].__set__
 _FAST_PUBLISH: Final = not hasattr(Publish, "__post_init__")
 
 
-def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int) -> Publish:
+def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Publish:
     qos = (first >> 1) & 0x03
     if qos == 3:
         raise malformed("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
@@ -614,6 +684,8 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int) -> Pu
         raise malformed("topic is not well-formed UTF-8") from None
     if "\x00" in topic:
         raise malformed("topic contains U+0000")  # [MQTT-1.5.4-2]
+    if strict and topic not in _CLEAN_TOPICS:
+        _check_topic(topic)  # 1.5.4 SHOULD NOT / MAY treat as malformed
     pos = stop
     pid: int | None = None
     if qos:
@@ -628,7 +700,7 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int) -> Pu
         if pos >= end:
             raise malformed("missing property length")  # [MQTT-2.2.2-1]
         if buf[pos]:
-            props, pos = _decode_properties(buf, pos, end, _PUBLISH)
+            props, pos = _decode_properties(buf, pos, end, _PUBLISH, strict)
         else:
             pos += 1
     if _FAST_PUBLISH:
@@ -654,7 +726,7 @@ def _make_ack_decoder(
     # 3.1 defines DUP for PUBREL (flags 0010 or 1010); nothing else may vary.
     v3_alt = expected_first | 0x08 if expected_first & 0x02 else -1
 
-    def dec(first: int, buf: bytes, pos: int, end: int, version: int) -> Packet:
+    def dec(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Packet:
         # [MQTT-3.6.1-1] PUBREL flags 0010; others 0000 ([MQTT-2.1.3-1]).
         if first != expected_first and not (version == MQTT_3_1 and first == v3_alt):
             raise _bad_flags(name)
@@ -675,7 +747,7 @@ def _make_ack_decoder(
             # 3.4.2.2 "If the Remaining Length is less than 4 there is no
             # Property Length and the value of 0 is used".
             return cls(pid, code)
-        props, pos = _decode_properties(buf, pos + 3, end, ptype)
+        props, pos = _decode_properties(buf, pos + 3, end, ptype, strict)
         if pos != end:
             raise malformed(f"unexpected bytes after {name} properties")
         return cls(pid, code, props)
@@ -683,7 +755,7 @@ def _make_ack_decoder(
     return dec
 
 
-def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int) -> Subscribe:
+def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Subscribe:
     if first != 0x82 and not (version == MQTT_3_1 and first == 0x8A):
         # [MQTT-3.8.1-1] flags MUST be 0010 (3.1 also allows DUP).
         raise _bad_flags("SUBSCRIBE")
@@ -692,10 +764,10 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int) -> 
     props = NO_PROPERTIES
     v5 = version >= MQTT_5
     if v5:
-        props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE)
+        props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE, strict)
     subs: list[Subscription] = []
     while pos < end:
-        topic_filter, pos = _read_str(buf, pos, end)  # [MQTT-3.8.3-1]
+        topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.8.3-1]
         if not topic_filter:
             raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         if pos >= end:
@@ -725,14 +797,14 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int) -> 
     return Subscribe(pid, tuple(subs), props)
 
 
-def _dec_suback(first: int, buf: bytes, pos: int, end: int, version: int) -> SubAck:
+def _dec_suback(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> SubAck:
     if first != 0x90:
         raise _bad_flags("SUBACK")
     pid = _check_pid(_read_u16(buf, pos, end), version)
     pos += 2
     props = NO_PROPERTIES
     if version >= MQTT_5:
-        props, pos = _decode_properties(buf, pos, end, PacketType.SUBACK)
+        props, pos = _decode_properties(buf, pos, end, PacketType.SUBACK, strict)
         allowed = _SUBACK_CODES
     else:
         allowed = _V3_SUBACK_CODES
@@ -742,7 +814,7 @@ def _dec_suback(first: int, buf: bytes, pos: int, end: int, version: int) -> Sub
     return SubAck(pid, codes, props)
 
 
-def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int) -> Unsubscribe:
+def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Unsubscribe:
     if first != 0xA2 and not (version == MQTT_3_1 and first == 0xAA):
         # [MQTT-3.10.1-1] flags MUST be 0010 (3.1 also allows DUP).
         raise _bad_flags("UNSUBSCRIBE")
@@ -750,10 +822,10 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int) -
     pos += 2
     props = NO_PROPERTIES
     if version >= MQTT_5:
-        props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE)
+        props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE, strict)
     filters: list[str] = []
     while pos < end:
-        topic_filter, pos = _read_str(buf, pos, end)  # [MQTT-3.10.3-1]
+        topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.10.3-1]
         if not topic_filter:
             raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         filters.append(topic_filter)
@@ -762,7 +834,7 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int) -
     return Unsubscribe(pid, tuple(filters), props)
 
 
-def _dec_unsuback(first: int, buf: bytes, pos: int, end: int, version: int) -> UnsubAck:
+def _dec_unsuback(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> UnsubAck:
     if first != 0xB0:
         raise _bad_flags("UNSUBACK")
     pid = _check_pid(_read_u16(buf, pos, end), version)
@@ -770,7 +842,7 @@ def _dec_unsuback(first: int, buf: bytes, pos: int, end: int, version: int) -> U
         if end - pos != 2:
             raise malformed("UNSUBACK must have 2 bytes")  # 3.1.1 §3.11: no payload
         return UnsubAck(pid)
-    props, pos = _decode_properties(buf, pos + 2, end, PacketType.UNSUBACK)
+    props, pos = _decode_properties(buf, pos + 2, end, PacketType.UNSUBACK, strict)
     codes = tuple(buf[pos:end])
     for code in codes:
         _check_reason(code, _UNSUBACK_CODES, "UNSUBACK")  # [MQTT-3.11.3-2]
@@ -781,7 +853,7 @@ _PINGREQ = PingReq()
 _PINGRESP = PingResp()
 
 
-def _dec_pingreq(first: int, buf: bytes, pos: int, end: int, version: int) -> PingReq:
+def _dec_pingreq(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> PingReq:
     if first != 0xC0:
         raise _bad_flags("PINGREQ")
     if end != pos:
@@ -789,7 +861,7 @@ def _dec_pingreq(first: int, buf: bytes, pos: int, end: int, version: int) -> Pi
     return _PINGREQ
 
 
-def _dec_pingresp(first: int, buf: bytes, pos: int, end: int, version: int) -> PingResp:
+def _dec_pingresp(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> PingResp:
     if first != 0xD0:
         raise _bad_flags("PINGRESP")
     if end != pos:
@@ -801,7 +873,7 @@ _DISCONNECT = Disconnect()
 _AUTH = Auth()
 
 
-def _dec_disconnect(first: int, buf: bytes, pos: int, end: int, version: int) -> Disconnect:
+def _dec_disconnect(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Disconnect:
     if first != 0xE0:
         raise _bad_flags("DISCONNECT")  # [MQTT-3.14.1-1]
     if version < MQTT_5:
@@ -813,13 +885,13 @@ def _dec_disconnect(first: int, buf: bytes, pos: int, end: int, version: int) ->
     code = _check_reason(buf[pos], _DISCONNECT_CODES, "DISCONNECT")  # [MQTT-3.14.2-1]
     if end - pos == 1:
         return Disconnect(code)  # 3.14.2.2 "less than 2, a value of 0 is used"
-    props, pos = _decode_properties(buf, pos + 1, end, PacketType.DISCONNECT)
+    props, pos = _decode_properties(buf, pos + 1, end, PacketType.DISCONNECT, strict)
     if pos != end:
         raise malformed("unexpected bytes after DISCONNECT properties")
     return Disconnect(code, props)
 
 
-def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int) -> Auth:
+def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Auth:
     if version < MQTT_5:
         # 3.1.1 §2.2.1 table 2.1: packet type 15 is "Reserved / Forbidden".
         raise malformed("packet type 15 is reserved before MQTT 5")
@@ -831,13 +903,13 @@ def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int) -> Auth:
     code = _check_reason(buf[pos], _AUTH_CODES, "AUTH")  # [MQTT-3.15.2-1]
     if end - pos == 1:
         return Auth(code)
-    props, pos = _decode_properties(buf, pos + 1, end, PacketType.AUTH)
+    props, pos = _decode_properties(buf, pos + 1, end, PacketType.AUTH, strict)
     if pos != end:
         raise malformed("unexpected bytes after AUTH properties")
     return Auth(code, props)
 
 
-def _dec_reserved(first: int, buf: bytes, pos: int, end: int, version: int) -> Packet:
+def _dec_reserved(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Packet:
     # 2.1.2 table 2-1 (3.1.1 §2.2.1): packet type 0 is "Reserved / Forbidden".
     raise malformed("packet type 0 is reserved")
 
@@ -862,16 +934,18 @@ _DECODERS: Final[tuple[_Decoder, ...]] = (
 )
 
 
-def decode(first_byte: int, body: bytes | memoryview, version: int) -> Packet:
+def decode(first_byte: int, body: bytes | memoryview, version: int, strict_utf8: bool = False) -> Packet:
     """Decode one packet from its fixed-header first byte and its body.
 
     ``version`` (3, 4 or 5) is that of the connection; a CONNECT carries its own.
+    ``strict_utf8`` refuses control characters and non-characters in strings (1.5.4,
+    see ``disallowed_code_point``): 0x85 in a CONNECT's client identifier, 0x81 elsewhere.
     Raises ``ProtocolError`` (only) for any malformed or illegal input.
     """
     if not 0 <= first_byte <= 0xFF:
         raise malformed("first byte out of range")
     buf = body if type(body) is bytes else bytes(body)
-    return _DECODERS[first_byte >> 4](first_byte, buf, 0, len(buf), version)
+    return _DECODERS[first_byte >> 4](first_byte, buf, 0, len(buf), version, strict_utf8)
 
 
 # ---------------------------------------------------------------------------
@@ -1107,7 +1181,8 @@ class PacketReader:
     ``feed`` adopts the CONNECT's level for the packets that follow (the
     connection may set it too). ``max_packet_size`` bounds the total size
     (fixed header + remaining length): a larger packet raises
-    ``ProtocolError(0x95)`` as soon as its fixed header is read.
+    ``ProtocolError(0x95)`` as soon as its fixed header is read. ``strict_utf8`` is
+    passed to ``decode``.
 
     ``server``: the reader is a server's, which refuses the packet types a client never
     sends (CONNACK, SUBACK, UNSUBACK, PINGRESP; the reserved 0, and 15 before 5.0) at their
@@ -1120,11 +1195,13 @@ class PacketReader:
     connection.
     """
 
-    __slots__ = ("_buf", "error", "max_packet_size", "server", "version")
+    __slots__ = ("_buf", "error", "max_packet_size", "server", "strict_utf8", "version")
 
-    def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH, *, server: bool = False) -> None:
+    def __init__(self, version: int = 4, max_packet_size: int = MAX_REMAINING_LENGTH,
+                 strict_utf8: bool = False, *, server: bool = False) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
+        self.strict_utf8 = strict_utf8
         self.server = server
         self._buf: bytearray | None = None  # a packet's first bytes; None between packets (idle)
         self.error: ProtocolError | None = None
@@ -1179,6 +1256,7 @@ class PacketReader:
         maxsize = self.max_packet_size
         decoders = _DECODERS
         forbidden = _FORBIDDEN[version >= MQTT_5] if self.server else _NOTHING_FORBIDDEN
+        strict = self.strict_utf8
         try:
             while n - pos >= 2:
                 first = buf[pos]
@@ -1197,7 +1275,7 @@ class PacketReader:
                 if end > n:
                     break
                 if decode_packets:
-                    packet = decoders[first >> 4](first, buf, start, end, version)
+                    packet = decoders[first >> 4](first, buf, start, end, version, strict)
                     if first == 0x10:
                         version = self.version = packet.protocol_version  # type: ignore[union-attr]
                         if self.server:

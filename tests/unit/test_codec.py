@@ -16,6 +16,7 @@ from shardbroker.protocol.codec import (
     PacketReader,
     connect_version,
     decode,
+    disallowed_code_point,
     encode,
     encode_properties,
     encode_publish,
@@ -1179,3 +1180,164 @@ def test_hypothesis_any_chunking_gives_same_packets(version: int, cuts: list[int
         got += reader.feed(stream[prev:cut])
         prev = cut
     assert got == packets
+
+
+# ---------------------------------------------------------------------------
+# strict_utf8: control characters and non-characters (5.0 1.5.4, 3.1.1 1.5.3)
+# ---------------------------------------------------------------------------
+
+CLIENT_ID_NOT_VALID = reasons.CLIENT_IDENTIFIER_NOT_VALID
+# Boundaries of each disallowed range, and their neighbours that are allowed.
+DISALLOWED = ("\x01", "\x07", "\x0a", "\x1f", "\x7f", "\x85", "\x9f", "\ufdd0", "\ufdef", "\ufffe", "\uffff",
+              "\U0001fffe", "\U0001ffff", "\U0010fffe", "\U0010ffff")
+ALLOWED = (" ", "~", "\xa0", "\xe9", "\ufdcf", "\ufdf0", "\ufeff", "\ufffd", "\u200d", "\U0001fffd",
+           "\U0001f600", "\U0010fffd")
+
+
+def strict_reason(data: bytes, version: int) -> ProtocolError:
+    """``data`` (one whole packet) decodes without ``strict_utf8`` but is refused with it, by
+    ``decode`` and by ``PacketReader`` alike; returns the error."""
+    first, body = split(data)
+    assert decode(first, body, version) is not None
+    assert len(PacketReader(version).feed(data)) == 1
+    with pytest.raises(ProtocolError) as direct:
+        decode(first, body, version, strict_utf8=True)
+    with pytest.raises(ProtocolError) as framed:
+        PacketReader(version, strict_utf8=True).feed(data)
+    assert framed.value.reason == direct.value.reason
+    return direct.value
+
+
+def _connect(version: int, **kw: Any) -> bytes:
+    fields: dict[str, Any] = {"client_id": "c", "protocol_version": version,
+                              "protocol_name": "MQIsdp" if version == V3 else "MQTT"}
+    fields.update(kw)
+    return encode(Connect(**fields), version)
+
+
+@pytest.mark.parametrize("char", DISALLOWED)
+def test_disallowed_code_points_are_found(char: str) -> None:
+    assert disallowed_code_point("a/" + char + "/b") == ord(char)
+
+
+@pytest.mark.parametrize("char", ALLOWED)
+def test_allowed_code_points_are_not(char: str) -> None:
+    assert disallowed_code_point("a/" + char + "/b") is None
+
+
+def _naive_disallowed(text: str) -> bool:
+    return any(0x01 <= c <= 0x1F or 0x7F <= c <= 0x9F or 0xFDD0 <= c <= 0xFDEF or c & 0xFFFE == 0xFFFE
+               for c in map(ord, text))
+
+
+@FUZZ
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_hypothesis_disallowed_matches_the_list(text: str) -> None:
+    bad = disallowed_code_point(text)
+    assert (bad is not None) == _naive_disallowed(text)
+    assert bad is None or _naive_disallowed(chr(bad))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_client_id_is_not_valid(version: int) -> None:
+    # [MQTT-3.1.3-8] CONNACK 0x85 (3.1.1 [MQTT-3.1.3-9]: return code 2, via V5_TO_V3_CONNACK).
+    exc = strict_reason(_connect(version, client_id="dev\x1b[2Jice"), version)
+    assert exc.reason == CLIENT_ID_NOT_VALID
+    assert reasons.V5_TO_V3_CONNACK[exc.reason] == reasons.V3_IDENTIFIER_REJECTED
+    assert "U+001B" in exc.message and "\x1b" not in exc.message
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_client_id_in_a_malformed_connect_is_malformed(version: int) -> None:
+    first, body = split(_connect(version, client_id="a\x01"))
+    with pytest.raises(ProtocolError) as info:
+        decode(first, body + b"\x00", version, strict_utf8=True)
+    assert info.value.reason == MALFORMED
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_user_name_is_malformed(version: int) -> None:
+    exc = strict_reason(_connect(version, username="bob\x7f", password=b"pw"), version)
+    assert exc.reason == MALFORMED
+    assert "user name" in exc.message and "U+007F" in exc.message
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_will_topic_is_malformed(version: int) -> None:
+    exc = strict_reason(_connect(version, will=Will("last/\x85will", b"bye")), version)
+    assert exc.reason == MALFORMED
+    assert "will topic" in exc.message and "U+0085" in exc.message
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_publish_topic_is_malformed(version: int) -> None:
+    exc = strict_reason(encode(Publish("a/\ufffe", b"x", 1, packet_id=1), version), version)
+    assert exc.reason == MALFORMED
+    assert "topic" in exc.message and "U+FFFE" in exc.message
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_publish_topic_seen_clean_stays_accepted(version: int) -> None:
+    """The memo of clean topic names lets the same topic through again, not its neighbours."""
+    good = encode(Publish("memo/topic", b"1"), version)
+    reader = PacketReader(version, strict_utf8=True)
+    assert [p.topic for p in reader.feed(good + good)] == ["memo/topic", "memo/topic"]  # type: ignore[attr-defined]
+    strict_reason(encode(Publish("memo/topic\x01", b"2"), version), version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_subscribe_filter_is_malformed(version: int) -> None:
+    data = encode(Subscribe(3, (Subscription("ok/#", 1), Subscription("bad/\ufdd0/+", 1))), version)
+    exc = strict_reason(data, version)
+    assert exc.reason == MALFORMED
+    assert "topic filter" in exc.message
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_strict_unsubscribe_filter_is_malformed(version: int) -> None:
+    exc = strict_reason(encode(Unsubscribe(3, ("bad/\U0010ffff",)), version), version)
+    assert exc.reason == MALFORMED
+    assert "U+10FFFF" in exc.message
+
+
+@pytest.mark.parametrize("packet", [
+    Publish("a", b"x", properties=Properties(content_type="text/\x0aplain")),
+    Publish("a", b"x", properties=Properties(response_topic="re/\x1f")),
+    Publish("a", b"x", properties=Properties(user_properties=(("k\x01", "v"),))),
+    Publish("a", b"x", properties=Properties(user_properties=(("k", "v\x9f"),))),
+    PubAck(1, 0x80, Properties(reason_string="why\x07")),
+    Disconnect(0x80, Properties(reason_string="\uffff")),
+    Auth(0x18, Properties(authentication_method="SCRAM\x02")),
+    Connect("c", 5, properties=Properties(authentication_method="m\x03")),
+    Connect("c", 5, will=Will("w", b"p", properties=Properties(content_type="\x7f"))),
+], ids=["content_type", "response_topic", "user_key", "user_value", "puback_reason_string",
+        "disconnect_reason_string", "auth_method", "connect_auth_method", "will_content_type"])
+def test_strict_v5_string_properties_are_malformed(packet: Packet) -> None:
+    assert strict_reason(encode(packet, V5), V5).reason == MALFORMED
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("char", ALLOWED)
+def test_strict_accepts_the_other_code_points(version: int, char: str) -> None:
+    """U+FEFF included: [MQTT-1.5.4-3] it is kept, never stripped."""
+    packets = [
+        Connect("c" + char, version, username="u" + char, password=b"p", will=Will("w" + char, b""),
+                protocol_name="MQIsdp" if version == V3 else "MQTT"),
+        Publish("t/" + char, b"x"),
+        Subscribe(1, (Subscription("f/" + char + "/#", 0),)),
+        Unsubscribe(1, ("f/" + char,)),
+    ]
+    reader = PacketReader(version, strict_utf8=True)
+    assert reader.feed(b"".join(encode(p, version) for p in packets)) == packets
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_hypothesis_strict_random_bytes_only_protocol_error(version: int, data: bytes) -> None:
+    try:
+        for packet in PacketReader(version, strict_utf8=True).feed(data):
+            assert isinstance(packet, PACKET_CLASSES)
+    except ProtocolError as exc:
+        assert exc.reason in (MALFORMED, PROTOCOL, CLIENT_ID_NOT_VALID,
+                              reasons.UNSUPPORTED_PROTOCOL_VERSION)

@@ -44,6 +44,7 @@ EXPECTED_DEFAULTS = {
     "limits.max_message_expiry": 0,
     "limits.retain_available": True,
     "limits.max_client_id_length": 1024,
+    "limits.strict_utf8": True,
     "limits.max_topic_levels": 128,
     "limits.max_topic_length": 65535,
     "limits.max_subscriptions": 10000,
