@@ -82,6 +82,9 @@ class Inbound:
                 topic = known
         if props.subscription_identifiers:  # [MQTT-3.3.4-6]
             raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
+        response_topic = props.response_topic
+        if response_topic is not None and ("+" in response_topic or "#" in response_topic):  # [MQTT-3.3.2-14]
+            raise ProtocolError(reasons.PROTOCOL_ERROR, "wildcard in the Response Topic")
         if topic not in self._valid_topics:
             validate_topic_name(topic)
             beyond = beyond_limits(topic, self.limits.max_topic_levels, self.limits.max_topic_length)
