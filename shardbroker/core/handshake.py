@@ -423,9 +423,10 @@ class Handshake:
         sess, present = attached
         connack = reactions.within(ConnAck(present, reasons.SUCCESS, self._connack_properties(client, terms, reply)),
                                    terms.version, terms.max_packet_out)
-        if connack is None:  # not even a bare CONNACK fits the client's Maximum Packet Size [MQTT-3.1.2-25]
+        if connack is None:  # what it must hold (an Assigned Client Identifier) exceeds the client's maximum
             self.sessions.detach(client, publish_will=False)
-            self.output.close(client, f"a CONNACK does not fit its Maximum Packet Size {terms.max_packet_out}")
+            self._refuse(client, Refusal(reasons.PACKET_TOO_LARGE, f"the CONNACK does not fit its Maximum Packet "
+                                                                    f"Size of {terms.max_packet_out} bytes"))
             return
         self.output.send(client, connack)
         client.connected = True

@@ -455,10 +455,17 @@ def test_MQTT_3_1_2_24_connack_within_the_client_maximum_packet_size(b: Broker, 
     """[MQTT-3.1.2-24] The Server MUST NOT send packets exceeding Maximum Packet Size to the
     Client."""
     c = mqtt.raw(b)
-    c.send(mb.connect("", version=V, props=mb.prop_u32(mb.MAXIMUM_PACKET_SIZE, 20)))
+    c.send(mb.connect("mps-20", version=V, props=mb.prop_u32(mb.MAXIMUM_PACKET_SIZE, 20)))
     pkt = c.expect(mb.CONNACK)
     size = 2 + len(pkt[2]) if len(pkt[2]) < 128 else 3 + len(pkt[2])
     assert size <= 20, f"CONNACK of {size} bytes for a client whose maximum is 20: {pkt[2]!r}"
+    assert mb.parse_connack(pkt[2], V).rc == 0  # what only describes the broker was left out
+    # An empty client ID needs an Assigned Client Identifier [MQTT-3.2.2-16] that cannot fit in
+    # 20 bytes: the CONNECT is refused with Packet too large, in a CONNACK that fits.
+    e = mqtt.raw(b)
+    e.send(mb.connect("", version=V, props=mb.prop_u32(mb.MAXIMUM_PACKET_SIZE, 20)))
+    pkt = e.expect(mb.CONNACK)
+    assert len(pkt[2]) + 2 <= 20 and mb.parse_connack(pkt[2], V).rc == mb.RC_PACKET_TOO_LARGE
 
 
 def test_MQTT_3_1_2_25_too_large_discarded(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
