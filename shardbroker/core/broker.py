@@ -200,8 +200,7 @@ class Broker:
             packets = client.reader.feed(data)
         except ProtocolError as exc:
             if not client.connected:
-                log.info("%s: bad CONNECT: %s", client.peer, exc.message)
-                self._abort(client, f"bad CONNECT: {exc.message}")
+                self._error_before_connack(client, exc)
                 return
             self.protocol_violation(client, exc)
             return
@@ -247,7 +246,7 @@ class Broker:
             if client.connected:
                 self.protocol_violation(client, error)
             else:
-                self._abort(client, f"bad CONNECT: {error.message}")
+                self._error_before_connack(client, error)
         if self.flow.holding:
             self.flow.received(client)
 
@@ -321,6 +320,16 @@ class Broker:
         if client.session is not None:
             self.backpressure.stop(client.session, WRITE)
         self.wake()
+
+    def _error_before_connack(self, client: Client, exc: ProtocolError) -> None:
+        """Bytes that are no valid packet before the CONNACK. In a SCRAM exchange the CONNECT is
+        known, so it is refused with the reason (a 5.0 client gets a CONNACK with it, see
+        ``reactions``); otherwise the CONNECT itself is bad, and the connection is closed."""
+        if self.handshake.exchanges and self.handshake.in_exchange(client):
+            self.handshake.exchange_error(client, exc)
+            return
+        log.info("%s: bad CONNECT: %s", client.peer, exc.message)
+        self._abort(client, f"bad CONNECT: {exc.message}")
 
     def _abort(self, client: Client, reason: str) -> None:
         client.closing = True

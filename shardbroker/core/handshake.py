@@ -307,6 +307,13 @@ class Handshake:
         credential = self.auth.credential(username, client.transport.listener)
         self._authenticated(client, pkt, terms, None, credential, (method, server_final))
 
+    def exchange_error(self, client: Client, exc: ProtocolError) -> None:
+        """Bytes that are no valid packet (a malformed AUTH, say) from a client whose CONNECT is
+        in a SCRAM exchange: the CONNECT is refused with the error's reason (2.2.2.2, 4.13)."""
+        exchange = self.exchanges.pop(client)
+        exchange.timer.cancel()
+        self._refuse(client, Refusal(exc.reason, f"during authentication: {exc.message}"))
+
     def _expired(self, client: Client) -> None:
         exchange = self.exchanges.pop(client, None)
         if exchange is None or client.closing:

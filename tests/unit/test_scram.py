@@ -146,6 +146,21 @@ def test_only_auth_or_disconnect_before_connack(h: Harness) -> None:
     assert quits.packets() == [] and quits.transport.closed and not h.broker.handshake.exchanges
 
 
+@pytest.mark.parametrize("data, reason", [
+    (b"\xf0\x04\x18\x02\x24\x01", reasons.MALFORMED_PACKET),  # Maximum QoS: not an AUTH property (2.2.2.2)
+    (b"\xf0\x08\x18\x06\x1f\x00\x00\x1f\x00\x00", reasons.PROTOCOL_ERROR),  # Reason String twice
+    (b"\xf0\x03\x18\x01\x00", reasons.MALFORMED_PACKET),  # identifier 0 is no property
+], ids=["not-allowed", "twice", "unknown"])
+def test_a_bad_auth_before_connack_is_refused_by_connack(h: Harness, data: bytes, reason: int) -> None:
+    """Before the CONNACK a 5.0 client is told why by a CONNACK (``reactions``), even when the
+    packet that is wrong is an AUTH of the exchange."""
+    c = _started(h, "c1")
+    c.send_raw(data)
+    [ack] = c.packets()
+    assert isinstance(ack, ConnAck) and ack.reason_code == reason and c.transport.closed
+    assert not h.broker.handshake.exchanges
+
+
 def test_an_exchange_that_is_not_finished_in_time_is_refused(h: Harness) -> None:
     c = _started(h, "c1")
     h.advance(h.config.limits.connect_timeout - 1)
