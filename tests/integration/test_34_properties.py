@@ -421,7 +421,9 @@ def test_property_twice(b: Broker, mqtt: Clients, uniq: Uniq, packet: str, ident
 
 @pytest.mark.parametrize("packet", list(ALLOWED))
 def test_user_property_repeats(b: Broker, mqtt: Clients, uniq: Uniq, packet: str) -> None:
-    """3.x.x "The User Property is allowed to appear multiple times", the same name too."""
+    """The User Property of each packet (3.1.2.11.8, 3.3.2.3.7, ...): "The User Property is allowed
+    to appear multiple times to represent multiple name, value pairs. The same name is allowed to
+    appear more than once." """
     props = VALUE[0x26] * 2 + mb.prop_pair(0x26, "k", "w")
     assert run(packet, b, mqtt, uniq, props) == OK
 
