@@ -525,3 +525,13 @@ def test_property_length_beyond_the_packet(b: Broker, mqtt: Clients, uniq: Uniq)
     body = mb.u16(1) + b"\x00" + b"\x05" + VALUE[0x1F][:4]  # PUBREL: Property Length 5, 4 bytes follow
     c.send(mb.fixed(mb.PUBREL, 2, body))
     assert _refusal(c, _next(c), False) == MAL
+
+
+def test_bad_property_behind_a_connect_being_verified(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
+    """A PUBLISH with a property it may not carry, in the same read as a CONNECT whose password
+    is still being checked: CONNACK first, then DISCONNECT 0x81 (2.2.2.2)."""
+    c = mqtt.raw(b)
+    c.send(mb.connect(uniq.cid("x"), version=V, username=USER, password=PASSWORD)
+           + mb.publish(uniq.topic(), b"x", version=V, props=VALUE[0x24]))
+    assert _answer(c, mb.CONNACK) == OK
+    assert _refusal(c, _next(c), False) == MAL
