@@ -766,6 +766,7 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, str
     if v5:
         props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE, strict)
     subs: list[Subscription] = []
+    late: ProtocolError | None = None  # a Protocol Error, raised once the whole packet parsed
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.8.3-1]
         if not topic_filter:
@@ -775,22 +776,30 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, str
         opts = buf[pos]
         pos += 1
         qos = opts & 0x03
-        if qos == 3:
-            # 3.8.3.1 QoS 3 is malformed (3.1.1: [MQTT-3.8.3-4]).
-            raise malformed("subscription QoS 3")
         if v5:
             if opts & 0xC0:
                 raise malformed("reserved subscription option bits set")  # [MQTT-3.8.3-5]
             retain_handling = (opts >> 4) & 0x03
-            if retain_handling == 3:
+            if late is None and qos == 3:
+                # 3.8.3.1 "It is a Protocol Error if the Maximum QoS field has the value 3".
+                late = protocol_error("subscription maximum QoS 3")
+            if late is None and retain_handling == 3:
                 # 3.8.3.1 "It is a Protocol Error to send a Retain Handling value of 3".
-                raise protocol_error("retain handling 3")
+                late = protocol_error("retain handling 3")
             subs.append(Subscription(topic_filter, qos, bool(opts & 0x04), bool(opts & 0x08),
                                      retain_handling))
         else:
+            if qos == 3:
+                # 3.1.1 [MQTT-3.8.3-4] "The Server MUST treat a SUBSCRIBE packet as malformed ...
+                # if any of Reserved bits in the payload are non-zero, or QoS is not 0,1 or 2".
+                raise malformed("subscription QoS 3")
             if opts & 0xFC:
                 raise malformed("reserved subscription option bits set")  # 3.1.1 [MQTT-3.8.3-4]
             subs.append(Subscription(topic_filter, qos))
+    if late is not None:
+        # A Protocol Error is found in a packet that parses (1.2): a malformed entry after it
+        # is reported as such.
+        raise late
     if not subs:
         # [MQTT-3.8.3-2] (3.1.1: [MQTT-3.8.3-3]) at least one subscription.
         raise protocol_error("SUBSCRIBE without subscriptions")

@@ -898,11 +898,15 @@ def test_subscribe_rules(version: int) -> None:
     pprops = b"\x00" if version == V5 else b""
     head = b"\x00\x01" + pprops
     assert reason_of(0x82, head, version) == PROTOCOL  # [MQTT-3.8.3-2] / 3.1.1 [MQTT-3.8.3-3]
-    assert reason_of(0x82, head + s("a") + b"\x03", version) == MALFORMED  # QoS 3
+    # QoS 3: 5.0 3.8.3.1 "It is a Protocol Error"; 3.1.1 [MQTT-3.8.3-4] malformed
+    assert reason_of(0x82, head + s("a") + b"\x03", version) == (PROTOCOL if version == V5 else MALFORMED)
+    # ... but a packet that does not parse further on is malformed, whatever came before
+    assert reason_of(0x82, head + s("a") + b"\x03" + s("b"), version) == MALFORMED
     assert reason_of(0x82, head + s("a") + b"\x01" + s("b") + b"\x43", version) == MALFORMED
     assert reason_of(0x82, head + s("a") + b"\x80", version) == MALFORMED  # reserved bits
     if version == V5:
         assert reason_of(0x82, head + s("a") + b"\x30", V5) == PROTOCOL  # retain handling 3
+        assert reason_of(0x82, head + s("a") + b"\x30" + s("b") + b"\x80", V5) == MALFORMED
         p = decode(0x82, head + s("a") + b"\x2e", V5)
         assert p == Subscribe(1, (Subscription("a", 2, True, True, 2),))
     else:
