@@ -1839,6 +1839,19 @@ def test_MQTT_4_13_2_1_disconnect_above_0x80_then_close(b: Broker, mqtt: Clients
     assert reason is None or reason >= 0x80
 
 
+def test_v5_malformed_packet_wins_over_an_earlier_protocol_error(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
+    """1.2: a Protocol Error is "detected after the packet has been parsed"; a packet that
+    does not parse is a Malformed Packet (0x81) even when a Protocol Error comes before the
+    bytes that break it, and the same packets whole are Protocol Errors (0x82)."""
+    bad_prop = b"\x7f\x00"  # no property has identifier 0x7F
+    send_bad(mqtt, b, uniq, mb.publish("a/b", b"x", qos=1, pid=0, version=V, props=bad_prop), MAL)
+    send_bad(mqtt, b, uniq, mb.publish("a/b", b"x", qos=1, pid=0, version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.subscribe(0, [("a/b", 0), ("c", 0xC0)], version=V), MAL)
+    send_bad(mqtt, b, uniq, mb.subscribe(0, [("a/b", 0)], version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.disconnect(V, 0x05, bad_prop), MAL)
+    send_bad(mqtt, b, uniq, mb.disconnect(V, 0x05), PROTO)
+
+
 def test_v5_properties_not_valid_in_client_packets(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     """2.2.2.2: a property not valid in a packet is a Malformed Packet (0x81)."""
     send_bad(mqtt, b, uniq, mb.publish("a/b", b"x", version=V, props=mb.prop_u32(mb.SESSION_EXPIRY_INTERVAL, 5)), MAL)
