@@ -382,7 +382,10 @@ class Broker:
     def _on_disconnect(self, client: Client, sess: Session, pkt: Disconnect) -> None:
         new_expiry = pkt.properties.session_expiry_interval
         if client.version == MQTT_5 and new_expiry is not None:
-            if sess.expiry_interval == 0 and new_expiry != 0:  # [MQTT-3.14.2-2]
+            if sess.expiry_interval == 0 and new_expiry != 0:
+                # 3.14.2.2.2 "If the Session Expiry Interval in the CONNECT packet was zero, then it
+                # is a Protocol Error to set a non-zero Session Expiry Interval in the DISCONNECT"
+                # (not a valid DISCONNECT: the will is published).
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL

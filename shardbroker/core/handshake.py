@@ -24,7 +24,7 @@ only AUTH or DISCONNECT [MQTT-3.1.2-30], and it has ``limits.connect_timeout`` t
 Another method is refused with 0x8C. A connected client that authenticated so may
 re-authenticate (AUTH 0x19, same method [MQTT-4.12.1-1], as the same user): answered AUTH
 0x18, then AUTH 0x00, or DISCONNECT 0x87 when it fails; its packets go on being handled
-meanwhile. AUTH from a client that did not authenticate so is a protocol error [MQTT-4.12.0-1]
+meanwhile. AUTH from a client that did not authenticate so is a protocol error [MQTT-4.12.0-7]
 (the SCRAM exchanges in progress are ``exchanges``; nothing of them is stored).
 """
 
@@ -334,7 +334,7 @@ class Handshake:
         """AUTH from a connected client: a re-authentication [MQTT-4.12.1]."""
         identity = self.sessions.clients.get(client)
         method = identity.method if identity is not None else None
-        if identity is None or method is None:  # no method was agreed in CONNECT [MQTT-4.12.0-1]
+        if identity is None or method is None:  # no method was agreed in CONNECT [MQTT-4.12.0-7]
             raise ProtocolError(reasons.PROTOCOL_ERROR, "AUTH without an authentication method")
         if pkt.properties.authentication_method != method:  # [MQTT-4.12.1-1]
             raise ProtocolError(reasons.PROTOCOL_ERROR, f"AUTH with another authentication method than {method}")

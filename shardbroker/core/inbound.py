@@ -68,7 +68,10 @@ class Inbound:
         props = pkt.properties
         if v5 and props.topic_alias is not None:
             alias = props.topic_alias
-            if alias == 0 or alias > self.limits.topic_alias_maximum:  # [MQTT-3.3.2-9/10]
+            if alias == 0 or alias > self.limits.topic_alias_maximum:
+                # [MQTT-3.3.2-8], [MQTT-3.2.2-17]; 3.3.4 "A Topic Alias value of 0 or greater than
+                # the Maximum Topic Alias is a Protocol Error, the receiver uses DISCONNECT with
+                # Reason Code of 0x94 (Topic Alias invalid)".
                 raise ProtocolError(reasons.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
             aliases = client.aliases_in
             if topic:
@@ -77,9 +80,13 @@ class Inbound:
                 aliases[alias] = topic
             else:
                 known = aliases.get(alias) if aliases is not None else None
-                if known is None:
+                if known is None:  # 3.3.4 "... a zero length Topic Name field it is a Protocol Error"
                     raise ProtocolError(reasons.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                 topic = known
+        elif v5 and not topic:
+            # 3.3.2.1 "It is a Protocol Error if the Topic Name is zero length and there is no
+            # Topic Alias" (3.1.1: an invalid topic name [MQTT-4.7.3-1], closed).
+            raise ProtocolError(reasons.PROTOCOL_ERROR, "empty topic name without a topic alias")
         if props.subscription_identifiers:  # [MQTT-3.3.4-6]
             raise ProtocolError(reasons.PROTOCOL_ERROR, "Subscription Identifier in a PUBLISH from a client")
         response_topic = props.response_topic

@@ -585,10 +585,6 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, stric
     props = NO_PROPERTIES
     if level >= MQTT_5:
         props, pos = _decode_properties(buf, pos, end, _CONNECT, strict)
-        if props.authentication_data is not None and props.authentication_method is None:
-            # 3.1.2.11.10 "It is a Protocol Error to include Authentication Data
-            # if there is no Authentication Method".
-            raise protocol_error("authentication data without authentication method")
     # [MQTT-3.1.3-3] the ClientID MUST be present; [MQTT-3.1.3-4] UTF-8. Its
     # length and content are the broker's business ([MQTT-3.1.3-5], -6).
     client_id, pos = _read_str(buf, pos, end, False, "client identifier")
@@ -614,6 +610,10 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, stric
         # [MQTT-3.1.2-16], [MQTT-3.1.2-18]: nothing follows but flagged fields;
         # [MQTT-3.1.4-1] the packet must match the format exactly.
         raise malformed("unexpected bytes after CONNECT payload")
+    if props.authentication_data is not None and props.authentication_method is None:
+        # 3.1.2.11.10 "It is a Protocol Error to include Authentication Data if there is no
+        # Authentication Method" (checked once the whole packet has parsed, 1.2).
+        raise protocol_error("authentication data without authentication method")
     if strict and (bad := disallowed_code_point(client_id)) is not None:
         # 1.5.4: code points that SHOULD NOT be sent. [MQTT-3.1.3-5] the Server MUST allow
         # 0-9a-zA-Z and MAY allow more; this it rejects: [MQTT-3.1.3-8] "it MAY respond ...
@@ -692,8 +692,6 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int, stric
         if pos + 2 > end:
             raise malformed("truncated packet identifier")
         pid = (buf[pos] << 8) | buf[pos + 1]
-        if not pid:
-            _check_pid(0, version)
         pos += 2
     props = NO_PROPERTIES
     if version >= MQTT_5:
@@ -703,6 +701,8 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int, stric
             props, pos = _decode_properties(buf, pos, end, _PUBLISH, strict)
         else:
             pos += 1
+    if pid == 0:
+        _check_pid(0, version)  # once the packet has parsed (the payload always does)
     if _FAST_PUBLISH:
         p: Publish = _new(Publish)
         _set_topic(p, topic)
@@ -733,24 +733,25 @@ def _make_ack_decoder(
         n = end - pos
         if n < 2:
             raise malformed(f"{name} too short")
-        pid = _check_pid((buf[pos] << 8) | buf[pos + 1], version)
+        pid = (buf[pos] << 8) | buf[pos + 1]
         if version < MQTT_5:
             if n != 2:
                 raise malformed(f"{name} must have 2 bytes")
-            return cls(pid)
+            return cls(_check_pid(pid, version))
         if n == 2:
             # 3.4.2.1 "The Reason Code and Property Length can be omitted if the
             # Reason Code is 0x00 and there are no Properties" (remaining length 2).
-            return cls(pid)
-        code = _check_reason(buf[pos + 2], codes, name)  # [MQTT-3.4.2-1] etc.
-        if n == 3:
+            return cls(_check_pid(pid, version))
+        code = buf[pos + 2]
+        props = NO_PROPERTIES
+        if n > 3:
             # 3.4.2.2 "If the Remaining Length is less than 4 there is no
             # Property Length and the value of 0 is used".
-            return cls(pid, code)
-        props, pos = _decode_properties(buf, pos + 3, end, ptype, strict)
-        if pos != end:
-            raise malformed(f"unexpected bytes after {name} properties")
-        return cls(pid, code, props)
+            props, pos = _decode_properties(buf, pos + 3, end, ptype, strict)
+            if pos != end:
+                raise malformed(f"unexpected bytes after {name} properties")
+        # The Protocol Errors, once the packet has parsed: [MQTT-3.4.2-1] etc.
+        return cls(_check_pid(pid, version), _check_reason(code, codes, name), props)
 
     return dec
 
@@ -759,13 +760,14 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, str
     if first != 0x82 and not (version == MQTT_3_1 and first == 0x8A):
         # [MQTT-3.8.1-1] flags MUST be 0010 (3.1 also allows DUP).
         raise _bad_flags("SUBSCRIBE")
-    pid = _check_pid(_read_u16(buf, pos, end), version)
+    pid = _read_u16(buf, pos, end)
     pos += 2
     props = NO_PROPERTIES
     v5 = version >= MQTT_5
     if v5:
         props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE, strict)
     subs: list[Subscription] = []
+    late: ProtocolError | None = None  # a Protocol Error, raised once the whole packet parsed
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.8.3-1]
         if not topic_filter:
@@ -775,22 +777,31 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, str
         opts = buf[pos]
         pos += 1
         qos = opts & 0x03
-        if qos == 3:
-            # 3.8.3.1 QoS 3 is malformed (3.1.1: [MQTT-3.8.3-4]).
-            raise malformed("subscription QoS 3")
         if v5:
             if opts & 0xC0:
                 raise malformed("reserved subscription option bits set")  # [MQTT-3.8.3-5]
             retain_handling = (opts >> 4) & 0x03
-            if retain_handling == 3:
+            if late is None and qos == 3:
+                # 3.8.3.1 "It is a Protocol Error if the Maximum QoS field has the value 3".
+                late = protocol_error("subscription maximum QoS 3")
+            if late is None and retain_handling == 3:
                 # 3.8.3.1 "It is a Protocol Error to send a Retain Handling value of 3".
-                raise protocol_error("retain handling 3")
+                late = protocol_error("retain handling 3")
             subs.append(Subscription(topic_filter, qos, bool(opts & 0x04), bool(opts & 0x08),
                                      retain_handling))
         else:
+            if qos == 3:
+                # 3.1.1 [MQTT-3.8.3-4] "The Server MUST treat a SUBSCRIBE packet as malformed ...
+                # if any of Reserved bits in the payload are non-zero, or QoS is not 0,1 or 2".
+                raise malformed("subscription QoS 3")
             if opts & 0xFC:
                 raise malformed("reserved subscription option bits set")  # 3.1.1 [MQTT-3.8.3-4]
             subs.append(Subscription(topic_filter, qos))
+    _check_pid(pid, version)
+    if late is not None:
+        # A Protocol Error is found in a packet that parses (1.2): a malformed entry after it
+        # is reported as such.
+        raise late
     if not subs:
         # [MQTT-3.8.3-2] (3.1.1: [MQTT-3.8.3-3]) at least one subscription.
         raise protocol_error("SUBSCRIBE without subscriptions")
@@ -818,7 +829,7 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int, s
     if first != 0xA2 and not (version == MQTT_3_1 and first == 0xAA):
         # [MQTT-3.10.1-1] flags MUST be 0010 (3.1 also allows DUP).
         raise _bad_flags("UNSUBSCRIBE")
-    pid = _check_pid(_read_u16(buf, pos, end), version)
+    pid = _read_u16(buf, pos, end)
     pos += 2
     props = NO_PROPERTIES
     if version >= MQTT_5:
@@ -829,6 +840,7 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int, s
         if not topic_filter:
             raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         filters.append(topic_filter)
+    _check_pid(pid, version)  # once the packet has parsed
     if not filters:
         raise protocol_error("UNSUBSCRIBE without topic filters")  # [MQTT-3.10.3-2]
     return Unsubscribe(pid, tuple(filters), props)
@@ -882,13 +894,13 @@ def _dec_disconnect(first: int, buf: bytes, pos: int, end: int, version: int, st
         return _DISCONNECT
     if end == pos:
         return _DISCONNECT  # 3.14.2.1 "If the Remaining Length is less than 1 ... 0x00"
-    code = _check_reason(buf[pos], _DISCONNECT_CODES, "DISCONNECT")  # [MQTT-3.14.2-1]
-    if end - pos == 1:
-        return Disconnect(code)  # 3.14.2.2 "less than 2, a value of 0 is used"
+    code = buf[pos]
+    if end - pos == 1:  # 3.14.2.2 "less than 2, a value of 0 is used"
+        return Disconnect(_check_reason(code, _DISCONNECT_CODES, "DISCONNECT"))  # [MQTT-3.14.2-1]
     props, pos = _decode_properties(buf, pos + 1, end, PacketType.DISCONNECT, strict)
     if pos != end:
         raise malformed("unexpected bytes after DISCONNECT properties")
-    return Disconnect(code, props)
+    return Disconnect(_check_reason(code, _DISCONNECT_CODES, "DISCONNECT"), props)
 
 
 def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Auth:
@@ -900,13 +912,13 @@ def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int, strict: 
     if end == pos:
         # 3.15.2.1 "can be omitted if the Reason Code is 0x00 and there are no Properties".
         return _AUTH
-    code = _check_reason(buf[pos], _AUTH_CODES, "AUTH")  # [MQTT-3.15.2-1]
+    code = buf[pos]
     if end - pos == 1:
-        return Auth(code)
+        return Auth(_check_reason(code, _AUTH_CODES, "AUTH"))  # [MQTT-3.15.2-1]
     props, pos = _decode_properties(buf, pos + 1, end, PacketType.AUTH, strict)
     if pos != end:
         raise malformed("unexpected bytes after AUTH properties")
-    return Auth(code, props)
+    return Auth(_check_reason(code, _AUTH_CODES, "AUTH"), props)
 
 
 def _dec_reserved(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Packet:

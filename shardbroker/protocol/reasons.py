@@ -1,4 +1,9 @@
-"""MQTT 5.0 reason codes (section 2.4) and the 3.1.1 CONNACK return codes."""
+"""MQTT 5.0 reason codes (section 2.4) and the 3.1.1 CONNACK return codes.
+
+Which check gives which code, what 3.1.1 does instead, and the statement each follows: the table
+"Every refusal and its reason" in ``docs/CONFORMANCE.md``. How a code is sent (CONNACK,
+DISCONNECT, or a close) is decided in ``reactions.py``.
+"""
 
 SUCCESS = 0x00
 NORMAL_DISCONNECTION = 0x00

@@ -965,6 +965,14 @@ def test_MQTT_3_3_2_1_topic_name_utf8(b: Broker, mqtt: Clients, uniq: Uniq) -> N
     send_bad(mqtt, b, uniq, mb.publish(b"a\xc3", b"x", version=V), MAL)
 
 
+def test_v5_3_3_2_1_empty_topic_name_without_alias_is_a_protocol_error(b: Broker, mqtt: Clients,
+                                                                      uniq: Uniq) -> None:
+    """3.3.2.1: "It is a Protocol Error if the Topic Name is zero length and there is no Topic
+    Alias." (DISCONNECT 0x82, not 0x90; QoS 0 and QoS 1 alike.)"""
+    send_bad(mqtt, b, uniq, mb.publish("", b"x", version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.publish("", b"x", qos=1, pid=1, version=V), PROTO)
+
+
 def test_MQTT_3_3_2_2_topic_name_without_wildcards(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     """[MQTT-3.3.2-2] The Topic Name in the PUBLISH packet MUST NOT contain wildcard
     characters. (Server: 0x90 Topic Name invalid, or Malformed / Protocol Error.)"""
@@ -1293,8 +1301,17 @@ def test_MQTT_3_8_3_5_reserved_option_bits(b: Broker, mqtt: Clients, uniq: Uniq)
     bits in the Payload are non-zero."""
     for options in (0x40, 0x80, 0xC1):
         send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", options)], version=V), MAL)
-    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 3)], version=V), MAL, PROTO)
-    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 0x30)], version=V), MAL, PROTO)
+    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 3)], version=V), PROTO)  # 3.8.3.1
+    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 0x30)], version=V), PROTO)  # 3.8.3.1
+
+
+def test_v5_3_8_3_1_maximum_qos_3_is_a_protocol_error(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
+    """3.8.3.1: "It is a Protocol Error if the Maximum QoS field has the value 3." (DISCONNECT
+    0x82; 3.1.1 calls it malformed [MQTT-3.8.3-4].) A SUBSCRIBE that does not parse further
+    on stays a Malformed Packet, whatever came before in it."""
+    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 3)], version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 0), ("c/d", 0x04 | 3)], version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.subscribe(1, [("a/b", 3), ("c/d", 0x80)], version=V), MAL)
 
 
 def test_MQTT_3_8_4_1_and_2_suback(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
@@ -1700,9 +1717,9 @@ def test_MQTT_4_7_2_1_dollar_topics(b: Broker, mqtt: Clients, uniq: Uniq) -> Non
 
 def test_MQTT_4_7_3_1_topics_at_least_one_character(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     """[MQTT-4.7.3-1] All Topic Names and Topic Filters MUST be at least one character long.
-    (An empty Topic Name without a Topic Alias: 0x82 / 0x90; an empty filter: Malformed
+    (An empty Topic Name without a Topic Alias: 0x82, 3.3.2.1; an empty filter: Malformed
     Packet.)"""
-    send_bad(mqtt, b, uniq, mb.publish("", b"x", version=V), PROTO, mb.RC_TOPIC_NAME_INVALID)
+    send_bad(mqtt, b, uniq, mb.publish("", b"x", version=V), PROTO)
     send_bad(mqtt, b, uniq, mb.subscribe(1, [("", 0)], version=V), MAL)
     send_bad(mqtt, b, uniq, mb.unsubscribe(1, [""], version=V), MAL)
 
@@ -1820,6 +1837,19 @@ def test_MQTT_4_13_2_1_disconnect_above_0x80_then_close(b: Broker, mqtt: Clients
     c.try_send(mb.publish("a/b", b"x", version=V, props=mb.prop_u16(mb.TOPIC_ALIAS, 0)))
     reason = disconnected(c, mb.RC_TOPIC_ALIAS_INVALID)
     assert reason is None or reason >= 0x80
+
+
+def test_v5_malformed_packet_wins_over_an_earlier_protocol_error(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
+    """1.2: a Protocol Error is "detected after the packet has been parsed"; a packet that
+    does not parse is a Malformed Packet (0x81) even when a Protocol Error comes before the
+    bytes that break it, and the same packets whole are Protocol Errors (0x82)."""
+    bad_prop = b"\x7f\x00"  # no property has identifier 0x7F
+    send_bad(mqtt, b, uniq, mb.publish("a/b", b"x", qos=1, pid=0, version=V, props=bad_prop), MAL)
+    send_bad(mqtt, b, uniq, mb.publish("a/b", b"x", qos=1, pid=0, version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.subscribe(0, [("a/b", 0), ("c", 0xC0)], version=V), MAL)
+    send_bad(mqtt, b, uniq, mb.subscribe(0, [("a/b", 0)], version=V), PROTO)
+    send_bad(mqtt, b, uniq, mb.disconnect(V, 0x05, bad_prop), MAL)
+    send_bad(mqtt, b, uniq, mb.disconnect(V, 0x05), PROTO)
 
 
 def test_v5_properties_not_valid_in_client_packets(b: Broker, mqtt: Clients, uniq: Uniq) -> None:

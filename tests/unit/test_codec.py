@@ -898,11 +898,15 @@ def test_subscribe_rules(version: int) -> None:
     pprops = b"\x00" if version == V5 else b""
     head = b"\x00\x01" + pprops
     assert reason_of(0x82, head, version) == PROTOCOL  # [MQTT-3.8.3-2] / 3.1.1 [MQTT-3.8.3-3]
-    assert reason_of(0x82, head + s("a") + b"\x03", version) == MALFORMED  # QoS 3
+    # QoS 3: 5.0 3.8.3.1 "It is a Protocol Error"; 3.1.1 [MQTT-3.8.3-4] malformed
+    assert reason_of(0x82, head + s("a") + b"\x03", version) == (PROTOCOL if version == V5 else MALFORMED)
+    # ... but a packet that does not parse further on is malformed, whatever came before
+    assert reason_of(0x82, head + s("a") + b"\x03" + s("b"), version) == MALFORMED
     assert reason_of(0x82, head + s("a") + b"\x01" + s("b") + b"\x43", version) == MALFORMED
     assert reason_of(0x82, head + s("a") + b"\x80", version) == MALFORMED  # reserved bits
     if version == V5:
         assert reason_of(0x82, head + s("a") + b"\x30", V5) == PROTOCOL  # retain handling 3
+        assert reason_of(0x82, head + s("a") + b"\x30" + s("b") + b"\x80", V5) == MALFORMED
         p = decode(0x82, head + s("a") + b"\x2e", V5)
         assert p == Subscribe(1, (Subscription("a", 2, True, True, 2),))
     else:
@@ -932,6 +936,34 @@ def test_unsubscribe_needs_a_filter(version: int) -> None:
 ])
 def test_v5_unknown_reason_codes(first: int, body: bytes) -> None:
     assert reason_of(first, body, V5) == PROTOCOL
+
+
+@pytest.mark.parametrize(("first", "body"), [
+    # each: a Protocol Error early in the packet, then bytes that do not parse (1.2: a Protocol
+    # Error is found in a packet that parses, so the packet is a Malformed Packet)
+    (0x32, s("a/b") + b"\x00\x00" + b"\x05\x26\x00"),  # PUBLISH packet identifier 0, bad property
+    (0x40, b"\x00\x01\x05\x02\x26"),  # PUBACK reason 0x05, truncated property
+    (0x40, b"\x00\x00\x00\x01"),  # PUBACK packet identifier 0, property length past the packet
+    (0x82, b"\x00\x00\x00" + s("a") + b"\x00" + s("b")),  # SUBSCRIBE id 0, options missing
+    (0xA2, b"\x00\x00\x00" + s("a") + b"\x00"),  # UNSUBSCRIBE id 0, truncated filter
+    (0xE0, b"\x05\x02\x11"),  # DISCONNECT reason 0x05, truncated property
+    (0xF0, b"\x01\x02\x15"),  # AUTH reason 0x01, truncated property
+    # CONNECT with Authentication Data but no Method, then a client identifier past the packet
+    (0x10, s("MQTT") + b"\x05\x02\x00\x3c" + b"\x04\x16\x00\x01x" + b"\x00\x09ab"),
+])
+def test_v5_malformed_wins_over_an_earlier_protocol_error(first: int, body: bytes) -> None:
+    assert reason_of(first, body, V5) == MALFORMED
+
+
+def test_v5_protocol_errors_of_whole_packets() -> None:
+    """The same Protocol Errors in packets that parse."""
+    assert reason_of(0x32, s("a/b") + b"\x00\x00\x00", V5) == PROTOCOL
+    assert reason_of(0x40, b"\x00\x00\x00\x00", V5) == PROTOCOL
+    assert reason_of(0x82, b"\x00\x00\x00" + s("a") + b"\x00", V5) == PROTOCOL
+    assert reason_of(0xA2, b"\x00\x00\x00" + s("a"), V5) == PROTOCOL
+    assert reason_of(0xE0, b"\x05\x00", V5) == PROTOCOL
+    assert reason_of(0xF0, b"\x01\x00", V5) == PROTOCOL
+    assert reason_of(0x10, s("MQTT") + b"\x05\x02\x00\x3c" + b"\x04\x16\x00\x01x" + s("c"), V5) == PROTOCOL
 
 
 def test_v311_suback_return_codes() -> None:
