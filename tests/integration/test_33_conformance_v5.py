@@ -1508,8 +1508,8 @@ def test_MQTT_3_14_1_1_disconnect_reserved_flags(b: Broker, mqtt: Clients, uniq:
     send_bad(mqtt, b, uniq, mb.fixed(mb.DISCONNECT, 1, b""), MAL)
 
 
-def test_MQTT_3_14_2_1_no_session_expiry_from_zero(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
-    """[MQTT-3.14.2-1] If the Session Expiry Interval in the CONNECT packet was zero, then it
+def test_v5_3_14_2_2_2_no_session_expiry_from_zero(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
+    """(3.14.2.2.2, no statement number) If the Session Expiry Interval in the CONNECT packet was zero, then it
     is a Protocol Error to set a non-zero Session Expiry Interval in the DISCONNECT packet
     sent by the Client."""
     c = client(mqtt, b, uniq)
