@@ -24,10 +24,11 @@ What it does not do: read environment variables, reload at runtime, create
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -205,52 +206,47 @@ class _BoolOrAuto:
         return 'true, false or "auto"'
 
 
+def _network(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError as exc:
+        raise _Invalid(f"{text!r} is not an IP address or network: {exc}") from None
+
+
+def _topic_filter(text: str) -> str:
+    from shardbroker.core.topics import validate_topic_filter
+    from shardbroker.protocol.errors import ProtocolError
+
+    try:
+        validate_topic_filter(text)
+    except ProtocolError as exc:
+        raise _Invalid(f"{text!r} is not a valid topic filter: {exc.message}") from None
+    return text
+
+
 @dataclass(frozen=True, slots=True)
-class _Networks:
-    """A list of IP addresses or CIDR networks (stored as a tuple of their normal forms)."""
+class _Listed:
+    """A list of strings, each checked (and put in its normal form) by ``item``; stored as a tuple."""
+
+    what: str
+    item: Callable[[str], str]  # raises _Invalid
 
     def check(self, value: object) -> object:
-        import ipaddress
-
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise _Invalid(f"must be a list of IP addresses or networks, got {_show(value)}")
-        out = []
-        for text in value:
-            try:
-                out.append(str(ipaddress.ip_network(text.strip(), strict=True)))
-            except ValueError as exc:
-                raise _Invalid(f"{text!r} is not an IP address or network: {exc}") from None
-        return tuple(out)
+            raise _Invalid(f"must be a list of {self.what}, got {_show(value)}")
+        return tuple(self.item(v) for v in value)
 
     def from_text(self, text: str) -> object:
         return [part.strip() for part in text.split(",") if part.strip()]
 
     def allowed(self) -> str:
-        return "list of IP addresses or CIDR networks"
+        return f"list of {self.what}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Filters:
-    """A list of MQTT topic filters (stored as a tuple)."""
-
-    def check(self, value: object) -> object:
-        from shardbroker.core.topics import validate_topic_filter
-        from shardbroker.protocol.errors import ProtocolError
-
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise _Invalid(f"must be a list of topic filters, got {_show(value)}")
-        for flt in value:
-            try:
-                validate_topic_filter(flt)
-            except ProtocolError as exc:
-                raise _Invalid(f"{flt!r} is not a valid topic filter: {exc.message}") from None
-        return tuple(value)
-
-    def from_text(self, text: str) -> object:
-        return [part.strip() for part in text.split(",") if part.strip()]
-
-    def allowed(self) -> str:
-        return "list of topic filters"
+_Filters = functools.partial(_Listed, "topic filters", _topic_filter)
+_Networks = functools.partial(_Listed, "IP addresses or CIDR networks", _network)
 
 
 def _setting(default: Any, doc: str, check: _Check) -> Any:
