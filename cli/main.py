@@ -25,6 +25,10 @@ try:
 except ImportError:  # pragma: no cover - store CLI not installed
     pass
 
+from shardbroker.cli.ctl import app as ctl_app
+
+app.add_typer(ctl_app, name="ctl")
+
 
 def _load(config: Path | None, overrides: dict[str, object]) -> Config:
     try:

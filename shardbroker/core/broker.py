@@ -472,8 +472,8 @@ class Broker:
         if self.commit.pending() or self.link.has_pending():
             self.wake()
 
-    def publish_stats(self) -> None:
-        """This shard's counters as ``$SYS/shardbroker/shard/N/<name>`` (QoS 0, not retained)."""
+    def counters(self) -> dict[str, int]:
+        """This shard's counters (since it started) and gauges (now), by name."""
         values = dict(self.stats)
         values.update(
             connections=len(self.sessions.clients), sessions=len(self.sessions),
@@ -481,5 +481,9 @@ class Broker:
             bus_sent=self.link.sent, bus_received=self.link.received,
             handover_pending=self.peers.outbox.pending_count(),
         )
-        for name, value in values.items():
+        return values
+
+    def publish_stats(self) -> None:
+        """This shard's counters as ``$SYS/shardbroker/shard/N/<name>`` (QoS 0, not retained)."""
+        for name, value in self.counters().items():
             self.peers.route(Message(f"$SYS/shardbroker/shard/{self.shard}/{name}", str(value).encode(), 0, False))

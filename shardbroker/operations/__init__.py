@@ -1,5 +1,2 @@
-"""Operations: metrics, the control socket, live admin.
-
-Empty so far; the shard's counters are published as ``$SYS`` topics by the core
-(``shardbroker.core.broker``) until metrics move here.
-"""
+"""Operations: the control channel (``control``), what a worker answers on it (``shard``), and
+what the supervisor answers ``shardbroker ctl`` with (``admin``)."""

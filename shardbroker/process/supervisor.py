@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 from shardbroker.config import Config
+from shardbroker.operations.admin import CONTROL_SOCKET, Admin
+from shardbroker.operations.control import ThreadServer
 from shardbroker.storage.lock import DataDirInUse, lock_data_dir
 
 DEFER_ACCEPT = 1  # seconds
@@ -79,6 +81,10 @@ class Supervisor:
         self._stop = False
         self._reload = False
         self.exit_code = 0
+
+    def request_reload(self) -> None:
+        """Reload at the next turn of the main loop (SIGHUP, ``ctl reload``)."""
+        self._reload = True
 
     def _lock_data_dir(self) -> int:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +219,8 @@ class Supervisor:
             log.info("listening on %s:%d (%s)", h, p, lst.type)
         for child in children:
             self._start(child, env)
+        control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), Admin(run_dir, self.shards, self.request_reload))
+        control.start()
         announced = False
         buf = b""
         try:
@@ -257,6 +265,7 @@ class Supervisor:
                     child.restarts += 1
                     self._start(child, env)
         finally:
+            control.close()
             self._shutdown(acceptor, workers)
             for sock in socks:
                 sock.close()

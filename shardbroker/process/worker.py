@@ -27,6 +27,9 @@ from pathlib import Path
 from shardbroker.config import Config
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
+from shardbroker.operations import control
+from shardbroker.operations.admin import shard_socket
+from shardbroker.operations.shard import ShardOps
 from shardbroker.peer.bus import Bus, endpoint
 from shardbroker.process.runtime import install_loop, ready
 from shardbroker.security.acl import AclFileError
@@ -198,6 +201,7 @@ class Worker:
         # out of the collector's scans, and collect young objects less often. Per-message
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
+        control_server = await control.serve(shard_socket(self.run_dir, self.shard_index), ShardOps(broker))
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
@@ -214,6 +218,7 @@ class Worker:
         log.info("shard %d shutting down: %d connections", self.shard_index, len(broker.sessions.clients))
         loop.remove_reader(listen.fileno())
         listen.close()
+        control_server.close()
         broker.shutdown(now())
         await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         poller.close()
