@@ -20,6 +20,10 @@ def shard_socket(run_dir: str, shard: int) -> str:
     return os.path.join(run_dir, f"ctl-{shard}.sock")
 
 
+def acceptor_socket(run_dir: str) -> str:
+    return os.path.join(run_dir, "ctl-acceptor.sock")
+
+
 class Admin:
     """The supervisor's operations. ``reload`` is called (from the control thread) to ask the
     supervisor for a reload, as SIGHUP does."""
@@ -47,8 +51,13 @@ class Admin:
         return {"shards": results, "missing": missing}
 
     def stats(self, request: Request) -> dict[str, Any]:
-        """Every shard's counters, and their totals over the shards that answered."""
+        """Every shard's counters, their totals over the shards that answered, and the
+        acceptor's counters (``acceptor``, None when it did not answer)."""
         out = self.ask_shards({"op": "stats"})
+        acceptor, why = gather({"acceptor": acceptor_socket(self.run_dir)}, {"op": "stats"})
+        out["acceptor"] = acceptor["acceptor"]["counters"] if acceptor else None
+        if why:
+            out["acceptor_missing"] = why["acceptor"]
         total: dict[str, int] = {}
         for result in out["shards"].values():
             for name, value in result["counters"].items():

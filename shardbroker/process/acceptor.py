@@ -593,6 +593,18 @@ class Acceptor:
         if self._loop is not None and not self._stopping:
             self._sweep_handle = self._loop.call_later(SWEEP, self._sweep)
 
+    def control(self, request: dict[str, object]) -> object:
+        """An operation asked on the acceptor's control socket (``RUN_DIR/ctl-acceptor.sock``)."""
+        if request["op"] == "stats":
+            counts = self.counts
+            return {"counters": {
+                "accepted": self.accepted, "handed_off": self.handed_off, "refused_rate": self.refused,
+                "refused_max_connections": counts.refused_total,
+                "refused_max_connections_per_address": counts.refused_address,
+                "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
+            }}
+        raise ValueError(f"unknown operation {request['op']!r}")
+
     def stop(self) -> None:
         self._stopping = True
         if self._loop is not None:
@@ -647,6 +659,8 @@ def _peername(sock: socket.socket) -> str:
 
 def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> None:
     """Process entry point: ``listen_fds`` in the order of ``config.effective_listeners``."""
+    from shardbroker.operations import control
+    from shardbroker.operations.admin import acceptor_socket
     from shardbroker.process.runtime import install_loop, ready
 
     install_loop()
@@ -658,12 +672,14 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
     async def main() -> None:
         loop = asyncio.get_running_loop()
         acceptor.start(loop)
+        control_server = await control.serve(acceptor_socket(run_dir), acceptor.control)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         ready("acceptor")
         await stop.wait()
         open_before = acceptor.counts.total
+        control_server.close()
         acceptor.stop()
         for listen, _lst, _ctx in listens:
             listen.close()
