@@ -382,7 +382,7 @@ class Broker:
     def _on_disconnect(self, client: Client, sess: Session, pkt: Disconnect) -> None:
         new_expiry = pkt.properties.session_expiry_interval
         if client.version == MQTT_5 and new_expiry is not None:
-            if sess.expiry_interval == 0 and new_expiry != 0:
+            if client.expiry_asked == 0 and new_expiry != 0:
                 # 3.14.2.2.2 "If the Session Expiry Interval in the CONNECT packet was zero, then it
                 # is a Protocol Error to set a non-zero Session Expiry Interval in the DISCONNECT"
                 # (not a valid DISCONNECT: the will is published).

@@ -87,6 +87,7 @@ class Client:
         "close_reason",
         "closing",
         "connected",
+        "expiry_asked",
         "gone",
         "identity",
         "keepalive",
@@ -119,6 +120,7 @@ class Client:
         self.close_reason: str | None = None  # close the transport after the next flush, and why
         self.gone = False  # the transport is closed
         self.keepalive = 0
+        self.expiry_asked = 0  # the Session Expiry Interval of its CONNECT (before the broker's cap)
         self.last_rx = mono
         self.last_ack = mono  # when it last acknowledged a QoS 1/2 message sent to it
         self.withheld: list[bytes] | None = None  # acknowledgements held back while it is held

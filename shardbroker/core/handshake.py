@@ -71,6 +71,7 @@ class Terms:
     client_id: str
     version: int
     expiry: int  # session expiry interval granted (capped by the broker)
+    asked: int  # the one the CONNECT asked for
     expiry_capped: bool  # the client asked for more: CONNACK says what it got
     keepalive: int
     server_keepalive: int | None  # set when the broker overrides the client's keepalive (5.0)
@@ -159,10 +160,10 @@ def negotiate(pkt: Connect, assigned_id: str | None, limits: LimitsConfig, acces
     if v5 and (keepalive > limits.max_keepalive or keepalive == 0):
         keepalive = server_keepalive = limits.max_keepalive
     if v5:
-        return Terms(assigned_id or pkt.client_id, version, capped, capped != expiry, keepalive, server_keepalive,
+        return Terms(assigned_id or pkt.client_id, version, capped, expiry, capped != expiry, keepalive, server_keepalive,
                      min(props.receive_maximum or 65535, limits.max_inflight), props.maximum_packet_size,
                      props.topic_alias_maximum or 0, props.request_problem_information != 0)
-    return Terms(assigned_id or pkt.client_id, version, capped, capped != expiry, keepalive, None,
+    return Terms(assigned_id or pkt.client_id, version, capped, expiry, capped != expiry, keepalive, None,
                  limits.max_inflight, None, 0, True)
 
 
@@ -418,6 +419,7 @@ class Handshake:
 
     def _accept(self, client: Client, pkt: Connect, terms: Terms, reply: AuthReply | None = None) -> None:
         client.keepalive = terms.keepalive
+        client.expiry_asked = terms.asked
         client.send_window = terms.send_window
         client.max_packet_out = terms.max_packet_out
         client.alias_max_out = terms.alias_max_out

@@ -1517,6 +1517,20 @@ def test_v5_3_14_2_2_2_no_session_expiry_from_zero(b: Broker, mqtt: Clients, uni
     disconnected(c, PROTO)
 
 
+def test_v5_3_14_2_2_2_judged_by_the_connect_not_by_the_cap(make_broker, mqtt: Clients, uniq: Uniq) -> None:
+    """(3.14.2.2.2) The rule is about the CONNECT's interval: a client that asked for 60 s, capped
+    to 0 by ``limits.max_session_expiry = 0``, may still send one on DISCONNECT; it is a normal
+    DISCONNECT (no Protocol Error, its will discarded)."""
+    nb = make_broker(config="[limits]\nmax_session_expiry = 0\n")
+    topic = uniq.topic()
+    s = sub(mqtt, nb, uniq, topic)
+    c = _will(nb, mqtt, uniq, topic, connect_props=SESSION_60)
+    c.try_send(mb.disconnect(V, 0, mb.prop_u32(mb.SESSION_EXPIRY_INTERVAL, 30)))
+    assert c.expect_closed(3)
+    assert not [p for p in c.before_close if p[0] == mb.DISCONNECT], c.before_close
+    quiet(s, 0.8)
+
+
 def test_MQTT_3_14_2_2_server_disconnect_without_session_expiry(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     """[MQTT-3.14.2-2] The Session Expiry Interval MUST NOT be sent on a DISCONNECT by the
     Server."""
