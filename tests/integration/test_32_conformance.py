@@ -145,9 +145,9 @@ def test_MQTT_2_3_1_1_packet_identifier_zero_closes(b: Broker, mqtt: Clients, un
 
 
 def test_MQTT_2_3_1_4_server_packet_identifiers_nonzero_and_unused(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
-    """[MQTT-2.3.1-4] The same conditions [MQTT-2.3.1-2, 2.3.1-3] apply to a Server when it
-    sends a PUBLISH with QoS > 0: each new one gets a currently unused, non-zero Packet
-    Identifier."""
+    """[MQTT-2.3.1-4] The same conditions apply to a Server when it sends a PUBLISH with QoS > 0
+    (those of [MQTT-2.3.1-2, 2.3.1-3]: each new one gets a currently unused, non-zero Packet
+    Identifier)."""
     topic = uniq.topic()
     s = sub(mqtt, b, uniq, topic, 2)
     p = mqtt(b, uniq.cid("p"), version=V)
@@ -287,7 +287,8 @@ def test_MQTT_3_1_2_6_clean_session_1_discards(b: Broker, mqtt: Clients, uniq: U
 
 def test_MQTT_3_1_2_7_retained_messages_outlive_the_session(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     """[MQTT-3.1.2-7] Retained messages do not form part of the Session state in the Server,
-    they MUST NOT be deleted when the Session ends."""
+    they MUST NOT be deleted when the Session ends. (The specification prints this number as
+    [MQTT-3.1.2.7].)"""
     topic = uniq.topic()
     p = mqtt(b, uniq.cid("p"), version=V)
     p.publish(topic, b"kept", qos=1, retain=True)
@@ -1039,7 +1040,7 @@ def test_MQTT_3_10_4_1_unsubscribe_compares_characters(b: Broker, mqtt: Clients,
     """[MQTT-3.10.4-1] The Topic Filters (whether they contain wildcards or not) supplied in
     an UNSUBSCRIBE packet MUST be compared character-by-character with the current set of
     Topic Filters held by the Server for the Client. If any filter matches exactly then its
-    owning Subscription is deleted."""
+    owning Subscription is deleted, otherwise no additional processing occurs."""
     base = uniq.topic()
     s = mqtt(b, uniq.cid("s"), version=V)
     s.subscribe([(base + "/x", 1), (base + "/+", 1)])
@@ -1053,8 +1054,8 @@ def test_MQTT_3_10_4_1_unsubscribe_compares_characters(b: Broker, mqtt: Clients,
 
 
 def test_MQTT_3_10_4_2_no_new_messages_after_unsubscribe(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
-    """[MQTT-3.10.4-2] The Server MUST stop adding any new messages for delivery to the
-    Client."""
+    """[MQTT-3.10.4-2] If a Server deletes a Subscription: It MUST stop adding any new messages
+    for delivery to the Client."""
     topic = uniq.topic()
     s = sub(mqtt, b, uniq, topic)
     s.unsubscribe([topic])
@@ -1063,8 +1064,8 @@ def test_MQTT_3_10_4_2_no_new_messages_after_unsubscribe(b: Broker, mqtt: Client
 
 
 def test_MQTT_3_10_4_3_inflight_delivery_completed(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
-    """[MQTT-3.10.4-3] The Server MUST complete the delivery of any QoS 1 or QoS 2 messages
-    which it has started to send to the Client."""
+    """[MQTT-3.10.4-3] If a Server deletes a Subscription: It MUST complete the delivery of any
+    QoS 1 or QoS 2 messages which it has started to send to the Client."""
     topic = uniq.topic()
     s = sub(mqtt, b, uniq, topic, 2)
     mqtt(b, uniq.cid("p"), version=V).publish(topic, b"inflight", qos=2)
@@ -1212,11 +1213,11 @@ def test_MQTT_4_3_3_1_qos2_sender(b: Broker, mqtt: Clients, uniq: Uniq) -> None:
     Identifier when it has a new Application Message to publish; MUST send a PUBLISH packet
     containing this Packet Identifier with QoS=2, DUP=0; MUST treat the PUBLISH packet as
     "unacknowledged" until it has received the corresponding PUBREC packet from the receiver;
-    MUST send a PUBREL packet when it receives a PUBREC packet from the receiver, containing
-    the same Packet Identifier as the original PUBLISH packet; MUST treat the PUBREL packet as
-    "unacknowledged" until it has received the corresponding PUBCOMP packet from the
-    receiver; MUST NOT re-send the PUBLISH once it has sent the corresponding PUBREL
-    packet."""
+    MUST send a PUBREL packet when it receives a PUBREC packet from the receiver. This PUBREL
+    packet MUST contain the same Packet Identifier as the original PUBLISH packet; MUST treat
+    the PUBREL packet as "unacknowledged" until it has received the corresponding PUBCOMP
+    packet from the receiver; MUST NOT re-send the PUBLISH once it has sent the corresponding
+    PUBREL packet."""
     cid, topic = uniq.cid("r"), uniq.topic()
     c = mqtt(b, cid, version=V, clean=False)
     c.subscribe(topic, 2)
