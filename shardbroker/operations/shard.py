@@ -23,7 +23,12 @@ from shardbroker.core.clock import Now
 from shardbroker.core.session import Session, Subscribed
 from shardbroker.core.topics import matches, parse_shared
 from shardbroker.operations.control import Request
-from shardbroker.operations.select import RETAINED_LIMIT, checked_filter, preview, subscription_selector
+from shardbroker.operations.select import (
+    RETAINED_LIMIT,
+    checked_filter,
+    preview,
+    subscription_selector,
+)
 
 
 def _clock() -> Now:
