@@ -70,6 +70,7 @@ def report_missing(result: dict[str, Any]) -> None:
 
 
 VERSIONS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
+NEVER = 0xFFFFFFFF  # a session expiry interval that does not expire
 
 
 def printable(text: object) -> str:
@@ -145,7 +146,8 @@ def client(
                  ("bytes in", view["bytes_in"]), ("bytes out", view["bytes_out"])]
     else:
         rows += [("disconnected at", when(view["disconnected_at"])), ("expires at", when(view["expires_at"]))]
-    rows += [("session expiry", view["expiry_interval"]), ("inflight", view["inflight"]),
+    expiry = view["expiry_interval"]
+    rows += [("session expiry", "never" if expiry >= NEVER else f"{expiry} s"), ("inflight", view["inflight"]),
              ("queued", view["queued"]), ("queued bytes", view["queued_bytes"]), ("will", view["will"]),
              ("subscriptions", view["subscriptions"])]
     _table_of(["key", "value"], rows)

@@ -26,7 +26,8 @@ WORKERS = 4
 @pytest.fixture(scope="module")
 def b4(make_module_broker) -> Broker:
     skip_unless_shardbroker()
-    return make_module_broker(workers=WORKERS, name="ctl-broker")
+    # strict_utf8 off: client IDs and usernames may hold control characters, which tables escape
+    return make_module_broker(workers=WORKERS, name="ctl-broker", config="[limits]\nstrict_utf8 = false\n")
 
 
 def ctl(broker_or_dir: Broker | os.PathLike[str] | str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -122,6 +123,21 @@ def test_offline_session_and_unknown_client(b4, mqtt, uniq):
     unknown = ctl(b4, "client", "nobody-" + uniq.cid())
     assert unknown.returncode == 1
     assert unknown.stderr.count("\n") == 1 and unknown.stderr.startswith("error: no client")
+
+
+def test_tables_escape_control_characters_clients_sent(b4, mqtt, uniq):
+    prefix = uniq.prefix("esc")
+    cid = f"{prefix}\x1b[31mred"
+    mqtt(b4, cid, version=5, username="u\x07")
+    table = ctl(b4, "clients", f"{prefix}*")
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "\x07" not in table.stdout
+    assert f"{prefix}\\x1b[31mred" in table.stdout and "u\\x07" in table.stdout
+    assert ctl_json(b4, "clients", f"{prefix}*")["clients"][0]["client_id"] == cid  # JSON: as it was sent
+    detail = ctl(b4, "client", cid)
+    assert detail.returncode == 0 and "\x1b" not in detail.stdout and "\\x1b[31mred" in detail.stdout
+    unknown = ctl(b4, "kick", f"{prefix}\x1b[2Jgone")
+    assert unknown.returncode == 1 and "\x1b" not in unknown.stderr and "\\x1b[2J" in unknown.stderr
 
 
 def _disconnect_then_closed(c: mb.RawClient) -> mb.Disconnect:
