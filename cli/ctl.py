@@ -161,7 +161,8 @@ def kick(
     client_id: Annotated[str, typer.Argument(metavar="ID", help="the client ID")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Disconnect a client (5.0: DISCONNECT 0x98 Administrative action); its will is published."""
+    """Disconnect a client (5.0: DISCONNECT 0x98 Administrative action); its will is published
+    (after its Will Delay Interval)."""
     result = ask({"op": "kick", "client_id": client_id})
     if as_json:
         emit_json(result)
@@ -183,7 +184,7 @@ def _subscription_table(rows: list[dict[str, Any]], with_client: bool = True) ->
 @app.command()
 def subscriptions(
     topic_filter: Annotated[str | None, typer.Argument(
-        metavar="[FILTER]", help="an MQTT filter that covers the subscriptions shown, or a glob on them")] = None,
+        metavar="FILTER", help="an MQTT filter that covers the subscriptions shown, or a glob on them")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Subscriptions of every session (online and offline), by filter."""
@@ -211,11 +212,13 @@ def routes(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def retained(
-    topic_filter: Annotated[str, typer.Argument(metavar="[FILTER]", help="an MQTT topic filter")] = "#",
-    limit: Annotated[int, typer.Option(min=1, help="show at most this many")] = RETAINED_LIMIT,
+    topic_filter: Annotated[str, typer.Argument(metavar="FILTER", help="an MQTT topic filter")] = "#",
+    limit: Annotated[int, typer.Option(help="show at most this many")] = RETAINED_LIMIT,
     as_json: JsonOpt = False,
 ) -> None:
     """Retained messages whose topic the filter matches, by topic."""
+    if limit < 1:
+        _fail(f"--limit: at least 1, got {limit}")
     result = ask({"op": "retained", "filter": topic_filter, "limit": limit})
     if as_json:
         emit_json(result)

@@ -260,6 +260,8 @@ def test_retained_agrees_with_retained_publishes(b4, mqtt, uniq):
     table = ctl(b4, "retained", f"{base}/#", "--limit", "2")
     assert table.returncode == 0 and "there are more" in table.stderr
     assert "\x1b" not in table.stdout and "\\x1b[2J" in table.stdout
+    zero = ctl(b4, "retained", "--limit", "0")
+    assert zero.returncode == 2 and zero.stderr == "error: --limit: at least 1, got 0\n"
 
 
 def test_stats_counts_qos1_publishes(b4, mqtt, uniq):
