@@ -373,6 +373,19 @@ class Broker:
         self.sessions.detach(client, publish_will=will)
         self.output.close(client, text)
 
+    def kick(self, client_id: str, now: Now) -> Client | None:
+        """An administrator ends a client's connection (``shardbroker ctl kick``): a server-side
+        disconnect (5.0: DISCONNECT 0x98 Administrative action), so its will is published as
+        the spec says for one (after its Will Delay Interval). The client, or None when no
+        connection of that client ID is up."""
+        self.time.set(now)
+        sess = self.sessions.get(client_id)
+        client = sess.client if sess is not None else None
+        if client is None or client.closing:
+            return None
+        self.close(client, reasons.ADMINISTRATIVE_ACTION, "disconnected by an administrator")
+        return client
+
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)
 

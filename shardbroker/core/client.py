@@ -40,6 +40,11 @@ class Transport(Protocol):
         ...
 
     @property
+    def bytes_received(self) -> int:
+        """Bytes read from the client so far (for ``shardbroker ctl client``)."""
+        ...
+
+    @property
     def identity(self) -> str | None:
         """The identity in the client's TLS certificate when its listener makes it the
         username (``use_identity_as_username``), else None."""
@@ -87,6 +92,7 @@ class Client:
         "close_reason",
         "closing",
         "connected",
+        "connected_at",
         "expiry_asked",
         "gone",
         "identity",
@@ -103,6 +109,7 @@ class Client:
         "session",
         "transport",
         "unacked_in",
+        "username",
         "version",
         "withheld",
     )
@@ -116,6 +123,8 @@ class Client:
         self.client_id = ""
         self.session: Session | None = None
         self.connected = False  # CONNACK sent
+        self.connected_at: float | None = None  # wall clock when the CONNACK was sent
+        self.username: str | None = None  # the username it connected with (a certificate's identity included)
         self.closing = False  # no more input is handled, nothing new is sent
         self.close_reason: str | None = None  # close the transport after the next flush, and why
         self.gone = False  # the transport is closed

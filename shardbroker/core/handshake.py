@@ -439,6 +439,8 @@ class Handshake:
             return
         self.output.send(client, connack)
         client.connected = True
+        client.connected_at = self.time.wall
+        client.username = pkt.username
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
                       terms.client_id, client.peer, terms.version, self.shard, present)

@@ -119,6 +119,24 @@ class RouteTable:
                     out[f"{SHARE_PREFIX}{group}/{flt}"] = durable
         return out
 
+    def holders(self) -> dict[str, dict[int, bool]]:
+        """Every key, with the shards that hold it and whether it is durable there (a snapshot,
+        for ``shardbroker ctl routes``)."""
+        out: dict[str, dict[int, bool]] = {}
+        for key, mask in self._plain.items():
+            shards: dict[int, bool] = {}
+            shard = 0
+            while mask:
+                if mask & 1:
+                    shards[shard] = bool(mask & 2)
+                mask >>= 2
+                shard += 1
+            out[key] = shards
+        for flt in self._shared.filters():
+            for (group, shard), durable in (self._shared.get(flt) or {}).items():
+                out.setdefault(f"{SHARE_PREFIX}{group}/{flt}", {})[shard] = durable
+        return out
+
     def shards_for_group(self, group: str, flt: str) -> list[int]:
         entries = self._shared.get(flt) or {}
         return sorted(s for (g, s) in entries if g == group)

@@ -1,8 +1,16 @@
 """What the supervisor answers on ``DATA_DIR/control.sock`` (``shardbroker ctl``).
 
-Most answers gather from every worker at once (``control.gather``): the answer carries
-``shards`` (shard number → that shard's result) and ``missing`` (shard number → why it gave
-none), so a shard that does not answer in time is named, never hidden.
+Three ways to ask the workers:
+
+- every shard at once (``control.gather``): ``stats``, ``clients``, ``subscriptions``,
+  ``routes``; the lists are merged and sorted;
+- the shard that owns a client ID (``sharding.shard_for``): ``client``, ``kick``;
+- one live shard, the next when one does not answer: ``retained`` (the retained store is
+  shared by every worker).
+
+Every answer carries ``missing`` (shard number → why it gave no answer), so a shard that
+does not answer in time is named, never hidden. Selections are checked here, before any
+shard is asked, so a bad one is an error of the request rather than of every shard.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shardbroker.operations.control import Request, gather
+from shardbroker.operations.select import RETAINED_LIMIT, checked_filter, subscription_selector
+from shardbroker.sharding import shard_for
 
 CONTROL_SOCKET = "control.sock"  # in the data directory: ``shardbroker ctl`` finds the broker by it
 
@@ -35,6 +45,12 @@ class Admin:
         self._ops: dict[str, Callable[[Request], Any]] = {
             "stats": self.stats,
             "reload": self.reload,
+            "clients": self.clients,
+            "client": self.client,
+            "kick": self.kick,
+            "subscriptions": self.subscriptions,
+            "routes": self.routes,
+            "retained": self.retained,
         }
 
     def __call__(self, request: Request) -> Any:
@@ -68,3 +84,87 @@ class Admin:
     def reload(self, request: Request) -> dict[str, Any]:
         self._reload()
         return {"reloading": True}
+
+    def _merged(self, request: Request, key: str, order: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        """The ``key`` lists of every shard's answer, as one list in ``order``."""
+        out = self.ask_shards(request)
+        rows = [row for result in out.pop("shards").values() for row in result[key]]
+        rows.sort(key=order)
+        return {key: rows, "missing": out["missing"]}
+
+    def clients(self, request: Request) -> dict[str, Any]:
+        """Connected clients of every shard (``pattern``: a glob on the client ID), by client ID."""
+        pattern = request.get("pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError("'pattern' is a string")
+        return self._merged({"op": "clients", "pattern": pattern}, "clients", lambda c: c["client_id"])
+
+    def _owner(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """Send ``request`` (which names a client ID) to the shard that owns the client."""
+        client_id = request.get("client_id")
+        if not isinstance(client_id, str):
+            raise TypeError("'client_id' is a string")
+        owner = shard_for(client_id, self.shards)
+        out = self.ask_shards({"op": request["op"], "client_id": client_id}, [owner])
+        return owner, out
+
+    def client(self, request: Request) -> dict[str, Any]:
+        """One client in detail, from the shard that owns it; ``client`` None when unknown."""
+        owner, out = self._owner(request)
+        result = out["shards"].get(str(owner))
+        return {"shard": owner, "client": result["client"] if result else None, "missing": out["missing"]}
+
+    def kick(self, request: Request) -> dict[str, Any]:
+        """Disconnect a client on the shard that owns it; ``kicked`` False when not connected."""
+        owner, out = self._owner(request)
+        result = out["shards"].get(str(owner)) or {"kicked": False, "version": None}
+        return {"shard": owner, "client_id": request["client_id"], "kicked": result["kicked"],
+                "version": result["version"], "missing": out["missing"]}
+
+    def subscriptions(self, request: Request) -> dict[str, Any]:
+        """Subscriptions of every shard's sessions (``filter``: a selection, see ``select``), by
+        filter, then client ID."""
+        selection = request.get("filter")
+        if selection is not None and not isinstance(selection, str):
+            raise TypeError("'filter' is a string")
+        subscription_selector(selection)  # a bad filter: an error of the request
+        return self._merged({"op": "subscriptions", "filter": selection}, "subscriptions",
+                            lambda s: (s["filter"], s["client_id"]))
+
+    def routes(self, request: Request) -> dict[str, Any]:
+        """The route table: each key with the shards that hold it (and where it is durable), as
+        the shards that answered know it (each keeps a full copy), and each one's count."""
+        out = self.ask_shards({"op": "routes"})
+        holders: dict[str, dict[int, bool]] = {}
+        counts: dict[str, int] = {}
+        for shard, result in out["shards"].items():
+            counts[shard] = result["count"]
+            for key, shards in result["routes"].items():
+                seen = holders.setdefault(key, {})
+                for s, durable in shards.items():
+                    seen[int(s)] = seen.get(int(s), False) or durable
+        routes = [{"filter": key, "shards": sorted(seen), "durable": sorted(s for s, d in seen.items() if d)}
+                  for key, seen in sorted(holders.items())]
+        return {"routes": routes, "count": len(routes), "counts": counts, "missing": out["missing"]}
+
+    def retained(self, request: Request) -> dict[str, Any]:
+        """Retained messages (``filter``, ``limit``) from the first shard that answers; those
+        asked before it are under ``skipped``, and under ``missing`` only when none answered."""
+        flt = request.get("filter") or "#"
+        if not isinstance(flt, str):
+            raise TypeError("'filter' is a string")
+        limit = request.get("limit", RETAINED_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError("the limit is a positive integer")
+        checked_filter(flt)
+        ask = {"op": "retained", "filter": flt, "limit": limit}
+        skipped: dict[str, str] = {}
+        for shard in range(self.shards):
+            out = self.ask_shards(ask, [shard])
+            result = out["shards"].get(str(shard))
+            if result is not None:
+                result["skipped"] = skipped
+                result["missing"] = {}
+                return dict(result)
+            skipped[str(shard)] = out["missing"][str(shard)]
+        return {"retained": [], "truncated": False, "skipped": {}, "missing": skipped}

@@ -1,24 +1,62 @@
 """What a worker answers on its control socket (``RUN_DIR/ctl-N.sock``), on its event loop.
 
-Each operation reads the shard's ``Broker`` between two events; none blocks.
+Each operation reads the shard's ``Broker`` between two events; none blocks, and only
+``kick`` changes anything (through the broker's own server-side disconnect). Answers are
+plain JSON values: strings as the clients sent them (the CLI escapes control characters
+for its tables), times as wall-clock seconds, payloads as their size and a short preview
+made of printable ASCII only.
+
+A client pattern is a glob on the client ID (``fnmatch``, case-sensitive); topic selections
+are described in ``select``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 from typing import Any
 
 from shardbroker.core.broker import Broker
+from shardbroker.core.client import Client
+from shardbroker.core.clock import Now
+from shardbroker.core.session import Session, Subscribed
+from shardbroker.core.topics import matches, parse_shared
 from shardbroker.operations.control import Request
+from shardbroker.operations.select import (
+    RETAINED_LIMIT,
+    checked_filter,
+    preview,
+    subscription_selector,
+)
+
+
+def _clock() -> Now:
+    return Now(time.time(), time.monotonic())
+
+
+def subscription_view(sub: Subscribed) -> dict[str, Any]:
+    return {
+        "client_id": sub.client_id, "filter": sub.topic_filter, "qos": sub.qos, "no_local": sub.no_local,
+        "retain_as_published": sub.retain_as_published, "retain_handling": sub.retain_handling,
+        "subscription_id": sub.subscription_id,
+    }
 
 
 class ShardOps:
-    """The operations of one shard, by name."""
+    """The operations of one shard, by name. ``clock`` gives the time of a change (``kick``)."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock) -> None:
         self.broker = broker
+        self.clock = clock
         self._ops: dict[str, Callable[[Request], Any]] = {
             "stats": self.stats,
+            "clients": self.clients,
+            "client": self.client,
+            "kick": self.kick,
+            "subscriptions": self.subscriptions,
+            "routes": self.routes,
+            "retained": self.retained,
         }
 
     def __call__(self, request: Request) -> Any:
@@ -29,3 +67,119 @@ class ShardOps:
 
     def stats(self, request: Request) -> dict[str, Any]:
         return {"shard": self.broker.shard, "counters": self.broker.counters()}
+
+    # ---- clients
+
+    def _listener_name(self, index: int) -> str | int:
+        names = self.broker.handshake.listener_names
+        return names[index] if index < len(names) else index
+
+    def client_view(self, client: Client, sess: Session) -> dict[str, Any]:
+        """A connected client as ``ctl clients`` lists it."""
+        transport = client.transport
+        return {
+            "client_id": sess.client_id, "state": "online", "shard": self.broker.shard,
+            "address": client.peer, "version": client.version, "keepalive": client.keepalive,
+            "connected_at": client.connected_at, "inflight": len(sess.inflight), "queued": sess.queued(),
+            "subscriptions": len(sess.subscriptions or ()), "bytes_in": transport.bytes_received,
+            "bytes_out": transport.bytes_sent, "username": client.username,
+            "listener": self._listener_name(transport.listener),
+        }
+
+    def _connected(self) -> Iterator[tuple[Client, Session]]:
+        for client in list(self.broker.sessions.clients):
+            sess = client.session
+            if sess is not None and client.connected:
+                yield client, sess
+
+    def clients(self, request: Request) -> dict[str, Any]:
+        """Connected clients, those whose client ID matches the glob ``pattern`` when given."""
+        pattern = request.get("pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError("'pattern' is a string")
+        return {"shard": self.broker.shard, "clients": [
+            self.client_view(client, sess) for client, sess in self._connected()
+            if pattern is None or fnmatchcase(sess.client_id, pattern)]}
+
+    def client(self, request: Request) -> dict[str, Any]:
+        """One client in detail (with its subscriptions), connected or an offline session;
+        ``client`` is None when this shard has neither."""
+        client_id = _client_id(request)
+        sess = self.broker.sessions.get(client_id)
+        if sess is None:
+            return {"shard": self.broker.shard, "client": None}
+        client = sess.client
+        if client is not None and client.connected:
+            view = self.client_view(client, sess)
+        else:
+            view = {"client_id": client_id, "state": "offline", "shard": self.broker.shard,
+                    "version": sess.version, "inflight": len(sess.inflight), "queued": sess.queued(),
+                    "subscriptions": len(sess.subscriptions or ()), "disconnected_at": sess.disconnected_at}
+        view.update(
+            expiry_interval=sess.expiry_interval, expires_at=sess.expires_at(), persistent=sess.persistent,
+            queued_bytes=sess.queued_bytes, will=sess.will.topic if sess.will is not None else None,
+            will_due=sess.will_due,
+            subscription_list=sorted((subscription_view(s) for s in (sess.subscriptions or {}).values()),
+                                     key=lambda v: str(v["filter"])),
+        )
+        return {"shard": self.broker.shard, "client": view}
+
+    def kick(self, request: Request) -> dict[str, Any]:
+        """Disconnect a connected client (``Broker.kick``); ``kicked`` False when it is not connected."""
+        client_id = _client_id(request)
+        client = self.broker.kick(client_id, self.clock())
+        return {"shard": self.broker.shard, "client_id": client_id, "kicked": client is not None,
+                "version": client.version if client is not None else None}
+
+    # ---- subscriptions and routes
+
+    def subscriptions(self, request: Request) -> dict[str, Any]:
+        """Every subscription of this shard's sessions (online and offline) the selection keeps."""
+        selection = request.get("filter")
+        if selection is not None and not isinstance(selection, str):
+            raise TypeError("'filter' is a string")
+        selected = subscription_selector(selection)
+        rows = [subscription_view(sub) for sess in list(self.broker.sessions.sessions.values())
+                for sub in (sess.subscriptions or {}).values() if selected(sub.topic_filter)]
+        return {"shard": self.broker.shard, "subscriptions": rows}
+
+    def routes(self, request: Request) -> dict[str, Any]:
+        """This shard's copy of the route table: key -> {shard: durable there}."""
+        table = self.broker.peers.routes.holders()
+        return {"shard": self.broker.shard, "count": len(table),
+                "routes": {key: {str(s): d for s, d in shards.items()} for key, shards in table.items()}}
+
+    # ---- retained messages (one store shared by every shard: the supervisor asks one)
+
+    def retained(self, request: Request) -> dict[str, Any]:
+        """Retained messages whose topic ``filter`` matches (default ``#``), in topic order, at
+        most ``limit``; ``truncated`` says there were more."""
+        flt = request.get("filter") or "#"
+        limit = request.get("limit", RETAINED_LIMIT)
+        if not isinstance(flt, str):
+            raise TypeError("'filter' is a string")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError("'limit' is a positive integer")
+        if parse_shared(checked_filter(flt)) is not None:
+            raise ValueError("retained messages are selected by a plain topic filter, not a shared one")
+        cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
+        wall = self.clock().wall
+        rows: list[dict[str, Any]] = []
+        truncated = False
+        for topic, smsg in self.broker.subscriptions.retained.scan(flt[:cut]):
+            if not matches(flt, topic) or (smsg.expires_at is not None and wall >= smsg.expires_at):
+                continue
+            if len(rows) == limit:
+                truncated = True
+                break
+            rows.append({"topic": topic, "qos": smsg.qos, "size": len(smsg.payload),
+                         "preview": preview(smsg.payload), "expires_at": smsg.expires_at})
+        rows.sort(key=lambda r: str(r["topic"]))
+        return {"shard": self.broker.shard, "retained": rows, "truncated": truncated, "limit": limit}
+
+
+def _client_id(request: Request) -> str:
+    client_id = request.get("client_id")
+    if not isinstance(client_id, str):
+        raise TypeError("'client_id' is a string")
+    return client_id

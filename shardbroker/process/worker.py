@@ -201,7 +201,7 @@ class Worker:
         # out of the collector's scans, and collect young objects less often. Per-message
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
-        control_server = await control.serve(shard_socket(self.run_dir, self.shard_index), ShardOps(broker))
+        control_server = await control.serve(shard_socket(self.run_dir, self.shard_index), ShardOps(broker, now))
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)

@@ -146,8 +146,8 @@ class CloseNotice(Protocol):
 class TcpConnection:
     __slots__ = (
         "_backed_up", "_broker", "_client", "_close_after", "_close_timer", "_closed", "_handoff", "_initial",
-        "_lingering", "_loop", "_notice", "_peer", "_poller", "_reading", "_wbuf", "_writing", "bytes_sent", "fd",
-        "sock",
+        "_lingering", "_loop", "_notice", "_peer", "_poller", "_reading", "_wbuf", "_writing", "bytes_received",
+        "bytes_sent", "fd", "sock",
     )
 
     identity: str | None = None  # a certificate's identity, for ``RelayedConnection``
@@ -165,7 +165,8 @@ class TcpConnection:
         self._client: Client | None = None
         self._close_after = False
         self._wbuf: bytearray | None = None  # what the kernel has not taken yet (None: nothing)
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # taken by the kernel (one add per ``send``)
+        self.bytes_received = len(initial)  # the acceptor's read included (one add per ``recv``)
         self._reading = False
         self._writing = False
         self._backed_up = False
@@ -211,7 +212,9 @@ class TcpConnection:
             return
         if not data:
             self._hung_up()
-        elif not self._lingering:
+            return
+        self.bytes_received += len(data)
+        if not self._lingering:
             assert self._broker is not None and self._client is not None
             self._broker.received(self._client, data, _now())
 

@@ -86,6 +86,7 @@ class FakeTransport:
         self.peer = f"fake:{name}"
         self.written = bytearray()
         self.bytes_sent = 0
+        self.bytes_received = 0
         self.closed = False
         self.aborted = False
         self.close_reason: str | None = None
