@@ -163,6 +163,8 @@ class Worker:
         holder: list[Broker] = []
         bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
                   lambda: holder[0].wake())
+        metrics = ShardMetrics(self.store, self.retained, bus)
+        self.store.on_commit = metrics.committed  # from the first commit on (the restore's)
         verifier = ThreadVerifier(loop)
         broker = Broker(self.config, self.shard_index, self.shards, self.store, self.retained, bus,
                         LoopScheduler(loop), now(), policy=self.policy, verifier=verifier)
@@ -201,8 +203,6 @@ class Worker:
         # out of the collector's scans, and collect young objects less often. Per-message
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
-        metrics = ShardMetrics(self.store, self.retained, bus)
-        self.store.on_commit = metrics.committed
         control_server = await control.serve(shard_socket(self.run_dir, self.shard_index),
                                              ShardOps(broker, metrics, now))
         gc.collect()
