@@ -54,17 +54,18 @@ class LoadAverage:
 
     def __init__(self) -> None:
         self.value = {window: 0.0 for window in LOAD_WINDOWS}
-        self._last: float | None = None  # the counter at the last update
+        self._last: tuple[float, float] | None = None  # (the counter, the time) at the last update
 
-    def update(self, counter: float, elapsed: float) -> dict[str, float]:
-        """The averages after ``counter`` was reached ``elapsed`` seconds after the last update
-        (the first update only takes the counter as its starting point)."""
-        if self._last is not None and elapsed > 0:
-            per_minute = (counter - self._last) * 60.0 / elapsed
+    def update(self, counter: float, now: float) -> dict[str, float]:
+        """The averages once ``counter`` is reached at ``now`` (seconds, monotonic); the first
+        update only takes the counter as its starting point."""
+        if self._last is not None and now > self._last[1]:
+            elapsed = now - self._last[1]
+            per_minute = (counter - self._last[0]) * 60.0 / elapsed
             for window, seconds in LOAD_WINDOWS.items():
                 damping = math.exp(-elapsed / seconds)
                 self.value[window] = per_minute + damping * (self.value[window] - per_minute)
-        self._last = counter
+        self._last = (counter, now)
         return dict(self.value)
 
 
@@ -98,7 +99,6 @@ class SysTree:
         self.maximum = 0  # most clients connected at once, as seen at the rounds
         self._carry = Carry()
         self._loads = {topic: LoadAverage() for topic in LOAD_SOURCES}
-        self._updated: float | None = None
         self._published: dict[str, str] = {}
 
     def values(self, got: Gathered, now: float) -> dict[str, str] | None:
@@ -137,12 +137,10 @@ class SysTree:
             "store/messages/count": gauge("queued") + gauge("inflight"),
             "store/messages/bytes": gauge("queued_bytes") + gauge("inflight_bytes"),
         }
-        elapsed = 0.0 if self._updated is None else now - self._updated
-        self._updated = now
         for topic, source in LOAD_SOURCES.items():
             if source.startswith("acceptor.") and "acceptor" not in counters:
-                continue
-            for window, value in self._loads[topic].update(total(source), elapsed).items():
+                continue  # and its average waits for the acceptor's next answer
+            for window, value in self._loads[topic].update(total(source), now).items():
                 out[f"load/{topic}/{window}"] = f"{value:.2f}"
         return {f"$SYS/broker/{topic}": str(value) for topic, value in out.items()}
 

@@ -19,9 +19,9 @@ def test_load_average_of_a_steady_rate_approaches_it_like_mosquitto() -> None:
     load = LoadAverage()
     load.update(0, 0.0)  # the starting point
     counter = 0
-    for _ in range(60):  # one minute, 10 messages a second, an update a second
+    for second in range(1, 61):  # one minute, 10 messages a second, an update a second
         counter += 10
-        values = load.update(counter, 1.0)
+        values = load.update(counter, float(second))
     rate = 600.0  # per minute
     for window, seconds in (("1min", 60.0), ("5min", 300.0), ("15min", 900.0)):
         # the closed form of new = rate + exp(-dt/T) * (old - rate), from 0, after 60 s
@@ -33,7 +33,7 @@ def test_load_average_decays_when_idle() -> None:
     load = LoadAverage()
     load.update(0, 0.0)
     before = load.update(600, 60.0)  # 600 in one minute
-    after = load.update(600, 60.0)  # then nothing for a minute
+    after = load.update(600, 120.0)  # then nothing for a minute
     for window, seconds in (("1min", 60.0), ("5min", 300.0), ("15min", 900.0)):
         assert after[window] == pytest.approx(before[window] * math.exp(-60.0 / seconds))
 
@@ -43,7 +43,7 @@ def test_load_average_follows_the_interval_length() -> None:
     a, b = LoadAverage(), LoadAverage()
     a.update(0, 0.0)
     b.update(0, 0.0)
-    fast, slow = a.update(10, 10.0), b.update(10, 20.0)
+    fast, slow = a.update(10, 10.0), b.update(10, 20.0)  # both began at 0
     assert fast["1min"] == pytest.approx(60 * (1 - math.exp(-10 / 60)))
     assert slow["1min"] == pytest.approx(30 * (1 - math.exp(-20 / 60)))
 
