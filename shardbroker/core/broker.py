@@ -478,7 +478,8 @@ class Broker:
         """This shard's counters (since it started) and gauges (now), by name.
 
         The queue, in-flight and subscription gauges are summed over the sessions at each call
-        (a few milliseconds for 100,000 sessions), so that no handler pays to keep them."""
+        (about 16 ms for 100,000 idle sessions on 2 cores, once per ``$SYS`` round and per
+        scrape), so that no handler pays to keep them."""
         values = dict(self.stats)
         queued = queued_bytes = inflight = inflight_bytes = subscriptions = offline = 0
         for sess in self.sessions.sessions.values():
