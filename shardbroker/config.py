@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "LimitsConfig",
+    "MetricsConfig",
     "ServerConfig",
     "StorageConfig",
     "config_table",
@@ -270,7 +271,7 @@ class ServerConfig:
         5.0, "seconds for an orderly shutdown before processes are killed", _Float(0.0, 3600.0)
     )
     sys_interval: float = _setting(
-        10.0, "seconds between $SYS/shardbroker/... statistics publishes; 0 turns them off",
+        10.0, "seconds between $SYS statistics publishes ($SYS/broker/... and $SYS/shardbroker/...); 0 turns them off",
         _Float(0.0, 86400.0),
     )
 
@@ -483,6 +484,15 @@ WS_PATH = "/mqtt"
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics and health checks over HTTP, served by the supervisor."""
+
+    enabled: bool = _setting(False, "serve /metrics, /healthz and /readyz over HTTP", _Bool())
+    host: str = _setting("127.0.0.1", "address the metrics endpoint listens on (loopback by default)", _Text())
+    port: int = _setting(9883, "TCP port of the metrics endpoint; 0 picks a free port (logged)", _Int(0, 65535))
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One ``[[listener]]`` table: where clients connect, and over what."""
 
@@ -591,6 +601,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     acl: AclConfig = field(default_factory=AclConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     listeners: tuple[ListenerConfig, ...] = ()  # none: one mqtt listener on server.host:server.port
 
     @property
@@ -623,13 +634,14 @@ class ListenerAuth:
     acl_file: str
 
 
-_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig
+_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig | MetricsConfig
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
     "limits": LimitsConfig,
     "storage": StorageConfig,
     "acl": AclConfig,
     "auth": AuthConfig,
+    "metrics": MetricsConfig,
 }
 """TOML section name -> dataclass, in file order (the same names as ``Config``'s fields)."""
 
@@ -763,7 +775,7 @@ def _check(name: str, value: object) -> object:
         raise ConfigError(name, str(e)) from None
 
 
-_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig, AuthConfig)
+_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig, AuthConfig, MetricsConfig)
 
 
 def _build(cls: type[_S], section: str, values: Mapping[str, object]) -> _S:
@@ -817,5 +829,6 @@ def load_config(
         storage=_build(StorageConfig, "storage", values),
         acl=_build(AclConfig, "acl", values),
         auth=_build(AuthConfig, "auth", values),
+        metrics=_build(MetricsConfig, "metrics", values),
         listeners=listeners,
     )

@@ -673,12 +673,15 @@ class ShardStore:
         "_saved_msg_id",
         "_saved_seq",
         "data_dir",
+        "on_commit",
         "shard",
         "shards",
     )
 
     def __init__(self, env: _Env, data_dir: Path, shard: int, shards: int) -> None:
         self._env = env
+        # Told (seconds, operations) after each successful batch commit: the worker's metrics.
+        self.on_commit: Callable[[float, int], None] | None = None
         self.data_dir = data_dir
         self.shard = shard
         self.shards = shards
@@ -974,6 +977,10 @@ class ShardStore:
     def fill(self) -> float:
         """How full the store is, as a fraction of ``max_map_size`` (see ``_Env.fill``)."""
         return self._env.fill()
+
+    def sizes(self) -> dict[str, int]:
+        """``map_size``, ``used_bytes`` (pages up to the last one used) and ``file_bytes``."""
+        return self._env.sizes()
 
     def map_at_max(self) -> bool:
         """Whether the map can no longer grow (then every commit may be the one that fills it)."""
@@ -1334,7 +1341,10 @@ class ShardStore:
 
             return committed
 
+        started = time.perf_counter()
         env.write(apply)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(ops))
 
     def _holder(self, txn: lmdb.Transaction[bytes], msg_id: int) -> tuple[bool, bytes] | None:
         """(queue row?, key) of the row holding ``msg_id``, found by reading every row.

@@ -107,6 +107,8 @@ class Broker:
             "dropped_too_large": 0, "expired": 0, "protocol_errors": 0, "commits": 0, "commit_ops": 0,
             "backlogs": 0, "holds": 0, "slow_subscribers": 0, "dropped_not_authorized": 0,
             "subscriptions_refused": 0, "publish_rate_holds": 0, "auth_failures": 0,
+            "received_qos0": 0, "received_qos1": 0, "received_qos2": 0, "received_bytes": 0,
+            "delivered_qos0": 0, "delivered_qos1": 0, "delivered_qos2": 0, "delivered_bytes": 0,
         }
         if policy is None:
             settings = config.listeners_auth()
@@ -486,15 +488,44 @@ class Broker:
             self.wake()
 
     def counters(self) -> dict[str, int]:
-        """This shard's counters (since it started) and gauges (now), by name."""
+        """This shard's counters (since it started) and gauges (now), by name.
+
+        The queue, in-flight and subscription gauges are summed over the sessions at each call
+        (about 16 ms for 100,000 idle sessions on 2 cores, once per ``$SYS`` round and per
+        scrape), so that no handler pays to keep them."""
         values = dict(self.stats)
+        queued = queued_bytes = inflight = inflight_bytes = subscriptions = offline = 0
+        for sess in self.sessions.sessions.values():
+            if sess.queue:
+                queued += len(sess.queue)
+                queued_bytes += sess.queued_bytes
+            if sess.inflight:
+                inflight += len(sess.inflight)
+                inflight_bytes += sum(len(out.message.payload) for out in sess.inflight.values()
+                                      if out.message is not None)
+            if sess.subscriptions:
+                subscriptions += len(sess.subscriptions)
+            if sess.client is None:
+                offline += 1
         values.update(
-            connections=len(self.sessions.clients), sessions=len(self.sessions),
-            filters=self.subscriptions.route_count(), store_full=int(self.commit.store_full),
+            connections=len(self.sessions.clients), sessions=len(self.sessions), sessions_offline=offline,
+            subscriptions=subscriptions, queued=queued, queued_bytes=queued_bytes, inflight=inflight,
+            inflight_bytes=inflight_bytes, filters=self.subscriptions.route_count(),
+            routes=self.peers.routes.size(), store_full=int(self.commit.store_full),
             bus_sent=self.link.sent, bus_received=self.link.received,
-            handover_pending=self.peers.outbox.pending_count(),
+            handover_pending=self.peers.outbox.pending_count(), synced_peers=len(self.peers.synced),
         )
         return values
+
+    def publish_sys(self, values: dict[str, str], retain: bool, now: Now) -> None:
+        """Publish broker-wide ``$SYS`` values (``topic -> payload``) from this shard, QoS 0,
+        retained or not: the supervisor gathers them over the shards and picks one to publish."""
+        self.time.set(now)
+        for topic, payload in values.items():
+            if not topic.startswith("$SYS/"):
+                raise ValueError(f"not a $SYS topic: {topic!r}")
+            self.peers.route(Message(topic, payload.encode(), 0, retain))
+        self.wake()
 
     def publish_stats(self) -> None:
         """This shard's counters as ``$SYS/shardbroker/shard/N/<name>`` (QoS 0, not retained)."""

@@ -44,6 +44,8 @@ from shardbroker.storage.records import InflightRecord, StoredMessage
 
 log = logging.getLogger("shardbroker.delivery")
 
+DELIVERED_BY_QOS = ("delivered_qos0", "delivered_qos1", "delivered_qos2")  # counter names in ``stats``
+
 
 class Delivery:
     """Outbound delivery to the sessions of one shard."""
@@ -87,7 +89,7 @@ class Delivery:
                 data = self._publish_bytes(client, msg, 0, retain, None, False, sub_ids)
                 if data is not None:
                     self.output.send(client, data)
-                    self.stats["delivered"] += 1
+                    self._sent(0, msg)
         elif sess.queue or len(sess.inflight) >= client.send_window:
             self._enqueue(sess, msg, qos, retain, sub_ids, group, sess.slow)
         else:
@@ -120,7 +122,14 @@ class Delivery:
         data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
             self.output.send(client, data)
-            self.stats["delivered"] += 1
+            self._sent(qos, msg)
+
+    def _sent(self, qos: int, msg: Message) -> None:
+        """A copy of ``msg`` goes to a subscriber (resends are not counted again)."""
+        stats = self.stats
+        stats["delivered"] += 1
+        stats[DELIVERED_BY_QOS[qos]] += 1
+        stats["delivered_bytes"] += len(msg.payload)  # payload bytes, as Mosquitto's publish/bytes/sent
 
     def _fits(self, client: Client, msg: Message, qos: int, sub_ids: tuple[int, ...]) -> bool:
         """Whether the PUBLISH (without a topic alias, so an upper bound) fits the client's maximum."""
@@ -201,6 +210,7 @@ class Delivery:
                 data = self._publish_bytes(client, q.message, 0, q.retain, None, False, q.sub_ids)
                 if data is not None:
                     self.output.send(client, data)
+                    self._sent(0, q.message)
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()

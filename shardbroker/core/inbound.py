@@ -41,6 +41,7 @@ from shardbroker.protocol.packets import (
 log = logging.getLogger("shardbroker.inbound")
 
 VALID_TOPICS_KEPT = 10000  # topic names remembered as valid (forgotten all at once when full)
+RECEIVED_BY_QOS = ("received_qos0", "received_qos1", "received_qos2")  # counter names in ``stats``
 RATE_PATIENCE = 10.0  # seconds a client may keep publishing over its rate before it is disconnected
 
 
@@ -111,7 +112,10 @@ class Inbound:
                 client.unacked_in += 1
             if client.unacked_in + len(sess.qos2_in or ()) + (qos == 2) > self.limits.receive_maximum:
                 raise ProtocolError(reasons.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
-        self.stats["received"] += 1
+        stats = self.stats
+        stats["received"] += 1
+        stats[RECEIVED_BY_QOS[qos]] += 1
+        stats["received_bytes"] += len(pkt.payload)  # payload bytes, as Mosquitto's publish/bytes/received
         code = reasons.SUCCESS
         if props.payload_format_indicator == 1 and not is_utf8(pkt.payload):
             if qos == 0:

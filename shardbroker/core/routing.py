@@ -109,6 +109,10 @@ class RouteTable:
         for key, durable in keys.items():
             self.add(shard, key, durable)
 
+    def size(self) -> int:
+        """Distinct filters in the table (plain keys, and the filters of shared subscriptions)."""
+        return len(self._plain) + len(self._shared)
+
     def keys(self, shard: int) -> dict[str, bool]:
         """Every key of ``shard``, with its durable flag."""
         present = 1 << (2 * shard)

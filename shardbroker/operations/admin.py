@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from shardbroker.operations.control import Request, gather
+from shardbroker.operations.control import TIMEOUT, Request, gather
 from shardbroker.operations.select import RETAINED_LIMIT, checked_filter, subscription_selector
 from shardbroker.sharding import shard_for
 
@@ -32,6 +33,28 @@ def shard_socket(run_dir: str, shard: int) -> str:
 
 def acceptor_socket(run_dir: str) -> str:
     return os.path.join(run_dir, "ctl-acceptor.sock")
+
+
+ACCEPTOR = "acceptor"
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """The ``stats`` answers of one round: ``shards`` (shard number as text → answer),
+    ``missing`` (→ why none came), the acceptor's answer or why it gave none."""
+
+    shards: dict[str, Any]
+    missing: dict[str, str]
+    acceptor: dict[str, Any] | None
+    acceptor_missing: str | None
+
+    def total(self) -> dict[str, int]:
+        """The shards' ``counters`` summed over those that answered."""
+        total: dict[str, int] = {}
+        for result in self.shards.values():
+            for name, value in result["counters"].items():
+                total[name] = total.get(name, 0) + value
+        return total
 
 
 class Admin:
@@ -66,19 +89,24 @@ class Admin:
         results, missing = gather({str(i): shard_socket(self.run_dir, i) for i in wanted}, request)
         return {"shards": results, "missing": missing}
 
+    def gather_stats(self, timeout: float = TIMEOUT) -> Gathered:
+        """Every shard's and the acceptor's ``stats`` answer, asked all at once."""
+        paths = {str(i): shard_socket(self.run_dir, i) for i in range(self.shards)}
+        paths[ACCEPTOR] = acceptor_socket(self.run_dir)
+        results, missing = gather(paths, {"op": "stats"}, timeout)
+        acceptor = results.pop(ACCEPTOR, None)
+        acceptor_missing = missing.pop(ACCEPTOR, None)
+        return Gathered(results, missing, acceptor, acceptor_missing)
+
     def stats(self, request: Request) -> dict[str, Any]:
         """Every shard's counters, their totals over the shards that answered, and the
         acceptor's counters (``acceptor``, None when it did not answer)."""
-        out = self.ask_shards({"op": "stats"})
-        acceptor, why = gather({"acceptor": acceptor_socket(self.run_dir)}, {"op": "stats"})
-        out["acceptor"] = acceptor["acceptor"]["counters"] if acceptor else None
-        if why:
-            out["acceptor_missing"] = why["acceptor"]
-        total: dict[str, int] = {}
-        for result in out["shards"].values():
-            for name, value in result["counters"].items():
-                total[name] = total.get(name, 0) + value
-        out["total"] = total
+        got = self.gather_stats()
+        out: dict[str, Any] = {"shards": got.shards, "missing": got.missing,
+                               "acceptor": got.acceptor["counters"] if got.acceptor else None}
+        if got.acceptor_missing is not None:
+            out["acceptor_missing"] = got.acceptor_missing
+        out["total"] = got.total()
         return out
 
     def reload(self, request: Request) -> dict[str, Any]:

@@ -1,13 +1,22 @@
 """What a worker answers on its control socket (``RUN_DIR/ctl-N.sock``), on its event loop.
 
-Each operation reads the shard's ``Broker`` between two events; none blocks, and only
-``kick`` changes anything (through the broker's own server-side disconnect). Answers are
+Each operation reads the shard's ``Broker`` between two events; none blocks. Only
+``kick`` (through the broker's own server-side disconnect) and ``publish_sys`` change anything. Answers are
 plain JSON values: strings as the clients sent them (the CLI escapes control characters
 for its tables), times as wall-clock seconds, payloads as their size and a short preview
 made of printable ASCII only.
 
 A client pattern is a glob on the client ID (``fnmatch``, case-sensitive); topic selections
 are described in ``select``.
+
+Besides the operations of ``ctl``:
+
+- ``stats``: the broker's counters and gauges (``counters``, integers; the supervisor sums
+  them over the shards for ``ctl stats``), values that are not to be summed (``values``:
+  seconds held, the store's fill, the retained count of the store all shards share), the
+  worker's histograms (``histograms``, see ``histogram.Histogram.snapshot``) and whether the
+  shard is ready (``ready``: routes synced with every peer, store writable).
+- ``publish_sys``: publish the broker-wide ``$SYS`` values the supervisor computed.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Protocol
 
 from shardbroker.core.broker import Broker
 from shardbroker.core.client import Client
@@ -23,6 +32,7 @@ from shardbroker.core.clock import Now
 from shardbroker.core.session import Session, Subscribed
 from shardbroker.core.topics import matches, parse_shared
 from shardbroker.operations.control import Request
+from shardbroker.operations.histogram import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from shardbroker.operations.select import (
     RETAINED_LIMIT,
     checked_filter,
@@ -35,6 +45,37 @@ def _clock() -> Now:
     return Now(time.time(), time.monotonic())
 
 
+class _Store(Protocol):
+    def sizes(self) -> dict[str, int]: ...
+    def fill(self) -> float: ...
+
+
+class _Retained(Protocol):
+    def count(self) -> int: ...
+
+
+class _Bus(Protocol):
+    waited: int
+
+    def backlog(self) -> int: ...
+
+
+class ShardMetrics:
+    """What the worker's shell measures around the broker: the store's commits (told by
+    ``ShardStore.on_commit``), the store's size, the bus's backlog."""
+
+    def __init__(self, store: _Store, retained: _Retained, bus: _Bus) -> None:
+        self.store = store
+        self.retained = retained
+        self.bus = bus
+        self.commit_seconds = Histogram(LATENCY_BOUNDS)
+        self.commit_ops = Histogram(BATCH_BOUNDS)
+
+    def committed(self, seconds: float, ops: int) -> None:
+        self.commit_seconds.observe(seconds)
+        self.commit_ops.observe(ops)
+
+
 def subscription_view(sub: Subscribed) -> dict[str, Any]:
     return {
         "client_id": sub.client_id, "filter": sub.topic_filter, "qos": sub.qos, "no_local": sub.no_local,
@@ -44,13 +85,17 @@ def subscription_view(sub: Subscribed) -> dict[str, Any]:
 
 
 class ShardOps:
-    """The operations of one shard, by name. ``clock`` gives the time of a change (``kick``)."""
+    """The operations of one shard, by name. ``clock`` reads the time (the worker's);
+    ``metrics`` is what the worker's shell measures (None without one: ``stats`` then answers
+    the broker's own counters only)."""
 
-    def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock) -> None:
+    def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock, metrics: ShardMetrics | None = None) -> None:
         self.broker = broker
         self.clock = clock
+        self.metrics = metrics
         self._ops: dict[str, Callable[[Request], Any]] = {
             "stats": self.stats,
+            "publish_sys": self.publish_sys,
             "clients": self.clients,
             "client": self.client,
             "kick": self.kick,
@@ -66,7 +111,39 @@ class ShardOps:
         return op(request)
 
     def stats(self, request: Request) -> dict[str, Any]:
-        return {"shard": self.broker.shard, "counters": self.broker.counters()}
+        broker, metrics = self.broker, self.metrics
+        counters = broker.counters()
+        if metrics is None:
+            return {"shard": broker.shard, "counters": counters}
+        sizes = metrics.store.sizes()
+        counters.update(
+            bus_backlog=metrics.bus.backlog(), bus_waited=metrics.bus.waited, flow_holds=broker.flow.holds,
+            store_used_bytes=sizes["used_bytes"], store_map_bytes=sizes["map_size"],
+        )
+        unsynced = sorted(set(range(broker.shards)) - broker.synced - {broker.shard})
+        return {
+            "shard": broker.shard,
+            "counters": counters,
+            "values": {
+                "flow_held_seconds": broker.flow.held_for,
+                "store_fill": metrics.store.fill(),
+                "retained": metrics.retained.count(),
+            },
+            "histograms": {
+                "commit_seconds": metrics.commit_seconds.snapshot(),
+                "commit_ops": metrics.commit_ops.snapshot(),
+            },
+            "ready": {"unsynced": unsynced, "store_writable": not broker.commit.store_full},
+        }
+
+    def publish_sys(self, request: Request) -> dict[str, Any]:
+        """``{"values": {topic: payload}, "retain": bool}``: publish them from this shard."""
+        values = request.get("values")
+        if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in values.items()):
+            raise ValueError("publish_sys needs 'values': an object of topic -> text")
+        self.broker.publish_sys(values, bool(request.get("retain")), self.clock())
+        return {"published": len(values)}
 
     # ---- clients
 

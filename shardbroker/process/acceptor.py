@@ -42,6 +42,7 @@ import time
 import uuid
 
 from shardbroker.config import Config, ListenerConfig
+from shardbroker.operations.histogram import LATENCY_BOUNDS, Histogram
 from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
 from shardbroker.protocol import codec, reactions, reasons
 from shardbroker.protocol.errors import ProtocolError
@@ -65,8 +66,8 @@ ACCEPT_BATCH = 256  # connections accepted per readiness callback
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("address", "counted", "data", "deadline", "framer", "identity", "index", "listener", "peer",
-                 "reader", "shaken", "sock", "trusted", "watched", "writing")
+    __slots__ = ("address", "counted", "data", "deadline", "first_at", "framer", "identity", "index", "listener",
+                 "peer", "reader", "shaken", "sock", "trusted", "watched", "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
                  listener: ListenerConfig | None = None, framer: WsFramer | None = None,
@@ -75,6 +76,7 @@ class _Pending:
         self.deadline = deadline
         self.reader = reader
         self.data = bytearray()  # the MQTT bytes read so far
+        self.first_at = 0.0  # monotonic time the first MQTT bytes were read (hand-off latency)
         self.watched = False
         self.listener = listener  # set for the connections that are relayed (TLS, WebSocket)
         self.framer = framer  # ws, wss
@@ -123,6 +125,8 @@ class Acceptor:
         self.accepted = 0
         self.handed_off = 0
         self.refused = 0  # closed by limits.max_connection_rate
+        # from the first byte of a CONNECT read to its hand-off sent to the worker
+        self.handoff_seconds = Histogram(LATENCY_BOUNDS)
         self._rate_second = 0
         self._rate_counts: dict[str, int] = {}
         self.counts = ConnectionCounts(config.limits.max_connections, config.limits.max_connections_per_address)
@@ -211,6 +215,9 @@ class Acceptor:
                 link = self._handoff(shard, batch)
                 if link is not None:
                     self.handed_off += len(chunk)
+                    sent = time.monotonic()
+                    for p, _cid, _v in chunk:
+                        self.handoff_seconds.observe(sent - p.first_at)
                     for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
                         p.counted = False  # from now on by the link: until the worker says it closed
                         link.handed.handed(p.address)
@@ -453,6 +460,8 @@ class Acceptor:
                 p.framer.request = None  # its headers are read: not kept for the life of the relay
             if not chunk:
                 return False
+        if not p.data:
+            p.first_at = time.monotonic()
         p.data += chunk
         if p.data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
             log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _who(p), p.data[0])
@@ -602,7 +611,7 @@ class Acceptor:
                 "refused_max_connections": counts.refused_total,
                 "refused_max_connections_per_address": counts.refused_address,
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
-            }}
+            }, "histograms": {"handoff_seconds": self.handoff_seconds.snapshot()}}
         raise ValueError(f"unknown operation {request['op']!r}")
 
     def stop(self) -> None:

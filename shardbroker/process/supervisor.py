@@ -36,6 +36,8 @@ from pathlib import Path
 from shardbroker.config import Config
 from shardbroker.operations.admin import CONTROL_SOCKET, Admin
 from shardbroker.operations.control import ThreadServer
+from shardbroker.operations.metrics import MetricsServer
+from shardbroker.operations.sys_tree import SysPublisher
 from shardbroker.storage.lock import DataDirInUse, lock_data_dir
 
 DEFER_ACCEPT = 1  # seconds
@@ -188,6 +190,9 @@ class Supervisor:
         socks = [self._bind(lst.host, lst.port) for lst in listeners]
         host, port = socks[0].getsockname()[:2]
         run_dir = self._run_dir()
+        admin = Admin(run_dir, self.shards, self.request_reload)
+        metrics = (MetricsServer(self.config.metrics.host, self.config.metrics.port, admin)
+                   if self.config.metrics.enabled else None)
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         env = dict(os.environ)
@@ -219,8 +224,13 @@ class Supervisor:
             log.info("listening on %s:%d (%s)", h, p, lst.type)
         for child in children:
             self._start(child, env)
-        control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), Admin(run_dir, self.shards, self.request_reload))
+        control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), admin)
         control.start()
+        if metrics is not None:
+            metrics.start()
+        sys_tree = SysPublisher(admin, self.config.server.sys_interval) if self.config.server.sys_interval else None
+        if sys_tree is not None:
+            sys_tree.start()
         announced = False
         buf = b""
         try:
@@ -265,6 +275,10 @@ class Supervisor:
                     child.restarts += 1
                     self._start(child, env)
         finally:
+            if sys_tree is not None:
+                sys_tree.close()
+            if metrics is not None:
+                metrics.close()
             control.close()
             self._shutdown(acceptor, workers)
             for sock in socks:

@@ -29,7 +29,7 @@ from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
-from shardbroker.operations.shard import ShardOps
+from shardbroker.operations.shard import ShardMetrics, ShardOps
 from shardbroker.peer.bus import Bus, endpoint
 from shardbroker.process.runtime import install_loop, ready
 from shardbroker.security.acl import AclFileError
@@ -163,6 +163,8 @@ class Worker:
         holder: list[Broker] = []
         bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
                   lambda: holder[0].wake())
+        metrics = ShardMetrics(self.store, self.retained, bus)
+        self.store.on_commit = metrics.committed  # from the first commit on (the restore's)
         verifier = ThreadVerifier(loop)
         broker = Broker(self.config, self.shard_index, self.shards, self.store, self.retained, bus,
                         LoopScheduler(loop), now(), policy=self.policy, verifier=verifier)
@@ -201,7 +203,8 @@ class Worker:
         # out of the collector's scans, and collect young objects less often. Per-message
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
-        control_server = await control.serve(shard_socket(self.run_dir, self.shard_index), ShardOps(broker, now))
+        control_server = await control.serve(shard_socket(self.run_dir, self.shard_index),
+                                             ShardOps(broker, now, metrics))
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)

@@ -64,6 +64,9 @@ EXPECTED_DEFAULTS = {
     "auth.acl_file": "",
     "auth.max_failures": 10,
     "auth.ban_time": 60.0,
+    "metrics.enabled": False,
+    "metrics.host": "127.0.0.1",
+    "metrics.port": 9883,
 }
 
 
@@ -483,3 +486,12 @@ def test_bad_listener_is_a_config_error_naming_it(tmp_path: Path, table: str, er
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "[[listener]]\n" + table + "\n"))
     assert error in str(info.value)
+
+
+def test_metrics_section(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[metrics]\nenabled = true\nhost = "::1"\nport = 0\n'))
+    assert (config.metrics.enabled, config.metrics.host, config.metrics.port) == (True, "::1", 0)
+    assert str(error_of(tmp_path, "[metrics]\nport = 70000\n")) == (
+        "metrics.port: must be an integer between 0 and 65535, got 70000")
+    assert str(error_of(tmp_path, '[metrics]\nenabled = "yes"\n')) == (
+        "metrics.enabled: must be true or false, got 'yes'")

@@ -97,3 +97,18 @@ def test_plain_index_one_subscriber_then_many_then_one() -> None:
     assert idx.count("a/+") == 1
     idx.remove("a/+", "b")
     assert idx.count("a/+") == 0 and idx.match("a/b") == [] and len(idx) == 0 and idx.filters() == []
+
+
+def test_size_counts_distinct_filters() -> None:
+    rt = RouteTable()
+    assert rt.size() == 0
+    rt.add(0, "a/b")
+    rt.add(1, "a/b", durable=True)  # the same filter for another shard: one entry
+    rt.add(0, "a/+")
+    rt.add(1, "$share/g/x/#")
+    rt.add(2, "$share/h/x/#")  # another group, the same filter
+    assert rt.size() == 3
+    rt.remove(0, "a/b")
+    assert rt.size() == 3
+    rt.remove(1, "a/b")
+    assert rt.size() == 2
