@@ -71,3 +71,18 @@ def stats(as_json: JsonOpt = False) -> None:
         _table(["counter", "total", *(f"shard {s}" for s in shards)],
                ([n, result["total"][n], *(result["shards"][s]["counters"].get(n) for s in shards)] for n in names))
     report_missing(result)
+
+
+@app.command()
+def reload(as_json: JsonOpt = False) -> None:
+    """Read the configuration file again and apply what can change live (as SIGHUP does)."""
+    result = ask({"op": "reload"})
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo("applied: " + (", ".join(result["changed"]) or "nothing (no live setting changed)"))
+        if result["restart_needed"]:
+            typer.echo("needs a restart: " + ", ".join(result["restart_needed"]))
+        if result.get("acceptor_missing"):
+            typer.echo(f"warning: the acceptor did not answer: {result['acceptor_missing']}", err=True)
+    report_missing(result)
