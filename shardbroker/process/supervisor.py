@@ -87,6 +87,19 @@ class Child:
         self.ready = False
 
 
+def _security_problem(config: Config) -> str | None:
+    """Why the password and ACL files ``config`` names do not load (read now), or None."""
+    from shardbroker.security.acl import AclFileError
+    from shardbroker.security.auth import load_policies
+    from shardbroker.security.passwords import PasswordFileError
+
+    try:
+        load_policies(config)
+    except (PasswordFileError, AclFileError) as exc:
+        return str(exc)
+    return None
+
+
 class ReloadError(ValueError):
     """A reload that changed nothing: the configuration or a file it names does not load."""
 
@@ -137,12 +150,10 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, the previous configuration stays in force: %s", exc)
             raise ReloadError(f"reload failed, the previous configuration stays in force: {exc}") from None
-        try:
-            self._check_security(new)
-        except SystemExit as exc:
-            text = str(exc.code).removeprefix("shardbroker: ")
-            log.error("reload failed, the previous password and ACL files stay in force: %s", text)
-            raise ReloadError(f"reload failed, the previous password and ACL files stay in force: {text}") from None
+        problem = _security_problem(new)
+        if problem is not None:
+            log.error("reload failed, the previous password and ACL files stay in force: %s", problem)
+            raise ReloadError(f"reload failed, the previous password and ACL files stay in force: {problem}")
         step = reload.plan(self.config, new)
         self.config = step.config
         child_config = self._child_config(step.config)
@@ -216,18 +227,12 @@ class Supervisor:
                 f"{self.shards}; start with --workers {existing} or use another data directory"
             )
 
-    def _check_security(self, config: Config) -> None:
-        """Read the password and ACL files once before any child starts (and before a reload):
-        a missing or broken one is a one-line error and exit status 2, not a worker that keeps
-        failing."""
-        from shardbroker.security.acl import AclFileError
-        from shardbroker.security.auth import load_policies
-        from shardbroker.security.passwords import PasswordFileError
-
-        try:
-            load_policies(config)
-        except (PasswordFileError, AclFileError) as exc:
-            raise SystemExit(f"shardbroker: {exc}") from None
+    def _check_security(self) -> None:
+        """Read the password and ACL files once before any child starts: a missing or broken
+        one is a one-line error and exit status 2, not a worker that keeps failing."""
+        problem = _security_problem(self.config)
+        if problem is not None:
+            raise SystemExit(f"shardbroker: {problem}")
 
     def _check_tls(self) -> None:
         """Load every mqtts listener's certificate and key once before any child starts."""
@@ -257,7 +262,7 @@ class Supervisor:
             log.info("open files limit raised from %d to %d", soft, want)
 
     def run(self) -> int:
-        self._check_security(self.config)
+        self._check_security()
         self._check_tls()
         self._raise_file_limit()
         lock_fd = self._lock_data_dir()
