@@ -253,14 +253,14 @@ def stats(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def reload(as_json: JsonOpt = False) -> None:
-    """Ask the broker to reload (as SIGHUP does) and show its answer."""
+    """Read the configuration file again and apply what can change live (as SIGHUP does)."""
     result = ask({"op": "reload"})
     if as_json:
         emit_json(result)
-    elif isinstance(result, dict):
-        _table_of(["key", "value"], sorted((k, v if isinstance(v, int) else json.dumps(v) if not isinstance(
-            v, str) else v) for k, v in result.items()))
     else:
-        typer.echo(printable(json.dumps(result)))
-    if isinstance(result, dict):
-        report_missing(result)
+        typer.echo("applied: " + (", ".join(result["changed"]) or "nothing (no live setting changed)"))
+        if result["restart_needed"]:
+            typer.echo("needs a restart: " + ", ".join(result["restart_needed"]))
+        if result.get("acceptor_missing"):
+            typer.echo(f"warning: the acceptor did not answer: {result['acceptor_missing']}", err=True)
+    report_missing(result)

@@ -48,18 +48,20 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error [server.log_level]")] = None,
     durability: Annotated[str | None, typer.Option(help="fsync or no-fsync [storage.durability]")] = None,
 ) -> None:
-    """Run the broker until SIGTERM or Ctrl-C."""
-    cfg = _load(config, {
+    """Run the broker until SIGTERM or Ctrl-C; SIGHUP reloads the configuration."""
+    overrides: dict[str, object] = {
         "server.host": host, "server.port": port, "server.workers": workers,
         "server.data_dir": str(data_dir) if data_dir is not None else None,
         "server.log_level": log_level, "storage.durability": durability,
-    })
+    }
+    cfg = _load(config, overrides)
     from shardbroker.process.runtime import setup_logging
     from shardbroker.process.supervisor import Supervisor
 
     setup_logging(cfg.server.log_level)
     try:
-        code = Supervisor(cfg).run()
+        # a reload reads the same file again, with the same flags on top
+        code = Supervisor(cfg, config.absolute() if config is not None else None, overrides).run()
     except SystemExit as exc:
         if isinstance(exc.code, str):
             typer.echo(exc.code, err=True)

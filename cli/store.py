@@ -593,3 +593,35 @@ def reshard(
         typer.echo(f"the old shards are kept in {result.old_dir}; delete that directory once "
                    f"the broker runs well with {plan.new_shards} workers")
     typer.echo(f"start the broker with --workers {plan.new_shards}")
+
+
+# --------------------------------------------------------------------------- backup
+
+
+@app.command()
+def backup(
+    dest: Annotated[Path, typer.Argument(help="new (or empty) directory for the copy")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Copy every environment into DEST while the broker runs (LMDB's consistent hot copy,
+    compacted); ``serve --data-dir DEST`` starts from the copy."""
+    from shardbroker.storage.lmdb_store import copy_together
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        _fail(f"{dest}: exists and is not an empty directory")
+    started = time.monotonic()
+    with _open(data_dir) as stores:
+        if stores.missing:
+            _fail(f"{data_dir}: {', '.join(stores.missing)} missing: not backed up")
+        copies: list[tuple[ShardStore | RetainedStore, Path]] = [
+            (s, dest / shard_dir_name(s.shard)) for s in stores.shards]
+        if stores.retained is not None:
+            copies.append((stores.retained, dest / "retained"))
+        try:
+            copy_together(copies)
+        except StoreError as exc:
+            _fail(str(exc))
+        rows = [[path.name, _size((store.path / "data.mdb").stat().st_size),
+                 _size((path / "data.mdb").stat().st_size)] for store, path in copies]
+    _table(["ENV", "SIZE", "COPY"], rows)
+    typer.echo(f"backup of {data_dir} written to {dest} in {time.monotonic() - started:.1f}s")

@@ -29,14 +29,19 @@ def is_sys(topic: str) -> bool:
 
 class AccessRules:
     def __init__(self, deny_publish: Iterable[str] = (), deny_subscribe: Iterable[str] = ()) -> None:
-        self._deny_publish: TopicTrie[int, None] = TopicTrie()
-        self._deny_subscribe: TopicTrie[int, None] = TopicTrie()
+        self.set_rules(deny_publish, deny_subscribe)
+
+    def set_rules(self, deny_publish: Iterable[str], deny_subscribe: Iterable[str]) -> None:
+        """The ``[acl]`` rules (at start, and at a reload: checks from then on use the new ones)."""
+        publish: TopicTrie[int, None] = TopicTrie()
+        subscribe: TopicTrie[int, None] = TopicTrie()
         for i, flt in enumerate(deny_publish):
-            self._deny_publish.add(flt, i, None)
+            publish.add(flt, i, None)
         for i, flt in enumerate(deny_subscribe):
-            self._deny_subscribe.add(flt, i, None)
-        self._any_publish_rule = len(self._deny_publish) > 0  # checked per PUBLISH: no trie call
-        self._any_subscribe_rule = len(self._deny_subscribe) > 0
+            subscribe.add(flt, i, None)
+        self._deny_publish, self._deny_subscribe = publish, subscribe
+        self._any_publish_rule = len(publish) > 0  # checked per PUBLISH: no trie call
+        self._any_subscribe_rule = len(subscribe) > 0
 
     def publish_denied(self, topic: str, acl: ClientAcl | None = None) -> str | None:
         """Why a client may not publish to ``topic`` (a PUBLISH or a will), or None."""

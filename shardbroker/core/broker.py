@@ -289,6 +289,20 @@ class Broker:
             client.acl = self.auth.policy(client.transport.listener).acl_for(username, client.client_id)
         self.wake()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the live settings (``process/reload.py``) take their new values. What is read
+        per event applies at once; what a client agreed at CONNECT (its packet size, window,
+        keep-alive) stays for its connection. The password and ACL files are
+        ``security_changed``'s."""
+        limits = config.limits
+        self.config = config
+        self.limits = limits
+        self.delivery.limits = self.subscriptions.limits = self.backpressure.limits = limits
+        self.inbound.set_limits(limits)
+        self.handshake.set_limits(limits, config.auth)
+        self.sessions.max_sessions = max(1, limits.max_sessions // max(1, self.shards))
+        self.access.set_rules(config.acl.deny_publish, config.acl.deny_subscribe)
+
     def lost(self, client: Client, now: Now) -> None:
         """The transport is closed (by the client, an error, or after we closed it)."""
         if client.gone:

@@ -180,9 +180,9 @@ class Handshake:
         self.shard = shard
         self.scheduler = scheduler
         self.time = time
-        self.failures = Failures(ban_after=auth_limits.max_failures, ban=auth_limits.ban_time,
-                                 slow_after=3 if auth_limits.max_failures else 1 << 30)
+        self.failures = Failures()
         self.limits = limits
+        self.set_limits(limits, auth_limits)
         self.access = access
         self.auth = auth
         self.sessions = sessions
@@ -195,6 +195,14 @@ class Handshake:
         self.disconnect: Callable[[Client, int, str], None] = lambda client, reason, text: None
         # Tells the other shards of a failed login from an address (set by the broker).
         self.tell_peers: Callable[[str], None] = lambda address: None
+
+    def set_limits(self, limits: LimitsConfig, auth_limits: AuthConfig) -> None:
+        """The limits of CONNECTs from now on (at start, and at a reload); the failures counted
+        so far are kept."""
+        self.limits = limits
+        failures = self.failures
+        failures.ban_after, failures.ban = auth_limits.max_failures, auth_limits.ban_time
+        failures.slow_after = 3 if auth_limits.max_failures else 1 << 30
 
     def on_connect(self, client: Client, pkt: Connect) -> PendingConnect | None:
         """Answer the CONNECT, or return what must be verified before it can be answered."""

@@ -194,6 +194,14 @@ class Inbound:
             client.pause_reading(PAUSED_BY_RATE)
             self.scheduler.later(second + 1.0 - mono, lambda _now: client.resume_reading(PAUSED_BY_RATE))
 
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """New limits (a reload): topic names are checked against them again; rates are counted
+        from scratch (a client paused for its rate is read again at the next second, as before)."""
+        self.limits = limits
+        self._rated = bool(limits.max_publish_rate or limits.max_publish_bytes_rate)
+        self._rates.clear()
+        self._valid_topics.clear()
+
     def forget(self, client: Client) -> None:
         """The client is gone."""
         self._rates.pop(client, None)

@@ -58,10 +58,11 @@ class Gathered:
 
 
 class Admin:
-    """The supervisor's operations. ``reload`` is called (from the control thread) to ask the
-    supervisor for a reload, as SIGHUP does."""
+    """The supervisor's operations. ``reload`` is the supervisor's own (called from the control
+    thread): it reloads the configuration, as SIGHUP does, and returns the answer; it raises
+    ``ValueError`` (answered as the error) when the new configuration does not load."""
 
-    def __init__(self, run_dir: str, shards: int, reload: Callable[[], None]) -> None:
+    def __init__(self, run_dir: str, shards: int, reload: Callable[[], dict[str, Any]]) -> None:
         self.run_dir = run_dir
         self.shards = shards
         self._reload = reload
@@ -98,6 +99,18 @@ class Admin:
         acceptor_missing = missing.pop(ACCEPTOR, None)
         return Gathered(results, missing, acceptor, acceptor_missing)
 
+    def tell_all(self, request: Request) -> dict[str, Any]:
+        """``request`` to every shard and to the acceptor at once: ``ask_shards``' answer, with
+        ``acceptor`` (its result, None when it gave none) and ``acceptor_missing`` (why not)."""
+        paths = {str(i): shard_socket(self.run_dir, i) for i in range(self.shards)}
+        paths["acceptor"] = acceptor_socket(self.run_dir)
+        results, missing = gather(paths, request)
+        out: dict[str, Any] = {"acceptor": results.pop("acceptor", None)}
+        if "acceptor" in missing:
+            out["acceptor_missing"] = missing.pop("acceptor")
+        out.update(shards=results, missing=missing)
+        return out
+
     def stats(self, request: Request) -> dict[str, Any]:
         """Every shard's counters, their totals over the shards that answered, and the
         acceptor's counters (``acceptor``, None when it did not answer)."""
@@ -110,8 +123,9 @@ class Admin:
         return out
 
     def reload(self, request: Request) -> dict[str, Any]:
-        self._reload()
-        return {"reloading": True}
+        """Reload now; ``{"changed": [live settings applied], "restart_needed": [...], "shards":
+        {n: result}, "missing": {n: why}, "acceptor": ...}``."""
+        return self._reload()
 
     def _merged(self, request: Request, key: str, order: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
         """The ``key`` lists of every shard's answer, as one list in ``order``."""

@@ -1,7 +1,8 @@
 """What a worker answers on its control socket (``RUN_DIR/ctl-N.sock``), on its event loop.
 
 Each operation reads the shard's ``Broker`` between two events; none blocks. Only
-``kick`` (through the broker's own server-side disconnect) and ``publish_sys`` change anything. Answers are
+``kick`` (through the broker's own server-side disconnect), ``publish_sys`` and ``reload``
+(which reads the password and ACL files, small ones) change anything. Answers are
 plain JSON values: strings as the clients sent them (the CLI escapes control characters
 for its tables), times as wall-clock seconds, payloads as their size and a short preview
 made of printable ASCII only.
@@ -83,19 +84,25 @@ def subscription_view(sub: Subscribed) -> dict[str, Any]:
         "subscription_id": sub.subscription_id,
     }
 
+Reload = Callable[[dict[str, Any]], dict[str, Any]]
+
 
 class ShardOps:
     """The operations of one shard, by name. ``clock`` reads the time (the worker's);
     ``metrics`` is what the worker's shell measures (None without one: ``stats`` then answers
-    the broker's own counters only)."""
+    the broker's own counters only); ``reload`` is the worker's: it takes the new resolved
+    configuration (as dotted overrides) and applies it (None: no reload)."""
 
-    def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock, metrics: ShardMetrics | None = None) -> None:
+    def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock, metrics: ShardMetrics | None = None,
+                 reload: Reload | None = None) -> None:
         self.broker = broker
         self.clock = clock
         self.metrics = metrics
+        self._reload = reload
         self._ops: dict[str, Callable[[Request], Any]] = {
             "stats": self.stats,
             "publish_sys": self.publish_sys,
+            "reload": self.reload,
             "clients": self.clients,
             "client": self.client,
             "kick": self.kick,
@@ -253,6 +260,16 @@ class ShardOps:
                          "preview": preview(smsg.payload), "expires_at": smsg.expires_at})
         rows.sort(key=lambda r: str(r["topic"]))
         return {"shard": self.broker.shard, "retained": rows, "truncated": truncated, "limit": limit}
+
+
+    def reload(self, request: Request) -> dict[str, Any]:
+        """``{"op": "reload", "config": {dotted name: value}}``: the new configuration, applied."""
+        config = request.get("config")
+        if not isinstance(config, dict):
+            raise TypeError("reload needs 'config', the resolved configuration as an object")
+        if self._reload is None:
+            raise ValueError("this shard cannot reload")
+        return self._reload(config)
 
 
 def _client_id(request: Request) -> str:

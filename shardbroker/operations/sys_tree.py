@@ -152,9 +152,13 @@ class SysTree:
         self._published.update(values)
 
 
+IDLE_WAIT = 1.0  # seconds between looks at ``interval`` while it is 0
+
+
 class SysPublisher:
-    """A thread of the supervisor: every ``interval`` seconds, gather, compute, and have the
-    lowest-numbered worker that answered publish what changed."""
+    """A thread of the supervisor: every ``interval`` seconds (``server.sys_interval``, which a
+    reload may change), gather, compute, and have the lowest-numbered worker that answered
+    publish what changed."""
 
     def __init__(self, admin: Admin, interval: float) -> None:
         self.admin = admin
@@ -171,7 +175,10 @@ class SysPublisher:
         self._thread.join(5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # ``interval`` may change (a reload); 0 publishes nothing until it does
+        while not self._stop.wait(self.interval or IDLE_WAIT):
+            if not self.interval:
+                continue
             try:
                 self.round()
             except Exception:  # a thread that dies silently would stop $SYS for good

@@ -41,7 +41,7 @@ import ssl
 import time
 import uuid
 
-from shardbroker.config import Config, ListenerConfig
+from shardbroker.config import Config, ConfigError, ListenerConfig, load_config
 from shardbroker.operations.histogram import LATENCY_BOUNDS, Histogram
 from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
 from shardbroker.protocol import codec, reactions, reasons
@@ -612,7 +612,25 @@ class Acceptor:
                 "refused_max_connections_per_address": counts.refused_address,
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
             }, "histograms": {"handoff_seconds": self.handoff_seconds.snapshot()}}
+        if request["op"] == "reload":
+            return self.reconfigure(request.get("config"))
         raise ValueError(f"unknown operation {request['op']!r}")
+
+    def reconfigure(self, overrides: object) -> dict[str, object]:
+        """The control operation ``reload``: the supervisor's new resolved configuration. The
+        limits are read per connection, so connections accepted from now on get the new ones;
+        ``limits.max_connections`` applies to the next accept (those open stay open)."""
+        if not isinstance(overrides, dict):
+            raise TypeError("reload needs 'config', the resolved configuration as an object")
+        try:
+            config = load_config(None, overrides)
+        except ConfigError as exc:
+            raise ValueError(f"reload failed, the previous configuration stays in force: {exc}") from None
+        self.config = config
+        self.counts.max_total = config.limits.max_connections
+        logging.getLogger().setLevel(config.server.log_level.upper())
+        log.info("acceptor: configuration reloaded")
+        return {"acceptor": True}
 
     def stop(self) -> None:
         self._stopping = True

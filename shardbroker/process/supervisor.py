@@ -12,8 +12,17 @@ acceptor first (no new clients), then the workers (each tells its 5.0 clients
 A child that exits with status 2 hit a fatal configuration or store error: the
 broker stops with that error rather than restarting it in a loop.
 
-SIGHUP: the workers read the password and ACL files again (``Worker.reload``); nobody is
-disconnected but clients those files no longer let in. The other settings need a restart.
+Reload (SIGHUP, or ``shardbroker ctl reload``): the configuration file the broker was started
+with is read again, with the same command-line overrides, and checked with the password and
+ACL files it names; one that does not load is one error line and changes nothing. Otherwise
+``process/reload.py`` sorts the changed settings into live ones and those that need a restart
+(logged by name), and the new configuration goes to every worker and the acceptor over their
+control sockets (op ``reload``): each applies the live settings and the workers read the
+password and ACL files again. Restarted children get it too. Nobody is disconnected but
+clients the new files no longer let in.
+
+With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``) the supervisor reports readiness, reloads
+and shutdown (``process/notify.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +39,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from shardbroker.config import Config
+from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.operations.admin import CONTROL_SOCKET, Admin
 from shardbroker.operations.control import ThreadServer
 from shardbroker.operations.metrics import MetricsServer
 from shardbroker.operations.sys_tree import SysPublisher
+from shardbroker.process import reload
+from shardbroker.process.notify import Notifier, without_notify_socket
 from shardbroker.storage.lock import DataDirInUse, lock_data_dir
 
 DEFER_ACCEPT = 1  # seconds
@@ -75,18 +89,95 @@ class Child:
         self.ready = False
 
 
+def _security_problem(config: Config) -> str | None:
+    """Why the password and ACL files ``config`` names do not load (read now), or None."""
+    from shardbroker.security.acl import AclFileError
+    from shardbroker.security.auth import load_policies
+    from shardbroker.security.passwords import PasswordFileError
+
+    try:
+        load_policies(config)
+    except (PasswordFileError, AclFileError) as exc:
+        return str(exc)
+    return None
+
+
+class ReloadError(ValueError):
+    """A reload that changed nothing: the configuration or a file it names does not load."""
+
+
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None,
+                 overrides: Mapping[str, object] | None = None) -> None:
+        """``config_path`` and ``overrides``: what ``config`` was loaded from, read again at a
+        reload (without a file, a reload reads the password and ACL files only)."""
         self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
         self.shards = config.server.worker_count
         self.data_dir = Path(config.server.data_dir)
         self._stop = False
         self._reload = False
+        self._reloading = threading.Lock()  # SIGHUP (main loop) and ctl reload (control thread)
+        self._admin: Admin | None = None
+        self._sys_tree: SysPublisher | None = None
+        self._bound: tuple[int, ...] = ()  # the listeners' ports as bound (port = 0 resolved)
+        self.env: dict[str, str] = {}  # the children's environment
+        self.notifier = Notifier()
         self.exit_code = 0
 
     def request_reload(self) -> None:
-        """Reload at the next turn of the main loop (SIGHUP, ``ctl reload``)."""
+        """Reload at the next turn of the main loop (SIGHUP)."""
         self._reload = True
+
+    def _child_config(self, config: Config) -> str:
+        """``config`` as the children get it: JSON overrides, with the ports bound."""
+        bound = tuple(dataclasses.replace(lst, port=port)
+                      for lst, port in zip(config.effective_listeners, self._bound, strict=True))
+        return json.dumps(config_overrides(dataclasses.replace(config, listeners=bound)))
+
+    def reload(self) -> dict[str, Any]:
+        """Read the configuration again and apply what can change live (see the module
+        docstring); the answer of ``ctl reload``. ``ReloadError`` (logged, one line) when the
+        new configuration does not load: then nothing changed."""
+        with self._reloading:
+            self.notifier.reloading()
+            try:
+                return self._reload_now()
+            finally:
+                self.notifier.ready(self._status())
+
+    def _reload_now(self) -> dict[str, Any]:
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload failed, the previous configuration stays in force: %s", exc)
+            raise ReloadError(f"reload failed, the previous configuration stays in force: {exc}") from None
+        problem = _security_problem(new)
+        if problem is not None:
+            log.error("reload failed, the previous password and ACL files stay in force: %s", problem)
+            raise ReloadError(f"reload failed, the previous password and ACL files stay in force: {problem}")
+        step = reload.plan(self.config, new)
+        self.config = step.config
+        child_config = self._child_config(step.config)
+        self.env["SHARDBROKER_CONFIG"] = child_config  # for the children started from now on
+        logging.getLogger().setLevel(step.config.server.log_level.upper())
+        if self._sys_tree is not None:
+            self._sys_tree.interval = step.config.server.sys_interval
+        if step.restart_needed:
+            log.warning("reload: changed but needing a restart (the running values stay): %s",
+                        ", ".join(step.restart_needed))
+        log.info("reload: %s", "applied " + ", ".join(step.changed) if step.changed else "no live setting changed")
+        assert self._admin is not None
+        answer = self._admin.tell_all({"op": "reload", "config": json.loads(child_config)})
+        for name, why in sorted(answer["missing"].items()):
+            log.error("reload: shard %s did not apply it: %s", name, why)
+        if answer.get("acceptor_missing"):
+            log.error("reload: the acceptor did not apply it: %s", answer["acceptor_missing"])
+        return {"changed": list(step.changed), "restart_needed": list(step.restart_needed), **answer}
+
+    def _status(self) -> str:
+        return f"serving: {self.shards} workers"
 
     def _lock_data_dir(self) -> int:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,14 +235,9 @@ class Supervisor:
     def _check_security(self) -> None:
         """Read the password and ACL files once before any child starts: a missing or broken
         one is a one-line error and exit status 2, not a worker that keeps failing."""
-        from shardbroker.security.acl import AclFileError
-        from shardbroker.security.auth import load_policies
-        from shardbroker.security.passwords import PasswordFileError
-
-        try:
-            load_policies(self.config)
-        except (PasswordFileError, AclFileError) as exc:
-            raise SystemExit(f"shardbroker: {exc}") from None
+        problem = _security_problem(self.config)
+        if problem is not None:
+            raise SystemExit(f"shardbroker: {problem}")
 
     def _check_tls(self) -> None:
         """Load every mqtts listener's certificate and key once before any child starts."""
@@ -190,15 +276,15 @@ class Supervisor:
         socks = [self._bind(lst.host, lst.port) for lst in listeners]
         host, port = socks[0].getsockname()[:2]
         run_dir = self._run_dir()
-        admin = Admin(run_dir, self.shards, self.request_reload)
+        admin = self._admin = Admin(run_dir, self.shards, self.reload)
         metrics = (MetricsServer(self.config.metrics.host, self.config.metrics.port, admin)
                    if self.config.metrics.enabled else None)
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
-        env = dict(os.environ)
+        env = self.env = without_notify_socket(dict(os.environ))
         # The children see the ports bound (port = 0 resolved), for their logs.
-        bound = tuple(dataclasses.replace(lst, port=sock.getsockname()[1]) for lst, sock in zip(listeners, socks, strict=True))
-        env["SHARDBROKER_CONFIG"] = json.dumps(config_overrides(dataclasses.replace(self.config, listeners=bound)))
+        self._bound = tuple(sock.getsockname()[1] for sock in socks)
+        env["SHARDBROKER_CONFIG"] = self._child_config(self.config)
         env["SHARDBROKER_READY_FD"] = str(ready_w)
         base = [sys.executable, "-m", "shardbroker.process.child"]
         common = ["--run-dir", run_dir, "--shards", str(self.shards)]
@@ -213,7 +299,7 @@ class Supervisor:
             self._stop = True
 
         def on_hup(signum: int, _frame: object) -> None:
-            self._reload = True
+            self.request_reload()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -228,9 +314,8 @@ class Supervisor:
         control.start()
         if metrics is not None:
             metrics.start()
-        sys_tree = SysPublisher(admin, self.config.server.sys_interval) if self.config.server.sys_interval else None
-        if sys_tree is not None:
-            sys_tree.start()
+        sys_tree = self._sys_tree = SysPublisher(admin, self.config.server.sys_interval)
+        sys_tree.start()
         announced = False
         buf = b""
         try:
@@ -249,13 +334,15 @@ class Supervisor:
                                 child.ready = True
                 if self._reload:
                     self._reload = False
-                    log.info("SIGHUP: the workers read the password and ACL files again")
-                    for child in workers:
-                        if child.proc is not None and child.proc.poll() is None:
-                            child.proc.send_signal(signal.SIGHUP)
+                    log.info("SIGHUP: reloading the configuration")
+                    try:
+                        self.reload()
+                    except ReloadError:
+                        pass  # logged; the running configuration stays
                 if not announced and all(c.ready for c in children):
                     announced = True
                     log.info("ready: %d workers serving on %s:%d", self.shards, host, port)
+                    self.notifier.ready(self._status())
                 for child in children:
                     assert child.proc is not None
                     code = child.proc.poll()
@@ -275,8 +362,8 @@ class Supervisor:
                     child.restarts += 1
                     self._start(child, env)
         finally:
-            if sys_tree is not None:
-                sys_tree.close()
+            self.notifier.stopping()
+            sys_tree.close()
             if metrics is not None:
                 metrics.close()
             control.close()

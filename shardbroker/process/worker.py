@@ -23,8 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from shardbroker.config import Config
+from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
 from shardbroker.operations import control
@@ -204,7 +205,7 @@ class Worker:
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
         control_server = await control.serve(shard_socket(self.run_dir, self.shard_index),
-                                             ShardOps(broker, now, metrics))
+                                             ShardOps(broker, now, metrics, self.reconfigure))
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
@@ -238,14 +239,34 @@ class Worker:
                  broker.flow.held_for, bus.waited)
 
     def reload(self) -> None:
-        """SIGHUP: read the password and ACL files again; a file that no longer reads or parses
-        leaves the previous ones in force."""
+        """SIGHUP sent to this worker alone: read the password and ACL files again; a file that
+        no longer reads or parses leaves the previous ones in force. (The supervisor reloads
+        through ``reconfigure``.)"""
         try:
-            policy = load_security(self.config)
+            self._reload_security(self.config)
+        except ValueError as exc:
+            log.error("shard %d: %s", self.shard_index, exc)
+
+    def reconfigure(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The control operation ``reload``: ``overrides`` is the supervisor's new resolved
+        configuration; its live settings are applied (``Broker.reconfigure``) and the password
+        and ACL files read again. A configuration or file that does not load changes nothing
+        (``ValueError``, the error answered to the supervisor)."""
+        try:
+            config = load_config(None, overrides)
+        except ConfigError as exc:
+            raise ValueError(f"reload failed, the previous configuration stays in force: {exc}") from None
+        self._reload_security(config)
+        self.config = config
+        logging.getLogger().setLevel(config.server.log_level.upper())
+        self.broker.reconfigure(config)
+        return {"shard": self.shard_index}
+
+    def _reload_security(self, config: Config) -> None:
+        try:
+            policy = load_security(config)
         except (PasswordFileError, AclFileError) as exc:
-            log.error("shard %d: reload failed, the previous password and ACL files stay in force: %s",
-                      self.shard_index, exc)
-            return
+            raise ValueError(f"reload failed, the previous password and ACL files stay in force: {exc}") from None
         self.policy = policy
         self.broker.security_changed(policy, now())
         log.info("shard %d: password and ACL files reloaded", self.shard_index)
