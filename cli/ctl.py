@@ -19,7 +19,8 @@ from shardbroker.operations.admin import CONTROL_SOCKET
 from shardbroker.operations.control import ControlError, call
 
 app = typer.Typer(help="Ask a running broker (its control socket in the data directory).",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="the answer as JSON, for scripts")]
 
