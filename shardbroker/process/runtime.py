@@ -48,6 +48,10 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
 
 
+def _printable(text: str) -> str:
+    return text if text.isprintable() else _CONTROL.sub(_escape, text)
+
+
 class EscapingFormatter(logging.Formatter):
     """``LOG_FORMAT`` with the control characters of the message (U+0000-U+001F, U+007F-U+009F)
     written as ``\\xNN``."""
@@ -62,18 +66,19 @@ class EscapingFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts`` (UTC, ISO 8601 with milliseconds), ``level``,
     ``logger``, ``pid``, ``msg``, the ``FIELDS`` the record carries and, for an exception,
-    ``exc``. JSON escapes every control character, so nothing a client sent can break a line."""
+    ``exc``. Control characters in the message and the fields are written ``\\xNN`` as in
+    text (JSON would escape U+0000-U+001F, but not U+007F-U+009F)."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         out: dict[str, object] = {
             "ts": f"{ts}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
-            "pid": record.process, "msg": record.getMessage(),
+            "pid": record.process, "msg": _printable(record.getMessage()),
         }
         for name in FIELDS:
             value = record.__dict__.get(name)
             if value is not None:
-                out[name] = value
+                out[name] = _printable(value) if isinstance(value, str) else value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
