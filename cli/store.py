@@ -576,11 +576,13 @@ def reshard(
 ) -> None:
     """Offline: move every session to its shard for a new worker count (the broker must be stopped)."""
     from shardbroker.config import ServerConfig
-    from shardbroker.storage.reshard import ReshardFailed, locked, migrate, prepare
+    from shardbroker.storage.reshard import MAX_SHARDS, ReshardFailed, locked, migrate, prepare
 
     def say(line: str) -> None:
         typer.echo(line, err=True)
 
+    if not 0 <= workers <= MAX_SHARDS:
+        _fail(f"--workers must be between 0 (one per core) and {MAX_SHARDS}, got {workers}")
     if workers == 0:  # as ``serve --workers 0``
         workers = ServerConfig(workers=0).worker_count
         say(f"--workers 0: one per core, {workers}")
