@@ -162,13 +162,16 @@ class Supervisor:
         inside = self.data_dir.resolve() / RUN_NAME
         if old and os.path.basename(old).startswith("shardbroker-") and os.path.isdir(old):
             shutil.rmtree(old, ignore_errors=True)
-        if len(os.fsencode(inside)) + LONGEST_SOCKET_NAME < SOCKET_PATH_MAX:
-            shutil.rmtree(inside, ignore_errors=True)
-            inside.mkdir(mode=0o700)
-            run_dir = str(inside)
-        else:
-            run_dir = tempfile.mkdtemp(prefix="shardbroker-")
-        note.write_text(run_dir + "\n")
+        try:
+            if len(os.fsencode(inside)) + LONGEST_SOCKET_NAME < SOCKET_PATH_MAX:
+                shutil.rmtree(inside, ignore_errors=True)
+                inside.mkdir(mode=0o700)
+                run_dir = str(inside)
+            else:
+                run_dir = tempfile.mkdtemp(prefix="shardbroker-")
+            note.write_text(run_dir + "\n")
+        except OSError as exc:
+            raise SystemExit(f"shardbroker: cannot make the run directory: {exc.filename}: {_why(exc)}") from None
         return run_dir
 
     def _check_data_dir(self) -> None:
