@@ -12,7 +12,10 @@ Invariants:
   writer), so all commands work offline and while the broker runs.
 * A bad data directory is one ``error:`` line on stderr and exit status 2,
   never a traceback. ``session`` of an unknown client and ``check`` finding
-  problems exit with 1.
+  problems exit with 1. A reader that closes stdout early ends the command
+  quietly (``cli/main.py``): a broken pipe is not the store's error.
+* ``check``, ``dump``, ``compact`` and ``reshard`` draw a progress bar on stderr
+  only when it is a terminal (``cli/progress.py``); stdout is the same either way.
 * Payloads in JSON are text when valid UTF-8 without control characters
   (``"payload_encoding": "utf-8"``), else base64 (``"base64"``); other bytes
   (correlation data, meta values) become ``{"base64": "..."}``.
