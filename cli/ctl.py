@@ -29,7 +29,8 @@ from shardbroker.operations.control import ControlError, call
 from shardbroker.operations.select import RETAINED_LIMIT
 
 app = typer.Typer(help="Ask a running broker (its control socket in the data directory).",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="the answer as JSON, for scripts")]
 

@@ -1,11 +1,15 @@
 """``shardbroker``: serve, check-config, passwd, version, and store inspection.
 
 Typer lives only under ``cli/``. Bad configuration is reported as one line naming
-the setting, with exit status 2, never a traceback.
+the setting, with exit status 2, never a traceback; so is a usage error (an unknown option,
+a missing argument): ``main`` runs the commands outside click's standalone mode and prints
+the error itself. ``-h`` is ``--help`` everywhere; ``shardbroker --version`` prints the
+version. A reader that closes standard output early (``| head``) ends the command quietly.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,8 +19,24 @@ import typer
 from shardbroker import __version__
 from shardbroker.config import DEFAULT_TOML, Config, ConfigError, config_table, load_config
 
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="ShardBroker: a sharded, durable MQTT 3.1/3.1.1/5.0 broker.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, context_settings=CONTEXT,
+                  rich_markup_mode=None, pretty_exceptions_enable=False)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"shardbroker {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """ShardBroker: a sharded, durable MQTT 3.1/3.1.1/5.0 broker."""
 
 try:
     from shardbroker.cli.store import app as store_app
@@ -46,19 +66,21 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="worker processes, 0 = one per core [server.workers]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="where the stores live [server.data_dir]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error [server.log_level]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json [server.log_format]")] = None,
     durability: Annotated[str | None, typer.Option(help="fsync or no-fsync [storage.durability]")] = None,
 ) -> None:
     """Run the broker until SIGTERM or Ctrl-C; SIGHUP reloads the configuration."""
     overrides: dict[str, object] = {
         "server.host": host, "server.port": port, "server.workers": workers,
         "server.data_dir": str(data_dir) if data_dir is not None else None,
-        "server.log_level": log_level, "storage.durability": durability,
+        "server.log_level": log_level, "server.log_format": log_format,
+        "storage.durability": durability,
     }
     cfg = _load(config, overrides)
     from shardbroker.process.runtime import setup_logging
     from shardbroker.process.supervisor import Supervisor
 
-    setup_logging(cfg.server.log_level)
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
     try:
         # a reload reads the same file again, with the same flags on top
         code = Supervisor(cfg, config.absolute() if config is not None else None, overrides).run()
@@ -72,13 +94,43 @@ def serve(
 
 @app.command("check-config")
 def check_config(file: Annotated[Path, typer.Argument(help="TOML configuration file")]) -> None:
-    """Validate a configuration file and print the resolved settings."""
+    """Validate a configuration file and print the resolved settings, as TOML that ``serve
+    --config`` reads back to the same configuration."""
     cfg = _load(file, {})
+    typer.echo(config_toml(cfg), nl=False)
+    typer.echo(f"# {file}: ok ({cfg.server.worker_count} workers)")
+
+
+def config_toml(cfg: Config) -> str:
+    """Every setting of ``cfg`` as TOML: a table per section, ``[[listener]]`` tables last."""
     from shardbroker.process.supervisor import config_overrides
 
+    sections: dict[str, list[str]] = {}
+    listeners: list[dict[str, object]] = []
     for name, value in config_overrides(cfg).items():
-        typer.echo(f"{name} = {value!r}")
-    typer.echo(f"{file}: ok ({cfg.server.worker_count} workers)")
+        if name == "listener":
+            listeners = list(value)  # type: ignore[call-overload]
+            continue
+        section, key = name.split(".", 1)
+        sections.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
+    lines: list[str] = []
+    for section, body in sections.items():
+        lines += [f"[{section}]", *body, ""]
+    for table in listeners:
+        lines += ["[[listener]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None), ""]
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    """A TOML literal for a setting's value (a string, number, boolean or list of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @app.command("default-config")
@@ -168,8 +220,36 @@ def version() -> None:
     typer.echo(f"shardbroker {__version__} (Python {sys.version.split()[0]})")
 
 
-def main() -> None:
-    app()
+# click's exceptions, wherever this typer version takes click from (its own copy or click).
+_errors = sys.modules[typer.BadParameter.__module__]
+_Never = type("_Never", (Exception,), {})
+_NoArgsIsHelp: type[Exception] = getattr(_errors, "NoArgsIsHelpError", _Never)
+_Abort: type[BaseException] = getattr(_errors, "Abort", typer.Abort)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; exit with the command's status."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="shardbroker", standalone_mode=False)
+    except _NoArgsIsHelp as exc:  # a group given no command: its help
+        typer.echo(exc.format_message(), err=True)  # type: ignore[attr-defined]
+        sys.exit(2)
+    except _errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "shardbroker"
+        typer.echo(f"{where}: {_one_line(exc.format_message())} (see {where} -h)", err=True)
+        sys.exit(exc.exit_code)
+    except _errors.ClickException as exc:
+        typer.echo(f"shardbroker: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except (_Abort, typer.Abort):
+        typer.echo("shardbroker: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

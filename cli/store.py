@@ -12,7 +12,10 @@ Invariants:
   writer), so all commands work offline and while the broker runs.
 * A bad data directory is one ``error:`` line on stderr and exit status 2,
   never a traceback. ``session`` of an unknown client and ``check`` finding
-  problems exit with 1.
+  problems exit with 1. A reader that closes stdout early ends the command
+  quietly (``cli/main.py``): a broken pipe is not the store's error.
+* ``check``, ``dump``, ``compact`` and ``reshard`` draw a progress bar on stderr
+  only when it is a terminal (``cli/progress.py``); stdout is the same either way.
 * Payloads in JSON are text when valid UTF-8 without control characters
   (``"payload_encoding": "utf-8"``), else base64 (``"base64"``); other bytes
   (correlation data, meta values) become ``{"base64": "..."}``.
@@ -42,6 +45,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from shardbroker.cli.progress import Tracker, progress, wanted
 from shardbroker.protocol.errors import ProtocolError
 from shardbroker.protocol.packets import Properties
 from shardbroker.storage.lmdb_store import (
@@ -62,12 +66,14 @@ from shardbroker.storage.records import (
 )
 
 app = typer.Typer(help="Inspect the durable message store", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
+                  rich_markup_mode=None)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="the broker's data directory")]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable JSON output")]
+NoProgress = Annotated[bool, typer.Option("--no-progress",
+                                          help="no progress bar (drawn only when stderr is a terminal)")]
 DEFAULT_DATA_DIR = Path("./shardbroker-data")
-PROGRESS_MIN_ROWS = 10_000
 VERSIONS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 STATES = {AWAIT_PUBACK: "await PUBACK", AWAIT_PUBREC: "await PUBREC", AWAIT_PUBCOMP: "await PUBCOMP"}
 
@@ -137,6 +143,8 @@ def _open(data_dir: Path) -> Iterator[_Stores]:
             yield stores
     except StoreError as exc:
         _fail(str(exc))
+    except BrokenPipeError:  # the reader of stdout is gone (| head): not the store's fault
+        raise
     except (OSError, ValueError) as exc:
         _fail(f"{data_dir}: {exc}")
 
@@ -288,14 +296,11 @@ def _check_filter(topic_filter: str) -> None:
 
 
 @contextmanager
-def _progress(stores: _Stores, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr for big stores when stderr is a terminal; else a no-op."""
-    total = _row_total(stores) if sys.stderr.isatty() else 0
-    if total < PROGRESS_MIN_ROWS:
-        yield lambda n: None
-        return
-    with typer.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar.update
+def _progress(stores: _Stores, label: str, no_progress: bool) -> Iterator[Tracker]:
+    """A bar over every row of the stores on stderr (``cli/progress.py`` says when)."""
+    total = _row_total(stores) if wanted(no_progress) else 0
+    with progress(label, total, wanted(no_progress, total)) as tracker:
+        yield tracker
 
 
 def _row_total(stores: _Stores) -> int:
@@ -469,9 +474,10 @@ def messages(
 
 
 @app.command()
-def dump(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: Json = True) -> None:
+def dump(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: Json = True,
+         no_progress: NoProgress = False) -> None:
     """Every record as JSON lines with a "kind" field (always JSON; --json accepted)."""
-    with _open(data_dir) as stores, _progress(stores, "dump") as advance:
+    with _open(data_dir) as stores, _progress(stores, "dump", no_progress) as tracker:
 
         def records() -> Iterator[dict[str, Any]]:
             for s in stores.shards:
@@ -497,24 +503,34 @@ def dump(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: Json = True) -> None:
                     yield {"kind": "retained", **_message_json(m)}
 
         out = sys.stdout
+        n = 0
         for n, obj in enumerate(records(), 1):
             out.write(_dumps(obj) + "\n")
             if n % 1000 == 0:
-                advance(1000)
+                tracker.advance(1000)
         out.flush()
+        tracker.advance(n % 1000)
 
 
 @app.command()
-def check(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
-    """Check every environment for dangling references, refcount mismatches, orphans, bad records."""
+def check(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: Json = False,
+          no_progress: NoProgress = False) -> None:
+    """Check every environment for dangling references, refcount mismatches, orphans, bad records.
+    Exit status 1 when there are problems."""
     with _open(data_dir) as stores:
         problems = [f"{name}: missing" for name in stores.missing]
-        with _progress(stores, "check") as advance:
+        with _progress(stores, "check", no_progress) as tracker:
             for s in stores.shards:
-                problems += s.check(advance)
+                problems += s.check(tracker.advance)
             if stores.retained is not None:
-                problems += stores.retained.check(advance)
+                problems += stores.retained.check(tracker.advance)
         envs = len(stores.shards) + (1 if stores.retained else 0)
+    if as_json:
+        _echo_json({"data_dir": str(data_dir), "environments": envs, "ok": not problems,
+                    "problems": problems})
+        if problems:
+            raise typer.Exit(1)
+        return
     if problems:
         for p in problems:
             typer.echo(p)
@@ -527,6 +543,7 @@ def check(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 def compact(
     output: Annotated[Path, typer.Option("--output", help="new directory for the compacted copy")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    no_progress: NoProgress = False,
 ) -> None:
     """Copy every environment, compacted, into OUTPUT (a new or empty directory)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -538,32 +555,43 @@ def compact(
         if stores.retained is not None:
             envs.append(("retained", stores.retained))
         rows: list[list[object]] = []
-        for name, env in envs:
-            env.copy_compacted(output / name)
-            before = (env.path / "data.mdb").stat().st_size
-            after = (output / name / "data.mdb").stat().st_size
-            rows.append([name, _size(before), _size(after)])
+        sizes = [(env.path / "data.mdb").stat().st_size for _, env in envs]
+        show = wanted(no_progress, _row_total(stores) if wanted(no_progress) else 0)
+        with progress("compact", sum(sizes), show) as tracker:
+            for (name, env), before in zip(envs, sizes, strict=True):
+                env.copy_compacted(output / name)
+                after = (output / name / "data.mdb").stat().st_size
+                rows.append([name, _size(before), _size(after)])
+                tracker.advance(before)
     _table(["ENV", "BEFORE", "AFTER"], rows)
     typer.echo(f"compacted copy written to {output}")
 
 
 @app.command()
 def reshard(
-    workers: Annotated[int, typer.Option("--workers", help="the new worker (shard) count, 1..256")],
+    workers: Annotated[int, typer.Option("--workers",
+                                         help="the new worker (shard) count, 1..256; 0 = one per core, as serve")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     delete_old: Annotated[bool, typer.Option("--delete-old",
                                              help="delete the old shards after the switch")] = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Offline: move every session to its shard for a new worker count (the broker must be stopped)."""
-    from shardbroker.storage.reshard import ReshardFailed, locked, migrate, prepare
+    from shardbroker.config import ServerConfig
+    from shardbroker.storage.reshard import MAX_SHARDS, ReshardFailed, locked, migrate, prepare
 
-    def progress(line: str) -> None:
+    def say(line: str) -> None:
         typer.echo(line, err=True)
 
+    if not 0 <= workers <= MAX_SHARDS:
+        _fail(f"--workers must be between 0 (one per core) and {MAX_SHARDS}, got {workers}")
+    if workers == 0:  # as ``serve --workers 0``
+        workers = ServerConfig(workers=0).worker_count
+        say(f"--workers 0: one per core, {workers}")
     try:
         with locked(data_dir):
-            plan = prepare(data_dir, workers, progress)
+            plan = prepare(data_dir, workers, say)
             if plan.nothing_to_do:
                 typer.echo(f"{data_dir} already has {workers} shard(s): nothing to do")
                 return
@@ -572,11 +600,16 @@ def reshard(
             if not yes and not typer.confirm("Proceed?", default=False, err=True):
                 typer.echo("aborted: nothing changed", err=True)
                 raise typer.Exit(1)
-            result = migrate(plan, delete_old=delete_old, progress=progress)
+            total = plan.totals.sessions
+            with progress("reshard", total, wanted(no_progress, sum(plan.totals.rows()))) as tracker:
+                result = migrate(plan, delete_old=delete_old, progress=tracker.say,
+                                 advance=tracker.advance)
     except ReshardFailed as exc:
         _fail(str(exc), 1)
     except StoreError as exc:
         _fail(str(exc))
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         _fail(f"{data_dir}: {exc}")
     except typer.Abort:  # no answer (end of input) or Ctrl-C at the prompt
@@ -584,6 +617,10 @@ def reshard(
         raise typer.Exit(1) from None
     typer.echo(f"resharded {data_dir} from {plan.old_shards} to {plan.new_shards} shards in "
                f"{result.seconds:.1f}s: {result.totals.describe()}")
+    before, after = plan.totals.messages, result.totals.messages
+    if before != after:
+        typer.echo(f"{after} messages stored where there were {before}: a message queued for (or in "
+                   f"flight to) sessions that now live on different shards is stored once in each")
     if result.pinned:
         typer.echo(f"{result.pinned} session(s) saved while connected now record the old "
                    f"shard's last alive time as their disconnect time")

@@ -267,6 +267,8 @@ class ServerConfig:
     workers: int = _setting(0, "worker processes (shards); 0 means one per CPU core", _Int(0, 256))
     data_dir: str = _setting("./shardbroker-data", "where the LMDB stores live", _Text(path=True))
     log_level: str = _setting("info", "log level", _Choice(("debug", "info", "warning", "error")))
+    log_format: str = _setting("text", "log lines as text, or as JSON objects (one per line)",
+                               _Choice(("text", "json")))
     shutdown_timeout: float = _setting(
         5.0, "seconds for an orderly shutdown before processes are killed", _Float(0.0, 3600.0)
     )

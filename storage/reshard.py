@@ -51,7 +51,8 @@ Invariants:
 
 What it does not do:
 
-* No typer, no printing: progress is a callback taking one line of text.
+* No typer, no printing: progress is a callback taking one line of text (and, for a bar,
+  one told of every session copied).
 * It does not work on a running broker, change the retained store, or merge
   two data directories. It needs free disk space for a second copy of the shards.
 * It cannot stop a broker from starting in the two instants of the switch when
@@ -101,6 +102,7 @@ _SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
 _DEFAULT_MAX_MAP: Final = 16 << 30
 
 Progress = Callable[[str], None]
+Advance = Callable[[int], None]  # n more sessions copied (for a progress bar)
 
 
 class ReshardRefused(StoreError):
@@ -186,6 +188,10 @@ def _noop(_line: str) -> None:
     pass
 
 
+def _no_advance(_n: int) -> None:
+    pass
+
+
 # --------------------------------------------------------------------------- lock
 
 
@@ -202,10 +208,11 @@ def locked(data_dir: Path) -> Iterator[None]:
     data_dir = Path(data_dir)
     _check_dir(data_dir)
     try:
-        fd = lock_data_dir(data_dir)
-    except DataDirInUse:
+        fd = lock_data_dir(data_dir, os.getpid())
+    except DataDirInUse as exc:
+        held = f" (pid {exc.pid})" if exc.pid is not None else ""
         raise ReshardRefused(
-            f"{data_dir} is in use by a running broker (or another reshard): "
+            f"{data_dir} is in use by a running broker (or another reshard){held}: "
             f"{data_dir / LOCK_NAME} is locked; stop the broker first"
         ) from None
     except OSError as exc:
@@ -347,7 +354,7 @@ def _alive_at(store: ShardStore, now: float) -> float | None:
 
 
 def _copy_shard(old: ShardStore, targets: Sequence[_Target], seen: set[str],
-                now: float) -> tuple[int, int]:
+                now: float, advance: Advance) -> tuple[int, int]:
     """Copy every session of ``old`` to its new shard; returns (sessions, pinned)."""
     shards = len(targets)
     alive_at = _alive_at(old, now)
@@ -366,6 +373,7 @@ def _copy_shard(old: ShardStore, targets: Sequence[_Target], seen: set[str],
         _put_session(old, t, rec, where)
         n += 1
         t.maybe_commit(session_done=True)
+        advance(1)
     return n, pinned
 
 
@@ -401,7 +409,8 @@ def _max_map(data_dir: Path, shards: int) -> int:
     return max(_DEFAULT_MAX_MAP, 2 * total)
 
 
-def _build(plan: Plan, tmp: Path, say: Progress) -> tuple[tuple[Totals, ...], int]:
+def _build(plan: Plan, tmp: Path, say: Progress,
+           advance: Advance) -> tuple[tuple[Totals, ...], int]:
     """Fill and verify the new shards in ``tmp``; returns their totals and the pinned count."""
     data_dir, old_n, new_n = plan.data_dir, plan.old_shards, plan.new_shards
     max_map = _max_map(data_dir, old_n)
@@ -415,7 +424,7 @@ def _build(plan: Plan, tmp: Path, say: Progress) -> tuple[tuple[Totals, ...], in
         now = time.time()
         with _open_old(data_dir, old_n) as olds:
             for s in olds:
-                count, p = _copy_shard(s, targets, seen, now)
+                count, p = _copy_shard(s, targets, seen, now, advance)
                 pinned += p
                 for t in targets:
                     t.commit()
@@ -671,8 +680,10 @@ def _old_dir_name(data_dir: Path) -> Path:
     return path
 
 
-def migrate(plan: Plan, *, delete_old: bool = False, progress: Progress | None = None) -> Result:
-    """Copy, verify and switch (see the module docstring); the caller holds ``locked``."""
+def migrate(plan: Plan, *, delete_old: bool = False, progress: Progress | None = None,
+            advance: Advance | None = None) -> Result:
+    """Copy, verify and switch (see the module docstring); the caller holds ``locked``.
+    ``advance(n)`` is told of every session copied."""
     say = progress or _noop
     if plan.nothing_to_do:
         raise ReshardRefused(f"{plan.data_dir} already has {plan.new_shards} shards")
@@ -684,7 +695,7 @@ def migrate(plan: Plan, *, delete_old: bool = False, progress: Progress | None =
     except OSError as exc:
         raise ReshardFailed(f"cannot create {tmp} ({_reason(exc)}); nothing changed") from None
     try:
-        totals, pinned = _build(plan, tmp, say)
+        totals, pinned = _build(plan, tmp, say, advance or _no_advance)
     except BaseException as exc:
         cleanup = ""
         try:

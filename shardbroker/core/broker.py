@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from shardbroker.config import Config
+from shardbroker.core import clientlog
 from shardbroker.core.access import AccessRules
 from shardbroker.core.backpressure import WRITE, Backpressure
 from shardbroker.core.client import PAUSED_BY_AUTH, Client, Transport
@@ -179,6 +180,8 @@ class Broker:
         """The broker stops: 5.0 clients are told 0x8B; sessions stay as they are stored."""
         self.time.set(now)
         for client in list(self.sessions.clients):
+            if client.connected and not client.closing:
+                clientlog.disconnected(client, "server shutting down")
             if client.version == MQTT_5 and client.session is not None:
                 self.output.send(client, codec.encode(Disconnect(reasons.SERVER_SHUTTING_DOWN), MQTT_5))
             self.sessions.shut_down(client)
@@ -308,6 +311,8 @@ class Broker:
         if client.gone:
             return
         self.time.set(now)
+        if client.connected and not client.closing:
+            clientlog.disconnected(client, "connection lost (closed without DISCONNECT)")
         client.gone = True
         client.closing = True
         client.out = None
@@ -378,8 +383,11 @@ class Broker:
         """Server-side disconnect: DISCONNECT with ``reason`` to a 5.0 client, then close."""
         if client.closing:
             return
-        log.info("closing %s (%s): %s%s", client.name, client.peer, text,
-                 f" [{reasons.name(reason)}]" if reason is not None else "")
+        why = f"{text} [{reasons.name(reason)}]" if reason is not None else text
+        if client.connected:
+            clientlog.disconnected(client, why)
+        else:
+            log.info("closing %s (%s): %s", client.name, client.peer, why)
         code = reactions.disconnect_for(reason, client.version) if reason is not None else None
         if code is not None and client.session is not None:
             props = Properties(reason_string=text[:200]) if text else NO_PROPERTIES
@@ -418,7 +426,7 @@ class Broker:
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
-        log.debug("client %s disconnected (reason 0x%02X)", client.client_id, pkt.reason_code)
+        clientlog.disconnected(client, f"client sent DISCONNECT [{reasons.name(pkt.reason_code)}]")
         self.sessions.detach(client, publish_will=publish_will)
         self.output.close(client, "client disconnected")
 

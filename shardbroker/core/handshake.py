@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from shardbroker.config import AuthConfig, LimitsConfig
+from shardbroker.core import clientlog
 from shardbroker.core.access import AccessRules
 from shardbroker.core.client import PAUSED_BY_AUTH, Client
 from shardbroker.core.clock import EventTime, Now, Scheduler, Timer
@@ -449,9 +450,7 @@ class Handshake:
         client.connected = True
         client.connected_at = self.time.wall
         client.username = pkt.username
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("client %s connected from %s (protocol %d, shard %d, present=%s)",
-                      terms.client_id, client.peer, terms.version, self.shard, present)
+        clientlog.connected(client, self.shard, present)
         if present:
             self.delivery.resume(sess, client)
 

@@ -106,7 +106,7 @@ class Sessions:
         session would exceed the session limit."""
         sess = self.sessions.get(client_id)
         if sess is not None and sess.client is not None:
-            log.info("client %s taken over by a new connection from %s", client_id, client.peer)
+            log.debug("client %s taken over by a new connection from %s", client_id, client.peer)
             self.take_over(sess.client, clean_start or (sess.will is not None and sess.will.delay == 0))
         if sess is not None and sess.client is None and (end := sess.expires_at()) is not None \
                 and self.time.wall >= end:  # expired, and the sweep has not got to it yet

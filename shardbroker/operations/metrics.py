@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from shardbroker import __version__
 from shardbroker.operations.admin import Admin, Gathered
+from shardbroker.process.runtime import ANNOUNCE
 
 log = logging.getLogger("shardbroker.operations.metrics")
 
@@ -269,7 +270,7 @@ class MetricsServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("metrics on http://%s:%d (/metrics, /healthz, /readyz)",
+        logging.getLogger(ANNOUNCE).info("metrics on http://%s:%d (/metrics, /healthz, /readyz)",
                  f"[{self.host}]" if ":" in self.host else self.host, self.port)
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KeyError, ValueError) as exc:
         print(f"shardbroker: bad configuration handed to child: {exc}", file=sys.stderr)
         return FATAL
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     log = logging.getLogger("shardbroker.process.child")
     if args.role == "acceptor":
         from shardbroker.process import acceptor

@@ -4,17 +4,29 @@ the event loop policy, logging, and the readiness signal to the supervisor.
 Log lines never carry control characters raw: a client ID or topic holding a newline or a
 terminal escape (possible with ``limits.strict_utf8 = false``) is written escaped, so it can
 neither forge a log line nor drive the reader's terminal. A traceback keeps its lines.
+
+Two formats (``server.log_format``): ``text``, one line per record, and ``json``, one JSON
+object per line with ``ts``, ``level``, ``logger``, ``pid``, ``msg`` and the record's
+structured fields (``FIELDS``, given with ``extra=``: the connect and disconnect lines).
+Every process of a broker logs in the same format: the children read it from the
+configuration the supervisor hands them. The ``ANNOUNCE`` logger (where the broker listens,
+and that it is ready) logs at every level: ``--port 0`` must say which port it took.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
 import sys
+import time
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+LOG_FORMATS = ("text", "json")
+ANNOUNCE = "shardbroker.announce"
+FIELDS = ("client_id", "address", "version", "reason")  # structured fields of a record, in JSON
 
 
 def install_loop() -> str:
@@ -36,6 +48,10 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
 
 
+def _printable(text: str) -> str:
+    return text if text.isprintable() else _CONTROL.sub(_escape, text)
+
+
 class EscapingFormatter(logging.Formatter):
     """``LOG_FORMAT`` with the control characters of the message (U+0000-U+001F, U+007F-U+009F)
     written as ``\\xNN``."""
@@ -47,10 +63,33 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (UTC, ISO 8601 with milliseconds), ``level``,
+    ``logger``, ``pid``, ``msg``, the ``FIELDS`` the record carries and, for an exception,
+    ``exc``. Control characters in the message and the fields are written ``\\xNN`` as in
+    text (JSON would escape U+0000-U+001F, but not U+007F-U+009F)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, object] = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+            "pid": record.process, "msg": _printable(record.getMessage()),
+        }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                out[name] = _printable(value) if isinstance(value, str) else value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else EscapingFormatter(LOG_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger(ANNOUNCE).setLevel(logging.INFO)
 
 
 def ready(what: str) -> None:

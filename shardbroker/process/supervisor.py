@@ -27,7 +27,9 @@ and shutdown (``process/notify.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -52,13 +54,24 @@ from shardbroker.operations.metrics import MetricsServer
 from shardbroker.operations.sys_tree import SysPublisher
 from shardbroker.process import reload
 from shardbroker.process.notify import Notifier, without_notify_socket
-from shardbroker.storage.lock import DataDirInUse, lock_data_dir
+from shardbroker.process.runtime import ANNOUNCE
+from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
 
 DEFER_ACCEPT = 1  # seconds
+RUN_NAME = "run"  # DATA/run: the sockets of the processes, when the path is short enough
+RUN_NOTE = "run-dir"  # DATA/run-dir names the run directory in use
+SOCKET_PATH_MAX = 108  # sun_path, with its terminating NUL
+LONGEST_SOCKET_NAME = len("/ctl-acceptor.sock")  # and handoff-N.sock, ctl-N.sock, shard-N.zmq (N < 1000)
 
 log = logging.getLogger("shardbroker.process.supervisor")
+announce = logging.getLogger(ANNOUNCE)  # where it listens, and ready: at every log level
 
 FATAL = 2
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as a few words (its strerror), without the errno number."""
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
 
 
 def config_overrides(config: Config) -> dict[str, object]:
@@ -117,6 +130,7 @@ class Supervisor:
         self.shards = config.server.worker_count
         self.data_dir = Path(config.server.data_dir)
         self._stop = False
+        self._created = False
         self._reload = False
         self._reloading = threading.Lock()  # SIGHUP (main loop) and ctl reload (control thread)
         self._admin: Admin | None = None
@@ -180,11 +194,35 @@ class Supervisor:
         return f"serving: {self.shards} workers"
 
     def _lock_data_dir(self) -> int:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Create the data directory if needed and take its lock; every failure is one line
+        (``SystemExit``). ``self._created`` says whether this start made the directory."""
+        where = self.data_dir
+        if where.exists() and not where.is_dir():
+            raise SystemExit(f"shardbroker: data directory {where} is not a directory")
+        self._created = not where.exists()
         try:
-            return lock_data_dir(self.data_dir, os.getpid())
-        except DataDirInUse:
-            raise SystemExit(f"shardbroker: data directory {self.data_dir} is in use by another broker") from None
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"shardbroker: cannot create data directory {where}: {_why(exc)}") from None
+        try:
+            return lock_data_dir(where, os.getpid())
+        except DataDirInUse as exc:
+            held = f" (pid {exc.pid})" if exc.pid is not None else ""
+            raise SystemExit(f"shardbroker: data directory {where} is in use by another broker or "
+                             f"reshard{held}") from None
+        except OSError as exc:
+            raise SystemExit(f"shardbroker: cannot lock data directory {where}: {_why(exc)}") from None
+
+    def _forget_data_dir(self, lock_fd: int) -> None:
+        """A start that failed before any child ran leaves no new data directory behind."""
+        os.close(lock_fd)
+        if not self._created:
+            return
+        for name in (LOCK_NAME, RUN_NOTE):
+            with contextlib.suppress(OSError):
+                (self.data_dir / name).unlink()
+        with contextlib.suppress(OSError):
+            self.data_dir.rmdir()
 
     def _bind(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -205,17 +243,28 @@ class Supervisor:
         return sock
 
     def _run_dir(self) -> str:
-        """A private directory for the Unix and ipc sockets (short paths: a socket path is at
-        most 107 bytes). The previous one is removed, in case a SIGKILL left it behind."""
-        note = self.data_dir / "run-dir"
+        """A private directory for the Unix and ipc sockets: ``DATA/run`` when its socket paths
+        fit (at most 107 bytes), else a new ``shardbroker-*`` in the temporary directory. Inside
+        the data directory, what a SIGKILL leaves behind goes with the directory; the previous
+        one (named in ``DATA/run-dir``) is removed at every start."""
+        note = self.data_dir / RUN_NOTE
         try:
             old = note.read_text().strip()
         except OSError:
             old = ""
+        inside = self.data_dir.resolve() / RUN_NAME
         if old and os.path.basename(old).startswith("shardbroker-") and os.path.isdir(old):
             shutil.rmtree(old, ignore_errors=True)
-        run_dir = tempfile.mkdtemp(prefix="shardbroker-")
-        note.write_text(run_dir + "\n")
+        try:
+            if len(os.fsencode(inside)) + LONGEST_SOCKET_NAME < SOCKET_PATH_MAX:
+                shutil.rmtree(inside, ignore_errors=True)
+                inside.mkdir(mode=0o700)
+                run_dir = str(inside)
+            else:
+                run_dir = tempfile.mkdtemp(prefix="shardbroker-")
+            note.write_text(run_dir + "\n")
+        except OSError as exc:
+            raise SystemExit(f"shardbroker: cannot make the run directory: {exc.filename}: {_why(exc)}") from None
         return run_dir
 
     def _check_data_dir(self) -> None:
@@ -271,14 +320,22 @@ class Supervisor:
         self._check_tls()
         self._raise_file_limit()
         lock_fd = self._lock_data_dir()
-        self._check_data_dir()
         listeners = self.config.effective_listeners
-        socks = [self._bind(lst.host, lst.port) for lst in listeners]
+        socks: list[socket.socket] = []
+        try:
+            self._check_data_dir()
+            for lst in listeners:
+                socks.append(self._bind(lst.host, lst.port))
+            run_dir = self._run_dir()
+            admin = self._admin = Admin(run_dir, self.shards, self.reload)
+            metrics = (MetricsServer(self.config.metrics.host, self.config.metrics.port, admin)
+                       if self.config.metrics.enabled else None)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            self._forget_data_dir(lock_fd)
+            raise
         host, port = socks[0].getsockname()[:2]
-        run_dir = self._run_dir()
-        admin = self._admin = Admin(run_dir, self.shards, self.reload)
-        metrics = (MetricsServer(self.config.metrics.host, self.config.metrics.port, admin)
-                   if self.config.metrics.enabled else None)
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         env = self.env = without_notify_socket(dict(os.environ))
@@ -301,13 +358,19 @@ class Supervisor:
         def on_hup(signum: int, _frame: object) -> None:
             self.request_reload()
 
+        # A signal writes a byte to this pipe, which ends the select at once: no poll interval
+        # between SIGTERM and the shutdown.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
         log.info("shardbroker starting: %d workers, data in %s", self.shards, self.data_dir)
         for lst, sock in zip(listeners, socks, strict=True):
             h, p = sock.getsockname()[:2]
-            log.info("listening on %s:%d (%s)", h, p, lst.type)
+            announce.info("listening on %s:%d (%s)", h, p, lst.type)
         for child in children:
             self._start(child, env)
         control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), admin)
@@ -320,8 +383,11 @@ class Supervisor:
         buf = b""
         try:
             while not self._stop:
-                r, _, _ = select.select([ready_r], [], [], 0.2)
-                if r:
+                r, _, _ = select.select([ready_r, wake_r], [], [], 0.2)
+                if wake_r in r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 512)
+                if ready_r in r:
                     try:
                         buf += os.read(ready_r, 4096)
                     except BlockingIOError:
@@ -341,7 +407,7 @@ class Supervisor:
                         pass  # logged; the running configuration stays
                 if not announced and all(c.ready for c in children):
                     announced = True
-                    log.info("ready: %d workers serving on %s:%d", self.shards, host, port)
+                    announce.info("ready: %d workers serving on %s:%d", self.shards, host, port)
                     self.notifier.ready(self._status())
                 for child in children:
                     assert child.proc is not None
@@ -372,6 +438,9 @@ class Supervisor:
                 sock.close()
             os.close(ready_r)
             os.close(ready_w)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
             shutil.rmtree(run_dir, ignore_errors=True)
             os.close(lock_fd)
         log.info("shardbroker stopped")

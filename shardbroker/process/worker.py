@@ -219,12 +219,14 @@ class Worker:
                 pass
             broker.tick(now())
 
-        log.info("shard %d shutting down: %d connections", self.shard_index, len(broker.sessions.clients))
+        connections = len(broker.sessions.clients)
+        log.info("shard %d shutting down: %d connections", self.shard_index, connections)
         loop.remove_reader(listen.fileno())
         listen.close()
         control_server.close()
         broker.shutdown(now())
-        await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
+        if connections:
+            await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         poller.close()
         verifier.close()
         bus.close()

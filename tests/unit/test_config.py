@@ -26,6 +26,7 @@ EXPECTED_DEFAULTS = {
     "server.workers": 0,
     "server.data_dir": "./shardbroker-data",
     "server.log_level": "info",
+    "server.log_format": "text",
     "server.shutdown_timeout": 5.0,
     "server.sys_interval": 10.0,
     "limits.connect_timeout": 10.0,

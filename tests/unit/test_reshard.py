@@ -356,11 +356,19 @@ def test_refuses_while_broker_lock_is_held(data: Path) -> None:
     assert rs.reshard(data, 3) is not None  # once the lock is free
 
 
-@pytest.mark.parametrize("workers", ["0", "257", "-1"])
+@pytest.mark.parametrize("workers", ["257", "-1"])
 def test_refuses_bad_worker_count(data: Path, workers: str) -> None:
     result = cli("reshard", "--data-dir", str(data), "--workers", workers, "--yes")
     assert result.exit_code == 2
-    assert result.stderr == f"error: --workers must be between 1 and 256, got {workers}\n"
+    assert result.stderr == f"error: --workers must be between 0 (one per core) and 256, got {workers}\n"
+
+
+def test_workers_0_is_one_per_core_as_in_serve(data: Path) -> None:
+    cores = max(1, os.cpu_count() or 1)
+    result = cli("reshard", "--data-dir", str(data), "--workers", "0", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"--workers 0: one per core, {cores}\n")
+    assert data_dir_shards(data) == cores
 
 
 def test_refuses_missing_or_empty_dir(tmp_path: Path) -> None:
