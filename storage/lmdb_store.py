@@ -621,12 +621,7 @@ class _Env:
             raise StoreFull(f"{self.path}: cannot grow map to {new} bytes ({_reason(exc)})") from None
 
     def copy_compacted(self, dest: Path) -> None:
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-            if any(dest.iterdir()):
-                raise StoreError(f"{dest}: destination is not empty")
-        except OSError as exc:
-            raise StoreError(f"{dest}: cannot create ({exc.strerror})") from None
+        _empty_destination(dest)
         try:
             self.env.copy(str(dest), compact=True)
         except lmdb.Error as exc:
@@ -1646,6 +1641,16 @@ class RetainedStore:
         self._env.copy_compacted(Path(dest))
 
 
+def _empty_destination(dest: Path) -> None:
+    """Make ``dest`` (a copy's directory) if needed; ``StoreError`` unless it is empty."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise StoreError(f"{dest}: destination is not empty")
+    except OSError as exc:
+        raise StoreError(f"{dest}: cannot create ({exc.strerror})") from None
+
+
 def copy_together(copies: Sequence[tuple[ShardStore | RetainedStore, Path]]) -> None:
     """Compacted copies of open stores (a hot backup: read-only opens are enough, the broker
     goes on writing). A read transaction is begun on every store before the first copy, and
@@ -1654,12 +1659,7 @@ def copy_together(copies: Sequence[tuple[ShardStore | RetainedStore, Path]]) -> 
     be new or empty. LMDB's ``mdb_env_copy2`` with ``MDB_CP_COMPACT`` writes a consistent,
     compacted ``data.mdb`` (free pages left out)."""
     for _store, dest in copies:
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-            if any(dest.iterdir()):
-                raise StoreError(f"{dest}: destination is not empty")
-        except OSError as exc:
-            raise StoreError(f"{dest}: cannot create ({exc.strerror})") from None
+        _empty_destination(dest)
     txns: list[lmdb.Transaction[bytes]] = []
     try:
         for store, _dest in copies:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardbroker.operations.control import TIMEOUT, Request, gather
+from shardbroker.operations.control import TIMEOUT, Operations, Request, gather
 from shardbroker.operations.select import RETAINED_LIMIT, checked_filter, subscription_selector
 from shardbroker.sharding import shard_for
 
@@ -57,7 +57,7 @@ class Gathered:
         return total
 
 
-class Admin:
+class Admin(Operations):
     """The supervisor's operations. ``reload`` is the supervisor's own (called from the control
     thread): it reloads the configuration, as SIGHUP does, and returns the answer; it raises
     ``ValueError`` (answered as the error) when the new configuration does not load."""
@@ -66,7 +66,7 @@ class Admin:
         self.run_dir = run_dir
         self.shards = shards
         self._reload = reload
-        self._ops: dict[str, Callable[[Request], Any]] = {
+        self.ops = {
             "stats": self.stats,
             "reload": self.reload,
             "clients": self.clients,
@@ -76,12 +76,6 @@ class Admin:
             "routes": self.routes,
             "retained": self.retained,
         }
-
-    def __call__(self, request: Request) -> Any:
-        op = self._ops.get(request["op"])
-        if op is None:
-            raise ValueError(f"unknown operation {request['op']!r}")
-        return op(request)
 
     def ask_shards(self, request: Request, shards: list[int] | None = None) -> dict[str, Any]:
         """``{"shards": {n: result}, "missing": {n: why}}`` for ``request`` sent to ``shards``

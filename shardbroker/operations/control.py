@@ -47,6 +47,18 @@ class ControlError(Exception):
     """The other end is not there, did not answer in time, or answered with an error."""
 
 
+class Operations:
+    """A handler that answers a request by the operation it names (``ops``: name → method)."""
+
+    ops: dict[str, Handler]
+
+    def __call__(self, request: Request) -> Any:
+        op = self.ops.get(request["op"])
+        if op is None:
+            raise ValueError(f"unknown operation {request['op']!r}")
+        return op(request)
+
+
 def encode(obj: object) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return _HEAD.pack(len(body)) + body

@@ -32,7 +32,7 @@ from shardbroker.core.client import Client
 from shardbroker.core.clock import Now
 from shardbroker.core.session import Session, Subscribed
 from shardbroker.core.topics import matches, parse_shared
-from shardbroker.operations.control import Request
+from shardbroker.operations.control import Operations, Request
 from shardbroker.operations.histogram import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from shardbroker.operations.select import (
     RETAINED_LIMIT,
@@ -87,7 +87,7 @@ def subscription_view(sub: Subscribed) -> dict[str, Any]:
 Reload = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ShardOps:
+class ShardOps(Operations):
     """The operations of one shard, by name. ``clock`` reads the time (the worker's);
     ``metrics`` is what the worker's shell measures (None without one: ``stats`` then answers
     the broker's own counters only); ``reload`` is the worker's: it takes the new resolved
@@ -99,7 +99,7 @@ class ShardOps:
         self.clock = clock
         self.metrics = metrics
         self._reload = reload
-        self._ops: dict[str, Callable[[Request], Any]] = {
+        self.ops = {
             "stats": self.stats,
             "publish_sys": self.publish_sys,
             "reload": self.reload,
@@ -110,12 +110,6 @@ class ShardOps:
             "routes": self.routes,
             "retained": self.retained,
         }
-
-    def __call__(self, request: Request) -> Any:
-        op = self._ops.get(request["op"])
-        if op is None:
-            raise ValueError(f"unknown operation {request['op']!r}")
-        return op(request)
 
     def stats(self, request: Request) -> dict[str, Any]:
         broker, metrics = self.broker, self.metrics
