@@ -45,9 +45,11 @@ try:
 except ImportError:  # pragma: no cover - store CLI not installed
     pass
 
+from shardbroker.cli.cluster import app as cluster_app
 from shardbroker.cli.ctl import app as ctl_app
 
 app.add_typer(ctl_app, name="ctl")
+app.add_typer(cluster_app, name="cluster")
 
 
 def _load(config: Path | None, overrides: dict[str, object]) -> Config:
@@ -77,6 +79,11 @@ def serve(
         "storage.durability": durability,
     }
     cfg = _load(config, overrides)
+    if cfg.cluster.enabled:
+        typer.echo("shardbroker: cluster.node_id: clustering is not available yet in this version"
+                   " (only `shardbroker cluster` and the coordination layer; see docs/CLUSTERING.md)",
+                   err=True)
+        raise typer.Exit(2)
     from shardbroker.process.runtime import setup_logging
     from shardbroker.process.supervisor import Supervisor
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 __all__ = [
     "DEFAULT_TOML",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -246,8 +247,63 @@ class _Listed:
         return f"list of {self.what}"
 
 
+def _endpoint(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    url = text.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _Invalid(f"{text!r} is not an http(s)://HOST:PORT URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None or parts.path:
+        raise _Invalid(f"{text!r} is not an http(s)://HOST:PORT URL")
+    return url
+
+
+def _advertise(text: str) -> str:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Invalid(f"{text!r} is not HOST:PORT")
+    return text.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Advertise:
+    """HOST:PORT, or "" (not set)."""
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str):
+            raise _Invalid(f"must be HOST:PORT, got {_show(value)}")
+        return _advertise(value) if value else value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def allowed(self) -> str:
+        return 'HOST:PORT, or "" for none'
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeId:
+    """A node ID: letters, digits, '.', '_', '-' (it is part of etcd keys), or "" (off)."""
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str) or len(value) > 64 or any(
+                not (c.isascii() and (c.isalnum() or c in "._-")) for c in value):
+            raise _Invalid(f"must be up to 64 letters, digits, '.', '_' or '-', got {_show(value)}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def allowed(self) -> str:
+        return 'letters, digits, ".", "_", "-"; "" for no clustering'
+
+
 _Filters = functools.partial(_Listed, "topic filters", _topic_filter)
 _Networks = functools.partial(_Listed, "IP addresses or CIDR networks", _network)
+_Endpoints = functools.partial(_Listed, "http(s)://HOST:PORT URLs", _endpoint)
 
 
 def _setting(default: Any, doc: str, check: _Check) -> Any:
@@ -495,6 +551,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several nodes as one broker, coordinated through etcd (docs/CLUSTERING.md). Off while
+    ``node_id`` is empty; this version only checks the section (``serve`` refuses it)."""
+
+    node_id: str = _setting("", "this node's name in the cluster; empty: no clustering", _NodeId())
+    etcd_endpoints: tuple[str, ...] = _setting(
+        (), "etcd client URLs (http://HOST:PORT), any member of one etcd cluster", _Endpoints())
+    advertise: str = _setting("", "HOST:PORT other nodes use to reach this one", _Advertise())
+    lease_ttl: int = _setting(
+        10, "seconds a node stays registered without renewing its etcd lease; it stops serving"
+        " before that when it cannot renew", _Int(2, 300))
+    virtual_shards: int = _setting(
+        1024, "client IDs hash to this many virtual shards, the unit the shard map places on"
+        " node x worker; fixed for the life of a cluster (1024: about even over up to ~100"
+        " node x worker slots, and the map stays one small etcd value)", _Int(16, 16384))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.node_id)
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One ``[[listener]]`` table: where clients connect, and over what."""
 
@@ -604,6 +682,7 @@ class Config:
     acl: AclConfig = field(default_factory=AclConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     listeners: tuple[ListenerConfig, ...] = ()  # none: one mqtt listener on server.host:server.port
 
     @property
@@ -636,7 +715,8 @@ class ListenerAuth:
     acl_file: str
 
 
-_Section = ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig | MetricsConfig
+_Section = (ServerConfig | LimitsConfig | StorageConfig | AclConfig | AuthConfig | MetricsConfig
+            | ClusterConfig)
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
     "limits": LimitsConfig,
@@ -644,6 +724,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "acl": AclConfig,
     "auth": AuthConfig,
     "metrics": MetricsConfig,
+    "cluster": ClusterConfig,
 }
 """TOML section name -> dataclass, in file order (the same names as ``Config``'s fields)."""
 
@@ -777,7 +858,8 @@ def _check(name: str, value: object) -> object:
         raise ConfigError(name, str(e)) from None
 
 
-_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig, AuthConfig, MetricsConfig)
+_S = TypeVar("_S", ServerConfig, LimitsConfig, StorageConfig, AclConfig, AuthConfig, MetricsConfig,
+             ClusterConfig)
 
 
 def _build(cls: type[_S], section: str, values: Mapping[str, object]) -> _S:
@@ -825,6 +907,11 @@ def load_config(
             f"must be at least storage.map_size ({map_size}), got {max_map_size}",
         )
 
+    cluster = _build(ClusterConfig, "cluster", values)
+    if cluster.enabled and not (cluster.etcd_endpoints and cluster.advertise):
+        missing = "cluster.etcd_endpoints" if not cluster.etcd_endpoints else "cluster.advertise"
+        raise ConfigError(missing, "must be set when cluster.node_id is set")
+
     return Config(
         server=_build(ServerConfig, "server", values),
         limits=_build(LimitsConfig, "limits", values),
@@ -832,5 +919,6 @@ def load_config(
         acl=_build(AclConfig, "acl", values),
         auth=_build(AuthConfig, "auth", values),
         metrics=_build(MetricsConfig, "metrics", values),
+        cluster=cluster,
         listeners=listeners,
     )

@@ -42,7 +42,9 @@ def test_contracts_name_every_boundary() -> None:
     names = {c["name"] for c in PYPROJECT["tool"]["importlinter"]["contracts"]}
     for needed in ("protocol imports nothing of the project", "storage imports no broker",
                    "the broker core does no I/O and reads no clock: no socket, ssl, zmq, lmdb, asyncio or time",
-                   "typer only in cli", "zmq is imported by the bus alone", "lmdb is imported by the store alone"):
+                   "typer only in cli", "zmq is imported by the bus alone", "lmdb is imported by the store alone",
+                   "etcd3gw is imported by cluster.etcd alone",
+                   "the cluster's placement, map and fence are pure: no I/O, no clock"):
         assert needed in names
 
 

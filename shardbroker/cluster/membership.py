@@ -1,0 +1,173 @@
+"""A node's registration in the cluster: a key under a lease, kept alive, given up on leave.
+
+``/shardbroker/nodes/<node_id>`` holds ``{"advertise", "workers", "state"}`` (JSON) and is
+bound to the node's lease: when the node stops renewing it, etcd deletes the key after
+``lease_ttl`` seconds, and the controller gives its shards to others.
+
+The lease deadline is reckoned on the node's monotonic clock from the moment a renewal was
+*sent*: etcd's own deadline runs from when it processed the renewal, which is later, so the
+node's deadline is never after etcd's. (Clock rates differing by more than a small fraction
+would break this; no clock's value is compared between hosts.)
+
+Lease loss: ``on_lost(time_left)`` is called once, from the keep-alive thread, when etcd says
+the lease is gone (``time_left`` 0: revoked, or ``cluster forget``) or when renewals have failed
+until less than a third of the TTL is left, so the owner can close its clients before the
+lease can expire. After that the node is no longer a member; ``join`` again makes it one,
+under a new lease.
+
+What it does not do: decide what a lost lease means for clients (the owner does), or retry a
+``join`` refused because the node ID is still registered (by a previous run whose lease has
+not expired yet, or by another node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
+from shardbroker.cluster.shardmap import NODES_PREFIX
+
+__all__ = ["Membership", "NodeIdInUse", "NodeInfo", "parse_node"]
+
+log = logging.getLogger("shardbroker.cluster")
+
+STATES = ("up", "leaving")
+
+
+class NodeIdInUse(Exception):
+    """Another registration holds this node ID."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node says about itself in its registration."""
+
+    node_id: str
+    advertise: str
+    workers: int
+    state: str = "up"
+
+    def encode(self) -> bytes:
+        return json.dumps({"advertise": self.advertise, "workers": self.workers,
+                           "state": self.state}).encode()
+
+
+def parse_node(key: str, value: bytes) -> NodeInfo | None:
+    """The registration under ``key``; ``None`` if it is not one."""
+    try:
+        doc = json.loads(value)
+        info = NodeInfo(key.removeprefix(NODES_PREFIX), str(doc["advertise"]),
+                        int(doc["workers"]), str(doc["state"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return info if info.workers >= 0 else None
+
+
+class Membership:
+    """Registers ``info`` under a lease of ``ttl`` seconds and keeps it alive."""
+
+    def __init__(self, etcd: Etcd, info: NodeInfo, ttl: int,
+                 on_lost: Callable[[float], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.etcd = etcd
+        self.info = info
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self.clock = clock
+        self.lease = 0
+        self.deadline = -1.0  # monotonic time the lease is surely alive until
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def key(self) -> str:
+        return NODES_PREFIX + self.info.node_id
+
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - self.clock())
+
+    def join(self) -> None:
+        """Take a lease and register; ``NodeIdInUse`` when the ID is registered already."""
+        sent = self.clock()
+        lease = self.etcd.grant(self.ttl)
+        if not self.etcd.txn([Compare(self.key, "create", 0)],
+                             [Put(self.key, self.info.encode(), lease)]):
+            self.etcd.revoke(lease)
+            held = self.etcd.get(self.key)
+            left = self.etcd.time_to_live(held.lease) if held is not None and held.lease else -1
+            raise NodeIdInUse(f"node {self.info.node_id} is registered already"
+                              + (f" (its lease has {left} s left)" if left >= 0 else ""))
+        self.lease = lease
+        self.deadline = sent + self.ttl
+        self.lost = False
+        self._stop.clear()
+        log.info("node %s joined the cluster (lease %x, %d s)", self.info.node_id, lease, self.ttl)
+
+    def set_state(self, state: str) -> None:
+        """Change the state in the registration (under the same lease)."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+        info = NodeInfo(self.info.node_id, self.info.advertise, self.info.workers, state)
+        if not self.etcd.txn([Compare(self.key, "lease", self.lease)],
+                             [Put(self.key, info.encode(), self.lease)]):
+            raise EtcdError(f"node {self.info.node_id} is no longer registered under its lease")
+        self.info = info
+
+    def renew(self) -> float:
+        """One renewal; the time left on the lease afterwards. Calls ``on_lost`` (once) when
+        the lease is gone or about to expire unrenewed."""
+        if self.lost:
+            return 0.0
+        sent = self.clock()
+        try:
+            ttl = self.etcd.keepalive(self.lease)
+        except EtcdError as exc:
+            left = self.time_left()
+            log.warning("node %s: lease renewal failed (%.1f s left): %s",
+                        self.info.node_id, left, exc)
+            if left < self.ttl / 3:
+                self._lose(left)
+            return left
+        if ttl <= 0:
+            self._lose(0.0)
+            return 0.0
+        self.deadline = max(self.deadline, sent + ttl)
+        return self.time_left()
+
+    def _lose(self, left: float) -> None:
+        self.lost = True
+        self._stop.set()
+        log.warning("node %s: lease lost (%.1f s left)", self.info.node_id, left)
+        self.on_lost(left)
+
+    def start(self) -> None:
+        """Renew every third of the TTL (faster after a failure) in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.ttl / 3
+        while not self._stop.wait(interval):
+            left = self.renew()
+            interval = self.ttl / 3 if left >= self.ttl * 2 / 3 else min(0.25, self.ttl / 10)
+
+    def stop(self) -> None:
+        """Stop renewing (the lease then expires by itself)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def leave(self) -> None:
+        """Stop renewing and revoke the lease: the registration goes at once."""
+        self.stop()
+        if self.lease and not self.lost:
+            self.etcd.revoke(self.lease)
+            log.info("node %s left the cluster", self.info.node_id)
+        self.lost = True

@@ -1,0 +1,59 @@
+"""Where a client lives in a cluster: client ID -> virtual shard -> (node, worker).
+
+Pure: no I/O, no clock; the same inputs give the same answer in every process and release.
+
+* ``vshard_for(client_id, count)``: the virtual shard, ``sharding.shard_for`` with ``count``
+  shards (BLAKE2b-64 of the UTF-8 client ID, modulo ``count``), so it is stable across
+  processes and restarts like the single-host shard. The count is fixed for the life of a
+  cluster (``[cluster] virtual_shards``); a client's virtual shard never changes.
+* ``place(count, slots)``: each virtual shard goes to the slot (node x worker) with the
+  highest rendezvous score, BLAKE2b-64 of ``"<vshard>/<node>/<worker>"``. A slot that comes or
+  goes only takes or gives up its own shards: adding one node to N equal nodes moves about
+  1/(N+1) of the virtual shards, all of them to the new node; removing (draining) a node
+  moves only the shards it held. Each slot's share is about even (binomial spread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from shardbroker.sharding import shard_for
+
+__all__ = ["Slot", "place", "slots_of", "vshard_for"]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Slot:
+    """One worker of one node: where a virtual shard is served."""
+
+    node: str
+    worker: int
+
+
+def vshard_for(client_id: str, count: int) -> int:
+    """The virtual shard (0..count-1) of ``client_id``."""
+    return shard_for(client_id, count)
+
+
+def slots_of(workers: Mapping[str, int], excluded: Iterable[str] = ()) -> list[Slot]:
+    """The slots of nodes with their worker counts, leaving out ``excluded`` (drained) nodes."""
+    out = set(excluded)
+    return sorted(Slot(node, w) for node, n in workers.items() if node not in out
+                  for w in range(n))
+
+
+def _score(vshard: int, slot: Slot) -> int:
+    key = f"{vshard}/{slot.node}/{slot.worker}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def place(count: int, slots: Iterable[Slot]) -> list[Slot | None]:
+    """The slot of each virtual shard 0..count-1 (``None`` for all when there is no slot).
+    Ties (a 64-bit collision) go to the lowest slot, so the answer is still one."""
+    candidates = sorted(set(slots))
+    if not candidates:
+        return [None] * count
+    # max() keeps the first of equal scores, and candidates are sorted
+    return [max(candidates, key=lambda s: _score(v, s)) for v in range(count)]

@@ -1,0 +1,160 @@
+"""Real etcd for the cluster tests: one member, or a cluster of three, on loopback ports.
+
+``etcd_single`` and ``etcd_three`` (function scope) start ``/usr/bin/etcd`` (Debian's
+``etcd-server``; ``ETCD_BIN`` overrides it) with its data in ``tmp_path``, wait until every
+member answers ``/health``, and stop the members at teardown. Elections are made fast
+(heartbeat 50 ms, election timeout 500 ms) so that a stopped leader is replaced quickly.
+
+Without etcd the tests skip, saying why; under ``CI=true`` they fail instead, since CI
+(``.ci/run``) installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ETCD_BIN = os.environ.get("ETCD_BIN", "/usr/bin/etcd")
+START_TIMEOUT = 20.0
+
+
+def etcd_binary() -> str:
+    """The etcd binary; skip (or, in CI, fail) when there is none."""
+    path = ETCD_BIN if os.access(ETCD_BIN, os.X_OK) else shutil.which("etcd")
+    if path is None:
+        message = f"etcd not installed ({ETCD_BIN}; apt-get install etcd-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + ": CI must install it (.ci/run)")
+        pytest.skip(message)
+    return path
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Member:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+
+@dataclass
+class EtcdCluster:
+    """Members of one etcd cluster; ``endpoints`` are their client URLs."""
+
+    binary: str
+    members: list[Member] = field(default_factory=list)
+    state: str = "new"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def _argv(self, m: Member) -> list[str]:
+        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        return [
+            self.binary, "--name", m.name, "--data-dir", str(m.data_dir),
+            "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
+            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+            "--initial-cluster", initial, "--initial-cluster-state", self.state,
+            "--initial-cluster-token", "shardbroker-test",
+            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--logger", "zap", "--log-level", "warn",
+        ]
+
+    def start(self, m: Member) -> None:
+        with m.log.open("ab") as log:
+            m.proc = subprocess.Popen(self._argv(m), stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+
+    def stop(self, m: Member, sig: int = signal.SIGTERM) -> None:
+        if m.proc is None:
+            return
+        if m.proc.poll() is None:
+            m.proc.send_signal(sig)
+            try:
+                m.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait()
+        m.proc = None
+
+    def wait_healthy(self, members: list[Member] | None = None,
+                     timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for m in members or self.members:
+            while not m.healthy():
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise RuntimeError(f"etcd {m.name} exited: {m.log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd {m.name} not healthy after {timeout}s: "
+                                       f"{m.log.read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        for m in self.members:
+            self.stop(m, signal.SIGKILL)
+
+
+def _cluster(tmp_path: Path, size: int) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(etcd_binary())
+    ports = _free_ports(2 * size)
+    for i in range(size):
+        cluster.members.append(Member(f"m{i}", ports[2 * i], ports[2 * i + 1],
+                                      tmp_path / f"etcd-m{i}", tmp_path / f"etcd-m{i}.log"))
+    try:
+        for m in cluster.members:
+            cluster.start(m)
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def etcd_single(tmp_path: Path) -> Iterator[EtcdCluster]:
+    yield from _cluster(tmp_path, 1)
+
+
+@pytest.fixture
+def etcd_three(tmp_path: Path) -> Iterator[EtcdCluster]:
+    yield from _cluster(tmp_path, 3)

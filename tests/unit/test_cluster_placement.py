@@ -1,0 +1,174 @@
+"""The cluster's pure parts: virtual shards, rendezvous placement, the shard map, the fence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardbroker.cluster.fence import Fence, NotOwner, Stamp, Verdict
+from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
+from shardbroker.cluster.shardmap import MapFormatError, ShardMap, VShard, next_map
+from shardbroker.sharding import shard_for
+
+COUNT = 1024
+
+
+def test_vshard_is_the_stable_client_id_hash() -> None:
+    # pinned: a change of hash would move every client of every cluster
+    assert [vshard_for(c, COUNT) for c in ("a", "client-1", "sensor/ü")] == [
+        shard_for(c, COUNT) for c in ("a", "client-1", "sensor/ü")]
+    assert vshard_for("client-1", COUNT) == vshard_for("client-1", COUNT)
+    assert {vshard_for(f"c{i}", COUNT) for i in range(20000)} == set(range(COUNT))
+
+
+def test_pinned_values() -> None:
+    """Written down once: another hash or score would move clients between nodes on upgrade."""
+    assert (vshard_for("a", 1024), vshard_for("client-1", 1024)) == (559, 222)
+    n1, n2 = Slot("n1", 0), Slot("n2", 0)
+    assert place(4, [n1, n2]) == place(4, [n2, n1]) == [n1, n1, n1, n2]
+
+
+def test_placement_is_stable_and_ignores_slot_order() -> None:
+    slots = slots_of({"a": 2, "b": 2, "c": 2})
+    assert place(COUNT, slots) == place(COUNT, list(reversed(slots)))
+    assert set(place(COUNT, slots)) == set(slots)
+    assert place(8, []) == [None] * 8
+
+
+def test_shares_are_about_even() -> None:
+    counts: dict[Slot | None, int] = {}
+    for s in place(COUNT, slots_of({"a": 2, "b": 2, "c": 2, "d": 2})):
+        counts[s] = counts.get(s, 0) + 1
+    assert len(counts) == 8
+    mean = COUNT / 8
+    assert all(abs(n - mean) < 4 * math.sqrt(mean) for n in counts.values()), counts
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 5, 8])
+def test_adding_a_node_moves_about_one_in_n_plus_one_all_to_it(nodes: int) -> None:
+    before = place(COUNT, slots_of({f"n{i}": 1 for i in range(nodes)}))
+    after = place(COUNT, slots_of({f"n{i}": 1 for i in range(nodes + 1)}))
+    moved = [v for v in range(COUNT) if before[v] != after[v]]
+    assert all(after[v] == Slot(f"n{nodes}", 0) for v in moved)
+    expected = COUNT / (nodes + 1)
+    assert abs(len(moved) - expected) < 4 * math.sqrt(expected), (len(moved), expected)
+
+
+def test_draining_moves_only_the_drained_nodes_shards() -> None:
+    workers = {"a": 2, "b": 2, "c": 2}
+    before = place(COUNT, slots_of(workers))
+    after = place(COUNT, slots_of(workers, excluded={"b"}))
+    assert all(s is not None and s.node != "b" for s in after)
+    for v in range(COUNT):
+        assert (before[v] == after[v]) == (before[v] is not None and before[v].node != "b")  # type: ignore[union-attr]
+    moved = sum(1 for v in range(COUNT) if before[v] != after[v])
+    assert abs(moved - COUNT / 3) < 4 * math.sqrt(COUNT / 3)
+
+
+def test_more_workers_on_one_node_move_shards_only_among_its_workers_and_to_it() -> None:
+    before = place(COUNT, slots_of({"a": 1, "b": 1}))
+    after = place(COUNT, slots_of({"a": 2, "b": 1}))
+    assert all(after[v] == Slot("a", 1) for v in range(COUNT) if before[v] != after[v])
+
+
+# ------------------------------------------------------------------------ the map
+
+
+def test_first_map_is_version_1_with_epoch_1() -> None:
+    m = next_map(None, place(16, slots_of({"a": 1})))
+    assert m is not None and m.version == 1 and {v.epoch for v in m.vshards} == {1}
+    assert next_map(m, place(16, slots_of({"a": 1}))) is None  # nothing changes: no write
+
+
+def test_epochs_change_only_with_the_owner_and_only_increase() -> None:
+    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})))
+    m2 = next_map(m1, place(COUNT, slots_of({"a": 1, "b": 1, "c": 1})))
+    assert m1 is not None and m2 is not None and m2.version == 2
+    for old, new in zip(m1.vshards, m2.vshards):
+        assert new.epoch == (old.epoch if old.slot == new.slot else 2)
+    m3 = next_map(m2, place(COUNT, slots_of({"a": 1, "b": 1})))
+    assert m3 is not None
+    assert all(n.epoch >= o.epoch for o, n in zip(m2.vshards, m3.vshards))
+    # the shards c had come back at epoch 3: the epoch-1 owner's frames stay stale
+    assert {v.epoch for v, o in zip(m3.vshards, m2.vshards) if o.slot == Slot("c", 0)} == {3}
+
+
+def test_map_round_trips_and_refuses_garbage() -> None:
+    m = ShardMap(7, (VShard(Slot("a", 0), 3), VShard(None, 5), VShard(Slot("b", 1), 7)))
+    assert ShardMap.decode(m.encode()) == m
+    for junk in (b"", b"{}", b"[1]", b'{"version": 1, "owners": [[1]], "unowned_epochs": []}',
+                 b'{"version": 1, "owners": [null], "unowned_epochs": []}'):
+        with pytest.raises(MapFormatError):
+            ShardMap.decode(junk)
+
+
+@given(st.lists(st.sets(st.sampled_from("abcdef"), min_size=0, max_size=6), min_size=1,
+                max_size=8))
+def test_epochs_never_decrease_over_any_sequence_of_memberships(
+        memberships: list[set[str]]) -> None:
+    current: ShardMap | None = None
+    for members in memberships:
+        new = next_map(current, place(64, slots_of({n: 1 for n in members})))
+        if new is None:
+            continue
+        if current is not None:
+            assert new.version == current.version + 1
+            assert all(n.epoch >= o.epoch for o, n in zip(current.vshards, new.vshards))
+        current = new
+
+
+# ------------------------------------------------------------------------ the fence
+
+
+def _maps() -> tuple[ShardMap, ShardMap]:
+    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})))
+    m2 = next_map(m1, place(COUNT, slots_of({"b": 1})))  # a drained
+    assert m1 is not None and m2 is not None
+    return m1, m2
+
+
+def test_serves_only_its_shards_while_the_lease_is_alive() -> None:
+    m1, _ = _maps()
+    fence = Fence("a")
+    assert not fence.may_serve(0, 0.0)  # no map yet
+    fence.apply(m1)
+    mine = [v for v in range(COUNT) if m1.vshards[v].slot == Slot("a", 0)]
+    assert fence.served(0.0) == []  # no lease yet
+    fence.renewed(10.0)
+    assert fence.served(9.9) == mine and fence.served(10.0) == []
+    assert not fence.may_serve(COUNT, 5.0) and not fence.may_serve(-1, 5.0)
+    fence.lost()
+    assert fence.served(0.0) == []
+
+
+def test_a_moved_shard_is_no_longer_served_and_its_old_stamps_are_refused() -> None:
+    m1, m2 = _maps()
+    a, b = Fence("a"), Fence("b")
+    for f in (a, b):
+        f.apply(m1)
+        f.renewed(100.0)
+    v = next(v for v in range(COUNT) if m1.vshards[v].slot == Slot("a", 0))
+    old = a.stamp(v, 1.0)
+    assert old == Stamp(v, m1.vshards[v].epoch) and b.check(old) is Verdict.CURRENT
+    with pytest.raises(NotOwner):
+        b.stamp(v, 1.0)
+    b.apply(m2)  # b reads the new map first: a's frames are stale from now on
+    assert b.check(old) is Verdict.STALE
+    new = b.stamp(v, 1.0)
+    assert new.epoch == 2 and a.check(new) is Verdict.AHEAD  # a has not read m2 yet
+    a.apply(m2)
+    assert not a.may_serve(v, 1.0) and a.check(new) is Verdict.CURRENT
+    assert a.check(old) is Verdict.STALE
+
+
+def test_an_older_map_is_not_applied() -> None:
+    m1, m2 = _maps()
+    fence = Fence("b")
+    assert fence.apply(m2) and not fence.apply(m1) and not fence.apply(m2)
+    assert fence.map is m2
+    assert Fence("x").check(Stamp(0, 1)) is Verdict.AHEAD  # no map: nothing is current
+    fence.renewed(1.0)
+    assert fence.check(Stamp(COUNT, 1)) is Verdict.STALE
