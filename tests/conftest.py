@@ -15,6 +15,7 @@ Fixtures
                        (``.connack`` holds the CONNACK); mqtt.raw(broker) -> unconnected socket
     paho               factory of paho clients: paho(broker, client_id, version=4, ...) -> PahoClient
     uniq               unique names: uniq.cid(tag) (<= 23 alnum chars), uniq.topic(tag)
+    etcd_single, etcd_three  a real etcd of one or three members (tests/cluster_fixtures.py)
 
 Plain helpers (import from ``conftest``): Broker, client_id_on_shard, wait_until,
 skip_unless_shardbroker, CONFIG_* snippets.
@@ -46,6 +47,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mqttbytes as mb
+from cluster_fixtures import etcd_single, etcd_three  # noqa: F401  (fixtures: a real etcd)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = os.environ.get("MQTT_TEST_BROKER", "shardbroker")

@@ -68,6 +68,11 @@ EXPECTED_DEFAULTS = {
     "metrics.enabled": False,
     "metrics.host": "127.0.0.1",
     "metrics.port": 9883,
+    "cluster.node_id": "",
+    "cluster.etcd_endpoints": (),
+    "cluster.advertise": "",
+    "cluster.lease_ttl": 10,
+    "cluster.virtual_shards": 1024,
 }
 
 
@@ -496,3 +501,57 @@ def test_metrics_section(tmp_path: Path) -> None:
         "metrics.port: must be an integer between 0 and 65535, got 70000")
     assert str(error_of(tmp_path, '[metrics]\nenabled = "yes"\n')) == (
         "metrics.enabled: must be true or false, got 'yes'")
+
+
+CLUSTER = """[cluster]
+node_id = "node-1"
+etcd_endpoints = ["http://127.0.0.1:2379/", "https://etcd.example:2379"]
+advertise = "127.0.0.2:7000"
+lease_ttl = 5
+"""
+
+
+def test_cluster_section(tmp_path: Path) -> None:
+    cluster = load_config(write(tmp_path, CLUSTER)).cluster
+    assert cluster.enabled and cluster.node_id == "node-1" and cluster.lease_ttl == 5
+    assert cluster.etcd_endpoints == ("http://127.0.0.1:2379", "https://etcd.example:2379")
+    assert (cluster.advertise, cluster.virtual_shards) == ("127.0.0.2:7000", 1024)
+    assert not load_config().cluster.enabled
+    overridden = load_config(None, {"cluster.etcd_endpoints": "http://a:1, http://b:2"})
+    assert overridden.cluster.etcd_endpoints == ("http://a:1", "http://b:2")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[cluster]\nnode_id = "a b"\n',
+     "cluster.node_id: must be up to 64 letters, digits, '.', '_' or '-', got 'a b'"),
+    ('[cluster]\netcd_endpoints = ["127.0.0.1:2379"]\n',
+     "cluster.etcd_endpoints: '127.0.0.1:2379' is not an http(s)://HOST:PORT URL"),
+    ('[cluster]\netcd_endpoints = ["http://h:99999"]\n',
+     "cluster.etcd_endpoints: 'http://h:99999' is not an http(s)://HOST:PORT URL:"
+     " Port out of range 0-65535"),
+    ('[cluster]\nadvertise = "nohost"\n', "cluster.advertise: 'nohost' is not HOST:PORT"),
+    ("[cluster]\nlease_ttl = 1\n", "cluster.lease_ttl: must be an integer between 2 and 300, got 1"),
+    ("[cluster]\nvirtual_shards = 8\n",
+     "cluster.virtual_shards: must be an integer between 16 and 16384, got 8"),
+    ('[cluster]\nnode_id = "n"\nadvertise = "h:1"\n',
+     "cluster.etcd_endpoints: must be set when cluster.node_id is set"),
+    ('[cluster]\nnode_id = "n"\netcd_endpoints = ["http://h:1"]\n',
+     "cluster.advertise: must be set when cluster.node_id is set"),
+])
+def test_bad_cluster_settings(tmp_path: Path, text: str, expected: str) -> None:
+    assert str(error_of(tmp_path, text)) == expected
+
+
+def test_serve_refuses_a_cluster_configuration(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from shardbroker.cli.main import main
+
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--config", str(write(tmp_path, CLUSTER)), "--data-dir", str(data)])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err == ("shardbroker: cluster.node_id: clustering is not available yet in this version"
+                   " (only `shardbroker cluster` and the coordination layer; see"
+                   " docs/CLUSTERING.md)\n")
+    assert not data.exists()
