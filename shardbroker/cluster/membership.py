@@ -9,11 +9,13 @@ The lease deadline is reckoned on the node's monotonic clock from the moment a r
 node's deadline is never after etcd's. (Clock rates differing by more than a small fraction
 would break this; no clock's value is compared between hosts.)
 
-Lease loss: ``on_lost(time_left)`` is called once, from the keep-alive thread, when etcd says
-the lease is gone (``time_left`` 0: revoked, or ``cluster forget``) or when renewals have failed
-until less than a third of the TTL is left, so the owner can close its clients before the
-lease can expire. After that the node is no longer a member; ``join`` again makes it one,
-under a new lease.
+Lease loss: ``on_lost(time_left)`` is called once, from a lease thread, when etcd says the
+lease is gone (``time_left`` 0: revoked, or ``cluster forget``) or when the last third of the
+TTL begins without a renewal (a watchdog thread, so a renewal that hangs on an unresponsive
+etcd does not delay it), so the owner can close its clients before the lease can expire.
+That call is the early warning; the guarantee is ``fence.Fence``, which stops serving at
+``deadline`` whatever the threads do. After a loss the node is no longer a member; ``join``
+again makes it one, under a new lease.
 
 What it does not do: decide what a lost lease means for clients (the owner does), or retry a
 ``join`` refused because the node ID is still registered (by a previous run whose lease has
@@ -83,7 +85,8 @@ class Membership:
         self.deadline = -1.0  # monotonic time the lease is surely alive until
         self.lost = False
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewed = threading.Condition()
+        self._threads: list[threading.Thread] = []
 
     @property
     def key(self) -> str:
@@ -120,8 +123,8 @@ class Membership:
         self.info = info
 
     def renew(self) -> float:
-        """One renewal; the time left on the lease afterwards. Calls ``on_lost`` (once) when
-        the lease is gone or about to expire unrenewed."""
+        """One renewal; the time left on the lease afterwards. When etcd says the lease is
+        gone, the node is lost at once (``on_lost(0.0)``)."""
         if self.lost:
             return 0.0
         sent = self.clock()
@@ -131,38 +134,64 @@ class Membership:
             left = self.time_left()
             log.warning("node %s: lease renewal failed (%.1f s left): %s",
                         self.info.node_id, left, exc)
-            if left < self.ttl / 3:
-                self._lose(left)
             return left
         if ttl <= 0:
-            self._lose(0.0)
+            self._lose(gone=True)
             return 0.0
-        self.deadline = max(self.deadline, sent + ttl)
+        with self._renewed:
+            self.deadline = max(self.deadline, sent + ttl)
+            self._renewed.notify_all()
         return self.time_left()
 
-    def _lose(self, left: float) -> None:
-        self.lost = True
-        self._stop.set()
+    def _lose(self, gone: bool = False) -> None:
+        """Lost: once, stop renewing and tell the owner how long the lease may still run
+        (0 when etcd said it is gone)."""
+        with self._renewed:
+            if self.lost:
+                return
+            self.lost = True
+            self._stop.set()
+            self._renewed.notify_all()
+        left = 0.0 if gone else self.time_left()
         log.warning("node %s: lease lost (%.1f s left)", self.info.node_id, left)
         self.on_lost(left)
 
     def start(self) -> None:
-        """Renew every third of the TTL (faster after a failure) in a daemon thread."""
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
-        self._thread.start()
+        """Renew every third of the TTL (every quarter second after a failure) in one daemon
+        thread; a second one (the watchdog) declares the lease lost when the last third of
+        the TTL begins unrenewed, even while a renewal hangs on an unresponsive etcd."""
+        self._threads = [threading.Thread(target=self._renew_loop, name="lease", daemon=True),
+                         threading.Thread(target=self._watchdog, name="lease-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self) -> None:
+    def _renew_loop(self) -> None:
         interval = self.ttl / 3
         while not self._stop.wait(interval):
             left = self.renew()
             interval = self.ttl / 3 if left >= self.ttl * 2 / 3 else min(0.25, self.ttl / 10)
 
+    def _watchdog(self) -> None:
+        with self._renewed:
+            while not self._stop.is_set():
+                due = self.deadline - self.ttl / 3
+                now = self.clock()
+                if now >= due:
+                    break
+                self._renewed.wait(due - now)
+            if self._stop.is_set():
+                return
+        self._lose()
+
     def stop(self) -> None:
         """Stop renewing (the lease then expires by itself)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
+        with self._renewed:
+            self._stop.set()
+            self._renewed.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self._threads = []
 
     def leave(self) -> None:
         """Stop renewing and revoke the lease: the registration goes at once."""
