@@ -527,8 +527,8 @@ def test_cluster_section(tmp_path: Path) -> None:
     ('[cluster]\netcd_endpoints = ["127.0.0.1:2379"]\n',
      "cluster.etcd_endpoints: '127.0.0.1:2379' is not an http(s)://HOST:PORT URL"),
     ('[cluster]\netcd_endpoints = ["http://h:99999"]\n',
-     "cluster.etcd_endpoints: 'http://h:99999' is not an http(s)://HOST:PORT URL:"
-     " Port out of range 0-65535"),
+     ("cluster.etcd_endpoints: 'http://h:99999' is not an http(s)://HOST:PORT URL:"
+      " Port out of range 0-65535")),
     ('[cluster]\nadvertise = "nohost"\n', "cluster.advertise: 'nohost' is not HOST:PORT"),
     ("[cluster]\nlease_ttl = 1\n", "cluster.lease_ttl: must be an integer between 2 and 300, got 1"),
     ("[cluster]\nvirtual_shards = 8\n",
