@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,13 +133,19 @@ def _client(url: str, timeout: float) -> Etcd3Client:
 
 
 def _reason(exc: exceptions.Etcd3Exception) -> str:
-    """The one-line reason etcd (or the connection) gave."""
-    text = str(exc.detail_text if hasattr(exc, "detail_text") else exc)
+    """The one-line reason etcd (or the connection) gave: etcd's error text, or the socket's
+    (``Connection refused``, ``timed out``) rather than the HTTP library's whole story."""
+    text = str(exc.detail_text or exc)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "timed out" in text.lower():
+        return "timed out"
     try:
-        text = json.loads(text).get("error", text)
+        text = str(json.loads(text).get("error", text))
     except (ValueError, AttributeError):
         pass
-    return " ".join(str(text).split())[:200]
+    return " ".join(text.split())[:200]
 
 
 class Etcd:

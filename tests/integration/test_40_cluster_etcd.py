@@ -148,6 +148,8 @@ def test_a_hanging_etcd_is_seen_before_the_lease_can_expire(
         wait_until(lambda: node.lost, timeout=4, message="on_lost")
         left, when = node.lost[0]
         assert 0.5 < left <= 1.0 and when < node.member.deadline - 0.5
+        with pytest.raises(EtcdUnavailable, match=r"\(http://127\.0\.0\.1:\d+: timed out\)$"):
+            Etcd(etcd_single.endpoints, timeout=0.3).get("/x")
     finally:
         proc.send_signal(signal.SIGCONT)
 
@@ -314,8 +316,7 @@ def test_cluster_commands(etcd_single: EtcdCluster, nodes: list[Node],
         code, out, err = cli(capsys, *args)
         assert (code, out, err.strip()) == (2, "", message)
     code, out, err = cli(capsys, "--etcd", "http://127.0.0.1:9", "--timeout", "1", "status")
-    assert code == 2 and err.startswith("error: no etcd member answered (http://127.0.0.1:9: ")
-    assert len(err.strip().splitlines()) == 1
+    assert (code, err) == (2, "error: no etcd member answered (http://127.0.0.1:9: Connection refused)\n")
 
 
 # ------------------------------------------------------------------ a 3-member etcd
