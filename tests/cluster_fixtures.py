@@ -118,6 +118,21 @@ class EtcdCluster:
                 m.proc.wait()
         m.proc = None
 
+    def leader(self) -> Member:
+        """The member that leads now (asked of every running member)."""
+        ids: dict[str, Member] = {}
+        leader = ""
+        for m in self.members:
+            if m.proc is None:
+                continue
+            request = urllib.request.Request(m.url + "/v3/maintenance/status", data=b"{}",
+                                             method="POST")
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                doc = json.loads(resp.read())
+            ids[doc["header"]["member_id"]] = m
+            leader = doc.get("leader", leader)
+        return ids[leader]
+
     def wait_healthy(self, members: list[Member] | None = None,
                      timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

@@ -32,6 +32,7 @@ from shardbroker.cluster.shardmap import (
     DRAIN_PREFIX,
     MAP_KEY,
     NODES_PREFIX,
+    MapFormatError,
     ShardMap,
     next_map,
 )
@@ -159,6 +160,6 @@ class Controller:
         while not stop.is_set():
             try:
                 self.reconcile()
-            except (EtcdError, StaleController, MapMismatch) as exc:
+            except (EtcdError, StaleController, MapMismatch, MapFormatError) as exc:
                 log.warning("placement controller: %s", exc)
             stop.wait(interval)

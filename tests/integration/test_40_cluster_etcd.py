@@ -322,23 +322,79 @@ def test_cluster_commands(etcd_single: EtcdCluster, nodes: list[Node],
 # ------------------------------------------------------------------ a 3-member etcd
 
 
-def test_three_member_etcd_keeps_working_with_one_member_stopped(
+def test_three_member_etcd_keeps_working_with_its_leader_stopped(
         etcd_three: EtcdCluster, nodes: list[Node]) -> None:
-    pair = [Node(etcd_three.endpoints, n, ttl=2).join() for n in ("a", "b")]
+    leader = etcd_three.leader()
+    # the clients talk to the leader first: they must move to another member, and etcd
+    # must elect another leader, all within the nodes' 2 s TTL
+    endpoints = [leader.url] + [m.url for m in etcd_three.members if m is not leader]
+    pair = [Node(endpoints, n, ttl=2).join() for n in ("a", "b")]
     nodes += pair
     for n in pair:
         n.member.start()
     ctl = pair[0].controller
     assert ctl is not None and ctl.reconcile() is not None
-    # stop the member each client talks to first (and the leader, if it is another one)
-    etcd_three.stop(etcd_three.members[0])
+    etcd_three.stop(leader)
     time.sleep(3.0)  # more than a TTL: renewals went to the other members
     assert [n.lost for n in pair] == [[], []]
     assert registered(pair[0].etcd) == {"a", "b"}
+    assert etcd_three.leader() is not leader
     admin.drain(pair[0].etcd, "b")
     written = wait_until(lambda: _reconcile(ctl), timeout=5, message="map write")
     assert written.version == 2 and written.per_node() == {"a": VSHARDS}
     assert read_view(pair[1].etcd).map == written
+
+
+def test_etcd_quorum_lost_every_node_is_told_before_its_lease_can_expire(
+        etcd_three: EtcdCluster, nodes: list[Node]) -> None:
+    pair = [Node(etcd_three.endpoints, n, ttl=3).join() for n in ("a", "b")]
+    nodes += pair
+    for n in pair:
+        n.member.start()
+    time.sleep(1.2)
+    for m in etcd_three.members[:2]:
+        etcd_three.stop(m)
+    wait_until(lambda: all(n.lost for n in pair), timeout=5, message="on_lost on both")
+    for n in pair:
+        left, when = n.lost[0]
+        assert 0.0 < left <= 1.0 and when < n.member.deadline
+
+
+def test_controller_loops_hand_over(etcd_single: EtcdCluster, nodes: list[Node]) -> None:
+    """Two nodes each running the controller's loop: one writes the map; when it stops, the
+    other takes over after its lease and writes the next one, without it."""
+    pair = [Node(etcd_single.endpoints, n, ttl=2).join() for n in ("a", "b")]
+    nodes += pair
+    stops = [threading.Event(), threading.Event()]
+    threads = []
+    for n, stop in zip(pair, stops):
+        n.member.start()
+        assert n.controller is not None
+        threads.append(threading.Thread(target=n.controller.run, args=(stop, 0.2), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        first = wait_until(lambda: read_view(pair[0].etcd).map, timeout=5, message="a map")
+        assert set(first.per_node()) == {"a", "b"}
+        leader = read_view(pair[0].etcd).controller
+        index = 0 if leader == "a" else 1
+        other = pair[1 - index].member.info.node_id
+        stops[index].set()
+        pair[index].member.stop()  # it dies: its lease runs out, its registration goes
+        threads[index].join()
+        last = wait_until(lambda: _map_of(pair[1 - index].etcd, {other: VSHARDS}), timeout=8,
+                          message="the other controller's map")
+        assert read_view(pair[0].etcd).controller == other and last.version == 2
+    finally:
+        for stop in stops:
+            stop.set()
+        for t in threads:
+            t.join()
+
+
+def _map_of(etcd: Etcd, per_node: dict[str, int]) -> object:
+    m = read_view(etcd).map
+    return m if m is not None and dict(m.per_node()) == per_node else None
 
 
 def _reconcile(ctl: Controller) -> object:
