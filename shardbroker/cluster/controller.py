@@ -8,7 +8,8 @@ of another node wins.
 Each ``reconcile`` reads the live registrations (state ``up``), the drain marks and the map,
 places the virtual shards over the slots of the nodes that are up and not drained
 (``placement.place``) and, when that changes the map, writes the next map
-(``shardmap.next_map``: version + 1, new epochs for the shards that move) in a transaction
+(``shardmap.next_map``: version + 1, new epochs for the shards that move, and for all the
+shards of a node that registered again under a new lease) in a transaction
 that requires both that this node still holds the controller key (the same create revision)
 and that the map is still the one it read (the same mod revision). So two controllers can
 never both write over one map, and a controller that lost its lease or read an old map is
@@ -32,6 +33,7 @@ from shardbroker.cluster.shardmap import (
     DRAIN_PREFIX,
     MAP_KEY,
     NODES_PREFIX,
+    ROOT,
     MapFormatError,
     ShardMap,
     next_map,
@@ -55,6 +57,7 @@ class ClusterView:
     """What etcd says at one revision: registrations, drain marks, controller, map."""
 
     nodes: dict[str, NodeInfo]
+    leases: dict[str, int]  # the lease each registration is bound to
     drained: frozenset[str]
     controller: str | None
     map: ShardMap | None
@@ -64,15 +67,17 @@ class ClusterView:
 def read_view(etcd: Etcd) -> ClusterView:
     """Read the cluster's keys (one range over the prefix, so one revision)."""
     nodes: dict[str, NodeInfo] = {}
+    leases: dict[str, int] = {}
     drained: set[str] = set()
     controller: str | None = None
     shard_map: ShardMap | None = None
     revision = 0
-    for entry in etcd.get_prefix("/shardbroker/"):
+    for entry in etcd.get_prefix(ROOT):
         if entry.key.startswith(NODES_PREFIX):
             info = parse_node(entry.key, entry.value)
             if info is not None:
                 nodes[info.node_id] = info
+                leases[info.node_id] = entry.lease
         elif entry.key.startswith(DRAIN_PREFIX):
             drained.add(entry.key.removeprefix(DRAIN_PREFIX))
         elif entry.key == CONTROLLER_KEY:
@@ -80,7 +85,7 @@ def read_view(etcd: Etcd) -> ClusterView:
         elif entry.key == MAP_KEY:
             shard_map = ShardMap.decode(entry.value)
             revision = entry.mod_revision
-    return ClusterView(nodes, frozenset(drained), controller, shard_map, revision)
+    return ClusterView(nodes, leases, frozenset(drained), controller, shard_map, revision)
 
 
 class Controller:
@@ -116,7 +121,7 @@ class Controller:
                               f" this node is set for {self.virtual_shards}")
         workers = {n.node_id: n.workers for n in view.nodes.values() if n.state == "up"}
         placement = place(self.virtual_shards, slots_of(workers, view.drained))
-        return view, next_map(view.map, placement)
+        return view, next_map(view.map, placement, view.leases)
 
     def publish(self, view: ClusterView, new: ShardMap) -> None:
         """Write ``new`` over the map read in ``view``, if this node still leads and the map

@@ -45,10 +45,13 @@ class NotOwner(Exception):
 
 
 class Fence:
-    """One node's view: the newest map it has read, and until when its lease is alive."""
+    """One node's view: the newest map it has read, and until when its lease is alive. The
+    map must have given the shards to this node under this ``lease``: a map written for an
+    earlier run of the node does not let a later one serve."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, lease: int) -> None:
         self.node = node
+        self.lease = lease
         self.map: ShardMap | None = None
         self.lease_until = -math.inf
 
@@ -73,7 +76,8 @@ class Fence:
         if self.map is None or now >= self.lease_until or not 0 <= vshard < self.map.count:
             return False
         slot = self.map.vshards[vshard].slot
-        return slot is not None and slot.node == self.node
+        return (slot is not None and slot.node == self.node
+                and self.map.lease_of(self.node) == self.lease)
 
     def served(self, now: float) -> list[int]:
         """The virtual shards this node may serve at ``now``."""

@@ -6,8 +6,9 @@ everyone else reads it.
 Invariants, kept by ``next_map``:
 
 * ``version`` grows by one with every map written (the first map is version 1);
-* a virtual shard's ``epoch`` changes only when its owner changes, and then becomes the new
-  map's version, so epochs only ever increase, and (vshard, epoch) names one owner for ever;
+* a virtual shard's ``epoch`` changes only when its owner changes (another slot, or the same
+  node under another lease: it restarted), and then becomes the new map's version, so epochs
+  only ever increase, and (vshard, epoch) names one owner, in one incarnation, for ever;
 * ``len(vshards)`` is the cluster's virtual shard count, fixed once the first map exists.
 
 The etcd keys of the cluster are named here too.
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shardbroker.cluster.placement import Slot
 
-__all__ = ["CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "MapFormatError",
+__all__ = ["CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "ROOT", "MapFormatError",
            "ShardMap", "VShard", "next_map"]
 
 ROOT = "/shardbroker/"
@@ -46,55 +47,63 @@ class VShard:
 
 @dataclass(frozen=True, slots=True)
 class ShardMap:
+    """``leases``: for each node that owns shards, the lease it was registered under when the
+    map gave them to it (its incarnation: a node that restarts has another lease, and its
+    shards get new epochs)."""
+
     version: int
     vshards: tuple[VShard, ...]
+    leases: tuple[tuple[str, int], ...] = ()  # (node, lease), sorted by node
 
     @property
     def count(self) -> int:
         return len(self.vshards)
+
+    def lease_of(self, node: str) -> int:
+        """The lease ``node`` holds its shards under (0: it holds none)."""
+        return dict(self.leases).get(node, 0)
 
     def per_node(self) -> Counter[str]:
         """How many virtual shards each node serves."""
         return Counter(v.slot.node for v in self.vshards if v.slot is not None)
 
     def encode(self) -> bytes:
-        owners = [None if v.slot is None else [v.slot.node, v.slot.worker, v.epoch]
+        owners = [[None, None, v.epoch] if v.slot is None else [v.slot.node, v.slot.worker, v.epoch]
                   for v in self.vshards]
-        # an unowned shard keeps its epoch too
-        epochs = [v.epoch for v in self.vshards if v.slot is None]
-        return json.dumps({"version": self.version, "owners": owners, "unowned_epochs": epochs},
+        return json.dumps({"version": self.version, "leases": dict(self.leases), "owners": owners},
                           separators=(",", ":")).encode()
 
     @staticmethod
     def decode(data: bytes) -> ShardMap:
         try:
             doc = json.loads(data)
-            unowned = iter(doc["unowned_epochs"])
             vshards = []
-            for owner in doc["owners"]:
-                if owner is None:
-                    vshards.append(VShard(None, int(next(unowned))))
-                else:
-                    node, worker, epoch = owner
-                    vshards.append(VShard(Slot(str(node), int(worker)), int(epoch)))
-            return ShardMap(int(doc["version"]), tuple(vshards))
-        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            for node, worker, epoch in doc["owners"]:
+                slot = None if node is None else Slot(str(node), int(worker))
+                vshards.append(VShard(slot, int(epoch)))
+            leases = tuple(sorted((str(n), int(lease)) for n, lease in doc["leases"].items()))
+            return ShardMap(int(doc["version"]), tuple(vshards), leases)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MapFormatError(f"not a shard map: {exc}") from None
 
 
-def next_map(current: ShardMap | None, placement: Sequence[Slot | None]) -> ShardMap | None:
-    """The map after ``current`` that serves ``placement``; ``None`` when nothing changes.
-    A virtual shard whose owner changes gets the new version as its epoch."""
+def next_map(current: ShardMap | None, placement: Sequence[Slot | None],
+             leases: Mapping[str, int]) -> ShardMap | None:
+    """The map after ``current`` that serves ``placement``, the nodes in it registered under
+    ``leases``; ``None`` when nothing changes. A virtual shard whose owner changes, or whose
+    owner's lease changed (it restarted), gets the new version as its epoch."""
     if current is not None and len(placement) != current.count:
         raise ValueError(f"the map has {current.count} virtual shards, not {len(placement)}")
     version = 1 if current is None else current.version + 1
+    owners = {slot.node for slot in placement if slot is not None}
+    new_leases = tuple(sorted((node, leases[node]) for node in owners))
+    old_leases = dict(current.leases) if current is not None else {}
     vshards = []
-    changed = current is None
     for v, slot in enumerate(placement):
         old = None if current is None else current.vshards[v]
-        if old is not None and old.slot == slot:
-            vshards.append(old)
-        else:
-            vshards.append(VShard(slot, version))
-            changed = True
-    return ShardMap(version, tuple(vshards)) if changed else None
+        same_owner = old is not None and old.slot == slot and (
+            slot is None or old_leases.get(slot.node) == leases[slot.node])
+        vshards.append(old if same_owner and old is not None else VShard(slot, version))
+    if current is not None and tuple(vshards) == current.vshards and new_leases == current.leases:
+        return None
+    return ShardMap(version, tuple(vshards), new_leases)

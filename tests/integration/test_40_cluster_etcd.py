@@ -272,6 +272,24 @@ def test_drain_moves_about_a_third_and_empties_the_node(
     assert all(back.vshards[v].epoch == 3 for v in moved)  # back at a new epoch
 
 
+def test_a_node_that_registers_again_gets_new_epochs(
+        etcd_single: EtcdCluster, nodes: list[Node]) -> None:
+    a = Node(etcd_single.endpoints, "a", ttl=10).join()
+    b = Node(etcd_single.endpoints, "b", ttl=10).join()
+    nodes += [a, b]
+    assert a.controller is not None
+    first = a.controller.reconcile()
+    assert first is not None and first.lease_of("b") == b.member.lease
+    b.member.leave()
+    b_again = Node(etcd_single.endpoints, "b", ttl=10).join()  # back before any round
+    nodes.append(b_again)
+    second = a.controller.reconcile()
+    assert second is not None and second.lease_of("b") == b_again.member.lease
+    assert [v.slot for v in second.vshards] == [v.slot for v in first.vshards]
+    assert {v.epoch for v in second.vshards if v.slot is not None and v.slot.node == "b"} == {2}
+    assert {v.epoch for v in second.vshards if v.slot is not None and v.slot.node == "a"} == {1}
+
+
 # ------------------------------------------------------------------ the command line
 
 

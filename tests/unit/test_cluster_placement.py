@@ -14,6 +14,7 @@ from shardbroker.cluster.shardmap import MapFormatError, ShardMap, VShard, next_
 from shardbroker.sharding import shard_for
 
 COUNT = 1024
+LEASES = {n: 100 + i for i, n in enumerate("abcdefgh")}  # each node's lease (incarnation)
 
 
 def test_vshard_is_the_stable_client_id_hash() -> None:
@@ -78,29 +79,49 @@ def test_more_workers_on_one_node_move_shards_only_among_its_workers_and_to_it()
 
 
 def test_first_map_is_version_1_with_epoch_1() -> None:
-    m = next_map(None, place(16, slots_of({"a": 1})))
+    m = next_map(None, place(16, slots_of({"a": 1})), LEASES)
     assert m is not None and m.version == 1 and {v.epoch for v in m.vshards} == {1}
-    assert next_map(m, place(16, slots_of({"a": 1}))) is None  # nothing changes: no write
+    assert next_map(m, place(16, slots_of({"a": 1})), LEASES) is None  # nothing changes: no write
 
 
 def test_epochs_change_only_with_the_owner_and_only_increase() -> None:
-    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})))
-    m2 = next_map(m1, place(COUNT, slots_of({"a": 1, "b": 1, "c": 1})))
+    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})), LEASES)
+    m2 = next_map(m1, place(COUNT, slots_of({"a": 1, "b": 1, "c": 1})), LEASES)
     assert m1 is not None and m2 is not None and m2.version == 2
     for old, new in zip(m1.vshards, m2.vshards):
         assert new.epoch == (old.epoch if old.slot == new.slot else 2)
-    m3 = next_map(m2, place(COUNT, slots_of({"a": 1, "b": 1})))
+    m3 = next_map(m2, place(COUNT, slots_of({"a": 1, "b": 1})), LEASES)
     assert m3 is not None
     assert all(n.epoch >= o.epoch for o, n in zip(m2.vshards, m3.vshards))
     # the shards c had come back at epoch 3: the epoch-1 owner's frames stay stale
     assert {v.epoch for v, o in zip(m3.vshards, m2.vshards) if o.slot == Slot("c", 0)} == {3}
 
 
+def test_a_node_under_a_new_lease_gets_new_epochs_for_all_its_shards() -> None:
+    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})), LEASES)
+    assert m1 is not None and m1.lease_of("a") == LEASES["a"] and m1.lease_of("z") == 0
+    restarted = {**LEASES, "b": 999}
+    m2 = next_map(m1, place(COUNT, slots_of({"a": 1, "b": 1})), restarted)
+    assert m2 is not None and m2.lease_of("b") == 999
+    for old, new in zip(m1.vshards, m2.vshards):
+        assert old.slot == new.slot
+        assert new.epoch == (2 if new.slot == Slot("b", 0) else 1)
+    assert next_map(m2, place(COUNT, slots_of({"a": 1, "b": 1})), restarted) is None
+    # the fence of b's earlier run serves nothing under the new map
+    before, after = Fence("b", LEASES["b"]), Fence("b", 999)
+    for fence in (before, after):
+        fence.apply(m2)
+        fence.renewed(10.0)
+    assert before.served(0.0) == [] and len(after.served(0.0)) == m2.per_node()["b"]
+
+
 def test_map_round_trips_and_refuses_garbage() -> None:
-    m = ShardMap(7, (VShard(Slot("a", 0), 3), VShard(None, 5), VShard(Slot("b", 1), 7)))
+    m = ShardMap(7, (VShard(Slot("a", 0), 3), VShard(None, 5), VShard(Slot("b", 1), 7)),
+                 (("a", 2**63 - 1), ("b", 1)))
     assert ShardMap.decode(m.encode()) == m
-    for junk in (b"", b"{}", b"[1]", b'{"version": 1, "owners": [[1]], "unowned_epochs": []}',
-                 b'{"version": 1, "owners": [null], "unowned_epochs": []}'):
+    for junk in (b"", b"{}", b"[1]", b'{"version": 1, "owners": [[1]], "leases": {}}',
+                 b'{"version": 1, "owners": [null], "leases": {}}',
+                 b'{"version": 1, "owners": [], "leases": []}'):
         with pytest.raises(MapFormatError):
             ShardMap.decode(junk)
 
@@ -111,7 +132,7 @@ def test_epochs_never_decrease_over_any_sequence_of_memberships(
         memberships: list[set[str]]) -> None:
     current: ShardMap | None = None
     for members in memberships:
-        new = next_map(current, place(64, slots_of({n: 1 for n in members})))
+        new = next_map(current, place(64, slots_of({n: 1 for n in members})), LEASES)
         if new is None:
             continue
         if current is not None:
@@ -124,15 +145,15 @@ def test_epochs_never_decrease_over_any_sequence_of_memberships(
 
 
 def _maps() -> tuple[ShardMap, ShardMap]:
-    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})))
-    m2 = next_map(m1, place(COUNT, slots_of({"b": 1})))  # a drained
+    m1 = next_map(None, place(COUNT, slots_of({"a": 1, "b": 1})), LEASES)
+    m2 = next_map(m1, place(COUNT, slots_of({"b": 1})), LEASES)  # a drained
     assert m1 is not None and m2 is not None
     return m1, m2
 
 
 def test_serves_only_its_shards_while_the_lease_is_alive() -> None:
     m1, _ = _maps()
-    fence = Fence("a")
+    fence = Fence("a", LEASES["a"])
     assert not fence.may_serve(0, 0.0)  # no map yet
     fence.apply(m1)
     mine = [v for v in range(COUNT) if m1.vshards[v].slot == Slot("a", 0)]
@@ -146,7 +167,7 @@ def test_serves_only_its_shards_while_the_lease_is_alive() -> None:
 
 def test_a_moved_shard_is_no_longer_served_and_its_old_stamps_are_refused() -> None:
     m1, m2 = _maps()
-    a, b = Fence("a"), Fence("b")
+    a, b = Fence("a", LEASES["a"]), Fence("b", LEASES["b"])
     for f in (a, b):
         f.apply(m1)
         f.renewed(100.0)
@@ -166,9 +187,9 @@ def test_a_moved_shard_is_no_longer_served_and_its_old_stamps_are_refused() -> N
 
 def test_an_older_map_is_not_applied() -> None:
     m1, m2 = _maps()
-    fence = Fence("b")
+    fence = Fence("b", LEASES["b"])
     assert fence.apply(m2) and not fence.apply(m1) and not fence.apply(m2)
     assert fence.map is m2
-    assert Fence("x").check(Stamp(0, 1)) is Verdict.AHEAD  # no map: nothing is current
+    assert Fence("x", 1).check(Stamp(0, 1)) is Verdict.AHEAD  # no map: nothing is current
     fence.renewed(1.0)
     assert fence.check(Stamp(COUNT, 1)) is Verdict.STALE
