@@ -7,7 +7,8 @@ Pure: no I/O, no clock; the same inputs give the same answer in every process an
   processes and restarts like the single-host shard. The count is fixed for the life of a
   cluster (``[cluster] virtual_shards``); a client's virtual shard never changes.
 * ``place(count, slots)``: each virtual shard goes to the slot (node x worker) with the
-  highest rendezvous score, BLAKE2b-64 of ``"<vshard>/<node>/<worker>"``. A slot that comes or
+  highest rendezvous score, BLAKE2b-64 of ``"<node>/<worker>/"`` followed by the virtual
+  shard as 4 bytes, big-endian. A slot that comes or
   goes only takes or gives up its own shards: adding one node to N equal nodes moves about
   1/(N+1) of the virtual shards, all of them to the new node; removing (draining) a node
   moves only the shards it held. Each slot's share is about even (binomial spread).
@@ -44,16 +45,24 @@ def slots_of(workers: Mapping[str, int], excluded: Iterable[str] = ()) -> list[S
                   for w in range(n))
 
 
-def _score(vshard: int, slot: Slot) -> int:
-    key = f"{vshard}/{slot.node}/{slot.worker}".encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-
-
 def place(count: int, slots: Iterable[Slot]) -> list[Slot | None]:
     """The slot of each virtual shard 0..count-1 (``None`` for all when there is no slot).
     Ties (a 64-bit collision) go to the lowest slot, so the answer is still one."""
     candidates = sorted(set(slots))
     if not candidates:
         return [None] * count
-    # max() keeps the first of equal scores, and candidates are sorted
-    return [max(candidates, key=lambda s: _score(v, s)) for v in range(count)]
+    # the slot's part of the hashed bytes is hashed once; each score continues a copy
+    bases = [hashlib.blake2b(f"{s.node}/{s.worker}/".encode("utf-8", "surrogatepass"),
+                             digest_size=8) for s in candidates]
+    out: list[Slot | None] = []
+    for v in range(count):
+        suffix = v.to_bytes(4, "big")
+        best, best_score = 0, -1
+        for i, base in enumerate(bases):
+            h = base.copy()
+            h.update(suffix)
+            score = int.from_bytes(h.digest(), "big")
+            if score > best_score:
+                best, best_score = i, score
+        out.append(candidates[best])
+    return out
