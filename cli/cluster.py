@@ -7,6 +7,9 @@ no broker needs to run.
 
 Exit status: 0; 2 with one ``error:`` line for bad input (no endpoints, a node that is not
 known) and when no etcd member answers.
+
+The etcd client (``etcd3gw``) comes with the ``cluster`` extra; it is imported when a command
+runs, so the rest of the command line works without it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from shardbroker.cli.ctl import _table_of, emit_json, printable
 from shardbroker.cli.store import _fail
-from shardbroker.cluster.admin import UnknownNode, drain, forget, status, undrain
-from shardbroker.cluster.etcd import Etcd, EtcdError
-from shardbroker.cluster.shardmap import MapFormatError
 from shardbroker.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from shardbroker.cluster.etcd import Etcd
 
 app = typer.Typer(help="The cluster's nodes and shard map, in etcd (see docs/CLUSTERING.md).",
                   no_args_is_help=True, add_completion=False,
@@ -54,6 +57,13 @@ def _target(
 def _etcd() -> Iterator[Etcd]:
     """A client of the etcd the options name; every etcd failure is one line, exit 2."""
     try:
+        from shardbroker.cluster.admin import UnknownNode
+        from shardbroker.cluster.etcd import Etcd, EtcdError
+        from shardbroker.cluster.shardmap import MapFormatError
+    except ImportError as exc:
+        _fail(f"the cluster commands need the cluster extra ({exc.name or exc}):"
+              " pip install 'shardbroker[cluster]'")
+    try:
         cfg = load_config(_Target.config, {"cluster.etcd_endpoints": _Target.etcd})
     except ConfigError as exc:
         _fail(f"configuration: {exc}")
@@ -73,6 +83,8 @@ def _etcd() -> Iterator[Etcd]:
 def status_command(as_json: JsonOpt = False) -> None:
     """The nodes, their state and virtual shards, the controller and the map version."""
     with _etcd() as etcd:
+        from shardbroker.cluster.admin import status
+
         result = status(etcd)
     if as_json:
         emit_json(result)
@@ -89,6 +101,8 @@ def status_command(as_json: JsonOpt = False) -> None:
 def drain_command(node: NodeArg) -> None:
     """Give NODE no shards: the controller moves its virtual shards to the other nodes."""
     with _etcd() as etcd:
+        from shardbroker.cluster.admin import drain
+
         drain(etcd, node)
     typer.echo(f"node {printable(node)}: drained (its shards move at the controller's next round)")
 
@@ -97,6 +111,8 @@ def drain_command(node: NodeArg) -> None:
 def undrain_command(node: NodeArg) -> None:
     """Take NODE's drain mark away: it gets shards again."""
     with _etcd() as etcd:
+        from shardbroker.cluster.admin import UnknownNode, undrain
+
         if not undrain(etcd, node):
             raise UnknownNode(f"node {node!r} is not drained")
     typer.echo(f"node {printable(node)}: no longer drained")
@@ -107,5 +123,7 @@ def forget_command(node: NodeArg) -> None:
     """Remove NODE's registration (revoking its lease: a live node stops serving) and its
     drain mark; for a node that is gone for good."""
     with _etcd() as etcd:
+        from shardbroker.cluster.admin import forget
+
         done = forget(etcd, node)
     typer.echo(printable(done))
