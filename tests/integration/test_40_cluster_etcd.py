@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -335,6 +336,17 @@ def test_cluster_commands(etcd_single: EtcdCluster, nodes: list[Node],
         assert (code, out, err.strip()) == (2, "", message)
     code, out, err = cli(capsys, "--etcd", "http://127.0.0.1:9", "--timeout", "1", "status")
     assert (code, err) == (2, "error: no etcd member answered (http://127.0.0.1:9: Connection refused)\n")
+
+
+def test_without_the_etcd_client_the_commands_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "etcd3gw", None)  # import etcd3gw: ImportError
+    for name in [m for m in sys.modules if m.startswith("shardbroker.cluster.")]:
+        monkeypatch.delitem(sys.modules, name)
+    code, out, err = cli(capsys, "--etcd", "http://127.0.0.1:9", "status")
+    assert (code, out) == (2, "") and err == (
+        "error: the cluster commands need the cluster extra (etcd3gw):"
+        " pip install 'shardbroker[cluster]'\n")
 
 
 # ------------------------------------------------------------------ a 3-member etcd
