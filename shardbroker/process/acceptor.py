@@ -124,6 +124,7 @@ class Acceptor:
         self._outgoing: dict[int, list[tuple[_Pending, str | None, int]]] = {}  # shard -> hand-offs
         self.accepted = 0
         self.handed_off = 0
+        self.handoff_sends = 0  # sendmsg calls that carried them (handed_off / handoff_sends: the batch size)
         self.refused = 0  # closed by limits.max_connection_rate
         # from the first byte of a CONNECT read to its hand-off sent to the worker
         self.handoff_seconds = Histogram(LATENCY_BOUNDS)
@@ -215,6 +216,7 @@ class Acceptor:
                 link = self._handoff(shard, batch)
                 if link is not None:
                     self.handed_off += len(chunk)
+                    self.handoff_sends += 1
                     sent = time.monotonic()
                     for p, _cid, _v in chunk:
                         self.handoff_seconds.observe(sent - p.first_at)
@@ -607,7 +609,8 @@ class Acceptor:
         if request["op"] == "stats":
             counts = self.counts
             return {"counters": {
-                "accepted": self.accepted, "handed_off": self.handed_off, "refused_rate": self.refused,
+                "accepted": self.accepted, "handed_off": self.handed_off, "handoff_sends": self.handoff_sends,
+                "refused_rate": self.refused,
                 "refused_max_connections": counts.refused_total,
                 "refused_max_connections_per_address": counts.refused_address,
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),

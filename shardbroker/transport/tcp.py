@@ -193,14 +193,14 @@ class TcpConnection:
 
     # ---- socket events
 
-    def start(self, broker: Broker, client: Client) -> None:
+    def start(self, broker: Broker, client: Client, now: Now) -> None:
         """Start reading; the bytes the acceptor read (CONNECT first) come before anything newer."""
         self._broker = broker
         self._client = client
         self.resume_reading()
         if self._initial:
             initial, self._initial = self._initial, b""
-            broker.received(client, initial, _now())
+            broker.received(client, initial, now)
 
     def _on_readable(self) -> None:
         try:
@@ -330,11 +330,11 @@ class TcpConnection:
         ``reason`` is the broker's, which it has logged."""
         if self._closed or self._lingering or self._close_after:
             return
-        if self._close_timer is None:
-            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
         self._close_after = True
-        if self._wbuf is None:
+        if self._wbuf is None:  # nothing to wait for: no close timeout to set (and cancel at once)
             self._finish_close()
+        elif self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
 
     def _finish_close(self) -> None:
         """Everything is written: FIN, then read and discard for a moment before closing, so a
