@@ -428,7 +428,7 @@ class Broker:
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
         clientlog.disconnected(client, f"client sent DISCONNECT [{reasons.name(pkt.reason_code)}]")
         self.sessions.detach(client, publish_will=publish_will)
-        self.output.close(client, "client disconnected")
+        self.output.close(client, "client disconnected", ended=True)
 
     # ------------------------------------------------------------------ peers
 
@@ -463,7 +463,7 @@ class Broker:
             due = self.output.take()
         self.peers.committed(ok)
         for client in due:
-            Output.write(client)
+            self.output.write(client)
         self._update_flow()
 
     def _update_flow(self) -> None:
