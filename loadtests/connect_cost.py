@@ -6,7 +6,9 @@ log level), then runs the bench's ``connect-rate`` scenario against it ``--runs`
 system CPU time of the acceptor and of each worker from ``/proc/PID/stat`` before and after
 each run. A run's window covers its connections from the TCP connect to the close at its
 end (the close notices included). CPU time per connection is what other load on a shared
-machine disturbs least; connections/s is printed beside it::
+machine disturbs least; connections/s is printed beside it, and the waits per 1,000
+connections of each process (voluntary context switches: wake-ups, each of which costs a
+process tens of microseconds of CPU on a virtual machine)::
 
     .venv/bin/python -m loadtests.connect_cost                       # 3 runs, 2 workers, warning
     .venv/bin/python -m loadtests.connect_cost --log-level info      # with the connect/disconnect lines
@@ -38,6 +40,16 @@ def cpu_seconds(pid: int) -> float:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread so far: each is a wait for an
+    event (an epoll wait that blocked), which is what a process spends most on per wake-up."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
 
 
 def children(pid: int) -> dict[str, int]:
@@ -120,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
             roles = list(procs)
             print(f"broker pid {broker.proc.pid}, port {broker.port}: "
                   + ", ".join(f"{r} {p}" for r, p in procs.items()))
-            head = ["run", "conn/s", *[f"{r} s/1k" for r in roles], "broker s/1k", "generator s/1k"]
+            head = ["run", "conn/s", *[f"{r} s/1k" for r in roles], "broker s/1k", "generator s/1k",
+                    *[f"{r} waits/1k" for r in roles]]
             rows: list[list[str]] = []
             for run in range(1, args.runs + 1):
                 report = Path(tmp) / f"run-{run}.json"
                 before = {r: cpu_seconds(p) for r, p in procs.items()}
+                waits = {r: wakeups(p) for r, p in procs.items()}
                 done = subprocess.run(
                     [args.python, "-m", "loadtests.bench", "--target", f"127.0.0.1:{broker.port}",
                      "--target-pid", str(broker.proc.pid), "--scenario", "connect-rate", "--repeat", "1",
                      "--duration", "2", "--connections", str(args.connections), "--json", str(report)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
                 after = {r: cpu_seconds(p) for r, p in procs.items()}
+                waited = [(wakeups(p) - waits[r]) * 1000 // max(1, args.connections) for r, p in procs.items()]
                 m = json.loads(report.read_text())["runs"][0]["runs"][0] if report.exists() else {}
                 ok = args.connections - int(m.get("failed", args.connections))
                 if done.returncode != 0 or not ok or m.get("failed"):
@@ -138,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 per = 1000 / max(1, ok)
                 spent = [(after[r] - before[r]) * per for r in roles]
                 rows.append([str(run), f"{m.get('conn/s', 0):,.0f}", *[f"{s:.3f}" for s in spent],
-                             f"{sum(spent):.3f}", f"{m.get('_gen_cpu', 0) * per:.3f}"])
+                             f"{sum(spent):.3f}", f"{m.get('_gen_cpu', 0) * per:.3f}", *map(str, waited)])
                 time.sleep(1.0)
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
             print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))

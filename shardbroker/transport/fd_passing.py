@@ -39,8 +39,11 @@ MAX_FRAME = 512 << 20
 MAX_FDS = 64  # descriptors per sendmsg; the receiver's control buffer holds exactly this many
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handoff:
+    """One connection handed over. A value, though not frozen (one per connection on each
+    side; a frozen dataclass's ``__init__`` costs an ``object.__setattr__`` per field)."""
+
     fd: int
     client_id: str | None  # an identifier the acceptor assigned, or None
     initial: bytes  # everything read from the client so far (CONNECT first)
