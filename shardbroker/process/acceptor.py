@@ -503,19 +503,20 @@ class Acceptor:
 
     def _connect(self, p: _Pending, first: int, body: memoryview | bytes) -> None:
         """A whole CONNECT has arrived: refuse it here, or hand the socket to its shard."""
-        try:
-            version = codec.connect_version(body)
+        try:  # a CONNECT says its own version (the one passed is not read)
+            connect = codec.decode(first, body, MQTT_3_1_1, self.config.limits.strict_utf8)
         except ProtocolError as exc:
-            if exc.reason != reasons.UNSUPPORTED_PROTOCOL_VERSION:
-                return self._refuse(p, None, exc)
-            # Answer in the form the client will read: 5.0 (0x84) if it asked for level 5,
-            # else the 3.1.1 return code 1 [MQTT-3.1.2-2].
-            return self._refuse(p, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, exc)
-        try:
-            connect = codec.decode(first, body, version, self.config.limits.strict_utf8)
-        except ProtocolError as exc:
+            try:  # the version to answer in, when the CONNECT says it
+                version = codec.connect_version(body)
+            except ProtocolError as early:
+                if early.reason != reasons.UNSUPPORTED_PROTOCOL_VERSION:
+                    return self._refuse(p, None, early)
+                # Answer in the form the client will read: 5.0 (0x84) if it asked for level 5,
+                # else the 3.1.1 return code 1 [MQTT-3.1.2-2].
+                return self._refuse(p, MQTT_5 if _level(body) == MQTT_5 else MQTT_3_1_1, early)
             return self._refuse(p, version, exc)
         assert isinstance(connect, Connect)
+        version = connect.protocol_version
         client_id: str | None = None
         if not connect.client_id:
             if version == MQTT_5 or (version == MQTT_3_1_1 and connect.clean_start):
