@@ -316,6 +316,7 @@ class Broker:
         client.gone = True
         client.closing = True
         client.out = None
+        self.output.forget(client)
         self.flow.forget(client)
         self.backpressure.forget(client)
         self._pending.pop(client, None)

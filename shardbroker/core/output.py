@@ -47,6 +47,11 @@ class Output:
         if not client.output_due:
             self._mark_due(client)
 
+    def forget(self, client: Client) -> None:
+        """The client's transport is gone (whether or not its close was written)."""
+        if self._ended:
+            self._ended.discard(client)
+
     def _mark_due(self, client: Client) -> None:
         client.output_due = True
         self._due.append(client)

@@ -122,6 +122,7 @@ def test_a_client_that_sent_disconnect_is_closed_without_linger(h: Harness) -> N
     old.packets()
     h.connect("b")
     assert old.transport.closed and old.transport.lingered is True
+    assert not h.broker.output._ended  # nothing kept of the closed ones
 
 
 def test_takeover_closes_the_old_connection_with_0x8e(h: Harness) -> None:
