@@ -316,6 +316,7 @@ class Broker:
         client.gone = True
         client.closing = True
         client.out = None
+        self.output.forget(client)
         self.flow.forget(client)
         self.backpressure.forget(client)
         self._pending.pop(client, None)
@@ -428,7 +429,7 @@ class Broker:
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
         clientlog.disconnected(client, f"client sent DISCONNECT [{reasons.name(pkt.reason_code)}]")
         self.sessions.detach(client, publish_will=publish_will)
-        self.output.close(client, "client disconnected")
+        self.output.close(client, "client disconnected", ended=True)
 
     # ------------------------------------------------------------------ peers
 
@@ -463,7 +464,7 @@ class Broker:
             due = self.output.take()
         self.peers.committed(ok)
         for client in due:
-            Output.write(client)
+            self.output.write(client)
         self._update_flow()
 
     def _update_flow(self) -> None:

@@ -62,9 +62,11 @@ class Transport(Protocol):
         """Whether so much waits that QoS 0 to this client is dropped."""
         ...
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, linger: bool = True) -> None:
         """Close after what was written has gone out (bounded in time by the transport).
-        ``reason`` says why, for the transport's own close (a WebSocket close frame) and logs."""
+        ``reason`` says why, for the transport's own close (a WebSocket close frame) and logs.
+        ``linger`` False: the client sent DISCONNECT and sends nothing more, so there is no
+        input to drain before the close."""
 
     def abort(self, reason: str) -> None:
         """Close at once (``reason`` as for ``close``)."""

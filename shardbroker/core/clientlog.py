@@ -8,6 +8,9 @@ facts go with the record as structured fields (``client_id``, ``address``, ``ver
 ``reason``), which the JSON log format writes as such (``process/runtime.py``); nothing a
 client sent is written raw (both formats escape control characters).
 
+Below INFO (``--log-level warning``) a line costs one level check: neither its fields nor the
+client's address (a system call the first time) are looked up.
+
 ``Client.closing`` is what makes the disconnect line once: every path that ends a connected
 client logs before it sets it, and ``Broker.lost`` logs only a client not yet closing.
 """
@@ -33,6 +36,8 @@ def _fields(client: Client, reason: str | None = None) -> dict[str, object]:
 
 def connected(client: Client, shard: int, present: bool) -> None:
     """The CONNACK (success) is on its way to ``client``."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = _fields(client)
     log.info("client %s connected from %s (MQTT %s, shard %d, %s)", client.client_id, client.peer,
              fields["version"], shard, "session present" if present else "new session", extra=fields)
@@ -40,6 +45,8 @@ def connected(client: Client, shard: int, present: bool) -> None:
 
 def disconnected(client: Client, reason: str) -> None:
     """The connection of ``client``, connected before, ends for ``reason``."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = _fields(client, reason)
     log.info("client %s disconnected from %s (MQTT %s): %s", client.client_id, client.peer,
              fields["version"], reason, extra=fields)

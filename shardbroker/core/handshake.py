@@ -65,9 +65,10 @@ from shardbroker.security.scram import ScramExchange, ScramFailed
 log = logging.getLogger("shardbroker.handshake")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Terms:
-    """What a CONNECT was accepted with."""
+    """What a CONNECT was accepted with. A value, though not frozen: one is made per CONNECT,
+    and a frozen dataclass's ``__init__`` costs an ``object.__setattr__`` per field."""
 
     client_id: str
     version: int

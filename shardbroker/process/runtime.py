@@ -8,6 +8,10 @@ neither forge a log line nor drive the reader's terminal. A traceback keeps its 
 Two formats (``server.log_format``): ``text``, one line per record, and ``json``, one JSON
 object per line with ``ts``, ``level``, ``logger``, ``pid``, ``msg`` and the record's
 structured fields (``FIELDS``, given with ``extra=``: the connect and disconnect lines).
+At the default level a connect and a disconnect line are written for every client, so a
+record is made cheaply: no caller lookup (no format here names a file, line or function),
+no thread or process lookup per record (the process id is the formatter's, read once), and
+the date and time formatted once per second.
 Every process of a broker logs in the same format: the children read it from the
 configuration the supervisor hands them. The ``ANNOUNCE`` logger (where the broker listens,
 and that it is ready) logs at every level: ``--port 0`` must say which port it took.
@@ -54,9 +58,23 @@ def _printable(text: str) -> str:
 
 class EscapingFormatter(logging.Formatter):
     """``LOG_FORMAT`` with the control characters of the message (U+0000-U+001F, U+007F-U+009F)
-    written as ``\\xNN``."""
+    written as ``\\xNN``; the date and time of one second formatted once."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._pid = os.getpid()
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.process is None:
+            record.process = self._pid
         text = record.message
         if not text.isprintable():
             record.message = _CONTROL.sub(_escape, text)
@@ -69,11 +87,15 @@ class JsonFormatter(logging.Formatter):
     ``exc``. Control characters in the message and the fields are written ``\\xNN`` as in
     text (JSON would escape U+0000-U+001F, but not U+007F-U+009F)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         out: dict[str, object] = {
             "ts": f"{ts}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
-            "pid": record.process, "msg": _printable(record.getMessage()),
+            "pid": self._pid if record.process is None else record.process, "msg": _printable(record.getMessage()),
         }
         for name in FIELDS:
             value = record.__dict__.get(name)
@@ -86,6 +108,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, log_format: str = "text") -> None:
     """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``)."""
+    # What a record need not look up (the Logging HOWTO, "Optimization"): the formats name no
+    # source file, function, thread or process name, and the formatters know the process id.
+    logging._srcfile = None  # no caller frame walk per record
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else EscapingFormatter(LOG_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

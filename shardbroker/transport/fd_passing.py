@@ -39,8 +39,11 @@ MAX_FRAME = 512 << 20
 MAX_FDS = 64  # descriptors per sendmsg; the receiver's control buffer holds exactly this many
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handoff:
+    """One connection handed over. A value, though not frozen (one per connection on each
+    side; a frozen dataclass's ``__init__`` costs an ``object.__setattr__`` per field)."""
+
     fd: int
     client_id: str | None  # an identifier the acceptor assigned, or None
     initial: bytes  # everything read from the client so far (CONNECT first)
@@ -112,27 +115,33 @@ class HandoffReceiver:
         return out
 
     def _frames(self) -> list[Handoff]:
+        """The whole frames in the buffer that have their descriptor, read in place; the buffer
+        is cut once, after them (not once per frame: a batch holds up to ``MAX_FDS``)."""
         out: list[Handoff] = []
-        while len(self._buf) >= 4:
-            (size,) = _LEN.unpack_from(self._buf, 0)
+        buf, fds = self._buf, self._fds
+        at, n = 0, len(buf)
+        while n - at >= 4:
+            (size,) = _LEN.unpack_from(buf, at)
             if size > MAX_FRAME:
                 raise ValueError(f"hand-off frame of {size} bytes")
-            if len(self._buf) < 4 + size or not self._fds:
+            end = at + 4 + size
+            if n < end or not fds:
                 break
-            body = bytes(self._buf[4 : 4 + size])
-            del self._buf[: 4 + size]
-            (listener,) = _HLEN.unpack_from(body, 0)
-            pos = 2
+            (listener,) = _HLEN.unpack_from(buf, at + 4)
+            pos = at + 6
             fields: list[str | None] = []
             for _ in range(3):
-                (marker,) = _HLEN.unpack_from(body, pos)
+                (marker,) = _HLEN.unpack_from(buf, pos)
                 pos += 2
                 if marker:
-                    fields.append(body[pos : pos + marker - 1].decode())
+                    fields.append(buf[pos : pos + marker - 1].decode())
                     pos += marker - 1
                 else:
                     fields.append(None)
-            out.append(Handoff(self._fds.popleft(), fields[0], body[pos:], fields[1], fields[2], listener))
+            out.append(Handoff(fds.popleft(), fields[0], bytes(buf[pos:end]), fields[1], fields[2], listener))
+            at = end
+        if at:
+            del buf[:at]
         return out
 
     def close(self) -> None:

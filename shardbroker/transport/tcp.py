@@ -15,7 +15,7 @@ dropped (``write_buffer_full``).
 
 Closing: ``close`` writes what is buffered, sends FIN, then reads and discards for
 ``CLOSE_LINGER`` seconds so that a client still sending reads our last packets
-rather than a reset; a client that does not take what it is owed within
+rather than a reset (not after the client's DISCONNECT: it sends nothing more); a client that does not take what it is owed within
 ``CLOSE_TIMEOUT`` is cut off. However it ends, the broker is told once
 (``Broker.lost``), and so is the acceptor, through the hand-off link's close notices
 (``notify_close``), which it needs to count open connections.
@@ -193,14 +193,14 @@ class TcpConnection:
 
     # ---- socket events
 
-    def start(self, broker: Broker, client: Client) -> None:
+    def start(self, broker: Broker, client: Client, now: Now) -> None:
         """Start reading; the bytes the acceptor read (CONNECT first) come before anything newer."""
         self._broker = broker
         self._client = client
         self.resume_reading()
         if self._initial:
             initial, self._initial = self._initial, b""
-            broker.received(client, initial, _now())
+            broker.received(client, initial, now)
 
     def _on_readable(self) -> None:
         try:
@@ -324,17 +324,22 @@ class TcpConnection:
 
     # ---- closing
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, linger: bool = True) -> None:
         """Close once what is buffered has been written; a client that does not read it within
         ``CLOSE_TIMEOUT`` is cut off. Closing twice is closing once. TCP has no way to say why:
-        ``reason`` is the broker's, which it has logged."""
+        ``reason`` is the broker's, which it has logged. ``linger`` False (the client sent
+        DISCONNECT): with nothing buffered, the socket is closed at once (the kernel still
+        sends what it holds, then the FIN), since there is no input to drain first."""
         if self._closed or self._lingering or self._close_after:
             return
-        if self._close_timer is None:
-            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
         self._close_after = True
-        if self._wbuf is None:
-            self._finish_close()
+        if self._wbuf is None:  # nothing to wait for: no close timeout to set (and cancel at once)
+            if linger:
+                self._finish_close()
+            else:
+                self._lost()
+        elif self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._lost)
 
     def _finish_close(self) -> None:
         """Everything is written: FIN, then read and discard for a moment before closing, so a

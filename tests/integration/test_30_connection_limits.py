@@ -90,6 +90,22 @@ def test_over_the_total_a_new_connection_is_closed(make_broker, uniq):
     b.wait_for_log(r"acceptor stopped .* by limits\.max_connections [1-9]")
 
 
+def test_a_client_that_sent_disconnect_frees_its_slot_before_it_closes(make_broker, uniq):
+    # The broker closes a client that said DISCONNECT at once, without the second of
+    # draining its input (CLOSE_LINGER) that other closes get; so its slot is free while
+    # the client still holds its end of the connection.
+    b = make_broker(workers=1, config="[limits]\nmax_connections = 1\n")
+    time.sleep(0.3)  # the start-up probe has left
+    first = _eventually_admitted(b, uniq.cid("a"))
+    first.send(mb.disconnect())
+    assert first.expect_closed(3)  # the FIN; its own end stays open
+    said = time.monotonic()
+    second = _eventually_admitted(b, uniq.cid("b"), timeout=5)
+    assert time.monotonic() - said < 0.9  # not after the linger (1 s)
+    second.close()
+    first.sock.close()
+
+
 # --------------------------------------------------------------------------- per address
 
 PER_ADDRESS = "[limits]\nmax_connections_per_address = 2\n"

@@ -90,6 +90,7 @@ class FakeTransport:
         self.closed = False
         self.aborted = False
         self.close_reason: str | None = None
+        self.lingered: bool | None = None  # how ``close`` was asked to end it
         self.paused = False
         self.buffer_full = False
         self.on_close: Callable[[], None] | None = None
@@ -102,8 +103,9 @@ class FakeTransport:
     def write_buffer_full(self) -> bool:
         return self.buffer_full
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, linger: bool = True) -> None:
         self.closed = True
+        self.lingered = linger
         self.close_reason = reason
         if self.on_close is not None:
             self.on_close()

@@ -111,6 +111,20 @@ def test_clean_start_discards_the_old_session(h: Harness) -> None:
     assert "t" not in h.broker.subscriptions.route_keys()
 
 
+def test_a_client_that_sent_disconnect_is_closed_without_linger(h: Harness) -> None:
+    # it sends nothing more: its transport need not drain input before closing; a connection
+    # the broker ends itself (here a takeover) may still be sending, and lingers
+    c = h.connect("a")
+    c.packets()
+    c.send(Disconnect())
+    assert c.transport.closed and c.transport.lingered is False
+    old = h.connect("b")
+    old.packets()
+    h.connect("b")
+    assert old.transport.closed and old.transport.lingered is True
+    assert not h.broker.output._ended  # nothing kept of the closed ones
+
+
 def test_takeover_closes_the_old_connection_with_0x8e(h: Harness) -> None:
     old = h.connect("a", MQTT_5, clean=False, properties=Properties(session_expiry_interval=60))
     old.send(_sub("t", 1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 import tomllib
 
@@ -71,6 +72,35 @@ def test_the_announce_logger_writes_at_every_level(fmt: str, monkeypatch: pytest
     assert len(lines) == 1 and "listening on 127.0.0.1:4242 (mqtt)" in lines[0]
     if fmt == "json":
         assert json.loads(lines[0])["logger"] == ANNOUNCE
+
+
+def test_text_lines_are_the_standard_formatters_with_the_time_formatted_once_a_second() -> None:
+    ours, standard = EscapingFormatter(LOG_FORMAT), logging.Formatter(LOG_FORMAT)
+    for created in (1_700_000_000.004, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_061.5, 1_700_000_000.25):
+        record = _record("client %s connected", "a")
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        record.process = 4242
+        assert ours.format(record) == standard.format(record)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_records_made_without_a_process_id_carry_the_formatters(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging("info", fmt)
+        logging.getLogger("shardbroker.clients").info("client %s connected", "a")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger(ANNOUNCE).setLevel(logging.NOTSET)
+    [line] = stream.getvalue().splitlines()
+    if fmt == "json":
+        assert json.loads(line)["pid"] == os.getpid()
+    else:
+        assert f"INFO shardbroker.clients[{os.getpid()}]: client a connected" in line
 
 
 @pytest.mark.parametrize("value", ['q"uote\\back', "tab\there", "nl\nx", "del\x7f", "é ☃ \U0001f600", ""])
