@@ -32,7 +32,10 @@ def _fields(client: Client, reason: str | None = None) -> dict[str, object]:
 
 
 def connected(client: Client, shard: int, present: bool) -> None:
-    """The CONNACK (success) is on its way to ``client``."""
+    """The CONNACK (success) is on its way to ``client``. Nothing is done below INFO: the
+    address would cost a ``getpeername`` and a string kept with every connection."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = _fields(client)
     log.info("client %s connected from %s (MQTT %s, shard %d, %s)", client.client_id, client.peer,
              fields["version"], shard, "session present" if present else "new session", extra=fields)
@@ -40,6 +43,8 @@ def connected(client: Client, shard: int, present: bool) -> None:
 
 def disconnected(client: Client, reason: str) -> None:
     """The connection of ``client``, connected before, ends for ``reason``."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = _fields(client, reason)
     log.info("client %s disconnected from %s (MQTT %s): %s", client.client_id, client.peer,
              fields["version"], reason, extra=fields)

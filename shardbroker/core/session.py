@@ -36,6 +36,7 @@ __all__ = [
     "AWAIT_PUBCOMP",
     "AWAIT_PUBREC",
     "NEVER",
+    "NO_INFLIGHT",
     "Message",
     "Outgoing",
     "Queued",
@@ -93,6 +94,24 @@ class Outgoing:
     group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
 
 
+class _NoInflight(dict[int, Outgoing]):
+    """The in-flight map of every session that has nothing in flight: an empty dict is 64
+    bytes a session, idle ones being most of them. Read it like any dict; ``Session.track``
+    puts a dict of the session's own in its place first, and a write to it raises."""
+
+    __slots__ = ()
+
+    def __setitem__(self, pid: int, out: Outgoing) -> None:
+        raise TypeError("NO_INFLIGHT is shared by every session: use Session.track")
+
+
+NO_INFLIGHT: dict[int, Outgoing] = _NoInflight()
+
+
+def _no_inflight() -> dict[int, Outgoing]:
+    return NO_INFLIGHT
+
+
 @dataclass(slots=True)
 class Queued:
     message: Message
@@ -135,7 +154,7 @@ class Session:
     subscriptions: dict[str, Subscribed] | None = None  # made on the first, dropped with the last
     will: WillState | None = None
     client: Client | None = None  # the connected client, None while offline
-    inflight: dict[int, Outgoing] = field(default_factory=dict)
+    inflight: dict[int, Outgoing] = field(default_factory=_no_inflight)  # written through ``track``
     queue: deque[Queued] | None = None  # made on first use, dropped when empty (see ``push``)
     queued_bytes: int = 0
     qos2_in: set[int] | None = None  # made on first use (``add_qos2_in``)
@@ -162,6 +181,21 @@ class Session:
         if queue is None:
             queue = self.queue = deque()
         queue.append(q)
+
+    def track(self, pid: int, out: Outgoing) -> None:
+        """``out`` is in flight under ``pid``. A session with nothing in flight shares
+        ``NO_INFLIGHT`` (see ``untrack``)."""
+        inflight = self.inflight
+        if inflight is NO_INFLIGHT:
+            inflight = self.inflight = {}
+        inflight[pid] = out
+
+    def untrack(self, pid: int) -> None:
+        """``pid``'s exchange is over; the last one gives the session's dict back."""
+        inflight = self.inflight
+        del inflight[pid]
+        if not inflight:
+            self.inflight = NO_INFLIGHT
 
     def queued(self) -> int:
         queue = self.queue

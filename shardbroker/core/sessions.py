@@ -25,6 +25,7 @@ from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.session import (
     AWAIT_PUBCOMP,
+    NO_INFLIGHT,
     Message,
     Outgoing,
     Queued,
@@ -83,7 +84,7 @@ class Sessions:
                 sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
             for pid, inf, smsg in store.inflight(rec.client_id):
                 msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
-                sess.inflight[pid] = Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state)
+                sess.track(pid, Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state))
                 sess.next_pid = pid % 65535 + 1
             for seq, msg_id, qos, smsg in store.queue(rec.client_id):
                 msg = _message_from_stored(smsg, msg_id)
@@ -206,7 +207,7 @@ class Sessions:
         stranded = [(o.message, o.group) for o in sess.inflight.values()
                     if o.group is not None and o.message is not None and o.state != AWAIT_PUBCOMP]
         stranded += [(q.message, q.group) for q in sess.queue or () if q.group is not None]
-        sess.inflight.clear()
+        sess.inflight = NO_INFLIGHT
         sess.queue = None
         sess.queued_bytes = 0
         for msg, (group, flt) in stranded:

@@ -308,18 +308,20 @@ class Worker:
         arrivals = self._arrivals
         for _ in range(min(ADOPT_BATCH, len(arrivals))):
             link, h, number = arrivals.popleft()
-            self._adopt(loop, h, link, number)
+            self._adopt(h, link, number)
         if arrivals:
             self._adopting = True
             loop.call_soon(self._adopt_some, loop)
 
-    def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff, link: Link, number: int) -> None:
+    def _adopt(self, h: Handoff, link: Link, number: int) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
-        # belong to the socket, so they came along with the descriptor.
+        # belong to the socket, so they came along with the descriptor. ``SocketType`` is the
+        # socket without ``socket.socket``'s Python layer (``makefile``, context manager), which
+        # the connection does not use: 48 bytes, against 104 with that layer.
         assert self._poller is not None
-        sock = socket.socket(fileno=h.fd)
-        conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None and h.listener == 0
-                else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity, h.listener))
+        sock = socket.SocketType(fileno=h.fd)
+        conn = (TcpConnection(sock, self._poller, h.initial) if h.peer is None and h.listener == 0
+                else RelayedConnection(sock, self._poller, h.initial, h.peer, h.identity, h.listener))
         conn.notify_close(link, number)
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, now()))
 

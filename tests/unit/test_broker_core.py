@@ -17,6 +17,7 @@ from core_harness import Harness
 
 from shardbroker.config import load_config
 from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
+from shardbroker.core.session import NO_INFLIGHT
 from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
     DurableForward,
@@ -183,6 +184,25 @@ def test_puback_leaves_only_at_the_flush(h: Harness) -> None:
     assert c.packets() == []  # nothing written yet: the commit comes first
     h.run()
     assert c.packets() == [PubAck(7)]
+
+
+def test_sessions_with_nothing_in_flight_share_one_empty_map(h: Harness) -> None:
+    sub = h.connect("s")
+    sub.send(_sub("t", 1))
+    sub.packets()
+    sess = h.broker.sessions.get("s")
+    assert sess is not None and sess.inflight is NO_INFLIGHT
+    with pytest.raises(TypeError):
+        NO_INFLIGHT[1] = sess.inflight.get(1)  # type: ignore[assignment]
+    pub = h.connect("p")
+    pub.send(Publish("t", b"x", qos=1, packet_id=1))
+    pub.send(Publish("t", b"y", qos=1, packet_id=2))
+    first, second = _publishes(sub.packets())
+    assert sess.inflight is not NO_INFLIGHT and len(sess.inflight) == 2
+    sub.send(PubAck(first.packet_id))
+    assert list(sess.inflight) == [second.packet_id]
+    sub.send(PubAck(second.packet_id))
+    assert sess.inflight is NO_INFLIGHT and not NO_INFLIGHT
 
 
 def test_pingreq(h: Harness) -> None:
