@@ -347,16 +347,18 @@ class Subscriptions:
         if not subs:
             return
         now = self.time.wall
+        heads: list[tuple[str, bool]] = []  # a filter's text up to its first wildcard; whether it has none
         for sub in subs:
             flt = sub.topic_filter
             cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
-            prefix = flt[:cut]
-            try:
-                found = list(self.retained.scan(prefix)) if cut < len(flt) else (
-                    [(flt, m)] if (m := self.retained.get(flt)) is not None else [])
-            except StoreError as exc:
-                log.error("retained store read failed: %s", exc)
-                return
+            heads.append((flt[:cut], cut == len(flt)))
+        try:
+            found_each = self.retained.find(heads)  # one read of the store for the whole SUBSCRIBE
+        except StoreError as exc:
+            log.error("retained store read failed: %s", exc)
+            return
+        for sub, found in zip(subs, found_each, strict=True):
+            flt = sub.topic_filter
             for topic, smsg in found:
                 if not matches(flt, topic):
                     continue

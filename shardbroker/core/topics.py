@@ -222,13 +222,11 @@ def _kind(topic_filter: str) -> int:
     """Where a ``FilterMap`` keeps ``topic_filter``: ``_LITERAL`` without a wildcard;
     ``_TAIL`` when its one wildcard is its last level, after at least one literal level
     (``a/b/+``, ``a/#``: the usual shape of a wildcard subscription); ``_TRIE`` otherwise."""
-    plus = topic_filter.find("+")
-    hash_ = topic_filter.find("#")
-    if plus < 0 and hash_ < 0:
+    if "+" not in topic_filter and "#" not in topic_filter:
         return _LITERAL
-    last = len(topic_filter) - 1
-    if (plus < 0 or hash_ < 0) and max(plus, hash_) == last and last >= 1 and topic_filter[last - 1] == "/":
-        return _TAIL
+    head = topic_filter[:-2]
+    if topic_filter[-2:-1] == "/" and "+" not in head and "#" not in head:
+        return _TAIL  # (a valid filter's '+' or '#' is a whole level, so the last one is it)
     return _TRIE
 
 
