@@ -43,6 +43,7 @@ __all__ = [
     "Session",
     "Subscribed",
     "WillState",
+    "subscribed",
 ]
 
 
@@ -124,16 +125,32 @@ class Queued:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """One of a session's subscriptions, with its options (``topic_filter`` as subscribed,
-    ``$share/group/`` included) and the session's ``client_id``."""
+    """The options of one of a session's subscriptions; its filter (as subscribed,
+    ``$share/group/`` included) is the key it is held under. Subscriptions with the same
+    options and no Subscription Identifier share one instance (``subscribed``), so that
+    such a subscription costs no object of its own."""
 
-    topic_filter: str
     qos: int
     no_local: bool = False
     retain_as_published: bool = False
     retain_handling: int = 0
     subscription_id: int | None = None
-    client_id: str = ""
+
+
+_SHARED_OPTIONS: dict[tuple[int, bool, bool, int], Subscribed] = {}  # at most 3 * 2 * 2 * 3
+
+
+def subscribed(qos: int, no_local: bool = False, retain_as_published: bool = False, retain_handling: int = 0,
+               subscription_id: int | None = None) -> Subscribed:
+    """The ``Subscribed`` of these options: the shared one without a Subscription Identifier,
+    a new one with (identifiers are many)."""
+    if subscription_id is not None:
+        return Subscribed(qos, no_local, retain_as_published, retain_handling, subscription_id)
+    key = (qos, bool(no_local), bool(retain_as_published), retain_handling)
+    sub = _SHARED_OPTIONS.get(key)
+    if sub is None:
+        sub = _SHARED_OPTIONS[key] = Subscribed(*key)
+    return sub
 
 
 @dataclass(slots=True)
