@@ -2,8 +2,9 @@
 retained delivery, and the local fan-out of a publish.
 
 The first local subscriber of a filter adds it to every shard's route table
-(``Peers.announce_route``) and its SUBACK waits until all of them have acknowledged,
-so that a publish accepted anywhere after SUBACK reaches the subscription; later
+(``Peers.announce_routes``: one ``RoutesAdd`` for a SUBSCRIBE's new filters) and its
+SUBACK waits until all of them have acknowledged, so that a publish accepted anywhere
+after SUBACK reaches the subscription; later
 subscribers of the same filter wait for the same acknowledgements while they are
 outstanding. A SUBACK waits at most ``ROUTE_ACK_TIMEOUT`` seconds (a peer that is
 down must not stall subscribers). The last local subscriber removes the filter.
@@ -242,13 +243,10 @@ class Subscriptions:
         return None
 
     def _announce(self, filters: list[str]) -> int | None:
-        """Tell every shard of ``filters``; returns the announcement to wait for (None
-        without peers). Only the last one asks for acknowledgements: a peer applies a
-        shard's messages in order, so its ``RouteAck`` for the last covers them all."""
-        request = None
-        last = len(filters) - 1
-        for i, flt in enumerate(filters):
-            request = self.peers.announce_route(flt, flt in self.durable_refs, ack=i == last)
+        """Tell every shard of ``filters`` (a SUBSCRIBE's new ones, in one ``RoutesAdd``);
+        returns the announcement to wait for (None without peers)."""
+        durable = self.durable_refs
+        request = self.peers.announce_routes([(flt, flt in durable) for flt in filters])
         if request is not None:
             self._requests[request] = set(self.peers.peer_ids())
             self._request_filters[request] = filters

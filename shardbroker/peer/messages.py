@@ -26,7 +26,12 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     9     ``Hold``            shard, publisher
     10    ``Release``         shard, publisher
     11    ``LoginFailed``     shard, address
+    12    ``RoutesAdd``       shard, keys (as in ``Routes``), request
     ====  ==================  ===============================================
+
+    Kind 12 came after the others (a SUBSCRIBE's new filters in one message rather
+    than one ``RouteAdd`` each); a shard of older code refuses a batch that holds one,
+    which only a broker whose shards run different code would send.
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
     ``expires_at`` float64 or nil, ``origin`` str or nil, ``groups`` an array of
@@ -112,6 +117,7 @@ __all__ = [
     "RouteAdd",
     "RouteRemove",
     "Routes",
+    "RoutesAdd",
     "RoutesQuery",
     "decode_batch",
     "decode_message",
@@ -195,6 +201,17 @@ class RouteAdd:
 
 
 @dataclass(slots=True)
+class RoutesAdd:
+    """``shard`` wants publishes matching each key of ``keys``, (key, durable) pairs, each key
+    once: the new filters of one SUBSCRIBE. ``request`` as in ``RouteAdd``, one
+    acknowledgement for them all."""
+
+    shard: int
+    keys: tuple[tuple[str, bool], ...]
+    request: int = 0
+
+
+@dataclass(slots=True)
 class RouteRemove:
     """``shard`` no longer wants publishes matching ``key``."""
 
@@ -263,6 +280,7 @@ PeerMessage: TypeAlias = (
     | ForwardAck
     | ResendRequest
     | RouteAdd
+    | RoutesAdd
     | RouteRemove
     | RouteAck
     | RoutesQuery
@@ -385,6 +403,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (9, Hold, (("shard", *_UINT), ("publisher", *_STR))),
     (10, Release, (("shard", *_UINT), ("publisher", *_STR))),
     (11, LoginFailed, (("shard", *_UINT), ("address", *_STR))),
+    (12, RoutesAdd, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"),
+                     ("request", *_UINT))),
 )
 
 

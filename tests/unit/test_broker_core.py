@@ -28,6 +28,7 @@ from shardbroker.peer.messages import (
     RouteAck,
     RouteAdd,
     Routes,
+    RoutesAdd,
 )
 from shardbroker.protocol import reasons
 from shardbroker.protocol.packets import (
@@ -376,8 +377,8 @@ def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness)
     c = h.connect("s")
     c.packets()
     c.send(_sub("a/b", 1))
-    adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAdd)]
-    assert {peer for peer, _ in adds} == {1, 2} and all(m.key == "a/b" and m.request for _, m in adds)
+    adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RoutesAdd)]
+    assert {peer for peer, _ in adds} == {1, 2} and all(m.keys == (("a/b", False),) and m.request for _, m in adds)
     assert c.packets() == []  # SUBACK waits
     request = adds[0][1].request
     h.peer_messages([RouteAck(1, request)])
@@ -386,22 +387,29 @@ def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness)
     assert c.packets() == [SubAck(1, (1,))]
 
 
-def test_one_acknowledgement_covers_every_new_filter_of_a_subscribe(make: MakeHarness) -> None:
+def test_one_message_and_one_acknowledgement_for_every_new_filter_of_a_subscribe(make: MakeHarness) -> None:
     h = make(peers=[1], shards=2)
-    c = h.connect("s")
+    c = h.connect("s", clean=False)
     c.packets()
-    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "c/#"))))
-    adds = [m for _, m in h.link.take() if isinstance(m, RouteAdd)]
-    assert [m.key for m in adds] == ["a", "b/+", "c/#"]  # in order, on one pipe
-    assert [bool(m.request) for m in adds] == [False, False, True]
+    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "a", "c/#"))))  # "a" twice: once
+    [add] = [m for _, m in h.link.take() if isinstance(m, (RouteAdd, RoutesAdd))]
+    assert isinstance(add, RoutesAdd) and add.request
+    assert add.keys == (("a", True), ("b/+", True), ("c/#", True))  # durable: a persistent session
     assert c.packets() == []
     other = h.connect("t")  # a second subscriber of one of them waits for the same announcement
     other.packets()
     other.send(_sub("b/+", 1))
-    assert not [m for _, m in h.link.take() if isinstance(m, RouteAdd)] and other.packets() == []
-    h.peer_messages([RouteAck(1, adds[-1].request)])
-    assert c.packets() == [SubAck(1, (1, 1, 1))]
+    assert not [m for _, m in h.link.take() if isinstance(m, (RouteAdd, RoutesAdd))] and other.packets() == []
+    h.peer_messages([RouteAck(1, add.request)])
+    assert c.packets() == [SubAck(1, (1, 1, 1, 1))]
     assert other.packets() == [SubAck(1, (1,))]
+
+
+def test_a_peers_subscribe_adds_its_filters_and_is_acknowledged_once(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    h.peer_messages([RoutesAdd(1, (("x/+", False), ("y", True)), 9), RoutesAdd(1, (("z", False),))])
+    assert h.broker.peers.routes.keys(1) == {"x/+": False, "y": True, "z": False}
+    assert [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAck)] == [(1, RouteAck(0, 9))]
 
 
 def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(make: MakeHarness) -> None:
