@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_harness import Harness
+from core_harness import FakeTransport, Harness
 
 from shardbroker.config import load_config
 from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
@@ -30,11 +30,12 @@ from shardbroker.peer.messages import (
     Routes,
     RoutesAdd,
 )
-from shardbroker.protocol import reasons
+from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.packets import (
     MQTT_3_1_1,
     MQTT_5,
     ConnAck,
+    Connect,
     Disconnect,
     PingReq,
     PingResp,
@@ -204,6 +205,43 @@ def test_sessions_with_nothing_in_flight_share_one_empty_map(h: Harness) -> None
     assert list(sess.inflight) == [second.packet_id]
     sub.send(PubAck(second.packet_id))
     assert sess.inflight is NO_INFLIGHT and not NO_INFLIGHT
+
+
+class _AddressCounted(FakeTransport):
+    """A transport that counts how often its address is read (a ``getpeername`` on TCP)."""
+
+    def __init__(self, name: str) -> None:
+        self.asked = 0
+        super().__init__(name)
+
+    @property  # type: ignore[override]
+    def peer(self) -> str:
+        self.asked += 1
+        return "192.0.2.7:1883"
+
+    @peer.setter
+    def peer(self, value: str) -> None:
+        pass
+
+
+def test_connect_and_disconnect_lines_read_no_address_below_info(h: Harness,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def connect_and_leave(client_id: str) -> _AddressCounted:
+        t = _AddressCounted(client_id)
+        client = h.broker.open_client(t, None, h.now)
+        h.broker.received(client, codec.encode(Connect(protocol_version=MQTT_3_1_1, client_id=client_id),
+                                               MQTT_3_1_1), h.now)
+        h.run()
+        h.broker.received(client, codec.encode(Disconnect(), MQTT_3_1_1), h.now)
+        h.run()
+        return t
+
+    with caplog.at_level("WARNING", logger="shardbroker.clients"):
+        assert connect_and_leave("quiet").asked == 0
+    with caplog.at_level("INFO", logger="shardbroker.clients"):
+        assert connect_and_leave("told").asked > 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "shardbroker.clients"]
+    assert len(lines) == 2 and all(line.startswith("client told ") and "192.0.2.7:1883" in line for line in lines)
 
 
 def test_pingreq(h: Harness) -> None:
