@@ -42,6 +42,7 @@ from shardbroker.peer.messages import (
     Routes,
     RoutesAdd,
     RoutesQuery,
+    RoutesRemove,
 )
 from shardbroker.storage.records import StoredMessage
 
@@ -87,7 +88,7 @@ class Peers:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
-            RoutesAdd: self._on_routes_add, RouteRemove: self._on_route_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
+            RoutesAdd: self._on_routes_add, RouteRemove: self._on_route_remove, RoutesRemove: self._on_routes_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
             LoginFailed: self._on_login_failed,
         }
@@ -133,9 +134,16 @@ class Peers:
         self._wake()
         return request
 
-    def withdraw_route(self, key: str) -> None:
-        self.routes.remove(self.shard, key)
-        self.link.broadcast(RouteRemove(self.shard, key))
+    def withdraw_routes(self, keys: list[str]) -> None:
+        """This shard no longer subscribes to ``keys`` (each once: the last subscriptions of an
+        UNSUBSCRIBE or of a session that ended): tell every peer in one ``RoutesRemove`` (a
+        ``RouteRemove`` for one key)."""
+        if not keys:
+            return
+        routes, shard = self.routes, self.shard
+        for key in keys:
+            routes.remove(shard, key)
+        self.link.broadcast(RouteRemove(shard, keys[0]) if len(keys) == 1 else RoutesRemove(shard, tuple(keys)))
         self._wake()
 
     # ---- publishes
@@ -244,6 +252,11 @@ class Peers:
 
     def _on_route_remove(self, m: RouteRemove) -> None:
         self.routes.remove(m.shard, m.key)
+
+    def _on_routes_remove(self, m: RoutesRemove) -> None:
+        routes, shard = self.routes, m.shard
+        for key in m.keys:
+            routes.remove(shard, key)
 
     def _on_route_ack(self, m: RouteAck) -> None:
         self.subscriptions.route_acknowledged(m.shard, m.request)

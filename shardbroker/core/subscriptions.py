@@ -188,7 +188,10 @@ class Subscriptions:
             return self.shared_refs.get(flt, 0)
         return self.subs.count(flt)
 
-    def remove(self, sess: Session, flt: str) -> bool:
+    def remove(self, sess: Session, flt: str, withdrawn: list[str]) -> bool:
+        """Remove ``sess``'s subscription to ``flt``; False if it had none. When it was this
+        shard's last to that route key, the key joins ``withdrawn``, which the caller passes
+        to ``Peers.withdraw_routes`` once it has removed all it had to."""
         subs = sess.subscriptions
         if subs is None or subs.pop(flt, None) is None:
             return False
@@ -208,7 +211,7 @@ class Subscriptions:
         d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
         if n <= 0:
             self.durable_refs.pop(flt, None)
-            self.peers.withdraw_route(flt)
+            withdrawn.append(flt)
             return True
         if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
             del self.durable_refs[flt]
@@ -218,8 +221,10 @@ class Subscriptions:
         return True
 
     def remove_all(self, sess: Session) -> None:
+        withdrawn: list[str] = []
         for flt in list(sess.subscriptions or ()):
-            self.remove(sess, flt)
+            self.remove(sess, flt, withdrawn)
+        self.peers.withdraw_routes(withdrawn)
 
     def route_count(self) -> int:
         """How many route keys this shard holds."""
@@ -349,9 +354,11 @@ class Subscriptions:
 
     def on_unsubscribe(self, client: Client, sess: Session, pkt: Unsubscribe) -> None:
         codes = []
+        withdrawn: list[str] = []
         for flt in pkt.topic_filters:
-            removed = self.remove(sess, flt)
+            removed = self.remove(sess, flt, withdrawn)
             codes.append(reasons.SUCCESS if removed else reasons.NO_SUBSCRIPTION_EXISTED)
+        self.peers.withdraw_routes(withdrawn)
         if sess.persistent:
             self.sessions.persist(sess)
         self.output.send(client, codec.encode(UnsubAck(pkt.packet_id, tuple(codes)), client.version))

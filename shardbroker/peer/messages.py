@@ -27,11 +27,13 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     10    ``Release``         shard, publisher
     11    ``LoginFailed``     shard, address
     12    ``RoutesAdd``       shard, keys (as in ``Routes``), request
+    13    ``RoutesRemove``    shard, keys (an array of str, each once)
     ====  ==================  ===============================================
 
-    Kind 12 came after the others (a SUBSCRIBE's new filters in one message rather
-    than one ``RouteAdd`` each); a shard of older code refuses a batch that holds one,
-    which only a broker whose shards run different code would send.
+    Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
+    or an ended session's last ones, in one message rather than one per filter); a
+    shard of older code refuses a batch that holds one, which only a broker whose
+    shards run different code would send.
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
     ``expires_at`` float64 or nil, ``origin`` str or nil, ``groups`` an array of
@@ -119,6 +121,7 @@ __all__ = [
     "Routes",
     "RoutesAdd",
     "RoutesQuery",
+    "RoutesRemove",
     "decode_batch",
     "decode_message",
     "encode_batch",
@@ -220,6 +223,14 @@ class RouteRemove:
 
 
 @dataclass(slots=True)
+class RoutesRemove:
+    """``shard`` no longer wants publishes matching any of ``keys`` (each once)."""
+
+    shard: int
+    keys: tuple[str, ...]
+
+
+@dataclass(slots=True)
 class RouteAck:
     """``shard`` has applied the ``RouteAdd`` numbered ``request``."""
 
@@ -282,6 +293,7 @@ PeerMessage: TypeAlias = (
     | RouteAdd
     | RoutesAdd
     | RouteRemove
+    | RoutesRemove
     | RouteAck
     | RoutesQuery
     | Routes
@@ -353,6 +365,10 @@ def _is_route_keys(v: object) -> bool:
     return isinstance(v, tuple) and _is_pairs(v, bool) and len({k for k, _ in v}) == len(v)
 
 
+def _is_keys(v: object) -> bool:
+    return isinstance(v, tuple) and all(type(k) is str for k in v) and len(set(v)) == len(v)
+
+
 def _describe(v: object) -> str:
     if v is None or isinstance(v, (int, float)):
         return repr(v)
@@ -405,6 +421,7 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (11, LoginFailed, (("shard", *_UINT), ("address", *_STR))),
     (12, RoutesAdd, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"),
                      ("request", *_UINT))),
+    (13, RoutesRemove, (("shard", *_UINT), ("keys", _is_keys, "an array of str, each once"))),
 )
 
 

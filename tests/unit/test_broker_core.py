@@ -27,8 +27,10 @@ from shardbroker.peer.messages import (
     Release,
     RouteAck,
     RouteAdd,
+    RouteRemove,
     Routes,
     RoutesAdd,
+    RoutesRemove,
 )
 from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.packets import (
@@ -48,6 +50,7 @@ from shardbroker.protocol.packets import (
     SubAck,
     Subscribe,
     Subscription,
+    Unsubscribe,
     Will,
 )
 from shardbroker.sharding import shard_for
@@ -441,6 +444,22 @@ def test_one_message_and_one_acknowledgement_for_every_new_filter_of_a_subscribe
     h.peer_messages([RouteAck(1, add.request)])
     assert c.packets() == [SubAck(1, (1, 1, 1, 1))]
     assert other.packets() == [SubAck(1, (1,))]
+
+
+def test_the_last_subscriptions_of_an_unsubscribe_or_a_session_leave_in_one_message(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    c, other = h.connect("s"), h.connect("t")
+    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "c/#", "d"))))
+    other.send(_sub("b/+", 1))
+    h.link.take()
+    c.send(Unsubscribe(2, ("a", "b/+", "x")))  # "b/+" has another subscriber here: it stays
+    assert [m for _, m in h.link.take() if isinstance(m, (RouteRemove, RoutesRemove))] == [RouteRemove(0, "a")]
+    c.send(Disconnect())  # a clean session ends: its last two go together
+    assert [m for _, m in h.link.take() if isinstance(m, (RouteRemove, RoutesRemove))] == [
+        RoutesRemove(0, ("c/#", "d"))]
+    assert h.broker.peers.routes.keys(0) == {"b/+": False}
+    h.peer_messages([RoutesAdd(1, (("p", False), ("q/#", False)), 0), RoutesRemove(1, ("p", "q/#"))])
+    assert h.broker.peers.routes.keys(1) == {}
 
 
 def test_a_peers_subscribe_adds_its_filters_and_is_acknowledged_once(make: MakeHarness) -> None:

@@ -30,6 +30,7 @@ from shardbroker.peer.messages import (
     Routes,
     RoutesAdd,
     RoutesQuery,
+    RoutesRemove,
     decode_batch,
     decode_message,
     encode_batch,
@@ -80,6 +81,8 @@ MESSAGES: dict[str, PeerMessage] = {
     "route-add-ack-durable": RouteAdd(2, "$share/g/a/#", 42, True),
     "routes-add": RoutesAdd(1, (("a/+", False), ("$share/g/b/#", True), ("ü", False)), 7),
     "routes-add-no-ack": RoutesAdd(0, ()),
+    "routes-remove": RoutesRemove(3, ("a/+", "$share/g/b/#", "ü")),
+    "routes-remove-none": RoutesRemove(0, ()),
     "route-remove": RouteRemove(1, "a/#"),
     "route-ack": RouteAck(4, 42),
     "routes-query": RoutesQuery(5),
@@ -255,7 +258,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [13, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [14, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -324,6 +327,9 @@ def test_wrong_forward_field_count_is_refused(item: list[Any]) -> None:
     ([12, 1, [["a", True], ["a", False]], 3], "RoutesAdd.keys"),
     ([12, 1, [["a", 1]], 3], "RoutesAdd.keys"),
     ([12, 1, [["a", True]], -1], "RoutesAdd.request"),
+    ([13, 1, ["a", "a"]], "RoutesRemove.keys"),
+    ([13, 1, ["a", 1]], "RoutesRemove.keys"),
+    ([13, 1, "a"], "RoutesRemove.keys"),
     ([8, 1, [["a", 1]]], "Routes.keys"),
     ([8, 1, [["a"]]], "Routes.keys"),
     ([8, 1, {"a": True}], "Routes.keys"),
