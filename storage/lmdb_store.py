@@ -1593,6 +1593,40 @@ class RetainedStore:
             if msg.topic.startswith(prefix):
                 yield msg.topic, msg
 
+    def find(self, heads: Sequence[tuple[str, bool]]) -> list[list[tuple[str, StoredMessage]]]:
+        """For each ``(text, exact)``: the message of topic ``text`` when ``exact``, else every
+        ``(topic, message)`` whose topic starts with ``text``, in key order. One read
+        transaction for all of them (a SUBSCRIBE's filters), rather than one each; a scan that
+        passes ``_PAGE_ROWS`` rows is finished by ``scan``, a page per transaction."""
+        found: list[list[tuple[str, StoredMessage]]] = []
+        long_scans: list[int] = []
+        db = self._env.dbs["retained"]
+        with self._env.read() as txn:
+            cur = txn.cursor(db=db)
+            for text, exact in heads:
+                rows: list[tuple[str, StoredMessage]] = []
+                if exact:
+                    data = txn.get(_text_key(text), db=db)
+                    if data is not None:
+                        rows.append((text, decode_message(data)))
+                else:
+                    key_prefix = text.encode("utf-8", "surrogatepass")[:_HASHED_HEAD]
+                    ok = cur.set_range(key_prefix) if key_prefix else cur.first()
+                    seen = 0
+                    while ok and cur.key().startswith(key_prefix):
+                        seen += 1
+                        if seen > _PAGE_ROWS:
+                            long_scans.append(len(found))
+                            break
+                        msg = decode_message(cur.value())
+                        if msg.topic.startswith(text):
+                            rows.append((msg.topic, msg))
+                        ok = cur.next()
+                found.append(rows)
+        for i in long_scans:
+            found[i] = list(self.scan(heads[i][0]))
+        return found
+
     def count(self) -> int:
         return self._env.count("retained")
 

@@ -35,7 +35,8 @@ def _fields(client: Client, reason: str | None = None) -> dict[str, object]:
 
 
 def connected(client: Client, shard: int, present: bool) -> None:
-    """The CONNACK (success) is on its way to ``client``."""
+    """The CONNACK (success) is on its way to ``client``. Nothing is done below INFO: the
+    address would cost a ``getpeername`` and a string kept with every connection."""
     if not log.isEnabledFor(logging.INFO):
         return
     fields = _fields(client)

@@ -107,7 +107,7 @@ class Delivery:
                 msg.unref()
             return
         pid = sess.alloc_pid()
-        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
+        sess.track(pid, Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group))
         if sess.persistent:
             b = self._batch()
             if seq is not None:  # first, so that the store can move a message its queue row holds
@@ -291,7 +291,7 @@ class Delivery:
 
     def _acknowledged(self, sess: Session, pid: int, out: Outgoing) -> None:
         """An outgoing QoS 1/2 exchange is over: free its packet id and window slot."""
-        del sess.inflight[pid]
+        sess.untrack(pid)
         self._progress(sess)
         if sess.persistent:
             self._batch().delete_inflight(sess.client_id, pid)

@@ -40,7 +40,9 @@ from shardbroker.peer.messages import (
     RouteAdd,
     RouteRemove,
     Routes,
+    RoutesAdd,
     RoutesQuery,
+    RoutesRemove,
 )
 from shardbroker.storage.records import StoredMessage
 
@@ -86,7 +88,7 @@ class Peers:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
-            RouteRemove: self._on_route_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
+            RoutesAdd: self._on_routes_add, RouteRemove: self._on_route_remove, RoutesRemove: self._on_routes_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
             LoginFailed: self._on_login_failed,
         }
@@ -118,9 +120,30 @@ class Peers:
         self._wake()
         return request or None
 
-    def withdraw_route(self, key: str) -> None:
-        self.routes.remove(self.shard, key)
-        self.link.broadcast(RouteRemove(self.shard, key))
+    def announce_routes(self, keys: list[tuple[str, bool]]) -> int | None:
+        """This shard subscribes to each of ``keys``, (key, durable) pairs, each key once (the
+        new filters of a SUBSCRIBE): tell every peer in one ``RoutesAdd``. The request id that
+        their ``RouteAck``s will carry (None without peers)."""
+        routes, shard = self.routes, self.shard
+        for key, durable in keys:
+            routes.add(shard, key, durable)
+        if not self.link.peers:
+            return None
+        request = next(self._requests)
+        self.link.broadcast(RoutesAdd(shard, tuple(keys), request))
+        self._wake()
+        return request
+
+    def withdraw_routes(self, keys: list[str]) -> None:
+        """This shard no longer subscribes to ``keys`` (each once: the last subscriptions of an
+        UNSUBSCRIBE or of a session that ended): tell every peer in one ``RoutesRemove`` (a
+        ``RouteRemove`` for one key)."""
+        if not keys:
+            return
+        routes, shard = self.routes, self.shard
+        for key in keys:
+            routes.remove(shard, key)
+        self.link.broadcast(RouteRemove(shard, keys[0]) if len(keys) == 1 else RoutesRemove(shard, tuple(keys)))
         self._wake()
 
     # ---- publishes
@@ -220,8 +243,20 @@ class Peers:
         if m.request:
             self.link.send(m.shard, RouteAck(self.shard, m.request))
 
+    def _on_routes_add(self, m: RoutesAdd) -> None:
+        routes, shard = self.routes, m.shard
+        for key, durable in m.keys:
+            routes.add(shard, key, durable)
+        if m.request:
+            self.link.send(shard, RouteAck(self.shard, m.request))
+
     def _on_route_remove(self, m: RouteRemove) -> None:
         self.routes.remove(m.shard, m.key)
+
+    def _on_routes_remove(self, m: RoutesRemove) -> None:
+        routes, shard = self.routes, m.shard
+        for key in m.keys:
+            routes.remove(shard, key)
 
     def _on_route_ack(self, m: RouteAck) -> None:
         self.subscriptions.route_acknowledged(m.shard, m.request)

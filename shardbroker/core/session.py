@@ -36,12 +36,14 @@ __all__ = [
     "AWAIT_PUBCOMP",
     "AWAIT_PUBREC",
     "NEVER",
+    "NO_INFLIGHT",
     "Message",
     "Outgoing",
     "Queued",
     "Session",
     "Subscribed",
     "WillState",
+    "subscribed",
 ]
 
 
@@ -93,6 +95,24 @@ class Outgoing:
     group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
 
 
+class _NoInflight(dict[int, Outgoing]):
+    """The in-flight map of every session that has nothing in flight: an empty dict is 64
+    bytes a session, idle ones being most of them. Read it like any dict; ``Session.track``
+    puts a dict of the session's own in its place first, and a write to it raises."""
+
+    __slots__ = ()
+
+    def __setitem__(self, pid: int, out: Outgoing) -> None:
+        raise TypeError("NO_INFLIGHT is shared by every session: use Session.track")
+
+
+NO_INFLIGHT: dict[int, Outgoing] = _NoInflight()
+
+
+def _no_inflight() -> dict[int, Outgoing]:
+    return NO_INFLIGHT
+
+
 @dataclass(slots=True)
 class Queued:
     message: Message
@@ -105,16 +125,32 @@ class Queued:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """One of a session's subscriptions, with its options (``topic_filter`` as subscribed,
-    ``$share/group/`` included) and the session's ``client_id``."""
+    """The options of one of a session's subscriptions; its filter (as subscribed,
+    ``$share/group/`` included) is the key it is held under. Subscriptions with the same
+    options and no Subscription Identifier share one instance (``subscribed``), so that
+    such a subscription costs no object of its own."""
 
-    topic_filter: str
     qos: int
     no_local: bool = False
     retain_as_published: bool = False
     retain_handling: int = 0
     subscription_id: int | None = None
-    client_id: str = ""
+
+
+_SHARED_OPTIONS: dict[tuple[int, bool, bool, int], Subscribed] = {}  # at most 3 * 2 * 2 * 3
+
+
+def subscribed(qos: int, no_local: bool = False, retain_as_published: bool = False, retain_handling: int = 0,
+               subscription_id: int | None = None) -> Subscribed:
+    """The ``Subscribed`` of these options: the shared one without a Subscription Identifier,
+    a new one with (identifiers are many)."""
+    if subscription_id is not None:
+        return Subscribed(qos, no_local, retain_as_published, retain_handling, subscription_id)
+    key = (qos, bool(no_local), bool(retain_as_published), retain_handling)
+    sub = _SHARED_OPTIONS.get(key)
+    if sub is None:
+        sub = _SHARED_OPTIONS[key] = Subscribed(*key)
+    return sub
 
 
 @dataclass(slots=True)
@@ -135,7 +171,7 @@ class Session:
     subscriptions: dict[str, Subscribed] | None = None  # made on the first, dropped with the last
     will: WillState | None = None
     client: Client | None = None  # the connected client, None while offline
-    inflight: dict[int, Outgoing] = field(default_factory=dict)
+    inflight: dict[int, Outgoing] = field(default_factory=_no_inflight)  # written through ``track``
     queue: deque[Queued] | None = None  # made on first use, dropped when empty (see ``push``)
     queued_bytes: int = 0
     qos2_in: set[int] | None = None  # made on first use (``add_qos2_in``)
@@ -162,6 +198,21 @@ class Session:
         if queue is None:
             queue = self.queue = deque()
         queue.append(q)
+
+    def track(self, pid: int, out: Outgoing) -> None:
+        """``out`` is in flight under ``pid``. A session with nothing in flight shares
+        ``NO_INFLIGHT`` (see ``untrack``)."""
+        inflight = self.inflight
+        if inflight is NO_INFLIGHT:
+            inflight = self.inflight = {}
+        inflight[pid] = out
+
+    def untrack(self, pid: int) -> None:
+        """``pid``'s exchange is over; the last one gives the session's dict back."""
+        inflight = self.inflight
+        del inflight[pid]
+        if not inflight:
+            self.inflight = NO_INFLIGHT
 
     def queued(self) -> int:
         queue = self.queue

@@ -25,12 +25,13 @@ from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.session import (
     AWAIT_PUBCOMP,
+    NO_INFLIGHT,
     Message,
     Outgoing,
     Queued,
     Session,
-    Subscribed,
     WillState,
+    subscribed,
 )
 from shardbroker.core.store import ShardStore
 from shardbroker.protocol.packets import NO_PROPERTIES, Will
@@ -83,7 +84,7 @@ class Sessions:
                 sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
             for pid, inf, smsg in store.inflight(rec.client_id):
                 msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
-                sess.inflight[pid] = Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state)
+                sess.track(pid, Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state))
                 sess.next_pid = pid % 65535 + 1
             for seq, msg_id, qos, smsg in store.queue(rec.client_id):
                 msg = _message_from_stored(smsg, msg_id)
@@ -94,7 +95,8 @@ class Sessions:
             self.sessions[rec.client_id] = sess
             self.stored_client_ids.add(rec.client_id)
             for sub in rec.subscriptions:
-                self.subscriptions.restore(sess, _subscribed(sub, sess.client_id))
+                self.subscriptions.restore(sess, sub.topic_filter, subscribed(
+                    sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub.subscription_id))
         self.commit.mark_alive()  # a crash right after start counts from here
 
     # ---- CONNECT
@@ -206,7 +208,7 @@ class Sessions:
         stranded = [(o.message, o.group) for o in sess.inflight.values()
                     if o.group is not None and o.message is not None and o.state != AWAIT_PUBCOMP]
         stranded += [(q.message, q.group) for q in sess.queue or () if q.group is not None]
-        sess.inflight.clear()
+        sess.inflight = NO_INFLIGHT
         sess.queue = None
         sess.queued_bytes = 0
         for msg, (group, flt) in stranded:
@@ -237,8 +239,8 @@ class Sessions:
         if sess.will is not None:
             w = sess.will
             will = StoredWill(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
-        subs = tuple(StoredSubscription(s.topic_filter, s.qos, s.no_local, s.retain_as_published,
-                                        s.retain_handling, s.subscription_id) for s in (sess.subscriptions or {}).values())
+        subs = tuple(StoredSubscription(flt, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                                        s.subscription_id) for flt, s in (sess.subscriptions or {}).items())
         rec = SessionRecord(sess.client_id, sess.version, sess.expiry_interval, sess.disconnected_at, subs, will)
         self.commit.batch().put_session(rec)
         if not self.stored_client_ids:  # alive marks resume with the first stored session
@@ -256,11 +258,6 @@ class Sessions:
         for out in sess.inflight.values():
             if out.message is not None:
                 out.message.unref()
-
-
-def _subscribed(sub: StoredSubscription, client_id: str) -> Subscribed:
-    return Subscribed(sub.topic_filter, sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling,
-                      sub.subscription_id, client_id)
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

@@ -2,8 +2,9 @@
 retained delivery, and the local fan-out of a publish.
 
 The first local subscriber of a filter adds it to every shard's route table
-(``Peers.announce_route``) and its SUBACK waits until all of them have acknowledged,
-so that a publish accepted anywhere after SUBACK reaches the subscription; later
+(``Peers.announce_routes``: one ``RoutesAdd`` for a SUBSCRIBE's new filters) and its
+SUBACK waits until all of them have acknowledged, so that a publish accepted anywhere
+after SUBACK reaches the subscription; later
 subscribers of the same filter wait for the same acknowledgements while they are
 outstanding. A SUBACK waits at most ``ROUTE_ACK_TIMEOUT`` seconds (a peer that is
 down must not stall subscribers). The last local subscriber removes the filter.
@@ -18,7 +19,7 @@ members first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from shardbroker.core.clock import EventTime, Scheduler, Timer
 from shardbroker.core.delivery import Delivery
 from shardbroker.core.output import Output
 from shardbroker.core.routing import RoundRobin
-from shardbroker.core.session import Message, Session, Subscribed
+from shardbroker.core.session import Message, Session, Subscribed, subscribed
 from shardbroker.core.store import RetainedStore, StoreError
 from shardbroker.core.topics import (
     SHARE_PREFIX,
@@ -54,38 +55,48 @@ ROUTE_ACK_TIMEOUT = 2.0
 MAX_HOPS = 3  # shards a shared-group message may be passed on to in search of a member
 
 
+Options = Callable[[str, str], Subscribed | None]
+"""(client ID, filter) -> the options of that session's subscription to that filter."""
+
+
 class PlainIndex:
     """This shard's plain (not shared) subscriptions by filter. A filter with one
-    subscriber, the usual case, maps to its ``Subscribed`` itself; one with more to a dict
-    by client ID. Without the one-entry dict a subscription costs a slot, not a table."""
+    subscriber, the usual case, maps to that session's client ID (the session's own string;
+    its options are in ``Session.subscriptions``); one with more to a dict client ID ->
+    options. So a subscription costs a slot here, neither a table nor an object."""
 
-    __slots__ = ("_map",)
+    __slots__ = ("_map", "_options")
 
-    def __init__(self) -> None:
-        self._map: FilterMap[Subscribed | dict[str, Subscribed]] = FilterMap()
+    def __init__(self, options: Options) -> None:
+        self._map: FilterMap[str | dict[str, Subscribed]] = FilterMap()
+        self._options = options  # for the first subscriber, when a second one comes
 
     def __len__(self) -> int:
         return len(self._map)
 
-    def add(self, sub: Subscribed) -> None:
-        """Store ``sub`` (replacing the same client's subscription to that filter)."""
-        flt, cid = sub.topic_filter, sub.client_id
+    def add(self, flt: str, client_id: str, sub: Subscribed) -> bool:
+        """Index ``client_id``'s subscription to ``flt`` with options ``sub`` (new options of a
+        subscription it has: its session holds them, or the filter's dict). True if ``flt``
+        had no subscriber here before."""
         held = self._map.get(flt)
+        if held is None:
+            self._map.set(flt, client_id)
+            return True
         if isinstance(held, dict):
-            held[cid] = sub
-        elif held is None or held.client_id == cid:
-            self._map.set(flt, sub)
-        else:
-            self._map.set(flt, {held.client_id: held, cid: sub})
+            held[client_id] = sub
+        elif held != client_id:
+            first = self._options(held, flt)
+            self._map.set(flt, client_id if first is None else {held: first, client_id: sub})
+        return False
 
     def remove(self, flt: str, client_id: str) -> None:
         held = self._map.get(flt)
         if isinstance(held, dict):
             held.pop(client_id, None)
             if len(held) == 1:
-                (last,) = held.values()
+                (last,) = held
                 self._map.set(flt, last)
-        elif held is not None and held.client_id == client_id:
+        elif held == client_id:
             self._map.remove(flt)
 
     def count(self, flt: str) -> int:
@@ -95,8 +106,9 @@ class PlainIndex:
     def filters(self) -> list[str]:
         return [flt for flt, _ in self._map.items()]
 
-    def match(self, topic: str) -> list[tuple[str, Subscribed | dict[str, Subscribed]]]:
-        """``(filter, subscriber or subscribers)`` for every filter matching ``topic``."""
+    def match(self, topic: str) -> list[tuple[str, str | dict[str, Subscribed]]]:
+        """``(filter, subscriber's client ID or {client ID: options})`` for every filter
+        matching ``topic``."""
         return self._map.match(topic)
 
 
@@ -107,7 +119,7 @@ class _WaitingSuback:
     client: Client
     session: Session
     suback: bytes
-    retained_for: list[Subscribed]
+    retained_for: list[tuple[str, Subscribed]]
     requests: set[int]
     timer: Timer | None = field(default=None)
 
@@ -127,7 +139,7 @@ class Subscriptions:
         self.scheduler = scheduler
         self.time = time
         self.peers: Peers  # set by the broker (the peers need the subscriptions too)
-        self.subs = PlainIndex()
+        self.subs = PlainIndex(self._options)
         self.shared_subs: TopicTrie[tuple[str, str], Subscribed] = TopicTrie()
         # a plain route key's local subscriptions are its entries in ``subs``; a shared
         # key's are counted here
@@ -141,16 +153,21 @@ class Subscriptions:
 
     # ---- the local tries and the route references
 
-    def restore(self, sess: Session, sub: Subscribed) -> None:
+    def _options(self, client_id: str, flt: str) -> Subscribed | None:
+        """The options of ``client_id``'s subscription to ``flt`` (None: it has none)."""
+        sess = self.sessions.sessions.get(client_id)
+        subs = sess.subscriptions if sess is not None else None
+        return subs.get(flt) if subs is not None else None
+
+    def restore(self, sess: Session, flt: str, sub: Subscribed) -> None:
         """A subscription of a session restored from the store (startup: persistent, so durable)."""
-        if self._add(sess, sub):
-            flt = sub.topic_filter
+        if self._add(sess, flt, sub)[0]:
             self.durable_refs[flt] = self.durable_refs.get(flt, 0) + 1
             self.peers.routes.add(self.shard, flt, True)
 
-    def _add(self, sess: Session, sub: Subscribed) -> bool:
-        """Store ``sub`` (or new options of a subscription the session has); True if new."""
-        flt = sub.topic_filter
+    def _add(self, sess: Session, flt: str, sub: Subscribed) -> tuple[bool, bool]:
+        """Store the subscription to ``flt`` (or new options of one the session has). Whether it
+        is new, and whether it is the first of this shard to that route key."""
         subs = sess.subscriptions
         if subs is None:
             subs = sess.subscriptions = {}
@@ -158,12 +175,12 @@ class Subscriptions:
         subs[flt] = sub
         shared = parse_shared(flt)
         if shared is None:
-            self.subs.add(sub)
-        else:
-            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
-            if new:
-                self.shared_refs[flt] = self.shared_refs.get(flt, 0) + 1
-        return new
+            return new, self.subs.add(flt, sess.client_id, sub)
+        self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+        if not new:
+            return False, False
+        refs = self.shared_refs[flt] = self.shared_refs.get(flt, 0) + 1
+        return True, refs == 1
 
     def _local_count(self, flt: str) -> int:
         """This shard's subscriptions to route key ``flt``."""
@@ -171,7 +188,10 @@ class Subscriptions:
             return self.shared_refs.get(flt, 0)
         return self.subs.count(flt)
 
-    def remove(self, sess: Session, flt: str) -> bool:
+    def remove(self, sess: Session, flt: str, withdrawn: list[str]) -> bool:
+        """Remove ``sess``'s subscription to ``flt``; False if it had none. When it was this
+        shard's last to that route key, the key joins ``withdrawn``, which the caller passes
+        to ``Peers.withdraw_routes`` once it has removed all it had to."""
         subs = sess.subscriptions
         if subs is None or subs.pop(flt, None) is None:
             return False
@@ -191,7 +211,7 @@ class Subscriptions:
         d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
         if n <= 0:
             self.durable_refs.pop(flt, None)
-            self.peers.withdraw_route(flt)
+            withdrawn.append(flt)
             return True
         if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
             del self.durable_refs[flt]
@@ -201,8 +221,10 @@ class Subscriptions:
         return True
 
     def remove_all(self, sess: Session) -> None:
+        withdrawn: list[str] = []
         for flt in list(sess.subscriptions or ()):
-            self.remove(sess, flt)
+            self.remove(sess, flt, withdrawn)
+        self.peers.withdraw_routes(withdrawn)
 
     def route_count(self) -> int:
         """How many route keys this shard holds."""
@@ -213,11 +235,10 @@ class Subscriptions:
         keys = [*self.subs.filters(), *self.shared_refs]
         return {key: key in self.durable_refs for key in keys}
 
-    def _ref_route(self, flt: str, durable: bool, announce: list[str]) -> int | None:
-        """A new subscription to ``flt`` (already stored). When it is the first one, or the
-        first persistent one, every shard must hear of it: ``flt`` joins ``announce``.
-        Otherwise returns the announcement still outstanding for ``flt``, if any."""
-        first = self._local_count(flt) == 1
+    def _ref_route(self, flt: str, first: bool, durable: bool, announce: list[str]) -> int | None:
+        """A new subscription to ``flt`` (already stored; ``first`` of this shard). When it is
+        the first one, or the first persistent one, every shard must hear of it: ``flt`` joins
+        ``announce``. Otherwise returns the announcement still outstanding for ``flt``, if any."""
         d = self.durable_refs.get(flt, 0)
         if durable:
             self.durable_refs[flt] = d + 1
@@ -227,13 +248,10 @@ class Subscriptions:
         return None
 
     def _announce(self, filters: list[str]) -> int | None:
-        """Tell every shard of ``filters``; returns the announcement to wait for (None
-        without peers). Only the last one asks for acknowledgements: a peer applies a
-        shard's messages in order, so its ``RouteAck`` for the last covers them all."""
-        request = None
-        last = len(filters) - 1
-        for i, flt in enumerate(filters):
-            request = self.peers.announce_route(flt, flt in self.durable_refs, ack=i == last)
+        """Tell every shard of ``filters`` (a SUBSCRIBE's new ones, in one ``RoutesAdd``);
+        returns the announcement to wait for (None without peers)."""
+        durable = self.durable_refs
+        request = self.peers.announce_routes([(flt, flt in durable) for flt in filters])
         if request is not None:
             self._requests[request] = set(self.peers.peer_ids())
             self._request_filters[request] = filters
@@ -280,7 +298,7 @@ class Subscriptions:
         sub_id = pkt.properties.subscription_identifiers[0] if pkt.properties.subscription_identifiers else None
         codes: list[int] = []
         waits: set[int] = set()
-        retained_for: list[Subscribed] = []
+        retained_for: list[tuple[str, Subscribed]] = []
         announce: list[str] = []
         for s in pkt.subscriptions:
             try:
@@ -308,16 +326,16 @@ class Subscriptions:
                 self.stats["subscriptions_refused"] += 1
                 codes.append(reasons.QUOTA_EXCEEDED if v5 else 0x80)
                 continue
-            sub = Subscribed(s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id,
-                             sess.client_id)
-            existed = not self._add(sess, sub)  # replaces the options of an existing one
-            if not existed:
-                request = self._ref_route(s.topic_filter, sess.persistent, announce)
+            sub = subscribed(s.qos, s.no_local, s.retain_as_published, s.retain_handling, sub_id)
+            new, first = self._add(sess, s.topic_filter, sub)  # replaces the options of an existing one
+            existed = not new
+            if new:
+                request = self._ref_route(s.topic_filter, first, sess.persistent, announce)
                 if request is not None:
                     waits.add(request)
             codes.append(s.qos)
             if shared is None and (s.retain_handling == 0 or (s.retain_handling == 1 and not existed)):
-                retained_for.append(sub)
+                retained_for.append((s.topic_filter, sub))
         if announce:
             request = self._announce(announce)
             if request is not None:
@@ -336,27 +354,32 @@ class Subscriptions:
 
     def on_unsubscribe(self, client: Client, sess: Session, pkt: Unsubscribe) -> None:
         codes = []
+        withdrawn: list[str] = []
         for flt in pkt.topic_filters:
-            removed = self.remove(sess, flt)
+            removed = self.remove(sess, flt, withdrawn)
             codes.append(reasons.SUCCESS if removed else reasons.NO_SUBSCRIPTION_EXISTED)
+        self.peers.withdraw_routes(withdrawn)
         if sess.persistent:
             self.sessions.persist(sess)
         self.output.send(client, codec.encode(UnsubAck(pkt.packet_id, tuple(codes)), client.version))
 
-    def _send_retained(self, sess: Session, client: Client, subs: list[Subscribed]) -> None:
+    def _send_retained(self, sess: Session, client: Client, subs: list[tuple[str, Subscribed]]) -> None:
         if not subs:
             return
         now = self.time.wall
-        for sub in subs:
-            flt = sub.topic_filter
-            cut = min((i for i in (flt.find("+"), flt.find("#")) if i >= 0), default=len(flt))
-            prefix = flt[:cut]
-            try:
-                found = list(self.retained.scan(prefix)) if cut < len(flt) else (
-                    [(flt, m)] if (m := self.retained.get(flt)) is not None else [])
-            except StoreError as exc:
-                log.error("retained store read failed: %s", exc)
-                return
+        heads: list[tuple[str, bool]] = []  # a filter's text up to its first wildcard; whether it has none
+        for flt, _sub in subs:
+            plus, hash_ = flt.find("+"), flt.find("#")
+            if plus < 0 and hash_ < 0:
+                heads.append((flt, True))
+            else:
+                heads.append((flt[:min(plus, hash_) if plus >= 0 and hash_ >= 0 else max(plus, hash_)], False))
+        try:
+            found_each = self.retained.find(heads)  # one read of the store for the whole SUBSCRIBE
+        except StoreError as exc:
+            log.error("retained store read failed: %s", exc)
+            return
+        for (flt, sub), found in zip(subs, found_each, strict=True):
             for topic, smsg in found:
                 if not matches(flt, topic):
                     continue
@@ -379,30 +402,36 @@ class Subscriptions:
             sessions = self.sessions.sessions
             deliver = self.delivery.deliver
             if len(matches_) == 1:
-                held = matches_[0][1]
-                for sub in held.values() if isinstance(held, dict) else (held,):
-                    cid = sub.client_id
-                    if sub.no_local and cid == msg.origin:
-                        continue
-                    sess = sessions.get(cid)
-                    if sess is not None:
-                        deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
-                                (sub.subscription_id,) if sub.subscription_id else ())
+                flt, held = matches_[0]
+                if isinstance(held, dict):
+                    for cid, sub in held.items():
+                        if sub.no_local and cid == msg.origin:
+                            continue
+                        sess = sessions.get(cid)
+                        if sess is not None:
+                            deliver(sess, msg, min(msg.qos, sub.qos), msg.retain and sub.retain_as_published,
+                                    (sub.subscription_id,) if sub.subscription_id else ())
+                else:  # one subscriber: its options are in its session
+                    sess = sessions.get(held)
+                    subs = sess.subscriptions if sess is not None else None
+                    one = subs.get(flt) if subs is not None else None
+                    if sess is not None and one is not None and not (one.no_local and held == msg.origin):
+                        deliver(sess, msg, min(msg.qos, one.qos), msg.retain and one.retain_as_published,
+                                (one.subscription_id,) if one.subscription_id else ())
             elif matches_:
                 # Overlapping subscriptions: one copy at the highest QoS with every identifier.
                 agg: dict[str, list[Any]] = {}
-                for _flt, held in matches_:
-                    for sub in held.values() if isinstance(held, dict) else (held,):
-                        cid = sub.client_id
-                        if sub.no_local and cid == msg.origin:
+                for flt, held in matches_:
+                    for cid, opts in held.items() if isinstance(held, dict) else ((held, self._options(held, flt)),):
+                        if opts is None or opts.no_local and cid == msg.origin:
                             continue
                         a = agg.get(cid)
                         if a is None:
                             a = agg[cid] = [0, False, []]
-                        a[0] = max(a[0], sub.qos)
-                        a[1] = a[1] or sub.retain_as_published
-                        if sub.subscription_id:
-                            a[2].append(sub.subscription_id)
+                        a[0] = max(a[0], opts.qos)
+                        a[1] = a[1] or opts.retain_as_published
+                        if opts.subscription_id:
+                            a[2].append(opts.subscription_id)
                 for cid, (qos, rap, ids) in agg.items():
                     sess = sessions.get(cid)
                     if sess is not None:

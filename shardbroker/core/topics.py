@@ -215,8 +215,19 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-def _is_literal(topic_filter: str) -> bool:
-    return "+" not in topic_filter and "#" not in topic_filter
+_LITERAL, _TAIL, _TRIE = 0, 1, 2
+
+
+def _kind(topic_filter: str) -> int:
+    """Where a ``FilterMap`` keeps ``topic_filter``: ``_LITERAL`` without a wildcard;
+    ``_TAIL`` when its one wildcard is its last level, after at least one literal level
+    (``a/b/+``, ``a/#``: the usual shape of a wildcard subscription); ``_TRIE`` otherwise."""
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return _LITERAL
+    head = topic_filter[:-2]
+    if topic_filter[-2:-1] == "/" and "+" not in head and "#" not in head:
+        return _TAIL  # (a valid filter's '+' or '#' is a whole level, so the last one is it)
+    return _TRIE
 
 
 class _Node(Generic[V]):
@@ -245,11 +256,20 @@ class FilterMap(Generic[V]):
     """One value per topic filter, and every filter that matches a topic, at a cost that
     depends on the topic's depth, not on the number of filters.
 
-    Filters without wildcards, most of a broker's, live in one dict: matching looks the
-    topic up once, and such a filter costs a dict slot, not a chain of nodes. Filters
-    with ``+`` or ``#`` live in a trie with one node per level (its level names
-    interned, so filters and maps in one process share them). Values must not be
-    ``None``.
+    Filters are kept in one of three places, by shape (``_kind``):
+
+    * without a wildcard, most of a broker's: one dict (``_exact``); matching looks the
+      topic up once;
+    * with one wildcard, as the last level after literal ones (``a/b/+``, ``a/b/#``):
+      one dict too (``_tails``), keyed by the filter itself. Matching builds the few
+      filters of that shape that could match the topic (its parent level and ``+``; its
+      leading levels and ``#``, for the numbers of leading levels that some filter has)
+      and looks each up;
+    * any other: a trie with one node per level (its level names interned, so filters
+      and maps in one process share them).
+
+    A filter in either dict costs a dict slot (its key is the caller's string, shared
+    with whatever else holds it), not a chain of nodes. Values must not be ``None``.
 
     ``cache_size`` (default 256, 0 disables) bounds a small topic -> result cache for
     ``match``, emptied whenever a filter is added, removed or given another value
@@ -257,24 +277,34 @@ class FilterMap(Generic[V]):
     change through the cache too).
     """
 
-    __slots__ = ("_cache", "_cache_size", "_exact", "_root", "_wild")
+    __slots__ = ("_cache", "_cache_size", "_exact", "_hash_depths", "_plus_tails", "_root", "_tails", "_wild")
 
     def __init__(self, cache_size: int = 256) -> None:
         self._exact: dict[str, V] = {}
+        self._tails: dict[str, V] = {}
+        self._plus_tails = 0  # filters in ``_tails`` ending in '+'
+        self._hash_depths: dict[int, int] = {}  # leading levels of a '#' filter in ``_tails`` -> filters
         self._root: _Node[V] = _Node()
         self._wild = 0
         self._cache: dict[str, list[tuple[str, V]]] = {}
         self._cache_size = cache_size
 
     def __len__(self) -> int:
-        return len(self._exact) + self._wild
+        return len(self._exact) + len(self._tails) + self._wild
 
     def set(self, topic_filter: str, value: V) -> bool:
         """Map ``topic_filter`` to ``value``; True if the filter was not there before."""
-        if _is_literal(topic_filter):
+        kind = _kind(topic_filter)
+        if kind == _LITERAL:
             exact = self._exact
             old = exact.get(topic_filter)
             exact[topic_filter] = value
+        elif kind == _TAIL:
+            tails = self._tails
+            old = tails.get(topic_filter)
+            tails[topic_filter] = value
+            if old is None:
+                self._tail_count(topic_filter, 1)
         else:
             node = self._root
             for level in topic_filter.split("/"):
@@ -303,12 +333,28 @@ class FilterMap(Generic[V]):
             self._cache.clear()
         return old is None
 
+    def _tail_count(self, topic_filter: str, step: int) -> None:
+        """Count a filter of ``_tails`` in (``step`` 1) or out (-1)."""
+        if topic_filter[-1] == "+":
+            self._plus_tails += step
+            return
+        depths = self._hash_depths
+        depth = topic_filter.count("/")
+        left = depths.get(depth, 0) + step
+        if left:
+            depths[depth] = left
+        else:
+            del depths[depth]
+
     def remove(self, topic_filter: str) -> V | None:
         """Forget ``topic_filter``; its value, or None if it was not there. Trie nodes left
         with nothing below them are pruned, so memory follows the live filters."""
-        if _is_literal(topic_filter):
-            value = self._exact.pop(topic_filter, None)
+        kind = _kind(topic_filter)
+        if kind != _TRIE:
+            value = (self._exact if kind == _LITERAL else self._tails).pop(topic_filter, None)
             if value is not None:
+                if kind == _TAIL:
+                    self._tail_count(topic_filter, -1)
                 self._cache.clear()
             return value
         node = self._root
@@ -349,8 +395,11 @@ class FilterMap(Generic[V]):
 
     def get(self, topic_filter: str) -> V | None:
         """The value of exactly ``topic_filter`` (no wildcard matching), or None."""
-        if _is_literal(topic_filter):
+        kind = _kind(topic_filter)
+        if kind == _LITERAL:
             return self._exact.get(topic_filter)
+        if kind == _TAIL:
+            return self._tails.get(topic_filter)
         node: _Node[V] | None = self._root
         for level in topic_filter.split("/"):
             assert node is not None
@@ -378,6 +427,8 @@ class FilterMap(Generic[V]):
             return cached.copy()
         value = self._exact.get(topic)
         result: list[tuple[str, V]] = [] if value is None else [(topic, value)]
+        if self._tails:
+            self._match_tails(topic, result)
         if self._wild:
             self._match(topic, result)
         if self._cache_size > 0:
@@ -385,6 +436,39 @@ class FilterMap(Generic[V]):
                 cache.clear()
             cache[topic] = result.copy()
         return result
+
+    def _match_tails(self, topic: str, out: list[tuple[str, V]]) -> None:
+        """The filters of ``_tails`` that match ``topic``: ``parent/+`` for its last level,
+        ``leading/#`` for every number of leading levels that a '#' filter here has. Their
+        first level is literal, so the '$' rule [MQTT-4.7.2-1] never applies."""
+        tails = self._tails
+        if self._plus_tails:
+            cut = topic.rfind("/")
+            if cut >= 0:
+                candidate = topic[:cut + 1] + "+"
+                value = tails.get(candidate)
+                if value is not None:
+                    out.append((candidate, value))
+        depths = self._hash_depths
+        if not depths:
+            return
+        deepest = max(depths)
+        ends: list[int] = []  # the index of the slash after each leading level
+        at = topic.find("/")
+        while at >= 0 and len(ends) < deepest:
+            ends.append(at)
+            at = topic.find("/", at + 1)
+        levels = len(ends) + 1 if len(ends) < deepest else deepest + 1  # enough to tell
+        for depth in depths:
+            if depth < levels:  # 'leading/#' under a deeper topic
+                candidate = topic[:ends[depth - 1] + 1] + "#"
+            elif depth == levels:  # 'topic/#' matches its parent level, the topic itself
+                candidate = topic + "/#"
+            else:
+                continue
+            value = tails.get(candidate)
+            if value is not None:
+                out.append((candidate, value))
 
     def _match(self, topic: str, out: list[tuple[str, V]]) -> None:
         levels = topic.split("/")
@@ -432,7 +516,7 @@ class FilterMap(Generic[V]):
 
     def items(self) -> list[tuple[str, V]]:
         """Every ``(filter, value)`` (a snapshot: safe to change the map while iterating)."""
-        found = list(self._exact.items())
+        found = [*self._exact.items(), *self._tails.items()]
         stack: list[_Node[V]] = [self._root]
         while stack:
             node = stack.pop()

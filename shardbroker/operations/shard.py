@@ -77,9 +77,9 @@ class ShardMetrics:
         self.commit_ops.observe(ops)
 
 
-def subscription_view(sub: Subscribed) -> dict[str, Any]:
+def subscription_view(client_id: str, flt: str, sub: Subscribed) -> dict[str, Any]:
     return {
-        "client_id": sub.client_id, "filter": sub.topic_filter, "qos": sub.qos, "no_local": sub.no_local,
+        "client_id": client_id, "filter": flt, "qos": sub.qos, "no_local": sub.no_local,
         "retain_as_published": sub.retain_as_published, "retain_handling": sub.retain_handling,
         "subscription_id": sub.subscription_id,
     }
@@ -197,7 +197,8 @@ class ShardOps(Operations):
             expiry_interval=sess.expiry_interval, expires_at=sess.expires_at(), persistent=sess.persistent,
             queued_bytes=sess.queued_bytes, will=sess.will.topic if sess.will is not None else None,
             will_due=sess.will_due,
-            subscription_list=sorted((subscription_view(s) for s in (sess.subscriptions or {}).values()),
+            subscription_list=sorted((subscription_view(sess.client_id, flt, s)
+                                      for flt, s in (sess.subscriptions or {}).items()),
                                      key=lambda v: str(v["filter"])),
         )
         return {"shard": self.broker.shard, "client": view}
@@ -217,8 +218,8 @@ class ShardOps(Operations):
         if selection is not None and not isinstance(selection, str):
             raise TypeError("'filter' is a string")
         selected = subscription_selector(selection)
-        rows = [subscription_view(sub) for sess in list(self.broker.sessions.sessions.values())
-                for sub in (sess.subscriptions or {}).values() if selected(sub.topic_filter)]
+        rows = [subscription_view(sess.client_id, flt, sub) for sess in list(self.broker.sessions.sessions.values())
+                for flt, sub in (sess.subscriptions or {}).items() if selected(flt)]
         return {"shard": self.broker.shard, "subscriptions": rows}
 
     def routes(self, request: Request) -> dict[str, Any]:

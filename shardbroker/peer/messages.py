@@ -26,7 +26,14 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     9     ``Hold``            shard, publisher
     10    ``Release``         shard, publisher
     11    ``LoginFailed``     shard, address
+    12    ``RoutesAdd``       shard, keys (as in ``Routes``), request
+    13    ``RoutesRemove``    shard, keys (an array of str, each once)
     ====  ==================  ===============================================
+
+    Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
+    or an ended session's last ones, in one message rather than one per filter); a
+    shard of older code refuses a batch that holds one, which only a broker whose
+    shards run different code would send.
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
     ``expires_at`` float64 or nil, ``origin`` str or nil, ``groups`` an array of
@@ -112,7 +119,9 @@ __all__ = [
     "RouteAdd",
     "RouteRemove",
     "Routes",
+    "RoutesAdd",
     "RoutesQuery",
+    "RoutesRemove",
     "decode_batch",
     "decode_message",
     "encode_batch",
@@ -195,11 +204,30 @@ class RouteAdd:
 
 
 @dataclass(slots=True)
+class RoutesAdd:
+    """``shard`` wants publishes matching each key of ``keys``, (key, durable) pairs, each key
+    once: the new filters of one SUBSCRIBE. ``request`` as in ``RouteAdd``, one
+    acknowledgement for them all."""
+
+    shard: int
+    keys: tuple[tuple[str, bool], ...]
+    request: int = 0
+
+
+@dataclass(slots=True)
 class RouteRemove:
     """``shard`` no longer wants publishes matching ``key``."""
 
     shard: int
     key: str
+
+
+@dataclass(slots=True)
+class RoutesRemove:
+    """``shard`` no longer wants publishes matching any of ``keys`` (each once)."""
+
+    shard: int
+    keys: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -263,7 +291,9 @@ PeerMessage: TypeAlias = (
     | ForwardAck
     | ResendRequest
     | RouteAdd
+    | RoutesAdd
     | RouteRemove
+    | RoutesRemove
     | RouteAck
     | RoutesQuery
     | Routes
@@ -335,6 +365,10 @@ def _is_route_keys(v: object) -> bool:
     return isinstance(v, tuple) and _is_pairs(v, bool) and len({k for k, _ in v}) == len(v)
 
 
+def _is_keys(v: object) -> bool:
+    return isinstance(v, tuple) and all(type(k) is str for k in v) and len(set(v)) == len(v)
+
+
 def _describe(v: object) -> str:
     if v is None or isinstance(v, (int, float)):
         return repr(v)
@@ -385,6 +419,9 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (9, Hold, (("shard", *_UINT), ("publisher", *_STR))),
     (10, Release, (("shard", *_UINT), ("publisher", *_STR))),
     (11, LoginFailed, (("shard", *_UINT), ("address", *_STR))),
+    (12, RoutesAdd, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"),
+                     ("request", *_UINT))),
+    (13, RoutesRemove, (("shard", *_UINT), ("keys", _is_keys, "an array of str, each once"))),
 )
 
 

@@ -309,20 +309,22 @@ class Worker:
         at = now()  # one reading of the clock for the batch (a few microseconds of it)
         for _ in range(min(ADOPT_BATCH, len(arrivals))):
             link, h, number = arrivals.popleft()
-            self._adopt(loop, h, link, number, at)
+            self._adopt(h, link, number, at)
         if arrivals:
             self._adopting = True
             loop.call_soon(self._adopt_some, loop)
 
-    def _adopt(self, loop: asyncio.AbstractEventLoop, h: Handoff, link: Link, number: int, at: Now) -> None:
+    def _adopt(self, h: Handoff, link: Link, number: int, at: Now) -> None:
         # Non-blocking (set by the acceptor) and TCP_NODELAY (inherited from the listener)
-        # belong to the socket, so they came along with the descriptor. A hand-off is always a
-        # stream socket: saying so spares the two getsockopt calls that would ask (the family
-        # comes from the getsockname every wrapped descriptor gets).
+        # belong to the socket, so they came along with the descriptor. ``SocketType`` is the
+        # socket without ``socket.socket``'s Python layer (``makefile``, context manager), which
+        # the connection does not use: 48 bytes, against 104 with that layer. A hand-off is
+        # always a stream socket: saying so spares the two getsockopt calls that would ask (the
+        # family comes from the getsockname every wrapped descriptor gets).
         assert self._poller is not None
-        sock = socket.socket(-1, socket.SOCK_STREAM, 0, fileno=h.fd)
-        conn = (TcpConnection(sock, loop, self._poller, h.initial) if h.peer is None and h.listener == 0
-                else RelayedConnection(sock, loop, self._poller, h.initial, h.peer, h.identity, h.listener))
+        sock = socket.SocketType(-1, socket.SOCK_STREAM, 0, h.fd)
+        conn = (TcpConnection(sock, self._poller, h.initial) if h.peer is None and h.listener == 0
+                else RelayedConnection(sock, self._poller, h.initial, h.peer, h.identity, h.listener))
         conn.notify_close(link, number)
         conn.start(self.broker, self.broker.open_client(conn, h.client_id, at), at)
 

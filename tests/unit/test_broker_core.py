@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_harness import Harness
+from core_harness import FakeTransport, Harness
 
 from shardbroker.config import load_config
 from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
+from shardbroker.core.session import NO_INFLIGHT
 from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
     DurableForward,
@@ -26,13 +27,17 @@ from shardbroker.peer.messages import (
     Release,
     RouteAck,
     RouteAdd,
+    RouteRemove,
     Routes,
+    RoutesAdd,
+    RoutesRemove,
 )
-from shardbroker.protocol import reasons
+from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.packets import (
     MQTT_3_1_1,
     MQTT_5,
     ConnAck,
+    Connect,
     Disconnect,
     PingReq,
     PingResp,
@@ -45,6 +50,7 @@ from shardbroker.protocol.packets import (
     SubAck,
     Subscribe,
     Subscription,
+    Unsubscribe,
     Will,
 )
 from shardbroker.sharding import shard_for
@@ -197,6 +203,62 @@ def test_puback_leaves_only_at_the_flush(h: Harness) -> None:
     assert c.packets() == []  # nothing written yet: the commit comes first
     h.run()
     assert c.packets() == [PubAck(7)]
+
+
+def test_sessions_with_nothing_in_flight_share_one_empty_map(h: Harness) -> None:
+    sub = h.connect("s")
+    sub.send(_sub("t", 1))
+    sub.packets()
+    sess = h.broker.sessions.get("s")
+    assert sess is not None and sess.inflight is NO_INFLIGHT
+    with pytest.raises(TypeError):
+        NO_INFLIGHT[1] = sess.inflight.get(1)  # type: ignore[assignment]
+    pub = h.connect("p")
+    pub.send(Publish("t", b"x", qos=1, packet_id=1))
+    pub.send(Publish("t", b"y", qos=1, packet_id=2))
+    first, second = _publishes(sub.packets())
+    assert sess.inflight is not NO_INFLIGHT and len(sess.inflight) == 2
+    sub.send(PubAck(first.packet_id))
+    assert list(sess.inflight) == [second.packet_id]
+    sub.send(PubAck(second.packet_id))
+    assert sess.inflight is NO_INFLIGHT and not NO_INFLIGHT
+
+
+class _AddressCounted(FakeTransport):
+    """A transport that counts how often its address is read (a ``getpeername`` on TCP)."""
+
+    def __init__(self, name: str) -> None:
+        self.asked = 0
+        super().__init__(name)
+
+    @property  # type: ignore[override]
+    def peer(self) -> str:
+        self.asked += 1
+        return "192.0.2.7:1883"
+
+    @peer.setter
+    def peer(self, value: str) -> None:
+        pass
+
+
+def test_connect_and_disconnect_lines_read_no_address_below_info(h: Harness,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def connect_and_leave(client_id: str) -> _AddressCounted:
+        t = _AddressCounted(client_id)
+        client = h.broker.open_client(t, None, h.now)
+        h.broker.received(client, codec.encode(Connect(protocol_version=MQTT_3_1_1, client_id=client_id),
+                                               MQTT_3_1_1), h.now)
+        h.run()
+        h.broker.received(client, codec.encode(Disconnect(), MQTT_3_1_1), h.now)
+        h.run()
+        return t
+
+    with caplog.at_level("WARNING", logger="shardbroker.clients"):
+        assert connect_and_leave("quiet").asked == 0
+    with caplog.at_level("INFO", logger="shardbroker.clients"):
+        assert connect_and_leave("told").asked > 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "shardbroker.clients"]
+    assert len(lines) == 2 and all(line.startswith("client told ") and "192.0.2.7:1883" in line for line in lines)
 
 
 def test_pingreq(h: Harness) -> None:
@@ -370,8 +432,8 @@ def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness)
     c = h.connect("s")
     c.packets()
     c.send(_sub("a/b", 1))
-    adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAdd)]
-    assert {peer for peer, _ in adds} == {1, 2} and all(m.key == "a/b" and m.request for _, m in adds)
+    adds = [(peer, m) for peer, m in h.link.take() if isinstance(m, RoutesAdd)]
+    assert {peer for peer, _ in adds} == {1, 2} and all(m.keys == (("a/b", False),) and m.request for _, m in adds)
     assert c.packets() == []  # SUBACK waits
     request = adds[0][1].request
     h.peer_messages([RouteAck(1, request)])
@@ -380,22 +442,45 @@ def test_suback_waits_for_every_peer_to_acknowledge_the_route(make: MakeHarness)
     assert c.packets() == [SubAck(1, (1,))]
 
 
-def test_one_acknowledgement_covers_every_new_filter_of_a_subscribe(make: MakeHarness) -> None:
+def test_one_message_and_one_acknowledgement_for_every_new_filter_of_a_subscribe(make: MakeHarness) -> None:
     h = make(peers=[1], shards=2)
-    c = h.connect("s")
+    c = h.connect("s", clean=False)
     c.packets()
-    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "c/#"))))
-    adds = [m for _, m in h.link.take() if isinstance(m, RouteAdd)]
-    assert [m.key for m in adds] == ["a", "b/+", "c/#"]  # in order, on one pipe
-    assert [bool(m.request) for m in adds] == [False, False, True]
+    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "a", "c/#"))))  # "a" twice: once
+    [add] = [m for _, m in h.link.take() if isinstance(m, (RouteAdd, RoutesAdd))]
+    assert isinstance(add, RoutesAdd) and add.request
+    assert add.keys == (("a", True), ("b/+", True), ("c/#", True))  # durable: a persistent session
     assert c.packets() == []
     other = h.connect("t")  # a second subscriber of one of them waits for the same announcement
     other.packets()
     other.send(_sub("b/+", 1))
-    assert not [m for _, m in h.link.take() if isinstance(m, RouteAdd)] and other.packets() == []
-    h.peer_messages([RouteAck(1, adds[-1].request)])
-    assert c.packets() == [SubAck(1, (1, 1, 1))]
+    assert not [m for _, m in h.link.take() if isinstance(m, (RouteAdd, RoutesAdd))] and other.packets() == []
+    h.peer_messages([RouteAck(1, add.request)])
+    assert c.packets() == [SubAck(1, (1, 1, 1, 1))]
     assert other.packets() == [SubAck(1, (1,))]
+
+
+def test_the_last_subscriptions_of_an_unsubscribe_or_a_session_leave_in_one_message(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    c, other = h.connect("s"), h.connect("t")
+    c.send(Subscribe(1, tuple(Subscription(f, 1) for f in ("a", "b/+", "c/#", "d"))))
+    other.send(_sub("b/+", 1))
+    h.link.take()
+    c.send(Unsubscribe(2, ("a", "b/+", "x")))  # "b/+" has another subscriber here: it stays
+    assert [m for _, m in h.link.take() if isinstance(m, (RouteRemove, RoutesRemove))] == [RouteRemove(0, "a")]
+    c.send(Disconnect())  # a clean session ends: its last two go together
+    assert [m for _, m in h.link.take() if isinstance(m, (RouteRemove, RoutesRemove))] == [
+        RoutesRemove(0, ("c/#", "d"))]
+    assert h.broker.peers.routes.keys(0) == {"b/+": False}
+    h.peer_messages([RoutesAdd(1, (("p", False), ("q/#", False)), 0), RoutesRemove(1, ("p", "q/#"))])
+    assert h.broker.peers.routes.keys(1) == {}
+
+
+def test_a_peers_subscribe_adds_its_filters_and_is_acknowledged_once(make: MakeHarness) -> None:
+    h = make(peers=[1], shards=2)
+    h.peer_messages([RoutesAdd(1, (("x/+", False), ("y", True)), 9), RoutesAdd(1, (("z", False),))])
+    assert h.broker.peers.routes.keys(1) == {"x/+": False, "y": True, "z": False}
+    assert [(peer, m) for peer, m in h.link.take() if isinstance(m, RouteAck)] == [(1, RouteAck(0, 9))]
 
 
 def test_suback_is_sent_after_the_timeout_when_a_peer_is_silent(make: MakeHarness) -> None:

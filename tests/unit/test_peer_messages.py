@@ -28,7 +28,9 @@ from shardbroker.peer.messages import (
     RouteAdd,
     RouteRemove,
     Routes,
+    RoutesAdd,
     RoutesQuery,
+    RoutesRemove,
     decode_batch,
     decode_message,
     encode_batch,
@@ -77,6 +79,10 @@ MESSAGES: dict[str, PeerMessage] = {
     "resend-request": ResendRequest(3, 0),
     "route-add": RouteAdd(1, "a/+/c"),
     "route-add-ack-durable": RouteAdd(2, "$share/g/a/#", 42, True),
+    "routes-add": RoutesAdd(1, (("a/+", False), ("$share/g/b/#", True), ("ü", False)), 7),
+    "routes-add-no-ack": RoutesAdd(0, ()),
+    "routes-remove": RoutesRemove(3, ("a/+", "$share/g/b/#", "ü")),
+    "routes-remove-none": RoutesRemove(0, ()),
     "route-remove": RouteRemove(1, "a/#"),
     "route-ack": RouteAck(4, 42),
     "routes-query": RoutesQuery(5),
@@ -252,7 +258,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [12, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [14, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -318,6 +324,12 @@ def test_wrong_forward_field_count_is_refused(item: list[Any]) -> None:
     ([7, -2], "RoutesQuery.shard"),
     ([7, 1, 2], "RoutesQuery: expected 1 field, got 2"),
     ([8, 1, [["a", True], ["a", False]]], "Routes.keys"),
+    ([12, 1, [["a", True], ["a", False]], 3], "RoutesAdd.keys"),
+    ([12, 1, [["a", 1]], 3], "RoutesAdd.keys"),
+    ([12, 1, [["a", True]], -1], "RoutesAdd.request"),
+    ([13, 1, ["a", "a"]], "RoutesRemove.keys"),
+    ([13, 1, ["a", 1]], "RoutesRemove.keys"),
+    ([13, 1, "a"], "RoutesRemove.keys"),
     ([8, 1, [["a", 1]]], "Routes.keys"),
     ([8, 1, [["a"]]], "Routes.keys"),
     ([8, 1, {"a": True}], "Routes.keys"),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shardbroker.core.routing import RouteTable
-from shardbroker.core.session import Subscribed
+from shardbroker.core.session import Subscribed, subscribed
 from shardbroker.core.subscriptions import PlainIndex
 from shardbroker.core.topics import matches, parse_shared
 
@@ -80,23 +80,32 @@ test_route_model = RouteModel.TestCase
 
 
 def test_plain_index_one_subscriber_then_many_then_one() -> None:
-    idx = PlainIndex()
-    a1 = Subscribed("a/+", 1, client_id="a")
-    idx.add(a1)
-    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", a1)]  # the subscription itself
-    a2 = Subscribed("a/+", 2, client_id="a")
-    idx.add(a2)  # new options of the same client's subscription
-    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", a2)]
-    b = Subscribed("a/+", 0, client_id="b")
-    idx.add(b)
-    assert idx.count("a/+") == 2 and idx.match("a/b") == [("a/+", {"a": a2, "b": b})]
-    idx.remove("a/+", "nobody")
-    idx.remove("a/+", "a")
-    assert idx.count("a/+") == 1 and idx.match("a/b") == [("a/+", b)]
-    idx.remove("a/+", "a")  # not there any more: nothing changes
-    assert idx.count("a/+") == 1
-    idx.remove("a/+", "b")
-    assert idx.count("a/+") == 0 and idx.match("a/b") == [] and len(idx) == 0 and idx.filters() == []
+    sessions: dict[tuple[str, str], Subscribed] = {}  # (client ID, filter) -> options, as the sessions hold them
+    idx = PlainIndex(lambda cid, flt: sessions.get((cid, flt)))
+    flt = "a/+"
+    sessions["a", flt] = subscribed(1)
+    idx.add(flt, "a", sessions["a", flt])
+    assert idx.count(flt) == 1 and idx.match("a/b") == [(flt, "a")]  # the client ID alone
+    sessions["a", flt] = subscribed(2)
+    idx.add(flt, "a", sessions["a", flt])  # new options of the same client's subscription: its session has them
+    assert idx.count(flt) == 1 and idx.match("a/b") == [(flt, "a")]
+    b = sessions["b", flt] = subscribed(0, no_local=True)
+    idx.add(flt, "b", b)
+    assert idx.count(flt) == 2 and idx.match("a/b") == [(flt, {"a": subscribed(2), "b": b})]
+    idx.remove(flt, "nobody")
+    idx.remove(flt, "a")
+    assert idx.count(flt) == 1 and idx.match("a/b") == [(flt, "b")]
+    idx.remove(flt, "a")  # not there any more: nothing changes
+    assert idx.count(flt) == 1
+    idx.remove(flt, "b")
+    assert idx.count(flt) == 0 and idx.match("a/b") == [] and len(idx) == 0 and idx.filters() == []
+
+
+def test_subscriptions_with_the_same_options_share_one_object() -> None:
+    assert subscribed(1) is subscribed(1, False, False, 0) and subscribed(1) == Subscribed(1)
+    assert subscribed(1) is not subscribed(2) and subscribed(1) is not subscribed(1, no_local=True)
+    assert subscribed(1, subscription_id=7) is not subscribed(1, subscription_id=7)  # identifiers are many
+    assert subscribed(1, subscription_id=7) == Subscribed(1, subscription_id=7)
 
 
 def test_size_counts_distinct_filters() -> None:

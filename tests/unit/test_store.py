@@ -563,6 +563,26 @@ def test_retained_put_replace_delete_scan(tmp_path: Path) -> None:
         r.close()
 
 
+def test_retained_find_reads_every_head_of_a_subscribe_at_once(tmp_path: Path) -> None:
+    long_topic = "long/" + "x" * 500
+    topics = ["a/b", "a/c", "ab", long_topic, *(f"bulk/{i:04d}" for i in range(600))]
+    r = RetainedStore.open(tmp_path, map_size=SMALL)
+    try:
+        r.write([(t, msg(t, b"v", retain=True)) for t in topics])
+        found = r.find([("a/b", True), ("a/", False), ("a/x", True), ("", False), (long_topic, True),
+                        ("long/" + "x" * 450, False), ("bulk/", False), ("zzz", False)])
+        assert [[t for t, _ in rows] for rows in found[:3]] == [["a/b"], ["a/b", "a/c"], []]
+        assert [t for t, _ in found[3]] == sorted(topics, key=lambda t: t.encode())[:len(found[3])]
+        assert len(found[3]) == len(topics)  # past a page of rows: finished by scan
+        assert found[4] == [(long_topic, msg(long_topic, b"v", retain=True))]
+        assert [t for t, _ in found[5]] == [long_topic]
+        assert [t for t, _ in found[6]] == [f"bulk/{i:04d}" for i in range(600)]
+        assert found[7] == []
+        assert r.find([]) == []
+    finally:
+        r.close()
+
+
 def test_retained_store_opened_by_several_processes_at_first_start(tmp_path: Path) -> None:
     code = """
     import sys

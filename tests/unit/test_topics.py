@@ -241,7 +241,7 @@ def test_trie_prunes_empty_nodes() -> None:
     for topic_filter in ("a/b/c/d", "a/+/#", "a"):
         assert trie.remove(topic_filter, "k") is True
     assert trie._map._root.is_empty()
-    assert not trie._map._exact
+    assert not trie._map._exact and not trie._map._tails
 
 
 def test_trie_match_uses_live_entries_and_cache_is_invalidated() -> None:
@@ -271,7 +271,7 @@ def test_trie_cache_is_bounded() -> None:
 def test_filter_map_one_value_per_filter() -> None:
     fm: FilterMap[int] = FilterMap()
     assert fm.set("a/b", 1) is True  # literal: the dict
-    assert fm.set("a/+", 2) is True  # wildcard: the trie
+    assert fm.set("a/+", 2) is True  # a wildcard as the last level: the second dict
     assert fm.set("a/b", 3) is False  # replaced, not added
     assert len(fm) == 2
     assert sorted(fm.match("a/b")) == [("a/+", 2), ("a/b", 3)]
@@ -284,14 +284,39 @@ def test_filter_map_one_value_per_filter() -> None:
     assert fm.remove("a/b") is None
     assert fm.match("a/b") == [("a/+", 5)]  # the cache was emptied by the removal
     assert fm.remove("a/+") == 5
-    assert len(fm) == 0 and fm.match("a/b") == [] and fm._root.is_empty()
+    assert len(fm) == 0 and fm.match("a/b") == [] and fm._root.is_empty() and not fm._tails
+
+
+def test_filter_map_keeps_trailing_wildcards_without_nodes() -> None:
+    """``a/b/+`` and ``a/b/#`` cost a slot of a dict keyed by the caller's own string, not
+    trie nodes; ``+/x``, ``a/+/c``, ``#`` and ``+`` still go to the trie."""
+    fm: FilterMap[int] = FilterMap()
+    device = 7
+    plus, hash_ = f"dev/{device}/+", f"dev/{device}/#"  # strings made at run time, not constants
+    fm.set(plus, 1)
+    fm.set(hash_, 2)
+    fm.set("/+", 3)  # one empty literal level, then '+'
+    assert fm._root.is_empty()
+    assert next(k for k in fm._tails if k == plus) is plus  # the key is the caller's string
+    for flt in ("+/x", "a/+/c", "#", "+", "a/+/#"):
+        fm.set(flt, 9)
+    assert fm._wild == 5 and len(fm) == 8
+    assert sorted(fm.match("dev/7/x")) == [("#", 9), ("dev/7/#", 2), ("dev/7/+", 1)]
+    assert sorted(fm.match("dev/7")) == [("#", 9), ("dev/7/#", 2)]  # '#' matches its parent
+    assert sorted(fm.match("dev/7/")) == [("#", 9), ("dev/7/#", 2), ("dev/7/+", 1)]
+    assert sorted(fm.match("dev/7/x/y")) == [("#", 9), ("dev/7/#", 2)]
+    assert sorted(fm.match("/q")) == [("#", 9), ("/+", 3)]
+    assert fm.match("$dev/7/x") == []
+    assert fm.remove(hash_) == 2 and fm.remove(hash_) is None and not fm._hash_depths
+    assert fm.remove(plus) == 1 and fm.remove("/+") == 3 and fm._plus_tails == 0 and not fm._tails
+    assert sorted(fm.match("dev/7/x")) == [("#", 9)]
 
 
 def test_filter_map_shares_level_names() -> None:
     fm: FilterMap[int] = FilterMap()
-    fm.set("device/+", 1)  # split at run time: new strings
+    fm.set("device/+/state", 1)  # split at run time: new strings
     other: FilterMap[int] = FilterMap()
-    other.set("device/#", 2)
+    other.set("device/+/#", 2)
     assert fm._root.children is not None and other._root.children is not None
     (a,) = fm._root.children
     (b,) = other._root.children
@@ -409,7 +434,8 @@ class TrieModel(RuleBasedStateMachine):
             for key in list(entries):
                 self._remove(topic_filter, key)
         assert self.trie._map._root.is_empty()
-        assert not self.trie._map._exact
+        assert not self.trie._map._exact and not self.trie._map._tails
+        assert self.trie._map._plus_tails == 0 and not self.trie._map._hash_depths
 
 
 TrieModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
