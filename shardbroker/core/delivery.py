@@ -10,8 +10,16 @@ of unacknowledged messages on session resume. A copy that lands in a subscriber'
 backlog holds its publisher back (``backpressure.py``); an online subscriber's queue
 is limited only once it is slow.
 
-It owns no state of its own beyond the sessions it is handed; it writes to the store
-batch and to the clients' output, and counts in the shard's statistics.
+Deferred inflight rows: a QoS 1 copy to a persistent session whose message something
+else keeps durable (the origin shard's outbox, ``outbox.py`` Holds; or the session's own
+queue row) is sent with no inflight row. ``settle``, at each flush before the commit,
+writes the row of a copy still unacknowledged ``DEFER_FOR`` seconds after it went out;
+a copy acknowledged before that costs the store nothing (or only the dequeue of its
+queue row). Until then the outbox item or the queue row stays, so a crash loses
+nothing; the copy is delivered again instead (at least once, as QoS 1 promises).
+
+It owns no state beyond the sessions it is handed and the deferred copies; it writes to the
+store batch and to the clients' output, and counts in the shard's statistics.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ from shardbroker.config import LimitsConfig
 from shardbroker.core.backpressure import QUEUE, QUEUE_HIGH_WATER, QUEUE_LOW_WATER, Backpressure
 from shardbroker.core.client import Client
 from shardbroker.core.clock import EventTime
+from shardbroker.core.outbox import Outbox
 from shardbroker.core.output import Output
 from shardbroker.core.session import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
+    Deferral,
     Message,
     Outgoing,
     Queued,
@@ -45,6 +55,7 @@ from shardbroker.storage.records import InflightRecord, StoredMessage
 log = logging.getLogger("shardbroker.delivery")
 
 DELIVERED_BY_QOS = ("delivered_qos0", "delivered_qos1", "delivered_qos2")  # counter names in ``stats``
+DEFER_FOR = 0.2  # seconds a deferred QoS 1 copy may go unacknowledged before its inflight row is written
 
 
 class Delivery:
@@ -58,6 +69,11 @@ class Delivery:
         self.output = output
         self._batch = batch  # the store batch of this event (``Commit.batch``)
         self.backpressure: Backpressure  # set by the broker (it needs the sessions)
+        self.outbox: Outbox  # set by the broker: the item being applied, and its holds
+        self.wake_later: Callable[[float], object] = lambda delay: None  # a flush in ``delay`` s (the broker)
+        self._deferred: deque[Deferral] = deque()  # oldest first
+        self._item_deferred: list[Deferral] = []  # deferred while applying the current outbox item
+        self._wake_at = -1.0  # monotonic time of the flush ``wake_later`` asked for
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -107,22 +123,94 @@ class Delivery:
                 msg.unref()
             return
         pid = sess.alloc_pid()
-        sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
+        out = sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC,
+                                            group)
         if sess.persistent:
-            b = self._batch()
-            if seq is not None:  # first, so that the store can move a message its queue row holds
-                b.dequeue(sess.client_id, seq)
-            if msg.store_id is None:
-                msg.store_id = b.add_message(_stored(msg))
-            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
-                                                                AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
-            msg.ref()
-            if seq is not None:
-                msg.unref()
+            if qos == 1 and (seq is not None or self.outbox.applying is not None):
+                self._defer(sess, pid, out, seq)
+            else:
+                self._write(sess, pid, out, seq)
         data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
             self.output.send(client, data)
             self._sent(qos, msg)
+
+    def _defer(self, sess: Session, pid: int, out: Outgoing, seq: int | None) -> None:
+        """Send ``out`` without its inflight row (see the module docstring): its queue row
+        (``seq``), or else the item being applied, keeps the message meanwhile."""
+        msg = out.message
+        if seq is not None:
+            origin = -1
+        elif msg is None or msg.store_id is not None:
+            # another row of this batch names the message: this one is written too, as the
+            # store moves a message between rows cheaply only within one batch
+            self._write(sess, pid, out, None)
+            return
+        else:
+            origin, seq = self.outbox.applying  # type: ignore[misc]  # the caller checked
+            self.outbox.hold(origin, seq)
+        deferred = self._deferred
+        due = self.time.mono + DEFER_FOR
+        if self._wake_at < self.time.mono:  # no flush is due to settle it yet
+            self._wake_at = due
+            self.wake_later(DEFER_FOR)
+        out.deferred = d = Deferral(sess, pid, out, origin, seq, due)
+        self.stats["deferred_rows"] += 1
+        deferred.append(d)
+        if origin >= 0:
+            self._item_deferred.append(d)
+
+    def applied(self) -> None:
+        """The item being applied is done: a copy deferred before another row of the batch named
+        its message is written now, in the same batch (see ``_defer``)."""
+        item = self._item_deferred
+        for d in item:
+            out = d.out
+            if out.deferred is d and out.message is not None and out.message.store_id is not None:
+                self._settle(d)
+        item.clear()
+
+    def settle(self, everything: bool = False) -> None:
+        """Write the inflight rows of deferred copies that are due (all with ``everything``) and
+        are still unacknowledged; called before each commit."""
+        deferred = self._deferred
+        if not deferred:
+            return
+        now = self.time.mono
+        while deferred and (everything or deferred[0].due <= now):
+            d = deferred.popleft()
+            if d.out.deferred is d:  # else acknowledged (or written) meanwhile
+                self._settle(d)
+        if deferred and self._wake_at < now:
+            self._wake_at = due = deferred[0].due
+            self.wake_later(max(0.0, due - now))
+
+    def _settle(self, d: Deferral) -> None:
+        """Write the inflight row of a deferred copy and let go of what kept its message."""
+        out = d.out
+        out.deferred = None
+        sess = d.session
+        if sess.persistent and sess.inflight.get(d.pid) is out:
+            self._write(sess, d.pid, out, d.seq if d.origin < 0 else None)
+            self.stats["deferred_rows_written"] += 1
+        # else the session ended or is no longer stored: its rows went with it
+        if d.origin >= 0:
+            self.outbox.release(d.origin, d.seq)
+
+    def _write(self, sess: Session, pid: int, out: Outgoing, seq: int | None) -> None:
+        """The inflight row of ``out`` (moving its message out of queue row ``seq``, if any)."""
+        msg = out.message
+        if msg is None:
+            return
+        b = self._batch()
+        if seq is not None:  # first, so that the store can move a message its queue row holds
+            b.dequeue(sess.client_id, seq)
+        if msg.store_id is None:
+            msg.store_id = b.add_message(_stored(msg))
+        b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, out.qos, out.state))
+        msg.ref()
+        if seq is not None:
+            msg.unref()
 
     def _sent(self, qos: int, msg: Message) -> None:
         """A copy of ``msg`` goes to a subscriber (resends are not counted again)."""
@@ -293,7 +381,16 @@ class Delivery:
         """An outgoing QoS 1/2 exchange is over: free its packet id and window slot."""
         del sess.inflight[pid]
         self._progress(sess)
-        if sess.persistent:
+        d = out.deferred
+        if d is not None:  # no inflight row was written: only what kept the message is let go
+            out.deferred = None
+            if d.origin >= 0:
+                self.outbox.release(d.origin, d.seq)
+            elif sess.persistent:
+                self._batch().dequeue(sess.client_id, d.seq)
+                if out.message is not None:
+                    out.message.unref()
+        elif sess.persistent:
             self._batch().delete_inflight(sess.client_id, pid)
             if out.message is not None:
                 out.message.unref()

@@ -36,6 +36,7 @@ __all__ = [
     "AWAIT_PUBCOMP",
     "AWAIT_PUBREC",
     "NEVER",
+    "Deferral",
     "Message",
     "Outgoing",
     "Queued",
@@ -91,6 +92,21 @@ class Outgoing:
     sub_ids: tuple[int, ...]
     state: int = AWAIT_PUBACK
     group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
+    deferred: Deferral | None = None  # its inflight row is not written yet (``delivery.py``)
+
+
+@dataclass(slots=True, eq=False)
+class Deferral:
+    """A QoS 1 copy sent to a persistent session whose inflight row is not written yet, because
+    something else keeps the message durable until the copy is settled: the outbox of shard
+    ``origin`` (item ``seq``), or, with ``origin`` -1, the session's queue row ``seq``."""
+
+    session: Session
+    pid: int
+    out: Outgoing
+    origin: int
+    seq: int
+    due: float  # monotonic time from which its row is written if still unacknowledged
 
 
 @dataclass(slots=True)
