@@ -129,6 +129,8 @@ class Delivery:
             if qos == 1 and (seq is not None or self.outbox.applying is not None):
                 self._defer(sess, pid, out, seq)
             else:
+                if sess.held:
+                    self._settle_held(sess)
                 self._write(sess, pid, out, seq)
         data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
@@ -144,6 +146,8 @@ class Delivery:
         elif msg is None or msg.store_id is not None:
             # another row of this batch names the message: this one is written too, as the
             # store moves a message between rows cheaply only within one batch
+            if sess.held:
+                self._settle_held(sess)
             self._write(sess, pid, out, None)
             return
         else:
@@ -159,6 +163,19 @@ class Delivery:
         deferred.append(d)
         if origin >= 0:
             self._item_deferred.append(d)
+            if sess.held is None:
+                sess.held = {}
+            sess.held[d] = None
+
+    def _settle_held(self, sess: Session) -> None:
+        """A row is about to be written for ``sess``: its copies of held items get theirs first.
+        Otherwise a crash could leave the later message stored and the earlier one to be resent
+        by its origin, and so delivered after it."""
+        held = sess.held
+        sess.held = None
+        for d in held or ():
+            if d.out.deferred is d:
+                self._settle(d)
 
     def applied(self) -> None:
         """The item being applied is done: a copy deferred before another row of the batch named
@@ -190,6 +207,8 @@ class Delivery:
         out = d.out
         out.deferred = None
         sess = d.session
+        if d.origin >= 0 and sess.held is not None:
+            sess.held.pop(d, None)
         if sess.persistent and sess.inflight.get(d.pid) is out:
             self._write(sess, d.pid, out, d.seq if d.origin < 0 else None)
             self.stats["deferred_rows_written"] += 1
@@ -253,6 +272,8 @@ class Delivery:
             self.backpressure.start(sess, QUEUE)
         seq = None
         if sess.persistent and (qos > 0 or limits.queue_qos0):
+            if sess.held:
+                self._settle_held(sess)
             b = self._batch()
             if msg.store_id is None:
                 msg.store_id = b.add_message(_stored(msg))
@@ -386,6 +407,8 @@ class Delivery:
             out.deferred = None
             if d.origin >= 0:
                 self.outbox.release(d.origin, d.seq)
+                if sess.held is not None:
+                    sess.held.pop(d, None)
             elif sess.persistent:
                 self._batch().dequeue(sess.client_id, d.seq)
                 if out.message is not None:

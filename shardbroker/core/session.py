@@ -161,6 +161,7 @@ class Session:
     dropped: int = 0  # messages dropped because the queue was full
     backlog: int = 0  # the kinds of backlog it is in (``backpressure.QUEUE | WRITE``), 0 for none
     slow: bool = False  # online but not acknowledging (``backpressure.py``): its queue limits apply
+    held: dict[Deferral, None] | None = None  # its unsettled copies of held outbox items, in order
 
     @property
     def persistent(self) -> bool:

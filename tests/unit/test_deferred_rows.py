@@ -181,3 +181,22 @@ def test_qos2_to_a_persistent_session_is_never_deferred(make: MakeHarness) -> No
     s.send(PubRec(pub.packet_id))
     assert s.packets() == [PubRel(pub.packet_id)]
     assert h.broker.stats["deferred_rows"] == 0
+
+
+def test_a_later_row_of_the_session_writes_its_held_copies_first(tmp_path: Path, make: MakeHarness) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_inflight": 1})
+    h = make(config, peers=[1], shards=2)
+    s = _subscriber(h)
+    h.peer_messages([DurableForward(1, 1, Forward("t", b"a", 1, False)),
+                     DurableForward(1, 2, Forward("t", b"b", 1, False))])  # b waits in the queue
+    [a] = _publishes(s.packets())
+    [(_, _, msg)] = h.store.inflight("s")  # a's row came with b's queue row, in the same commit
+    assert msg is not None and msg.payload == b"a"
+    assert [m.payload for _, _, _, m in h.store.queue("s")] == [b"b"]
+    assert h.store.get_meta("handover.inbox.1") == 2 and _acks(h) == [ForwardAck(0, 2)]
+    h2 = h.restart()  # a crash: a is resent before b, as they were first sent
+    s2 = h2.connect("s", clean=False)
+    first = _publishes(s2.packets())
+    assert [(p.payload, p.dup) for p in first] == [(b"a", True)]
+    s2.send(PubAck(first[0].packet_id))
+    assert [p.payload for p in _publishes(s2.packets())] == [b"b"]
