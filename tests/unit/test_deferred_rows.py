@@ -139,7 +139,7 @@ def test_a_copy_out_of_the_queue_keeps_its_queue_row_until_acknowledged(tmp_path
     p.packets()
     p.send(Publish("t", b"a", qos=1, packet_id=1))
     p.send(Publish("t", b"b", qos=1, packet_id=2))
-    assert [p.payload for p in _publishes(s.packets())] == [b"a"]
+    [a] = _publishes(s.packets())
     assert [msg.payload for _, _, _, msg in h.store.queue("s")] == [b"b"]
     s.send(PubAck(a.packet_id))
     [b] = _publishes(s.packets())
@@ -160,7 +160,7 @@ def test_a_copy_out_of_the_queue_is_resent_after_a_crash(tmp_path: Path, make: M
     p.packets()
     p.send(Publish("t", b"a", qos=1, packet_id=1))
     p.send(Publish("t", b"b", qos=1, packet_id=2))
-    assert [p.payload for p in _publishes(s.packets())] == [b"a"]
+    [a] = _publishes(s.packets())
     s.send(PubAck(a.packet_id))
     assert [x.payload for x in _publishes(s.packets())] == [b"b"]
     h2 = h.restart()
