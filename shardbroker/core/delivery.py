@@ -114,18 +114,30 @@ class Delivery:
             self.backpressure.fed(sess, msg.origin)
 
     def _send_inflight(self, sess: Session, client: Client, msg: Message, qos: int, retain: bool,
-                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
+                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None,
+                       held: Deferral | None = None) -> None:
+        """Send a copy in the window; ``seq``: its queue row, ``held``: a queued copy of a held item."""
         if client.max_packet_out is not None and not self._fits(client, msg, qos, sub_ids):
             # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
             self.stats["dropped_too_large"] += 1
             if seq is not None:
                 self._batch().dequeue(sess.client_id, seq)
                 msg.unref()
+            if held is not None:
+                self._let_go(held)
             return
         pid = sess.alloc_pid()
         out = sess.inflight[pid] = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC,
                                             group)
-        if sess.persistent:
+        if held is not None:  # still held: the copy goes on without a row
+            if sess.persistent:
+                held.out.deferred = None
+                held.out = out
+                held.pid = pid
+                out.deferred = held
+            else:
+                self._let_go(held)
+        elif sess.persistent:
             if qos == 1 and (seq is not None or self.outbox.applying is not None):
                 self._defer(sess, pid, out, seq)
             else:
@@ -153,19 +165,37 @@ class Delivery:
         else:
             origin, seq = self.outbox.applying  # type: ignore[misc]  # the caller checked
             self.outbox.hold(origin, seq)
-        deferred = self._deferred
+        out.deferred = self._deferral(sess, pid, out, origin, seq)
+
+    def _defer_queued(self, sess: Session, q: Queued) -> None:
+        """Queue a copy of the item being applied with no queue row: the item is held instead."""
+        origin, seq = self.outbox.applying  # type: ignore[misc]  # the caller checked
+        self.outbox.hold(origin, seq)
+        q.deferred = self._deferral(sess, 0, q, origin, seq)
+
+    def _deferral(self, sess: Session, pid: int, out: Outgoing | Queued, origin: int, seq: int) -> Deferral:
         due = self.time.mono + DEFER_FOR
         if self._wake_at < self.time.mono:  # no flush is due to settle it yet
             self._wake_at = due
             self.wake_later(DEFER_FOR)
-        out.deferred = d = Deferral(sess, pid, out, origin, seq, due)
+        d = Deferral(sess, pid, out, origin, seq, due)
         self.stats["deferred_rows"] += 1
-        deferred.append(d)
+        self._deferred.append(d)
         if origin >= 0:
             self._item_deferred.append(d)
             if sess.held is None:
                 sess.held = {}
             sess.held[d] = None
+        return d
+
+    def _let_go(self, d: Deferral) -> None:
+        """A copy of a held item is gone without a row (acknowledged, dropped, or the session is
+        no longer stored): its hold ends."""
+        d.out.deferred = None
+        self.outbox.release(d.origin, d.seq)
+        held = d.session.held
+        if held is not None:
+            held.pop(d, None)
 
     def _settle_held(self, sess: Session) -> None:
         """A row is about to be written for ``sess``: its copies of held items get theirs first.
@@ -209,7 +239,16 @@ class Delivery:
         sess = d.session
         if d.origin >= 0 and sess.held is not None:
             sess.held.pop(d, None)
-        if sess.persistent and sess.inflight.get(d.pid) is out:
+        if isinstance(out, Queued):
+            if sess.persistent and sess.queue is not None:  # else the session ended or is not stored
+                b = self._batch()
+                msg = out.message
+                if msg.store_id is None:
+                    msg.store_id = b.add_message(_stored(msg))
+                out.seq = b.enqueue(sess.client_id, msg.store_id, out.qos)
+                msg.ref()
+                self.stats["deferred_rows_written"] += 1
+        elif sess.persistent and sess.inflight.get(d.pid) is out:
             self._write(sess, d.pid, out, d.seq if d.origin < 0 else None)
             self.stats["deferred_rows_written"] += 1
         # else the session ended or is no longer stored: its rows went with it
@@ -267,19 +306,24 @@ class Delivery:
             if old.seq is not None:
                 self._batch().dequeue(sess.client_id, old.seq)
                 old.message.unref()
+            elif old.deferred is not None:
+                self._let_go(old.deferred)
             self._dropped(sess, queue=True)
         if not limited and len(queue) >= QUEUE_HIGH_WATER and not sess.backlog & QUEUE:
             self.backpressure.start(sess, QUEUE)
-        seq = None
+        q = Queued(msg, qos, retain, sub_ids, None, group)
         if sess.persistent and (qos > 0 or limits.queue_qos0):
-            if sess.held:
-                self._settle_held(sess)
-            b = self._batch()
-            if msg.store_id is None:
-                msg.store_id = b.add_message(_stored(msg))
-            seq = b.enqueue(sess.client_id, msg.store_id, qos)
-            msg.ref()
-        queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
+            if qos == 1 and not limited and msg.store_id is None and self.outbox.applying is not None:
+                self._defer_queued(sess, q)  # the origin's outbox keeps it meanwhile
+            else:
+                if sess.held:
+                    self._settle_held(sess)
+                b = self._batch()
+                if msg.store_id is None:
+                    msg.store_id = b.add_message(_stored(msg))
+                q.seq = b.enqueue(sess.client_id, msg.store_id, qos)
+                msg.ref()
+        queue.append(q)
         sess.queued_bytes += size
 
     def _dropped(self, sess: Session, *, queue: bool) -> None:
@@ -314,6 +358,8 @@ class Delivery:
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()
+                elif q.deferred is not None:
+                    self._let_go(q.deferred)
                 continue
             if q.qos == 0:
                 data = self._publish_bytes(client, q.message, 0, q.retain, None, False, q.sub_ids)
@@ -324,7 +370,7 @@ class Delivery:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()
                 continue
-            self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
+            self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group, q.deferred)
         if not queue:
             sess.queue = None  # an idle session keeps no empty deque
         if sess.backlog & QUEUE and len(queue) <= QUEUE_LOW_WATER:
@@ -404,12 +450,10 @@ class Delivery:
         self._progress(sess)
         d = out.deferred
         if d is not None:  # no inflight row was written: only what kept the message is let go
-            out.deferred = None
             if d.origin >= 0:
-                self.outbox.release(d.origin, d.seq)
-                if sess.held is not None:
-                    sess.held.pop(d, None)
+                self._let_go(d)
             elif sess.persistent:
+                out.deferred = None
                 self._batch().dequeue(sess.client_id, d.seq)
                 if out.message is not None:
                     out.message.unref()

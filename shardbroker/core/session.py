@@ -97,13 +97,14 @@ class Outgoing:
 
 @dataclass(slots=True, eq=False)
 class Deferral:
-    """A QoS 1 copy sent to a persistent session whose inflight row is not written yet, because
-    something else keeps the message durable until the copy is settled: the outbox of shard
-    ``origin`` (item ``seq``), or, with ``origin`` -1, the session's queue row ``seq``."""
+    """A QoS 1 copy for a persistent session whose row is not written yet, because something
+    else keeps the message durable until the copy is settled: the outbox of shard ``origin``
+    (item ``seq``), or, with ``origin`` -1, the session's queue row ``seq``. A copy of a held
+    item waits in the session queue (``out`` a ``Queued``) or has been sent (an ``Outgoing``)."""
 
     session: Session
-    pid: int
-    out: Outgoing
+    pid: int  # 0 while the copy waits in the session queue
+    out: Outgoing | Queued
     origin: int
     seq: int
     due: float  # monotonic time from which its row is written if still unacknowledged
@@ -117,6 +118,7 @@ class Queued:
     sub_ids: tuple[int, ...]
     seq: int | None = None  # store sequence number when the session is persistent
     group: tuple[str, str] | None = None  # (group, filter) when queued for a shared subscription
+    deferred: Deferral | None = None  # a copy of a held item, with no queue row yet (``delivery.py``)
 
 
 @dataclass(frozen=True, slots=True)

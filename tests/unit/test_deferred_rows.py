@@ -183,20 +183,63 @@ def test_qos2_to_a_persistent_session_is_never_deferred(make: MakeHarness) -> No
     assert h.broker.stats["deferred_rows"] == 0
 
 
-def test_a_later_row_of_the_session_writes_its_held_copies_first(tmp_path: Path, make: MakeHarness) -> None:
+def test_copies_queued_behind_a_full_window_are_held_too(tmp_path: Path, make: MakeHarness) -> None:
     config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_inflight": 1})
     h = make(config, peers=[1], shards=2)
     s = _subscriber(h)
     h.peer_messages([DurableForward(1, 1, Forward("t", b"a", 1, False)),
                      DurableForward(1, 2, Forward("t", b"b", 1, False))])  # b waits in the queue
-    assert [p.payload for p in _publishes(s.packets())] == [b"a"]
-    [(_, _, msg)] = h.store.inflight("s")  # a's row came with b's queue row, in the same commit
-    assert msg is not None and msg.payload == b"a"
+    [a] = _publishes(s.packets())
+    assert h.store.inflight("s") == [] and h.store.queue("s") == []
+    s.send(PubAck(a.packet_id))
+    [b] = _publishes(s.packets())
+    assert b.payload == b"b"
+    h.advance(DEFER_FOR / 2)
+    assert _acks(h) == [ForwardAck(0, 1)]  # b is still held
+    s.send(PubAck(b.packet_id))
+    h.advance(DEFER_FOR)
+    assert _acks(h) == [ForwardAck(0, 2)]
+    assert h.store.inflight("s") == [] and h.store.queue("s") == []
+    assert h.broker.stats["deferred_rows"] == 2 and h.broker.stats["deferred_rows_written"] == 0
+
+
+def test_a_queued_copy_of_a_held_item_gets_its_queue_row_when_due(tmp_path: Path, make: MakeHarness) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_inflight": 1})
+    h = make(config, peers=[1], shards=2)
+    s = _subscriber(h)
+    h.peer_messages([DurableForward(1, 1, Forward("t", b"a", 1, False)),
+                     DurableForward(1, 2, Forward("t", b"b", 1, False))])
+    s.packets()
+    h.advance(DEFER_FOR * 1.5)
+    assert [m.payload for _, _, m in h.store.inflight("s") if m is not None] == [b"a"]
     assert [m.payload for _, _, _, m in h.store.queue("s")] == [b"b"]
-    assert h.store.get_meta("handover.inbox.1") == 2 and _acks(h) == [ForwardAck(0, 2)]
-    h2 = h.restart()  # a crash: a is resent before b, as they were first sent
+    assert _acks(h) == [ForwardAck(0, 2)] and h.store.get_meta("handover.inbox.1") == 2
+    h2 = h.restart()
     s2 = h2.connect("s", clean=False)
-    first = _publishes(s2.packets())
-    assert [(p.payload, p.dup) for p in first] == [(b"a", True)]
-    s2.send(PubAck(first[0].packet_id))
+    [again] = _publishes(s2.packets())
+    assert (again.payload, again.dup) == (b"a", True)
+    s2.send(PubAck(again.packet_id))
     assert [p.payload for p in _publishes(s2.packets())] == [b"b"]
+
+
+def test_a_later_row_of_the_session_writes_its_held_copies_first(tmp_path: Path, make: MakeHarness) -> None:
+    config = load_config(None, {"server.data_dir": str(tmp_path), "limits.max_inflight": 1})
+    h = make(config, peers=[1], shards=2)
+    s = _subscriber(h)
+    p = h.connect("p")
+    p.packets()
+    h.peer_messages([DurableForward(1, 1, Forward("t", b"a", 1, False)),
+                     DurableForward(1, 2, Forward("t", b"b", 1, False))])  # b waits in the queue
+    assert [x.payload for x in _publishes(s.packets())] == [b"a"]
+    p.send(Publish("t", b"c", qos=1, packet_id=1))  # a local message: its queue row is written at once ...
+    assert [m.payload for _, _, m in h.store.inflight("s") if m is not None] == [b"a"]  # ... after a's
+    assert [m.payload for _, _, _, m in h.store.queue("s")] == [b"b", b"c"]  # and b's, in order
+    assert h.store.get_meta("handover.inbox.1") == 2 and _acks(h) == [ForwardAck(0, 2)]
+    h2 = h.restart()  # a crash: the copies come again in the order they were first sent
+    s2 = h2.connect("s", clean=False)
+    got = _publishes(s2.packets())
+    assert [(x.payload, x.dup) for x in got] == [(b"a", True)]
+    for payload in (b"b", b"c"):
+        s2.send(PubAck(got[0].packet_id))
+        got = _publishes(s2.packets())
+        assert [x.payload for x in got] == [payload]
