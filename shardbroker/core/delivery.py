@@ -10,13 +10,15 @@ of unacknowledged messages on session resume. A copy that lands in a subscriber'
 backlog holds its publisher back (``backpressure.py``); an online subscriber's queue
 is limited only once it is slow.
 
-Deferred inflight rows: a QoS 1 copy to a persistent session whose message something
-else keeps durable (the origin shard's outbox, ``outbox.py`` Holds; or the session's own
-queue row) is sent with no inflight row. ``settle``, at each flush before the commit,
-writes the row of a copy still unacknowledged ``DEFER_FOR`` seconds after it went out;
-a copy acknowledged before that costs the store nothing (or only the dequeue of its
-queue row). Until then the outbox item or the queue row stays, so a crash loses
-nothing; the copy is delivered again instead (at least once, as QoS 1 promises).
+Deferred rows: a QoS 1 copy to a persistent session whose message something else keeps
+durable (the origin shard's outbox, ``outbox.py`` Holds; or the session's own queue row) is
+sent with no inflight row, and a copy of a held outbox item queued behind a full window gets
+no queue row. ``settle``, at each flush before the commit, writes the row of a copy still
+unsettled ``DEFER_FOR`` seconds after it was made; a copy acknowledged before that costs the
+store nothing (or only the dequeue of its queue row). Any other row written for a session
+first writes its held copies (``_settle_held``), so that the stored order is the order of
+delivery. Until then the outbox item or the queue row stays, so a crash loses nothing; the
+copy is delivered again instead (at least once, as QoS 1 promises).
 
 It owns no state beyond the sessions it is handed and the deferred copies; it writes to the
 store batch and to the clients' output, and counts in the shard's statistics.
@@ -55,7 +57,7 @@ from shardbroker.storage.records import InflightRecord, StoredMessage
 log = logging.getLogger("shardbroker.delivery")
 
 DELIVERED_BY_QOS = ("delivered_qos0", "delivered_qos1", "delivered_qos2")  # counter names in ``stats``
-DEFER_FOR = 0.2  # seconds a deferred QoS 1 copy may go unacknowledged before its inflight row is written
+DEFER_FOR = 0.2  # seconds a deferred QoS 1 copy may stay unsettled before its row is written
 
 
 class Delivery:
@@ -218,8 +220,8 @@ class Delivery:
         item.clear()
 
     def settle(self, everything: bool = False) -> None:
-        """Write the inflight rows of deferred copies that are due (all with ``everything``) and
-        are still unacknowledged; called before each commit."""
+        """Write the rows of deferred copies that are due (all with ``everything``) and still
+        unsettled; called before each commit."""
         deferred = self._deferred
         if not deferred:
             return
@@ -233,7 +235,8 @@ class Delivery:
             self.wake_later(max(0.0, due - now))
 
     def _settle(self, d: Deferral) -> None:
-        """Write the inflight row of a deferred copy and let go of what kept its message."""
+        """Write the row of a deferred copy (inflight, or queue while it waits in the queue) and
+        let go of what kept its message."""
         out = d.out
         out.deferred = None
         sess = d.session

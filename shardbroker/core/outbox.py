@@ -11,9 +11,9 @@ itself (restart), when the peer reports a gap, or after ``RESEND_AFTER`` seconds
 Duplicates (at or below the mark) are acknowledged and dropped, so a crash of
 either side at any moment loses nothing.
 
-Holds: a QoS 1 copy of an item sent to a persistent session here may have no inflight
-row yet (``delivery.py``, deferred rows); the origin's outbox is then what keeps the
-message. While such a copy is unsettled its item is *held*: the mark stored and
+Holds: a QoS 1 copy of an item for a persistent session here may have no row yet,
+inflight or queued (``delivery.py``, deferred rows); the origin's outbox is then what
+keeps the message. While such a copy is unsettled its item is *held*: the mark stored and
 acknowledged for that origin stays below the lowest held item (``safe_mark``), so
 a crash of this shard has the origin send it again. Items after it that were
 applied are then applied again: a QoS 1 copy may be delivered twice after a crash
