@@ -198,6 +198,8 @@ class Delivery:
         held = d.session.held
         if held is not None:
             held.pop(d, None)
+            if not held:
+                d.session.held = None
 
     def _settle_held(self, sess: Session) -> None:
         """A row is about to be written for ``sess``: its copies of held items get theirs first.
@@ -240,8 +242,11 @@ class Delivery:
         out = d.out
         out.deferred = None
         sess = d.session
-        if d.origin >= 0 and sess.held is not None:
-            sess.held.pop(d, None)
+        held = sess.held
+        if d.origin >= 0 and held is not None:
+            held.pop(d, None)
+            if not held:
+                sess.held = None
         if isinstance(out, Queued):
             if sess.persistent and sess.queue is not None:  # else the session ended or is not stored
                 b = self._batch()

@@ -18,7 +18,8 @@ acknowledged for that origin stays below the lowest held item (``safe_mark``), s
 a crash of this shard has the origin send it again. Items after it that were
 applied are then applied again: a QoS 1 copy may be delivered twice after a crash
 (QoS 1 allows it). A QoS 2 item is never applied while its origin has held items
-(``Peers`` writes the deferred rows first), so QoS 2 is still delivered once.
+(``Peers`` writes the deferred rows first) and is never held itself (its copies
+downgraded to QoS 1 get their rows at once), so QoS 2 is still delivered once.
 
 Items are ``DurableForward`` peer messages (``shardbroker.peer.messages``). The
 items numbered for a peer in one event-loop iteration are written as ONE outbox

@@ -201,8 +201,11 @@ class Peers:
         outbox = self.outbox
         verdict = outbox.accept(origin, m.seq)
         if verdict == APPLY:
-            if m.forward.qos == 2 and outbox.holding(origin):
-                self.settle_deferred()  # QoS 2 only past a mark that is stored (``outbox.py``, Holds)
+            if m.forward.qos != 1:  # QoS 2 only past a mark that is stored (``outbox.py``, Holds)
+                if outbox.holding(origin):
+                    self.settle_deferred()
+                self._deliver(m.forward)
+                return
             outbox.applying = (origin, m.seq)
             try:
                 self._deliver(m.forward)

@@ -243,3 +243,14 @@ def test_a_later_row_of_the_session_writes_its_held_copies_first(tmp_path: Path,
         s2.send(PubAck(got[0].packet_id))
         got = _publishes(s2.packets())
         assert [x.payload for x in got] == [payload]
+
+
+def test_a_qos2_item_downgraded_to_qos1_is_not_deferred(make: MakeHarness) -> None:
+    """Its QoS 2 copies must not be delivered again after a crash: its mark is stored with it."""
+    h = make(peers=[1], shards=2)
+    s = _subscriber(h, qos=1)
+    h.peer_messages([DurableForward(1, 1, Forward("t", b"v", 2, False))])
+    [pub] = _publishes(s.packets())
+    assert pub.qos == 1 and len(h.store.inflight("s")) == 1
+    assert h.store.get_meta("handover.inbox.1") == 1 and _acks(h) == [ForwardAck(0, 1)]
+    assert h.broker.stats["deferred_rows"] == 0
