@@ -177,7 +177,7 @@ class Delivery:
 
     def _deferral(self, sess: Session, pid: int, out: Outgoing | Queued, origin: int, seq: int) -> Deferral:
         due = self.time.mono + DEFER_FOR
-        if self._wake_at < self.time.mono:  # no flush is due to settle it yet
+        if self._wake_at <= self.time.mono:  # no flush is due to settle it yet
             self._wake_at = due
             self.wake_later(DEFER_FOR)
         d = Deferral(sess, pid, out, origin, seq, due)
@@ -232,7 +232,7 @@ class Delivery:
             d = deferred.popleft()
             if d.out.deferred is d:  # else acknowledged (or written) meanwhile
                 self._settle(d)
-        if deferred and self._wake_at < now:
+        if deferred and self._wake_at <= now:
             self._wake_at = due = deferred[0].due
             self.wake_later(max(0.0, due - now))
 

@@ -254,3 +254,20 @@ def test_a_qos2_item_downgraded_to_qos1_is_not_deferred(make: MakeHarness) -> No
     assert pub.qos == 1 and len(h.store.inflight("s")) == 1
     assert h.store.get_meta("handover.inbox.1") == 1 and _acks(h) == [ForwardAck(0, 1)]
     assert h.broker.stats["deferred_rows"] == 0
+
+
+def test_the_deferral_asks_for_its_own_flush(make: MakeHarness) -> None:
+    """Nothing else happens on the shard: the timer the deferral set writes the row and acks."""
+    h = make(peers=[1], shards=2)
+    s = _subscriber(h)
+    h.peer_messages([DurableForward(1, 1, Forward("t", b"v", 1, False)),
+                     DurableForward(1, 2, Forward("t", b"w", 1, False))])
+    assert len(_publishes(s.packets())) == 2
+    h.advance(DEFER_FOR, tick=False)
+    assert len(h.store.inflight("s")) == 2 and _acks(h) == [ForwardAck(0, 2)]
+    h.peer_messages([DurableForward(1, 3, Forward("t", b"x", 1, False))])
+    assert _acks(h) == [ForwardAck(0, 2)]  # item 3 is held
+    [x] = _publishes(s.packets())
+    s.send(PubAck(x.packet_id))
+    h.advance(DEFER_FOR, tick=False)
+    assert _acks(h) == [ForwardAck(0, 3)] and h.store.get_meta("handover.inbox.1") == 3
