@@ -238,6 +238,3 @@ class Harness:
         start a new broker on it."""
         self.close()
         return Harness(self.data_dir, self.config, self.link.peers, self.shard, self.shards, self.now)
-
-
-MakeHarness = Callable[..., Harness]

@@ -8,11 +8,12 @@ a real LMDB environment in a temporary directory, so restarts are real too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from core_harness import FakeTransport, Harness, MakeHarness
+from core_harness import FakeTransport, Harness
 
 from shardbroker.config import load_config
 from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
@@ -53,6 +54,22 @@ from shardbroker.protocol.packets import (
     Will,
 )
 from shardbroker.sharding import shard_for
+
+MakeHarness = Callable[..., Harness]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[MakeHarness]:
+    """Harnesses on ``tmp_path`` (``Harness`` arguments after the directory), closed after the test."""
+    made: list[Harness] = []
+
+    def build(*args: Any, **kwargs: Any) -> Harness:
+        made.append(Harness(tmp_path, *args, **kwargs))
+        return made[-1]
+
+    yield build
+    for harness in made:
+        harness.close()
 
 
 @pytest.fixture

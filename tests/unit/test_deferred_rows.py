@@ -8,15 +8,32 @@ on the store as the last commit left it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from core_harness import Harness, MakeHarness
+import pytest
+from core_harness import Harness
 
 from shardbroker.config import load_config
 from shardbroker.core.delivery import DEFER_FOR
 from shardbroker.peer.messages import DurableForward, Forward, ForwardAck
 from shardbroker.protocol.packets import PubAck, Publish, PubRec, PubRel, Subscribe, Subscription
+
+MakeHarness = Callable[..., Harness]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[MakeHarness]:
+    made: list[Harness] = []
+
+    def build(*args: Any, **kwargs: Any) -> Harness:
+        made.append(Harness(tmp_path, *args, **kwargs))
+        return made[-1]
+
+    yield build
+    for harness in made:
+        harness.close()
 
 
 def _publishes(packets: list[object]) -> list[Publish]:
