@@ -110,7 +110,6 @@ class Broker:
             "subscriptions_refused": 0, "publish_rate_holds": 0, "auth_failures": 0,
             "received_qos0": 0, "received_qos1": 0, "received_qos2": 0, "received_bytes": 0,
             "delivered_qos0": 0, "delivered_qos1": 0, "delivered_qos2": 0, "delivered_bytes": 0,
-            "deferred_rows": 0, "deferred_rows_written": 0,
         }
         if policy is None:
             settings = config.listeners_auth()
@@ -148,10 +147,6 @@ class Broker:
         self.handshake.listener_names = tuple(lst.name for lst in config.effective_listeners)
         self.sessions.offline = self.backpressure.end
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
-        self.delivery.outbox = self.peers.outbox
-        self.delivery.wake_later = lambda delay: self.scheduler.later(delay, lambda now: self.wake())
-        self.peers.settle_deferred = lambda: self.delivery.settle(everything=True)
-        self.peers.item_applied = self.delivery.applied
         self.subscriptions.peers = self.peers
         self.peers.subscriptions = self.subscriptions
         # One handler per packet type once connected (CONNECT goes to the handshake).
@@ -191,7 +186,6 @@ class Broker:
                 self.output.send(client, codec.encode(Disconnect(reasons.SERVER_SHUTTING_DOWN), MQTT_5))
             self.sessions.shut_down(client)
             self.output.close(client, "server shutting down")
-        self.delivery.settle(everything=True)
         self.flush(now)
 
     # ------------------------------------------------------------------ transports
@@ -455,7 +449,6 @@ class Broker:
         """Commit what this iteration changed, then send what it promised: peers, then clients."""
         self._flush_scheduled = False
         self.time.set(now)
-        self.delivery.settle()  # before the outbox: it may let the inbox marks advance
         outbox = self.peers.outbox
         if outbox.has_dirty():
             outbox.persist(self.commit.batch())

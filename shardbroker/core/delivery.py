@@ -10,18 +10,8 @@ of unacknowledged messages on session resume. A copy that lands in a subscriber'
 backlog holds its publisher back (``backpressure.py``); an online subscriber's queue
 is limited only once it is slow.
 
-Deferred rows: a QoS 1 copy to a persistent session whose message something else keeps
-durable (the origin shard's outbox, ``outbox.py`` Holds; or the session's own queue row) is
-sent with no inflight row, and a copy of a held outbox item queued behind a full window gets
-no queue row. ``settle``, at each flush before the commit, writes the row of a copy still
-unsettled ``DEFER_FOR`` seconds after it was made; a copy acknowledged before that costs the
-store nothing (or only the dequeue of its queue row). Any other row written for a session
-first writes its held copies (``_settle_held``), so that the stored order is the order of
-delivery. Until then the outbox item or the queue row stays, so a crash loses nothing; the
-copy is delivered again instead (at least once, as QoS 1 promises).
-
-It owns no state beyond the sessions it is handed and the deferred copies; it writes to the
-store batch and to the clients' output, and counts in the shard's statistics.
+It owns no state of its own beyond the sessions it is handed; it writes to the store
+batch and to the clients' output, and counts in the shard's statistics.
 """
 
 from __future__ import annotations
@@ -35,13 +25,11 @@ from shardbroker.config import LimitsConfig
 from shardbroker.core.backpressure import QUEUE, QUEUE_HIGH_WATER, QUEUE_LOW_WATER, Backpressure
 from shardbroker.core.client import Client
 from shardbroker.core.clock import EventTime
-from shardbroker.core.outbox import Outbox
 from shardbroker.core.output import Output
 from shardbroker.core.session import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
     AWAIT_PUBREC,
-    Deferral,
     Message,
     Outgoing,
     Queued,
@@ -57,7 +45,6 @@ from shardbroker.storage.records import InflightRecord, StoredMessage
 log = logging.getLogger("shardbroker.delivery")
 
 DELIVERED_BY_QOS = ("delivered_qos0", "delivered_qos1", "delivered_qos2")  # counter names in ``stats``
-DEFER_FOR = 0.2  # seconds a deferred QoS 1 copy may stay unsettled before its row is written
 
 
 class Delivery:
@@ -71,11 +58,6 @@ class Delivery:
         self.output = output
         self._batch = batch  # the store batch of this event (``Commit.batch``)
         self.backpressure: Backpressure  # set by the broker (it needs the sessions)
-        self.outbox: Outbox  # set by the broker: the item being applied, and its holds
-        self.wake_later: Callable[[float], object] = lambda delay: None  # a flush in ``delay`` s (the broker)
-        self._deferred: deque[Deferral] = deque()  # oldest first
-        self._item_deferred: list[Deferral] = []  # deferred while applying the current outbox item
-        self._wake_at = -1.0  # monotonic time of the flush ``wake_later`` asked for
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -116,167 +98,31 @@ class Delivery:
             self.backpressure.fed(sess, msg.origin)
 
     def _send_inflight(self, sess: Session, client: Client, msg: Message, qos: int, retain: bool,
-                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None,
-                       held: Deferral | None = None) -> None:
-        """Send a copy in the window; ``seq``: its queue row, ``held``: a queued copy of a held item."""
+                       sub_ids: tuple[int, ...], seq: int | None, group: tuple[str, str] | None) -> None:
         if client.max_packet_out is not None and not self._fits(client, msg, qos, sub_ids):
             # larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25]
             self.stats["dropped_too_large"] += 1
             if seq is not None:
                 self._batch().dequeue(sess.client_id, seq)
                 msg.unref()
-            if held is not None:
-                self._let_go(held)
             return
         pid = sess.alloc_pid()
-        out = Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group)
-        sess.track(pid, out)
-        if held is not None:  # still held: the copy goes on without a row
-            if sess.persistent:
-                held.out.deferred = None
-                held.out = out
-                held.pid = pid
-                out.deferred = held
-            else:
-                self._let_go(held)
-        elif sess.persistent:
-            if qos == 1 and (seq is not None or self.outbox.applying is not None):
-                self._defer(sess, pid, out, seq)
-            else:
-                if sess.held:
-                    self._settle_held(sess)
-                self._write(sess, pid, out, seq)
+        sess.track(pid, Outgoing(msg, qos, retain, sub_ids, AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC, group))
+        if sess.persistent:
+            b = self._batch()
+            if seq is not None:  # first, so that the store can move a message its queue row holds
+                b.dequeue(sess.client_id, seq)
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
+                                                                AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
+            msg.ref()
+            if seq is not None:
+                msg.unref()
         data = self._publish_bytes(client, msg, qos, retain, pid, False, sub_ids)
         if data is not None:
             self.output.send(client, data)
             self._sent(qos, msg)
-
-    def _defer(self, sess: Session, pid: int, out: Outgoing, seq: int | None) -> None:
-        """Send ``out`` without its inflight row (see the module docstring): its queue row
-        (``seq``), or else the item being applied, keeps the message meanwhile."""
-        msg = out.message
-        if seq is not None:
-            origin = -1
-        elif msg is None or msg.store_id is not None:
-            # another row of this batch names the message: this one is written too, as the
-            # store moves a message between rows cheaply only within one batch
-            if sess.held:
-                self._settle_held(sess)
-            self._write(sess, pid, out, None)
-            return
-        else:
-            origin, seq = self.outbox.applying  # type: ignore[misc]  # the caller checked
-            self.outbox.hold(origin, seq)
-        out.deferred = self._deferral(sess, pid, out, origin, seq)
-
-    def _defer_queued(self, sess: Session, q: Queued) -> None:
-        """Queue a copy of the item being applied with no queue row: the item is held instead."""
-        origin, seq = self.outbox.applying  # type: ignore[misc]  # the caller checked
-        self.outbox.hold(origin, seq)
-        q.deferred = self._deferral(sess, 0, q, origin, seq)
-
-    def _deferral(self, sess: Session, pid: int, out: Outgoing | Queued, origin: int, seq: int) -> Deferral:
-        due = self.time.mono + DEFER_FOR
-        if self._wake_at <= self.time.mono:  # no flush is due to settle it yet
-            self._wake_at = due
-            self.wake_later(DEFER_FOR)
-        d = Deferral(sess, pid, out, origin, seq, due)
-        self.stats["deferred_rows"] += 1
-        self._deferred.append(d)
-        if origin >= 0:
-            self._item_deferred.append(d)
-            if sess.held is None:
-                sess.held = {}
-            sess.held[d] = None
-        return d
-
-    def _let_go(self, d: Deferral) -> None:
-        """A copy of a held item is gone without a row (acknowledged, dropped, or the session is
-        no longer stored): its hold ends."""
-        d.out.deferred = None
-        self.outbox.release(d.origin, d.seq)
-        held = d.session.held
-        if held is not None:
-            held.pop(d, None)
-            if not held:
-                d.session.held = None
-
-    def _settle_held(self, sess: Session) -> None:
-        """A row is about to be written for ``sess``: its copies of held items get theirs first.
-        Otherwise a crash could leave the later message stored and the earlier one to be resent
-        by its origin, and so delivered after it."""
-        held = sess.held
-        sess.held = None
-        for d in held or ():
-            if d.out.deferred is d:
-                self._settle(d)
-
-    def applied(self) -> None:
-        """The item being applied is done: a copy deferred before another row of the batch named
-        its message is written now, in the same batch (see ``_defer``)."""
-        item = self._item_deferred
-        for d in item:
-            out = d.out
-            if out.deferred is d and out.message is not None and out.message.store_id is not None:
-                self._settle(d)
-        item.clear()
-
-    def settle(self, everything: bool = False) -> None:
-        """Write the rows of deferred copies that are due (all with ``everything``) and still
-        unsettled; called before each commit."""
-        deferred = self._deferred
-        if not deferred:
-            return
-        now = self.time.mono
-        while deferred and (everything or deferred[0].due <= now):
-            d = deferred.popleft()
-            if d.out.deferred is d:  # else acknowledged (or written) meanwhile
-                self._settle(d)
-        if deferred and self._wake_at <= now:
-            self._wake_at = due = deferred[0].due
-            self.wake_later(max(0.0, due - now))
-
-    def _settle(self, d: Deferral) -> None:
-        """Write the row of a deferred copy (inflight, or queue while it waits in the queue) and
-        let go of what kept its message."""
-        out = d.out
-        out.deferred = None
-        sess = d.session
-        held = sess.held
-        if d.origin >= 0 and held is not None:
-            held.pop(d, None)
-            if not held:
-                sess.held = None
-        if isinstance(out, Queued):
-            if sess.persistent and sess.queue is not None:  # else the session ended or is not stored
-                b = self._batch()
-                msg = out.message
-                if msg.store_id is None:
-                    msg.store_id = b.add_message(_stored(msg))
-                out.seq = b.enqueue(sess.client_id, msg.store_id, out.qos)
-                msg.ref()
-                self.stats["deferred_rows_written"] += 1
-        elif sess.persistent and sess.inflight.get(d.pid) is out:
-            self._write(sess, d.pid, out, d.seq if d.origin < 0 else None)
-            self.stats["deferred_rows_written"] += 1
-        # else the session ended or is no longer stored: its rows went with it
-        if d.origin >= 0:
-            self.outbox.release(d.origin, d.seq)
-
-    def _write(self, sess: Session, pid: int, out: Outgoing, seq: int | None) -> None:
-        """The inflight row of ``out`` (moving its message out of queue row ``seq``, if any)."""
-        msg = out.message
-        if msg is None:
-            return
-        b = self._batch()
-        if seq is not None:  # first, so that the store can move a message its queue row holds
-            b.dequeue(sess.client_id, seq)
-        if msg.store_id is None:
-            msg.store_id = b.add_message(_stored(msg))
-        b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, out.qos, out.state))
-        msg.ref()
-        if seq is not None:
-            msg.unref()
 
     def _sent(self, qos: int, msg: Message) -> None:
         """A copy of ``msg`` goes to a subscriber (resends are not counted again)."""
@@ -314,24 +160,17 @@ class Delivery:
             if old.seq is not None:
                 self._batch().dequeue(sess.client_id, old.seq)
                 old.message.unref()
-            elif old.deferred is not None:
-                self._let_go(old.deferred)
             self._dropped(sess, queue=True)
         if not limited and len(queue) >= QUEUE_HIGH_WATER and not sess.backlog & QUEUE:
             self.backpressure.start(sess, QUEUE)
-        q = Queued(msg, qos, retain, sub_ids, None, group)
+        seq = None
         if sess.persistent and (qos > 0 or limits.queue_qos0):
-            if qos == 1 and not limited and msg.store_id is None and self.outbox.applying is not None:
-                self._defer_queued(sess, q)  # the origin's outbox keeps it meanwhile
-            else:
-                if sess.held:
-                    self._settle_held(sess)
-                b = self._batch()
-                if msg.store_id is None:
-                    msg.store_id = b.add_message(_stored(msg))
-                q.seq = b.enqueue(sess.client_id, msg.store_id, qos)
-                msg.ref()
-        queue.append(q)
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            seq = b.enqueue(sess.client_id, msg.store_id, qos)
+            msg.ref()
+        queue.append(Queued(msg, qos, retain, sub_ids, seq, group))
         sess.queued_bytes += size
 
     def _dropped(self, sess: Session, *, queue: bool) -> None:
@@ -366,8 +205,6 @@ class Delivery:
                 if q.seq is not None:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()
-                elif q.deferred is not None:
-                    self._let_go(q.deferred)
                 continue
             if q.qos == 0:
                 data = self._publish_bytes(client, q.message, 0, q.retain, None, False, q.sub_ids)
@@ -378,7 +215,7 @@ class Delivery:
                     self._batch().dequeue(sess.client_id, q.seq)
                     q.message.unref()
                 continue
-            self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group, q.deferred)
+            self._send_inflight(sess, client, q.message, q.qos, q.retain, q.sub_ids, q.seq, q.group)
         if not queue:
             sess.queue = None  # an idle session keeps no empty deque
         if sess.backlog & QUEUE and len(queue) <= QUEUE_LOW_WATER:
@@ -456,16 +293,7 @@ class Delivery:
         """An outgoing QoS 1/2 exchange is over: free its packet id and window slot."""
         sess.untrack(pid)
         self._progress(sess)
-        d = out.deferred
-        if d is not None:  # no inflight row was written: only what kept the message is let go
-            if d.origin >= 0:
-                self._let_go(d)
-            elif sess.persistent:
-                out.deferred = None
-                self._batch().dequeue(sess.client_id, d.seq)
-                if out.message is not None:
-                    out.message.unref()
-        elif sess.persistent:
+        if sess.persistent:
             self._batch().delete_inflight(sess.client_id, pid)
             if out.message is not None:
                 out.message.unref()

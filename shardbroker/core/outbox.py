@@ -9,17 +9,7 @@ deliveries, and then acknowledges ``n`` (cumulatively). The origin deletes what
 is acknowledged. What is not acknowledged is sent again when the peer announces
 itself (restart), when the peer reports a gap, or after ``RESEND_AFTER`` seconds.
 Duplicates (at or below the mark) are acknowledged and dropped, so a crash of
-either side at any moment loses nothing.
-
-Holds: a QoS 1 copy of an item for a persistent session here may have no row yet,
-inflight or queued (``delivery.py``, deferred rows); the origin's outbox is then what
-keeps the message. While such a copy is unsettled its item is *held*: the mark stored and
-acknowledged for that origin stays below the lowest held item (``safe_mark``), so
-a crash of this shard has the origin send it again. Items after it that were
-applied are then applied again: a QoS 1 copy may be delivered twice after a crash
-(QoS 1 allows it). A QoS 2 item is never applied while its origin has held items
-(``Peers`` writes the deferred rows first) and is never held itself (its copies
-downgraded to QoS 1 get their rows at once), so QoS 2 is still delivered once.
+either side at any moment loses nothing and delivers nothing twice.
 
 Items are ``DurableForward`` peer messages (``shardbroker.peer.messages``). The
 items numbered for a peer in one event-loop iteration are written as ONE outbox
@@ -70,10 +60,7 @@ class Outbox:
         self._inbox: dict[int, int] = {}  # origin -> highest applied sequence number
         self._dirty_next: set[int] = set()
         self._dirty_inbox: set[int] = set()
-        self.acks_due: set[int] = set()  # origins to acknowledge after the commit (``take_acks``)
-        self._held: dict[int, dict[int, int]] = {}  # origin -> held seq -> unsettled copies, in order
-        self._stored_inbox: dict[int, int] = {}  # origin -> the mark last written to the batch
-        self.applying: tuple[int, int] | None = None  # (origin, seq) of the item being applied
+        self.acks_due: dict[int, int] = {}  # origin -> mark to acknowledge after the commit
         self.last_sent: dict[int, float] = {}
         self._unsaved: dict[int, list[DurableForward]] = {}  # peer -> items not yet in a row
         self._rows: dict[int, deque[tuple[int, int]]] = {}  # peer -> (first, last) of each row
@@ -84,8 +71,7 @@ class Outbox:
             if key.startswith("handover.next.") and isinstance(value, int):
                 self._next[int(key.rsplit(".", 1)[1])] = value
             elif key.startswith("handover.inbox.") and isinstance(value, int):
-                origin = int(key.rsplit(".", 1)[1])
-                self._inbox[origin] = self._stored_inbox[origin] = value
+                self._inbox[int(key.rsplit(".", 1)[1])] = value
         for peer, seq, data in outbox:
             items = _decode_row(data, seq)
             pending = self.pending.setdefault(peer, {})
@@ -141,54 +127,17 @@ class Outbox:
         """APPLY (and advance the mark), DUPLICATE, or GAP for an incoming item."""
         mark = self._inbox.get(origin, 0)
         if seq <= mark:
-            self.acks_due.add(origin)
+            self.acks_due[origin] = mark
             return DUPLICATE
         if seq != mark + 1:
             return GAP
         self._inbox[origin] = seq
         self._dirty_inbox.add(origin)
-        self.acks_due.add(origin)
+        self.acks_due[origin] = seq
         return APPLY
 
     def mark(self, origin: int) -> int:
         return self._inbox.get(origin, 0)
-
-    def hold(self, origin: int, seq: int) -> None:
-        """A copy of item ``seq`` from ``origin`` went out with no inflight row (see Holds)."""
-        held = self._held.get(origin)
-        if held is None:
-            self._held[origin] = {seq: 1}
-        else:
-            held[seq] = held.get(seq, 0) + 1
-
-    def release(self, origin: int, seq: int) -> None:
-        """That copy is settled: acknowledged by its client, or its row is in the batch."""
-        held = self._held[origin]
-        left = held[seq] - 1
-        if left:
-            held[seq] = left
-            return
-        del held[seq]
-        if not held:
-            del self._held[origin]
-        self._dirty_inbox.add(origin)
-        self.acks_due.add(origin)
-
-    def holding(self, origin: int) -> bool:
-        return origin in self._held
-
-    def safe_mark(self, origin: int) -> int:
-        """The mark that may be stored and acknowledged: every item up to it is settled here."""
-        held = self._held.get(origin)
-        if held:
-            return next(iter(held)) - 1  # held in increasing order: the first is the lowest
-        return self._inbox.get(origin, 0)
-
-    def take_acks(self) -> list[tuple[int, int]]:
-        """(origin, mark) to acknowledge after a successful commit; clears the due set."""
-        acks = [(origin, mark) for origin in self.acks_due if (mark := self.safe_mark(origin)) > 0]
-        self.acks_due.clear()
-        return acks
 
     def persist(self, batch: _Batch) -> None:
         """Write the items numbered since the last call, one row per peer, and the counters
@@ -201,10 +150,7 @@ class Outbox:
         for peer in self._dirty_next:
             batch.set_meta(f"handover.next.{peer}", self._next[peer])
         for origin in self._dirty_inbox:
-            mark = self.safe_mark(origin)
-            if mark != self._stored_inbox.get(origin, 0):
-                batch.set_meta(f"handover.inbox.{origin}", mark)
-                self._stored_inbox[origin] = mark
+            batch.set_meta(f"handover.inbox.{origin}", self._inbox[origin])
         self._dirty_next.clear()
         self._dirty_inbox.clear()
 

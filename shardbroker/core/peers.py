@@ -93,9 +93,6 @@ class Peers:
             LoginFailed: self._on_login_failed,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
-        # write every deferred inflight row now (``Delivery.settle``); set by the broker
-        self.settle_deferred: Callable[[], None] = lambda: None
-        self.item_applied: Callable[[], None] = lambda: None  # ``Delivery.applied``; set by the broker
 
     def peer_ids(self) -> list[int]:
         return self.link.peers
@@ -221,20 +218,9 @@ class Peers:
 
     def _on_durable_forward(self, m: DurableForward) -> None:
         origin = m.origin_shard
-        outbox = self.outbox
-        verdict = outbox.accept(origin, m.seq)
+        verdict = self.outbox.accept(origin, m.seq)
         if verdict == APPLY:
-            if m.forward.qos != 1:  # QoS 2 only past a mark that is stored (``outbox.py``, Holds)
-                if outbox.holding(origin):
-                    self.settle_deferred()
-                self._deliver(m.forward)
-                return
-            outbox.applying = (origin, m.seq)
-            try:
-                self._deliver(m.forward)
-            finally:
-                outbox.applying = None
-                self.item_applied()
+            self._deliver(m.forward)
         elif verdict == GAP and origin not in self._replay_asked:
             mark = self.outbox.mark(origin)
             log.info("shard %d: hand-over gap from shard %d (got %d, mark %d): asking for a resend",
@@ -299,10 +285,11 @@ class Peers:
     def committed(self, ok: bool) -> None:
         """The iteration's commit is done: acknowledge what it made durable (nothing if it failed,
         so the origins resend), then send everything queued."""
-        acks = self.outbox.take_acks()
+        acks = self.outbox.acks_due
         if ok:
-            for origin, mark in acks:
+            for origin, mark in acks.items():
                 self.link.send(origin, ForwardAck(self.shard, mark))
+        acks.clear()
         self._replay_asked.clear()
         self.link.flush()
 

@@ -37,7 +37,6 @@ __all__ = [
     "AWAIT_PUBREC",
     "NEVER",
     "NO_INFLIGHT",
-    "Deferral",
     "Message",
     "Outgoing",
     "Queued",
@@ -94,22 +93,6 @@ class Outgoing:
     sub_ids: tuple[int, ...]
     state: int = AWAIT_PUBACK
     group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
-    deferred: Deferral | None = None  # its inflight row is not written yet (``delivery.py``)
-
-
-@dataclass(slots=True, eq=False)
-class Deferral:
-    """A QoS 1 copy for a persistent session whose row is not written yet, because something
-    else keeps the message durable until the copy is settled: the outbox of shard ``origin``
-    (item ``seq``), or, with ``origin`` -1, the session's queue row ``seq``. A copy of a held
-    item waits in the session queue (``out`` a ``Queued``) or has been sent (an ``Outgoing``)."""
-
-    session: Session
-    pid: int  # 0 while the copy waits in the session queue
-    out: Outgoing | Queued
-    origin: int
-    seq: int
-    due: float  # monotonic time from which its row is written if still unacknowledged
 
 
 class _NoInflight(dict[int, Outgoing]):
@@ -138,7 +121,6 @@ class Queued:
     sub_ids: tuple[int, ...]
     seq: int | None = None  # store sequence number when the session is persistent
     group: tuple[str, str] | None = None  # (group, filter) when queued for a shared subscription
-    deferred: Deferral | None = None  # a copy of a held item, with no queue row yet (``delivery.py``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +181,6 @@ class Session:
     dropped: int = 0  # messages dropped because the queue was full
     backlog: int = 0  # the kinds of backlog it is in (``backpressure.QUEUE | WRITE``), 0 for none
     slow: bool = False  # online but not acknowledging (``backpressure.py``): its queue limits apply
-    held: dict[Deferral, None] | None = None  # its unsettled copies of held outbox items, in order
 
     @property
     def persistent(self) -> bool:

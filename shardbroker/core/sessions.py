@@ -256,11 +256,8 @@ class Sessions:
                 q.seq = None
                 q.message.unref()
         for out in sess.inflight.values():
-            d = out.deferred
-            if out.message is not None and (d is None or d.origin < 0):  # a held item's copy has no row
+            if out.message is not None:
                 out.message.unref()
-            if d is not None and d.origin < 0:
-                out.deferred = None  # its queue row is gone: nothing left to settle
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

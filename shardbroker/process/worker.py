@@ -234,11 +234,11 @@ class Worker:
         self.retained.close()
         st = broker.stats
         log.info("shard %d stopped: received %d, delivered %d, forwarded %d, dropped %d (queue full) and %d "
-                 "(too large); %d commits of %.1f operations on average; %d QoS 1 rows deferred, %d of "
-                 "them written; inputs held %d times for %.2f s; %d bus batches waited for room",
+                 "(too large); %d commits of %.1f operations on average; inputs held %d times for %.2f s; "
+                 "%d bus batches waited for room",
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
-                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]),
-                 st["deferred_rows"], st["deferred_rows_written"], broker.flow.holds, broker.flow.held_for, bus.waited)
+                 st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
+                 broker.flow.held_for, bus.waited)
 
     def reload(self) -> None:
         """SIGHUP sent to this worker alone: read the password and ACL files again; a file that
