@@ -484,7 +484,7 @@ def _simple_encoder(
     kind: int, cls: type[PeerMessage], spec: _Spec
 ) -> Callable[[Any], tuple[Any, ...]]:
     checks = tuple(check for _, check, _ in spec)
-    get = attrgetter(*(field for field, _, _ in spec))
+    get: Callable[[Any], Any] = attrgetter(*(field for field, _, _ in spec))
     single = len(spec) == 1  # attrgetter of one name returns the value, not a tuple
 
     def wire(m: Any) -> tuple[Any, ...]:

@@ -66,6 +66,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
+from types import MemberDescriptorType
 from typing import Any, Final
 
 from . import reasons
@@ -653,17 +654,29 @@ def _dec_connack(first: int, buf: bytes, pos: int, end: int, version: int, stric
 
 # Fast construction of Publish: the dataclass __init__ of a frozen slotted class
 # goes through object.__setattr__ per field; the slot descriptors are twice as
-# fast. Only used while Publish has no __post_init__ (checked here).
+# fast. Only used while Publish has no __post_init__, and only when it is a plain
+# slotted class: compiled (``shardbroker/_compiled.py``), it is a native class whose
+# constructor sets its fields directly, and it has no slot descriptors.
+_PUBLISH_FIELDS: Final = ("topic", "payload", "qos", "retain", "dup", "packet_id", "properties")
+
+
+def _slot_setters() -> tuple[Callable[[object, object], None], ...]:
+    attrs = dict(vars(Publish))
+    if hasattr(Publish, "__post_init__") or not all(
+            isinstance(attrs.get(name), MemberDescriptorType) for name in _PUBLISH_FIELDS):
+        return ()
+    return tuple(attrs[name].__set__ for name in _PUBLISH_FIELDS)
+
+
+def _never(obj: object, value: object) -> None:
+    raise AssertionError("Publish has no slot descriptors")
+
+
 _new = object.__new__
-_publish_slots = Publish.__dict__  # field name -> slot member descriptor
-_set_topic = _publish_slots["topic"].__set__
-_set_payload = _publish_slots["payload"].__set__
-_set_qos = _publish_slots["qos"].__set__
-_set_retain = _publish_slots["retain"].__set__
-_set_dup = _publish_slots["dup"].__set__
-_set_pid = _publish_slots["packet_id"].__set__
-_set_props = _publish_slots["properties"].__set__
-_FAST_PUBLISH: Final = not hasattr(Publish, "__post_init__")
+_SETTERS: Final = _slot_setters()
+_FAST_PUBLISH: Final = bool(_SETTERS)
+_set_topic, _set_payload, _set_qos, _set_retain, _set_dup, _set_pid, _set_props = (
+    _SETTERS or (_never,) * len(_PUBLISH_FIELDS))
 
 
 def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int, strict: bool) -> Publish:
@@ -1317,8 +1330,8 @@ class PacketReader:
 
 _SERVER_NEVER_GETS = (PacketType.CONNACK, PacketType.SUBACK, PacketType.UNSUBACK, PacketType.PINGRESP)
 _FORBIDDEN: Final = (  # by packet type, for a server's reader: before 5.0, and 5.0
-    tuple(t in (0, 15, *_SERVER_NEVER_GETS) for t in range(16)),
-    tuple(t in (0, *_SERVER_NEVER_GETS) for t in range(16)),
+    tuple(t in (0, 15) + _SERVER_NEVER_GETS for t in range(16)),
+    tuple(t in (0,) + _SERVER_NEVER_GETS for t in range(16)),
 )
 _NOTHING_FORBIDDEN: Final = (False,) * 16
 
