@@ -321,6 +321,9 @@ ALLOWED = {  # table 2-4, for the packets a client sends
     "WILL": frozenset({0x01, 0x02, 0x03, 0x08, 0x09, 0x18, 0x26}),
     "PUBLISH": _PUB,
     "PUBREL": frozenset({0x1F, 0x26}),
+    "PUBACK": frozenset({0x1F, 0x26}),
+    "PUBREC": frozenset({0x1F, 0x26}),
+    "PUBCOMP": frozenset({0x1F, 0x26}),
     "SUBSCRIBE": frozenset({0x0B, 0x26}),
     "UNSUBSCRIBE": frozenset({0x26}),
     "DISCONNECT": frozenset({0x11, 0x1C, 0x1F, 0x26}),
@@ -349,6 +352,13 @@ def _props_of(packet: str, v5_props: bytes, t: str) -> tuple[list[Step], Probe, 
     if packet == "PUBREL":
         setup += [mb.publish(t, b"x", qos=2, pid=3, version=5), frozenset({mb.PUBREC})]
         return setup, mb.pubrel(3, 5, reason=0, props=v5_props), "PUBCOMP 00 open"
+    if packet == "PUBACK":
+        return _delivered(5, 1), _ack_of(mb.PUBACK, 5, 0, v5_props), OPEN
+    if packet == "PUBREC":
+        return _delivered(5, 2), _ack_of(mb.PUBREC, 5, 0, v5_props), "PUBREL 00 open"
+    if packet == "PUBCOMP":
+        sent = _delivered(5, 2) + [_ack_of(mb.PUBREC, 5), frozenset({mb.PUBREL})]
+        return sent, _ack_of(mb.PUBCOMP, 5, 0, v5_props), OPEN
     if packet == "SUBSCRIBE":
         return setup, mb.subscribe(4, [(t, 1)], version=5, props=v5_props), "SUBACK 01 open"
     if packet == "UNSUBSCRIBE":
@@ -420,8 +430,8 @@ def _property_cases() -> None:
             add(f"prop-{packet.lower()}-{tag}", 5, probe, bad(0x81), "2.2.2.2, 1.5.4, 1.5.7", setup=setup)
         # A repeated property, then a malformation later in the packet: the packet is Malformed
         # (1.2: a Protocol Error is for a packet that parses)
-        rep = {"CONNECT": 0x11, "WILL": 0x01, "PUBLISH": 0x01, "PUBREL": 0x1F, "SUBSCRIBE": 0x0B,
-               "DISCONNECT": 0x1F}.get(packet)
+        rep = {"CONNECT": 0x11, "WILL": 0x01, "PUBLISH": 0x01, "PUBREL": 0x1F, "PUBACK": 0x1F, "PUBREC": 0x1F,
+               "PUBCOMP": 0x1F, "SUBSCRIBE": 0x0B, "DISCONNECT": 0x1F}.get(packet)
         if rep is not None:
             t = topic("m")
             setup, probe, ok = _props_of(packet, VALUE[rep] + VALUE[rep] + b"\x7f\x00", t)
@@ -458,6 +468,22 @@ def _replace_props(connect5: bytes, block: bytes) -> bytes:
 
 
 # -- PUBLISH ------------------------------------------------------------------------------------
+
+
+def _ack_of(kind: int, v: int, reason: int | None = None, props: bytes = b"") -> Callable[[dict[str, int]], bytes]:
+    """The acknowledgement ``kind`` of the message the broker sent in the set-up."""
+    return lambda ctx: mb._ack(kind, 0x02 if kind == mb.PUBREL else 0, ctx["pid"], v, reason, props)
+
+
+def _delivered(v: int, qos: int) -> list[Step]:
+    """Set-up: the client subscribes and publishes to itself, and the broker sends it the message."""
+    t = topic("s")
+    steps = connected(v) + [mb.subscribe(1, [(t, 2)], version=v), frozenset({mb.SUBACK}),
+                            mb.publish(t, b"x", qos=qos, pid=11, version=v)]
+    if qos == 1:
+        return steps + [frozenset({mb.PUBACK, mb.PUBLISH})]
+    return steps + [frozenset({mb.PUBREC}), mb.pubrel(11, v), frozenset({mb.PUBCOMP, mb.PUBLISH})]
+
 
 #: A packet identifier of 0: the statement names no code (1.2 makes it a Protocol Error).
 PID0_ALSO: dict[int, tuple[str, ...]] = {3: (), 4: (), 5: ("DISCONNECT 81 closed",)}
@@ -577,17 +603,10 @@ def _publish_cases() -> None:
                 also=(OPEN, "PUBREL 00 open"), setup=s)
         # QoS 1 and 2 as the sender: the client gets a message and acknowledges it, or not right
         def ack(kind: int, v: int = v) -> Callable[[dict[str, int]], bytes]:
-            """The acknowledgement ``kind`` of the message the broker sent in the set-up."""
-            return lambda ctx: mb._ack(kind, 0x02 if kind == mb.PUBREL else 0, ctx["pid"], v, None, b"")
+            return _ack_of(kind, v)
 
         def got(qos: int, v: int = v) -> list[Step]:
-            """Set-up: the client subscribes and publishes to itself, and the broker sends it the message."""
-            t = topic("s")
-            steps = connected(v) + [mb.subscribe(1, [(t, 2)], version=v), frozenset({mb.SUBACK}),
-                                    mb.publish(t, b"x", qos=qos, pid=11, version=v)]
-            if qos == 1:
-                return steps + [frozenset({mb.PUBACK, mb.PUBLISH})]
-            return steps + [frozenset({mb.PUBREC}), mb.pubrel(11, v), frozenset({mb.PUBCOMP, mb.PUBLISH})]
+            return _delivered(v, qos)
 
         add("send1-puback", v, ack(mb.PUBACK), OPEN, "[MQTT-4.3.2-1]", setup=got(1))
         add("send1-pubrec", v, ack(mb.PUBREC), violation(v, 0x82),
