@@ -620,6 +620,20 @@ def _publish_cases() -> None:
             "[MQTT-4.8.0-1]: PUBCOMP before PUBREC", also=(OPEN,), setup=got(2))
         add("send2-pubcomp", v, ack(mb.PUBCOMP), OPEN, "[MQTT-4.3.3-1]",
             setup=got(2) + [ack(mb.PUBREC), frozenset({mb.PUBREL})])
+        if v == 5:
+            # Reason codes of the client's acknowledgements: one of the packet's list, or a Protocol Error
+            for kind, qos, code, exp in (
+                (mb.PUBACK, 1, 0x80, OPEN), (mb.PUBACK, 1, 0x10, OPEN), (mb.PUBACK, 1, 0x01, None),
+                (mb.PUBACK, 1, 0x92, None),
+                (mb.PUBREC, 2, 0x80, OPEN), (mb.PUBREC, 2, 0x97, OPEN), (mb.PUBREC, 2, 0x92, None),
+            ):
+                name = f"send{qos}-{mb.PACKET_NAMES[kind].lower()}-reason-{code:02x}"
+                add(name, 5, _ack_of(kind, 5, code), exp or violation(5, 0x82),
+                    "[MQTT-3.4.2-1], [MQTT-3.5.2-1]; 4.3.3: a PUBREC of 0x80 or more ends the flow (no PUBREL)",
+                    setup=got(qos))
+            for code, exp in ((0x92, OPEN), (0x80, None)):
+                add(f"send2-pubcomp-reason-{code:02x}", 5, _ack_of(mb.PUBCOMP, 5, code), exp or violation(5, 0x82),
+                    "[MQTT-3.7.2-1]", setup=got(2) + [ack(mb.PUBREC), frozenset({mb.PUBREL})])
 
 
 # -- SUBSCRIBE, UNSUBSCRIBE --------------------------------------------------------------------
@@ -913,6 +927,10 @@ MOSQUITTO_DEVIATIONS: dict[str, str] = {
                                 "violation; Mosquitto ignores it" for k in ("suback", "unsuback", "pingresp")},
     "v5-server-packet-pingresp": "2.1.2, 4.13: a PINGRESP from a Client is a Protocol Error; Mosquitto ignores it",
     "v5-flow2-pubrel-reason-80": "[MQTT-3.6.2-1]: 0x80 is no PUBREL Reason Code; Mosquitto completes the flow",
+    "v5-send1-puback-reason-01": "[MQTT-3.4.2-1]: 0x01 is no PUBACK Reason Code; Mosquitto takes it",
+    "v5-send1-puback-reason-92": "[MQTT-3.4.2-1]: 0x92 is no PUBACK Reason Code; Mosquitto takes it",
+    "v5-send2-pubrec-reason-92": "[MQTT-3.5.2-1]: 0x92 is no PUBREC Reason Code; Mosquitto takes it",
+    "v5-send2-pubcomp-reason-80": "[MQTT-3.7.2-1]: 0x80 is no PUBCOMP Reason Code; Mosquitto takes it",
     "v5-flow2-pubrel-trailing": "1.2: bytes after the PUBREL's properties (Malformed); Mosquitto ignores them",
     "v5-prop-connect-16": "3.1.2.11.10: Authentication Data without an Authentication Method is a Protocol Error; "
                           "Mosquitto accepts the CONNECT",
