@@ -470,13 +470,18 @@ class Acceptor:
         if not p.data:
             p.first_at = time.monotonic()
         p.data += chunk
-        if p.data[0] != PacketType.CONNECT << 4:  # [MQTT-3.1.0-1], judged from the first byte
+        if p.data[0] >> 4 != PacketType.CONNECT:  # [MQTT-3.1.0-1], judged from the first byte
             log.info("%s: first packet is not CONNECT (byte 0x%02X): closing", _who(p), p.data[0])
             self._close(p)
             return True
         try:
             raw = p.reader.feed_raw(chunk)
         except ProtocolError as exc:
+            if exc.reason == reasons.PACKET_TOO_LARGE:
+                # 3.2.2.2: CONNACK 0x95 "The CONNECT packet exceeded the maximum permissible
+                # size", in the version its first bytes name (3.1.1 has no such code: a close).
+                self._refuse(p, _version_of(p.data), exc)
+                return True
             log.info("%s: bad first packet: %s: closing", _who(p), exc.message)
             self._close(p)
             return True
@@ -670,6 +675,18 @@ def _stamps(lst: ListenerConfig) -> tuple[tuple[int, int] | None, ...]:
             st = None
         out.append((st.st_mtime_ns, st.st_size) if st is not None else None)
     return tuple(out)
+
+
+def _version_of(data: bytes | bytearray) -> int | None:
+    """The protocol version named by the first bytes of a CONNECT (fixed header included), or
+    None when they do not say yet."""
+    for i in range(1, min(len(data), 5)):
+        if data[i] < 0x80:
+            try:
+                return codec.connect_version(bytes(data[i + 1:]))
+            except ProtocolError:
+                return None
+    return None
 
 
 def _level(body: memoryview | bytes) -> int | None:

@@ -343,8 +343,22 @@ _ZERO_OR_ONE: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A}
 _NON_ZERO: Final = frozenset({0x0B, 0x21, 0x27})
 
 
-def _decode_properties(buf: bytes, pos: int, end: int, ptype: int, strict: bool) -> tuple[Properties, int]:
-    """Read a property block (length + properties) at ``pos``; 2.2.2."""
+def _later(late: list[ProtocolError] | None, error: ProtocolError) -> None:
+    """A Protocol Error found while a packet is read: raised at once when ``late`` is None, else
+    kept in ``late`` for the decoder to raise once the whole packet has parsed. 1.2: a Protocol
+    Error is "detected after the packet has been parsed"; a packet that also does not parse
+    further on is a Malformed Packet (0x81), not a Protocol Error."""
+    if late is None:
+        raise error
+    if not late:
+        late.append(error)
+
+
+def _decode_properties(buf: bytes, pos: int, end: int, ptype: int, strict: bool,
+                       late: list[ProtocolError] | None = None) -> tuple[Properties, int]:
+    """Read a property block (length + properties) at ``pos``; 2.2.2. The Protocol Errors it
+    finds (a property repeated, a value the property's section forbids) go to ``late`` when
+    given (see ``_later``); the malformations are raised."""
     if pos >= end:
         # [MQTT-2.2.2-1] no properties is a Property Length of zero, not nothing.
         raise malformed("missing property length")
@@ -403,21 +417,21 @@ def _decode_properties(buf: bytes, pos: int, end: int, ptype: int, strict: bool)
         else:  # _K_VBI: the Subscription Identifier
             value, pos = _read_vbi(buf, pos, pend)
             if not value:
-                raise protocol_error("subscription identifier 0")  # 3.3.2.3.8, 3.8.2.1.2
+                _later(late, protocol_error("subscription identifier 0"))  # 3.3.2.3.8, 3.8.2.1.2
             if sub_ids and ptype != _PUBLISH:
                 # 3.8.2.1.2 "It is a Protocol Error to include the Subscription
                 # Identifier more than once" in SUBSCRIBE; PUBLISH may repeat it.
-                raise protocol_error("subscription identifier included more than once")
+                _later(late, protocol_error("subscription identifier included more than once"))
             sub_ids.append(value)
             continue
         if name in kw:
             # 2.2.2.2 / each property section: "It is a Protocol Error to include
             # <property> more than once".
-            raise protocol_error(f"property 0x{ident:02X} included more than once")
-        if ident in _ZERO_OR_ONE and value > 1:
-            raise protocol_error(f"property 0x{ident:02X} must be 0 or 1")
-        if ident in _NON_ZERO and not value:
-            raise protocol_error(f"property 0x{ident:02X} must not be 0")
+            _later(late, protocol_error(f"property 0x{ident:02X} included more than once"))
+        elif ident in _ZERO_OR_ONE and value > 1:
+            _later(late, protocol_error(f"property 0x{ident:02X} must be 0 or 1"))
+        elif ident in _NON_ZERO and not value:
+            _later(late, protocol_error(f"property 0x{ident:02X} must not be 0"))
         kw[name] = value
     if users:
         kw["user_properties"] = tuple(users)
@@ -584,8 +598,9 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, stric
     if pass_flag and not user_flag and level < MQTT_5:
         raise malformed("password flag without user name flag")  # 3.1.1 [MQTT-3.1.2-22]
     props = NO_PROPERTIES
+    late: list[ProtocolError] = []  # Protocol Errors, raised once the whole packet has parsed
     if level >= MQTT_5:
-        props, pos = _decode_properties(buf, pos, end, _CONNECT, strict)
+        props, pos = _decode_properties(buf, pos, end, _CONNECT, strict, late)
     # [MQTT-3.1.3-3] the ClientID MUST be present; [MQTT-3.1.3-4] UTF-8. Its
     # length and content are the broker's business ([MQTT-3.1.3-5], -6).
     client_id, pos = _read_str(buf, pos, end, False, "client identifier")
@@ -594,7 +609,7 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, stric
         # [MQTT-3.1.2-9] Will Properties, Will Topic and Will Payload MUST be present.
         wprops = NO_PROPERTIES
         if level >= MQTT_5:
-            wprops, pos = _decode_properties(buf, pos, end, WILL_PROPERTIES, strict)
+            wprops, pos = _decode_properties(buf, pos, end, WILL_PROPERTIES, strict, late)
         wtopic, pos = _read_str(buf, pos, end, strict, "will topic")  # [MQTT-3.1.3-11]
         wpayload, pos = _read_bin(buf, pos, end)
         will = Will(wtopic, wpayload, will_qos, will_retain, wprops)
@@ -611,6 +626,8 @@ def _dec_connect(first: int, buf: bytes, pos: int, end: int, version: int, stric
         # [MQTT-3.1.2-16], [MQTT-3.1.2-18]: nothing follows but flagged fields;
         # [MQTT-3.1.4-1] the packet must match the format exactly.
         raise malformed("unexpected bytes after CONNECT payload")
+    if late:
+        raise late[0]
     if props.authentication_data is not None and props.authentication_method is None:
         # 3.1.2.11.10 "It is a Protocol Error to include Authentication Data if there is no
         # Authentication Method" (checked once the whole packet has parsed, 1.2).
@@ -711,7 +728,10 @@ def _dec_publish(first: int, buf: bytes, pos: int, end: int, version: int, stric
         if pos >= end:
             raise malformed("missing property length")  # [MQTT-2.2.2-1]
         if buf[pos]:
-            props, pos = _decode_properties(buf, pos, end, _PUBLISH, strict)
+            late: list[ProtocolError] = []
+            props, pos = _decode_properties(buf, pos, end, _PUBLISH, strict, late)
+            if late:
+                raise late[0]  # the payload always parses: the packet has parsed
         else:
             pos += 1
     if pid == 0:
@@ -760,9 +780,12 @@ def _make_ack_decoder(
         if n > 3:
             # 3.4.2.2 "If the Remaining Length is less than 4 there is no
             # Property Length and the value of 0 is used".
-            props, pos = _decode_properties(buf, pos + 3, end, ptype, strict)
+            late: list[ProtocolError] = []
+            props, pos = _decode_properties(buf, pos + 3, end, ptype, strict, late)
             if pos != end:
                 raise malformed(f"unexpected bytes after {name} properties")
+            if late:
+                raise late[0]
         # The Protocol Errors, once the packet has parsed: [MQTT-3.4.2-1] etc.
         return cls(_check_pid(pid, version), _check_reason(code, codes, name), props)
 
@@ -777,10 +800,11 @@ def _dec_subscribe(first: int, buf: bytes, pos: int, end: int, version: int, str
     pos += 2
     props = NO_PROPERTIES
     v5 = version >= MQTT_5
+    found: list[ProtocolError] = []  # Protocol Errors, raised once the whole packet has parsed
     if v5:
-        props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE, strict)
+        props, pos = _decode_properties(buf, pos, end, _SUBSCRIBE, strict, found)
     subs: list[Subscription] = []
-    late: ProtocolError | None = None  # a Protocol Error, raised once the whole packet parsed
+    late: ProtocolError | None = found[0] if found else None
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.8.3-1]
         if not topic_filter:
@@ -845,8 +869,9 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int, s
     pid = _read_u16(buf, pos, end)
     pos += 2
     props = NO_PROPERTIES
+    late: list[ProtocolError] = []  # Protocol Errors, raised once the whole packet has parsed
     if version >= MQTT_5:
-        props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE, strict)
+        props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE, strict, late)
     filters: list[str] = []
     while pos < end:
         topic_filter, pos = _read_str(buf, pos, end, strict, "topic filter")  # [MQTT-3.10.3-1]
@@ -854,6 +879,8 @@ def _dec_unsubscribe(first: int, buf: bytes, pos: int, end: int, version: int, s
             raise malformed("empty topic filter")  # [MQTT-4.7.3-1]
         filters.append(topic_filter)
     _check_pid(pid, version)  # once the packet has parsed
+    if late:
+        raise late[0]
     if not filters:
         raise protocol_error("UNSUBSCRIBE without topic filters")  # [MQTT-3.10.3-2]
     return Unsubscribe(pid, tuple(filters), props)
@@ -910,9 +937,12 @@ def _dec_disconnect(first: int, buf: bytes, pos: int, end: int, version: int, st
     code = buf[pos]
     if end - pos == 1:  # 3.14.2.2 "less than 2, a value of 0 is used"
         return Disconnect(_check_reason(code, _DISCONNECT_CODES, "DISCONNECT"))  # [MQTT-3.14.2-1]
-    props, pos = _decode_properties(buf, pos + 1, end, PacketType.DISCONNECT, strict)
+    late: list[ProtocolError] = []
+    props, pos = _decode_properties(buf, pos + 1, end, PacketType.DISCONNECT, strict, late)
     if pos != end:
         raise malformed("unexpected bytes after DISCONNECT properties")
+    if late:
+        raise late[0]
     return Disconnect(_check_reason(code, _DISCONNECT_CODES, "DISCONNECT"), props)
 
 
@@ -928,9 +958,12 @@ def _dec_auth(first: int, buf: bytes, pos: int, end: int, version: int, strict: 
     code = buf[pos]
     if end - pos == 1:
         return Auth(_check_reason(code, _AUTH_CODES, "AUTH"))  # [MQTT-3.15.2-1]
-    props, pos = _decode_properties(buf, pos + 1, end, PacketType.AUTH, strict)
+    late: list[ProtocolError] = []
+    props, pos = _decode_properties(buf, pos + 1, end, PacketType.AUTH, strict, late)
     if pos != end:
         raise malformed("unexpected bytes after AUTH properties")
+    if late:
+        raise late[0]
     return Auth(_check_reason(code, _AUTH_CODES, "AUTH"), props)
 
 

@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterator
 
 import mqttbytes as mb
 import pytest
-from conftest import Broker, Clients, Uniq, _checked, assert_disconnected, wait_until
+from conftest import (
+    Broker,
+    Clients,
+    Uniq,
+    _checked,
+    assert_disconnected,
+    skip_unless_shardbroker,
+    wait_until,
+)
 
 V = 4
 Make = Callable[..., Broker]
@@ -1419,6 +1427,47 @@ def test_MQTT_4_8_0_1_packets_a_client_never_sends_close(b: Broker, mqtt: Client
         c = mqtt(b, uniq.cid("v"), version=V)
         c.try_send(bad)
         closed(c)
+
+
+STORE_1_MIB = """
+[storage]
+map_size = 1048576
+max_map_size = 1048576
+[limits]
+max_queued_messages = 100000
+max_queued_bytes = 1099511627776
+"""
+
+
+def test_MQTT_4_8_0_2_transient_error_closes(make_broker: Callable[..., Broker], mqtt: Clients, uniq: Uniq) -> None:
+    """[MQTT-4.8.0-2] If the Client or Server encounters a Transient Error while processing an
+    inbound Control Packet it MUST close the Network Connection on which it received that
+    Control Packet. (A full message store is one: a 3.1.1 PUBLISH it cannot store is not
+    acknowledged; its connection is closed.)"""
+    skip_unless_shardbroker("a store of a set size")
+    nb = make_broker(workers=1, config=STORE_1_MIB)
+    topic = uniq.topic()
+    s = mqtt(nb, uniq.cid("s"), version=V, clean=False)
+    s.subscribe(topic, 1)
+    s.disconnect()  # an offline persistent session: each QoS 1 message is stored for it
+    p = mqtt(nb, uniq.cid("p"), version=V)
+    acked = 0
+    for i in range(400):
+        pid = i % 65535 + 1
+        if not p.try_send(mb.publish(topic, bytes(8192), qos=1, pid=pid, version=V)):
+            break
+        try:
+            kind, _, body = p.recv_packet(5) or (None, 0, b"")
+        except mb.ConnectionClosed:
+            break
+        assert kind == mb.PUBACK and mb.parse_ack(body, V).pid == pid, f"PUBLISH {i}: got {kind}"
+        acked += 1
+    else:
+        raise AssertionError("a 1 MiB store took 400 messages of 8 KiB")
+    assert 20 < acked < 128
+    assert nb.alive()
+    # The broker goes on: another connection still gets its answers.
+    mqtt(nb, uniq.cid("o"), version=V).ping()
 
 
 # -- MQTT 3.1 (protocol name "MQIsdp", level 3) -----------------------------------------------

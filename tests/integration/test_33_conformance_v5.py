@@ -10,12 +10,15 @@ test.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mqttbytes as mb
 import pytest
-from conftest import Broker, Clients, Uniq, _checked, assert_disconnected
+from conftest import Broker, Clients, Uniq, _checked, assert_disconnected, skip_unless_shardbroker
 
 V = 5
 Make = Callable[..., Broker]
@@ -626,6 +629,33 @@ def test_MQTT_3_1_4_1_connect_validated(b: Broker, mqtt: Clients, uniq: Uniq) ->
     refused(b, mqtt, body_connect(0x02, mb.mqtt_str(uniq.cid("t")), props=b"\x7f\x01"), MAL, PROTO)
     refused(b, mqtt, body_connect(0x02, mb.mqtt_str(uniq.cid("t")), props=mb.prop_u16(mb.RECEIVE_MAXIMUM, 0)), MAL, PROTO)
     refused(b, mqtt, body_connect(0x02, mb.mqtt_str(uniq.cid("t")), props=mb.prop_u16(mb.TOPIC_ALIAS, 1)), MAL, PROTO)
+
+
+def test_MQTT_3_1_4_2_failed_authentication_closes(make_broker: Make, tmp_path: Path, mqtt: Clients,
+                                                   uniq: Uniq) -> None:
+    """[MQTT-3.1.4-2] The Server MAY check that the contents of the CONNECT packet meet any
+    further restrictions and SHOULD perform authentication and authorization checks. If any of
+    these checks fail, it MUST close the Network Connection. (Before closing, it MAY send a
+    CONNACK with a Reason Code of 0x80 or greater: 0x86 for bad credentials, 0x87 for an
+    anonymous client where none is allowed; nothing sent after the CONNECT is processed.)"""
+    skip_unless_shardbroker("ShardBroker's password file")
+    pw = tmp_path / "passwords"
+    subprocess.run([sys.executable, "-m", "shardbroker.cli.main", "passwd", str(pw), "alice", "--stdin",
+                    "--iterations", "1000"], input="right\n", text=True, check=True, capture_output=True)
+    nb = make_broker(workers=1, config=f'[auth]\npassword_file = "{pw}"\nallow_anonymous = false\n')
+    topic = uniq.topic()
+    for kw, code in (({"username": "alice", "password": b"wrong"}, mb.RC_BAD_USERNAME_OR_PASSWORD),
+                     ({"username": "mallory", "password": b"x"}, mb.RC_BAD_USERNAME_OR_PASSWORD),
+                     ({"username": "alice"}, mb.RC_BAD_USERNAME_OR_PASSWORD),
+                     ({}, mb.RC_NOT_AUTHORIZED)):
+        c = mqtt.raw(nb)
+        c.send(mb.connect(uniq.cid("f"), version=V, **kw) + mb.publish(topic, b"no", retain=True, version=V))
+        assert c.expect_closed(5), f"{kw}: still open"
+        got = [(t, mb.parse_connack(body, V).rc) for t, _, body in c.before_close]
+        assert got == [(mb.CONNACK, code)], f"{kw}: {got}"
+    ok = mqtt(nb, uniq.cid("ok"), version=V, username="alice", password=b"right")
+    ok.subscribe(topic, 1)
+    quiet(ok)  # no refused client left a retained message
 
 
 def test_MQTT_3_1_4_3_session_taken_over(b: Broker, mqtt: Clients, uniq: Uniq) -> None:

@@ -1373,3 +1373,32 @@ def test_hypothesis_strict_random_bytes_only_protocol_error(version: int, data: 
     except ProtocolError as exc:
         assert exc.reason in (MALFORMED, PROTOCOL, CLIENT_ID_NOT_VALID,
                               reasons.UNSUPPORTED_PROTOCOL_VERSION)
+
+
+def test_a_protocol_error_in_the_properties_counts_only_once_the_packet_parses() -> None:
+    """1.2: a Protocol Error is found in a packet that parses. A property repeated, or with a
+    value its section forbids, is 0x82 when the rest of the packet is well formed, and 0x81
+    when something after it is malformed (in the property block or further on)."""
+    twice = b"\x11\x00\x00\x00\x01" * 2  # Session Expiry Interval, twice
+    zero_max = b"\x21\x00\x00"  # Receive Maximum 0
+    unknown = b"\x7f\x00"  # not an identifier of table 2-4
+
+    def connect(props: bytes, rest: bytes = s("c")) -> bytes:
+        return s("MQTT") + b"\x05\x02\x00\x3c" + encode_remaining_length(len(props)) + props + rest
+
+    for bad in (twice, zero_max):
+        assert reason_of(0x10, connect(bad), V5) == PROTOCOL
+        assert reason_of(0x10, connect(bad + unknown), V5) == MALFORMED
+        assert reason_of(0x10, connect(bad, s("c") + b"\x00"), V5) == MALFORMED  # bytes after the payload
+        assert reason_of(0x10, connect(bad, b"\x00\x02\xff\xfe"), V5) == MALFORMED  # client id not UTF-8
+    publish = s("t") + b"\x00\x01"
+    assert reason_of(0x32, publish + b"\x04\x01\x00\x01\x01payload", V5) == PROTOCOL  # format indicator twice
+    assert reason_of(0x32, publish + b"\x06\x01\x00\x01\x01\x7f\x00payload", V5) == MALFORMED
+    sub_id_zero = b"\x00\x05\x02\x0b\x00"  # packet id 5, Subscription Identifier 0
+    assert reason_of(0x82, sub_id_zero + s("a") + b"\x01", V5) == PROTOCOL
+    assert reason_of(0x82, sub_id_zero + s("a") + b"\xc1", V5) == MALFORMED  # reserved option bits
+    reason_twice = b"\x06\x1f\x00\x00\x1f\x00\x00"
+    assert reason_of(0xE0, b"\x00" + reason_twice, V5) == PROTOCOL
+    assert reason_of(0xE0, b"\x00" + reason_twice + b"\x00", V5) == MALFORMED  # a byte after them
+    assert reason_of(0x62, b"\x00\x01\x00" + reason_twice, V5) == PROTOCOL
+    assert reason_of(0x62, b"\x00\x01\x00\x08" + reason_twice[1:] + b"\x7f\x00", V5) == MALFORMED
