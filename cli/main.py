@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from shardbroker import __version__
+from shardbroker import __version__, _compiled
 from shardbroker.config import DEFAULT_TOML, Config, ConfigError, config_table, load_config
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -25,9 +25,14 @@ app = typer.Typer(help="ShardBroker: a sharded, durable MQTT 3.1/3.1.1/5.0 broke
                   rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
+def _version_line() -> str:
+    """The version, the Python, and whether the hot path runs compiled (``_compiled.py``)."""
+    return f"shardbroker {__version__} (Python {sys.version.split()[0]}; {_compiled.state()})"
+
+
 def _show_version(value: bool) -> None:
     if value:
-        typer.echo(f"shardbroker {__version__} (Python {sys.version.split()[0]})")
+        typer.echo(_version_line())
         raise typer.Exit()
 
 
@@ -224,7 +229,7 @@ def passwd(
 @app.command()
 def version() -> None:
     """Print the version."""
-    typer.echo(f"shardbroker {__version__} (Python {sys.version.split()[0]})")
+    typer.echo(_version_line())
 
 
 # click's exceptions, wherever this typer version takes click from (its own copy or click).

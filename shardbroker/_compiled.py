@@ -15,8 +15,8 @@ one fresh source among stale compiled modules would not be used), a finder loads
 them from source, and ``state()`` says why. ``SHARDBROKER_PURE_PYTHON=1`` does the same on
 purpose. ``scripts/install`` compiles again when the stamp does not match.
 
-``python -m shardbroker._compiled`` prints the state; ``--check`` exits 1 when a build for the
-current sources was never tried (so ``scripts/install`` knows to build).
+``shardbroker --version`` and the broker's first log line say which it runs;
+``build_tried()`` tells ``scripts/install`` whether to build again.
 """
 
 from __future__ import annotations
@@ -147,14 +147,7 @@ def decide(package_dir: Path = PACKAGE_DIR) -> str:
     return _state
 
 
-def _main(argv: list[str]) -> int:
-    current = digest()
-    stamp = _read_stamp(PACKAGE_DIR)
-    if "--check" in argv:
-        return 0 if stamp is not None and stamp[0] == current else 1
-    print(decide())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+def build_tried(package_dir: Path = PACKAGE_DIR) -> bool:
+    """Whether a build was tried for the sources as they are now (compiled or not)."""
+    stamp = _read_stamp(package_dir)
+    return stamp is not None and stamp[0] == digest(package_dir)

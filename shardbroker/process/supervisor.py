@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shardbroker import _compiled
 from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.operations.admin import CONTROL_SOCKET, Admin
 from shardbroker.operations.control import ThreadServer
@@ -367,7 +368,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
-        log.info("shardbroker starting: %d workers, data in %s", self.shards, self.data_dir)
+        log.info("shardbroker starting: %d workers, data in %s; hot path %s", self.shards, self.data_dir,
+                 _compiled.state())
         for lst, sock in zip(listeners, socks, strict=True):
             h, p = sock.getsockname()[:2]
             announce.info("listening on %s:%d (%s)", h, p, lst.type)
