@@ -64,6 +64,26 @@ class Message:
     topic_bytes: bytes | None = None  # UTF-8 topic, encoded on first use
     props_bytes: bytes | None = None  # 5.0 property block of ``properties``, encoded on first use
 
+    # Written out rather than generated: compiled (``shardbroker/_compiled.py``), an explicit
+    # __init__ is native code, a dataclass-generated one is interpreted (6 x slower to construct).
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
+                 properties: Properties = NO_PROPERTIES, expires_at: float | None = None,
+                 origin: str | None = None, store_id: int | None = None, refs: int = 0,
+                 cache: dict[tuple[int, bool], bytes] | None = None, topic_bytes: bytes | None = None,
+                 props_bytes: bytes | None = None) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.properties = properties
+        self.expires_at = expires_at
+        self.origin = origin
+        self.store_id = store_id
+        self.refs = refs
+        self.cache = cache
+        self.topic_bytes = topic_bytes
+        self.props_bytes = props_bytes
+
     def ref(self) -> None:
         self.refs += 1
 
@@ -94,6 +114,15 @@ class Outgoing:
     state: int = AWAIT_PUBACK
     group: tuple[str, str] | None = None  # (group, filter) when sent for a shared subscription
 
+    def __init__(self, message: Message | None, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                 state: int = AWAIT_PUBACK, group: tuple[str, str] | None = None) -> None:
+        self.message = message  # explicit, as ``Message.__init__`` says why
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.state = state
+        self.group = group
+
 
 class _NoInflight(dict[int, Outgoing]):
     """The in-flight map of every session that has nothing in flight: an empty dict is 64
@@ -121,6 +150,15 @@ class Queued:
     sub_ids: tuple[int, ...]
     seq: int | None = None  # store sequence number when the session is persistent
     group: tuple[str, str] | None = None  # (group, filter) when queued for a shared subscription
+
+    def __init__(self, message: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                 seq: int | None = None, group: tuple[str, str] | None = None) -> None:
+        self.message = message  # explicit, as ``Message.__init__`` says why
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.seq = seq
+        self.group = group
 
 
 @dataclass(frozen=True, slots=True)

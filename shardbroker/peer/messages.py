@@ -164,6 +164,23 @@ class Forward:
     groups: tuple[tuple[str, str], ...] = ()
     hops: int = 0
 
+    # Written out rather than generated: compiled (``shardbroker/_compiled.py``), an explicit
+    # __init__ is native code, a dataclass-generated one is interpreted (6 x slower to construct).
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
+                 properties: Properties = NO_PROPERTIES, expires_at: float | None = None,
+                 origin: str | None = None, non_shared: bool = True,
+                 groups: tuple[tuple[str, str], ...] = (), hops: int = 0) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.properties = properties
+        self.expires_at = expires_at
+        self.origin = origin
+        self.non_shared = non_shared
+        self.groups = groups
+        self.hops = hops
+
 
 @dataclass(slots=True)
 class DurableForward:
@@ -173,6 +190,11 @@ class DurableForward:
     seq: int
     forward: Forward
 
+    def __init__(self, origin_shard: int, seq: int, forward: Forward) -> None:
+        self.origin_shard = origin_shard  # explicit, as ``Forward.__init__`` says why
+        self.seq = seq
+        self.forward = forward
+
 
 @dataclass(slots=True)
 class ForwardAck:
@@ -180,6 +202,10 @@ class ForwardAck:
 
     shard: int
     upto: int
+
+    def __init__(self, shard: int, upto: int) -> None:
+        self.shard = shard  # explicit, as ``Forward.__init__`` says why
+        self.upto = upto
 
 
 @dataclass(slots=True)

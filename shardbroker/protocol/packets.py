@@ -153,8 +153,11 @@ class ConnAck:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
+    """Not frozen, unlike the other packets: one is made for every message in and out, and a
+    frozen dataclass cannot have the native constructor (below). Nothing changes one."""
+
     topic: str
     payload: bytes = b""
     qos: int = 0
@@ -163,33 +166,74 @@ class Publish:
     packet_id: int | None = None  # present iff qos > 0
     properties: Properties = NO_PROPERTIES
 
+    # Written out rather than generated: compiled (``shardbroker/_compiled.py``), an explicit
+    # __init__ is native code, a dataclass-generated one is interpreted (6 x slower to construct).
+    def __init__(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
+                 dup: bool = False, packet_id: int | None = None,
+                 properties: Properties = NO_PROPERTIES) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.dup = dup
+        self.packet_id = packet_id
+        self.properties = properties
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class PubAck:
+    """Not frozen, like ``Publish``: one per QoS 1/2 message."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES
 
+    def __init__(self, packet_id: int, reason_code: int = 0, properties: Properties = NO_PROPERTIES) -> None:
+        self.packet_id = packet_id
+        self.reason_code = reason_code
+        self.properties = properties
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class PubRec:
+    """Not frozen, like ``Publish``: one per QoS 1/2 message."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES
 
+    def __init__(self, packet_id: int, reason_code: int = 0, properties: Properties = NO_PROPERTIES) -> None:
+        self.packet_id = packet_id
+        self.reason_code = reason_code
+        self.properties = properties
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class PubRel:
+    """Not frozen, like ``Publish``: one per QoS 1/2 message."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES
 
+    def __init__(self, packet_id: int, reason_code: int = 0, properties: Properties = NO_PROPERTIES) -> None:
+        self.packet_id = packet_id
+        self.reason_code = reason_code
+        self.properties = properties
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class PubComp:
+    """Not frozen, like ``Publish``: one per QoS 1/2 message."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES
+
+    def __init__(self, packet_id: int, reason_code: int = 0, properties: Properties = NO_PROPERTIES) -> None:
+        self.packet_id = packet_id
+        self.reason_code = reason_code
+        self.properties = properties
 
 
 @dataclass(frozen=True, slots=True)
