@@ -145,7 +145,7 @@ import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,7 @@ from typing import Any, Final, Self
 
 import lmdb
 
+from shardbroker.sharding import shard_for
 from shardbroker.storage.records import (
     InflightRecord,
     SessionRecord,
@@ -177,8 +178,10 @@ from shardbroker.storage.records import (
 )
 
 __all__ = [
+    "MOVE_PREFIX",
     "RETAINED_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "VIRTUAL_SHARDS",
     "Batch",
     "RetainedStore",
     "ShardStore",
@@ -188,17 +191,22 @@ __all__ = [
     "copy_together",
     "data_dir_shards",
     "shard_dir_name",
+    "vshard_of",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 5
-"""Shard stores (see the module docstring): 1 to 4 are still read, and migrated by a writable open."""
+SCHEMA_VERSION: Final = 6
+"""Shard stores (see the module docstring): 1 to 5 are still read, and migrated by a writable open."""
+VIRTUAL_SHARDS: Final = 1024
+"""Client keys begin with the client's virtual shard among this many (``vshard_of``)."""
 RETAINED_SCHEMA_VERSION: Final = 1
 """The retained store's format did not change with shard schemas 2 to 5."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _RETAINED_TABLES: Final = ("meta", "retained")
+MOVE_PREFIX: Final = "move."
+"""Meta keys of a move of virtual shards under way (``storage/vshards.py``)."""
 _RESERVED_META: Final = frozenset(
     {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
 )
@@ -211,6 +219,7 @@ _PAGE_ROWS: Final = 512
 _PLAIN_KEY_MAX: Final = 400
 _HASHED_HEAD: Final = 383
 _SEP: Final = b"\x00"
+_VTAG: Final = 0x8000  # the virtual shard prefix is u16(_VTAG | vshard): first byte 0x80..0x83
 _U64: Final = struct.Struct(">Q")
 _U16: Final = struct.Struct(">H")
 _QROW: Final = struct.Struct(">QB")  # a queue row: msg_id, qos (then the message it may hold)
@@ -241,13 +250,41 @@ def _key_text(key: bytes) -> str:
     return head.decode("utf-8", "ignore") + "...#" + digest.hex()[:8]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _client_key(client_id: str) -> bytes:
+def vshard_of(client_id: str) -> int:
+    """The virtual shard (0..VIRTUAL_SHARDS-1) whose prefix the client's keys carry: the
+    cluster's ``placement.vshard_for(client_id, 1024)``."""
+    return shard_for(client_id, VIRTUAL_SHARDS)
+
+
+def _vshard_prefix(vshard: int) -> bytes:
+    """The first two bytes of every client key of ``vshard`` (schema 6)."""
+    if not 0 <= vshard < VIRTUAL_SHARDS:
+        raise ValueError(f"virtual shard {vshard} out of range 0..{VIRTUAL_SHARDS - 1}")
+    return _U16.pack(_VTAG | vshard)
+
+
+def _plain_client_key(client_id: str) -> bytes:
+    """``CK`` without its virtual shard prefix: how schema 1 to 5 key a client."""
     if not client_id:
         raise ValueError("client id must not be empty")
     if "\x00" in client_id:
         raise ValueError("client id must not contain NUL")
     return _text_key(client_id)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _client_key(client_id: str) -> bytes:
+    """``CK``: the virtual shard prefix, then the client id's key (schema 6)."""
+    key = _plain_client_key(client_id)
+    return _vshard_prefix(vshard_of(client_id)) + key
+
+
+def _client_text(key: bytes) -> str:
+    """Best-effort text of a client key of either layout: UTF-8 never begins with a byte of
+    0x80..0xBF, so a key that does carries a virtual shard prefix."""
+    if key and 0x80 <= key[0] <= 0xBF:
+        key = key[2:]
+    return _key_text(key)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -665,6 +702,7 @@ class ShardStore:
         "_holder_scans",
         "_next_msg_id",
         "_next_seq",
+        "_prefixed",
         "_refs",
         "_saved_msg_id",
         "_saved_seq",
@@ -687,6 +725,12 @@ class ShardStore:
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
         self._holder_scans = 0  # see ``_holder``
+        # client keys carry their virtual shard (schema 6; a writable open migrates older ones)
+        self._prefixed = _meta_int(env.meta, "schema_version", env.path) >= 6
+
+    def _ck(self, client_id: str) -> bytes:
+        """The client's key in this store's layout (a read-only older store has no prefix)."""
+        return _client_key(client_id) if self._prefixed else _plain_client_key(client_id)
 
     @classmethod
     def open(
@@ -700,7 +744,11 @@ class ShardStore:
         sync: bool = True,
         readonly: bool = False,
         create: bool = True,
+        moves: bool = False,
     ) -> ShardStore:
+        """Open (or create) one shard's store. A writable open refuses a store marked by a
+        move of virtual shards that did not finish, unless ``moves`` (``storage/vshards.py``
+        opens it so, to finish or undo the move)."""
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} out of range for {shards} shards")
         data_dir = Path(data_dir)
@@ -735,6 +783,13 @@ class ShardStore:
                 )
             if stored_shard != shard:
                 raise StoreError(f"{path}: holds shard {stored_shard}, not shard {shard}")
+            marks = sorted(k for k in env.meta if k.startswith(MOVE_PREFIX))
+            if marks and not readonly and not moves:
+                raise StoreError(
+                    f"{path}: a move of virtual shards that did not finish marks this store "
+                    f"({marks[0]}); run `shardbroker store reshard --data-dir {data_dir} "
+                    f"--workers {shards}` to finish or undo it"
+                )
             store = cls(env, data_dir, shard, shards)
             if env.meta["schema_version"] == 1:
                 env.open_optional("refs")
@@ -783,12 +838,15 @@ class ShardStore:
         version = env.meta["schema_version"]
         if orphans or version != SCHEMA_VERSION:
             refs_db = env.dbs.get("refs")
+            prefix_keys = isinstance(version, int) and version < 6
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
                 for key in orphans:
                     txn.delete(key, db=messages)
                 if refs_db is not None:
                     txn.drop(refs_db, delete=True)
+                if prefix_keys:
+                    self._prefix_client_keys(txn)
                 if version != SCHEMA_VERSION:
                     txn.put(b"schema_version", encode_value(SCHEMA_VERSION), db=meta)
 
@@ -799,8 +857,47 @@ class ShardStore:
             if version != SCHEMA_VERSION:
                 env.dbs.pop("refs", None)
                 env.meta["schema_version"] = SCHEMA_VERSION
+                self._prefixed = True
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
+
+    def _prefix_client_keys(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Schema 5 to 6: put the virtual shard prefix before every client key of sessions,
+        queue, inflight and qos2in, in the transaction of the migration (all or nothing).
+
+        A row's virtual shard is its client's: from the session record (the key of an id
+        longer than 400 bytes is a digest), else from the key's text; a row of no session
+        whose key is a digest (an orphan ``check()`` reports) goes to virtual shard 0."""
+        dbs = self._env.dbs
+        vshard_of_key: dict[bytes, int] = {}
+        for key, value in txn.cursor(db=dbs["sessions"]):
+            try:
+                vshard_of_key[key] = vshard_of(decode_session(value).client_id)
+            except StoreCorrupt:
+                pass  # keyed by its text below; check() reports the record
+
+        def prefixed(client: bytes) -> bytes:
+            v = vshard_of_key.get(client)
+            if v is None:
+                try:
+                    v = 0 if b"\xff" in client else vshard_of(client.decode("utf-8", "surrogatepass"))
+                except (UnicodeDecodeError, ValueError):
+                    v = 0
+                vshard_of_key[client] = v
+            return _U16.pack(_VTAG | v) + client
+
+        for table, suffix in (("sessions", 0), ("queue", 9), ("inflight", 3), ("qos2in", 3)):
+            db = dbs[table]
+            # old keys never begin with 0x80..0xBF (UTF-8), new ones always do: no key of one
+            # layout can be taken for, or overwrite, one of the other
+            old = [key for key in txn.cursor(db=db).iternext(keys=True, values=False)
+                   if not 0x80 <= key[0] <= 0xBF]
+            for key in old:
+                popped = txn.pop(key, db=db)
+                if popped is None:
+                    continue
+                client = key[:len(key) - suffix] if suffix else key
+                txn.put(prefixed(client) + key[len(client):], popped, db=db)
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -867,11 +964,11 @@ class ShardStore:
             yield decode_session(row.value)
 
     def session(self, client_id: str) -> SessionRecord | None:
-        data = self._env.get("sessions", _client_key(client_id))
+        data = self._env.get("sessions", self._ck(client_id))
         return None if data is None else decode_session(data)
 
     def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = self._ck(client_id) + _SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
         cache: dict[int, StoredMessage | None] = {}
         with self._env.read() as txn:
@@ -893,7 +990,7 @@ class ShardStore:
         return out
 
     def inflight(self, client_id: str) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = self._ck(client_id) + _SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
         cache: dict[int, StoredMessage | None] = {}
         with self._env.read() as txn:
@@ -908,14 +1005,42 @@ class ShardStore:
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = self._ck(client_id) + _SEP
         return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
 
+    def vshard_sessions(self, vshards: Iterable[int] | None = None) -> Iterator[SessionRecord]:
+        """The sessions of clients in ``vshards`` (all when None), by virtual shard.
+
+        Each virtual shard is one range of keys (schema 6); a store of an older schema,
+        opened read-only, is scanned whole."""
+        if vshards is None:
+            yield from self.sessions()
+            return
+        wanted = sorted(set(vshards))
+        if not self._prefixed:
+            chosen = set(wanted)
+            yield from (rec for rec in self.sessions() if vshard_of(rec.client_id) in chosen)
+            return
+        for v in wanted:
+            for row in self._env.rows("sessions", _vshard_prefix(v)):
+                yield decode_session(row.value)
+
+    def vshard_counts(self) -> dict[int, int]:
+        """Stored sessions per virtual shard (those with none left out), from keys alone."""
+        counts: Counter[int] = Counter()
+        if not self._prefixed:
+            counts.update(vshard_of(rec.client_id) for rec in self.sessions())
+            return dict(sorted(counts.items()))
+        with self._env.read() as txn:
+            for key in txn.cursor(db=self._env.dbs["sessions"]).iternext(values=False):
+                counts[_U16.unpack_from(key)[0] & ~_VTAG] += 1
+        return dict(sorted(counts.items()))
+
     def queue_length(self, client_id: str) -> int:
-        return self._env.count("queue", _client_key(client_id) + _SEP)
+        return self._env.count("queue", self._ck(client_id) + _SEP)
 
     def inflight_count(self, client_id: str) -> int:
-        return self._env.count("inflight", _client_key(client_id) + _SEP)
+        return self._env.count("inflight", self._ck(client_id) + _SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
         """A stored message, in its own row or held by a queue or inflight row."""
@@ -956,15 +1081,15 @@ class ShardStore:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
         for row in self._env.rows("queue"):
             msg_id, qos = _QROW.unpack_from(row.value)
-            yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
+            yield _client_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
 
     def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
         for row in self._env.rows("inflight"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
+            yield _client_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
 
     def qos2_rows(self) -> Iterator[tuple[str, int]]:
         for row in self._env.rows("qos2in"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
+            yield _client_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
 
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
@@ -1035,10 +1160,10 @@ class ShardStore:
             try:
                 rec = decode_session(row.value)
             except StoreCorrupt as exc:
-                problems.append(f"{where}: session {_key_text(row.key)!r}: {exc}")
+                problems.append(f"{where}: session {_client_text(row.key)!r}: {exc}")
                 continue
-            if _text_key(rec.client_id) != row.key:
-                problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
+            if self._ck(rec.client_id) != row.key:
+                problems.append(f"{where}: session {_client_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
         message_ids: set[int] = set()
         for row in env.rows("messages"):
@@ -1072,16 +1197,16 @@ class ShardStore:
                 return False
             if key[:-suffix - 1] not in session_keys:
                 problems.append(f"{where}: orphan {what} row of client "
-                                f"{_key_text(key[:-suffix - 1])!r} (no session)")
+                                f"{_client_text(key[:-suffix - 1])!r} (no session)")
             return True
 
         held: dict[int, bytes] = {}  # by inflight rows
         held_queue: dict[int, bytes] = {}
 
-        def holds(msg_id: int, key: bytes, what: str) -> None:
+        def holds(msg_id: int, client: bytes, what: str) -> None:
             if msg_id in held or msg_id in held_queue or msg_id in message_ids:
                 problems.append(f"{where}: message {msg_id} held by {what} of "
-                                f"{_key_text(key[:key.rindex(_SEP)])!r} is stored more than once")
+                                f"{_client_text(client)!r} is stored more than once")
 
         for row in env.rows("queue"):
             tick()
@@ -1097,13 +1222,13 @@ class ShardStore:
                 try:
                     decode_message(row.value[_QROW.size:])
                 except StoreCorrupt as exc:
-                    problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
-                holds(msg_id, row.key, f"queue seq {seq}")
+                    problems.append(f"{where}: queue seq {seq} of {_client_text(row.key[:-9])!r}: {exc}")
+                holds(msg_id, row.key[:-9], f"queue seq {seq}")
                 held_queue[msg_id] = row.key
                 continue
             actual[msg_id] += 1
             if msg_id not in message_ids:
-                problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r} "
+                problems.append(f"{where}: queue seq {seq} of {_client_text(row.key[:-9])!r} "
                                 f"names missing message {msg_id}")
         for row in env.rows("inflight"):
             tick()
@@ -1114,16 +1239,16 @@ class ShardStore:
                 irec, msg = decode_inflight_row(row.value)
             except StoreCorrupt as exc:
                 problems.append(f"{where}: inflight {packet_id} of "
-                                f"{_key_text(row.key[:-3])!r}: {exc}")
+                                f"{_client_text(row.key[:-3])!r}: {exc}")
                 continue
             if msg is not None and irec.msg_id is not None:
-                holds(irec.msg_id, row.key, f"inflight {packet_id}")
+                holds(irec.msg_id, row.key[:-3], f"inflight {packet_id}")
                 held[irec.msg_id] = row.key
             elif irec.msg_id is not None:
                 actual[irec.msg_id] += 1
                 if irec.msg_id not in message_ids:
                     problems.append(f"{where}: inflight {packet_id} of "
-                                    f"{_key_text(row.key[:-3])!r} names missing message "
+                                    f"{_client_text(row.key[:-3])!r} names missing message "
                                     f"{irec.msg_id}")
         for row in env.rows("qos2in"):
             tick()
@@ -1304,7 +1429,10 @@ class ShardStore:
                 elif code == _DELETE_OUTBOX:
                     outbox_pop(key)
                 elif code == _SET_META:
-                    put(key, a, db=meta)
+                    if a is None:
+                        txn.delete(key, db=meta)
+                    else:
+                        put(key, a, db=meta)
                 elif code == _PUT_QOS2:
                     put(key, b"", db=qos2in)
                 elif code == _DELETE_QOS2:
@@ -1528,6 +1656,12 @@ class Batch:
         if not key:
             raise ValueError("meta key must not be empty")
         self._ops.append((_SET_META, key.encode(), encode_value(value), None))
+
+    def delete_meta(self, key: str) -> None:
+        """Remove a meta key set by ``set_meta`` (absent: nothing happens)."""
+        if key in _RESERVED_META or not key:
+            raise ValueError(f"meta key {key!r} is reserved")
+        self._ops.append((_SET_META, key.encode(), None, None))
 
     def commit(self) -> None:
         if not self._ops:

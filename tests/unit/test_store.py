@@ -33,6 +33,7 @@ from shardbroker.storage.lmdb_store import (
     StoreError,
     StoreFull,
     data_dir_shards,
+    vshard_of,
 )
 from shardbroker.storage.records import (
     AWAIT_PUBACK,
@@ -734,7 +735,7 @@ def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
     path = _schema1_store(tmp_path)
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == SCHEMA_VERSION == 5
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 6
         assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
         # the old CBOR rows release their messages like new ones
         with s.batch() as b:
@@ -957,23 +958,43 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("version", [2, 3, 4])
-def test_schema2_to_4_stores_are_migrated_to_5(tmp_path: Path, version: int) -> None:
+def as_older_schema(env_dir: Path, version: int) -> None:
+    """Rewrite a schema 6 store as schemas 2 to 5 wrote it: client keys without their
+    virtual shard prefix (the two bytes 0x80|v>>8, v&0xFF), and that version in meta."""
+    env = lmdb.open(str(env_dir), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            for name in (b"sessions", b"queue", b"inflight", b"qos2in"):
+                db = env.open_db(name, txn=txn)
+                rows = list(txn.cursor(db=db))
+                for key, value in rows:
+                    assert 0x80 <= key[0] <= 0x83
+                    txn.delete(key, db=db)
+                for key, value in rows:
+                    txn.put(key[2:], value, db=db)
+            txn.put(b"schema_version", cbor2.dumps(version), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
+def test_schema2_to_5_stores_are_migrated_to_6(tmp_path: Path, version: int) -> None:
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     with s.batch() as b:
         b.put_session(session("a"))
         for _ in range(2):  # a message of its own, as 2 and 3 wrote it
             b.enqueue("a", b.add_message(msg()) if _ == 0 else s.next_msg_id - 1, 1)
     s.close()
-    _set_meta_raw(tmp_path / "shard-000", b"schema_version", version)
+    as_older_schema(tmp_path / "shard-000", version)
     s = ShardStore.open(tmp_path, 0, 1, readonly=True)
     try:
         assert s.get_meta("schema_version") == version and s.check() == []
+        assert len(s.queue("a")) == 2 and s.vshard_counts() == {vshard_of("a"): 1}
     finally:
         s.close()
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == 5 and len(s.queue("a")) == 2 and s.check() == []
+        assert s.get_meta("schema_version") == 6 and len(s.queue("a")) == 2 and s.check() == []
     finally:
         s.close()
 
