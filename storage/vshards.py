@@ -265,12 +265,16 @@ def _marks(store: ShardStore) -> Iterator[tuple[str, object]]:
 
 def transfer(source: ShardStore, parts: Sequence[tuple[ShardStore, Selection]], *,
              keep_source: bool = False, advance: Advance | None = None,
-             sessions_per_commit: int = SESSIONS_PER_COMMIT,
-             ops_per_commit: int = OPS_PER_COMMIT, now: float | None = None) -> list[Moved]:
+             sessions_per_commit: int | None = None, ops_per_commit: int | None = None,
+             now: float | None = None) -> list[Moved]:
     """Move (or, with ``keep_source``, copy) the selected sessions of ``source`` to the parts'
-    stores; what each part received. See the module docstring for the order of writes."""
+    stores; what each part received. See the module docstring for the order of writes.
+    A batch is committed per ``sessions_per_commit`` sessions or ``ops_per_commit``
+    operations (``SESSIONS_PER_COMMIT``, ``OPS_PER_COMMIT`` by default)."""
     if not parts:
         return []
+    sessions_per_commit = sessions_per_commit or SESSIONS_PER_COMMIT
+    ops_per_commit = ops_per_commit or OPS_PER_COMMIT
     targets = [store for store, _ in parts]
     if any(t is source or t.path == source.path for t in targets):
         raise ValueError("a store cannot be its own target")

@@ -25,10 +25,10 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import shardbroker.storage.reshard as rs
-import shardbroker.storage.vshards as vshards
 from shardbroker.cli.store import app
 from shardbroker.protocol.packets import NO_PROPERTIES, Properties
 from shardbroker.sharding import shard_for
+from shardbroker.storage import vshards
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore, StoreError, data_dir_shards
 from shardbroker.storage.records import (
     AWAIT_PUBACK,
