@@ -961,7 +961,8 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
 def as_older_schema(env_dir: Path, version: int) -> None:
     """Rewrite a schema 6 store as schemas 2 to 5 wrote it: client keys without their
     virtual shard prefix (the two bytes 0x80|v>>8, v&0xFF), and that version in meta."""
-    env = lmdb.open(str(env_dir), max_dbs=8)
+    env = lmdb.open(str(env_dir), max_dbs=8,
+                    map_size=2 * (env_dir / "data.mdb").stat().st_size + (64 << 20))
     try:
         with env.begin(write=True) as txn:
             for name in (b"sessions", b"queue", b"inflight", b"qos2in"):
@@ -1143,3 +1144,42 @@ def test_a_batch_that_holds_nothing(store: ShardStore) -> None:
         b.enqueue("a", mid, 1)
     assert [(m, r) for m, r, _ in store.messages()] == [(mid, 2)] and store.check() == []
     store.close()
+
+
+def test_schema5_directory_is_upgraded_to_virtual_shard_keys_without_loss(tmp_path: Path) -> None:
+    """A data directory as schema 5 wrote it (client keys without a virtual shard prefix) is
+    read as it is read-only, and a writable open prefixes every key in one transaction: the
+    same sessions, queues (order), inflight rows, QoS 2 ids and counts, ``check()`` clean."""
+    from vshard_data import LONG_ID, model, populate
+
+    populate(tmp_path, sessions=80, shards=1)
+    with ShardStore.open(tmp_path, 0, 1) as s:
+        before, _ = model([s])
+        counts = s.counts()
+        per_vshard = s.vshard_counts()
+    as_older_schema(tmp_path / "shard-000", 5)
+    with ShardStore.open(tmp_path, 0, 1, readonly=True) as s:
+        assert s.get_meta("schema_version") == 5 and s.check() == []
+        assert model([s])[0] == before and s.vshard_counts() == per_vshard
+    with ShardStore.open(tmp_path, 0, 1) as s:
+        assert s.get_meta("schema_version") == 6 and s.check() == []
+        assert model([s])[0] == before and s.counts() == counts
+        assert s.vshard_counts() == per_vshard
+        assert [r.client_id for r in s.vshard_sessions([vshard_of(LONG_ID)])] == [LONG_ID]
+    env = lmdb.open(str(tmp_path / "shard-000"), max_dbs=8, readonly=True)
+    try:
+        with env.begin() as txn:
+            for name in (b"sessions", b"queue", b"inflight", b"qos2in"):
+                keys = list(txn.cursor(db=env.open_db(name, txn=txn)).iternext(values=False))
+                assert keys and all(0x80 <= k[0] <= 0x83 for k in keys), name
+    finally:
+        env.close()
+
+
+def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    ShardStore.open(tmp_path, 0, 1, map_size=SMALL).close()
+    _set_meta_raw(tmp_path / "shard-000", b"schema_version", 7)
+    with pytest.raises(StoreError) as err:
+        ShardStore.open(tmp_path, 0, 1)
+    assert str(err.value).endswith("written by a newer ShardBroker (schema 7, this version reads 6); "
+                                   "refusing to touch it") and "\n" not in str(err.value)

@@ -303,3 +303,38 @@ def test_sigkill_during_moves(tmp_path: Path) -> None:
     assert len(set(killed_after)) > 3, killed_after  # killed at different points
     kinds = {line.split()[0] for line in recovered}
     assert kinds == {"finished", "undid"}, recovered  # kills both before and after the copy
+
+
+def test_store_reshard_recovers_an_interrupted_move(data: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move killed after its copy: the store refuses a plain writable open, ``check()`` names
+    the mark, and ``store reshard`` with the same worker count finishes the move."""
+    from typer.testing import CliRunner
+
+    from shardbroker.cli.store import app
+
+    vshards = chosen(data)
+    stores = open_both(data)
+    before, _ = model(stores)
+
+    def crash(*_a: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(vs, "_finish", crash)
+    with pytest.raises(Crash):
+        move_vshards(stores[0], stores[1], vshards)
+    monkeypatch.undo()
+    close(stores)
+    with ShardStore.open(data, 1, 2, readonly=True) as s:
+        assert [p for p in s.check() if "did not finish" in p]
+    result = CliRunner().invoke(app, ["reshard", "--data-dir", str(data), "--workers", "2",
+                                      "--yes", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "finished an interrupted move from shard-000 to shard-001" in result.stderr
+    assert f"{data} already has 2 shard(s): nothing to do" in result.stdout
+    with open_shards(data, 2, sync=False) as reopened:
+        after, where = model(reopened)
+        assert after == before
+        assert {c for c, shard in where.items() if shard == 1} == {
+            c for c in before if vshard_of(c) in vshards}
+        assert reopened[0].check() == [] and reopened[1].check() == []
