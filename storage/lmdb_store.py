@@ -25,11 +25,17 @@ On-disk layout (``data_dir`` is what ``--data-dir`` names)::
     data_dir/shard-000/{data.mdb,lock.mdb}   one environment per shard (shard-001, ...)
     data_dir/retained/{data.mdb,lock.mdb}    retained messages, shared by all shards
 
-Keys are bytes. ``CK`` (client key) is the client id in UTF-8 if that is at most
-400 bytes, else its first 383 bytes + ``0xFF`` + a 16-byte BLAKE2b digest of the
-whole id (``0xFF`` never occurs in UTF-8, LMDB keys are limited to 511 bytes).
-Retained topics use the same scheme. Client ids never contain NUL, so
-``CK + 0x00`` is a prefix owned by exactly one client. Integers are big-endian
+Keys are bytes. ``CK`` (client key) is ``VP``, the client's virtual shard prefix,
+then the client id in UTF-8 if that is at most 400 bytes, else its first 383 bytes
++ ``0xFF`` + a 16-byte BLAKE2b digest of the whole id (``0xFF`` never occurs in
+UTF-8, LMDB keys are limited to 511 bytes). ``VP`` is ``0x8000 | v`` as u16, ``v``
+= ``vshard_of(client_id)`` (``shard_for(client_id, 1024)``, the cluster's virtual
+shard): so the rows of one virtual shard are one key range in each client table
+(``vshard_sessions``, and ``storage/vshards.py`` moves them), and its first byte,
+0x80..0x83, is never the first byte of UTF-8, so a key with it is never taken for
+a key of schema 5 and older, which have no ``VP``. Retained topics use the text
+scheme without ``VP``. Client ids never contain NUL, so ``CK + 0x00`` is a prefix
+owned by exactly one client. Integers are big-endian
 so that byte order is numeric order. Shard tables (LMDB named databases):
 
 =========  =====================================  ==========================================
@@ -91,9 +97,16 @@ writes, a store of a higher one is refused):
 * 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
   (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
   schema 4 reader takes a row for one.
+* 6: as 5, and every client key (sessions, queue, inflight, qos2in) begins with
+  ``VP``. A writable open of an older store rewrites every such key in the
+  transaction of the migration (about 3 to 6 s per 100,000 sessions with two queued
+  messages each, ``loadtests/vshard_move.py``); a read-only open reads the keys as
+  they are. Meta keys ``move.in.*`` and ``move.out.*`` mark a move of virtual shards
+  under way: a writable open refuses such a store unless ``moves=True``
+  (``storage/vshards.py``, which finishes or undoes the move).
 
-A writable open of a store of schema 1 to 4 migrates it to 5 as above (from 2 on it
-only sets the version).
+A writable open of a store of schema 1 to 5 migrates it to 6 as above (2 to 4 to 5
+only set the version).
 
 Invariants:
 
