@@ -6,11 +6,11 @@ Fills shard 0 of a 2-shard data directory (in a temporary directory) with SESSIO
 persistent sessions, each with one subscription and two queued QoS 1 messages, every
 tenth with an inflight row; then times:
 
-* finding the sessions of one virtual shard: the key range (schema 6) against a scan of
-  every session hashing its client ID (what a store without the prefix, or an index kept
-  in memory from such a scan, pays);
+* finding the sessions of one virtual shard: a range of the ``vshards`` index (schema 6)
+  against a scan of every session hashing its client ID (what a store without the index,
+  or an index kept in memory from such a scan, pays);
 * moving one virtual shard, and 64 of them, to shard 1 (``move_vshards``, sync on);
-* the upgrade of the same store from schema 5 (a writable open prefixing every key).
+* the upgrade of the same store from schema 5 (a writable open building the index).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
             for cid in ids:
                 vshard_of(cid)
             hashing = time.perf_counter() - t
-            print(f"sessions of one virtual shard: key range {ms(statistics.median(ranges))}, "
+            print(f"sessions of one virtual shard: index range {ms(statistics.median(ranges))}, "
                   f"scan of every session {ms(statistics.median(scans))} (medians); hashing "
                   f"every client ID alone {ms(hashing)}")
             moves = []

@@ -25,17 +25,15 @@ On-disk layout (``data_dir`` is what ``--data-dir`` names)::
     data_dir/shard-000/{data.mdb,lock.mdb}   one environment per shard (shard-001, ...)
     data_dir/retained/{data.mdb,lock.mdb}    retained messages, shared by all shards
 
-Keys are bytes. ``CK`` (client key) is ``VP``, the client's virtual shard prefix,
-then the client id in UTF-8 if that is at most 400 bytes, else its first 383 bytes
-+ ``0xFF`` + a 16-byte BLAKE2b digest of the whole id (``0xFF`` never occurs in
-UTF-8, LMDB keys are limited to 511 bytes). ``VP`` is ``0x8000 | v`` as u16, ``v``
-= ``vshard_of(client_id)`` (``shard_for(client_id, 1024)``, the cluster's virtual
-shard): so the rows of one virtual shard are one key range in each client table
-(``vshard_sessions``, and ``storage/vshards.py`` moves them), and its first byte,
-0x80..0x83, is never the first byte of UTF-8, so a key with it is never taken for
-a key of schema 5 and older, which have no ``VP``. Retained topics use the text
-scheme without ``VP``. Client ids never contain NUL, so ``CK + 0x00`` is a prefix
-owned by exactly one client. Integers are big-endian
+Keys are bytes. ``CK`` (client key) is the client id in UTF-8 if that is at most
+400 bytes, else its first 383 bytes + ``0xFF`` + a 16-byte BLAKE2b digest of the
+whole id (``0xFF`` never occurs in UTF-8, LMDB keys are limited to 511 bytes).
+Retained topics use the same scheme. Client ids never contain NUL, so
+``CK + 0x00`` is a prefix owned by exactly one client. ``v`` is the client's
+virtual shard, ``vshard_of(client_id)`` (``shard_for(client_id, 1024)``, the
+cluster's); ``vshards`` indexes the sessions by it, so the clients of one virtual
+shard are one key range there (``vshard_sessions``; ``storage/vshards.py`` moves
+them with their rows). Integers are big-endian
 so that byte order is numeric order. Shard tables (LMDB named databases):
 
 =========  =====================================  ==========================================
@@ -52,6 +50,7 @@ queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8), then 
 inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord``, possibly holding
                                                   its message (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
+vshards    v (u16) + CK                           empty: one row per session (schema 6)
 outbox     peer shard (u16) + seq (u64)           hand-overs to another shard from ``seq`` on, kept
                                                   until that shard acks the last: a peer batch of
                                                   ``DurableForward`` (schema 4 and older: one, as
@@ -97,12 +96,13 @@ writes, a store of a higher one is refused):
 * 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
   (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
   schema 4 reader takes a row for one.
-* 6: as 5, and every client key (sessions, queue, inflight, qos2in) begins with
-  ``VP``. A writable open of an older store rewrites every such key in the
-  transaction of the migration (about 3 to 6 s per 100,000 sessions with two queued
-  messages each, ``loadtests/vshard_move.py``); a read-only open reads the keys as
-  they are. Meta keys ``move.in.*`` and ``move.out.*`` mark a move of virtual shards
-  under way: a writable open refuses such a store unless ``moves=True``
+* 6: as 5, and the ``vshards`` table: a row per session, written and deleted in
+  the commit that writes or deletes the session (a schema 5 writer would not keep
+  it). A writable open of an older store builds it in the transaction of the
+  migration (about 1 s per 100,000 sessions, ``loadtests/vshard_move.py``); a
+  read-only open of one finds a virtual shard's sessions by reading every session.
+  Meta keys ``move.in.*`` and ``move.out.*`` mark a move of virtual shards under
+  way: a writable open refuses such a store unless ``moves=True``
   (``storage/vshards.py``, which finishes or undoes the move).
 
 A writable open of a store of schema 1 to 5 migrates it to 6 as above (2 to 4 to 5
@@ -217,6 +217,7 @@ RETAINED_SCHEMA_VERSION: Final = 1
 """The retained store's format did not change with shard schemas 2 to 5."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
+_SHARD_NEW_TABLES: Final = ("vshards",)  # created with a store; older ones have none until migrated
 _RETAINED_TABLES: Final = ("meta", "retained")
 MOVE_PREFIX: Final = "move."
 """Meta keys of a move of virtual shards under way (``storage/vshards.py``)."""
@@ -226,13 +227,12 @@ _RESERVED_META: Final = frozenset(
 _LMDB_FILES: Final = frozenset({"data.mdb", "lock.mdb"})
 _LMDB_MAGIC: Final = 0xBEEFC0DE
 _OS_PAGE: Final = 4096
-_MAX_DBS: Final = 8
+_MAX_DBS: Final = 10
 _MAX_READERS: Final = 126
 _PAGE_ROWS: Final = 512
 _PLAIN_KEY_MAX: Final = 400
 _HASHED_HEAD: Final = 383
 _SEP: Final = b"\x00"
-_VTAG: Final = 0x8000  # the virtual shard prefix is u16(_VTAG | vshard): first byte 0x80..0x83
 _U64: Final = struct.Struct(">Q")
 _U16: Final = struct.Struct(">H")
 _QROW: Final = struct.Struct(">QB")  # a queue row: msg_id, qos (then the message it may hold)
@@ -270,14 +270,14 @@ def vshard_of(client_id: str) -> int:
 
 
 def _vshard_prefix(vshard: int) -> bytes:
-    """The first two bytes of every client key of ``vshard`` (schema 6)."""
+    """The first two bytes of the ``vshards`` rows of ``vshard`` (schema 6)."""
     if not 0 <= vshard < VIRTUAL_SHARDS:
         raise ValueError(f"virtual shard {vshard} out of range 0..{VIRTUAL_SHARDS - 1}")
-    return _U16.pack(_VTAG | vshard)
+    return _U16.pack(vshard)
 
 
-def _plain_client_key(client_id: str) -> bytes:
-    """``CK`` without its virtual shard prefix: how schema 1 to 5 key a client."""
+@functools.lru_cache(maxsize=1 << 16)
+def _client_key(client_id: str) -> bytes:
     if not client_id:
         raise ValueError("client id must not be empty")
     if "\x00" in client_id:
@@ -285,19 +285,9 @@ def _plain_client_key(client_id: str) -> bytes:
     return _text_key(client_id)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _client_key(client_id: str) -> bytes:
-    """``CK``: the virtual shard prefix, then the client id's key (schema 6)."""
-    key = _plain_client_key(client_id)
-    return _vshard_prefix(vshard_of(client_id)) + key
-
-
-def _client_text(key: bytes) -> str:
-    """Best-effort text of a client key of either layout: UTF-8 never begins with a byte of
-    0x80..0xBF, so a key that does carries a virtual shard prefix."""
-    if key and 0x80 <= key[0] <= 0xBF:
-        key = key[2:]
-    return _key_text(key)
+def _index_key(client_id: str) -> bytes:
+    """The client's row in ``vshards``: its virtual shard (u16), then ``CK``."""
+    return _U16.pack(vshard_of(client_id)) + _client_key(client_id)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -404,7 +394,10 @@ class _Env:
         readonly: bool,
         create: bool,
         schema: int,
+        new_tables: tuple[str, ...] = (),
     ) -> _Env:
+        """Open (or create) the environment at ``path``: ``tables`` must exist, ``new_tables``
+        are created with a new environment and opened when present (a migration makes them)."""
         if map_size <= 0 or max_map_size < map_size:
             raise ValueError("need 0 < map_size <= max_map_size")
         size = _check_directory(path, readonly=readonly, create=create)
@@ -429,7 +422,7 @@ class _Env:
             raise StoreError(f"{path}: cannot open LMDB environment ({_reason(exc)})") from None
         try:
             if not readonly:
-                cls._initialise(env, path, tables, init_meta)
+                cls._initialise(env, path, tables + new_tables, init_meta)
                 got = env.info()["map_size"]
                 if got > requested:
                     log.info(
@@ -454,10 +447,13 @@ class _Env:
             if meta.get("kind") != kind:
                 raise StoreError(f"{path}: holds a {meta.get('kind')!r} store, expected {kind!r}")
             dbs.update(cls._open_tables(env, path, tables))
+            opened = cls(path, env, dbs, readonly, max_map_size, meta)
+            for name in new_tables:
+                opened.open_optional(name)
         except BaseException:
             env.close()
             raise
-        return cls(path, env, dbs, readonly, max_map_size, meta)
+        return opened
 
     @staticmethod
     def _initialise(
@@ -713,9 +709,9 @@ class ShardStore:
     __slots__ = (
         "_env",
         "_holder_scans",
+        "_indexed",
         "_next_msg_id",
         "_next_seq",
-        "_prefixed",
         "_refs",
         "_saved_msg_id",
         "_saved_seq",
@@ -738,12 +734,8 @@ class ShardStore:
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
         self._holder_scans = 0  # see ``_holder``
-        # client keys carry their virtual shard (schema 6; a writable open migrates older ones)
-        self._prefixed = _meta_int(env.meta, "schema_version", env.path) >= 6
-
-    def _ck(self, client_id: str) -> bytes:
-        """The client's key in this store's layout (a read-only older store has no prefix)."""
-        return _client_key(client_id) if self._prefixed else _plain_client_key(client_id)
+        # the ``vshards`` index (schema 6; a writable open builds it in an older store)
+        self._indexed = "vshards" in env.dbs
 
     @classmethod
     def open(
@@ -781,7 +773,8 @@ class ShardStore:
             }
 
         env = _Env.open(
-            path, kind="shard", tables=_SHARD_TABLES, init_meta=init_meta, map_size=map_size,
+            path, kind="shard", tables=_SHARD_TABLES, new_tables=_SHARD_NEW_TABLES,
+            init_meta=init_meta, map_size=map_size,
             max_map_size=max_map_size, sync=sync, readonly=readonly, create=create,
             schema=SCHEMA_VERSION,
         )
@@ -803,6 +796,8 @@ class ShardStore:
                     f"({marks[0]}); run `shardbroker store reshard --data-dir {data_dir} "
                     f"--workers {shards}` to finish or undo it"
                 )
+            if env.meta["schema_version"] >= 6 and "vshards" not in env.dbs:  # type: ignore[operator]
+                raise StoreCorrupt(f"{path}: table 'vshards' is missing")
             store = cls(env, data_dir, shard, shards)
             if env.meta["schema_version"] == 1:
                 env.open_optional("refs")
@@ -851,15 +846,15 @@ class ShardStore:
         version = env.meta["schema_version"]
         if orphans or version != SCHEMA_VERSION:
             refs_db = env.dbs.get("refs")
-            prefix_keys = isinstance(version, int) and version < 6
+            build_index = "vshards" not in env.dbs
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
                 for key in orphans:
                     txn.delete(key, db=messages)
                 if refs_db is not None:
                     txn.drop(refs_db, delete=True)
-                if prefix_keys:
-                    self._prefix_client_keys(txn)
+                if build_index:
+                    self._build_index(txn)
                 if version != SCHEMA_VERSION:
                     txn.put(b"schema_version", encode_value(SCHEMA_VERSION), db=meta)
 
@@ -870,47 +865,25 @@ class ShardStore:
             if version != SCHEMA_VERSION:
                 env.dbs.pop("refs", None)
                 env.meta["schema_version"] = SCHEMA_VERSION
-                self._prefixed = True
+            if build_index:
+                env.open_optional("vshards")
+                self._indexed = True
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
 
-    def _prefix_client_keys(self, txn: lmdb.Transaction[bytes]) -> None:
-        """Schema 5 to 6: put the virtual shard prefix before every client key of sessions,
-        queue, inflight and qos2in, in the transaction of the migration (all or nothing).
-
-        A row's virtual shard is its client's: from the session record (the key of an id
-        longer than 400 bytes is a digest), else from the key's text; a row of no session
-        whose key is a digest (an orphan ``check()`` reports) goes to virtual shard 0."""
-        dbs = self._env.dbs
-        vshard_of_key: dict[bytes, int] = {}
-        for key, value in txn.cursor(db=dbs["sessions"]):
-            try:
-                vshard_of_key[key] = vshard_of(decode_session(value).client_id)
-            except StoreCorrupt:
-                pass  # keyed by its text below; check() reports the record
-
-        def prefixed(client: bytes) -> bytes:
-            v = vshard_of_key.get(client)
-            if v is None:
-                try:
-                    v = 0 if b"\xff" in client else vshard_of(client.decode("utf-8", "surrogatepass"))
-                except (UnicodeDecodeError, ValueError):
-                    v = 0
-                vshard_of_key[client] = v
-            return _U16.pack(_VTAG | v) + client
-
-        for table, suffix in (("sessions", 0), ("queue", 9), ("inflight", 3), ("qos2in", 3)):
-            db = dbs[table]
-            # old keys never begin with 0x80..0xBF (UTF-8), new ones always do: no key of one
-            # layout can be taken for, or overwrite, one of the other
-            old = [key for key in txn.cursor(db=db).iternext(keys=True, values=False)
-                   if not 0x80 <= key[0] <= 0xBF]
-            for key in old:
-                popped = txn.pop(key, db=db)
-                if popped is None:
-                    continue
-                client = key[:len(key) - suffix] if suffix else key
-                txn.put(prefixed(client) + key[len(client):], popped, db=db)
+    def _build_index(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Schema 5 to 6: create ``vshards`` with a row per session, in the transaction of the
+        migration (all or nothing). A record that cannot be read is left out (check() reports
+        the record, and the row it lacks)."""
+        index = self._env.env.open_db(b"vshards", txn=txn, create=True)
+        put = txn.put
+        for key, value in txn.cursor(db=self._env.dbs["sessions"]):
+            try:  # a key without 0xFF is the client id itself; a digest needs the record
+                client_id = (key.decode("utf-8", "surrogatepass") if b"\xff" not in key
+                             else decode_session(value).client_id)
+            except (StoreCorrupt, UnicodeDecodeError):
+                continue
+            put(_U16.pack(vshard_of(client_id)) + key, b"", db=index)
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -977,11 +950,11 @@ class ShardStore:
             yield decode_session(row.value)
 
     def session(self, client_id: str) -> SessionRecord | None:
-        data = self._env.get("sessions", self._ck(client_id))
+        data = self._env.get("sessions", _client_key(client_id))
         return None if data is None else decode_session(data)
 
     def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
-        prefix = self._ck(client_id) + _SEP
+        prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
         cache: dict[int, StoredMessage | None] = {}
         with self._env.read() as txn:
@@ -1003,7 +976,7 @@ class ShardStore:
         return out
 
     def inflight(self, client_id: str) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
-        prefix = self._ck(client_id) + _SEP
+        prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
         cache: dict[int, StoredMessage | None] = {}
         with self._env.read() as txn:
@@ -1018,7 +991,7 @@ class ShardStore:
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
-        prefix = self._ck(client_id) + _SEP
+        prefix = _client_key(client_id) + _SEP
         return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
 
     def vshard_sessions(self, vshards: Iterable[int] | None = None) -> Iterator[SessionRecord]:
@@ -1030,30 +1003,32 @@ class ShardStore:
             yield from self.sessions()
             return
         wanted = sorted(set(vshards))
-        if not self._prefixed:
+        if not self._indexed:
             chosen = set(wanted)
             yield from (rec for rec in self.sessions() if vshard_of(rec.client_id) in chosen)
             return
         for v in wanted:
-            for row in self._env.rows("sessions", _vshard_prefix(v)):
-                yield decode_session(row.value)
+            for row in self._env.rows("vshards", _vshard_prefix(v)):
+                data = self._env.get("sessions", row.key[2:])
+                if data is not None:  # deleted since the page was read
+                    yield decode_session(data)
 
     def vshard_counts(self) -> dict[int, int]:
         """Stored sessions per virtual shard (those with none left out), from keys alone."""
         counts: Counter[int] = Counter()
-        if not self._prefixed:
+        if not self._indexed:
             counts.update(vshard_of(rec.client_id) for rec in self.sessions())
             return dict(sorted(counts.items()))
         with self._env.read() as txn:
-            for key in txn.cursor(db=self._env.dbs["sessions"]).iternext(values=False):
-                counts[_U16.unpack_from(key)[0] & ~_VTAG] += 1
+            for key in txn.cursor(db=self._env.dbs["vshards"]).iternext(values=False):
+                counts[_U16.unpack_from(key)[0]] += 1
         return dict(sorted(counts.items()))
 
     def queue_length(self, client_id: str) -> int:
-        return self._env.count("queue", self._ck(client_id) + _SEP)
+        return self._env.count("queue", _client_key(client_id) + _SEP)
 
     def inflight_count(self, client_id: str) -> int:
-        return self._env.count("inflight", self._ck(client_id) + _SEP)
+        return self._env.count("inflight", _client_key(client_id) + _SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
         """A stored message, in its own row or held by a queue or inflight row."""
@@ -1094,15 +1069,15 @@ class ShardStore:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
         for row in self._env.rows("queue"):
             msg_id, qos = _QROW.unpack_from(row.value)
-            yield _client_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
+            yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
 
     def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
         for row in self._env.rows("inflight"):
-            yield _client_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
+            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
 
     def qos2_rows(self) -> Iterator[tuple[str, int]]:
         for row in self._env.rows("qos2in"):
-            yield _client_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
+            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
 
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
@@ -1167,17 +1142,29 @@ class ShardStore:
                 progress(1000)
 
         session_keys: set[bytes] = set()
+        index_keys: set[bytes] = set()  # the vshards rows the sessions need
         for row in env.rows("sessions"):
             tick()
             session_keys.add(row.key)
             try:
                 rec = decode_session(row.value)
             except StoreCorrupt as exc:
-                problems.append(f"{where}: session {_client_text(row.key)!r}: {exc}")
+                problems.append(f"{where}: session {_key_text(row.key)!r}: {exc}")
                 continue
-            if self._ck(rec.client_id) != row.key:
-                problems.append(f"{where}: session {_client_text(row.key)!r} holds client id "
+            if _client_key(rec.client_id) != row.key:
+                problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
+            index_keys.add(_U16.pack(vshard_of(rec.client_id)) + row.key)
+        if self._indexed:
+            for row in env.rows("vshards"):
+                tick()
+                if row.key not in index_keys:
+                    problems.append(f"{where}: virtual shard index row {row.key[:2].hex()} "
+                                    f"{_key_text(row.key[2:])!r} names no session of it")
+                index_keys.discard(row.key)
+            for key in sorted(index_keys):
+                problems.append(f"{where}: session {_key_text(key[2:])!r} is missing from the "
+                                f"virtual shard index")
         message_ids: set[int] = set()
         for row in env.rows("messages"):
             tick()
@@ -1210,7 +1197,7 @@ class ShardStore:
                 return False
             if key[:-suffix - 1] not in session_keys:
                 problems.append(f"{where}: orphan {what} row of client "
-                                f"{_client_text(key[:-suffix - 1])!r} (no session)")
+                                f"{_key_text(key[:-suffix - 1])!r} (no session)")
             return True
 
         held: dict[int, bytes] = {}  # by inflight rows
@@ -1219,7 +1206,7 @@ class ShardStore:
         def holds(msg_id: int, client: bytes, what: str) -> None:
             if msg_id in held or msg_id in held_queue or msg_id in message_ids:
                 problems.append(f"{where}: message {msg_id} held by {what} of "
-                                f"{_client_text(client)!r} is stored more than once")
+                                f"{_key_text(client)!r} is stored more than once")
 
         for row in env.rows("queue"):
             tick()
@@ -1235,13 +1222,13 @@ class ShardStore:
                 try:
                     decode_message(row.value[_QROW.size:])
                 except StoreCorrupt as exc:
-                    problems.append(f"{where}: queue seq {seq} of {_client_text(row.key[:-9])!r}: {exc}")
+                    problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
                 holds(msg_id, row.key[:-9], f"queue seq {seq}")
                 held_queue[msg_id] = row.key
                 continue
             actual[msg_id] += 1
             if msg_id not in message_ids:
-                problems.append(f"{where}: queue seq {seq} of {_client_text(row.key[:-9])!r} "
+                problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r} "
                                 f"names missing message {msg_id}")
         for row in env.rows("inflight"):
             tick()
@@ -1252,7 +1239,7 @@ class ShardStore:
                 irec, msg = decode_inflight_row(row.value)
             except StoreCorrupt as exc:
                 problems.append(f"{where}: inflight {packet_id} of "
-                                f"{_client_text(row.key[:-3])!r}: {exc}")
+                                f"{_key_text(row.key[:-3])!r}: {exc}")
                 continue
             if msg is not None and irec.msg_id is not None:
                 holds(irec.msg_id, row.key[:-3], f"inflight {packet_id}")
@@ -1261,7 +1248,7 @@ class ShardStore:
                 actual[irec.msg_id] += 1
                 if irec.msg_id not in message_ids:
                     problems.append(f"{where}: inflight {packet_id} of "
-                                    f"{_client_text(row.key[:-3])!r} names missing message "
+                                    f"{_key_text(row.key[:-3])!r} names missing message "
                                     f"{irec.msg_id}")
         for row in env.rows("qos2in"):
             tick()
@@ -1319,6 +1306,7 @@ class ShardStore:
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
+        index = env.dbs["vshards"]
         outbox = env.dbs["outbox"]
         stored = self._refs  # committed counts, changed only once the commit succeeded
         hold_max = _HOLD_MAX if hold else -1
@@ -1455,10 +1443,12 @@ class ShardStore:
                     put(key, b"", db=qos2in)
                 elif code == _DELETE_QOS2:
                     txn.delete(key, db=qos2in)
-                elif code == _PUT_SESSION:
+                elif code == _PUT_SESSION:  # b: its row in vshards (written once)
                     put(key, a, db=sessions)
-                elif code == _DELETE_SESSION:
+                    put(b, b"", db=index, overwrite=False)
+                elif code == _DELETE_SESSION:  # a: its row in vshards
                     txn.delete(key, db=sessions)
+                    txn.delete(a, db=index)
                     prefix = key + _SEP
                     for value in _drop_prefix(txn, queue, prefix):
                         release_queue(value)
@@ -1620,11 +1610,12 @@ class Batch:
             self.commit()
 
     def put_session(self, rec: SessionRecord) -> None:
-        self._ops.append((_PUT_SESSION, _client_key(rec.client_id), encode_session(rec), None))
+        cid = rec.client_id
+        self._ops.append((_PUT_SESSION, _client_key(cid), encode_session(rec), _index_key(cid)))
 
     def delete_session(self, client_id: str) -> None:
         """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
-        self._ops.append((_DELETE_SESSION, _client_key(client_id), None, None))
+        self._ops.append((_DELETE_SESSION, _client_key(client_id), _index_key(client_id), None))
 
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""

@@ -959,20 +959,13 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
 
 
 def as_older_schema(env_dir: Path, version: int) -> None:
-    """Rewrite a schema 6 store as schemas 2 to 5 wrote it: client keys without their
-    virtual shard prefix (the two bytes 0x80|v>>8, v&0xFF), and that version in meta."""
-    env = lmdb.open(str(env_dir), max_dbs=8,
-                    map_size=2 * (env_dir / "data.mdb").stat().st_size + (64 << 20))
+    """Rewrite a schema 6 store as schemas 2 to 5 wrote it: no ``vshards`` table (the index
+    of virtual shard -> client), and that version in meta."""
+    env = lmdb.open(str(env_dir), max_dbs=10,
+                    map_size=(env_dir / "data.mdb").stat().st_size + (64 << 20))
     try:
         with env.begin(write=True) as txn:
-            for name in (b"sessions", b"queue", b"inflight", b"qos2in"):
-                db = env.open_db(name, txn=txn)
-                rows = list(txn.cursor(db=db))
-                for key, value in rows:
-                    assert 0x80 <= key[0] <= 0x83
-                    txn.delete(key, db=db)
-                for key, value in rows:
-                    txn.put(key[2:], value, db=db)
+            txn.drop(env.open_db(b"vshards", txn=txn), delete=True)
             txn.put(b"schema_version", cbor2.dumps(version), db=env.open_db(b"meta", txn=txn))
     finally:
         env.close()
@@ -1146,10 +1139,11 @@ def test_a_batch_that_holds_nothing(store: ShardStore) -> None:
     store.close()
 
 
-def test_schema5_directory_is_upgraded_to_virtual_shard_keys_without_loss(tmp_path: Path) -> None:
-    """A data directory as schema 5 wrote it (client keys without a virtual shard prefix) is
-    read as it is read-only, and a writable open prefixes every key in one transaction: the
-    same sessions, queues (order), inflight rows, QoS 2 ids and counts, ``check()`` clean."""
+def test_schema5_directory_is_upgraded_to_a_virtual_shard_index_without_loss(
+        tmp_path: Path) -> None:
+    """A data directory as schema 5 wrote it (no index of virtual shard -> client) is read as
+    it is read-only, and a writable open builds the index in one transaction: the same
+    sessions, queues (order), inflight rows, QoS 2 ids and counts, ``check()`` clean."""
     from vshard_data import LONG_ID, model, populate
 
     populate(tmp_path, sessions=80, shards=1)
@@ -1166,14 +1160,33 @@ def test_schema5_directory_is_upgraded_to_virtual_shard_keys_without_loss(tmp_pa
         assert model([s])[0] == before and s.counts() == counts
         assert s.vshard_counts() == per_vshard
         assert [r.client_id for r in s.vshard_sessions([vshard_of(LONG_ID)])] == [LONG_ID]
-    env = lmdb.open(str(tmp_path / "shard-000"), max_dbs=8, readonly=True)
+    env = lmdb.open(str(tmp_path / "shard-000"), max_dbs=10, readonly=True)
     try:
         with env.begin() as txn:
-            for name in (b"sessions", b"queue", b"inflight", b"qos2in"):
-                keys = list(txn.cursor(db=env.open_db(name, txn=txn)).iternext(values=False))
-                assert keys and all(0x80 <= k[0] <= 0x83 for k in keys), name
+            index = list(txn.cursor(db=env.open_db(b"vshards", txn=txn)).iternext(values=False))
+            sessions = list(txn.cursor(db=env.open_db(b"sessions", txn=txn)).iternext(values=False))
+        assert sorted(k[2:] for k in index) == sessions and len(sessions) == 80
     finally:
         env.close()
+
+
+def test_a_broken_virtual_shard_index_is_reported(store: ShardStore) -> None:
+    with store.batch() as b:
+        for cid in ("a", "b"):
+            b.put_session(session(cid))
+    path = store.path
+    store.close()
+    env = lmdb.open(str(path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        index = env.open_db(b"vshards", txn=txn)
+        txn.delete(vshard_of("a").to_bytes(2, "big") + b"a", db=index)
+        txn.put((vshard_of("z") + 1).to_bytes(2, "big") + b"b", b"", db=index)
+    env.close()
+    with ShardStore.open(path.parent, 0, 1, readonly=True) as s:
+        assert sorted(s.check()) == [
+            f"shard 0: session 'a' is missing from the virtual shard index",
+            f"shard 0: virtual shard index row {vshard_of('z') + 1:04x} 'b' names no session of it",
+        ]
 
 
 def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
