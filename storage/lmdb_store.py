@@ -1268,9 +1268,9 @@ class ShardStore:
                             f"{actual[msg_id]} other row(s)")
         message_ids.update(held)
         message_ids.update(held_queue)
-        for key, _value in self.meta_items():
-            if key.startswith(MOVE_PREFIX):
-                problems.append(f"{where}: a move of virtual shards did not finish ({key}); "
+        for name, _value in self.meta_items():
+            if name.startswith(MOVE_PREFIX):
+                problems.append(f"{where}: a move of virtual shards did not finish ({name}); "
                                 f"`shardbroker store reshard` with the same --workers "
                                 f"finishes or undoes it")
         next_msg_id = self.get_meta("next_msg_id")

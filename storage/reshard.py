@@ -12,12 +12,15 @@ What it does:
   hand-overs between shards not yet acknowledged: start the broker once with N
   workers and stop it cleanly) and any problem ``check()`` finds in an old shard.
 * ``migrate(plan)`` builds the M new shard environments in ``DATA/.reshard-tmp/``
-  through the ordinary ``Batch`` API: every session goes to ``shard_for(client_id,
-  M)`` with its queue (re-enqueued in seq order, new seqs), its inflight rows
-  (same packet ids and states; the message re-added, or ``msg_id`` None for
-  AWAIT_PUBCOMP) and its incoming QoS 2 ids. A message shared by several
-  sessions that land in the same new shard is stored there once. Commits are
-  batched (1000 sessions or 20000 operations) with ``sync=True``.
+  by copying each old shard with ``vshards.transfer`` (the one way state moves
+  between shard stores, here keeping the source): every session goes to
+  ``shard_for(client_id, M)`` with its queue (re-enqueued in seq order, new seqs),
+  its inflight rows (same packet ids and states; the message re-added, or
+  ``msg_id`` None for AWAIT_PUBCOMP) and its incoming QoS 2 ids. A message shared
+  by several sessions that land in the same new shard is stored there once. Commits
+  are batched (1000 sessions or 20000 operations) with ``sync=True``.
+* ``prepare`` first finishes or undoes a move of virtual shards that marks a store
+  of the directory (``vshards.recover``; a directory without marks is only read).
 * It then verifies: the old stores did not change meanwhile; per new shard the
   rows equal what was copied; the totals of sessions, queued, inflight and QoS 2
   rows equal the old ones; ``check()`` of every new store finds nothing.

@@ -1184,7 +1184,7 @@ def test_a_broken_virtual_shard_index_is_reported(store: ShardStore) -> None:
     env.close()
     with ShardStore.open(path.parent, 0, 1, readonly=True) as s:
         assert sorted(s.check()) == [
-            f"shard 0: session 'a' is missing from the virtual shard index",
+            "shard 0: session 'a' is missing from the virtual shard index",
             f"shard 0: virtual shard index row {vshard_of('z') + 1:04x} 'b' names no session of it",
         ]
 
