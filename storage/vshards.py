@@ -31,21 +31,23 @@ marks (meta keys ``move.out.<id>`` in the source, ``move.in.<id>`` in a target):
 
 Recovery, per target mark: ``copying``: delete from the target the selected
 sessions that the source holds (the target held none of them before: a move
-refuses a client with a session in both), so the move is undone; ``copied``: delete
-from the source the selected sessions (again, as often as it takes), so it is
-finished. A source mark whose targets have no mark left is deleted (the move had
+refuses a client with a session in both, before its first mark), so the move is
+undone; ``copied``: delete from the source the selected sessions that the target
+holds (again, as often as it takes), so it is finished. A source mark whose targets have no mark left is deleted (the move had
 not begun copying, or was done). Every step is idempotent, so a crash during
 recovery is recovered the same way. A writable ``ShardStore.open`` refuses a
 marked store unless opened with ``moves=True`` (as here): a worker never serves a
-half-moved store.
+half-moved store. An exception during the copy (a full disk, say) is taken back at
+once, while the stores are open: the move leaves no mark and changes nothing.
 
 Invariants:
 
 * A client's session with its rows is in exactly one of the stores after recovery.
 * A copy (``keep_source``) writes no mark in the source, which may be open
   read-only; its target mark says ``copy``, is deleted by the commit of the last
-  batch, and one left behind is never recovered: ``recover`` refuses it (the target
-  holds a partial copy, to be discarded: ``store reshard`` builds its new shards so).
+  batch, and one left behind by a kill is never recovered: ``recover`` refuses it
+  (the target holds a partial copy, to be discarded: ``store reshard`` builds its new
+  shards so, in a directory it removes when it does not finish).
 * A session stored while connected (``disconnected_at`` None) is written with the
   source's ``alive_at`` mark as its disconnect time (what the source's broker would
   have used), as the offline reshard always did.
