@@ -285,6 +285,7 @@ def _client_key(client_id: str) -> bytes:
     return _text_key(client_id)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _index_key(client_id: str) -> bytes:
     """The client's row in ``vshards``: its virtual shard (u16), then ``CK``."""
     return _U16.pack(vshard_of(client_id)) + _client_key(client_id)
