@@ -954,6 +954,10 @@ class ShardStore:
         data = self._env.get("sessions", _client_key(client_id))
         return None if data is None else decode_session(data)
 
+    def has_session(self, client_id: str) -> bool:
+        """Whether the client has a stored session (nothing decoded)."""
+        return self._env.get("sessions", _client_key(client_id)) is not None
+
     def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
         prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
@@ -1013,6 +1017,26 @@ class ShardStore:
                 data = self._env.get("sessions", row.key[2:])
                 if data is not None:  # deleted since the page was read
                     yield decode_session(data)
+
+    def client_ids(self, vshards: Iterable[int] | None = None) -> Iterator[str]:
+        """The client ids of the sessions in ``vshards`` (all when None), by virtual shard
+        (all: by key). An id is its key's text; only a digest key (an id over 400 bytes)
+        has its record read."""
+        if vshards is not None and self._indexed:
+            for v in sorted(set(vshards)):
+                for row in self._env.rows("vshards", _vshard_prefix(v)):
+                    key = row.key[2:]
+                    if b"\xff" not in key:
+                        yield key.decode("utf-8", "surrogatepass")
+                    elif (rec := self._env.get("sessions", key)) is not None:
+                        yield decode_session(rec).client_id
+            return
+        chosen = None if vshards is None else set(vshards)
+        for row in self._env.rows("sessions"):
+            cid = (row.key.decode("utf-8", "surrogatepass") if b"\xff" not in row.key
+                   else decode_session(row.value).client_id)
+            if chosen is None or vshard_of(cid) in chosen:
+                yield cid
 
     def vshard_counts(self) -> dict[int, int]:
         """Stored sessions per virtual shard (those with none left out), from keys alone."""

@@ -123,11 +123,11 @@ class Selection:
             return False
         return self.workers is None or shard_for(client_id, self.workers) == self.worker
 
-    def sessions(self, store: ShardStore) -> Iterator[SessionRecord]:
-        """The store's sessions this selection takes."""
-        for rec in store.vshard_sessions(self.vshards):
-            if self.matches(rec.client_id):
-                yield rec
+    def client_ids(self, store: ShardStore) -> Iterator[str]:
+        """The clients with a session in ``store`` that this selection takes."""
+        for cid in store.client_ids(self.vshards):
+            if self.matches(cid):
+                yield cid
 
     def to_value(self) -> dict[str, object]:
         return {"vshards": None if self.vshards is None else sorted(self.vshards),
@@ -297,11 +297,12 @@ def transfer(source: ShardStore, parts: Sequence[tuple[ShardStore, Selection]], 
     move_id = secrets.token_hex(6)
     out_key, in_key = _OUT + move_id, _IN + move_id
     work = [_Part(store, sel, in_key) for store, sel in parts]
-    vshards = _union(p.selection for p in work)
-    for rec in source.vshard_sessions(vshards):  # a client in two stores: refuse, write nothing
-        part = _part_of(work, rec.client_id)
-        if part is not None and part.store.session(rec.client_id) is not None:
-            raise StoreError(f"client id {rec.client_id!r} has a session in "
+    route = _router(work)
+    chosen = [(cid, part) for cid in source.client_ids(_union(p.selection for p in work))
+              if (part := route(cid)) is not None]
+    for cid, part in chosen:  # a client in two stores: refuse, having written nothing
+        if part.store.has_session(cid):
+            raise StoreError(f"client id {cid!r} has a session in "
                              f"{shard_dir_name(source.shard)} and one in {part.store.path} "
                              f"already; refusing to move it")
     if not keep_source:
@@ -312,10 +313,11 @@ def transfer(source: ShardStore, parts: Sequence[tuple[ShardStore, Selection]], 
     alive_at = _alive_at(source, time.time() if now is None else now)
     tick = advance or (lambda _n: None)
     try:
-        for rec in source.vshard_sessions(vshards):
-            part = _part_of(work, rec.client_id)
-            if part is None:
-                continue
+        for cid, part in chosen:
+            rec = source.session(cid)
+            if rec is None:
+                raise StoreError(f"{source.path}: the session of {cid!r} went while it was "
+                                 f"being moved (another writer?)")
             _copy_session(source, part, rec, alive_at, sessions_per_commit, ops_per_commit)
             part.maybe_commit(True, sessions_per_commit, ops_per_commit)
             tick(1)
@@ -337,9 +339,23 @@ def transfer(source: ShardStore, parts: Sequence[tuple[ShardStore, Selection]], 
     return [p.moved() for p in work]
 
 
-def _part_of(work: Sequence[_Part], client_id: str) -> _Part | None:
-    """The first part whose selection takes the client (each session goes to one target)."""
-    return next((p for p in work if p.selection.matches(client_id)), None)
+def _router(work: Sequence[_Part]) -> Callable[[str], _Part | None]:
+    """client id -> the first part whose selection takes it (each session goes to one
+    target). Parts that split every client by one worker count (``store reshard``) are
+    found with one hash, not one per part."""
+    sels = [p.selection for p in work]
+    workers = {s.workers for s in sels}
+    if len(workers) == 1 and None not in workers and all(s.vshards is None for s in sels):
+        count = sels[0].workers or 1
+        by_worker: dict[int, _Part] = {}
+        for p in work:
+            by_worker.setdefault(p.selection.worker, p)
+        return lambda cid: by_worker.get(shard_for(cid, count))
+
+    def first(cid: str) -> _Part | None:
+        return next((p for p in work if p.selection.matches(cid)), None)
+
+    return first
 
 
 def _abandon(source: ShardStore, work: Sequence[_Part], out_key: str, keep_source: bool,
@@ -364,8 +380,7 @@ def _finish(source: ShardStore, target: ShardStore, in_key: str, selection: Sele
             per_commit: int) -> None:
     """The target has its copy: delete it from the source, then the target's mark. Only the
     sessions the target holds (another target of the same move may hold the rest)."""
-    doomed = [rec.client_id for rec in selection.sessions(source)
-              if target.session(rec.client_id) is not None]
+    doomed = [cid for cid in selection.client_ids(source) if target.has_session(cid)]
     _delete_sessions(source, doomed, per_commit)
     _set_mark(target, in_key, None)
 
@@ -373,9 +388,8 @@ def _finish(source: ShardStore, target: ShardStore, in_key: str, selection: Sele
 def _undo(source: ShardStore, target: ShardStore, in_key: str, selection: Selection,
           per_commit: int) -> None:
     """The target's copy is partial: delete from it what came from the source, then its mark."""
-    brought = [rec.client_id for rec in selection.sessions(source)]
-    _delete_sessions(target, (cid for cid in brought if target.session(cid) is not None),
-                     per_commit)
+    brought = [cid for cid in selection.client_ids(source) if target.has_session(cid)]
+    _delete_sessions(target, brought, per_commit)
     _set_mark(target, in_key, None)
 
 
