@@ -212,9 +212,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 6
 """Shard stores (see the module docstring): 1 to 5 are still read, and migrated by a writable open."""
 VIRTUAL_SHARDS: Final = 1024
-"""Client keys begin with the client's virtual shard among this many (``vshard_of``)."""
+"""Sessions are indexed by their client's virtual shard among this many (``vshard_of``)."""
 RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schemas 2 to 5."""
+"""The retained store's format did not change with shard schemas 2 to 6."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _SHARD_NEW_TABLES: Final = ("vshards",)  # created with a store; older ones have none until migrated
@@ -264,8 +264,8 @@ def _key_text(key: bytes) -> str:
 
 
 def vshard_of(client_id: str) -> int:
-    """The virtual shard (0..VIRTUAL_SHARDS-1) whose prefix the client's keys carry: the
-    cluster's ``placement.vshard_for(client_id, 1024)``."""
+    """The client's virtual shard (0..VIRTUAL_SHARDS-1), by which ``vshards`` indexes its
+    session: the cluster's ``placement.vshard_for(client_id, 1024)``."""
     return shard_for(client_id, VIRTUAL_SHARDS)
 
 
@@ -797,7 +797,7 @@ class ShardStore:
                     f"({marks[0]}); run `shardbroker store reshard --data-dir {data_dir} "
                     f"--workers {shards}` to finish or undo it"
                 )
-            if env.meta["schema_version"] >= 6 and "vshards" not in env.dbs:  # type: ignore[operator]
+            if _meta_int(env.meta, "schema_version", path) >= 6 and "vshards" not in env.dbs:
                 raise StoreCorrupt(f"{path}: table 'vshards' is missing")
             store = cls(env, data_dir, shard, shards)
             if env.meta["schema_version"] == 1:
@@ -863,12 +863,12 @@ class ShardStore:
             if orphans:
                 log.warning("%s: deleted %d message(s) that no queue or inflight row named",
                             self.path, len(orphans))
-            if version != SCHEMA_VERSION:
-                env.dbs.pop("refs", None)
-                env.meta["schema_version"] = SCHEMA_VERSION
             if build_index:
                 env.open_optional("vshards")
                 self._indexed = True
+            if version != SCHEMA_VERSION:
+                env.dbs.pop("refs", None)
+                env.meta["schema_version"] = SCHEMA_VERSION
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
 
@@ -1002,8 +1002,8 @@ class ShardStore:
     def vshard_sessions(self, vshards: Iterable[int] | None = None) -> Iterator[SessionRecord]:
         """The sessions of clients in ``vshards`` (all when None), by virtual shard.
 
-        Each virtual shard is one range of keys (schema 6); a store of an older schema,
-        opened read-only, is scanned whole."""
+        Each virtual shard is one key range of the ``vshards`` index (schema 6); a store of
+        an older schema, opened read-only, is scanned whole."""
         if vshards is None:
             yield from self.sessions()
             return
@@ -1176,7 +1176,7 @@ class ShardStore:
             except StoreCorrupt as exc:
                 problems.append(f"{where}: session {_key_text(row.key)!r}: {exc}")
                 continue
-            if _client_key(rec.client_id) != row.key:
+            if _text_key(rec.client_id) != row.key:
                 problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
             index_keys.add(_U16.pack(vshard_of(rec.client_id)) + row.key)
