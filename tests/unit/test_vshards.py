@@ -44,6 +44,15 @@ def close(stores: list[ShardStore]) -> None:
         s.close()
 
 
+def rows_are_consistent(data: Path) -> None:
+    """Read-only, as the rows are (a writable open would delete an unreferenced message):
+    every message row named by a queue or inflight row and every named message there, in
+    each store, whatever the state of a move; its marks aside."""
+    for i in range(2):
+        with ShardStore.open(data, i, 2, readonly=True) as s:
+            assert [p for p in s.check() if "did not finish" not in p] == [], i
+
+
 def chosen(data: Path, k: int = 5) -> list[int]:
     """Some virtual shards that shard 0 holds, the long client id's among them."""
     with ShardStore.open(data, 0, 2, readonly=True) as s:
@@ -219,6 +228,7 @@ def test_a_crash_at_every_commit_of_a_move_is_recovered(tmp_path: Path,
             move_vshards(stores[0], stores[1], vshards)
         monkeypatch.setattr(ShardStore, "_commit", real)
         close(stores)
+        rows_are_consistent(data)
         if pending(data, 2):
             with pytest.raises(StoreError, match="a move of virtual shards that did not finish"):
                 ShardStore.open(data, 0, 2).close()
@@ -232,6 +242,7 @@ def test_a_crash_at_every_commit_of_a_move_is_recovered(tmp_path: Path,
             outcomes.add("moved" if held else "not moved")
             outcomes.update(line.split()[0] for line in said)
         assert not pending(data, 2)
+        rows_are_consistent(data)
     assert outcomes == {"moved", "not moved", "finished", "undid"}
 
 
@@ -267,9 +278,11 @@ def _start_mover(data: Path, seed: int) -> subprocess.Popen[str]:
 
 def test_sigkill_during_moves(tmp_path: Path) -> None:
     """A process moving virtual shards back and forth is killed (SIGKILL) after a random
-    delay, KILLS times; then both stores are opened (recovering) and checked: every session
-    exactly once and as it was, reference counts equal to the rows. Every other time the
-    check is left to the next mover's own recovery, which may be killed in turn."""
+    delay, KILLS times. Each time the rows are read as the kill left them (every message row
+    named, every named message there); then, every other time, both stores are opened
+    (recovering) and checked: every session exactly once and as it was, the reference
+    counts equal to the rows, no mark left. The other times recovery is left to the next
+    mover, which may be killed in turn."""
     populate(tmp_path, sessions=150, sync=False)
     with ShardStore.open(tmp_path, 0, 2, readonly=True) as s0, \
             ShardStore.open(tmp_path, 1, 2, readonly=True) as s1:
@@ -290,6 +303,7 @@ def test_sigkill_during_moves(tmp_path: Path) -> None:
         out, _err = mover.communicate(timeout=30)
         assert mover.returncode == -signal.SIGKILL
         killed_after.append(out.count("moved"))
+        rows_are_consistent(tmp_path)
         if i % 2 and i != KILLS - 1:
             continue
         said: list[str] = []
@@ -299,6 +313,7 @@ def test_sigkill_during_moves(tmp_path: Path) -> None:
             assert after == before, f"kill {i}"
             assert stores[0].check() == [] and stores[1].check() == [], f"kill {i}"
         assert not pending(tmp_path, 2)
+        rows_are_consistent(tmp_path)
     assert sum(killed_after) > KILLS, killed_after  # the movers did move between kills
     assert len(set(killed_after)) > 3, killed_after  # killed at different points
     kinds = {line.split()[0] for line in recovered}
