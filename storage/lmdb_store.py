@@ -196,6 +196,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "VIRTUAL_SHARDS",
     "Batch",
+    "ClientState",
     "RetainedStore",
     "ShardStore",
     "StoreCorrupt",
@@ -352,6 +353,16 @@ def _check_directory(path: Path, *, readonly: bool, create: bool) -> int | None:
     if len(head) < 24 or struct.unpack_from("<II", head, 16) != (_LMDB_MAGIC, 1):
         raise StoreError(f"{data}: not an LMDB data file; refusing to touch it")
     return size
+
+
+@dataclass(frozen=True, slots=True)
+class ClientState:
+    """A client's stored state (``ShardStore.client_state``)."""
+
+    session: SessionRecord
+    inflight: list[tuple[int, InflightRecord, StoredMessage | None]]  # packet id, row, message
+    queue: list[tuple[int, int, int, StoredMessage]]  # seq, msg_id, qos, message
+    qos2_incoming: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -959,45 +970,70 @@ class ShardStore:
         return self._env.get("sessions", _client_key(client_id)) is not None
 
     def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
+        with self._env.read() as txn:
+            return self._queue_in(txn, client_id, {})
+
+    def _queue_in(self, txn: lmdb.Transaction[bytes], client_id: str,
+                  cache: dict[int, StoredMessage | None]) -> list[tuple[int, int, int, StoredMessage]]:
         prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
-        cache: dict[int, StoredMessage | None] = {}
-        with self._env.read() as txn:
-            cur = txn.cursor(db=self._env.dbs["queue"])
-            ok = cur.set_range(prefix)
-            while ok and (key := cur.key()).startswith(prefix):
-                value = cur.value()
-                msg_id, qos = _QROW.unpack_from(value)
-                if len(value) > _QROW.size:
-                    msg: StoredMessage | None = decode_message(value[_QROW.size:])
-                else:
-                    msg = self._message_in(txn, msg_id, cache)
-                if msg is None:
-                    log.warning("%s: queue row of %r names missing message %d",
-                                self.path, client_id, msg_id)
-                else:
-                    out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
-                ok = cur.next()
+        cur = txn.cursor(db=self._env.dbs["queue"])
+        ok = cur.set_range(prefix)
+        while ok and (key := cur.key()).startswith(prefix):
+            value = cur.value()
+            msg_id, qos = _QROW.unpack_from(value)
+            if len(value) > _QROW.size:
+                msg: StoredMessage | None = decode_message(value[_QROW.size:])
+            else:
+                msg = self._message_in(txn, msg_id, cache)
+            if msg is None:
+                log.warning("%s: queue row of %r names missing message %d",
+                            self.path, client_id, msg_id)
+            else:
+                out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
+            ok = cur.next()
         return out
 
     def inflight(self, client_id: str) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
+        with self._env.read() as txn:
+            return self._inflight_in(txn, client_id, {})
+
+    def _inflight_in(self, txn: lmdb.Transaction[bytes], client_id: str,
+                     cache: dict[int, StoredMessage | None],
+                     ) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
         prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
-        cache: dict[int, StoredMessage | None] = {}
-        with self._env.read() as txn:
-            cur = txn.cursor(db=self._env.dbs["inflight"])
-            ok = cur.set_range(prefix)
-            while ok and (key := cur.key()).startswith(prefix):
-                rec, msg = decode_inflight_row(cur.value())
-                if msg is None and rec.msg_id is not None:
-                    msg = self._message_in(txn, rec.msg_id, cache)
-                out.append((_U16.unpack(key[-2:])[0], rec, msg))
-                ok = cur.next()
+        cur = txn.cursor(db=self._env.dbs["inflight"])
+        ok = cur.set_range(prefix)
+        while ok and (key := cur.key()).startswith(prefix):
+            rec, msg = decode_inflight_row(cur.value())
+            if msg is None and rec.msg_id is not None:
+                msg = self._message_in(txn, rec.msg_id, cache)
+            out.append((_U16.unpack(key[-2:])[0], rec, msg))
+            ok = cur.next()
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
         prefix = _client_key(client_id) + _SEP
         return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
+
+    def client_state(self, client_id: str) -> ClientState | None:
+        """The client's session with its inflight rows, queue (in seq order) and incoming
+        QoS 2 ids, read in one transaction; None without a session."""
+        prefix = _client_key(client_id) + _SEP
+        with self._env.read() as txn:
+            data = txn.get(_client_key(client_id), db=self._env.dbs["sessions"])
+            if data is None:
+                return None
+            cache: dict[int, StoredMessage | None] = {}
+            cur = txn.cursor(db=self._env.dbs["qos2in"])
+            qos2: list[int] = []
+            ok = cur.set_range(prefix)
+            while ok and (key := cur.key()).startswith(prefix):
+                qos2.append(_U16.unpack(key[-2:])[0])
+                ok = cur.next()
+            return ClientState(decode_session(data), self._inflight_in(txn, client_id, cache),
+                               self._queue_in(txn, client_id, cache), qos2)
 
     def vshard_sessions(self, vshards: Iterable[int] | None = None) -> Iterator[SessionRecord]:
         """The sessions of clients in ``vshards`` (all when None), by virtual shard.

@@ -77,11 +77,12 @@ from shardbroker.storage.lmdb_store import (
     MOVE_PREFIX,
     VIRTUAL_SHARDS,
     Batch,
+    ClientState,
     ShardStore,
     shard_dir_name,
     vshard_of,
 )
-from shardbroker.storage.records import InflightRecord, SessionRecord, StoreCorrupt, StoreError
+from shardbroker.storage.records import InflightRecord, StoreCorrupt, StoreError
 
 __all__ = [
     "Moved",
@@ -197,9 +198,10 @@ def _alive_at(store: ShardStore, now: float) -> float | None:
     return None
 
 
-def _copy_session(source: ShardStore, part: _Part, rec: SessionRecord, alive_at: float | None,
+def _copy_session(source: ShardStore, part: _Part, state: ClientState, alive_at: float | None,
                   sessions_per_commit: int, ops_per_commit: int) -> None:
     """One session with its rows into ``part``'s batch (committed as it fills)."""
+    rec = state.session
     cid = rec.client_id
     where = shard_dir_name(source.shard)
     if rec.disconnected_at is None and alive_at is not None:
@@ -208,7 +210,7 @@ def _copy_session(source: ShardStore, part: _Part, rec: SessionRecord, alive_at:
     b = part.batch
     b.put_session(rec)
     part.sessions += 1
-    for packet_id, irec, msg in source.inflight(cid):
+    for packet_id, irec, msg in state.inflight:
         new_id: int | None = None
         if irec.msg_id is not None:
             if msg is None:
@@ -220,14 +222,14 @@ def _copy_session(source: ShardStore, part: _Part, rec: SessionRecord, alive_at:
         b.put_inflight(cid, packet_id, InflightRecord(new_id, irec.qos, irec.state))
         part.inflight += 1
         part.maybe_commit(False, sessions_per_commit, ops_per_commit)
-    for _seq, msg_id, qos, msg in source.queue(cid):  # in seq order
+    for _seq, msg_id, qos, msg in state.queue:  # in seq order
         new_id = part.ids.get(msg_id)
         if new_id is None:
             new_id = part.ids[msg_id] = b.add_message(msg)
         b.enqueue(cid, new_id, qos)
         part.queued += 1
         part.maybe_commit(False, sessions_per_commit, ops_per_commit)
-    for packet_id in source.qos2_incoming(cid):
+    for packet_id in state.qos2_incoming:
         b.add_qos2_incoming(cid, packet_id)
         part.qos2 += 1
 
@@ -314,11 +316,11 @@ def transfer(source: ShardStore, parts: Sequence[tuple[ShardStore, Selection]], 
     tick = advance or (lambda _n: None)
     try:
         for cid, part in chosen:
-            rec = source.session(cid)
-            if rec is None:
+            state = source.client_state(cid)
+            if state is None:
                 raise StoreError(f"{source.path}: the session of {cid!r} went while it was "
                                  f"being moved (another writer?)")
-            _copy_session(source, part, rec, alive_at, sessions_per_commit, ops_per_commit)
+            _copy_session(source, part, state, alive_at, sessions_per_commit, ops_per_commit)
             part.maybe_commit(True, sessions_per_commit, ops_per_commit)
             tick(1)
     except Exception:
