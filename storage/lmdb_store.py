@@ -29,7 +29,11 @@ Keys are bytes. ``CK`` (client key) is the client id in UTF-8 if that is at most
 400 bytes, else its first 383 bytes + ``0xFF`` + a 16-byte BLAKE2b digest of the
 whole id (``0xFF`` never occurs in UTF-8, LMDB keys are limited to 511 bytes).
 Retained topics use the same scheme. Client ids never contain NUL, so
-``CK + 0x00`` is a prefix owned by exactly one client. Integers are big-endian
+``CK + 0x00`` is a prefix owned by exactly one client. ``v`` is the client's
+virtual shard, ``vshard_of(client_id)`` (``shard_for(client_id, 1024)``, the
+cluster's); ``vshards`` indexes the sessions by it, so the clients of one virtual
+shard are one key range there (``vshard_sessions``; ``storage/vshards.py`` moves
+them with their rows). Integers are big-endian
 so that byte order is numeric order. Shard tables (LMDB named databases):
 
 =========  =====================================  ==========================================
@@ -46,6 +50,7 @@ queue      CK + 0x00 + seq (u64)                  msg_id (u64) + qos (u8), then 
 inflight   CK + 0x00 + packet_id (u16)            packed ``InflightRecord``, possibly holding
                                                   its message (schema 1: CBOR)
 qos2in     CK + 0x00 + packet_id (u16)            empty
+vshards    v (u16) + CK                           empty: one row per session (schema 6)
 outbox     peer shard (u16) + seq (u64)           hand-overs to another shard from ``seq`` on, kept
                                                   until that shard acks the last: a peer batch of
                                                   ``DurableForward`` (schema 4 and older: one, as
@@ -91,9 +96,17 @@ writes, a store of a higher one is refused):
 * 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
   (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
   schema 4 reader takes a row for one.
+* 6: as 5, and the ``vshards`` table: a row per session, written and deleted in
+  the commit that writes or deletes the session (a schema 5 writer would not keep
+  it). A writable open of an older store builds it in the transaction of the
+  migration (about 1 s per 100,000 sessions, ``loadtests/vshard_move.py``); a
+  read-only open of one finds a virtual shard's sessions by reading every session.
+  Meta keys ``move.in.*`` and ``move.out.*`` mark a move of virtual shards under
+  way: a writable open refuses such a store unless ``moves=True``
+  (``storage/vshards.py``, which finishes or undoes the move).
 
-A writable open of a store of schema 1 to 4 migrates it to 5 as above (from 2 on it
-only sets the version).
+A writable open of a store of schema 1 to 5 migrates it to 6 as above (2 to 4 to 5
+only set the version).
 
 Invariants:
 
@@ -145,7 +158,7 @@ import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +167,7 @@ from typing import Any, Final, Self
 
 import lmdb
 
+from shardbroker.sharding import shard_for
 from shardbroker.storage.records import (
     InflightRecord,
     SessionRecord,
@@ -177,9 +191,12 @@ from shardbroker.storage.records import (
 )
 
 __all__ = [
+    "MOVE_PREFIX",
     "RETAINED_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "VIRTUAL_SHARDS",
     "Batch",
+    "ClientState",
     "RetainedStore",
     "ShardStore",
     "StoreCorrupt",
@@ -188,24 +205,30 @@ __all__ = [
     "copy_together",
     "data_dir_shards",
     "shard_dir_name",
+    "vshard_of",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 5
-"""Shard stores (see the module docstring): 1 to 4 are still read, and migrated by a writable open."""
+SCHEMA_VERSION: Final = 6
+"""Shard stores (see the module docstring): 1 to 5 are still read, and migrated by a writable open."""
+VIRTUAL_SHARDS: Final = 1024
+"""Sessions are indexed by their client's virtual shard among this many (``vshard_of``)."""
 RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schemas 2 to 5."""
+"""The retained store's format did not change with shard schemas 2 to 6."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
+_SHARD_NEW_TABLES: Final = ("vshards",)  # created with a store; older ones have none until migrated
 _RETAINED_TABLES: Final = ("meta", "retained")
+MOVE_PREFIX: Final = "move."
+"""Meta keys of a move of virtual shards under way (``storage/vshards.py``)."""
 _RESERVED_META: Final = frozenset(
     {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
 )
 _LMDB_FILES: Final = frozenset({"data.mdb", "lock.mdb"})
 _LMDB_MAGIC: Final = 0xBEEFC0DE
 _OS_PAGE: Final = 4096
-_MAX_DBS: Final = 8
+_MAX_DBS: Final = 10
 _MAX_READERS: Final = 126
 _PAGE_ROWS: Final = 512
 _PLAIN_KEY_MAX: Final = 400
@@ -241,6 +264,19 @@ def _key_text(key: bytes) -> str:
     return head.decode("utf-8", "ignore") + "...#" + digest.hex()[:8]
 
 
+def vshard_of(client_id: str) -> int:
+    """The client's virtual shard (0..VIRTUAL_SHARDS-1), by which ``vshards`` indexes its
+    session: the cluster's ``placement.vshard_for(client_id, 1024)``."""
+    return shard_for(client_id, VIRTUAL_SHARDS)
+
+
+def _vshard_prefix(vshard: int) -> bytes:
+    """The first two bytes of the ``vshards`` rows of ``vshard`` (schema 6)."""
+    if not 0 <= vshard < VIRTUAL_SHARDS:
+        raise ValueError(f"virtual shard {vshard} out of range 0..{VIRTUAL_SHARDS - 1}")
+    return _U16.pack(vshard)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _client_key(client_id: str) -> bytes:
     if not client_id:
@@ -248,6 +284,12 @@ def _client_key(client_id: str) -> bytes:
     if "\x00" in client_id:
         raise ValueError("client id must not contain NUL")
     return _text_key(client_id)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _index_key(client_id: str) -> bytes:
+    """The client's row in ``vshards``: its virtual shard (u16), then ``CK``."""
+    return _U16.pack(vshard_of(client_id)) + _client_key(client_id)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -314,6 +356,16 @@ def _check_directory(path: Path, *, readonly: bool, create: bool) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientState:
+    """A client's stored state (``ShardStore.client_state``)."""
+
+    session: SessionRecord
+    inflight: list[tuple[int, InflightRecord, StoredMessage | None]]  # packet id, row, message
+    queue: list[tuple[int, int, int, StoredMessage]]  # seq, msg_id, qos, message
+    qos2_incoming: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class _Row:
     key: bytes
     value: bytes
@@ -354,7 +406,10 @@ class _Env:
         readonly: bool,
         create: bool,
         schema: int,
+        new_tables: tuple[str, ...] = (),
     ) -> _Env:
+        """Open (or create) the environment at ``path``: ``tables`` must exist, ``new_tables``
+        are created with a new environment and opened when present (a migration makes them)."""
         if map_size <= 0 or max_map_size < map_size:
             raise ValueError("need 0 < map_size <= max_map_size")
         size = _check_directory(path, readonly=readonly, create=create)
@@ -379,7 +434,7 @@ class _Env:
             raise StoreError(f"{path}: cannot open LMDB environment ({_reason(exc)})") from None
         try:
             if not readonly:
-                cls._initialise(env, path, tables, init_meta)
+                cls._initialise(env, path, tables + new_tables, init_meta)
                 got = env.info()["map_size"]
                 if got > requested:
                     log.info(
@@ -404,10 +459,13 @@ class _Env:
             if meta.get("kind") != kind:
                 raise StoreError(f"{path}: holds a {meta.get('kind')!r} store, expected {kind!r}")
             dbs.update(cls._open_tables(env, path, tables))
+            opened = cls(path, env, dbs, readonly, max_map_size, meta)
+            for name in new_tables:
+                opened.open_optional(name)
         except BaseException:
             env.close()
             raise
-        return cls(path, env, dbs, readonly, max_map_size, meta)
+        return opened
 
     @staticmethod
     def _initialise(
@@ -663,6 +721,7 @@ class ShardStore:
     __slots__ = (
         "_env",
         "_holder_scans",
+        "_indexed",
         "_next_msg_id",
         "_next_seq",
         "_refs",
@@ -687,6 +746,8 @@ class ShardStore:
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
         self._holder_scans = 0  # see ``_holder``
+        # the ``vshards`` index (schema 6; a writable open builds it in an older store)
+        self._indexed = "vshards" in env.dbs
 
     @classmethod
     def open(
@@ -700,7 +761,11 @@ class ShardStore:
         sync: bool = True,
         readonly: bool = False,
         create: bool = True,
+        moves: bool = False,
     ) -> ShardStore:
+        """Open (or create) one shard's store. A writable open refuses a store marked by a
+        move of virtual shards that did not finish, unless ``moves`` (``storage/vshards.py``
+        opens it so, to finish or undo the move)."""
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} out of range for {shards} shards")
         data_dir = Path(data_dir)
@@ -720,7 +785,8 @@ class ShardStore:
             }
 
         env = _Env.open(
-            path, kind="shard", tables=_SHARD_TABLES, init_meta=init_meta, map_size=map_size,
+            path, kind="shard", tables=_SHARD_TABLES, new_tables=_SHARD_NEW_TABLES,
+            init_meta=init_meta, map_size=map_size,
             max_map_size=max_map_size, sync=sync, readonly=readonly, create=create,
             schema=SCHEMA_VERSION,
         )
@@ -735,6 +801,15 @@ class ShardStore:
                 )
             if stored_shard != shard:
                 raise StoreError(f"{path}: holds shard {stored_shard}, not shard {shard}")
+            marks = sorted(k for k in env.meta if k.startswith(MOVE_PREFIX))
+            if marks and not readonly and not moves:
+                raise StoreError(
+                    f"{path}: a move of virtual shards that did not finish marks this store "
+                    f"({marks[0]}); run `shardbroker store reshard --data-dir {data_dir} "
+                    f"--workers {shards}` to finish or undo it"
+                )
+            if _meta_int(env.meta, "schema_version", path) >= 6 and "vshards" not in env.dbs:
+                raise StoreCorrupt(f"{path}: table 'vshards' is missing")
             store = cls(env, data_dir, shard, shards)
             if env.meta["schema_version"] == 1:
                 env.open_optional("refs")
@@ -783,12 +858,15 @@ class ShardStore:
         version = env.meta["schema_version"]
         if orphans or version != SCHEMA_VERSION:
             refs_db = env.dbs.get("refs")
+            build_index = "vshards" not in env.dbs
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
                 for key in orphans:
                     txn.delete(key, db=messages)
                 if refs_db is not None:
                     txn.drop(refs_db, delete=True)
+                if build_index:
+                    self._build_index(txn)
                 if version != SCHEMA_VERSION:
                     txn.put(b"schema_version", encode_value(SCHEMA_VERSION), db=meta)
 
@@ -796,11 +874,28 @@ class ShardStore:
             if orphans:
                 log.warning("%s: deleted %d message(s) that no queue or inflight row named",
                             self.path, len(orphans))
+            if build_index:
+                env.open_optional("vshards")
+                self._indexed = True
             if version != SCHEMA_VERSION:
                 env.dbs.pop("refs", None)
                 env.meta["schema_version"] = SCHEMA_VERSION
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
+
+    def _build_index(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Schema 5 to 6: create ``vshards`` with a row per session, in the transaction of the
+        migration (all or nothing). A record that cannot be read is left out (check() reports
+        the record, and the row it lacks)."""
+        index = self._env.env.open_db(b"vshards", txn=txn, create=True)
+        put = txn.put
+        for key, value in txn.cursor(db=self._env.dbs["sessions"]):
+            try:  # a key without 0xFF is the client id itself; a digest needs the record
+                client_id = (key.decode("utf-8", "surrogatepass") if b"\xff" not in key
+                             else decode_session(value).client_id)
+            except (StoreCorrupt, UnicodeDecodeError):
+                continue
+            put(_U16.pack(vshard_of(client_id)) + key, b"", db=index)
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -870,46 +965,125 @@ class ShardStore:
         data = self._env.get("sessions", _client_key(client_id))
         return None if data is None else decode_session(data)
 
+    def has_session(self, client_id: str) -> bool:
+        """Whether the client has a stored session (nothing decoded)."""
+        return self._env.get("sessions", _client_key(client_id)) is not None
+
     def queue(self, client_id: str) -> list[tuple[int, int, int, StoredMessage]]:
+        with self._env.read() as txn:
+            return self._queue_in(txn, client_id, {})
+
+    def _queue_in(self, txn: lmdb.Transaction[bytes], client_id: str,
+                  cache: dict[int, StoredMessage | None]) -> list[tuple[int, int, int, StoredMessage]]:
         prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
-        cache: dict[int, StoredMessage | None] = {}
-        with self._env.read() as txn:
-            cur = txn.cursor(db=self._env.dbs["queue"])
-            ok = cur.set_range(prefix)
-            while ok and (key := cur.key()).startswith(prefix):
-                value = cur.value()
-                msg_id, qos = _QROW.unpack_from(value)
-                if len(value) > _QROW.size:
-                    msg: StoredMessage | None = decode_message(value[_QROW.size:])
-                else:
-                    msg = self._message_in(txn, msg_id, cache)
-                if msg is None:
-                    log.warning("%s: queue row of %r names missing message %d",
-                                self.path, client_id, msg_id)
-                else:
-                    out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
-                ok = cur.next()
+        cur = txn.cursor(db=self._env.dbs["queue"])
+        ok = cur.set_range(prefix)
+        while ok and (key := cur.key()).startswith(prefix):
+            value = cur.value()
+            msg_id, qos = _QROW.unpack_from(value)
+            if len(value) > _QROW.size:
+                msg: StoredMessage | None = decode_message(value[_QROW.size:])
+            else:
+                msg = self._message_in(txn, msg_id, cache)
+            if msg is None:
+                log.warning("%s: queue row of %r names missing message %d",
+                            self.path, client_id, msg_id)
+            else:
+                out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
+            ok = cur.next()
         return out
 
     def inflight(self, client_id: str) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
+        with self._env.read() as txn:
+            return self._inflight_in(txn, client_id, {})
+
+    def _inflight_in(self, txn: lmdb.Transaction[bytes], client_id: str,
+                     cache: dict[int, StoredMessage | None],
+                     ) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
         prefix = _client_key(client_id) + _SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
-        cache: dict[int, StoredMessage | None] = {}
-        with self._env.read() as txn:
-            cur = txn.cursor(db=self._env.dbs["inflight"])
-            ok = cur.set_range(prefix)
-            while ok and (key := cur.key()).startswith(prefix):
-                rec, msg = decode_inflight_row(cur.value())
-                if msg is None and rec.msg_id is not None:
-                    msg = self._message_in(txn, rec.msg_id, cache)
-                out.append((_U16.unpack(key[-2:])[0], rec, msg))
-                ok = cur.next()
+        cur = txn.cursor(db=self._env.dbs["inflight"])
+        ok = cur.set_range(prefix)
+        while ok and (key := cur.key()).startswith(prefix):
+            rec, msg = decode_inflight_row(cur.value())
+            if msg is None and rec.msg_id is not None:
+                msg = self._message_in(txn, rec.msg_id, cache)
+            out.append((_U16.unpack(key[-2:])[0], rec, msg))
+            ok = cur.next()
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
         prefix = _client_key(client_id) + _SEP
         return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
+
+    def client_state(self, client_id: str) -> ClientState | None:
+        """The client's session with its inflight rows, queue (in seq order) and incoming
+        QoS 2 ids, read in one transaction; None without a session."""
+        prefix = _client_key(client_id) + _SEP
+        with self._env.read() as txn:
+            data = txn.get(_client_key(client_id), db=self._env.dbs["sessions"])
+            if data is None:
+                return None
+            cache: dict[int, StoredMessage | None] = {}
+            cur = txn.cursor(db=self._env.dbs["qos2in"])
+            qos2: list[int] = []
+            ok = cur.set_range(prefix)
+            while ok and (key := cur.key()).startswith(prefix):
+                qos2.append(_U16.unpack(key[-2:])[0])
+                ok = cur.next()
+            return ClientState(decode_session(data), self._inflight_in(txn, client_id, cache),
+                               self._queue_in(txn, client_id, cache), qos2)
+
+    def vshard_sessions(self, vshards: Iterable[int] | None = None) -> Iterator[SessionRecord]:
+        """The sessions of clients in ``vshards`` (all when None), by virtual shard.
+
+        Each virtual shard is one key range of the ``vshards`` index (schema 6); a store of
+        an older schema, opened read-only, is scanned whole."""
+        if vshards is None:
+            yield from self.sessions()
+            return
+        wanted = sorted(set(vshards))
+        if not self._indexed:
+            chosen = set(wanted)
+            yield from (rec for rec in self.sessions() if vshard_of(rec.client_id) in chosen)
+            return
+        for v in wanted:
+            for row in self._env.rows("vshards", _vshard_prefix(v)):
+                data = self._env.get("sessions", row.key[2:])
+                if data is not None:  # deleted since the page was read
+                    yield decode_session(data)
+
+    def client_ids(self, vshards: Iterable[int] | None = None) -> Iterator[str]:
+        """The client ids of the sessions in ``vshards`` (all when None), by virtual shard
+        (all: by key). An id is its key's text; only a digest key (an id over 400 bytes)
+        has its record read."""
+        if vshards is not None and self._indexed:
+            for v in sorted(set(vshards)):
+                for row in self._env.rows("vshards", _vshard_prefix(v)):
+                    key = row.key[2:]
+                    if b"\xff" not in key:
+                        yield key.decode("utf-8", "surrogatepass")
+                    elif (rec := self._env.get("sessions", key)) is not None:
+                        yield decode_session(rec).client_id
+            return
+        chosen = None if vshards is None else set(vshards)
+        for row in self._env.rows("sessions"):
+            cid = (row.key.decode("utf-8", "surrogatepass") if b"\xff" not in row.key
+                   else decode_session(row.value).client_id)
+            if chosen is None or vshard_of(cid) in chosen:
+                yield cid
+
+    def vshard_counts(self) -> dict[int, int]:
+        """Stored sessions per virtual shard (those with none left out), from keys alone."""
+        counts: Counter[int] = Counter()
+        if not self._indexed:
+            counts.update(vshard_of(rec.client_id) for rec in self.sessions())
+            return dict(sorted(counts.items()))
+        with self._env.read() as txn:
+            for key in txn.cursor(db=self._env.dbs["vshards"]).iternext(values=False):
+                counts[_U16.unpack_from(key)[0]] += 1
+        return dict(sorted(counts.items()))
 
     def queue_length(self, client_id: str) -> int:
         return self._env.count("queue", _client_key(client_id) + _SEP)
@@ -1029,6 +1203,7 @@ class ShardStore:
                 progress(1000)
 
         session_keys: set[bytes] = set()
+        index_keys: set[bytes] = set()  # the vshards rows the sessions need
         for row in env.rows("sessions"):
             tick()
             session_keys.add(row.key)
@@ -1040,6 +1215,17 @@ class ShardStore:
             if _text_key(rec.client_id) != row.key:
                 problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
+            index_keys.add(_U16.pack(vshard_of(rec.client_id)) + row.key)
+        if self._indexed:
+            for row in env.rows("vshards"):
+                tick()
+                if row.key not in index_keys:
+                    problems.append(f"{where}: virtual shard index row {row.key[:2].hex()} "
+                                    f"{_key_text(row.key[2:])!r} names no session of it")
+                index_keys.discard(row.key)
+            for key in sorted(index_keys):
+                problems.append(f"{where}: session {_key_text(key[2:])!r} is missing from the "
+                                f"virtual shard index")
         message_ids: set[int] = set()
         for row in env.rows("messages"):
             tick()
@@ -1078,10 +1264,10 @@ class ShardStore:
         held: dict[int, bytes] = {}  # by inflight rows
         held_queue: dict[int, bytes] = {}
 
-        def holds(msg_id: int, key: bytes, what: str) -> None:
+        def holds(msg_id: int, client: bytes, what: str) -> None:
             if msg_id in held or msg_id in held_queue or msg_id in message_ids:
                 problems.append(f"{where}: message {msg_id} held by {what} of "
-                                f"{_key_text(key[:key.rindex(_SEP)])!r} is stored more than once")
+                                f"{_key_text(client)!r} is stored more than once")
 
         for row in env.rows("queue"):
             tick()
@@ -1098,7 +1284,7 @@ class ShardStore:
                     decode_message(row.value[_QROW.size:])
                 except StoreCorrupt as exc:
                     problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
-                holds(msg_id, row.key, f"queue seq {seq}")
+                holds(msg_id, row.key[:-9], f"queue seq {seq}")
                 held_queue[msg_id] = row.key
                 continue
             actual[msg_id] += 1
@@ -1117,7 +1303,7 @@ class ShardStore:
                                 f"{_key_text(row.key[:-3])!r}: {exc}")
                 continue
             if msg is not None and irec.msg_id is not None:
-                holds(irec.msg_id, row.key, f"inflight {packet_id}")
+                holds(irec.msg_id, row.key[:-3], f"inflight {packet_id}")
                 held[irec.msg_id] = row.key
             elif irec.msg_id is not None:
                 actual[irec.msg_id] += 1
@@ -1143,6 +1329,11 @@ class ShardStore:
                             f"{actual[msg_id]} other row(s)")
         message_ids.update(held)
         message_ids.update(held_queue)
+        for name, _value in self.meta_items():
+            if name.startswith(MOVE_PREFIX):
+                problems.append(f"{where}: a move of virtual shards did not finish ({name}); "
+                                f"`shardbroker store reshard` with the same --workers "
+                                f"finishes or undoes it")
         next_msg_id = self.get_meta("next_msg_id")
         next_seq = self.get_meta("next_seq")
         if not isinstance(next_msg_id, int) or not isinstance(next_seq, int):
@@ -1176,6 +1367,7 @@ class ShardStore:
         env = self._env
         meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
         messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
+        index = env.dbs["vshards"]
         outbox = env.dbs["outbox"]
         stored = self._refs  # committed counts, changed only once the commit succeeded
         hold_max = _HOLD_MAX if hold else -1
@@ -1304,15 +1496,20 @@ class ShardStore:
                 elif code == _DELETE_OUTBOX:
                     outbox_pop(key)
                 elif code == _SET_META:
-                    put(key, a, db=meta)
+                    if a is None:
+                        txn.delete(key, db=meta)
+                    else:
+                        put(key, a, db=meta)
                 elif code == _PUT_QOS2:
                     put(key, b"", db=qos2in)
                 elif code == _DELETE_QOS2:
                     txn.delete(key, db=qos2in)
-                elif code == _PUT_SESSION:
+                elif code == _PUT_SESSION:  # b: its row in vshards (written once)
                     put(key, a, db=sessions)
-                elif code == _DELETE_SESSION:
+                    put(b, b"", db=index, overwrite=False)
+                elif code == _DELETE_SESSION:  # a: its row in vshards
                     txn.delete(key, db=sessions)
+                    txn.delete(a, db=index)
                     prefix = key + _SEP
                     for value in _drop_prefix(txn, queue, prefix):
                         release_queue(value)
@@ -1474,11 +1671,12 @@ class Batch:
             self.commit()
 
     def put_session(self, rec: SessionRecord) -> None:
-        self._ops.append((_PUT_SESSION, _client_key(rec.client_id), encode_session(rec), None))
+        cid = rec.client_id
+        self._ops.append((_PUT_SESSION, _client_key(cid), encode_session(rec), _index_key(cid)))
 
     def delete_session(self, client_id: str) -> None:
         """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
-        self._ops.append((_DELETE_SESSION, _client_key(client_id), None, None))
+        self._ops.append((_DELETE_SESSION, _client_key(client_id), _index_key(client_id), None))
 
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
@@ -1528,6 +1726,12 @@ class Batch:
         if not key:
             raise ValueError("meta key must not be empty")
         self._ops.append((_SET_META, key.encode(), encode_value(value), None))
+
+    def delete_meta(self, key: str) -> None:
+        """Remove a meta key set by ``set_meta`` (absent: nothing happens)."""
+        if key in _RESERVED_META or not key:
+            raise ValueError(f"meta key {key!r} is reserved")
+        self._ops.append((_SET_META, key.encode(), None, None))
 
     def commit(self) -> None:
         if not self._ops:

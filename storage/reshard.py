@@ -12,12 +12,15 @@ What it does:
   hand-overs between shards not yet acknowledged: start the broker once with N
   workers and stop it cleanly) and any problem ``check()`` finds in an old shard.
 * ``migrate(plan)`` builds the M new shard environments in ``DATA/.reshard-tmp/``
-  through the ordinary ``Batch`` API: every session goes to ``shard_for(client_id,
-  M)`` with its queue (re-enqueued in seq order, new seqs), its inflight rows
-  (same packet ids and states; the message re-added, or ``msg_id`` None for
-  AWAIT_PUBCOMP) and its incoming QoS 2 ids. A message shared by several
-  sessions that land in the same new shard is stored there once. Commits are
-  batched (1000 sessions or 20000 operations) with ``sync=True``.
+  by copying each old shard with ``vshards.transfer`` (the one way state moves
+  between shard stores, here keeping the source): every session goes to
+  ``shard_for(client_id, M)`` with its queue (re-enqueued in seq order, new seqs),
+  its inflight rows (same packet ids and states; the message re-added, or
+  ``msg_id`` None for AWAIT_PUBCOMP) and its incoming QoS 2 ids. A message shared
+  by several sessions that land in the same new shard is stored there once. Commits
+  are batched (1000 sessions or 20000 operations) with ``sync=True``.
+* ``prepare`` first finishes or undoes a move of virtual shards that marks a store
+  of the directory (``vshards.recover``; a directory without marks is only read).
 * It then verifies: the old stores did not change meanwhile; per new shard the
   rows equal what was copied; the totals of sessions, queued, inflight and QoS 2
   rows equal the old ones; ``check()`` of every new store finds nothing.
@@ -74,10 +77,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from shardbroker.sharding import shard_for
 from shardbroker.storage.lmdb_store import ShardStore, data_dir_shards, shard_dir_name
 from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
-from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
+from shardbroker.storage.records import StoreError
+from shardbroker.storage.vshards import Selection, open_shards, transfer
+from shardbroker.storage.vshards import pending as moves_pending
 
 __all__ = [
     "MAX_SHARDS",
@@ -278,6 +282,15 @@ def prepare(data_dir: Path, shards: int, progress: Progress | None = None) -> Pl
     if extra:
         raise ReshardRefused(f"{data_dir}: found {extra[0]} beyond the {old} shards recorded "
                              f"in {shard_dir_name(0)}; refusing to guess which data is current")
+    try:
+        if moves_pending(data_dir, old):  # read-only: a directory without marks is not written
+            said: list[str] = []
+            with open_shards(data_dir, old, said=said):
+                pass
+            for line in said:
+                say(line)
+    except StoreError as exc:
+        raise ReshardRefused(str(exc)) from None
     if old == shards:
         return Plan(data_dir, old, shards, recovered=recovered)
     per_shard: list[Totals] = []
@@ -310,95 +323,17 @@ def prepare(data_dir: Path, shards: int, progress: Progress | None = None) -> Pl
 # --------------------------------------------------------------------------- copy
 
 
-class _Target:
-    """One new shard being filled: its store, the open batch, and what went in."""
-
-    __slots__ = ("batch", "ids", "inflight", "qos2", "queued", "sessions", "since_commit",
-                 "store")
-
-    def __init__(self, store: ShardStore) -> None:
-        self.store = store
-        # a message shared by sessions may be named again in a later batch: not held by a row
-        self.batch = store.batch(hold=False)
-        self.ids: dict[tuple[int, int], int] = {}  # (old shard, old msg_id) -> new msg_id
-        self.sessions = self.queued = self.inflight = self.qos2 = 0
-        self.since_commit = 0
-
-    def message(self, old_shard: int, old_id: int, msg: StoredMessage) -> int:
-        key = (old_shard, old_id)
-        new_id = self.ids.get(key)
-        if new_id is None:
-            new_id = self.ids[key] = self.batch.add_message(msg)
-        return new_id
-
-    def maybe_commit(self, session_done: bool) -> None:
-        """Commit between whole rows (a message added is always referenced in its batch)."""
-        if session_done:
-            self.since_commit += 1
-        if self.since_commit >= SESSIONS_PER_COMMIT or len(self.batch) >= OPS_PER_COMMIT:
-            self.commit()
-
-    def commit(self) -> None:
-        self.batch.commit()
-        self.since_commit = 0
-
-    def totals(self) -> Totals:
-        return Totals(self.sessions, self.queued, self.inflight, self.qos2, len(self.ids))
-
-
-def _alive_at(store: ShardStore, now: float) -> float | None:
-    value = store.get_meta("alive_at")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= now:
-        return float(value)
-    return None
-
-
-def _copy_shard(old: ShardStore, targets: Sequence[_Target], seen: set[str],
-                now: float, advance: Advance) -> tuple[int, int]:
-    """Copy every session of ``old`` to its new shard; returns (sessions, pinned)."""
+def _copy_shard(old: ShardStore, targets: Sequence[ShardStore], now: float,
+                advance: Advance) -> tuple[list[Totals], int]:
+    """Copy every session of ``old`` to its new shard (``vshards.transfer``, keeping the old
+    store); what each new shard received from it, and the pinned count."""
     shards = len(targets)
-    alive_at = _alive_at(old, now)
-    where = shard_dir_name(old.shard)
-    n = pinned = 0
-    for rec in old.sessions():
-        cid = rec.client_id
-        if cid in seen:
-            raise StoreError(f"client id {cid!r} has a session in more than one shard "
-                             f"(again in {where}); run `shardbroker store sessions`")
-        seen.add(cid)
-        t = targets[shard_for(cid, shards)]
-        if rec.disconnected_at is None and alive_at is not None:
-            rec = dataclasses.replace(rec, disconnected_at=alive_at)
-            pinned += 1
-        _put_session(old, t, rec, where)
-        n += 1
-        t.maybe_commit(session_done=True)
-        advance(1)
-    return n, pinned
-
-
-def _put_session(old: ShardStore, t: _Target, rec: SessionRecord, where: str) -> None:
-    cid = rec.client_id
-    b = t.batch
-    b.put_session(rec)
-    t.sessions += 1
-    for packet_id, irec, msg in old.inflight(cid):
-        new_id: int | None = None
-        if irec.msg_id is not None:
-            if msg is None:
-                raise StoreError(f"{where}: inflight {packet_id} of {cid!r} names missing "
-                                 f"message {irec.msg_id}")
-            new_id = t.message(old.shard, irec.msg_id, msg)
-        b.put_inflight(cid, packet_id, InflightRecord(new_id, irec.qos, irec.state))
-        t.inflight += 1
-        t.maybe_commit(session_done=False)
-    for _seq, msg_id, qos, msg in old.queue(cid):  # in seq order
-        b.enqueue(cid, t.message(old.shard, msg_id, msg), qos)
-        t.queued += 1
-        t.maybe_commit(session_done=False)
-    for packet_id in old.qos2_incoming(cid):
-        b.add_qos2_incoming(cid, packet_id)
-        t.qos2 += 1
+    parts = [(t, Selection(workers=shards, worker=t.shard)) for t in targets]
+    moved = transfer(old, parts, keep_source=True, advance=advance, now=now,
+                     sessions_per_commit=SESSIONS_PER_COMMIT, ops_per_commit=OPS_PER_COMMIT)
+    totals = [Totals(m.sessions, m.queued, m.inflight, m.qos2_incoming, m.messages)
+              for m in moved]
+    return totals, sum(m.pinned for m in moved)
 
 
 def _max_map(data_dir: Path, shards: int) -> int:
@@ -418,44 +353,43 @@ def _build(plan: Plan, tmp: Path, say: Progress,
     try:
         for j in range(new_n):
             new_stores.append(ShardStore.open(tmp, j, new_n, max_map_size=max_map, sync=True))
-        targets = [_Target(s) for s in new_stores]
-        seen: set[str] = set()
+        expected = [Totals() for _ in range(new_n)]
         pinned = 0
         now = time.time()
         with _open_old(data_dir, old_n) as olds:
             for s in olds:
-                count, p = _copy_shard(s, targets, seen, now, advance)
+                got, p = _copy_shard(s, new_stores, now, advance)
                 pinned += p
-                for t in targets:
-                    t.commit()
+                expected = [a + b for a, b in zip(expected, got, strict=True)]
                 say(f"copied {shard_dir_name(s.shard)} ({s.shard + 1}/{old_n}): "
-                    f"{count} sessions")
+                    f"{sum(t.sessions for t in got)} sessions")
             changed = [shard_dir_name(s.shard) for s, snap in zip(olds, plan._snapshot)
                        if _snapshot(s) != snap]
             if changed:
                 raise StoreError(f"{changed[0]} was written during the reshard (a broker "
                                  f"process still running?)")
-        totals = _verify(plan, targets, say)
+        totals = _verify(plan, list(zip(new_stores, expected, strict=True)), say)
         return totals, pinned
     finally:
         for s in new_stores:
             s.close()
 
 
-def _verify(plan: Plan, targets: Sequence[_Target], say: Progress) -> tuple[Totals, ...]:
+def _verify(plan: Plan, targets: Sequence[tuple[ShardStore, Totals]],
+            say: Progress) -> tuple[Totals, ...]:
     out: list[Totals] = []
-    for t in targets:
-        name = shard_dir_name(t.store.shard)
-        counts = t.store.counts()
-        got, want = Totals.of(counts), t.totals()
+    for store, want in targets:
+        name = shard_dir_name(store.shard)
+        counts = store.counts()
+        got = Totals.of(counts)
         if got != want or counts["outbox"]:
             raise StoreError(f"verification failed: new {name} holds {got.describe()}, "
                              f"expected {want.describe()}")
-        problems = t.store.check()
+        problems = store.check()
         if problems:
             raise StoreError(f"verification failed: new {name}: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        say(f"verified new {name} ({t.store.shard + 1}/{len(targets)}): {got.describe()}")
+        say(f"verified new {name} ({store.shard + 1}/{len(targets)}): {got.describe()}")
         out.append(got)
     before, after = plan.totals, sum(out, Totals())
     if before.rows() != after.rows():

@@ -1,6 +1,7 @@
 """15: refusing to start, with one clear line and nothing overwritten: bad configuration,
 a foreign or damaged data directory, a data directory made for another worker count,
-a data directory already in use."""
+a data directory already in use, a store left marked by an interrupted move of virtual
+shards (until ``store reshard`` finishes the move)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,39 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+class _Killed(BaseException):
+    """Stands for a kill in the middle of a move: nothing in the move catches it."""
+
+
+def test_a_store_left_by_an_interrupted_move_is_refused_until_recovered(tmp_path, monkeypatch):
+    from shardbroker.storage import vshards
+    from shardbroker.storage.lmdb_store import ShardStore, vshard_of
+    from shardbroker.storage.records import SessionRecord
+
+    data = tmp_path / "d"
+    stores = [ShardStore.open(data, i, 2) for i in range(2)]
+    with stores[0].batch() as b:
+        b.put_session(SessionRecord("mover", 5, 3600, 1.75e9))
+
+    def killed(*_a):
+        raise _Killed
+
+    monkeypatch.setattr(vshards, "_finish", killed)  # after the copy, before the source delete
+    with pytest.raises(_Killed):
+        vshards.move_vshards(stores[0], stores[1], [vshard_of("mover")])
+    for s in stores:
+        s.close()
+    res = serve("--data-dir", str(data), "--workers", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "a move of virtual shards that did not finish marks this store" in res.stderr
+    assert f"shardbroker store reshard --data-dir {data} --workers 2" in res.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "shardbroker.cli.main", "store", "reshard", "--data-dir", str(data),
+         "--workers", "2", "--yes"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "finished an interrupted move from shard-000 to shard-001" in done.stderr
+    with ShardStore.open(data, 0, 2, readonly=True) as s0, ShardStore.open(data, 1, 2, readonly=True) as s1:
+        assert s0.session("mover") is None and s1.session("mover") is not None
+        assert s0.check() == [] and s1.check() == []

@@ -28,6 +28,7 @@ import shardbroker.storage.reshard as rs
 from shardbroker.cli.store import app
 from shardbroker.protocol.packets import NO_PROPERTIES, Properties
 from shardbroker.sharding import shard_for
+from shardbroker.storage import vshards
 from shardbroker.storage.lmdb_store import RetainedStore, ShardStore, StoreError, data_dir_shards
 from shardbroker.storage.records import (
     AWAIT_PUBACK,
@@ -430,14 +431,14 @@ def test_failure_before_switch_leaves_old_data(data: Path, monkeypatch: pytest.M
     before_fp, before = fingerprint(data), snapshot(data)
     if where == "copy":
         calls = iter(range(100))
-        real = rs._put_session
+        real = vshards._copy_session
 
         def flaky(*a: Any) -> None:
             if next(calls) == 5:
                 _boom()
             real(*a)
 
-        monkeypatch.setattr(rs, "_put_session", flaky)
+        monkeypatch.setattr(vshards, "_copy_session", flaky)
     elif where == "verify":
         monkeypatch.setattr(rs, "_verify", _boom)
     elif where == "check":
@@ -450,7 +451,7 @@ def test_failure_before_switch_leaves_old_data(data: Path, monkeypatch: pytest.M
 
         monkeypatch.setattr(ShardStore, "check", check)
     else:
-        monkeypatch.setattr(rs._Target, "commit", _boom)
+        monkeypatch.setattr(vshards._Part, "commit", _boom)
     with pytest.raises(rs.ReshardFailed, match="old data untouched"):
         rs.reshard(data, 3)
     assert fingerprint(data) == before_fp

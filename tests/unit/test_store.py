@@ -33,6 +33,7 @@ from shardbroker.storage.lmdb_store import (
     StoreError,
     StoreFull,
     data_dir_shards,
+    vshard_of,
 )
 from shardbroker.storage.records import (
     AWAIT_PUBACK,
@@ -734,7 +735,7 @@ def test_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
     path = _schema1_store(tmp_path)
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == SCHEMA_VERSION == 5
+        assert s.get_meta("schema_version") == SCHEMA_VERSION == 6
         assert [(mid, refs) for mid, refs, _ in s.messages()] == [(1, 2), (2, 2)] and s.check() == []
         # the old CBOR rows release their messages like new ones
         with s.batch() as b:
@@ -957,23 +958,37 @@ def test_a_failed_commit_leaves_held_messages_alone(tmp_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("version", [2, 3, 4])
-def test_schema2_to_4_stores_are_migrated_to_5(tmp_path: Path, version: int) -> None:
+def as_older_schema(env_dir: Path, version: int) -> None:
+    """Rewrite a schema 6 store as schemas 2 to 5 wrote it: no ``vshards`` table (the index
+    of virtual shard -> client), and that version in meta."""
+    env = lmdb.open(str(env_dir), max_dbs=10,
+                    map_size=(env_dir / "data.mdb").stat().st_size + (64 << 20))
+    try:
+        with env.begin(write=True) as txn:
+            txn.drop(env.open_db(b"vshards", txn=txn), delete=True)
+            txn.put(b"schema_version", cbor2.dumps(version), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
+def test_schema2_to_5_stores_are_migrated_to_6(tmp_path: Path, version: int) -> None:
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     with s.batch() as b:
         b.put_session(session("a"))
         for _ in range(2):  # a message of its own, as 2 and 3 wrote it
             b.enqueue("a", b.add_message(msg()) if _ == 0 else s.next_msg_id - 1, 1)
     s.close()
-    _set_meta_raw(tmp_path / "shard-000", b"schema_version", version)
+    as_older_schema(tmp_path / "shard-000", version)
     s = ShardStore.open(tmp_path, 0, 1, readonly=True)
     try:
         assert s.get_meta("schema_version") == version and s.check() == []
+        assert len(s.queue("a")) == 2 and s.vshard_counts() == {vshard_of("a"): 1}
     finally:
         s.close()
     s = ShardStore.open(tmp_path, 0, 1, map_size=SMALL)
     try:
-        assert s.get_meta("schema_version") == 5 and len(s.queue("a")) == 2 and s.check() == []
+        assert s.get_meta("schema_version") == 6 and len(s.queue("a")) == 2 and s.check() == []
     finally:
         s.close()
 
@@ -1122,3 +1137,62 @@ def test_a_batch_that_holds_nothing(store: ShardStore) -> None:
         b.enqueue("a", mid, 1)
     assert [(m, r) for m, r, _ in store.messages()] == [(mid, 2)] and store.check() == []
     store.close()
+
+
+def test_schema5_directory_is_upgraded_to_a_virtual_shard_index_without_loss(
+        tmp_path: Path) -> None:
+    """A data directory as schema 5 wrote it (no index of virtual shard -> client) is read as
+    it is read-only, and a writable open builds the index in one transaction: the same
+    sessions, queues (order), inflight rows, QoS 2 ids and counts, ``check()`` clean."""
+    from vshard_data import LONG_ID, model, populate
+
+    populate(tmp_path, sessions=80, shards=1)
+    with ShardStore.open(tmp_path, 0, 1) as s:
+        before, _ = model([s])
+        counts = s.counts()
+        per_vshard = s.vshard_counts()
+    as_older_schema(tmp_path / "shard-000", 5)
+    with ShardStore.open(tmp_path, 0, 1, readonly=True) as s:
+        assert s.get_meta("schema_version") == 5 and s.check() == []
+        assert model([s])[0] == before and s.vshard_counts() == per_vshard
+    with ShardStore.open(tmp_path, 0, 1) as s:
+        assert s.get_meta("schema_version") == 6 and s.check() == []
+        assert model([s])[0] == before and s.counts() == counts
+        assert s.vshard_counts() == per_vshard
+        assert [r.client_id for r in s.vshard_sessions([vshard_of(LONG_ID)])] == [LONG_ID]
+    env = lmdb.open(str(tmp_path / "shard-000"), max_dbs=10, readonly=True)
+    try:
+        with env.begin() as txn:
+            index = list(txn.cursor(db=env.open_db(b"vshards", txn=txn)).iternext(values=False))
+            sessions = list(txn.cursor(db=env.open_db(b"sessions", txn=txn)).iternext(values=False))
+        assert sorted(k[2:] for k in index) == sessions and len(sessions) == 80
+    finally:
+        env.close()
+
+
+def test_a_broken_virtual_shard_index_is_reported(store: ShardStore) -> None:
+    with store.batch() as b:
+        for cid in ("a", "b"):
+            b.put_session(session(cid))
+    path = store.path
+    store.close()
+    env = lmdb.open(str(path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        index = env.open_db(b"vshards", txn=txn)
+        txn.delete(vshard_of("a").to_bytes(2, "big") + b"a", db=index)
+        txn.put((vshard_of("z") + 1).to_bytes(2, "big") + b"b", b"", db=index)
+    env.close()
+    with ShardStore.open(path.parent, 0, 1, readonly=True) as s:
+        assert sorted(s.check()) == [
+            "shard 0: session 'a' is missing from the virtual shard index",
+            f"shard 0: virtual shard index row {vshard_of('z') + 1:04x} 'b' names no session of it",
+        ]
+
+
+def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    ShardStore.open(tmp_path, 0, 1, map_size=SMALL).close()
+    _set_meta_raw(tmp_path / "shard-000", b"schema_version", 7)
+    with pytest.raises(StoreError) as err:
+        ShardStore.open(tmp_path, 0, 1)
+    assert str(err.value).endswith("written by a newer ShardBroker (schema 7, this version reads 6); "
+                                   "refusing to touch it") and "\n" not in str(err.value)
