@@ -24,6 +24,9 @@ class BuildExt(build_ext):
     """Builds the extensions, then writes the stamp saying whether they were built."""
 
     def run(self) -> None:
+        if self.inplace:  # an editable install: what an earlier build left must not shadow a source
+            for stale in [*ROOT.glob("*__mypyc.*.so"), *(ROOT / "shardbroker").rglob("*.so")]:
+                stale.unlink()
         super().run()
         if not self.extensions:
             return

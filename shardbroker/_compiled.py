@@ -37,6 +37,9 @@ STAMP: Final = "_compiled.stamp"  # beside this file: "<digest> built" or "<dige
 PURE_ENV: Final = "SHARDBROKER_PURE_PYTHON"
 
 # Whole packages (but their __init__) and single modules, relative to the shardbroker package.
+# Only code that calls the project and the builtins: compiled, a call into a library whose type
+# stub is wrong about what it returns (uvloop's remove_reader returns None, typeshed says bool)
+# becomes a TypeError, so the I/O shell (processes, transports, the bus) stays interpreted.
 _PACKAGES: Final = ("core", "protocol")
 _MODULES: Final = ("peer/messages.py", "storage/records.py")
 
