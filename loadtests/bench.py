@@ -1794,7 +1794,8 @@ SCENARIO_METRICS: dict[str, list[Metric]] = {
     "pairs-qos1": _checked_metrics(1),
     "pairs-qos2": _checked_metrics(2),
     "fanout-qos0": [Metric("deliveries/s", "msg/s"), Metric("loss", "msgs", False)],
-    "latency-qos1": [Metric("p50 ms", "ms", False), Metric("p99 ms", "ms", False),
+    "latency-qos1": [Metric("p50 ms", "ms", False), Metric("p90 ms", "ms", False), Metric("p99 ms", "ms", False),
+                     Metric("p99.9 ms", "ms", False), Metric("max ms", "ms", False),
                      Metric("delivered msg/s", "msg/s"), Metric("acked", "msgs"),
                      Metric("delivered", "msgs"), Metric("lost", "msgs", False),
                      Metric("qos1 dup", "msgs", False), Metric("reordered", "msgs", False)],
@@ -2272,8 +2273,9 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             out["_unexpected"] = chk["unexpected"]
             if scn == "latency-qos1":
                 lat = sorted(x for r in res for x in r["lat_ns"])
-                out["p50 ms"] = _percentile(lat, 50) / 1e6 if lat else None
-                out["p99 ms"] = _percentile(lat, 99) / 1e6 if lat else None
+                for q in (50, 90, 99, 99.9):
+                    out[f"p{q:g} ms"] = _percentile(lat, q) / 1e6 if lat else None
+                out["max ms"] = lat[-1] / 1e6 if lat else None
                 out["_samples"] = len(lat)
                 out["_not_sent"] = sum(r["skipped"] for r in res)
         else:
