@@ -127,6 +127,17 @@ class StoredMessage:
     properties: Properties
     expires_at: float | None = None  # wall-clock unix time, None = never
 
+    # Written out rather than generated: compiled (``shardbroker/_compiled.py``), an explicit
+    # __init__ is native code, a dataclass-generated one is interpreted.
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties,
+                 expires_at: float | None = None) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.properties = properties
+        self.expires_at = expires_at
+
 
 @dataclass(frozen=True, slots=True)
 class StoredSubscription:
@@ -163,6 +174,11 @@ class InflightRecord:
     msg_id: int | None  # None once only PUBCOMP is awaited (message no longer needed)
     qos: int
     state: int  # AWAIT_PUBACK, AWAIT_PUBREC or AWAIT_PUBCOMP
+
+    def __init__(self, msg_id: int | None, qos: int, state: int) -> None:
+        self.msg_id = msg_id  # explicit, as ``StoredMessage.__init__`` says why
+        self.qos = qos
+        self.state = state
 
 
 # --------------------------------------------------------------------------- properties
