@@ -63,6 +63,15 @@ CONFIG_CONNECT_TIMEOUT_1 = "[limits]\nconnect_timeout = 1\n"
 CONFIG_MAX_PACKET_2048 = "[limits]\nmax_packet_size = 2048\n"
 CONFIG_MAX_KEEPALIVE_10 = "[limits]\nmax_keepalive = 10\n"
 CONFIG_SMALL_LIMITS = "[limits]\nmax_packet_size = 2048\nmax_keepalive = 10\n"
+# A store that fills at 1 MiB, with session queues that never limit first (a full store).
+CONFIG_STORE_1_MIB = """
+[storage]
+map_size = 1048576
+max_map_size = 1048576
+[limits]
+max_queued_messages = 100000
+max_queued_bytes = 1099511627776
+"""
 
 
 def skip_unless_shardbroker(reason: str = "ShardBroker-specific") -> None:

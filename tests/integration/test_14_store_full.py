@@ -8,15 +8,9 @@ import time
 
 import mqttbytes as mb
 import pytest
+from conftest import CONFIG_STORE_1_MIB
 
-CONFIG = """
-[storage]
-map_size = 1048576
-max_map_size = 1048576
-[limits]
-max_queued_messages = 100000
-max_queued_bytes = 1099511627776
-"""
+CONFIG = CONFIG_STORE_1_MIB
 PAYLOAD = 8192
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import mqttbytes as mb
 import pytest
 from conftest import (
+    CONFIG_STORE_1_MIB,
     Broker,
     Clients,
     Uniq,
@@ -1429,23 +1430,13 @@ def test_MQTT_4_8_0_1_packets_a_client_never_sends_close(b: Broker, mqtt: Client
         closed(c)
 
 
-STORE_1_MIB = """
-[storage]
-map_size = 1048576
-max_map_size = 1048576
-[limits]
-max_queued_messages = 100000
-max_queued_bytes = 1099511627776
-"""
-
-
 def test_MQTT_4_8_0_2_transient_error_closes(make_broker: Callable[..., Broker], mqtt: Clients, uniq: Uniq) -> None:
     """[MQTT-4.8.0-2] If the Client or Server encounters a Transient Error while processing an
     inbound Control Packet it MUST close the Network Connection on which it received that
     Control Packet. (A full message store is one: a 3.1.1 PUBLISH it cannot store is not
     acknowledged; its connection is closed.)"""
     skip_unless_shardbroker("a store of a set size")
-    nb = make_broker(workers=1, config=STORE_1_MIB)
+    nb = make_broker(workers=1, config=CONFIG_STORE_1_MIB)
     topic = uniq.topic()
     s = mqtt(nb, uniq.cid("s"), version=V, clean=False)
     s.subscribe(topic, 1)
