@@ -3,6 +3,19 @@
 #   docker run -d --name mqtt -p 1883:1883 -v shardbroker-data:/data shardbroker
 #   docker kill --signal HUP mqtt     # reload the configuration (nobody is disconnected)
 #   docker stop -t 30 mqtt            # orderly shutdown (SIGTERM), within server.shutdown_timeout
+FROM python:3.11-slim AS build
+
+# A C compiler in this stage only: the wheel built here has the hot path compiled (setup.py,
+# shardbroker/_compiled.py); the image below gets the wheel, not the compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY shardbroker ./shardbroker
+COPY storage ./storage
+COPY cli ./cli
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -13,12 +26,8 @@ RUN groupadd --system --gid 1883 shardbroker \
       --shell /usr/sbin/nologin shardbroker \
  && mkdir /data && chown shardbroker:shardbroker /data && chmod 0750 /data
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY shardbroker ./shardbroker
-COPY storage ./storage
-COPY cli ./cli
-RUN pip install . && rm -rf /src
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels
 COPY contrib/shardbroker.toml /etc/shardbroker/shardbroker.toml
 
 USER shardbroker
