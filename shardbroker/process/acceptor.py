@@ -714,7 +714,7 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
     """Process entry point: ``listen_fds`` in the order of ``config.effective_listeners``."""
     from shardbroker.operations import control
     from shardbroker.operations.admin import acceptor_socket
-    from shardbroker.process.runtime import install_loop, ready
+    from shardbroker.process.runtime import install_loop, log_in_turns, ready
 
     install_loop()
     listens: list[Listen] = []
@@ -724,6 +724,7 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        log_in_turns(loop)
         acceptor.start(loop)
         control_server = await control.serve(acceptor_socket(run_dir), acceptor.control)
         stop = asyncio.Event()

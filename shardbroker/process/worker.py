@@ -32,7 +32,7 @@ from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
 from shardbroker.peer.bus import Bus, endpoint
-from shardbroker.process.runtime import install_loop, ready
+from shardbroker.process.runtime import install_loop, log_in_turns, ready
 from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
 from shardbroker.security.passwords import PasswordFileError, PasswordHash
@@ -160,6 +160,7 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        log_in_turns(loop)
         endpoints = [endpoint(self.run_dir, i) for i in range(self.shards)]
         holder: list[Broker] = []
         bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
