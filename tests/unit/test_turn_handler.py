@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
+from collections.abc import Iterator
 
 from shardbroker.process.runtime import TurnHandler
 
@@ -70,30 +72,29 @@ def test_other_threads_and_an_unattached_handler_write_at_once() -> None:
     assert stream.getvalue().endswith("kept\n")
 
 
-def test_what_is_kept_is_written_at_flush_even_without_a_turn() -> None:
+@contextlib.contextmanager
+def _attached_to_an_idle_loop() -> Iterator[tuple[CountingStream, TurnHandler, logging.Logger]]:
+    """A handler attached to a loop that never turns (a process on its way out)."""
     stream = CountingStream()
     handler = TurnHandler(stream)
-    log = _logger(handler)
     loop = asyncio.new_event_loop()
     try:
         handler.attach(loop)
-        log.info("last words")  # the loop never turns again (a process on its way out)
+        yield stream, handler, _logger(handler)
+    finally:
+        loop.close()
+
+
+def test_what_is_kept_is_written_at_flush_even_without_a_turn() -> None:
+    with _attached_to_an_idle_loop() as (stream, handler, log):
+        log.info("last words")
         assert stream.getvalue() == ""
         handler.flush()  # what logging.shutdown does at exit
         assert stream.getvalue() == "last words\n"
-    finally:
-        loop.close()
 
 
 def test_a_broken_stream_loses_the_lines_and_raises_nothing() -> None:
-    stream = CountingStream()
-    handler = TurnHandler(stream)
-    log = _logger(handler)
-    loop = asyncio.new_event_loop()
-    try:
-        handler.attach(loop)
+    with _attached_to_an_idle_loop() as (stream, handler, log):
         log.info("lost")
         stream.close()
         handler.flush()  # no exception
-    finally:
-        loop.close()
