@@ -1704,10 +1704,8 @@ class Broker:
             self.tmp = None
 
 
-def tree_pids(root: int | None) -> list[int]:
-    """``root`` and all its descendants, from /proc."""
-    if not root:
-        return []
+def child_pids() -> dict[int, list[int]]:
+    """Every process's children by parent pid, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1719,6 +1717,14 @@ def tree_pids(root: int | None) -> list[int]:
         except (OSError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def tree_pids(root: int | None) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    if not root:
+        return []
+    children = child_pids()
     out, todo, seen = [], [root], set()
     while todo:
         pid = todo.pop()

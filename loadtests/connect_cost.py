@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from loadtests.bench import child_pids
+
 LISTENING = re.compile(r"listening on [^:\s]+:(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -55,24 +57,17 @@ def wakeups(pid: int) -> int:
 def children(pid: int) -> dict[str, int]:
     """The broker's processes by role: ``acceptor``, ``worker 0``, ``worker 1``, ..."""
     out: dict[str, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in child_pids().get(pid, []):
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-            if ppid != pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except (OSError, ValueError):
+        except OSError:
             continue
         if b"shardbroker.process.child" not in argv:
             continue
         at = argv.index(b"shardbroker.process.child")
         role = argv[at + 1].decode()
-        out[role if role == "acceptor" else f"{role} {argv[at + 2].decode()}"] = int(entry)
+        out[role if role == "acceptor" else f"{role} {argv[at + 2].decode()}"] = child
     return dict(sorted(out.items()))
 
 
