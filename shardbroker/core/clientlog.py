@@ -11,6 +11,12 @@ client sent is written raw (both formats escape control characters).
 Below INFO (``--log-level warning``) a line costs one level check: neither its fields nor the
 client's address (a system call the first time) are looked up.
 
+At INFO (the default) these two lines are most of what logging costs a worker, so the process
+may give a ``direct`` writer (``write_directly``; the worker gives ``process/runtime.py``'s
+``TurnHandler.line_writer``): it takes the finished message and writes the very line the record
+would have made, without making the record, and says False when it cannot (another handler, the
+JSON format, another thread), and the line is logged as a record then.
+
 ``Client.closing`` is what makes the disconnect line once: every path that ends a connected
 client logs before it sets it, and ``Broker.lost`` logs only a client not yet closing.
 """
@@ -18,12 +24,24 @@ client logs before it sets it, and ``Broker.lost`` logs only a client not yet cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from shardbroker.core.client import Client
 
 log = logging.getLogger("shardbroker.clients")
 
 VERSIONS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
+CONNECTED = "client %s connected from %s (MQTT %s, shard %d, %s)"
+DISCONNECTED = "client %s disconnected from %s (MQTT %s): %s"
+
+_direct: Callable[[str], bool] | None = None
+
+
+def write_directly(writer: Callable[[str], bool] | None) -> None:
+    """From now on, hand each line's message to ``writer`` first (None: log every line as a
+    record). ``writer`` returns whether it wrote the line; it is called only when INFO is enabled."""
+    global _direct
+    _direct = writer
 
 
 def _fields(client: Client, reason: str | None = None) -> dict[str, object]:
@@ -39,15 +57,20 @@ def connected(client: Client, shard: int, present: bool) -> None:
     address would cost a ``getpeername`` and a string kept with every connection."""
     if not log.isEnabledFor(logging.INFO):
         return
-    fields = _fields(client)
-    log.info("client %s connected from %s (MQTT %s, shard %d, %s)", client.client_id, client.peer,
-             fields["version"], shard, "session present" if present else "new session", extra=fields)
+    version = VERSIONS.get(client.version, str(client.version))
+    args = (client.client_id, client.peer, version, shard, "session present" if present else "new session")
+    direct = _direct
+    if direct is not None and direct(CONNECTED % args):
+        return
+    log.info(CONNECTED, *args, extra=_fields(client))
 
 
 def disconnected(client: Client, reason: str) -> None:
     """The connection of ``client``, connected before, ends for ``reason``."""
     if not log.isEnabledFor(logging.INFO):
         return
-    fields = _fields(client, reason)
-    log.info("client %s disconnected from %s (MQTT %s): %s", client.client_id, client.peer,
-             fields["version"], reason, extra=fields)
+    args = (client.client_id, client.peer, VERSIONS.get(client.version, str(client.version)), reason)
+    direct = _direct
+    if direct is not None and direct(DISCONNECTED % args):
+        return
+    log.info(DISCONNECTED, *args, extra=_fields(client, reason))

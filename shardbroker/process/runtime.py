@@ -16,7 +16,9 @@ one turn of the event loop are written together, in one write at the end of the 
 (``TurnHandler``): a write a line cost those processes a system call and their reader a
 wake-up each, nearly half a worker's CPU in a storm of connections. Lines from other threads,
 and every line before the loop runs, are written at once; a process killed with SIGKILL loses
-at most the lines of the turn it was in.
+at most the lines of the turn it was in. A worker's connect and disconnect lines (text format)
+skip the record altogether: ``TurnHandler.line_writer`` formats the line itself, the same
+text the record would have made, when this handler is the only one the logger's lines reach.
 Every process of a broker logs in the same format: the children read it from the
 configuration the supervisor hands them. The ``ANNOUNCE`` logger (where the broker listens,
 and that it is ready) logs at every level: ``--port 0`` must say which port it took.
@@ -33,6 +35,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 LOG_FORMATS = ("text", "json")
@@ -72,12 +75,22 @@ class EscapingFormatter(logging.Formatter):
         self._pid = os.getpid()
         self._second = -1
         self._stamp = ""
+        self.standard = fmt == LOG_FORMAT  # ``line`` writes what ``format`` would
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+    def _date(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
+        return self._stamp
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._date(record.created)},{int(record.msecs):03d}"
+
+    def line(self, created: float, level: str, name: str, message: str) -> str:
+        """What ``format`` makes of a record of ``LOG_FORMAT`` (``standard``) logged at
+        ``created`` without an exception, made without the record."""
+        msecs = int((created - int(created)) * 1000)  # as ``LogRecord`` computes it
+        return f"{self._date(created)},{msecs:03d} {level} {name}[{self._pid}]: {_printable(message)}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if record.process is None:
@@ -140,6 +153,43 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic i
             self._loop.call_soon(self.flush)
         self._pending.append(line)
 
+    def line_writer(self, logger: logging.Logger, level: int = logging.INFO) -> Callable[[str], bool]:
+        """A writer of ``logger``'s lines at ``level`` that makes no record: given the message,
+        it keeps the line ``emit`` would have kept for the turn and returns True, or returns
+        False (nothing done) when the record's way could differ: another handler or a filter
+        on the way, this handler's level above ``level``, a format other than the standard
+        text, another thread, or no running loop. Its caller checks ``isEnabledFor(level)``."""
+        name, level_name = logger.name, logging.getLevelName(level)
+
+        def write(message: str) -> bool:
+            loop, formatter = self._loop, self.formatter
+            if (loop is None or type(formatter) is not EscapingFormatter or not formatter.standard
+                    or level < self.level or self.filters or threading.get_ident() != self._thread
+                    or loop.is_closed() or not self._alone_on(logger)):
+                return False
+            if not self._pending:
+                loop.call_soon(self.flush)
+            self._pending.append(formatter.line(time.time(), level_name, name, message))
+            return True
+
+        return write
+
+    def _alone_on(self, logger: logging.Logger) -> bool:
+        """Whether a record of ``logger`` would reach this handler, once, and no other
+        (``Logger.handle`` and ``callHandlers``: the logger's filters, then the handlers up the
+        hierarchy while loggers propagate)."""
+        if logger.disabled or logger.filters:
+            return False
+        seen = 0
+        node: logging.Logger | None = logger
+        while node is not None:
+            for handler in node.handlers:
+                if handler is not self:
+                    return False
+                seen += 1
+            node = node.parent if node.propagate else None
+        return seen == 1
+
     def flush(self) -> None:
         """Write what the loop's turns kept, then flush the stream (also at exit)."""
         lines, self._pending = self._pending, []
@@ -156,6 +206,15 @@ def log_in_turns(loop: asyncio.AbstractEventLoop) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, TurnHandler):
             handler.attach(loop)
+
+
+def line_writer(logger: logging.Logger) -> Callable[[str], bool] | None:
+    """The root's ``TurnHandler``'s writer of ``logger``'s INFO lines (``TurnHandler.line_writer``),
+    or None without one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, TurnHandler):
+            return handler.line_writer(logger)
+    return None
 
 
 def setup_logging(level: str, log_format: str = "text") -> None:

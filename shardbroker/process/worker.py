@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from shardbroker.config import Config, ConfigError, load_config
+from shardbroker.core import clientlog
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
 from shardbroker.peer.bus import Bus, endpoint
-from shardbroker.process.runtime import install_loop, log_in_turns, ready
+from shardbroker.process.runtime import install_loop, line_writer, log_in_turns, ready
 from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
 from shardbroker.security.passwords import PasswordFileError, PasswordHash
@@ -161,6 +162,7 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         log_in_turns(loop)
+        clientlog.write_directly(line_writer(clientlog.log))  # the connect and disconnect lines
         endpoints = [endpoint(self.run_dir, i) for i in range(self.shards)]
         holder: list[Broker] = []
         bus = Bus(self.shard_index, endpoints, lambda messages: holder[0].peer_messages(messages, now()),
