@@ -9,6 +9,7 @@ Run from the repository root (loopback only, every run bounded in time)::
     .venv/bin/python -m loadtests.bench --mosquitto-only        # Mosquitto alone (checks the generator)
     .venv/bin/python -m loadtests.bench --target 127.0.0.1:1883 # a broker that is already running
     .venv/bin/python -m loadtests.bench --json loadtests/reports/bench.json
+    .venv/bin/python -m loadtests.bench --scenario connect-rate --log-level info   # ShardBroker at its default level
 
 Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
 pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, fairness, fairness-qos1,
@@ -1621,12 +1622,12 @@ class Broker:
     @classmethod
     def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
                     proto: int, timeout: float, password_file: Path | None = None,
-                    tls: dict[str, str] | None = None) -> Broker:
+                    tls: dict[str, str] | None = None, log_level: str = "warning") -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
         argv = [python, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
                 "--workers", str(workers), "--data-dir", str(Path(b.tmp) / "data"),
-                "--log-level", "warning"]
+                "--log-level", log_level]
         if durability:
             argv += ["--durability", durability]
         text = ""
@@ -2419,6 +2420,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="shard count for choosing client ids with --target (default: --workers)")
     ap.add_argument("--json", metavar="FILE", help="also write all runs and medians as JSON")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs ShardBroker")
+    ap.add_argument("--log-level", default="warning",
+                    help="ShardBroker's (default warning; info, its own default, writes a line per connect and "
+                         "disconnect; Mosquitto logs errors and warnings whatever this says)")
     g = ap.add_argument_group("scenario sizes")
     g.add_argument("--fanin-publishers", type=int, default=8)
     g.add_argument("--pairs", type=int, default=50)
@@ -2543,7 +2547,7 @@ def main(argv: list[str] | None = None) -> int:
     def start_sb(label: str, durability: str | None, password_file: Path | None = None) -> Broker:
         log(f"starting ShardBroker ({label}, {args.workers} workers) ...")
         b = Broker.shardbroker(label, args.workers, durability, args.python, args.protocol,
-                               args.start_timeout, password_file, tls)
+                               args.start_timeout, password_file, tls, args.log_level)
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
