@@ -427,7 +427,7 @@ class Broker:
                 raise ProtocolError(reasons.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             sess.expiry_interval = min(new_expiry, self.limits.max_session_expiry)
         publish_will = client.version == MQTT_5 and pkt.reason_code == reasons.DISCONNECT_WITH_WILL
-        clientlog.disconnected(client, f"client sent DISCONNECT [{reasons.name(pkt.reason_code)}]")
+        clientlog.sent_disconnect(client, pkt.reason_code)
         self.sessions.detach(client, publish_will=publish_will)
         self.output.close(client, "client disconnected", ended=True)
 

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 
 from shardbroker.core.client import Client
+from shardbroker.protocol import reasons
 
 log = logging.getLogger("shardbroker.clients")
 
@@ -74,3 +75,10 @@ def disconnected(client: Client, reason: str) -> None:
     if direct is not None and direct(DISCONNECTED % args):
         return
     log.info(DISCONNECTED, *args, extra=_fields(client, reason))
+
+
+def sent_disconnect(client: Client, reason_code: int) -> None:
+    """``client`` ended its connection with DISCONNECT and ``reason_code`` (whose name is looked
+    up and written only at INFO)."""
+    if log.isEnabledFor(logging.INFO):
+        disconnected(client, f"client sent DISCONNECT [{reasons.name(reason_code)}]")
