@@ -9,7 +9,7 @@ Run from the repository root (loopback only, every run bounded in time)::
     .venv/bin/python -m loadtests.bench --mosquitto-only        # Mosquitto alone (checks the generator)
     .venv/bin/python -m loadtests.bench --target 127.0.0.1:1883 # a broker that is already running
     .venv/bin/python -m loadtests.bench --json loadtests/reports/bench.json
-    .venv/bin/python -m loadtests.bench --scenario connect-rate --log-level info   # ShardBroker at its default level
+    .venv/bin/python -m loadtests.bench --scenario connect-rate --logging quiet   # both brokers logging warnings only
 
 Scenarios (``--scenario NAME``, repeatable; all by default): fanin-qos0,
 pairs-qos1, pairs-qos2, fanout-qos0, latency-qos1, fairness, fairness-qos1,
@@ -1622,12 +1622,13 @@ class Broker:
     @classmethod
     def shardbroker(cls, label: str, workers: int, durability: str | None, python: str,
                     proto: int, timeout: float, password_file: Path | None = None,
-                    tls: dict[str, str] | None = None, log_level: str = "warning") -> Broker:
+                    tls: dict[str, str] | None = None, quiet: bool = False) -> Broker:
         b = cls(label, "shardbroker", "127.0.0.1", free_port(), shards=workers)
         b.tmp = tempfile.mkdtemp(prefix="bench-sb-")
         argv = [python, "-m", "shardbroker.cli.main", "serve", "--host", "127.0.0.1", "--port", str(b.port),
-                "--workers", str(workers), "--data-dir", str(Path(b.tmp) / "data"),
-                "--log-level", log_level]
+                "--workers", str(workers), "--data-dir", str(Path(b.tmp) / "data")]
+        if quiet:
+            argv += ["--log-level", "warning"]
         if durability:
             argv += ["--durability", durability]
         text = ""
@@ -1652,14 +1653,16 @@ class Broker:
 
     @classmethod
     def mosquitto(cls, label: str, persistence: bool, proto: int, timeout: float,
-                  password_file: Path | None = None, tls: dict[str, str] | None = None) -> Broker:
+                  password_file: Path | None = None, tls: dict[str, str] | None = None,
+                  quiet: bool = False) -> Broker:
         b = cls(label, "mosquitto", "127.0.0.1", free_port())
         b.tmp = tempfile.mkdtemp(prefix="bench-mosq-")
         os.chmod(b.tmp, 0o777)  # mosquitto drops root privileges to its own user
         lines = [f"listener {b.port} 127.0.0.1",
                  "allow_anonymous true" if password_file is None else "allow_anonymous false",
-                 "log_dest stderr", "log_type error", "log_type warning",
-                 "connection_messages false"]
+                 "log_dest stderr"]  # its default when not a daemon: error, warning, notice, information
+        if quiet:
+            lines += ["log_type error", "log_type warning", "connection_messages false"]
         if password_file is not None:
             lines.append(f"password_file {password_file}")
             b.creds = auth_user(0, 1)
@@ -2420,9 +2423,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="shard count for choosing client ids with --target (default: --workers)")
     ap.add_argument("--json", metavar="FILE", help="also write all runs and medians as JSON")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs ShardBroker")
-    ap.add_argument("--log-level", default="warning",
-                    help="ShardBroker's (default warning; info, its own default, writes a line per connect and "
-                         "disconnect; Mosquitto logs errors and warnings whatever this says)")
+    ap.add_argument("--logging", choices=("default", "quiet"), default="default",
+                    help="default: each broker logs as its defaults say (ShardBroker at info, Mosquitto errors, "
+                         "warnings, notices and information, both a line per connect and disconnect); "
+                         "quiet: both log errors and warnings only")
     g = ap.add_argument_group("scenario sizes")
     g.add_argument("--fanin-publishers", type=int, default=8)
     g.add_argument("--pairs", type=int, default=50)
@@ -2547,14 +2551,15 @@ def main(argv: list[str] | None = None) -> int:
     def start_sb(label: str, durability: str | None, password_file: Path | None = None) -> Broker:
         log(f"starting ShardBroker ({label}, {args.workers} workers) ...")
         b = Broker.shardbroker(label, args.workers, durability, args.python, args.protocol,
-                               args.start_timeout, password_file, tls, args.log_level)
+                               args.start_timeout, password_file, tls, quiet=args.logging == "quiet")
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
 
     def start_mosq(label: str, persistence: bool, password_file: Path | None = None) -> Broker:
         log(f"starting Mosquitto ({label}) ...")
-        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout, password_file, tls)
+        b = Broker.mosquitto(label, persistence, args.protocol, args.start_timeout, password_file, tls,
+                             quiet=args.logging == "quiet")
         started.append(b)
         log(f"  {b} ready (pid {b.pid})")
         return b
