@@ -278,7 +278,8 @@ def _start_mover(data: Path, seed: int) -> subprocess.Popen[str]:
 
 def test_sigkill_during_moves(tmp_path: Path) -> None:
     """A process moving virtual shards back and forth is killed (SIGKILL) after a random
-    delay, KILLS times. Each time the rows are read as the kill left them (every message row
+    delay, KILLS times (every third time right after a move passed its point of no return,
+    so that kills land after a copy as well as during one on a slow machine). Each time the rows are read as the kill left them (every message row
     named, every named message there); then, every other time, both stores are opened
     (recovering) and checked: every session exactly once and as it was, the reference
     counts equal to the rows, no mark left. The other times recovery is left to the next
@@ -297,12 +298,18 @@ def test_sigkill_during_moves(tmp_path: Path) -> None:
         while lines[-1] != "ready":
             assert lines[-1], f"mover ended: {mover.stderr.read() if mover.stderr else ''}"
             lines.append(mover.stdout.readline().strip())
-        recovered += [x for x in lines if x and x != "ready"]
-        time.sleep(rng.uniform(0.0, 0.4))
+        recovered += [x for x in lines if x and x not in ("ready", "copied")]  # copied: recovery finishing
+        seen = ""
+        if i % 3 == 2:
+            while (line := mover.stdout.readline()) and line.strip() != "copied":
+                seen += line
+            assert line, f"mover ended: {mover.stderr.read() if mover.stderr else ''}"
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
         mover.send_signal(signal.SIGKILL)
         out, _err = mover.communicate(timeout=30)
         assert mover.returncode == -signal.SIGKILL
-        killed_after.append(out.count("moved"))
+        killed_after.append((seen + out).count("moved"))
         rows_are_consistent(tmp_path)
         if i % 2 and i != KILLS - 1:
             continue
