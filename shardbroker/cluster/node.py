@@ -1,0 +1,195 @@
+"""A broker node in the cluster: the supervisor's side of serving under etcd.
+
+One ``ClusterNode`` per ``serve`` with ``[cluster] node_id``. From a thread of the supervisor
+it joins (``membership``: a registration under a lease, renewed by its own threads), runs a
+controller candidate (``controller``: the node that wins the election writes the map), reads
+the map every ``round`` seconds, keeps the ``Fence`` (map + lease deadline) and tells the
+children what they may serve as a ``grant.Grant`` through ``publish`` (the supervisor sends it
+over the control channel). A grant goes out when it changes, when the lease was renewed, when
+a child missed the last one, and at least every second.
+
+The lease, and what the children are told:
+
+* ``until`` in a grant is the lease deadline less ``GUARD`` of the TTL, so that a child that
+  hears nothing more (the supervisor stopped) has closed its clients before etcd can let
+  another node take the shards;
+* when ``membership`` says the lease is lost (etcd said so, or the last third of the TTL began
+  unrenewed), a grant of nothing goes out at once, from the thread that noticed: the workers
+  close the clients, the acceptor refuses new ones;
+* the next round revokes the old lease (when etcd answers), registers again under a new one
+  and serves again once the controller has written a map for that lease (the old map names
+  the old lease, which the fence refuses).
+
+A node ID already registered (the previous run of this node, killed, whose lease has not
+expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
+
+What it does not do: relay clients to other nodes, or carry messages between nodes; a shard
+that moves to another node is simply no longer served here (its clients are closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from shardbroker.cluster.controller import Controller, MapMismatch, StaleController
+from shardbroker.cluster.etcd import Etcd, EtcdError
+from shardbroker.cluster.fence import Fence
+from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners
+from shardbroker.cluster.membership import Membership, NodeIdInUse, NodeInfo
+from shardbroker.cluster.placement import vshard_for
+from shardbroker.cluster.shardmap import MAP_KEY, MapFormatError, ShardMap
+from shardbroker.config import ClusterConfig
+
+__all__ = ["GUARD", "ClusterNode"]
+
+log = logging.getLogger("shardbroker.cluster")
+
+GUARD = 0.1  # of the TTL: children stop serving this long before the lease deadline
+RESEND = 1.0  # seconds: a grant goes out at least this often
+
+Publish = Callable[[Grant], bool]  # send to every child; whether all of them took it
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, workers: int, publish: Publish,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.workers = workers
+        self.publish = publish
+        self.clock = clock
+        timeout = max(0.5, min(2.0, config.lease_ttl / 4))
+        self.round = max(0.2, min(1.0, config.lease_ttl / 6))
+        self._lease_etcd = Etcd(config.etcd_endpoints, timeout=timeout)  # renewals alone
+        self.etcd = Etcd(config.etcd_endpoints, timeout=timeout)
+        self.member = Membership(self._lease_etcd,
+                                 NodeInfo(config.node_id, config.advertise, workers),
+                                 config.lease_ttl, self._lost, clock)
+        self.member.lost = True  # not joined yet
+        self.controller: Controller | None = None
+        self.fence = Fence(config.node_id, 0)
+        self.local = local_owners(config.node_id, workers, config.virtual_shards)
+        self.grant = NONE
+        self._seq = 0
+        self._sent_at = -1e18
+        self._stale = True
+        self._lock = threading.Lock()  # the fence and the grants sent, in order
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._said = ""  # the last problem logged (each one once)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cluster", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the rounds (the children are stopped by then); give up the controller key and
+        revoke the lease, so that the shards move at once rather than after the TTL."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.controller is not None:
+                self.controller.resign()
+            self.member.leave()
+        except EtcdError as exc:
+            log.warning("node %s: could not leave the cluster (its lease ends by itself within"
+                        " %d s): %s", self.config.node_id, self.config.lease_ttl, exc)
+            self.member.stop()
+        self.etcd.close()
+        self._lease_etcd.close()
+
+    def owner(self, client_id: str) -> int:
+        """The local worker of ``client_id``: the map's when this node serves its virtual
+        shard, else the one whose store keeps its session (``grant.local_owners``)."""
+        v = vshard_for(client_id, len(self.local))
+        grant = self.grant
+        if grant.owners and grant.owners[v] >= 0:
+            return grant.owners[v]
+        return self.local[v]
+
+    # ------------------------------------------------------------------ rounds
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._round()
+            except (EtcdError, NodeIdInUse, StaleController, MapMismatch, MapFormatError) as exc:
+                self._say(f"node {self.config.node_id}: {exc}")
+            self._stop.wait(self.round)
+
+    def _say(self, text: str) -> None:
+        if text != self._said:
+            self._said = text
+            log.warning("cluster: %s", text)
+
+    def _round(self) -> None:
+        if self.member.lost:
+            self._join()
+        assert self.controller is not None
+        self.controller.reconcile()
+        entry = self.etcd.get(MAP_KEY)
+        new = ShardMap.decode(entry.value) if entry is not None else None
+        if new is not None and new.count != self.config.virtual_shards:
+            raise MapMismatch(f"the cluster's map has {new.count} virtual shards, this node is"
+                              f" set for {self.config.virtual_shards}")
+        self._said = ""
+        with self._lock:
+            if self.member.lost:
+                return  # told while this round read etcd: the next round joins again
+            if new is not None:
+                self.fence.apply(new)
+            self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
+            self._send(force=False)
+
+    def _join(self) -> None:
+        """Register (again) under a new lease, after revoking the old one if there is one."""
+        self.member.stop()
+        old = self.member.lease
+        if old:
+            try:
+                self.etcd.revoke(old)
+            except EtcdError:
+                pass  # it ends by itself; the join below says whether the ID is free
+        self.member.join()
+        self.member.start()
+        with self._lock:
+            self.fence = Fence(self.config.node_id, self.member.lease)
+        self.controller = Controller(self.etcd, self.config.node_id, self.member.lease,
+                                     self.config.virtual_shards)
+
+    def _lost(self, left: float) -> None:
+        """``membership``'s callback, from its thread: serve nothing from now on."""
+        with self._lock:
+            self.fence.lost()
+            self._send(force=True)
+        log.warning("cluster: node %s lost its lease (%.1f s left): its clients are closed and"
+                    " new ones refused until it holds a lease and a map again",
+                    self.config.node_id, left)
+
+    def _send(self, force: bool) -> None:
+        """Under the lock: the fence's grant to the children, when it is news."""
+        now = self.clock()
+        grant = from_fence(self.fence, self._seq + 1, self.workers, now)
+        last = self.grant
+        changed = (grant.owners != last.owners or grant.version != last.version
+                   or grant.lease != last.lease or grant.until != last.until)
+        if not (force or changed or self._stale or now - self._sent_at >= RESEND):
+            return
+        self._seq += 1
+        self._sent_at = now
+        self.grant = grant
+        self._stale = not self.publish(grant)
+        served = sum(1 for w in grant.owners if w >= 0)
+        was = sum(1 for w in last.owners if w >= 0)
+        if served != was or (served and grant.version != last.version):
+            if served:
+                log.info("cluster: node %s serves %d virtual shards (map version %d, lease %x)",
+                         self.config.node_id, served, grant.version, grant.lease)
+            else:
+                log.warning("cluster: node %s serves no virtual shard now (map version %d)",
+                            self.config.node_id, grant.version)
