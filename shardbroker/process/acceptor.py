@@ -4,7 +4,10 @@ The acceptor speaks MQTT only as far as the CONNECT packet: it reads it under a
 deadline (``limits.connect_timeout``) and a size limit, assigns an identifier to a
 client that sent an empty one where the version allows it, and hands the socket
 with every byte read so far to the worker that owns the client ID
-(``shard_for(client_id, workers)``). Hand-offs made in one loop iteration go to
+(``shard_for(client_id, workers)``; on a cluster node, the worker the supervisor's newest
+``cluster.grant.Grant`` names for the client's virtual shard, and a client of a virtual shard
+the node does not serve gets CONNACK "server unavailable", logged at most once a second: it
+is not relayed to the node that serves it). Hand-offs made in one loop iteration go to
 each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
 that is malformed or illegal gets the spec's answer here (a CONNACK with a
 reason code where one exists, then a close), and the reason is logged.

@@ -9,6 +9,12 @@ Shutdown on SIGTERM/SIGINT, bounded by ``server.shutdown_timeout``: stop the
 acceptor first (no new clients), then the workers (each tells its 5.0 clients
 0x8B and commits), then SIGKILL whatever is still running.
 
+With ``[cluster] node_id`` (a cluster node, ``cluster/node.py``): the shard stores are made to
+follow the node's layout before any child starts (``storage/layout.py``; without it, back to
+the hash layout if they followed one), and a ``ClusterNode`` thread joins etcd and sends every
+child its grant over the control channel (op ``fence``); at shutdown it leaves after the
+children have stopped.
+
 A child that exits with status 2 hit a fatal configuration or store error: the
 broker stops with that error rather than restarting it in a loop.
 

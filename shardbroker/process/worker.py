@@ -8,6 +8,11 @@ connects the broker to the other workers over the bus, reads the clock for every
 event it passes on, runs the broker's timers on the event loop (``LoopScheduler``),
 sweeps every ``TICK`` seconds, and shuts down in order on SIGTERM: 5.0 clients are
 told 0x8B, the last batch is committed, the store closed.
+
+On a cluster node it serves the virtual shards of the supervisor's newest grant (control op
+``fence``) until the grant's deadline: the handshake refuses other clients (CONNACK "server
+unavailable"), and the clients a new grant (or the deadline) no longer covers are closed
+(5.0: DISCONNECT 0x9C).
 """
 
 from __future__ import annotations
