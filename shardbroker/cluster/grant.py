@@ -85,9 +85,13 @@ class Grant:
 NONE = Grant(0, 0, 0, -math.inf, (), ())
 
 
-def from_fence(fence: Fence, seq: int, workers: int, now: float) -> Grant:
+def from_fence(fence: Fence, seq: int, workers: int, now: float,
+               cleared: float = math.inf) -> Grant:
     """The grant of ``fence`` (this node's map and lease) at ``now``: the shards it may serve
-    on workers this node has, until the lease deadline. Nothing when it may serve nothing."""
+    on workers this node has, until the lease deadline. Nothing when it may serve nothing.
+    ``cleared``: the oldest map version every other live node has applied; a shard the map
+    gave this node at a later epoch is held back until then (its previous owner may still
+    serve it: the handover of a shard between live nodes)."""
     shard_map = fence.map
     if shard_map is None or now >= fence.lease_until:
         return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
@@ -96,7 +100,7 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float) -> Grant:
     epochs = [0] * shard_map.count
     for v in fence.served(now):
         slot = shard_map.vshards[v].slot
-        if slot is not None and 0 <= slot.worker < workers:
+        if slot is not None and 0 <= slot.worker < workers and shard_map.vshards[v].epoch <= cleared:
             owners[v] = slot.worker
             epochs[v] = shard_map.vshards[v].epoch
     return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),

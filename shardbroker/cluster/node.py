@@ -20,6 +20,15 @@ The lease, and what the children are told:
   and serves again once the controller has written a map for that lease (the old map names
   the old lease, which the fence refuses).
 
+A shard moving between live nodes (a node joins, or is drained): the map gives it to the new
+owner at once, and the old one stops serving it when it reads that map. So that the two never
+serve it together, each node says under ``APPLIED_PREFIX`` (bound to its lease) the oldest map
+its children may serve from: before it first serves under a lease, in a transaction that
+requires the map it read to still be the map; after each grant every child took, that map's
+version. A node serves a shard of epoch E only once every other registered node that says so
+has applied E (``cleared``); a node that says nothing serves nothing. A node whose lease ended
+serves nothing either (the fence), so it is not waited for.
+
 A node ID already registered (the previous run of this node, killed, whose lease has not
 expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
 
@@ -30,17 +39,18 @@ that moves to another node is simply no longer served here (its clients are clos
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 
-from shardbroker.cluster.controller import Controller, MapMismatch, StaleController
-from shardbroker.cluster.etcd import Etcd, EtcdError
+from shardbroker.cluster.controller import Controller, MapMismatch, StaleController, read_view
+from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners
 from shardbroker.cluster.membership import Membership, NodeIdInUse, NodeInfo
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.cluster.shardmap import MAP_KEY, MapFormatError, ShardMap
+from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
 from shardbroker.config import ClusterConfig
 
 __all__ = ["GUARD", "ClusterNode"]
@@ -77,8 +87,10 @@ class ClusterNode:
         self._stale = True
         self._lock = threading.Lock()  # the fence and the grants sent, in order
         self._stop = threading.Event()
+        self._nudge = threading.Event()  # a round now (a child started)
         self._thread: threading.Thread | None = None
         self._said = ""  # the last problem logged (each one once)
+        self._claimed = 0  # the map version under APPLIED_PREFIX for this lease (0: none)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -90,6 +102,7 @@ class ClusterNode:
         """Stop the rounds (the children are stopped by then); give up the controller key and
         revoke the lease, so that the shards move at once rather than after the TTL."""
         self._stop.set()
+        self._nudge.set()
         if self._thread is not None:
             self._thread.join()
         try:
@@ -102,6 +115,11 @@ class ClusterNode:
             self.member.stop()
         self.etcd.close()
         self._lease_etcd.close()
+
+    def refresh(self) -> None:
+        """A child (re)started and holds no grant: send the grant at once."""
+        self._stale = True
+        self._nudge.set()
 
     def owner(self, client_id: str) -> int:
         """The local worker of ``client_id``: the map's when this node serves its virtual
@@ -120,7 +138,8 @@ class ClusterNode:
                 self._round()
             except (EtcdError, NodeIdInUse, StaleController, MapMismatch, MapFormatError) as exc:
                 self._say(f"node {self.config.node_id}: {exc}")
-            self._stop.wait(self.round)
+            self._nudge.wait(self.round)
+            self._nudge.clear()
 
     def _say(self, text: str) -> None:
         if text != self._said:
@@ -132,11 +151,25 @@ class ClusterNode:
             self._join()
         assert self.controller is not None
         self.controller.reconcile()
-        entry = self.etcd.get(MAP_KEY)
-        new = ShardMap.decode(entry.value) if entry is not None else None
+        view = read_view(self.etcd)
+        new = view.map
         if new is not None and new.count != self.config.virtual_shards:
             raise MapMismatch(f"the cluster's map has {new.count} virtual shards, this node is"
                               f" set for {self.config.virtual_shards}")
+        me = self.config.node_id
+        if (new is not None and not self._claimed and view.leases.get(me) == self.member.lease
+                and new.lease_of(me) == self.member.lease):
+            # about to serve from ``new`` for the first time under this lease: say so while
+            # ``new`` is still the map, so that a node the next map gives a shard of ours
+            # waits for us to apply it
+            if not self.etcd.txn([Compare(MAP_KEY, "mod", view.map_revision)],
+                                 [Put(APPLIED_PREFIX + me, str(new.version).encode(),
+                                      self.member.lease)]):
+                return  # the map changed meanwhile: the next round
+            self._claimed = new.version
+        # the oldest map every other node that may serve has applied
+        cleared = min((version for node, version in view.applied.items()
+                       if node != me and node in view.nodes), default=math.inf)
         self._said = ""
         with self._lock:
             if self.member.lost:
@@ -144,7 +177,12 @@ class ClusterNode:
             if new is not None:
                 self.fence.apply(new)
             self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
-            self._send(force=False)
+            self._send(force=False, cleared=cleared)
+            applied = self.grant.version if not self._stale and self.grant.owners else 0
+        if self._claimed and applied > self._claimed:
+            # every child serves from this map now, and from no older one
+            self.etcd.put(APPLIED_PREFIX + me, str(applied).encode(), self.member.lease)
+            self._claimed = applied
 
     def _join(self) -> None:
         """Register (again) under a new lease, after revoking the old one if there is one."""
@@ -159,6 +197,7 @@ class ClusterNode:
         self.member.start()
         with self._lock:
             self.fence = Fence(self.config.node_id, self.member.lease)
+            self._claimed = 0
         self.controller = Controller(self.etcd, self.config.node_id, self.member.lease,
                                      self.config.virtual_shards)
 
@@ -171,10 +210,11 @@ class ClusterNode:
                     " new ones refused until it holds a lease and a map again",
                     self.config.node_id, left)
 
-    def _send(self, force: bool) -> None:
-        """Under the lock: the fence's grant to the children, when it is news."""
+    def _send(self, force: bool, cleared: float = math.inf) -> None:
+        """Under the lock: the fence's grant to the children, when it is news; the shards of a
+        later epoch than ``cleared`` are held back (``grant.from_fence``)."""
         now = self.clock()
-        grant = from_fence(self.fence, self._seq + 1, self.workers, now)
+        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared)
         last = self.grant
         changed = (grant.owners != last.owners or grant.version != last.version
                    or grant.lease != last.lease or grant.until != last.until)
@@ -186,6 +226,11 @@ class ClusterNode:
         self._stale = not self.publish(grant)
         served = sum(1 for w in grant.owners if w >= 0)
         was = sum(1 for w in last.owners if w >= 0)
+        held = len(self.fence.served(now)) - served if grant.owners else 0
+        if held and grant.version != last.version:
+            log.info("cluster: node %s holds back %d virtual shards of map version %d until every"
+                     " other node has applied it (their previous owner may still serve them)",
+                     self.config.node_id, held, grant.version)
         if served != was or (served and grant.version != last.version):
             if served:
                 log.info("cluster: node %s serves %d virtual shards (map version %d, lease %x)",

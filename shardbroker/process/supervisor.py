@@ -461,6 +461,8 @@ class Supervisor:
                         for child in children:
                             if child.name == name:
                                 child.ready = True
+                                if node is not None:
+                                    node.refresh()  # it has no grant yet
                 if self._reload:
                     self._reload = False
                     log.info("SIGHUP: reloading the configuration")
@@ -513,11 +515,21 @@ class Supervisor:
 
     @staticmethod
     def _grant_sender(admin: Admin) -> Callable[[Grant], bool]:
-        """How a cluster node tells every child its grant: control op ``fence`` to all of them
-        at once; whether every one took it (one that did not is sent the next grant)."""
+        """How a cluster node tells every child its grant (control op ``fence``): the workers
+        first, all at once, then the acceptor, so that the acceptor hands no client to a worker
+        that does not know yet it serves it; whether every child took it (one that did not is
+        sent the next grant)."""
+        from shardbroker.operations.admin import acceptor_socket
+        from shardbroker.operations.control import ControlError, call
+
         def send(grant: Grant) -> bool:
-            answer = admin.tell_all({"op": "fence", "grant": grant.to_value()})
-            return not answer["missing"] and "acceptor_missing" not in answer
+            request = {"op": "fence", "grant": grant.to_value()}
+            took = not admin.ask_shards(request)["missing"]
+            try:
+                call(acceptor_socket(admin.run_dir), request)
+            except ControlError:
+                return False
+            return took
         return send
 
     def _start(self, child: Child, env: dict[str, str]) -> None:

@@ -62,6 +62,15 @@ def ids_where(pred: Callable[[str], bool], prefix: str, n: int = 1) -> list[str]
     return out
 
 
+def wait_serving(b: Broker, node_id: str, workers: int) -> None:
+    """Every worker of the node accepts a client of its own (start() probes by shard_for)."""
+    table = local_owners(node_id, workers, 1024)
+    for w in range(workers):
+        cid = ids_where(lambda c, w=w: table[vshard_for(c, 1024)] == w, f"ready{w}x")[0]
+        wait_until(lambda cid=cid: connack(b.port, cid) == 0, timeout=10, interval=0.1,
+                   message=f"worker {w} serves")
+
+
 def status(capsys: pytest.CaptureFixture[str], etcd: EtcdCluster) -> dict:  # type: ignore[type-arg]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
@@ -79,6 +88,7 @@ def test_a_node_serves_by_the_map_and_is_up_in_status(
         etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients, uniq: Uniq,
         capsys: pytest.CaptureFixture[str]) -> None:
     b = make_broker(workers=2, config=node_config(etcd_single, "n1"))
+    wait_serving(b, "n1", 2)
     # QoS 0, 1, 2 between clients of both workers, and a retained message
     topic = uniq.topic()
     sub = mqtt(b, uniq.cid("s"), version=5)
@@ -164,6 +174,7 @@ def test_a_persistent_session_survives_moving_into_and_out_of_the_cluster_layout
     b.config_path = config
     b.start()
     assert "stores arranged for the rendezvous:n1 layout: 1 sessions moved" in b.log_text()
+    wait_serving(b, "n1", 2)
     c = mqtt(b, cid, version=4, clean=False)
     assert c.connack.session_present  # type: ignore[attr-defined]
     assert [m.payload for m in c.recv_publishes(3)] == [b"q0", b"q1", b"q2"]
@@ -202,6 +213,10 @@ def test_a_second_node_takes_its_share_and_the_first_refuses_it(
 
         wait_until(lambda: shares().get("n2", 0) > 0, timeout=10, message="n2 in the map")
         assert shares() == {"n1": both.count(Slot("n1", 0)), "n2": both.count(Slot("n2", 0))}
+        # each node says it applied the map (n2 serves the shards it took only after n1 has)
+        version = read_view(etcd).map.version  # type: ignore[union-attr]
+        wait_until(lambda: read_view(etcd).applied == {"n1": version, "n2": version}, timeout=10,
+                   message="both nodes applied the map")
     finally:
         etcd.close()
     # the first node closes the client whose shard moved, keeps the other

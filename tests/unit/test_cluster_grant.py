@@ -82,3 +82,27 @@ def test_local_owners_agree_with_the_map_whatever_the_other_nodes() -> None:
         for v, slot in enumerate(place(COUNT, slots_of(workers))):
             if slot is not None and slot.node == "n1":
                 assert slot.worker == table[v]
+
+
+def test_shards_taken_from_a_live_node_wait_until_it_has_applied_the_map() -> None:
+    """Epochs: n2 joins at version 2; the shards it takes have epoch 2, and another node that
+    has applied version 1 only may still serve them."""
+    first = next_map(None, place(COUNT, slots_of({"n1": 1})), {"n1": 11})
+    assert first is not None
+    second = next_map(first, place(COUNT, slots_of({"n1": 1, "n2": 1})), {"n1": 11, "n2": 22})
+    assert second is not None and second.version == 2
+    fence = Fence("n2", 22)
+    fence.apply(second)
+    fence.renewed(100.0)
+    taken = [v for v, s in enumerate(second.vshards) if s.slot == Slot("n2", 0)]
+    assert taken and all(second.vshards[v].epoch == 2 for v in taken)
+    assert set(from_fence(fence, 1, 1, now=0.0, cleared=1).owners) == {-1}
+    owners = from_fence(fence, 2, 1, now=0.0, cleared=2).owners
+    assert [v for v, w in enumerate(owners) if w == 0] == taken
+    # n1 keeps what it had (epoch 1) once the others have applied version 1 or later
+    keeper = Fence("n1", 11)
+    keeper.apply(second)
+    keeper.renewed(100.0)
+    kept = from_fence(keeper, 1, 1, now=0.0, cleared=1).owners
+    assert [v for v, w in enumerate(kept) if w == 0] == [
+        v for v, s in enumerate(second.vshards) if s.slot == Slot("n1", 0)]
