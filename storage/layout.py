@@ -12,8 +12,8 @@ change moves, from each store, the sessions the new layout gives to another work
 ``vshards.transfer`` (crash-safe: marks, recovery), and only then writes the new name into
 every store; a kill before that leaves the old name, and the next start recovers the moves
 that were under way (``vshards.recover``) and arranges again, which moves what is left.
-Arranging for the layout the stores already have moves nothing and costs one meta read per
-store.
+Arranging for the layout the stores already have moves nothing and opens them read-only
+only (a meta read and a look for move marks per store).
 
 What it does not do: move outbox rows (a durable forward that was not yet acknowledged when
 the layout changed reaches the worker it was sent to, which no longer holds the session); it
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from shardbroker.storage.lmdb_store import VIRTUAL_SHARDS, ShardStore, shard_dir_name
-from shardbroker.storage.vshards import Selection, recover, transfer
+from shardbroker.storage.vshards import Selection, pending, recover, transfer
 
 __all__ = ["LAYOUT_KEY", "Arranged", "arrange", "layouts"]
 
@@ -72,6 +72,9 @@ def arrange(data_dir: Path, shards: int, name: str | None, table: Sequence[int] 
                               or any(not 0 <= w < shards for w in table)):
         raise ValueError(f"a layout table gives each of {VIRTUAL_SHARDS} virtual shards a worker")
     done = Arranged()
+    found = layouts(data_dir, shards)
+    if len(found) == shards and all(f == name for f in found) and not pending(data_dir, shards):
+        return done  # as it should be: read-only opens only
     stores: list[ShardStore] = []
     try:
         for i in range(shards):
