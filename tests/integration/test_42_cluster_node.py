@@ -148,6 +148,7 @@ def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
                message="serving again after etcd came back")
     back = mqtt(b, uniq.cid("r"), version=5)
     back.ping()
+    assert ctl(b, {"op": "stats"})["acceptor"]["refused_unserved"] >= 3
     log = b.log_text()
     assert log.count("lost its lease") == 1, log[-3000:]
     assert "relaying to the owner node is not built" in log
