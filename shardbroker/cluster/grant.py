@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.placement import Slot, place, vshard_for
@@ -60,6 +60,10 @@ class Grant:
     def served_by(self, worker: int) -> list[int]:
         """The virtual shards ``worker`` serves under this grant."""
         return [v for v, w in enumerate(self.owners) if w == worker]
+
+    def without(self, workers: set[int]) -> Grant:
+        """This grant with nothing served by ``workers`` (they did not take it)."""
+        return replace(self, owners=tuple(-1 if w in workers else w for w in self.owners))
 
     def to_value(self) -> dict[str, object]:
         return {"seq": self.seq, "version": self.version, "lease": self.lease,

@@ -523,13 +523,14 @@ class Supervisor:
         from shardbroker.operations.control import ControlError, call
 
         def send(grant: Grant) -> bool:
-            request = {"op": "fence", "grant": grant.to_value()}
-            took = not admin.ask_shards(request)["missing"]
+            missing = admin.ask_shards({"op": "fence", "grant": grant.to_value()})["missing"]
+            if missing:  # the acceptor sends nobody to a worker that does not hold the grant
+                grant = grant.without({int(shard) for shard in missing})
             try:
-                call(acceptor_socket(admin.run_dir), request)
+                call(acceptor_socket(admin.run_dir), {"op": "fence", "grant": grant.to_value()})
             except ControlError:
                 return False
-            return took
+            return not missing
         return send
 
     def _start(self, child: Child, env: dict[str, str]) -> None:

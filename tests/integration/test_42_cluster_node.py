@@ -236,3 +236,26 @@ def test_a_second_node_takes_its_share_and_the_first_refuses_it(
     # n2 leaves (SIGTERM revokes its lease): its shards come back to n1 at once
     b.stop()
     wait_until(lambda: connack(a.port, moving, 5) == 0, timeout=10, message="n1 serves it again")
+
+
+def test_a_node_killed_comes_back_with_its_sessions_once_its_old_lease_ends(
+        etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
+        uniq: Uniq) -> None:
+    b = make_broker(workers=2, config=node_config(etcd_single, "n1"))
+    wait_serving(b, "n1", 2)
+    cid, topic = uniq.cid("k"), uniq.topic()
+    c = mqtt(b, cid, version=4, clean=False)
+    c.subscribe(topic, qos=1)
+    c.disconnect()
+    pub = mqtt(b, uniq.cid("p"), version=4)
+    for i in range(2):
+        pub.publish(topic, f"k{i}".encode(), qos=1)
+    b.kill9()  # its lease lives on in etcd for up to lease_ttl
+    killed = time.monotonic()
+    b.start()
+    wait_serving(b, "n1", 2)
+    assert time.monotonic() - killed < TTL + 10
+    assert "node n1 is registered already" in b.log_text()
+    c = mqtt(b, cid, version=4, clean=False)
+    assert c.connack.session_present  # type: ignore[attr-defined]
+    assert [m.payload for m in c.recv_publishes(2)] == [b"k0", b"k1"]

@@ -67,6 +67,7 @@ def test_a_grant_travels_as_plain_data() -> None:
     grant = from_fence(fence, 3, 3, now=1.0)
     assert Grant.from_value(grant.to_value()) == grant
     assert Grant.from_value(NONE.to_value()) == NONE and NONE.until == -math.inf
+    assert set(grant.without({0, 2}).owners) == {-1, 1}  # for the acceptor: worker 1 took it
     for bad in (None, [], {"seq": 1}, {**grant.to_value(), "epochs": [1]},
                 {**grant.to_value(), "owners": ["x"]}):
         with pytest.raises(GrantError):
