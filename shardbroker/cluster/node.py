@@ -136,8 +136,13 @@ class ClusterNode:
         while not self._stop.is_set():
             try:
                 self._round()
-            except (EtcdError, NodeIdInUse, StaleController, MapMismatch, MapFormatError) as exc:
+            except NodeIdInUse as exc:
+                self._say(f"{exc}: waiting for that lease to end (`shardbroker cluster forget"
+                          f" {self.config.node_id}` ends it now)")
+            except (EtcdError, StaleController, MapMismatch, MapFormatError) as exc:
                 self._say(f"node {self.config.node_id}: {exc}")
+            except Exception as exc:  # noqa: BLE001 (the thread must go on; the next round retries)
+                self._say(f"node {self.config.node_id}: round failed: {type(exc).__name__}: {exc}")
             self._nudge.wait(self.round)
             self._nudge.clear()
 

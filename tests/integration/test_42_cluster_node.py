@@ -256,6 +256,7 @@ def test_a_node_killed_comes_back_with_its_sessions_once_its_old_lease_ends(
     wait_serving(b, "n1", 2)
     assert time.monotonic() - killed < TTL + 10
     assert "node n1 is registered already" in b.log_text()
+    assert "cluster forget n1" in b.log_text()
     c = mqtt(b, cid, version=4, clean=False)
     assert c.connack.session_present  # type: ignore[attr-defined]
     assert [m.payload for m in c.recv_publishes(2)] == [b"k0", b"k1"]
