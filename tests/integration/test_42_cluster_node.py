@@ -122,16 +122,21 @@ def test_a_node_serves_by_the_map_and_is_up_in_status(
     assert_disconnected(c, 5, {0x98})
 
 
+@pytest.mark.parametrize("how", ["sigstop", "kill"])
 def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
         etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
-        uniq: Uniq) -> None:
+        uniq: Uniq, how: str) -> None:
     b = make_broker(workers=1, config=node_config(etcd_single, "n1"))
     v5 = mqtt(b, uniq.cid("a"), version=5)
     v4 = mqtt(b, uniq.cid("b"), version=4)
     time.sleep(0.8)  # a renewal or two
     member = etcd_single.members[0]
     assert member.proc is not None
-    os.kill(member.proc.pid, signal.SIGSTOP)  # etcd answers nothing, as behind a cut link
+    pid = member.proc.pid
+    if how == "sigstop":
+        os.kill(pid, signal.SIGSTOP)  # etcd answers nothing, as behind a cut link
+    else:
+        etcd_single.stop(member, signal.SIGKILL)  # connections refused
     stopped = time.monotonic()
     try:
         assert_disconnected(v5, 5, {USE_ANOTHER_SERVER}, timeout=TTL + 1)
@@ -143,7 +148,11 @@ def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
         time.sleep(TTL)  # still refused after the lease would have ended
         assert connack(b.port, uniq.cid("n"), 4) == SERVER_UNAVAILABLE_V3
     finally:
-        os.kill(member.proc.pid, signal.SIGCONT)
+        if how == "sigstop":
+            os.kill(pid, signal.SIGCONT)
+        else:
+            etcd_single.start(member)
+            etcd_single.wait_healthy()
     wait_until(lambda: connack(b.port, uniq.cid("r"), 4) == 0, timeout=15, interval=0.2,
                message="serving again after etcd came back")
     back = mqtt(b, uniq.cid("r"), version=5)
