@@ -269,3 +269,18 @@ def test_a_node_killed_comes_back_with_its_sessions_once_its_old_lease_ends(
     c = mqtt(b, cid, version=4, clean=False)
     assert c.connack.session_present  # type: ignore[attr-defined]
     assert [m.payload for m in c.recv_publishes(2)] == [b"k0", b"k1"]
+
+
+def test_one_etcd_member_lost_of_three_goes_unnoticed_by_clients(
+        etcd_three: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
+        uniq: Uniq) -> None:
+    b = make_broker(workers=1, config=node_config(etcd_three, "n1", ttl=3))
+    c = mqtt(b, uniq.cid("c"), version=5)
+    first = etcd_three.members[0]  # the member the node asks first
+    etcd_three.stop(first, signal.SIGKILL)
+    deadline = time.monotonic() + 2 * 3
+    while time.monotonic() < deadline:
+        c.ping()
+        time.sleep(0.3)
+    assert connack(b.port, uniq.cid("n"), 4) == 0
+    assert "lost its lease" not in b.log_text()
