@@ -239,6 +239,7 @@ def test_a_second_node_takes_its_share_and_the_first_refuses_it(
     assert connack(a.port, staying, 4) == 0
 
     doc = status(capsys, etcd_single)
+    assert doc["controller"] == "n1"  # one controller: the node that was there first
     assert {n["node_id"]: (n["state"], n["vshards"]) for n in doc["nodes"]} == {
         "n1": ("up", both.count(Slot("n1", 0))), "n2": ("up", both.count(Slot("n2", 0)))}
 
