@@ -285,3 +285,24 @@ def test_one_etcd_member_lost_of_three_goes_unnoticed_by_clients(
         time.sleep(0.3)
     assert connack(b.port, uniq.cid("n"), 4) == 0
     assert "lost its lease" not in b.log_text()
+
+
+def test_workers_stop_serving_at_the_deadline_when_the_supervisor_stops(
+        etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
+        uniq: Uniq) -> None:
+    """The grant's deadline holds without the supervisor: stopped (SIGSTOP), it renews nothing
+    and tells nobody; the worker closes its clients and the acceptor refuses new ones by
+    themselves, before the lease can end."""
+    b = make_broker(workers=1, config=node_config(etcd_single, "n1"))
+    c = mqtt(b, uniq.cid("c"), version=5)
+    os.kill(b.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert_disconnected(c, 5, {USE_ANOTHER_SERVER}, timeout=TTL + 1)
+        assert time.monotonic() - stopped < TTL
+        assert connack(b.port, uniq.cid("n"), 4) == SERVER_UNAVAILABLE_V3
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    wait_until(lambda: connack(b.port, uniq.cid("r"), 4) == 0, timeout=15, interval=0.2,
+               message="serving again once the supervisor runs")
+    assert "no renewed grant from the supervisor before the lease deadline" in b.log_text()
