@@ -84,11 +84,6 @@ def serve(
         "storage.durability": durability,
     }
     cfg = _load(config, overrides)
-    if cfg.cluster.enabled:
-        typer.echo("shardbroker: cluster.node_id: clustering is not available yet in this version"
-                   " (only `shardbroker cluster` and the coordination layer; see docs/CLUSTERING.md)",
-                   err=True)
-        raise typer.Exit(2)
     from shardbroker.process.runtime import setup_logging
     from shardbroker.process.supervisor import Supervisor
 

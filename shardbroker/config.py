@@ -553,7 +553,8 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Several nodes as one broker, coordinated through etcd (docs/CLUSTERING.md). Off while
-    ``node_id`` is empty; this version only checks the section (``serve`` refuses it)."""
+    ``node_id`` is empty; with it, ``serve`` registers the node and serves the virtual shards
+    the shard map gives it (cluster/node.py)."""
 
     node_id: str = _setting("", "this node's name in the cluster; empty: no clustering", _NodeId())
     etcd_endpoints: tuple[str, ...] = _setting(

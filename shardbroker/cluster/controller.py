@@ -29,6 +29,7 @@ from shardbroker.cluster.etcd import Compare, Delete, Etcd, EtcdError, Put
 from shardbroker.cluster.membership import NodeInfo, parse_node
 from shardbroker.cluster.placement import place, slots_of
 from shardbroker.cluster.shardmap import (
+    APPLIED_PREFIX,
     CONTROLLER_KEY,
     DRAIN_PREFIX,
     MAP_KEY,
@@ -62,6 +63,7 @@ class ClusterView:
     controller: str | None
     map: ShardMap | None
     map_revision: int  # the map key's mod revision, 0 when there is no map
+    applied: dict[str, int]  # the map version each node has applied (APPLIED_PREFIX)
 
 
 def read_view(etcd: Etcd) -> ClusterView:
@@ -72,6 +74,7 @@ def read_view(etcd: Etcd) -> ClusterView:
     controller: str | None = None
     shard_map: ShardMap | None = None
     revision = 0
+    applied: dict[str, int] = {}
     for entry in etcd.get_prefix(ROOT):
         if entry.key.startswith(NODES_PREFIX):
             info = parse_node(entry.key, entry.value)
@@ -85,7 +88,10 @@ def read_view(etcd: Etcd) -> ClusterView:
         elif entry.key == MAP_KEY:
             shard_map = ShardMap.decode(entry.value)
             revision = entry.mod_revision
-    return ClusterView(nodes, leases, frozenset(drained), controller, shard_map, revision)
+        elif entry.key.startswith(APPLIED_PREFIX) and entry.value.isdigit():
+            applied[entry.key.removeprefix(APPLIED_PREFIX)] = int(entry.value)
+    return ClusterView(nodes, leases, frozenset(drained), controller, shard_map, revision,
+                       applied)
 
 
 class Controller:

@@ -23,12 +23,16 @@ from dataclasses import dataclass
 
 from shardbroker.cluster.placement import Slot
 
-__all__ = ["CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "ROOT", "MapFormatError",
+__all__ = ["APPLIED_PREFIX", "CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "ROOT", "MapFormatError",
            "ShardMap", "VShard", "next_map"]
 
 ROOT = "/shardbroker/"
 NODES_PREFIX = ROOT + "nodes/"  # + node ID: a live node's registration, bound to its lease
 DRAIN_PREFIX = ROOT + "drain/"  # + node ID: the node is drained (no lease: it outlives restarts)
+# + node ID: the newest map version the node has applied (it serves nothing that map does not
+# give it), bound to its lease; a node serves a shard the map gave it at epoch E only once
+# every other registered node has applied E
+APPLIED_PREFIX = ROOT + "applied/"
 CONTROLLER_KEY = ROOT + "controller"  # the elected controller's node ID, bound to its lease
 MAP_KEY = ROOT + "map"  # the shard map, JSON
 

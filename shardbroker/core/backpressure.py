@@ -221,6 +221,8 @@ class Backpressure:
         self.time = time
         self.stats = stats
         self._wake = wake
+        # the shard of a publisher's client ID (a cluster node's workers own clients by the map)
+        self.owner: Callable[[str], int] = lambda publisher: shard_for(publisher, self.shards)
         self.backlogs: Backlogs[Session] = Backlogs()
         self.holds = Holds()  # publishers of this shard held, by which shards
         self.paused: set[Client] = set()  # held clients whose socket is paused as well
@@ -257,7 +259,7 @@ class Backpressure:
 
     def _tell(self, publisher: str, hold: bool, *, renewal: bool = False) -> None:
         """Hold or release ``publisher`` here, or through a peer message to the shard that owns it."""
-        owner = shard_for(publisher, self.shards)
+        owner = self.owner(publisher)
         if owner == self.shard:
             if renewal:
                 return  # this shard's own holds need no lease

@@ -411,6 +411,22 @@ class Broker:
         self.close(client, reasons.ADMINISTRATIVE_ACTION, "disconnected by an administrator")
         return client
 
+    def close_unserved(self, serves: Callable[[str], bool], text: str, now: Now) -> int:
+        """A cluster node's fence fell for some client IDs: close every client this shard may no
+        longer serve (``serves`` says no), a server-side disconnect whose 5.0 DISCONNECT is 0x9C
+        Use another server (MQTT 5.0 3.14.2.1: "the Client should temporarily use another
+        server"; the virtual shard goes to the node the map names next, or back to this one
+        once it holds a lease again; no Server Reference, as the node does not know the next
+        owner). Their sessions stay stored. How many were closed."""
+        self.time.set(now)
+        closed = 0
+        for client in list(self.sessions.clients):
+            if client.closing or client.session is None or serves(client.client_id):
+                continue
+            self.close(client, reasons.USE_ANOTHER_SERVER, text)
+            closed += 1
+        return closed
+
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)
 

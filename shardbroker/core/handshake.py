@@ -195,6 +195,9 @@ class Handshake:
         self.exchanges: dict[Client, Exchange] = {}
         # Disconnects a connected client with a reason code (set by the broker).
         self.disconnect: Callable[[Client, int, str], None] = lambda client, reason, text: None
+        # Whether this shard may serve a client ID now (a cluster node: the fence; set by the
+        # shell). The reason a refusal gives when it may not.
+        self.admit: Callable[[str], str | None] = lambda client_id: None
         # Tells the other shards of a failed login from an address (set by the broker).
         self.tell_peers: Callable[[str], None] = lambda address: None
 
@@ -434,6 +437,9 @@ class Handshake:
         client.max_packet_out = terms.max_packet_out
         client.alias_max_out = terms.alias_max_out
         client.problem_info = terms.problem_info
+        unserved = self.admit(terms.client_id)
+        if unserved is not None:  # checked last, at the attach: the fence may fall during a hash
+            return self._refuse(client, Refusal(reasons.SERVER_UNAVAILABLE, unserved))
         attached = self.sessions.attach(client, terms.client_id, terms.version, terms.expiry, pkt.clean_start,
                                         pkt.will)
         if attached is None:

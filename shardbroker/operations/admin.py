@@ -4,7 +4,8 @@ Three ways to ask the workers:
 
 - every shard at once (``control.gather``): ``stats``, ``clients``, ``subscriptions``,
   ``routes``; the lists are merged and sorted;
-- the shard that owns a client ID (``sharding.shard_for``): ``client``, ``kick``;
+- the shard that owns a client ID (``sharding.shard_for``; on a cluster node the worker the
+  shard map names, ``cluster.node.ClusterNode.owner``): ``client``, ``kick``;
 - one live shard, the next when one does not answer: ``retained`` (the retained store is
   shared by every worker).
 
@@ -66,6 +67,8 @@ class Admin(Operations):
         self.run_dir = run_dir
         self.shards = shards
         self._reload = reload
+        # the shard of a client ID (a cluster node sets the map's)
+        self.owner: Callable[[str], int] = lambda client_id: shard_for(client_id, self.shards)
         self.ops = {
             "stats": self.stats,
             "reload": self.reload,
@@ -140,7 +143,7 @@ class Admin(Operations):
         client_id = request.get("client_id")
         if not isinstance(client_id, str):
             raise TypeError("'client_id' is a string")
-        owner = shard_for(client_id, self.shards)
+        owner = self.owner(client_id)
         out = self.ask_shards({"op": request["op"], "client_id": client_id}, [owner])
         return owner, out
 

@@ -99,6 +99,8 @@ _SHARD_HISTOGRAMS = (
 _ACCEPTOR_COUNTERS = (
     ("shardbroker_acceptor_accepted_connections_total", "connections accepted", "accepted", {}),
     ("shardbroker_acceptor_handed_off_connections_total", "connections handed to a worker", "handed_off", {}),
+    ("shardbroker_acceptor_unserved_connections_total",
+     "CONNECTs a cluster node refused: their virtual shard is not served here", "refused_unserved", {}),
     *(("shardbroker_acceptor_refused_connections_total", "connections closed by a limit, by limit", key,
        {"limit": limit}) for limit, key in (("max_connection_rate", "refused_rate"),
                                             ("max_connections", "refused_max_connections"),

@@ -32,7 +32,7 @@ from shardbroker.core.client import Client
 from shardbroker.core.clock import Now
 from shardbroker.core.session import Session, Subscribed
 from shardbroker.core.topics import matches, parse_shared
-from shardbroker.operations.control import Operations, Request
+from shardbroker.operations.control import Handler, Operations, Request
 from shardbroker.operations.histogram import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from shardbroker.operations.select import (
     RETAINED_LIMIT,
@@ -91,10 +91,11 @@ class ShardOps(Operations):
     """The operations of one shard, by name. ``clock`` reads the time (the worker's);
     ``metrics`` is what the worker's shell measures (None without one: ``stats`` then answers
     the broker's own counters only); ``reload`` is the worker's: it takes the new resolved
-    configuration (as dotted overrides) and applies it (None: no reload)."""
+    configuration (as dotted overrides) and applies it (None: no reload); ``fence``, a cluster
+    node's worker's: it takes the supervisor's grant (op ``fence``)."""
 
     def __init__(self, broker: Broker, clock: Callable[[], Now] = _clock, metrics: ShardMetrics | None = None,
-                 reload: Reload | None = None) -> None:
+                 reload: Reload | None = None, fence: Handler | None = None) -> None:
         self.broker = broker
         self.clock = clock
         self.metrics = metrics
@@ -110,6 +111,8 @@ class ShardOps(Operations):
             "routes": self.routes,
             "retained": self.retained,
         }
+        if fence is not None:  # a cluster node's worker: what it may serve (cluster/grant.py)
+            self.ops["fence"] = fence
 
     def stats(self, request: Request) -> dict[str, Any]:
         broker, metrics = self.broker, self.metrics

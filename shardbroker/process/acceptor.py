@@ -4,7 +4,10 @@ The acceptor speaks MQTT only as far as the CONNECT packet: it reads it under a
 deadline (``limits.connect_timeout``) and a size limit, assigns an identifier to a
 client that sent an empty one where the version allows it, and hands the socket
 with every byte read so far to the worker that owns the client ID
-(``shard_for(client_id, workers)``). Hand-offs made in one loop iteration go to
+(``shard_for(client_id, workers)``; on a cluster node, the worker the supervisor's newest
+``cluster.grant.Grant`` names for the client's virtual shard, and a client of a virtual shard
+the node does not serve gets CONNACK "server unavailable", logged at most once a second: it
+is not relayed to the node that serves it). Hand-offs made in one loop iteration go to
 each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
 that is malformed or illegal gets the spec's answer here (a CONNACK with a
 reason code where one exists, then a close), and the reason is logged.
@@ -41,6 +44,8 @@ import ssl
 import time
 import uuid
 
+from shardbroker.cluster.grant import NONE, Grant
+from shardbroker.cluster.placement import vshard_for
 from shardbroker.config import Config, ConfigError, ListenerConfig, load_config
 from shardbroker.operations.histogram import LATENCY_BOUNDS, Histogram
 from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
@@ -133,6 +138,11 @@ class Acceptor:
         self.counts = ConnectionCounts(config.limits.max_connections, config.limits.max_connections_per_address)
         self._said_second = 0
         self._said: set[str] = set()  # what was logged this second (at most once a second per address)
+        # A cluster node: clients go to the worker the supervisor's newest grant names for their
+        # virtual shard (cluster/grant.py); none before the first grant.
+        self.clustered = config.cluster.enabled
+        self.grant = NONE
+        self.refused_unserved = 0  # CONNECTs of virtual shards this node does not serve
 
     def _say_once(self, key: str, msg: str, *args: object) -> None:
         """Log ``msg`` at most once a second for ``key`` (an address, or a limit)."""
@@ -549,10 +559,33 @@ class Acceptor:
                 return self._refuse(p, version, ProtocolError(
                     reasons.NOT_AUTHORIZED, f"the client certificate has no {p.listener.certificate_identity} "
                                             "to be the user name (use_identity_as_username)"))
-        self._queue_handoff(shard_for(client_id or connect.client_id, self.shards), p, client_id, version)
+        cid = client_id or connect.client_id
+        if not self.clustered:
+            return self._queue_handoff(shard_for(cid, self.shards), p, client_id, version)
+        worker = self.grant.owner(cid, time.monotonic())
+        if worker < 0:
+            return self._unserved(p, version, cid)
+        self._queue_handoff(worker, p, client_id, version)
 
-    def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError) -> None:
-        log.info("%s: CONNECT refused: %s (%s)", _who(p), exc.message, reasons.name(exc.reason))
+    def _unserved(self, p: _Pending, version: int, client_id: str) -> None:
+        """A cluster node refuses a client of a virtual shard it does not serve: CONNACK
+        "server unavailable" (3.1.1 return code 3, 5.0 reason 0x88), logged at most once a
+        second. Relaying it to the node that serves it is not built."""
+        self.refused_unserved += 1
+        grant = self.grant
+        why = ("this node serves no virtual shard now (no lease or no shard map yet)"
+               if not grant.owners or time.monotonic() >= grant.until
+               else "its virtual shard is another node's or nobody's")
+        self._say_once("cluster", "CONNECT of %r refused (server unavailable): %s; relaying to the"
+                       " owner node is not built (%d refused so far)", client_id, why,
+                       self.refused_unserved)
+        v = vshard_for(client_id, grant.count) if grant.count else -1
+        self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE,
+                                               f"virtual shard {v} not served here"), quiet=True)
+
+    def _refuse(self, p: _Pending, version: int | None, exc: ProtocolError, quiet: bool = False) -> None:
+        if not quiet:
+            log.info("%s: CONNECT refused: %s (%s)", _who(p), exc.message, reasons.name(exc.reason))
         code = reactions.connack_for(exc.reason, version) if version is not None else None
         if code is not None and version is not None:
             data = codec.encode(ConnAck(False, code), version)
@@ -625,9 +658,15 @@ class Acceptor:
                 "refused_max_connections": counts.refused_total,
                 "refused_max_connections_per_address": counts.refused_address,
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
+                "refused_unserved": self.refused_unserved,
             }, "histograms": {"handoff_seconds": self.handoff_seconds.snapshot()}}
         if request["op"] == "reload":
             return self.reconfigure(request.get("config"))
+        if request["op"] == "fence" and self.clustered:
+            grant = Grant.from_value(request.get("grant"))
+            if grant.seq > self.grant.seq:
+                self.grant = grant
+            return {"acceptor": True, "seq": self.grant.seq}
         raise ValueError(f"unknown operation {request['op']!r}")
 
     def reconfigure(self, overrides: object) -> dict[str, object]:

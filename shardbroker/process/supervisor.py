@@ -9,6 +9,12 @@ Shutdown on SIGTERM/SIGINT, bounded by ``server.shutdown_timeout``: stop the
 acceptor first (no new clients), then the workers (each tells its 5.0 clients
 0x8B and commits), then SIGKILL whatever is still running.
 
+With ``[cluster] node_id`` (a cluster node, ``cluster/node.py``): the shard stores are made to
+follow the node's layout before any child starts (``storage/layout.py``; without it, back to
+the hash layout if they followed one), and a ``ClusterNode`` thread joins etcd and sends every
+child its grant over the control channel (op ``fence``); at shutdown it leaves after the
+children have stopped.
+
 A child that exits with status 2 hit a fatal configuration or store error: the
 broker stops with that error rather than restarting it in a loop.
 
@@ -43,9 +49,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardbroker import _compiled
 from shardbroker.config import Config, ConfigError, load_config
@@ -57,6 +63,10 @@ from shardbroker.process import reload
 from shardbroker.process.notify import Notifier, without_notify_socket
 from shardbroker.process.runtime import ANNOUNCE
 from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
+
+if TYPE_CHECKING:
+    from shardbroker.cluster.grant import Grant
+    from shardbroker.cluster.node import ClusterNode
 
 DEFER_ACCEPT = 1  # seconds
 RUN_NAME = "run"  # DATA/run: the sockets of the processes, when the path is short enough
@@ -282,6 +292,50 @@ class Supervisor:
                 f"{self.shards}; start with --workers {existing} or use another data directory"
             )
 
+    def _check_cluster(self) -> type[ClusterNode] | None:
+        """With ``[cluster] node_id``: the ``ClusterNode`` class (the etcd client is an extra);
+        a one-line error when it cannot serve so."""
+        cluster = self.config.cluster
+        if not cluster.enabled:
+            return None
+        from shardbroker.storage.lmdb_store import VIRTUAL_SHARDS
+
+        if cluster.virtual_shards != VIRTUAL_SHARDS:
+            raise SystemExit(f"shardbroker: cluster.virtual_shards: a node serves {VIRTUAL_SHARDS}"
+                             " virtual shards (the store's); other counts are not served yet")
+        try:
+            from shardbroker.cluster.node import ClusterNode
+        except ImportError as exc:
+            raise SystemExit(f"shardbroker: [cluster] needs the cluster extra ({exc.name or exc}):"
+                             " pip install 'shardbroker[cluster]'") from None
+        return ClusterNode
+
+    def _arrange_stores(self) -> None:
+        """Before any worker starts: the stores follow the layout this run serves with
+        (``storage/layout.py``): a cluster node's table, else the hash of the client ID. Moves
+        that a kill interrupted are finished or undone first."""
+        from shardbroker.storage.layout import arrange, layouts
+        from shardbroker.storage.lmdb_store import VIRTUAL_SHARDS, StoreError
+
+        cluster = self.config.cluster
+        storage = self.config.storage
+        try:
+            if cluster.enabled:
+                from shardbroker.cluster.grant import local_owners
+
+                name: str | None = f"rendezvous:{cluster.node_id}"
+                table: list[int] | None = local_owners(cluster.node_id, self.shards, VIRTUAL_SHARDS)
+            elif any(found is not None for found in layouts(self.data_dir, self.shards)):
+                name, table = None, None
+            else:
+                return
+            done = arrange(self.data_dir, self.shards, name, table, map_size=storage.map_size,
+                           max_map_size=storage.max_map_size, sync=storage.durability == "fsync")
+        except StoreError as exc:
+            raise SystemExit(f"shardbroker: {exc}") from None
+        for line in done.lines:
+            log.info("%s", line)
+
     def _check_security(self) -> None:
         """Read the password and ACL files once before any child starts: a missing or broken
         one is a one-line error and exit status 2, not a worker that keeps failing."""
@@ -317,6 +371,7 @@ class Supervisor:
             log.info("open files limit raised from %d to %d", soft, want)
 
     def run(self) -> int:
+        node_class = self._check_cluster()
         self._check_security()
         self._check_tls()
         self._raise_file_limit()
@@ -325,6 +380,7 @@ class Supervisor:
         socks: list[socket.socket] = []
         try:
             self._check_data_dir()
+            self._arrange_stores()
             for lst in listeners:
                 socks.append(self._bind(lst.host, lst.port))
             run_dir = self._run_dir()
@@ -375,6 +431,11 @@ class Supervisor:
             announce.info("listening on %s:%d (%s)", h, p, lst.type)
         for child in children:
             self._start(child, env)
+        node = None
+        if node_class is not None:
+            node = node_class(self.config.cluster, self.shards, self._grant_sender(admin))
+            admin.owner = node.owner
+            node.start()
         control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), admin)
         control.start()
         if metrics is not None:
@@ -400,6 +461,8 @@ class Supervisor:
                         for child in children:
                             if child.name == name:
                                 child.ready = True
+                                if node is not None:
+                                    node.refresh()  # it has no grant yet
                 if self._reload:
                     self._reload = False
                     log.info("SIGHUP: reloading the configuration")
@@ -436,6 +499,8 @@ class Supervisor:
                 metrics.close()
             control.close()
             self._shutdown(acceptor, workers)
+            if node is not None:
+                node.close()  # the clients are gone: leave, so that the shards move at once
             for sock in socks:
                 sock.close()
             os.close(ready_r)
@@ -447,6 +512,26 @@ class Supervisor:
             os.close(lock_fd)
         log.info("shardbroker stopped")
         return self.exit_code
+
+    @staticmethod
+    def _grant_sender(admin: Admin) -> Callable[[Grant], bool]:
+        """How a cluster node tells every child its grant (control op ``fence``): the workers
+        first, all at once, then the acceptor, so that the acceptor hands no client to a worker
+        that does not know yet it serves it; whether every child took it (one that did not is
+        sent the next grant)."""
+        from shardbroker.operations.admin import acceptor_socket
+        from shardbroker.operations.control import ControlError, call
+
+        def send(grant: Grant) -> bool:
+            missing = admin.ask_shards({"op": "fence", "grant": grant.to_value()})["missing"]
+            if missing:  # the acceptor sends nobody to a worker that does not hold the grant
+                grant = grant.without({int(shard) for shard in missing})
+            try:
+                call(acceptor_socket(admin.run_dir), {"op": "fence", "grant": grant.to_value()})
+            except ControlError:
+                return False
+            return not missing
+        return send
 
     def _start(self, child: Child, env: dict[str, str]) -> None:
         child.proc = subprocess.Popen(child.argv, env=env, pass_fds=child.pass_fds, stdin=subprocess.DEVNULL)

@@ -8,6 +8,11 @@ connects the broker to the other workers over the bus, reads the clock for every
 event it passes on, runs the broker's timers on the event loop (``LoopScheduler``),
 sweeps every ``TICK`` seconds, and shuts down in order on SIGTERM: 5.0 clients are
 told 0x8B, the last batch is committed, the store closed.
+
+On a cluster node it serves the virtual shards of the supervisor's newest grant (control op
+``fence``) until the grant's deadline: the handshake refuses other clients (CONNACK "server
+unavailable"), and the clients a new grant (or the deadline) no longer covers are closed
+(5.0: DISCONNECT 0x9C).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shardbroker.cluster.grant import NONE, Grant, local_owners
+from shardbroker.cluster.placement import vshard_for
 from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core import clientlog
 from shardbroker.core.broker import Broker
@@ -158,6 +165,14 @@ class Worker:
         self._adopting = False  # an _adopt_some is scheduled
         self._listen: socket.socket | None = None
         self._poller: Poller | None = None
+        # A cluster node's worker serves the virtual shards of the supervisor's newest grant
+        # (cluster/grant.py), until its deadline; before the first one, nothing.
+        cluster = config.cluster
+        self.clustered = cluster.enabled
+        self.local = local_owners(cluster.node_id, shards, cluster.virtual_shards) if self.clustered else []
+        self.grant = NONE
+        self._fence_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,6 +189,11 @@ class Worker:
                         LoopScheduler(loop), now(), policy=self.policy, verifier=verifier)
         holder.append(broker)
         self.broker = broker
+        self._loop = loop
+        if self.clustered:
+            local, count = self.local, len(self.local)
+            broker.backpressure.owner = lambda client_id: local[vshard_for(client_id, count)]
+            broker.handshake.admit = self._admit
         broker.restore(now())
         poller = self._poller = Poller(loop)
         bus.start(loop)
@@ -208,7 +228,8 @@ class Worker:
         # objects are freed by reference counting; a full collection over a large heap is
         # milliseconds of stalled loop, which shows as latency.
         control_server = await control.serve(shard_socket(self.run_dir, self.shard_index),
-                                             ShardOps(broker, now, metrics, self.reconfigure))
+                                             ShardOps(broker, now, metrics, self.reconfigure,
+                                                      self.fence if self.clustered else None))
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
@@ -224,6 +245,8 @@ class Worker:
 
         connections = len(broker.sessions.clients)
         log.info("shard %d shutting down: %d connections", self.shard_index, connections)
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
         loop.remove_reader(listen.fileno())
         listen.close()
         control_server.close()
@@ -242,6 +265,59 @@ class Worker:
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
                  st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
                  broker.flow.held_for, bus.waited)
+
+    # ------------------------------------------------------------------ the fence (cluster)
+
+    def _admit(self, client_id: str) -> str | None:
+        """Why this worker may not serve ``client_id`` now (the handshake refuses it with
+        CONNACK "server unavailable"), or None."""
+        grant = self.grant
+        if not grant.owners:
+            return "this node serves no virtual shard now (no lease or no shard map)"
+        if time.monotonic() >= grant.until:
+            return "this node's lease was not renewed in time"
+        v = vshard_for(client_id, grant.count)
+        if grant.owners[v] != self.shard_index:
+            return f"virtual shard {v} is not served by this worker"
+        return None
+
+    def fence(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control operation ``fence``: the supervisor's grant. A newer one replaces the one
+        held; the clients it no longer lets this worker serve are closed at once, and the rest
+        when its deadline passes without a newer grant."""
+        grant = Grant.from_value(request.get("grant"))
+        if grant.seq <= self.grant.seq:
+            return {"shard": self.shard_index, "seq": self.grant.seq}
+        old, self.grant = self.grant, grant
+        if grant.owners != old.owners or grant.until < old.until:
+            self._close_unserved("the shard map gives the client's virtual shard to another node"
+                                 if grant.owners else "this node lost its cluster lease")
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+            self._fence_timer = None
+        if grant.owners and self._loop is not None:
+            self._fence_timer = self._loop.call_later(max(0.0, grant.until - time.monotonic()),
+                                                      self._fence_expired, grant)
+        return {"shard": self.shard_index, "seq": grant.seq,
+                "serving": len(grant.served_by(self.shard_index))}
+
+    def _fence_expired(self, grant: Grant) -> None:
+        """The deadline of the grant held passed with no newer one: serve nothing more."""
+        self._fence_timer = None
+        if grant is not self.grant:
+            return
+        early = grant.until - time.monotonic()
+        if early > 0 and self._loop is not None:  # the loop's clock fired a little early
+            self._fence_timer = self._loop.call_later(early + 0.001, self._fence_expired, grant)
+            return
+        log.warning("shard %d: no renewed grant from the supervisor before the lease deadline:"
+                    " closing the clients", self.shard_index)
+        self._close_unserved("this node's cluster lease was not renewed in time")
+
+    def _close_unserved(self, text: str) -> None:
+        closed = self.broker.close_unserved(lambda cid: self._admit(cid) is None, text, now())
+        if closed:
+            log.warning("shard %d: %d clients closed: %s", self.shard_index, closed, text)
 
     def reload(self) -> None:
         """SIGHUP sent to this worker alone: read the password and ACL files again; a file that

@@ -44,7 +44,7 @@ def test_contracts_name_every_boundary() -> None:
                    "the broker core does no I/O and reads no clock: no socket, ssl, zmq, lmdb, asyncio or time",
                    "typer only in cli", "zmq is imported by the bus alone", "lmdb is imported by the store alone",
                    "etcd3gw is imported by cluster.etcd alone",
-                   "the cluster's placement, map and fence are pure: no I/O, no clock"):
+                   "the cluster's placement, map, fence and grants are pure: no I/O, no clock"):
         assert needed in names
 
 

@@ -542,16 +542,18 @@ def test_bad_cluster_settings(tmp_path: Path, text: str, expected: str) -> None:
     assert str(error_of(tmp_path, text)) == expected
 
 
-def test_serve_refuses_a_cluster_configuration(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_a_virtual_shard_count_it_cannot_serve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A node serves the 1024 virtual shards its stores index; another count is one line and
+    exit status 2, before the data directory is made."""
     from shardbroker.cli.main import main
 
     data = tmp_path / "data"
     with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--config", str(write(tmp_path, CLUSTER)), "--data-dir", str(data)])
+        main(["serve", "--config", str(write(tmp_path, CLUSTER + "virtual_shards = 2048\n")),
+              "--data-dir", str(data)])
     out, err = capsys.readouterr()
     assert exit_.value.code == 2 and out == ""
-    assert err == ("shardbroker: cluster.node_id: clustering is not available yet in this version"
-                   " (only `shardbroker cluster` and the coordination layer; see"
-                   " docs/CLUSTERING.md)\n")
+    assert err == ("shardbroker: cluster.virtual_shards: a node serves 1024 virtual shards (the"
+                   " store's); other counts are not served yet\n")
     assert not data.exists()

@@ -1,0 +1,117 @@
+"""What a node's supervisor tells its acceptor and workers: which virtual shards they serve.
+
+Pure: no I/O, no clock. The supervisor builds a ``Grant`` from the fence (the map it holds
+and its lease) and sends it to every child over the control channel (op ``fence``); each
+child keeps the newest one (by ``seq``) and decides with it alone:
+
+* ``owners[v]``: the local worker that serves virtual shard ``v``, or -1 when this node does
+  not (another node's, nobody's, or no map yet);
+* ``epochs[v]``: the shard's epoch in the map (0 where it is not served here);
+* ``until``: a CLOCK_MONOTONIC time (system-wide on Linux, so it means the same in every
+  process of the host) after which nothing may be served: the lease deadline as
+  ``membership`` reckons it, which is never later than etcd's expiry. A child stops at
+  ``until`` even when no newer grant comes (the supervisor stopped, say).
+
+``NONE`` (served nothing) is what a child holds before the first grant, and what the
+supervisor sends when the lease is lost.
+
+``local_owners(node, workers, count)`` is the placement of every virtual shard over this
+node's workers alone. Rendezvous hashing gives a virtual shard that the map places on this
+node to the same worker whatever the other nodes are (the best of the node's own slots), so
+this table is where each shard's state is kept in the data directory, and where a shard the
+map gives this node later will be served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from shardbroker.cluster.fence import Fence
+from shardbroker.cluster.placement import Slot, place, vshard_for
+
+__all__ = ["NONE", "Grant", "GrantError", "from_fence", "local_owners"]
+
+
+class GrantError(ValueError):
+    """A control request that is no grant."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    seq: int  # grows with every grant the supervisor sends; an older one is ignored
+    version: int  # the map's version (0: no map)
+    lease: int
+    until: float  # monotonic seconds; -inf: serve nothing
+    owners: tuple[int, ...]  # per virtual shard: the local worker, or -1
+    epochs: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.owners)
+
+    def owner(self, client_id: str, now: float) -> int:
+        """The local worker that serves ``client_id`` at ``now``, or -1."""
+        if not self.owners or now >= self.until:
+            return -1
+        return self.owners[vshard_for(client_id, len(self.owners))]
+
+    def served_by(self, worker: int) -> list[int]:
+        """The virtual shards ``worker`` serves under this grant."""
+        return [v for v, w in enumerate(self.owners) if w == worker]
+
+    def without(self, workers: set[int]) -> Grant:
+        """This grant with nothing served by ``workers`` (they did not take it)."""
+        return replace(self, owners=tuple(-1 if w in workers else w for w in self.owners))
+
+    def to_value(self) -> dict[str, object]:
+        return {"seq": self.seq, "version": self.version, "lease": self.lease,
+                "until": self.until if math.isfinite(self.until) else None,
+                "owners": list(self.owners), "epochs": list(self.epochs)}
+
+    @classmethod
+    def from_value(cls, value: object) -> Grant:
+        try:
+            if not isinstance(value, dict):
+                raise TypeError("not an object")
+            until = value["until"]
+            owners = tuple(int(w) for w in value["owners"])
+            epochs = tuple(int(e) for e in value["epochs"])
+            if len(epochs) != len(owners):
+                raise ValueError("owners and epochs differ in length")
+            return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
+                       -math.inf if until is None else float(until), owners, epochs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GrantError(f"not a grant: {exc}") from None
+
+
+NONE = Grant(0, 0, 0, -math.inf, (), ())
+
+
+def from_fence(fence: Fence, seq: int, workers: int, now: float,
+               cleared: float = math.inf) -> Grant:
+    """The grant of ``fence`` (this node's map and lease) at ``now``: the shards it may serve
+    on workers this node has, until the lease deadline. Nothing when it may serve nothing.
+    ``cleared``: the oldest map version every other live node has applied; a shard the map
+    gave this node at a later epoch is held back until then (its previous owner may still
+    serve it: the handover of a shard between live nodes)."""
+    shard_map = fence.map
+    if shard_map is None or now >= fence.lease_until:
+        return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
+                     (), ())
+    owners = [-1] * shard_map.count
+    epochs = [0] * shard_map.count
+    for v in fence.served(now):
+        slot = shard_map.vshards[v].slot
+        if slot is not None and 0 <= slot.worker < workers and shard_map.vshards[v].epoch <= cleared:
+            owners[v] = slot.worker
+            epochs[v] = shard_map.vshards[v].epoch
+    return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),
+                 tuple(epochs))
+
+
+def local_owners(node: str, workers: int, count: int) -> list[int]:
+    """The worker of this node each virtual shard goes to when the map places it here."""
+    slots: Sequence[Slot] = [Slot(node, w) for w in range(workers)]
+    return [slot.worker if slot is not None else 0 for slot in place(count, slots)]

@@ -1,0 +1,245 @@
+"""A broker node in the cluster: the supervisor's side of serving under etcd.
+
+One ``ClusterNode`` per ``serve`` with ``[cluster] node_id``. From a thread of the supervisor
+it joins (``membership``: a registration under a lease, renewed by its own threads), runs a
+controller candidate (``controller``: the node that wins the election writes the map), reads
+the map every ``round`` seconds, keeps the ``Fence`` (map + lease deadline) and tells the
+children what they may serve as a ``grant.Grant`` through ``publish`` (the supervisor sends it
+over the control channel). A grant goes out when it changes, when the lease was renewed, when
+a child missed the last one, and at least every second.
+
+The lease, and what the children are told:
+
+* ``until`` in a grant is the lease deadline less ``GUARD`` of the TTL, so that a child that
+  hears nothing more (the supervisor stopped) has closed its clients before etcd can let
+  another node take the shards;
+* when ``membership`` says the lease is lost (etcd said so, or the last third of the TTL began
+  unrenewed), a grant of nothing goes out at once, from the thread that noticed: the workers
+  close the clients, the acceptor refuses new ones;
+* the next round revokes the old lease (when etcd answers), registers again under a new one
+  and serves again once the controller has written a map for that lease (the old map names
+  the old lease, which the fence refuses).
+
+A shard moving between live nodes (a node joins, or is drained): the map gives it to the new
+owner at once, and the old one stops serving it when it reads that map. So that the two never
+serve it together, each node says under ``APPLIED_PREFIX`` (bound to its lease) the oldest map
+its children may serve from: before it first serves under a lease, in a transaction that
+requires the map it read to still be the map; after each grant every child took, that map's
+version. A node serves a shard of epoch E only once every other registered node that says so
+has applied E (``cleared``); a node that says nothing serves nothing. A node whose lease ended
+serves nothing either (the fence), so it is not waited for.
+
+A node ID already registered (the previous run of this node, killed, whose lease has not
+expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
+
+What it does not do: relay clients to other nodes, or carry messages between nodes; a shard
+that moves to another node is simply no longer served here (its clients are closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from shardbroker.cluster.controller import Controller, MapMismatch, StaleController, read_view
+from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
+from shardbroker.cluster.fence import Fence
+from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners
+from shardbroker.cluster.membership import Membership, NodeIdInUse, NodeInfo
+from shardbroker.cluster.placement import vshard_for
+from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
+from shardbroker.config import ClusterConfig
+
+__all__ = ["GUARD", "ClusterNode"]
+
+log = logging.getLogger("shardbroker.cluster")
+
+GUARD = 0.1  # of the TTL: children stop serving this long before the lease deadline
+RESEND = 1.0  # seconds: a grant goes out at least this often
+
+Publish = Callable[[Grant], bool]  # send to every child; whether all of them took it
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, workers: int, publish: Publish,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.workers = workers
+        self.publish = publish
+        self.clock = clock
+        timeout = max(0.5, min(2.0, config.lease_ttl / 4))
+        self.round = max(0.2, min(1.0, config.lease_ttl / 6))
+        self._lease_etcd = Etcd(config.etcd_endpoints, timeout=timeout)  # renewals alone
+        self.etcd = Etcd(config.etcd_endpoints, timeout=timeout)
+        self.member = Membership(self._lease_etcd,
+                                 NodeInfo(config.node_id, config.advertise, workers),
+                                 config.lease_ttl, self._lost, clock)
+        self.member.lost = True  # not joined yet
+        self.controller: Controller | None = None
+        self.fence = Fence(config.node_id, 0)
+        self.local = local_owners(config.node_id, workers, config.virtual_shards)
+        self.grant = NONE
+        self._seq = 0
+        self._sent_at = -1e18
+        self._stale = True
+        self._lock = threading.Lock()  # the fence and the grants sent, in order
+        self._stop = threading.Event()
+        self._nudge = threading.Event()  # a round now (a child started)
+        self._thread: threading.Thread | None = None
+        self._said = ""  # the last problem logged (each one once)
+        self._claimed = 0  # the map version under APPLIED_PREFIX for this lease (0: none)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cluster", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the rounds (the children are stopped by then); give up the controller key and
+        revoke the lease, so that the shards move at once rather than after the TTL."""
+        self._stop.set()
+        self._nudge.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.controller is not None:
+                self.controller.resign()
+            self.member.leave()
+        except EtcdError as exc:
+            log.warning("node %s: could not leave the cluster (its lease ends by itself within"
+                        " %d s): %s", self.config.node_id, self.config.lease_ttl, exc)
+            self.member.stop()
+        self.etcd.close()
+        self._lease_etcd.close()
+
+    def refresh(self) -> None:
+        """A child (re)started and holds no grant: send the grant at once."""
+        self._stale = True
+        self._nudge.set()
+
+    def owner(self, client_id: str) -> int:
+        """The local worker of ``client_id``: the map's when this node serves its virtual
+        shard, else the one whose store keeps its session (``grant.local_owners``)."""
+        v = vshard_for(client_id, len(self.local))
+        grant = self.grant
+        if grant.owners and grant.owners[v] >= 0:
+            return grant.owners[v]
+        return self.local[v]
+
+    # ------------------------------------------------------------------ rounds
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._round()
+            except NodeIdInUse as exc:
+                self._say(f"{exc}: waiting for that lease to end (`shardbroker cluster forget"
+                          f" {self.config.node_id}` ends it now)")
+            except (EtcdError, StaleController, MapMismatch, MapFormatError) as exc:
+                self._say(f"node {self.config.node_id}: {exc}")
+            except Exception as exc:  # noqa: BLE001 (the thread must go on; the next round retries)
+                self._say(f"node {self.config.node_id}: round failed: {type(exc).__name__}: {exc}")
+            self._nudge.wait(self.round)
+            self._nudge.clear()
+
+    def _say(self, text: str) -> None:
+        if text != self._said:
+            self._said = text
+            log.warning("cluster: %s", text)
+
+    def _round(self) -> None:
+        if self.member.lost:
+            self._join()
+        assert self.controller is not None
+        self.controller.reconcile()
+        view = read_view(self.etcd)
+        new = view.map
+        if new is not None and new.count != self.config.virtual_shards:
+            raise MapMismatch(f"the cluster's map has {new.count} virtual shards, this node is"
+                              f" set for {self.config.virtual_shards}")
+        me = self.config.node_id
+        if (new is not None and not self._claimed and view.leases.get(me) == self.member.lease
+                and new.lease_of(me) == self.member.lease):
+            # about to serve from ``new`` for the first time under this lease: say so while
+            # ``new`` is still the map, so that a node the next map gives a shard of ours
+            # waits for us to apply it
+            if not self.etcd.txn([Compare(MAP_KEY, "mod", view.map_revision)],
+                                 [Put(APPLIED_PREFIX + me, str(new.version).encode(),
+                                      self.member.lease)]):
+                return  # the map changed meanwhile: the next round
+            self._claimed = new.version
+        # the oldest map every other node that may serve has applied
+        cleared = min((version for node, version in view.applied.items()
+                       if node != me and node in view.nodes), default=math.inf)
+        self._said = ""
+        with self._lock:
+            if self.member.lost:
+                return  # told while this round read etcd: the next round joins again
+            if new is not None:
+                self.fence.apply(new)
+            self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
+            self._send(force=False, cleared=cleared)
+            applied = self.grant.version if not self._stale and self.grant.owners else 0
+        if self._claimed and applied > self._claimed:
+            # every child serves from this map now, and from no older one
+            self.etcd.put(APPLIED_PREFIX + me, str(applied).encode(), self.member.lease)
+            self._claimed = applied
+
+    def _join(self) -> None:
+        """Register (again) under a new lease, after revoking the old one if there is one."""
+        self.member.stop()
+        old = self.member.lease
+        if old:
+            try:
+                self.etcd.revoke(old)
+            except EtcdError:
+                pass  # it ends by itself; the join below says whether the ID is free
+        self.member.join()
+        self.member.start()
+        with self._lock:
+            self.fence = Fence(self.config.node_id, self.member.lease)
+            self._claimed = 0
+        self.controller = Controller(self.etcd, self.config.node_id, self.member.lease,
+                                     self.config.virtual_shards)
+
+    def _lost(self, left: float) -> None:
+        """``membership``'s callback, from its thread: serve nothing from now on."""
+        with self._lock:
+            self.fence.lost()
+            self._send(force=True)
+        log.warning("cluster: node %s lost its lease (%.1f s left): its clients are closed and"
+                    " new ones refused until it holds a lease and a map again",
+                    self.config.node_id, left)
+
+    def _send(self, force: bool, cleared: float = math.inf) -> None:
+        """Under the lock: the fence's grant to the children, when it is news; the shards of a
+        later epoch than ``cleared`` are held back (``grant.from_fence``)."""
+        now = self.clock()
+        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared)
+        last = self.grant
+        changed = (grant.owners != last.owners or grant.version != last.version
+                   or grant.lease != last.lease or grant.until != last.until)
+        if not (force or changed or self._stale or now - self._sent_at >= RESEND):
+            return
+        self._seq += 1
+        self._sent_at = now
+        self.grant = grant
+        self._stale = not self.publish(grant)
+        served = sum(1 for w in grant.owners if w >= 0)
+        was = sum(1 for w in last.owners if w >= 0)
+        held = len(self.fence.served(now)) - served if grant.owners else 0
+        if held and grant.version != last.version:
+            log.info("cluster: node %s holds back %d virtual shards of map version %d until every"
+                     " other node has applied it (their previous owner may still serve them)",
+                     self.config.node_id, held, grant.version)
+        if served != was or (served and grant.version != last.version):
+            if served:
+                log.info("cluster: node %s serves %d virtual shards (map version %d, lease %x)",
+                         self.config.node_id, served, grant.version, grant.lease)
+            else:
+                log.warning("cluster: node %s serves no virtual shard now (map version %d)",
+                            self.config.node_id, grant.version)

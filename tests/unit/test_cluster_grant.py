@@ -1,0 +1,109 @@
+"""What a node's supervisor tells its children (``cluster/grant.py``): the virtual shards the
+fence lets it serve, on which local worker, until the lease deadline; and the node's own
+table of virtual shard -> worker, which the map agrees with whatever other nodes there are."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from shardbroker.cluster.fence import Fence
+from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local_owners
+from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
+from shardbroker.cluster.shardmap import next_map
+
+COUNT = 1024
+
+
+def two_nodes(lease1: int = 11, lease2: int = 22):  # type: ignore[no-untyped-def]
+    placement = place(COUNT, slots_of({"n1": 2, "n2": 3}))
+    shard_map = next_map(None, placement, {"n1": lease1, "n2": lease2})
+    assert shard_map is not None
+    return placement, shard_map
+
+
+def test_a_grant_is_what_the_fence_lets_this_node_serve() -> None:
+    placement, shard_map = two_nodes()
+    fence = Fence("n1", 11)
+    fence.apply(shard_map)
+    fence.renewed(100.0)
+    grant = from_fence(fence, 7, 2, now=50.0)
+    assert (grant.seq, grant.version, grant.lease, grant.until) == (7, 1, 11, 100.0)
+    for v, slot in enumerate(placement):
+        assert slot is not None
+        want = slot.worker if slot.node == "n1" else -1
+        assert grant.owners[v] == want
+        assert grant.epochs[v] == (1 if want >= 0 else 0)
+    mine = [v for v, s in enumerate(placement) if s == Slot("n1", 1)]
+    assert grant.served_by(1) == mine
+    cid = next(c for c in (f"c{i}" for i in range(10_000))
+               if placement[vshard_for(c, COUNT)] == Slot("n1", 0))
+    assert grant.owner(cid, 99.9) == 0
+    assert grant.owner(cid, 100.0) == -1  # the deadline passed
+
+
+def test_no_grant_without_a_live_lease_or_under_another_lease() -> None:
+    _placement, shard_map = two_nodes()
+    fence = Fence("n1", 11)
+    assert from_fence(fence, 1, 2, now=0.0).owners == ()  # no map yet
+    fence.apply(shard_map)
+    fence.renewed(10.0)
+    assert from_fence(fence, 2, 2, now=10.0).owners == ()  # deadline reached
+    fence.renewed(20.0)
+    fence.lost()
+    assert from_fence(fence, 3, 2, now=11.0).owners == ()
+    restarted = Fence("n1", 12)  # the same node under a new lease: the old map does not do
+    restarted.apply(shard_map)
+    restarted.renewed(20.0)
+    assert set(from_fence(restarted, 1, 2, now=0.0).owners) == {-1}
+
+
+def test_a_grant_travels_as_plain_data() -> None:
+    _placement, shard_map = two_nodes()
+    fence = Fence("n2", 22)
+    fence.apply(shard_map)
+    fence.renewed(5.5)
+    grant = from_fence(fence, 3, 3, now=1.0)
+    assert Grant.from_value(grant.to_value()) == grant
+    assert Grant.from_value(NONE.to_value()) == NONE and NONE.until == -math.inf
+    assert set(grant.without({0, 2}).owners) == {-1, 1}  # for the acceptor: worker 1 took it
+    for bad in (None, [], {"seq": 1}, {**grant.to_value(), "epochs": [1]},
+                {**grant.to_value(), "owners": ["x"]}):
+        with pytest.raises(GrantError):
+            Grant.from_value(bad)
+
+
+def test_local_owners_agree_with_the_map_whatever_the_other_nodes() -> None:
+    """Rendezvous hashing: a virtual shard the map gives a node is on the node's best slot, so
+    the table that places the node's stores holds with one node, three, or after a drain."""
+    table = local_owners("n1", 3, COUNT)
+    assert set(table) == {0, 1, 2}
+    for workers in ({"n1": 3}, {"n1": 3, "n2": 2}, {"n1": 3, "n2": 2, "n3": 4}):
+        for v, slot in enumerate(place(COUNT, slots_of(workers))):
+            if slot is not None and slot.node == "n1":
+                assert slot.worker == table[v]
+
+
+def test_shards_taken_from_a_live_node_wait_until_it_has_applied_the_map() -> None:
+    """Epochs: n2 joins at version 2; the shards it takes have epoch 2, and another node that
+    has applied version 1 only may still serve them."""
+    first = next_map(None, place(COUNT, slots_of({"n1": 1})), {"n1": 11})
+    assert first is not None
+    second = next_map(first, place(COUNT, slots_of({"n1": 1, "n2": 1})), {"n1": 11, "n2": 22})
+    assert second is not None and second.version == 2
+    fence = Fence("n2", 22)
+    fence.apply(second)
+    fence.renewed(100.0)
+    taken = [v for v, s in enumerate(second.vshards) if s.slot == Slot("n2", 0)]
+    assert taken and all(second.vshards[v].epoch == 2 for v in taken)
+    assert set(from_fence(fence, 1, 1, now=0.0, cleared=1).owners) == {-1}
+    owners = from_fence(fence, 2, 1, now=0.0, cleared=2).owners
+    assert [v for v, w in enumerate(owners) if w == 0] == taken
+    # n1 keeps what it had (epoch 1) once the others have applied version 1 or later
+    keeper = Fence("n1", 11)
+    keeper.apply(second)
+    keeper.renewed(100.0)
+    kept = from_fence(keeper, 1, 1, now=0.0, cleared=1).owners
+    assert [v for v, w in enumerate(kept) if w == 0] == [
+        v for v, s in enumerate(second.vshards) if s.slot == Slot("n1", 0)]
