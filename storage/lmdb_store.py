@@ -7,10 +7,11 @@ What it does:
   in-flight QoS 1/2 state and the packet ids of incoming QoS 2 publishes. Each
   shard has its own LMDB environment and therefore its own writer: shards commit
   in parallel.
-* ``Batch`` is the only way to write a shard: operations are collected in
-  memory and ``commit()`` applies them in order in ONE write transaction (one
-  fsync when ``sync=True``) - group commit. Ids (``msg_id``, ``seq``) are
-  allocated when the operation is added, so callers have them at once.
+* ``Batch`` (``batch.py``, compiled with the hot path) is the only way to write a
+  shard: operations are collected in memory and ``commit()`` applies them in order
+  in ONE write transaction (one fsync when ``sync=True``) - group commit. Ids
+  (``msg_id``, ``seq``) are allocated when the operation is added, so callers have
+  them at once. A queue row that the batch adds and then removes is not written.
 * A message that fans out to many sessions of a shard is stored once, with a
   reference count: +1 per queue row and per in-flight row naming it. The counts
   live in memory (a writable open counts the rows once); only the rows are stored.
