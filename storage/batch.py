@@ -9,9 +9,9 @@ tables, all typed ``Any`` here; the key layout, the row formats and the invarian
 those of the ``lmdb_store`` module docstring.
 
 * ``Batch`` allocates ids (``msg_id``, ``seq``) when an operation is added, from the
-  store's ``Ids``, and keeps each operation as a plain tuple ``(code, key, a, b)``;
-  ``commit`` hands them to ``ShardStore._commit``, which runs ``apply`` in ONE
-  transaction (one fsync when the store syncs).
+  store's ``Ids``, and keeps each operation as four items ``code, key, a, b`` of one
+  flat list (no object per operation); ``commit`` hands them to ``ShardStore._commit``,
+  which runs ``apply`` in ONE transaction (one fsync when the store syncs).
 * ``apply`` runs the operations in order and returns the messages' new reference
   counts; the caller keeps them only once the commit succeeded. A message whose count
   is 0 after the batch is deleted in the same transaction. A message added by the batch
@@ -83,8 +83,8 @@ PUT_SESSION: Final = 10
 DELETE_SESSION: Final = 11
 SKIP: Final = 12  # an ENQUEUE whose row the same batch dequeued (``Batch.dequeue``)
 
-Op = tuple[int, bytes, Any, Any]
-"""``(code, key, a, b)``: plain tuples, a batch holds thousands of them per commit."""
+Ops = list[Any]
+"""The operations of a batch, flat: ``code, key, a, b`` for each (thousands per commit)."""
 
 
 def text_key(text: str) -> bytes:
@@ -183,12 +183,12 @@ class Batch:
         self._store = store  # a ShardStore: its ``_commit`` runs the operations
         self._ids = ids
         self._hold = hold
-        self._ops: list[Op] = []
+        self._ops: Ops = []
         # seq -> index in ``_ops`` of the ENQUEUE that made that queue row in this batch
         self._enqueued: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._ops)
+        return len(self._ops) >> 2
 
     def __enter__(self) -> Batch:  # noqa: PYI034  (compiled: a native class returns itself)
         return self
@@ -197,13 +197,20 @@ class Batch:
         if exc_type is None:
             self.commit()
 
+    def _add(self, code: int, key: bytes, a: Any, b: Any) -> None:
+        ops = self._ops
+        ops.append(code)
+        ops.append(key)
+        ops.append(a)
+        ops.append(b)
+
     def put_session(self, rec: SessionRecord) -> None:
         cid = rec.client_id
-        self._ops.append((PUT_SESSION, client_key(cid), encode_session(rec), index_key(cid)))
+        self._add(PUT_SESSION, client_key(cid), encode_session(rec), index_key(cid))
 
     def delete_session(self, client_id: str) -> None:
         """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
-        self._ops.append((DELETE_SESSION, client_key(client_id), index_key(client_id), None))
+        self._add(DELETE_SESSION, client_key(client_id), index_key(client_id), None)
 
     def add_message(self, msg: StoredMessage) -> int:
         """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
@@ -211,7 +218,7 @@ class Batch:
         ids = self._ids
         msg_id = ids.msg_id
         ids.msg_id = msg_id + 1
-        self._ops.append((ADD_MESSAGE, b"", msg_id, data))
+        self._add(ADD_MESSAGE, b"", msg_id, data)
         return msg_id
 
     def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
@@ -219,9 +226,8 @@ class Batch:
         ids = self._ids
         seq = ids.seq
         ids.seq = seq + 1
-        ops = self._ops
-        self._enqueued[seq] = len(ops)
-        ops.append((ENQUEUE, client_prefix(client_id) + seq.to_bytes(8, "big"), msg_id, qos))
+        self._enqueued[seq] = len(self._ops)
+        self._add(ENQUEUE, client_prefix(client_id) + seq.to_bytes(8, "big"), msg_id, qos)
         return seq
 
     def dequeue(self, client_id: str, seq: int) -> None:
@@ -232,43 +238,43 @@ class Batch:
         for the rest of the batch, as after the removal of a row holding it)."""
         at = self._enqueued.pop(seq, -1)
         if at >= 0:
-            self._ops[at] = (SKIP, b"", None, None)
+            self._ops[at] = SKIP
             return
-        self._ops.append((DEQUEUE, client_prefix(client_id) + seq.to_bytes(8, "big"), None, None))
+        self._add(DEQUEUE, client_prefix(client_id) + seq.to_bytes(8, "big"), None, None)
 
     def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
         """Replace the row; refs follow the msg_id change (old -1, new +1). The row is packed
         by ``apply``, which knows then whether it holds its message."""
-        self._ops.append((PUT_INFLIGHT, client_prefix(client_id) + packet_id.to_bytes(2, "big"), rec.msg_id, rec))
+        self._add(PUT_INFLIGHT, client_prefix(client_id) + packet_id.to_bytes(2, "big"), rec.msg_id, rec)
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((DELETE_INFLIGHT, client_prefix(client_id) + packet_id.to_bytes(2, "big"), None, None))
+        self._add(DELETE_INFLIGHT, client_prefix(client_id) + packet_id.to_bytes(2, "big"), None, None)
 
     def add_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((PUT_QOS2, client_prefix(client_id) + U16.pack(packet_id), None, None))
+        self._add(PUT_QOS2, client_prefix(client_id) + U16.pack(packet_id), None, None)
 
     def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((DELETE_QOS2, client_prefix(client_id) + U16.pack(packet_id), None, None))
+        self._add(DELETE_QOS2, client_prefix(client_id) + U16.pack(packet_id), None, None)
 
     def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
         """Keep a hand-over to ``peer`` (numbered ``seq`` by the caller) until it is acknowledged."""
-        self._ops.append((PUT_OUTBOX, U16.pack(peer) + U64.pack(seq), item, None))
+        self._add(PUT_OUTBOX, U16.pack(peer) + U64.pack(seq), item, None)
 
     def delete_outbox(self, peer: int, seq: int) -> None:
-        self._ops.append((DELETE_OUTBOX, U16.pack(peer) + U64.pack(seq), None, None))
+        self._add(DELETE_OUTBOX, U16.pack(peer) + U64.pack(seq), None, None)
 
     def set_meta(self, key: str, value: object) -> None:
         if key in RESERVED_META:
             raise ValueError(f"meta key {key!r} is reserved")
         if not key:
             raise ValueError("meta key must not be empty")
-        self._ops.append((SET_META, key.encode(), encode_value(value), None))
+        self._add(SET_META, key.encode(), encode_value(value), None)
 
     def delete_meta(self, key: str) -> None:
         """Remove a meta key set by ``set_meta`` (absent: nothing happens)."""
         if key in RESERVED_META or not key:
             raise ValueError(f"meta key {key!r} is reserved")
-        self._ops.append((SET_META, key.encode(), None, None))
+        self._add(SET_META, key.encode(), None, None)
 
     def commit(self) -> None:
         if not self._ops:
@@ -397,7 +403,7 @@ class _Apply:
         else:
             self.delta[msg_id] = self.delta.get(msg_id, 0) - 1
 
-    def run(self, ops: list[Op], hold_max: int) -> None:
+    def run(self, ops: Ops, hold_max: int) -> None:
         txn, tables = self.txn, self.tables
         delta, loose, now_q, now_in = self.delta, self.loose, self.now_q, self.now_in
         # one cursor per busy table: its key operations cost less than the transaction's
@@ -405,7 +411,11 @@ class _Apply:
         inflight_cur = txn.cursor(db=tables.inflight)
         outbox_cur = txn.cursor(db=tables.outbox)
         message_cur = txn.cursor(db=tables.messages)
-        for code, key, a, b in ops:
+        for at in range(0, len(ops), 4):
+            code: int = ops[at]
+            key: bytes = ops[at + 1]
+            a: Any = ops[at + 2]
+            b: Any = ops[at + 3]
             if code == ADD_MESSAGE:  # a: msg_id, b: the packed message (written when needed)
                 data: bytes = b
                 if len(data) <= hold_max:
@@ -498,7 +508,7 @@ class _Apply:
         return counts
 
 
-def apply(txn: Any, tables: Tables, ops: list[Op], stored: dict[int, int], hold_max: int,
+def apply(txn: Any, tables: Tables, ops: Ops, stored: dict[int, int], hold_max: int,
           holder: Callable[[Any, int], tuple[bool, bytes] | None], path: str) -> list[tuple[int, int]]:
     """Run ``ops`` in ``txn``; the messages' new reference counts (msg_id, count; 0: deleted),
     for ``stored`` once the transaction is committed. ``hold_max`` is the largest packed

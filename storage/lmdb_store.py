@@ -177,7 +177,7 @@ from shardbroker.storage.batch import (
     VIRTUAL_SHARDS,
     Batch,
     Ids,
-    Op,
+    Ops,
     Tables,
     apply,
     holds,
@@ -1328,7 +1328,7 @@ class ShardStore:
             raise StoreError(f"{self.path}: store is open read-only")
         return Batch(self, self._ids, hold)
 
-    def _commit(self, ops: list[Op], hold: bool = True) -> None:
+    def _commit(self, ops: Ops, hold: bool = True) -> None:
         """Apply ``ops`` in one transaction (``batch.apply``; see the module docstring for the
         counts and for messages held by their queue or inflight row)."""
         env, ids, tables = self._env, self._ids, self._tables
@@ -1360,7 +1360,7 @@ class ShardStore:
         started = time.perf_counter()
         env.write(write)
         if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started, len(ops))
+            self.on_commit(time.perf_counter() - started, len(ops) >> 2)
 
     def _holder(self, txn: lmdb.Transaction[bytes], msg_id: int) -> tuple[bool, bytes] | None:
         """(queue row?, key) of the row holding ``msg_id``, found by reading every row.
