@@ -78,7 +78,7 @@ writes, a store of a higher one is refused):
   from opening it). A read-only open changes nothing and reads it as it is.
 * 3: as 2, and an inflight row may hold its message (format 0x02 in
   ``records.py``): a message added by a batch whose only reference at the end of
-  that batch is one inflight row, and whose packed form is at most ``_HOLD_MAX``
+  that batch is one inflight row, and whose packed form is at most ``batch.HOLD_MAX``
   (512) bytes, is written into that row, not into ``messages``,
   and goes when the row goes (replaced or deleted). When a later operation names it
   too, it gets its own ``messages`` row first and the inflight row is rewritten
@@ -92,7 +92,7 @@ writes, a store of a higher one is refused):
   from the queue row into the inflight row, and is never written on its own.
   Such a move writes the message again, and LMDB reuses the pages a transaction
   frees only in later ones: draining a nearly full store needs room for what a
-  commit moves. Hence the small ``_HOLD_MAX``: a larger message gets its own row, as
+  commit moves. Hence the small ``batch.HOLD_MAX``: a larger message gets its own row, as
   in schema 2, and moving it writes 11 bytes.
 * 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
   (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
@@ -238,12 +238,6 @@ _OS_PAGE: Final = 4096
 _MAX_DBS: Final = 10
 _MAX_READERS: Final = 126
 _PAGE_ROWS: Final = 512
-_SEP: Final = SEP
-_U64: Final = U64
-_U16: Final = U16
-_QROW: Final = QROW  # a queue row: msg_id, qos (then the message it may hold)
-_INFLIGHT_SIZE: Final = INFLIGHT_SIZE  # a packed inflight row, without the message it may hold
-_INFLIGHT_ID: Final = INFLIGHT_ROW  # its fields: format, qos, state, msg_id
 _SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
 _DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -264,7 +258,7 @@ def _vshard_prefix(vshard: int) -> bytes:
     """The first two bytes of the ``vshards`` rows of ``vshard`` (schema 6)."""
     if not 0 <= vshard < VIRTUAL_SHARDS:
         raise ValueError(f"virtual shard {vshard} out of range 0..{VIRTUAL_SHARDS - 1}")
-    return _U16.pack(vshard)
+    return U16.pack(vshard)
 
 
 def _reason(exc: BaseException) -> str:
@@ -808,7 +802,7 @@ class ShardStore:
             if len(key) != 8:
                 complete = False  # not ours to judge: check() reports it
                 continue
-            msg_id = _U64.unpack(key)[0]
+            msg_id = U64.unpack(key)[0]
             n = refs.get(msg_id)
             if n:
                 counts[msg_id] = n
@@ -862,7 +856,7 @@ class ShardStore:
                              else decode_session(value).client_id)
             except (StoreCorrupt, UnicodeDecodeError):
                 continue
-            put(_U16.pack(vshard_of(client_id)) + key, b"", db=index)
+            put(U16.pack(vshard_of(client_id)) + key, b"", db=index)
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -875,11 +869,11 @@ class ShardStore:
         get = refs.get
         complete = True
         for key, value in txn.cursor(db=self._env.dbs["queue"]):
-            if len(value) < _QROW.size:
+            if len(value) < QROW.size:
                 complete = False
                 continue
-            msg_id = _QROW.unpack_from(value)[0]
-            if len(value) > _QROW.size:
+            msg_id = QROW.unpack_from(value)[0]
+            if len(value) > QROW.size:
                 held_queue[msg_id] = key
             else:
                 refs[msg_id] = get(msg_id, 0) + 1
@@ -942,22 +936,22 @@ class ShardStore:
 
     def _queue_in(self, txn: lmdb.Transaction[bytes], client_id: str,
                   cache: dict[int, StoredMessage | None]) -> list[tuple[int, int, int, StoredMessage]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
         cur = txn.cursor(db=self._env.dbs["queue"])
         ok = cur.set_range(prefix)
         while ok and (key := cur.key()).startswith(prefix):
             value = cur.value()
-            msg_id, qos = _QROW.unpack_from(value)
-            if len(value) > _QROW.size:
-                msg: StoredMessage | None = decode_message(value[_QROW.size:])
+            msg_id, qos = QROW.unpack_from(value)
+            if len(value) > QROW.size:
+                msg: StoredMessage | None = decode_message(value[QROW.size:])
             else:
                 msg = self._message_in(txn, msg_id, cache)
             if msg is None:
                 log.warning("%s: queue row of %r names missing message %d",
                             self.path, client_id, msg_id)
             else:
-                out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
+                out.append((U64.unpack(key[-8:])[0], msg_id, qos, msg))
             ok = cur.next()
         return out
 
@@ -968,7 +962,7 @@ class ShardStore:
     def _inflight_in(self, txn: lmdb.Transaction[bytes], client_id: str,
                      cache: dict[int, StoredMessage | None],
                      ) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
         cur = txn.cursor(db=self._env.dbs["inflight"])
         ok = cur.set_range(prefix)
@@ -976,18 +970,18 @@ class ShardStore:
             rec, msg = decode_inflight_row(cur.value())
             if msg is None and rec.msg_id is not None:
                 msg = self._message_in(txn, rec.msg_id, cache)
-            out.append((_U16.unpack(key[-2:])[0], rec, msg))
+            out.append((U16.unpack(key[-2:])[0], rec, msg))
             ok = cur.next()
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
-        prefix = _client_key(client_id) + _SEP
-        return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
+        prefix = _client_key(client_id) + SEP
+        return [U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
 
     def client_state(self, client_id: str) -> ClientState | None:
         """The client's session with its inflight rows, queue (in seq order) and incoming
         QoS 2 ids, read in one transaction; None without a session."""
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         with self._env.read() as txn:
             data = txn.get(_client_key(client_id), db=self._env.dbs["sessions"])
             if data is None:
@@ -997,7 +991,7 @@ class ShardStore:
             qos2: list[int] = []
             ok = cur.set_range(prefix)
             while ok and (key := cur.key()).startswith(prefix):
-                qos2.append(_U16.unpack(key[-2:])[0])
+                qos2.append(U16.unpack(key[-2:])[0])
                 ok = cur.next()
             return ClientState(decode_session(data), self._inflight_in(txn, client_id, cache),
                                self._queue_in(txn, client_id, cache), qos2)
@@ -1049,18 +1043,18 @@ class ShardStore:
             return dict(sorted(counts.items()))
         with self._env.read() as txn:
             for key in txn.cursor(db=self._env.dbs["vshards"]).iternext(values=False):
-                counts[_U16.unpack_from(key)[0]] += 1
+                counts[U16.unpack_from(key)[0]] += 1
         return dict(sorted(counts.items()))
 
     def queue_length(self, client_id: str) -> int:
-        return self._env.count("queue", _client_key(client_id) + _SEP)
+        return self._env.count("queue", _client_key(client_id) + SEP)
 
     def inflight_count(self, client_id: str) -> int:
-        return self._env.count("inflight", _client_key(client_id) + _SEP)
+        return self._env.count("inflight", _client_key(client_id) + SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
         """A stored message, in its own row or held by a queue or inflight row."""
-        data = self._env.get("messages", _U64.pack(msg_id))
+        data = self._env.get("messages", U64.pack(msg_id))
         if data is not None:
             return decode_message(data)
         _, held, held_queue = self._current_refs()
@@ -1079,7 +1073,7 @@ class ShardStore:
                          + [(m, True, k) for m, k in held_queue.items()])
         i = 0
         for row in self._env.rows("messages"):
-            msg_id = _U64.unpack(row.key)[0]
+            msg_id = U64.unpack(row.key)[0]
             while i < len(pending) and pending[i][0] < msg_id:
                 yield from self._held_message(*pending[i])
                 i += 1
@@ -1091,21 +1085,21 @@ class ShardStore:
                       key: bytes) -> Iterator[tuple[int, int, StoredMessage]]:
         row = self._env.get("queue" if in_queue else "inflight", key)
         if row is not None and holds(row, in_queue):
-            yield msg_id, 1, decode_message(row[_QROW.size if in_queue else _INFLIGHT_SIZE:])
+            yield msg_id, 1, decode_message(row[QROW.size if in_queue else INFLIGHT_SIZE:])
 
     def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
         for row in self._env.rows("queue"):
-            msg_id, qos = _QROW.unpack_from(row.value)
-            yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
+            msg_id, qos = QROW.unpack_from(row.value)
+            yield _key_text(row.key[:-9]), U64.unpack(row.key[-8:])[0], msg_id, qos
 
     def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
         for row in self._env.rows("inflight"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
+            yield _key_text(row.key[:-3]), U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
 
     def qos2_rows(self) -> Iterator[tuple[str, int]]:
         for row in self._env.rows("qos2in"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
+            yield _key_text(row.key[:-3]), U16.unpack(row.key[-2:])[0]
 
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
@@ -1126,7 +1120,7 @@ class ShardStore:
     def outbox(self) -> Iterator[tuple[int, int, bytes]]:
         """(peer shard, seq, item) of every hand-over not yet acknowledged, in key order."""
         for row in self._env.rows("outbox"):
-            yield _U16.unpack(row.key[:2])[0], _U64.unpack(row.key[2:])[0], bytes(row.value)
+            yield U16.unpack(row.key[:2])[0], U64.unpack(row.key[2:])[0], bytes(row.value)
 
     def meta_items(self) -> Iterator[tuple[str, object]]:
         for row in self._env.rows("meta"):
@@ -1182,7 +1176,7 @@ class ShardStore:
             if _text_key(rec.client_id) != row.key:
                 problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
-            index_keys.add(_U16.pack(vshard_of(rec.client_id)) + row.key)
+            index_keys.add(U16.pack(vshard_of(rec.client_id)) + row.key)
         if self._indexed:
             for row in env.rows("vshards"):
                 tick()
@@ -1199,7 +1193,7 @@ class ShardStore:
             if len(row.key) != 8:
                 problems.append(f"{where}: message key {row.key!r} is not 8 bytes")
                 continue
-            msg_id = _U64.unpack(row.key)[0]
+            msg_id = U64.unpack(row.key)[0]
             message_ids.add(msg_id)
             try:
                 decode_message(row.value)
@@ -1215,12 +1209,12 @@ class ShardStore:
                 if len(row.key) != 8 or len(row.value) != 8:
                     problems.append(f"{where}: malformed refcount row {row.key!r}")
                     continue
-                stored_refs[_U64.unpack(row.key)[0]] = _U64.unpack(row.value)[0]
+                stored_refs[U64.unpack(row.key)[0]] = U64.unpack(row.value)[0]
         actual: Counter[int] = Counter()
         max_seq = 0
 
         def owner(key: bytes, suffix: int, what: str) -> bool:
-            if len(key) < suffix + 2 or key[-suffix - 1:-suffix] != _SEP:
+            if len(key) < suffix + 2 or key[-suffix - 1:-suffix] != SEP:
                 problems.append(f"{where}: malformed {what} key {key!r}")
                 return False
             if key[:-suffix - 1] not in session_keys:
@@ -1240,15 +1234,15 @@ class ShardStore:
             tick()
             if not owner(row.key, 8, "queue"):
                 continue
-            seq = _U64.unpack(row.key[-8:])[0]
+            seq = U64.unpack(row.key[-8:])[0]
             max_seq = max(max_seq, seq)
-            if len(row.value) < _QROW.size:
+            if len(row.value) < QROW.size:
                 problems.append(f"{where}: malformed queue row seq {seq}")
                 continue
-            msg_id, _qos = _QROW.unpack_from(row.value)
-            if len(row.value) > _QROW.size:
+            msg_id, _qos = QROW.unpack_from(row.value)
+            if len(row.value) > QROW.size:
                 try:
-                    decode_message(row.value[_QROW.size:])
+                    decode_message(row.value[QROW.size:])
                 except StoreCorrupt as exc:
                     problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
                 holds(msg_id, row.key[:-9], f"queue seq {seq}")
@@ -1262,7 +1256,7 @@ class ShardStore:
             tick()
             if not owner(row.key, 2, "inflight"):
                 continue
-            packet_id = _U16.unpack(row.key[-2:])[0]
+            packet_id = U16.unpack(row.key[-2:])[0]
             try:
                 irec, msg = decode_inflight_row(row.value)
             except StoreCorrupt as exc:
@@ -1374,10 +1368,10 @@ class ShardStore:
             log.info("%s: looking for the row holding message %d (slow; logged once)",
                      self.path, msg_id)
         for key, row in txn.cursor(db=self._env.dbs["queue"]):
-            if len(row) > _QROW.size and _QROW.unpack_from(row)[0] == msg_id:
+            if len(row) > QROW.size and QROW.unpack_from(row)[0] == msg_id:
                 return True, key
         for key, row in txn.cursor(db=self._env.dbs["inflight"]):
-            if row[:1] == b"\x02" and _INFLIGHT_ID.unpack_from(row)[3] == msg_id:
+            if row[:1] == b"\x02" and INFLIGHT_ROW.unpack_from(row)[3] == msg_id:
                 return False, key
         return None
 
@@ -1398,7 +1392,7 @@ class ShardStore:
         self, txn: lmdb.Transaction[bytes], msg_id: int, cache: dict[int, StoredMessage | None]
     ) -> StoredMessage | None:
         if msg_id not in cache:
-            data = txn.get(_U64.pack(msg_id), db=self._env.dbs["messages"])
+            data = txn.get(U64.pack(msg_id), db=self._env.dbs["messages"])
             cache[msg_id] = None if data is None else decode_message(data)
         return cache[msg_id]
 
