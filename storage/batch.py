@@ -17,7 +17,9 @@ those of the ``lmdb_store`` module docstring.
   is 0 after the batch is deleted in the same transaction. A message added by the batch
   and named by one row only at its end is written into that row (held), not into
   ``messages``; one moved from a queue row to an inflight row in one batch moves
-  between the rows.
+  between the rows. A queue row the batch adds and removes again is never written
+  (``dequeue`` turns its ENQUEUE into a SKIP); every other row is, in order, so what a
+  restart after a crash needs (inflight rows with their packet ids) is in the commit.
 * Keys of a client (``client_key``, ``client_prefix``, ``index_key``) are remembered for
   the most recent 65,536 clients.
 
@@ -68,7 +70,7 @@ _PLAIN: Final = 1  # an inflight row's format byte: names its message (or none)
 _HOLDS: Final = 2  # ... holds its message after the 11 bytes
 _CACHED: Final = 1 << 16
 
-# The operation codes, most frequent first in ``apply``.
+# The operation codes (``apply`` tests the most frequent first).
 ENQUEUE: Final = 0
 DEQUEUE: Final = 1
 ADD_MESSAGE: Final = 2
