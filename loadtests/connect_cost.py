@@ -74,10 +74,11 @@ def children(pid: int) -> dict[str, int]:
 class Broker:
     """``shardbroker serve`` on a free loopback port, its output read in a thread."""
 
-    def __init__(self, python: str, workers: int, data: Path, log_level: str) -> None:
+    def __init__(self, python: str, workers: int, data: Path, log_level: str,
+                 extra: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [python, "-m", "shardbroker.cli.main", "serve", "--port", "0", "--workers", str(workers),
-             "--data-dir", str(data), "--log-level", log_level],
+             "--data-dir", str(data), "--log-level", log_level, *(extra or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.port = 0
         self.lines = 0

@@ -41,7 +41,7 @@ PURE_ENV: Final = "SHARDBROKER_PURE_PYTHON"
 # stub is wrong about what it returns (uvloop's remove_reader returns None, typeshed says bool)
 # becomes a TypeError, so the I/O shell (processes, transports, the bus) stays interpreted.
 _PACKAGES: Final = ("core", "protocol")
-_MODULES: Final = ("peer/messages.py", "storage/records.py")
+_MODULES: Final = ("peer/messages.py", "storage/records.py", "storage/batch.py")
 
 
 def sources(package_dir: Path = PACKAGE_DIR) -> list[tuple[str, Path]]:

@@ -7,10 +7,11 @@ What it does:
   in-flight QoS 1/2 state and the packet ids of incoming QoS 2 publishes. Each
   shard has its own LMDB environment and therefore its own writer: shards commit
   in parallel.
-* ``Batch`` is the only way to write a shard: operations are collected in
-  memory and ``commit()`` applies them in order in ONE write transaction (one
-  fsync when ``sync=True``) - group commit. Ids (``msg_id``, ``seq``) are
-  allocated when the operation is added, so callers have them at once.
+* ``Batch`` (``batch.py``, compiled with the hot path) is the only way to write a
+  shard: operations are collected in memory and ``commit()`` applies them in order
+  in ONE write transaction (one fsync when ``sync=True``) - group commit. Ids
+  (``msg_id``, ``seq``) are allocated when the operation is added, so callers have
+  them at once. A queue row that the batch adds and then removes is not written.
 * A message that fans out to many sessions of a shard is stored once, with a
   reference count: +1 per queue row and per in-flight row naming it. The counts
   live in memory (a writable open counts the rows once); only the rows are stored.
@@ -77,7 +78,7 @@ writes, a store of a higher one is refused):
   from opening it). A read-only open changes nothing and reads it as it is.
 * 3: as 2, and an inflight row may hold its message (format 0x02 in
   ``records.py``): a message added by a batch whose only reference at the end of
-  that batch is one inflight row, and whose packed form is at most ``_HOLD_MAX``
+  that batch is one inflight row, and whose packed form is at most ``batch.HOLD_MAX``
   (512) bytes, is written into that row, not into ``messages``,
   and goes when the row goes (replaced or deleted). When a later operation names it
   too, it gets its own ``messages`` row first and the inflight row is rewritten
@@ -91,7 +92,7 @@ writes, a store of a higher one is refused):
   from the queue row into the inflight row, and is never written on its own.
   Such a move writes the message again, and LMDB reuses the pages a transaction
   frees only in later ones: draining a nearly full store needs room for what a
-  commit moves. Hence the small ``_HOLD_MAX``: a larger message gets its own row, as
+  commit moves. Hence the small ``batch.HOLD_MAX``: a larger message gets its own row, as
   in schema 2, and moving it writes 11 bytes.
 * 5: as 4, and an outbox row may hold several consecutive hand-overs to one peer
   (``core/outbox.py`` writes the ones of an event-loop iteration as one row); a
@@ -150,8 +151,6 @@ What it does not do:
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
 import logging
 import os
 import re
@@ -162,12 +161,30 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self
 
 import lmdb
 
-from shardbroker.sharding import shard_for
+from shardbroker.storage.batch import (
+    HASHED_HEAD,
+    HOLD_MAX,
+    INFLIGHT_ROW,
+    INFLIGHT_SIZE,
+    QROW,
+    SEP,
+    U16,
+    U64,
+    VIRTUAL_SHARDS,
+    Batch,
+    Ids,
+    Ops,
+    Tables,
+    apply,
+    holds,
+    vshard_of,
+)
+from shardbroker.storage.batch import client_key as _client_key
+from shardbroker.storage.batch import text_key as _text_key
 from shardbroker.storage.records import (
     InflightRecord,
     SessionRecord,
@@ -181,13 +198,8 @@ from shardbroker.storage.records import (
     decode_session,
     decode_value,
     encode_message,
-    encode_session,
     encode_value,
-    hold_message,
     inflight_msg_id,
-    pack_inflight,
-    pack_message,
-    plain_inflight,
 )
 
 __all__ = [
@@ -212,8 +224,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 6
 """Shard stores (see the module docstring): 1 to 5 are still read, and migrated by a writable open."""
-VIRTUAL_SHARDS: Final = 1024
-"""Sessions are indexed by their client's virtual shard among this many (``vshard_of``)."""
 RETAINED_SCHEMA_VERSION: Final = 1
 """The retained store's format did not change with shard schemas 2 to 6."""
 
@@ -222,38 +232,18 @@ _SHARD_NEW_TABLES: Final = ("vshards",)  # created with a store; older ones have
 _RETAINED_TABLES: Final = ("meta", "retained")
 MOVE_PREFIX: Final = "move."
 """Meta keys of a move of virtual shards under way (``storage/vshards.py``)."""
-_RESERVED_META: Final = frozenset(
-    {"schema_version", "kind", "shard", "shards", "created_at", "next_msg_id", "next_seq"}
-)
 _LMDB_FILES: Final = frozenset({"data.mdb", "lock.mdb"})
 _LMDB_MAGIC: Final = 0xBEEFC0DE
 _OS_PAGE: Final = 4096
 _MAX_DBS: Final = 10
 _MAX_READERS: Final = 126
 _PAGE_ROWS: Final = 512
-_PLAIN_KEY_MAX: Final = 400
-_HASHED_HEAD: Final = 383
-_SEP: Final = b"\x00"
-_U64: Final = struct.Struct(">Q")
-_U16: Final = struct.Struct(">H")
-_QROW: Final = struct.Struct(">QB")  # a queue row: msg_id, qos (then the message it may hold)
-_INFLIGHT_SIZE: Final = 11  # a packed inflight row, without the message it may hold
-_INFLIGHT_ID: Final = struct.Struct(">BBBQ")  # its fields: format, qos, state, msg_id
-_HOLD_MAX: Final = 512  # largest packed message a queue or inflight row holds (module docstring)
 _SHARD_DIR_RE: Final = re.compile(r"shard-(\d{3,})")
 _DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def shard_dir_name(shard: int) -> str:
     return f"shard-{shard:03d}"
-
-
-def _text_key(text: str) -> bytes:
-    """Key for a client id or topic (see the module docstring)."""
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= _PLAIN_KEY_MAX:
-        return raw
-    return raw[:_HASHED_HEAD] + b"\xff" + hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _key_text(key: bytes) -> str:
@@ -264,38 +254,11 @@ def _key_text(key: bytes) -> str:
     return head.decode("utf-8", "ignore") + "...#" + digest.hex()[:8]
 
 
-def vshard_of(client_id: str) -> int:
-    """The client's virtual shard (0..VIRTUAL_SHARDS-1), by which ``vshards`` indexes its
-    session: the cluster's ``placement.vshard_for(client_id, 1024)``."""
-    return shard_for(client_id, VIRTUAL_SHARDS)
-
-
 def _vshard_prefix(vshard: int) -> bytes:
     """The first two bytes of the ``vshards`` rows of ``vshard`` (schema 6)."""
     if not 0 <= vshard < VIRTUAL_SHARDS:
         raise ValueError(f"virtual shard {vshard} out of range 0..{VIRTUAL_SHARDS - 1}")
-    return _U16.pack(vshard)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _client_key(client_id: str) -> bytes:
-    if not client_id:
-        raise ValueError("client id must not be empty")
-    if "\x00" in client_id:
-        raise ValueError("client id must not contain NUL")
-    return _text_key(client_id)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _index_key(client_id: str) -> bytes:
-    """The client's row in ``vshards``: its virtual shard (u16), then ``CK``."""
-    return _U16.pack(vshard_of(client_id)) + _client_key(client_id)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _client_prefix(client_id: str) -> bytes:
-    """``CK + 0x00``: the prefix of the client's queue, inflight and qos2 keys."""
-    return _client_key(client_id) + _SEP
+    return U16.pack(vshard)
 
 
 def _reason(exc: BaseException) -> str:
@@ -701,13 +664,6 @@ def _abort(txn: lmdb.Transaction[bytes]) -> None:
 # --------------------------------------------------------------------------- shard store
 
 
-# A batch operation is a tuple ``(code, key, a, b)``; the codes, most frequent first in
-# ``ShardStore._commit``. Plain tuples: a batch holds thousands of them per commit.
-_ENQUEUE, _DEQUEUE, _ADD_MESSAGE, _PUT_INFLIGHT, _DELETE_INFLIGHT = range(5)
-_PUT_OUTBOX, _DELETE_OUTBOX, _SET_META, _PUT_QOS2, _DELETE_QOS2, _PUT_SESSION, _DELETE_SESSION = range(5, 12)
-_Op = tuple[int, bytes, Any, Any]
-
-
 def _meta_int(meta: dict[str, object], key: str, path: Path) -> int:
     value = meta.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -721,12 +677,12 @@ class ShardStore:
     __slots__ = (
         "_env",
         "_holder_scans",
+        "_ids",
         "_indexed",
-        "_next_msg_id",
-        "_next_seq",
         "_refs",
         "_saved_msg_id",
         "_saved_seq",
+        "_tables",
         "data_dir",
         "on_commit",
         "shard",
@@ -740,8 +696,10 @@ class ShardStore:
         self.data_dir = data_dir
         self.shard = shard
         self.shards = shards
-        self._next_msg_id = self._saved_msg_id = _meta_int(env.meta, "next_msg_id", env.path)
-        self._next_seq = self._saved_seq = _meta_int(env.meta, "next_seq", env.path)
+        self._saved_msg_id = _meta_int(env.meta, "next_msg_id", env.path)
+        self._saved_seq = _meta_int(env.meta, "next_seq", env.path)
+        self._ids = Ids(self._saved_msg_id, self._saved_seq)  # taken by batches as they add
+        self._tables: Tables | None = None  # what batches write, once writable (``_prepare``)
         # msg_id -> queue and inflight rows naming it, for every row of ``messages``; kept
         # by writable stores only (built by ``_prepare``, updated after each commit)
         self._refs: dict[int, int] = {}
@@ -844,7 +802,7 @@ class ShardStore:
             if len(key) != 8:
                 complete = False  # not ours to judge: check() reports it
                 continue
-            msg_id = _U64.unpack(key)[0]
+            msg_id = U64.unpack(key)[0]
             n = refs.get(msg_id)
             if n:
                 counts[msg_id] = n
@@ -882,6 +840,9 @@ class ShardStore:
                 env.meta["schema_version"] = SCHEMA_VERSION
                 log.info("%s: migrated store from schema %s to %d", self.path, version, SCHEMA_VERSION)
         self._refs = counts
+        dbs = env.dbs
+        self._tables = Tables(dbs["meta"], dbs["sessions"], dbs["messages"], dbs["queue"],
+                              dbs["inflight"], dbs["qos2in"], dbs["vshards"], dbs["outbox"])
 
     def _build_index(self, txn: lmdb.Transaction[bytes]) -> None:
         """Schema 5 to 6: create ``vshards`` with a row per session, in the transaction of the
@@ -895,7 +856,7 @@ class ShardStore:
                              else decode_session(value).client_id)
             except (StoreCorrupt, UnicodeDecodeError):
                 continue
-            put(_U16.pack(vshard_of(client_id)) + key, b"", db=index)
+            put(U16.pack(vshard_of(client_id)) + key, b"", db=index)
 
     def _references(
         self, txn: lmdb.Transaction[bytes]
@@ -908,11 +869,11 @@ class ShardStore:
         get = refs.get
         complete = True
         for key, value in txn.cursor(db=self._env.dbs["queue"]):
-            if len(value) < _QROW.size:
+            if len(value) < QROW.size:
                 complete = False
                 continue
-            msg_id = _QROW.unpack_from(value)[0]
-            if len(value) > _QROW.size:
+            msg_id = QROW.unpack_from(value)[0]
+            if len(value) > QROW.size:
                 held_queue[msg_id] = key
             else:
                 refs[msg_id] = get(msg_id, 0) + 1
@@ -948,12 +909,12 @@ class ShardStore:
     @property
     def next_msg_id(self) -> int:
         """The id the next ``add_message`` gets (internal; for tests and tools)."""
-        return self._next_msg_id
+        return self._ids.msg_id
 
     @property
     def next_seq(self) -> int:
         """The seq the next ``enqueue`` gets (internal; for tests and tools)."""
-        return self._next_seq
+        return self._ids.seq
 
     # -- reads
 
@@ -975,22 +936,22 @@ class ShardStore:
 
     def _queue_in(self, txn: lmdb.Transaction[bytes], client_id: str,
                   cache: dict[int, StoredMessage | None]) -> list[tuple[int, int, int, StoredMessage]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         out: list[tuple[int, int, int, StoredMessage]] = []
         cur = txn.cursor(db=self._env.dbs["queue"])
         ok = cur.set_range(prefix)
         while ok and (key := cur.key()).startswith(prefix):
             value = cur.value()
-            msg_id, qos = _QROW.unpack_from(value)
-            if len(value) > _QROW.size:
-                msg: StoredMessage | None = decode_message(value[_QROW.size:])
+            msg_id, qos = QROW.unpack_from(value)
+            if len(value) > QROW.size:
+                msg: StoredMessage | None = decode_message(value[QROW.size:])
             else:
                 msg = self._message_in(txn, msg_id, cache)
             if msg is None:
                 log.warning("%s: queue row of %r names missing message %d",
                             self.path, client_id, msg_id)
             else:
-                out.append((_U64.unpack(key[-8:])[0], msg_id, qos, msg))
+                out.append((U64.unpack(key[-8:])[0], msg_id, qos, msg))
             ok = cur.next()
         return out
 
@@ -1001,7 +962,7 @@ class ShardStore:
     def _inflight_in(self, txn: lmdb.Transaction[bytes], client_id: str,
                      cache: dict[int, StoredMessage | None],
                      ) -> list[tuple[int, InflightRecord, StoredMessage | None]]:
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = []
         cur = txn.cursor(db=self._env.dbs["inflight"])
         ok = cur.set_range(prefix)
@@ -1009,18 +970,18 @@ class ShardStore:
             rec, msg = decode_inflight_row(cur.value())
             if msg is None and rec.msg_id is not None:
                 msg = self._message_in(txn, rec.msg_id, cache)
-            out.append((_U16.unpack(key[-2:])[0], rec, msg))
+            out.append((U16.unpack(key[-2:])[0], rec, msg))
             ok = cur.next()
         return out
 
     def qos2_incoming(self, client_id: str) -> list[int]:
-        prefix = _client_key(client_id) + _SEP
-        return [_U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
+        prefix = _client_key(client_id) + SEP
+        return [U16.unpack(row.key[-2:])[0] for row in self._env.rows("qos2in", prefix)]
 
     def client_state(self, client_id: str) -> ClientState | None:
         """The client's session with its inflight rows, queue (in seq order) and incoming
         QoS 2 ids, read in one transaction; None without a session."""
-        prefix = _client_key(client_id) + _SEP
+        prefix = _client_key(client_id) + SEP
         with self._env.read() as txn:
             data = txn.get(_client_key(client_id), db=self._env.dbs["sessions"])
             if data is None:
@@ -1030,7 +991,7 @@ class ShardStore:
             qos2: list[int] = []
             ok = cur.set_range(prefix)
             while ok and (key := cur.key()).startswith(prefix):
-                qos2.append(_U16.unpack(key[-2:])[0])
+                qos2.append(U16.unpack(key[-2:])[0])
                 ok = cur.next()
             return ClientState(decode_session(data), self._inflight_in(txn, client_id, cache),
                                self._queue_in(txn, client_id, cache), qos2)
@@ -1082,18 +1043,18 @@ class ShardStore:
             return dict(sorted(counts.items()))
         with self._env.read() as txn:
             for key in txn.cursor(db=self._env.dbs["vshards"]).iternext(values=False):
-                counts[_U16.unpack_from(key)[0]] += 1
+                counts[U16.unpack_from(key)[0]] += 1
         return dict(sorted(counts.items()))
 
     def queue_length(self, client_id: str) -> int:
-        return self._env.count("queue", _client_key(client_id) + _SEP)
+        return self._env.count("queue", _client_key(client_id) + SEP)
 
     def inflight_count(self, client_id: str) -> int:
-        return self._env.count("inflight", _client_key(client_id) + _SEP)
+        return self._env.count("inflight", _client_key(client_id) + SEP)
 
     def message(self, msg_id: int) -> StoredMessage | None:
         """A stored message, in its own row or held by a queue or inflight row."""
-        data = self._env.get("messages", _U64.pack(msg_id))
+        data = self._env.get("messages", U64.pack(msg_id))
         if data is not None:
             return decode_message(data)
         _, held, held_queue = self._current_refs()
@@ -1112,7 +1073,7 @@ class ShardStore:
                          + [(m, True, k) for m, k in held_queue.items()])
         i = 0
         for row in self._env.rows("messages"):
-            msg_id = _U64.unpack(row.key)[0]
+            msg_id = U64.unpack(row.key)[0]
             while i < len(pending) and pending[i][0] < msg_id:
                 yield from self._held_message(*pending[i])
                 i += 1
@@ -1123,22 +1084,22 @@ class ShardStore:
     def _held_message(self, msg_id: int, in_queue: bool,
                       key: bytes) -> Iterator[tuple[int, int, StoredMessage]]:
         row = self._env.get("queue" if in_queue else "inflight", key)
-        if row is not None and _holds(row, in_queue):
-            yield msg_id, 1, decode_message(row[_QROW.size if in_queue else _INFLIGHT_SIZE:])
+        if row is not None and holds(row, in_queue):
+            yield msg_id, 1, decode_message(row[QROW.size if in_queue else INFLIGHT_SIZE:])
 
     def queue_rows(self) -> Iterator[tuple[str, int, int, int]]:
         """Every queue row as (client, seq, msg_id, qos), by client key then seq."""
         for row in self._env.rows("queue"):
-            msg_id, qos = _QROW.unpack_from(row.value)
-            yield _key_text(row.key[:-9]), _U64.unpack(row.key[-8:])[0], msg_id, qos
+            msg_id, qos = QROW.unpack_from(row.value)
+            yield _key_text(row.key[:-9]), U64.unpack(row.key[-8:])[0], msg_id, qos
 
     def inflight_rows(self) -> Iterator[tuple[str, int, InflightRecord]]:
         for row in self._env.rows("inflight"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
+            yield _key_text(row.key[:-3]), U16.unpack(row.key[-2:])[0], decode_inflight(row.value)
 
     def qos2_rows(self) -> Iterator[tuple[str, int]]:
         for row in self._env.rows("qos2in"):
-            yield _key_text(row.key[:-3]), _U16.unpack(row.key[-2:])[0]
+            yield _key_text(row.key[:-3]), U16.unpack(row.key[-2:])[0]
 
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
@@ -1159,7 +1120,7 @@ class ShardStore:
     def outbox(self) -> Iterator[tuple[int, int, bytes]]:
         """(peer shard, seq, item) of every hand-over not yet acknowledged, in key order."""
         for row in self._env.rows("outbox"):
-            yield _U16.unpack(row.key[:2])[0], _U64.unpack(row.key[2:])[0], bytes(row.value)
+            yield U16.unpack(row.key[:2])[0], U64.unpack(row.key[2:])[0], bytes(row.value)
 
     def meta_items(self) -> Iterator[tuple[str, object]]:
         for row in self._env.rows("meta"):
@@ -1215,7 +1176,7 @@ class ShardStore:
             if _text_key(rec.client_id) != row.key:
                 problems.append(f"{where}: session {_key_text(row.key)!r} holds client id "
                                 f"{rec.client_id!r}")
-            index_keys.add(_U16.pack(vshard_of(rec.client_id)) + row.key)
+            index_keys.add(U16.pack(vshard_of(rec.client_id)) + row.key)
         if self._indexed:
             for row in env.rows("vshards"):
                 tick()
@@ -1232,7 +1193,7 @@ class ShardStore:
             if len(row.key) != 8:
                 problems.append(f"{where}: message key {row.key!r} is not 8 bytes")
                 continue
-            msg_id = _U64.unpack(row.key)[0]
+            msg_id = U64.unpack(row.key)[0]
             message_ids.add(msg_id)
             try:
                 decode_message(row.value)
@@ -1248,12 +1209,12 @@ class ShardStore:
                 if len(row.key) != 8 or len(row.value) != 8:
                     problems.append(f"{where}: malformed refcount row {row.key!r}")
                     continue
-                stored_refs[_U64.unpack(row.key)[0]] = _U64.unpack(row.value)[0]
+                stored_refs[U64.unpack(row.key)[0]] = U64.unpack(row.value)[0]
         actual: Counter[int] = Counter()
         max_seq = 0
 
         def owner(key: bytes, suffix: int, what: str) -> bool:
-            if len(key) < suffix + 2 or key[-suffix - 1:-suffix] != _SEP:
+            if len(key) < suffix + 2 or key[-suffix - 1:-suffix] != SEP:
                 problems.append(f"{where}: malformed {what} key {key!r}")
                 return False
             if key[:-suffix - 1] not in session_keys:
@@ -1273,15 +1234,15 @@ class ShardStore:
             tick()
             if not owner(row.key, 8, "queue"):
                 continue
-            seq = _U64.unpack(row.key[-8:])[0]
+            seq = U64.unpack(row.key[-8:])[0]
             max_seq = max(max_seq, seq)
-            if len(row.value) < _QROW.size:
+            if len(row.value) < QROW.size:
                 problems.append(f"{where}: malformed queue row seq {seq}")
                 continue
-            msg_id, _qos = _QROW.unpack_from(row.value)
-            if len(row.value) > _QROW.size:
+            msg_id, _qos = QROW.unpack_from(row.value)
+            if len(row.value) > QROW.size:
                 try:
-                    decode_message(row.value[_QROW.size:])
+                    decode_message(row.value[QROW.size:])
                 except StoreCorrupt as exc:
                     problems.append(f"{where}: queue seq {seq} of {_key_text(row.key[:-9])!r}: {exc}")
                 holds(msg_id, row.key[:-9], f"queue seq {seq}")
@@ -1295,7 +1256,7 @@ class ShardStore:
             tick()
             if not owner(row.key, 2, "inflight"):
                 continue
-            packet_id = _U16.unpack(row.key[-2:])[0]
+            packet_id = U16.unpack(row.key[-2:])[0]
             try:
                 irec, msg = decode_inflight_row(row.value)
             except StoreCorrupt as exc:
@@ -1359,166 +1320,21 @@ class ShardStore:
         loads that name a message again in later batches: see ``_holder``)."""
         if self._env.readonly:
             raise StoreError(f"{self.path}: store is open read-only")
-        return Batch(self, hold)
+        return Batch(self, self._ids, hold)
 
-    def _commit(self, ops: Sequence[_Op], hold: bool = True) -> None:
-        """Apply ``ops`` in one transaction (see the module docstring for the counts and for
-        messages held by their queue or inflight row)."""
-        env = self._env
-        meta, queue, inflight = env.dbs["meta"], env.dbs["queue"], env.dbs["inflight"]
-        messages, qos2in, sessions = env.dbs["messages"], env.dbs["qos2in"], env.dbs["sessions"]
-        index = env.dbs["vshards"]
-        outbox = env.dbs["outbox"]
-        stored = self._refs  # committed counts, changed only once the commit succeeded
-        hold_max = _HOLD_MAX if hold else -1
-        missing = self._missing
-        inflight_id = _INFLIGHT_ID.unpack_from
-        queue_id = _QROW.unpack_from
+    def _commit(self, ops: Ops, hold: bool = True) -> None:
+        """Apply ``ops`` in one transaction (``batch.apply``; see the module docstring for the
+        counts and for messages held by their queue or inflight row)."""
+        env, ids, tables = self._env, self._ids, self._tables
+        if tables is None:
+            raise StoreError(f"{self.path}: store is open read-only")
+        hold_max = HOLD_MAX if hold else -1
+        meta = env.dbs["meta"]
 
-        def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
-            next_msg_id, next_seq = self._next_msg_id, self._next_seq
+        def write(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
+            next_msg_id, next_seq = ids.msg_id, ids.seq
             self._check_counters(txn)
-            delta: dict[int, int] = {}  # msg_id -> references added (-removed) to table messages
-            # Messages at hand that no row names and ``messages`` does not hold, by msg_id:
-            # added by this batch (the packed message), or held by a queue or inflight row
-            # this batch removed (that row).
-            loose: dict[int, bytes] = {}
-            gone_q: dict[int, bytes] = {}
-            gone_in: dict[int, bytes] = {}
-            # held by a row this batch wrote: msg_id -> its key
-            now_q: dict[int, bytes] = {}
-            now_in: dict[int, bytes] = {}
-            tabled: set[int] = set()  # put into ``messages`` by this batch
-            get = delta.get
-            put = txn.put
-            # one cursor per busy table: its key operations cost less than the transaction's
-            queue_put, queue_pop = (cur := txn.cursor(db=queue)).put, cur.pop
-            inflight_replace, inflight_pop = (cur := txn.cursor(db=inflight)).replace, cur.pop
-            outbox_put, outbox_pop = (cur := txn.cursor(db=outbox)).put, cur.pop
-            message_put = txn.cursor(db=messages).put
-
-            def take_gone(msg_id: int) -> bytes | None:
-                """The packed message of a held message whose row this batch removed."""
-                row = gone_q.pop(msg_id, None)
-                if row is not None:
-                    return row[_QROW.size:]
-                row = gone_in.pop(msg_id, None)
-                return None if row is None else row[_INFLIGHT_SIZE:]
-
-            def to_table(msg_id: int) -> None:
-                """``msg_id`` is named by one more row: it needs a row of its own in ``messages``;
-                the row that held it is rewritten without it (and counted)."""
-                if msg_id in stored or msg_id in tabled:
-                    return
-                in_queue = True
-                if (key := now_q.pop(msg_id, None)) is not None:
-                    pass
-                elif (key := now_in.pop(msg_id, None)) is not None:
-                    in_queue = False
-                else:  # held by a row of an earlier batch, if at all: look for it
-                    found = self._holder(txn, msg_id)
-                    if found is None:
-                        raise missing(msg_id)
-                    in_queue, key = found
-                db = queue if in_queue else inflight
-                row = txn.get(key, db=db)
-                if row is None or _named(row, in_queue) != msg_id or not _holds(row, in_queue):
-                    raise StoreCorrupt(f"{self.path}: the row holding message {msg_id} is missing")
-                at = _QROW.size if in_queue else _INFLIGHT_SIZE
-                put(_U64.pack(msg_id), row[at:], db=messages)
-                put(key, row[:at] if in_queue else plain_inflight(row), db=db)
-                delta[msg_id] = 1  # that row
-                tabled.add(msg_id)
-
-            def release_inflight(row: bytes) -> None:
-                if row[:1] == b"\x02":
-                    msg_id = inflight_id(row)[3]
-                    now_in.pop(msg_id, None)
-                    gone_in[msg_id] = row
-                elif (ref := inflight_msg_id(row)) is not None:
-                    delta[ref] = get(ref, 0) - 1
-
-            def release_queue(row: bytes) -> None:
-                msg_id = queue_id(row)[0]
-                if len(row) > _QROW.size:
-                    now_q.pop(msg_id, None)
-                    gone_q[msg_id] = row
-                else:
-                    delta[msg_id] = get(msg_id, 0) - 1
-
-            for code, key, a, b in ops:
-                if code == _ADD_MESSAGE:  # a: msg_id, b: the record (written when needed)
-                    if len(b) <= hold_max:
-                        loose[a] = b
-                    else:
-                        message_put(_U64.pack(a), b)
-                        tabled.add(a)
-                        delta[a] = 0
-                elif code == _DELETE_INFLIGHT:
-                    old = inflight_pop(key)
-                    if old is not None:
-                        release_inflight(old)
-                elif code == _PUT_INFLIGHT:  # a: msg_id or None, b: the record
-                    value = b
-                    if a is not None:
-                        data = loose.pop(a, None)
-                        if data is None:
-                            data = take_gone(a)
-                        if data is not None and a not in now_in and a not in now_q:
-                            value = hold_message(b, data)
-                            now_in[a] = key
-                        else:
-                            if data is not None:  # cannot be: a held one is not at hand
-                                raise StoreCorrupt(f"{self.path}: message {a} held twice")
-                            to_table(a)
-                            delta[a] = get(a, 0) + 1
-                    old = inflight_replace(key, value)
-                    if old is not None:
-                        release_inflight(old)
-                elif code == _ENQUEUE:  # a: msg_id, b: qos
-                    value = _QROW.pack(a, b)
-                    data = loose.pop(a, None)
-                    if data is None:
-                        data = take_gone(a)
-                    if data is not None:
-                        value += data
-                        now_q[a] = key
-                    else:
-                        to_table(a)
-                        delta[a] = get(a, 0) + 1
-                    queue_put(key, value)
-                elif code == _DEQUEUE:
-                    old = queue_pop(key)
-                    if old is not None:
-                        release_queue(old)
-                elif code == _PUT_OUTBOX:
-                    outbox_put(key, a)
-                elif code == _DELETE_OUTBOX:
-                    outbox_pop(key)
-                elif code == _SET_META:
-                    if a is None:
-                        txn.delete(key, db=meta)
-                    else:
-                        put(key, a, db=meta)
-                elif code == _PUT_QOS2:
-                    put(key, b"", db=qos2in)
-                elif code == _DELETE_QOS2:
-                    txn.delete(key, db=qos2in)
-                elif code == _PUT_SESSION:  # b: its row in vshards (written once)
-                    put(key, a, db=sessions)
-                    put(b, b"", db=index, overwrite=False)
-                elif code == _DELETE_SESSION:  # a: its row in vshards
-                    txn.delete(key, db=sessions)
-                    txn.delete(a, db=index)
-                    prefix = key + _SEP
-                    for value in _drop_prefix(txn, queue, prefix):
-                        release_queue(value)
-                    for value in _drop_prefix(txn, inflight, prefix):
-                        release_inflight(value)
-                    _drop_prefix(txn, qos2in, prefix)
-                else:
-                    raise StoreError(f"{self.path}: unknown batch operation {code}")
-            counts = self._settle(txn, delta)
+            counts = apply(txn, tables, ops, self._refs, hold_max, self._holder, str(self.path))
             if next_msg_id != self._saved_msg_id:
                 txn.put(b"next_msg_id", encode_value(next_msg_id), db=meta)
             if next_seq != self._saved_seq:
@@ -1526,6 +1342,7 @@ class ShardStore:
 
             def committed() -> None:
                 self._saved_msg_id, self._saved_seq = next_msg_id, next_seq
+                stored = self._refs
                 for msg_id, count in counts:
                     if count:
                         stored[msg_id] = count
@@ -1535,9 +1352,9 @@ class ShardStore:
             return committed
 
         started = time.perf_counter()
-        env.write(apply)
+        env.write(write)
         if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started, len(ops))
+            self.on_commit(time.perf_counter() - started, len(ops) >> 2)
 
     def _holder(self, txn: lmdb.Transaction[bytes], msg_id: int) -> tuple[bool, bytes] | None:
         """(queue row?, key) of the row holding ``msg_id``, found by reading every row.
@@ -1551,10 +1368,10 @@ class ShardStore:
             log.info("%s: looking for the row holding message %d (slow; logged once)",
                      self.path, msg_id)
         for key, row in txn.cursor(db=self._env.dbs["queue"]):
-            if len(row) > _QROW.size and _QROW.unpack_from(row)[0] == msg_id:
+            if len(row) > QROW.size and QROW.unpack_from(row)[0] == msg_id:
                 return True, key
         for key, row in txn.cursor(db=self._env.dbs["inflight"]):
-            if row[:1] == b"\x02" and _INFLIGHT_ID.unpack_from(row)[3] == msg_id:
+            if row[:1] == b"\x02" and INFLIGHT_ROW.unpack_from(row)[3] == msg_id:
                 return False, key
         return None
 
@@ -1571,58 +1388,13 @@ class ShardStore:
                     f"(one writer per shard)"
                 )
 
-    def _settle(self, txn: lmdb.Transaction[bytes], delta: dict[int, int]) -> list[tuple[int, int]]:
-        """Delete the messages this batch left unreferenced; the new counts, to keep once committed.
-
-        Runs in the batch's transaction, so a message row goes in the same commit as the last
-        row naming it: on disk a message exists iff some queue or inflight row names it."""
-        stored, messages = self._refs, self._env.dbs["messages"]
-        counts: list[tuple[int, int]] = []
-        for msg_id, change in delta.items():
-            if not change and msg_id in stored:
-                continue
-            count = stored.get(msg_id, 0) + change
-            if count <= 0:
-                if count < 0:
-                    log.warning("%s: refcount of message %d would drop below 0", self.path, msg_id)
-                count = 0
-                txn.delete(_U64.pack(msg_id), db=messages)
-            counts.append((msg_id, count))
-        return counts
-
     def _message_in(
         self, txn: lmdb.Transaction[bytes], msg_id: int, cache: dict[int, StoredMessage | None]
     ) -> StoredMessage | None:
         if msg_id not in cache:
-            data = txn.get(_U64.pack(msg_id), db=self._env.dbs["messages"])
+            data = txn.get(U64.pack(msg_id), db=self._env.dbs["messages"])
             cache[msg_id] = None if data is None else decode_message(data)
         return cache[msg_id]
-
-
-def _named(row: bytes, in_queue: bool) -> int | None:
-    """The msg_id a queue or inflight row names (or holds)."""
-    if in_queue:
-        msg_id: int = _QROW.unpack_from(row)[0]
-        return msg_id
-    return inflight_msg_id(row)
-
-
-def _holds(row: bytes, in_queue: bool) -> bool:
-    """Whether a queue or inflight row holds its message."""
-    return len(row) > _QROW.size if in_queue else row[:1] == b"\x02"
-
-
-def _drop_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes) -> list[bytes]:
-    """Delete every row whose key starts with ``prefix``; return their values."""
-    values: list[bytes] = []
-    cur = txn.cursor(db=db)
-    if not cur.set_range(prefix):
-        return values
-    while (key := cur.key()) and key.startswith(prefix):
-        values.append(cur.value())
-        if not cur.delete():
-            break
-    return values
 
 
 def _check_siblings(data_dir: Path, shards: int) -> None:
@@ -1637,107 +1409,6 @@ def _check_siblings(data_dir: Path, shards: int) -> None:
             f"data directory {data_dir} was created with more than {shards} workers "
             f"(found {max(extra)}); start with the original worker count"
         )
-
-
-class Batch:
-    """Collects operations in memory; commit() applies them all in ONE write transaction.
-
-    One fsync when ``sync=True``. If the map is full, commit() grows the map
-    (doubling, up to max_map_size) and retries the whole batch; beyond that or
-    on ENOSPC it raises StoreFull and the store is unchanged (the transaction
-    is aborted). Operations are applied in order; ids are allocated when an
-    operation is added. After a successful commit the batch is empty and can
-    be reused; after a failed one it keeps its operations (commit again, or
-    drop the batch). As a context manager it commits on a clean exit.
-    """
-
-    __slots__ = ("_hold", "_ops", "_store")
-
-    def __init__(self, store: ShardStore, hold: bool = True) -> None:
-        self._store = store
-        self._hold = hold
-        self._ops: list[_Op] = []
-
-    def __len__(self) -> int:
-        return len(self._ops)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-
-    def put_session(self, rec: SessionRecord) -> None:
-        cid = rec.client_id
-        self._ops.append((_PUT_SESSION, _client_key(cid), encode_session(rec), _index_key(cid)))
-
-    def delete_session(self, client_id: str) -> None:
-        """Also deletes its queue, inflight and qos2 rows and drops their message refs."""
-        self._ops.append((_DELETE_SESSION, _client_key(client_id), _index_key(client_id), None))
-
-    def add_message(self, msg: StoredMessage) -> int:
-        """Store ``msg`` once; returns its id. Refcount starts at 0 (see the module docstring)."""
-        data = pack_message(msg)
-        store = self._store
-        msg_id = store._next_msg_id
-        store._next_msg_id = msg_id + 1
-        self._ops.append((_ADD_MESSAGE, b"", msg_id, data))
-        return msg_id
-
-    def enqueue(self, client_id: str, msg_id: int, qos: int) -> int:
-        """Append to the client's queue; returns the seq. +1 ref."""
-        store = self._store
-        seq = store._next_seq
-        store._next_seq = seq + 1
-        self._ops.append((_ENQUEUE, _client_prefix(client_id) + _U64.pack(seq), msg_id, qos))
-        return seq
-
-    def dequeue(self, client_id: str, seq: int) -> None:
-        """-1 ref; the message is deleted when no reference is left. Unknown seq: no-op."""
-        self._ops.append((_DEQUEUE, _client_prefix(client_id) + _U64.pack(seq), None, None))
-
-    def put_inflight(self, client_id: str, packet_id: int, rec: InflightRecord) -> None:
-        """Replace the row; refs follow the msg_id change (old -1, new +1)."""
-        key = _client_prefix(client_id) + _U16.pack(packet_id)
-        self._ops.append((_PUT_INFLIGHT, key, rec.msg_id, pack_inflight(rec)))
-
-    def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_DELETE_INFLIGHT, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
-
-    def add_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_PUT_QOS2, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
-
-    def remove_qos2_incoming(self, client_id: str, packet_id: int) -> None:
-        self._ops.append((_DELETE_QOS2, _client_prefix(client_id) + _U16.pack(packet_id), None, None))
-
-    def put_outbox(self, peer: int, seq: int, item: bytes) -> None:
-        """Keep a hand-over to ``peer`` (numbered ``seq`` by the caller) until it is acknowledged."""
-        self._ops.append((_PUT_OUTBOX, _U16.pack(peer) + _U64.pack(seq), item, None))
-
-    def delete_outbox(self, peer: int, seq: int) -> None:
-        self._ops.append((_DELETE_OUTBOX, _U16.pack(peer) + _U64.pack(seq), None, None))
-
-    def set_meta(self, key: str, value: object) -> None:
-        if key in _RESERVED_META:
-            raise ValueError(f"meta key {key!r} is reserved")
-        if not key:
-            raise ValueError("meta key must not be empty")
-        self._ops.append((_SET_META, key.encode(), encode_value(value), None))
-
-    def delete_meta(self, key: str) -> None:
-        """Remove a meta key set by ``set_meta`` (absent: nothing happens)."""
-        if key in _RESERVED_META or not key:
-            raise ValueError(f"meta key {key!r} is reserved")
-        self._ops.append((_SET_META, key.encode(), None, None))
-
-    def commit(self) -> None:
-        if not self._ops:
-            return
-        self._store._commit(self._ops, self._hold)
-        self._ops = []
 
 
 # --------------------------------------------------------------------------- retained
@@ -1791,7 +1462,7 @@ class RetainedStore:
 
     def scan(self, prefix: str = "") -> Iterator[tuple[str, StoredMessage]]:
         """(topic, message) for topics starting with ``prefix``, in key order."""
-        key_prefix = prefix.encode("utf-8", "surrogatepass")[:_HASHED_HEAD]
+        key_prefix = prefix.encode("utf-8", "surrogatepass")[:HASHED_HEAD]
         for row in self._env.rows("retained", key_prefix):
             msg = decode_message(row.value)
             if msg.topic.startswith(prefix):
@@ -1814,7 +1485,7 @@ class RetainedStore:
                     if data is not None:
                         rows.append((text, decode_message(data)))
                 else:
-                    key_prefix = text.encode("utf-8", "surrogatepass")[:_HASHED_HEAD]
+                    key_prefix = text.encode("utf-8", "surrogatepass")[:HASHED_HEAD]
                     ok = cur.set_range(key_prefix) if key_prefix else cur.first()
                     seen = 0
                     while ok and cur.key().startswith(key_prefix):

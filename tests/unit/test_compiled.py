@@ -38,7 +38,7 @@ def _probe(**env: str) -> dict[str, object]:
 def test_the_list_names_the_hot_path() -> None:
     names = [name for name, _ in _compiled.sources()]
     for hot in ("shardbroker.core.broker", "shardbroker.core.delivery", "shardbroker.protocol.codec",
-                "shardbroker.peer.messages", "shardbroker.storage.records"):
+                "shardbroker.peer.messages", "shardbroker.storage.records", "shardbroker.storage.batch"):
         assert hot in names
     assert all(path.is_file() and path.suffix == ".py" for _, path in _compiled.sources())
     assert not any(name.endswith("__init__") for name in names)

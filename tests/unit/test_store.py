@@ -1106,6 +1106,34 @@ def test_a_queued_message_moves_with_its_row_into_flight(store: ShardStore) -> N
     store.close()
 
 
+def test_a_row_queued_and_dequeued_in_one_batch_is_never_written(store: ShardStore) -> None:
+    """The window opens in the turn that queued a message: straight into flight, no queue row."""
+    m, other = msg("passing"), msg("other")
+    with store.batch() as b:
+        b.put_session(session("a"))
+        b.put_session(session("b"))
+        mid = b.add_message(m)
+        seq = b.enqueue("a", mid, 1)
+        kept = b.enqueue("b", mid, 1)  # named by another row as well
+        b.dequeue("a", seq)
+        b.put_inflight("a", 1, InflightRecord(mid, 1, AWAIT_PUBACK))
+        gone = b.add_message(other)
+        b.dequeue("b", b.enqueue("b", gone, 1))  # dropped in the same turn: nothing names it
+    raw = _raw_rows(store)
+    assert len(raw["queue"]) == 1 and len(raw["messages"]) == 1 and len(raw["inflight"]) == 1
+    assert store.queue("a") == [] and store.queue("b") == [(kept, mid, 1, m)]
+    assert store.inflight("a") == [(1, InflightRecord(mid, 1, AWAIT_PUBACK), m)]
+    assert [(i, r) for i, r, _ in store.messages()] == [(mid, 2)] and store.check() == []
+    assert store.next_seq == kept + 2  # the seqs were used all the same
+    store = reopen(store)
+    assert store.queue("b") == [(kept, mid, 1, m)] and store.check() == []
+    with store.batch() as b:
+        b.delete_inflight("a", 1)
+        b.dequeue("b", kept)
+    assert _raw_rows(store)["messages"] == [] and store.counts()["messages"] == 0 and store.check() == []
+    store.close()
+
+
 def test_a_large_message_gets_a_row_of_its_own(store: ShardStore) -> None:
     big = msg("big", bytes(600))
     with store.batch() as b:
