@@ -43,6 +43,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from shardbroker.cluster.controller import Controller, MapMismatch, StaleController, read_view
 from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
@@ -129,6 +130,24 @@ class ClusterNode:
         if grant.owners and grant.owners[v] >= 0:
             return grant.owners[v]
         return self.local[v]
+
+    def status(self) -> dict[str, Any]:
+        """What this node holds now, for metrics and readiness: whether it is a member (a lease
+        it has not lost), the seconds its lease is sure to live, whether it is the controller,
+        the version of the map its children serve from, and how many virtual shards they
+        serve and how many of the map's they hold back (another node may still serve them)."""
+        with self._lock:
+            grant, fence = self.grant, self.fence
+            member = not self.member.lost
+            now = self.clock()
+            served = sum(1 for w in grant.owners if w >= 0) if now < grant.until else 0
+            held = max(0, len(fence.served(now)) - served) if member else 0
+        controller = self.controller
+        return {"node_id": self.config.node_id, "member": member,
+                "lease_seconds": self.member.time_left() if member else 0.0,
+                "controller": bool(member and controller is not None and controller.leading),
+                "map_version": grant.version, "served": served, "held_back": held,
+                "virtual_shards": self.config.virtual_shards}
 
     # ------------------------------------------------------------------ rounds
 

@@ -42,12 +42,14 @@ ACCEPTOR = "acceptor"
 @dataclass(frozen=True, slots=True)
 class Gathered:
     """The ``stats`` answers of one round: ``shards`` (shard number as text → answer),
-    ``missing`` (→ why none came), the acceptor's answer or why it gave none."""
+    ``missing`` (→ why none came), the acceptor's answer or why it gave none, and on a
+    cluster node what the node holds (``cluster.node.ClusterNode.status``)."""
 
     shards: dict[str, Any]
     missing: dict[str, str]
     acceptor: dict[str, Any] | None
     acceptor_missing: str | None
+    cluster: dict[str, Any] | None = None
 
     def total(self) -> dict[str, int]:
         """The shards' ``counters`` summed over those that answered."""
@@ -69,6 +71,8 @@ class Admin(Operations):
         self._reload = reload
         # the shard of a client ID (a cluster node sets the map's)
         self.owner: Callable[[str], int] = lambda client_id: shard_for(client_id, self.shards)
+        # what a cluster node holds (set by the supervisor of a cluster node)
+        self.cluster_status: Callable[[], dict[str, Any]] | None = None
         self.ops = {
             "stats": self.stats,
             "reload": self.reload,
@@ -94,7 +98,8 @@ class Admin(Operations):
         results, missing = gather(paths, {"op": "stats"}, timeout)
         acceptor = results.pop(ACCEPTOR, None)
         acceptor_missing = missing.pop(ACCEPTOR, None)
-        return Gathered(results, missing, acceptor, acceptor_missing)
+        cluster = self.cluster_status() if self.cluster_status is not None else None
+        return Gathered(results, missing, acceptor, acceptor_missing, cluster)
 
     def tell_all(self, request: Request) -> dict[str, Any]:
         """``request`` to every shard and to the acceptor at once: ``ask_shards``' answer, with
@@ -117,6 +122,8 @@ class Admin(Operations):
         if got.acceptor_missing is not None:
             out["acceptor_missing"] = got.acceptor_missing
         out["total"] = got.total()
+        if got.cluster is not None:
+            out["cluster"] = got.cluster
         return out
 
     def reload(self, request: Request) -> dict[str, Any]:

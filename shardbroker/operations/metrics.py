@@ -119,6 +119,26 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], snap: dict[str,
     family.add_metric(labels, buckets, float(snap["sum"]))
 
 
+def cluster_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """A cluster node's own state (``cluster.node.ClusterNode.status``)."""
+    yield GaugeMetricFamily("shardbroker_cluster_member", "1 while this node holds a lease in etcd",
+                            value=1 if status["member"] else 0)
+    yield GaugeMetricFamily("shardbroker_cluster_lease_remaining_seconds",
+                            "seconds this node's lease is sure to live (0 without one)",
+                            value=status["lease_seconds"])
+    yield GaugeMetricFamily("shardbroker_cluster_controller", "1 while this node is the placement controller",
+                            value=1 if status["controller"] else 0)
+    yield GaugeMetricFamily("shardbroker_cluster_map_version",
+                            "version of the shard map this node's processes serve from (0: none)",
+                            value=status["map_version"])
+    shards = GaugeMetricFamily("shardbroker_cluster_virtual_shards",
+                               "virtual shards of this node: served now, or the map's that it holds back"
+                               " until every other node has applied the map", labels=["state"])
+    shards.add_metric(["served"], status["served"])
+    shards.add_metric(["held_back"], status["held_back"])
+    yield shards
+
+
 def families(got: Gathered, shards: int, started: float, took: float) -> Iterator[Metric]:
     """The metric families of one gathering (``started``: the supervisor's wall-clock start)."""
     info = GaugeMetricFamily("shardbroker_info", "the broker's version", labels=["version"])
@@ -127,6 +147,8 @@ def families(got: Gathered, shards: int, started: float, took: float) -> Iterato
     yield GaugeMetricFamily("shardbroker_start_time_seconds", "when the broker started (Unix time)", value=started)
     yield GaugeMetricFamily("shardbroker_scrape_gather_seconds", "time to gather this scrape from the processes",
                             value=took)
+    if got.cluster is not None:
+        yield from cluster_families(got.cluster)
     up = GaugeMetricFamily("shardbroker_shard_up", "1 if the shard answered this scrape", labels=["shard"])
     for n in range(shards):
         up.add_metric([str(n)], 1 if str(n) in got.shards else 0)
@@ -208,6 +230,14 @@ def not_ready(got: Gathered, shards: int) -> list[str]:
             reasons.append(f"shard {shard}: routes not synced with shards {ready['unsynced']}")
         if not ready["store_writable"]:
             reasons.append(f"shard {shard}: store not writable (full)")
+    cluster = got.cluster
+    if cluster is not None:
+        if not cluster["member"]:
+            reasons.append(f"cluster: node {cluster['node_id']} holds no lease (etcd not reached, or"
+                           " its lease was lost)")
+        elif not cluster["served"]:
+            reasons.append(f"cluster: node {cluster['node_id']} serves no virtual shard (map version"
+                           f" {cluster['map_version']})")
     if got.acceptor is None:
         reasons.append(f"acceptor: {got.acceptor_missing or 'no answer'}")
     return reasons

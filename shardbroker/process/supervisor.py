@@ -435,6 +435,7 @@ class Supervisor:
         if node_class is not None:
             node = node_class(self.config.cluster, self.shards, self._grant_sender(admin))
             admin.owner = node.owner
+            admin.cluster_status = node.status
             node.start()
         control = ThreadServer(str(self.data_dir / CONTROL_SOCKET), admin)
         control.start()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import mqttbytes as mb
 import pytest
 from cluster_fixtures import EtcdCluster
 from conftest import Broker, Clients, Uniq, assert_disconnected, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from shardbroker.cli.main import main
 from shardbroker.cluster.controller import read_view
@@ -122,11 +126,40 @@ def test_a_node_serves_by_the_map_and_is_up_in_status(
     assert_disconnected(c, 5, {0x98})
 
 
+METRICS_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def cluster_metrics(port: int) -> dict[str, float]:
+    """The node's ``shardbroker_cluster_*`` samples (the state label's value appended)."""
+    code, text = http_get(port, "/metrics")
+    assert code == 200, text
+    return {s.name + "".join(f":{v}" for v in s.labels.values()): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name.startswith("shardbroker_cluster_")}
+
+
 @pytest.mark.parametrize("how", ["sigstop", "kill"])
 def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
         etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
         uniq: Uniq, how: str) -> None:
-    b = make_broker(workers=1, config=node_config(etcd_single, "n1"))
+    b = make_broker(workers=1, config=node_config(etcd_single, "n1")
+                    + "[metrics]\nenabled = true\nport = 0\n")
+    port = int(METRICS_RE.search(b.wait_for_log(METRICS_RE.pattern)).group(1))  # type: ignore[union-attr]
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=10, interval=0.1,
+               message="ready under the cluster")
+    m = cluster_metrics(port)
+    assert (m["shardbroker_cluster_member"], m["shardbroker_cluster_controller"]) == (1, 1), m
+    assert m["shardbroker_cluster_map_version"] >= 1, m
+    assert m["shardbroker_cluster_virtual_shards:served"] == 1024, m
+    assert 0 < m["shardbroker_cluster_lease_remaining_seconds"] <= TTL, m
     v5 = mqtt(b, uniq.cid("a"), version=5)
     v4 = mqtt(b, uniq.cid("b"), version=4)
     time.sleep(0.8)  # a renewal or two
@@ -145,8 +178,13 @@ def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
         assert closed < TTL, f"clients closed {closed:.2f} s after etcd stopped (lease {TTL} s)"
         assert connack(b.port, uniq.cid("n"), 4) == SERVER_UNAVAILABLE_V3
         assert connack(b.port, uniq.cid("n"), 5) == SERVER_UNAVAILABLE
+        code, why = http_get(port, "/readyz")
+        assert code == 503 and "cluster: node n1 " in why, why
         time.sleep(TTL)  # still refused after the lease would have ended
         assert connack(b.port, uniq.cid("n"), 4) == SERVER_UNAVAILABLE_V3
+        m = cluster_metrics(port)
+        assert (m["shardbroker_cluster_member"], m["shardbroker_cluster_controller"]) == (0, 0), m
+        assert m["shardbroker_cluster_virtual_shards:served"] == 0, m
     finally:
         if how == "sigstop":
             os.kill(pid, signal.SIGCONT)
@@ -157,6 +195,9 @@ def test_losing_etcd_closes_clients_before_the_lease_ends_and_serving_resumes(
                message="serving again after etcd came back")
     back = mqtt(b, uniq.cid("r"), version=5)
     back.ping()
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=10, interval=0.1,
+               message="ready again")
+    assert cluster_metrics(port)["shardbroker_cluster_member"] == 1
     assert ctl(b, {"op": "stats"})["acceptor"]["refused_unserved"] >= 3
     log = b.log_text()
     assert log.count("lost its lease") == 1, log[-3000:]

@@ -4,14 +4,18 @@ over a worker's restart, histograms, the exposition of one gathering and the rea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from shardbroker.operations.admin import Gathered
 from shardbroker.operations.histogram import Histogram
-from shardbroker.operations.metrics import families, not_ready
+from shardbroker.operations.metrics import cluster_families, families, not_ready
 from shardbroker.operations.sys_tree import Carry, LoadAverage, SysTree
 
 
@@ -110,8 +114,6 @@ def test_sys_tree_totals_and_what_changed() -> None:
 
 def test_exposition_names_a_missing_shard_and_parses() -> None:
     got = Gathered({"0": _shard(3)}, {"1": "no answer within 2 s"}, None, "not reachable")
-    from prometheus_client.exposition import generate_latest
-    from prometheus_client.registry import CollectorRegistry
 
     class Once:
         def collect(self):  # type: ignore[no-untyped-def]
@@ -141,3 +143,36 @@ def test_readiness_reasons() -> None:
         "shard 1: no answer within 1 s",
         "acceptor: not reachable: No such file or directory",
     ]
+
+
+def _cluster(**over: object) -> dict[str, object]:
+    status: dict[str, object] = {"node_id": "n1", "member": True, "lease_seconds": 4.5, "controller": True,
+                                 "map_version": 7, "served": 1000, "held_back": 24, "virtual_shards": 1024}
+    status.update(over)
+    return status
+
+
+def test_a_cluster_node_is_not_ready_without_a_lease_or_a_shard() -> None:
+    def reasons(**over: object) -> list[str]:
+        return not_ready(Gathered({"0": _shard(0)}, {}, _acceptor(), None, _cluster(**over)), 1)
+
+    assert reasons() == []
+    assert reasons(member=False, served=0) == [
+        "cluster: node n1 holds no lease (etcd not reached, or its lease was lost)"]
+    assert reasons(served=0) == ["cluster: node n1 serves no virtual shard (map version 7)"]
+
+
+def test_cluster_families_say_what_the_node_holds() -> None:
+    class Once:
+        def collect(self) -> Iterable[Metric]:
+            return list(cluster_families(_cluster(controller=False)))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Once())  # type: ignore[arg-type]
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples == {
+        ("shardbroker_cluster_member", ()): 1, ("shardbroker_cluster_lease_remaining_seconds", ()): 4.5,
+        ("shardbroker_cluster_controller", ()): 0, ("shardbroker_cluster_map_version", ()): 7,
+        ("shardbroker_cluster_virtual_shards", ("served",)): 1000,
+        ("shardbroker_cluster_virtual_shards", ("held_back",)): 24}
