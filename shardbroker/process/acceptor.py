@@ -175,6 +175,7 @@ class Acceptor:
         self.relay_failed = 0  # ... whose owner could not be reached (refused)
         self.refused_relayed = 0  # clients relayed here that this node does not serve either
         self._connecting: dict[int, _Outgoing] = {}  # by the outgoing socket's descriptor
+        self._node_hosts: frozenset[str] = frozenset()  # the hosts of the other registered nodes
 
     def _say_once(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
         """Log ``msg`` at most once a second for ``key`` (an address, or a limit)."""
@@ -381,7 +382,7 @@ class Acceptor:
         protocol listener, or from a trusted proxy of a WebSocket listener, the address is the
         proxy's here: the limit is for direct clients."""
         limit = self.config.limits.max_connection_rate
-        if not limit or lst.proxy_protocol:
+        if not limit or lst.proxy_protocol or host in self._node_hosts:  # relays come from nodes
             return False
         now = int(time.monotonic())
         if now != self._rate_second:
@@ -561,8 +562,7 @@ class Acceptor:
         p.head = None
         p.relayed = True
         peer = _peername(p.sock)
-        nodes = {proxy.split_address(a)[0] for a in self.grant.peers}
-        if client is not None and forwarded.host_of(peer).strip("[]") in nodes:
+        if client is not None and forwarded.host_of(peer).strip("[]") in self._node_hosts:
             if not self._move(p, forwarded.host_of(client)):
                 return None
             p.peer = client
@@ -818,6 +818,8 @@ class Acceptor:
         if request["op"] == "fence" and self.clustered:
             grant = Grant.from_value(request.get("grant"))
             if grant.seq > self.grant.seq:
+                if grant.peers != self.grant.peers:
+                    self._node_hosts = frozenset(_hosts(grant.peers))
                 self.grant = grant
             return {"acceptor": True, "seq": self.grant.seq}
         raise ValueError(f"unknown operation {request['op']!r}")
@@ -863,6 +865,17 @@ class Acceptor:
         self._outgoing.clear()
         for shard, link in list(self._links.items()):
             self._drop_link(shard, link)
+
+
+def _hosts(addresses: tuple[str, ...]) -> list[str]:
+    """The hosts of ``host:port`` addresses (one that is not such is left out)."""
+    out = []
+    for address in addresses:
+        try:
+            out.append(proxy.split_address(address)[0])
+        except ValueError:
+            pass
+    return out
 
 
 def _stamps(lst: ListenerConfig) -> tuple[tuple[int, int] | None, ...]:

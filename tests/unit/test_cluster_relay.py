@@ -7,8 +7,8 @@ that cannot be reached gives the same answer."""
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
+import time
 from pathlib import Path
 
 import mqttbytes as mb
@@ -68,9 +68,9 @@ def test_the_proxy_header_a_relay_sends_is_read_back() -> None:
         proxy.split_address("nohost")
 
 
-def _acceptor(tmp_path: Path, name: str) -> tuple[Acceptor, int]:
+def _acceptor(tmp_path: Path, name: str, rate: int = 0) -> tuple[Acceptor, int]:
     config = load_config(None, {"cluster.node_id": name, "cluster.etcd_endpoints": ["http://127.0.0.1:9"],
-                                "cluster.advertise": "127.0.0.1:7000"})
+                                "cluster.advertise": "127.0.0.1:7000", "limits.max_connection_rate": rate})
     listen = socket.socket()
     listen.bind(("127.0.0.1", 0))
     listen.listen(16)
@@ -81,7 +81,7 @@ def _acceptor(tmp_path: Path, name: str) -> tuple[Acceptor, int]:
 
 def _elsewhere(seq: int, peer: str) -> Grant:
     """A grant that serves nothing here and says every virtual shard is ``peer``'s."""
-    return Grant(seq, 1, 1, math.inf, (-1,) * COUNT, (0,) * COUNT, (peer,), (0,) * COUNT)
+    return Grant(seq, 1, 1, time.monotonic() + 600, (-1,) * COUNT, (0,) * COUNT, (peer,), (0,) * COUNT)
 
 
 def _connack(port: int, version: int) -> int:
@@ -96,9 +96,10 @@ def _connack(port: int, version: int) -> int:
 
 def test_maps_that_disagree_make_no_relay_loop(tmp_path: Path) -> None:
     a, a_port = _acceptor(tmp_path, "a")
-    b, b_port = _acceptor(tmp_path, "b")
-    a.grant = _elsewhere(1, f"127.0.0.1:{b_port}")  # a thinks b serves it ...
-    b.grant = _elsewhere(1, f"127.0.0.1:{a_port}")  # ... and b thinks a does
+    b, b_port = _acceptor(tmp_path, "b", rate=1)  # relays come from a node's host: not limited
+    # a thinks b serves every client, and b thinks a does (as the supervisors tell them)
+    assert a.control({"op": "fence", "grant": _elsewhere(1, f"127.0.0.1:{b_port}").to_value()})["seq"] == 1
+    assert b.control({"op": "fence", "grant": _elsewhere(1, f"127.0.0.1:{a_port}").to_value()})["seq"] == 1
 
     async def main() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
@@ -114,7 +115,7 @@ def test_maps_that_disagree_make_no_relay_loop(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == (3, 0x88)  # server unavailable, from b, through a's relay
     assert (a.relayed, a.refused_relayed, a.relay_failed) == (2, 0, 0)
-    assert (b.relayed, b.refused_relayed, b.refused_unserved) == (0, 2, 2)
+    assert (b.relayed, b.refused_relayed, b.refused_unserved, b.refused) == (0, 2, 2, 0)
     assert a.counts.total == 0 and b.counts.total == 0  # the relays ended and were released
 
 
@@ -124,7 +125,7 @@ def test_an_owner_that_cannot_be_reached_gives_server_unavailable(tmp_path: Path
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there: the connection is refused
-    a.grant = _elsewhere(1, f"127.0.0.1:{port}")
+    a.control({"op": "fence", "grant": _elsewhere(1, f"127.0.0.1:{port}").to_value()})
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
