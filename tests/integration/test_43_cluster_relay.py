@@ -7,8 +7,10 @@ unavailable" until its lease ends and its shards come to this node."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import mqttbytes as mb
 from cluster_fixtures import EtcdCluster
@@ -24,10 +26,10 @@ SERVER_UNAVAILABLE = 0x88
 KICKED = 0x98  # administrative action
 
 
-def node_config(etcd: EtcdCluster, node_id: str, ttl: int = 2) -> str:
+def node_config(etcd: EtcdCluster, node_id: str, ttl: int = 2, extra: str = "") -> str:
     endpoints = ", ".join(f'"{url}"' for url in etcd.endpoints)
     return (f'[cluster]\nnode_id = "{node_id}"\netcd_endpoints = [{endpoints}]\n'
-            f'advertise = "127.0.0.1:7000"\nlease_ttl = {ttl}\n')
+            f'advertise = "127.0.0.1:7000"\nlease_ttl = {ttl}\n' + extra)
 
 
 def ctl(b: Broker, request: dict) -> dict:  # type: ignore[type-arg]
@@ -45,10 +47,11 @@ def id_of(node: str, prefix: str) -> str:
                 if both[vshard_for(c, 1024)] == Slot(node, 0))
 
 
-def two_nodes(etcd: EtcdCluster, make_broker: Callable[..., Broker], ttl: int = 2) -> tuple[Broker, Broker]:
-    """n1 and n2 up, both serving the map that shares the shards between them, each knowing
-    the other's client address."""
-    a = make_broker(workers=1, config=node_config(etcd, "n1", ttl), name="node1")
+def two_nodes(etcd: EtcdCluster, make_broker: Callable[..., Broker], ttl: int = 2,
+              extra: str = "") -> tuple[Broker, Broker]:
+    """n1 (with ``extra`` in its configuration) and n2 up, both serving the map that shares
+    the shards between them, each knowing the other's client address."""
+    a = make_broker(workers=1, config=node_config(etcd, "n1", ttl, extra), name="node1")
     b = make_broker(workers=1, config=node_config(etcd, "n2", ttl), name="node2", probe=False)
     client = Etcd(etcd.endpoints)
     try:
@@ -158,3 +161,41 @@ def test_an_owner_that_is_down_gives_server_unavailable_until_its_shards_move(
     wait_until(lambda: _rc(a.port, cid) == 0, timeout=ttl + 10, interval=0.2,
                message="n1 serves the shards of the node that died")
     assert "cannot be reached" in a.log_text()
+
+
+def test_a_paho_client_over_websocket_and_tls_is_relayed_as_plain_mqtt(
+        etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
+        uniq: Uniq, pki: dict[str, Path]) -> None:
+    import paho.mqtt.client as pm
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    wss = (f'\n[[listener]]\nport = 0\n\n[[listener]]\ntype = "wss"\nport = 0\n'
+           f'certfile = "{pki["crt"]}"\nkeyfile = "{pki["key"]}"\n')
+    a, b = two_nodes(etcd_single, make_broker, extra=wss)
+    found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(wss\)", a.log_text())
+    assert found, a.tail(30)
+    topic = uniq.topic()
+    direct = mqtt(b, id_of("n2", uniq.cid("d")), version=4)
+    direct.subscribe(topic + "/up", qos=1)
+    cid = id_of("n2", "paho")
+    c = pm.Client(CallbackAPIVersion.VERSION2, client_id=cid, transport="websockets",
+                  protocol=pm.MQTTv5)
+    c.ws_set_options(path="/mqtt")
+    c.tls_set(ca_certs=str(pki["ca"]))
+    got: list[bytes] = []
+    c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    c.connect("localhost", int(found.group(1)))
+    c.loop_start()
+    try:
+        wait_until(lambda: c.is_connected(), timeout=5, message="paho connected through n1")
+        assert ctl(b, {"op": "client", "client_id": cid})["client"] is not None  # on n2
+        c.subscribe(topic + "/down", 1)
+        time.sleep(0.4)
+        c.publish(topic + "/up", b"over-wss", qos=1).wait_for_publish(5)
+        assert direct.recv_publish().payload == b"over-wss"
+        direct.publish(topic + "/down", b"back", qos=1)
+        wait_until(lambda: got == [b"back"], timeout=5, message="the message back over wss")
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert acceptor(a)["relayed"] >= 1
