@@ -5,9 +5,9 @@ deadline (``limits.connect_timeout``) and a size limit, assigns an identifier to
 client that sent an empty one where the version allows it, and hands the socket
 with every byte read so far to the worker that owns the client ID
 (``shard_for(client_id, workers)``; on a cluster node, the worker the supervisor's newest
-``cluster.grant.Grant`` names for the client's virtual shard, and a client of a virtual shard
-the node does not serve is relayed to the node that does, see below). Hand-offs made in one loop iteration go to
-each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
+``cluster.grant.Grant`` names for the client's virtual shard; a client of a virtual shard
+the node does not serve is relayed to the node that does, see below). Hand-offs made in one
+loop iteration go to each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
 that is malformed or illegal gets the spec's answer here (a CONNACK with a
 reason code where one exists, then a close), and the reason is logged.
 
@@ -35,8 +35,9 @@ two nodes' maps disagree it refuses it, so a relay cannot loop.
 
 It counts open connections (``connection_counts``) from accept to close, to enforce
 ``limits.max_connections`` and ``limits.max_connections_per_address`` when it accepts: the
-ones it holds it sees close itself; for those it handed to a worker (relayed ones too: the
-worker's end of the pair closes with them), the worker writes a close notice back on the
+ones it holds it sees close itself (a client relayed to another node among them, until the
+relay ends); for those it handed to a worker (relayed ones too: the worker's end of the pair
+closes with them), the worker writes a close notice back on the
 hand-off link, and a link that breaks (the worker died) releases all of its connections. A connection over a limit is closed at once, before any
 byte is read, and counted; the refusals are logged at most once a second per address.
 
@@ -951,9 +952,9 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
         for listen, _lst, _ctx in listens:
             listen.close()
         counts = acceptor.counts
-        log.info("acceptor stopped (accepted %d, handed off %d, refused by the connection rate %d, by "
-                 "limits.max_connections %d, by limits.max_connections_per_address %d; %d connections open "
-                 "before stopping)", acceptor.accepted, acceptor.handed_off, acceptor.refused,
-                 counts.refused_total, counts.refused_address, open_before)
+        log.info("acceptor stopped (accepted %d, handed off %d, relayed to other nodes %d, refused by the"
+                 " connection rate %d, by limits.max_connections %d, by limits.max_connections_per_address %d;"
+                 " %d connections open before stopping)", acceptor.accepted, acceptor.handed_off,
+                 acceptor.relayed, acceptor.refused, counts.refused_total, counts.refused_address, open_before)
 
     asyncio.run(main())

@@ -16,6 +16,7 @@ import mqttbytes as mb
 from cluster_fixtures import EtcdCluster
 from conftest import Broker, Clients, Uniq, assert_disconnected, wait_until
 
+from shardbroker.cluster.admin import status
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
 from shardbroker.cluster.membership import NodeInfo
@@ -62,11 +63,13 @@ def two_nodes(etcd: EtcdCluster, make_broker: Callable[..., Broker], ttl: int = 
 
         wait_until(settled, timeout=15, message="both nodes serve their share")
         nodes = read_view(client).nodes
+        shown = {n["node_id"]: n["clients"] for n in status(client)["nodes"]}  # status --json
     finally:
         client.close()
     # each node's record says where clients reach it: the advertise host, its listener's port
     assert nodes["n1"] == NodeInfo("n1", "127.0.0.1:7000", 1, "up", f"127.0.0.1:{a.port}")
     assert nodes["n2"].clients == f"127.0.0.1:{b.port}"
+    assert shown == {"n1": f"127.0.0.1:{a.port}", "n2": f"127.0.0.1:{b.port}"}
     for node, broker in (("n1", a), ("n2", b)):
         cid = id_of(node, "ready")
         wait_until(lambda cid=cid, broker=broker: _rc(broker.port, cid) == 0, timeout=10,
