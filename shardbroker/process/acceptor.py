@@ -80,6 +80,7 @@ CERT_CHECK = 2.0  # seconds between looks at the certificate files of mqtts list
 MAX_PROXY = proxy.MAX_LENGTH  # bytes peeked for a PROXY protocol header
 ACCEPT_BATCH = 256  # connections accepted per readiness callback
 RELAY_CONNECT_TIMEOUT = 2.0  # seconds to connect to the node a client is relayed to
+AUTO_ID_TRIES = 64  # identifiers tried for a client that sent none, for one this node serves
 
 
 class _Pending:
@@ -541,6 +542,19 @@ class Acceptor:
         self._connect(p, *raw[0])
         return True
 
+    def _assigned_id(self) -> str:
+        """A client identifier for a client that sent none. A cluster node picks one of a
+        virtual shard it serves (a few tries; each is one with the share of shards it has), so
+        that such a client is not relayed: the owner would assign another identifier."""
+        cid = "auto-" + uuid.uuid4().hex
+        if self.clustered:
+            now = time.monotonic()
+            for _ in range(AUTO_ID_TRIES):
+                if self.grant.owner(cid, now) >= 0:
+                    break
+                cid = "auto-" + uuid.uuid4().hex
+        return cid
+
     def _relay_mark(self, p: _Pending) -> bool:
         """Whether a PROXY header may come first on ``p``'s listener: a cluster node's plain
         listener without ``proxy_protocol`` (on which no CONNECT begins with its first byte)."""
@@ -612,7 +626,7 @@ class Acceptor:
         client_id: str | None = None
         if not connect.client_id:
             if version == MQTT_5 or (version == MQTT_3_1_1 and connect.clean_start):
-                client_id = "auto-" + uuid.uuid4().hex  # [MQTT-3.1.3-6]
+                client_id = self._assigned_id()  # [MQTT-3.1.3-6]
             else:  # [MQTT-3.1.3-8]
                 return self._refuse(p, version, ProtocolError(
                     reasons.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier with a persistent session"))

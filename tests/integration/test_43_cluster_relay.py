@@ -118,6 +118,15 @@ def test_a_client_of_the_other_node_gets_its_session_there_through_the_relay(
     assert acceptor(a)["relays"] == 1  # n1 carries it ...
     assert acceptor(a)["open"] >= 1  # ... and counts it toward its own limits
 
+    # a client that sends no identifier gets one of n1's own shards: not relayed
+    relayed = acceptor(a)["relayed"]
+    for _ in range(6):
+        anonymous = mqtt(a, "", version=5)
+        assigned = anonymous.connack.props[mb.ASSIGNED_CLIENT_IDENTIFIER]  # type: ignore[attr-defined]
+        assert ctl(a, {"op": "client", "client_id": assigned})["client"] is not None
+        anonymous.disconnect()
+    assert acceptor(a)["relayed"] == relayed
+
 
 def test_a_close_on_either_side_ends_the_relay(
         etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
