@@ -42,6 +42,7 @@ def status(etcd: Etcd) -> dict[str, Any]:
         nodes.append({
             "node_id": name, "state": state, "drained": name in view.drained,
             "advertise": info.advertise if info else None,
+            "clients": (info.clients or None) if info else None,
             "workers": info.workers if info else None,
             "vshards": per_node.get(name, 0),
         })

@@ -7,6 +7,10 @@ child keeps the newest one (by ``seq``) and decides with it alone:
 * ``owners[v]``: the local worker that serves virtual shard ``v``, or -1 when this node does
   not (another node's, nobody's, or no map yet);
 * ``epochs[v]``: the shard's epoch in the map (0 where it is not served here);
+* ``peers``: the client addresses (``host:port`` of the plain MQTT listener) of the other
+  registered nodes (the hosts a relayed client's PROXY header is believed from), and ``remote[v]``: the index in ``peers`` of the
+  node that serves ``v`` when another node does (-1 otherwise; empty when no shard is
+  another node's): where the acceptor relays such a client;
 * ``until``: a CLOCK_MONOTONIC time (system-wide on Linux, so it means the same in every
   process of the host) after which nothing may be served: the lease deadline as
   ``membership`` reckons it, which is never later than etcd's expiry. A child stops at
@@ -25,7 +29,7 @@ map gives this node later will be served.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from shardbroker.cluster.fence import Fence
@@ -46,6 +50,8 @@ class Grant:
     until: float  # monotonic seconds; -inf: serve nothing
     owners: tuple[int, ...]  # per virtual shard: the local worker, or -1
     epochs: tuple[int, ...]
+    peers: tuple[str, ...] = ()  # client addresses of other nodes
+    remote: tuple[int, ...] = ()  # per virtual shard: its index in peers, or -1; or empty
 
     @property
     def count(self) -> int:
@@ -56,6 +62,14 @@ class Grant:
         if not self.owners or now >= self.until:
             return -1
         return self.owners[vshard_for(client_id, len(self.owners))]
+
+    def relay_to(self, client_id: str, now: float) -> str | None:
+        """The client address of the other node that serves ``client_id`` at ``now``, or
+        None (this node serves it, nobody does, or the owner has no address)."""
+        if not self.remote or now >= self.until:
+            return None
+        index = self.remote[vshard_for(client_id, len(self.remote))]
+        return self.peers[index] if index >= 0 else None
 
     def served_by(self, worker: int) -> list[int]:
         """The virtual shards ``worker`` serves under this grant."""
@@ -68,7 +82,8 @@ class Grant:
     def to_value(self) -> dict[str, object]:
         return {"seq": self.seq, "version": self.version, "lease": self.lease,
                 "until": self.until if math.isfinite(self.until) else None,
-                "owners": list(self.owners), "epochs": list(self.epochs)}
+                "owners": list(self.owners), "epochs": list(self.epochs),
+                "peers": list(self.peers), "remote": list(self.remote)}
 
     @classmethod
     def from_value(cls, value: object) -> Grant:
@@ -80,8 +95,12 @@ class Grant:
             epochs = tuple(int(e) for e in value["epochs"])
             if len(epochs) != len(owners):
                 raise ValueError("owners and epochs differ in length")
+            peers = tuple(str(p) for p in value.get("peers", ()))
+            remote = tuple(int(i) for i in value.get("remote", ()))
+            if remote and (len(remote) != len(owners) or not all(-1 <= i < len(peers) for i in remote)):
+                raise ValueError("remote does not match owners and peers")
             return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
-                       -math.inf if until is None else float(until), owners, epochs)
+                       -math.inf if until is None else float(until), owners, epochs, peers, remote)
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"not a grant: {exc}") from None
 
@@ -90,12 +109,14 @@ NONE = Grant(0, 0, 0, -math.inf, (), ())
 
 
 def from_fence(fence: Fence, seq: int, workers: int, now: float,
-               cleared: float = math.inf) -> Grant:
+               cleared: float = math.inf, addresses: Mapping[str, str] | None = None) -> Grant:
     """The grant of ``fence`` (this node's map and lease) at ``now``: the shards it may serve
     on workers this node has, until the lease deadline. Nothing when it may serve nothing.
     ``cleared``: the oldest map version every other live node has applied; a shard the map
     gave this node at a later epoch is held back until then (its previous owner may still
-    serve it: the handover of a shard between live nodes)."""
+    serve it: the handover of a shard between live nodes). ``addresses``: the client address
+    of every other registered node that has one; a shard the map gives one of them is
+    relayed there (``peers``, ``remote``)."""
     shard_map = fence.map
     if shard_map is None or now >= fence.lease_until:
         return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
@@ -107,8 +128,15 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
         if slot is not None and 0 <= slot.worker < workers and shard_map.vshards[v].epoch <= cleared:
             owners[v] = slot.worker
             epochs[v] = shard_map.vshards[v].epoch
+    others = sorted(node for node in (addresses or {}) if node != fence.node)
+    peers = [addresses[node] for node in others] if addresses else []
+    index = {node: i for i, node in enumerate(others)}
+    remote = [-1] * shard_map.count if peers else []
+    for v, vshard in enumerate(shard_map.vshards if peers else ()):
+        if vshard.slot is not None and vshard.slot.node in index:
+            remote[v] = index[vshard.slot.node]
     return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),
-                 tuple(epochs))
+                 tuple(epochs), tuple(peers), tuple(remote))
 
 
 def local_owners(node: str, workers: int, count: int) -> list[int]:

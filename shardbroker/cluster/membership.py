@@ -1,7 +1,7 @@
 """A node's registration in the cluster: a key under a lease, kept alive, given up on leave.
 
-``/shardbroker/nodes/<node_id>`` holds ``{"advertise", "workers", "state"}`` (JSON) and is
-bound to the node's lease: when the node stops renewing it, etcd deletes the key after
+``/shardbroker/nodes/<node_id>`` holds ``{"advertise", "workers", "state", "clients"}`` (JSON)
+and is bound to the node's lease: when the node stops renewing it, etcd deletes the key after
 ``lease_ttl`` seconds, and the controller gives its shards to others.
 
 The lease deadline is reckoned on the node's monotonic clock from the moment a renewal was
@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
 from shardbroker.cluster.shardmap import NODES_PREFIX
@@ -53,10 +53,13 @@ class NodeInfo:
     advertise: str
     workers: int
     state: str = "up"
+    # HOST:PORT where clients (and the nodes that relay them) reach this node's plain MQTT
+    # listener; "" when it has none (a record written before it existed parses as "")
+    clients: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"advertise": self.advertise, "workers": self.workers,
-                           "state": self.state}).encode()
+                           "state": self.state, "clients": self.clients}).encode()
 
 
 def parse_node(key: str, value: bytes) -> NodeInfo | None:
@@ -64,7 +67,7 @@ def parse_node(key: str, value: bytes) -> NodeInfo | None:
     try:
         doc = json.loads(value)
         info = NodeInfo(key.removeprefix(NODES_PREFIX), str(doc["advertise"]),
-                        int(doc["workers"]), str(doc["state"]))
+                        int(doc["workers"]), str(doc["state"]), str(doc.get("clients") or ""))
     except (ValueError, KeyError, TypeError):
         return None
     return info if info.workers >= 0 else None
@@ -116,7 +119,7 @@ class Membership:
         """Change the state in the registration (under the same lease)."""
         if state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}")
-        info = NodeInfo(self.info.node_id, self.info.advertise, self.info.workers, state)
+        info = replace(self.info, state=state)
         if not self.etcd.txn([Compare(self.key, "lease", self.lease)],
                              [Put(self.key, info.encode(), self.lease)]):
             raise EtcdError(f"node {self.info.node_id} is no longer registered under its lease")

@@ -32,8 +32,11 @@ serves nothing either (the fence), so it is not waited for.
 A node ID already registered (the previous run of this node, killed, whose lease has not
 expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
 
-What it does not do: relay clients to other nodes, or carry messages between nodes; a shard
-that moves to another node is simply no longer served here (its clients are closed).
+The grant also names, for each shard another registered node serves, that node's client
+address (``NodeInfo.clients``): the acceptor relays such a client there.
+
+What it does not do: carry messages between nodes; a shard that moves to another node is
+simply no longer served here (its clients are closed; they reconnect through the relay).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ Publish = Callable[[Grant], bool]  # send to every child; whether all of them to
 
 class ClusterNode:
     def __init__(self, config: ClusterConfig, workers: int, publish: Publish,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, clients: str = "") -> None:
         self.config = config
         self.workers = workers
         self.publish = publish
@@ -76,7 +79,7 @@ class ClusterNode:
         self._lease_etcd = Etcd(config.etcd_endpoints, timeout=timeout)  # renewals alone
         self.etcd = Etcd(config.etcd_endpoints, timeout=timeout)
         self.member = Membership(self._lease_etcd,
-                                 NodeInfo(config.node_id, config.advertise, workers),
+                                 NodeInfo(config.node_id, config.advertise, workers, clients=clients),
                                  config.lease_ttl, self._lost, clock)
         self.member.lost = True  # not joined yet
         self.controller: Controller | None = None
@@ -92,6 +95,7 @@ class ClusterNode:
         self._thread: threading.Thread | None = None
         self._said = ""  # the last problem logged (each one once)
         self._claimed = 0  # the map version under APPLIED_PREFIX for this lease (0: none)
+        self._addresses: dict[str, str] = {}  # other registered nodes' client addresses
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +204,8 @@ class ClusterNode:
                 return  # told while this round read etcd: the next round joins again
             if new is not None:
                 self.fence.apply(new)
+            self._addresses = {node: info.clients for node, info in view.nodes.items()
+                               if node != me and info.clients}
             self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
             self._send(force=False, cleared=cleared)
             applied = self.grant.version if not self._stale and self.grant.owners else 0
@@ -238,10 +244,11 @@ class ClusterNode:
         """Under the lock: the fence's grant to the children, when it is news; the shards of a
         later epoch than ``cleared`` are held back (``grant.from_fence``)."""
         now = self.clock()
-        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared)
+        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared, self._addresses)
         last = self.grant
         changed = (grant.owners != last.owners or grant.version != last.version
-                   or grant.lease != last.lease or grant.until != last.until)
+                   or grant.lease != last.lease or grant.until != last.until
+                   or grant.peers != last.peers or grant.remote != last.remote)
         if not (force or changed or self._stale or now - self._sent_at >= RESEND):
             return
         self._seq += 1

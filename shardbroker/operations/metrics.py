@@ -101,6 +101,11 @@ _ACCEPTOR_COUNTERS = (
     ("shardbroker_acceptor_handed_off_connections_total", "connections handed to a worker", "handed_off", {}),
     ("shardbroker_acceptor_unserved_connections_total",
      "CONNECTs a cluster node refused: their virtual shard is not served here", "refused_unserved", {}),
+    ("shardbroker_acceptor_relayed_connections_total",
+     "clients a cluster node relayed to the node that serves their virtual shard", "relayed", {}),
+    ("shardbroker_acceptor_relay_failed_connections_total",
+     "clients a cluster node refused because the node that serves them could not be reached",
+     "relay_failed", {}),
     *(("shardbroker_acceptor_refused_connections_total", "connections closed by a limit, by limit", key,
        {"limit": limit}) for limit, key in (("max_connection_rate", "refused_rate"),
                                             ("max_connections", "refused_max_connections"),
@@ -109,7 +114,8 @@ _ACCEPTOR_COUNTERS = (
 _ACCEPTOR_GAUGES = (
     ("shardbroker_acceptor_open_connections", "open connections counted by the acceptor", "open"),
     ("shardbroker_acceptor_pending_connections", "connections whose CONNECT has not arrived yet", "pending"),
-    ("shardbroker_acceptor_relays", "TLS and WebSocket connections relayed by the acceptor", "relays"),
+    ("shardbroker_acceptor_relays", "connections relayed by the acceptor (TLS, WebSocket, to another node)",
+     "relays"),
 )
 
 

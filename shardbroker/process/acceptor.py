@@ -5,10 +5,9 @@ deadline (``limits.connect_timeout``) and a size limit, assigns an identifier to
 client that sent an empty one where the version allows it, and hands the socket
 with every byte read so far to the worker that owns the client ID
 (``shard_for(client_id, workers)``; on a cluster node, the worker the supervisor's newest
-``cluster.grant.Grant`` names for the client's virtual shard, and a client of a virtual shard
-the node does not serve gets CONNACK "server unavailable", logged at most once a second: it
-is not relayed to the node that serves it). Hand-offs made in one loop iteration go to
-each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
+``cluster.grant.Grant`` names for the client's virtual shard; a client of a virtual shard
+the node does not serve is relayed to the node that does, see below). Hand-offs made in one
+loop iteration go to each worker together, up to ``MAX_FDS`` sockets in one ``sendmsg``. A CONNECT
 that is malformed or illegal gets the spec's answer here (a CONNACK with a
 reason code where one exists, then a close), and the reason is logged.
 
@@ -23,10 +22,22 @@ address the worker then sees as the client's. A ``ws`` or ``wss`` listener with
 ``trusted_proxies`` takes the client's address from a trusted proxy's ``X-Forwarded-For`` or
 ``Forwarded`` header (``transport.forwarded``) the same way.
 
+A cluster node relays a client whose virtual shard another registered node serves (the grant
+names that node's client address): it connects to it (non-blocking, at most
+``RELAY_CONNECT_TIMEOUT``), sends a PROXY protocol v2 header with the client's address, then
+the bytes read so far, and a ``ClientRelay`` carries the rest both ways until either side
+closes. An owner that cannot be reached, a shard nobody serves, and a client whose listener
+makes its certificate the user name (the name would not reach the owner) get CONNACK "server
+unavailable" instead. On a plain listener without ``proxy_protocol``, a node takes a PROXY
+header in front of the CONNECT as the mark of a client relayed by another node (believing its
+address only from a registered node's host) and never relays such a client again: when the
+two nodes' maps disagree it refuses it, so a relay cannot loop.
+
 It counts open connections (``connection_counts``) from accept to close, to enforce
 ``limits.max_connections`` and ``limits.max_connections_per_address`` when it accepts: the
-ones it holds it sees close itself; for those it handed to a worker (relayed ones too: the
-worker's end of the pair closes with them), the worker writes a close notice back on the
+ones it holds it sees close itself (a client relayed to another node among them, until the
+relay ends); for those it handed to a worker (relayed ones too: the worker's end of the pair
+closes with them), the worker writes a close notice back on the
 hand-off link, and a link that breaks (the worker died) releases all of its connections. A connection over a limit is closed at once, before any
 byte is read, and counted; the refusals are logged at most once a second per address.
 
@@ -36,6 +47,8 @@ It never touches a store, a session or the bus.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -66,13 +79,15 @@ SWEEP = 0.25  # seconds between connect-deadline sweeps
 CERT_CHECK = 2.0  # seconds between looks at the certificate files of mqtts listeners
 MAX_PROXY = proxy.MAX_LENGTH  # bytes peeked for a PROXY protocol header
 ACCEPT_BATCH = 256  # connections accepted per readiness callback
+RELAY_CONNECT_TIMEOUT = 2.0  # seconds to connect to the node a client is relayed to
+AUTO_ID_TRIES = 64  # identifiers tried for a client that sent none, for one this node serves
 
 
 class _Pending:
     """A connection whose CONNECT has not fully arrived yet (for TLS: or its handshake)."""
 
-    __slots__ = ("address", "counted", "data", "deadline", "first_at", "framer", "identity", "index", "listener",
-                 "peer", "reader", "shaken", "sock", "trusted", "watched", "writing")
+    __slots__ = ("address", "counted", "data", "deadline", "first_at", "framer", "head", "identity", "index",
+                 "listener", "peer", "reader", "relayed", "shaken", "sock", "trusted", "watched", "writing")
 
     def __init__(self, sock: socket.socket, deadline: float, reader: codec.PacketReader,
                  listener: ListenerConfig | None = None, framer: WsFramer | None = None,
@@ -93,6 +108,21 @@ class _Pending:
         self.address = address  # the key it is counted under (ConnectionCounts)
         self.counted = True  # by the acceptor, until it is closed or handed off
         self.trusted: tuple[forwarded.Network, ...] = ()  # ws, wss: the listener's trusted proxies
+        self.relayed = False  # a cluster node relayed it here (a PROXY header): never relay it again
+        self.head: bytearray | None = None  # the start of that header, while it is incomplete
+
+
+class _Outgoing:
+    """A client being relayed to another node, while the connection to that node is made."""
+
+    __slots__ = ("out", "p", "target", "timer", "version")
+
+    def __init__(self, p: _Pending, out: socket.socket, target: str, version: int) -> None:
+        self.p = p
+        self.out = out
+        self.target = target
+        self.version = version
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Link:
@@ -143,15 +173,20 @@ class Acceptor:
         self.clustered = config.cluster.enabled
         self.grant = NONE
         self.refused_unserved = 0  # CONNECTs of virtual shards this node does not serve
+        self.relayed = 0  # clients relayed to the node that serves them
+        self.relay_failed = 0  # ... whose owner could not be reached (refused)
+        self.refused_relayed = 0  # clients relayed here that this node does not serve either
+        self._connecting: dict[int, _Outgoing] = {}  # by the outgoing socket's descriptor
+        self._node_hosts: frozenset[str] = frozenset()  # the hosts of the other registered nodes
 
-    def _say_once(self, key: str, msg: str, *args: object) -> None:
+    def _say_once(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
         """Log ``msg`` at most once a second for ``key`` (an address, or a limit)."""
         now = int(time.monotonic())
         if now != self._said_second:
             self._said_second, self._said = now, set()
         if key not in self._said:
             self._said.add(key)
-            log.warning(msg, *args)
+            log.log(level, msg, *args)
 
     def _link(self, shard: int) -> _Link:
         link = self._links.get(shard)
@@ -349,7 +384,7 @@ class Acceptor:
         protocol listener, or from a trusted proxy of a WebSocket listener, the address is the
         proxy's here: the limit is for direct clients."""
         limit = self.config.limits.max_connection_rate
-        if not limit or lst.proxy_protocol:
+        if not limit or lst.proxy_protocol or host in self._node_hosts:  # relays come from nodes
             return False
         now = int(time.monotonic())
         if now != self._rate_second:
@@ -460,6 +495,13 @@ class Acceptor:
             log.debug("%s closed before CONNECT", _who(p))
             self._close(p)
             return True
+        if p.head is not None or (not p.data and chunk[:1] == proxy.SIGNATURE[:1] and self._relay_mark(p)):
+            rest = self._relayed_in(p, chunk)
+            if rest is None:
+                return p.sock.fileno() < 0 or self._pending.get(p.sock.fileno()) is not p
+            chunk = rest
+            if not chunk:
+                return False
         if p.framer is not None:  # WebSocket: the opening handshake, then frames
             opening = not p.framer.open
             chunk, reply, over = p.framer.feed(chunk)
@@ -499,6 +541,50 @@ class Acceptor:
             return False
         self._connect(p, *raw[0])
         return True
+
+    def _assigned_id(self) -> str:
+        """A client identifier for a client that sent none. A cluster node picks one of a
+        virtual shard it serves (a few tries; each is one with the share of shards it has), so
+        that such a client is not relayed: the owner would assign another identifier."""
+        cid = "auto-" + uuid.uuid4().hex
+        if self.clustered:
+            now = time.monotonic()
+            for _ in range(AUTO_ID_TRIES):
+                if self.grant.owner(cid, now) >= 0:
+                    break
+                cid = "auto-" + uuid.uuid4().hex
+        return cid
+
+    def _relay_mark(self, p: _Pending) -> bool:
+        """Whether a PROXY header may come first on ``p``'s listener: a cluster node's plain
+        listener without ``proxy_protocol`` (on which no CONNECT begins with its first byte)."""
+        return self.clustered and p.listener is None and not self.listens[p.index][1].proxy_protocol
+
+    def _relayed_in(self, p: _Pending, chunk: bytes) -> bytes | None:
+        """The PROXY header another node put in front of a client it relays here: the bytes
+        after it; None while it is incomplete, or when it closed the connection. Its address is
+        the client's when the TCP peer is a registered node's host."""
+        head = p.head = (p.head or bytearray()) + chunk
+        try:
+            parsed = proxy.parse(bytes(head))
+        except proxy.ProxyError as exc:
+            log.info("%s: %s: closing", _peername(p.sock), exc)
+            self._close(p)
+            return None
+        if parsed is None:
+            return None
+        total, client = parsed
+        p.head = None
+        p.relayed = True
+        peer = _peername(p.sock)
+        if client is not None and forwarded.host_of(peer).strip("[]") in self._node_hosts:
+            if not self._move(p, forwarded.host_of(client)):
+                return None
+            p.peer = client
+        elif client is not None:
+            self._say_once(forwarded.host_of(peer), "%s: PROXY header from a host that is no"
+                           " registered node: its address is not believed", peer)
+        return bytes(head[total:])
 
     def _forwarded(self, p: _Pending) -> bool:
         """A WebSocket request on a listener with ``trusted_proxies``: from a trusted proxy, its
@@ -540,7 +626,7 @@ class Acceptor:
         client_id: str | None = None
         if not connect.client_id:
             if version == MQTT_5 or (version == MQTT_3_1_1 and connect.clean_start):
-                client_id = "auto-" + uuid.uuid4().hex  # [MQTT-3.1.3-6]
+                client_id = self._assigned_id()  # [MQTT-3.1.3-6]
             else:  # [MQTT-3.1.3-8]
                 return self._refuse(p, version, ProtocolError(
                     reasons.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier with a persistent session"))
@@ -562,23 +648,103 @@ class Acceptor:
         cid = client_id or connect.client_id
         if not self.clustered:
             return self._queue_handoff(shard_for(cid, self.shards), p, client_id, version)
-        worker = self.grant.owner(cid, time.monotonic())
-        if worker < 0:
-            return self._unserved(p, version, cid)
-        self._queue_handoff(worker, p, client_id, version)
+        now = time.monotonic()
+        worker = self.grant.owner(cid, now)
+        if worker >= 0:
+            return self._queue_handoff(worker, p, client_id, version)
+        target = self.grant.relay_to(cid, now)
+        if p.relayed:
+            self.refused_relayed += 1
+            why = "relayed here by another node, whose map differs: not relayed again"
+        elif target is None:
+            why = ("this node serves no virtual shard now (no lease or no shard map yet)"
+                   if not self.grant.owners or now >= self.grant.until
+                   else "its virtual shard is nobody's, or its node has no client address")
+        elif p.listener is not None and p.listener.use_identity_as_username:
+            why = "its listener makes the certificate the user name, which a relay cannot pass on"
+        else:
+            return self._relay(p, version, cid, target)
+        self._unserved(p, version, cid, why)
 
-    def _unserved(self, p: _Pending, version: int, client_id: str) -> None:
-        """A cluster node refuses a client of a virtual shard it does not serve: CONNACK
-        "server unavailable" (3.1.1 return code 3, 5.0 reason 0x88), logged at most once a
-        second. Relaying it to the node that serves it is not built."""
+    def _relay(self, p: _Pending, version: int, client_id: str, target: str) -> None:
+        """Connect to the node at ``target`` (its client address) for ``p``; the relay begins
+        once connected (``_relay_connected``)."""
+        assert self._loop is not None
+        self._forget(p)  # no more reading or deadline here; it stays counted until the relay ends
+        out: socket.socket | None = None
+        try:
+            host, port = proxy.split_address(target)
+            out = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            out.setblocking(False)
+            out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._bind_source(out)
+            err = out.connect_ex((host, port))
+        except (OSError, ValueError) as exc:
+            if out is not None:
+                out.close()
+            return self._relay_failed(p, version, client_id, target, str(exc))
+        if err not in (0, errno.EINPROGRESS):
+            out.close()
+            return self._relay_failed(p, version, client_id, target, os.strerror(err))
+        going = _Outgoing(p, out, target, version)
+        self._connecting[out.fileno()] = going
+        self._loop.add_writer(out.fileno(), self._relay_connected, going, client_id)
+        going.timer = self._loop.call_later(RELAY_CONNECT_TIMEOUT, self._relay_timeout, going, client_id)
+
+    def _bind_source(self, out: socket.socket) -> None:
+        """Connect from this node's ``advertise`` host when it is a local address, so that the
+        owner sees a registered node's host and believes the PROXY header's address."""
+        host = self.config.cluster.advertise.rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)  # a name is not looked up here (it could block)
+            out.bind((host, 0))
+        except (OSError, ValueError, OverflowError):
+            pass  # not an address of this host (behind NAT, say): the kernel picks one
+
+    def _relay_timeout(self, going: _Outgoing, client_id: str) -> None:
+        if self._connecting.get(going.out.fileno()) is going:
+            self._relay_connected(going, client_id, timed_out=True)
+
+    def _relay_connected(self, going: _Outgoing, client_id: str, timed_out: bool = False) -> None:
+        """The connection to the owner node is made (or failed, or took too long): start the
+        relay with a PROXY header and the bytes read so far, or refuse the client."""
+        assert self._loop is not None
+        out, p = going.out, going.p
+        self._connecting.pop(out.fileno(), None)
+        self._loop.remove_writer(out.fileno())
+        if going.timer is not None:
+            going.timer.cancel()
+        err = errno.ETIMEDOUT if timed_out else out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            out.close()
+            return self._relay_failed(p, going.version, client_id, going.target, os.strerror(err))
+        self.relayed += 1
+        self._say_once("relay", "CONNECT of %r relayed to the node at %s, which serves its virtual"
+                       " shard (%d relayed so far)", client_id, going.target, self.relayed,
+                       level=logging.INFO)
+        initial = proxy.encode(_who(p), going.target) + bytes(p.data)
+
+        def closed(relay: ClientRelay) -> None:
+            self._relays.discard(relay)
+            if p.counted:  # counted toward this node's limits until the relay ends
+                p.counted = False
+                self.counts.release(p.address)
+
+        relay = ClientRelay(p.sock, out, self._loop, closed, p.framer, initial)
+        self._relays.add(relay)
+        relay.start()
+
+    def _relay_failed(self, p: _Pending, version: int, client_id: str, target: str, why: str) -> None:
+        self.relay_failed += 1
+        self._unserved(p, version, client_id, f"the node that serves it ({target}) cannot be reached: {why}")
+
+    def _unserved(self, p: _Pending, version: int, client_id: str, why: str) -> None:
+        """A cluster node refuses a client it neither serves nor relays: CONNACK "server
+        unavailable" (3.1.1 return code 3, 5.0 reason 0x88), logged at most once a second."""
         self.refused_unserved += 1
         grant = self.grant
-        why = ("this node serves no virtual shard now (no lease or no shard map yet)"
-               if not grant.owners or time.monotonic() >= grant.until
-               else "its virtual shard is another node's or nobody's")
-        self._say_once("cluster", "CONNECT of %r refused (server unavailable): %s; relaying to the"
-                       " owner node is not built (%d refused so far)", client_id, why,
-                       self.refused_unserved)
+        self._say_once("cluster", "CONNECT of %r refused (server unavailable): %s (%d refused so"
+                       " far)", client_id, why, self.refused_unserved)
         v = vshard_for(client_id, grant.count) if grant.count else -1
         self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE,
                                                f"virtual shard {v} not served here"), quiet=True)
@@ -658,13 +824,17 @@ class Acceptor:
                 "refused_max_connections": counts.refused_total,
                 "refused_max_connections_per_address": counts.refused_address,
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
-                "refused_unserved": self.refused_unserved,
+                "refused_unserved": self.refused_unserved, "relayed": self.relayed,
+                "relay_failed": self.relay_failed, "refused_relayed": self.refused_relayed,
+                "connecting": len(self._connecting),
             }, "histograms": {"handoff_seconds": self.handoff_seconds.snapshot()}}
         if request["op"] == "reload":
             return self.reconfigure(request.get("config"))
         if request["op"] == "fence" and self.clustered:
             grant = Grant.from_value(request.get("grant"))
             if grant.seq > self.grant.seq:
+                if grant.peers != self.grant.peers:
+                    self._node_hosts = frozenset(_hosts(grant.peers))
                 self.grant = grant
             return {"acceptor": True, "seq": self.grant.seq}
         raise ValueError(f"unknown operation {request['op']!r}")
@@ -692,6 +862,14 @@ class Acceptor:
                 self._loop.remove_reader(listen.fileno())
         for relay in list(self._relays):
             relay.close()
+        for going in list(self._connecting.values()):
+            if going.timer is not None:
+                going.timer.cancel()
+            if self._loop is not None:
+                self._loop.remove_writer(going.out.fileno())
+            going.out.close()
+            self._close(going.p)
+        self._connecting.clear()
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
         for p in list(self._pending.values()):
@@ -702,6 +880,17 @@ class Acceptor:
         self._outgoing.clear()
         for shard, link in list(self._links.items()):
             self._drop_link(shard, link)
+
+
+def _hosts(addresses: tuple[str, ...]) -> list[str]:
+    """The hosts of ``host:port`` addresses (one that is not such is left out)."""
+    out = []
+    for address in addresses:
+        try:
+            out.append(proxy.split_address(address)[0])
+        except ValueError:
+            pass
+    return out
 
 
 def _stamps(lst: ListenerConfig) -> tuple[tuple[int, int] | None, ...]:
@@ -777,9 +966,9 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
         for listen, _lst, _ctx in listens:
             listen.close()
         counts = acceptor.counts
-        log.info("acceptor stopped (accepted %d, handed off %d, refused by the connection rate %d, by "
-                 "limits.max_connections %d, by limits.max_connections_per_address %d; %d connections open "
-                 "before stopping)", acceptor.accepted, acceptor.handed_off, acceptor.refused,
-                 counts.refused_total, counts.refused_address, open_before)
+        log.info("acceptor stopped (accepted %d, handed off %d, relayed to other nodes %d, refused by the"
+                 " connection rate %d, by limits.max_connections %d, by limits.max_connections_per_address %d;"
+                 " %d connections open before stopping)", acceptor.accepted, acceptor.handed_off,
+                 acceptor.relayed, acceptor.refused, counts.refused_total, counts.refused_address, open_before)
 
     asyncio.run(main())

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardbroker import _compiled
-from shardbroker.config import Config, ConfigError, load_config
+from shardbroker.config import Config, ConfigError, ListenerConfig, load_config
 from shardbroker.operations.admin import CONTROL_SOCKET, Admin
 from shardbroker.operations.control import ThreadServer
 from shardbroker.operations.metrics import MetricsServer
@@ -433,7 +433,8 @@ class Supervisor:
             self._start(child, env)
         node = None
         if node_class is not None:
-            node = node_class(self.config.cluster, self.shards, self._grant_sender(admin))
+            node = node_class(self.config.cluster, self.shards, self._grant_sender(admin),
+                              clients=self._client_address(listeners, socks))
             admin.owner = node.owner
             admin.cluster_status = node.status
             node.start()
@@ -513,6 +514,28 @@ class Supervisor:
             os.close(lock_fd)
         log.info("shardbroker stopped")
         return self.exit_code
+
+    def _client_address(self, listeners: tuple[ListenerConfig, ...], socks: list[socket.socket]) -> str:
+        """Where other nodes relay this node's clients: the ``advertise`` host (resolved
+        once, here, so that a relaying acceptor needs no name lookup) and the bound port of
+        the first plain ``mqtt`` listener without ``proxy_protocol``; "" (no relays to this
+        node) when there is no such listener or the host does not resolve."""
+        for lst, sock in zip(listeners, socks, strict=True):
+            if lst.type == "mqtt" and not lst.proxy_protocol:
+                port = sock.getsockname()[1]
+                break
+        else:
+            log.warning("cluster: no plain mqtt listener without proxy_protocol: other nodes"
+                        " cannot relay clients to this one (they refuse them)")
+            return ""
+        host = self.config.cluster.advertise.rpartition(":")[0].strip("[]")
+        try:
+            ip = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        except (OSError, IndexError) as exc:
+            log.warning("cluster: advertise host %s does not resolve (%s): other nodes cannot"
+                        " relay clients to this one", host, exc)
+            return ""
+        return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
 
     @staticmethod
     def _grant_sender(admin: Admin) -> Callable[[Grant], bool]:

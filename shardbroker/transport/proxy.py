@@ -5,7 +5,11 @@ A listener with ``proxy_protocol = true`` requires the header on every connectio
 TLS or MQTT; one without it is closed. The header says who the client is, so only turn it
 on for a listener that only the proxy can reach. Version 1 (text) is not read.
 
-Pure: ``parse`` looks at bytes; the acceptor peeks them from the socket, so that it takes
+A cluster node that relays a client to the node that serves it (``process/acceptor.py``) puts
+a header made by ``encode`` in front of the client's bytes: the owner learns the client's
+address from it, and knows the connection is relayed (it does not relay it again).
+
+Pure: ``parse`` looks at bytes and ``encode`` makes them; the acceptor peeks them from the socket, so that it takes
 exactly the header and leaves the TLS or MQTT bytes behind it in the kernel.
 """
 
@@ -18,7 +22,7 @@ SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 HEADER = 16  # signature, version/command, family/protocol, length
 MAX_LENGTH = 16 + 4096  # a header with more TLVs than this is refused
 
-__all__ = ["HEADER", "ProxyError", "parse"]
+__all__ = ["HEADER", "ProxyError", "encode", "parse", "split_address"]
 
 
 class ProxyError(ValueError):
@@ -59,3 +63,31 @@ def parse(data: bytes) -> tuple[int, str | None] | None:
     if fam == 0x00:  # UNSPEC: no address to give
         return total, None
     raise ProxyError(f"PROXY address family 0x{fam:02X} is not TCP over IPv4 or IPv6")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ``ValueError`` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def encode(source: str, destination: str) -> bytes:
+    """A PROXY v2 header (command PROXY, TCP) saying the connection comes from ``source``
+    and goes to ``destination`` (both ``host:port``, IP addresses); when they are not both
+    IPv4 or both IPv6 addresses, an UNSPEC header (no address: the receiver keeps the TCP
+    peer's)."""
+    try:
+        src_host, src_port = split_address(source)
+        dst_host, dst_port = split_address(destination)
+        src, dst = ipaddress.ip_address(src_host), ipaddress.ip_address(dst_host)
+    except ValueError:
+        return SIGNATURE + bytes((0x21, 0x00)) + struct.pack(">H", 0)
+    if src.version != dst.version:
+        return SIGNATURE + bytes((0x21, 0x00)) + struct.pack(">H", 0)
+    fam = 0x11 if src.version == 4 else 0x21
+    body = src.packed + dst.packed + struct.pack(">HH", src_port, dst_port)
+    return SIGNATURE + bytes((0x21, fam)) + struct.pack(">H", len(body)) + body

@@ -10,6 +10,10 @@ retried with the same bytes. Each direction buffers at most ``MAX_BUFFER`` bytes
 relay stops reading the other side: a slow reader pushes back on its writer as TCP would.
 When either side ends, what the other still has to say is sent (a WebSocket close frame
 among it) and both are closed.
+
+A cluster node relays a plain TCP client to the node that serves it with the same class:
+``plain`` is then its TCP connection to that node, and ``initial`` (a PROXY header and the
+CONNECT already read) goes there first.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ class ClientRelay:
                  "_to_plain", "_want_client", "_want_plain", "client", "closed", "plain")
 
     def __init__(self, client: socket.socket, plain: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_close: Callable[[ClientRelay], None], framer: WsFramer | None = None) -> None:
+                 on_close: Callable[[ClientRelay], None], framer: WsFramer | None = None,
+                 initial: bytes = b"") -> None:
         self.client = client  # an ssl.SSLSocket for TLS, else the TCP socket (WebSocket)
         self.plain = plain
         self._framer = framer
         self._loop = loop
         self._on_close = on_close
-        self._to_plain = bytearray()  # MQTT bytes not yet taken by the worker
+        self._to_plain = bytearray(initial)  # MQTT bytes not yet taken by the worker
         self._to_client = bytearray()  # bytes for the client's socket, not yet taken
         self._read_client = self._read_plain = False
         self._want_client = self._want_plain = False  # a writer is registered
@@ -54,7 +59,9 @@ class ClientRelay:
 
     def start(self) -> None:
         self._watch()
-        if isinstance(self.client, ssl.SSLSocket) and self.client.pending():  # read with the CONNECT
+        if self._to_plain:
+            self._flush_plain()
+        if not self.closed and isinstance(self.client, ssl.SSLSocket) and self.client.pending():  # read with the CONNECT
             self._from_client()
 
     def _watch(self) -> None:

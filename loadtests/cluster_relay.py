@@ -1,0 +1,241 @@
+"""The cost of a client relayed by a cluster node against one connected to its owner directly.
+
+    python -m loadtests.cluster_relay [--connects 500] [--rounds 5000] [--repeat 3]
+
+Starts etcd (one member, ``tests/cluster_fixtures.py``) and two nodes, n1 and n2 (one worker
+each, their own data directories, on loopback), waits until the map shares the virtual
+shards between them, then, for a client ID whose virtual shard n2 serves, alternately direct
+(to n2) and relayed (to n1, which relays it to n2), ``--repeat`` times:
+
+* connect latency: CONNECTS times a TCP connect, CONNECT (3.1.1, clean), CONNACK, then
+  DISCONNECT and close; median and 90th percentile;
+* QoS 1 round trip: one client subscribed to its own topic publishes QoS 1 and waits for both
+  the PUBACK and the message back (its PUBACK sent), ROUNDS times; median, 90th percentile and
+  round trips per second;
+* the CPU (user + system, from ``/proc``) of n1's acceptor during the relayed round trips,
+  per round trip (4 packets through the relay: PUBLISH and PUBACK each way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import cluster_fixtures
+
+from loadtests import mqttwire
+from shardbroker.cluster.controller import read_view
+from shardbroker.cluster.etcd import Etcd
+from shardbroker.cluster.placement import Slot, place, vshard_for
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Node:
+    """``shardbroker serve`` with ``[cluster]``, its log read by a thread."""
+
+    def __init__(self, base: Path, name: str, endpoints: list[str]) -> None:
+        config = base / f"{name}.toml"
+        urls = ", ".join(f'"{u}"' for u in endpoints)
+        config.write_text(f'[cluster]\nnode_id = "{name}"\netcd_endpoints = [{urls}]\n'
+                          f'advertise = "127.0.0.1:7000"\nlease_ttl = 5\n')
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shardbroker.cli.main", "serve", "--config", str(config),
+             "--data-dir", str(base / name), "--workers", "1", "--port", "0",
+             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                found = re.search(r"listening on [\d.]+:(\d+)", line)
+                if found:
+                    return int(found.group(1))
+            time.sleep(0.01)
+        raise RuntimeError("no listening line:\n" + "\n".join(self.lines[-30:]))
+
+    def acceptor_pid(self) -> int:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and b"acceptor" in cmdline:
+                return int(entry.name)
+        raise RuntimeError("no acceptor process")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Wire:
+    """One blocking MQTT 3.1.1 client on raw bytes."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.frames: deque[tuple[int, bytes]] = deque()
+        self.sock.sendall(mqttwire.connect(client_id))
+        first, body = self.packet()
+        if first >> 4 != 2 or body[1] != 0:
+            raise RuntimeError(f"CONNACK {body!r}")
+
+    def packet(self) -> tuple[int, bytes]:
+        while not self.frames:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("closed")
+            self.buf += chunk
+            frames, used = mqttwire.split_frames(self.buf)
+            del self.buf[:used]
+            self.frames.extend(frames)
+        return self.frames.popleft()
+
+    def close(self) -> None:
+        self.sock.sendall(b"\xe0\x00")
+        self.sock.close()
+
+
+def connect_times(port: int, client_id: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        w = Wire(port, client_id)
+        out.append(time.perf_counter() - t0)
+        w.close()
+    return out
+
+
+def round_trips(port: int, client_id: str, n: int, on_ready: list[float] | None = None) -> list[float]:
+    w = Wire(port, client_id)
+    topic = f"relay/{client_id}"
+    w.sock.sendall(mqttwire.subscribe(1, [(topic, 1)]))
+    first, _ = w.packet()
+    assert first >> 4 == 9
+    out = []
+    payload = bytes(64)
+    if on_ready is not None:
+        on_ready.append(time.perf_counter())
+    for i in range(n):
+        pid = i % 65000 + 1
+        t0 = time.perf_counter()
+        w.sock.sendall(mqttwire.publish(topic, payload, qos=1, packet_id=pid))
+        acked = received = False
+        while not (acked and received):
+            first, body = w.packet()
+            kind = first >> 4
+            if kind == 4:
+                acked = True
+            elif kind == 3:
+                received = True
+                w.sock.sendall(mqttwire.puback(int.from_bytes(body[len(topic) + 2:len(topic) + 4], "big")))
+        out.append(time.perf_counter() - t0)
+    w.close()
+    return out
+
+
+def ms(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return 1000 * values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connects", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    both = place(1024, [Slot("n1", 0), Slot("n2", 0)])
+    cid = next(c for c in (f"bench{i}" for i in range(10_000)) if both[vshard_for(c, 1024)] == Slot("n2", 0))
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        base = Path(tmp)
+        etcd = cluster_fixtures.EtcdCluster(cluster_fixtures.etcd_binary())
+        ports = cluster_fixtures._free_ports(2)
+        etcd.members.append(cluster_fixtures.Member("m0", ports[0], ports[1], base / "etcd", base / "etcd.log"))
+        etcd.start(etcd.members[0])
+        nodes: list[Node] = []
+        try:
+            etcd.wait_healthy()
+            n1 = Node(base, "n1", etcd.endpoints)
+            nodes.append(n1)
+            p1 = n1.port()
+            n2 = Node(base, "n2", etcd.endpoints)
+            nodes.append(n2)
+            p2 = n2.port()
+            client = Etcd(etcd.endpoints)
+            deadline = time.monotonic() + 30
+            while True:
+                view = read_view(client)
+                if (view.map is not None and set(view.map.per_node()) == {"n1", "n2"}
+                        and view.applied == {"n1": view.map.version, "n2": view.map.version}):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the nodes did not share the map")
+                time.sleep(0.1)
+            client.close()
+            time.sleep(1.5)  # every child holds the grant with the other's address
+            acceptor = n1.acceptor_pid()
+            results: dict[str, dict[str, list[float]]] = {k: {"connect": [], "rtt": [], "cpu": []}
+                                                         for k in ("direct", "relayed")}
+            for _ in range(args.repeat):
+                for kind, port in (("direct", p2), ("relayed", p1)):
+                    results[kind]["connect"] += connect_times(port, cid, args.connects)
+                    started: list[float] = []
+                    before = cpu_seconds(acceptor)
+                    rtts = round_trips(port, cid, args.rounds, started)
+                    used = cpu_seconds(acceptor) - before
+                    results[kind]["rtt"] += rtts
+                    results[kind]["cpu"].append(used / args.rounds)
+            print(f"client {cid!r} (n2's); {args.repeat} x {args.connects} connects, "
+                  f"{args.repeat} x {args.rounds} QoS 1 round trips (64-byte payload)")
+            print("| path | connect median ms | connect p90 ms | QoS 1 round trip median ms | p90 ms |"
+                  " round trips/s | n1 acceptor CPU µs per round trip |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            for kind in ("direct", "relayed"):
+                r = results[kind]
+                rate = len(r["rtt"]) / sum(r["rtt"])
+                print(f"| {kind} | {ms(r['connect'], 0.5):.3f} | {ms(r['connect'], 0.9):.3f} | "
+                      f"{ms(r['rtt'], 0.5):.3f} | {ms(r['rtt'], 0.9):.3f} | {rate:.0f} | "
+                      f"{1e6 * statistics.median(r['cpu']):.1f} |")
+        finally:
+            for node in nodes:
+                node.stop()
+            etcd.close()
+
+
+if __name__ == "__main__":
+    main()
