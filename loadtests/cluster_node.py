@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import cluster_fixtures
 
 from loadtests import mqttwire
+from loadtests.cluster_proc import NodeProcess
 from shardbroker.cluster.grant import local_owners
 from shardbroker.protocol.packets import NO_PROPERTIES
 from shardbroker.sharding import shard_for
@@ -77,45 +75,6 @@ def connack(port: int, client_id: str, timeout: float = 3.0) -> int | None:
                 return None
             data += chunk
         return data[3]
-
-
-class Node:
-    """``shardbroker serve`` with ``[cluster]``, its log read by a thread."""
-
-    def __init__(self, base: Path, data: Path, endpoints: list[str], ttl: int) -> None:
-        config = base / "node.toml"
-        urls = ", ".join(f'"{u}"' for u in endpoints)
-        config.write_text(f'[cluster]\nnode_id = "{NODE}"\netcd_endpoints = [{urls}]\n'
-                          f'advertise = "127.0.0.1:1883"\nlease_ttl = {ttl}\n')
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardbroker.cli.main", "serve", "--config", str(config),
-             "--data-dir", str(data), "--workers", str(WORKERS), "--port", "0",
-             "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip())
-
-    def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                found = re.search(r"listening on [\d.]+:(\d+)", line)
-                if found:
-                    return int(found.group(1))
-            time.sleep(0.01)
-        raise RuntimeError("no listening line:\n" + "\n".join(self.lines[-30:]))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def until(pred: object, timeout: float, step: float = 0.01) -> float:
@@ -169,7 +128,8 @@ def main() -> None:
         member = cluster.members[0]
         assert member.proc is not None
         spawned = time.monotonic()
-        node = Node(base, data, cluster.endpoints, args.ttl)
+        node = NodeProcess(base, NODE, data, cluster.endpoints, ttl=args.ttl, workers=WORKERS,
+                           advertise="127.0.0.1:1883", log_level="info")
         try:
             port = node.port()
             until(lambda: accepted(port), 60)

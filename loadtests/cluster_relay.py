@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -37,63 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import cluster_fixtures
 
 from loadtests import mqttwire
+from loadtests.cluster_proc import NodeProcess
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
 from shardbroker.cluster.placement import Slot, place, vshard_for
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-class Node:
-    """``shardbroker serve`` with ``[cluster]``, its log read by a thread."""
-
-    def __init__(self, base: Path, name: str, endpoints: list[str]) -> None:
-        config = base / f"{name}.toml"
-        urls = ", ".join(f'"{u}"' for u in endpoints)
-        config.write_text(f'[cluster]\nnode_id = "{name}"\netcd_endpoints = [{urls}]\n'
-                          f'advertise = "127.0.0.1:7000"\nlease_ttl = 5\n')
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardbroker.cli.main", "serve", "--config", str(config),
-             "--data-dir", str(base / name), "--workers", "1", "--port", "0",
-             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip())
-
-    def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                found = re.search(r"listening on [\d.]+:(\d+)", line)
-                if found:
-                    return int(found.group(1))
-            time.sleep(0.01)
-        raise RuntimeError("no listening line:\n" + "\n".join(self.lines[-30:]))
-
-    def acceptor_pid(self) -> int:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and b"acceptor" in cmdline:
-                return int(entry.name)
-        raise RuntimeError("no acceptor process")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -187,13 +132,15 @@ def main() -> None:
         ports = cluster_fixtures._free_ports(2)
         etcd.members.append(cluster_fixtures.Member("m0", ports[0], ports[1], base / "etcd", base / "etcd.log"))
         etcd.start(etcd.members[0])
-        nodes: list[Node] = []
+        nodes: list[NodeProcess] = []
         try:
             etcd.wait_healthy()
-            n1 = Node(base, "n1", etcd.endpoints)
+            n1 = NodeProcess(base, "n1", base / "n1", etcd.endpoints, ttl=5, workers=1,
+                             advertise="127.0.0.1:7000", log_level="warning")
             nodes.append(n1)
             p1 = n1.port()
-            n2 = Node(base, "n2", etcd.endpoints)
+            n2 = NodeProcess(base, "n2", base / "n2", etcd.endpoints, ttl=5, workers=1,
+                             advertise="127.0.0.1:7000", log_level="warning")
             nodes.append(n2)
             p2 = n2.port()
             client = Etcd(etcd.endpoints)
