@@ -15,14 +15,17 @@ that were under way (``vshards.recover``) and arranges again, which moves what i
 Arranging for the layout the stores already have moves nothing and opens them read-only
 only (a meta read and a look for move marks per store).
 
-What it does not do: move outbox rows (a durable forward that was not yet acknowledged when
-the layout changed reaches the worker it was sent to, which no longer holds the session); it
+Outbox rows stay where they are: a durable forward between workers is matched by its
+receiver against the receiver's own sessions, so one that a stop left unapplied must be
+applied *before* the sessions move. ``arrange`` calls ``before_moving`` with the open stores
+for that (the supervisor passes ``process/drain.deliver_pending``, which runs each receiver's
+broker core offline); forwards already applied are only acknowledged at the next start. It
 runs before the workers start, never under them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -61,11 +64,14 @@ def _selection(table: Sequence[int] | None, shards: int, worker: int) -> Selecti
 
 
 def arrange(data_dir: Path, shards: int, name: str | None, table: Sequence[int] | None, *,
-            map_size: int, max_map_size: int, sync: bool) -> Arranged:
+            map_size: int, max_map_size: int, sync: bool,
+            before_moving: Callable[[Sequence[ShardStore]], list[str]] | None = None) -> Arranged:
     """Make every shard store of ``data_dir`` follow a layout: ``table`` (the worker of each of
     the store's 1024 virtual shards) named ``name``, or the hash layout (both None). Creates the
     stores that do not exist yet, so that they record the layout too. The caller holds the
-    data directory's lock and no worker runs."""
+    data directory's lock and no worker runs. ``before_moving(stores)``, when the layout does
+    change, runs before any session moves (after the recovery of interrupted moves) and returns
+    lines for the log."""
     if (name is None) != (table is None):
         raise ValueError("a table layout has a name; the hash layout neither")
     if table is not None and (len(table) != VIRTUAL_SHARDS
@@ -83,6 +89,8 @@ def arrange(data_dir: Path, shards: int, name: str | None, table: Sequence[int] 
         done.lines += recover(stores)
         if all(s.get_meta(LAYOUT_KEY) == name for s in stores):
             return done
+        if before_moving is not None:
+            done.lines += before_moving(stores)
         for source in stores:
             parts = [(target, _selection(table, shards, target.shard)) for target in stores
                      if target is not source]

@@ -313,7 +313,9 @@ class Supervisor:
     def _arrange_stores(self) -> None:
         """Before any worker starts: the stores follow the layout this run serves with
         (``storage/layout.py``): a cluster node's table, else the hash of the client ID. Moves
-        that a kill interrupted are finished or undone first."""
+        that a kill interrupted are finished or undone first, and the durable forwards between
+        workers that the last stop left unapplied are applied before any session moves
+        (``process/drain.py``)."""
         from shardbroker.storage.layout import arrange, layouts
         from shardbroker.storage.lmdb_store import VIRTUAL_SHARDS, StoreError
 
@@ -329,8 +331,11 @@ class Supervisor:
                 name, table = None, None
             else:
                 return
+            from shardbroker.process.drain import deliver_pending
+
             done = arrange(self.data_dir, self.shards, name, table, map_size=storage.map_size,
-                           max_map_size=storage.max_map_size, sync=storage.durability == "fsync")
+                           max_map_size=storage.max_map_size, sync=storage.durability == "fsync",
+                           before_moving=lambda stores: deliver_pending(self.config, self.data_dir, stores))
         except StoreError as exc:
             raise SystemExit(f"shardbroker: {exc}") from None
         for line in done.lines:
