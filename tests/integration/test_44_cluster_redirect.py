@@ -76,6 +76,15 @@ def test_a_5_0_client_is_redirected_to_the_owner_and_older_ones_relayed(
     assert (acceptor(b)["redirected"], acceptor(b)["relayed"]) == (0, 1)
     assert "redirected to the node at 127.0.0.1:" in a.log_text()
 
+    # the setting is live: a reload turns it on at n2 for the CONNECTs that follow
+    assert b.config_path is not None
+    b.config_path.write_text(b.config_path.read_text().replace("[cluster]\n", "[cluster]\nredirect = true\n"))
+    result = ctl(b, {"op": "reload"})
+    assert "cluster.redirect" in json.dumps(result), result
+    ack = mqtt(b, id_of("n1", "later"), version=5, expect_rc=USE_ANOTHER_SERVER).connack
+    assert ack.props[mb.SERVER_REFERENCE] == f"127.0.0.1:{a.port}"  # type: ignore[attr-defined]
+    assert acceptor(b)["redirected"] == 1
+
 
 def _connect_both(ports: tuple[int, int], cid: str) -> list[tuple[mb.RawClient, mb.ConnAck]]:
     """Connect ``cid`` to both ports at the same moment (TCP first, then both CONNECTs
