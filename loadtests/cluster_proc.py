@@ -18,11 +18,12 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 class NodeProcess:
     def __init__(self, base: Path, node_id: str, data: Path, endpoints: list[str], *, ttl: int,
-                 workers: int, advertise: str, log_level: str) -> None:
+                 workers: int, advertise: str, log_level: str, extra: str = "") -> None:
+        """``extra``: more lines of the ``[cluster]`` section (e.g. ``redirect = true``)."""
         config = base / f"{node_id}.toml"
         urls = ", ".join(f'"{u}"' for u in endpoints)
         config.write_text(f'[cluster]\nnode_id = "{node_id}"\netcd_endpoints = [{urls}]\n'
-                          f'advertise = "{advertise}"\nlease_ttl = {ttl}\n')
+                          f'advertise = "{advertise}"\nlease_ttl = {ttl}\n{extra}')
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shardbroker.cli.main", "serve", "--config", str(config),

@@ -1,6 +1,6 @@
 """The cost of a client relayed by a cluster node against one connected to its owner directly.
 
-    python -m loadtests.cluster_relay [--connects 500] [--rounds 5000] [--repeat 3]
+    python -m loadtests.cluster_relay [--connects 500] [--rounds 5000] [--repeat 3] [--redirect]
 
 Starts etcd (one member, ``tests/cluster_fixtures.py``) and two nodes, n1 and n2 (one worker
 each, their own data directories, on loopback), waits until the map shares the virtual
@@ -14,6 +14,11 @@ shards between them, then, for a client ID whose virtual shard n2 serves, altern
   round trips per second;
 * the CPU (user + system, from ``/proc``) of n1's acceptor during the relayed round trips,
   per round trip (4 packets through the relay: PUBLISH and PUBACK each way).
+
+With ``--redirect`` n1 has ``[cluster] redirect = true``, and the connect latency is also
+measured for MQTT 5.0: direct (to n2) and redirected (to n1, CONNACK 0x9C, then to the Server
+Reference it names, CONNACK 0), with n1's acceptor CPU per connect for the relayed (3.1.1) and
+the redirected ones.
 """
 
 from __future__ import annotations
@@ -47,17 +52,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Wire:
-    """One blocking MQTT 3.1.1 client on raw bytes."""
+    """One blocking MQTT 3.1.1 (or 5.0) client on raw bytes."""
 
-    def __init__(self, port: int, client_id: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(self, port: int, client_id: str, proto: int = 4, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.frames: deque[tuple[int, bytes]] = deque()
-        self.sock.sendall(mqttwire.connect(client_id))
-        first, body = self.packet()
-        if first >> 4 != 2 or body[1] != 0:
-            raise RuntimeError(f"CONNACK {body!r}")
+        self.sock.sendall(mqttwire.connect(client_id, proto=proto))
+        first, self.connack = self.packet()
+        if first >> 4 != 2 or (self.connack[1] != 0 and proto != 5):
+            raise RuntimeError(f"CONNACK {self.connack!r}")
 
     def packet(self) -> tuple[int, bytes]:
         while not self.frames:
@@ -75,11 +80,40 @@ class Wire:
         self.sock.close()
 
 
-def connect_times(port: int, client_id: str, n: int) -> list[float]:
+def connect_times(port: int, client_id: str, n: int, proto: int = 4) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        w = Wire(port, client_id)
+        w = Wire(port, client_id, proto)
+        if w.connack[1] != 0:
+            raise RuntimeError(f"CONNACK {w.connack!r}")
+        out.append(time.perf_counter() - t0)
+        w.close()
+    return out
+
+
+def server_reference(connack: bytes) -> str:
+    """The Server Reference (0x1C) of a 5.0 CONNACK that says 0x9C with it alone."""
+    if connack[1] != 0x9C:
+        raise RuntimeError(f"CONNACK {connack!r}: no redirect")
+    _length, at = mqttwire.read_varint(connack, 2)
+    if connack[at] != 0x1C:
+        raise RuntimeError(f"CONNACK {connack!r}: no Server Reference first")
+    size = int.from_bytes(connack[at + 1:at + 3], "big")
+    return connack[at + 3:at + 3 + size].decode()
+
+
+def redirected_connect_times(port: int, client_id: str, n: int) -> list[float]:
+    """5.0 connects to a node that redirects: CONNACK 0x9C, then to the reference, CONNACK 0."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        first = Wire(port, client_id, 5)
+        host, _, there = server_reference(first.connack).rpartition(":")
+        first.sock.close()
+        w = Wire(int(there), client_id, 5, host.strip("[]"))
+        if w.connack[1] != 0:
+            raise RuntimeError(f"CONNACK {w.connack!r} at the reference")
         out.append(time.perf_counter() - t0)
         w.close()
     return out
@@ -123,6 +157,7 @@ def main() -> None:
     parser.add_argument("--connects", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--redirect", action="store_true", help="n1 redirects 5.0 clients; measure that too")
     args = parser.parse_args()
     both = place(1024, [Slot("n1", 0), Slot("n2", 0)])
     cid = next(c for c in (f"bench{i}" for i in range(10_000)) if both[vshard_for(c, 1024)] == Slot("n2", 0))
@@ -136,7 +171,8 @@ def main() -> None:
         try:
             etcd.wait_healthy()
             n1 = NodeProcess(base, "n1", base / "n1", etcd.endpoints, ttl=5, workers=1,
-                             advertise="127.0.0.1:7000", log_level="warning")
+                             advertise="127.0.0.1:7000", log_level="warning",
+                             extra="redirect = true\n" if args.redirect else "")
             nodes.append(n1)
             p1 = n1.port()
             n2 = NodeProcess(base, "n2", base / "n2", etcd.endpoints, ttl=5, workers=1,
@@ -158,15 +194,27 @@ def main() -> None:
             acceptor = n1.acceptor_pid()
             results: dict[str, dict[str, list[float]]] = {k: {"connect": [], "rtt": [], "cpu": []}
                                                          for k in ("direct", "relayed")}
+            connects: dict[str, list[float]] = {k: [] for k in ("direct 3.1.1", "relayed 3.1.1", "direct 5.0",
+                                                                 "redirected 5.0")}
+            connect_cpu: dict[str, list[float]] = {k: [] for k in connects}
             for _ in range(args.repeat):
                 for kind, port in (("direct", p2), ("relayed", p1)):
+                    before = cpu_seconds(acceptor)
                     results[kind]["connect"] += connect_times(port, cid, args.connects)
+                    connects[f"{kind} 3.1.1"] += results[kind]["connect"][-args.connects:]
+                    connect_cpu[f"{kind} 3.1.1"].append((cpu_seconds(acceptor) - before) / args.connects)
                     started: list[float] = []
                     before = cpu_seconds(acceptor)
                     rtts = round_trips(port, cid, args.rounds, started)
                     used = cpu_seconds(acceptor) - before
                     results[kind]["rtt"] += rtts
                     results[kind]["cpu"].append(used / args.rounds)
+                if args.redirect:
+                    for kind, measure in (("direct 5.0", lambda: connect_times(p2, cid, args.connects, 5)),
+                                          ("redirected 5.0", lambda: redirected_connect_times(p1, cid, args.connects))):
+                        before = cpu_seconds(acceptor)
+                        connects[kind] += measure()
+                        connect_cpu[kind].append((cpu_seconds(acceptor) - before) / args.connects)
             print(f"client {cid!r} (n2's); {args.repeat} x {args.connects} connects, "
                   f"{args.repeat} x {args.rounds} QoS 1 round trips (64-byte payload)")
             print("| path | connect median ms | connect p90 ms | QoS 1 round trip median ms | p90 ms |"
@@ -178,6 +226,12 @@ def main() -> None:
                 print(f"| {kind} | {ms(r['connect'], 0.5):.3f} | {ms(r['connect'], 0.9):.3f} | "
                       f"{ms(r['rtt'], 0.5):.3f} | {ms(r['rtt'], 0.9):.3f} | {rate:.0f} | "
                       f"{1e6 * statistics.median(r['cpu']):.1f} |")
+            if args.redirect:
+                print("\n| connect | median ms | p90 ms | n1 acceptor CPU µs per connect |")
+                print("| --- | --- | --- | --- |")
+                for kind, times in connects.items():
+                    print(f"| {kind} | {ms(times, 0.5):.3f} | {ms(times, 0.9):.3f} | "
+                          f"{1e6 * statistics.median(connect_cpu[kind]):.0f} |")
         finally:
             for node in nodes:
                 node.stop()

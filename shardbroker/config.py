@@ -567,6 +567,11 @@ class ClusterConfig:
         1024, "client IDs hash to this many virtual shards, the unit the shard map places on"
         " node x worker; fixed for the life of a cluster (1024: about even over up to ~100"
         " node x worker slots, and the map stays one small etcd value)", _Int(16, 16384))
+    redirect: bool = _setting(
+        False, "send an MQTT 5.0 client of a virtual shard another node serves CONNACK 0x9C"
+        " (Use another server) with that node's client address as Server Reference, instead of"
+        " relaying it; 3.1.1 and 3.1 clients, and those of TLS and WebSocket listeners, are"
+        " still relayed", _Bool())
 
     @property
     def enabled(self) -> bool:

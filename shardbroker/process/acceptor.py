@@ -33,6 +33,16 @@ header in front of the CONNECT as the mark of a client relayed by another node (
 address only from a registered node's host) and never relays such a client again: when the
 two nodes' maps disagree it refuses it, so a relay cannot loop.
 
+With ``[cluster] redirect`` an MQTT 5.0 client of a plain ``mqtt`` listener is redirected
+instead of relayed: once a connection to the owner's client address has been made (the
+same connect as a relay's, then reset, so that a client is only ever sent to an address that
+answered), it gets CONNACK 0x9C "Use another server" with that address as the Server
+Reference (4.11) and is closed. 0x9C rather than 0x9D "Server moved": a virtual shard changes
+owner whenever a node joins, leaves or is drained, so the move is temporary, and the client
+is to keep this node among its servers. 3.1 and 3.1.1 have no redirect, and the address is a
+plain listener's (a TLS or WebSocket client sent there would not reach it as it connected):
+those clients are relayed as before. An owner that does not answer gets "server unavailable".
+
 It counts open connections (``connection_counts``) from accept to close, to enforce
 ``limits.max_connections`` and ``limits.max_connections_per_address`` when it accepts: the
 ones it holds it sees close itself (a client relayed to another node among them, until the
@@ -47,6 +57,7 @@ It never touches a store, a session or the bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -54,6 +65,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import time
 import uuid
 
@@ -64,7 +76,15 @@ from shardbroker.operations.histogram import LATENCY_BOUNDS, Histogram
 from shardbroker.process.connection_counts import PER_ADDRESS, ConnectionCounts, HandedOff
 from shardbroker.protocol import codec, reactions, reasons
 from shardbroker.protocol.errors import ProtocolError
-from shardbroker.protocol.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5, ConnAck, Connect, PacketType
+from shardbroker.protocol.packets import (
+    MQTT_3_1,
+    MQTT_3_1_1,
+    MQTT_5,
+    ConnAck,
+    Connect,
+    PacketType,
+    Properties,
+)
 from shardbroker.sharding import shard_for
 from shardbroker.transport import forwarded, proxy
 from shardbroker.transport.fd_passing import MAX_FDS, ClosedReader, Handoff, send_handoffs
@@ -113,15 +133,19 @@ class _Pending:
 
 
 class _Outgoing:
-    """A client being relayed to another node, while the connection to that node is made."""
+    """A client being relayed (or redirected) to another node, while the connection to that
+    node is made."""
 
-    __slots__ = ("out", "p", "target", "timer", "version")
+    __slots__ = ("limit", "out", "p", "redirect", "target", "timer", "version")
 
-    def __init__(self, p: _Pending, out: socket.socket, target: str, version: int) -> None:
+    def __init__(self, p: _Pending, out: socket.socket, target: str, version: int,
+                 redirect: bool = False, limit: int | None = None) -> None:
         self.p = p
         self.out = out
         self.target = target
         self.version = version
+        self.redirect = redirect  # a 5.0 client told to connect there itself (CONNACK 0x9C)
+        self.limit = limit  # its Maximum Packet Size, which the CONNACK must fit
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -175,6 +199,7 @@ class Acceptor:
         self.refused_unserved = 0  # CONNECTs of virtual shards this node does not serve
         self.relayed = 0  # clients relayed to the node that serves them
         self.relay_failed = 0  # ... whose owner could not be reached (refused)
+        self.redirected = 0  # 5.0 clients sent to the node that serves them (CONNACK 0x9C)
         self.refused_relayed = 0  # clients relayed here that this node does not serve either
         self._connecting: dict[int, _Outgoing] = {}  # by the outgoing socket's descriptor
         self._node_hosts: frozenset[str] = frozenset()  # the hosts of the other registered nodes
@@ -663,12 +688,22 @@ class Acceptor:
         elif p.listener is not None and p.listener.use_identity_as_username:
             why = "its listener makes the certificate the user name, which a relay cannot pass on"
         else:
-            return self._relay(p, version, cid, target)
+            redirect = self.redirects(p, version)
+            return self._relay(p, version, cid, target, redirect,
+                               connect.properties.maximum_packet_size if redirect else None)
         self._unserved(p, version, cid, why)
 
-    def _relay(self, p: _Pending, version: int, client_id: str, target: str) -> None:
-        """Connect to the node at ``target`` (its client address) for ``p``; the relay begins
-        once connected (``_relay_connected``)."""
+    def redirects(self, p: _Pending, version: int) -> bool:
+        """Whether a client of another node's virtual shard is redirected rather than relayed:
+        with ``[cluster] redirect``, a 5.0 client (3.1.1 has no redirect) of a plain listener
+        (the owner's address is a plain listener's, which a TLS or WebSocket client could not
+        use as it connected here)."""
+        return self.config.cluster.redirect and version == MQTT_5 and p.listener is None
+
+    def _relay(self, p: _Pending, version: int, client_id: str, target: str,
+               redirect: bool = False, limit: int | None = None) -> None:
+        """Connect to the node at ``target`` (its client address) for ``p``; the relay (or
+        the redirect) begins once connected (``_relay_connected``)."""
         assert self._loop is not None
         self._forget(p)  # no more reading or deadline here; it stays counted until the relay ends
         out: socket.socket | None = None
@@ -686,7 +721,7 @@ class Acceptor:
         if err not in (0, errno.EINPROGRESS):
             out.close()
             return self._relay_failed(p, version, client_id, target, os.strerror(err))
-        going = _Outgoing(p, out, target, version)
+        going = _Outgoing(p, out, target, version, redirect, limit)
         self._connecting[out.fileno()] = going
         self._loop.add_writer(out.fileno(), self._relay_connected, going, client_id)
         going.timer = self._loop.call_later(RELAY_CONNECT_TIMEOUT, self._relay_timeout, going, client_id)
@@ -718,6 +753,8 @@ class Acceptor:
         if err:
             out.close()
             return self._relay_failed(p, going.version, client_id, going.target, os.strerror(err))
+        if going.redirect:
+            return self._redirect(going, client_id)
         self.relayed += 1
         self._say_once("relay", "CONNECT of %r relayed to the node at %s, which serves its virtual"
                        " shard (%d relayed so far)", client_id, going.target, self.relayed,
@@ -733,6 +770,20 @@ class Acceptor:
         relay = ClientRelay(p.sock, out, self._loop, closed, p.framer, initial)
         self._relays.add(relay)
         relay.start()
+
+    def _redirect(self, going: _Outgoing, client_id: str) -> None:
+        """The owner answered: reset that connection (it carried nothing, and a reset leaves
+        no TIME_WAIT here), send the client CONNACK 0x9C with the owner's address as Server
+        Reference [MQTT-3.2.2-7: closed after a CONNACK of 0x80 or more], and close."""
+        with contextlib.suppress(OSError):
+            going.out.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        going.out.close()
+        self.redirected += 1
+        self._say_once("redirect", "CONNECT of %r redirected to the node at %s, which serves its"
+                       " virtual shard (%d redirected so far)", client_id, going.target,
+                       self.redirected, level=logging.INFO)
+        connack = ConnAck(False, reasons.USE_ANOTHER_SERVER, Properties(server_reference=going.target))
+        self._answer(going.p, reactions.within(connack, MQTT_5, going.limit))
 
     def _relay_failed(self, p: _Pending, version: int, client_id: str, target: str, why: str) -> None:
         self.relay_failed += 1
@@ -753,8 +804,12 @@ class Acceptor:
         if not quiet:
             log.info("%s: CONNECT refused: %s (%s)", _who(p), exc.message, reasons.name(exc.reason))
         code = reactions.connack_for(exc.reason, version) if version is not None else None
-        if code is not None and version is not None:
-            data = codec.encode(ConnAck(False, code), version)
+        self._answer(p, codec.encode(ConnAck(False, code), version)
+                     if code is not None and version is not None else None)
+
+    def _answer(self, p: _Pending, data: bytes | None) -> None:
+        """Send the CONNACK ``data`` that refuses ``p`` (nothing when None), then close it."""
+        if data is not None:
             if p.framer is not None:
                 data = p.framer.encode(data) + p.framer.close()
             try:
@@ -826,6 +881,7 @@ class Acceptor:
                 "open": counts.total, "pending": len(self._pending), "relays": len(self._relays),
                 "refused_unserved": self.refused_unserved, "relayed": self.relayed,
                 "relay_failed": self.relay_failed, "refused_relayed": self.refused_relayed,
+                "redirected": self.redirected,
                 "connecting": len(self._connecting),
             }, "histograms": {"handoff_seconds": self.handoff_seconds.snapshot()}}
         if request["op"] == "reload":
@@ -966,9 +1022,10 @@ def run(config: Config, listen_fds: list[int], run_dir: str, shards: int) -> Non
         for listen, _lst, _ctx in listens:
             listen.close()
         counts = acceptor.counts
-        log.info("acceptor stopped (accepted %d, handed off %d, relayed to other nodes %d, refused by the"
-                 " connection rate %d, by limits.max_connections %d, by limits.max_connections_per_address %d;"
-                 " %d connections open before stopping)", acceptor.accepted, acceptor.handed_off,
-                 acceptor.relayed, acceptor.refused, counts.refused_total, counts.refused_address, open_before)
+        log.info("acceptor stopped (accepted %d, handed off %d, relayed to other nodes %d, redirected %d,"
+                 " refused by the connection rate %d, by limits.max_connections %d, by"
+                 " limits.max_connections_per_address %d; %d connections open before stopping)",
+                 acceptor.accepted, acceptor.handed_off, acceptor.relayed, acceptor.redirected,
+                 acceptor.refused, counts.refused_total, counts.refused_address, open_before)
 
     asyncio.run(main())

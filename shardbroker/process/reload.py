@@ -62,6 +62,7 @@ LIVE: dict[str, str] = {
     "auth.acl_file": "at once: every connected client gets its new view of the file",
     "auth.max_failures": "failed logins from now on",
     "auth.ban_time": "failed logins from now on",
+    "cluster.redirect": "CONNECTs from now on",
 }
 """Every live setting, with when its new value applies."""
 
