@@ -73,6 +73,7 @@ EXPECTED_DEFAULTS = {
     "cluster.advertise": "",
     "cluster.lease_ttl": 10,
     "cluster.virtual_shards": 1024,
+    "cluster.redirect": False,
 }
 
 
