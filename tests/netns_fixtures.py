@@ -105,7 +105,7 @@ def clean_leftovers() -> None:
 def inside(ns: str) -> Iterator[None]:
     """Run the block with the calling thread in network namespace ``ns`` (sockets opened
     there stay there), then return the thread to the namespace it was in."""
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
         if _libc.setns(target, CLONE_NEWNET) != 0:

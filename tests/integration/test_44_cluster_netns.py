@@ -17,8 +17,10 @@ and its subscriber are always on one node here."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,13 @@ from typing import Any
 import mqttbytes as mb
 import pytest
 from conftest import assert_disconnected
-from netns_fixtures import NODES, NetnsCluster, bounded, inside, netns_cluster  # noqa: F401
+from netns_fixtures import (
+    NODES,
+    NetnsCluster,
+    bounded,
+    inside,
+    netns_cluster,  # noqa: F401  (the fixture)
+)
 
 from shardbroker.cli.main import main
 from shardbroker.cluster.controller import ClusterView, read_view
@@ -87,6 +95,7 @@ class Net:
         c = self.raw(role)
         ack = c.connect_mqtt(cid, version=version, clean=clean, timeout=3)
         assert ack.rc == 0, f"{cid} at {role}: CONNACK {ack.rc}"
+        c.connack = ack  # type: ignore[attr-defined]
         return c
 
     def connack(self, role: str, cid: str, version: int = 4) -> int:
@@ -124,6 +133,11 @@ class Net:
             cid = cid_of(owners, role, f"probe-{role}-")
             bounded(lambda cid=cid, role=role: self.connack(role, cid) == 0, 10,
                     f"{role} serves its own clients")
+
+
+def figure(text: str) -> None:
+    """A measured figure, shown with ``pytest -s``."""
+    print(f"[figure] {text}", file=sys.__stderr__)
 
 
 def cid_of(owners: list[str | None], node: str, prefix: str) -> str:
@@ -229,8 +243,10 @@ def test_a_killed_nodes_shards_go_to_the_survivors_and_come_back_after_its_resta
         per = view.map.per_node()
         return victim not in per and sum(per.values()) == COUNT
 
-    took = bounded(reassigned, TTL + 5, "the victim's shards reassigned", interval=0.05)
-    assert time.monotonic() - killed <= TTL + 2, f"reassigned {took:.2f} s after the kill"
+    bounded(reassigned, TTL + 5, "the victim's shards reassigned", interval=0.05)
+    took = time.monotonic() - killed
+    figure(f"killed node's shards reassigned after {took:.2f} s (lease {TTL} s)")
+    assert took <= TTL + 2, f"reassigned {took:.2f} s after the kill"
     # the survivors' own shards kept their owner and epoch; their clients saw nothing
     after_owners, after_epochs = net.owners(), net.epochs()
     for v in range(COUNT):
@@ -311,7 +327,7 @@ def overlaps(intervals: list[Interval]) -> list[tuple[Interval, Interval]]:
     bad = []
     for items in by_vshard.values():
         items.sort(key=lambda i: i.start)
-        for a, b in zip(items, items[1:]):
+        for a, b in itertools.pairwise(items):
             if a.node != b.node and b.start < a.end:
                 bad.append((a, b))
     return bad
@@ -350,10 +366,18 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
     # it stopped (its clients closed) while etcd still held its lease
     assert cut < stopped < last_seen, (cut, stopped, last_seen, gone)
     # the others took its shards only after the lease had ended
-    took = [i for i in timeline(net) if i.node != victim and i.vshard in set(mine)]
-    assert {i.vshard for i in took} == set(mine)
-    assert min(i.start for i in took) > last_seen, (min(i.start for i in took), last_seen)
-    assert all(i.epoch > epochs[i.vshard] for i in took)
+    def taken() -> list[Interval]:
+        return [i for i in timeline(net) if i.node != victim and i.vshard in set(mine)
+                and i.epoch > epochs[i.vshard]]
+
+    bounded(lambda: {i.vshard for i in taken()} == set(mine), 5,
+            "the others serve the victim's shards")
+    took = taken()
+    first = min(i.start for i in took)
+    figure(f"cut off: the node stopped serving {stopped - cut:.2f} s after the cut, its lease"
+           f" was last seen {last_seen - cut:.2f} s and gone {gone - cut:.2f} s after it, the"
+           f" others served its shards from {first - cut:.2f} s")
+    assert first > last_seen, (first, last_seen)
 
     net.c.heal(victim)
     healed = time.monotonic()
@@ -363,6 +387,7 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
     bounded(lambda: net.connack(victim, cid_of(net.owners(), victim, "healed-")) == 0, 10,
             "the healed node serves")
     rejoined = time.monotonic() - healed
+    figure(f"healed: the node serves its shards again {rejoined:.2f} s after the heal")
     final_epochs = net.epochs()
 
     intervals = timeline(net)
@@ -402,6 +427,7 @@ def test_one_etcd_member_lost_goes_unnoticed_and_quorum_lost_stops_serving_until
     for c in clients.values():
         assert_disconnected(c, 5, {USE_ANOTHER_SERVER}, timeout=TTL + 1)
     closed = time.monotonic() - lost
+    figure(f"quorum lost: every node's clients closed within {closed:.2f} s (lease {TTL} s)")
     assert closed < TTL, f"clients closed {closed:.2f} s after quorum was lost (lease {TTL} s)"
     for n in NODES:
         assert net.connack(n, cid_of(owners, n, f"refused-{n}-")) == SERVER_UNAVAILABLE_V3
@@ -415,4 +441,6 @@ def test_one_etcd_member_lost_goes_unnoticed_and_quorum_lost_stops_serving_until
         c = net.client(n, cid_of(net.owners(), n, f"back-{n}-"), version=4)
         c.subscribe(f"back/{n}", qos=1)
         round_trip(c, f"back/{n}", b"quorum back")
-    assert time.monotonic() - back < 40
+    again = time.monotonic() - back
+    figure(f"quorum back: every node serves again {again:.2f} s after the members answer")
+    assert again < 40
