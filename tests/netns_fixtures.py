@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
@@ -245,6 +246,22 @@ class NetnsCluster:
                 return b'"health":"true"' in resp.read().replace(b" ", b"")
         except OSError:
             return False
+
+    def leader(self) -> str:
+        """The node namespace whose etcd member leads now (asked of every running member)."""
+        ids: dict[str, str] = {}
+        leader = ""
+        with inside(self.clients_ns):
+            for role, m in self.members.items():
+                if m.proc is None:
+                    continue
+                request = urllib.request.Request(m.url + "/v3/maintenance/status", data=b"{}",
+                                                 method="POST")
+                with urllib.request.urlopen(request, timeout=2) as resp:
+                    doc = json.loads(resp.read())
+                ids[doc["header"]["member_id"]] = role
+                leader = doc.get("leader", leader)
+        return ids[leader]
 
     def wait_etcd(self, roles: tuple[str, ...] = NODES, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -39,7 +39,7 @@ from netns_fixtures import (
 
 from shardbroker.cli.main import main
 from shardbroker.cluster.controller import ClusterView, read_view
-from shardbroker.cluster.etcd import Etcd
+from shardbroker.cluster.etcd import Etcd, EtcdError
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.operations import control
 
@@ -165,9 +165,9 @@ def net(netns_cluster: NetnsCluster,  # noqa: F811
         n.close()
 
 
-def start(net: Net) -> None:
+def start(net: Net, ttl: int = TTL) -> None:
     """The three nodes (one or two workers each), serving."""
-    net.c.start_nodes(workers=WORKERS, ttl=TTL)
+    net.c.start_nodes(workers=WORKERS, ttl=ttl)
     net.wait_all_serving()
 
 
@@ -267,6 +267,12 @@ def test_a_killed_nodes_shards_go_to_the_survivors_and_come_back_after_its_resta
         bounded(lambda moved=moved, n=n: net.connack(n, moved) == 0, 5,
                 f"{n} serves a shard it took")
 
+    # the victim's persistent session stays in its store: reached now, its shard's new
+    # owner has none for it (sessions are not replicated)
+    c = net.client(survivors[0], kept, version=4, clean=False)
+    assert not c.connack.session_present  # type: ignore[attr-defined]
+    c.disconnect()
+
     net.c.nodes[victim].start(port=1883)
     restarted = time.monotonic()
     bounded(lambda: net.view().map.per_node() == shares,  # type: ignore[union-attr]
@@ -348,12 +354,15 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
     last_seen = cut
     while True:
         sent = time.monotonic()
-        view = net.view()
+        assert sent - cut < 3 * TTL, "the victim's lease did not end"
+        try:
+            view = net.view()
+        except EtcdError:  # the cut took etcd's leader: the other two elect one
+            continue
         if view.leases.get(victim) != lease:
             gone = time.monotonic()
             break
         last_seen = sent
-        assert sent - cut < 3 * TTL, "the victim's lease did not end"
         time.sleep(0.02)
     bounded(lambda: victim not in net.view().map.per_node(),  # type: ignore[union-attr]
             TTL + 3, "the victim's shards reassigned", interval=0.05)
@@ -405,13 +414,19 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
 
 def test_one_etcd_member_lost_goes_unnoticed_and_quorum_lost_stops_serving_until_it_is_back(
         net: Net) -> None:
-    start(net)
+    """The member lost first is etcd's leader (the worst one: the other two elect another,
+    about a second with a 500 ms election timeout). A lease of 3 s rides that out; one of
+    2 s mostly does not (the last third of it begins before a renewal gets through: every
+    node closes its clients and registers again), so this test runs with 3 s."""
+    ttl = 3
+    start(net, ttl)
     owners = net.owners()
     clients = {n: net.client(n, cid_of(owners, n, f"e-{n}-"), version=5) for n in NODES}
     for n, c in clients.items():
         c.subscribe(f"etcd/{n}", qos=1)
-    net.c.kill_etcd("n1")  # the member every node asks first
-    deadline = time.monotonic() + 2 * TTL
+    first = net.c.leader()
+    net.c.kill_etcd(first)
+    deadline = time.monotonic() + 2 * ttl
     while time.monotonic() < deadline:
         for c in clients.values():
             c.ping()
@@ -422,18 +437,19 @@ def test_one_etcd_member_lost_goes_unnoticed_and_quorum_lost_stops_serving_until
     for b in net.c.nodes.values():
         assert "lost its lease" not in "\n".join(b.lines)
 
-    net.c.kill_etcd("n2")  # no quorum
+    second = next(n for n in NODES if n != first)
+    net.c.kill_etcd(second)  # no quorum
     lost = time.monotonic()
     for c in clients.values():
-        assert_disconnected(c, 5, {USE_ANOTHER_SERVER}, timeout=TTL + 1)
+        assert_disconnected(c, 5, {USE_ANOTHER_SERVER}, timeout=ttl + 1)
     closed = time.monotonic() - lost
-    figure(f"quorum lost: every node's clients closed within {closed:.2f} s (lease {TTL} s)")
-    assert closed < TTL, f"clients closed {closed:.2f} s after quorum was lost (lease {TTL} s)"
+    figure(f"quorum lost: every node's clients closed within {closed:.2f} s (lease {ttl} s)")
+    assert closed < ttl, f"clients closed {closed:.2f} s after quorum was lost (lease {ttl} s)"
     for n in NODES:
         assert net.connack(n, cid_of(owners, n, f"refused-{n}-")) == SERVER_UNAVAILABLE_V3
 
-    net.c.start_etcd("n1")
-    net.c.start_etcd("n2")
+    net.c.start_etcd(first)
+    net.c.start_etcd(second)
     net.c.wait_etcd()
     back = time.monotonic()
     net.wait_all_serving(timeout=30)
