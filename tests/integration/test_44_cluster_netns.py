@@ -43,7 +43,7 @@ from shardbroker.cluster.etcd import Etcd, EtcdError
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.operations import control
 
-TTL = 2
+TTL = 3  # 2 s is marginal on a busy 2-core machine (docs/CLUSTERING.md)
 COUNT = 1024
 WORKERS = {"n1": 2, "n2": 1, "n3": 1}
 USE_ANOTHER_SERVER = 0x9C
@@ -59,7 +59,19 @@ class Net:
         self.capsys = capsys
         self.clients: list[mb.RawClient] = []
 
-    def view(self) -> ClusterView:
+    def view(self, timeout: float = 5.0) -> ClusterView:
+        """The cluster's keys, asked again for up to ``timeout`` while no member answers (an
+        etcd leader election)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._view()
+            except EtcdError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _view(self) -> ClusterView:
         with inside(self.c.clients_ns):
             etcd = Etcd(self.c.endpoints, timeout=1)
             try:
@@ -339,10 +351,19 @@ def overlaps(intervals: list[Interval]) -> list[tuple[Interval, Interval]]:
     return bad
 
 
+@pytest.mark.parametrize("whose", ["etcd-follower", "etcd-leader"])
 def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two_owners(
-        net: Net, tmp_path: Any) -> None:
+        net: Net, tmp_path: Any, whose: str) -> None:
+    """The node cut off is either one whose etcd member follows (and not the controller), or
+    the one whose member leads etcd: then the other two members elect a leader meanwhile,
+    which can cost the other nodes their leases too (they register again)."""
     start(net)
-    victim = non_controller(net)
+    leader = net.c.leader()
+    controller = net.view().controller
+    if whose == "etcd-leader":
+        victim = leader
+    else:
+        victim = next(n for n in reversed(NODES) if n not in (leader, controller))
     owners, epochs = net.owners(), net.epochs()
     lease = net.view().leases[victim]
     mine = [v for v in range(COUNT) if owners[v] == victim]
@@ -356,7 +377,7 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
         sent = time.monotonic()
         assert sent - cut < 3 * TTL, "the victim's lease did not end"
         try:
-            view = net.view()
+            view = net._view()
         except EtcdError:  # the cut took etcd's leader: the other two elect one
             continue
         if view.leases.get(victim) != lease:
@@ -366,14 +387,13 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
         time.sleep(0.02)
     bounded(lambda: victim not in net.view().map.per_node(),  # type: ignore[union-attr]
             TTL + 3, "the victim's shards reassigned", interval=0.05)
-    victim_log = "\n".join(net.c.nodes[victim].lines)
-    stops = [float(m.group(3)) for m in map(SERVING_RE.search, net.c.nodes[victim].lines)
-             if m is not None and m.group(2) == "stopped serving"]
-    assert stops, victim_log[-3000:]
-    stopped = stops[0]
-    assert "lost its lease" in victim_log
-    # it stopped (its clients closed) while etcd still held its lease
-    assert cut < stopped < last_seen, (cut, stopped, last_seen, gone)
+    assert "lost its lease" in "\n".join(net.c.nodes[victim].lines)
+    # it stopped serving its shards (its clients closed) while etcd still held its lease
+    ends = [i.end for i in timeline(net)
+            if i.node == victim and i.vshard in set(mine) and i.epoch == epochs[i.vshard]]
+    assert len(ends) == len(mine) and max(ends) < float("inf")
+    stopped = max(ends)
+    assert stopped < last_seen, (cut, stopped, last_seen, gone)
     # the others took its shards only after the lease had ended
     def taken() -> list[Interval]:
         return [i for i in timeline(net) if i.node != victim and i.vshard in set(mine)
@@ -385,7 +405,7 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
     first = min(i.start for i in took)
     figure(f"cut off: the node stopped serving {stopped - cut:.2f} s after the cut, its lease"
            f" was last seen {last_seen - cut:.2f} s and gone {gone - cut:.2f} s after it, the"
-           f" others served its shards from {first - cut:.2f} s")
+           f" others served its shards from {first - cut:.2f} s ({whose})")
     assert first > last_seen, (first, last_seen)
 
     net.c.heal(victim)
@@ -397,16 +417,23 @@ def test_a_node_cut_off_stops_serving_before_its_lease_ends_and_no_shard_has_two
             "the healed node serves")
     rejoined = time.monotonic() - healed
     figure(f"healed: the node serves its shards again {rejoined:.2f} s after the heal")
-    final_epochs = net.epochs()
 
+    # every shard served by its map owner under the map's epoch, and by no one else (when the
+    # cut took etcd's leader, the others may have registered again too: bounded)
+    def serving_matches_map() -> bool:
+        shard_map = net.view().map
+        assert shard_map is not None
+        want = {(v, s.slot.node, s.epoch) for v, s in enumerate(shard_map.vshards)
+                if s.slot is not None}
+        return {(i.vshard, i.node, i.epoch) for i in timeline(net)
+                if i.end == float("inf")} == want and len(want) == COUNT
+
+    bounded(serving_matches_map, 10, "every virtual shard served by its map owner alone")
     intervals = timeline(net)
     (tmp_path / "timeline.txt").write_text("".join(
         f"{i.vshard} {i.epoch} {i.node} {i.start:.6f} {i.end:.6f}\n" for i in intervals))
     assert not overlaps(intervals), overlaps(intervals)[:5]
-    # every shard now served by its map owner under the map's epoch, and by no one else
-    serving = {(i.vshard, i.node, i.epoch) for i in intervals if i.end == float("inf")}
-    assert serving == {(v, owners[v], final_epochs[v]) for v in range(COUNT)}, (
-        len(serving), rejoined)
+    assert {i.node for i in intervals if i.end == float("inf")} == set(NODES)
 
 
 # -- etcd members lost -----------------------------------------------------------------------
@@ -417,8 +444,8 @@ def test_one_etcd_member_lost_goes_unnoticed_and_quorum_lost_stops_serving_until
     """The member lost first is etcd's leader (the worst one: the other two elect another,
     about a second with a 500 ms election timeout). A lease of 3 s rides that out; one of
     2 s mostly does not (the last third of it begins before a renewal gets through: every
-    node closes its clients and registers again), so this test runs with 3 s."""
-    ttl = 3
+    node closes its clients and registers again)."""
+    ttl = TTL
     start(net, ttl)
     owners = net.owners()
     clients = {n: net.client(n, cid_of(owners, n, f"e-{n}-"), version=5) for n in NODES}
