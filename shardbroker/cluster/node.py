@@ -57,7 +57,7 @@ from shardbroker.cluster.placement import vshard_for
 from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
 from shardbroker.config import ClusterConfig
 
-__all__ = ["GUARD", "ClusterNode"]
+__all__ = ["GUARD", "ClusterNode", "served_changes"]
 
 log = logging.getLogger("shardbroker.cluster")
 
@@ -254,7 +254,14 @@ class ClusterNode:
         self._seq += 1
         self._sent_at = now
         self.grant = grant
+        started, stopped = served_changes(last, grant)
+        if started:  # said before the children can serve them
+            log.debug("cluster: node %s starts serving at %.6f: %s", self.config.node_id,
+                      self.clock(), started)
         self._stale = not self.publish(grant)
+        if stopped:  # said once the children answered (one that did not stops at its deadline)
+            log.debug("cluster: node %s stopped serving at %.6f: %s", self.config.node_id,
+                      self.clock(), stopped)
         served = sum(1 for w in grant.owners if w >= 0)
         was = sum(1 for w in last.owners if w >= 0)
         held = len(self.fence.served(now)) - served if grant.owners else 0
@@ -269,3 +276,16 @@ class ClusterNode:
             else:
                 log.warning("cluster: node %s serves no virtual shard now (map version %d)",
                             self.config.node_id, grant.version)
+
+
+def served_changes(last: Grant, grant: Grant) -> tuple[str, str]:
+    """The ``vshard@epoch`` pairs ``grant`` serves and ``last`` did not, and the reverse, each
+    as one space-separated string (empty when none): the DEBUG lines of ``_send``, from which
+    a node's serving intervals per virtual shard can be read back (a test checks that no two
+    nodes serve one virtual shard at once)."""
+    def pairs(g: Grant) -> set[tuple[int, int]]:
+        return {(v, g.epochs[v]) for v, w in enumerate(g.owners) if w >= 0}
+
+    before, after = pairs(last), pairs(grant)
+    return (" ".join(f"{v}@{e}" for v, e in sorted(after - before)),
+            " ".join(f"{v}@{e}" for v, e in sorted(before - after)))

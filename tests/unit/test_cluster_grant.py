@@ -10,6 +10,7 @@ import pytest
 
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local_owners
+from shardbroker.cluster.node import served_changes
 from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
 from shardbroker.cluster.shardmap import next_map
 
@@ -107,3 +108,17 @@ def test_shards_taken_from_a_live_node_wait_until_it_has_applied_the_map() -> No
     kept = from_fence(keeper, 1, 1, now=0.0, cleared=1).owners
     assert [v for v, w in enumerate(kept) if w == 0] == [
         v for v, s in enumerate(second.vshards) if s.slot == Slot("n1", 0)]
+
+
+def test_served_changes_name_the_shards_started_and_stopped_with_their_epochs() -> None:
+    def grant(owners: dict[int, tuple[int, int]]) -> Grant:  # vshard -> (worker, epoch)
+        return Grant(1, 1, 11, 100.0, tuple(owners.get(v, (-1, 0))[0] for v in range(4)),
+                     tuple(owners.get(v, (-1, 0))[1] for v in range(4)))
+
+    first = grant({0: (0, 1), 2: (1, 1)})
+    assert served_changes(NONE, first) == ("0@1 2@1", "")
+    # the same shard under a new epoch is a stop and a start; a worker change alone is neither
+    second = grant({0: (1, 1), 2: (1, 5), 3: (0, 5)})
+    assert served_changes(first, second) == ("2@5 3@5", "2@1")
+    assert served_changes(second, NONE) == ("", "0@1 2@5 3@5")
+    assert served_changes(second, second) == ("", "")
