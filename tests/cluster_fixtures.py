@@ -11,6 +11,7 @@ Without etcd the tests skip, saying why; under ``CI=true`` they fail instead, si
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,27 +56,25 @@ def _free_ports(n: int) -> list[int]:
 
 @dataclass
 class Member:
+    """One etcd member: its name, ports and files; ``host`` its address, and ``prefix`` what
+    its command runs under (``ip netns exec NS`` for a member in a network namespace)."""
+
     name: str
     client_port: int
     peer_port: int
     data_dir: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                return bool(json.loads(resp.read()).get("health") == "true")
-        except (OSError, ValueError):
-            return False
+        return f"http://{self.host}:{self.peer_port}"
 
 
 @dataclass
@@ -84,6 +84,9 @@ class EtcdCluster:
     binary: str
     members: list[Member] = field(default_factory=list)
     state: str = "new"
+    token: str = "shardbroker-test"
+    # where this process reaches the members from (a network namespace's ``inside``)
+    reach: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     @property
     def endpoints(self) -> list[str]:
@@ -92,11 +95,11 @@ class EtcdCluster:
     def _argv(self, m: Member) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
         return [
-            self.binary, "--name", m.name, "--data-dir", str(m.data_dir),
+            *m.prefix, self.binary, "--name", m.name, "--data-dir", str(m.data_dir),
             "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
             "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", initial, "--initial-cluster-state", self.state,
-            "--initial-cluster-token", "shardbroker-test",
+            "--initial-cluster-token", self.token,
             "--heartbeat-interval", "50", "--election-timeout", "500",
             "--logger", "zap", "--log-level", "warn",
         ]
@@ -122,22 +125,30 @@ class EtcdCluster:
         """The member that leads now (asked of every running member)."""
         ids: dict[str, Member] = {}
         leader = ""
-        for m in self.members:
-            if m.proc is None:
-                continue
-            request = urllib.request.Request(m.url + "/v3/maintenance/status", data=b"{}",
-                                             method="POST")
-            with urllib.request.urlopen(request, timeout=2) as resp:
-                doc = json.loads(resp.read())
-            ids[doc["header"]["member_id"]] = m
-            leader = doc.get("leader", leader)
+        with self.reach():
+            for m in self.members:
+                if m.proc is None:
+                    continue
+                request = urllib.request.Request(m.url + "/v3/maintenance/status", data=b"{}",
+                                                 method="POST")
+                with urllib.request.urlopen(request, timeout=2) as resp:
+                    doc = json.loads(resp.read())
+                ids[doc["header"]["member_id"]] = m
+                leader = doc.get("leader", leader)
         return ids[leader]
+
+    def healthy(self, m: Member) -> bool:
+        try:
+            with self.reach(), urllib.request.urlopen(m.url + "/health", timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
 
     def wait_healthy(self, members: list[Member] | None = None,
                      timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         for m in members or self.members:
-            while not m.healthy():
+            while not self.healthy(m):
                 if m.proc is not None and m.proc.poll() is not None:
                     raise RuntimeError(f"etcd {m.name} exited: {m.log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:

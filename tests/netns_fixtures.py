@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import etcd_binary
+from cluster_fixtures import EtcdCluster, Member, etcd_binary
 from conftest import Broker
 
 IP = "/usr/sbin/ip"
@@ -138,32 +136,14 @@ class NetnsBroker(Broker):
 
 
 @dataclass
-class EtcdMember:
-    name: str
-    netns: str
-    host: str
-    data_dir: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{ETCD_CLIENT}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://{self.host}:{ETCD_PEER}"
-
-
-@dataclass
 class NetnsCluster:
     """The namespaces, the etcd members and the broker nodes of one test."""
 
     tag: str  # the namespace name prefix of this run
     subnet: str  # "10.213.X"
     base: Path
-    etcd_bin: str
-    members: dict[str, EtcdMember] = field(default_factory=dict)
+    etcd: EtcdCluster  # a member in each node namespace, reached from the clients' one
+    members: dict[str, Member] = field(default_factory=dict)
     nodes: dict[str, NetnsBroker] = field(default_factory=dict)
     made: list[str] = field(default_factory=list)  # namespaces made, in order
 
@@ -181,7 +161,7 @@ class NetnsCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [m.url for m in self.members.values()]
+        return self.etcd.endpoints
 
     # -- the network -----------------------------------------------------------
 
@@ -212,68 +192,28 @@ class NetnsCluster:
 
     # -- etcd -----------------------------------------------------------------
 
-    def _etcd_argv(self, m: EtcdMember, state: str = "new") -> list[str]:
-        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members.values())
-        return [
-            IP, "netns", "exec", m.netns, self.etcd_bin, "--name", m.name,
-            "--data-dir", str(m.data_dir),
-            "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
-            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-            "--initial-cluster", initial, "--initial-cluster-state", state,
-            "--initial-cluster-token", self.tag,
-            "--heartbeat-interval", "50", "--election-timeout", "500",
-            "--logger", "zap", "--log-level", "warn",
-        ]
+    def add_member(self, role: str) -> None:
+        m = Member(role, ETCD_CLIENT, ETCD_PEER, self.base / f"etcd-{role}",
+                   self.base / f"etcd-{role}.log", host=self.address(role),
+                   prefix=(IP, "netns", "exec", self.ns(role)))
+        self.members[role] = m
+        self.etcd.members.append(m)
 
     def start_etcd(self, role: str) -> None:
-        m = self.members[role]
-        with m.log.open("ab") as log:
-            m.proc = subprocess.Popen(self._etcd_argv(m), stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+        self.etcd.start(self.members[role])
 
     def kill_etcd(self, role: str) -> None:
-        m = self.members[role]
-        if m.proc is not None:
-            m.proc.kill()
-            m.proc.wait(10)
-            m.proc = None
+        self.etcd.stop(self.members[role], signal.SIGKILL)
 
     def etcd_healthy(self, role: str) -> bool:
-        m = self.members[role]
-        try:
-            with inside(self.clients_ns), urllib.request.urlopen(m.url + "/health",
-                                                                 timeout=1) as resp:
-                return b'"health":"true"' in resp.read().replace(b" ", b"")
-        except OSError:
-            return False
+        return self.etcd.healthy(self.members[role])
 
     def leader(self) -> str:
         """The node namespace whose etcd member leads now (asked of every running member)."""
-        ids: dict[str, str] = {}
-        leader = ""
-        with inside(self.clients_ns):
-            for role, m in self.members.items():
-                if m.proc is None:
-                    continue
-                request = urllib.request.Request(m.url + "/v3/maintenance/status", data=b"{}",
-                                                 method="POST")
-                with urllib.request.urlopen(request, timeout=2) as resp:
-                    doc = json.loads(resp.read())
-                ids[doc["header"]["member_id"]] = role
-                leader = doc.get("leader", leader)
-        return ids[leader]
+        return self.etcd.leader().name
 
     def wait_etcd(self, roles: tuple[str, ...] = NODES, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        for role in roles:
-            while not self.etcd_healthy(role):
-                m = self.members[role]
-                if m.proc is not None and m.proc.poll() is not None:
-                    raise RuntimeError(f"etcd {role} exited: {m.log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd {role} not healthy after {timeout}s: "
-                                       f"{m.log.read_text()[-2000:]}")
-                time.sleep(0.1)
+        self.etcd.wait_healthy([self.members[role] for role in roles], timeout)
 
     # -- broker nodes ------------------------------------------------------------
 
@@ -332,13 +272,12 @@ def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
     _runs += 1
     tag = f"{PREFIX}{os.getpid()}x{_runs}"
     subnet = f"10.213.{(os.getpid() + _runs) % 250 + 1}"
-    cluster = NetnsCluster(tag, subnet, tmp_path, binary)
+    cluster = NetnsCluster(tag, subnet, tmp_path, EtcdCluster(binary, token=tag))
+    cluster.etcd.reach = lambda: inside(cluster.clients_ns)
     try:
         cluster.build_network()
         for role in NODES:
-            cluster.members[role] = EtcdMember(
-                role, cluster.ns(role), cluster.address(role), tmp_path / f"etcd-{role}",
-                tmp_path / f"etcd-{role}.log")
+            cluster.add_member(role)
         for role in NODES:
             cluster.start_etcd(role)
         cluster.wait_etcd()
