@@ -789,6 +789,17 @@ class RawClient:
         _, _, body = self.expect(CONNACK, timeout)
         return parse_connack(body, version)
 
+    def connack_rc(self, client_id: str, version: int = 4, timeout: float = 3.0) -> int:
+        """A probe: CONNECT with a clean session, the CONNACK's code; an accepted client
+        disconnects, and the connection is closed either way."""
+        try:
+            ack = self.connect_mqtt(client_id, version=version, clean=True, timeout=timeout)
+            if ack.rc == 0:
+                self.disconnect()
+            return ack.rc
+        finally:
+            self.close()
+
     def subscribe(self, topics: list[tuple[str, int]] | str, qos: int = 0,
                   props: bytes = b"", timeout: float = 5.0) -> list[int]:
         """SUBSCRIBE and wait for the SUBACK (PUBLISHes arriving first are kept).

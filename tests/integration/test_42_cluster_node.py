@@ -45,14 +45,7 @@ def node_config(etcd: EtcdCluster, node_id: str, ttl: int = TTL, port: int = 188
 
 
 def connack(port: int, client_id: str, version: int = 4) -> int:
-    c = mb.RawClient(port=port, connect_timeout=2)
-    try:
-        ack = c.connect_mqtt(client_id, version=version, clean=True, timeout=3)
-        if ack.rc == 0:
-            c.disconnect()
-        return ack.rc
-    finally:
-        c.close()
+    return mb.RawClient(port=port, connect_timeout=2).connack_rc(client_id, version)
 
 
 def ids_where(pred: Callable[[str], bool], prefix: str, n: int = 1) -> list[str]:

@@ -112,14 +112,7 @@ class Net:
         return c
 
     def connack(self, role: str, cid: str, version: int = 4) -> int:
-        c = self.raw(role)
-        try:
-            ack = c.connect_mqtt(cid, version=version, clean=True, timeout=3)
-            if ack.rc == 0:
-                c.disconnect()
-            return ack.rc
-        finally:
-            c.close()
+        return self.raw(role).connack_rc(cid, version)
 
     def served_here(self, role: str, cid: str) -> bool:
         """Whether ``role`` accepts ``cid`` itself (CONNACK 0 without a relay)."""
