@@ -81,6 +81,7 @@ class Peers:
         self.routes = RouteTable()
         self.outbox = Outbox(shard)
         self.synced: set[int] = set()  # peers whose routes we know
+        self.unsynced = shards - 1  # peers whose routes we do not know yet
         self._replay_asked: set[int] = set()  # peers asked for a resend this iteration
         self._requests = count(1)
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
@@ -104,6 +105,23 @@ class Peers:
         self.link.broadcast(RoutesQuery(self.shard))
         self.link.broadcast(Routes(self.shard, self._route_keys()))
         self._wake()
+
+    def peer_added(self, peer: int) -> None:
+        """The link reaches a new peer (a worker of another node that registered): ask for its
+        routes and tell it ours, as at startup."""
+        self.unsynced = len(self.link.peers) - len(self.synced)
+        self.link.send(peer, RoutesQuery(self.shard))
+        self.link.send(peer, Routes(self.shard, self._route_keys()))
+        self._wake()
+
+    def peer_removed(self, peer: int) -> None:
+        """A peer is gone for good (its node's registration ended): its routes and its holds on
+        our publishers go with it. What the outbox holds for it stays, and is sent again if it
+        comes back."""
+        self.routes.replace(peer, {})
+        self.synced.discard(peer)
+        self.unsynced = len(self.link.peers) - len(self.synced)
+        self.backpressure.peer_restarted(peer)
 
     def _route_keys(self) -> tuple[tuple[str, bool], ...]:
         return tuple(self.subscriptions.route_keys().items())
@@ -153,7 +171,7 @@ class Peers:
         if msg.retain:
             self._retain(msg)
         targets = self.routes.targets(msg.topic)
-        if len(self.synced) < self.shards - 1 and msg.qos:
+        if self.unsynced > 0 and msg.qos:
             # A peer whose routes we do not know yet (it is starting) may have persistent
             # subscribers: send it QoS 1/2 durably and let it match; it drops what it has no use for.
             targets = dict(targets)
@@ -268,6 +286,7 @@ class Peers:
         log.debug("shard %d: routes of shard %d: %d filters", self.shard, m.shard, len(m.keys))
         self.routes.replace(m.shard, dict(m.keys))
         self.synced.add(m.shard)
+        self.unsynced = len(self.link.peers) - len(self.synced)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
         self.backpressure.peer_restarted(m.shard)  # ... and its holds on our publishers are gone
 

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
 import zmq
+from zmq.utils import z85
 
 from shardbroker.peer.messages import PeerFormatError, PeerMessage, decode_batch, encode_batch
 
@@ -49,6 +51,31 @@ BATCH_BYTES = 16 * 1024  # a batch is closed once its items' sizes add up to thi
 ITEM_COST = 40  # bytes counted for an item besides the size its sender gives
 RETRY = 0.001  # seconds between tries to send a waiting backlog
 PEER_STALL = 1.0  # seconds without taking a batch after which a full peer is taken to be down
+REMOTE_BACKLOG = 1024  # batches kept for an unreachable worker of another node; older ones go
+REMOTE_BASE = 256  # peer ids from here on are workers of other nodes: number * 256 + worker
+SENDER = struct.Struct(">HHQ")  # a remote batch's header: node number, worker, lease
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks whether a CURVE client may connect
+ZAP_DOMAIN = b"shardbroker"
+
+RemoteItems = Callable[[int, int, int, list[PeerMessage]], None]  # number, worker, lease, items
+
+
+def remote_endpoint(advertise: str, worker: int) -> str:
+    """The endpoint of ``worker``'s bus on the node whose bus address is ``advertise``
+    (``HOST:PORT``, ``[V6]:PORT``): that port plus the worker's index."""
+    host, _, port = advertise.rpartition(":")
+    return f"tcp://{host}:{int(port) + worker}"
+
+
+def remote_peer(number: int, worker: int) -> int:
+    """The peer id of ``worker`` of the node numbered ``number`` (1..255)."""
+    return number * REMOTE_BASE + worker
+
+
+def curve_keypair() -> tuple[str, str]:
+    """A new CURVE key pair (public, secret), Z85 text."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
 
 
 def endpoint(run_dir: str, shard: int) -> str:
@@ -67,7 +94,7 @@ class Bus:
     ) -> None:
         self.shard = shard
         self.shards = len(endpoints)
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()  # its own: one ZAP handler each
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
@@ -94,6 +121,17 @@ class Bus:
         self.waited = 0  # batches that had to wait for room (statistics)
         self.sent = 0
         self.received = 0
+        # between nodes (listen_remote): the tcp:// PULL socket, this worker's keys, the
+        # header of what it sends, the public keys let in, and what ZAP said no to
+        self._rpull: zmq.Socket[bytes] | None = None
+        self._zap: zmq.Socket[bytes] | None = None
+        self._keys: tuple[bytes, bytes] = (b"", b"")
+        self._header = b""
+        self._allowed: frozenset[bytes] = frozenset()
+        self._on_remote: RemoteItems | None = None
+        self.refused_keys = 0  # CURVE clients refused (statistics)
+        self.shed = 0  # batches dropped for an unreachable node (statistics)
+        self._shed_said = 0.0
 
     @property
     def peers(self) -> list[int]:
@@ -101,13 +139,145 @@ class Bus:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._fd(), self._drain)
+        loop.add_reader(_fd(self._pull), self._drain)
         loop.call_soon(self._drain)
+        if self._rpull is not None and self._zap is not None:
+            loop.add_reader(_fd(self._zap), self._answer_zap)
+            loop.add_reader(_fd(self._rpull), self._drain_remote)
+            loop.call_soon(self._answer_zap)
+            loop.call_soon(self._drain_remote)
 
-    def _fd(self) -> int:
-        fd = self._pull.getsockopt(zmq.FD)
-        assert isinstance(fd, int)
-        return fd
+    # ---- between nodes
+
+    def listen_remote(self, endpoint: str, public: str, secret: str, on_items: RemoteItems) -> None:
+        """Bind the ``tcp://`` endpoint other nodes' workers send to (before :meth:`start`);
+        ``public``/``secret``: this node's CURVE keys (Z85). ``on_items(number, worker, lease,
+        items)`` gets each batch with its sender's header. ``zmq.ZMQError`` when it cannot bind."""
+        if not zmq.has("curve"):
+            raise zmq.ZMQError(msg="this libzmq has no CURVE support: nodes cannot talk securely")
+        zap = self._ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
+        pull = self._ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, HWM)
+        pull.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.IPV6, 1)
+        pull.setsockopt(zmq.CURVE_SERVER, 1)
+        pull.setsockopt(zmq.CURVE_SECRETKEY, secret.encode("ascii"))
+        pull.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        pull.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        try:
+            pull.bind(endpoint)
+        except zmq.ZMQError:
+            pull.close(linger=0)
+            zap.close(linger=0)
+            raise
+        self._zap, self._rpull = zap, pull
+        self._keys = (public.encode("ascii"), secret.encode("ascii"))
+        self._on_remote = on_items
+
+    def identify(self, number: int, lease: int) -> None:
+        """What this worker's batches to other nodes say it is: its node's number and lease."""
+        self._header = SENDER.pack(number, self.shard, lease)
+
+    def allow(self, keys: frozenset[str]) -> None:
+        """The public keys (Z85) of the nodes whose workers may connect from now on."""
+        self._allowed = frozenset(k.encode("ascii") for k in keys)
+
+    def connect(self, peer: int, endpoint: str, server_key: str) -> None:
+        """A PUSH socket to a remote worker (``peer`` = ``remote_peer(...)``) whose node's
+        public key is ``server_key``; its batches queue while it is not reachable."""
+        s = self._ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, HWM)
+        s.setsockopt(zmq.SNDBUF, KERNEL_BUFFER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IPV6, 1)
+        s.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+        s.setsockopt(zmq.CURVE_PUBLICKEY, self._keys[0])
+        s.setsockopt(zmq.CURVE_SECRETKEY, self._keys[1])
+        s.connect(endpoint)
+        self._push[peer] = s
+
+    def disconnect(self, peer: int) -> None:
+        """Forget a remote worker: its socket closes, and what waited for it is dropped (what
+        the durable outbox holds is sent again once it is back)."""
+        s = self._push.pop(peer, None)
+        if s is not None:
+            s.close(linger=0)
+        self._pending.pop(peer, None)
+        self._open_size.pop(peer, None)
+        self._backlog.pop(peer, None)
+        self._took_at.pop(peer, None)
+
+    def _shed(self, peer: int, backlog: deque[bytes]) -> None:
+        """A worker of another node has taken nothing for a long while (its node still holds a
+        lease, but this one cannot reach it): drop the oldest batch for it rather than grow
+        without bound. A durable forward in it is still in the outbox and is sent again."""
+        backlog.popleft()
+        self.shed += 1
+        now = time.monotonic()
+        if now - self._shed_said >= 1.0:
+            self._shed_said = now
+            log.warning("bus: peer %d (another node) takes nothing: %d batches for it dropped so"
+                        " far (durable forwards are sent again once it answers)", peer, self.shed)
+
+    def _answer_zap(self) -> None:
+        zap = self._zap
+        assert zap is not None
+        while True:
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.error("bus: ZAP receive failed: %s", exc)
+                return
+            # version, request id, domain, address, identity, mechanism, credentials
+            ok = (len(request) >= 7 and request[5] == b"CURVE"
+                  and z85.encode(request[6]) in self._allowed)
+            if not ok:
+                self.refused_keys += 1
+                log.warning("bus: a connection from %s refused: not a registered node's key",
+                            request[3].decode("ascii", "replace") if len(request) > 3 else "?")
+            reply = [b"1.0", request[1] if len(request) > 1 else b"",
+                     b"200" if ok else b"400", b"OK" if ok else b"unknown node key", b"", b""]
+            try:
+                zap.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.error("bus: ZAP reply failed: %s", exc)
+                return
+
+    def _drain_remote(self) -> None:
+        pull, on_items = self._rpull, self._on_remote
+        assert pull is not None and on_items is not None
+        taken = 0
+        for _ in range(DRAIN_BUDGET):
+            if taken > DRAIN_BYTES:
+                break
+            try:
+                parts = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.error("bus: receive from another node failed: %s", exc)
+                return
+            if len(parts) != 2 or len(parts[0]) != SENDER.size:
+                log.error("bus: a message of %d parts from another node dropped: no sender header",
+                          len(parts))
+                continue
+            try:
+                items = decode_batch(parts[1])
+            except PeerFormatError as exc:
+                log.error("bus: undecodable message of %d bytes from another node dropped: %s",
+                          len(parts[1]), exc)
+                continue
+            number, worker, lease = SENDER.unpack(parts[0])
+            taken += len(parts[1])
+            self.received += len(items)
+            on_items(number, worker, lease, items)
+        if self._loop is not None:
+            self._loop.call_soon(self._drain_remote)
 
     def send(self, peer: int, item: PeerMessage, size: int = 0) -> None:
         """Queue a message for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`."""
@@ -144,6 +314,8 @@ class Bus:
                 if backlog is not None:  # behind earlier batches: order first
                     backlog.append(data)
                     self.waited += 1
+                    if peer >= REMOTE_BASE and len(backlog) > REMOTE_BACKLOG:
+                        self._shed(peer, backlog)
                 elif not self._send(peer, data):
                     self._backlog[peer] = deque((data,))
                     self._took_at.setdefault(peer, time.monotonic())
@@ -153,7 +325,10 @@ class Bus:
     def _send(self, peer: int, data: bytes) -> bool:
         """Send one batch unless the pipe is full; False when it must wait."""
         try:
-            self._push[peer].send(data, zmq.NOBLOCK)
+            if peer >= REMOTE_BASE:
+                self._push[peer].send_multipart((self._header, data), zmq.NOBLOCK)
+            else:
+                self._push[peer].send(data, zmq.NOBLOCK)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:  # only on a closed context
@@ -217,10 +392,13 @@ class Bus:
 
     def close(self) -> None:
         if self._loop is not None:
-            try:
-                self._loop.remove_reader(self._fd())
-            except (zmq.ZMQError, RuntimeError) as exc:  # loop or socket already closed
-                log.debug("bus: remove_reader on close: %s", exc)
+            for sock in (self._pull, self._rpull, self._zap):
+                if sock is None:
+                    continue
+                try:
+                    self._loop.remove_reader(_fd(sock))
+                except (zmq.ZMQError, RuntimeError) as exc:  # loop or socket already closed
+                    log.debug("bus: remove_reader on close: %s", exc)
         if self._retry is not None:
             self._retry.cancel()
         self.flush()
@@ -230,3 +408,12 @@ class Bus:
         for s in self._push.values():
             s.close(linger=200)
         self._pull.close(linger=0)
+        for sock in (self._rpull, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+
+
+def _fd(sock: zmq.Socket[bytes]) -> int:
+    fd = sock.getsockopt(zmq.FD)
+    assert isinstance(fd, int)
+    return fd

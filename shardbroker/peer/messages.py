@@ -126,6 +126,7 @@ __all__ = [
     "decode_message",
     "encode_batch",
     "encode_message",
+    "from_sender",
 ]
 
 PEER_PROTOCOL_VERSION: Final = 1
@@ -530,6 +531,19 @@ _ENCODERS: Final[dict[type, Callable[[Any], tuple[Any, ...]]]] = {
 }
 
 _packb: Final[Callable[[object], bytes]] = msgpack.packb
+
+
+def from_sender(messages: Sequence[PeerMessage], sender: int) -> None:
+    """Name ``sender`` as the shard that sent each of ``messages`` (every kind but ``Forward``
+    names it: ``DurableForward.origin_shard``, the others' ``shard``). A worker of another node
+    names itself by its index on its own node; the receiver knows it by its remote peer id."""
+    for m in messages:
+        if isinstance(m, Forward):
+            continue
+        if isinstance(m, DurableForward):
+            m.origin_shard = sender
+        else:
+            m.shard = sender
 
 
 def encode_batch(messages: Sequence[PeerMessage]) -> bytes:
