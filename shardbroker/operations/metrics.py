@@ -73,6 +73,12 @@ _SHARD_COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("shardbroker_bus_received_messages_total", "peer messages received from other shards", "bus_received", {}),
     ("shardbroker_bus_waited_batches_total", "peer batches that waited for room in a full pipe", "bus_waited", {}),
     ("shardbroker_bus_holds_total", "times the shard held its inputs while the bus was full", "flow_holds", {}),
+    ("shardbroker_bus_refused_keys_total", "connections from other nodes refused: not a registered node's key",
+     "bus_refused_keys", {}),
+    ("shardbroker_bus_refused_frames_total", "batches from other nodes refused: the sender is not registered under"
+     " the lease it carries", "bus_refused_frames", {}),
+    ("shardbroker_bus_shed_batches_total", "batches dropped for a worker of another node that took nothing",
+     "bus_shed", {}),
 )
 _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_connections", "client connections", "connections"),
@@ -88,6 +94,9 @@ _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_outbox_messages", "durable forwards not yet acknowledged by their shard", "handover_pending"),
     ("shardbroker_bus_backlog_batches", "peer batches waiting for room", "bus_backlog"),
     ("shardbroker_synced_peers", "shards whose routes this shard knows", "synced_peers"),
+    ("shardbroker_remote_peers", "workers of other nodes this shard's bus reaches", "remote_peers"),
+    ("shardbroker_outbox_remote_messages", "durable forwards not yet acknowledged by workers of other nodes",
+     "handover_remote"),
     ("shardbroker_store_used_bytes", "bytes of the store file in use", "store_used_bytes"),
     ("shardbroker_store_map_bytes", "the store's current map size", "store_map_bytes"),
     ("shardbroker_store_full", "1 while the store refuses new QoS 1/2 work", "store_full"),

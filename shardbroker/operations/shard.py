@@ -40,6 +40,7 @@ from shardbroker.operations.select import (
     preview,
     subscription_selector,
 )
+from shardbroker.peer.messages import REMOTE_BASE
 
 
 def _clock() -> Now:
@@ -57,6 +58,12 @@ class _Retained(Protocol):
 
 class _Bus(Protocol):
     waited: int
+    refused_keys: int
+    refused_frames: int
+    shed: int
+
+    @property
+    def peers(self) -> list[int]: ...
 
     def backlog(self) -> int: ...
 
@@ -123,6 +130,11 @@ class ShardOps(Operations):
         counters.update(
             bus_backlog=metrics.bus.backlog(), bus_waited=metrics.bus.waited, flow_holds=broker.flow.holds,
             store_used_bytes=sizes["used_bytes"], store_map_bytes=sizes["map_size"],
+            bus_refused_keys=metrics.bus.refused_keys, bus_refused_frames=metrics.bus.refused_frames,
+            bus_shed=metrics.bus.shed,
+            remote_peers=sum(1 for p in metrics.bus.peers if p >= REMOTE_BASE),
+            handover_remote=sum(len(items) for p, items in broker.peers.outbox.pending.items()
+                                if p >= REMOTE_BASE),
         )
         unsynced = sorted(set(range(broker.shards)) - broker.synced - {broker.shard})
         return {

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils import z85
 
-from shardbroker.peer.messages import PeerFormatError, PeerMessage, decode_batch, encode_batch
+from shardbroker.peer.messages import REMOTE_BASE, PeerFormatError, PeerMessage, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ ITEM_COST = 40  # bytes counted for an item besides the size its sender gives
 RETRY = 0.001  # seconds between tries to send a waiting backlog
 PEER_STALL = 1.0  # seconds without taking a batch after which a full peer is taken to be down
 REMOTE_BACKLOG = 1024  # batches kept for an unreachable worker of another node; older ones go
-REMOTE_BASE = 256  # peer ids from here on are workers of other nodes: number * 256 + worker
 SENDER = struct.Struct(">HHQ")  # a remote batch's header: node number, worker, lease
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks whether a CURVE client may connect
 ZAP_DOMAIN = b"shardbroker"
@@ -131,6 +130,7 @@ class Bus:
         self._on_remote: RemoteItems | None = None
         self.refused_keys = 0  # CURVE clients refused (statistics)
         self.shed = 0  # batches dropped for an unreachable node (statistics)
+        self.refused_frames = 0  # batches from other nodes the worker refused (statistics)
         self._shed_said = 0.0
 
     @property

@@ -106,6 +106,7 @@ from shardbroker.protocol.packets import NO_PROPERTIES, PacketType, Properties
 
 __all__ = [
     "PEER_PROTOCOL_VERSION",
+    "REMOTE_BASE",
     "DurableForward",
     "Forward",
     "ForwardAck",
@@ -130,6 +131,7 @@ __all__ = [
 ]
 
 PEER_PROTOCOL_VERSION: Final = 1
+REMOTE_BASE: Final = 256  # peer ids from here on name workers of other nodes: number * 256 + worker
 
 _MAGIC: Final = b"SBP"
 _HEADER: Final = _MAGIC + bytes((PEER_PROTOCOL_VERSION,))
