@@ -61,9 +61,16 @@ outbox     peer shard (u16) + seq (u64)           hand-overs to another shard fr
 The packed row formats are described in ``records.py``; readers take both them
 and the CBOR rows of schema 1.
 
-The retained environment has ``meta`` (``kind`` = "retained") and ``retained``:
-topic key (as CK above) -> CBOR ``StoredMessage``. Its schema
-(``RETAINED_SCHEMA_VERSION``) is still 1.
+The retained environment has ``meta`` (``kind`` = "retained"), ``retained``: topic key
+(as CK above) -> CBOR ``StoredMessage``, and ``stamps``: topic key -> the stamp and node
+of the last write of the topic (``storage/stamps.py``), written in the transaction that
+writes or deletes its ``retained`` row. A delete leaves its stamps row as a tombstone,
+so that an older write from another node cannot bring the message back; tombstones are
+never purged (one row of about 12 bytes plus the node ID and key per topic ever deleted):
+a purge would be safe only once every node had seen the delete, which no node knows.
+Retained schema (``RETAINED_SCHEMA_VERSION``) 2; a writable open of a schema 1 store
+(no ``stamps``) migrates it in one transaction: every row gets stamp 0 and node "", older
+than any write stamped since. A read-only open of one reads every topic as (0, "").
 
 Schema versions (``meta`` ``schema_version``; ``SCHEMA_VERSION`` is what this code
 writes, a store of a higher one is refused):
@@ -165,6 +172,7 @@ from typing import Final, Self
 
 import lmdb
 
+from shardbroker.storage import stamps as stamps_row
 from shardbroker.storage.batch import (
     HASHED_HEAD,
     HOLD_MAX,
@@ -201,6 +209,7 @@ from shardbroker.storage.records import (
     encode_value,
     inflight_msg_id,
 )
+from shardbroker.storage.stamps import DIGEST_MOD, NO_STAMP, RetainedOp, entry_digest
 
 __all__ = [
     "MOVE_PREFIX",
@@ -224,12 +233,13 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 6
 """Shard stores (see the module docstring): 1 to 5 are still read, and migrated by a writable open."""
-RETAINED_SCHEMA_VERSION: Final = 1
-"""The retained store's format did not change with shard schemas 2 to 6."""
+RETAINED_SCHEMA_VERSION: Final = 2
+"""1: ``retained`` alone; 2: and ``stamps`` (see the module docstring)."""
 
 _SHARD_TABLES: Final = ("meta", "sessions", "messages", "queue", "inflight", "qos2in", "outbox")
 _SHARD_NEW_TABLES: Final = ("vshards",)  # created with a store; older ones have none until migrated
 _RETAINED_TABLES: Final = ("meta", "retained")
+_RETAINED_NEW_TABLES: Final = ("stamps",)  # created with a store; a schema 1 one has none until migrated
 MOVE_PREFIX: Final = "move."
 """Meta keys of a move of virtual shards under way (``storage/vshards.py``)."""
 _LMDB_FILES: Final = frozenset({"data.mdb", "lock.mdb"})
@@ -1438,9 +1448,18 @@ class RetainedStore:
 
         env = _Env.open(
             Path(data_dir) / "retained", kind="retained", tables=_RETAINED_TABLES,
-            init_meta=init_meta, map_size=map_size, max_map_size=max_map_size, sync=sync,
-            readonly=readonly, create=create, schema=RETAINED_SCHEMA_VERSION,
+            new_tables=_RETAINED_NEW_TABLES, init_meta=init_meta, map_size=map_size,
+            max_map_size=max_map_size, sync=sync, readonly=readonly, create=create,
+            schema=RETAINED_SCHEMA_VERSION,
         )
+        try:
+            if not readonly and "stamps" not in env.dbs:
+                _migrate_retained(env)
+            elif _meta_int(env.meta, "schema_version", env.path) >= 2 and "stamps" not in env.dbs:
+                raise StoreCorrupt(f"{env.path}: table 'stamps' is missing")
+        except BaseException:
+            env.close()
+            raise
         return cls(env)
 
     def close(self) -> None:
@@ -1505,28 +1524,96 @@ class RetainedStore:
     def count(self) -> int:
         return self._env.count("retained")
 
-    def write(self, ops: Sequence[tuple[str, StoredMessage | None]]) -> None:
-        """One transaction: put each (topic, message), or delete the topic when message is None."""
-        encoded = [(_text_key(t), None if m is None else encode_message(m)) for t, m in ops]
-        if not encoded:
-            return
-        db = self._env.dbs["retained"]
+    def write(self, ops: Sequence[RetainedOp | tuple[str, StoredMessage | None]]) -> list[RetainedOp]:
+        """One transaction: put each message, or delete the topic when it is None, with its
+        stamp. A local op (a bare (topic, message) pair is one, stamped (0, "")) is always
+        written, its stamp raised to one above the stamp held when that one is not older; a
+        remote op only when its (stamp, node) is greater than the pair held. The ops written,
+        in order, with the stamps written (a local op changed in place)."""
+        items = [op if isinstance(op, RetainedOp) else RetainedOp(op[0], op[1], 0, "") for op in ops]
+        if not items:
+            return []
+        encoded = [(_text_key(op.topic), None if op.msg is None else encode_message(op.msg)) for op in items]
+        dbs = self._env.dbs
+        db, stamps = dbs["retained"], dbs["stamps"]
 
-        def apply(txn: lmdb.Transaction[bytes]) -> None:
-            for key, data in encoded:
+        def apply(txn: lmdb.Transaction[bytes]) -> Callable[[], None]:
+            written: list[RetainedOp] = []
+            for op, (key, data) in zip(items, encoded, strict=True):
+                row = txn.get(key, db=stamps)
+                held = NO_STAMP if row is None else stamps_row.unpack(row)[:2]
+                if (op.stamp, op.node) <= held:
+                    if op.remote:
+                        continue
+                    op.stamp = held[0] + 1
                 if data is None:
                     txn.delete(key, db=db)
                 else:
                     txn.put(key, data, db=db)
+                txn.put(key, stamps_row.pack(op.stamp, op.node, _spelled(key, op.topic)), db=stamps)
+                written.append(op)
 
+            def done() -> None:
+                result[:] = written
+
+            return done
+
+        result: list[RetainedOp] = []
         self._env.write(apply)
+        return result
+
+    def stamp(self, topic: str) -> tuple[int, str]:
+        """The (stamp, node) of the last write of ``topic``, (0, "") if none is known."""
+        row = self._env.get("stamps", _text_key(topic)) if "stamps" in self._env.dbs else None
+        return NO_STAMP if row is None else stamps_row.unpack(row)[:2]
+
+    def entries(self, after: bytes = b"", limit: int = _PAGE_ROWS) -> tuple[list[RetainedOp], bytes | None]:
+        """Up to ``limit`` stamped entries, live (a message) and deleted (None: a tombstone), in
+        key order from the first key after ``after``; and the key to pass as ``after`` for the
+        next page, None after the last. One short read transaction per page."""
+        if "stamps" not in self._env.dbs:
+            return [], None
+        dbs = self._env.dbs
+        out: list[RetainedOp] = []
+        last = b""
+        with self._env.read() as txn:
+            cur = txn.cursor(db=dbs["stamps"])
+            ok = cur.set_range(after) if after else cur.first()
+            if ok and after and cur.key() == after:
+                ok = cur.next()
+            while ok and len(out) < limit:
+                last = key = cur.key()
+                stamp, node, topic = stamps_row.unpack(cur.value())
+                data = txn.get(key, db=dbs["retained"])
+                msg = None if data is None else decode_message(data)
+                text = msg.topic if msg is not None else topic if topic is not None else _key_text(key)
+                out.append(RetainedOp(text, msg, stamp, node))
+                ok = cur.next()
+        return out, (last if ok else None)
+
+    def digest(self) -> tuple[int, int]:
+        """(live entries, digest): the sum modulo 2**64 of ``stamps.entry_digest`` over every
+        retained message with its stamp. Equal on two nodes that hold the same messages written
+        by the same writes, whatever order they came in. A scan of the whole store."""
+        total = count = 0
+        dbs = self._env.dbs
+        stamps = dbs.get("stamps")
+        with self._env.read() as txn:
+            for key, data in txn.cursor(db=dbs["retained"]):
+                row = None if stamps is None else txn.get(key, db=stamps)
+                stamp, node = NO_STAMP if row is None else stamps_row.unpack(row)[:2]
+                msg = decode_message(data)
+                total = (total + entry_digest(msg.topic, stamp, node, msg.payload)) % DIGEST_MOD
+                count += 1
+        return count, total
 
     def get_meta(self, key: str) -> object | None:
         data = self._env.get("meta", key.encode())
         return None if data is None else decode_value(data)
 
     def stats(self) -> dict[str, int]:
-        return {"retained": self.count(), **self._env.sizes()}
+        stamped = self._env.count("stamps") if "stamps" in self._env.dbs else 0
+        return {"retained": self.count(), "tombstones": max(0, stamped - self.count()), **self._env.sizes()}
 
     def check(self, progress: Callable[[int], None] | None = None) -> list[str]:
         problems: list[str] = []
@@ -1542,12 +1629,60 @@ class RetainedStore:
                 continue
             if _text_key(msg.topic) != row.key:
                 problems.append(f"retained {_key_text(row.key)!r} holds topic {msg.topic!r}")
+            elif "stamps" in self._env.dbs and self._env.get("stamps", row.key) is None:
+                problems.append(f"retained {_key_text(row.key)!r} has no stamp")
+        if "stamps" in self._env.dbs:
+            for row in self._env.rows("stamps"):
+                try:
+                    stamps_row.unpack(row.value)
+                except StoreCorrupt as exc:
+                    problems.append(f"stamp of {_key_text(row.key)!r}: {exc}")
         if progress is not None and n % 1000:
             progress(n % 1000)
         return problems
 
     def copy_compacted(self, dest: Path) -> None:
         self._env.copy_compacted(Path(dest))
+
+
+def _spelled(key: bytes, topic: str) -> str | None:
+    """``topic`` if ``key`` does not spell it (a digest key), for its stamps row; else None."""
+    return topic if b"\xff" in key else None
+
+
+def _migrate_retained(env: _Env) -> None:
+    """Retained schema 1 to 2: create ``stamps`` with (0, "") for every retained row, in one
+    transaction. Every worker opens the shared store: the first one migrates, the others find
+    the table made (the version is read again inside the write transaction)."""
+    meta, retained = env.dbs["meta"], env.dbs["retained"]
+    count = -1  # stays -1 when another process migrated it meanwhile
+
+    def apply(txn: lmdb.Transaction[bytes]) -> None:
+        nonlocal count
+        stamps = env.env.open_db(b"stamps", txn=txn, create=True)
+        version = decode_value(txn.get(b"schema_version", db=meta) or encode_value(1))
+        count = -1
+        if version == RETAINED_SCHEMA_VERSION:
+            return
+        count = 0
+        for key, data in txn.cursor(db=retained):
+            topic = None
+            if b"\xff" in key:
+                try:
+                    topic = decode_message(data).topic
+                except StoreCorrupt:
+                    topic = None
+            txn.put(key, stamps_row.pack(*NO_STAMP, topic), db=stamps)
+            count += 1
+        txn.put(b"schema_version", encode_value(RETAINED_SCHEMA_VERSION), db=meta)
+
+    version = env.meta.get("schema_version")
+    env.write(apply)
+    env.open_optional("stamps")
+    env.meta["schema_version"] = RETAINED_SCHEMA_VERSION
+    if count >= 0:
+        log.info("%s: migrated retained store from schema %s to %d (%d messages stamped (0, \"\"))",
+                 env.path, version, RETAINED_SCHEMA_VERSION, count)
 
 
 def _empty_destination(dest: Path) -> None:

@@ -47,6 +47,7 @@ from shardbroker.core.handshake import Handshake, InlineVerifier, PendingConnect
 from shardbroker.core.inbound import Inbound
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
+from shardbroker.core.retained import RetainedSync
 from shardbroker.core.session import Message, Session
 from shardbroker.core.sessions import Sessions
 from shardbroker.core.store import RetainedStore, ShardStore
@@ -83,6 +84,7 @@ class BrokerLink(PeerLink, Protocol):
     """The peer link as flow control also uses it (``shardbroker.peer.bus.Bus``)."""
 
     def congested(self, now: float) -> bool: ...
+    def waiting(self, peer: int) -> int: ...
 
 
 Handler = Callable[[Client, Session, Any], None]
@@ -131,6 +133,8 @@ class Broker:
         self.subscriptions = Subscriptions(shard, self.sessions, self.delivery, self.output, self.access,
                                            retained, scheduler, self.time, limits, self.stats)
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
+        self.retained_sync = RetainedSync(shard, config.cluster.node_id, link, self.commit, retained, scheduler,
+                                     self.time, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats,
                                scheduler)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
@@ -148,6 +152,8 @@ class Broker:
         self.sessions.offline = self.backpressure.end
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
         self.subscriptions.peers = self.peers
+        self.peers.retained_sync = self.retained_sync
+        self.commit.on_retained = self.retained_sync.written
         self.peers.subscriptions = self.subscriptions
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {

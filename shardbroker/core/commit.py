@@ -1,6 +1,7 @@
 """Group commit: one store transaction per event-loop iteration, and what a failed one means.
 
-Handlers add their writes to ``batch()`` and retained-message changes to ``retain``;
+Handlers add their writes to ``batch()`` and retained-message changes to ``retain`` (stamped,
+``core/retained.py``; ``on_retained`` is told what the retained store wrote);
 ``Broker.flush`` calls ``run`` once per iteration, before any byte or peer message
 leaves. A commit that fails (the disk is full, the map cannot grow) sets
 ``store_full``: the broker then refuses new QoS 1/2 work until the store has room
@@ -15,10 +16,11 @@ nothing (an fsync a second would stall its loop for nothing).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from shardbroker.core.clock import EventTime
 from shardbroker.core.store import Batch, RetainedStore, ShardStore, StoreError
-from shardbroker.storage.records import StoredMessage
+from shardbroker.storage.stamps import RetainedOp
 
 log = logging.getLogger("shardbroker.commit")
 
@@ -36,7 +38,8 @@ class Commit:
         self.time = time
         self.stats = stats
         self._batch: Batch | None = None
-        self._retained_ops: list[tuple[str, StoredMessage | None]] = []
+        self._retained_ops: list[RetainedOp] = []
+        self.on_retained: Callable[[list[RetainedOp]], None] = lambda ops: None  # set by the broker
         self.store_full = False
         self._failed_at = -1e9  # monotonic time of the last failed commit
         self._alive_written = 0.0
@@ -47,9 +50,10 @@ class Commit:
             self._batch = self.store.batch()
         return self._batch
 
-    def retain(self, topic: str, msg: StoredMessage | None) -> None:
-        """Set (or, with None, delete) the retained message of ``topic`` at the next commit."""
-        self._retained_ops.append((topic, msg))
+    def retain(self, op: RetainedOp) -> None:
+        """Set (or, with no message, delete) the retained message of ``op.topic`` at the next
+        commit, if the store's last-writer rule lets it (``RetainedStore.write``)."""
+        self._retained_ops.append(op)
 
     def pending(self) -> bool:
         return self._batch is not None or bool(self._retained_ops)
@@ -60,10 +64,12 @@ class Commit:
         if self._retained_ops:
             ops, self._retained_ops = self._retained_ops, []
             try:
-                self.retained.write(ops)
+                written = self.retained.write(ops)
             except StoreError as exc:
                 log.error("retained store write failed: %s", exc)
                 ok = False
+            else:
+                self.on_retained(written)
         batch, self._batch = self._batch, None
         if batch is not None and len(batch):
             try:

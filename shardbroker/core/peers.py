@@ -4,7 +4,7 @@ each other about it.
 It owns this shard's copy of the route table (``routing.RouteTable``), which peers
 have told us their routes (``synced``), and the durable outbox (``outbox.Outbox``).
 ``route(msg)`` is the one way a publish enters the broker's fan-out, whether it came
-from a client, a will or ``$SYS``: the retained store first, then this shard's
+from a client, a will or ``$SYS``: the retained store first (``retained.RetainedSync``), then this shard's
 subscribers (``Subscriptions.deliver_local``) and one ``Forward`` to each other shard
 that wants it. A QoS 1/2 publish for a persistent session on another shard goes
 through the outbox (a numbered ``DurableForward``, committed before the publisher is
@@ -36,6 +36,7 @@ from shardbroker.peer.messages import (
     PeerMessage,
     Release,
     ResendRequest,
+    Retain,
     RouteAck,
     RouteAdd,
     RouteRemove,
@@ -44,10 +45,10 @@ from shardbroker.peer.messages import (
     RoutesQuery,
     RoutesRemove,
 )
-from shardbroker.storage.records import StoredMessage
 
 if TYPE_CHECKING:
     from shardbroker.core.backpressure import Backpressure
+    from shardbroker.core.retained import RetainedSync
     from shardbroker.core.subscriptions import Subscriptions
 
 log = logging.getLogger("shardbroker.peers")
@@ -86,12 +87,13 @@ class Peers:
         self._requests = count(1)
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
         self.backpressure: Backpressure  # set by the broker
+        self.retained_sync: RetainedSync  # set by the broker
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
             RoutesAdd: self._on_routes_add, RouteRemove: self._on_route_remove, RoutesRemove: self._on_routes_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
-            LoginFailed: self._on_login_failed,
+            LoginFailed: self._on_login_failed, Retain: self._on_retain,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -112,6 +114,7 @@ class Peers:
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.link.send(peer, RoutesQuery(self.shard))
         self.link.send(peer, Routes(self.shard, self._route_keys()))
+        self.retained_sync.peer_added(peer)
         self._wake()
 
     def peer_removed(self, peer: int) -> None:
@@ -122,6 +125,7 @@ class Peers:
         self.synced.discard(peer)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.backpressure.peer_restarted(peer)
+        self.retained_sync.peer_removed(peer)
 
     def _route_keys(self) -> tuple[tuple[str, bool], ...]:
         return tuple(self.subscriptions.route_keys().items())
@@ -169,7 +173,7 @@ class Peers:
     def route(self, msg: Message) -> bool:
         """Send a publish to every shard that wants it (this one included). True if any does."""
         if msg.retain:
-            self._retain(msg)
+            self.retained_sync.local(msg)
         targets = self.routes.targets(msg.topic)
         if self.unsynced > 0 and msg.qos:
             # A peer whose routes we do not know yet (it is starting) may have persistent
@@ -206,14 +210,6 @@ class Peers:
         else:
             self.link.send(peer, forward, size)
         self.stats["forwarded"] += 1
-        self._wake()
-
-    def _retain(self, msg: Message) -> None:
-        if not msg.payload:  # [MQTT-3.3.1-6/7]: an empty payload deletes
-            self.commit.retain(msg.topic, None)
-        else:
-            self.commit.retain(msg.topic, StoredMessage(msg.topic, msg.payload, msg.qos, True, msg.properties,
-                                                        msg.expires_at))
         self._wake()
 
     # ---- what peers send
@@ -298,6 +294,9 @@ class Peers:
 
     def _on_login_failed(self, m: LoginFailed) -> None:
         self.login_failed(m.address)
+
+    def _on_retain(self, m: Retain) -> None:
+        self.retained_sync.remote(m)
 
     # ---- the flush and the sweep
 

@@ -39,7 +39,13 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils import z85
 
-from shardbroker.peer.messages import REMOTE_BASE, PeerFormatError, PeerMessage, decode_batch, encode_batch
+from shardbroker.peer.messages import (
+    REMOTE_BASE,
+    PeerFormatError,
+    PeerMessage,
+    decode_batch,
+    encode_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +367,11 @@ class Bus:
     def congested(self, now: float) -> bool:
         """Whether a peer's pipe is full while the peer still takes batches (it is busy, not down)."""
         return any(now - self._took_at.get(peer, now) < PEER_STALL for peer in self._backlog)
+
+    def waiting(self, peer: int) -> int:
+        """Batches waiting for room toward ``peer``."""
+        backlog = self._backlog.get(peer)
+        return 0 if backlog is None else len(backlog)
 
     def backlog(self) -> int:
         """Batches waiting for room, over all peers."""

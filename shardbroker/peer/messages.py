@@ -28,12 +28,17 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     11    ``LoginFailed``     shard, address
     12    ``RoutesAdd``       shard, keys (as in ``Routes``), request
     13    ``RoutesRemove``    shard, keys (an array of str, each once)
+    14    ``Retain``          topic, payload, qos, properties, expires_at,
+                              stamp, node
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
     or an ended session's last ones, in one message rather than one per filter); a
     shard of older code refuses a batch that holds one, which only a broker whose
-    shards run different code would send.
+    shards run different code would send. Kind 14 goes between the nodes of a cluster
+    only (a retained message set or deleted on another node, ``core/retained.py``): an
+    empty payload is a delete, ``stamp`` a hybrid logical clock value and ``node`` the
+    writing node's ID, which together decide which write is the last.
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
     ``expires_at`` float64 or nil, ``origin`` str or nil, ``groups`` an array of
@@ -76,6 +81,8 @@ Invariants
       and set by the receiving shard.
     * Integers are 0 .. 2**64-1; ``DurableForward.seq`` and ``RouteAck.request``
       are >= 1; ``qos`` 0..2. ``Routes.keys`` names each key at most once.
+    * A ``Retain`` with an empty payload (a delete) has qos 0, no properties and no
+      expiry.
 
 Not done here
     * No I/O, no batching by size, no routing or delivery decisions, no meaning
@@ -116,6 +123,7 @@ __all__ = [
     "PeerMessage",
     "Release",
     "ResendRequest",
+    "Retain",
     "RouteAck",
     "RouteAdd",
     "RouteRemove",
@@ -314,6 +322,22 @@ class LoginFailed:
     address: str
 
 
+@dataclass(slots=True)
+class Retain:
+    """The retained message of ``topic`` as a node wrote it (an empty ``payload``: deleted),
+    stamped ``stamp`` (a hybrid logical clock value) by node ``node``: the receiver keeps it
+    if ``(stamp, node)`` is greater than the pair it holds for the topic. ``expires_at`` as in
+    ``Forward``. Names no sender: it needs no answer."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    properties: Properties
+    expires_at: float | None
+    stamp: int
+    node: str
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -329,10 +353,12 @@ PeerMessage: TypeAlias = (
     | Hold
     | Release
     | LoginFailed
+    | Retain
 )
 
 _KIND_FORWARD: Final = 0
 _KIND_DURABLE: Final = 1
+_KIND_RETAIN: Final = 14
 
 # ---------------------------------------------------------------------------
 # Field checks: what a decoded value must be, and how to say it is not
@@ -432,6 +458,15 @@ _DURABLE_SPEC: Final[_Spec] = (
     ("seq", _is_pos, "an int >= 1"),
     ("forward", lambda v: type(v) is tuple, "a Forward item"),
 )
+_RETAIN_SPEC: Final[_Spec] = (
+    ("topic", _is_str, "a str"),
+    ("payload", _is_bytes, "bytes"),
+    ("qos", _is_qos, "an int 0..2"),
+    ("properties", _is_opt_bytes, "bytes or nil"),
+    ("expires_at", _is_opt_float, "a float or nil"),
+    ("stamp", _is_uint, "an int >= 0"),
+    ("node", _is_str, "a str"),
+)
 _UINT: Final = (_is_uint, "an int >= 0")
 _POS: Final = (_is_pos, "an int >= 1")
 _STR: Final = (_is_str, "a str")
@@ -462,6 +497,7 @@ def _check_layout(cls: type[PeerMessage], spec: _Spec) -> None:
 
 _check_layout(Forward, _FORWARD_SPEC)
 _check_layout(DurableForward, _DURABLE_SPEC)
+_check_layout(Retain, _RETAIN_SPEC)
 for _, _cls, _spec in _SIMPLE:
     _check_layout(_cls, _spec)
 
@@ -472,9 +508,9 @@ for _, _cls, _spec in _SIMPLE:
 _PUBLISH: Final = PacketType.PUBLISH
 
 
-def _property_block(props: Properties) -> bytes | None:
+def _property_block(props: Properties, what: str = "Forward") -> bytes | None:
     if props.topic_alias is not None or props.subscription_identifiers:
-        raise ValueError("Forward.properties: topic_alias and subscription_identifiers "
+        raise ValueError(f"{what}.properties: topic_alias and subscription_identifiers "
                          "are not forwarded")
     block = encode_properties(props, _PUBLISH)
     return None if block == b"\x00" else block  # an empty Properties() other than the shared one
@@ -509,6 +545,24 @@ def _wire_durable(m: DurableForward) -> tuple[Any, ...]:
     return (_KIND_DURABLE, m.origin_shard, m.seq, _wire_forward(m.forward))
 
 
+def _wire_retain(m: Retain) -> tuple[Any, ...]:
+    props, expires_at = m.properties, m.expires_at
+    if not 0 <= m.qos <= 2 or m.stamp < 0:
+        raise ValueError(f"Retain: qos must be 0..2 and stamp >= 0, got {m.qos!r} and {m.stamp!r}")
+    if not m.payload and (m.qos or props != NO_PROPERTIES or expires_at is not None):
+        raise ValueError("Retain: a delete (empty payload) has qos 0, no properties and no expiry")
+    return (
+        _KIND_RETAIN,
+        m.topic,
+        m.payload,
+        m.qos,
+        None if props is NO_PROPERTIES else _property_block(props, "Retain"),
+        None if expires_at is None else float(expires_at),
+        m.stamp,
+        m.node,
+    )
+
+
 def _simple_encoder(
     kind: int, cls: type[PeerMessage], spec: _Spec
 ) -> Callable[[Any], tuple[Any, ...]]:
@@ -529,6 +583,7 @@ def _simple_encoder(
 _ENCODERS: Final[dict[type, Callable[[Any], tuple[Any, ...]]]] = {
     Forward: _wire_forward,
     DurableForward: _wire_durable,
+    Retain: _wire_retain,
     **{cls: _simple_encoder(kind, cls, spec) for kind, cls, spec in _SIMPLE},
 }
 
@@ -537,10 +592,10 @@ _packb: Final[Callable[[object], bytes]] = msgpack.packb
 
 def from_sender(messages: Sequence[PeerMessage], sender: int) -> None:
     """Name ``sender`` as the shard that sent each of ``messages`` (every kind but ``Forward``
-    names it: ``DurableForward.origin_shard``, the others' ``shard``). A worker of another node
+    and ``Retain`` names it: ``DurableForward.origin_shard``, the others' ``shard``). A worker of another node
     names itself by its index on its own node; the receiver knows it by its remote peer id."""
     for m in messages:
-        if isinstance(m, Forward):
+        if isinstance(m, (Forward, Retain)):
             continue
         if isinstance(m, DurableForward):
             m.origin_shard = sender
@@ -581,13 +636,13 @@ def _cannot_carry(exc: Exception) -> str:
 # Decoding
 # ---------------------------------------------------------------------------
 
-def _properties(block: bytes) -> Properties:
+def _properties(block: bytes, what: str = "Forward") -> Properties:
     try:
         props = decode_properties(block, _PUBLISH)
     except ProtocolError as exc:
-        raise PeerFormatError(f"Forward.properties: {exc.message}") from None
+        raise PeerFormatError(f"{what}.properties: {exc.message}") from None
     if props.topic_alias is not None or props.subscription_identifiers:
-        raise PeerFormatError("Forward.properties: topic_alias or subscription_identifiers")
+        raise PeerFormatError(f"{what}.properties: topic_alias or subscription_identifiers")
     return props
 
 
@@ -638,6 +693,18 @@ def _durable(item: tuple[Any, ...]) -> DurableForward:
     return DurableForward(origin_shard, seq, _forward(inner))
 
 
+def _retain(item: tuple[Any, ...]) -> Retain:
+    values = item[1:]
+    if len(values) != len(_RETAIN_SPEC) or not all(
+            check(v) for (_, check, _), v in zip(_RETAIN_SPEC, values)):
+        raise PeerFormatError(_problem("Retain", _RETAIN_SPEC, values))
+    topic, payload, qos, block, expires_at, stamp, node = values
+    props = NO_PROPERTIES if block is None else _properties(block, "Retain")
+    if not payload and (qos or props != NO_PROPERTIES or expires_at is not None):
+        raise PeerFormatError("Retain: a delete (empty payload) with qos, properties or an expiry")
+    return Retain(topic, payload, qos, props, expires_at, stamp, node)
+
+
 def _simple_decoder(
     cls: type[PeerMessage], spec: _Spec
 ) -> Callable[[tuple[Any, ...]], PeerMessage]:
@@ -660,6 +727,7 @@ def _simple_decoder(
 _DECODERS: Final[dict[int, Callable[[tuple[Any, ...]], PeerMessage]]] = {
     _KIND_FORWARD: _forward,
     _KIND_DURABLE: _durable,
+    _KIND_RETAIN: _retain,
     **{kind: _simple_decoder(cls, spec) for kind, cls, spec in _SIMPLE},
 }
 

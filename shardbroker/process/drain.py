@@ -82,6 +82,9 @@ class _Offline:
     def congested(self, now: float) -> bool:
         return False
 
+    def waiting(self, peer: int) -> int:
+        return 0
+
     def settle(self) -> None:
         for _ in range(ROUNDS):
             if not self.due:

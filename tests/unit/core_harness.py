@@ -133,6 +133,7 @@ class FakeLink:
     sent: int = 0
     received: int = 0
     held: bool = False
+    backlog: dict[int, int] = field(default_factory=dict)  # batches a test says wait toward a peer
 
     def send(self, peer: int, message: PeerMessage, size: int = 0) -> None:
         self.pending.append((peer, message))
@@ -151,6 +152,9 @@ class FakeLink:
 
     def congested(self, now: float) -> bool:
         return False
+
+    def waiting(self, peer: int) -> int:
+        return self.backlog.get(peer, 0)
 
     def take(self) -> list[tuple[int, PeerMessage]]:
         out, self.sent_messages = self.sent_messages, []

@@ -24,6 +24,7 @@ from shardbroker.peer.messages import (
     PeerMessage,
     Release,
     ResendRequest,
+    Retain,
     RouteAck,
     RouteAdd,
     RouteRemove,
@@ -35,6 +36,7 @@ from shardbroker.peer.messages import (
     decode_message,
     encode_batch,
     encode_message,
+    from_sender,
 )
 from shardbroker.protocol.codec import encode_properties
 from shardbroker.protocol.packets import NO_PROPERTIES, PacketType, Properties
@@ -91,6 +93,9 @@ MESSAGES: dict[str, PeerMessage] = {
     "hold": Hold(1, "publisher-ü"),
     "release": Release(0, ""),
     "login-failed": LoginFailed(1, "2001:db8::7"),
+    "retain": Retain("a/ü", b"21.5", 1, NO_PROPERTIES, None, 1_800_000_000_000 << 16, "n1"),
+    "retain-full": Retain("a/b", b"\x00v", 2, PROPS, 1_900_000_000.5, 2**64 - 1, "node-ü"),
+    "retain-delete": Retain("a/b", b"", 0, NO_PROPERTIES, None, 0, ""),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -258,7 +263,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [14, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [15, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -336,6 +341,22 @@ def test_wrong_forward_field_count_is_refused(item: list[Any]) -> None:
     ([9, 1, b"p"], "Hold.publisher"),
     ([9, -1, "p"], "Hold.shard"),
     ([10, 1], "Release: expected 2 fields"),
+    ([14, "t", b"p", 1, None, None, 5], "Retain: expected 7 fields, got 6"),
+    ([14, "t", b"p", 1, None, None, 5, "n", 0], "Retain: expected 7 fields, got 8"),
+    ([14, b"t", b"p", 1, None, None, 5, "n"], "Retain.topic"),
+    ([14, "t", "p", 1, None, None, 5, "n"], "Retain.payload"),
+    ([14, "t", b"p", 3, None, None, 5, "n"], "Retain.qos"),
+    ([14, "t", b"p", True, None, None, 5, "n"], "Retain.qos"),
+    ([14, "t", b"p", 1, "x", None, 5, "n"], "Retain.properties"),
+    ([14, "t", b"p", 1, None, 7, 5, "n"], "Retain.expires_at"),
+    ([14, "t", b"p", 1, None, None, -5, "n"], "Retain.stamp"),
+    ([14, "t", b"p", 1, None, None, 5.0, "n"], "Retain.stamp"),
+    ([14, "t", b"p", 1, None, None, 5, None], "Retain.node"),
+    ([14, "t", b"", 1, None, None, 5, "n"], "Retain: a delete"),
+    ([14, "t", b"", 0, None, 3.5, 5, "n"], "Retain: a delete"),
+    ([14, "t", b"", 0, b"\x02\x01\x01", None, 5, "n"], "Retain: a delete"),
+    ([14, "t", b"p", 0, b"\x03\x23\x00\x01", None, 5, "n"], r"Retain\.properties: topic_alias"),
+    ([14, "t", b"p", 0, b"\x05\x23\x00\x01", None, 5, "n"], r"Retain\.properties: "),
 ])
 def test_wrong_field_of_other_kinds_is_named(item: list[Any], match: str) -> None:
     with pytest.raises(PeerFormatError, match=match):
@@ -389,6 +410,14 @@ def test_peer_format_error_is_a_value_error() -> None:
     RouteAck(1, 0),
     RouteAdd(1, "k", -1),
     Routes(1, (("a", True), ("a", False))),
+    Retain("t", b"p", 3, NO_PROPERTIES, None, 1, "n"),
+    Retain("t", b"p", 0, NO_PROPERTIES, None, -1, "n"),
+    Retain("t", b"p", 0, NO_PROPERTIES, None, 2**64, "n"),
+    Retain("t", b"p", 0, Properties(topic_alias=1), None, 1, "n"),
+    Retain("t", b"", 1, NO_PROPERTIES, None, 1, "n"),
+    Retain("t", b"", 0, PROPS, None, 1, "n"),
+    Retain("t", b"", 0, NO_PROPERTIES, 5.0, 1, "n"),
+    Retain("t", b"p", 0, NO_PROPERTIES, None, 1, "\ud800"),
 ])
 def test_encode_refuses_what_decode_would_refuse(message: PeerMessage) -> None:
     with pytest.raises(ValueError):
@@ -468,6 +497,47 @@ def test_generated_forwards_round_trip(forward: Forward, shard: int, seq: int) -
 def test_generated_routes_round_trip(keys: list[tuple[str, bool]], shard: int) -> None:
     message = Routes(shard, tuple(keys))
     assert decode_message(encode_message(message)) == message
+
+
+retains = st.builds(
+    Retain,
+    topic=texts,
+    payload=st.binary(min_size=1, max_size=200),
+    qos=st.integers(0, 2),
+    properties=properties,
+    expires_at=st.none() | st.floats(allow_nan=False),
+    stamp=st.integers(0, 2**64 - 1),
+    node=texts,
+)
+
+
+@given(retains, texts, st.integers(0, 2**64 - 1))
+def test_generated_retains_round_trip(retain: Retain, topic: str, stamp: int) -> None:
+    delete = Retain(topic, b"", 0, NO_PROPERTIES, None, stamp, retain.node)
+    batch: list[PeerMessage] = [retain, delete]
+    assert decode_batch(encode_batch(batch)) == batch
+    assert decode_message(encode_message(retain)) == retain
+
+
+retain_fields = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | texts | st.binary(max_size=10),
+    lambda inner: st.lists(inner, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=300)
+@given(st.lists(retain_fields, min_size=7, max_size=8))
+def test_fuzz_retain_fields(values: list[Any]) -> None:
+    """A kind-14 item with arbitrary fields: decoded or refused, never anything else."""
+    _decodes_or_refuses(raw([[14, *values]]))
+
+
+def test_from_sender_leaves_retain_alone() -> None:
+    """A ``Retain`` names no sender (it needs no answer): naming one changes nothing."""
+    m = Retain("t", b"p", 0, NO_PROPERTIES, None, 7, "n1")
+    ack = ForwardAck(1, 2)
+    from_sender([m, ack], 513)
+    assert m == Retain("t", b"p", 0, NO_PROPERTIES, None, 7, "n1")
+    assert ack.shard == 513
 
 
 def _decodes_or_refuses(data: bytes) -> None:
