@@ -1,7 +1,7 @@
 """``shardbroker ctl``: ask a running broker, through the control socket in its data directory.
 
 ``shardbroker ctl --data-dir DIR COMMAND [--json]``: ``clients [PATTERN]``, ``client ID``,
-``kick ID``, ``subscriptions [FILTER]``, ``routes``, ``retained [FILTER]``, ``stats``,
+``kick ID``, ``subscriptions [FILTER]``, ``routes``, ``retained [FILTER]``, ``retained-digest``, ``stats``,
 ``reload``. Tables for people, ``--json`` for scripts (the supervisor's answer as it is).
 
 Exit status: 0; 1 when a shard did not answer in time (named on stderr, and under
@@ -228,6 +228,21 @@ def retained(
                   ([r["topic"], r["qos"], r["size"], r["preview"]] for r in result["retained"]))
         if result["truncated"]:
             typer.echo(f"(the first {limit}; there are more: narrow the filter or raise --limit)", err=True)
+    for shard, why in sorted(result.get("skipped", {}).items(), key=lambda kv: int(kv[0])):
+        typer.echo(f"warning: shard {shard} did not answer: {why} (another did)", err=True)
+    report_missing(result)
+
+
+@app.command("retained-digest")
+def retained_digest(as_json: JsonOpt = False) -> None:
+    """The digest of this node's retained messages and their stamps: equal on two nodes that
+    hold the same set (docs/CLUSTERING.md)."""
+    result = ask({"op": "retained_digest"})
+    if as_json:
+        emit_json(result)
+    elif result.get("digest") is not None:
+        typer.echo(f"node {result['node'] or '(none)'}: {result['count']} retained messages, "
+                   f"digest {result['digest']}")
     for shard, why in sorted(result.get("skipped", {}).items(), key=lambda kv: int(kv[0])):
         typer.echo(f"warning: shard {shard} did not answer: {why} (another did)", err=True)
     report_missing(result)

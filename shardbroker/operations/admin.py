@@ -6,8 +6,8 @@ Three ways to ask the workers:
   ``routes``; the lists are merged and sorted;
 - the shard that owns a client ID (``sharding.shard_for``; on a cluster node the worker the
   shard map names, ``cluster.node.ClusterNode.owner``): ``client``, ``kick``;
-- one live shard, the next when one does not answer: ``retained`` (the retained store is
-  shared by every worker).
+- one live shard, the next when one does not answer: ``retained`` and ``retained_digest``
+  (the retained store is shared by every worker).
 
 Every answer carries ``missing`` (shard number → why it gave no answer), so a shard that
 does not answer in time is named, never hidden. Selections are checked here, before any
@@ -82,6 +82,7 @@ class Admin(Operations):
             "subscriptions": self.subscriptions,
             "routes": self.routes,
             "retained": self.retained,
+            "retained_digest": self.retained_digest,
         }
 
     def ask_shards(self, request: Request, shards: list[int] | None = None) -> dict[str, Any]:
@@ -203,7 +204,17 @@ class Admin(Operations):
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ValueError("the limit is a positive integer")
         checked_filter(flt)
-        ask = {"op": "retained", "filter": flt, "limit": limit}
+        return self._one_shard({"op": "retained", "filter": flt, "limit": limit},
+                               {"retained": [], "truncated": False})
+
+    def retained_digest(self, request: Request) -> dict[str, Any]:
+        """The digest of the node's retained messages (``count``, ``digest``), from the first
+        shard that answers, as ``retained``."""
+        return self._one_shard({"op": "retained_digest"}, {"count": None, "digest": None})
+
+    def _one_shard(self, ask: Request, nothing: dict[str, Any]) -> dict[str, Any]:
+        """The answer of the first shard that answers ``ask``, with the shards asked before it
+        under ``skipped``; ``nothing`` with every shard under ``missing`` when none does."""
         skipped: dict[str, str] = {}
         for shard in range(self.shards):
             out = self.ask_shards(ask, [shard])
@@ -213,4 +224,4 @@ class Admin(Operations):
                 result["missing"] = {}
                 return dict(result)
             skipped[str(shard)] = out["missing"][str(shard)]
-        return {"retained": [], "truncated": False, "skipped": {}, "missing": skipped}
+        return {**nothing, "skipped": {}, "missing": skipped}

@@ -18,6 +18,9 @@ Besides the operations of ``ctl``:
   worker's histograms (``histograms``, see ``histogram.Histogram.snapshot``) and whether the
   shard is ready (``ready``: routes synced with every peer, store writable).
 - ``publish_sys``: publish the broker-wide ``$SYS`` values the supervisor computed.
+- ``retained_digest``: the order-independent digest of the node's retained messages with
+  their stamps (``RetainedStore.digest``, a scan of the store), which two nodes that hold
+  the same set share, and this worker's counts of ``Retain`` messages between nodes.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class ShardOps(Operations):
             "subscriptions": self.subscriptions,
             "routes": self.routes,
             "retained": self.retained,
+            "retained_digest": self.retained_digest,
         }
         if fence is not None:  # a cluster node's worker: what it may serve (cluster/grant.py)
             self.ops["fence"] = fence
@@ -271,6 +275,14 @@ class ShardOps(Operations):
         rows.sort(key=lambda r: str(r["topic"]))
         return {"shard": self.broker.shard, "retained": rows, "truncated": truncated, "limit": limit}
 
+
+    def retained_digest(self, request: Request) -> dict[str, Any]:
+        """``count`` retained messages, their ``digest`` (16 hex digits), this node's ID, and
+        this worker's ``Retain`` counters and the nodes (peer ids) it is catching up."""
+        count, digest = self.broker.subscriptions.retained.digest()
+        sync = self.broker.retained_sync
+        return {"shard": self.broker.shard, "node": sync.node, "count": count, "digest": f"{digest:016x}",
+                "catching_up": sorted(sync.catching_up), "counters": dict(sync.stats)}
 
     def reload(self, request: Request) -> dict[str, Any]:
         """``{"op": "reload", "config": {dotted name: value}}``: the new configuration, applied."""

@@ -264,6 +264,18 @@ def test_retained_agrees_with_retained_publishes(b4, mqtt, uniq):
     assert zero.returncode == 2 and zero.stderr == "error: --limit: at least 1, got 0\n"
 
 
+def test_retained_digest_changes_with_the_retained_messages(b4, mqtt, uniq):
+    before = ctl_json(b4, "retained-digest")
+    assert before["missing"] == {} and len(before["digest"]) == 16 and before["node"] == ""
+    p = mqtt(b4, uniq.cid("rd"), version=4)
+    p.publish(uniq.topic("digest"), b"v", qos=1, retain=True)
+    after = ctl_json(b4, "retained-digest")
+    assert after["count"] == before["count"] + 1 and after["digest"] != before["digest"]
+    table = ctl(b4, "retained-digest")
+    assert table.returncode == 0 and table.stdout == (f"node (none): {after['count']} retained messages, "
+                                                      f"digest {after['digest']}\n")
+
+
 def test_stats_counts_qos1_publishes(b4, mqtt, uniq):
     def received() -> int:
         answer = ctl_json(b4, "stats")

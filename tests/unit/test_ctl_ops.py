@@ -125,6 +125,20 @@ def test_subscriptions_routes_and_retained(h: Harness) -> None:
         ops({"op": "retained", "filter": "r/#/x"})
 
 
+def test_retained_digest_follows_the_retained_messages(h: Harness) -> None:
+    ops = _ops(h)
+    empty = ops({"op": "retained_digest"})
+    assert (empty["count"], empty["digest"], empty["node"], empty["catching_up"]) == (0, "0" * 16, "", [])
+    p = h.connect("p")
+    p.send(Publish("d/1", b"one", qos=1, retain=True, packet_id=1))
+    one = ops({"op": "retained_digest"})
+    assert one["count"] == 1 and len(one["digest"]) == 16 and one["digest"] != empty["digest"]
+    assert one["counters"]["retain_sent"] == 0  # no other node
+    p.send(Publish("d/1", b"", qos=1, retain=True, packet_id=2))
+    assert ops({"op": "retained_digest"})["count"] == 0
+    assert ops({"op": "retained_digest"})["digest"] == "0" * 16  # the tombstone is not counted
+
+
 def test_route_table_holders() -> None:
     table = RouteTable()
     table.add(0, "a/b")
