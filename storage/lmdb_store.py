@@ -1528,7 +1528,8 @@ class RetainedStore:
         """One transaction: put each message, or delete the topic when it is None, with its
         stamp. A local op (a bare (topic, message) pair is one, stamped (0, "")) is always
         written, its stamp raised to one above the stamp held when that one is not older; a
-        remote op only when its (stamp, node) is greater than the pair held. The ops written,
+        remote op only when its (stamp, node) is greater than the pair held (or equal to it,
+        with a payload that ranks higher: ``_wins_tie``). The ops written,
         in order, with the stamps written (a local op changed in place)."""
         items = [op if isinstance(op, RetainedOp) else RetainedOp(op[0], op[1], 0, "") for op in ops]
         if not items:
@@ -1542,10 +1543,12 @@ class RetainedStore:
             for op, (key, data) in zip(items, encoded, strict=True):
                 row = txn.get(key, db=stamps)
                 held = NO_STAMP if row is None else stamps_row.unpack(row)[:2]
-                if (op.stamp, op.node) <= held:
+                if row is not None and (op.stamp, op.node) <= held:
                     if op.remote:
-                        continue
-                    op.stamp = held[0] + 1
+                        if (op.stamp, op.node) < held or not self._wins_tie(txn, key, op):
+                            continue
+                    else:
+                        op.stamp = held[0] + 1
                 if data is None:
                     txn.delete(key, db=db)
                 else:
@@ -1562,39 +1565,51 @@ class RetainedStore:
         self._env.write(apply)
         return result
 
+    def _wins_tie(self, txn: lmdb.Transaction[bytes], key: bytes, op: RetainedOp) -> bool:
+        """Two writes stamped alike (two stores migrated from schema 1, each (0, "")): the one
+        whose payload ranks higher (``stamps.tie_rank``) wins, the same on every node."""
+        data = txn.get(key, db=self._env.dbs["retained"])
+        held = b"" if data is None else decode_message(data).payload
+        return stamps_row.tie_rank(b"" if op.msg is None else op.msg.payload) > stamps_row.tie_rank(held)
+
     def stamp(self, topic: str) -> tuple[int, str]:
         """The (stamp, node) of the last write of ``topic``, (0, "") if none is known."""
         row = self._env.get("stamps", _text_key(topic)) if "stamps" in self._env.dbs else None
         return NO_STAMP if row is None else stamps_row.unpack(row)[:2]
 
     def entries(self, after: bytes = b"", limit: int = _PAGE_ROWS) -> tuple[list[RetainedOp], bytes | None]:
-        """Up to ``limit`` stamped entries, live (a message) and deleted (None: a tombstone), in
-        key order from the first key after ``after``; and the key to pass as ``after`` for the
-        next page, None after the last. One short read transaction per page."""
+        """The stamped entries of shared topics (``stamps.shared``: not ``$...``) among the next
+        ``limit`` rows after key ``after``, live (a message) and deleted (None: a tombstone),
+        in key order; and the key to pass as ``after`` for the next page, None after the last.
+        One short read transaction per page."""
         if "stamps" not in self._env.dbs:
             return [], None
         dbs = self._env.dbs
         out: list[RetainedOp] = []
         last = b""
+        seen = 0
         with self._env.read() as txn:
             cur = txn.cursor(db=dbs["stamps"])
             ok = cur.set_range(after) if after else cur.first()
             if ok and after and cur.key() == after:
                 ok = cur.next()
-            while ok and len(out) < limit:
+            while ok and seen < limit:
+                seen += 1
                 last = key = cur.key()
                 stamp, node, topic = stamps_row.unpack(cur.value())
                 data = txn.get(key, db=dbs["retained"])
                 msg = None if data is None else decode_message(data)
                 text = msg.topic if msg is not None else topic if topic is not None else _key_text(key)
-                out.append(RetainedOp(text, msg, stamp, node))
+                if stamps_row.shared(text):
+                    out.append(RetainedOp(text, msg, stamp, node))
                 ok = cur.next()
         return out, (last if ok else None)
 
     def digest(self) -> tuple[int, int]:
         """(live entries, digest): the sum modulo 2**64 of ``stamps.entry_digest`` over every
-        retained message with its stamp. Equal on two nodes that hold the same messages written
-        by the same writes, whatever order they came in. A scan of the whole store."""
+        retained message of a shared topic (not ``$...``) with its stamp. Equal on two nodes
+        that hold the same messages written by the same writes, whatever order they came in.
+        A scan of the whole store."""
         total = count = 0
         dbs = self._env.dbs
         stamps = dbs.get("stamps")
@@ -1603,6 +1618,8 @@ class RetainedStore:
                 row = None if stamps is None else txn.get(key, db=stamps)
                 stamp, node = NO_STAMP if row is None else stamps_row.unpack(row)[:2]
                 msg = decode_message(data)
+                if not stamps_row.shared(msg.topic):
+                    continue
                 total = (total + entry_digest(msg.topic, stamp, node, msg.payload)) % DIGEST_MOD
                 count += 1
         return count, total

@@ -10,11 +10,14 @@ What it does:
 
 * ``RetainedOp``: one write of the retained store, local (a publish of this node: always
   applied, its stamp raised above the one held if need be) or remote (another node's: applied
-  only when its pair is greater than the one held).
+  only when its pair is greater than the one held; between two pairs alike, ``tie_rank``).
 * ``pack``/``unpack``: a stamps row, ``stamp (u64, big-endian)``, the node ID's length in
   bytes (u16) and the node ID in UTF-8, then the topic in UTF-8 when the row's key is a digest
   (a topic over 400 bytes; else nothing: the key is the topic), so that a tombstone names its
   topic.
+* ``shared``: whether a topic's retained message is the cluster's. Topics that start with
+  ``$`` (the ``$SYS`` tree every node publishes about itself) are each node's own: stamped
+  like the others, but neither sent to other nodes, nor taken from them, nor in the digest.
 * ``entry_digest``: what one live entry adds to the digest of a retained set, a sum modulo
   2**64 of BLAKE2b-64 values over (topic, stamp, node, BLAKE2b-64 of the payload). A sum does
   not depend on the order of a scan, so two nodes compare their sets by one number.
@@ -31,7 +34,7 @@ from typing import Final
 
 from shardbroker.storage.records import StoreCorrupt, StoredMessage
 
-__all__ = ["DIGEST_MOD", "NO_STAMP", "RetainedOp", "entry_digest", "pack", "unpack"]
+__all__ = ["DIGEST_MOD", "NO_STAMP", "RetainedOp", "entry_digest", "pack", "shared", "tie_rank", "unpack"]
 
 NO_STAMP: Final = (0, "")
 """The pair of a topic that has no stamps row (every row a schema 1 store held)."""
@@ -50,6 +53,11 @@ class RetainedOp:
     stamp: int
     node: str
     remote: bool = False
+
+
+def shared(topic: str) -> bool:
+    """Whether the retained message of ``topic`` is the same on every node (not ``$...``)."""
+    return not topic.startswith("$")
 
 
 def pack(stamp: int, node: str, topic: str | None = None) -> bytes:
@@ -77,6 +85,13 @@ def unpack(row: bytes) -> tuple[int, str, str | None]:
 
 def _h64(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
+
+
+def tie_rank(payload: bytes) -> int:
+    """What decides between two writes of one topic stamped alike (which only stores migrated
+    from schema 1 hold: every message there is (0, "")): the greater BLAKE2b-64 of the payload
+    (a delete's is the empty payload's), the same on every node."""
+    return _h64(payload)
 
 
 def entry_digest(topic: str, stamp: int, node: str, payload: bytes) -> int:

@@ -17,7 +17,9 @@ the write with the greatest pair (``storage/stamps.py``; a delete stays as a tom
   while the bus to it has fewer than ``WAITING_MAX`` batches waiting, so that a large set
   neither blocks the loop nor overflows the bounded backlog toward another node.
 
-The publish itself is routed as any other (``Peers.route``): this is only the store.
+The publish itself is routed as any other (``Peers.route``): this is only the store. Topics
+that start with ``$`` (``$SYS``, which each node publishes about itself) stay each node's own
+(``stamps.shared``): never sent, and refused from another node.
 
 What it does not guarantee: a ``Retain`` lost on the way (a node unreachable for longer than
 its bus backlog lasts, a commit that failed on the receiver) is made good only by the next
@@ -39,7 +41,7 @@ from shardbroker.core.store import RetainedStore, StoreError
 from shardbroker.peer.messages import REMOTE_BASE, PeerMessage, Retain
 from shardbroker.protocol.packets import NO_PROPERTIES
 from shardbroker.storage.records import StoredMessage
-from shardbroker.storage.stamps import RetainedOp
+from shardbroker.storage.stamps import RetainedOp, shared
 
 log = logging.getLogger("shardbroker.retained")
 
@@ -105,6 +107,10 @@ class RetainedSync:
     def remote(self, m: Retain) -> None:
         """Another node's write: store it if it is newer than what this node holds."""
         self.stats["retain_received"] += 1
+        if not shared(m.topic):
+            log.warning("retained: a Retain of %r from node %r refused: $ topics are each node's own",
+                        m.topic, m.node)
+            return
         self.clock.observe(m.stamp)
         self.commit.retain(from_message(m))
         self._wake()
@@ -117,7 +123,7 @@ class RetainedSync:
             if op.remote:
                 self.stats["retain_applied"] += 1
                 continue
-            if targets:
+            if targets and shared(op.topic):
                 m = to_message(op)
                 size = len(m.payload) + len(m.topic)
                 for peer in targets:

@@ -61,7 +61,7 @@ def test_a_remote_write_is_kept_only_if_newer(store: RetainedStore) -> None:
     assert store.write([remote("t", b"first", 100, "n2")])[0].stamp == 100
     assert store.write([remote("t", b"older", 99, "n9")]) == []  # older stamp: refused
     assert store.get("t") == m("t", b"first") and store.stamp("t") == (100, "n2")
-    assert store.write([remote("t", b"same", 100, "n2")]) == []  # the same write again: nothing
+    assert store.write([remote("t", b"first", 100, "n2")]) == []  # the same write again: nothing
     assert store.write([remote("t", b"tie-lower", 100, "n1")]) == []  # tie, smaller node: refused
     written = store.write([remote("t", b"tie-higher", 100, "n3")])  # tie, greater node: kept
     assert [op.msg.payload for op in written if op.msg] == [b"tie-higher"]
@@ -95,8 +95,9 @@ def test_a_delete_leaves_a_tombstone_that_older_writes_do_not_pass(store: Retain
 
 
 def test_writes_in_any_order_end_in_the_same_store(tmp_path: Path) -> None:
-    """Every node applies the same writes in its own order: they hold the same messages."""
-    writes = [remote(f"t/{i % 7}", None if i % 5 == 0 else f"p{i}".encode(), random.randrange(50), f"n{i % 3}")
+    """Every node applies the same writes in its own order: they hold the same messages. A
+    (stamp, node) pair names one write (a node never stamps two alike); stamps tie across nodes."""
+    writes = [remote(f"t/{i % 7}", None if i % 5 == 0 else f"p{i}".encode(), i // 3, f"n{i % 3}")
               for i in range(200)]
     results = []
     for n in range(3):
@@ -136,6 +137,13 @@ def test_entries_come_in_pages_with_tombstones(store: RetainedStore) -> None:
     assert store.entries(b"", 100)[1] is None
 
 
+def test_dollar_topics_are_neither_paged_nor_digested(store: RetainedStore) -> None:
+    store.write([RetainedOp("$SYS/broker/uptime", m("$SYS/broker/uptime"), 7, "n1"), RetainedOp("a", m("a"), 8, "n1")])
+    assert store.stamp("$SYS/broker/uptime") == (7, "n1")  # stamped all the same
+    assert [op.topic for op in store.entries()[0]] == ["a"]
+    assert store.digest() == (1, entry_digest("a", 8, "n1", b"v"))
+
+
 def test_the_digest_covers_live_entries_and_their_stamps(tmp_path: Path) -> None:
     with RetainedStore.open(tmp_path / "a", sync=False) as a, RetainedStore.open(tmp_path / "b", sync=False) as b:
         assert a.digest() == (0, 0)
@@ -152,8 +160,9 @@ def test_the_digest_covers_live_entries_and_their_stamps(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- schema 1
 
 
-def _schema1_retained(data_dir: Path, topics: list[str]) -> Path:
-    """A retained store as schema 1 wrote it: meta and retained, no stamps."""
+def _schema1_retained(data_dir: Path, topics: list[str], tag: bytes = b"") -> Path:
+    """A retained store as schema 1 wrote it: meta and retained, no stamps; each payload is
+    ``tag`` and the topic's first 8 bytes."""
     path = data_dir / "retained"
     path.mkdir(parents=True)
     env = lmdb.open(str(path), max_dbs=4, map_size=1 << 20)
@@ -163,7 +172,7 @@ def _schema1_retained(data_dir: Path, topics: list[str]) -> Path:
         for key, value in {"schema_version": 1, "kind": "retained", "created_at": 1.7e9}.items():
             txn.put(key.encode(), cbor2.dumps(value), db=meta)
         for t in topics:
-            txn.put(text_key(t), encode_message(m(t, t.encode()[:8])), db=retained)
+            txn.put(text_key(t), encode_message(m(t, tag + t.encode()[:8])), db=retained)
     env.close()
     return path
 
@@ -191,6 +200,21 @@ def test_a_schema1_store_is_migrated_by_a_writable_open(tmp_path: Path) -> None:
         assert r.get("a") == m("a", b"new")
     with RetainedStore.open(tmp_path, sync=False) as r:  # opened again: nothing more to do
         assert r.stamp("a") == (1, "") and r.count() == 3
+
+
+def test_two_migrated_stores_converge_on_messages_stamped_alike(tmp_path: Path) -> None:
+    """Two nodes upgraded with different messages for one topic, both stamped (0, ""): each
+    sends the other its own, and both keep the same one (the payload decides the tie)."""
+    _schema1_retained(tmp_path / "a", ["t/x", "t/y"], b"a:")
+    _schema1_retained(tmp_path / "b", ["t/x", "t/z"], b"b:")
+    with RetainedStore.open(tmp_path / "a", sync=False) as a, RetainedStore.open(tmp_path / "b", sync=False) as b:
+        assert a.stamp("t/x") == b.stamp("t/x") == NO_STAMP and a.get("t/x") != b.get("t/x")
+        for _ in range(2):  # each sends the other everything it holds, twice over
+            from_a, from_b = a.entries()[0], b.entries()[0]
+            b.write([RetainedOp(o.topic, o.msg, o.stamp, o.node, True) for o in from_a])
+            a.write([RetainedOp(o.topic, o.msg, o.stamp, o.node, True) for o in from_b])
+        assert a.digest() == b.digest() and a.entries() == b.entries()
+        assert a.digest()[0] == 3 and a.get("t/x") == b.get("t/x")
 
 
 def test_several_processes_open_a_schema1_store_at_once(tmp_path: Path) -> None:

@@ -226,3 +226,18 @@ def test_a_restarted_node_catches_up_on_what_it_missed(pair: tuple[Harness, Harn
     deliver(n1, retains(n2, N1_AT_N2))
     assert n1.retained.digest() == n2.retained.digest()
     assert [(t, m.payload) for t, m in n2.retained.scan()] == [("a", b"2"), ("c", b"n2-later")]
+
+
+def test_sys_topics_stay_each_nodes_own(pair: tuple[Harness, Harness]) -> None:
+    """$SYS is what each node says about itself: not sent, refused, not caught up, not digested."""
+    n1, n2 = pair
+    n1.link.take()
+    n1.broker.publish_sys({"$SYS/broker/version": "1"}, True, n1.now)
+    n1.run()
+    assert retains(n1) == [] and n1.retained.get("$SYS/broker/version") is not None
+    assert n1.retained.digest() == (0, 0)
+    n1.broker.peers.peer_added(N2_AT_N1)
+    n1.run()
+    assert retains(n1) == []
+    deliver(n2, [Retain("$SYS/broker/version", b"2", 0, NO_PROPERTIES, None, 1, "n1")])
+    assert n2.retained.get("$SYS/broker/version") is None
