@@ -126,9 +126,9 @@ def ensure_identity(data_dir: str | Path, node_id: str,
         identity = Identity(node_id, public, secret)
         save_identity(data_dir, identity)
     elif identity.node_id != node_id:
-        raise IdentityError(f"data directory {data_dir} is node {identity.node_id!r}'s, not"
-                            f" {node_id!r} ({IDENTITY_FILE}): start it as that node, or give"
-                            " this node a data directory of its own")
+        raise IdentityError(f"data directory {data_dir} belongs to node {identity.node_id!r},"
+                            f" not {node_id!r} (its {IDENTITY_FILE}): start that node on it, or"
+                            " give this one a data directory of its own")
     return identity
 
 

@@ -77,7 +77,7 @@ def test_registration_expires_with_its_lease(etcd_single: EtcdCluster, nodes: li
     entry = node.etcd.get(NODES_PREFIX + "n1")
     assert entry is not None and entry.lease == node.member.lease
     assert json.loads(entry.value) == {"advertise": "127.0.0.1:1883", "workers": 1, "state": "up",
-                                      "clients": ""}
+                                      "clients": "", "number": 0, "key": ""}
     # nobody renews: etcd deletes it after the TTL (2 s, plus etcd's own rounding)
     joined = time.monotonic()
     wait_until(lambda: "n1" not in registered(node.etcd), timeout=5, message="expiry")
