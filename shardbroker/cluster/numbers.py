@@ -32,7 +32,7 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -166,16 +166,23 @@ def remember_number(data_dir: str | Path, identity: Identity, number: int) -> Id
     return identity
 
 
-def bus_ports_problem(advertise: str, workers: int) -> str | None:
+def bus_ports_problem(advertise: str, workers: int,
+                      listeners: Iterable[tuple[str, int]] = ()) -> str | None:
     """Why the bus of ``workers`` workers cannot bind ``advertise`` (``HOST:PORT``: worker
     ``w`` at ``PORT + w``), in one line; ``None`` when each port could be bound now (each is
-    bound and closed again, with ``SO_REUSEADDR`` as the bus's listener has it)."""
+    bound and closed again, with ``SO_REUSEADDR`` as the bus's listener has it) and none is
+    the port of one of ``listeners`` (``(host, port)`` of the node's MQTT listeners, not
+    bound yet) on that host or on every address."""
     host, _, port_text = advertise.rpartition(":")
     host, first = host.strip("[]"), int(port_text)
     last = first + workers - 1
     ports = f"port {first}" if workers == 1 else f"ports {first}..{last}"
     if last > 0xFFFF:
         return f"cluster.advertise {advertise}: the bus of {workers} workers needs {ports}"
+    for listen_host, port in listeners:
+        if first <= port <= last and listen_host.strip("[]") in (host, "0.0.0.0", "::", ""):
+            return (f"cluster.advertise {advertise}: port {port} is an MQTT listener's (the bus"
+                    f" binds {ports}, one per worker)")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, first, type=socket.SOCK_STREAM)[0]
     except (OSError, IndexError) as exc:

@@ -315,12 +315,14 @@ class Supervisor:
 
     def _check_bus_ports(self) -> None:
         """A cluster node's bus binds worker ``w`` at ``[cluster] advertise`` PORT + w: refuse
-        to start, in one line, when that host is not this host's or a port is taken."""
+        to start, in one line, when that host is not this host's or a port is taken, or is
+        one of this node's listeners'. Before anything is made in the data directory."""
         if not self.config.cluster.enabled:
             return
         from shardbroker.cluster.numbers import bus_ports_problem
 
-        problem = bus_ports_problem(self.config.cluster.advertise, self.shards)
+        problem = bus_ports_problem(self.config.cluster.advertise, self.shards,
+                                    [(lst.host, lst.port) for lst in self.config.effective_listeners])
         if problem is not None:
             raise SystemExit(f"shardbroker: error: {problem}")
 

@@ -158,10 +158,10 @@ def test_nodes_get_distinct_numbers_kept_by_a_restart_and_new_for_a_new_data_dir
         etcd.close()
 
 
-def serve(config: Path, data_dir: Path, workers: int) -> subprocess.CompletedProcess[str]:
+def serve(config: Path, data_dir: Path, workers: int, port: int = 0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shardbroker.cli.main", "serve", "--config", str(config),
-         "--host", "127.0.0.1", "--port", "0", "--workers", str(workers),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
          "--data-dir", str(data_dir), "--log-level", "warning"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
@@ -185,7 +185,7 @@ def test_a_data_directory_of_another_node_is_refused(
 
 
 def test_serve_refuses_bus_ports_that_are_taken_or_not_of_this_host(tmp_path: Path) -> None:
-    # the check comes before etcd is asked anything: no etcd is needed
+    # the check comes before etcd is asked anything: no etcd is needed, nothing is left behind
     def config(advertise: str) -> Path:
         path = tmp_path / "node.toml"
         path.write_text(f'[cluster]\nnode_id = "n1"\netcd_endpoints = ["http://127.0.0.1:9"]\n'
@@ -202,6 +202,14 @@ def test_serve_refuses_bus_ports_that_are_taken_or_not_of_this_host(tmp_path: Pa
         (f"shardbroker: error: cluster.advertise {bus}: port {int(port) + 1} is in use (the bus"
         f" binds ports {port}..{int(port) + 1}, one per worker)")])
     assert not (tmp_path / "d").exists()  # refused before the data directory was made
+
+    # the MQTT listener's port is no bus port
+    listener = int(bus_address(1).rsplit(":", 1)[1])
+    res = serve(config(f"127.0.0.1:{listener}"), tmp_path / "d", 1, port=listener)
+    assert (res.returncode, res.stderr.splitlines()) == (2, [(
+        f"shardbroker: error: cluster.advertise 127.0.0.1:{listener}: port {listener} is an MQTT"
+        f" listener's (the bus binds port {listener}, one per worker)")])
+    assert not (tmp_path / "d").exists()
 
     res = serve(config("192.0.2.1:7100"), tmp_path / "d", 1)
     assert (res.returncode, res.stderr.splitlines()) == (2, [

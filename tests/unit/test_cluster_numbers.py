@@ -91,6 +91,10 @@ def test_the_bus_ports_must_be_free_and_of_this_host() -> None:
             f"cluster.advertise 127.0.0.1:{port - 1}: port {port} is in use (the bus binds ports"
             f" {port - 1}..{port}, one per worker)")
     assert bus_ports_problem(f"127.0.0.1:{port}", 1) is None  # free again
+    # nor may the bus have a port of the node's own MQTT listeners (on that host or on all)
+    for listener in (("127.0.0.1", port), ("0.0.0.0", port + 1)):
+        assert "is an MQTT listener's" in (bus_ports_problem(f"127.0.0.1:{port}", 2, [listener]) or "")
+    assert bus_ports_problem(f"127.0.0.1:{port}", 1, [("127.0.0.2", port), ("0.0.0.0", 0)]) is None
     assert bus_ports_problem("192.0.2.1:7100", 1) == (
         "cluster.advertise 192.0.2.1:7100: 192.0.2.1 is not an address of this host (advertise"
         " is this node's bus address, bound here)")
