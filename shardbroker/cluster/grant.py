@@ -136,6 +136,8 @@ class Grant:
             peer_of = tuple(int(p) for p in value.get("peer_of", ()))
             if not 0 <= number <= 0xFF or any(not -1 <= p <= 0xFFFF for p in peer_of):
                 raise ValueError("number or peer_of out of range")
+            if peer_of and owners and len(peer_of) != len(owners):
+                raise ValueError("peer_of and owners differ in length")
             return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
                        -math.inf if until is None else float(until), owners, epochs, peers, remote,
                        number, nodes, peer_of)

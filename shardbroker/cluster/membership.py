@@ -77,7 +77,9 @@ def parse_node(key: str, value: bytes) -> NodeInfo | None:
                         int(doc.get("number") or 0), str(doc.get("key") or ""))
     except (ValueError, KeyError, TypeError):
         return None
-    return info if info.workers >= 0 and 0 <= info.number <= 0xFF else None
+    if not 0 <= info.number <= 0xFF:
+        info = replace(info, number=0)  # no number a peer id can be made of: none
+    return info if info.workers >= 0 else None
 
 
 class Membership:

@@ -316,7 +316,8 @@ class Supervisor:
     def _check_bus_ports(self) -> None:
         """A cluster node's bus binds worker ``w`` at ``[cluster] advertise`` PORT + w: refuse
         to start, in one line, when that host is not this host's or a port is taken, or is
-        one of this node's listeners'. Before anything is made in the data directory."""
+        one of this node's listeners'. Before anything but the lock is made in the data directory
+        (a start that made it removes it)."""
         if not self.config.cluster.enabled:
             return
         from shardbroker.cluster.numbers import bus_ports_problem
@@ -407,7 +408,6 @@ class Supervisor:
 
     def run(self) -> int:
         node_class = self._check_cluster()
-        self._check_bus_ports()
         self._check_security()
         self._check_tls()
         self._raise_file_limit()
@@ -415,6 +415,7 @@ class Supervisor:
         listeners = self.config.effective_listeners
         socks: list[socket.socket] = []
         try:
+            self._check_bus_ports()
             self._check_data_dir()
             identity = self._cluster_identity()
             self._arrange_stores()

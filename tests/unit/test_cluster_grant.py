@@ -182,7 +182,7 @@ def test_the_bus_fields_travel_and_old_grants_parse_without_them() -> None:
     assert (parsed.number, parsed.nodes, parsed.peer_of) == (0, (), ())
     assert parsed.owners == grant.owners
     for bad in ({"number": 256}, {"peer_of": [70_000] * COUNT}, {"nodes": [["n1", 3]]},
-                {"peer_of": ["x"]}):
+                {"peer_of": ["x"]}, {"peer_of": [0, 1]}):
         with pytest.raises(GrantError):
             Grant.from_value({**grant.to_value(), **bad})
 

@@ -60,6 +60,10 @@ def test_the_node_record_says_where_clients_reach_it_and_old_records_still_parse
     assert parse_node(NODES_PREFIX + "n1", info.encode()) == info
     old = b'{"advertise": "127.0.0.2:7000", "workers": 2, "state": "up"}'
     assert parse_node(NODES_PREFIX + "n1", old) == NodeInfo("n1", "127.0.0.2:7000", 2, "up", "")
+    numbered = NodeInfo("n1", "127.0.0.2:7000", 2, number=9, key="K" * 40)
+    assert parse_node(NODES_PREFIX + "n1", numbered.encode()) == numbered
+    bogus = b'{"advertise": "127.0.0.2:7000", "workers": 2, "state": "up", "number": 300}'
+    assert parse_node(NODES_PREFIX + "n1", bogus) == NodeInfo("n1", "127.0.0.2:7000", 2)
 
 
 def test_the_proxy_header_a_relay_sends_is_read_back() -> None:
