@@ -66,7 +66,7 @@ from shardbroker.cluster.numbers import (
     IdentityError,
     NumbersExhausted,
     claim_number,
-    remember_number,
+    save_identity,
 )
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
@@ -90,6 +90,7 @@ class ClusterNode:
         self.data_dir = data_dir
         self.identity = identity  # the data directory's (``numbers.ensure_identity``)
         self.number = 0  # claimed (or confirmed) in etcd by this run; 0: not yet
+        self._unsaved = False  # the identity's number is not in its file yet
         self.workers = workers
         self.publish = publish
         self.clock = clock
@@ -264,8 +265,14 @@ class ClusterNode:
             if was:
                 log.warning("cluster: node %s: node number %d is no longer this node's in etcd;"
                             " claimed %d", me, was, number)
-            self.identity = remember_number(self.data_dir, self.identity, number)
             log.info("cluster: node %s claimed node number %d", me, number)
+            # kept before it is written: should the write fail, the next round confirms this
+            # number rather than claim another
+            self.identity = replace(self.identity, number=number)
+            self._unsaved = True
+        if self._unsaved:
+            save_identity(self.data_dir, self.identity)
+            self._unsaved = False
         self.number = number
         self.member.info = replace(self.member.info, number=number)
 

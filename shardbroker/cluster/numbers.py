@@ -33,14 +33,14 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
 from shardbroker.cluster.shardmap import NUMBERS_PREFIX
 
 __all__ = ["IDENTITY_FILE", "MAX_NUMBER", "Identity", "IdentityError", "NumbersExhausted",
-           "bus_ports_problem", "claim_number", "ensure_identity", "load_identity", "number_key", "remember_number",
+           "bus_ports_problem", "claim_number", "ensure_identity", "load_identity", "number_key",
            "save_identity"]
 
 IDENTITY_FILE = "cluster-identity.json"
@@ -155,15 +155,6 @@ def claim_number(etcd: Etcd, node_id: str, remembered: int = 0) -> int:
         if etcd.txn([Compare(key, "create", 0)], [Put(key, node_id.encode())]):
             return free
     raise EtcdError(f"no node number claimed after {MAX_NUMBER + 1} tries (others kept taking them)")
-
-
-def remember_number(data_dir: str | Path, identity: Identity, number: int) -> Identity:
-    """``identity`` with ``number``, written to ``data_dir`` when it changed."""
-    if number == identity.number:
-        return identity
-    identity = replace(identity, number=number)
-    save_identity(data_dir, identity)
-    return identity
 
 
 def bus_ports_problem(advertise: str, workers: int,

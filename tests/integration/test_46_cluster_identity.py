@@ -23,15 +23,19 @@ from test_42_cluster_node import node_config, wait_serving
 
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Compare, Delete, Etcd, Put
+from shardbroker.cluster.node import ClusterNode
 from shardbroker.cluster.numbers import (
     IDENTITY_FILE,
     MAX_NUMBER,
+    Identity,
+    IdentityError,
     NumbersExhausted,
     claim_number,
     load_identity,
     number_key,
 )
 from shardbroker.cluster.shardmap import NUMBERS_PREFIX
+from shardbroker.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,3 +238,26 @@ def test_the_bus_fields_reach_the_status_of_a_node_without_a_number(
         etcd.revoke(lease)
     finally:
         etcd.close()
+
+
+def test_a_number_whose_write_failed_is_confirmed_not_claimed_again(
+        etcd_single: EtcdCluster, tmp_path: Path) -> None:
+    """The node claims before it writes the file: a write that fails (here: no directory)
+    must not make every next round claim another number."""
+    config = load_config(None, {"cluster.node_id": "n1", "cluster.etcd_endpoints": etcd_single.endpoints,
+                                "cluster.advertise": bus_address(1)}).cluster
+    data = tmp_path / "gone"
+    node = ClusterNode(config, 1, lambda grant: True, data, Identity("n1", "P" * 40, "S" * 40),
+                       clients="")
+    try:
+        for _ in range(3):  # three rounds that cannot write
+            with pytest.raises(IdentityError, match="cannot write"):
+                node._claim_number()
+        data.mkdir()
+        node._claim_number()
+        assert node.number == 1 and node.member.info.number == 1
+        assert load_identity(data) == Identity("n1", "P" * 40, "S" * 40, 1)
+        assert numbers(node.etcd) == {1: "n1"}
+    finally:
+        node.etcd.close()
+        node._lease_etcd.close()
