@@ -129,7 +129,8 @@ def main() -> None:
         assert member.proc is not None
         spawned = time.monotonic()
         node = NodeProcess(base, NODE, data, cluster.endpoints, ttl=args.ttl, workers=WORKERS,
-                           advertise="127.0.0.1:1883", log_level="info")
+                           advertise=cluster_fixtures.bus_address(WORKERS),
+                           log_level="info")
         try:
             port = node.port()
             until(lambda: accepted(port), 60)

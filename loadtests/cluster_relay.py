@@ -171,12 +171,12 @@ def main() -> None:
         try:
             etcd.wait_healthy()
             n1 = NodeProcess(base, "n1", base / "n1", etcd.endpoints, ttl=5, workers=1,
-                             advertise="127.0.0.1:7000", log_level="warning",
+                             advertise=cluster_fixtures.bus_address(1), log_level="warning",
                              extra="redirect = true\n" if args.redirect else "")
             nodes.append(n1)
             p1 = n1.port()
             n2 = NodeProcess(base, "n2", base / "n2", etcd.endpoints, ttl=5, workers=1,
-                             advertise="127.0.0.1:7000", log_level="warning")
+                             advertise=cluster_fixtures.bus_address(1), log_level="warning")
             nodes.append(n2)
             p2 = n2.port()
             client = Etcd(etcd.endpoints)

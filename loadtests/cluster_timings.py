@@ -34,8 +34,8 @@ def main() -> None:
         etcd_run = cluster_fixtures._cluster(Path(tmp), 1)
         endpoints = next(etcd_run).endpoints
         members = []
-        for name in ("a", "b", "c"):
-            member = Membership(Etcd(endpoints), NodeInfo(name, "127.0.0.1:1", 2), 2,
+        for i, name in enumerate(("a", "b", "c")):  # registered only: no bus binds these
+            member = Membership(Etcd(endpoints), NodeInfo(name, f"127.0.0.1:{7100 + 2 * i}", 2), 2,
                                 lambda left: None)
             member.join()
             members.append(member)

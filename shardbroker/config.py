@@ -559,7 +559,10 @@ class ClusterConfig:
     node_id: str = _setting("", "this node's name in the cluster; empty: no clustering", _NodeId())
     etcd_endpoints: tuple[str, ...] = _setting(
         (), "etcd client URLs (http://HOST:PORT), any member of one etcd cluster", _Endpoints())
-    advertise: str = _setting("", "HOST:PORT other nodes use to reach this one", _Advertise())
+    advertise: str = _setting(
+        "", "HOST:PORT of this node's bus between nodes (not its MQTT listener): worker w binds"
+        " PORT + w, so HOST must be this host's and PORT..PORT+workers-1 free and reachable"
+        " from the other nodes", _Advertise())
     lease_ttl: int = _setting(
         10, "seconds a node stays registered without renewing its etcd lease; it stops serving"
         " before that when it cannot renew", _Int(2, 300))

@@ -54,6 +54,29 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def bus_address(workers: int = 4, host: str = "127.0.0.1") -> str:
+    """A ``[cluster] advertise`` for a node on this host: ``HOST:PORT`` with the bus ports
+    PORT..PORT+workers-1 (one per worker) free now, and apart from every MQTT listener (whose
+    ports the kernel picks, as it picked PORT)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind((host, 0))
+            port = first.getsockname()[1]
+            if port + workers - 1 > 0xFFFF:
+                continue
+            others = [socket.socket() for _ in range(workers - 1)]
+            try:
+                for i, s in enumerate(others, 1):
+                    s.bind((host, port + i))
+            except OSError:
+                continue
+            finally:
+                for s in others:
+                    s.close()
+        return f"{host}:{port}"
+    raise RuntimeError(f"no {workers} free ports in a row on {host}")
+
+
 @dataclass
 class Member:
     """One etcd member: its name, ports and files; ``host`` its address, and ``prefix`` what

@@ -8,8 +8,9 @@
   namespace, so all the traffic stays between those namespaces;
 * a three-member etcd cluster, one member in each node namespace (``ip netns exec``), on the
   node's address;
-* a broker node in each (``shardbroker serve`` with ``[cluster]``, ``advertise`` its
-  address, port 1883 in its namespace), started by ``start_nodes``.
+* a broker node in each (``shardbroker serve`` with ``[cluster]``, listening on its address,
+  port 1883 in its namespace, and ``advertise`` its bus address, the same address from port
+  7100: one port per worker), started by ``start_nodes``.
 
 The test process itself talks to the namespaces through ``inside(ns)``: the calling thread
 enters the namespace (``setns``), so the sockets it opens there (raw MQTT clients, the etcd
@@ -46,6 +47,7 @@ from conftest import Broker
 IP = "/usr/sbin/ip"
 PREFIX = "sbt"  # namespace names: sbt<pid>x<run>-<role>
 BROKER_PORT = 1883
+BUS_PORT = 7100  # [cluster] advertise: worker w's bus at BUS_PORT + w
 ETCD_CLIENT, ETCD_PEER = 2379, 2380
 CLONE_NEWNET = 0x40000000
 NODES = ("n1", "n2", "n3")
@@ -220,7 +222,7 @@ class NetnsCluster:
     def node_config(self, role: str, ttl: int) -> str:
         endpoints = ", ".join(f'"{url}"' for url in self.endpoints)
         return (f'[cluster]\nnode_id = "{role}"\netcd_endpoints = [{endpoints}]\n'
-                f'advertise = "{self.address(role)}:{BROKER_PORT}"\nlease_ttl = {ttl}\n')
+                f'advertise = "{self.address(role)}:{BUS_PORT}"\nlease_ttl = {ttl}\n')
 
     def start_nodes(self, workers: dict[str, int], ttl: int = 2) -> None:
         """A broker node in each node namespace with ``workers[role]`` workers, started one

@@ -1,6 +1,6 @@
 """What ``shardbroker cluster status | drain | forget`` do, against etcd.
 
-* ``status``: the registered nodes with their state (``up``, ``leaving``, ``draining``: up
+* ``status``: the registered nodes with their state and node number (``up``, ``leaving``, ``draining``: up
   but drained; ``down``: named by the map or drained, but not registered), the controller,
   the map version and the virtual shards per node.
 * ``drain``: marks a registered node so the controller gives it no shards; the mark has no
@@ -44,6 +44,7 @@ def status(etcd: Etcd) -> dict[str, Any]:
             "advertise": info.advertise if info else None,
             "clients": (info.clients or None) if info else None,
             "workers": info.workers if info else None,
+            "number": info.number if info else None,
             "vshards": per_node.get(name, 0),
         })
     unowned = sum(1 for v in view.map.vshards if v.slot is None) if view.map else 0

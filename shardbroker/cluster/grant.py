@@ -11,6 +11,13 @@ child keeps the newest one (by ``seq``) and decides with it alone:
   registered nodes (the hosts a relayed client's PROXY header is believed from), and ``remote[v]``: the index in ``peers`` of the
   node that serves ``v`` when another node does (-1 otherwise; empty when no shard is
   another node's): where the acceptor relays such a client;
+* for the bus between nodes: ``number``, this node's number (``cluster/numbers.py``; 0:
+  none yet); ``nodes``, every other registered node that has a number, sorted by node ID, as
+  ``(node_id, number, lease, advertise, workers, key)`` (``advertise``: the ``HOST:PORT`` its
+  worker ``w`` binds at ``PORT + w``; ``key``: its CURVE public key); and ``peer_of[v]``, the
+  peer id of the worker the map gives virtual shard ``v``: the local worker index when the map
+  gives it to this node (even while it is held back), ``number * 256 + worker`` when one of
+  ``nodes`` holds it, -1 otherwise (nobody, or a node without a number); empty without a map;
 * ``until``: a CLOCK_MONOTONIC time (system-wide on Linux, so it means the same in every
   process of the host) after which nothing may be served: the lease deadline as
   ``membership`` reckons it, which is never later than etcd's expiry. A child stops at
@@ -31,11 +38,30 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.placement import Slot, place, vshard_for
+from shardbroker.cluster.shardmap import ShardMap
 
-__all__ = ["NONE", "Grant", "GrantError", "from_fence", "local_owners"]
+__all__ = ["NONE", "Grant", "GrantError", "Registration", "from_fence", "local_owners"]
+
+PEER_STRIDE = 256  # a remote worker's peer id is number * PEER_STRIDE + worker
+
+
+class Registration(Protocol):
+    """What a grant reads of another node's registration (``membership.NodeInfo``)."""
+
+    @property
+    def advertise(self) -> str: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def clients(self) -> str: ...
+    @property
+    def number(self) -> int: ...
+    @property
+    def key(self) -> str: ...
 
 
 class GrantError(ValueError):
@@ -52,6 +78,10 @@ class Grant:
     epochs: tuple[int, ...]
     peers: tuple[str, ...] = ()  # client addresses of other nodes
     remote: tuple[int, ...] = ()  # per virtual shard: its index in peers, or -1; or empty
+    number: int = 0  # this node's number (0: none yet)
+    # other nodes with a number: (node_id, number, lease, advertise, workers, key), by node ID
+    nodes: tuple[tuple[str, int, int, str, int, str], ...] = ()
+    peer_of: tuple[int, ...] = ()  # per virtual shard: the peer id of its worker, or -1; or empty
 
     @property
     def count(self) -> int:
@@ -83,7 +113,8 @@ class Grant:
         return {"seq": self.seq, "version": self.version, "lease": self.lease,
                 "until": self.until if math.isfinite(self.until) else None,
                 "owners": list(self.owners), "epochs": list(self.epochs),
-                "peers": list(self.peers), "remote": list(self.remote)}
+                "peers": list(self.peers), "remote": list(self.remote), "number": self.number,
+                "nodes": [list(n) for n in self.nodes], "peer_of": list(self.peer_of)}
 
     @classmethod
     def from_value(cls, value: object) -> Grant:
@@ -99,8 +130,17 @@ class Grant:
             remote = tuple(int(i) for i in value.get("remote", ()))
             if remote and (len(remote) != len(owners) or not all(-1 <= i < len(peers) for i in remote)):
                 raise ValueError("remote does not match owners and peers")
+            number = int(value.get("number", 0))
+            nodes = tuple((str(n), int(num), int(lease), str(adv), int(w), str(key))
+                          for n, num, lease, adv, w, key in value.get("nodes", ()))
+            peer_of = tuple(int(p) for p in value.get("peer_of", ()))
+            if not 0 <= number <= 0xFF or any(not -1 <= p <= 0xFFFF for p in peer_of):
+                raise ValueError("number or peer_of out of range")
+            if peer_of and owners and len(peer_of) != len(owners):
+                raise ValueError("peer_of and owners differ in length")
             return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
-                       -math.inf if until is None else float(until), owners, epochs, peers, remote)
+                       -math.inf if until is None else float(until), owners, epochs, peers, remote,
+                       number, nodes, peer_of)
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"not a grant: {exc}") from None
 
@@ -109,18 +149,25 @@ NONE = Grant(0, 0, 0, -math.inf, (), ())
 
 
 def from_fence(fence: Fence, seq: int, workers: int, now: float,
-               cleared: float = math.inf, addresses: Mapping[str, str] | None = None) -> Grant:
+               cleared: float = math.inf, nodes: Mapping[str, Registration] | None = None,
+               leases: Mapping[str, int] | None = None, number: int = 0) -> Grant:
     """The grant of ``fence`` (this node's map and lease) at ``now``: the shards it may serve
     on workers this node has, until the lease deadline. Nothing when it may serve nothing.
     ``cleared``: the oldest map version every other live node has applied; a shard the map
     gave this node at a later epoch is held back until then (its previous owner may still
-    serve it: the handover of a shard between live nodes). ``addresses``: the client address
-    of every other registered node that has one; a shard the map gives one of them is
-    relayed there (``peers``, ``remote``)."""
+    serve it: the handover of a shard between live nodes). ``nodes``: the registered nodes
+    (this one is left out), under ``leases``; a shard the map gives one with a client address
+    is relayed there (``peers``, ``remote``), and those with a number are the grant's
+    ``nodes`` and ``peer_of``. ``number``: this node's."""
     shard_map = fence.map
+    registered = {node: info for node, info in (nodes or {}).items() if node != fence.node}
+    numbered = {node: info for node, info in registered.items() if info.number > 0}
+    bus_nodes = tuple((node, info.number, (leases or {}).get(node, 0), info.advertise,
+                       info.workers, info.key) for node, info in sorted(numbered.items()))
+    peer_of = _peer_of(fence.node, shard_map, numbered) if shard_map is not None else ()
     if shard_map is None or now >= fence.lease_until:
         return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
-                     (), ())
+                     (), (), number=number, nodes=bus_nodes, peer_of=peer_of)
     owners = [-1] * shard_map.count
     epochs = [0] * shard_map.count
     for v in fence.served(now):
@@ -128,15 +175,31 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
         if slot is not None and 0 <= slot.worker < workers and shard_map.vshards[v].epoch <= cleared:
             owners[v] = slot.worker
             epochs[v] = shard_map.vshards[v].epoch
-    others = sorted(node for node in (addresses or {}) if node != fence.node)
-    peers = [addresses[node] for node in others] if addresses else []
+    others = sorted(node for node, info in registered.items() if info.clients)
+    peers = [registered[node].clients for node in others]
     index = {node: i for i, node in enumerate(others)}
     remote = [-1] * shard_map.count if peers else []
     for v, vshard in enumerate(shard_map.vshards if peers else ()):
         if vshard.slot is not None and vshard.slot.node in index:
             remote[v] = index[vshard.slot.node]
     return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),
-                 tuple(epochs), tuple(peers), tuple(remote))
+                 tuple(epochs), tuple(peers), tuple(remote), number, bus_nodes, peer_of)
+
+
+def _peer_of(me: str, shard_map: ShardMap, numbered: Mapping[str, Registration]) -> tuple[int, ...]:
+    """Per virtual shard, the peer id of the worker the map gives it (``Grant.peer_of``)."""
+    out = []
+    for vshard in shard_map.vshards:
+        slot = vshard.slot
+        if slot is None:
+            out.append(-1)
+        elif slot.node == me:
+            out.append(slot.worker)
+        elif slot.node in numbered and 0 <= slot.worker < PEER_STRIDE:
+            out.append(numbered[slot.node].number * PEER_STRIDE + slot.worker)
+        else:
+            out.append(-1)
+    return tuple(out)
 
 
 def local_owners(node: str, workers: int, count: int) -> list[int]:

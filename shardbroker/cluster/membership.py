@@ -1,6 +1,7 @@
 """A node's registration in the cluster: a key under a lease, kept alive, given up on leave.
 
-``/shardbroker/nodes/<node_id>`` holds ``{"advertise", "workers", "state", "clients"}`` (JSON)
+``/shardbroker/nodes/<node_id>`` holds ``{"advertise", "workers", "state", "clients", "number",
+"key"}`` (JSON)
 and is bound to the node's lease: when the node stops renewing it, etcd deletes the key after
 ``lease_ttl`` seconds, and the controller gives its shards to others.
 
@@ -56,10 +57,15 @@ class NodeInfo:
     # HOST:PORT where clients (and the nodes that relay them) reach this node's plain MQTT
     # listener; "" when it has none (a record written before it existed parses as "")
     clients: str = ""
+    # the node number (``cluster/numbers.py``; 0: none) and the CURVE public key of its bus,
+    # Z85 ("": none); a record written before they existed parses with these
+    number: int = 0
+    key: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"advertise": self.advertise, "workers": self.workers,
-                           "state": self.state, "clients": self.clients}).encode()
+                           "state": self.state, "clients": self.clients,
+                           "number": self.number, "key": self.key}).encode()
 
 
 def parse_node(key: str, value: bytes) -> NodeInfo | None:
@@ -67,9 +73,12 @@ def parse_node(key: str, value: bytes) -> NodeInfo | None:
     try:
         doc = json.loads(value)
         info = NodeInfo(key.removeprefix(NODES_PREFIX), str(doc["advertise"]),
-                        int(doc["workers"]), str(doc["state"]), str(doc.get("clients") or ""))
+                        int(doc["workers"]), str(doc["state"]), str(doc.get("clients") or ""),
+                        int(doc.get("number") or 0), str(doc.get("key") or ""))
     except (ValueError, KeyError, TypeError):
         return None
+    if not 0 <= info.number <= 0xFF:
+        info = replace(info, number=0)  # no number a peer id can be made of: none
     return info if info.workers >= 0 else None
 
 

@@ -35,6 +35,12 @@ expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
 The grant also names, for each shard another registered node serves, that node's client
 address (``NodeInfo.clients``): the acceptor relays such a client there.
 
+Before its first registration, the node claims its node number (``cluster/numbers.py``: the
+one its data directory's identity file remembers, when etcd still gives it to this node ID,
+else a new one, written back to the file) and registers with it and its CURVE public key; the
+grant carries the number, the other numbered nodes and each shard's peer id, for the bus
+between nodes.
+
 What it does not do: carry messages between nodes; a shard that moves to another node is
 simply no longer served here (its clients are closed; they reconnect through the relay).
 """
@@ -46,6 +52,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from shardbroker.cluster.controller import Controller, MapMismatch, StaleController, read_view
@@ -53,6 +61,13 @@ from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners
 from shardbroker.cluster.membership import Membership, NodeIdInUse, NodeInfo
+from shardbroker.cluster.numbers import (
+    Identity,
+    IdentityError,
+    NumbersExhausted,
+    claim_number,
+    save_identity,
+)
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
 from shardbroker.config import ClusterConfig
@@ -68,9 +83,14 @@ Publish = Callable[[Grant], bool]  # send to every child; whether all of them to
 
 
 class ClusterNode:
-    def __init__(self, config: ClusterConfig, workers: int, publish: Publish,
-                 clock: Callable[[], float] = time.monotonic, clients: str = "") -> None:
+    def __init__(self, config: ClusterConfig, workers: int, publish: Publish, data_dir: Path,
+                 identity: Identity, clock: Callable[[], float] = time.monotonic,
+                 clients: str = "") -> None:
         self.config = config
+        self.data_dir = data_dir
+        self.identity = identity  # the data directory's (``numbers.ensure_identity``)
+        self.number = 0  # claimed (or confirmed) in etcd by this run; 0: not yet
+        self._unsaved = False  # the identity's number is not in its file yet
         self.workers = workers
         self.publish = publish
         self.clock = clock
@@ -79,7 +99,8 @@ class ClusterNode:
         self._lease_etcd = Etcd(config.etcd_endpoints, timeout=timeout)  # renewals alone
         self.etcd = Etcd(config.etcd_endpoints, timeout=timeout)
         self.member = Membership(self._lease_etcd,
-                                 NodeInfo(config.node_id, config.advertise, workers, clients=clients),
+                                 NodeInfo(config.node_id, config.advertise, workers, clients=clients,
+                                          key=identity.public),
                                  config.lease_ttl, self._lost, clock)
         self.member.lost = True  # not joined yet
         self.controller: Controller | None = None
@@ -95,7 +116,8 @@ class ClusterNode:
         self._thread: threading.Thread | None = None
         self._said = ""  # the last problem logged (each one once)
         self._claimed = 0  # the map version under APPLIED_PREFIX for this lease (0: none)
-        self._addresses: dict[str, str] = {}  # other registered nodes' client addresses
+        self._nodes: dict[str, NodeInfo] = {}  # the other registered nodes
+        self._leases: dict[str, int] = {}  # and the leases they are registered under
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,7 +184,8 @@ class ClusterNode:
             except NodeIdInUse as exc:
                 self._say(f"{exc}: waiting for that lease to end (`shardbroker cluster forget"
                           f" {self.config.node_id}` ends it now)")
-            except (EtcdError, StaleController, MapMismatch, MapFormatError) as exc:
+            except (EtcdError, StaleController, MapMismatch, MapFormatError, NumbersExhausted,
+                    IdentityError) as exc:
                 self._say(f"node {self.config.node_id}: {exc}")
             except Exception as exc:  # noqa: BLE001 (the thread must go on; the next round retries)
                 self._say(f"node {self.config.node_id}: round failed: {type(exc).__name__}: {exc}")
@@ -204,8 +227,8 @@ class ClusterNode:
                 return  # told while this round read etcd: the next round joins again
             if new is not None:
                 self.fence.apply(new)
-            self._addresses = {node: info.clients for node, info in view.nodes.items()
-                               if node != me and info.clients}
+            self._nodes = {node: info for node, info in view.nodes.items() if node != me}
+            self._leases = dict(view.leases)
             self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
             self._send(force=False, cleared=cleared)
             applied = self.grant.version if not self._stale and self.grant.owners else 0
@@ -223,6 +246,8 @@ class ClusterNode:
                 self.etcd.revoke(old)
             except EtcdError:
                 pass  # it ends by itself; the join below says whether the ID is free
+        if not self.number:
+            self._claim_number()
         self.member.join()
         self.member.start()
         with self._lock:
@@ -230,6 +255,26 @@ class ClusterNode:
             self._claimed = 0
         self.controller = Controller(self.etcd, self.config.node_id, self.member.lease,
                                      self.config.virtual_shards)
+
+    def _claim_number(self) -> None:
+        """This node's number for this run: the one its data directory remembers when etcd
+        still gives it to this node ID, else a new one (written to the identity file)."""
+        me, was = self.config.node_id, self.identity.number
+        number = claim_number(self.etcd, me, was)
+        if number != was:
+            if was:
+                log.warning("cluster: node %s: node number %d is no longer this node's in etcd;"
+                            " claimed %d", me, was, number)
+            log.info("cluster: node %s claimed node number %d", me, number)
+            # kept before it is written: should the write fail, the next round confirms this
+            # number rather than claim another
+            self.identity = replace(self.identity, number=number)
+            self._unsaved = True
+        if self._unsaved:
+            save_identity(self.data_dir, self.identity)
+            self._unsaved = False
+        self.number = number
+        self.member.info = replace(self.member.info, number=number)
 
     def _lost(self, left: float) -> None:
         """``membership``'s callback, from its thread: serve nothing from now on."""
@@ -244,11 +289,14 @@ class ClusterNode:
         """Under the lock: the fence's grant to the children, when it is news; the shards of a
         later epoch than ``cleared`` are held back (``grant.from_fence``)."""
         now = self.clock()
-        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared, self._addresses)
+        grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared, self._nodes,
+                           self._leases, self.number)
         last = self.grant
         changed = (grant.owners != last.owners or grant.version != last.version
                    or grant.lease != last.lease or grant.until != last.until
-                   or grant.peers != last.peers or grant.remote != last.remote)
+                   or grant.peers != last.peers or grant.remote != last.remote
+                   or grant.number != last.number or grant.nodes != last.nodes
+                   or grant.peer_of != last.peer_of)
         if not (force or changed or self._stale or now - self._sent_at >= RESEND):
             return
         self._seq += 1

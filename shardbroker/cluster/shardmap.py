@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from shardbroker.cluster.placement import Slot
 
-__all__ = ["APPLIED_PREFIX", "CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "ROOT", "MapFormatError",
-           "ShardMap", "VShard", "next_map"]
+__all__ = ["APPLIED_PREFIX", "CONTROLLER_KEY", "DRAIN_PREFIX", "MAP_KEY", "NODES_PREFIX", "NUMBERS_PREFIX",
+           "ROOT", "MapFormatError", "ShardMap", "VShard", "next_map"]
 
 ROOT = "/shardbroker/"
 NODES_PREFIX = ROOT + "nodes/"  # + node ID: a live node's registration, bound to its lease
@@ -35,6 +35,8 @@ DRAIN_PREFIX = ROOT + "drain/"  # + node ID: the node is drained (no lease: it o
 APPLIED_PREFIX = ROOT + "applied/"
 CONTROLLER_KEY = ROOT + "controller"  # the elected controller's node ID, bound to its lease
 MAP_KEY = ROOT + "map"  # the shard map, JSON
+# + number (1..255): the node ID that holds that node number (no lease: numbers are permanent)
+NUMBERS_PREFIX = ROOT + "numbers/"
 
 
 class MapFormatError(ValueError):

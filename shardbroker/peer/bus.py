@@ -87,6 +87,13 @@ def endpoint(run_dir: str, shard: int) -> str:
     return f"ipc://{run_dir}/shard-{shard}.zmq"
 
 
+def curve_keypair() -> tuple[str, str]:
+    """(public, secret), Z85 text: a new CURVE keypair for a cluster node's bus between nodes
+    (``cluster/numbers.py`` keeps it in the data directory)."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
 class Bus:
     """One worker's end of the bus."""
 

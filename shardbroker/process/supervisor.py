@@ -64,9 +64,12 @@ from shardbroker.process.notify import Notifier, without_notify_socket
 from shardbroker.process.runtime import ANNOUNCE
 from shardbroker.storage.lock import LOCK_NAME, DataDirInUse, lock_data_dir
 
+IDENTITY_FILE = "cluster-identity.json"  # cluster/numbers.py (not imported without [cluster])
+
 if TYPE_CHECKING:
     from shardbroker.cluster.grant import Grant
     from shardbroker.cluster.node import ClusterNode
+    from shardbroker.cluster.numbers import Identity
 
 DEFER_ACCEPT = 1  # seconds
 RUN_NAME = "run"  # DATA/run: the sockets of the processes, when the path is short enough
@@ -229,7 +232,7 @@ class Supervisor:
         os.close(lock_fd)
         if not self._created:
             return
-        for name in (LOCK_NAME, RUN_NOTE):
+        for name in (LOCK_NAME, RUN_NOTE, IDENTITY_FILE):
             with contextlib.suppress(OSError):
                 (self.data_dir / name).unlink()
         with contextlib.suppress(OSError):
@@ -310,6 +313,34 @@ class Supervisor:
                              " pip install 'shardbroker[cluster]'") from None
         return ClusterNode
 
+    def _check_bus_ports(self) -> None:
+        """A cluster node's bus binds worker ``w`` at ``[cluster] advertise`` PORT + w: refuse
+        to start, in one line, when that host is not this host's or a port is taken, or is
+        one of this node's listeners'. Before anything but the lock is made in the data directory
+        (a start that made it removes it)."""
+        if not self.config.cluster.enabled:
+            return
+        from shardbroker.cluster.numbers import bus_ports_problem
+
+        problem = bus_ports_problem(self.config.cluster.advertise, self.shards,
+                                    [(lst.host, lst.port) for lst in self.config.effective_listeners])
+        if problem is not None:
+            raise SystemExit(f"shardbroker: error: {problem}")
+
+    def _cluster_identity(self) -> Identity | None:
+        """A cluster node's identity (``cluster/numbers.py``), made at its first clustered
+        start; refused in one line when the data directory is another node's."""
+        cluster = self.config.cluster
+        if not cluster.enabled:
+            return None
+        from shardbroker.cluster.numbers import IdentityError, ensure_identity
+        from shardbroker.peer.bus import curve_keypair
+
+        try:
+            return ensure_identity(self.data_dir, cluster.node_id, curve_keypair)
+        except IdentityError as exc:
+            raise SystemExit(f"shardbroker: error: {exc}") from None
+
     def _arrange_stores(self) -> None:
         """Before any worker starts: the stores follow the layout this run serves with
         (``storage/layout.py``): a cluster node's table, else the hash of the client ID. Moves
@@ -384,7 +415,9 @@ class Supervisor:
         listeners = self.config.effective_listeners
         socks: list[socket.socket] = []
         try:
+            self._check_bus_ports()
             self._check_data_dir()
+            identity = self._cluster_identity()
             self._arrange_stores()
             for lst in listeners:
                 socks.append(self._bind(lst.host, lst.port))
@@ -437,8 +470,9 @@ class Supervisor:
         for child in children:
             self._start(child, env)
         node = None
-        if node_class is not None:
+        if node_class is not None and identity is not None:
             node = node_class(self.config.cluster, self.shards, self._grant_sender(admin),
+                              self.data_dir, identity,
                               clients=self._client_address(listeners, socks))
             admin.owner = node.owner
             admin.cluster_status = node.status

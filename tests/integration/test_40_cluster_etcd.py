@@ -5,6 +5,7 @@ etcd with a member stopped. No broker runs: clustering is not in the data path y
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sys
@@ -28,13 +29,18 @@ from shardbroker.cluster.shardmap import NODES_PREFIX
 VSHARDS = 1024
 
 
+BUS_PORTS = itertools.count(7100, 4)
+
+
 class Node:
     """A membership and a controller candidate on their own etcd client."""
 
     def __init__(self, endpoints: list[str], node_id: str, ttl: int = 2, workers: int = 1) -> None:
         self.etcd = Etcd(endpoints, timeout=1.0)
         self.lost: list[tuple[float, float]] = []  # (time_left, when)
-        self.member = Membership(self.etcd, NodeInfo(node_id, f"127.0.0.1:{1883}", workers),
+        # registered only (no bus binds it), but each node a bus address of its own
+        self.advertise = f"127.0.0.1:{next(BUS_PORTS)}"
+        self.member = Membership(self.etcd, NodeInfo(node_id, self.advertise, workers),
                                  ttl, lambda left: self.lost.append((left, time.monotonic())))
         self.controller: Controller | None = None
 
@@ -76,8 +82,8 @@ def test_registration_expires_with_its_lease(etcd_single: EtcdCluster, nodes: li
     nodes.append(node)
     entry = node.etcd.get(NODES_PREFIX + "n1")
     assert entry is not None and entry.lease == node.member.lease
-    assert json.loads(entry.value) == {"advertise": "127.0.0.1:1883", "workers": 1, "state": "up",
-                                      "clients": ""}
+    assert json.loads(entry.value) == {"advertise": node.advertise, "workers": 1, "state": "up",
+                                      "clients": "", "number": 0, "key": ""}
     # nobody renews: etcd deletes it after the TTL (2 s, plus etcd's own rounding)
     joined = time.monotonic()
     wait_until(lambda: "n1" not in registered(node.etcd), timeout=5, message="expiry")
@@ -309,7 +315,7 @@ def test_cluster_commands(etcd_single: EtcdCluster, nodes: list[Node],
     assert code == 0 and doc["map_version"] == 1 and doc["controller"] == "a"
     assert doc["virtual_shards"] == VSHARDS
     assert [(n["node_id"], n["state"], n["advertise"], n["workers"]) for n in doc["nodes"]] == [
-        ("a", "up", "127.0.0.1:1883", 1), ("b", "up", "127.0.0.1:1883", 1)]
+        ("a", "up", pair[0].advertise, 1), ("b", "up", pair[1].advertise, 1)]
     assert sum(n["vshards"] for n in doc["nodes"]) == VSHARDS
 
     config = tmp_path / "c.toml"
@@ -320,7 +326,7 @@ def test_cluster_commands(etcd_single: EtcdCluster, nodes: list[Node],
     code, out, err = cli(capsys, "--config", str(config), "status")
     assert code == 0 and out.splitlines()[0] == "map version 2, controller a, virtual shards 1024, unassigned 0"
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows == [["a", "up", "127.0.0.1:1883", "1", "1024"], ["b", "draining", "127.0.0.1:1883", "1", "0"]]
+    assert rows == [["a", "up", pair[0].advertise, "1", "1024"], ["b", "draining", pair[1].advertise, "1", "0"]]
 
     code, out, err = cli(capsys, "--etcd", url, "forget", "b")
     assert code == 0 and out.strip() == "node b: registration removed (lease revoked), drain mark removed"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mqttbytes as mb
 import pytest
-from cluster_fixtures import EtcdCluster
+from cluster_fixtures import EtcdCluster, bus_address
 from conftest import Broker, Clients, Uniq, assert_disconnected, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,10 +38,11 @@ SERVER_UNAVAILABLE = 0x88
 USE_ANOTHER_SERVER = 0x9C
 
 
-def node_config(etcd: EtcdCluster, node_id: str, ttl: int = TTL, port: int = 1883) -> str:
+def node_config(etcd: EtcdCluster, node_id: str, ttl: int = TTL, advertise: str = "") -> str:
+    """``advertise``: the node's bus address (free ports of this host unless given)."""
     endpoints = ", ".join(f'"{url}"' for url in etcd.endpoints)
     return (f'[cluster]\nnode_id = "{node_id}"\netcd_endpoints = [{endpoints}]\n'
-            f'advertise = "127.0.0.1:{port}"\nlease_ttl = {ttl}\n')
+            f'advertise = "{advertise or bus_address()}"\nlease_ttl = {ttl}\n')
 
 
 def connack(port: int, client_id: str, version: int = 4) -> int:
@@ -247,7 +248,7 @@ def test_a_second_node_takes_its_share_and_the_first_relays_it(
     gone = mqtt(a, moving, version=5)
     kept = mqtt(a, staying, version=4)
 
-    b = make_broker(workers=1, config=node_config(etcd_single, "n2", port=1884), name="node2",
+    b = make_broker(workers=1, config=node_config(etcd_single, "n2"), name="node2",
                     probe=False)
     etcd = Etcd(etcd_single.endpoints)
     try:

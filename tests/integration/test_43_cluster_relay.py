@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mqttbytes as mb
-from cluster_fixtures import EtcdCluster
+from cluster_fixtures import EtcdCluster, bus_address
 from conftest import Broker, Clients, Uniq, assert_disconnected, wait_until
 
 from shardbroker.cluster.admin import status
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
 from shardbroker.cluster.membership import NodeInfo
+from shardbroker.cluster.numbers import load_identity
 from shardbroker.cluster.placement import Slot, place, vshard_for
 from shardbroker.operations import control
 
@@ -27,10 +28,12 @@ SERVER_UNAVAILABLE = 0x88
 KICKED = 0x98  # administrative action
 
 
-def node_config(etcd: EtcdCluster, node_id: str, ttl: int = 2, extra: str = "") -> str:
+def node_config(etcd: EtcdCluster, node_id: str, ttl: int = 2, extra: str = "",
+                advertise: str = "") -> str:
+    """``advertise``: the node's bus address (free ports of this host unless given)."""
     endpoints = ", ".join(f'"{url}"' for url in etcd.endpoints)
     return (f'[cluster]\nnode_id = "{node_id}"\netcd_endpoints = [{endpoints}]\n'
-            f'advertise = "127.0.0.1:7000"\nlease_ttl = {ttl}\n' + extra)
+            f'advertise = "{advertise or bus_address()}"\nlease_ttl = {ttl}\n' + extra)
 
 
 def ctl(b: Broker, request: dict) -> dict:  # type: ignore[type-arg]
@@ -52,7 +55,8 @@ def two_nodes(etcd: EtcdCluster, make_broker: Callable[..., Broker], ttl: int = 
               extra: str = "") -> tuple[Broker, Broker]:
     """n1 (with ``extra`` in its configuration) and n2 up, both serving the map that shares
     the shards between them, each knowing the other's client address."""
-    a = make_broker(workers=1, config=node_config(etcd, "n1", ttl, extra), name="node1")
+    bus = bus_address()
+    a = make_broker(workers=1, config=node_config(etcd, "n1", ttl, extra, bus), name="node1")
     b = make_broker(workers=1, config=node_config(etcd, "n2", ttl), name="node2", probe=False)
     client = Etcd(etcd.endpoints)
     try:
@@ -67,7 +71,9 @@ def two_nodes(etcd: EtcdCluster, make_broker: Callable[..., Broker], ttl: int = 
     finally:
         client.close()
     # each node's record says where clients reach it: the advertise host, its listener's port
-    assert nodes["n1"] == NodeInfo("n1", "127.0.0.1:7000", 1, "up", f"127.0.0.1:{a.port}")
+    identity = load_identity(a.data_dir)
+    assert identity is not None
+    assert nodes["n1"] == NodeInfo("n1", bus, 1, "up", f"127.0.0.1:{a.port}", 1, identity.public)
     assert nodes["n2"].clients == f"127.0.0.1:{b.port}"
     assert shown == {"n1": f"127.0.0.1:{a.port}", "n2": f"127.0.0.1:{b.port}"}
     for node, broker in (("n1", a), ("n2", b)):

@@ -1,18 +1,25 @@
 """What a node's supervisor tells its children (``cluster/grant.py``): the virtual shards the
 fence lets it serve, on which local worker, until the lease deadline; and the node's own
-table of virtual shard -> worker, which the map agrees with whatever other nodes there are."""
+table of virtual shard -> worker, which the map agrees with whatever other nodes there are; and
+what the bus between nodes reads in it: this node's number, the other numbered nodes, and each
+virtual shard's peer id."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local_owners
-from shardbroker.cluster.node import served_changes
+from shardbroker.cluster.membership import NodeInfo
+from shardbroker.cluster.node import ClusterNode, served_changes
+from shardbroker.cluster.numbers import Identity
 from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
-from shardbroker.cluster.shardmap import next_map
+from shardbroker.cluster.shardmap import ShardMap, next_map
+from shardbroker.config import load_config
 
 COUNT = 1024
 
@@ -122,3 +129,96 @@ def test_served_changes_name_the_shards_started_and_stopped_with_their_epochs() 
     assert served_changes(first, second) == ("2@5 3@5", "2@1")
     assert served_changes(second, NONE) == ("", "0@1 2@5 3@5")
     assert served_changes(second, second) == ("", "")
+
+
+def three_nodes() -> tuple[list[Slot | None], ShardMap, dict[str, NodeInfo]]:
+    """n1 (2 workers, number 3), n2 (3 workers, number 7), n3 (1 worker, no number yet), and
+    the map over them; ``nodes`` as a node reads them from etcd (itself included)."""
+    placement = place(COUNT, slots_of({"n1": 2, "n2": 3, "n3": 1}))
+    shard_map = next_map(None, placement, {"n1": 11, "n2": 22, "n3": 33})
+    assert shard_map is not None
+    nodes = {"n1": NodeInfo("n1", "10.0.0.1:7100", 2, number=3, key="K1"),
+             "n2": NodeInfo("n2", "10.0.0.2:7200", 3, number=7, key="K2"),
+             "n3": NodeInfo("n3", "10.0.0.3:7100", 1, key="K3")}
+    return placement, shard_map, nodes
+
+
+def test_the_grant_names_the_numbered_nodes_and_each_shards_peer_id() -> None:
+    placement, shard_map, nodes = three_nodes()
+    leases = {"n1": 11, "n2": 22, "n3": 33}
+    fence = Fence("n1", 11)
+    fence.apply(shard_map)
+    fence.renewed(100.0)
+    grant = from_fence(fence, 1, 2, now=0.0, nodes=nodes, leases=leases, number=3)
+    assert grant.number == 3
+    # the other nodes that have a number, by node ID; n3 has none yet, n1 is this node
+    assert grant.nodes == (("n2", 7, 22, "10.0.0.2:7200", 3, "K2"),)
+    want = [-1 if s is None or s.node == "n3" else s.worker if s.node == "n1" else 7 * 256 + s.worker
+            for s in placement]
+    assert list(grant.peer_of) == want
+    assert {p for p in want if p >= 256} == {7 * 256, 7 * 256 + 1, 7 * 256 + 2}
+    assert -1 in want and 0 in want and 1 in want
+    # held back (another node has not applied the map yet): served by nobody here, but the
+    # map gives the shards to this node's workers all the same
+    held = from_fence(fence, 2, 2, now=0.0, cleared=0, nodes=nodes, leases=leases, number=3)
+    assert set(held.owners) == {-1} and held.peer_of == grant.peer_of
+    # the same with the lease gone: nothing served, the map's peer ids still said
+    after = from_fence(fence, 3, 2, now=100.0, nodes=nodes, leases=leases, number=3)
+    assert after.owners == () and after.peer_of == grant.peer_of and after.nodes == grant.nodes
+    # no map: no peer ids
+    assert from_fence(Fence("n1", 11), 4, 2, now=0.0, nodes=nodes, number=3).peer_of == ()
+
+
+def test_the_bus_fields_travel_and_old_grants_parse_without_them() -> None:
+    _placement, shard_map, nodes = three_nodes()
+    fence = Fence("n2", 22)
+    fence.apply(shard_map)
+    fence.renewed(100.0)
+    grant = from_fence(fence, 5, 3, now=0.0, nodes=nodes, leases={"n1": 11}, number=7)
+    assert grant.nodes == (("n1", 3, 11, "10.0.0.1:7100", 2, "K1"),)
+    assert Grant.from_value(grant.to_value()) == grant
+    old = {k: v for k, v in grant.to_value().items() if k not in ("number", "nodes", "peer_of")}
+    parsed = Grant.from_value(old)
+    assert (parsed.number, parsed.nodes, parsed.peer_of) == (0, (), ())
+    assert parsed.owners == grant.owners
+    for bad in ({"number": 256}, {"peer_of": [70_000] * COUNT}, {"nodes": [["n1", 3]]},
+                {"peer_of": ["x"]}, {"peer_of": [0, 1]}):
+        with pytest.raises(GrantError):
+            Grant.from_value({**grant.to_value(), **bad})
+
+
+def test_a_change_of_the_bus_fields_is_news_to_the_children(tmp_path: Path) -> None:
+    _placement, shard_map, nodes = three_nodes()
+    config = load_config(None, {"cluster.node_id": "n1", "cluster.etcd_endpoints": ["http://127.0.0.1:9"],
+                                "cluster.advertise": "127.0.0.1:7100"}).cluster
+    sent: list[Grant] = []
+
+    def publish(grant: Grant) -> bool:
+        sent.append(grant)
+        return True
+
+    node = ClusterNode(config, 2, publish, tmp_path, Identity("n1", "P" * 40, "S" * 40, 3),
+                       clock=lambda: 0.0)
+    try:
+        node.fence = Fence("n1", 11)
+        node.fence.apply(shard_map)
+        node.fence.renewed(100.0)
+        node._send(force=False)
+        node._send(force=False)
+        assert len(sent) == 1 and sent[0].nodes == () and set(sent[0].peer_of) >= {0, 1, -1}
+        node.number = 3  # claimed
+        node._send(force=False)
+        assert len(sent) == 2 and sent[1].number == 3
+        node._nodes = {"n2": nodes["n2"]}  # n2 registered (with its number)
+        node._leases = {"n2": 22}
+        node._send(force=False)
+        assert len(sent) == 3 and sent[2].nodes == (("n2", 7, 22, "10.0.0.2:7200", 3, "K2"),)
+        assert sent[2].owners == sent[1].owners and sent[2].peer_of != sent[1].peer_of
+        node._nodes = {"n2": replace(nodes["n2"], key="K2b")}  # a new key alone
+        node._send(force=False)
+        assert len(sent) == 4 and sent[3].nodes[0][5] == "K2b"
+        node._send(force=False)
+        assert len(sent) == 4
+    finally:
+        node.etcd.close()
+        node._lease_etcd.close()

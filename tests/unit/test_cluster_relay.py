@@ -33,8 +33,10 @@ def test_the_grant_names_the_owner_node_of_a_shard_served_elsewhere() -> None:
     fence = Fence("n1", 1)
     fence.apply(shard_map)
     fence.renewed(100.0)
-    addresses = {"n1": "10.0.0.1:1883", "n2": "10.0.0.2:1883"}  # n3 has no plain listener
-    grant = from_fence(fence, 1, 1, now=0.0, addresses=addresses)
+    nodes = {"n1": NodeInfo("n1", "10.0.0.1:7100", 1, clients="10.0.0.1:1883"),
+             "n2": NodeInfo("n2", "10.0.0.2:7100", 1, clients="10.0.0.2:1883"),
+             "n3": NodeInfo("n3", "10.0.0.3:7100", 1)}  # n3 has no plain listener
+    grant = from_fence(fence, 1, 1, now=0.0, nodes=nodes)
     assert grant.peers == ("10.0.0.2:1883",)  # every other node with an address
     ids = {slot.node: next(c for c in (f"c{i}" for i in range(10_000))
                            if placement[vshard_for(c, COUNT)] == slot)
@@ -45,11 +47,12 @@ def test_the_grant_names_the_owner_node_of_a_shard_served_elsewhere() -> None:
     assert grant.relay_to(ids["n3"], 1.0) is None  # refused: no address to relay to
     assert grant.relay_to(ids["n2"], 100.0) is None  # nor after the lease deadline
     assert Grant.from_value(grant.to_value()) == grant
-    old = {k: v for k, v in grant.to_value().items() if k not in ("peers", "remote")}
+    old = {k: v for k, v in grant.to_value().items()
+           if k not in ("peers", "remote", "number", "nodes", "peer_of")}
     assert Grant.from_value(old).remote == ()  # a grant without them relays nothing
     with pytest.raises(GrantError):
         Grant.from_value({**grant.to_value(), "remote": [5] * COUNT})
-    assert from_fence(fence, 2, 1, now=0.0).remote == ()  # no addresses: no relays
+    assert from_fence(fence, 2, 1, now=0.0).remote == ()  # no nodes: no relays
 
 
 def test_the_node_record_says_where_clients_reach_it_and_old_records_still_parse() -> None:
@@ -57,6 +60,10 @@ def test_the_node_record_says_where_clients_reach_it_and_old_records_still_parse
     assert parse_node(NODES_PREFIX + "n1", info.encode()) == info
     old = b'{"advertise": "127.0.0.2:7000", "workers": 2, "state": "up"}'
     assert parse_node(NODES_PREFIX + "n1", old) == NodeInfo("n1", "127.0.0.2:7000", 2, "up", "")
+    numbered = NodeInfo("n1", "127.0.0.2:7000", 2, number=9, key="K" * 40)
+    assert parse_node(NODES_PREFIX + "n1", numbered.encode()) == numbered
+    bogus = b'{"advertise": "127.0.0.2:7000", "workers": 2, "state": "up", "number": 300}'
+    assert parse_node(NODES_PREFIX + "n1", bogus) == NodeInfo("n1", "127.0.0.2:7000", 2)
 
 
 def test_the_proxy_header_a_relay_sends_is_read_back() -> None:
