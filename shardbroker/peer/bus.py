@@ -77,12 +77,6 @@ def remote_peer(number: int, worker: int) -> int:
     return number * REMOTE_BASE + worker
 
 
-def curve_keypair() -> tuple[str, str]:
-    """A new CURVE key pair (public, secret), Z85 text."""
-    public, secret = zmq.curve_keypair()
-    return public.decode("ascii"), secret.decode("ascii")
-
-
 def endpoint(run_dir: str, shard: int) -> str:
     return f"ipc://{run_dir}/shard-{shard}.zmq"
 
