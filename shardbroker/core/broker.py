@@ -133,8 +133,8 @@ class Broker:
         self.subscriptions = Subscriptions(shard, self.sessions, self.delivery, self.output, self.access,
                                            retained, scheduler, self.time, limits, self.stats)
         self.peers = Peers(shard, shards, link, self.commit, self.time, self.stats, self.wake)
-        self.retained_sync = RetainedSync(shard, config.cluster.node_id, link, self.commit, retained, scheduler,
-                                     self.time, self.wake)
+        self.retained_sync = RetainedSync(shard, config.cluster.node_id, link, self.commit, retained,
+                                          scheduler, self.time, self.wake)
         self.inbound = Inbound(limits, self.access, self.peers, self.commit, self.output, self.time, self.stats,
                                scheduler)
         self.handshake = Handshake(shard, limits, self.access, self.auth, self.sessions, self.delivery,
