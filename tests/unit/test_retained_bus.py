@@ -5,7 +5,8 @@ sender (``from_sender``) and handed to the core, as a worker does.
 
 What is checked: a node that becomes reachable is caught up (hundreds of entries and a
 tombstone, over several pages) and the digests agree; then a retained message set, replaced
-and deleted on either node reaches the other's store.
+and deleted on either node reaches the other's store. A catch-up toward a node that does not
+answer stops once a few batches wait for it, rather than fill (and shed) the bus's backlog.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from test_bus_remote import free_port, run_until
 
 from shardbroker.config import load_config
 from shardbroker.core.broker import Broker
-from shardbroker.core.retained import PAGE
+from shardbroker.core.retained import PAGE, WAITING_MAX
 from shardbroker.core.session import Message
 from shardbroker.peer.bus import Bus, curve_keypair, endpoint, remote_endpoint, remote_peer
 from shardbroker.peer.messages import PeerMessage, from_sender
@@ -110,3 +111,24 @@ def test_two_nodes_converge_over_the_bus(tmp_path: Path, loop: asyncio.AbstractE
     finally:
         a.close()
         b.close()
+
+
+def test_a_catch_up_toward_a_silent_node_waits(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    a = Member(tmp_path, "n1", 1, loop)
+    try:
+        for i in range(40 * PAGE):  # about 1 MB of Retain messages
+            a.retain(f"fleet/{i:05d}/state", b"x" * 64)
+        run_until(loop, lambda: not a.broker.commit.pending())
+        silent = remote_peer(2, 0)  # registered, but nothing listens at its address
+        a.bus.connect(silent, remote_endpoint(f"127.0.0.1:{free_port()}", 0), curve_keypair()[0])
+        a.broker.peers.peer_added(silent)
+        assert run_until(loop, lambda: a.bus.waiting(silent) >= WAITING_MAX)
+        sent = a.broker.retained_sync.stats["catchup_sent"]
+        run_until(loop, lambda: False, timeout=0.5)  # half a second more: nothing more goes
+        assert a.broker.retained_sync.stats["catchup_sent"] == sent < 40 * PAGE
+        assert a.bus.waiting(silent) <= WAITING_MAX + 1 and a.bus.shed == 0
+        assert silent in a.broker.retained_sync.catching_up
+        a.broker.peers.peer_removed(silent)
+        assert a.broker.retained_sync.catching_up == {}
+    finally:
+        a.close()
