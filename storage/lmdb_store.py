@@ -208,6 +208,7 @@ from shardbroker.storage.records import (
     encode_message,
     encode_value,
     inflight_msg_id,
+    message_topic_payload,
 )
 from shardbroker.storage.stamps import DIGEST_MOD, NO_STAMP, RetainedOp, entry_digest
 
@@ -1617,10 +1618,10 @@ class RetainedStore:
             for key, data in txn.cursor(db=dbs["retained"]):
                 row = None if stamps is None else txn.get(key, db=stamps)
                 stamp, node = NO_STAMP if row is None else stamps_row.unpack(row)[:2]
-                msg = decode_message(data)
-                if not stamps_row.shared(msg.topic):
+                topic, payload = message_topic_payload(data)
+                if not stamps_row.shared(topic):
                     continue
-                total = (total + entry_digest(msg.topic, stamp, node, msg.payload)) % DIGEST_MOD
+                total = (total + entry_digest(topic, stamp, node, payload)) % DIGEST_MOD
                 count += 1
         return count, total
 

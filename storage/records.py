@@ -92,6 +92,7 @@ __all__ = [
     "encode_value",
     "hold_message",
     "inflight_msg_id",
+    "message_topic_payload",
     "pack_inflight",
     "pack_message",
     "plain_inflight",
@@ -396,6 +397,19 @@ def decode_message(data: bytes) -> StoredMessage:
     topic, payload, qos, retain, props = _decode_message_map(raw, "message")
     expires_at = _field(raw, "x", float, "message", None)
     return StoredMessage(topic, payload, qos, retain, props, expires_at)
+
+
+def message_topic_payload(data: bytes) -> tuple[str, bytes]:
+    """The topic and payload of a message row, without the rest (``RetainedStore.digest``
+    reads every retained row: a third of the time of ``decode_message``)."""
+    if data[:1] == b"\x01":
+        msg = _unpack_message(data)
+        return msg.topic, msg.payload
+    raw = _map(data, "message")
+    topic, payload = raw.get("t"), raw.get("p")
+    if type(topic) is not str or type(payload) is not bytes:
+        raise _corrupt("message", "no topic (text) or payload (bytes)")
+    return topic, payload
 
 
 # --------------------------------------------------------------------------- sessions

@@ -95,8 +95,10 @@ def tie_rank(payload: bytes) -> int:
 
 
 def entry_digest(topic: str, stamp: int, node: str, payload: bytes) -> int:
-    """The term one live retained entry adds (mod 2**64) to its set's digest."""
+    """The term one live retained entry adds (mod 2**64) to its set's digest: the BLAKE2b-64 of
+    the topic's length (u64) and UTF-8, the stamp (u64), the node ID's length (u64) and UTF-8,
+    and the BLAKE2b-64 of the payload."""
     t = topic.encode("utf-8", "surrogatepass")
     n = node.encode("utf-8", "surrogatepass")
     return _h64(b"".join((_U64.pack(len(t)), t, _U64.pack(stamp), _U64.pack(len(n)), n,
-                          _U64.pack(_h64(payload)))))
+                          blake2b(payload, digest_size=8).digest())))

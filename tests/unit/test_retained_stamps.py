@@ -19,7 +19,14 @@ import pytest
 from shardbroker.protocol.packets import NO_PROPERTIES
 from shardbroker.storage.batch import text_key
 from shardbroker.storage.lmdb_store import RETAINED_SCHEMA_VERSION, RetainedStore
-from shardbroker.storage.records import StoreCorrupt, StoredMessage, StoreError, encode_message
+from shardbroker.storage.records import (
+    StoreCorrupt,
+    StoredMessage,
+    StoreError,
+    encode_message,
+    message_topic_payload,
+    pack_message,
+)
 from shardbroker.storage.stamps import NO_STAMP, RetainedOp, entry_digest, pack, unpack
 
 LONG = "long/" + "x" * 500  # a topic whose key is a digest
@@ -155,6 +162,17 @@ def test_the_digest_covers_live_entries_and_their_stamps(tmp_path: Path) -> None
                                                 + entry_digest("y", 2, "n1", b"2")) % 2**64)
         b.write([remote("y", b"2", 9, "n1")])  # the same payload, written again later
         assert a.digest()[1] != b.digest()[1]
+
+
+@pytest.mark.parametrize("row", [encode_message(m("a/b", b"\x00p")), pack_message(m("a/b", b"\x00p"))])
+def test_a_rows_topic_and_payload_alone(row: bytes) -> None:
+    assert message_topic_payload(row) == ("a/b", b"\x00p")
+
+
+@pytest.mark.parametrize("row", [cbor2.dumps({"t": "a"}), cbor2.dumps({"t": 1, "p": b""}), cbor2.dumps([1]), b"\xff"])
+def test_a_row_without_topic_or_payload_is_corrupt(row: bytes) -> None:
+    with pytest.raises(StoreCorrupt):
+        message_topic_payload(row)
 
 
 # --------------------------------------------------------------------------- schema 1
