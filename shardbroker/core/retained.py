@@ -154,7 +154,9 @@ class RetainedSync:
 
     def _page(self, now: Now) -> None:
         self._page_due = False
-        self._timer = None
+        if self._timer is not None:  # this turn does what it was waiting for
+            self._timer.cancel()
+            self._timer = None
         if not self.catching_up:
             return
         self.time.set(now)
