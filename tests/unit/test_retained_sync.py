@@ -241,3 +241,20 @@ def test_sys_topics_stay_each_nodes_own(pair: tuple[Harness, Harness]) -> None:
     assert retains(n1) == []
     deliver(n2, [Retain("$SYS/broker/version", b"2", 0, NO_PROPERTIES, None, 1, "n1")])
     assert n2.retained.get("$SYS/broker/version") is None
+
+
+def test_a_node_held_by_the_bus_does_not_hold_up_another(tmp_path: Path) -> None:
+    n3 = 3 * 256  # worker 0 of a third node
+    h = node(tmp_path, "n1", [N2_AT_N1, n3])
+    try:
+        fill(h, 3 * PAGE)
+        h.link.backlog[N2_AT_N1] = WAITING_MAX
+        h.broker.peers.peer_added(N2_AT_N1)
+        h.broker.peers.peer_added(n3)
+        h.run()
+        assert len(retains(h, n3)) == 3 * PAGE and h.broker.retained_sync.catching_up == {N2_AT_N1: b""}
+        h.link.backlog.clear()
+        h.advance(RECHECK, tick=False)
+        assert len(retains(h, N2_AT_N1)) == 3 * PAGE
+    finally:
+        h.close()
