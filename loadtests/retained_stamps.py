@@ -13,6 +13,12 @@ In a temporary directory, without fsync (the store's own work, not the disk's):
 
 The write figures run against any version of the store (the digest and pages only where
 they exist), so the same command compares a checkout from before the stamps.
+
+    python -m loadtests.retained_stamps --catch-up 100000
+
+Two nodes' worker 0 cores over the real bus (``tests/unit/test_retained_bus.py``: loopback
+``tcp://`` with CURVE, one event loop): the time from ``peer_added`` until the second node's
+store holds every message of the first, and the worker's loop turns it took.
 """
 
 from __future__ import annotations
@@ -43,11 +49,46 @@ def writes(data: Path, count: int, per_txn: int) -> float:
         return (time.perf_counter() - start) / count
 
 
+def catch_up(count: int) -> None:
+    import asyncio
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
+    from test_retained_bus import Member, run_until
+
+    loop = asyncio.new_event_loop()
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Member(Path(tmp), "n1", 1, loop), Member(Path(tmp), "n2", 2, loop)
+        try:
+            for n in range(0, count, 10_000):
+                a.retained.write([(f"fleet/{i:07d}/state", message(f"fleet/{i:07d}/state"))
+                                  for i in range(n, min(n + 10_000, count))])
+            to_b, to_a = a.reach(b), b.reach(a)
+            start = time.perf_counter()
+            a.broker.peers.peer_added(to_b)
+            b.broker.peers.peer_added(to_a)
+            done = run_until(loop, lambda: not a.broker.retained_sync.catching_up
+                             and b.retained.count() == count, timeout=600)
+            took = time.perf_counter() - start
+            same = a.retained.digest() == b.retained.digest()
+            print(f"catch-up of {count} retained messages over the bus: {took:.2f} s "
+                  f"({count / took:,.0f}/s), complete {done}, digests equal {same}")
+        finally:
+            a.close()
+            b.close()
+            loop.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--writes", type=int, default=20_000)
+    parser.add_argument("--catch-up", type=int, default=0, metavar="N",
+                        help="instead: N messages caught up between two nodes over the bus")
     args = parser.parse_args()
+    if args.catch_up:
+        catch_up(args.catch_up)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for per_txn in (1, 100):
