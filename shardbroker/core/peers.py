@@ -122,6 +122,7 @@ class Peers:
         self.synced.discard(peer)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.backpressure.peer_restarted(peer)
+        self.subscriptions.peer_gone(peer)
 
     def _route_keys(self) -> tuple[tuple[str, bool], ...]:
         return tuple(self.subscriptions.route_keys().items())
