@@ -97,6 +97,8 @@ _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_remote_peers", "workers of other nodes this shard's bus reaches", "remote_peers"),
     ("shardbroker_outbox_remote_messages", "durable forwards not yet acknowledged by workers of other nodes",
      "handover_remote"),
+    ("shardbroker_route_digest",
+     "top 48 bits of the digest of this shard's own routes; its peers hold the same", "route_digest"),
     ("shardbroker_store_used_bytes", "bytes of the store file in use", "store_used_bytes"),
     ("shardbroker_store_map_bytes", "the store's current map size", "store_map_bytes"),
     ("shardbroker_store_full", "1 while the store refuses new QoS 1/2 work", "store_full"),
