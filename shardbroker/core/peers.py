@@ -125,6 +125,7 @@ class Peers:
         self.synced.discard(peer)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.backpressure.peer_restarted(peer)
+        self.subscriptions.peer_gone(peer)
         self.retained_sync.peer_removed(peer)
 
     def _route_keys(self) -> tuple[tuple[str, bool], ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import TypeVar
 
 from shardbroker.core.topics import SHARE_PREFIX, FilterMap, TopicTrie, parse_shared
@@ -50,13 +51,28 @@ class Target:
     durable: bool = False  # a persistent session there may need it: hand over durably
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _entry_hash(key: str, durable: bool) -> int:
+    data = key.encode("utf-8", "surrogatepass") + (b"\x01" if durable else b"\x00")
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
+
+
 class RouteTable:
     """Plain keys map to one small integer each (``FilterMap``): bit ``2 * s`` says that
-    shard ``s`` has the key, bit ``2 * s + 1`` that it is durable there. With up to four
-    shards that integer is one of the interpreter's shared small ints, so a route costs
-    its filter string and a dict slot (or the trie nodes of a wildcard filter)."""
+    the shard in slot ``s`` has the key, bit ``2 * s + 1`` that it is durable there. With up
+    to four shards that integer is one of the interpreter's shared small ints, so a route
+    costs its filter string and a dict slot (or the trie nodes of a wildcard filter).
+
+    Slots are dense, given to shards in the order they first hold a key: a worker of another
+    node has a peer id of 256 or more (``peer.messages.REMOTE_BASE``), which as a bit
+    position would make every mask hundreds of bits wide and every match walk them."""
 
     def __init__(self) -> None:
+        self._slot_of: dict[int, int] = {}  # shard -> slot
+        self._shard_at: list[int] = []  # slot -> shard
+        self._digests: dict[int, int] = {}  # shard -> the sum of its entries' hashes
         self._plain: FilterMap[int] = FilterMap()
         self._shared: TopicTrie[tuple[str, int], bool] = TopicTrie()
         self._turns = RoundRobin()
@@ -66,28 +82,38 @@ class RouteTable:
         """Add ``key`` for ``shard`` or change its durable flag; True if anything changed."""
         shared = parse_shared(key)
         if shared is None:
+            slot = self._slot_of.get(shard)
+            if slot is None:
+                slot = self._slot_of[shard] = len(self._shard_at)
+                self._shard_at.append(shard)
             mask = self._plain.get(key) or 0
-            bits = (3 if durable else 1) << (2 * shard)
-            new = (mask & ~(3 << (2 * shard))) | bits
+            bits = (3 if durable else 1) << (2 * slot)
+            new = (mask & ~(3 << (2 * slot))) | bits
             if new == mask:
                 return False
             self._plain.set(key, new)
+            was = bool(mask & (2 << (2 * slot))) if mask & (1 << (2 * slot)) else None
         else:
             group, flt = shared
             entries = self._shared.get(flt)
-            if entries is not None and entries.get((group, shard)) is durable:
+            was = entries.get((group, shard)) if entries is not None else None
+            if was is durable:
                 return False
             self._shared.add(flt, (group, shard), durable)
+        d = self._digests.get(shard, 0) + _entry_hash(key, durable)
+        self._digests[shard] = (d - _entry_hash(key, was) if was is not None else d) & _MASK64
         self._cache.clear()
         return True
 
     def remove(self, shard: int, key: str) -> bool:
         shared = parse_shared(key)
         if shared is None:
+            slot = self._slot_of.get(shard)
             mask = self._plain.get(key)
-            if mask is None or not mask & (1 << (2 * shard)):
+            if slot is None or mask is None or not mask & (1 << (2 * slot)):
                 return False
-            rest = mask & ~(3 << (2 * shard))
+            rest = mask & ~(3 << (2 * slot))
+            was = bool(mask & (2 << (2 * slot)))
             if rest:
                 self._plain.set(key, rest)
             else:
@@ -97,9 +123,18 @@ class RouteTable:
             entries = self._shared.get(flt)
             if entries is None or (group, shard) not in entries:
                 return False
+            was = entries[(group, shard)]
             self._shared.remove(flt, (group, shard))
+        self._digests[shard] = (self._digests.get(shard, 0) - _entry_hash(key, was)) & _MASK64
         self._cache.clear()
         return True
+
+    def digest(self, shard: int) -> int:
+        """A digest of ``shard``'s keys and durable flags (64 bits), whatever the order they
+        came in: the sum of a BLAKE2b-64 of each. Two tables that hold the same keys for a
+        shard give it the same digest, so a shard's own view and its peers' can be compared
+        without sending the keys."""
+        return self._digests.get(shard, 0)
 
     def replace(self, shard: int, keys: dict[str, bool]) -> None:
         """Make ``keys`` (key -> durable) the complete set for ``shard`` (a sync from it)."""
@@ -115,7 +150,8 @@ class RouteTable:
 
     def keys(self, shard: int) -> dict[str, bool]:
         """Every key of ``shard``, with its durable flag."""
-        present = 1 << (2 * shard)
+        slot = self._slot_of.get(shard)
+        present = 0 if slot is None else 1 << (2 * slot)
         out = {key: bool(mask & (present << 1)) for key, mask in self._plain.items() if mask & present}
         for flt in self._shared.filters():
             for (group, s), durable in (self._shared.get(flt) or {}).items():
@@ -127,14 +163,15 @@ class RouteTable:
         """Every key, with the shards that hold it and whether it is durable there (a snapshot,
         for ``shardbroker ctl routes``)."""
         out: dict[str, dict[int, bool]] = {}
+        at = self._shard_at
         for key, mask in self._plain.items():
             shards: dict[int, bool] = {}
-            shard = 0
+            slot = 0
             while mask:
                 if mask & 1:
-                    shards[shard] = bool(mask & 2)
+                    shards[at[slot]] = bool(mask & 2)
                 mask >>= 2
-                shard += 1
+                slot += 1
             out[key] = shards
         for flt in self._shared.filters():
             for (group, shard), durable in (self._shared.get(flt) or {}).items():
@@ -154,18 +191,20 @@ class RouteTable:
         cached = self._cache.get(topic)
         if cached is None:
             cached = {}
+            at = self._shard_at
             for _flt, mask in self._plain.match(topic):
-                shard = 0
+                slot = 0
                 while mask:
                     if mask & 1:
                         durable = bool(mask & 2)
+                        shard = at[slot]
                         t = cached.get(shard)
                         if t is None:
                             cached[shard] = Target(non_shared=True, durable=durable)
                         elif durable:
                             t.durable = True
                     mask >>= 2
-                    shard += 1
+                    slot += 1
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[topic] = cached

@@ -268,6 +268,11 @@ class Subscriptions:
             return
         self._request_done(request)
 
+    def peer_gone(self, peer: int) -> None:
+        """A peer left for good (another node's worker): no SUBACK waits for it any longer."""
+        for request in [r for r, waiting in self._requests.items() if peer in waiting]:
+            self.route_acknowledged(peer, request)
+
     def _request_done(self, request: int) -> None:
         self._requests.pop(request, None)
         for flt in self._request_filters.pop(request, ()):

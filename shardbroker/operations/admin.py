@@ -81,6 +81,7 @@ class Admin(Operations):
             "kick": self.kick,
             "subscriptions": self.subscriptions,
             "routes": self.routes,
+            "route_digests": self.route_digests,
             "retained": self.retained,
             "retained_digest": self.retained_digest,
         }
@@ -193,6 +194,19 @@ class Admin(Operations):
         routes = [{"filter": key, "shards": sorted(seen), "durable": sorted(s for s, d in seen.items() if d)}
                   for key, seen in sorted(holders.items())]
         return {"routes": routes, "count": len(routes), "counts": counts, "missing": out["missing"]}
+
+    def route_digests(self, request: Request) -> dict[str, Any]:
+        """Each shard's digest of its own routes and of those it holds for each peer
+        (``ShardOps.route_digests``), and whether this node's shards agree among themselves:
+        ``{"shards": {n: {"own", "peers"}}, "missing", "agree"}``. Another node's workers are
+        peers by their peer id (number * 256 + worker); comparing across nodes takes every
+        node's answer."""
+        out = self.ask_shards({"op": "route_digests"})
+        got = out["shards"]
+        out["agree"] = not out["missing"] and all(
+            int(digest) == got[peer]["own"] for result in got.values()
+            for peer, digest in result["peers"].items() if peer in got)
+        return out
 
     def retained(self, request: Request) -> dict[str, Any]:
         """Retained messages (``filter``, ``limit``) from the first shard that answers; those

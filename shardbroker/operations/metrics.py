@@ -73,10 +73,10 @@ _SHARD_COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("shardbroker_bus_received_messages_total", "peer messages received from other shards", "bus_received", {}),
     ("shardbroker_bus_waited_batches_total", "peer batches that waited for room in a full pipe", "bus_waited", {}),
     ("shardbroker_bus_holds_total", "times the shard held its inputs while the bus was full", "flow_holds", {}),
-    ("shardbroker_bus_refused_keys_total", "connections from other nodes refused: not a registered node's key",
-     "bus_refused_keys", {}),
-    ("shardbroker_bus_refused_frames_total", ("batches from other nodes refused: the sender is not registered under"
-     " the lease it carries"), "bus_refused_frames", {}),
+    ("shardbroker_bus_refused_keys_total",
+     "connections from other nodes refused: not a registered node's key", "bus_refused_keys", {}),
+    ("shardbroker_bus_refused_frames_total",
+     "batches from other nodes refused: the sender is not registered under that lease", "bus_refused_frames", {}),
     ("shardbroker_bus_shed_batches_total", "batches dropped for a worker of another node that took nothing",
      "bus_shed", {}),
 )
@@ -97,6 +97,8 @@ _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_remote_peers", "workers of other nodes this shard's bus reaches", "remote_peers"),
     ("shardbroker_outbox_remote_messages", "durable forwards not yet acknowledged by workers of other nodes",
      "handover_remote"),
+    ("shardbroker_route_digest",
+     "top 48 bits of the digest of this shard's own routes; its peers hold the same", "route_digest"),
     ("shardbroker_store_used_bytes", "bytes of the store file in use", "store_used_bytes"),
     ("shardbroker_store_map_bytes", "the store's current map size", "store_map_bytes"),
     ("shardbroker_store_full", "1 while the store refuses new QoS 1/2 work", "store_full"),

@@ -119,6 +119,7 @@ class ShardOps(Operations):
             "kick": self.kick,
             "subscriptions": self.subscriptions,
             "routes": self.routes,
+            "route_digests": self.route_digests,
             "retained": self.retained,
             "retained_digest": self.retained_digest,
         }
@@ -139,6 +140,7 @@ class ShardOps(Operations):
             remote_peers=sum(1 for p in metrics.bus.peers if p >= REMOTE_BASE),
             handover_remote=sum(len(items) for p, items in broker.peers.outbox.pending.items()
                                 if p >= REMOTE_BASE),
+            route_digest=broker.peers.routes.digest(broker.shard) >> 16,
         )
         unsynced = sorted(set(range(broker.shards)) - broker.synced - {broker.shard})
         return {
@@ -246,6 +248,14 @@ class ShardOps(Operations):
         table = self.broker.peers.routes.holders()
         return {"shard": self.broker.shard, "count": len(table),
                 "routes": {key: {str(s): d for s, d in shards.items()} for key, shards in table.items()}}
+
+    def route_digests(self, request: Request) -> dict[str, Any]:
+        """The digest of this shard's own routes, and of the routes it holds for each peer (a
+        worker of this node by its index, of another node by its peer id): a peer's entry
+        here equals that peer's own digest when their tables agree (``RouteTable.digest``)."""
+        peers = self.broker.peers
+        return {"shard": self.broker.shard, "own": peers.routes.digest(self.broker.shard),
+                "peers": {str(p): peers.routes.digest(p) for p in peers.peer_ids()}}
 
     # ---- retained messages (one store shared by every shard: the supervisor asks one)
 

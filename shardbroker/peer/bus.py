@@ -61,6 +61,8 @@ REMOTE_BACKLOG = 1024  # batches kept for an unreachable worker of another node;
 SENDER = struct.Struct(">HHQ")  # a remote batch's header: node number, worker, lease
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks whether a CURVE client may connect
 ZAP_DOMAIN = b"shardbroker"
+ZAP_WAIT = 5.0  # seconds a CURVE client whose key is not known yet waits before it is refused
+REMOTE_STALL = 2.0  # seconds a worker of another node may take nothing before its socket is made anew
 
 RemoteItems = Callable[[int, int, int, list[PeerMessage]], None]  # number, worker, lease, items
 
@@ -135,9 +137,14 @@ class Bus:
         self._header = b""
         self._allowed: frozenset[bytes] = frozenset()
         self._on_remote: RemoteItems | None = None
+        self._zap_waiting: list[tuple[float, list[bytes]]] = []  # (until, request), oldest first
+        self._zap_timer: asyncio.TimerHandle | None = None
+        self.zap_wait = ZAP_WAIT
+        self._remote: dict[int, tuple[str, str]] = {}  # remote peer -> (endpoint, server key)
         self.refused_keys = 0  # CURVE clients refused (statistics)
         self.shed = 0  # batches dropped for an unreachable node (statistics)
         self.refused_frames = 0  # batches from other nodes the worker refused (statistics)
+        self.renewed = 0  # sockets to other nodes' workers made anew (statistics)
         self._shed_said = 0.0
 
     @property
@@ -159,10 +166,10 @@ class Bus:
     def listen_remote(self, endpoint: str, public: str, secret: str, on_items: RemoteItems) -> None:
         """Bind the ``tcp://`` endpoint other nodes' workers send to (before :meth:`start`);
         ``public``/``secret``: this node's CURVE keys (Z85). ``on_items(number, worker, lease,
-        items)`` gets each batch with its sender's header. ``zmq.ZMQError`` when it cannot bind."""
+        items)`` gets each batch with its sender's header. ``OSError`` when it cannot bind."""
         if not zmq.has("curve"):
-            raise zmq.ZMQError(msg="this libzmq has no CURVE support: nodes cannot talk securely")
-        zap = self._ctx.socket(zmq.REP)
+            raise OSError("this libzmq has no CURVE support: nodes cannot talk securely")
+        zap = self._ctx.socket(zmq.ROUTER)  # not REP: an answer may wait while others come
         zap.setsockopt(zmq.LINGER, 0)
         zap.bind(ZAP_ENDPOINT)
         pull = self._ctx.socket(zmq.PULL)
@@ -176,10 +183,10 @@ class Bus:
         pull.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         try:
             pull.bind(endpoint)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             pull.close(linger=0)
             zap.close(linger=0)
-            raise
+            raise OSError(exc.errno, exc.strerror) from None
         self._zap, self._rpull = zap, pull
         self._keys = (public.encode("ascii"), secret.encode("ascii"))
         self._on_remote = on_items
@@ -191,6 +198,8 @@ class Bus:
     def allow(self, keys: frozenset[str]) -> None:
         """The public keys (Z85) of the nodes whose workers may connect from now on."""
         self._allowed = frozenset(k.encode("ascii") for k in keys)
+        if self._zap_waiting:
+            self._zap_settle()
 
     def connect(self, peer: int, endpoint: str, server_key: str) -> None:
         """A PUSH socket to a remote worker (``peer`` = ``remote_peer(...)``) whose node's
@@ -205,6 +214,17 @@ class Bus:
         s.setsockopt(zmq.CURVE_SECRETKEY, self._keys[1])
         s.connect(endpoint)
         self._push[peer] = s
+        self._remote[peer] = (endpoint, server_key)
+
+    def _renew(self, peer: int, now: float) -> None:
+        """A worker of another node took nothing for ``REMOTE_STALL`` seconds: make its socket
+        anew. libzmq gives up on a connection whose handshake failed (the other side was
+        restarting and did not know our key yet, say) and would never try again."""
+        endpoint, key = self._remote[peer]
+        self._push.pop(peer).close(linger=0)
+        self.connect(peer, endpoint, key)
+        self._took_at[peer] = now
+        self.renewed += 1
 
     def disconnect(self, peer: int) -> None:
         """Forget a remote worker: its socket closes, and what waited for it is dropped (what
@@ -212,6 +232,7 @@ class Bus:
         s = self._push.pop(peer, None)
         if s is not None:
             s.close(linger=0)
+        self._remote.pop(peer, None)
         self._pending.pop(peer, None)
         self._open_size.pop(peer, None)
         self._backlog.pop(peer, None)
@@ -230,30 +251,59 @@ class Bus:
                         " far (durable forwards are sent again once it answers)", peer, self.shed)
 
     def _answer_zap(self) -> None:
+        """Answer libzmq's questions: may this CURVE client connect? A key this worker does
+        not know yet is not refused at once: the answer waits up to ``ZAP_WAIT`` seconds for
+        an ``allow`` that names it (a node that has just registered reaches us before our
+        grant names it), since libzmq never reconnects after a refusal."""
         zap = self._zap
         assert zap is not None
         while True:
             try:
                 request = zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             except zmq.ZMQError as exc:
                 log.error("bus: ZAP receive failed: %s", exc)
-                return
-            # version, request id, domain, address, identity, mechanism, credentials
-            ok = (len(request) >= 7 and request[5] == b"CURVE"
-                  and z85.encode(request[6]) in self._allowed)
-            if not ok:
-                self.refused_keys += 1
-                log.warning("bus: a connection from %s refused: not a registered node's key",
-                            request[3].decode("ascii", "replace") if len(request) > 3 else "?")
-            reply = [b"1.0", request[1] if len(request) > 1 else b"",
-                     b"200" if ok else b"400", b"OK" if ok else b"unknown node key", b"", b""]
-            try:
-                zap.send_multipart(reply, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.error("bus: ZAP reply failed: %s", exc)
-                return
+                break
+            # routing id, delimiter, version, request id, domain, address, identity,
+            # mechanism, credentials
+            if len(request) < 9 or request[7] != b"CURVE":
+                self._zap_reply(request, False)
+            else:
+                self._zap_waiting.append((time.monotonic() + self.zap_wait, request))
+        self._zap_settle()
+
+    def _zap_settle(self) -> None:
+        """Answer the waiting ZAP requests whose key is known now, or whose wait is over."""
+        if self._zap_timer is not None:
+            self._zap_timer.cancel()
+            self._zap_timer = None
+        now = time.monotonic()
+        waiting: list[tuple[float, list[bytes]]] = []
+        for until, request in self._zap_waiting:
+            if z85.encode(request[8]) in self._allowed:
+                self._zap_reply(request, True)
+            elif now >= until:
+                self._zap_reply(request, False)
+            else:
+                waiting.append((until, request))
+        self._zap_waiting = waiting
+        if waiting and self._loop is not None:
+            self._zap_timer = self._loop.call_later(max(0.0, waiting[0][0] - now) + 0.01,
+                                                    self._zap_settle)
+
+    def _zap_reply(self, request: list[bytes], ok: bool) -> None:
+        assert self._zap is not None
+        if not ok:
+            self.refused_keys += 1
+            log.warning("bus: a connection from %s refused: not a registered node's key",
+                        request[5].decode("ascii", "replace") if len(request) > 5 else "?")
+        reply = [request[0], b"", b"1.0", request[3] if len(request) > 3 else b"",
+                 b"200" if ok else b"400", b"OK" if ok else b"unknown node key", b"", b""]
+        try:
+            self._zap.send_multipart(reply, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.error("bus: ZAP reply failed: %s", exc)
 
     def _drain_remote(self) -> None:
         pull, on_items = self._rpull, self._on_remote
@@ -360,6 +410,8 @@ class Bus:
             if not backlog:
                 del self._backlog[peer]
                 self._took_at.pop(peer, None)
+            elif peer >= REMOTE_BASE and now - self._took_at.get(peer, now) > REMOTE_STALL:
+                self._renew(peer, now)
         if self._backlog:
             self._schedule_retry()
         if self._on_progress is not None:
@@ -413,6 +465,8 @@ class Bus:
                     log.debug("bus: remove_reader on close: %s", exc)
         if self._retry is not None:
             self._retry.cancel()
+        if self._zap_timer is not None:
+            self._zap_timer.cancel()
         self.flush()
         now = time.monotonic()
         for peer, backlog in self._backlog.items():  # last try: a peer that is gone loses them

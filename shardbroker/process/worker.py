@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from shardbroker.cluster.grant import NONE, Grant, local_owners
+from shardbroker.cluster.numbers import load_identity
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core import clientlog
@@ -39,7 +40,8 @@ from shardbroker.core.clock import Now
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
-from shardbroker.peer.bus import Bus, endpoint
+from shardbroker.peer.bus import Bus, endpoint, remote_endpoint, remote_peer
+from shardbroker.peer.messages import PeerMessage, from_sender
 from shardbroker.process.runtime import install_loop, line_writer, log_in_turns, ready
 from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
@@ -173,6 +175,11 @@ class Worker:
         self.grant = NONE
         self._fence_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.data_dir = data_dir
+        # the workers of other nodes this one's bus reaches: peer id -> (lease, endpoint, key)
+        self._remote: dict[int, tuple[int, str, str]] = {}
+        self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
+        self._refused_said = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,10 +197,18 @@ class Worker:
         holder.append(broker)
         self.broker = broker
         self._loop = loop
+        self.bus = bus
         if self.clustered:
             local, count = self.local, len(self.local)
-            broker.backpressure.owner = lambda client_id: local[vshard_for(client_id, count)]
+
+            def owner(client_id: str) -> int:  # a publisher's worker, on this node or another
+                v = vshard_for(client_id, count)
+                peer_of = self.grant.peer_of
+                return peer_of[v] if peer_of and peer_of[v] >= 0 else local[v]
+
+            broker.backpressure.owner = owner
             broker.handshake.admit = self._admit
+            self._listen_remote(bus)
         broker.restore(now())
         poller = self._poller = Poller(loop)
         bus.start(loop)
@@ -266,6 +281,74 @@ class Worker:
                  st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
                  broker.flow.held_for, bus.waited)
 
+    # ------------------------------------------------------------------ the bus between nodes
+
+    def _listen_remote(self, bus: Bus) -> None:
+        """Bind this worker's end of the bus between nodes: the node's bus address
+        (``[cluster] advertise``) plus this worker's index, with the node's CURVE keys."""
+        identity = load_identity(self.data_dir)
+        if identity is None:
+            raise SystemExit(f"shard {self.shard_index}: no cluster identity in {self.data_dir}")
+        host, _, port = self.config.cluster.advertise.rpartition(":")
+        try:
+            address = str(socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError as exc:
+            raise SystemExit(f"shard {self.shard_index}: cluster.advertise host {host!r}: {exc}") from None
+        where = remote_endpoint(f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
+                                self.shard_index)
+        try:
+            bus.listen_remote(where, identity.public, identity.secret, self._remote_items)
+        except OSError as exc:
+            raise SystemExit(f"shard {self.shard_index}: cannot listen for other nodes on {where}:"
+                             f" {exc}") from None
+        log.info("shard %d: listening for other nodes on %s", self.shard_index, where)
+
+    def _sync_nodes(self, grant: Grant) -> None:
+        """Make the bus reach every worker of every other node the grant names, and no other:
+        a node that registered again (a new lease) is a new peer (its routes are asked for
+        again); one whose registration ended loses its routes here."""
+        bus, peers = self.bus, self.broker.peers
+        bus.identify(grant.number, grant.lease)
+        bus.allow(frozenset(key for *_, key in grant.nodes if key))
+        want: dict[int, tuple[int, str, str]] = {}
+        leases: dict[int, int] = {}
+        for _node, number, lease, advertise, workers, key in grant.nodes:
+            if number <= 0 or not key:
+                continue
+            leases[number] = lease
+            for w in range(workers):
+                want[remote_peer(number, w)] = (lease, remote_endpoint(advertise, w), key)
+        self._leases = leases
+        for peer, spec in list(self._remote.items()):
+            if want.get(peer) != spec:
+                del self._remote[peer]
+                bus.disconnect(peer)
+                peers.peer_removed(peer)
+                log.info("shard %d: bus to %s closed (peer %d)", self.shard_index, spec[1], peer)
+        for peer, spec in want.items():
+            if peer not in self._remote:
+                self._remote[peer] = spec
+                bus.connect(peer, spec[1], spec[2])
+                peers.peer_added(peer)
+                log.info("shard %d: bus to %s (peer %d)", self.shard_index, spec[1], peer)
+
+    def _remote_items(self, number: int, worker: int, lease: int, items: list[PeerMessage]) -> None:
+        """A batch from a worker of another node: taken only from a registered node under the
+        lease its registration has now (a node whose lease ended cannot be heard, even when its
+        frames arrive late); its sender is then named by its remote peer id."""
+        peer = remote_peer(number, worker)
+        if self._leases.get(number) != lease or peer not in self._remote:
+            self.bus.refused_frames += 1
+            t = time.monotonic()
+            if t - self._refused_said >= 1.0:
+                self._refused_said = t
+                log.warning("shard %d: %d batches refused so far from nodes not registered under"
+                            " the lease they carry (the last: node number %d, worker %d, lease %x)",
+                            self.shard_index, self.bus.refused_frames, number, worker, lease)
+            return
+        from_sender(items, peer)
+        self.broker.peer_messages(items, now())
+
     # ------------------------------------------------------------------ the fence (cluster)
 
     def _admit(self, client_id: str) -> str | None:
@@ -289,6 +372,7 @@ class Worker:
         if grant.seq <= self.grant.seq:
             return {"shard": self.shard_index, "seq": self.grant.seq}
         old, self.grant = self.grant, grant
+        self._sync_nodes(grant)
         if grant.owners != old.owners or grant.until < old.until:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")

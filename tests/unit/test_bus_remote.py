@@ -3,8 +3,10 @@ two ``Bus`` objects in one event loop, each with its own context and ZAP handler
 
 What is checked: a batch reaches the other node with its sender's header (node number, worker,
 lease) and in order; only a registered node's key is let in (a client whose key was not
-``allow``ed, or one that expects another server key, gets nothing through); ``disconnect``
-forgets a peer; ``from_sender`` renames the sender of each kind of message.
+``allow``ed, or one that expects another server key, gets nothing through), but a key allowed
+while its handshake waits is; a worker of another node that restarts (and at first refuses
+our key) is reached again; ``disconnect`` forgets a peer; ``from_sender`` renames the sender of
+each kind of message.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Node:
         self.advertise = f"127.0.0.1:{free_port()}"
         self.got: Received = []
         self.bus = Bus(0, [endpoint(str(tmp), 0).replace("shard-0", f"{name}-0")], lambda items: None)
+        self.bus.zap_wait = 0.3
         self.bus.listen_remote(remote_endpoint(self.advertise, 0), *self.keys,
                                lambda n, w, lease, items: self.got.append((n, w, lease, items)))
         self.bus.identify(number, lease)
@@ -136,6 +139,68 @@ def test_only_allowed_keys_and_the_right_server_key_get_through(
     finally:
         for n in (a, b, c):
             n.bus.close()
+
+
+def test_a_key_allowed_while_its_handshake_waits_gets_through(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    a, b = Node(tmp_path, "a", 1, 1), Node(tmp_path, "b", 2, 2)
+    b.bus.zap_wait = 5.0
+    try:
+        a.bus.start(loop)
+        b.bus.start(loop)
+        peer = a.reach(b)  # b does not know a's key yet (its grant is older than a's)
+        a.bus.send(peer, RoutesQuery(0))
+        a.bus.flush()
+        run_until(loop, lambda: False, timeout=0.3)
+        assert b.got == []
+        b.bus.allow(frozenset({a.keys[0]}))
+        assert run_until(loop, lambda: len(b.got) == 1)
+        assert b.bus.refused_keys == 0
+    finally:
+        a.bus.close()
+        b.bus.close()
+
+
+def test_a_restarted_worker_of_another_node_is_reached_again(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    a, b = Node(tmp_path, "a", 1, 1), Node(tmp_path, "b", 2, 2)
+    b.bus.allow(frozenset({a.keys[0]}))
+    a.bus.start(loop)
+    b.bus.start(loop)
+    peer = a.reach(b)
+    again: Bus | None = None
+    try:
+        a.bus.send(peer, RoutesQuery(0))
+        a.bus.flush()
+        assert run_until(loop, lambda: len(b.got) == 1)
+        b.bus.close()  # b's worker is gone; a goes on sending
+        for i in range(300):
+            a.bus.send(peer, Forward(f"t/{i}", b"x", 1, False))
+            a.bus.flush()
+            run_until(loop, lambda: False, timeout=0.001)
+        assert a.bus.backlog() > 0
+        # b's worker again, on the same address with the same keys; it knows a's key only
+        # after its first refusal (its grant comes late): libzmq gives up on that connection
+        got: Received = []
+        again = Bus(0, [endpoint(str(tmp_path), 0).replace("shard-0", "b2-0")], lambda items: None)
+        again.zap_wait = 0.0
+        again.listen_remote(remote_endpoint(b.advertise, 0), *b.keys,
+                            lambda n, w, lease, items: got.append((n, w, lease, items)))
+        again.start(loop)
+        assert run_until(loop, lambda: again is not None and again.refused_keys >= 1)
+        again.allow(frozenset({a.keys[0]}))
+
+        def arrived() -> bool:
+            a.bus._send_backlog()
+            return a.bus.backlog() == 0 and sum(len(items) for *_, items in got) >= 250
+        assert run_until(loop, arrived, timeout=10)  # what the dead socket held is lost
+        assert a.bus.renewed >= 1
+        topics = [m.topic for *_, items in got for m in items if isinstance(m, Forward)]
+        assert topics == sorted(topics, key=lambda t: int(t.split("/")[1]))  # in order
+    finally:
+        a.bus.close()
+        if again is not None:
+            again.close()
 
 
 def test_from_sender_names_the_remote_peer() -> None:

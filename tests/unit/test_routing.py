@@ -14,7 +14,8 @@ from shardbroker.core.topics import matches, parse_shared
 
 KEYS = ["a/b", "a/+", "a/#", "#", "+/b", "x", "$share/g/a/b", "$share/g/a/+", "$share/h/a/b"]
 TOPICS = ["a/b", "a/c", "x", "a", "y/b"]
-SHARDS = st.integers(0, 6)  # past four shards the masks are no longer small ints
+SHARD_IDS = (0, 1, 2, 3, 5, 6, 256, 513, 65535)  # 256 and up: workers of other nodes
+SHARDS = st.sampled_from(SHARD_IDS)  # past four slots the masks are no longer small ints
 
 
 def test_add_remove_and_durable_flag() -> None:
@@ -59,8 +60,11 @@ class RouteModel(RuleBasedStateMachine):
 
     @invariant()
     def same(self) -> None:
-        for shard in range(7):
+        for shard in SHARD_IDS:
             assert self.rt.keys(shard) == self.model.get(shard, {})
+            fresh = RouteTable()  # the digest depends on the keys alone, not on their history
+            fresh.replace(shard, self.model.get(shard, {}))
+            assert self.rt.digest(shard) == fresh.digest(shard)
         for topic in TOPICS:
             targets = self.rt.targets(topic)
             plain = {s for s, keys in self.model.items()
@@ -121,3 +125,25 @@ def test_size_counts_distinct_filters() -> None:
     assert rt.size() == 3
     rt.remove(1, "a/b")
     assert rt.size() == 2
+
+
+def test_workers_of_other_nodes_take_dense_slots() -> None:
+    """Peer ids of other nodes' workers (256 and up) are slots 0, 1, 2 ... in the masks: a
+    route they hold costs what a local one does, and every query names them by peer id."""
+    table = RouteTable()
+    table.add(0, "a/#")
+    table.add(0x1FF01, "a/b", durable=True)  # any int names a shard here
+    table.add(513, "a/#", durable=True)
+    table.add(65535, "c")
+    assert max(mask.bit_length() for _key, mask in table._plain.items()) <= 2 * 4
+    targets = table.targets("a/b")
+    assert {s: t.durable for s, t in targets.items()} == {0: False, 0x1FF01: True, 513: True}
+    assert table.keys(513) == {"a/#": True} and table.keys(65535) == {"c": False}
+    assert table.holders()["a/#"] == {0: False, 513: True}
+    assert table.remove(513, "a/#") and not table.remove(513, "a/#") and not table.remove(7, "c")
+    table.replace(65535, {})
+    assert table.keys(65535) == {} and set(table.targets("a/x")) == {0}
+    assert table.digest(65535) == 0 and table.digest(0) != 0
+    other = RouteTable()
+    other.add(9, "a/#", durable=True)
+    assert other.digest(9) != table.digest(0)  # the durable flag counts
