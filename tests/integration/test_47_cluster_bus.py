@@ -8,7 +8,9 @@ persistent session on the other node keeps every QoS 1 message acknowledged to t
 while its worker is SIGKILLed and restarted (the durable outbox toward another node); a node
 restarted under a new lease is heard again; a worker of a node that is not registered under
 the lease its frames carry is not heard (a stand-in node made by the test: its own etcd
-registration, CURVE keys and bus), and one that is, is.
+registration, CURVE keys and bus), and one that is, is. Retained messages set, replaced and
+deleted on either node reach the other's store (a new subscriber there sees them), and a node
+started later is caught up until the three nodes' retained digests agree.
 """
 
 from __future__ import annotations
@@ -243,6 +245,50 @@ def test_a_node_restarted_under_a_new_lease_is_heard_again(two: tuple[Broker, Br
     on_a = mqtt(a, id_of("n1", uniq.cid("pub")), version=5)
     on_a.publish(topic, b"again", qos=1)
     assert on_b.recv_publish(timeout=10).payload == b"again"
+
+
+def retained_digest(b: Broker) -> tuple[int, str]:
+    answer = ctl(b, {"op": "retained_digest"})
+    return answer["count"], answer["digest"]
+
+
+def retained_on(b: Broker, topic: str) -> list[bytes]:
+    """The payloads of ``topic``'s retained message in ``b``'s store (none or one)."""
+    return [b"" if r["size"] == 0 else r["preview"].encode()
+            for r in ctl(b, {"op": "retained", "filter": topic})["retained"]]
+
+
+def test_retained_messages_reach_every_node_and_a_node_started_later(
+        two: tuple[Broker, Broker], mqtt: Clients, uniq: Uniq, etcd_single: EtcdCluster,
+        make_broker: Callable[..., Broker]) -> None:
+    a, b = two
+    topic, gone = uniq.topic("kept"), uniq.topic("gone")
+    pub = mqtt(a, id_of("n1", uniq.cid("rpub")), version=5)
+    pub.publish(topic, b"set-on-n1", qos=1, retain=True)
+    pub.publish(gone, b"soon-gone", qos=1, retain=True)
+    wait_until(lambda: retained_on(b, topic) == [b"set-on-n1"] and retained_on(b, gone) == [b"soon-gone"],
+               timeout=10, message="n1's retained messages in n2's store")
+    sub = mqtt(b, id_of("n2", uniq.cid("rsub")), version=5)
+    sub.subscribe(topic, qos=1)
+    got = sub.recv_publish(timeout=10)
+    assert (got.topic, got.payload, got.retain) == (topic, b"set-on-n1", True)
+
+    pub.publish(gone, b"", qos=1, retain=True)  # a delete on n1 ...
+    wait_until(lambda: retained_on(b, gone) == [], timeout=10, message="the delete in n2's store")
+    late = mqtt(b, id_of("n2", uniq.cid("late")), version=4)
+    late.subscribe(gone, qos=1)
+    assert late.drain_publishes(0.5, first_timeout=1.0) == []  # ... seen by a new subscriber on n2
+    other = mqtt(b, id_of("n2", uniq.cid("rpub2")), version=4)
+    other.publish(topic, b"set-on-n2", qos=1, retain=True)  # and n2's later write wins on n1
+    wait_until(lambda: retained_on(a, topic) == [b"set-on-n2"], timeout=10, message="n2's write on n1")
+    wait_until(lambda: retained_digest(a) == retained_digest(b), timeout=10, message="n1 and n2 agree")
+
+    c = make_broker(workers=1, config=node_config(etcd_single, "n3", free_range(1)), name="node3",
+                    probe=False)  # a node started after all of it: caught up by n1 and n2
+    wait_until(lambda: retained_digest(c) == retained_digest(a) == retained_digest(b), timeout=30,
+               message="n3 caught up: the three digests agree")
+    assert retained_on(c, topic) == [b"set-on-n2"] and retained_on(c, gone) == []
+    assert retained_digest(c)[0] >= 1
 
 
 def test_a_worker_of_another_node_is_heard_only_under_the_lease_its_node_holds(
