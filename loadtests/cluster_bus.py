@@ -15,11 +15,13 @@ client connects to the node that serves its client ID (the map read from etcd): 
 publisher to node k % N, its subscriber to node (k + 1) % N, so that with N > 1 every message
 crosses nodes. Each node gets ``--procs-per-node`` generator processes of its own.
 
-Per N (medians over the repeats): delivered msg/s, acknowledged, lost (acknowledged and never
+Per N (medians over the repeats): delivered msg/s, acknowledged, lost (the largest; acknowledged and never
 delivered: a run with a loss fails, exit status 1), end-to-end latency p50/p99 (stamped
 payloads; under full load it is mostly the time spent in the windows), each node's CPU seconds
 (its process tree, ``/proc``) over the measured window, CPU µs per delivered message (all
-nodes), and both ratios to N = 1. All nodes and generators share this host's cores.
+nodes), and both ratios to N = 1; beside them, the generator processes' CPU seconds (the whole
+run: connects and drain included), to see whether they were the limit. All nodes and
+generators share this host's cores.
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ def summary(count: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu s": {n: statistics.median(r["_cpu_s"][n] for r in runs if n in r.get("_cpu_s", {}))
                   for n in names},
         "cpu us/msg": median(runs, "cpu us/msg"),
+        "generator cpu s": median(runs, "_gen_cpu"),
         "failed": [f"run {i + 1}: {'; '.join(r['_verdict'])}" for i, r in enumerate(runs) if r["_verdict"]],
     }
 
@@ -231,15 +234,16 @@ def ratio(v: float | None, base: float | None) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     base = next((r for r in rows if r["nodes"] == 1), None)
     print("| nodes | delivered msg/s | ratio to 1 | acknowledged | lost | p50 ms | p99 ms "
-          "| CPU s per node | CPU µs per message | ratio to 1 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| CPU s per node | CPU µs per message | ratio to 1 | generators' CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cpu = ", ".join(f"{n} {s:.2f}" for n, s in r["cpu s"].items()) or "n/a"
         print(f"| {r['nodes']} | {number(r['delivered msg/s'])} "
               f"| {ratio(r['delivered msg/s'], base and base['delivered msg/s'])} "
               f"| {number(r['acked'])} | {number(r['lost'])} | {number(r['p50 ms'], 1)} "
               f"| {number(r['p99 ms'], 1)} | {cpu} | {number(r['cpu us/msg'])} "
-              f"| {ratio(r['cpu us/msg'], base and base['cpu us/msg'])} |")
+              f"| {ratio(r['cpu us/msg'], base and base['cpu us/msg'])} "
+              f"| {number(r['generator cpu s'], 2)} |")
 
 
 def node_counts(text: str) -> list[int]:
@@ -286,7 +290,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return measure(parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Every node count in turn, the table, and 1 when a run failed."""
     bargs = bench.parse_args(["--duration", str(args.duration)])
     rows: list[dict[str, Any]] = []
     for count in args.nodes:

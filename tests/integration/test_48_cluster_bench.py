@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import skip_unless_shardbroker
 
 from loadtests import bench, cluster_bus
@@ -55,3 +56,12 @@ def test_every_message_crosses_nodes_and_none_acknowledged_is_lost(tmp_path: Pat
     assert out["delivered msg/s"] > 0 and out["p50 ms"] is not None and out["p99 ms"] >= out["p50 ms"]
     assert set(out["_cpu_s"]) == {"n1", "n2"} and all(s > 0 for s in out["_cpu_s"].values())
     assert out["cpu us/msg"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--nodes", "0"], ["--nodes", "1,x"], ["--qos", "0"], ["--pairs", "0"],
+                                  ["--duration", "0"]])
+def test_bad_options_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cluster_bus.parse_args(argv)
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
