@@ -27,7 +27,9 @@ generators share this host's cores.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,17 +234,17 @@ def ratio(v: float | None, base: float | None) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    base = next((r for r in rows if r["nodes"] == 1), None)
+    base = next((r for r in rows if r["nodes"] == 1), {})
     print("| nodes | delivered msg/s | ratio to 1 | acknowledged | lost | p50 ms | p99 ms "
           "| CPU s per node | CPU µs per message | ratio to 1 | generators' CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cpu = ", ".join(f"{n} {s:.2f}" for n, s in r["cpu s"].items()) or "n/a"
         print(f"| {r['nodes']} | {number(r['delivered msg/s'])} "
-              f"| {ratio(r['delivered msg/s'], base and base['delivered msg/s'])} "
+              f"| {ratio(r['delivered msg/s'], base.get('delivered msg/s'))} "
               f"| {number(r['acked'])} | {number(r['lost'])} | {number(r['p50 ms'], 1)} "
               f"| {number(r['p99 ms'], 1)} | {cpu} | {number(r['cpu us/msg'])} "
-              f"| {ratio(r['cpu us/msg'], base and base['cpu us/msg'])} "
+              f"| {ratio(r['cpu us/msg'], base.get('cpu us/msg'))} "
               f"| {number(r['generator cpu s'], 2)} |")
 
 
@@ -299,15 +301,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args: argparse.Namespace) -> int:
     """Every node count in turn, the table, and 1 when a run failed."""
+    if not os.access(cluster_fixtures.ETCD_BIN, os.X_OK) and shutil.which("etcd") is None:
+        print(f"error: etcd not installed ({cluster_fixtures.ETCD_BIN}; apt-get install etcd-server)",
+              file=sys.stderr)
+        return 2
     bargs = bench.parse_args(["--duration", str(args.duration)])
     rows: list[dict[str, Any]] = []
+    broken = ""
     for count in args.nodes:
         with tempfile.TemporaryDirectory(prefix="cluster-bus-bench-") as tmp:
             try:
                 cluster = start_cluster(Path(tmp), count, args.workers_per_node)
             except (SetupFailed, RuntimeError) as exc:
-                print(f"error: {count} node(s): {exc}", file=sys.stderr)
-                return 1
+                broken = f"{count} node(s): {exc}"
+                break
             try:
                 runs = []
                 for i in range(args.repeat):
@@ -323,6 +330,8 @@ def measure(args: argparse.Namespace) -> int:
           f"{args.procs_per_node} generator process(es) per node")
     print_table(rows)
     failed = [f"{r['nodes']} node(s), {why}" for r in rows for why in r["failed"]]
+    if broken:
+        failed.append(f"setup of {broken}")
     for line in failed:
         print(f"FAILED: {line}", file=sys.stderr)
     return 1 if failed else 0
