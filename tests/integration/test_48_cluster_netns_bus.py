@@ -29,6 +29,7 @@ from netns_fixtures import (
     NODES,
     NetnsCluster,
     bounded,
+    inside,
     netns_cluster_module,  # noqa: F401  (the fixture)
 )
 from test_45_cluster_netns import COUNT, TTL, WORKERS, Net, cid_of, figure, non_controller
@@ -210,6 +211,64 @@ def reconnected(net: Net, role: str, cid: str, count: int = COUNT) -> mb.RawClie
     return c
 
 
+class Receiver:
+    """A persistent subscriber's client side across connections, as MQTT 4.3.3 has a QoS 2
+    receiver do it: a QoS 2 message is taken when its PUBLISH first comes, and its packet id
+    kept until its PUBREL, so that a PUBLISH sent again meanwhile (a connection lost before
+    the PUBREC arrived) is not taken twice. ``got``: the payloads taken, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.awaiting_rel: set[int] = set()
+        self.connections = 0
+
+    def collect(self, net: Net, role: str, cid: str, quiet: float = 2.0,
+                timeout: float = 60.0) -> list[bytes]:
+        """Connect ``cid`` to ``role`` (again, as often as its node closes it: a node can
+        lose its lease again while etcd elects a leader after a heal) and take what comes
+        until nothing does for ``quiet`` seconds (10 on the first connection)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, f"{cid} not drained within {timeout}s"
+            try:
+                c = reconnected(net, role, cid)
+            except (AssertionError, OSError):
+                continue  # refused or closed at once: the node lost its lease again
+            self.connections += 1
+            try:
+                self._take(c, first=10.0 if self.connections == 1 else quiet, quiet=quiet)
+                c.disconnect()
+                return self.got
+            except (mb.ConnectionClosed, OSError):
+                c.close()
+
+    def _take(self, c: mb.RawClient, first: float, quiet: float) -> None:
+        wait = first
+        while True:
+            pkt = c.recv_packet(wait)
+            if pkt is None:
+                return
+            wait = quiet
+            kind, flags, body = pkt
+            if kind == mb.PUBREL:
+                pid = mb.parse_ack(body, 4).pid
+                self.awaiting_rel.discard(pid)
+                c.send(mb.pubcomp(pid, 4))
+                continue
+            assert kind == mb.PUBLISH, mb.describe(pkt)
+            msg = mb.parse_publish(flags, body, 4)
+            assert msg.pid is not None
+            if msg.qos == 1:
+                self.got.append(msg.payload)
+                c.send(mb.puback(msg.pid, 4))
+            else:
+                assert msg.qos == 2, msg
+                if msg.pid not in self.awaiting_rel:
+                    self.got.append(msg.payload)
+                    self.awaiting_rel.add(msg.pid)
+                c.send(mb.pubrec(msg.pid, 4))
+
+
 def outboxes_drain(net: Net, role: str, timeout: float) -> float:
     return bounded(lambda: all(c["handover_remote"] == 0 for c in counters(net, role)), timeout,
                    f"{role}'s outboxes toward other nodes drained")
@@ -282,12 +341,12 @@ def test_a_node_killed_mid_stream_gets_what_was_acknowledged_while_it_was_regist
     restarted = time.monotonic()
     bounded(lambda: net.view().map.per_node() == shares,  # type: ignore[union-attr]
             30, "the restarted node has its shares again")
-    back = reconnected(net, victim, gone_id)
+    receiver = Receiver()
+    later = numbers(receiver.collect(net, victim, gone_id))
     drained = outboxes_drain(net, pub_node, 30)
-    later = numbers([m.payload for m in back.drain_publishes(quiet=2.0, first_timeout=10)])
-    back.disconnect()
-    figure(f"kill: back {time.monotonic() - restarted:.2f} s after the restart;"
-           f" {pub_node}'s outbox drained {drained:.2f} s after the subscriber was back")
+    figure(f"kill: subscriber drained {time.monotonic() - restarted:.2f} s after the restart"
+           f" ({receiver.connections} connections), {pub_node}'s outbox empty"
+           f" {drained:.2f} s later")
     got = first + later
     kept = set(before_kill) | set(registered)
     missing = sorted(kept - set(got))
@@ -321,11 +380,27 @@ def test_a_partition_and_the_heal_keep_qos1_and_deliver_qos2_exactly_once(net: N
     cut_sub = subscribe(net, victim, cut_id, "c48/#", 2)
     pub = net.client(pub_node, cid_of(owners, pub_node, "c48-pub-"), version=4)
     routes_reach(pub, topics[1], [keep_sub, cut_sub])
+    # the other way: a publisher inside the node to be cut off (its own namespace still
+    # reaches it), a persistent subscriber on the publishing node
+    back_id = cid_of(owners, pub_node, "c48-back-")
+    back_sub = subscribe(net, pub_node, back_id, "b48/back", 1)
+    with inside(net.c.ns(victim)):
+        inner = mb.RawClient(host=net.c.address(victim), port=1883, connect_timeout=2)
+    assert inner.connect_mqtt(cid_of(owners, victim, "c48-inner-"), version=4).rc == 0
+    routes_reach(inner, "b48/back", [back_sub])
     refused_before = {n: total(net, n, "bus_refused_frames") for n in NODES}
 
     watch = LeaseWatch(net, victim)
     net.c.partition(victim)
     cut = time.monotonic()
+    # acknowledged by the cut-off node while it still serves (it stops 1 to 2 s after the
+    # cut): committed to its outbox toward the publishing node, sent under its old lease
+    back = [f"back-{i}".encode() for i in range(5)]
+    for payload in back:
+        ack = inner.publish("b48/back", payload, qos=1, timeout=1)
+        assert ack is not None and ack.reason == 0
+    inner_acked = time.monotonic() - cut
+    inner.close()
     acked = stream_until_lease_gone(pub, topics, watch, cut)
     assert watch.gone is not None
     registered = [(i, q) for i, q, t in acked if t < watch.last_seen]
@@ -347,6 +422,7 @@ def test_a_partition_and_the_heal_keep_qos1_and_deliver_qos2_exactly_once(net: N
            f" {pub_node}'s outbox for the cut-off node")
     assert pending > 0
 
+    assert not set(back) & set(back_sub.stop()), "the cut-off node reached the others"
     net.c.heal(victim)
     healed = time.monotonic()
     # its old connection was closed by its node during the cut; nothing more comes on it
@@ -354,13 +430,12 @@ def test_a_partition_and_the_heal_keep_qos1_and_deliver_qos2_exactly_once(net: N
     assert not first, f"the cut-off subscriber got {len(first)} messages through the cut"
     bounded(lambda: net.view().map.per_node() == shares,  # type: ignore[union-attr]
             30, "the healed node has its shares again")
-    back = reconnected(net, victim, cut_id)
+    receiver = Receiver()
+    got = numbers(receiver.collect(net, victim, cut_id))
     drained = outboxes_drain(net, pub_node, 30)
-    got = numbers([m.payload for m in back.drain_publishes(quiet=2.0, first_timeout=10)])
-    back.disconnect()
-    figure(f"heal: the node serves again and {pub_node}'s outbox drained"
-           f" {time.monotonic() - healed:.2f} s after the heal ({drained:.2f} s after the"
-           " subscriber was back)")
+    figure(f"heal: the subscriber drained {time.monotonic() - healed:.2f} s after the heal"
+           f" ({receiver.connections} connections), {pub_node}'s outbox empty"
+           f" {drained:.2f} s later")
 
     missing = [(i, q) for i, q in registered if got[i] == 0]
     assert not missing, f"{len(missing)} acknowledged while registered, lost: {missing[:10]}"
@@ -371,8 +446,26 @@ def test_a_partition_and_the_heal_keep_qos1_and_deliver_qos2_exactly_once(net: N
     refused = {n: total(net, n, "bus_refused_frames") - refused_before[n] for n in NODES}
     figure(f"heal: the cut-off subscriber got all {len(registered)} acknowledged while its node"
            f" was registered (QoS 2 exactly once, {dup1} QoS 1 duplicates) and {len(late)} of"
-           f" the {len(after_lease)} published after its lease ended; bus_refused_frames"
-           f" during the cut and heal: {refused}")
+           f" the {len(after_lease)} published after its lease ended")
+
+    # the other way: what the cut-off node acknowledged during the cut reaches the publishing
+    # node's subscriber, once the cut-off node's outbox is resent under its new lease; what it
+    # sent under its old lease arrives after the heal and is refused
+    back_got = Receiver()
+    bounded(lambda: set(back) <= set(back_got.collect(net, pub_node, back_id, quiet=0.5)), 30,
+            "what the cut-off node acknowledged during the cut arrives", interval=0.5)
+    arrived = time.monotonic() - healed
+    outboxes_drain(net, victim, 10)
+    refused = {n: total(net, n, "bus_refused_frames") - refused_before[n] for n in NODES}
+    new_lease = net.view().leases[victim]
+    figure(f"heal: the {len(back)} QoS 1 the cut-off node acknowledged {inner_acked:.2f} s into"
+           f" the cut arrived {arrived:.2f} s after the heal; bus_refused_frames during the cut"
+           f" and heal: {refused} (its lease {watch.lease:x} then {new_lease:x})")
+    for n in NODES:
+        for line in net.c.nodes[n].lines:
+            if "batches refused so far" in line or "lost its lease" in line:
+                figure(f"heal: {n}: {line.strip()}")
+    assert refused[pub_node] > 0
     for n in NODES:
         outboxes_drain(net, n, 10)
     peers_settle(net, list(NODES), timeout=20)
