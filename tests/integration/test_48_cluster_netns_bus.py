@@ -341,9 +341,12 @@ def test_a_node_killed_mid_stream_gets_what_was_acknowledged_while_it_was_regist
     # the survivors forgot the killed node's workers; its forwards wait in the outbox
     took = peers_settle(net, [pub_node, keep])
     pending = total(net, pub_node, "handover_remote")
+    # the outbox resends them to the forgotten workers (every 5 s): the bus drops them
+    unreached = total(net, pub_node, "bus_unreached")
     figure(f"kill: survivors' remote_peers settled {took:.2f} s after the check began;"
-           f" {pending} durable forwards wait in {pub_node}'s outbox for the killed node")
-    assert pending > 0
+           f" {pending} durable forwards wait in {pub_node}'s outbox for the killed node,"
+           f" {unreached} resent to its forgotten workers and dropped")
+    assert pending > 0 and unreached > 0
 
     first = numbers(gone_sub.stop())  # closed by the kill
     net.c.nodes[victim].start(port=1883)
