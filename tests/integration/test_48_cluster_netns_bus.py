@@ -8,9 +8,12 @@ subscribers on the two others, each client connected to the node that serves its
   while its node was registered;
 * a node cut off, then healed: QoS 1 and QoS 2 published meanwhile reach the other
   subscriber; after the heal the cut-off node's subscriber gets every QoS 1 message
-  acknowledged while its node was registered, and QoS 2 exactly once, and the publisher's
-  node's outboxes drain;
-* after each, every worker reaches exactly the workers of the other live nodes.
+  acknowledged while its node was registered, and QoS 2 exactly once (as a receiver that
+  keeps packet ids counts), and the publisher's node's outboxes drain; the other way, what
+  the cut-off node acknowledged right after the cut reaches the publisher's node after the
+  heal, the frames it sent under its old lease refused there (``bus_refused_frames``);
+* after each, every worker reaches exactly the workers of the other live nodes, and no node
+  logged an exception.
 
 ``pytest -s`` prints the figures measured (``[figure]`` lines)."""
 
