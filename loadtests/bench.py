@@ -188,6 +188,7 @@ class Plan:
     fan: int = 1                    # deliveries expected per published message
     batch: int = 64                 # QoS 0 messages per write
     stamp: bool = False             # latency: timestamp in payload, run_latency's loop
+    stamp_paced: bool = True        # stamped: run_latency's loop (False: pipelined, run_load's)
     coalesce_ms: float = 2.0        # sleep after a loop pass that read little
     pairs: bool = False             # pubs[k] and subs[k] form a pair (end-to-end window)
     e2e_window: int = 0             # opt-in: sent but not yet received, per pair (hides loss)
@@ -972,7 +973,7 @@ class Engine:
         plan = self.plan
         mono = time.monotonic
         self.warm_ns = int(t_warm * 1e9)
-        if plan.stamp:
+        if plan.stamp and plan.stamp_paced:
             self.run_latency(t_start, t_warm, t_end)
             return
         while mono() < t_start:
@@ -2097,6 +2098,28 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
     """One run of one scenario against one broker: returns {metric: value}."""
     tag = secrets.token_hex(3)
     plans, expect = build_plans(scn, broker, args, tag)
+    return run_plans(scn, plans, expect, args, {"broker": broker.pid})
+
+
+def _trees_rss_kb(roots: dict[str, int | None]) -> int | None:
+    sizes = [tree_rss_kb(pid) for pid in roots.values()]
+    return None if not sizes or None in sizes else sum(s for s in sizes if s is not None)
+
+
+def _trees_cpu_s(roots: dict[str, int | None]) -> dict[str, float | None]:
+    return {label: tree_cpu_s(pid) for label, pid in roots.items()}
+
+
+def run_plans(scn: str, plans: list[Plan], expect: dict[int, list[str]], args: argparse.Namespace,
+              roots: dict[str, int | None]) -> dict[str, Any]:
+    """Run the generator processes of ``plans`` as scenario ``scn`` and return {metric: value}.
+
+    ``expect``: the subscribers of each checked publisher (``build_plans``); ``roots``: the
+    root pid of each broker process tree by label (several for a broker over several nodes),
+    whose memory is summed and whose CPU seconds over the measured window are given one by
+    one as ``_cpu_s`` (with that window's length, ``_cpu_wall_s``). Of ``args``, the timing
+    options are used (duration, timeout, drain, drain_idle; subscribers and
+    subscriptions_each for the subscriptions scenario)."""
     ctx = mp.get_context("fork")
     shared = {k: ctx.RawArray("q", len(plans) + 1) for k in ("sent", "recv", "acked", "inflight")}
     sent_arr, recv_arr = shared["sent"], shared["recv"]
@@ -2139,7 +2162,7 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
                     c.send(msg)
 
         collect("ready", args.timeout * 3 + 10)
-        rss_before = tree_rss_kb(broker.pid)
+        rss_before = _trees_rss_kb(roots)
         warm = min(1.0, max(0.2, args.duration * 0.1))
         t_start = time.monotonic() + 0.3
         t_warm, t_end = t_start + warm, t_start + args.duration
@@ -2148,11 +2171,11 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
         if scn == "subscriptions":
             collect("connected", args.timeout * 3 + 60)
             time.sleep(1.0)
-            rss_mid = tree_rss_kb(broker.pid)
+            rss_mid = _trees_rss_kb(roots)
             broadcast("subscribe", None)
             res = [r[0] for r in collect("subscribed", args.timeout * 3 + 600)]
             time.sleep(1.0)
-            rss_after = tree_rss_kb(broker.pid)
+            rss_after = _trees_rss_kb(roots)
             granted = sum(r["granted"] for r in res)
             first = min(r["first"] for r in res)
             last = max(r["last"] for r in res)
@@ -2175,7 +2198,7 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             last = max((r["last_connack"] for r in res), default=0)
             elapsed = (last / 1e9 - t_start) if last else float("nan")
             time.sleep(1.0)  # let the broker settle before measuring memory
-            rss_after = tree_rss_kb(broker.pid)
+            rss_after = _trees_rss_kb(roots)
             out["conn/s"] = ok / elapsed if ok and elapsed > 0 else 0.0
             out["failed"] = float(fail)
             out["KB/idle conn"] = ((rss_after - rss_before) / ok
@@ -2195,12 +2218,15 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             return out
 
         time.sleep(max(0.0, t_warm - time.monotonic()))
-        cpu_before, wall_before = tree_cpu_s(broker.pid), time.monotonic()
+        cpus_before, wall_before = _trees_cpu_s(roots), time.monotonic()
         collect("published", args.duration + args.timeout + 10)
-        cpu_after = tree_cpu_s(broker.pid)
-        if cpu_before is not None and cpu_after is not None and cpu_after >= cpu_before:
-            out["_broker_cpu_pct"] = round(100 * (cpu_after - cpu_before)
-                                           / (time.monotonic() - wall_before), 1)
+        cpus_after = _trees_cpu_s(roots)
+        cpu_wall = time.monotonic() - wall_before
+        used = {label: after - before for label, before in cpus_before.items()
+                if before is not None and (after := cpus_after[label]) is not None and after >= before}
+        if used and len(used) == len(roots):
+            out["_broker_cpu_pct"] = round(100 * sum(used.values()) / cpu_wall, 1)
+            out["_cpu_s"], out["_cpu_wall_s"] = used, cpu_wall
         fan = plans[0].fan
         checked = scn in CHECKED
         # drain: until everything expected has arrived, or nothing moves for a while
@@ -2281,7 +2307,7 @@ def run_once(scn: str, broker: Broker, args: argparse.Namespace) -> dict[str, An
             out["_lost_examples"] = chk["lost_examples"]
             out["_bad_payload"] = chk["bad_payload"]
             out["_unexpected"] = chk["unexpected"]
-            if scn == "latency-qos1":
+            if scn == "latency-qos1" or any(p.stamp for p in plans):
                 lat = sorted(x for r in res for x in r["lat_ns"])
                 for q in (50, 90, 99, 99.9):
                     out[f"p{q:g} ms"] = _percentile(lat, q) / 1e6 if lat else None

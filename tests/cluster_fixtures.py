@@ -124,6 +124,10 @@ class EtcdCluster:
             "--initial-cluster", initial, "--initial-cluster-state", self.state,
             "--initial-cluster-token", self.token,
             "--heartbeat-interval", "50", "--election-timeout", "500",
+            # a member that comes back from a partition does not start an election (and so
+            # does not cost the others their leader and the nodes their leases): the default
+            # from etcd 3.5, off in Debian's 3.4; docs/CLUSTERING.md recommends it
+            "--pre-vote",
             "--logger", "zap", "--log-level", "warn",
         ]
 

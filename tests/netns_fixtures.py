@@ -1,6 +1,6 @@
 """Three cluster nodes in network namespaces, an etcd member each, clients in a fourth.
 
-``netns_cluster`` (function scope) builds, with ``ip`` (iproute2) as root:
+``netns_cluster`` (function scope; ``netns_cluster_module``: one per test module) builds, with ``ip`` (iproute2) as root:
 
 * a namespace holding only a bridge, and namespaces ``n1``, ``n2``, ``n3`` and ``cl``
   (clients), each with lo up and a veth to the bridge carrying ``10.213.X.N/24`` (X chosen per
@@ -263,8 +263,10 @@ def _usable() -> str | None:
 _runs = 0
 
 
-@pytest.fixture
-def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
+@contextlib.contextmanager
+def built_cluster(base: Path) -> Iterator[NetnsCluster]:
+    """The namespaces and a healthy three-member etcd under ``base`` (no broker node yet),
+    taken down again when the block ends, also on failure."""
     global _runs
     why = _usable()
     if why is not None:
@@ -274,7 +276,7 @@ def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
     _runs += 1
     tag = f"{PREFIX}{os.getpid()}x{_runs}"
     subnet = f"10.213.{(os.getpid() + _runs) % 250 + 1}"
-    cluster = NetnsCluster(tag, subnet, tmp_path, EtcdCluster(binary, token=tag))
+    cluster = NetnsCluster(tag, subnet, base, EtcdCluster(binary, token=tag))
     cluster.etcd.reach = lambda: inside(cluster.clients_ns)
     try:
         cluster.build_network()
@@ -286,6 +288,19 @@ def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
+    with built_cluster(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def netns_cluster_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsCluster]:
+    """One cluster for every test of a module (a start costs tens of seconds)."""
+    with built_cluster(tmp_path_factory.mktemp("netns")) as cluster:
+        yield cluster
 
 
 def bounded(pred: Callable[[], object], timeout: float, message: str,

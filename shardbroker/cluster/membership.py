@@ -178,7 +178,10 @@ class Membership:
             thread.start()
 
     def _renew_loop(self) -> None:
-        interval = self.ttl / 3
+        # the first renewal once two thirds of the TTL are left, as after a renewal: a join
+        # answered late (its grant sent while etcd was out of reach, say) has less left, and a
+        # third of the TTL more would let the watchdog end the new lease before any renewal
+        interval = min(self.ttl / 3, max(0.0, self.time_left() - self.ttl * 2 / 3))
         while not self._stop.wait(interval):
             left = self.renew()
             interval = self.ttl / 3 if left >= self.ttl * 2 / 3 else min(0.25, self.ttl / 10)

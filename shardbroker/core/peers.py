@@ -313,6 +313,11 @@ class Peers:
         self.link.flush()
 
     def sweep(self) -> None:
-        """Resend durable forwards that a peer has left unacknowledged too long."""
-        for peer in self.outbox.overdue(self.time.mono):
-            self._resend(peer)
+        """Resend durable forwards that a peer has left unacknowledged too long (not to a worker
+        of a node that is gone: they wait in the outbox until it is back, and go then)."""
+        overdue = self.outbox.overdue(self.time.mono)
+        if overdue:
+            reached = set(self.link.peers)
+            for peer in overdue:
+                if peer in reached:
+                    self._resend(peer)

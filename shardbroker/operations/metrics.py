@@ -79,6 +79,9 @@ _SHARD_COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      "batches from other nodes refused: the sender is not registered under that lease", "bus_refused_frames", {}),
     ("shardbroker_bus_shed_batches_total", "batches dropped for a worker of another node that took nothing",
      "bus_shed", {}),
+    ("shardbroker_bus_unreached_messages_total",
+     "peer messages dropped: for a worker of another node no longer reached (durable ones are resent once it is back)",
+     "bus_unreached", {}),
 )
 _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_connections", "client connections", "connections"),

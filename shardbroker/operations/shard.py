@@ -64,6 +64,7 @@ class _Bus(Protocol):
     refused_keys: int
     refused_frames: int
     shed: int
+    unreached: int
 
     @property
     def peers(self) -> list[int]: ...
@@ -136,7 +137,7 @@ class ShardOps(Operations):
             bus_backlog=metrics.bus.backlog(), bus_waited=metrics.bus.waited, flow_holds=broker.flow.holds,
             store_used_bytes=sizes["used_bytes"], store_map_bytes=sizes["map_size"],
             bus_refused_keys=metrics.bus.refused_keys, bus_refused_frames=metrics.bus.refused_frames,
-            bus_shed=metrics.bus.shed,
+            bus_shed=metrics.bus.shed, bus_unreached=metrics.bus.unreached,
             remote_peers=sum(1 for p in metrics.bus.peers if p >= REMOTE_BASE),
             handover_remote=sum(len(items) for p, items in broker.peers.outbox.pending.items()
                                 if p >= REMOTE_BASE),

@@ -145,6 +145,7 @@ class Bus:
         self.shed = 0  # batches dropped for an unreachable node (statistics)
         self.refused_frames = 0  # batches from other nodes the worker refused (statistics)
         self.renewed = 0  # sockets to other nodes' workers made anew (statistics)
+        self.unreached = 0  # messages for peers not reached (forgotten), dropped (statistics)
         self._shed_said = 0.0
 
     @property
@@ -337,7 +338,13 @@ class Bus:
             self._loop.call_soon(self._drain_remote)
 
     def send(self, peer: int, item: PeerMessage, size: int = 0) -> None:
-        """Queue a message for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`."""
+        """Queue a message for a peer (``size``: its payload bytes); it leaves at the next :meth:`flush`.
+        A peer this bus does not reach (a worker of a node whose registration ended, which the
+        outbox still resends to) gets nothing: the message is dropped and counted, as the batches
+        waiting for it were at :meth:`disconnect`."""
+        if peer not in self._push:
+            self.unreached += 1
+            return
         batches = self._pending.get(peer)
         size += ITEM_COST
         if batches is None:

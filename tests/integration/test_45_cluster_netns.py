@@ -12,8 +12,8 @@
   within the lease TTL and serve again once quorum is back.
 
 All traffic stays inside the namespaces: the test process opens its sockets there
-(``inside``). No message crosses nodes (there is no bus between nodes yet), so a publish
-and its subscriber are always on one node here."""
+(``inside``). A publish and its subscriber are on one node here; messages crossing nodes
+through these failures are test_48_cluster_netns_bus.py's."""
 
 from __future__ import annotations
 

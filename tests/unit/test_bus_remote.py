@@ -5,7 +5,7 @@ What is checked: a batch reaches the other node with its sender's header (node n
 lease) and in order; only a registered node's key is let in (a client whose key was not
 ``allow``ed, or one that expects another server key, gets nothing through), but a key allowed
 while its handshake waits is; a worker of another node that restarts (and at first refuses
-our key) is reached again; ``disconnect`` forgets a peer; ``from_sender`` renames the sender of
+our key) is reached again; ``disconnect`` forgets a peer, and a message sent to it later is dropped without failing the flush; ``from_sender`` renames the sender of
 each kind of message.
 """
 
@@ -201,6 +201,31 @@ def test_a_restarted_worker_of_another_node_is_reached_again(
         a.bus.close()
         if again is not None:
             again.close()
+
+
+def test_a_message_for_a_forgotten_peer_is_dropped_and_the_others_still_leave(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    """The outbox resends to a worker of a node whose registration ended (it keeps what that
+    worker did not acknowledge): the bus drops such a message rather than fail the flush, which
+    would lose every batch after it and the commit's client output with it."""
+    a, b, c = Node(tmp_path, "a", 1, 1), Node(tmp_path, "b", 2, 2), Node(tmp_path, "c", 3, 3)
+    try:
+        b.bus.allow(frozenset({a.keys[0]}))
+        c.bus.allow(frozenset({a.keys[0]}))
+        for n in (a, b, c):
+            n.bus.start(loop)
+        gone, live = a.reach(b), a.reach(c)
+        a.bus.disconnect(gone)
+        a.bus.send(gone, DurableForward(0, 7, Forward("t/gone", b"x", 1, False)))
+        a.bus.send(live, RoutesQuery(0))
+        a.bus.send(gone, ForwardAck(0, 3))
+        a.bus.flush()
+        assert a.bus.unreached == 2
+        assert run_until(loop, lambda: len(c.got) == 1)
+        assert b.got == []
+    finally:
+        for n in (a, b, c):
+            n.bus.close()
 
 
 def test_from_sender_names_the_remote_peer() -> None:
