@@ -45,6 +45,7 @@ from shardbroker.core.delivery import Delivery
 from shardbroker.core.flow import SLOW_CONSUMER_RATE, Flow
 from shardbroker.core.handshake import Handshake, InlineVerifier, PendingConnect, Verifier
 from shardbroker.core.inbound import Inbound
+from shardbroker.core.moves import Moves
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
 from shardbroker.core.session import Message, Session
@@ -149,6 +150,8 @@ class Broker:
         self.delivery.backpressure = self.inbound.backpressure = self.peers.backpressure = self.backpressure
         self.subscriptions.peers = self.peers
         self.peers.subscriptions = self.subscriptions
+        self.moves = Moves(shard, store, self.commit, self.sessions, link, self.time, self.stats, self.wake)
+        self.peers.moves = self.moves
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
@@ -163,6 +166,7 @@ class Broker:
         """Load this shard's sessions and outbox from the store."""
         self.time.set(now)
         self.sessions.restore(self.store)
+        self.moves.restore()
         self.peers.outbox.load(self.store.outbox(), self.store.meta_items())
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions),
                  self.subscriptions.route_count())
@@ -426,6 +430,13 @@ class Broker:
             self.close(client, reasons.USE_ANOTHER_SERVER, text)
             closed += 1
         return closed
+
+    def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
+        """A cluster node's grant gave ``vshard`` (its clients closed) to ``peer``, a worker of
+        another node: commit what closing them wrote, then send it the shard's persistent
+        sessions (``core/moves.py``). How many."""
+        self.flush(now)
+        return self.moves.give(vshard, peer, version)
 
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)

@@ -12,7 +12,10 @@ told 0x8B, the last batch is committed, the store closed.
 On a cluster node it serves the virtual shards of the supervisor's newest grant (control op
 ``fence``) until the grant's deadline: the handshake refuses other clients (CONNACK "server
 unavailable"), and the clients a new grant (or the deadline) no longer covers are closed
-(5.0: DISCONNECT 0x9C).
+(5.0: DISCONNECT 0x9C). A shard the grant gives to a worker of another node has its
+persistent sessions sent there once its clients are closed; a shard moving in is refused
+until its sessions have arrived, for at most ``moves.INCOMING_WAIT`` seconds
+(``core/moves.py``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core import clientlog
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
+from shardbroker.core.moves import INCOMING_WAIT
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
 from shardbroker.peer.bus import Bus, endpoint, remote_endpoint, remote_peer
-from shardbroker.peer.messages import PeerMessage, from_sender
+from shardbroker.peer.messages import REMOTE_BASE, PeerMessage, from_sender
 from shardbroker.process.runtime import install_loop, line_writer, log_in_turns, ready
 from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
@@ -180,6 +184,8 @@ class Worker:
         self._remote: dict[int, tuple[int, str, str]] = {}
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
+        self._incoming: dict[int, float] = {}  # a shard moving in -> when a grant first named it
+        self._waited_said: set[int] = set()  # shards served without their sessions (said once)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,6 +214,7 @@ class Worker:
 
             broker.backpressure.owner = owner
             broker.handshake.admit = self._admit
+            broker.moves.on_done = self._moved_in
             self._listen_remote(bus)
         broker.restore(now())
         poller = self._poller = Poller(loop)
@@ -362,7 +369,49 @@ class Worker:
         v = vshard_for(client_id, grant.count)
         if grant.owners[v] != self.shard_index:
             return f"virtual shard {v} is not served by this worker"
+        if self._moving_in(grant, v):
+            return f"virtual shard {v} is moving in from another node"
         return None
+
+    def _moving_in(self, grant: Grant, v: int) -> bool:
+        """Whether ``v`` (served here) waits for its sessions from its previous owner: the grant
+        names one and they have not arrived under this epoch, for at most ``INCOMING_WAIT``."""
+        if not grant.incoming or grant.incoming[v] < 0:
+            return False
+        if self.broker.moves.received.get(v, 0) >= grant.epochs[v]:
+            return False
+        t = time.monotonic()
+        since = self._incoming.setdefault(v, t)
+        if t - since < INCOMING_WAIT:
+            return True
+        if v not in self._waited_said:
+            self._waited_said.add(v)
+            log.error("shard %d: virtual shard %d: no sessions from peer %d in %.0f s; serving it"
+                      " without them", self.shard_index, v, grant.incoming[v], INCOMING_WAIT)
+        return False
+
+    def _moved_in(self, vshard: int, peer: int, count: int) -> None:
+        """The sessions of ``vshard`` from ``peer`` are committed here: it may be served."""
+        since = self._incoming.pop(vshard, None)
+        waited = f", {time.monotonic() - since:.3f} s after the grant named it" if since else ""
+        log.info("shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
+                 self.shard_index, vshard, peer, count, waited)
+
+    def _give_away(self, old: Grant, grant: Grant) -> None:
+        """Send the shards this grant gives to a worker of another node their persistent
+        sessions: those this worker served until now (even none: the new owner waits for word),
+        and any other whose sessions its store still holds (a send cut short by a restart)."""
+        peer_of = grant.peer_of
+        if not peer_of or not grant.number:
+            return
+        me = self.shard_index
+        stored = {vshard_for(cid, len(peer_of)) for cid in self.broker.sessions.stored_client_ids}
+        for v, peer in enumerate(peer_of):
+            if peer < REMOTE_BASE or (grant.owners and grant.owners[v] == me):
+                continue
+            was_mine = bool(old.owners) and old.owners[v] == me
+            if was_mine or v in stored:
+                self.broker.give_shard(v, peer, grant.version, now())
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one
@@ -376,6 +425,8 @@ class Worker:
         if grant.owners != old.owners or grant.until < old.until:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")
+        if grant.peer_of != old.peer_of or grant.owners != old.owners:
+            self._give_away(old, grant)
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None
