@@ -110,8 +110,9 @@ class Moves:
             packed.append(pack_state(state))
         out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, mono, mono)
         self._send(vshard, out)
-        log.info("shard %d: virtual shard %d goes to peer %d: %d sessions sent", self.shard,
-                 vshard, peer, len(packed))
+        if packed:
+            log.info("shard %d: virtual shard %d goes to peer %d: %d sessions sent", self.shard,
+                     vshard, peer, len(packed))
         return len(packed)
 
     def _send(self, vshard: int, out: _Out) -> None:
@@ -140,9 +141,10 @@ class Moves:
                 batch.delete_session(cid)
         self.stats["shards_moved_out"] += 1
         self.stats["sessions_moved_out"] += len(out.client_ids)
-        log.info("shard %d: virtual shard %d moved out to peer %d: %d sessions, %.3f s from"
-                 " closing its clients to the acknowledgement", self.shard, m.vshard, m.shard,
-                 len(out.client_ids), self.time.mono - out.started)
+        log.log(logging.INFO if out.client_ids else logging.DEBUG,
+                "shard %d: virtual shard %d moved out to peer %d: %d sessions, %.3f s from"
+                " closing its clients to the acknowledgement", self.shard, m.vshard, m.shard,
+                len(out.client_ids), self.time.mono - out.started)
         self.wake()
 
     def sweep(self) -> None:

@@ -394,8 +394,9 @@ class Worker:
         """The sessions of ``vshard`` from ``peer`` are committed here: it may be served."""
         since = self._incoming.pop(vshard, None)
         waited = f", {time.monotonic() - since:.3f} s after the grant named it" if since else ""
-        log.info("shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
-                 self.shard_index, vshard, peer, count, waited)
+        log.log(logging.INFO if count else logging.DEBUG,
+                "shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
+                self.shard_index, vshard, peer, count, waited)
 
     def _give_away(self, old: Grant, grant: Grant) -> None:
         """Send the shards this grant gives to a worker of another node their persistent
