@@ -74,8 +74,10 @@ class Moves:
         self.wake = wake
         self.outgoing: dict[int, _Out] = {}
         self.received: dict[int, int] = {}  # vshard -> the map version it last arrived under
-        self._handled: dict[tuple[int, int, int], int] = {}  # (peer, vshard, version) -> sessions
-        self._ends: list[ShardStateEnd] = []  # acknowledged after the next good commit
+        # (peer, vshard, version) -> sessions handled, and of those taken (not kept from here)
+        self._handled: dict[tuple[int, int, int], int] = {}
+        self._taken: dict[tuple[int, int, int], int] = {}
+        self._ends: list[tuple[ShardStateEnd, int]] = []  # acknowledged after the next good commit
         self.on_done: Callable[[int, int, int], None] = lambda vshard, peer, count: None
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in"):
             stats.setdefault(key, 0)
@@ -185,12 +187,15 @@ class Moves:
                     continue
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
+            self._taken[key] = self._taken.get(key, 0) + 1
         if announce:
             self.sessions.subscriptions.announce(announce)
         self.wake()
 
     def on_end(self, m: ShardStateEnd) -> None:
-        handled = self._handled.pop((m.shard, m.vshard, m.version), 0)
+        key = (m.shard, m.vshard, m.version)
+        handled = self._handled.pop(key, 0)
+        taken = self._taken.pop(key, 0)
         if handled < m.count:  # a batch was lost on the way: the sender sends it all again
             log.warning("shard %d: virtual shard %d from peer %d: %d of %d sessions arrived;"
                         " waiting for them again", self.shard, m.vshard, m.shard, handled, m.count)
@@ -198,7 +203,7 @@ class Moves:
         received = dict(self.received)
         received[m.vshard] = max(m.version, received.get(m.vshard, 0))
         self.commit.batch().set_meta(MOVES_IN, received)
-        self._ends.append(m)
+        self._ends.append((m, taken))
         self.wake()
 
     def committed(self, ok: bool) -> None:
@@ -206,9 +211,9 @@ class Moves:
         ends, self._ends = self._ends, []
         if not ok:
             return  # not acknowledged: the sender sends them again
-        for m in ends:
+        for m, taken in ends:
             self.received[m.vshard] = max(m.version, self.received.get(m.vshard, 0))
             self.link.send(m.shard, ShardStateAck(self.shard, m.vshard, m.version, m.count))
             self.stats["shards_moved_in"] += 1
-            self.stats["sessions_moved_in"] += m.count
-            self.on_done(m.vshard, m.shard, m.count)
+            self.stats["sessions_moved_in"] += taken
+            self.on_done(m.vshard, m.shard, taken)
