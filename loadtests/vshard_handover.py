@@ -13,7 +13,9 @@ queued, then starts n2 (one worker) and reports:
   committed there;
 * from the clients: the time from n2's ``ready`` line until every session has reconnected to
   n2 with session present and received its queued messages (connects in order, one client
-  at a time, each retried while refused as "server unavailable").
+  at a time, each retried while refused as "server unavailable");
+* then, with QUEUED messages queued again on n2, n2 is drained (both nodes up and reaching
+  each other: the move between live nodes alone) and the same is reported for the way back.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import cluster_fixtures
 
 from loadtests import mqttwire
 from loadtests.cluster_proc import NodeProcess
+from shardbroker.cluster import admin
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
 from shardbroker.cluster.placement import Slot, place, vshard_for
@@ -108,6 +111,34 @@ def served(port: int, cid: str, queued: int) -> None:
     c.close()
 
 
+def publish_all(port: int, publisher: str, ids: list[str], queued: int) -> None:
+    """``queued`` QoS 1 messages to each of ``ids``' topics, each round acknowledged."""
+    pub = Client(port, publisher, clean=True)
+    pid = 0
+    for round_ in range(queued):
+        for cid in ids:
+            pid = pid % 65535 + 1
+            pub.sock.sendall(mqttwire.publish(f"h/{cid}", b"%063d" % round_, qos=1, packet_id=pid))
+        for _ in ids:
+            pub.packet()  # PUBACK
+    pub.close()
+
+
+def report(what: str, giver: list[str], taker: list[str]) -> None:
+    outs = [(int(m.group(1)), float(m.group(2))) for line in giver if (m := OUT.search(line))]
+    ins = [(int(m.group(1)), float(m.group(2))) for line in taker if (m := IN.search(line))]
+    if outs:
+        pauses = [t for _, t in outs]
+        print(f"{what}: {len(outs)} virtual shards moved out with {sum(n for n, _ in outs)} sessions;"
+              f" closing their clients to the acknowledgement: median {statistics.median(pauses):.3f} s,"
+              f" largest {max(pauses):.3f} s")
+    if ins:
+        waits = [t for _, t in ins]
+        print(f"{what}: {len(ins)} shards a client asked for early moved in with"
+              f" {sum(n for n, _ in ins)} sessions; grant naming them to sessions committed:"
+              f" median {statistics.median(waits):.3f} s, largest {max(waits):.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1000)
@@ -137,15 +168,7 @@ def main() -> None:
                 c.sock.sendall(mqttwire.subscribe(1, [(f"h/{cid}", 1)]))
                 c.packet()  # SUBACK
                 c.close()
-            pub = Client(p1, publisher, clean=True)
-            pid = 0
-            for round_ in range(args.queued):
-                for cid in ids:
-                    pid = pid % 65535 + 1
-                    pub.sock.sendall(mqttwire.publish(f"h/{cid}", b"%063d" % round_, qos=1, packet_id=pid))
-                for _ in ids:
-                    pub.packet()  # PUBACK
-            pub.close()
+            publish_all(p1, publisher, ids, args.queued)
             started = time.monotonic()
             n2 = NodeProcess(base, "n2", base / "n2", etcd.endpoints, ttl=5, workers=1,
                              advertise=cluster_fixtures.bus_address(1), log_level="info")
@@ -156,22 +179,25 @@ def main() -> None:
                 served(p2, cid, args.queued)
             done = time.monotonic()
             time.sleep(0.5)
-            outs = [(int(m.group(1)), float(m.group(2))) for line in n1.lines if (m := OUT.search(line))]
-            ins = [(int(m.group(1)), float(m.group(2))) for line in n2.lines if (m := IN.search(line))]
             print(f"{len(ids)} sessions x {args.queued} queued QoS 1 messages; n2 started"
                   f" {ready - started:.2f} s before its listening line")
-            if outs:
-                pauses = [t for _, t in outs]
-                print(f"n1: {len(outs)} virtual shards moved out with {sum(n for n, _ in outs)} sessions;"
-                      f" closing their clients to n2's acknowledgement: median {statistics.median(pauses):.3f} s,"
-                      f" largest {max(pauses):.3f} s")
-            if ins:
-                waits = [t for _, t in ins]
-                print(f"n2: {len(ins)} shards moved in with {sum(n for n, _ in ins)} sessions; grant naming"
-                      f" them to sessions committed: median {statistics.median(waits):.3f} s,"
-                      f" largest {max(waits):.3f} s")
+            report("n2 joins", n1.lines, n2.lines)
             print(f"clients: every session back with its messages {done - ready:.2f} s after n2's"
                   " listening line")
+            marks = (len(n1.lines), len(n2.lines))
+            publish_all(p1, publisher, ids, args.queued)  # through n1's outbox toward n2
+            time.sleep(1.0)
+            client = Etcd(etcd.endpoints)
+            drained = time.monotonic()
+            admin.drain(client, "n2")
+            client.close()
+            for cid in ids:
+                served(p1, cid, args.queued)
+            done = time.monotonic()
+            time.sleep(0.5)
+            report("n2 drained", n2.lines[marks[1]:], n1.lines[marks[0]:])
+            print(f"clients: every session back on n1 with its messages {done - drained:.2f} s after"
+                  " the drain mark")
         finally:
             for node in nodes:
                 node.stop()

@@ -431,12 +431,17 @@ class Broker:
             closed += 1
         return closed
 
-    def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
-        """A cluster node's grant gave ``vshard`` (its clients closed) to ``peer``, a worker of
-        another node: commit what closing them wrote, then send it the shard's persistent
-        sessions (``core/moves.py``). How many."""
+    def give_shards(self, shards: Sequence[tuple[int, int]], version: int, now: Now) -> int:
+        """A cluster node's grant (map ``version``) gave these virtual shards (their clients
+        closed) to workers of other nodes, as (vshard, peer) pairs: commit what closing them
+        wrote, then send each peer its shards' persistent sessions (``core/moves.py``). How
+        many sessions."""
         self.flush(now)
-        return self.moves.give(vshard, peer, version)
+        return sum(self.moves.give(vshard, peer, version) for vshard, peer in shards)
+
+    def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
+        """``give_shards`` for one shard."""
+        return self.give_shards([(vshard, peer)], version, now)
 
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)

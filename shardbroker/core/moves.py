@@ -159,10 +159,30 @@ class Moves:
                 self._send(vshard, out)
 
     def forget_peer(self, peer: int) -> None:
-        """``peer``'s node left: what was on its way there stays in the store (given again
-        when a grant names the shard's next owner)."""
+        """``peer``'s node left before acknowledging: what was on its way there is taken back
+        (it is still in the store), to be given to the shard's next owner, or served here."""
         for vshard in [v for v, out in self.outgoing.items() if out.peer == peer]:
-            del self.outgoing[vshard]
+            self.take_back(vshard)
+
+    def take_back(self, vshard: int) -> int:
+        """Stop giving ``vshard`` away (it is this worker's again, or its taker left): its
+        sessions still in the store come back into memory, their routes announced. How many."""
+        out = self.outgoing.pop(vshard, None)
+        if out is None:
+            return 0
+        announce: list[str] = []
+        back = 0
+        for cid in out.client_ids:
+            state = self.store.client_state(cid) if self.sessions.get(cid) is None else None
+            if state is not None:
+                announce += self.sessions.adopt(state)
+                back += 1
+        if announce:
+            self.sessions.subscriptions.announce(announce)
+        if back:
+            log.warning("shard %d: virtual shard %d: %d sessions taken back (peer %d did not"
+                        " acknowledge them)", self.shard, vshard, back, out.peer)
+        return back
 
     # ---- taking a shard in
 

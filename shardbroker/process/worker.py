@@ -406,13 +406,14 @@ class Worker:
         if not peer_of or not grant.number:
             return
         me = self.shard_index
+        for v in [v for v in self.broker.moves.outgoing if grant.owners and grant.owners[v] == me]:
+            self.broker.moves.take_back(v)  # back before the taker acknowledged
         stored = {vshard_for(cid, len(peer_of)) for cid in self.broker.sessions.stored_client_ids}
-        for v, peer in enumerate(peer_of):
-            if peer < REMOTE_BASE or (grant.owners and grant.owners[v] == me):
-                continue
-            was_mine = bool(old.owners) and old.owners[v] == me
-            if was_mine or v in stored:
-                self.broker.give_shard(v, peer, grant.version, now())
+        given = [(v, peer) for v, peer in enumerate(peer_of)
+                 if peer >= REMOTE_BASE and not (grant.owners and grant.owners[v] == me)
+                 and ((bool(old.owners) and old.owners[v] == me) or v in stored)]
+        if given:
+            self.broker.give_shards(given, grant.version, now())
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one

@@ -173,3 +173,19 @@ def test_a_5_0_session_keeps_its_version_and_expiry(pair: tuple[Harness, Harness
     carry(a, b, A_PEER, (ShardState, ShardStateEnd))
     sess = b.broker.sessions.get(CID)
     assert sess is not None and (sess.version, sess.expiry_interval) == (MQTT_5, 600)
+
+
+def test_what_was_not_acknowledged_is_taken_back_when_the_taker_leaves(
+        pair: tuple[Harness, Harness]) -> None:
+    a, _b = pair
+    offline_with_messages(a)
+    a.link.peers.append(B_PEER)
+    assert a.broker.give_shard(V, B_PEER, 7, a.now) == 1
+    a.run()
+    a.link.take()
+    a.broker.peers.peer_removed(B_PEER)  # its node's registration ended
+    a.run()
+    assert a.broker.moves.outgoing == {} and a.broker.sessions.get(CID) is not None
+    _c, packets = reconnect(a)
+    assert isinstance(packets[0], ConnAck) and packets[0].session_present
+    assert [p.payload for p in packets if isinstance(p, Publish)] == [b"in-flight", b"q1", b"q2", b"q1b"]
