@@ -9,8 +9,8 @@ queued, then starts n2 (one worker) and reports:
 
 * from n1's log, per virtual shard that moved: the time from closing its clients to n2's
   acknowledgement of its sessions (``core/moves.py``), median and largest, and the sessions;
-* from n2's log, per shard: the time from the grant that named it incoming to its sessions
-  committed there;
+* from n2's log, per shard a client asked for before its sessions arrived: the time from
+  that first ask (refused) to its sessions committed there;
 * from the clients: the time from n2's ``ready`` line until every session has reconnected to
   n2 with session present and received its queued messages (connects in order, one client
   at a time, each retried while refused as "server unavailable");
@@ -135,7 +135,7 @@ def report(what: str, giver: list[str], taker: list[str]) -> None:
     if ins:
         waits = [t for _, t in ins]
         print(f"{what}: {len(ins)} shards a client asked for early moved in with"
-              f" {sum(n for n, _ in ins)} sessions; grant naming them to sessions committed:"
+              f" {sum(n for n, _ in ins)} sessions; first ask to sessions committed:"
               f" median {statistics.median(waits):.3f} s, largest {max(waits):.3f} s")
 
 

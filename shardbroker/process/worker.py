@@ -184,8 +184,9 @@ class Worker:
         self._remote: dict[int, tuple[int, str, str]] = {}
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
-        self._incoming: dict[int, float] = {}  # a shard moving in -> when a grant first named it
-        self._waited_said: set[int] = set()  # shards served without their sessions (said once)
+        # a shard moving in -> its epoch, and when a client first asked for it under that epoch
+        self._incoming: dict[int, tuple[int, float]] = {}
+        self._waited_said: set[tuple[int, int]] = set()  # (shard, epoch) served without its sessions
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -381,19 +382,22 @@ class Worker:
         if self.broker.moves.received.get(v, 0) >= grant.epochs[v]:
             return False
         t = time.monotonic()
-        since = self._incoming.setdefault(v, t)
+        epoch, since = self._incoming.get(v, (0, t))
+        if epoch != grant.epochs[v]:  # the first ask under this epoch
+            since = t
+            self._incoming[v] = (grant.epochs[v], t)
         if t - since < INCOMING_WAIT:
             return True
-        if v not in self._waited_said:
-            self._waited_said.add(v)
+        if (v, epoch) not in self._waited_said:
+            self._waited_said.add((v, epoch))
             log.error("shard %d: virtual shard %d: no sessions from peer %d in %.0f s; serving it"
                       " without them", self.shard_index, v, grant.incoming[v], INCOMING_WAIT)
         return False
 
     def _moved_in(self, vshard: int, peer: int, count: int) -> None:
         """The sessions of ``vshard`` from ``peer`` are committed here: it may be served."""
-        since = self._incoming.pop(vshard, None)
-        waited = f", {time.monotonic() - since:.3f} s after the grant named it" if since else ""
+        asked = self._incoming.pop(vshard, None)
+        waited = f", {time.monotonic() - asked[1]:.3f} s after a client first asked for it" if asked else ""
         log.log(logging.INFO if count else logging.DEBUG,
                 "shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
                 self.shard_index, vshard, peer, count, waited)
