@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.sessions import Sessions
+from shardbroker.core.session import Session, Subscribed
+from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
 from shardbroker.peer.messages import ShardState, ShardStateAck, ShardStateEnd
 from shardbroker.storage.records import StoreError
@@ -56,6 +57,8 @@ class _Out:
     version: int
     client_ids: list[str]
     packed: list[bytes]
+    # as they were in memory, with their subscriptions: released at the end, or reinstated
+    dropped: list[tuple[Session, dict[str, Subscribed]]]
     started: float  # monotonic: when the shard was given (its clients closed just before)
     sent_at: float
 
@@ -99,18 +102,21 @@ class Moves:
         mono, wall = self.time.mono, self.time.wall
         client_ids: list[str] = []
         packed: list[bytes] = []
+        dropped: list[tuple[Session, dict[str, Subscribed]]] = []
         for cid in list(self.store.client_ids([vshard])):
             state = self.store.client_state(cid)
             if state is None:
                 continue
-            sess = self.sessions.drop(cid)
+            was = self.sessions.drop(cid)
+            if was is not None:
+                dropped.append(was)
             if state.session.disconnected_at is None:  # stored while connected (a crash since)
-                at = sess.disconnected_at if sess is not None and sess.disconnected_at else wall
+                at = was[0].disconnected_at if was is not None and was[0].disconnected_at else wall
                 state = dataclasses.replace(state, session=dataclasses.replace(state.session,
                                                                                disconnected_at=at))
             client_ids.append(cid)
             packed.append(pack_state(state))
-        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, mono, mono)
+        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, dropped, mono, mono)
         self._send(vshard, out)
         if packed:
             log.info("shard %d: virtual shard %d goes to peer %d: %d sessions sent", self.shard,
@@ -141,6 +147,8 @@ class Moves:
         for cid in out.client_ids:
             if self.sessions.get(cid) is None:  # not back here meanwhile
                 batch.delete_session(cid)
+        for sess, _subs in out.dropped:
+            release_rows(sess)
         self.stats["shards_moved_out"] += 1
         self.stats["sessions_moved_out"] += len(out.client_ids)
         log.log(logging.INFO if out.client_ids else logging.DEBUG,
@@ -165,17 +173,17 @@ class Moves:
             self.take_back(vshard)
 
     def take_back(self, vshard: int) -> int:
-        """Stop giving ``vshard`` away (it is this worker's again, or its taker left): its
-        sessions still in the store come back into memory, their routes announced. How many."""
+        """Stop giving ``vshard`` away (it is this worker's again, or its taker left): the
+        sessions taken out of memory come back (their rows never left the store), their routes
+        announced. How many."""
         out = self.outgoing.pop(vshard, None)
         if out is None:
             return 0
         announce: list[str] = []
         back = 0
-        for cid in out.client_ids:
-            state = self.store.client_state(cid) if self.sessions.get(cid) is None else None
-            if state is not None:
-                announce += self.sessions.adopt(state)
+        for sess, subs in out.dropped:
+            if self.sessions.get(sess.client_id) is None:
+                announce += self.sessions.reinstate(sess, subs)
                 back += 1
         if announce:
             self.sessions.subscriptions.announce(announce)

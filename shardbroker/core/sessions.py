@@ -30,6 +30,7 @@ from shardbroker.core.session import (
     Outgoing,
     Queued,
     Session,
+    Subscribed,
     WillState,
     subscribed,
 )
@@ -106,15 +107,25 @@ class Sessions:
         self.stored_client_ids.add(rec.client_id)
         return announce
 
-    def drop(self, client_id: str) -> Session | None:
+    def drop(self, client_id: str) -> tuple[Session, dict[str, Subscribed]] | None:
         """Forget a session that moves to another node (``core/moves.py``): out of memory, its
         routes withdrawn, its will not published; its stored rows stay (deleted once the
-        other node has them). None when there was none in memory."""
+        other node has them). The session and the subscriptions it had (for ``reinstate``),
+        or None when there was none in memory."""
         sess = self.sessions.pop(client_id, None)
         self.stored_client_ids.discard(client_id)
-        if sess is not None:
-            self.subscriptions.remove_all(sess)
-        return sess
+        if sess is None:
+            return None
+        subs = dict(sess.subscriptions or {})
+        self.subscriptions.remove_all(sess)
+        return sess, subs
+
+    def reinstate(self, sess: Session, subs: dict[str, Subscribed]) -> list[str]:
+        """A session ``drop`` took out comes back (its move did not complete); the filters whose
+        routes the peers must hear of again."""
+        self.sessions[sess.client_id] = sess
+        self.stored_client_ids.add(sess.client_id)
+        return [flt for flt, sub in subs.items() if self.subscriptions.adopt(sess, flt, sub)]
 
     def _load(self, rec: SessionRecord, inflight: Iterable[tuple[int, InflightRecord, StoredMessage | None]],
               queue: Iterable[tuple[int, int, int, StoredMessage]], qos2_incoming: Iterable[int],
@@ -292,13 +303,19 @@ class Sessions:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self.commit.batch().delete_session(sess.client_id)
         self.stored_client_ids.discard(sess.client_id)
-        for q in sess.queue or ():
-            if q.seq is not None:
-                q.seq = None
-                q.message.unref()
-        for out in sess.inflight.values():
-            if out.message is not None:
-                out.message.unref()
+        release_rows(sess)
+
+
+def release_rows(sess: Session) -> None:
+    """The session's stored rows are deleted (by the caller's batch): the messages it shares
+    with other sessions count one row less each (``Message.unref``)."""
+    for q in sess.queue or ():
+        if q.seq is not None:
+            q.seq = None
+            q.message.unref()
+    for out in sess.inflight.values():
+        if out.message is not None:
+            out.message.unref()
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

@@ -189,3 +189,34 @@ def test_what_was_not_acknowledged_is_taken_back_when_the_taker_leaves(
     _c, packets = reconnect(a)
     assert isinstance(packets[0], ConnAck) and packets[0].session_present
     assert [p.payload for p in packets if isinstance(p, Publish)] == [b"in-flight", b"q1", b"q2", b"q1b"]
+
+
+def test_a_message_shared_with_a_session_that_stays_is_kept_for_it(pair: tuple[Harness, Harness]) -> None:
+    """One publish queued for the moving session and for one that stays (one message row, two
+    references): once the move is acknowledged the message counts one reference, the row
+    of the session that stays, and is still there for it."""
+    a, _b = pair
+    stayer = next(c for c in (f"stay{i}" for i in range(100)) if vshard_for(c, 1024) != V)
+    for cid in (CID, stayer):
+        c = a.connect(cid, clean=False)
+        c.send(Subscribe(1, (Subscription("s/#", 1),)))
+        c.drop()
+    a.connect("pub").send(Publish("s/1", b"shared", 1, packet_id=1))
+    sess = a.broker.sessions.get(stayer)
+    assert sess is not None and sess.queue is not None
+    shared = sess.queue[0].message
+    assert shared.refs == 2
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    assert shared.refs == 2  # the moving session's row is there until the acknowledgement
+    a.peer_messages([ShardStateAck(B_PEER, V, 7, 1)])
+    assert shared.refs == 1 and shared.store_id is not None
+    assert not a.store.has_session(CID) and a.store.check() == []
+    _c, packets = reconnect_as(a, stayer)
+    assert [p.payload for p in packets if isinstance(p, Publish)] == [b"shared"]
+
+
+def reconnect_as(h: Harness, cid: str) -> tuple[FakeClient, list[object]]:
+    c = h.connect(cid, clean=False)
+    return c, c.packets()
