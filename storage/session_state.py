@@ -14,7 +14,8 @@ What it does:
 * ``put_state``: the state's writes into a ``Batch`` (the session record, each message
   added once, its queue rows in order, its inflight rows under the same packet ids and
   states, its QoS 2 ids), and the state as written (the new message ids and seqs), which
-  is what the broker keeps in memory. ``vshards`` copies sessions between stores with it.
+  is what the broker keeps in memory. ``vshards`` copies sessions between a data directory's
+  stores with it too (committing between rows as its batches fill).
 
 Invariants: ``unpack_state(pack_state(s))`` equals ``s`` but for message ids and seqs;
 ``unpack_state`` raises ``StoreCorrupt`` and nothing else on bytes it did not make.
@@ -24,6 +25,7 @@ No I/O, no LMDB: the broker core may import it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,12 +114,19 @@ def unpack_state(data: bytes) -> ClientState:
     return ClientState(decode_session(session_row), inflight, queue, [_u16(p) for p in qos2_rows])
 
 
-def put_state(batch: StateBatch, state: ClientState, ids: dict[int, int] | None = None) -> ClientState:
+def _nothing() -> None:
+    pass
+
+
+def put_state(batch: StateBatch, state: ClientState, ids: dict[int, int] | None = None,
+              after_row: Callable[[], None] | None = None) -> ClientState:
     """Write ``state`` into ``batch``; the state as written (its new message ids and seqs).
     ``ids`` maps message ids of ``state`` to ids already added to ``batch`` (a message shared
     by sessions is added once); it is filled as messages are added. A shipped state's
-    messages (id -1) are added once per row."""
+    messages (id -1) are added once per row. ``after_row`` is called after each inflight and
+    queue row (where a long copy may commit: never between a message and its row)."""
     ids = {} if ids is None else ids
+    row_done = after_row or _nothing
     cid = state.session.client_id
     batch.put_session(state.session)
 
@@ -131,16 +140,18 @@ def put_state(batch: StateBatch, state: ClientState, ids: dict[int, int] | None 
 
     inflight: list[tuple[int, InflightRecord, StoredMessage | None]] = []
     for pid, rec, msg in state.inflight:
-        new_id = None if rec.msg_id is None or msg is None else added(rec.msg_id, msg)
         if rec.msg_id is not None and msg is None:
             raise StoreCorrupt(f"inflight {pid} of {cid!r} names missing message {rec.msg_id}")
+        new_id = None if rec.msg_id is None or msg is None else added(rec.msg_id, msg)
         row = InflightRecord(new_id, rec.qos, rec.state)
         batch.put_inflight(cid, pid, row)
         inflight.append((pid, row, msg))
+        row_done()
     queue: list[tuple[int, int, int, StoredMessage]] = []
     for _seq, msg_id, qos, msg in state.queue:
         new_id = added(msg_id, msg)
         queue.append((batch.enqueue(cid, new_id, qos), new_id, qos, msg))
+        row_done()
     for pid in state.qos2_incoming:
         batch.add_qos2_incoming(cid, pid)
     return ClientState(state.session, inflight, queue, list(state.qos2_incoming))
