@@ -102,7 +102,8 @@ class Moves:
         mono, wall = self.time.mono, self.time.wall
         client_ids: list[str] = []
         packed: list[bytes] = []
-        dropped: list[tuple[Session, dict[str, Subscribed]]] = []
+        # on its way to another peer, which has not acknowledged: those sessions go here now
+        dropped: list[tuple[Session, dict[str, Subscribed]]] = out.dropped if out is not None else []
         for cid in list(self.store.client_ids([vshard])):
             state = self.store.client_state(cid)
             if state is None:

@@ -220,3 +220,22 @@ def test_a_message_shared_with_a_session_that_stays_is_kept_for_it(pair: tuple[H
 def reconnect_as(h: Harness, cid: str) -> tuple[FakeClient, list[object]]:
     c = h.connect(cid, clean=False)
     return c, c.packets()
+
+
+def test_a_shard_given_again_to_another_peer_before_an_acknowledgement(
+        pair: tuple[Harness, Harness]) -> None:
+    """The map moved the shard on before its first taker acknowledged: the sessions go to the
+    next one, and an acknowledgement of the first is ignored."""
+    a, _b = pair
+    offline_with_messages(a)
+    a.link.peers += [B_PEER, 768]
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    a.link.take()
+    assert a.broker.give_shard(V, 768, 8, a.now) == 1
+    a.run()
+    assert [(p, type(m)) for p, m in a.link.take()] == [(768, ShardState), (768, ShardStateEnd)]
+    a.peer_messages([ShardStateAck(B_PEER, V, 7, 1)])
+    assert a.store.has_session(CID)  # not acknowledged by the one it went to last
+    a.peer_messages([ShardStateAck(768, V, 8, 1)])
+    assert not a.store.has_session(CID) and a.store.check() == []
