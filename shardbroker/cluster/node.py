@@ -75,7 +75,7 @@ from shardbroker.cluster.numbers import (
     save_identity,
 )
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
+from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError, ShardMap
 from shardbroker.config import ClusterConfig
 
 __all__ = ["GUARD", "ClusterNode", "served_changes"]
@@ -126,6 +126,7 @@ class ClusterNode:
         self._leases: dict[str, int] = {}  # and the leases they are registered under
         # virtual shards moving in from another node: v -> (epoch, previous node, its worker)
         self._incoming: dict[int, tuple[int, str, int]] = {}
+        self._last_map: ShardMap | None = None  # the newest map held, whatever the lease
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,10 +235,11 @@ class ClusterNode:
             if self.member.lost:
                 return  # told while this round read etcd: the next round joins again
             if new is not None:
-                before = self.fence.map
+                before = self.fence.map or self._last_map  # a new lease starts with no map
                 self.fence.apply(new)
                 if self.fence.map is not None and self.fence.map is not before:
                     self._incoming = moved_in(me, before, self.fence.map, self._incoming)
+                    self._last_map = self.fence.map
             self._nodes = {node: info for node, info in view.nodes.items() if node != me}
             self._leases = dict(view.leases)
             self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
