@@ -484,6 +484,7 @@ class Broker:
         outbox = self.peers.outbox
         if outbox.has_dirty():
             outbox.persist(self.commit.batch())
+        self.moves.persist()
         ok = self.commit.run()
         due = self.output.take()
         if not ok:

@@ -229,11 +229,18 @@ class Moves:
             log.warning("shard %d: virtual shard %d from peer %d: %d of %d sessions arrived;"
                         " waiting for them again", self.shard, m.vshard, m.shard, handled, m.count)
             return
-        received = dict(self.received)
-        received[m.vshard] = max(m.version, received.get(m.vshard, 0))
-        self.commit.batch().set_meta(MOVES_IN, received)
         self._ends.append((m, taken))
         self.wake()
+
+    def persist(self) -> None:
+        """Before the iteration's commit: the versions the shards completed in it arrived
+        under join ``moves_in`` (one write however many shards)."""
+        if not self._ends:
+            return
+        received = dict(self.received)
+        for m, _taken in self._ends:
+            received[m.vshard] = max(m.version, received.get(m.vshard, 0))
+        self.commit.batch().set_meta(MOVES_IN, received)
 
     def committed(self, ok: bool) -> None:
         """The iteration's commit is done: acknowledge the shards it completed."""

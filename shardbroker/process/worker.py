@@ -184,6 +184,9 @@ class Worker:
         self._remote: dict[int, tuple[int, str, str]] = {}
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
+        # shards this worker may have served since it started and has not given away since:
+        # at start, those of its layout (a previous run may have served them)
+        self._held: set[int] = {v for v, w in enumerate(self.local) if w == shard}
         # a shard moving in -> its epoch, and when a client first asked for it under that epoch
         self._incoming: dict[int, tuple[int, float]] = {}
         self._waited_said: set[tuple[int, int]] = set()  # (shard, epoch) served without its sessions
@@ -402,21 +405,25 @@ class Worker:
                 "shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
                 self.shard_index, vshard, peer, count, waited)
 
-    def _give_away(self, old: Grant, grant: Grant) -> None:
+    def _give_away(self, grant: Grant) -> None:
         """Send the shards this grant gives to a worker of another node their persistent
-        sessions: those this worker served until now (even none: the new owner waits for word),
-        and any other whose sessions its store still holds (a send cut short by a restart)."""
+        sessions: those this worker may have served since it started and not given away since
+        (even with none: the new owner waits for word; after a restart, every shard of its
+        layout), and any other whose sessions its store holds (a move cut short)."""
         peer_of = grant.peer_of
+        me = self.shard_index
+        mine = [v for v, w in enumerate(grant.owners) if w == me]
+        self._held.update(mine)
+        for v in [v for v in self.broker.moves.outgoing if v in mine]:
+            self.broker.moves.take_back(v)  # back before the taker acknowledged
         if not peer_of or not grant.number:
             return
-        me = self.shard_index
-        for v in [v for v in self.broker.moves.outgoing if grant.owners and grant.owners[v] == me]:
-            self.broker.moves.take_back(v)  # back before the taker acknowledged
         stored = {vshard_for(cid, len(peer_of)) for cid in self.broker.sessions.stored_client_ids}
         given = [(v, peer) for v, peer in enumerate(peer_of)
-                 if peer >= REMOTE_BASE and not (grant.owners and grant.owners[v] == me)
-                 and ((bool(old.owners) and old.owners[v] == me) or v in stored)]
+                 if peer >= REMOTE_BASE and (v in self._held or v in stored)
+                 and not (grant.owners and grant.owners[v] == me)]
         if given:
+            self._held.difference_update(v for v, _ in given)
             self.broker.give_shards(given, grant.version, now())
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +439,7 @@ class Worker:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")
         if grant.peer_of != old.peer_of or grant.owners != old.owners:
-            self._give_away(old, grant)
+            self._give_away(grant)
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None
