@@ -81,6 +81,7 @@ class Moves:
         self._handled: dict[tuple[int, int, int], int] = {}
         self._taken: dict[tuple[int, int, int], int] = {}
         self._ends: list[tuple[ShardStateEnd, int]] = []  # acknowledged after the next good commit
+        self._adopted: list[str] = []  # sessions taken in this iteration (its commit holds them)
         self.on_done: Callable[[int, int, int], None] = lambda vshard, peer, count: None
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in"):
             stats.setdefault(key, 0)
@@ -150,8 +151,9 @@ class Moves:
                 batch.delete_session(cid)
         for sess, _subs in out.dropped:
             release_rows(sess)
-        self.stats["shards_moved_out"] += 1
-        self.stats["sessions_moved_out"] += len(out.client_ids)
+        if out.client_ids:  # a shard without sessions moved nothing
+            self.stats["shards_moved_out"] += 1
+            self.stats["sessions_moved_out"] += len(out.client_ids)
         log.log(logging.INFO if out.client_ids else logging.DEBUG,
                 "shard %d: virtual shard %d moved out to peer %d: %d sessions, %.3f s from"
                 " closing its clients to the acknowledgement", self.shard, m.vshard, m.shard,
@@ -216,6 +218,7 @@ class Moves:
                     continue
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
+            self._adopted.append(rec.client_id)
             self._taken[key] = self._taken.get(key, 0) + 1
         if announce:
             self.sessions.subscriptions.announce(announce)
@@ -245,11 +248,15 @@ class Moves:
     def committed(self, ok: bool) -> None:
         """The iteration's commit is done: acknowledge the shards it completed."""
         ends, self._ends = self._ends, []
-        if not ok:
-            return  # not acknowledged: the sender sends them again
+        adopted, self._adopted = self._adopted, []
+        if not ok:  # not acknowledged: the sender sends them again, and they are taken then
+            for cid in adopted:
+                self.sessions.drop(cid)
+            return
         for m, taken in ends:
             self.received[m.vshard] = max(m.version, self.received.get(m.vshard, 0))
             self.link.send(m.shard, ShardStateAck(self.shard, m.vshard, m.version, m.count))
-            self.stats["shards_moved_in"] += 1
-            self.stats["sessions_moved_in"] += taken
+            if taken:
+                self.stats["shards_moved_in"] += 1
+                self.stats["sessions_moved_in"] += taken
             self.on_done(m.vshard, m.shard, taken)

@@ -37,6 +37,8 @@ from shardbroker.protocol.packets import (
     Subscribe,
     Subscription,
 )
+from shardbroker.storage.lmdb_store import ShardStore
+from shardbroker.storage.records import StoreFull
 
 A_PEER, B_PEER = 256, 512  # how each names the other: workers 0 of nodes 1 and 2
 CID = "mover"
@@ -239,3 +241,28 @@ def test_a_shard_given_again_to_another_peer_before_an_acknowledgement(
     assert a.store.has_session(CID)  # not acknowledged by the one it went to last
     a.peer_messages([ShardStateAck(768, V, 8, 1)])
     assert not a.store.has_session(CID) and a.store.check() == []
+
+
+def test_sessions_whose_commit_failed_are_not_acknowledged_and_are_taken_at_the_resend(
+        pair: tuple[Harness, Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    offline_with_messages(a)
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    msgs = [m for _p, m in a.link.take() if isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(msgs, A_PEER)
+    commit = ShardStore._commit
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StoreFull("the disk is full")
+
+    monkeypatch.setattr(ShardStore, "_commit", full)
+    b.peer_messages(msgs)
+    assert not [m for _p, m in b.link.take() if isinstance(m, ShardStateAck)]
+    assert b.broker.sessions.get(CID) is None and not b.store.has_session(CID)
+    monkeypatch.setattr(ShardStore, "_commit", commit)
+    b.advance(6.0)  # past STORE_FULL_RETRY
+    b.peer_messages(msgs)
+    assert [m for _p, m in b.link.take() if isinstance(m, ShardStateAck)] == [ShardStateAck(0, V, 7, 1)]
+    assert len(b.store.queue(CID)) == 3 and b.store.check() == []
