@@ -37,7 +37,7 @@ from shardbroker.core.peers import PeerLink
 from shardbroker.core.session import Session, Subscribed
 from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
-from shardbroker.peer.messages import ShardState, ShardStateAck, ShardStateEnd
+from shardbroker.peer.messages import ShardState, ShardStateAck, ShardStateEnd, ShardStateQuery
 from shardbroker.storage.records import StoreError
 from shardbroker.storage.session_state import pack_state, put_state, unpack_state
 
@@ -46,6 +46,7 @@ log = logging.getLogger("shardbroker.moves")
 CHUNK_BYTES = 64 * 1024  # the sessions of one ShardState (one bigger session goes alone)
 RESEND_AFTER = 5.0  # seconds without an acknowledgement before the state goes again
 INCOMING_WAIT = 30.0  # seconds a worker refuses a shard moving in before it serves it anyway
+ASK_AFTER = 1.0  # seconds a shard moving in waits before its previous owner is asked (and again)
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
 
 
@@ -83,6 +84,11 @@ class Moves:
         self._ends: list[tuple[ShardStateEnd, int]] = []  # acknowledged after the next good commit
         self._adopted: list[str] = []  # sessions taken in this iteration (its commit holds them)
         self.on_done: Callable[[int, int, int], None] = lambda vshard, peer, count: None
+        # a peer asks for a shard (vshard, peer, its epoch there): the shell gives it when the
+        # grant says the shard is not this worker's any more
+        self.asked: Callable[[int, int, int], None] = lambda vshard, peer, epoch: None
+        # how many shards served here wait for their sessions (the shell knows its grant)
+        self.moving_in: Callable[[], int] = lambda: 0
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in"):
             stats.setdefault(key, 0)
 
@@ -169,6 +175,14 @@ class Moves:
                             len(out.packed))
                 self._send(vshard, out)
 
+    def peer_synced(self, peer: int) -> None:
+        """``peer`` sent its routes: it (re)started, or has just come to hear this worker (a
+        worker refuses the batches of a node its grant does not name yet): what is on its way
+        there goes again."""
+        for vshard, out in self.outgoing.items():
+            if out.peer == peer:
+                self._send(vshard, out)
+
     def forget_peer(self, peer: int) -> None:
         """``peer``'s node left before acknowledging: what was on its way there is taken back
         (it is still in the store), to be given to the shard's next owner, or served here."""
@@ -196,6 +210,12 @@ class Moves:
         return back
 
     # ---- taking a shard in
+
+    def ask(self, vshard: int, peer: int, epoch: int) -> None:
+        """Ask ``peer``, ``vshard``'s previous owner, for its sessions (a worker that restarted,
+        or lost its lease, since it served the shard does not know it is waited for)."""
+        self.link.send(peer, ShardStateQuery(self.shard, vshard, epoch))
+        self.wake()
 
     def on_state(self, m: ShardState) -> None:
         batch = self.commit.batch()

@@ -46,6 +46,7 @@ from shardbroker.peer.messages import (
     ShardState,
     ShardStateAck,
     ShardStateEnd,
+    ShardStateQuery,
 )
 from shardbroker.storage.records import StoredMessage
 
@@ -98,6 +99,7 @@ class Peers:
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
             LoginFailed: self._on_login_failed, ShardState: self._on_shard_state,
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
+            ShardStateQuery: self._on_shard_state_query,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -296,6 +298,7 @@ class Peers:
         self.synced.add(m.shard)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
+        self.moves.peer_synced(m.shard)  # ... and the shards on their way to it
         self.backpressure.peer_restarted(m.shard)  # ... and its holds on our publishers are gone
 
     def _on_hold(self, m: Hold) -> None:
@@ -315,6 +318,9 @@ class Peers:
 
     def _on_shard_state_ack(self, m: ShardStateAck) -> None:
         self.moves.on_ack(m)
+
+    def _on_shard_state_query(self, m: ShardStateQuery) -> None:
+        self.moves.asked(m.vshard, m.shard, m.version)
 
     # ---- the flush and the sweep
 

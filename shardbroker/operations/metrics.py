@@ -103,6 +103,8 @@ _SHARD_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("shardbroker_bus_backlog_batches", "peer batches waiting for room", "bus_backlog"),
     ("shardbroker_synced_peers", "shards whose routes this shard knows", "synced_peers"),
     ("shardbroker_remote_peers", "workers of other nodes this shard's bus reaches", "remote_peers"),
+    ("shardbroker_vshards_moving_in", "virtual shards served here still waiting for their sessions",
+     "vshards_moving_in"),
     ("shardbroker_outbox_remote_messages", "durable forwards not yet acknowledged by workers of other nodes",
      "handover_remote"),
     ("shardbroker_route_digest",

@@ -31,6 +31,7 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     15    ``ShardState``      shard, vshard, version, sessions (an array of bin)
     16    ``ShardStateEnd``   shard, vshard, version, count
     17    ``ShardStateAck``   shard, vshard, version, count
+    18    ``ShardStateQuery`` shard, vshard, version
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -38,10 +39,11 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     shard of older code refuses a batch that holds one, which only a broker whose
     shards run different code would send.
 
-    Kinds 15 to 17 move a virtual shard's persistent sessions between two nodes' workers
+    Kinds 15 to 18 move a virtual shard's persistent sessions between two nodes' workers
     (``core/moves.py``): each bin of ``ShardState.sessions`` is one session with its rows
     (``storage/session_state.py``: the store's own record encodings); ``vshard`` is
-    0..1023, ``version`` the map version under which the sender gave the shard up (>= 1).
+    0..1023, ``version`` the map version under which the sender gave the shard up (>= 1;
+    in a query, the shard's epoch at the asker).
     Kind 14 is left free.
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
@@ -135,6 +137,7 @@ __all__ = [
     "ShardState",
     "ShardStateAck",
     "ShardStateEnd",
+    "ShardStateQuery",
     "decode_batch",
     "decode_message",
     "encode_batch",
@@ -361,6 +364,16 @@ class ShardStateAck:
     count: int
 
 
+@dataclass(slots=True)
+class ShardStateQuery:
+    """``shard`` serves ``vshard`` from epoch ``version`` on and still waits for the sessions
+    the receiver (its previous owner) had of it: send them, or say there are none."""
+
+    shard: int
+    vshard: int
+    version: int
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -379,6 +392,7 @@ PeerMessage: TypeAlias = (
     | ShardState
     | ShardStateEnd
     | ShardStateAck
+    | ShardStateQuery
 )
 
 _KIND_FORWARD: Final = 0
@@ -516,6 +530,7 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
                          ("count", *_UINT))),
     (17, ShardStateAck, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
                          ("count", *_UINT))),
+    (18, ShardStateQuery, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS))),
 )
 
 

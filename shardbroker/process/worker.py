@@ -40,7 +40,7 @@ from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core import clientlog
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
-from shardbroker.core.moves import INCOMING_WAIT
+from shardbroker.core.moves import ASK_AFTER, INCOMING_WAIT
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
@@ -185,8 +185,10 @@ class Worker:
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
         # shards this worker may have served since it started and has not given away since:
-        # at start, those of its layout (a previous run may have served them)
+        # at start, those of its layout (a previous run may have served them; and the new
+        # owner of one that moved before this worker served it waits for word all the same)
         self._held: set[int] = {v for v, w in enumerate(self.local) if w == shard}
+        self._asked_at: dict[int, float] = {}  # a shard moving in -> when its sender was last asked
         # a shard moving in -> its epoch, and when a client first asked for it under that epoch
         self._incoming: dict[int, tuple[int, float]] = {}
         self._waited_said: set[tuple[int, int]] = set()  # (shard, epoch) served without its sessions
@@ -219,6 +221,8 @@ class Worker:
             broker.backpressure.owner = owner
             broker.handshake.admit = self._admit
             broker.moves.on_done = self._moved_in
+            broker.moves.asked = self._asked
+            broker.moves.moving_in = self._count_moving_in
             self._listen_remote(bus)
         broker.restore(now())
         poller = self._poller = Poller(loop)
@@ -390,6 +394,9 @@ class Worker:
             since = t
             self._incoming[v] = (grant.epochs[v], t)
         if t - since < INCOMING_WAIT:
+            if t - since >= ASK_AFTER and t - self._asked_at.get(v, 0.0) >= ASK_AFTER:
+                self._asked_at[v] = t  # its sender may not know it is waited for: ask
+                self.broker.moves.ask(v, grant.incoming[v], grant.epochs[v])
             return True
         if (v, epoch) not in self._waited_said:
             self._waited_said.add((v, epoch))
@@ -397,19 +404,42 @@ class Worker:
                       " without them", self.shard_index, v, grant.incoming[v], INCOMING_WAIT)
         return False
 
+    def _count_moving_in(self) -> int:
+        """The shards this worker serves under its grant whose sessions have not arrived (and
+        whose wait has not run out)."""
+        grant, me, received = self.grant, self.shard_index, self.broker.moves.received
+        if not grant.incoming:
+            return 0
+        t = time.monotonic()
+        return sum(1 for v, w in enumerate(grant.owners)
+                   if w == me and grant.incoming[v] >= 0 and received.get(v, 0) < grant.epochs[v]
+                   and t - self._incoming.get(v, (0, t))[1] < INCOMING_WAIT)
+
     def _moved_in(self, vshard: int, peer: int, count: int) -> None:
         """The sessions of ``vshard`` from ``peer`` are committed here: it may be served."""
+        self._asked_at.pop(vshard, None)
         asked = self._incoming.pop(vshard, None)
         waited = f", {time.monotonic() - asked[1]:.3f} s after a client first asked for it" if asked else ""
         log.log(logging.INFO if count else logging.DEBUG,
                 "shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
                 self.shard_index, vshard, peer, count, waited)
 
+    def _asked(self, vshard: int, peer: int, epoch: int) -> None:
+        """``peer`` serves ``vshard`` from ``epoch`` on and waits for its sessions from this
+        worker: give them (or say there are none) when the grant agrees the shard is not ours."""
+        grant = self.grant
+        if (not grant.owners or grant.owners[vshard] == self.shard_index or grant.version < epoch
+                or not grant.peer_of or grant.peer_of[vshard] != peer):
+            return  # a grant newer than ours, or older: the asker asks again
+        self._held.discard(vshard)
+        self.broker.give_shards([(vshard, peer)], grant.version, now())
+
     def _give_away(self, grant: Grant) -> None:
         """Send the shards this grant gives to a worker of another node their persistent
-        sessions: those this worker may have served since it started and not given away since
-        (even with none: the new owner waits for word; after a restart, every shard of its
-        layout), and any other whose sessions its store holds (a move cut short)."""
+        sessions: those this worker may have served since it started and has not given away
+        since (even with none: the new owner waits for word), and any other whose sessions its
+        store holds (a move cut short, a node that stopped). A new owner that waits all the same
+        asks (``_asked``)."""
         peer_of = grant.peer_of
         me = self.shard_index
         mine = [v for v, w in enumerate(grant.owners) if w == me]

@@ -34,6 +34,7 @@ from shardbroker.peer.messages import (
     ShardState,
     ShardStateAck,
     ShardStateEnd,
+    ShardStateQuery,
     decode_batch,
     decode_message,
     encode_batch,
@@ -98,6 +99,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "shard-state-empty": ShardState(0, 0, 1, ()),
     "shard-state-end": ShardStateEnd(3, 5, 2**40, 1000),
     "shard-state-ack": ShardStateAck(512, 17, 9, 0),
+    "shard-state-query": ShardStateQuery(1, 1023, 12),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -536,6 +538,7 @@ def test_fuzz_property_blocks(block: bytes) -> None:
     [15, 0, 3, 1, ["text"]],  # a session that is not bin
     [16, 0, 3, 1],  # a missing count
     [17, 0, -1, 1, 0],
+    [18, 0, 3, 0],  # epoch 0
     [14, 0],  # kind 14 is left free
 ])
 def test_bad_shard_state_items_are_refused(item: list[Any]) -> None:
@@ -543,9 +546,9 @@ def test_bad_shard_state_items_are_refused(item: list[Any]) -> None:
         decode_batch(raw([item]))
 
 
-def test_shard_state_kinds_are_15_to_17() -> None:
+def test_shard_state_kinds_are_15_to_18() -> None:
     for message, kind in ((ShardState(1, 2, 3, (b"x",)), 15), (ShardStateEnd(1, 2, 3, 4), 16),
-                          (ShardStateAck(1, 2, 3, 4), 17)):
+                          (ShardStateAck(1, 2, 3, 4), 17), (ShardStateQuery(1, 2, 3), 18)):
         assert msgpack.unpackb(encode_message(message)[len(HEADER):])[0] == kind
     with pytest.raises(ValueError):
         encode_batch([ShardStateEnd(1, 1024, 3, 4)])
