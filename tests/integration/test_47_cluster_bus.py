@@ -102,6 +102,13 @@ def settled(etcd: EtcdCluster, nodes: set[str]) -> None:
         client.close()
 
 
+def moved_in(b: Broker) -> None:
+    """No virtual shard ``b`` serves still waits for its sessions from another node (its
+    clients would be refused meanwhile: core/moves.py)."""
+    wait_until(lambda: all(c["vshards_moving_in"] == 0 for c in shard_counters(b)), timeout=15,
+               message="the shards moving in have their sessions")
+
+
 def reaches(b: Broker, remote: int) -> None:
     """Every worker of ``b`` reaches ``remote`` workers of other nodes and knows their routes."""
     def ok() -> bool:
@@ -147,6 +154,8 @@ def two(etcd_single: EtcdCluster, make_broker: Callable[..., Broker]) -> tuple[B
     settled(etcd_single, {"n1", "n2"})
     reaches(a, 1)
     reaches(b, 2)
+    moved_in(a)
+    moved_in(b)
     for node, broker in (("n1", a), ("n2", b)):
         cid = id_of(node, "ready")
         wait_until(lambda cid=cid, broker=broker: mb.RawClient(port=broker.port, connect_timeout=2)
@@ -238,7 +247,11 @@ def test_a_node_restarted_under_a_new_lease_is_heard_again(two: tuple[Broker, Br
     reaches(b, 2)
     digests_agree(etcd_single, {"n1": a, "n2": b})
     topic = uniq.topic()
-    on_b = mqtt(b, id_of("n2", uniq.cid("sub")), version=5)
+    sub_id = id_of("n2", uniq.cid("sub"))
+    # its virtual shard came back from n1: refused until n1's worker has said what it holds
+    wait_until(lambda: mb.RawClient(port=b.port, connect_timeout=2).connack_rc(sub_id, version=5) == 0,
+               timeout=40, message="n2 serves its shards again")
+    on_b = mqtt(b, sub_id, version=5)
     on_b.subscribe(topic, qos=1)
     on_a = mqtt(a, id_of("n1", uniq.cid("pub")), version=5)
     on_a.publish(topic, b"again", qos=1)
