@@ -210,6 +210,7 @@ from shardbroker.storage.records import (
     inflight_msg_id,
     message_topic_payload,
 )
+from shardbroker.storage.session_state import ClientState
 from shardbroker.storage.stamps import DIGEST_MOD, NO_STAMP, RetainedOp, entry_digest
 
 __all__ = [
@@ -327,16 +328,6 @@ def _check_directory(path: Path, *, readonly: bool, create: bool) -> int | None:
     if len(head) < 24 or struct.unpack_from("<II", head, 16) != (_LMDB_MAGIC, 1):
         raise StoreError(f"{data}: not an LMDB data file; refusing to touch it")
     return size
-
-
-@dataclass(frozen=True, slots=True)
-class ClientState:
-    """A client's stored state (``ShardStore.client_state``)."""
-
-    session: SessionRecord
-    inflight: list[tuple[int, InflightRecord, StoredMessage | None]]  # packet id, row, message
-    queue: list[tuple[int, int, int, StoredMessage]]  # seq, msg_id, qos, message
-    qos2_incoming: list[int]
 
 
 @dataclass(frozen=True, slots=True)

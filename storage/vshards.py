@@ -82,7 +82,8 @@ from shardbroker.storage.lmdb_store import (
     shard_dir_name,
     vshard_of,
 )
-from shardbroker.storage.records import InflightRecord, StoreCorrupt, StoreError
+from shardbroker.storage.records import StoreCorrupt, StoreError
+from shardbroker.storage.session_state import put_state
 
 __all__ = [
     "Moved",
@@ -200,38 +201,21 @@ def _alive_at(store: ShardStore, now: float) -> float | None:
 
 def _copy_session(source: ShardStore, part: _Part, state: ClientState, alive_at: float | None,
                   sessions_per_commit: int, ops_per_commit: int) -> None:
-    """One session with its rows into ``part``'s batch (committed as it fills)."""
+    """One session with its rows into ``part``'s batch (``session_state.put_state``;
+    committed as it fills, between rows)."""
     rec = state.session
-    cid = rec.client_id
-    where = shard_dir_name(source.shard)
     if rec.disconnected_at is None and alive_at is not None:
-        rec = dataclasses.replace(rec, disconnected_at=alive_at)
+        state = dataclasses.replace(state, session=dataclasses.replace(rec, disconnected_at=alive_at))
         part.pinned += 1
-    b = part.batch
-    b.put_session(rec)
+    try:
+        written = put_state(part.batch, state, part.ids,
+                            lambda: part.maybe_commit(False, sessions_per_commit, ops_per_commit))
+    except StoreCorrupt as exc:
+        raise StoreError(f"{shard_dir_name(source.shard)}: {exc}") from None
     part.sessions += 1
-    for packet_id, irec, msg in state.inflight:
-        new_id: int | None = None
-        if irec.msg_id is not None:
-            if msg is None:
-                raise StoreError(f"{where}: inflight {packet_id} of {cid!r} names missing "
-                                 f"message {irec.msg_id}")
-            new_id = part.ids.get(irec.msg_id)
-            if new_id is None:
-                new_id = part.ids[irec.msg_id] = b.add_message(msg)
-        b.put_inflight(cid, packet_id, InflightRecord(new_id, irec.qos, irec.state))
-        part.inflight += 1
-        part.maybe_commit(False, sessions_per_commit, ops_per_commit)
-    for _seq, msg_id, qos, msg in state.queue:  # in seq order
-        new_id = part.ids.get(msg_id)
-        if new_id is None:
-            new_id = part.ids[msg_id] = b.add_message(msg)
-        b.enqueue(cid, new_id, qos)
-        part.queued += 1
-        part.maybe_commit(False, sessions_per_commit, ops_per_commit)
-    for packet_id in state.qos2_incoming:
-        b.add_qos2_incoming(cid, packet_id)
-        part.qos2 += 1
+    part.inflight += len(written.inflight)
+    part.queued += len(written.queue)
+    part.qos2 += len(written.qos2_incoming)
 
 
 def _union(selections: Iterable[Selection]) -> frozenset[int] | None:

@@ -18,6 +18,11 @@ child keeps the newest one (by ``seq``) and decides with it alone:
   peer id of the worker the map gives virtual shard ``v``: the local worker index when the map
   gives it to this node (even while it is held back), ``number * 256 + worker`` when one of
   ``nodes`` holds it, -1 otherwise (nobody, or a node without a number); empty without a map;
+* ``incoming[v]``: for a virtual shard the map gave this node from another live node, the
+  peer id (``number * 256 + worker``) of the previous owner's worker, which is to send the
+  shard's persistent sessions (``core/moves.py``); -1 otherwise (never moved, or the previous
+  owner's node is not registered any more: nobody will send anything). Empty when no shard is
+  incoming. ``moved_in`` computes it from the map held before and the map now;
 * ``until``: a CLOCK_MONOTONIC time (system-wide on Linux, so it means the same in every
   process of the host) after which nothing may be served: the lease deadline as
   ``membership`` reckons it, which is never later than etcd's expiry. A child stops at
@@ -44,7 +49,7 @@ from shardbroker.cluster.fence import Fence
 from shardbroker.cluster.placement import Slot, place, vshard_for
 from shardbroker.cluster.shardmap import ShardMap
 
-__all__ = ["NONE", "Grant", "GrantError", "Registration", "from_fence", "local_owners"]
+__all__ = ["NONE", "Grant", "GrantError", "Registration", "from_fence", "local_owners", "moved_in"]
 
 PEER_STRIDE = 256  # a remote worker's peer id is number * PEER_STRIDE + worker
 
@@ -82,6 +87,7 @@ class Grant:
     # other nodes with a number: (node_id, number, lease, advertise, workers, key), by node ID
     nodes: tuple[tuple[str, int, int, str, int, str], ...] = ()
     peer_of: tuple[int, ...] = ()  # per virtual shard: the peer id of its worker, or -1; or empty
+    incoming: tuple[int, ...] = ()  # per virtual shard: the previous owner's peer id, or -1; or empty
 
     @property
     def count(self) -> int:
@@ -114,7 +120,8 @@ class Grant:
                 "until": self.until if math.isfinite(self.until) else None,
                 "owners": list(self.owners), "epochs": list(self.epochs),
                 "peers": list(self.peers), "remote": list(self.remote), "number": self.number,
-                "nodes": [list(n) for n in self.nodes], "peer_of": list(self.peer_of)}
+                "nodes": [list(n) for n in self.nodes], "peer_of": list(self.peer_of),
+                "incoming": list(self.incoming)}
 
     @classmethod
     def from_value(cls, value: object) -> Grant:
@@ -138,9 +145,13 @@ class Grant:
                 raise ValueError("number or peer_of out of range")
             if peer_of and owners and len(peer_of) != len(owners):
                 raise ValueError("peer_of and owners differ in length")
+            incoming = tuple(int(p) for p in value.get("incoming", ()))
+            if any(not -1 <= p <= 0xFFFF for p in incoming) or (
+                    incoming and peer_of and len(incoming) != len(peer_of)):
+                raise ValueError("incoming out of range or of another length")
             return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
                        -math.inf if until is None else float(until), owners, epochs, peers, remote,
-                       number, nodes, peer_of)
+                       number, nodes, peer_of, incoming)
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"not a grant: {exc}") from None
 
@@ -150,7 +161,8 @@ NONE = Grant(0, 0, 0, -math.inf, (), ())
 
 def from_fence(fence: Fence, seq: int, workers: int, now: float,
                cleared: float = math.inf, nodes: Mapping[str, Registration] | None = None,
-               leases: Mapping[str, int] | None = None, number: int = 0) -> Grant:
+               leases: Mapping[str, int] | None = None, number: int = 0,
+               incoming: Mapping[int, tuple[int, str, int]] | None = None) -> Grant:
     """The grant of ``fence`` (this node's map and lease) at ``now``: the shards it may serve
     on workers this node has, until the lease deadline. Nothing when it may serve nothing.
     ``cleared``: the oldest map version every other live node has applied; a shard the map
@@ -158,16 +170,27 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
     serve it: the handover of a shard between live nodes). ``nodes``: the registered nodes
     (this one is left out), under ``leases``; a shard the map gives one with a client address
     is relayed there (``peers``, ``remote``), and those with a number are the grant's
-    ``nodes`` and ``peer_of``. ``number``: this node's."""
+    ``nodes`` and ``peer_of``. ``number``: this node's. ``incoming``: per virtual shard moving
+    in, its epoch and the previous owner's node and worker (``moved_in``); only those of a node still
+    registered with a number, and still given to this node, become ``Grant.incoming``."""
     shard_map = fence.map
     registered = {node: info for node, info in (nodes or {}).items() if node != fence.node}
     numbered = {node: info for node, info in registered.items() if info.number > 0}
     bus_nodes = tuple((node, info.number, (leases or {}).get(node, 0), info.advertise,
                        info.workers, info.key) for node, info in sorted(numbered.items()))
     peer_of = _peer_of(fence.node, shard_map, numbered) if shard_map is not None else ()
+    moving: list[int] = []
+    if incoming and shard_map is not None:
+        moving = [-1] * shard_map.count
+        for v, (_epoch, node, worker) in incoming.items():
+            slot = shard_map.vshards[v].slot if 0 <= v < shard_map.count else None
+            if slot is not None and slot.node == fence.node and node in numbered:
+                moving[v] = numbered[node].number * PEER_STRIDE + worker
+        if all(p < 0 for p in moving):
+            moving = []
     if shard_map is None or now >= fence.lease_until:
         return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
-                     (), (), number=number, nodes=bus_nodes, peer_of=peer_of)
+                     (), (), number=number, nodes=bus_nodes, peer_of=peer_of, incoming=tuple(moving))
     owners = [-1] * shard_map.count
     epochs = [0] * shard_map.count
     for v in fence.served(now):
@@ -183,7 +206,31 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
         if vshard.slot is not None and vshard.slot.node in index:
             remote[v] = index[vshard.slot.node]
     return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),
-                 tuple(epochs), tuple(peers), tuple(remote), number, bus_nodes, peer_of)
+                 tuple(epochs), tuple(peers), tuple(remote), number, bus_nodes, peer_of,
+                 tuple(moving))
+
+
+def moved_in(me: str, before: ShardMap | None, after: ShardMap,
+             held: Mapping[int, tuple[int, str, int]]) -> dict[int, tuple[int, str, int]]:
+    """The virtual shards moving in to node ``me``, as ``{v: (epoch, node, worker)}``: the
+    shard's epoch in ``after`` and the (node, worker) that held it in ``before``, for each
+    shard ``after`` gives ``me`` and ``before`` gave another node. ``held`` is the previous
+    answer: an entry stays while ``after`` gives the shard to ``me`` at the same epoch (the
+    previous owner is named until the move is done, whichever maps come between); a shard
+    given to ``me`` at a new epoch is judged again, and one given elsewhere is dropped."""
+    out: dict[int, tuple[int, str, int]] = {}
+    for v, vshard in enumerate(after.vshards):
+        slot = vshard.slot
+        if slot is None or slot.node != me:
+            continue
+        kept = held.get(v)
+        if kept is not None and kept[0] == vshard.epoch:
+            out[v] = kept
+            continue
+        old = before.vshards[v].slot if before is not None and v < before.count else None
+        if old is not None and old.node != me:
+            out[v] = (vshard.epoch, old.node, old.worker)
+    return out
 
 
 def _peer_of(me: str, shard_map: ShardMap, numbered: Mapping[str, Registration]) -> tuple[int, ...]:

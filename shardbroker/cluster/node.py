@@ -41,8 +41,14 @@ else a new one, written back to the file) and registers with it and its CURVE pu
 grant carries the number, the other numbered nodes and each shard's peer id, for the bus
 between nodes.
 
-What it does not do: carry messages between nodes; a shard that moves to another node is
-simply no longer served here (its clients are closed; they reconnect through the relay).
+A shard that moves in from another live node: the grant names, per such shard, the previous
+owner's worker (``grant.moved_in``, from the map held before and the new one, kept while the
+shard stays here at that epoch); this node's worker refuses the shard's clients until that
+worker has sent the shard's persistent sessions (``core/moves.py``), or for at most
+``moves.INCOMING_WAIT`` seconds. A previous owner no longer registered sends nothing: the
+shard is served at once, without its sessions.
+
+What it does not do: carry messages between nodes (the workers do, on the bus).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from typing import Any
 from shardbroker.cluster.controller import Controller, MapMismatch, StaleController, read_view
 from shardbroker.cluster.etcd import Compare, Etcd, EtcdError, Put
 from shardbroker.cluster.fence import Fence
-from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners
+from shardbroker.cluster.grant import NONE, Grant, from_fence, local_owners, moved_in
 from shardbroker.cluster.membership import Membership, NodeIdInUse, NodeInfo
 from shardbroker.cluster.numbers import (
     Identity,
@@ -69,7 +75,7 @@ from shardbroker.cluster.numbers import (
     save_identity,
 )
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError
+from shardbroker.cluster.shardmap import APPLIED_PREFIX, MAP_KEY, MapFormatError, ShardMap
 from shardbroker.config import ClusterConfig
 
 __all__ = ["GUARD", "ClusterNode", "served_changes"]
@@ -118,6 +124,9 @@ class ClusterNode:
         self._claimed = 0  # the map version under APPLIED_PREFIX for this lease (0: none)
         self._nodes: dict[str, NodeInfo] = {}  # the other registered nodes
         self._leases: dict[str, int] = {}  # and the leases they are registered under
+        # virtual shards moving in from another node: v -> (epoch, previous node, its worker)
+        self._incoming: dict[int, tuple[int, str, int]] = {}
+        self._last_map: ShardMap | None = None  # the newest map held, whatever the lease
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,7 +235,11 @@ class ClusterNode:
             if self.member.lost:
                 return  # told while this round read etcd: the next round joins again
             if new is not None:
+                before = self.fence.map or self._last_map  # a new lease starts with no map
                 self.fence.apply(new)
+                if self.fence.map is not None and self.fence.map is not before:
+                    self._incoming = moved_in(me, before, self.fence.map, self._incoming)
+                    self._last_map = self.fence.map
             self._nodes = {node: info for node, info in view.nodes.items() if node != me}
             self._leases = dict(view.leases)
             self.fence.renewed(self.member.deadline - GUARD * self.config.lease_ttl)
@@ -290,13 +303,13 @@ class ClusterNode:
         later epoch than ``cleared`` are held back (``grant.from_fence``)."""
         now = self.clock()
         grant = from_fence(self.fence, self._seq + 1, self.workers, now, cleared, self._nodes,
-                           self._leases, self.number)
+                           self._leases, self.number, self._incoming)
         last = self.grant
         changed = (grant.owners != last.owners or grant.version != last.version
                    or grant.lease != last.lease or grant.until != last.until
                    or grant.peers != last.peers or grant.remote != last.remote
                    or grant.number != last.number or grant.nodes != last.nodes
-                   or grant.peer_of != last.peer_of)
+                   or grant.peer_of != last.peer_of or grant.incoming != last.incoming)
         if not (force or changed or self._stale or now - self._sent_at >= RESEND):
             return
         self._seq += 1

@@ -45,6 +45,7 @@ from shardbroker.core.delivery import Delivery
 from shardbroker.core.flow import SLOW_CONSUMER_RATE, Flow
 from shardbroker.core.handshake import Handshake, InlineVerifier, PendingConnect, Verifier
 from shardbroker.core.inbound import Inbound
+from shardbroker.core.moves import Moves
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
 from shardbroker.core.retained import RetainedSync
@@ -155,6 +156,8 @@ class Broker:
         self.peers.retained_sync = self.retained_sync
         self.commit.on_retained = self.retained_sync.written
         self.peers.subscriptions = self.subscriptions
+        self.moves = Moves(shard, store, self.commit, self.sessions, link, self.time, self.stats, self.wake)
+        self.peers.moves = self.moves
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
@@ -169,6 +172,7 @@ class Broker:
         """Load this shard's sessions and outbox from the store."""
         self.time.set(now)
         self.sessions.restore(self.store)
+        self.moves.restore()
         self.peers.outbox.load(self.store.outbox(), self.store.meta_items())
         log.info("shard %d restored %d sessions, %d filters", self.shard, len(self.sessions),
                  self.subscriptions.route_count())
@@ -433,6 +437,18 @@ class Broker:
             closed += 1
         return closed
 
+    def give_shards(self, shards: Sequence[tuple[int, int]], version: int, now: Now) -> int:
+        """A cluster node's grant (map ``version``) gave these virtual shards (their clients
+        closed) to workers of other nodes, as (vshard, peer) pairs: commit what closing them
+        wrote, then send each peer its shards' persistent sessions (``core/moves.py``). How
+        many sessions."""
+        self.flush(now)
+        return sum(self.moves.give(vshard, peer, version) for vshard, peer in shards)
+
+    def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
+        """``give_shards`` for one shard."""
+        return self.give_shards([(vshard, peer)], version, now)
+
     def _take_over(self, old: Client, publish_will: bool) -> None:
         self.close(old, reasons.SESSION_TAKEN_OVER, "session taken over", will=publish_will)
 
@@ -474,6 +490,7 @@ class Broker:
         outbox = self.peers.outbox
         if outbox.has_dirty():
             outbox.persist(self.commit.batch())
+        self.moves.persist()
         ok = self.commit.run()
         due = self.output.take()
         if not ok:

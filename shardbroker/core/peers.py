@@ -44,10 +44,15 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    ShardState,
+    ShardStateAck,
+    ShardStateEnd,
+    ShardStateQuery,
 )
 
 if TYPE_CHECKING:
     from shardbroker.core.backpressure import Backpressure
+    from shardbroker.core.moves import Moves
     from shardbroker.core.retained import RetainedSync
     from shardbroker.core.subscriptions import Subscriptions
 
@@ -88,12 +93,15 @@ class Peers:
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
         self.backpressure: Backpressure  # set by the broker
         self.retained_sync: RetainedSync  # set by the broker
+        self.moves: Moves  # set by the broker
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
             RoutesAdd: self._on_routes_add, RouteRemove: self._on_route_remove, RoutesRemove: self._on_routes_remove, RouteAck: self._on_route_ack, RoutesQuery: self._on_routes_query,
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
-            LoginFailed: self._on_login_failed, Retain: self._on_retain,
+            LoginFailed: self._on_login_failed, Retain: self._on_retain, ShardState: self._on_shard_state,
+            ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
+            ShardStateQuery: self._on_shard_state_query,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -127,6 +135,7 @@ class Peers:
         self.backpressure.peer_restarted(peer)
         self.subscriptions.peer_gone(peer)
         self.retained_sync.peer_removed(peer)
+        self.moves.forget_peer(peer)
 
     def _route_keys(self) -> tuple[tuple[str, bool], ...]:
         return tuple(self.subscriptions.route_keys().items())
@@ -285,6 +294,7 @@ class Peers:
         self.synced.add(m.shard)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
+        self.moves.peer_synced(m.shard)  # ... and the shards on their way to it
         self.backpressure.peer_restarted(m.shard)  # ... and its holds on our publishers are gone
 
     def _on_hold(self, m: Hold) -> None:
@@ -299,11 +309,24 @@ class Peers:
     def _on_retain(self, m: Retain) -> None:
         self.retained_sync.remote(m)
 
+    def _on_shard_state(self, m: ShardState) -> None:
+        self.moves.on_state(m)
+
+    def _on_shard_state_end(self, m: ShardStateEnd) -> None:
+        self.moves.on_end(m)
+
+    def _on_shard_state_ack(self, m: ShardStateAck) -> None:
+        self.moves.on_ack(m)
+
+    def _on_shard_state_query(self, m: ShardStateQuery) -> None:
+        self.moves.asked(m.vshard, m.shard, m.version)
+
     # ---- the flush and the sweep
 
     def committed(self, ok: bool) -> None:
         """The iteration's commit is done: acknowledge what it made durable (nothing if it failed,
         so the origins resend), then send everything queued."""
+        self.moves.committed(ok)
         acks = self.outbox.acks_due
         if ok:
             for origin, mark in acks.items():
@@ -321,3 +344,4 @@ class Peers:
             for peer in overdue:
                 if peer in reached:
                     self._resend(peer)
+        self.moves.sweep()

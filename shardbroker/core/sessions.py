@@ -16,7 +16,7 @@ downtime of a restart; keepalive is the broker's (``Broker.tick``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -30,13 +30,21 @@ from shardbroker.core.session import (
     Outgoing,
     Queued,
     Session,
+    Subscribed,
     WillState,
     subscribed,
 )
 from shardbroker.core.store import ShardStore
 from shardbroker.protocol.packets import NO_PROPERTIES, Will
 from shardbroker.security.auth import Identity
-from shardbroker.storage.records import SessionRecord, StoredMessage, StoredSubscription, StoredWill
+from shardbroker.storage.records import (
+    InflightRecord,
+    SessionRecord,
+    StoredMessage,
+    StoredSubscription,
+    StoredWill,
+)
+from shardbroker.storage.session_state import ClientState
 
 if TYPE_CHECKING:
     from shardbroker.core.subscriptions import Subscriptions
@@ -76,28 +84,72 @@ class Sessions:
         alive_at = store.get_meta("alive_at")
         crashed_at = float(alive_at) if isinstance(alive_at, (int, float)) and alive_at <= now else now
         for rec in store.sessions():
-            sess = Session(rec.client_id, rec.protocol_version, rec.expiry_interval)
-            sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else crashed_at
-            if rec.will is not None:
-                w = rec.will
-                sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
-                sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
-            for pid, inf, smsg in store.inflight(rec.client_id):
-                msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
-                sess.track(pid, Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state))
-                sess.next_pid = pid % 65535 + 1
-            for seq, msg_id, qos, smsg in store.queue(rec.client_id):
-                msg = _message_from_stored(smsg, msg_id)
-                sess.push(Queued(msg, qos, msg.retain, (), seq))
-                sess.queued_bytes += len(msg.payload)
-            for pid in store.qos2_incoming(rec.client_id):
-                sess.add_qos2_in(pid)
-            self.sessions[rec.client_id] = sess
-            self.stored_client_ids.add(rec.client_id)
+            self._load(rec, store.inflight(rec.client_id), store.queue(rec.client_id),
+                       store.qos2_incoming(rec.client_id), crashed_at)
             for sub in rec.subscriptions:
-                self.subscriptions.restore(sess, sub.topic_filter, subscribed(
+                self.subscriptions.restore(self.sessions[rec.client_id], sub.topic_filter, subscribed(
                     sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub.subscription_id))
         self.commit.mark_alive()  # a crash right after start counts from here
+
+    def adopt(self, state: ClientState) -> list[str]:
+        """A session moved in from another node's worker, just written to the batch
+        (``put_state``: ``state`` has this store's message ids and seqs): take it into memory.
+        The filters whose routes the peers must now hear of (``Subscriptions.announce``)."""
+        rec = state.session
+        sess = self._load(rec, state.inflight, state.queue, state.qos2_incoming, self.time.wall)
+        announce: list[str] = []
+        for sub in rec.subscriptions:
+            if self.subscriptions.adopt(sess, sub.topic_filter, subscribed(
+                    sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub.subscription_id)):
+                announce.append(sub.topic_filter)
+        if not self.stored_client_ids:
+            self.commit.mark_alive()
+        self.stored_client_ids.add(rec.client_id)
+        return announce
+
+    def drop(self, client_id: str) -> tuple[Session, dict[str, Subscribed]] | None:
+        """Forget a session that moves to another node (``core/moves.py``): out of memory, its
+        routes withdrawn, its will not published; its stored rows stay (deleted once the
+        other node has them). The session and the subscriptions it had (for ``reinstate``),
+        or None when there was none in memory."""
+        sess = self.sessions.pop(client_id, None)
+        self.stored_client_ids.discard(client_id)
+        if sess is None:
+            return None
+        subs = dict(sess.subscriptions or {})
+        self.subscriptions.remove_all(sess)
+        return sess, subs
+
+    def reinstate(self, sess: Session, subs: dict[str, Subscribed]) -> list[str]:
+        """A session ``drop`` took out comes back (its move did not complete); the filters whose
+        routes the peers must hear of again."""
+        self.sessions[sess.client_id] = sess
+        self.stored_client_ids.add(sess.client_id)
+        return [flt for flt, sub in subs.items() if self.subscriptions.adopt(sess, flt, sub)]
+
+    def _load(self, rec: SessionRecord, inflight: Iterable[tuple[int, InflightRecord, StoredMessage | None]],
+              queue: Iterable[tuple[int, int, int, StoredMessage]], qos2_incoming: Iterable[int],
+              crashed_at: float) -> Session:
+        """A stored session into memory (without its subscriptions)."""
+        sess = Session(rec.client_id, rec.protocol_version, rec.expiry_interval)
+        sess.disconnected_at = rec.disconnected_at if rec.disconnected_at is not None else crashed_at
+        if rec.will is not None:
+            w = rec.will
+            sess.will = WillState(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
+            sess.will_due = sess.disconnected_at + min(w.delay, sess.expiry_interval)
+        for pid, inf, smsg in inflight:
+            msg = _message_from_stored(smsg, inf.msg_id) if smsg is not None else None
+            sess.track(pid, Outgoing(msg, inf.qos, msg.retain if msg else False, (), inf.state))
+            sess.next_pid = pid % 65535 + 1
+        for seq, msg_id, qos, smsg in queue:
+            msg = _message_from_stored(smsg, msg_id)
+            sess.push(Queued(msg, qos, msg.retain, (), seq))
+            sess.queued_bytes += len(msg.payload)
+        for pid in qos2_incoming:
+            sess.add_qos2_in(pid)
+        self.sessions[rec.client_id] = sess
+        self.stored_client_ids.add(rec.client_id)
+        return sess
 
     # ---- CONNECT
 
@@ -251,13 +303,19 @@ class Sessions:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self.commit.batch().delete_session(sess.client_id)
         self.stored_client_ids.discard(sess.client_id)
-        for q in sess.queue or ():
-            if q.seq is not None:
-                q.seq = None
-                q.message.unref()
-        for out in sess.inflight.values():
-            if out.message is not None:
-                out.message.unref()
+        release_rows(sess)
+
+
+def release_rows(sess: Session) -> None:
+    """The session's stored rows are deleted (by the caller's batch): the messages it shares
+    with other sessions count one row less each (``Message.unref``)."""
+    for q in sess.queue or ():
+        if q.seq is not None:
+            q.seq = None
+            q.message.unref()
+    for out in sess.inflight.values():
+        if out.message is not None:
+            out.message.unref()
 
 
 def _message_from_stored(smsg: StoredMessage, msg_id: int | None) -> Message:

@@ -165,6 +165,21 @@ class Subscriptions:
             self.durable_refs[flt] = self.durable_refs.get(flt, 0) + 1
             self.peers.routes.add(self.shard, flt, True)
 
+    def adopt(self, sess: Session, flt: str, sub: Subscribed) -> bool:
+        """A subscription of a session moved in from another node (persistent, so durable).
+        Whether the peers must hear of its route (the shard's first subscription to it, or its
+        first persistent one): the caller passes those to ``announce``."""
+        new, first = self._add(sess, flt, sub)
+        if not new:
+            return False
+        d = self.durable_refs.get(flt, 0)
+        self.durable_refs[flt] = d + 1
+        return first or d == 0
+
+    def announce(self, filters: list[str]) -> None:
+        """Tell every peer of these routes (each once; durable), in one ``RoutesAdd``."""
+        self._announce(list(dict.fromkeys(filters)))
+
     def _add(self, sess: Session, flt: str, sub: Subscribed) -> tuple[bool, bool]:
         """Store the subscription to ``flt`` (or new options of one the session has). Whether it
         is new, and whether it is the first of this shard to that route key."""

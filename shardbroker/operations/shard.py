@@ -142,6 +142,7 @@ class ShardOps(Operations):
             handover_remote=sum(len(items) for p, items in broker.peers.outbox.pending.items()
                                 if p >= REMOTE_BASE),
             route_digest=broker.peers.routes.digest(broker.shard) >> 16,
+            vshards_moving_in=broker.moves.moving_in(),
         )
         unsynced = sorted(set(range(broker.shards)) - broker.synced - {broker.shard})
         return {

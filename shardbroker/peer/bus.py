@@ -61,7 +61,8 @@ REMOTE_BACKLOG = 1024  # batches kept for an unreachable worker of another node;
 SENDER = struct.Struct(">HHQ")  # a remote batch's header: node number, worker, lease
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks whether a CURVE client may connect
 ZAP_DOMAIN = b"shardbroker"
-ZAP_WAIT = 5.0  # seconds a CURVE client whose key is not known yet waits before it is refused
+ZAP_WAIT = 20.0  # seconds a CURVE client whose key is not known yet waits before it is refused
+ZAP_WAITING = 1024  # ... at most this many at once (more are refused at once)
 REMOTE_STALL = 2.0  # seconds a worker of another node may take nothing before its socket is made anew
 
 RemoteItems = Callable[[int, int, int, list[PeerMessage]], None]  # number, worker, lease, items
@@ -268,7 +269,7 @@ class Bus:
                 break
             # routing id, delimiter, version, request id, domain, address, identity,
             # mechanism, credentials
-            if len(request) < 9 or request[7] != b"CURVE":
+            if len(request) < 9 or request[7] != b"CURVE" or len(self._zap_waiting) >= ZAP_WAITING:
                 self._zap_reply(request, False)
             else:
                 self._zap_waiting.append((time.monotonic() + self.zap_wait, request))

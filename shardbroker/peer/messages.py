@@ -30,6 +30,10 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     13    ``RoutesRemove``    shard, keys (an array of str, each once)
     14    ``Retain``          topic, payload, qos, properties, expires_at,
                               stamp, node
+    15    ``ShardState``      shard, vshard, version, sessions (an array of bin)
+    16    ``ShardStateEnd``   shard, vshard, version, count
+    17    ``ShardStateAck``   shard, vshard, version, count
+    18    ``ShardStateQuery`` shard, vshard, version
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -39,6 +43,12 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     only (a retained message set or deleted on another node, ``core/retained.py``): an
     empty payload is a delete, ``stamp`` a hybrid logical clock value and ``node`` the
     writing node's ID, which together decide which write is the last.
+
+    Kinds 15 to 18 move a virtual shard's persistent sessions between two nodes' workers
+    (``core/moves.py``): each bin of ``ShardState.sessions`` is one session with its rows
+    (``storage/session_state.py``: the store's own record encodings); ``vshard`` is
+    0..1023, ``version`` the map version under which the sender gave the shard up (>= 1;
+    in a query, the shard's epoch at the asker).
 
     Strings are MessagePack str (UTF-8), payloads bin, integers int, flags bool,
     ``expires_at`` float64 or nil, ``origin`` str or nil, ``groups`` an array of
@@ -131,6 +141,10 @@ __all__ = [
     "RoutesAdd",
     "RoutesQuery",
     "RoutesRemove",
+    "ShardState",
+    "ShardStateAck",
+    "ShardStateEnd",
+    "ShardStateQuery",
     "decode_batch",
     "decode_message",
     "encode_batch",
@@ -139,6 +153,7 @@ __all__ = [
 ]
 
 PEER_PROTOCOL_VERSION: Final = 1
+VSHARDS: Final = 1024  # a cluster's virtual shards (ShardState.vshard)
 REMOTE_BASE: Final = 256  # peer ids from here on name workers of other nodes: number * 256 + worker
 
 _MAGIC: Final = b"SBP"
@@ -338,6 +353,50 @@ class Retain:
     node: str
 
 
+@dataclass(slots=True)
+class ShardState:
+    """Part of virtual shard ``vshard``'s persistent sessions, which ``shard`` gave up under map
+    ``version``: each of ``sessions`` is one session with its rows
+    (``storage.session_state.pack_state``). Several may follow each other; a
+    ``ShardStateEnd`` closes them."""
+
+    shard: int
+    vshard: int
+    version: int
+    sessions: tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class ShardStateEnd:
+    """``shard`` has sent all ``count`` sessions of ``vshard`` it gave up under ``version``."""
+
+    shard: int
+    vshard: int
+    version: int
+    count: int
+
+
+@dataclass(slots=True)
+class ShardStateAck:
+    """``shard`` has committed the ``count`` sessions of ``vshard`` sent under ``version``: the
+    sender may delete them."""
+
+    shard: int
+    vshard: int
+    version: int
+    count: int
+
+
+@dataclass(slots=True)
+class ShardStateQuery:
+    """``shard`` serves ``vshard`` from epoch ``version`` on and still waits for the sessions
+    the receiver (its previous owner) had of it: send them, or say there are none."""
+
+    shard: int
+    vshard: int
+    version: int
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -354,6 +413,10 @@ PeerMessage: TypeAlias = (
     | Release
     | LoginFailed
     | Retain
+    | ShardState
+    | ShardStateEnd
+    | ShardStateAck
+    | ShardStateQuery
 )
 
 _KIND_FORWARD: Final = 0
@@ -424,6 +487,14 @@ def _is_keys(v: object) -> bool:
     return isinstance(v, tuple) and all(type(k) is str for k in v) and len(set(v)) == len(v)
 
 
+def _is_vshard(v: object) -> bool:
+    return type(v) is int and 0 <= v < VSHARDS
+
+
+def _is_chunks(v: object) -> bool:
+    return type(v) is tuple and all(type(b) is bytes for b in v)
+
+
 def _describe(v: object) -> str:
     if v is None or isinstance(v, (int, float)):
         return repr(v)
@@ -471,6 +542,7 @@ _UINT: Final = (_is_uint, "an int >= 0")
 _POS: Final = (_is_pos, "an int >= 1")
 _STR: Final = (_is_str, "a str")
 _BOOL: Final = (_is_bool, "a bool")
+_VSHARD: Final = (_is_vshard, f"an int 0..{VSHARDS - 1}")
 # The other kinds are small and rare: encoded and decoded generically from these.
 _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (2, ForwardAck, (("shard", *_UINT), ("upto", *_UINT))),
@@ -486,6 +558,13 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (12, RoutesAdd, (("shard", *_UINT), ("keys", _is_route_keys, "[str, bool] pairs, keys unique"),
                      ("request", *_UINT))),
     (13, RoutesRemove, (("shard", *_UINT), ("keys", _is_keys, "an array of str, each once"))),
+    (15, ShardState, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
+                      ("sessions", _is_chunks, "an array of bin"))),
+    (16, ShardStateEnd, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
+                         ("count", *_UINT))),
+    (17, ShardStateAck, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
+                         ("count", *_UINT))),
+    (18, ShardStateQuery, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS))),
 )
 
 

@@ -12,7 +12,10 @@ told 0x8B, the last batch is committed, the store closed.
 On a cluster node it serves the virtual shards of the supervisor's newest grant (control op
 ``fence``) until the grant's deadline: the handshake refuses other clients (CONNACK "server
 unavailable"), and the clients a new grant (or the deadline) no longer covers are closed
-(5.0: DISCONNECT 0x9C).
+(5.0: DISCONNECT 0x9C). A shard the grant gives to a worker of another node has its
+persistent sessions sent there once its clients are closed; a shard moving in is refused
+until its sessions have arrived, for at most ``moves.INCOMING_WAIT`` seconds
+(``core/moves.py``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from shardbroker.config import Config, ConfigError, load_config
 from shardbroker.core import clientlog
 from shardbroker.core.broker import Broker
 from shardbroker.core.clock import Now
+from shardbroker.core.moves import ASK_AFTER, INCOMING_WAIT
 from shardbroker.operations import control
 from shardbroker.operations.admin import shard_socket
 from shardbroker.operations.shard import ShardMetrics, ShardOps
 from shardbroker.peer.bus import Bus, endpoint, remote_endpoint, remote_peer
-from shardbroker.peer.messages import PeerMessage, from_sender
+from shardbroker.peer.messages import REMOTE_BASE, PeerMessage, from_sender
 from shardbroker.process.runtime import install_loop, line_writer, log_in_turns, ready
 from shardbroker.security.acl import AclFileError
 from shardbroker.security.auth import Policies, load_policies
@@ -180,6 +184,14 @@ class Worker:
         self._remote: dict[int, tuple[int, str, str]] = {}
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
+        # shards this worker may have served since it started and has not given away since:
+        # at start, those of its layout (a previous run may have served them; and the new
+        # owner of one that moved before this worker served it waits for word all the same)
+        self._held: set[int] = {v for v, w in enumerate(self.local) if w == shard}
+        self._asked_at: dict[int, float] = {}  # a shard moving in -> when its sender was last asked
+        # a shard moving in -> its epoch, and when a client first asked for it under that epoch
+        self._incoming: dict[int, tuple[int, float]] = {}
+        self._waited_said: set[tuple[int, int]] = set()  # (shard, epoch) served without its sessions
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,6 +220,9 @@ class Worker:
 
             broker.backpressure.owner = owner
             broker.handshake.admit = self._admit
+            broker.moves.on_done = self._moved_in
+            broker.moves.asked = self._asked
+            broker.moves.moving_in = self._count_moving_in
             self._listen_remote(bus)
         broker.restore(now())
         poller = self._poller = Poller(loop)
@@ -362,7 +377,84 @@ class Worker:
         v = vshard_for(client_id, grant.count)
         if grant.owners[v] != self.shard_index:
             return f"virtual shard {v} is not served by this worker"
+        if self._moving_in(grant, v):
+            return f"virtual shard {v} is moving in from another node"
         return None
+
+    def _moving_in(self, grant: Grant, v: int) -> bool:
+        """Whether ``v`` (served here) waits for its sessions from its previous owner: the grant
+        names one and they have not arrived under this epoch, for at most ``INCOMING_WAIT``."""
+        if not grant.incoming or grant.incoming[v] < 0:
+            return False
+        if self.broker.moves.received.get(v, 0) >= grant.epochs[v]:
+            return False
+        t = time.monotonic()
+        epoch, since = self._incoming.get(v, (0, t))
+        if epoch != grant.epochs[v]:  # the first ask under this epoch
+            since = t
+            self._incoming[v] = (grant.epochs[v], t)
+        if t - since < INCOMING_WAIT:
+            if t - since >= ASK_AFTER and t - self._asked_at.get(v, 0.0) >= ASK_AFTER:
+                self._asked_at[v] = t  # its sender may not know it is waited for: ask
+                self.broker.moves.ask(v, grant.incoming[v], grant.epochs[v])
+            return True
+        if (v, epoch) not in self._waited_said:
+            self._waited_said.add((v, epoch))
+            log.error("shard %d: virtual shard %d: no sessions from peer %d in %.0f s; serving it"
+                      " without them", self.shard_index, v, grant.incoming[v], INCOMING_WAIT)
+        return False
+
+    def _count_moving_in(self) -> int:
+        """The shards this worker serves under its grant whose sessions have not arrived (and
+        whose wait has not run out)."""
+        grant, me, received = self.grant, self.shard_index, self.broker.moves.received
+        if not grant.incoming:
+            return 0
+        t = time.monotonic()
+        return sum(1 for v, w in enumerate(grant.owners)
+                   if w == me and grant.incoming[v] >= 0 and received.get(v, 0) < grant.epochs[v]
+                   and t - self._incoming.get(v, (0, t))[1] < INCOMING_WAIT)
+
+    def _moved_in(self, vshard: int, peer: int, count: int) -> None:
+        """The sessions of ``vshard`` from ``peer`` are committed here: it may be served."""
+        self._asked_at.pop(vshard, None)
+        asked = self._incoming.pop(vshard, None)
+        waited = f", {time.monotonic() - asked[1]:.3f} s after a client first asked for it" if asked else ""
+        log.log(logging.INFO if count else logging.DEBUG,
+                "shard %d: virtual shard %d moved in from peer %d: %d sessions%s",
+                self.shard_index, vshard, peer, count, waited)
+
+    def _asked(self, vshard: int, peer: int, epoch: int) -> None:
+        """``peer`` serves ``vshard`` from ``epoch`` on and waits for its sessions from this
+        worker: give them (or say there are none) when the grant agrees the shard is not ours."""
+        grant = self.grant
+        if (not grant.owners or grant.owners[vshard] == self.shard_index or grant.version < epoch
+                or not grant.peer_of or grant.peer_of[vshard] != peer):
+            return  # a grant newer than ours, or older: the asker asks again
+        self._held.discard(vshard)
+        self.broker.give_shards([(vshard, peer)], grant.version, now())
+
+    def _give_away(self, grant: Grant) -> None:
+        """Send the shards this grant gives to a worker of another node their persistent
+        sessions: those this worker may have served since it started and has not given away
+        since (even with none: the new owner waits for word), and any other whose sessions its
+        store holds (a move cut short, a node that stopped). A new owner that waits all the same
+        asks (``_asked``)."""
+        peer_of = grant.peer_of
+        me = self.shard_index
+        mine = [v for v, w in enumerate(grant.owners) if w == me]
+        self._held.update(mine)
+        for v in [v for v in self.broker.moves.outgoing if v in mine]:
+            self.broker.moves.take_back(v)  # back before the taker acknowledged
+        if not peer_of or not grant.number:
+            return
+        stored = {vshard_for(cid, len(peer_of)) for cid in self.broker.sessions.stored_client_ids}
+        given = [(v, peer) for v, peer in enumerate(peer_of)
+                 if peer >= REMOTE_BASE and (v in self._held or v in stored)
+                 and not (grant.owners and grant.owners[v] == me)]
+        if given:
+            self._held.difference_update(v for v, _ in given)
+            self.broker.give_shards(given, grant.version, now())
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one
@@ -376,6 +468,8 @@ class Worker:
         if grant.owners != old.owners or grant.until < old.until:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")
+        if grant.peer_of != old.peer_of or grant.owners != old.owners:
+            self._give_away(grant)
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shardbroker.cluster.fence import Fence
-from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local_owners
+from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local_owners, moved_in
 from shardbroker.cluster.membership import NodeInfo
 from shardbroker.cluster.node import ClusterNode, served_changes
 from shardbroker.cluster.numbers import Identity
@@ -222,3 +222,49 @@ def test_a_change_of_the_bus_fields_is_news_to_the_children(tmp_path: Path) -> N
     finally:
         node.etcd.close()
         node._lease_etcd.close()
+
+
+def test_a_joining_node_names_each_shard_it_takes_with_its_previous_owner() -> None:
+    """n2 joins n1 (2 workers): every shard the new map gives n2 is incoming from the n1
+    worker that held it; the grant carries that worker's peer id while n1 is registered,
+    and nothing once it is not (nobody will send the sessions)."""
+    first = next_map(None, place(COUNT, slots_of({"n1": 2})), {"n1": 11})
+    assert first is not None
+    second = next_map(first, place(COUNT, slots_of({"n1": 2, "n2": 1})), {"n1": 11, "n2": 22})
+    assert second is not None
+    incoming = moved_in("n2", first, second, {})
+    taken = [v for v, s in enumerate(second.vshards) if s.slot is not None and s.slot.node == "n2"]
+    assert taken and sorted(incoming) == taken
+    for v in taken:
+        old = first.vshards[v].slot
+        assert old is not None and incoming[v] == (second.vshards[v].epoch, "n1", old.worker)
+    assert moved_in("n1", first, second, {}) == {}  # n1 only loses shards
+    assert moved_in("n2", None, second, {}) == {}  # no map before: nothing known to wait for
+    fence = Fence("n2", 22)
+    fence.apply(second)
+    fence.renewed(100.0)
+    n1 = {"n1": NodeInfo("n1", "10.0.0.1:7100", 2, number=3, key="K1")}
+    grant = from_fence(fence, 1, 1, 0.0, nodes=n1, leases={"n1": 11}, number=4, incoming=incoming)
+    assert [v for v, p in enumerate(grant.incoming) if p >= 0] == taken
+    assert all(grant.incoming[v] == 3 * 256 + incoming[v][2] for v in taken)
+    assert Grant.from_value(grant.to_value()) == grant
+    gone = from_fence(fence, 2, 1, 0.0, nodes={}, number=4, incoming=incoming)
+    assert gone.incoming == ()  # n1 is not registered any more: served at once, empty
+
+
+def test_an_incoming_shard_stays_named_until_it_moves_again() -> None:
+    """A later map that keeps the shard here at the same epoch keeps its previous owner (the
+    move may not be done); a drain of n2 drops it and names n2 on n1's side."""
+    first = next_map(None, place(COUNT, slots_of({"n1": 1})), {"n1": 11})
+    assert first is not None
+    second = next_map(first, place(COUNT, slots_of({"n1": 1, "n2": 1})), {"n1": 11, "n2": 22})
+    assert second is not None
+    held = moved_in("n2", first, second, {})
+    assert held
+    assert moved_in("n2", second, second, held) == held
+    back = next_map(second, place(COUNT, slots_of({"n1": 1})), {"n1": 11})
+    assert back is not None
+    assert moved_in("n2", second, back, held) == {}
+    returned = moved_in("n1", second, back, {})
+    assert sorted(returned) == sorted(held)
+    assert all(node == "n2" and worker == 0 for _epoch, node, worker in returned.values())

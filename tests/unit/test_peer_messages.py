@@ -32,6 +32,10 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    ShardState,
+    ShardStateAck,
+    ShardStateEnd,
+    ShardStateQuery,
     decode_batch,
     decode_message,
     encode_batch,
@@ -96,6 +100,11 @@ MESSAGES: dict[str, PeerMessage] = {
     "retain": Retain("a/ü", b"21.5", 1, NO_PROPERTIES, None, 1_800_000_000_000 << 16, "n1"),
     "retain-full": Retain("a/b", b"\x00v", 2, PROPS, 1_900_000_000.5, 2**64 - 1, "node-ü"),
     "retain-delete": Retain("a/b", b"", 0, NO_PROPERTIES, None, 0, ""),
+    "shard-state": ShardState(2, 1023, 7, (b"\xa0", b"", b"\x00" * 300)),
+    "shard-state-empty": ShardState(0, 0, 1, ()),
+    "shard-state-end": ShardStateEnd(3, 5, 2**40, 1000),
+    "shard-state-ack": ShardStateAck(512, 17, 9, 0),
+    "shard-state-query": ShardStateQuery(1, 1023, 12),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -263,7 +272,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [15, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [19, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -591,3 +600,25 @@ def test_fuzz_structured_bodies(body: list[Any]) -> None:
 @given(st.binary(max_size=40))
 def test_fuzz_property_blocks(block: bytes) -> None:
     _decodes_or_refuses(raw([fwd_item(properties=block)]))
+
+
+@pytest.mark.parametrize("item", [
+    [15, 0, 1024, 1, []],  # vshard out of range
+    [15, 0, 3, 0, []],  # version 0
+    [15, 0, 3, 1, ["text"]],  # a session that is not bin
+    [16, 0, 3, 1],  # a missing count
+    [17, 0, -1, 1, 0],
+    [18, 0, 3, 0],  # epoch 0
+    [14, 0],  # kind 14 is left free
+])
+def test_bad_shard_state_items_are_refused(item: list[Any]) -> None:
+    with pytest.raises(PeerFormatError):
+        decode_batch(raw([item]))
+
+
+def test_shard_state_kinds_are_15_to_18() -> None:
+    for message, kind in ((ShardState(1, 2, 3, (b"x",)), 15), (ShardStateEnd(1, 2, 3, 4), 16),
+                          (ShardStateAck(1, 2, 3, 4), 17), (ShardStateQuery(1, 2, 3), 18)):
+        assert msgpack.unpackb(encode_message(message)[len(HEADER):])[0] == kind
+    with pytest.raises(ValueError):
+        encode_batch([ShardStateEnd(1, 1024, 3, 4)])
