@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -39,6 +37,7 @@ import cluster_fixtures
 
 from loadtests import mqttwire
 from loadtests.cluster_proc import NodeProcess
+from loadtests.mqttwire import Wire
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
 from shardbroker.cluster.placement import Slot, place, vshard_for
@@ -49,35 +48,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-class Wire:
-    """One blocking MQTT 3.1.1 (or 5.0) client on raw bytes."""
-
-    def __init__(self, port: int, client_id: str, proto: int = 4, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=5)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.frames: deque[tuple[int, bytes]] = deque()
-        self.sock.sendall(mqttwire.connect(client_id, proto=proto))
-        first, self.connack = self.packet()
-        if first >> 4 != 2 or (self.connack[1] != 0 and proto != 5):
-            raise RuntimeError(f"CONNACK {self.connack!r}")
-
-    def packet(self) -> tuple[int, bytes]:
-        while not self.frames:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise RuntimeError("closed")
-            self.buf += chunk
-            frames, used = mqttwire.split_frames(self.buf)
-            del self.buf[:used]
-            self.frames.extend(frames)
-        return self.frames.popleft()
-
-    def close(self) -> None:
-        self.sock.sendall(b"\xe0\x00")
-        self.sock.close()
 
 
 def connect_times(port: int, client_id: str, n: int, proto: int = 4) -> list[float]:

@@ -14,7 +14,9 @@ Protocol levels: ``4`` is MQTT 3.1.1, ``5`` is MQTT 5.0.
 
 from __future__ import annotations
 
+import socket
 import struct
+from collections import deque
 
 # Packet types (high nibble of the first byte).
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -209,3 +211,38 @@ def connack_result(body: bytes, proto: int) -> tuple[int, dict[int, int]]:
             else:  # unknown: stop reading properties
                 break
     return code, props
+
+
+class Wire:
+    """One blocking MQTT 3.1.1 (or 5.0) client on raw bytes: CONNECT at once, then whole packets
+    (``packet``: first byte and body). With ``refuse``, a 3.1.1 CONNACK that refuses raises;
+    without, the caller reads ``connack`` (flags, code)."""
+
+    def __init__(self, port: int, client_id: str, proto: int = 4, host: str = "127.0.0.1", *,
+                 clean: bool = True, timeout: float = 5.0, refuse: bool = True) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.frames: deque[tuple[int, bytes]] = deque()
+        self.sock.sendall(connect(client_id, proto=proto, clean=clean))
+        first, self.connack = self.packet()
+        if first >> 4 != 2 or (refuse and self.connack[1] != 0 and proto != 5):
+            raise RuntimeError(f"CONNACK {self.connack!r}")
+
+    def packet(self) -> tuple[int, bytes]:
+        while not self.frames:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("closed")
+            self.buf += chunk
+            frames, used = split_frames(self.buf)
+            del self.buf[:used]
+            self.frames.extend(frames)
+        return self.frames.popleft()
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"\xe0\x00")
+        except OSError:
+            pass
+        self.sock.close()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import cluster_fixtures
 
 from loadtests import mqttwire
 from loadtests.cluster_proc import NodeProcess
+from loadtests.mqttwire import Wire
 from shardbroker.cluster import admin
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
@@ -42,35 +42,6 @@ from shardbroker.cluster.placement import Slot, place, vshard_for
 
 OUT = re.compile(r"moved out to peer \d+: (\d+) sessions, ([\d.]+) s")
 IN = re.compile(r"moved in from peer \d+: (\d+) sessions, ([\d.]+) s")
-
-
-class Client:
-    def __init__(self, port: int, client_id: str, clean: bool = False) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = bytearray()
-        self.frames: list[tuple[int, bytes]] = []
-        self.sock.sendall(mqttwire.connect(client_id, clean=clean))
-        first, self.connack = self.packet()
-        if first >> 4 != 2:
-            raise RuntimeError(f"no CONNACK: {first:#x}")
-
-    def packet(self) -> tuple[int, bytes]:
-        while not self.frames:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-            frames, used = mqttwire.split_frames(self.buf)
-            del self.buf[:used]
-            self.frames.extend(frames)
-        return self.frames.pop(0)
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"\xe0\x00")
-        except OSError:
-            pass
-        self.sock.close()
 
 
 def wait_map(endpoints: list[str], nodes: set[str]) -> None:
@@ -93,7 +64,7 @@ def served(port: int, cid: str, queued: int) -> None:
     """Reconnect ``cid`` until accepted with its session, and take its queued messages."""
     deadline = time.monotonic() + 60
     while True:
-        c = Client(port, cid)
+        c = Wire(port, cid, clean=False, timeout=10, refuse=False)
         if c.connack[1] == 0:
             break
         c.close()
@@ -113,7 +84,7 @@ def served(port: int, cid: str, queued: int) -> None:
 
 def publish_all(port: int, publisher: str, ids: list[str], queued: int) -> None:
     """``queued`` QoS 1 messages to each of ``ids``' topics, each round acknowledged."""
-    pub = Client(port, publisher, clean=True)
+    pub = Wire(port, publisher, timeout=10)
     pid = 0
     for round_ in range(queued):
         for cid in ids:
@@ -164,7 +135,7 @@ def main() -> None:
             wait_map(etcd.endpoints, {"n1"})
             time.sleep(1.5)
             for cid in ids:
-                c = Client(p1, cid)
+                c = Wire(p1, cid, clean=False, timeout=10, refuse=False)
                 c.sock.sendall(mqttwire.subscribe(1, [(f"h/{cid}", 1)]))
                 c.packet()  # SUBACK
                 c.close()
