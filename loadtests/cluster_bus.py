@@ -77,15 +77,10 @@ class Cluster:
 
 def start_cluster(base: Path, count: int, workers: int) -> Cluster:
     """etcd (one member) and ``count`` nodes of ``workers`` workers each, under ``base``."""
-    etcd = cluster_fixtures.EtcdCluster(cluster_fixtures.etcd_binary())
-    client_port, peer_port = cluster_fixtures._free_ports(2)
-    etcd.members.append(cluster_fixtures.Member("m0", client_port, peer_port, base / "etcd",
-                                                base / "etcd.log"))
+    etcd = cluster_fixtures.single_etcd(base)
     cluster = Cluster(etcd, [], [f"n{i + 1}" for i in range(count)],
                       [base / f"n{i + 1}" for i in range(count)], [])
     try:
-        etcd.start(etcd.members[0])
-        etcd.wait_healthy()
         for i, name in enumerate(cluster.names):
             advertise = cluster_fixtures.bus_address(workers, host=f"127.0.0.{i + 2}")
             cluster.nodes.append(NodeProcess(base, name, cluster.data[i], etcd.endpoints,

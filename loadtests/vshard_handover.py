@@ -121,13 +121,9 @@ def main() -> None:
     publisher = next(c for c in (f"pub{i}" for i in range(1000)) if both[vshard_for(c, 1024)] == Slot("n1", 0))
     with tempfile.TemporaryDirectory(prefix="handover-bench-") as tmp:
         base = Path(tmp)
-        etcd = cluster_fixtures.EtcdCluster(cluster_fixtures.etcd_binary())
-        ports = cluster_fixtures._free_ports(2)
-        etcd.members.append(cluster_fixtures.Member("m0", ports[0], ports[1], base / "etcd", base / "etcd.log"))
-        etcd.start(etcd.members[0])
+        etcd = cluster_fixtures.single_etcd(base)
         nodes: list[NodeProcess] = []
         try:
-            etcd.wait_healthy()
             n1 = NodeProcess(base, "n1", base / "n1", etcd.endpoints, ttl=5, workers=1,
                              advertise=cluster_fixtures.bus_address(1), log_level="info")
             nodes.append(n1)

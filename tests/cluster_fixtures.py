@@ -188,6 +188,21 @@ class EtcdCluster:
             self.stop(m, signal.SIGKILL)
 
 
+def single_etcd(base: Path) -> EtcdCluster:
+    """One etcd member under ``base``, started and answering (the load tools' etcd); the
+    caller closes it."""
+    cluster = EtcdCluster(etcd_binary())
+    client_port, peer_port = _free_ports(2)
+    cluster.members.append(Member("m0", client_port, peer_port, base / "etcd", base / "etcd.log"))
+    try:
+        cluster.start(cluster.members[0])
+        cluster.wait_healthy()
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
 def _cluster(tmp_path: Path, size: int) -> Iterator[EtcdCluster]:
     cluster = EtcdCluster(etcd_binary())
     ports = _free_ports(2 * size)
