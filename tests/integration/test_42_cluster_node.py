@@ -4,7 +4,7 @@ clients go to the worker the map names (and ``ctl`` finds them there); losing et
 clients before the lease can end and refuses new ones until etcd is back; a persistent
 session stored before is found after the stores follow the map; a second node takes its
 share, and the first closes the clients of the shards it lost and relays them to the second
-when they come back. No message crosses nodes: there is no bus between nodes yet."""
+when they come back. Messages between nodes are test_47_cluster_bus.py's."""
 
 from __future__ import annotations
 
