@@ -184,10 +184,11 @@ class Worker:
         self._remote: dict[int, tuple[int, str, str]] = {}
         self._leases: dict[int, int] = {}  # node number -> the lease its frames must carry
         self._refused_said = 0.0
-        # shards this worker may have served since it started and has not given away since:
-        # at start, those of its layout (a previous run may have served them; and the new
-        # owner of one that moved before this worker served it waits for word all the same)
-        self._held: set[int] = {v for v, w in enumerate(self.local) if w == shard}
+        # shards this worker has served under its node's current lease and not given away
+        # since: only those move to another node when the map gives them away. A node that
+        # lost its lease (cut off, restarted) keeps its sessions: the forwards other nodes
+        # kept for it in their outboxes come back to this worker and must find them here
+        self._held: set[int] = set()
         self._asked_at: dict[int, float] = {}  # a shard moving in -> when its sender was last asked
         # a shard moving in -> its epoch, and when a client first asked for it under that epoch
         self._incoming: dict[int, tuple[int, float]] = {}
@@ -436,10 +437,11 @@ class Worker:
 
     def _give_away(self, grant: Grant) -> None:
         """Send the shards this grant gives to a worker of another node their persistent
-        sessions: those this worker may have served since it started and has not given away
-        since (even with none: the new owner waits for word), and any other whose sessions its
-        store holds (a move cut short, a node that stopped). A new owner that waits all the same
-        asks (``_asked``)."""
+        sessions: those this worker has served under this lease and not given away since (even
+        with none: the new owner waits for word). Not the others whose sessions its store holds
+        (a node that restarted or was cut off): their forwards, kept in other nodes' outboxes
+        for this worker, would arrive with nobody to take them. A new owner that waits all the
+        same asks (``_asked``)."""
         peer_of = grant.peer_of
         me = self.shard_index
         mine = [v for v, w in enumerate(grant.owners) if w == me]
@@ -448,9 +450,8 @@ class Worker:
             self.broker.moves.take_back(v)  # back before the taker acknowledged
         if not peer_of or not grant.number:
             return
-        stored = {vshard_for(cid, len(peer_of)) for cid in self.broker.sessions.stored_client_ids}
         given = [(v, peer) for v, peer in enumerate(peer_of)
-                 if peer >= REMOTE_BASE and (v in self._held or v in stored)
+                 if peer >= REMOTE_BASE and v in self._held
                  and not (grant.owners and grant.owners[v] == me)]
         if given:
             self._held.difference_update(v for v, _ in given)
@@ -468,6 +469,8 @@ class Worker:
         if grant.owners != old.owners or grant.until < old.until:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")
+        if grant.lease != old.lease:
+            self._held.clear()
         if grant.peer_of != old.peer_of or grant.owners != old.owners:
             self._give_away(grant)
         if self._fence_timer is not None:

@@ -140,6 +140,12 @@ class Net:
             return all(view.applied.get(n) == view.map.version for n in NODES)
 
         bounded(settled, timeout, "three nodes serving the map")
+
+        def moved_in() -> bool:  # no virtual shard still waits for its sessions from another node
+            return all(shard["counters"].get("vshards_moving_in", 0) == 0 for role in NODES
+                       for shard in self.ctl(role, {"op": "stats"})["shards"].values())
+
+        bounded(moved_in, timeout, "every shard moving in has its sessions")
         owners = self.owners()
         for role in NODES:
             cid = cid_of(owners, role, f"probe-{role}-")

@@ -344,12 +344,13 @@ def test_a_node_killed_mid_stream_gets_what_was_acknowledged_while_it_was_regist
     # the survivors forgot the killed node's workers; its forwards wait in the outbox
     took = peers_settle(net, [pub_node, keep])
     pending = total(net, pub_node, "handover_remote")
-    # the outbox resends them to the forgotten workers (every 5 s): the bus drops them
+    # the outbox does not resend them while the node is gone (the sweep skips peers the bus
+    # does not reach); what was on its way when the node was forgotten the bus dropped
     unreached = total(net, pub_node, "bus_unreached")
     figure(f"kill: survivors' remote_peers settled {took:.2f} s after the check began;"
            f" {pending} durable forwards wait in {pub_node}'s outbox for the killed node,"
-           f" {unreached} resent to its forgotten workers and dropped")
-    assert pending > 0 and unreached > 0
+           f" {unreached} messages for its forgotten workers dropped by the bus")
+    assert pending > 0
 
     first = numbers(gone_sub.stop())  # closed by the kill
     net.c.nodes[victim].start(port=1883)

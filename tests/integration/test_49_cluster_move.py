@@ -6,8 +6,7 @@ on n1, with QoS 1 and QoS 2 messages queued while they were offline; n2 joins an
 virtual shards (chosen by the placement over n1 + n2) move to it; each reconnects to n2 with
 session present, gets every queued message (QoS 2 exactly once, QoS 1 at least once) and a
 new publish on n1 without subscribing again; then n2 is drained and the same holds back on
-n1, with messages queued on n2 meanwhile. The shard counters say what moved. And sessions
-left in the store of a node that stopped go to their shard's owner when it starts again.
+n1, with messages queued on n2 meanwhile. The shard counters say what moved.
 """
 
 from __future__ import annotations
@@ -140,36 +139,3 @@ def test_persistent_sessions_follow_their_shard_to_a_joining_node_and_back_on_dr
     for c in on_n1.values():
         assert c.recv_publish(timeout=10).payload == b"after-the-drain"
     assert moved(n2, "out")[1] >= 2 and moved(n1, "in")[1] >= 2
-
-
-def test_sessions_left_in_a_store_go_to_the_shard_s_owner_when_their_node_starts_again(
-        etcd_single: EtcdCluster, make_broker: Callable[..., Broker], mqtt: Clients,
-        uniq: Uniq) -> None:
-    """n1 stops with persistent sessions (and queued messages) of shards that n2 serves by the
-    time n1 starts again: n1's worker, finding them in its store, sends them to n2."""
-    n1 = make_broker(workers=1, config=node_config(etcd_single, "n1", free_range(1)), name="node1")
-    settled(etcd_single, {"n1"})
-    topic = uniq.topic()
-    cid = moving(uniq.cid("left-"))
-    wait_until(lambda: mb.RawClient(port=n1.port, connect_timeout=2).connack_rc(cid) == 0,
-               timeout=15, message="n1 serves")
-    c = mqtt(n1, cid, version=4, clean=False)
-    assert c.subscribe(topic, qos=2) == [2]
-    c.disconnect()
-    pub = mqtt(n1, staying(uniq.cid("pub-")), version=4)
-    queued = {f"m{qos}-{i}".encode(): qos for qos in (1, 2) for i in range(3)}
-    for payload, qos in queued.items():
-        ack = pub.publish(topic, payload, qos=qos)
-        assert ack is not None and ack.reason == 0
-    pub.disconnect()
-    n1.stop()
-    n2 = make_broker(workers=1, config=node_config(etcd_single, "n2", free_range(1)), name="node2",
-                     probe=False)
-    settled(etcd_single, {"n2"})
-    n1.restart()
-    settled(etcd_single, {"n1", "n2"})
-    wait_until(lambda: moved(n2, "in")[1] >= 1, timeout=20, message="n2 took the session from n1")
-    back = reconnect(n2, cid, 4)
-    assert back.connack.session_present  # type: ignore[attr-defined]
-    check_delivered(back, queued)
-    assert moved(n1, "out")[1] >= 1
