@@ -750,6 +750,31 @@ def paho() -> Iterator[Callable[..., PahoClient]]:
 # Assertion helpers shared by the test modules
 
 
+def reconnect(target: Broker | int, client_id: str, version: int = 4, timeout: float = 20.0,
+              **kw: Any) -> mb.RawClient:
+    """Connect ``client_id`` until the broker accepts it (a cluster node refuses it, "server
+    unavailable", while its virtual shard is not served there yet); ``kw`` go to CONNECT (e.g.
+    ``clean=False``). The connected client, its CONNACK in ``.connack``."""
+    out: list[mb.RawClient] = []
+
+    def accepted() -> bool:
+        c = mb.RawClient(port=_port(target), connect_timeout=2)
+        try:
+            ack = c.connect_mqtt(client_id, version=version, **kw)
+        except (OSError, mb.ConnectionClosed, mb.Timeout):
+            c.close()
+            return False
+        if ack.rc != 0:
+            c.close()
+            return False
+        c.connack = ack  # type: ignore[attr-defined]
+        out.append(c)
+        return True
+
+    wait_until(accepted, timeout=timeout, message=f"{client_id} accepted")
+    return out[0]
+
+
 def assert_disconnected(c: mb.RawClient, version: int, reasons: set[int] | None = None,
                         timeout: float = 3.0, require_disconnect: bool | None = None) -> int | None:
     """The server must close ``c`` within ``timeout``.

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import mqttbytes as mb
 import pytest
 from cluster_fixtures import EtcdCluster
-from conftest import Broker, Clients, Uniq, wait_until
+from conftest import Broker, Clients, Uniq, reconnect, wait_until
 
 from shardbroker.cluster.controller import read_view
 from shardbroker.cluster.etcd import Etcd
@@ -210,24 +210,7 @@ def test_a_persistent_session_on_the_other_node_keeps_what_was_acknowledged_thro
                message="n2's worker restarted")
     wait_until(lambda: all(c["handover_remote"] == 0 for c in shard_counters(a)), timeout=20,
                message="n1's outbox toward n2 drained")
-    back = None
-
-    def connected() -> bool:
-        nonlocal back
-        c = mb.RawClient(port=b.port, connect_timeout=2)
-        try:
-            ack = c.connect_mqtt(sub_id, version=4, clean=False)
-        except (OSError, mb.ConnectionClosed, mb.Timeout):
-            c.close()
-            return False
-        if ack.rc != 0:
-            c.close()
-            return False
-        back = c
-        return True
-
-    wait_until(connected, timeout=15, message="the subscriber is served again")
-    assert back is not None
+    back = reconnect(b, sub_id, 4, timeout=15, clean=False)  # "server unavailable" until served
     try:
         got = [m.payload for m in back.drain_publishes(quiet=1.0, first_timeout=10)]
     finally:

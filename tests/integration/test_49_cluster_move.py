@@ -18,6 +18,7 @@ from collections.abc import Callable
 import mqttbytes as mb
 from cluster_fixtures import EtcdCluster
 from conftest import Broker, Clients, Uniq, wait_until
+from conftest import reconnect as connect_until_accepted
 from test_47_cluster_bus import free_range, node_config, settled, shard_counters
 
 from shardbroker.cluster import admin
@@ -42,25 +43,8 @@ def staying(prefix: str) -> str:
 def reconnect(b: Broker, cid: str, version: int, timeout: float = 20.0) -> mb.RawClient:
     """Connect ``cid`` (persistent) to ``b`` until it is accepted (refused, "server
     unavailable", while its virtual shard is still moving); the client, CONNACK in ``.connack``."""
-    out: list[mb.RawClient] = []
-
-    def accepted() -> bool:
-        c = mb.RawClient(port=b.port, connect_timeout=2)
-        try:
-            ack = c.connect_mqtt(cid, version=version, clean=False,
-                                 props=EXPIRY if version == 5 else b"")
-        except (OSError, mb.ConnectionClosed, mb.Timeout):
-            c.close()
-            return False
-        if ack.rc != 0:
-            c.close()
-            return False
-        c.connack = ack  # type: ignore[attr-defined]
-        out.append(c)
-        return True
-
-    wait_until(accepted, timeout=timeout, message=f"{cid} served by {b.name}")
-    return out[0]
+    return connect_until_accepted(b, cid, version, timeout, clean=False,
+                                  props=EXPIRY if version == 5 else b"")
 
 
 def check_delivered(c: mb.RawClient, sent: dict[bytes, int]) -> None:
