@@ -158,6 +158,13 @@ class Broker:
         self.peers.subscriptions = self.subscriptions
         self.moves = Moves(shard, store, self.commit, self.sessions, link, self.time, self.stats, self.wake)
         self.peers.moves = self.moves
+        moves = self.moves
+        moves.seen_marks = self.peers.seen_marks
+        moves.relay = self.peers.relay
+        moves.barrier = self.subscriptions.barrier
+        moves.global_id = self.peers.global_id
+        moves.delivery = self.delivery
+        self.delivery.moving = moves.check
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,

@@ -58,6 +58,10 @@ class Delivery:
         self.output = output
         self._batch = batch  # the store batch of this event (``Commit.batch``)
         self.backpressure: Backpressure  # set by the broker (it needs the sessions)
+        # a session on its way between nodes (``Session.moving``): whether ``core/moves.py``
+        # took the copy (relayed, or already had), so it is not placed here
+        self.moving: Callable[[Session, Message, int, bool, tuple[int, ...], tuple[str, str] | None], bool] = (
+            lambda sess, msg, qos, retain, sub_ids, group: False)
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -72,6 +76,13 @@ class Delivery:
 
     def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                 group: tuple[str, str] | None = None) -> None:
+        if sess.moving is not None and self.moving(sess, msg, qos, retain, sub_ids, group):
+            return
+        self.place(sess, msg, qos, retain, sub_ids, group)
+
+    def place(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+              group: tuple[str, str] | None = None) -> None:
+        """Send, queue or drop one copy (``deliver`` without the moving session's check)."""
         client = sess.client
         if client is None or client.closing:
             if not sess.persistent or (qos == 0 and not self.limits.queue_qos0):

@@ -3,25 +3,39 @@
 When the shard map moves virtual shard ``v`` from node A to node B, A's worker closes v's
 clients (``Broker.close_unserved``), commits, and then ``give``s v to B's worker (the grant's
 ``peer_of[v]``): it reads v's sessions from its store, each with its queue, inflight rows
-and incoming QoS 2 ids (``storage.session_state``: the store's own record encodings), drops
-them from memory (their routes withdrawn) and sends them as ``ShardState`` messages of at
-most ``CHUNK_BYTES``, then a ``ShardStateEnd`` with the count, in order on the bus after
-everything it sent B before. It keeps them in its store until B's ``ShardStateAck``, then
-deletes them; unacknowledged after ``RESEND_AFTER`` seconds, it sends them again.
+and incoming QoS 2 ids (``storage.session_state``: the store's own record encodings), and
+sends them as ``ShardState`` messages of at most ``CHUNK_BYTES``, then a ``ShardStateEnd``
+with the count, in order on the bus after everything it sent B before. With them go the
+publish numbers A had applied from each source (``Peers.seen_marks``): what the sessions
+already hold.
 
-B's worker writes each session into the iteration's batch (new message ids and seqs), takes
-it into memory (``Sessions.adopt``; its routes announced to every peer) and, once the commit
-that holds the ``ShardStateEnd``'s sessions succeeded, acknowledges and tells its shell
-(``on_done``), which then serves v. Which session wins when B already has one for the same
-client ID: B's, when it is connected or its last disconnect is not older than the incoming
-one's (a resend after a lost acknowledgement changes nothing); otherwise B's is ended and
-the incoming one taken. The map version each shard last arrived under is kept in the store
-(meta ``moves_in``), so a restarted worker does not wait for a shard it already has.
+No publish is missed meanwhile. A keeps the sessions in memory, their routes announced,
+marked ``Leaving``: every copy a publish makes for one of them is relayed to B through A's
+durable outbox (a ``DurableForward`` with a ``target``), as long as any shard may still send
+A such publishes. B writes each session into the iteration's batch (new message ids and
+seqs), takes it into memory (``Sessions.adopt``; its routes announced to every peer, marked
+``Arrived``) and, once the commit that holds the ``ShardStateEnd``'s sessions succeeded,
+serves the shard (``on_done``) and waits for every peer to acknowledge an empty
+announcement (``Subscriptions.barrier``): each then sends B those sessions' publishes. Then
+it acknowledges (``ShardStateAck``). A, acknowledged, waits for a barrier of its own: every
+publish a peer sent it before learning of B's routes is then here (and relayed). Only then
+does it drop the sessions (their routes withdrawn) and delete them from its store.
 
-Not covered here: publishes that match a moved session while it is in neither worker's
-route table (from A's drop to B's announcement, about one bus round trip and a commit) are
-not delivered to it; nor are durable forwards that reach A for it after the drop (A's outbox
-acknowledges them, nothing matches). No I/O: the shell reads the clock and calls in.
+Between B's routes reaching a publisher and A's barrier, a publish reaches B both ways.
+Publishes of QoS 1/2 are numbered per source (``DurableForward.mid``), and each source's
+publishes reach a session in its order on each way, so B keeps per session and source three
+numbers (``Arrived``) and lets each through once: one numbered at most what A had applied
+when it gave the session up is in the state; a relayed one is taken unless a direct one as
+recent or older has come; a direct one unless a relayed one as recent or newer has. Across
+the two ways, the order is not kept; copies of QoS 0 (which are not numbered) are not
+relayed. Unacknowledged after ``RESEND_AFTER`` seconds, A sends the state again.
+
+Which session wins when B already has one for the same client ID: B's, when it is connected
+or its last disconnect is not older than the incoming one's (a resend after a lost
+acknowledgement changes nothing); otherwise B's is ended and the incoming one taken. The
+map version each shard last arrived under is kept in the store (meta ``moves_in``), so a
+restarted worker does not wait for a shard it already has. No I/O: the shell reads the
+clock and calls in.
 """
 
 from __future__ import annotations
@@ -30,16 +44,21 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import Session, Subscribed
+from shardbroker.core.session import Arrived, Leaving, Message, Session
 from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
 from shardbroker.peer.messages import ShardState, ShardStateAck, ShardStateEnd, ShardStateQuery
 from shardbroker.storage.records import StoreError
 from shardbroker.storage.session_state import pack_state, put_state, unpack_state
+
+if TYPE_CHECKING:
+    from shardbroker.core.delivery import Delivery
 
 log = logging.getLogger("shardbroker.moves")
 
@@ -47,21 +66,27 @@ CHUNK_BYTES = 64 * 1024  # the sessions of one ShardState (one bigger session go
 RESEND_AFTER = 5.0  # seconds without an acknowledgement before the state goes again
 INCOMING_WAIT = 30.0  # seconds a worker refuses a shard moving in before it serves it anyway
 ASK_AFTER = 1.0  # seconds a shard moving in waits before its previous owner is asked (and again)
+BARRIER_WAIT = 4.0  # seconds a barrier may take before its worker goes on without it (a peer lost)
+MARKS_KEEP = 300.0  # seconds a moved-in session keeps its marks against copies that come twice
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
+
+Relay = Callable[[int, str, Message, int, bool, tuple[int, ...], tuple[str, str] | None], None]
 
 
 @dataclass(slots=True)
 class _Out:
-    """A shard given to another node's worker, kept until it acknowledges."""
+    """A shard given to another node's worker: its sessions relayed there until the end."""
 
     peer: int
     version: int
     client_ids: list[str]
     packed: list[bytes]
-    # as they were in memory, with their subscriptions: released at the end, or reinstated
-    dropped: list[tuple[Session, dict[str, Subscribed]]]
+    seen: tuple[tuple[int, int], ...]  # the publish numbers applied here when it was given
+    held: list[Session]  # in memory here, marked ``mark`` (those still marked are dropped at the end)
+    mark: Leaving
     started: float  # monotonic: when the shard was given (its clients closed just before)
     sent_at: float
+    ending: float = 0.0  # monotonic: when acknowledged (its barrier sent)
 
 
 class Moves:
@@ -77,11 +102,14 @@ class Moves:
         self.stats = stats
         self.wake = wake
         self.outgoing: dict[int, _Out] = {}
+        self.ending: dict[int, _Out] = {}  # acknowledged, waiting for the barrier
         self.received: dict[int, int] = {}  # vshard -> the map version it last arrived under
         # (peer, vshard, version) -> sessions handled, and of those taken (not kept from here)
         self._handled: dict[tuple[int, int, int], int] = {}
         self._taken: dict[tuple[int, int, int], int] = {}
         self._ends: list[tuple[ShardStateEnd, int]] = []  # acknowledged after the next good commit
+        # (peer, vshard, version) -> the end to acknowledge once the barrier is done, since when
+        self._acking: dict[tuple[int, int, int], tuple[ShardStateEnd, float]] = {}
         self._adopted: list[str] = []  # sessions taken in this iteration (its commit holds them)
         self.on_done: Callable[[int, int, int], None] = lambda vshard, peer, count: None
         # a peer asks for a shard (vshard, peer, its epoch there): the shell gives it when the
@@ -89,7 +117,15 @@ class Moves:
         self.asked: Callable[[int, int, int], None] = lambda vshard, peer, epoch: None
         # how many shards served here wait for their sessions (the shell knows its grant)
         self.moving_in: Callable[[], int] = lambda: 0
-        for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in"):
+        # set by the broker: the peers' publish numbers, a copy relayed through the outbox,
+        # a barrier (``Subscriptions.barrier``), peer ids as every node knows them, and delivery
+        self.seen_marks: Callable[[], tuple[tuple[int, int], ...]] = lambda: ()
+        self.relay: Relay = lambda peer, cid, msg, qos, retain, sub_ids, group: None
+        self.barrier: Callable[[Callable[[], None]], None] = lambda done: done()
+        self.global_id: Callable[[int], int] = lambda peer: peer
+        self.delivery: Delivery | None = None
+        for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in",
+                    "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched"):
             stats.setdefault(key, 0)
 
     def restore(self) -> None:
@@ -106,25 +142,34 @@ class Moves:
         out = self.outgoing.get(vshard)
         if out is not None and out.peer == peer:
             return len(out.client_ids)  # already on its way
+        if vshard in self.ending:  # given before and acknowledged: those sessions are gone
+            self._finish(vshard, self.ending[vshard])
         mono, wall = self.time.mono, self.time.wall
         client_ids: list[str] = []
         packed: list[bytes] = []
-        # on its way to another peer, which has not acknowledged: those sessions go here now
-        dropped: list[tuple[Session, dict[str, Subscribed]]] = out.dropped if out is not None else []
+        mark = Leaving(peer)
+        held: list[Session] = []
+        if out is not None:  # on its way to another peer, which has not acknowledged: here now
+            for sess in out.held:
+                if sess.moving is out.mark:
+                    sess.moving = mark
+                    held.append(sess)
         for cid in list(self.store.client_ids([vshard])):
             state = self.store.client_state(cid)
             if state is None:
                 continue
-            was = self.sessions.drop(cid)
-            if was is not None:
-                dropped.append(was)
+            here = self.sessions.get(cid)
+            if here is not None and here.moving is not mark:
+                here.moving = mark
+                held.append(here)
             if state.session.disconnected_at is None:  # stored while connected (a crash since)
-                at = was[0].disconnected_at if was is not None and was[0].disconnected_at else wall
+                at = here.disconnected_at if here is not None and here.disconnected_at else wall
                 state = dataclasses.replace(state, session=dataclasses.replace(state.session,
                                                                                disconnected_at=at))
             client_ids.append(cid)
             packed.append(pack_state(state))
-        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, dropped, mono, mono)
+        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, self.seen_marks(), held,
+                                           mark, mono, mono)
         self._send(vshard, out)
         if packed:
             log.info("shard %d: virtual shard %d goes to peer %d: %d sessions sent", self.shard,
@@ -136,44 +181,128 @@ class Moves:
         size = 0
         for blob in out.packed:
             if chunk and size + len(blob) > CHUNK_BYTES:
-                self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk)), size)
+                self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), out.seen), size)
                 chunk, size = [], 0
             chunk.append(blob)
             size += len(blob)
         if chunk:
-            self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk)), size)
+            self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), out.seen), size)
         self.link.send(out.peer, ShardStateEnd(self.shard, vshard, out.version, len(out.packed)))
         out.sent_at = self.time.mono
         self.wake()
 
+    def check(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+              group: tuple[str, str] | None) -> bool:
+        """A copy of ``msg`` for ``sess``, which is moving (``Delivery.moving``): whether it is
+        taken care of here (relayed to where the session went, or had already), so not placed."""
+        mark = sess.moving
+        if type(mark) is Leaving:
+            if qos and msg.mid:
+                self.relay(mark.peer, sess.client_id, msg, qos, retain, sub_ids, group)
+            else:
+                self.stats["moves_not_relayed"] += 1
+            return True
+        if type(mark) is not Arrived:
+            return False
+        if self.time.mono >= mark.until:
+            sess.moving = None
+            return False
+        mid = msg.mid
+        if group is not None or not mid:
+            return False
+        src = self.global_id(msg.src)
+        if mid <= mark.seen.get(src, 0) or mid <= mark.relayed.get(src, 0):
+            mark.first_direct.setdefault(src, mid)
+            self.stats["moves_duplicates"] += 1
+            return True
+        mark.first_direct.setdefault(src, mid)
+        return False
+
+    def relayed(self, msg: Message, client_id: str, sub_ids: tuple[int, ...],
+                group: tuple[str, str] | None) -> None:
+        """A copy relayed by the worker ``client_id``'s session moved from (``msg.src`` is
+        already a global id): placed unless it came straight too."""
+        sess = self.sessions.get(client_id)
+        delivery = self.delivery
+        if sess is None or delivery is None:
+            self.stats["moves_unmatched"] += 1
+            log.warning("shard %d: a publish relayed for %s, which has no session here: dropped",
+                        self.shard, client_id)
+            return
+        if msg.expires_at is not None and self.time.wall >= msg.expires_at:
+            self.stats["expired"] = self.stats.get("expired", 0) + 1
+            return
+        mark = sess.moving
+        if type(mark) is Leaving:  # moving on already: relayed again
+            delivery.deliver(sess, msg, msg.qos, msg.retain, sub_ids, group)
+            return
+        if type(mark) is Arrived and group is None and msg.mid and self.time.mono < mark.until:
+            src, mid = msg.src, msg.mid
+            first = mark.first_direct.get(src)
+            if first is not None and mid >= first:
+                self.stats["moves_duplicates"] += 1
+                return
+            if mid > mark.relayed.get(src, 0):
+                mark.relayed[src] = mid
+        delivery.place(sess, msg, msg.qos, msg.retain, sub_ids, group)
+
     def on_ack(self, m: ShardStateAck) -> None:
+        """The new owner has the sessions, and every peer its routes: once every peer has
+        answered a barrier of this worker's too, what they sent here is relayed, and the
+        sessions can go."""
         out = self.outgoing.get(m.vshard)
         if out is None or out.peer != m.shard or out.version != m.version:
             return
         del self.outgoing[m.vshard]
+        self.ending[m.vshard] = out
+        out.ending = self.time.mono
+        vshard = m.vshard
+        self.barrier(partial(self._finish, vshard, out))
+        self.wake()
+
+    def _finish(self, vshard: int, out: _Out) -> None:
+        if self.ending.get(vshard) is not out:
+            return
+        del self.ending[vshard]
         batch = self.commit.batch()
+        for sess in out.held:
+            if sess.moving is out.mark and self.sessions.get(sess.client_id) is sess:
+                sess.moving = None
+                self.sessions.drop(sess.client_id)
+                release_rows(sess)
         for cid in out.client_ids:
             if self.sessions.get(cid) is None:  # not back here meanwhile
                 batch.delete_session(cid)
-        for sess, _subs in out.dropped:
-            release_rows(sess)
         if out.client_ids:  # a shard without sessions moved nothing
             self.stats["shards_moved_out"] += 1
             self.stats["sessions_moved_out"] += len(out.client_ids)
         log.log(logging.INFO if out.client_ids else logging.DEBUG,
                 "shard %d: virtual shard %d moved out to peer %d: %d sessions, %.3f s from"
-                " closing its clients to the acknowledgement", self.shard, m.vshard, m.shard,
-                len(out.client_ids), self.time.mono - out.started)
+                " closing its clients to the acknowledgement, %.3f s more until every peer"
+                " knew", self.shard, vshard, out.peer, len(out.client_ids),
+                out.ending - out.started, self.time.mono - out.ending)
         self.wake()
 
     def sweep(self) -> None:
-        """Send again what has not been acknowledged in ``RESEND_AFTER`` seconds."""
+        """Send again what has not been acknowledged in ``RESEND_AFTER`` seconds; end the
+        barriers a lost peer holds up."""
+        mono = self.time.mono
         for vshard, out in self.outgoing.items():
-            if self.time.mono - out.sent_at >= RESEND_AFTER and out.peer in self.link.peers:
+            if mono - out.sent_at >= RESEND_AFTER and out.peer in self.link.peers:
                 log.warning("shard %d: virtual shard %d: no acknowledgement from peer %d;"
                             " sending its %d sessions again", self.shard, vshard, out.peer,
                             len(out.packed))
                 self._send(vshard, out)
+        for vshard, out in list(self.ending.items()):
+            if mono - out.ending >= BARRIER_WAIT:
+                log.warning("shard %d: virtual shard %d: a peer has not answered in %.0f s;"
+                            " its sessions go all the same", self.shard, vshard, BARRIER_WAIT)
+                self._finish(vshard, out)
+        for key, (end, since) in list(self._acking.items()):
+            if mono - since >= BARRIER_WAIT:
+                log.warning("shard %d: virtual shard %d: a peer has not answered in %.0f s;"
+                            " acknowledged all the same", self.shard, end.vshard, BARRIER_WAIT)
+                self._ack(key)
 
     def peer_synced(self, peer: int) -> None:
         """``peer`` sent its routes: it (re)started, or has just come to hear this worker (a
@@ -184,26 +313,26 @@ class Moves:
                 self._send(vshard, out)
 
     def forget_peer(self, peer: int) -> None:
-        """``peer``'s node left before acknowledging: what was on its way there is taken back
+        """``peer``'s node left: what was on its way there and not acknowledged is taken back
         (it is still in the store), to be given to the shard's next owner, or served here."""
         for vshard in [v for v, out in self.outgoing.items() if out.peer == peer]:
             self.take_back(vshard)
 
     def take_back(self, vshard: int) -> int:
         """Stop giving ``vshard`` away (it is this worker's again, or its taker left): the
-        sessions taken out of memory come back (their rows never left the store), their routes
-        announced. How many."""
+        sessions are served here again (their routes were never withdrawn). One acknowledged
+        already is gone: its new owner gives it back. How many."""
+        ending = self.ending.get(vshard)
+        if ending is not None:
+            self._finish(vshard, ending)
         out = self.outgoing.pop(vshard, None)
         if out is None:
             return 0
-        announce: list[str] = []
         back = 0
-        for sess, subs in out.dropped:
-            if self.sessions.get(sess.client_id) is None:
-                announce += self.sessions.reinstate(sess, subs)
+        for sess in out.held:
+            if sess.moving is out.mark:
+                sess.moving = None
                 back += 1
-        if announce:
-            self.sessions.subscriptions.announce(announce)
         if back:
             log.warning("shard %d: virtual shard %d: %d sessions taken back (peer %d did not"
                         " acknowledge them)", self.shard, vshard, back, out.peer)
@@ -238,6 +367,9 @@ class Moves:
                     continue
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
+            adopted = self.sessions.get(rec.client_id)
+            if adopted is not None:
+                adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
             self._adopted.append(rec.client_id)
             self._taken[key] = self._taken.get(key, 0) + 1
         if announce:
@@ -275,8 +407,20 @@ class Moves:
             return
         for m, taken in ends:
             self.received[m.vshard] = max(m.version, self.received.get(m.vshard, 0))
-            self.link.send(m.shard, ShardStateAck(self.shard, m.vshard, m.version, m.count))
             if taken:
                 self.stats["shards_moved_in"] += 1
                 self.stats["sessions_moved_in"] += taken
             self.on_done(m.vshard, m.shard, taken)
+            # acknowledged once every peer has heard of the sessions' routes (announced before)
+            key = (m.shard, m.vshard, m.version)
+            if key not in self._acking:
+                self._acking[key] = (m, self.time.mono)
+                self.barrier(partial(self._ack, key))
+
+    def _ack(self, key: tuple[int, int, int]) -> None:
+        done = self._acking.pop(key, None)
+        if done is None:
+            return
+        m = done[0]
+        self.link.send(m.shard, ShardStateAck(self.shard, m.vshard, m.version, m.count))
+        self.wake()

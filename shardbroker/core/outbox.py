@@ -81,15 +81,17 @@ class Outbox:
             self._rows.setdefault(peer, deque()).append((seq, last))
             self._next[peer] = max(self._next.get(peer, 1), last + 1)
 
-    def send(self, peer: int, forward: Forward, batch: _Batch, now: float) -> DurableForward:
-        """Number a publish for ``peer`` and keep it in the outbox; returns the peer message.
+    def send(self, peer: int, forward: Forward, batch: _Batch, now: float, mid: int = 0,
+             target: tuple[str, tuple[int, ...], int] | None = None) -> DurableForward:
+        """Number a publish for ``peer`` and keep it in the outbox; returns the peer message
+        (``mid`` and ``target`` as ``DurableForward`` says).
 
         It is written to ``batch`` by ``persist``, which the broker calls before every commit
         (with the counters), so the row is in the same commit as the rest of the publish."""
         seq = self._next.get(peer, 1)
         self._next[peer] = seq + 1
         self._dirty_next.add(peer)
-        item = DurableForward(self.shard, seq, forward)
+        item = DurableForward(self.shard, seq, forward, mid, target)
         self.pending.setdefault(peer, {})[seq] = item
         unsaved = self._unsaved.get(peer)
         if unsaved is None:

@@ -28,6 +28,7 @@ from shardbroker.core.outbox import APPLY, GAP, Outbox
 from shardbroker.core.routing import RouteTable, Target
 from shardbroker.core.session import Message
 from shardbroker.peer.messages import (
+    REMOTE_BASE,
     DurableForward,
     Forward,
     ForwardAck,
@@ -90,6 +91,12 @@ class Peers:
         self.unsynced = shards - 1  # peers whose routes we do not know yet
         self._replay_asked: set[int] = set()  # peers asked for a resend this iteration
         self._requests = count(1)
+        # Publishes of QoS 1/2 are numbered per shard (``DurableForward.mid``) from the wall
+        # clock in microseconds at the first, so that numbers keep rising across restarts (no
+        # shard publishes a million a second for long).
+        self.mid = 0
+        self.seen: dict[int, int] = {}  # peer -> the highest publish number applied from it
+        self.node_number = 0  # this node's cluster number (0: no cluster), for ``global_id``
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
         self.backpressure: Backpressure  # set by the broker
         self.retained_sync: RetainedSync  # set by the broker
@@ -107,6 +114,19 @@ class Peers:
 
     def peer_ids(self) -> list[int]:
         return self.link.peers
+
+    def global_id(self, peer: int) -> int:
+        """``peer`` (an id as this shard knows it) as every node knows it: a worker of this
+        node is ``node number * 256 + worker`` there, as it is on other nodes."""
+        return peer if peer >= REMOTE_BASE else self.node_number * REMOTE_BASE + peer
+
+    def seen_marks(self) -> tuple[tuple[int, int], ...]:
+        """(global id, highest publish number applied from it) for every source so far,
+        this shard's own publishes included."""
+        glob = self.global_id
+        marks = {glob(peer): mid for peer, mid in self.seen.items()}
+        marks[glob(self.shard)] = self.mid
+        return tuple(marks.items())
 
     # ---- routes
 
@@ -195,14 +215,32 @@ class Peers:
                     targets[peer] = Target(True, list(known.groups) if known else [], True)
         if not targets:
             return False
+        mid = 0
+        if msg.qos:
+            mid = self.mid = self.mid + 1 if self.mid else int(self.time.wall * 1_000_000)
+            msg.src = self.shard
+            msg.mid = mid
         for shard, target in targets.items():
             if shard == self.shard:
                 self.subscriptions.deliver_local(msg, target.non_shared, target.groups, 0)
             else:
                 self._forward(shard, Forward(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties,
                                              msg.expires_at, msg.origin, target.non_shared, tuple(target.groups), 0),
-                              target.durable)
+                              target.durable, mid)
         return True
+
+    def relay(self, peer: int, client_id: str, msg: Message, qos: int, retain: bool,
+              sub_ids: tuple[int, ...], group: tuple[str, str] | None) -> None:
+        """A copy of ``msg`` for session ``client_id``, which is on its way to ``peer`` (another
+        node's worker, ``core/moves.py``): through the durable outbox, to that session alone
+        (``group``: for its shared subscription)."""
+        forward = Forward(msg.topic, msg.payload, qos, retain, msg.properties, msg.expires_at,
+                          msg.origin, False, () if group is None else (group,), 0)
+        item = self.outbox.send(peer, forward, self.commit.batch(), self.time.mono, msg.mid,
+                                (client_id, sub_ids, self.global_id(msg.src)))
+        self.link.send(peer, item, len(msg.payload) + len(msg.topic))
+        self.stats["moves_relayed"] += 1
+        self._wake()
 
     def pass_shared(self, msg: Message, group: str, flt: str, hops: int) -> None:
         """No member of ``group`` here: pass ``msg`` to another shard that has members."""
@@ -212,11 +250,11 @@ class Peers:
                 msg.topic, msg.payload, msg.qos, msg.retain, msg.properties, msg.expires_at, msg.origin,
                 False, ((group, flt),), hops + 1), True)
 
-    def _forward(self, peer: int, forward: Forward, durable: bool) -> None:
+    def _forward(self, peer: int, forward: Forward, durable: bool, mid: int = 0) -> None:
         """QoS 1/2 for a persistent session there through the durable outbox, the rest straight."""
         size = len(forward.payload) + len(forward.topic)
         if forward.qos and durable:
-            self.link.send(peer, self.outbox.send(peer, forward, self.commit.batch(), self.time.mono), size)
+            self.link.send(peer, self.outbox.send(peer, forward, self.commit.batch(), self.time.mono, mid), size)
         else:
             self.link.send(peer, forward, size)
         self.stats["forwarded"] += 1
@@ -244,7 +282,19 @@ class Peers:
         origin = m.origin_shard
         verdict = self.outbox.accept(origin, m.seq)
         if verdict == APPLY:
-            self._deliver(m.forward)
+            f = m.forward
+            target = m.target
+            if target is not None:  # relayed by a moving session's previous worker
+                self.moves.relayed(Message(f.topic, f.payload, f.qos, f.retain, f.properties,
+                                           f.expires_at, f.origin, src=target[2], mid=m.mid),
+                                   target[0], target[1], f.groups[0] if f.groups else None)
+                return
+            mid = m.mid
+            if mid:
+                self.seen[origin] = mid
+            self.subscriptions.deliver_local(
+                Message(f.topic, f.payload, f.qos, f.retain, f.properties, f.expires_at, f.origin,
+                        src=origin, mid=mid), f.non_shared, f.groups, f.hops)
         elif verdict == GAP and origin not in self._replay_asked:
             mark = self.outbox.mark(origin)
             log.info("shard %d: hand-over gap from shard %d (got %d, mark %d): asking for a resend",

@@ -63,6 +63,8 @@ class Message:
     cache: dict[tuple[int, bool], bytes] | None = None  # encoded QoS 0 copies by (version, retain)
     topic_bytes: bytes | None = None  # UTF-8 topic, encoded on first use
     props_bytes: bytes | None = None  # 5.0 property block of ``properties``, encoded on first use
+    src: int = 0  # the shard that numbered it (a peer id as this shard knows it), with ``mid``
+    mid: int = 0  # its number there (``Peers.route``; 0: unnumbered, as QoS 0 is)
 
     # Written out rather than generated: compiled (``shardbroker/_compiled.py``), an explicit
     # __init__ is native code, a dataclass-generated one is interpreted (6 x slower to construct).
@@ -70,7 +72,7 @@ class Message:
                  properties: Properties = NO_PROPERTIES, expires_at: float | None = None,
                  origin: str | None = None, store_id: int | None = None, refs: int = 0,
                  cache: dict[tuple[int, bool], bytes] | None = None, topic_bytes: bytes | None = None,
-                 props_bytes: bytes | None = None) -> None:
+                 props_bytes: bytes | None = None, src: int = 0, mid: int = 0) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
@@ -83,6 +85,8 @@ class Message:
         self.cache = cache
         self.topic_bytes = topic_bytes
         self.props_bytes = props_bytes
+        self.src = src
+        self.mid = mid
 
     def ref(self) -> None:
         self.refs += 1
@@ -202,6 +206,28 @@ class WillState:
 
 
 @dataclass(slots=True, eq=False)
+class Leaving:
+    """``Session.moving`` of a session given to ``peer``, another node's worker, and not yet
+    known by every shard to be there: its copies are relayed to it (``core/moves.py``)."""
+
+    peer: int
+
+
+@dataclass(slots=True, eq=False)
+class Arrived:
+    """``Session.moving`` of a session that moved in, until ``until`` (monotonic): a publish
+    may reach it twice, straight from the shard that numbered it and relayed by its previous
+    worker; these marks, per source (global id), let one copy through. ``seen``: the highest
+    number the previous worker had applied when it gave the session up (its state holds
+    those); ``first_direct``: the first that came straight; ``relayed``: the highest relayed."""
+
+    seen: dict[int, int]
+    until: float
+    first_direct: dict[int, int] = field(default_factory=dict)
+    relayed: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
 class Session:
     client_id: str
     version: int
@@ -219,6 +245,7 @@ class Session:
     dropped: int = 0  # messages dropped because the queue was full
     backlog: int = 0  # the kinds of backlog it is in (``backpressure.QUEUE | WRITE``), 0 for none
     slow: bool = False  # online but not acknowledging (``backpressure.py``): its queue limits apply
+    moving: Leaving | Arrived | None = None  # on its way between nodes (``core/moves.py``)
 
     @property
     def persistent(self) -> bool:

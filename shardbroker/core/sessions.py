@@ -26,6 +26,7 @@ from shardbroker.core.commit import Commit
 from shardbroker.core.session import (
     AWAIT_PUBCOMP,
     NO_INFLIGHT,
+    Leaving,
     Message,
     Outgoing,
     Queued,
@@ -270,7 +271,7 @@ class Sessions:
         """Delayed wills that are due, sessions that expired (offline ones only)."""
         now = self.time.wall
         for sess in list(self.sessions.values()):
-            if sess.client is not None:
+            if sess.client is not None or type(sess.moving) is Leaving:  # the new owner's now
                 continue
             if sess.will_due is not None and now >= sess.will_due:
                 self.publish_will(sess)

@@ -149,6 +149,7 @@ class Subscriptions:
         self._filter_request: dict[str, int] = {}  # filter -> its outstanding announcement
         self._request_filters: dict[int, list[str]] = {}  # announcement -> the filters it announced
         self._waiting: dict[int, list[_WaitingSuback]] = {}  # announcement -> SUBACKs waiting for it
+        self._barriers: dict[int, Callable[[], None]] = {}  # announcement -> called when acknowledged
         self._members = RoundRobin()
 
     # ---- the local tries and the route references
@@ -274,6 +275,19 @@ class Subscriptions:
                 self._filter_request[flt] = request
         return request
 
+    def barrier(self, done: Callable[[], None]) -> None:
+        """Call ``done`` once every peer has acknowledged an empty announcement sent now: each
+        has then taken everything this shard sent it before (the bus keeps order per peer),
+        and what it sent this shard before acknowledging is here too. At once without peers."""
+        request = self.peers.announce_routes([])
+        if request is None:
+            done()
+            return
+        self._requests[request] = set(self.peers.peer_ids())
+        self._barriers[request] = done
+        if not self._requests[request]:
+            self._request_done(request)
+
     def route_acknowledged(self, peer: int, request: int) -> None:
         waiting = self._requests.get(request)
         if waiting is None:
@@ -290,6 +304,9 @@ class Subscriptions:
 
     def _request_done(self, request: int) -> None:
         self._requests.pop(request, None)
+        done = self._barriers.pop(request, None)
+        if done is not None:
+            done()
         for flt in self._request_filters.pop(request, ()):
             if self._filter_request.get(flt) == request:
                 del self._filter_request[flt]

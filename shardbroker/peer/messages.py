@@ -210,16 +210,28 @@ class Forward:
 
 @dataclass(slots=True)
 class DurableForward:
-    """``forward`` sent through the durable outbox; ``seq`` numbers it per peer (from 1)."""
+    """``forward`` sent through the durable outbox; ``seq`` numbers it per peer (from 1).
+
+    ``mid`` numbers the publish at the shard where it was published (the same for every peer
+    it goes to; 0: unnumbered), so that a session moving between nodes gets it once although
+    it reaches it both ways (``core/moves.py``). ``target``, on a publish relayed to a moving
+    session's new worker, is ``(client id, subscription ids, source)``: that session alone
+    gets it, with ``forward``'s QoS and retain flag as they are; ``source`` is the global id
+    of the shard that numbered it (``node number * 256 + worker``)."""
 
     origin_shard: int
     seq: int
     forward: Forward
+    mid: int = 0
+    target: tuple[str, tuple[int, ...], int] | None = None
 
-    def __init__(self, origin_shard: int, seq: int, forward: Forward) -> None:
+    def __init__(self, origin_shard: int, seq: int, forward: Forward, mid: int = 0,
+                 target: tuple[str, tuple[int, ...], int] | None = None) -> None:
         self.origin_shard = origin_shard  # explicit, as ``Forward.__init__`` says why
         self.seq = seq
         self.forward = forward
+        self.mid = mid
+        self.target = target
 
 
 @dataclass(slots=True)
@@ -364,6 +376,9 @@ class ShardState:
     vshard: int
     version: int
     sessions: tuple[bytes, ...]
+    # (source, mid): the highest publish number of each source the sender had applied when it
+    # gave the shard up (``DurableForward.mid``): what the sessions already hold
+    seen: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -491,6 +506,17 @@ def _is_vshard(v: object) -> bool:
     return type(v) is int and 0 <= v < VSHARDS
 
 
+def _is_target(v: object) -> bool:
+    return (type(v) is tuple and len(v) == 3 and type(v[0]) is str and type(v[1]) is tuple
+            and all(type(i) is int and 0 < i for i in v[1]) and type(v[2]) is int and v[2] >= 0)
+
+
+def _is_marks(v: object) -> bool:
+    return type(v) is tuple and all(
+        type(p) is tuple and len(p) == 2 and type(p[0]) is int and p[0] >= 0 and type(p[1]) is int
+        and p[1] >= 0 for p in v)
+
+
 def _is_chunks(v: object) -> bool:
     return type(v) is tuple and all(type(b) is bytes for b in v)
 
@@ -528,6 +554,8 @@ _DURABLE_SPEC: Final[_Spec] = (
     ("origin_shard", _is_uint, "an int >= 0"),
     ("seq", _is_pos, "an int >= 1"),
     ("forward", lambda v: type(v) is tuple, "a Forward item"),
+    ("mid", _is_uint, "an int >= 0"),
+    ("target", lambda v: v is None or _is_target(v), "nil or [str, [int, ...], int]"),
 )
 _RETAIN_SPEC: Final[_Spec] = (
     ("topic", _is_str, "a str"),
@@ -559,7 +587,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
                      ("request", *_UINT))),
     (13, RoutesRemove, (("shard", *_UINT), ("keys", _is_keys, "an array of str, each once"))),
     (15, ShardState, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
-                      ("sessions", _is_chunks, "an array of bin"))),
+                      ("sessions", _is_chunks, "an array of bin"),
+                      ("seen", _is_marks, "[int, int] pairs"))),
     (16, ShardStateEnd, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
                          ("count", *_UINT))),
     (17, ShardStateAck, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
@@ -621,7 +650,13 @@ def _wire_durable(m: DurableForward) -> tuple[Any, ...]:
     if m.origin_shard < 0 or m.seq < 1:
         raise ValueError(f"DurableForward: origin_shard must be >= 0 and seq >= 1, "
                          f"got {m.origin_shard!r} and {m.seq!r}")
-    return (_KIND_DURABLE, m.origin_shard, m.seq, _wire_forward(m.forward))
+    if m.mid < 0:
+        raise ValueError(f"DurableForward: mid must be >= 0, got {m.mid!r}")
+    if m.target is not None and not _is_target(m.target):
+        raise ValueError("DurableForward: target must be (client id, subscription ids, source)")
+    if not m.mid and m.target is None:  # as written before publishes were numbered
+        return (_KIND_DURABLE, m.origin_shard, m.seq, _wire_forward(m.forward))
+    return (_KIND_DURABLE, m.origin_shard, m.seq, _wire_forward(m.forward), m.mid, m.target)
 
 
 def _wire_retain(m: Retain) -> tuple[Any, ...]:
@@ -755,21 +790,26 @@ def _forward(item: tuple[Any, ...]) -> Forward:
 
 
 def _durable(item: tuple[Any, ...]) -> DurableForward:
-    try:
-        _, origin_shard, seq, inner = item
-    except ValueError:
-        raise PeerFormatError(_problem("DurableForward", _DURABLE_SPEC, item[1:])) from None
+    values = item[1:]
+    if len(values) == 3:  # as written before publishes were numbered
+        values = (*values, 0, None)
+    if len(values) != len(_DURABLE_SPEC):
+        raise PeerFormatError(f"DurableForward: expected 3 or 5 fields, got {len(values)}")
+    origin_shard, seq, inner, mid, target = values
     if (
         type(origin_shard) is not int
         or origin_shard < 0
         or type(seq) is not int
         or seq < 1
         or type(inner) is not tuple
+        or type(mid) is not int
+        or mid < 0
+        or (target is not None and not _is_target(target))
     ):
-        raise PeerFormatError(_problem("DurableForward", _DURABLE_SPEC, item[1:]))
+        raise PeerFormatError(_problem("DurableForward", _DURABLE_SPEC, values))
     if not inner or type(inner[0]) is not int or inner[0] != _KIND_FORWARD:
         raise PeerFormatError("DurableForward.forward: expected a Forward item")
-    return DurableForward(origin_shard, seq, _forward(inner))
+    return DurableForward(origin_shard, seq, _forward(inner), mid, target)
 
 
 def _retain(item: tuple[Any, ...]) -> Retain:

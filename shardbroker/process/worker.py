@@ -325,6 +325,7 @@ class Worker:
         again); one whose registration ended loses its routes here."""
         bus, peers = self.bus, self.broker.peers
         bus.identify(grant.number, grant.lease)
+        peers.node_number = grant.number
         bus.allow(frozenset(key for *_, key in grant.nodes if key))
         want: dict[int, tuple[int, str, str]] = {}
         leases: dict[int, int] = {}

@@ -3,9 +3,11 @@ driven without a loop or sockets: two harnesses on their own stores, the peer me
 carried by the test, as the bus between two nodes would (the sender renamed by its peer id).
 
 What is checked: the giver sends the session with its queue, in-flight row and QoS 2 state,
-forgets it in memory at once and in its store only at the acknowledgement; the taker commits
-it before acknowledging, serves it (session present, every message), announces its routes,
-takes a resend without a duplicate, and keeps a newer session of its own."""
+keeps it (marked leaving, its routes announced) until the acknowledgement and a barrier of its
+own, relaying what comes for it meanwhile, and then forgets it in memory and in its store; the
+taker commits it, serves it (session present, every message), announces its routes and
+acknowledges once every peer has answered its barrier; it takes a resend without a duplicate,
+keeps a newer session of its own, and gets each publish once although it comes both ways."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
+from shardbroker.core.session import Arrived, Leaving, Message
 from shardbroker.peer.messages import (
+    DurableForward,
     PeerMessage,
+    RouteAck,
     RoutesAdd,
     ShardState,
     ShardStateAck,
@@ -62,6 +67,30 @@ def carry(frm: Harness, to: Harness, sender: int, kinds: tuple[type, ...]) -> li
     return msgs
 
 
+def answer_barriers(h: Harness, out: list[tuple[int, PeerMessage]]) -> None:
+    """Every peer answers the announcements ``h`` sent (``out``: what it flushed)."""
+    acks = [RouteAck(peer, m.request) for peer, m in out if isinstance(m, RoutesAdd) and m.request]
+    if acks:
+        h.peer_messages(acks)  # type: ignore[arg-type]
+
+
+def shuttle(a: Harness, b: Harness) -> list[tuple[str, PeerMessage]]:
+    """Carry what ``a`` and ``b`` send each other (as workers 0 of nodes 1 and 2) until they
+    are quiet; the messages in the order carried, each with its direction."""
+    seen: list[tuple[str, PeerMessage]] = []
+    while True:
+        to_b = [m for peer, m in a.link.take() if peer == B_PEER]
+        to_a = [m for peer, m in b.link.take() if peer == A_PEER]
+        if not to_a and not to_b:
+            return seen
+        from_sender(to_b, A_PEER)
+        seen += [("a->b", m) for m in to_b]
+        b.peer_messages(to_b)
+        from_sender(to_a, B_PEER)
+        seen += [("b->a", m) for m in to_a]
+        a.peer_messages(to_a)
+
+
 def offline_with_messages(a: Harness) -> None:
     """CID on ``a``: persistent, subscribed, one QoS 1 message in flight (unacknowledged) and
     three queued (QoS 1 and 2), then offline."""
@@ -89,17 +118,23 @@ def test_a_session_moves_with_its_rows_and_is_deleted_only_at_the_acknowledgemen
     a.link.peers.append(B_PEER)
     assert a.broker.give_shard(V, B_PEER, 7, a.now) == 1
     a.run()
-    assert a.broker.sessions.get(CID) is None and a.store.has_session(CID)  # until acknowledged
+    held = a.broker.sessions.get(CID)  # until acknowledged, and every peer knows
+    assert held is not None and isinstance(held.moving, Leaving) and a.store.has_session(CID)
     sent = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
     assert [type(m) for m in sent] == [ShardState, ShardStateEnd]
     out = b.link.take()
-    acks = [m for peer, m in out if isinstance(m, ShardStateAck) and peer == A_PEER]
-    assert acks == [ShardStateAck(0, V, 7, 1)]
+    assert not [m for _p, m in out if isinstance(m, ShardStateAck)]  # not before its barrier
     assert any(isinstance(m, RoutesAdd) and ("t/#", True) in m.keys for _p, m in out)
     assert b.store.has_session(CID) and b.store.check() == []
     assert b.broker.moves.received[V] == 7 and b.broker.stats["sessions_moved_in"] == 1
+    answer_barriers(b, out)
+    acks = [m for peer, m in b.link.take() if isinstance(m, ShardStateAck) and peer == A_PEER]
+    assert acks == [ShardStateAck(0, V, 7, 1)]
     from_sender(acks, B_PEER)  # type: ignore[arg-type]
     a.peer_messages(acks)  # type: ignore[arg-type]
+    assert a.store.has_session(CID)  # until every peer has answered the giver's barrier too
+    answer_barriers(a, a.link.take())
+    assert a.broker.sessions.get(CID) is None
     assert not a.store.has_session(CID) and a.store.check() == []
     assert a.broker.stats["sessions_moved_out"] == 1
 
@@ -119,9 +154,11 @@ def test_a_resend_adds_nothing_and_a_newer_session_here_is_kept(pair: tuple[Harn
     from_sender(msgs, A_PEER)
     b.peer_messages(msgs)
     assert len(b.store.queue(CID)) == 3
+    answer_barriers(b, b.link.take())
     b.link.take()
     b.peer_messages(msgs)  # the acknowledgement was lost: the same state again
     assert len(b.store.queue(CID)) == 3 and b.store.check() == []
+    answer_barriers(b, b.link.take())
     assert [m for _p, m in b.link.take() if isinstance(m, ShardStateAck)] == [ShardStateAck(0, V, 7, 1)]
     assert b.broker.stats["sessions_moved_in"] == 1
     # the client connected here and left later than the state that comes again: its own stays
@@ -212,7 +249,9 @@ def test_a_message_shared_with_a_session_that_stays_is_kept_for_it(pair: tuple[H
     a.broker.give_shard(V, B_PEER, 7, a.now)
     a.run()
     assert shared.refs == 2  # the moving session's row is there until the acknowledgement
+    a.link.take()
     a.peer_messages([ShardStateAck(B_PEER, V, 7, 1)])
+    answer_barriers(a, a.link.take())
     assert shared.refs == 1 and shared.store_id is not None
     assert not a.store.has_session(CID) and a.store.check() == []
     _c, packets = reconnect_as(a, stayer)
@@ -238,8 +277,10 @@ def test_a_shard_given_again_to_another_peer_before_an_acknowledgement(
     a.run()
     assert [(p, type(m)) for p, m in a.link.take()] == [(768, ShardState), (768, ShardStateEnd)]
     a.peer_messages([ShardStateAck(B_PEER, V, 7, 1)])
+    answer_barriers(a, a.link.take())
     assert a.store.has_session(CID)  # not acknowledged by the one it went to last
     a.peer_messages([ShardStateAck(768, V, 8, 1)])
+    answer_barriers(a, a.link.take())
     assert not a.store.has_session(CID) and a.store.check() == []
 
 
@@ -264,5 +305,98 @@ def test_sessions_whose_commit_failed_are_not_acknowledged_and_are_taken_at_the_
     monkeypatch.setattr(ShardStore, "_commit", commit)
     b.advance(6.0)  # past STORE_FULL_RETRY
     b.peer_messages(msgs)
+    answer_barriers(b, b.link.take())
     assert [m for _p, m in b.link.take() if isinstance(m, ShardStateAck)] == [ShardStateAck(0, V, 7, 1)]
     assert len(b.store.queue(CID)) == 3 and b.store.check() == []
+
+
+def _relays(out: list[tuple[int, PeerMessage]]) -> list[DurableForward]:
+    return [m for _p, m in out if isinstance(m, DurableForward) and m.target is not None]
+
+
+def test_publishes_during_a_move_reach_the_session_once_whichever_way_they_come(
+        pair: tuple[Harness, Harness]) -> None:
+    """m1 comes while only the giver has the session's routes (relayed), m2 while both have
+    them (relayed and straight: taken once), m3 after the giver let go (straight only)."""
+    a, b = pair
+    a.broker.peers.node_number, b.broker.peers.node_number = 1, 2
+    offline_with_messages(a)
+    pub = a.connect("pub")
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    b_out = [m for peer, m in b.link.take() if peer == A_PEER]  # its routes and its barrier
+    assert not [m for m in b_out if isinstance(m, ShardStateAck)]
+
+    pub.send(Publish("t/m", b"m1", 1, packet_id=11))  # the giver does not know B's routes yet
+    to_b = [m for peer, m in a.link.take() if peer == B_PEER]
+    assert [(m.target[0], m.forward.payload) for m in _relays([(B_PEER, m) for m in to_b])] == [(CID, b"m1")]
+    from_sender(to_b, A_PEER)
+    b.peer_messages(to_b)
+
+    from_sender(b_out, B_PEER)
+    a.peer_messages(b_out)  # the giver learns B's routes and answers B's barrier
+    pub.send(Publish("t/m", b"m2", 2, packet_id=12))  # both ways now
+    pub.send(PubRel(12))
+    to_b = [m for peer, m in a.link.take() if peer == B_PEER]
+    m2 = [m for m in to_b if isinstance(m, DurableForward) and m.forward.payload == b"m2"]
+    assert len(m2) == 2 and {m.target is None for m in m2} == {True, False} and m2[0].mid == m2[1].mid
+    from_sender(to_b, A_PEER)
+    b.peer_messages(to_b)
+    assert b.broker.stats["moves_duplicates"] == 1
+
+    shuttle(a, b)  # B acknowledges, the giver's barrier is answered: it lets go
+    assert a.broker.sessions.get(CID) is None and not a.store.has_session(CID)
+    pub.send(Publish("t/m", b"m3", 1, packet_id=13))
+    to_b = [m for peer, m in a.link.take() if peer == B_PEER]
+    assert not _relays([(B_PEER, m) for m in to_b])
+    from_sender(to_b, A_PEER)
+    b.peer_messages(to_b)
+
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None and isinstance(sess.moving, Arrived)
+    _c, packets = reconnect(b)
+    got = [p.payload for p in packets if isinstance(p, Publish)]
+    assert got == [b"in-flight", b"q1", b"q2", b"q1b", b"m1", b"m2", b"m3"]
+    assert a.broker.stats["moves_relayed"] == 2 and b.store.check() == [] and a.store.check() == []
+
+
+def test_a_copy_that_came_straight_first_is_not_taken_again_when_relayed(
+        pair: tuple[Harness, Harness]) -> None:
+    """Straight copies of one source begin at some number; a relayed one below it is new (the
+    giver had it before the taker's routes reached the source), one at or above it is not."""
+    a, b = pair
+    b.broker.peers.node_number = 2
+    offline_with_messages(a)
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    b.link.take()
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None and isinstance(sess.moving, Arrived)
+    moves, source = b.broker.moves, 5 * 256 + 1  # a worker of a third node
+    straight = Message("t/x", b"s20", 1, False, src=source, mid=20)
+    assert not moves.check(sess, straight, 1, False, (), None)  # taken: placed by the caller
+    moves.relayed(Message("t/x", b"r19", 1, False, src=source, mid=19), CID, (), None)  # older: new
+    moves.relayed(Message("t/x", b"r20", 1, False, src=source, mid=20), CID, (), None)  # had it
+    moves.relayed(Message("t/x", b"r21", 1, False, src=source, mid=21), CID, (), None)  # comes straight
+    queued = [q.message.payload for q in sess.queue or ()]
+    assert b"r19" in queued and b"r20" not in queued and b"r21" not in queued
+    assert b.broker.stats["moves_duplicates"] == 2
+
+
+def test_qos_0_copies_for_a_leaving_session_are_not_relayed(pair: tuple[Harness, Harness]) -> None:
+    a, _b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("z/#", 1),)))
+    c.drop()
+    pub = a.connect("pub")
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    a.link.take()
+    pub.send(Publish("z/1", b"zero", 0))
+    assert not _relays(a.link.take())
+    assert a.broker.stats["moves_not_relayed"] == 1
