@@ -164,6 +164,8 @@ class Broker:
         moves.barrier = self.subscriptions.barrier
         moves.global_id = self.peers.global_id
         moves.delivery = self.delivery
+        moves.inbox_mark = self.peers.outbox.mark
+        moves.last_sent = self.peers.outbox.last
         self.delivery.moving = moves.check
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {

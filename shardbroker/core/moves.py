@@ -22,13 +22,14 @@ publish a peer sent it before learning of B's routes is then here (and relayed).
 does it drop the sessions (their routes withdrawn) and delete them from its store.
 
 Between B's routes reaching a publisher and A's barrier, a publish reaches B both ways.
-Publishes of QoS 1/2 are numbered per source (``DurableForward.mid``), and each source's
-publishes reach a session in its order on each way, so B keeps per session and source three
-numbers (``Arrived``) and lets each through once: one numbered at most what A had applied
-when it gave the session up is in the state; a relayed one is taken unless a direct one as
-recent or older has come; a direct one unless a relayed one as recent or newer has. Across
-the two ways, the order is not kept; copies of QoS 0 (which are not numbered) are not
-relayed. Unacknowledged after ``RESEND_AFTER`` seconds, A sends the state again.
+Publishes of QoS 1/2 are numbered per source (``DurableForward.mid``), so B keeps per moved
+session and source (``Arrived``) the highest number A had applied when it gave the session up
+(those are in the state) and the numbers taken each way since, and lets each copy through
+once. A tells B when it has relayed the last copy (``ShardRelayEnd``, with the number of
+its last durable forward to B); once B has applied that one, the marks go (at the latest
+after ``MARKS_KEEP``). Across the two ways the order is not kept; copies of QoS 0 (which
+are not numbered) are not relayed, and a copy for a shared subscription goes one way only.
+Unacknowledged after ``RESEND_AFTER`` seconds, A sends the state again.
 
 Which session wins when B already has one for the same client ID: B's, when it is connected
 or its last disconnect is not older than the incoming one's (a resend after a lost
@@ -53,7 +54,13 @@ from shardbroker.core.peers import PeerLink
 from shardbroker.core.session import Arrived, Leaving, Message, Session
 from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
-from shardbroker.peer.messages import ShardState, ShardStateAck, ShardStateEnd, ShardStateQuery
+from shardbroker.peer.messages import (
+    ShardRelayEnd,
+    ShardState,
+    ShardStateAck,
+    ShardStateEnd,
+    ShardStateQuery,
+)
 from shardbroker.storage.records import StoreError
 from shardbroker.storage.session_state import pack_state, put_state, unpack_state
 
@@ -67,7 +74,7 @@ RESEND_AFTER = 5.0  # seconds without an acknowledgement before the state goes a
 INCOMING_WAIT = 30.0  # seconds a worker refuses a shard moving in before it serves it anyway
 ASK_AFTER = 1.0  # seconds a shard moving in waits before its previous owner is asked (and again)
 BARRIER_WAIT = 4.0  # seconds a barrier may take before its worker goes on without it (a peer lost)
-MARKS_KEEP = 300.0  # seconds a moved-in session keeps its marks against copies that come twice
+MARKS_KEEP = 120.0  # seconds a moved-in session keeps its marks at most (a relay end frees them)
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
 
 Relay = Callable[[int, str, Message, int, bool, tuple[int, ...], tuple[str, str] | None], None]
@@ -124,6 +131,12 @@ class Moves:
         self.barrier: Callable[[Callable[[], None]], None] = lambda done: done()
         self.global_id: Callable[[int], int] = lambda peer: peer
         self.delivery: Delivery | None = None
+        # the durable forwards: the last applied from a peer, the last sent to one
+        self.inbox_mark: Callable[[int], int] = lambda peer: 0
+        self.last_sent: Callable[[int], int] = lambda peer: 0
+        # sessions that arrived with marks, by (previous worker, vshard), until its relays end
+        self._arrived: dict[tuple[int, int], list[str]] = {}
+        self._closing: list[tuple[int, int, int]] = []  # (peer, vshard, upto) of relay ends
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in",
                     "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched"):
             stats.setdefault(key, 0)
@@ -208,14 +221,19 @@ class Moves:
             sess.moving = None
             return False
         mid = msg.mid
-        if group is not None or not mid:
+        if group is not None or not mid:  # a shared subscription's copy goes one way only
             return False
         src = self.global_id(msg.src)
-        if mid <= mark.seen.get(src, 0) or mid <= mark.relayed.get(src, 0):
-            mark.first_direct.setdefault(src, mid)
+        relayed = mark.relayed.get(src)
+        if mid <= mark.seen.get(src, 0) or (relayed is not None and mid in relayed):
+            if relayed is not None:
+                relayed.discard(mid)
             self.stats["moves_duplicates"] += 1
             return True
-        mark.first_direct.setdefault(src, mid)
+        direct = mark.direct.get(src)
+        if direct is None:
+            direct = mark.direct[src] = set()
+        direct.add(mid)
         return False
 
     def relayed(self, msg: Message, client_id: str, sub_ids: tuple[int, ...],
@@ -238,13 +256,36 @@ class Moves:
             return
         if type(mark) is Arrived and group is None and msg.mid and self.time.mono < mark.until:
             src, mid = msg.src, msg.mid
-            first = mark.first_direct.get(src)
-            if first is not None and mid >= first:
+            direct = mark.direct.get(src)
+            if direct is not None and mid in direct:
+                direct.discard(mid)
                 self.stats["moves_duplicates"] += 1
                 return
-            if mid > mark.relayed.get(src, 0):
-                mark.relayed[src] = mid
+            relayed = mark.relayed.get(src)
+            if relayed is None:
+                relayed = mark.relayed[src] = set()
+            relayed.add(mid)
         delivery.place(sess, msg, msg.qos, msg.retain, sub_ids, group)
+
+    def on_relay_end(self, m: ShardRelayEnd) -> None:
+        """The previous owner relays nothing more for ``m.vshard``'s sessions: once its
+        forwards up to ``m.upto`` are applied here, they need their marks no longer."""
+        self._closing.append((m.shard, m.vshard, m.upto))
+        self._close_due()
+
+    def _close_due(self) -> None:
+        if not self._closing:
+            return
+        waiting = []
+        for peer, vshard, upto in self._closing:
+            if self.inbox_mark(peer) < upto:
+                waiting.append((peer, vshard, upto))
+                continue
+            for cid in self._arrived.pop((peer, vshard), ()):
+                sess = self.sessions.get(cid)
+                if sess is not None and type(sess.moving) is Arrived:
+                    sess.moving = None
+        self._closing = waiting
 
     def on_ack(self, m: ShardStateAck) -> None:
         """The new owner has the sessions, and every peer its routes: once every peer has
@@ -264,6 +305,7 @@ class Moves:
         if self.ending.get(vshard) is not out:
             return
         del self.ending[vshard]
+        self.link.send(out.peer, ShardRelayEnd(self.shard, vshard, out.version, self.last_sent(out.peer)))
         batch = self.commit.batch()
         for sess in out.held:
             if sess.moving is out.mark and self.sessions.get(sess.client_id) is sess:
@@ -298,6 +340,7 @@ class Moves:
                 log.warning("shard %d: virtual shard %d: a peer has not answered in %.0f s;"
                             " its sessions go all the same", self.shard, vshard, BARRIER_WAIT)
                 self._finish(vshard, out)
+        self._close_due()
         for key, (end, since) in list(self._acking.items()):
             if mono - since >= BARRIER_WAIT:
                 log.warning("shard %d: virtual shard %d: a peer has not answered in %.0f s;"
@@ -370,6 +413,7 @@ class Moves:
             adopted = self.sessions.get(rec.client_id)
             if adopted is not None:
                 adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
+                self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
             self._adopted.append(rec.client_id)
             self._taken[key] = self._taken.get(key, 0) + 1
         if announce:

@@ -141,6 +141,10 @@ class Outbox:
     def mark(self, origin: int) -> int:
         return self._inbox.get(origin, 0)
 
+    def last(self, peer: int) -> int:
+        """The number of the last item sent to ``peer`` (0: none yet)."""
+        return self._next.get(peer, 1) - 1
+
     def persist(self, batch: _Batch) -> None:
         """Write the items numbered since the last call, one row per peer, and the counters
         that changed (called just before the commit)."""

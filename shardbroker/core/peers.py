@@ -45,6 +45,7 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    ShardRelayEnd,
     ShardState,
     ShardStateAck,
     ShardStateEnd,
@@ -108,7 +109,7 @@ class Peers:
             Routes: self._on_routes, Hold: self._on_hold, Release: self._on_release,
             LoginFailed: self._on_login_failed, Retain: self._on_retain, ShardState: self._on_shard_state,
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
-            ShardStateQuery: self._on_shard_state_query,
+            ShardStateQuery: self._on_shard_state_query, ShardRelayEnd: self._on_shard_relay_end,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -370,6 +371,9 @@ class Peers:
 
     def _on_shard_state_query(self, m: ShardStateQuery) -> None:
         self.moves.asked(m.vshard, m.shard, m.version)
+
+    def _on_shard_relay_end(self, m: ShardRelayEnd) -> None:
+        self.moves.on_relay_end(m)
 
     # ---- the flush and the sweep
 

@@ -215,16 +215,17 @@ class Leaving:
 
 @dataclass(slots=True, eq=False)
 class Arrived:
-    """``Session.moving`` of a session that moved in, until ``until`` (monotonic): a publish
-    may reach it twice, straight from the shard that numbered it and relayed by its previous
-    worker; these marks, per source (global id), let one copy through. ``seen``: the highest
-    number the previous worker had applied when it gave the session up (its state holds
-    those); ``first_direct``: the first that came straight; ``relayed``: the highest relayed."""
+    """``Session.moving`` of a session that moved in, while its previous worker may still
+    relay copies for it (at most until ``until``, monotonic): a publish may then reach it
+    twice, straight from the shard that numbered it and relayed; these marks, per source
+    (global id), let one copy through. ``seen``: the highest number the previous worker had
+    applied when it gave the session up (its state holds those); ``relayed`` and ``direct``:
+    the numbers taken each way since (a copy that came the other way is not taken again)."""
 
     seen: dict[int, int]
     until: float
-    first_direct: dict[int, int] = field(default_factory=dict)
-    relayed: dict[int, int] = field(default_factory=dict)
+    relayed: dict[int, set[int]] = field(default_factory=dict)
+    direct: dict[int, set[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)

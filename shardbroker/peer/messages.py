@@ -15,7 +15,8 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     ====  ==================  ===============================================
     0     ``Forward``         topic, payload, qos, retain, properties,
                               expires_at, origin, non_shared, groups, hops
-    1     ``DurableForward``  origin_shard, seq, forward (a kind-0 item)
+    1     ``DurableForward``  origin_shard, seq, forward (a kind-0 item), and
+                              optionally mid, target (both or neither)
     2     ``ForwardAck``      shard, upto
     3     ``ResendRequest``   shard, mark
     4     ``RouteAdd``        shard, key, request, durable
@@ -30,10 +31,12 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     13    ``RoutesRemove``    shard, keys (an array of str, each once)
     14    ``Retain``          topic, payload, qos, properties, expires_at,
                               stamp, node
-    15    ``ShardState``      shard, vshard, version, sessions (an array of bin)
+    15    ``ShardState``      shard, vshard, version, sessions (an array of bin),
+                              seen (an array of [source, mid] pairs)
     16    ``ShardStateEnd``   shard, vshard, version, count
     17    ``ShardStateAck``   shard, vshard, version, count
     18    ``ShardStateQuery`` shard, vshard, version
+    19    ``ShardRelayEnd``   shard, vshard, version, upto
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -141,6 +144,7 @@ __all__ = [
     "RoutesAdd",
     "RoutesQuery",
     "RoutesRemove",
+    "ShardRelayEnd",
     "ShardState",
     "ShardStateAck",
     "ShardStateEnd",
@@ -412,6 +416,18 @@ class ShardStateQuery:
     version: int
 
 
+@dataclass(slots=True)
+class ShardRelayEnd:
+    """``shard`` has stopped relaying copies for the sessions of ``vshard`` it gave up under
+    ``version``: the last went in its durable forward number ``upto`` (0: none) to the
+    receiver, which may forget which copies it had once it has applied that one."""
+
+    shard: int
+    vshard: int
+    version: int
+    upto: int
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -432,6 +448,7 @@ PeerMessage: TypeAlias = (
     | ShardStateEnd
     | ShardStateAck
     | ShardStateQuery
+    | ShardRelayEnd
 )
 
 _KIND_FORWARD: Final = 0
@@ -594,6 +611,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (17, ShardStateAck, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
                          ("count", *_UINT))),
     (18, ShardStateQuery, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS))),
+    (19, ShardRelayEnd, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
+                         ("upto", *_UINT))),
 )
 
 

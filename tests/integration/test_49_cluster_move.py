@@ -11,6 +11,7 @@ n1, with messages queued on n2 meanwhile. The shard counters say what moved.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +52,9 @@ def check_delivered(c: mb.RawClient, sent: dict[bytes, int]) -> None:
     """Every message of ``sent`` (payload -> QoS) arrived: QoS 2 exactly once, QoS 1 at
     least once, nothing else."""
     got = Counter(m.payload for m in c.drain_publishes(quiet=1.5, first_timeout=10))
-    assert set(got) == set(sent), f"missing {sorted(set(sent) - set(got))}, extra {sorted(set(got) - set(sent))}"
+    missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+    assert not missing and not extra, (f"{len(got)} of {len(sent)} arrived; {len(missing)} missing"
+                                       f" ({missing[:10]} ...), {len(extra)} extra ({extra[:10]} ...)")
     twice = [p for p, n in got.items() if sent[p] == 2 and n != 1]
     assert not twice, f"QoS 2 delivered more than once: {twice}"
 
@@ -123,3 +126,98 @@ def test_persistent_sessions_follow_their_shard_to_a_joining_node_and_back_on_dr
     for c in on_n1.values():
         assert c.recv_publish(timeout=10).payload == b"after-the-drain"
     assert moved(n2, "out")[1] >= 2 and moved(n1, "in")[1] >= 2
+
+
+class Publisher(threading.Thread):
+    """Publishes QoS 1 and QoS 2 in turn to ``topic`` on ``b`` without a pause until
+    stopped; ``acked`` holds every payload the broker acknowledged (payload -> QoS)."""
+
+    def __init__(self, b: Broker, cid: str, topic: str, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.client = connect_until_accepted(b, cid, 4, 15)
+        self.topic, self.prefix = topic, prefix
+        self.acked: dict[bytes, int] = {}
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            i = 0
+            while not self.stop.is_set():
+                qos = 1 + i % 2
+                payload = f"{self.prefix}{qos}-{i}".encode()
+                ack = self.client.publish(f"{self.topic}/{qos}", payload, qos=qos, timeout=10)
+                if ack is not None and ack.reason == 0:
+                    self.acked[payload] = qos
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def finish(self) -> dict[bytes, int]:
+        self.stop.set()
+        self.join(20)
+        assert self.error is None, f"publisher: {self.error!r}"
+        self.client.disconnect()
+        return self.acked
+
+
+def test_publishes_while_shards_move_reach_the_moving_sessions_once(
+        etcd_single: EtcdCluster, make_broker: Callable[..., Broker], uniq: Uniq) -> None:
+    """A publisher on n1 publishes without a pause while n2 joins (the subscribers' shards go
+    to it) and again while n2 is drained (they come back): every acknowledged message reaches
+    the persistent subscribers, QoS 2 exactly once, although a shard's routes were on both
+    nodes, or on neither yet, while they moved."""
+    roomy = "\n[limits]\nmax_queued_messages = 100000\n"  # none of it dropped while offline
+    n1 = make_broker(workers=1, config=node_config(etcd_single, "n1", free_range(1)) + roomy, name="node1")
+    settled(etcd_single, {"n1"})
+    topic = uniq.topic()
+    subs = {4: moving(uniq.cid("w4-")), 5: moving(uniq.cid("w5-"))}
+    for version, cid in subs.items():
+        c = connect_until_accepted(n1, cid, version, 15, clean=False,
+                                   props=EXPIRY if version == 5 else b"")
+        assert c.subscribe(f"{topic}/#", qos=2) == [2]
+        c.disconnect()
+
+    pub = Publisher(n1, staying(uniq.cid("wp-")), topic, "join")
+    pub.start()
+    time.sleep(1.0)
+    n2 = make_broker(workers=1, config=node_config(etcd_single, "n2", free_range(1)) + roomy,
+                     name="node2", probe=False)
+    settled(etcd_single, {"n1", "n2"})
+    wait_until(lambda: moved(n2, "in")[1] >= 2, timeout=30, message="the sessions moved to n2")
+    time.sleep(1.5)
+    sent = pub.finish()
+    assert len(sent) > 100, f"only {len(sent)} publishes acknowledged"
+    on_n2 = {version: reconnect(n2, cid, version) for version, cid in subs.items()}
+    try:
+        for version, c in on_n2.items():
+            assert c.connack.session_present, f"v{version}: no session on n2"  # type: ignore[attr-defined]
+            check_delivered(c, sent)
+            c.disconnect()
+    except AssertionError:
+        for b in (n1, n2):
+            print(b.name, [line[:300] for line in b.log_text().splitlines()
+                           if ("WARNING" in line or "moves" in line or "ERROR" in line) and " 0 sessions" not in line])
+            print(b.name, shard_counters(b))
+        raise
+    relayed = sum(c["moves_relayed"] for c in shard_counters(n1))
+    print(f"\njoin: {len(sent)} acknowledged, {relayed} relayed by n1")
+
+    pub = Publisher(n1, staying(uniq.cid("wq-")), topic, "drain")
+    pub.start()
+    time.sleep(1.0)
+    client = Etcd(etcd_single.endpoints)
+    try:
+        admin.drain(client, "n2")
+    finally:
+        client.close()
+    settled(etcd_single, {"n1"})
+    wait_until(lambda: moved(n1, "in")[1] >= 2, timeout=30, message="the sessions came back to n1")
+    time.sleep(1.5)
+    sent = pub.finish()
+    on_n1 = {version: reconnect(n1, cid, version) for version, cid in subs.items()}
+    for version, c in on_n1.items():
+        assert c.connack.session_present, f"v{version}: no session back on n1"  # type: ignore[attr-defined]
+        check_delivered(c, sent)
+    relayed = sum(c["moves_relayed"] for c in shard_counters(n2))
+    print(f"drain: {len(sent)} acknowledged, {relayed} relayed by n2")

@@ -24,6 +24,7 @@ from shardbroker.peer.messages import (
     PeerMessage,
     RouteAck,
     RoutesAdd,
+    ShardRelayEnd,
     ShardState,
     ShardStateAck,
     ShardStateEnd,
@@ -355,36 +356,53 @@ def test_publishes_during_a_move_reach_the_session_once_whichever_way_they_come(
     b.peer_messages(to_b)
 
     sess = b.broker.sessions.get(CID)
-    assert sess is not None and isinstance(sess.moving, Arrived)
+    assert sess is not None and sess.moving is None  # the giver's relays ended: no marks kept
     _c, packets = reconnect(b)
     got = [p.payload for p in packets if isinstance(p, Publish)]
     assert got == [b"in-flight", b"q1", b"q2", b"q1b", b"m1", b"m2", b"m3"]
     assert a.broker.stats["moves_relayed"] == 2 and b.store.check() == [] and a.store.check() == []
 
 
-def test_a_copy_that_came_straight_first_is_not_taken_again_when_relayed(
+def test_a_copy_is_taken_once_whichever_way_comes_first_until_the_relays_end(
         pair: tuple[Harness, Harness]) -> None:
-    """Straight copies of one source begin at some number; a relayed one below it is new (the
-    giver had it before the taker's routes reached the source), one at or above it is not."""
+    """Copies numbered at most what the giver had applied are in the state; past that, a
+    copy that came one way is not taken the other way; once the giver's relays have all
+    been applied (``ShardRelayEnd``) the session keeps no marks."""
     a, b = pair
     b.broker.peers.node_number = 2
     offline_with_messages(a)
     a.link.peers.append(B_PEER)
     a.broker.give_shard(V, B_PEER, 7, a.now)
     a.run()
-    carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    sent = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
     b.link.take()
     sess = b.broker.sessions.get(CID)
     assert sess is not None and isinstance(sess.moving, Arrived)
     moves, source = b.broker.moves, 5 * 256 + 1  # a worker of a third node
-    straight = Message("t/x", b"s20", 1, False, src=source, mid=20)
-    assert not moves.check(sess, straight, 1, False, (), None)  # taken: placed by the caller
-    moves.relayed(Message("t/x", b"r19", 1, False, src=source, mid=19), CID, (), None)  # older: new
-    moves.relayed(Message("t/x", b"r20", 1, False, src=source, mid=20), CID, (), None)  # had it
-    moves.relayed(Message("t/x", b"r21", 1, False, src=source, mid=21), CID, (), None)  # comes straight
+    sess.moving.seen[source] = 10  # the giver had applied its publishes up to 10
+
+    def straight(mid: int) -> bool:
+        """Whether a straight copy numbered ``mid`` is taken (placed by the caller)."""
+        return not moves.check(sess, Message("t/x", b"s%d" % mid, 1, False, src=source, mid=mid),
+                               1, False, (), None)
+
+    def relayed(mid: int) -> None:
+        moves.relayed(Message("t/x", b"r%d" % mid, 1, False, src=source, mid=mid), CID, (), None)
+
+    assert not straight(9)  # in the state already
+    assert straight(20)
+    relayed(19)  # new
+    relayed(20)  # came straight
+    relayed(21)  # new
+    assert not straight(21)  # came relayed
+    assert straight(22)
     queued = [q.message.payload for q in sess.queue or ()]
-    assert b"r19" in queued and b"r20" not in queued and b"r21" not in queued
-    assert b.broker.stats["moves_duplicates"] == 2
+    assert b"r19" in queued and b"r21" in queued and b"r20" not in queued
+    assert b.broker.stats["moves_duplicates"] == 3
+
+    state = next(m for m in sent if isinstance(m, ShardState))
+    b.peer_messages([ShardRelayEnd(state.shard, V, 7, 0)])  # nothing relayed through the outbox
+    assert sess.moving is None
 
 
 def test_qos_0_copies_for_a_leaving_session_are_not_relayed(pair: tuple[Harness, Harness]) -> None:

@@ -32,6 +32,7 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    ShardRelayEnd,
     ShardState,
     ShardStateAck,
     ShardStateEnd,
@@ -109,6 +110,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "shard-state-end": ShardStateEnd(3, 5, 2**40, 1000),
     "shard-state-ack": ShardStateAck(512, 17, 9, 0),
     "shard-state-query": ShardStateQuery(1, 1023, 12),
+    "shard-relay-end": ShardRelayEnd(1, 1023, 12, 2**40),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -276,7 +278,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [19, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [20, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -625,9 +627,10 @@ def test_bad_shard_state_items_are_refused(item: list[Any]) -> None:
         decode_batch(raw([item]))
 
 
-def test_shard_state_kinds_are_15_to_18() -> None:
+def test_shard_state_kinds_are_15_to_19() -> None:
     for message, kind in ((ShardState(1, 2, 3, (b"x",)), 15), (ShardStateEnd(1, 2, 3, 4), 16),
-                          (ShardStateAck(1, 2, 3, 4), 17), (ShardStateQuery(1, 2, 3), 18)):
+                          (ShardStateAck(1, 2, 3, 4), 17), (ShardStateQuery(1, 2, 3), 18),
+                          (ShardRelayEnd(1, 2, 3, 0), 19)):
         assert msgpack.unpackb(encode_message(message)[len(HEADER):])[0] == kind
     with pytest.raises(ValueError):
         encode_batch([ShardStateEnd(1, 1024, 3, 4)])
