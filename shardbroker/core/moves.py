@@ -31,9 +31,12 @@ after ``MARKS_KEEP``). Across the two ways the order is not kept; copies of QoS 
 are not numbered) are not relayed, and a copy for a shared subscription goes one way only.
 Unacknowledged after ``RESEND_AFTER`` seconds, A sends the state again.
 
-Which session wins when B already has one for the same client ID: B's, when it is connected
-or its last disconnect is not older than the incoming one's (a resend after a lost
-acknowledgement changes nothing); otherwise B's is ended and the incoming one taken. The
+Which session wins when B already has one for the same client ID (a node that lost its lease
+or was killed kept its own while the client got a new one elsewhere): B's, when it is
+connected or its last disconnect is not older than the incoming one's (a resend after a lost
+acknowledgement changes nothing); otherwise B's is ended and the incoming one taken. Either
+way the one that stays gets the other's undelivered messages too (queued after its own; one
+in flight on the other is sent again as a new message), so no acknowledged message is lost. The
 map version each shard last arrived under is kept in the store (meta ``moves_in``), so a
 restarted worker does not wait for a shard it already has. No I/O: the shell reads the
 clock and calls in.
@@ -51,7 +54,7 @@ from typing import TYPE_CHECKING
 from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import Arrived, Leaving, Message, Session
+from shardbroker.core.session import AWAIT_PUBCOMP, Arrived, Leaving, Message, Session
 from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
 from shardbroker.peer.messages import (
@@ -61,8 +64,8 @@ from shardbroker.peer.messages import (
     ShardStateEnd,
     ShardStateQuery,
 )
-from shardbroker.storage.records import StoreError
-from shardbroker.storage.session_state import pack_state, put_state, unpack_state
+from shardbroker.storage.records import StoredMessage, StoreError
+from shardbroker.storage.session_state import ClientState, pack_state, put_state, unpack_state
 
 if TYPE_CHECKING:
     from shardbroker.core.delivery import Delivery
@@ -76,6 +79,39 @@ ASK_AFTER = 1.0  # seconds a shard moving in waits before its previous owner is 
 BARRIER_WAIT = 4.0  # seconds a barrier may take before its worker goes on without it (a peer lost)
 MARKS_KEEP = 120.0  # seconds a moved-in session keeps its marks at most (a relay end frees them)
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
+
+_Copy = tuple[Message, int, bool, tuple[int, ...]]  # a message for a session: qos, retain, ids
+
+
+def _held_copies(sess: Session) -> list[_Copy]:
+    """The messages a session in memory has not delivered: in flight (but not those only
+    awaiting PUBCOMP: delivered), then queued. Taken from it: a shared subscription's copies
+    are not passed to another member of the group when it ends."""
+    copies: list[_Copy] = []
+    for out in sess.inflight.values():
+        if out.message is not None and out.state != AWAIT_PUBCOMP:
+            copies.append((out.message, out.qos, out.retain, out.sub_ids))
+            out.group = None
+    for q in sess.queue or ():
+        copies.append((q.message, q.qos, q.retain, q.sub_ids))
+        q.group = None
+    return copies
+
+
+def _stored_copies(state: ClientState) -> list[_Copy]:
+    """The messages a session moving in had not delivered, as ``_held_copies``."""
+    copies: list[_Copy] = []
+    for _pid, row, smsg in state.inflight:
+        if smsg is not None and row.state != AWAIT_PUBCOMP:
+            copies.append((_message(smsg), row.qos, smsg.retain, ()))
+    for _seq, _msg_id, qos, smsg in state.queue:
+        copies.append((_message(smsg), qos, smsg.retain, ()))
+    return copies
+
+
+def _message(smsg: StoredMessage) -> Message:
+    return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at)
+
 
 Relay = Callable[[int, str, Message, int, bool, tuple[int, ...], tuple[str, str] | None], None]
 
@@ -137,8 +173,13 @@ class Moves:
         # sessions that arrived with marks, by (previous worker, vshard), until its relays end
         self._arrived: dict[tuple[int, int], list[str]] = {}
         self._closing: list[tuple[int, int, int]] = []  # (peer, vshard, upto) of relay ends
+        # (peer, vshard, version, client id) of the sessions arrived here, taken or merged: a
+        # state sent again (its acknowledgement lost) adds nothing
+        self._merged: set[tuple[int, int, int, str]] = set()
+        self._merged_now: list[tuple[int, int, int, str]] = []  # of this iteration (its commit)
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in",
-                    "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched"):
+                    "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched",
+                    "moves_merged"):
             stats.setdefault(key, 0)
 
     def restore(self) -> None:
@@ -403,22 +444,49 @@ class Moves:
             self._handled[key] = self._handled.get(key, 0) + 1
             rec = state.session
             have = self.sessions.get(rec.client_id)
+            carried: list[_Copy] = []
             if have is not None:
                 if have.client is not None or (have.disconnected_at or 0.0) >= (rec.disconnected_at or 0.0):
-                    log.info("shard %d: kept the session of %s held here (newer than the one"
-                             " from peer %d)", self.shard, rec.client_id, m.shard)
+                    if (m.shard, m.vshard, m.version, rec.client_id) in self._merged:
+                        continue  # the same state again (its acknowledgement was lost)
+                    self._merged.add((m.shard, m.vshard, m.version, rec.client_id))
+                    self._merged_now.append((m.shard, m.vshard, m.version, rec.client_id))
+                    n = self._carry(have, _stored_copies(state))
+                    log.info("shard %d: kept the session of %s held here (newer than the one from"
+                             " peer %d), with the %d messages that one held", self.shard,
+                             rec.client_id, m.shard, n)
                     continue
+                carried = _held_copies(have)
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
+            self._merged.add((m.shard, m.vshard, m.version, rec.client_id))  # taken: not again
             adopted = self.sessions.get(rec.client_id)
             if adopted is not None:
                 adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
                 self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
+                if carried:
+                    n = self._carry(adopted, carried)
+                    log.info("shard %d: took the session of %s from peer %d (newer than the one held"
+                             " here), with the %d messages this one held", self.shard,
+                             rec.client_id, m.shard, n)
             self._adopted.append(rec.client_id)
             self._taken[key] = self._taken.get(key, 0) + 1
         if announce:
             self.sessions.subscriptions.announce(announce)
         self.wake()
+
+    def _carry(self, sess: Session, copies: list[_Copy]) -> int:
+        """Two nodes each held a session for one client ID (a node that lost its lease, or was
+        killed, kept its own while the client got another one elsewhere): the one that stays
+        gets the other's messages too, after its own (in flight there: queued here, sent again
+        as new messages). How many."""
+        delivery = self.delivery
+        if delivery is None:
+            return 0
+        for msg, qos, retain, sub_ids in copies:
+            delivery.place(sess, msg, qos, retain, sub_ids, None)
+        self.stats["moves_merged"] += 1
+        return len(copies)
 
     def on_end(self, m: ShardStateEnd) -> None:
         key = (m.shard, m.vshard, m.version)
@@ -445,9 +513,11 @@ class Moves:
         """The iteration's commit is done: acknowledge the shards it completed."""
         ends, self._ends = self._ends, []
         adopted, self._adopted = self._adopted, []
+        merged, self._merged_now = self._merged_now, []
         if not ok:  # not acknowledged: the sender sends them again, and they are taken then
             for cid in adopted:
                 self.sessions.drop(cid)
+            self._merged.difference_update(merged)
             return
         for m, taken in ends:
             self.received[m.vshard] = max(m.version, self.received.get(m.vshard, 0))

@@ -418,3 +418,49 @@ def test_qos_0_copies_for_a_leaving_session_are_not_relayed(pair: tuple[Harness,
     pub.send(Publish("z/1", b"zero", 0))
     assert not _relays(a.link.take())
     assert a.broker.stats["moves_not_relayed"] == 1
+
+
+def _held_here(b: Harness, payloads: list[bytes], *, connected: bool) -> FakeClient:
+    """CID on ``b`` too (as on a node that kept its own): subscribed, ``payloads`` queued."""
+    c = b.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    if not connected:
+        c.drop()
+    pub = b.connect("pub-b")
+    for i, payload in enumerate(payloads):
+        pub.send(Publish("t/b", payload, 1, packet_id=i + 1))
+    return c
+
+
+def test_an_older_session_held_here_gives_its_messages_to_the_newer_one_that_arrives(
+        pair: tuple[Harness, Harness]) -> None:
+    """The taker kept a session of its own from before (its node was cut off); the client has
+    since had one on the giver, disconnected later: the giver's wins, with the taker's
+    undelivered messages too."""
+    a, b = pair
+    _held_here(b, [b"old-1", b"old-2"], connected=False)
+    a.advance(5.0)  # the giver's session ended later
+    offline_with_messages(a)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    assert b.broker.stats["moves_merged"] == 1 and b.store.check() == []
+    _c, packets = reconnect(b)
+    got = sorted(p.payload for p in packets if isinstance(p, Publish))
+    assert got == sorted([b"in-flight", b"q1", b"q2", b"q1b", b"old-1", b"old-2"])
+
+
+def test_a_connected_session_here_stays_and_takes_the_incoming_ones_messages(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    offline_with_messages(a)
+    c = _held_here(b, [], connected=True)
+    c.packets()
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    msgs = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    got = [p.payload for p in c.packets() if isinstance(p, Publish)]
+    assert sorted(got) == sorted([b"in-flight", b"q1", b"q2", b"q1b"])
+    b.peer_messages(msgs)  # the same state again: nothing twice
+    assert not [p for p in c.packets() if isinstance(p, Publish)]
+    assert b.broker.stats["moves_merged"] == 1 and b.store.check() == []
