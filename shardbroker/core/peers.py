@@ -40,6 +40,7 @@ from shardbroker.peer.messages import (
     Retain,
     RouteAck,
     RouteAdd,
+    RouteDigest,
     RouteRemove,
     Routes,
     RoutesAdd,
@@ -51,6 +52,8 @@ from shardbroker.peer.messages import (
     ShardStateEnd,
     ShardStateQuery,
 )
+
+DIGEST_EVERY = 10.0  # seconds between two route digests sent to every peer (anti-entropy)
 
 if TYPE_CHECKING:
     from shardbroker.core.backpressure import Backpressure
@@ -98,6 +101,9 @@ class Peers:
         self.mid = 0
         self.seen: dict[int, int] = {}  # peer -> the highest publish number applied from it
         self.node_number = 0  # this node's cluster number (0: no cluster), for ``global_id``
+        self._digest_sent = 0.0  # monotonic: when this shard last told its peers its route digest
+        self._repairing: set[int] = set()  # peers asked for their routes because a digest differed
+        stats.setdefault("route_repairs", 0)
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
         self.backpressure: Backpressure  # set by the broker
         self.retained_sync: RetainedSync  # set by the broker
@@ -110,6 +116,7 @@ class Peers:
             LoginFailed: self._on_login_failed, Retain: self._on_retain, ShardState: self._on_shard_state,
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
             ShardStateQuery: self._on_shard_state_query, ShardRelayEnd: self._on_shard_relay_end,
+            RouteDigest: self._on_route_digest,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -339,9 +346,28 @@ class Peers:
     def _on_routes_query(self, m: RoutesQuery) -> None:
         self.link.send(m.shard, Routes(self.shard, self._route_keys()))
 
+    def _on_route_digest(self, m: RouteDigest) -> None:
+        """Anti-entropy: a peer's digest of its routes, sent after every change it made
+        before; a copy here that gives another one has gone astray (a lost batch, a bug):
+        all of them are asked for again."""
+        peer = m.shard
+        if peer not in self.synced or peer in self._repairing:
+            return
+        mine = self.routes.digest(peer)
+        if mine != m.digest:
+            log.warning("shard %d: the routes held for shard %d differ from its own (digest %x,"
+                        " its %x): asking for them all", self.shard, peer, mine, m.digest)
+            self.stats["route_repairs"] += 1
+            self._repairing.add(peer)
+            self.link.send(peer, RoutesQuery(self.shard))
+            self._wake()
+
     def _on_routes(self, m: Routes) -> None:
         log.debug("shard %d: routes of shard %d: %d filters", self.shard, m.shard, len(m.keys))
         self.routes.replace(m.shard, dict(m.keys))
+        if m.shard in self._repairing:  # asked for after a digest differed: nothing restarted
+            self._repairing.discard(m.shard)
+            return
         self.synced.add(m.shard)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
@@ -392,6 +418,10 @@ class Peers:
     def sweep(self) -> None:
         """Resend durable forwards that a peer has left unacknowledged too long (not to a worker
         of a node that is gone: they wait in the outbox until it is back, and go then)."""
+        if self.link.peers and self.time.mono - self._digest_sent >= DIGEST_EVERY:
+            self._digest_sent = self.time.mono
+            self.link.broadcast(RouteDigest(self.shard, self.routes.digest(self.shard)))
+            self._wake()
         overdue = self.outbox.overdue(self.time.mono)
         if overdue:
             reached = set(self.link.peers)

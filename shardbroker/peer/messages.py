@@ -37,6 +37,7 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     17    ``ShardStateAck``   shard, vshard, version, count
     18    ``ShardStateQuery`` shard, vshard, version
     19    ``ShardRelayEnd``   shard, vshard, version, upto
+    20    ``RouteDigest``     shard, digest
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -139,6 +140,7 @@ __all__ = [
     "Retain",
     "RouteAck",
     "RouteAdd",
+    "RouteDigest",
     "RouteRemove",
     "Routes",
     "RoutesAdd",
@@ -428,6 +430,16 @@ class ShardRelayEnd:
     upto: int
 
 
+@dataclass(slots=True)
+class RouteDigest:
+    """``shard``'s digest of its own routes (``RouteTable.digest``) as it stands after
+    everything it sent the receiver before: a receiver whose copy of those routes gives
+    another digest asks for them all (``RoutesQuery``)."""
+
+    shard: int
+    digest: int
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -449,6 +461,7 @@ PeerMessage: TypeAlias = (
     | ShardStateAck
     | ShardStateQuery
     | ShardRelayEnd
+    | RouteDigest
 )
 
 _KIND_FORWARD: Final = 0
@@ -613,6 +626,7 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (18, ShardStateQuery, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS))),
     (19, ShardRelayEnd, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
                          ("upto", *_UINT))),
+    (20, RouteDigest, (("shard", *_UINT), ("digest", *_UINT))),
 )
 
 

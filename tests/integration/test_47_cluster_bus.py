@@ -146,6 +146,8 @@ def digests_agree(etcd: EtcdCluster, nodes: dict[str, Broker]) -> None:
                 return False
         return len(held) == sum(len(own) - 1 for _ in own)  # every worker holds every other
     wait_until(agree, timeout=15, message="every worker's routes agree with what its peers hold")
+    repairs = sum(c["route_repairs"] for b in nodes.values() for c in shard_counters(b))
+    assert repairs == 0, f"{repairs} route tables were found astray and asked for again"
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from shardbroker.peer.messages import (
     Retain,
     RouteAck,
     RouteAdd,
+    RouteDigest,
     RouteRemove,
     Routes,
     RoutesAdd,
@@ -111,6 +112,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "shard-state-ack": ShardStateAck(512, 17, 9, 0),
     "shard-state-query": ShardStateQuery(1, 1023, 12),
     "shard-relay-end": ShardRelayEnd(1, 1023, 12, 2**40),
+    "route-digest": RouteDigest(3, 2**64 - 1),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -278,7 +280,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [20, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [21, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
