@@ -282,6 +282,8 @@ class Worker:
         listen.close()
         control_server.close()
         broker.shutdown(now())
+        if self.clustered:
+            await self._hand_over(broker)
         if connections:
             await asyncio.sleep(0.05)  # let the connections write DISCONNECT before the process ends
         poller.close()
@@ -296,6 +298,33 @@ class Worker:
                  self.shard_index, st["received"], st["delivered"], st["forwarded"], st["dropped_queue_full"],
                  st["dropped_too_large"], st["commits"], st["commit_ops"] / max(1, st["commits"]), broker.flow.holds,
                  broker.flow.held_for, bus.waited)
+
+    async def _hand_over(self, broker: Broker) -> None:
+        """Before a cluster node's worker stops: what it owes the other nodes it reaches (a
+        shard moving there, not yet acknowledged or relaying; durable forwards they have not
+        acknowledged) goes on for at most 60 % of ``server.shutdown_timeout``, so that a node
+        drained and then stopped leaves nothing behind that only its return would deliver."""
+        deadline = time.monotonic() + 0.6 * self.config.server.shutdown_timeout
+        moves, peers = broker.moves, broker.peers
+
+        def owed() -> int:
+            reached = set(peers.link.peers)
+            return (len(moves.outgoing) + len(moves.ending)
+                    + sum(len(items) for peer, items in peers.outbox.pending.items()
+                          if peer >= REMOTE_BASE and peer in reached))
+
+        left = owed()
+        if not left:
+            return
+        started = time.monotonic()
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            broker.tick(now())
+            left = owed()
+        log.log(logging.WARNING if left else logging.INFO,
+                "shard %d: %s what it owed other nodes in %.2f s before stopping%s", self.shard_index,
+                "not done with" if left else "handed over", time.monotonic() - started,
+                f" ({left} moves and durable forwards left: they wait in its store)" if left else "")
 
     # ------------------------------------------------------------------ the bus between nodes
 
