@@ -19,8 +19,8 @@ That call is the early warning; the guarantee is ``fence.Fence``, which stops se
 again makes it one, under a new lease.
 
 What it does not do: decide what a lost lease means for clients (the owner does), or retry a
-``join`` refused because the node ID is still registered (by a previous run whose lease has
-not expired yet, or by another node).
+``join`` refused because the node ID is still registered by another holder (one that names
+another bus key; the registration this node's own previous run left is taken over).
 """
 
 from __future__ import annotations
@@ -108,21 +108,40 @@ class Membership:
         return max(0.0, self.deadline - self.clock())
 
     def join(self) -> None:
-        """Take a lease and register; ``NodeIdInUse`` when the ID is registered already."""
+        """Take a lease and register; ``NodeIdInUse`` when the ID is registered already by
+        another holder. A registration left by this node's own previous run (killed: its lease
+        not ended yet) is taken over at once: it names the same bus key, which only this data
+        directory holds, and a data directory has one running broker (its lock), so that run is
+        over. The registration moves to the new lease in one transaction (no moment without
+        it, so its shards stay here, under new epochs) and the old lease is revoked."""
         sent = self.clock()
         lease = self.etcd.grant(self.ttl)
         if not self.etcd.txn([Compare(self.key, "create", 0)],
                              [Put(self.key, self.info.encode(), lease)]):
-            self.etcd.revoke(lease)
             held = self.etcd.get(self.key)
-            left = self.etcd.time_to_live(held.lease) if held is not None and held.lease else -1
-            raise NodeIdInUse(f"node {self.info.node_id} is registered already"
-                              + (f" (its lease has {left} s left)" if left >= 0 else ""))
+            mine = held is not None and held.lease and self.info.key and self._same_key(held.value)
+            if not (mine and held is not None and self.etcd.txn(
+                    [Compare(self.key, "lease", held.lease)], [Put(self.key, self.info.encode(), lease)])):
+                self.etcd.revoke(lease)
+                left = self.etcd.time_to_live(held.lease) if held is not None and held.lease else -1
+                raise NodeIdInUse(f"node {self.info.node_id} is registered already"
+                                  + (f" (its lease has {left} s left)" if left >= 0 else ""))
+            try:
+                self.etcd.revoke(held.lease)
+            except EtcdError:
+                pass  # ended meanwhile
+            log.info("node %s took over the registration its previous run left (lease %x)",
+                     self.info.node_id, held.lease)
         self.lease = lease
         self.deadline = sent + self.ttl
         self.lost = False
         self._stop.clear()
         log.info("node %s joined the cluster (lease %x, %d s)", self.info.node_id, lease, self.ttl)
+
+    def _same_key(self, value: bytes) -> bool:
+        """Whether a registration names this node's own bus key."""
+        info = parse_node(self.key, value)
+        return info is not None and info.key == self.info.key
 
     def set_state(self, state: str) -> None:
         """Change the state in the registration (under the same lease)."""

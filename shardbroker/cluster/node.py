@@ -29,8 +29,10 @@ version. A node serves a shard of epoch E only once every other registered node 
 has applied E (``cleared``); a node that says nothing serves nothing. A node whose lease ended
 serves nothing either (the fence), so it is not waited for.
 
-A node ID already registered (the previous run of this node, killed, whose lease has not
-expired yet) is waited for, one log line; ``cluster forget`` ends the wait.
+A node ID registered by this node's previous run (killed, its lease not ended yet: the
+registration names this data directory's bus key) is taken over at once
+(``Membership.join``), so the node keeps its shards across a quick restart. One registered
+with another key is waited for, one log line; ``cluster forget`` ends the wait.
 
 The grant also names, for each shard another registered node serves, that node's client
 address (``NodeInfo.clients``): the acceptor relays such a client there.

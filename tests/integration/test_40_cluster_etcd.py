@@ -35,12 +35,13 @@ BUS_PORTS = itertools.count(7100, 4)
 class Node:
     """A membership and a controller candidate on their own etcd client."""
 
-    def __init__(self, endpoints: list[str], node_id: str, ttl: int = 2, workers: int = 1) -> None:
+    def __init__(self, endpoints: list[str], node_id: str, ttl: int = 2, workers: int = 1,
+                 key: str = "") -> None:
         self.etcd = Etcd(endpoints, timeout=1.0)
         self.lost: list[tuple[float, float]] = []  # (time_left, when)
         # registered only (no bus binds it), but each node a bus address of its own
         self.advertise = f"127.0.0.1:{next(BUS_PORTS)}"
-        self.member = Membership(self.etcd, NodeInfo(node_id, self.advertise, workers),
+        self.member = Membership(self.etcd, NodeInfo(node_id, self.advertise, workers, key=key),
                                  ttl, lambda left: self.lost.append((left, time.monotonic())))
         self.controller: Controller | None = None
 
@@ -111,6 +112,26 @@ def test_a_node_id_registers_once(etcd_single: EtcdCluster, nodes: list[Node]) -
     first.member.leave()
     second.join()  # free again
     assert second.etcd.get(NODES_PREFIX + "n1").lease == second.member.lease  # type: ignore[union-attr]
+
+
+def test_a_node_takes_over_the_registration_its_previous_run_left(
+        etcd_single: EtcdCluster, nodes: list[Node]) -> None:
+    """Same node ID and same bus key (the same data directory, after a kill): the registration
+    moves to the new lease at once and the old lease is revoked; another key still waits."""
+    first = Node(etcd_single.endpoints, "n1", ttl=30, key="K" * 40).join()
+    nodes.append(first)
+    first.member.stop()  # as a kill: its lease lives on for 30 s
+    old = first.member.lease
+    intruder = Node(etcd_single.endpoints, "n1", ttl=5, key="J" * 40)
+    nodes.append(intruder)
+    with pytest.raises(NodeIdInUse):
+        intruder.member.join()
+    again = Node(etcd_single.endpoints, "n1", ttl=5, key="K" * 40)
+    nodes.append(again)
+    again.member.join()
+    held = again.etcd.get(NODES_PREFIX + "n1")
+    assert held is not None and held.lease == again.member.lease != old
+    assert again.etcd.time_to_live(old) < 0  # revoked
 
 
 def test_revoked_lease_is_seen_by_its_holder(etcd_single: EtcdCluster, nodes: list[Node]) -> None:
