@@ -36,7 +36,9 @@ or was killed kept its own while the client got a new one elsewhere): B's, when 
 connected or its last disconnect is not older than the incoming one's (a resend after a lost
 acknowledgement changes nothing); otherwise B's is ended and the incoming one taken. Either
 way the one that stays gets the other's undelivered messages too (queued after its own; one
-in flight on the other is sent again as a new message), so no acknowledged message is lost. The
+in flight on the other is sent again as a new message), so no acknowledged message is lost,
+and the other's subscriptions it lacks (a client given a new session elsewhere may not have
+subscribed again). The
 map version each shard last arrived under is kept in the store (meta ``moves_in``), so a
 restarted worker does not wait for a shard it already has. No I/O: the shell reads the
 clock and calls in.
@@ -54,7 +56,15 @@ from typing import TYPE_CHECKING
 from shardbroker.core.clock import EventTime
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import AWAIT_PUBCOMP, Arrived, Leaving, Message, Session
+from shardbroker.core.session import (
+    AWAIT_PUBCOMP,
+    Arrived,
+    Leaving,
+    Message,
+    Session,
+    Subscribed,
+    subscribed,
+)
 from shardbroker.core.sessions import Sessions, release_rows
 from shardbroker.core.store import ShardStore
 from shardbroker.peer.messages import (
@@ -445,18 +455,24 @@ class Moves:
             rec = state.session
             have = self.sessions.get(rec.client_id)
             carried: list[_Copy] = []
+            carried_subs: dict[str, Subscribed] = {}
             if have is not None:
                 if have.client is not None or (have.disconnected_at or 0.0) >= (rec.disconnected_at or 0.0):
                     if (m.shard, m.vshard, m.version, rec.client_id) in self._merged:
                         continue  # the same state again (its acknowledgement was lost)
                     self._merged.add((m.shard, m.vshard, m.version, rec.client_id))
                     self._merged_now.append((m.shard, m.vshard, m.version, rec.client_id))
+                    announce += self._add_subscriptions(have, {
+                        sub.topic_filter: subscribed(sub.qos, sub.no_local, sub.retain_as_published,
+                                                     sub.retain_handling, sub.subscription_id)
+                        for sub in rec.subscriptions})
                     n = self._carry(have, _stored_copies(state))
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
                              rec.client_id, m.shard, n)
                     continue
                 carried = _held_copies(have)
+                carried_subs = dict(have.subscriptions or {})
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
             self._merged.add((m.shard, m.vshard, m.version, rec.client_id))  # taken: not again
@@ -464,7 +480,8 @@ class Moves:
             if adopted is not None:
                 adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
                 self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
-                if carried:
+                if carried or carried_subs:
+                    announce += self._add_subscriptions(adopted, carried_subs)
                     n = self._carry(adopted, carried)
                     log.info("shard %d: took the session of %s from peer %d (newer than the one held"
                              " here), with the %d messages this one held", self.shard,
@@ -474,6 +491,22 @@ class Moves:
         if announce:
             self.sessions.subscriptions.announce(announce)
         self.wake()
+
+    def _add_subscriptions(self, sess: Session, subs: dict[str, Subscribed]) -> list[str]:
+        """The other session's subscriptions that ``sess`` lacks join it (a client that got a
+        new session elsewhere may not have subscribed again), stored with it; the filters
+        whose routes the peers must now hear of."""
+        announce: list[str] = []
+        added = 0
+        for flt, sub in subs.items():
+            if sess.subscriptions and flt in sess.subscriptions:
+                continue
+            if self.sessions.subscriptions.adopt(sess, flt, sub):
+                announce.append(flt)
+            added += 1
+        if added:
+            self.sessions.persist(sess)
+        return announce
 
     def _carry(self, sess: Session, copies: list[_Copy]) -> int:
         """Two nodes each held a session for one client ID (a node that lost its lease, or was

@@ -464,3 +464,27 @@ def test_a_connected_session_here_stays_and_takes_the_incoming_ones_messages(
     b.peer_messages(msgs)  # the same state again: nothing twice
     assert not [p for p in c.packets() if isinstance(p, Publish)]
     assert b.broker.stats["moves_merged"] == 1 and b.store.check() == []
+
+
+def test_the_session_that_stays_keeps_the_other_ones_subscriptions(pair: tuple[Harness, Harness]) -> None:
+    """The client got a new session on the giver (session present 0) and did not subscribe
+    again; the taker's own, older, had the subscription: the one that stays has it too, and
+    a publish after the move reaches it."""
+    a, b = pair
+    _held_here(b, [b"old-1"], connected=False)  # subscribed to t/# here
+    a.advance(5.0)
+    a.connect(CID, clean=False).drop()  # a new session there, no subscription
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None and sess.subscriptions is not None and "t/#" in sess.subscriptions
+    b.connect("pub-c").send(Publish("t/after", b"after", 1, packet_id=9))
+    _c, packets = reconnect(b)
+    assert [p.payload for p in packets if isinstance(p, Publish)] == [b"old-1", b"after"]
+    b2 = b.restart()  # and it is stored so
+    try:
+        stored = b2.broker.sessions.get(CID)
+        assert stored is not None and "t/#" in (stored.subscriptions or {})
+    finally:
+        b2.close()
