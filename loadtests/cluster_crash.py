@@ -84,10 +84,24 @@ class Options(crash.Options):
     settle_timeout: float = 60.0  # a join or a drain: the map applied, the sessions moved
 
 
+class NodeBroker(crash.CrashBroker):
+    """A node: its MQTT listener on its own loopback address, the host of its ``advertise``,
+    which is where other nodes relay its clients (the registered client address)."""
+
+    def __init__(self, base_dir: Path, host: str, **kw: Any) -> None:
+        super().__init__(base_dir, **kw)
+        self.host = host
+
+    def _command(self, port: int) -> list[str]:
+        cmd = super()._command(port)
+        cmd[cmd.index("--host") + 1] = self.host
+        return cmd
+
+
 @dataclass
 class Node:
     name: str
-    broker: crash.CrashBroker
+    broker: NodeBroker
     running: bool = False
     paused: bool = False
 
@@ -109,12 +123,13 @@ class ClusterHarness(crash.Harness):
         endpoints = ", ".join(f'"{url}"' for url in self.etcd.endpoints)
         for i in range(o.nodes + 1):
             name = f"n{i + 1}"
-            advertise = cluster_fixtures.bus_address(o.workers, host=f"127.0.0.{i + 2}")
+            host = f"127.0.0.{i + 2}"
+            advertise = cluster_fixtures.bus_address(o.workers, host=host)
             config = (crash.BROKER_CONFIG + f'\n[cluster]\nnode_id = "{name}"\n'
                       f"etcd_endpoints = [{endpoints}]\n"
                       f'advertise = "{advertise}"\nlease_ttl = {o.lease_ttl}\n')
-            broker = crash.CrashBroker(self.base_dir / name, workers=o.workers, config=config,
-                                       name=f"{name}({o.workers}w, cluster crash)")
+            broker = NodeBroker(self.base_dir / name, host, workers=o.workers, config=config,
+                                name=f"{name}({o.workers}w, cluster crash)")
             broker.probe = False  # serves only its share: start_nodes waits for the map
             self.nodes[name] = Node(name, broker)
         self.client_node: dict[str, str] = {}
@@ -127,12 +142,12 @@ class ClusterHarness(crash.Harness):
         node.running = running
         self.broker_up = bool(self.running())
 
-    def port_for(self, client: crash.Client) -> int:
-        """A random running node's port (paused ones included: a client cannot tell)."""
+    def address_for(self, client: crash.Client) -> tuple[str, int]:
+        """A random running node's listener (paused ones included: a client cannot tell)."""
         nodes = self.running()
         node = self.rng.choice(nodes) if nodes else self.nodes["n1"]
         self.client_node[client.name] = node.name
-        return node.broker.port
+        return node.broker.host, node.broker.port
 
     def note(self, text: str) -> None:
         for node in self.nodes.values():

@@ -237,7 +237,7 @@ class Client:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(("127.0.0.1", self.h.port_for(self)))
+        err = s.connect_ex(self.h.address_for(self))
         if err not in (0, errno.EINPROGRESS):
             s.close()
             self._count_failure(errno.errorcode.get(err, str(err)))
@@ -730,9 +730,9 @@ class Harness:
 
     # -- the broker, as the clients and the checks see it (a cluster harness overrides these)
 
-    def port_for(self, client: Client) -> int:
-        """The port ``client`` connects to now (also in setup): the broker's."""
-        return self.broker.port
+    def address_for(self, client: Client) -> tuple[str, int]:
+        """Where ``client`` connects now (also in setup): the broker's port on 127.0.0.1."""
+        return "127.0.0.1", self.broker.port
 
     def note(self, text: str) -> None:
         """A harness line in the broker log."""
@@ -783,7 +783,8 @@ class Harness:
 
     def setup_client(self, c: Client) -> None:
         """A new persistent session for ``c`` (a subscriber's subscription in it); no traffic."""
-        rc = mb.RawClient(port=self.port_for(c), connect_timeout=5)
+        host, port = self.address_for(c)
+        rc = mb.RawClient(host=host, port=port, connect_timeout=5)
         try:
             props = mb.prop_u32(mb.SESSION_EXPIRY_INTERVAL, SESSION_EXPIRY) if c.version == 5 else b""
             ack = rc.connect_mqtt(c.cid, version=c.version, clean=c.version == 5, props=props,
