@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -137,6 +138,9 @@ class ClusterHarness(crash.Harness):
             broker.probe = False  # serves only its share: start_nodes waits for the map
             self.nodes[name] = Node(name, broker)
         self.client_node: dict[str, str] = {}
+        # the events' choices on their own generator: a seed replays them whatever the timing
+        # did to the clients' draws
+        self.event_rng = random.Random(self.seed)
         self.move_counters: dict[str, int] = {}  # summed over the nodes' lives that ended cleanly
 
     def running(self) -> list[Node]:
@@ -280,7 +284,7 @@ class ClusterHarness(crash.Harness):
     def choose_event(self) -> str:
         if self.opts.events:
             return self.opts.events[(self.cycle - 1) % len(self.opts.events)]
-        return self.rng.choice(DEFAULT_EVENTS)
+        return self.event_rng.choice(DEFAULT_EVENTS)
 
     def record(self, kind: str, target: str, pid: int) -> crash.Kill:
         now = time.monotonic()
@@ -292,7 +296,7 @@ class ClusterHarness(crash.Harness):
 
     def core_node(self) -> Node:
         """A random running node other than the spare."""
-        return self.rng.choice([n for n in self.running() if n.name != self.spare])
+        return self.event_rng.choice([n for n in self.running() if n.name != self.spare])
 
     def do_event(self, kind: str) -> crash.Kill:
         return {"worker": self.ev_worker, "node": self.ev_node, "pause": self.ev_pause,
@@ -303,7 +307,7 @@ class ClusterHarness(crash.Harness):
         workers = node.broker.worker_pids()
         if not workers:
             return self.record("worker", f"{node.name}: no worker running", 0)
-        w = self.rng.choice(sorted(workers))
+        w = self.event_rng.choice(sorted(workers))
         os.kill(workers[w], signal.SIGKILL)
         return self.record("worker", f"{node.name} worker {w}", workers[w])
 
