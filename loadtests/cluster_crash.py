@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -75,7 +76,10 @@ VSHARDS = 1024
 PAUSE_SECONDS = 1.0
 # counters (control op stats) summed into the report: what the joins and drains moved
 MOVE_COUNTERS = ("shards_moved_", "sessions_moved_", "moves_", "bus_refused_frames")
-START_TIMEOUT = 60.0  # a restarted node waits for its old lease (lease_ttl) before it serves
+START_TIMEOUT = 60.0
+# core/moves.py's lines: a virtual shard's sessions sent to the new owner, and its move done
+GOES_RE = re.compile(r"virtual shard (\d+) goes to peer")
+MOVED_OUT_RE = re.compile(r"virtual shard (\d+) moved out to peer")  # a restarted node waits for its old lease (lease_ttl) before it serves
 
 
 @dataclass
@@ -203,15 +207,16 @@ class ClusterHarness(crash.Harness):
             return None
         return [s["counters"] for s in shards["shards"].values()]
 
-    def settled(self, names: set[str]) -> bool:
-        """The map gives shards to exactly ``names`` and each of them applied it. (Whether
-        the sessions of a shard moved in have come is not asked: a worker asks the previous
-        owner only once one of the shard's clients connects, so ``vshards_moving_in`` can
-        stay up while nobody needs them; the clients' recovery waits for theirs.)"""
+    def settled(self, names: set[str], also: frozenset[str] = frozenset()) -> bool:
+        """The map gives shards to exactly ``names`` and each of them (and ``also``) applied
+        it. (Whether the sessions of a shard moved in have come is not asked: a worker asks
+        the previous owner only once one of the shard's clients connects, so
+        ``vshards_moving_in`` can stay up while nobody needs them; the clients' recovery
+        waits for theirs.)"""
         view = self.view()
         if view is None or view.map is None or set(view.map.per_node()) != names:
             return False
-        return all(view.applied.get(n) == view.map.version for n in names)
+        return all(view.applied.get(n) == view.map.version for n in names | also)
 
     def wait_for(self, what: str, pred: Callable[[], bool], timeout: float) -> bool:
         """Pump until ``pred()`` (asked every 0.2 s); an event if not within ``timeout``."""
@@ -361,13 +366,22 @@ class ClusterHarness(crash.Harness):
                           self.opts.settle_timeout)
             return k
         k = self.record("join", f"{spare.name} drained and stopped", spare.broker.pid)
+        since = spare.broker.log_len()
         admin.drain(self.etcd_client, spare.name)
+        held_since: list[float] = []
 
         def gone() -> bool:
-            if not self.settled(others):
-                return False
+            """n4 applied a map without it, every shard whose sessions it sent is acknowledged
+            (its log's "moved out" line), its outbox toward other nodes is empty; for 1 s."""
             counters = self.stats(spare)
-            return counters is not None and all(c["handover_remote"] == 0 for c in counters)
+            done = (self.settled(others, also=frozenset({spare.name})) and counters is not None
+                    and all(c["handover_remote"] == 0 for c in counters)
+                    and self._moves_finished(spare, since))
+            if not done:
+                held_since.clear()
+                return False
+            held_since[:1] = held_since[:1] or [time.monotonic()]
+            return time.monotonic() - held_since[0] >= 1.0
 
         if not self.wait_for(f"{spare.name} serves nothing and the other nodes acknowledged "
                              f"every durable forward it holds", gone, self.opts.settle_timeout):
@@ -378,6 +392,15 @@ class ClusterHarness(crash.Harness):
         self.keep_counters(spare)
         self.in_background(f"stop of {spare.name}", spare.broker.stop, 40)
         return k
+
+    @staticmethod
+    def _moves_finished(node: Node, since: int) -> bool:
+        """Every virtual shard whose sessions ``node``'s workers sent away since log line
+        ``since`` is moved out (the new owner acknowledged, every peer answered the barrier)."""
+        lines = node.broker.log_text().splitlines()[since:]
+        sent = {m.group(1) for line in lines if (m := GOES_RE.search(line))}
+        done = {m.group(1) for line in lines if (m := MOVED_OUT_RE.search(line))}
+        return sent <= done
 
     # -- the cycles ---------------------------------------------------------------
 
