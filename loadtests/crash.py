@@ -52,7 +52,9 @@ duplicated, an ordering violation (or a lost session / reused packet id); 2 the
 harness could not run (the broker would not start or come back).
 
 Every wait is bounded; all traffic goes to 127.0.0.1. ``run()`` is the API used by
-``tests/integration/test_11_crash.py``.
+``tests/integration/test_11_crash.py``. ``loadtests/cluster_crash.py`` runs the same clients
+and checks over a cluster by overriding the harness's view of the broker (``make_brokers``,
+``address_for``, ``setup_client``, ``processes_up``, ``note``, ``alive``, ``tail``).
 """
 
 from __future__ import annotations
