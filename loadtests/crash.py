@@ -52,7 +52,9 @@ duplicated, an ordering violation (or a lost session / reused packet id); 2 the
 harness could not run (the broker would not start or come back).
 
 Every wait is bounded; all traffic goes to 127.0.0.1. ``run()`` is the API used by
-``tests/integration/test_11_crash.py``.
+``tests/integration/test_11_crash.py``. ``loadtests/cluster_crash.py`` runs the same clients
+and checks over a cluster by overriding the harness's view of the broker (``make_brokers``,
+``address_for``, ``setup_client``, ``processes_up``, ``note``, ``alive``, ``tail``).
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ class Client:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(("127.0.0.1", self.h.broker.port))
+        err = s.connect_ex(self.h.address_for(self))
         if err not in (0, errno.EINPROGRESS):
             s.close()
             self._count_failure(errno.errorcode.get(err, str(err)))
@@ -690,8 +692,7 @@ class Harness:
         self.rng = random.Random(self.seed)
         self.own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="shardbroker-crash-"))
-        self.broker = CrashBroker(self.base_dir, workers=opts.workers, config=BROKER_CONFIG,
-                                  name=f"broker({opts.workers}w, crash)")
+        self.make_brokers()
         self.sel = selectors.DefaultSelector()
         self.subs: list[Subscriber] = []
         self.pubs: list[Publisher] = []
@@ -707,6 +708,11 @@ class Harness:
         self.t0 = time.monotonic()
         self.wall0 = time.time()
 
+    def make_brokers(self) -> None:
+        """The broker under test (not started yet)."""
+        self.broker = CrashBroker(self.base_dir, workers=self.opts.workers, config=BROKER_CONFIG,
+                                  name=f"broker({self.opts.workers}w, crash)")
+
     # -- bookkeeping ----------------------------------------------------------
 
     def wall(self, mono: float) -> float:
@@ -716,13 +722,31 @@ class Harness:
         self.events.append({"t": round(now - self.t0, 3), "at": _stamp(self.wall(now)),
                             "cycle": self.cycle, "kind": kind, "detail": detail})
         if kind != "kill":
-            self.broker.note(f"{kind}: {detail}")
+            self.note(f"{kind}: {detail}")
         if self.opts.verbose and kind in ("session-lost", "broker-error"):
             print(f"  ! {kind}: {detail}", flush=True)
 
     def say(self, text: str) -> None:
         if self.opts.verbose:
             print(text, flush=True)
+
+    # -- the broker, as the clients and the checks see it (a cluster harness overrides these)
+
+    def address_for(self, client: Client) -> tuple[str, int]:
+        """Where ``client`` connects now (also in setup): the broker's port on 127.0.0.1."""
+        return "127.0.0.1", self.broker.port
+
+    def note(self, text: str) -> None:
+        """A harness line in the broker log."""
+        self.broker.note(text)
+
+    def alive(self) -> bool:
+        """Whether the broker runs (a recovery that times out without it ends the run)."""
+        return self.broker.alive()
+
+    def tail(self, n: int) -> str:
+        """The broker log's last ``n`` lines, for an error."""
+        return self.broker.tail(n)
 
     # -- setup ----------------------------------------------------------------
 
@@ -757,20 +781,25 @@ class Harness:
             self.pubs_by_name[p.name] = p
         # every session created, every subscription made, before anything is published
         for c in [*self.subs, *self.pubs]:
-            rc = mb.RawClient(port=self.broker.port, connect_timeout=5)
-            try:
-                props = mb.prop_u32(mb.SESSION_EXPIRY_INTERVAL, SESSION_EXPIRY) if c.version == 5 else b""
-                ack = rc.connect_mqtt(c.cid, version=c.version, clean=c.version == 5, props=props,
-                                      keepalive=0, timeout=10)
-                if ack.rc != 0:
-                    raise HarnessError(f"setup: CONNACK {ack.rc:#x} for {c.name}")
-                if isinstance(c, Subscriber):
-                    codes = rc.subscribe(TOPIC_PREFIX + "#", 2, timeout=10)
-                    if codes != [2]:
-                        raise HarnessError(f"setup: SUBACK {codes} for {c.name}")
-                rc.disconnect(wait=3)
-            finally:
-                rc.close()
+            self.setup_client(c)
+
+    def setup_client(self, c: Client) -> None:
+        """A new persistent session for ``c`` (a subscriber's subscription in it); no traffic."""
+        host, port = self.address_for(c)
+        rc = mb.RawClient(host=host, port=port, connect_timeout=5)
+        try:
+            props = mb.prop_u32(mb.SESSION_EXPIRY_INTERVAL, SESSION_EXPIRY) if c.version == 5 else b""
+            ack = rc.connect_mqtt(c.cid, version=c.version, clean=c.version == 5, props=props,
+                                  keepalive=0, timeout=10)
+            if ack.rc != 0:
+                raise HarnessError(f"setup: CONNACK {ack.rc:#x} for {c.name}")
+            if isinstance(c, Subscriber):
+                codes = rc.subscribe(TOPIC_PREFIX + "#", 2, timeout=10)
+                if codes != [2]:
+                    raise HarnessError(f"setup: SUBACK {codes} for {c.name}")
+            rc.disconnect(wait=3)
+        finally:
+            rc.close()
 
     # -- the loop ---------------------------------------------------------------
 
@@ -834,8 +863,8 @@ class Harness:
                       f"{kill.target if kill else 'start'}: processes_up={self.processes_up()}, "
                       f"clients not connected: {missing}")
             self.event(time.monotonic(), "broker-error", detail)
-            if not self.broker.alive():
-                raise HarnessError(detail + "\n" + self.broker.tail(40))
+            if not self.alive():
+                raise HarnessError(detail + "\n" + self.tail(40))
         if kill is not None:
             kill.recovered_after = round(time.monotonic() - kill.t, 3)  # restart included
 
@@ -960,8 +989,10 @@ class Harness:
 
     # -- results --------------------------------------------------------------
 
+    kinds: tuple[str, ...] = KILL_KINDS  # the kinds of kill (event) the summary counts
+
     def results(self, error: str | None = None) -> Result:
-        kills_by_kind = {k: sum(1 for x in self.kills if x.kind == k) for k in KILL_KINDS}
+        kills_by_kind = {k: sum(1 for x in self.kills if x.kind == k) for k in self.kinds}
         acked_total = sum(len(p.acked) for p in self.pubs)
         violations: dict[str, list[dict[str, Any]]] = {"lost": [], "qos2_dups": [], "out_of_order": [],
                                                         "sessions_lost": [], "pid_reuse": []}
