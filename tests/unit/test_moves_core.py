@@ -488,3 +488,31 @@ def test_the_session_that_stays_keeps_the_other_ones_subscriptions(pair: tuple[H
         assert stored is not None and "t/#" in (stored.subscriptions or {})
     finally:
         b2.close()
+
+
+def test_a_relayed_copy_is_queued_before_newer_straight_ones_and_the_shard_waits_for_the_relay_end(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    b.broker.peers.node_number = 2
+    offline_with_messages(a)
+    a.link.peers.append(B_PEER)
+    a.broker.give_shard(V, B_PEER, 7, a.now)
+    a.run()
+    sent = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
+    assert V in b.broker.moves.relaying  # served once the giver's relays have ended
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None
+    source = 5 * 256 + 1
+    for mid in (20, 21):
+        b.broker.delivery.deliver(sess, Message("t/s", b"s%d" % mid, 1, False, src=source, mid=mid),
+                                  1, False, ())
+    b.broker.delivery.deliver(sess, Message("t/o", b"other", 1, False, src=source + 1, mid=5), 1, False, ())
+    b.broker.moves.relayed(Message("t/r", b"r19", 1, False, src=source, mid=19), CID, (), None)
+    queued = [q.message.payload for q in sess.queue or ()]
+    assert queued[-4:] == [b"r19", b"s20", b"s21", b"other"]
+    state = next(m for m in sent if isinstance(m, ShardState))
+    b.peer_messages([ShardRelayEnd(state.shard, V, 7, 0)])
+    assert V not in b.broker.moves.relaying
+    _c, packets = reconnect(b)
+    got = [p.payload for p in packets if isinstance(p, Publish)]
+    assert got[-4:] == [b"r19", b"s20", b"s21", b"other"]
