@@ -87,7 +87,6 @@ RESEND_AFTER = 5.0  # seconds without an acknowledgement before the state goes a
 INCOMING_WAIT = 30.0  # seconds a worker refuses a shard moving in before it serves it anyway
 ASK_AFTER = 1.0  # seconds a shard moving in waits before its previous owner is asked (and again)
 BARRIER_WAIT = 4.0  # seconds a barrier may take before its worker goes on without it (a peer lost)
-RELAY_WAIT = 3 * BARRIER_WAIT  # seconds a shard waits for its previous worker's relay end at most
 MARKS_KEEP = 120.0  # seconds a moved-in session keeps its marks at most (a relay end frees them)
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
 
@@ -188,9 +187,6 @@ class Moves:
         # state sent again (its acknowledgement lost) adds nothing
         self._merged: set[tuple[int, int, int, str]] = set()
         self._merged_now: list[tuple[int, int, int, str]] = []  # of this iteration (its commit)
-        # vshard -> the worker that still relays copies for its sessions: the shell serves the
-        # shard only once that ends (so a client finds every copy queued, in order)
-        self.relaying: dict[int, tuple[int, float]] = {}  # (peer, since when: monotonic)
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in",
                     "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched",
                     "moves_merged"):
@@ -359,8 +355,6 @@ class Moves:
                 sess = self.sessions.get(cid)
                 if sess is not None and type(sess.moving) is Arrived:
                     sess.moving = None
-            if self.relaying.pop(vshard, None) is not None:
-                self.wake()
         self._closing = waiting
 
     def on_ack(self, m: ShardStateAck) -> None:
@@ -417,12 +411,6 @@ class Moves:
                             " its sessions go all the same", self.shard, vshard, BARRIER_WAIT)
                 self._finish(vshard, out)
         self._close_due()
-        for vshard, (peer, since) in list(self.relaying.items()):
-            if mono - since >= RELAY_WAIT:
-                log.warning("shard %d: virtual shard %d: no end of peer %d's relays in %.0f s;"
-                            " served all the same", self.shard, vshard, peer, RELAY_WAIT)
-                del self.relaying[vshard]
-                self.wake()
         for key, (end, since) in list(self._acking.items()):
             if mono - since >= BARRIER_WAIT:
                 log.warning("shard %d: virtual shard %d: a peer has not answered in %.0f s;"
@@ -442,8 +430,6 @@ class Moves:
         (it is still in the store), to be given to the shard's next owner, or served here."""
         for vshard in [v for v, out in self.outgoing.items() if out.peer == peer]:
             self.take_back(vshard)
-        for vshard in [v for v, (p, _since) in self.relaying.items() if p == peer]:
-            del self.relaying[vshard]  # it relays nothing more
 
     def take_back(self, vshard: int) -> int:
         """Stop giving ``vshard`` away (it is this worker's again, or its taker left): the
@@ -587,7 +573,6 @@ class Moves:
             return
         for m, taken in ends:
             self.received[m.vshard] = max(m.version, self.received.get(m.vshard, 0))
-            self.relaying[m.vshard] = (m.shard, self.time.mono)  # until its ShardRelayEnd is applied
             if taken:
                 self.stats["shards_moved_in"] += 1
                 self.stats["sessions_moved_in"] += taken

@@ -414,13 +414,10 @@ class Worker:
 
     def _moving_in(self, grant: Grant, v: int) -> bool:
         """Whether ``v`` (served here) waits for its sessions from its previous owner: the grant
-        names one and they have not arrived under this epoch, or that owner still relays
-        copies for them (``Moves.relaying``), for at most ``INCOMING_WAIT``."""
+        names one and they have not arrived under this epoch, for at most ``INCOMING_WAIT``."""
         if not grant.incoming or grant.incoming[v] < 0:
             return False
-        moves = self.broker.moves
-        arrived = moves.received.get(v, 0) >= grant.epochs[v]
-        if arrived and v not in moves.relaying:
+        if self.broker.moves.received.get(v, 0) >= grant.epochs[v]:
             return False
         t = time.monotonic()
         epoch, since = self._incoming.get(v, (0, t))
@@ -428,27 +425,25 @@ class Worker:
             since = t
             self._incoming[v] = (grant.epochs[v], t)
         if t - since < INCOMING_WAIT:
-            if not arrived and t - since >= ASK_AFTER and t - self._asked_at.get(v, 0.0) >= ASK_AFTER:
+            if t - since >= ASK_AFTER and t - self._asked_at.get(v, 0.0) >= ASK_AFTER:
                 self._asked_at[v] = t  # its sender may not know it is waited for: ask
                 self.broker.moves.ask(v, grant.incoming[v], grant.epochs[v])
             return True
         if (v, epoch) not in self._waited_said:
             self._waited_said.add((v, epoch))
-            log.error("shard %d: virtual shard %d: no sessions (or end of relays) from peer %d in %.0f s; serving it"
+            log.error("shard %d: virtual shard %d: no sessions from peer %d in %.0f s; serving it"
                       " without them", self.shard_index, v, grant.incoming[v], INCOMING_WAIT)
         return False
 
     def _count_moving_in(self) -> int:
         """The shards this worker serves under its grant whose sessions have not arrived (and
         whose wait has not run out)."""
-        grant, me, moves = self.grant, self.shard_index, self.broker.moves
-        received, relaying = moves.received, moves.relaying
+        grant, me, received = self.grant, self.shard_index, self.broker.moves.received
         if not grant.incoming:
             return 0
         t = time.monotonic()
         return sum(1 for v, w in enumerate(grant.owners)
-                   if w == me and grant.incoming[v] >= 0
-                   and (received.get(v, 0) < grant.epochs[v] or v in relaying)
+                   if w == me and grant.incoming[v] >= 0 and received.get(v, 0) < grant.epochs[v]
                    and t - self._incoming.get(v, (0, t))[1] < INCOMING_WAIT)
 
     def _moved_in(self, vshard: int, peer: int, count: int) -> None:
