@@ -45,7 +45,6 @@ is the API used by ``tests/integration/test_50_cluster_crash.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -55,7 +54,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -597,10 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # etcd would not start: no cluster to test
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print_report(r)
-    if a.json:
-        a.json.write_text(json.dumps(asdict(r), indent=2, default=str) + "\n")
-    return r.exit_code
+    return crash.report(r, a.json, print_report)
 
 
 if __name__ == "__main__":

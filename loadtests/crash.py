@@ -73,6 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -1229,10 +1230,15 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    r = run(opts)
-    print_report(r)
-    if a.json:
-        a.json.write_text(json.dumps(asdict(r), indent=2, default=str) + "\n")
+    return report(run(opts), a.json)
+
+
+def report(r: Result, json_path: Path | None, printer: Callable[[Result], None] | None = None) -> int:
+    """Print ``r`` (with ``printer``, ``print_report`` by default), write it as JSON to
+    ``json_path`` when given; the exit status."""
+    (printer or print_report)(r)
+    if json_path:
+        json_path.write_text(json.dumps(asdict(r), indent=2, default=str) + "\n")
     return r.exit_code
 
 

@@ -18,7 +18,7 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.core.session import Arrived, Leaving, Message
+from shardbroker.core.session import Arrived, Leaving, Message, Session
 from shardbroker.peer.messages import (
     DurableForward,
     PeerMessage,
@@ -363,21 +363,28 @@ def test_publishes_during_a_move_reach_the_session_once_whichever_way_they_come(
     assert a.broker.stats["moves_relayed"] == 2 and b.store.check() == [] and a.store.check() == []
 
 
-def test_a_copy_is_taken_once_whichever_way_comes_first_until_the_relays_end(
-        pair: tuple[Harness, Harness]) -> None:
-    """Copies numbered at most what the giver had applied are in the state; past that, a
-    copy that came one way is not taken the other way; once the giver's relays have all
-    been applied (``ShardRelayEnd``) the session keeps no marks."""
-    a, b = pair
+def moved_in_offline(a: Harness, b: Harness) -> tuple[list[PeerMessage], Session]:
+    """CID (offline, with messages) given by ``a`` and taken by ``b`` (node 2): what ``a``
+    sent, and the session on ``b``, marked as arrived."""
     b.broker.peers.node_number = 2
     offline_with_messages(a)
     a.link.peers.append(B_PEER)
     a.broker.give_shard(V, B_PEER, 7, a.now)
     a.run()
     sent = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
-    b.link.take()
     sess = b.broker.sessions.get(CID)
     assert sess is not None and isinstance(sess.moving, Arrived)
+    return sent, sess
+
+
+def test_a_copy_is_taken_once_whichever_way_comes_first_until_the_relays_end(
+        pair: tuple[Harness, Harness]) -> None:
+    """Copies numbered at most what the giver had applied are in the state; past that, a
+    copy that came one way is not taken the other way; once the giver's relays have all
+    been applied (``ShardRelayEnd``) the session keeps no marks."""
+    a, b = pair
+    sent, sess = moved_in_offline(a, b)
+    b.link.take()
     moves, source = b.broker.moves, 5 * 256 + 1  # a worker of a third node
     sess.moving.seen[source] = 10  # the giver had applied its publishes up to 10
 
@@ -493,14 +500,7 @@ def test_the_session_that_stays_keeps_the_other_ones_subscriptions(pair: tuple[H
 def test_a_relayed_copy_is_queued_before_newer_straight_ones_of_its_source(
         pair: tuple[Harness, Harness]) -> None:
     a, b = pair
-    b.broker.peers.node_number = 2
-    offline_with_messages(a)
-    a.link.peers.append(B_PEER)
-    a.broker.give_shard(V, B_PEER, 7, a.now)
-    a.run()
-    sent = carry(a, b, A_PEER, (ShardState, ShardStateEnd))
-    sess = b.broker.sessions.get(CID)
-    assert sess is not None
+    sent, sess = moved_in_offline(a, b)
     source = 5 * 256 + 1
     for mid in (20, 21):
         b.broker.delivery.deliver(sess, Message("t/s", b"s%d" % mid, 1, False, src=source, mid=mid),
