@@ -105,11 +105,20 @@ class Net:
         return c
 
     def client(self, role: str, cid: str, version: int = 4, clean: bool = True) -> mb.RawClient:
-        c = self.raw(role)
-        ack = c.connect_mqtt(cid, version=version, clean=clean, timeout=3)
-        assert ack.rc == 0, f"{cid} at {role}: CONNACK {ack.rc}"
-        c.connack = ack  # type: ignore[attr-defined]
-        return c
+        """``cid`` connected to ``role``. Refused as "server unavailable" (its virtual shard
+        still waits for its sessions from its previous owner, which a refused client makes
+        the new owner ask for), it connects again, as clients do, for up to 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            c = self.raw(role)
+            ack = c.connect_mqtt(cid, version=version, clean=clean, timeout=3)
+            if ack.rc in (SERVER_UNAVAILABLE_V3, 0x88) and time.monotonic() < deadline:
+                c.close()
+                time.sleep(0.2)
+                continue
+            assert ack.rc == 0, f"{cid} at {role}: CONNACK {ack.rc}"
+            c.connack = ack  # type: ignore[attr-defined]
+            return c
 
     def connack(self, role: str, cid: str, version: int = 4) -> int:
         return self.raw(role).connack_rc(cid, version)
@@ -141,11 +150,16 @@ class Net:
 
         bounded(settled, timeout, "three nodes serving the map")
 
-        def moved_in() -> bool:  # no virtual shard still waits for its sessions from another node
-            return all(shard["counters"].get("vshards_moving_in", 0) == 0 for role in NODES
+        def waiting() -> int:  # virtual shards still waiting for their sessions from another node
+            return sum(shard["counters"].get("vshards_moving_in", 0) for role in NODES
                        for shard in self.ctl(role, {"op": "stats"})["shards"].values())
 
-        bounded(moved_in, timeout, "every shard moving in has its sessions")
+        # A shard whose previous owner does not know it is waited for (it lost its lease since
+        # it served it) waits until a client of it asks (docs/CLUSTERING.md): not every shard
+        # gets one here, so this wait is bounded and not required.
+        deadline = time.monotonic() + min(timeout, 10.0)
+        while waiting() and time.monotonic() < deadline:
+            time.sleep(0.1)
         owners = self.owners()
         for role in NODES:
             cid = cid_of(owners, role, f"probe-{role}-")
