@@ -299,7 +299,7 @@ class Moves:
                         self.shard, client_id)
             return
         if msg.expires_at is not None and self.time.wall >= msg.expires_at:
-            self.stats["expired"] = self.stats.get("expired", 0) + 1
+            self.stats["expired"] += 1
             return
         mark = sess.moving
         if type(mark) is Leaving:  # moving on already: relayed again
