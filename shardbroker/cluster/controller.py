@@ -7,7 +7,7 @@ of another node wins.
 
 Each ``reconcile`` reads the live registrations (state ``up``), the drain marks and the map,
 places the virtual shards over the slots of the nodes that are up and not drained
-(``placement.place``) and, when that changes the map, writes the next map
+(``placement.place_with_backups``: owners and backups) and, when that changes the map, writes the next map
 (``shardmap.next_map``: version + 1, new epochs for the shards that move, and for all the
 shards of a node that registered again under a new lease) in a transaction
 that requires both that this node still holds the controller key (the same create revision)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from shardbroker.cluster.etcd import Compare, Delete, Etcd, EtcdError, Put
 from shardbroker.cluster.membership import NodeInfo, parse_node
-from shardbroker.cluster.placement import place, slots_of
+from shardbroker.cluster.placement import place_with_backups, slots_of
 from shardbroker.cluster.shardmap import (
     APPLIED_PREFIX,
     CONTROLLER_KEY,
@@ -126,8 +126,8 @@ class Controller:
             raise MapMismatch(f"the cluster's map has {view.map.count} virtual shards,"
                               f" this node is set for {self.virtual_shards}")
         workers = {n.node_id: n.workers for n in view.nodes.values() if n.state == "up"}
-        placement = place(self.virtual_shards, slots_of(workers, view.drained))
-        return view, next_map(view.map, placement, view.leases)
+        placement, backups = place_with_backups(self.virtual_shards, slots_of(workers, view.drained))
+        return view, next_map(view.map, placement, view.leases, backups)
 
     def publish(self, view: ClusterView, new: ShardMap) -> None:
         """Write ``new`` over the map read in ``view``, if this node still leads and the map

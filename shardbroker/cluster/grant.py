@@ -23,6 +23,8 @@ child keeps the newest one (by ``seq``) and decides with it alone:
   shard's persistent sessions (``core/moves.py``); -1 otherwise (never moved, or the previous
   owner's node is not registered any more: nobody will send anything). Empty when no shard is
   incoming. ``moved_in`` computes it from the map held before and the map now;
+* ``backup_of[v]``: as ``peer_of``, for the shard's backup slot in the map (where its owner
+  keeps copies of its session records, ``core/replicas.py``); empty without a map;
 * ``until``: a CLOCK_MONOTONIC time (system-wide on Linux, so it means the same in every
   process of the host) after which nothing may be served: the lease deadline as
   ``membership`` reckons it, which is never later than etcd's expiry. A child stops at
@@ -88,6 +90,7 @@ class Grant:
     nodes: tuple[tuple[str, int, int, str, int, str], ...] = ()
     peer_of: tuple[int, ...] = ()  # per virtual shard: the peer id of its worker, or -1; or empty
     incoming: tuple[int, ...] = ()  # per virtual shard: the previous owner's peer id, or -1; or empty
+    backup_of: tuple[int, ...] = ()  # per virtual shard: the peer id of its backup, or -1; or empty
 
     @property
     def count(self) -> int:
@@ -121,7 +124,7 @@ class Grant:
                 "owners": list(self.owners), "epochs": list(self.epochs),
                 "peers": list(self.peers), "remote": list(self.remote), "number": self.number,
                 "nodes": [list(n) for n in self.nodes], "peer_of": list(self.peer_of),
-                "incoming": list(self.incoming)}
+                "incoming": list(self.incoming), "backup_of": list(self.backup_of)}
 
     @classmethod
     def from_value(cls, value: object) -> Grant:
@@ -149,9 +152,13 @@ class Grant:
             if any(not -1 <= p <= 0xFFFF for p in incoming) or (
                     incoming and peer_of and len(incoming) != len(peer_of)):
                 raise ValueError("incoming out of range or of another length")
+            backup_of = tuple(int(p) for p in value.get("backup_of", ()))
+            if any(not -1 <= p <= 0xFFFF for p in backup_of) or (
+                    backup_of and peer_of and len(backup_of) != len(peer_of)):
+                raise ValueError("backup_of out of range or of another length")
             return cls(int(value["seq"]), int(value["version"]), int(value["lease"]),
                        -math.inf if until is None else float(until), owners, epochs, peers, remote,
-                       number, nodes, peer_of, incoming)
+                       number, nodes, peer_of, incoming, backup_of)
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"not a grant: {exc}") from None
 
@@ -178,7 +185,12 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
     numbered = {node: info for node, info in registered.items() if info.number > 0}
     bus_nodes = tuple((node, info.number, (leases or {}).get(node, 0), info.advertise,
                        info.workers, info.key) for node, info in sorted(numbered.items()))
-    peer_of = _peer_of(fence.node, shard_map, numbered) if shard_map is not None else ()
+    peer_of: tuple[int, ...] = ()
+    backup_of: tuple[int, ...] = ()
+    if shard_map is not None:
+        peer_of = _peer_of(fence.node, [v.slot for v in shard_map.vshards], numbered)
+        if any(v.backup is not None for v in shard_map.vshards):
+            backup_of = _peer_of(fence.node, [v.backup for v in shard_map.vshards], numbered)
     moving: list[int] = []
     if incoming and shard_map is not None:
         moving = [-1] * shard_map.count
@@ -190,7 +202,8 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
             moving = []
     if shard_map is None or now >= fence.lease_until:
         return Grant(seq, 0 if shard_map is None else shard_map.version, fence.lease, -math.inf,
-                     (), (), number=number, nodes=bus_nodes, peer_of=peer_of, incoming=tuple(moving))
+                     (), (), number=number, nodes=bus_nodes, peer_of=peer_of, incoming=tuple(moving),
+                     backup_of=backup_of)
     owners = [-1] * shard_map.count
     epochs = [0] * shard_map.count
     for v in fence.served(now):
@@ -207,7 +220,7 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
             remote[v] = index[vshard.slot.node]
     return Grant(seq, shard_map.version, fence.lease, fence.lease_until, tuple(owners),
                  tuple(epochs), tuple(peers), tuple(remote), number, bus_nodes, peer_of,
-                 tuple(moving))
+                 tuple(moving), backup_of)
 
 
 def moved_in(me: str, before: ShardMap | None, after: ShardMap,
@@ -233,11 +246,11 @@ def moved_in(me: str, before: ShardMap | None, after: ShardMap,
     return out
 
 
-def _peer_of(me: str, shard_map: ShardMap, numbered: Mapping[str, Registration]) -> tuple[int, ...]:
-    """Per virtual shard, the peer id of the worker the map gives it (``Grant.peer_of``)."""
+def _peer_of(me: str, slots: Sequence[Slot | None], numbered: Mapping[str, Registration]) -> tuple[int, ...]:
+    """Per virtual shard, the peer id of the worker of its slot in ``slots`` (``Grant.peer_of``,
+    ``Grant.backup_of``)."""
     out = []
-    for vshard in shard_map.vshards:
-        slot = vshard.slot
+    for slot in slots:
         if slot is None:
             out.append(-1)
         elif slot.node == me:

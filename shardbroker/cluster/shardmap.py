@@ -9,7 +9,9 @@ Invariants, kept by ``next_map``:
 * a virtual shard's ``epoch`` changes only when its owner changes (another slot, or the same
   node under another lease: it restarted), and then becomes the new map's version, so epochs
   only ever increase, and (vshard, epoch) names one owner, in one incarnation, for ever;
-* ``len(vshards)`` is the cluster's virtual shard count, fixed once the first map exists.
+* ``len(vshards)`` is the cluster's virtual shard count, fixed once the first map exists;
+* a virtual shard's ``backup`` (``placement.place_with_backups``: the slot it goes to if its
+  owner's node leaves) is on another node than its owner, and changes no epoch.
 
 The etcd keys of the cluster are named here too.
 """
@@ -45,10 +47,12 @@ class MapFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class VShard:
-    """One virtual shard's owner (``None``: no node could take it) and epoch."""
+    """One virtual shard's owner (``None``: no node could take it), epoch and backup (the
+    slot that holds copies of its session records; ``None``: none)."""
 
     slot: Slot | None
     epoch: int
+    backup: Slot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +78,13 @@ class ShardMap:
         return Counter(v.slot.node for v in self.vshards if v.slot is not None)
 
     def encode(self) -> bytes:
-        owners = [[None, None, v.epoch] if v.slot is None else [v.slot.node, v.slot.worker, v.epoch]
-                  for v in self.vshards]
+        owners: list[list[object]] = []
+        for v in self.vshards:
+            entry: list[object] = ([None, None, v.epoch] if v.slot is None
+                                   else [v.slot.node, v.slot.worker, v.epoch])
+            if v.backup is not None:
+                entry += [v.backup.node, v.backup.worker]
+            owners.append(entry)
         return json.dumps({"version": self.version, "leases": dict(self.leases), "owners": owners},
                           separators=(",", ":")).encode()
 
@@ -84,9 +93,13 @@ class ShardMap:
         try:
             doc = json.loads(data)
             vshards = []
-            for node, worker, epoch in doc["owners"]:
+            for entry in doc["owners"]:
+                node, worker, epoch, *more = entry  # a backup's node and worker, or nothing
                 slot = None if node is None else Slot(str(node), int(worker))
-                vshards.append(VShard(slot, int(epoch)))
+                if len(more) not in (0, 2):
+                    raise ValueError(f"an owner entry of {len(entry)} fields")
+                backup = Slot(str(more[0]), int(more[1])) if more else None
+                vshards.append(VShard(slot, int(epoch), backup))
             leases = tuple(sorted((str(n), int(lease)) for n, lease in doc["leases"].items()))
             return ShardMap(int(doc["version"]), tuple(vshards), leases)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -94,10 +107,11 @@ class ShardMap:
 
 
 def next_map(current: ShardMap | None, placement: Sequence[Slot | None],
-             leases: Mapping[str, int]) -> ShardMap | None:
+             leases: Mapping[str, int], backups: Sequence[Slot | None] | None = None) -> ShardMap | None:
     """The map after ``current`` that serves ``placement``, the nodes in it registered under
-    ``leases``; ``None`` when nothing changes. A virtual shard whose owner changes, or whose
-    owner's lease changed (it restarted), gets the new version as its epoch."""
+    ``leases``, with ``backups`` (none when not given); ``None`` when nothing changes. A
+    virtual shard whose owner changes, or whose owner's lease changed (it restarted), gets the
+    new version as its epoch."""
     if current is not None and len(placement) != current.count:
         raise ValueError(f"the map has {current.count} virtual shards, not {len(placement)}")
     version = 1 if current is None else current.version + 1
@@ -109,7 +123,10 @@ def next_map(current: ShardMap | None, placement: Sequence[Slot | None],
         old = None if current is None else current.vshards[v]
         same_owner = old is not None and old.slot == slot and (
             slot is None or old_leases.get(slot.node) == leases[slot.node])
-        vshards.append(old if same_owner and old is not None else VShard(slot, version))
+        backup = backups[v] if backups is not None else None
+        epoch = old.epoch if same_owner and old is not None else version
+        vshards.append(old if same_owner and old is not None and old.backup == backup
+                       else VShard(slot, epoch, backup))
     if current is not None and tuple(vshards) == current.vshards and new_leases == current.leases:
         return None
     return ShardMap(version, tuple(vshards), new_leases)

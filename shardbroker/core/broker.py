@@ -48,6 +48,7 @@ from shardbroker.core.inbound import Inbound
 from shardbroker.core.moves import Moves
 from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
+from shardbroker.core.replicas import Replicas
 from shardbroker.core.retained import RetainedSync
 from shardbroker.core.session import Message, Session
 from shardbroker.core.sessions import Sessions
@@ -167,6 +168,9 @@ class Broker:
         moves.inbox_mark = self.peers.outbox.mark
         moves.last_sent = self.peers.outbox.last
         self.delivery.moving = moves.check
+        self.replicas = Replicas(shard, self.sessions, self.commit, link, self.time, self.stats, self.wake)
+        self.peers.replicas = self.replicas
+        self.sessions.on_stored = self.replicas.stored
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
@@ -454,6 +458,18 @@ class Broker:
         self.flush(now)
         return sum(self.moves.give(vshard, peer, version) for vshard, peer in shards)
 
+    def place_replicas(self, restore: list[int], backup: tuple[int, ...], keep: Callable[[int], bool],
+                       now: Now) -> int:
+        """A cluster node's grant changed (``core/replicas.py``): the shards of ``restore`` are
+        served here now with no live previous owner to send their sessions, so the copies held
+        of them become sessions; ``backup`` is each served shard's backup peer id (-1
+        elsewhere); copies of shards ``keep`` says no are forgotten. How many restored."""
+        self.time.set(now)
+        restored = self.replicas.restore(restore)
+        self.replicas.set_backups(backup)
+        self.replicas.keep_only(keep)
+        return restored
+
     def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
         """``give_shards`` for one shard."""
         return self.give_shards([(vshard, peer)], version, now)
@@ -510,6 +526,7 @@ class Broker:
                 client.output_due = False
                 self.close(client, reasons.QUOTA_EXCEEDED, "the message store is full", will=False)
             due = self.output.take()
+        self.replicas.committed(ok)
         self.peers.committed(ok)
         for client in due:
             self.output.write(client)

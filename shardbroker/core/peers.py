@@ -46,6 +46,7 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    SessionReplicas,
     ShardRelayEnd,
     ShardState,
     ShardStateAck,
@@ -58,6 +59,7 @@ DIGEST_EVERY = 10.0  # seconds between two route digests sent to every peer (ant
 if TYPE_CHECKING:
     from shardbroker.core.backpressure import Backpressure
     from shardbroker.core.moves import Moves
+    from shardbroker.core.replicas import Replicas
     from shardbroker.core.retained import RetainedSync
     from shardbroker.core.subscriptions import Subscriptions
 
@@ -108,6 +110,7 @@ class Peers:
         self.backpressure: Backpressure  # set by the broker
         self.retained_sync: RetainedSync  # set by the broker
         self.moves: Moves  # set by the broker
+        self.replicas: Replicas  # set by the broker
         self._handlers: dict[type, Callable[[Any], None]] = {
             Forward: self._on_forward, DurableForward: self._on_durable_forward, ForwardAck: self._on_forward_ack,
             ResendRequest: self._on_resend_request, RouteAdd: self._on_route_add,
@@ -116,7 +119,7 @@ class Peers:
             LoginFailed: self._on_login_failed, Retain: self._on_retain, ShardState: self._on_shard_state,
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
             ShardStateQuery: self._on_shard_state_query, ShardRelayEnd: self._on_shard_relay_end,
-            RouteDigest: self._on_route_digest,
+            RouteDigest: self._on_route_digest, SessionReplicas: self._on_session_replicas,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -372,6 +375,7 @@ class Peers:
         self.unsynced = len(self.link.peers) - len(self.synced)
         self._resend(m.shard)  # it (re)started: what it has not acknowledged goes again
         self.moves.peer_synced(m.shard)  # ... and the shards on their way to it
+        self.replicas.peer_synced(m.shard)  # ... and the session copies it keeps
         self.backpressure.peer_restarted(m.shard)  # ... and its holds on our publishers are gone
 
     def _on_hold(self, m: Hold) -> None:
@@ -400,6 +404,9 @@ class Peers:
 
     def _on_shard_relay_end(self, m: ShardRelayEnd) -> None:
         self.moves.on_relay_end(m)
+
+    def _on_session_replicas(self, m: SessionReplicas) -> None:
+        self.replicas.on_replicas(m)
 
     # ---- the flush and the sweep
 

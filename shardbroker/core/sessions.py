@@ -68,6 +68,8 @@ class Sessions:
         self.route: Callable[[Message], bool]  # publish a will
         self.take_over: Callable[[Client, bool], None]  # close an older connection (publish its will?)
         self.offline: Callable[[Session], None]  # the session lost its connection (no backlog any more)
+        # a session record written to the batch, or (None) deleted: copied to the shard's backup
+        self.on_stored: Callable[[str, SessionRecord | None], None] = lambda client_id, rec: None
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -106,6 +108,7 @@ class Sessions:
         if not self.stored_client_ids:
             self.commit.mark_alive()
         self.stored_client_ids.add(rec.client_id)
+        self.on_stored(rec.client_id, rec)
         return announce
 
     def drop(self, client_id: str) -> tuple[Session, dict[str, Subscribed]] | None:
@@ -286,16 +289,22 @@ class Sessions:
 
     # ---- the store
 
-    def persist(self, sess: Session) -> None:
-        """Write the session record (options, subscriptions, will) to the current batch."""
+    @staticmethod
+    def record(sess: Session) -> SessionRecord:
+        """The session's stored record: options, subscriptions, will."""
         will = None
         if sess.will is not None:
             w = sess.will
             will = StoredWill(w.topic, w.payload, w.qos, w.retain, w.properties, w.delay)
         subs = tuple(StoredSubscription(flt, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
                                         s.subscription_id) for flt, s in (sess.subscriptions or {}).items())
-        rec = SessionRecord(sess.client_id, sess.version, sess.expiry_interval, sess.disconnected_at, subs, will)
+        return SessionRecord(sess.client_id, sess.version, sess.expiry_interval, sess.disconnected_at, subs, will)
+
+    def persist(self, sess: Session) -> None:
+        """Write the session record (options, subscriptions, will) to the current batch."""
+        rec = self.record(sess)
         self.commit.batch().put_session(rec)
+        self.on_stored(sess.client_id, rec)
         if not self.stored_client_ids:  # alive marks resume with the first stored session
             self.commit.mark_alive()
         self.stored_client_ids.add(sess.client_id)
@@ -304,6 +313,7 @@ class Sessions:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self.commit.batch().delete_session(sess.client_id)
         self.stored_client_ids.discard(sess.client_id)
+        self.on_stored(sess.client_id, None)
         release_rows(sess)
 
 

@@ -38,6 +38,9 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     18    ``ShardStateQuery`` shard, vshard, version
     19    ``ShardRelayEnd``   shard, vshard, version, upto
     20    ``RouteDigest``     shard, digest
+    21    ``SessionReplicas`` shard, vshard (-1: changes; else the whole set of
+                              that virtual shard), items (an array of
+                              [client id, bin] pairs; an empty bin: deleted)
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -146,6 +149,7 @@ __all__ = [
     "RoutesAdd",
     "RoutesQuery",
     "RoutesRemove",
+    "SessionReplicas",
     "ShardRelayEnd",
     "ShardState",
     "ShardStateAck",
@@ -440,6 +444,18 @@ class RouteDigest:
     digest: int
 
 
+@dataclass(slots=True)
+class SessionReplicas:
+    """Copies of persistent session records of the sender's virtual shards, for their backup
+    (``core/replicas.py``): each item a client ID and its record (``storage/session_state``,
+    a state without rows; empty: the session was deleted). ``vshard`` -1: changes; else the
+    whole set of that virtual shard, which replaces the one held (more changes may follow)."""
+
+    shard: int
+    vshard: int
+    items: tuple[tuple[str, bytes], ...]
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -462,6 +478,7 @@ PeerMessage: TypeAlias = (
     | ShardStateQuery
     | ShardRelayEnd
     | RouteDigest
+    | SessionReplicas
 )
 
 _KIND_FORWARD: Final = 0
@@ -627,6 +644,9 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (19, ShardRelayEnd, (("shard", *_UINT), ("vshard", *_VSHARD), ("version", *_POS),
                          ("upto", *_UINT))),
     (20, RouteDigest, (("shard", *_UINT), ("digest", *_UINT))),
+    (21, SessionReplicas, (("shard", *_UINT),
+                           ("vshard", lambda v: v == -1 or _is_vshard(v), f"-1 or an int 0..{VSHARDS - 1}"),
+                           ("items", lambda v: _is_pairs(v, bytes), "[str, bin] pairs"))),
 )
 
 

@@ -487,6 +487,21 @@ class Worker:
             self._held.difference_update(v for v, _ in given)
             self.broker.give_shards(given, grant.version, now())
 
+    def _place_replicas(self, grant: Grant, old: Grant) -> None:
+        """The session copies (``core/replicas.py``): a shard served here from now on whose
+        previous owner is not to send its sessions (its node lost its lease) takes those of
+        its copies held here; each shard served here copies its records to its backup; the
+        copies of shards this worker no longer backs up go."""
+        me = self.shard_index
+        owners, backup_of = grant.owners, grant.backup_of
+        restore = [v for v, w in enumerate(owners)
+                   if w == me and (not old.owners or old.owners[v] != me)
+                   and (not grant.incoming or grant.incoming[v] < 0)]
+        backup = tuple(backup_of[v] if w == me else -1 for v, w in enumerate(owners)) if backup_of else ()
+        keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me) if backup_of
+                                       else (lambda v: True))
+        self.broker.place_replicas(restore, backup, keep, now())
+
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one
         held; the clients it no longer lets this worker serve are closed at once, and the rest
@@ -503,6 +518,8 @@ class Worker:
             self._held.clear()
         if grant.peer_of != old.peer_of or grant.owners != old.owners:
             self._give_away(grant)
+        if grant.owners != old.owners or grant.backup_of != old.backup_of:
+            self._place_replicas(grant, old)
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None

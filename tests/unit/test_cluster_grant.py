@@ -17,7 +17,7 @@ from shardbroker.cluster.grant import NONE, Grant, GrantError, from_fence, local
 from shardbroker.cluster.membership import NodeInfo
 from shardbroker.cluster.node import ClusterNode, served_changes
 from shardbroker.cluster.numbers import Identity
-from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
+from shardbroker.cluster.placement import Slot, place, place_with_backups, slots_of, vshard_for
 from shardbroker.cluster.shardmap import ShardMap, next_map
 from shardbroker.config import load_config
 
@@ -268,3 +268,23 @@ def test_an_incoming_shard_stays_named_until_it_moves_again() -> None:
     returned = moved_in("n1", second, back, {})
     assert sorted(returned) == sorted(held)
     assert all(node == "n2" and worker == 0 for _epoch, node, worker in returned.values())
+
+
+def test_a_grant_names_each_shards_backup_by_peer_id() -> None:
+    owners, backups = place_with_backups(COUNT, slots_of({"n1": 2, "n2": 3}))
+    shard_map = next_map(None, owners, {"n1": 11, "n2": 22}, backups)
+    assert shard_map is not None
+    fence = Fence("n1", 11)
+    fence.apply(shard_map)
+    fence.renewed(100.0)
+    n2 = NodeInfo("n2", "127.0.0.3:7000", 3, clients="127.0.0.3:1883", number=2, key="k")
+    grant = from_fence(fence, 1, 2, now=0.0, nodes={"n2": n2}, leases={"n2": 22}, number=1)
+    for v, backup in enumerate(backups):
+        assert backup is not None
+        assert grant.backup_of[v] == (backup.worker if backup.node == "n1" else 2 * 256 + backup.worker)
+    assert Grant.from_value(grant.to_value()) == grant
+    # a map without backups: none in the grant
+    plain = next_map(None, owners, {"n1": 11, "n2": 22})
+    assert plain is not None
+    fence.apply(replace(plain, version=2))
+    assert from_fence(fence, 2, 2, now=0.0, nodes={"n2": n2}, number=1).backup_of == ()

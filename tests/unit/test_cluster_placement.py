@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardbroker.cluster.fence import Fence, NotOwner, Stamp, Verdict
-from shardbroker.cluster.placement import Slot, place, slots_of, vshard_for
+from shardbroker.cluster.placement import Slot, place, place_with_backups, slots_of, vshard_for
 from shardbroker.cluster.shardmap import MapFormatError, ShardMap, VShard, next_map
 from shardbroker.sharding import shard_for
 
@@ -193,3 +193,36 @@ def test_an_older_map_is_not_applied() -> None:
     assert Fence("x", 1).check(Stamp(0, 1)) is Verdict.AHEAD  # no map: nothing is current
     fence.renewed(1.0)
     assert fence.check(Stamp(COUNT, 1)) is Verdict.STALE
+
+
+def test_a_backup_is_on_another_node_and_is_where_the_shard_goes_when_its_owner_leaves() -> None:
+    workers = {"a": 2, "b": 1, "c": 3}
+    owners, backups = place_with_backups(COUNT, slots_of(workers))
+    assert owners == place(COUNT, slots_of(workers))
+    for node in workers:
+        without = place(COUNT, slots_of(workers, excluded=[node]))
+        for v, owner in enumerate(owners):
+            backup = backups[v]
+            assert owner is not None and backup is not None and backup.node != owner.node
+            if owner.node == node:
+                assert without[v] == backup  # the successor is the backup
+    # one node: no backup
+    assert place_with_backups(8, slots_of({"a": 3}))[1] == [None] * 8
+    assert place_with_backups(4, []) == ([None] * 4, [None] * 4)
+
+
+def test_a_map_carries_backups_and_a_backup_change_keeps_the_epoch() -> None:
+    owners, backups = place_with_backups(64, slots_of({"a": 1, "b": 1, "c": 1}))
+    m1 = next_map(None, owners, LEASES, backups)
+    assert m1 is not None and [v.backup for v in m1.vshards] == backups
+    assert ShardMap.decode(m1.encode()) == m1
+    assert next_map(m1, owners, LEASES, backups) is None
+    other = [None if b is None else Slot(b.node, b.worker + 1) for b in backups]
+    m2 = next_map(m1, owners, LEASES, other)
+    assert m2 is not None and m2.version == 2
+    assert [v.epoch for v in m2.vshards] == [v.epoch for v in m1.vshards]
+    # a map written before backups reads as one without them
+    old = ShardMap(3, (VShard(Slot("a", 0), 3),), (("a", 1),))
+    assert ShardMap.decode(old.encode()).vshards[0].backup is None
+    with pytest.raises(MapFormatError):
+        ShardMap.decode(b'{"version": 1, "owners": [["a", 0, 1, "b"]], "leases": {"a": 1}}')

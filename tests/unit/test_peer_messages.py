@@ -33,6 +33,7 @@ from shardbroker.peer.messages import (
     RoutesAdd,
     RoutesQuery,
     RoutesRemove,
+    SessionReplicas,
     ShardRelayEnd,
     ShardState,
     ShardStateAck,
@@ -113,6 +114,8 @@ MESSAGES: dict[str, PeerMessage] = {
     "shard-state-query": ShardStateQuery(1, 1023, 12),
     "shard-relay-end": ShardRelayEnd(1, 1023, 12, 2**40),
     "route-digest": RouteDigest(3, 2**64 - 1),
+    "session-replicas": SessionReplicas(256, -1, (("c-ü", b"\x84rec"), ("gone", b""))),
+    "session-replicas-set": SessionReplicas(0, 1023, ()),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -280,7 +283,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [21, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [22, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -627,6 +630,19 @@ def test_fuzz_property_blocks(block: bytes) -> None:
 def test_bad_shard_state_items_are_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError):
         decode_batch(raw([item]))
+
+
+@pytest.mark.parametrize("item", [
+    [21, 0, -2, []],  # a virtual shard below -1
+    [21, 0, 1024, []],
+    [21, 0, 5, [["c", "text"]]],  # a record that is not bin
+    [21, 0, 5, [["c"]]],
+    [21, 0, 5],  # no items
+])
+def test_bad_session_replicas_are_refused(item: list[Any]) -> None:
+    with pytest.raises(PeerFormatError):
+        decode_batch(raw([item]))
+    assert msgpack.unpackb(encode_message(SessionReplicas(1, -1, ()))[len(HEADER):])[0] == 21
 
 
 def test_shard_state_kinds_are_15_to_19() -> None:

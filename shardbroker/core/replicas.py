@@ -1,0 +1,198 @@
+"""Copies of a virtual shard's session records on its backup, for its successor.
+
+The shard map names for each virtual shard a *backup*: the best slot on another node
+(``cluster.placement.place_with_backups``), which is exactly where the shard goes if its
+owner's node leaves. The owning worker sends that worker a copy of each persistent session
+record of the shard (client ID, protocol version, expiry interval, subscriptions, will; not
+its messages) as it commits it, and the whole set when the backup changes, when the shard
+becomes this worker's, or when the backup's worker (re)starts (``SessionReplicas``, peer kind
+21: ``vshard`` -1 for changes, a virtual shard for its whole set).
+
+The backup keeps them in memory. When the map gives it the shard and no live previous owner
+is to send the sessions (the owner's node lost its lease: killed, cut off), it takes them as
+sessions of its own (``restore``), stored, their routes announced, disconnected at that moment
+(so their wills follow): a client of that node that connects again finds its session, with its
+subscriptions, and the publishes made since reach it. The messages the lost node held are not
+copied; they are still in its store, and come back with the shard when that node serves again
+(``core/moves.py`` merges the two sessions). A backup that restarts has no copies until its
+owners send them again (at once: its routes announce it).
+
+No I/O: the shell tells it the backups (``set_backups``) and which shards to restore.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shardbroker.core.commit import Commit
+from shardbroker.core.peers import PeerLink
+from shardbroker.core.session import Leaving
+from shardbroker.core.sessions import Sessions
+from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
+from shardbroker.storage.batch import vshard_of
+from shardbroker.storage.records import SessionRecord, StoreError
+from shardbroker.storage.session_state import ClientState, pack_state, put_state, unpack_state
+
+if TYPE_CHECKING:
+    from shardbroker.core.clock import EventTime
+
+log = logging.getLogger("shardbroker.replicas")
+
+CHUNK_BYTES = 64 * 1024  # the records of one SessionReplicas (one bigger record goes alone)
+
+
+def pack_record(rec: SessionRecord) -> bytes:
+    """A session record as a replica carries it: a stored state without rows."""
+    return pack_state(ClientState(rec, [], [], []))
+
+
+class Replicas:
+    def __init__(self, shard: int, sessions: Sessions, commit: Commit, link: PeerLink,
+                 time: EventTime, stats: dict[str, int], wake: Callable[[], None]) -> None:
+        self.shard = shard
+        self.sessions = sessions
+        self.commit = commit
+        self.link = link
+        self.time = time
+        self.stats = stats
+        self.wake = wake
+        self.backup: tuple[int, ...] = ()  # per virtual shard served here: its backup's peer id, or -1
+        self._pending: dict[str, SessionRecord | None] = {}  # this iteration's writes (None: deleted)
+        self.held: dict[int, dict[str, bytes]] = {}  # as a backup: vshard -> client id -> record
+        for key in ("replicas_sent", "replicas_held", "sessions_restored"):
+            stats.setdefault(key, 0)
+
+    # ---- as the owner
+
+    def stored(self, client_id: str, rec: SessionRecord | None) -> None:
+        """The iteration's batch writes ``rec`` (None: deletes the session): sent to the
+        backup once the commit succeeded."""
+        if self.backup:
+            self._pending[client_id] = rec
+
+    def committed(self, ok: bool) -> None:
+        """The iteration's commit is done: its session writes go to their backups (not when it
+        failed: the records were not written, and the next write sends them)."""
+        pending, self._pending = self._pending, {}
+        if not ok or not pending or not self.backup:
+            return
+        out: dict[int, list[tuple[str, bytes]]] = {}
+        backup = self.backup
+        for cid, rec in pending.items():
+            peer = backup[vshard_of(cid)]
+            if peer >= REMOTE_BASE:
+                out.setdefault(peer, []).append((cid, b"" if rec is None else pack_record(rec)))
+        for peer, items in out.items():
+            self._send(peer, -1, items)
+
+    def set_backups(self, backup: tuple[int, ...]) -> None:
+        """The backup of each virtual shard served here (-1 elsewhere; empty: none at all).
+        A shard with a new backup, or new here, sends that backup its whole set."""
+        old, self.backup = self.backup, backup
+        if not backup:
+            self._pending.clear()
+            return
+        self.send_full([v for v, peer in enumerate(backup)
+                        if peer >= REMOTE_BASE and (not old or old[v] != peer)])
+
+    def peer_synced(self, peer: int) -> None:
+        """``peer`` (re)started or has just come to hear this worker: the sets it backs up go
+        again (a backup keeps them in memory only)."""
+        if peer >= REMOTE_BASE and self.backup:
+            self.send_full([v for v, p in enumerate(self.backup) if p == peer])
+
+    def send_full(self, vshards: list[int]) -> None:
+        """Each of ``vshards``' whole set of persistent session records to its backup."""
+        if not vshards:
+            return
+        wanted = set(vshards)
+        sets: dict[int, list[tuple[str, bytes]]] = {v: [] for v in vshards}
+        stored = self.sessions.stored_client_ids
+        record = self.sessions.record
+        for cid, sess in self.sessions.sessions.items():
+            v = vshard_of(cid)
+            if v in wanted and cid in stored and type(sess.moving) is not Leaving:
+                sets[v].append((cid, pack_record(record(sess))))
+        for v, items in sets.items():
+            self._send(self.backup[v], v, items)
+
+    def _send(self, peer: int, vshard: int, items: list[tuple[str, bytes]]) -> None:
+        """``items`` to ``peer`` in messages of at most ``CHUNK_BYTES``: the first names
+        ``vshard`` (a whole set: it replaces the one held), the rest are changes."""
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        first = vshard
+        for item in items:
+            if chunk and size + len(item[1]) > CHUNK_BYTES:
+                self.link.send(peer, SessionReplicas(self.shard, first, tuple(chunk)), size)
+                first, chunk, size = -1, [], 0
+            chunk.append(item)
+            size += len(item[0]) + len(item[1])
+        if chunk or first >= 0:
+            self.link.send(peer, SessionReplicas(self.shard, first, tuple(chunk)), size)
+        self.stats["replicas_sent"] += len(items)
+        self.wake()
+
+    # ---- as the backup
+
+    def on_replicas(self, m: SessionReplicas) -> None:
+        held = self.held
+        if m.vshard >= 0:
+            before = len(held.pop(m.vshard, ()))
+            held[m.vshard] = {cid: blob for cid, blob in m.items if blob}
+            self.stats["replicas_held"] += len(held[m.vshard]) - before
+            return
+        for cid, blob in m.items:
+            records = held.setdefault(vshard_of(cid), {})
+            if blob:
+                self.stats["replicas_held"] += cid not in records
+                records[cid] = blob
+            elif records.pop(cid, None) is not None:
+                self.stats["replicas_held"] -= 1
+
+    def keep_only(self, keep: Callable[[int], bool]) -> None:
+        """Forget the copies of the shards ``keep`` says this worker no longer backs up."""
+        for v in [v for v in self.held if not keep(v)]:
+            self.stats["replicas_held"] -= len(self.held.pop(v))
+
+    def restore(self, vshards: list[int]) -> int:
+        """``vshards`` are served here now and no previous owner is to send their sessions:
+        the copies held of them become sessions here (not those of a client that has one
+        here already). How many."""
+        batch = None
+        announce: list[str] = []
+        restored = 0
+        wall = self.time.wall
+        for v in vshards:
+            records = self.held.pop(v, None)
+            if not records:
+                continue
+            self.stats["replicas_held"] -= len(records)
+            for cid, blob in records.items():
+                if self.sessions.get(cid) is not None or cid in self.sessions.stored_client_ids:
+                    continue
+                try:
+                    state = unpack_state(blob)
+                except StoreError as exc:
+                    log.error("shard %d: a session copy of %s: %s", self.shard, cid, exc)
+                    continue
+                rec = state.session
+                if rec.disconnected_at is None:  # connected on the lost node: the connection ended now
+                    state = ClientState(SessionRecord(rec.client_id, rec.protocol_version,
+                                                      rec.expiry_interval, wall, rec.subscriptions,
+                                                      rec.will), [], [], [])
+                if batch is None:
+                    batch = self.commit.batch()
+                announce += self.sessions.adopt(put_state(batch, state))
+                restored += 1
+        if announce:
+            self.sessions.subscriptions.announce(announce)
+        if restored:
+            self.stats["sessions_restored"] += restored
+            log.warning("shard %d: %d sessions of virtual shards %s taken from their copies here"
+                        " (their owner's node is gone; the messages it held come back with it)",
+                        self.shard, restored, ",".join(str(v) for v in vshards))
+            self.wake()
+        return restored

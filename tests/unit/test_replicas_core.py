@@ -1,0 +1,191 @@
+"""Copies of a virtual shard's session records on its backup (``core/replicas.py``), driven
+without a loop or sockets: an owner and a backup on their own stores, the peer messages
+carried by the test as the bus between two nodes would (the sender renamed by its peer id).
+
+What is checked: the owner sends its backup each persistent session record it commits (a
+subscription, an unsubscription, a session ended), nothing for a clean session, the whole
+set when the backup is new or restarts; the backup keeps them and forgets those it no longer
+backs up; when it serves the shard with no previous owner to send it, the copies become
+sessions: stored, subscribed, their routes announced, their wills due, and a publish made
+since waits for the client, who finds its session present."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from core_harness import Harness
+
+from shardbroker.cluster.placement import vshard_for
+from shardbroker.peer.messages import PeerMessage, RoutesAdd, SessionReplicas, from_sender
+from shardbroker.protocol.packets import (
+    ConnAck,
+    Publish,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    Will,
+)
+from shardbroker.storage.lmdb_store import ShardStore
+
+A_PEER, B_PEER = 256, 512  # how each names the other: workers 0 of nodes 1 and 2
+CID = "kept"
+V = vshard_for(CID, 1024)
+COUNT = 1024
+
+
+def backups(v: int = V, peer: int = B_PEER) -> tuple[int, ...]:
+    out = [-1] * COUNT
+    out[v] = peer
+    return tuple(out)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Harness, Harness]]:
+    a = Harness(tmp_path / "a", peers=[B_PEER])
+    b = Harness(tmp_path / "b", peers=[A_PEER])
+    a.broker.place_replicas([], backups(), lambda v: True, a.now)
+    a.run()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def replicas(a: Harness) -> list[SessionReplicas]:
+    return [m for peer, m in a.link.take() if peer == B_PEER and isinstance(m, SessionReplicas)]
+
+
+def carry(a: Harness, b: Harness) -> list[SessionReplicas]:
+    msgs = replicas(a)
+    sent: list[PeerMessage] = list(msgs)
+    from_sender(sent, A_PEER)
+    b.peer_messages(sent)
+    return msgs
+
+
+def test_each_committed_record_goes_to_the_backup_and_a_clean_session_does_not(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    assert [(m.vshard, m.items) for m in carry(a, b)] == [(V, ())]  # the whole (empty) set first
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1), Subscription("u", 2))))
+    carry(a, b)
+    held = b.broker.replicas.held[V]
+    assert set(held) == {CID}
+    rec = b.broker.replicas.held[V][CID]
+    c.send(Unsubscribe(2, ("u",)))
+    carry(a, b)
+    assert held[CID] != rec  # the newer record replaced it
+    other = "clean-one"
+    a.broker.place_replicas([], backups(vshard_for(other, COUNT)), lambda v: True, a.now)
+    a.run()
+    a.link.take()
+    a.connect(other, clean=True)
+    assert replicas(a) == []  # nothing stored, nothing copied
+    a.broker.place_replicas([], backups(), lambda v: True, a.now)
+    a.run()
+    carry(a, b)
+    a.connect(CID, clean=True)  # Clean Session 1: the session ends
+    msgs = carry(a, b)
+    assert [m.items for m in msgs] == [((CID, b""),)]
+    assert b.broker.replicas.held[V] == {}
+    assert b.broker.stats["replicas_held"] == 0
+
+
+def test_the_copies_become_sessions_on_the_backup_when_it_serves_the_shard(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    will = Will("wills/" + CID, b"gone", 1, False)
+    c = a.connect(CID, clean=False, will=will)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    watcher = b.connect("watcher")
+    watcher.send(Subscribe(1, (Subscription("wills/#", 1),)))
+    watcher.packets()
+    b.link.take()
+    # a's node is lost: b serves the shard, and nobody will send it the sessions
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    assert b.broker.stats["sessions_restored"] == 1
+    assert V not in b.broker.replicas.held
+    out = b.link.take()
+    assert any(isinstance(m, RoutesAdd) and ("t/#", True) in m.keys for _, m in out)  # routes announced
+    # the connection to the lost node ended: the will is published (no delay)
+    b.advance(1)
+    assert [p.payload for p in watcher.packets() if isinstance(p, Publish)] == [b"gone"]
+    # a publish made now waits for the client, which finds its session
+    pub = b.connect("pub")
+    pub.send(Publish("t/1", b"after", 1, packet_id=1))
+    again = b.connect(CID, clean=False)
+    packets = again.packets()
+    assert isinstance(packets[0], ConnAck) and packets[0].session_present
+    assert [p.payload for p in packets if isinstance(p, Publish)] == [b"after"]
+    # it is stored: a restart of the backup keeps it
+    b.close()
+    store = ShardStore.open(b.data_dir, 0, 1, sync=False)
+    try:
+        assert CID in set(store.client_ids([V]))
+    finally:
+        store.close()
+    b.store = ShardStore.open(b.data_dir, 0, 1, sync=False)  # for the fixture's close
+
+
+def test_a_session_held_already_is_not_replaced_by_a_copy(pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    mine = b.connect(CID, clean=False)  # the client got a session on b meanwhile
+    mine.send(Subscribe(1, (Subscription("mine", 1),)))
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 0
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None and set(sess.subscriptions or {}) == {"mine"}
+
+
+def test_a_new_backup_or_a_restarted_one_gets_the_whole_set_and_an_old_one_forgets(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    for i in range(3):
+        cid = f"s{i}"
+        a.broker.place_replicas([], backups(vshard_for(cid, COUNT)), lambda v: True, a.now)
+        c = a.connect(cid, clean=False)
+        c.send(Subscribe(1, (Subscription(f"t/{i}", 1),)))
+    a.broker.place_replicas([], (-1,) * COUNT, lambda v: True, a.now)  # no backup for a moment
+    a.link.take()
+    vs = [vshard_for(f"s{i}", COUNT) for i in range(3)]
+    whole = [B_PEER if v in vs else -1 for v in range(COUNT)]
+    a.broker.place_replicas([], tuple(whole), lambda v: True, a.now)
+    a.run()
+    msgs = carry(a, b)
+    assert {m.vshard for m in msgs} == set(vs)
+    assert sum(len(r) for r in b.broker.replicas.held.values()) == 3
+    # b's worker restarted (its routes come): everything again
+    b.broker.replicas.held.clear()
+    a.broker.replicas.peer_synced(B_PEER)
+    a.run()
+    carry(a, b)
+    assert sum(len(r) for r in b.broker.replicas.held.values()) == 3
+    # b backs up only the first of them now
+    b.broker.place_replicas([], (), lambda v: v == vs[0], b.now)
+    assert list(b.broker.replicas.held) == [vs[0]]
+
+
+def test_a_large_set_goes_in_chunks_that_together_replace_the_one_held(
+        pair: tuple[Harness, Harness]) -> None:
+    a, b = pair
+    b.broker.replicas.held[V] = {"stale": b"x"}
+    long_filter = "f/" + "x" * 2000
+    cids = [cid for cid in (f"{CID}{i}" for i in range(20000)) if vshard_for(cid, COUNT) == V][:4]
+    assert len(cids) == 4
+    for cid in cids:  # about 40 KB of filters each
+        c = a.connect(cid, clean=False)
+        c.send(Subscribe(1, tuple(Subscription(f"{long_filter}/{j}", 1) for j in range(20))))
+    a.link.take()
+    a.broker.replicas.send_full([V])
+    a.run()
+    msgs = carry(a, b)
+    assert len(msgs) >= 4  # one record each: two do not fit in one (the last write may follow)
+    assert msgs[0].vshard == V and all(m.vshard == -1 for m in msgs[1:])
+    assert all(len(m.items) == 1 for m in msgs)
+    assert set(b.broker.replicas.held[V]) == set(cids)  # "stale" went with the whole set
