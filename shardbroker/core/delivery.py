@@ -62,6 +62,8 @@ class Delivery:
         # took the copy (relayed, or already had), so it is not placed here
         self.moving: Callable[[Session, Message, int, bool, tuple[int, ...], tuple[str, str] | None], bool] = (
             lambda sess, msg, qos, retain, sub_ids, group: False)
+        # a persistent session's QoS 2 packet ids in use changed: copied to its shard's backup
+        self.replicate: Callable[[str], None] = lambda client_id: None
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -127,6 +129,8 @@ class Delivery:
                 msg.store_id = b.add_message(_stored(msg))
             b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, qos,
                                                                 AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC))
+            if qos == 2:
+                self.replicate(sess.client_id)
             msg.ref()
             if seq is not None:
                 msg.unref()
@@ -306,6 +310,8 @@ class Delivery:
         self._progress(sess)
         if sess.persistent:
             self._batch().delete_inflight(sess.client_id, pid)
+            if out.qos == 2:
+                self.replicate(sess.client_id)
             if out.message is not None:
                 out.message.unref()
         self.pump(sess)

@@ -14,6 +14,7 @@ PUBREC has been sent).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 from shardbroker.config import LimitsConfig
@@ -60,6 +61,8 @@ class Inbound:
         self.stats = stats
         self._valid_topics: set[str] = set()  # topic names already checked (bounded)
         self.backpressure: Backpressure  # set by the broker
+        # a persistent session's incoming QoS 2 packet ids changed: copied to its shard's backup
+        self.replicate: Callable[[str], None] = lambda client_id: None
 
     def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
         if self._rated:
@@ -152,6 +155,7 @@ class Inbound:
                 sess.add_qos2_in(pid)  # type: ignore[arg-type]
                 if sess.persistent:
                     self.commit.batch().add_qos2_incoming(sess.client_id, pid)  # type: ignore[arg-type]
+                    self.replicate(sess.client_id)
             self._ack(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
                       else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif client.withheld is not None:  # held, and QoS 0 has no acknowledgement to hold back
@@ -212,6 +216,7 @@ class Inbound:
             sess.remove_qos2_in(pkt.packet_id)
             if sess.persistent:
                 self.commit.batch().remove_qos2_incoming(sess.client_id, pkt.packet_id)
+                self.replicate(sess.client_id)
         else:
             code = reasons.PACKET_IDENTIFIER_NOT_FOUND
         self.output.send(client, codec.encode(PubComp(pkt.packet_id, code if client.version == MQTT_5 else 0),

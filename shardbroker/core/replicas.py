@@ -4,7 +4,8 @@ The shard map names for each virtual shard a *backup*: the best slot on another 
 (``cluster.placement.place_with_backups``), which is exactly where the shard goes if its
 owner's node leaves. The owning worker sends that worker a copy of each persistent session
 record of the shard (client ID, protocol version, expiry interval, subscriptions, will; not
-its messages) as it commits it, and the whole set when the backup changes, when the shard
+its messages, but the packet ids of its QoS 2 exchanges in flight) as it commits it, and the
+whole set when the backup changes, when the shard
 becomes this worker's, or when the backup's worker (re)starts (``SessionReplicas``, peer kind
 21: ``vshard`` -1 for changes, a virtual shard for its whole set).
 
@@ -28,11 +29,11 @@ from typing import TYPE_CHECKING
 
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import Leaving
+from shardbroker.core.session import AWAIT_PUBCOMP, Leaving
 from shardbroker.core.sessions import Sessions
 from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
 from shardbroker.storage.batch import vshard_of
-from shardbroker.storage.records import SessionRecord, StoreError
+from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
 from shardbroker.storage.session_state import ClientState, pack_state, put_state, unpack_state
 
 if TYPE_CHECKING:
@@ -43,9 +44,10 @@ log = logging.getLogger("shardbroker.replicas")
 CHUNK_BYTES = 64 * 1024  # the records of one SessionReplicas (one bigger record goes alone)
 
 
-def pack_record(rec: SessionRecord) -> bytes:
-    """A session record as a replica carries it: a stored state without rows."""
-    return pack_state(ClientState(rec, [], [], []))
+# a QoS 2 message in flight to the client, as its copy has it: whatever its state was, the
+# successor sends PUBREL (the client answers PUBCOMP, known packet id or not); the message
+# itself is in the lost node's store
+_PUBREL_DUE = InflightRecord(None, 2, AWAIT_PUBCOMP)
 
 
 class Replicas:
@@ -59,33 +61,44 @@ class Replicas:
         self.stats = stats
         self.wake = wake
         self.backup: tuple[int, ...] = ()  # per virtual shard served here: its backup's peer id, or -1
-        self._pending: dict[str, SessionRecord | None] = {}  # this iteration's writes (None: deleted)
+        self._pending: set[str] = set()  # sessions changed in this iteration
         self.held: dict[int, dict[str, bytes]] = {}  # as a backup: vshard -> client id -> record
         for key in ("replicas_sent", "replicas_held", "sessions_restored"):
             stats.setdefault(key, 0)
 
     # ---- as the owner
 
-    def stored(self, client_id: str, rec: SessionRecord | None) -> None:
-        """The iteration's batch writes ``rec`` (None: deletes the session): sent to the
-        backup once the commit succeeded."""
+    def changed(self, client_id: str) -> None:
+        """The iteration's batch writes or deletes the session of ``client_id``, or changes the
+        QoS 2 packet ids it uses: its copy goes to the backup once the commit succeeded."""
         if self.backup:
-            self._pending[client_id] = rec
+            self._pending.add(client_id)
 
     def committed(self, ok: bool) -> None:
-        """The iteration's commit is done: its session writes go to their backups (not when it
-        failed: the records were not written, and the next write sends them)."""
-        pending, self._pending = self._pending, {}
+        """The iteration's commit is done: its session changes go to their backups (not when it
+        failed: nothing was written, and the next change sends the session again)."""
+        pending, self._pending = self._pending, set()
         if not ok or not pending or not self.backup:
             return
         out: dict[int, list[tuple[str, bytes]]] = {}
         backup = self.backup
-        for cid, rec in pending.items():
+        for cid in pending:
             peer = backup[vshard_of(cid)]
             if peer >= REMOTE_BASE:
-                out.setdefault(peer, []).append((cid, b"" if rec is None else pack_record(rec)))
+                out.setdefault(peer, []).append((cid, self._copy(cid)))
         for peer, items in out.items():
             self._send(peer, -1, items)
+
+    def _copy(self, client_id: str) -> bytes:
+        """What the backup keeps of a session: its record, the packet ids of its QoS 2
+        messages in flight either way (a successor that did not know them would reuse one the
+        client still holds, or take a resent publish for a new one), or empty: no session."""
+        sess = self.sessions.get(client_id)
+        if sess is None or client_id not in self.sessions.stored_client_ids:
+            return b""
+        out: list[tuple[int, InflightRecord, StoredMessage | None]] = [
+            (pid, _PUBREL_DUE, None) for pid, o in sess.inflight.items() if o.qos == 2]
+        return pack_state(ClientState(self.sessions.record(sess), out, [], sorted(sess.qos2_in or ())))
 
     def set_backups(self, backup: tuple[int, ...]) -> None:
         """The backup of each virtual shard served here (-1 elsewhere; empty: none at all).
@@ -110,11 +123,10 @@ class Replicas:
         wanted = set(vshards)
         sets: dict[int, list[tuple[str, bytes]]] = {v: [] for v in vshards}
         stored = self.sessions.stored_client_ids
-        record = self.sessions.record
         for cid, sess in self.sessions.sessions.items():
             v = vshard_of(cid)
             if v in wanted and cid in stored and type(sess.moving) is not Leaving:
-                sets[v].append((cid, pack_record(record(sess))))
+                sets[v].append((cid, self._copy(cid)))
         for v, items in sets.items():
             self._send(self.backup[v], v, items)
 
@@ -165,10 +177,12 @@ class Replicas:
         announce: list[str] = []
         restored = 0
         wall = self.time.wall
+        found: list[int] = []
         for v in vshards:
             records = self.held.pop(v, None)
             if not records:
                 continue
+            found.append(v)
             self.stats["replicas_held"] -= len(records)
             for cid, blob in records.items():
                 if self.sessions.get(cid) is not None or cid in self.sessions.stored_client_ids:
@@ -182,7 +196,7 @@ class Replicas:
                 if rec.disconnected_at is None:  # connected on the lost node: the connection ended now
                     state = ClientState(SessionRecord(rec.client_id, rec.protocol_version,
                                                       rec.expiry_interval, wall, rec.subscriptions,
-                                                      rec.will), [], [], [])
+                                                      rec.will), state.inflight, [], state.qos2_incoming)
                 if batch is None:
                     batch = self.commit.batch()
                 announce += self.sessions.adopt(put_state(batch, state))
@@ -193,6 +207,6 @@ class Replicas:
             self.stats["sessions_restored"] += restored
             log.warning("shard %d: %d sessions of virtual shards %s taken from their copies here"
                         " (their owner's node is gone; the messages it held come back with it)",
-                        self.shard, restored, ",".join(str(v) for v in vshards))
+                        self.shard, restored, ",".join(str(v) for v in found))
             self.wake()
         return restored

@@ -68,8 +68,8 @@ class Sessions:
         self.route: Callable[[Message], bool]  # publish a will
         self.take_over: Callable[[Client, bool], None]  # close an older connection (publish its will?)
         self.offline: Callable[[Session], None]  # the session lost its connection (no backlog any more)
-        # a session record written to the batch, or (None) deleted: copied to the shard's backup
-        self.on_stored: Callable[[str, SessionRecord | None], None] = lambda client_id, rec: None
+        # a session record written to the batch, or deleted: copied to the shard's backup
+        self.replicate: Callable[[str], None] = lambda client_id: None
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -108,7 +108,7 @@ class Sessions:
         if not self.stored_client_ids:
             self.commit.mark_alive()
         self.stored_client_ids.add(rec.client_id)
-        self.on_stored(rec.client_id, rec)
+        self.replicate(rec.client_id)
         return announce
 
     def drop(self, client_id: str) -> tuple[Session, dict[str, Subscribed]] | None:
@@ -302,9 +302,8 @@ class Sessions:
 
     def persist(self, sess: Session) -> None:
         """Write the session record (options, subscriptions, will) to the current batch."""
-        rec = self.record(sess)
-        self.commit.batch().put_session(rec)
-        self.on_stored(sess.client_id, rec)
+        self.commit.batch().put_session(self.record(sess))
+        self.replicate(sess.client_id)
         if not self.stored_client_ids:  # alive marks resume with the first stored session
             self.commit.mark_alive()
         self.stored_client_ids.add(sess.client_id)
@@ -313,7 +312,7 @@ class Sessions:
         """Delete the session's stored rows; its in-memory state no longer points at them."""
         self.commit.batch().delete_session(sess.client_id)
         self.stored_client_ids.discard(sess.client_id)
-        self.on_stored(sess.client_id, None)
+        self.replicate(sess.client_id)
         release_rows(sess)
 
 

@@ -491,14 +491,15 @@ class Worker:
         """The session copies (``core/replicas.py``): a shard served here from now on whose
         previous owner is not to send its sessions (its node lost its lease) takes those of
         its copies held here; each shard served here copies its records to its backup; the
-        copies of shards this worker no longer backs up go."""
+        copies of shards this worker neither backs up nor is given by the map go."""
         me = self.shard_index
         owners, backup_of = grant.owners, grant.backup_of
         restore = [v for v, w in enumerate(owners)
                    if w == me and (not old.owners or old.owners[v] != me)
                    and (not grant.incoming or grant.incoming[v] < 0)]
         backup = tuple(backup_of[v] if w == me else -1 for v, w in enumerate(owners)) if backup_of else ()
-        keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me) if backup_of
+        peer_of = grant.peer_of  # a shard the map gives this worker may be held back a while
+        keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me or peer_of[v] == me) if backup_of
                                        else (lambda v: True))
         self.broker.place_replicas(restore, backup, keep, now())
 

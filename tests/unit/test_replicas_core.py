@@ -7,7 +7,8 @@ subscription, an unsubscription, a session ended), nothing for a clean session, 
 set when the backup is new or restarts; the backup keeps them and forgets those it no longer
 backs up; when it serves the shard with no previous owner to send it, the copies become
 sessions: stored, subscribed, their routes announced, their wills due, and a publish made
-since waits for the client, who finds its session present."""
+since waits for the client, who finds its session present; the packet ids of QoS 2 exchanges
+in flight either way go with the copy."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from shardbroker.peer.messages import PeerMessage, RoutesAdd, SessionReplicas, f
 from shardbroker.protocol.packets import (
     ConnAck,
     Publish,
+    PubRec,
+    PubRel,
     Subscribe,
     Subscription,
     Unsubscribe,
@@ -189,3 +192,38 @@ def test_a_large_set_goes_in_chunks_that_together_replace_the_one_held(
     assert msgs[0].vshard == V and all(m.vshard == -1 for m in msgs[1:])
     assert all(len(m.items) == 1 for m in msgs)
     assert set(b.broker.replicas.held[V]) == set(cids)  # "stale" went with the whole set
+
+
+def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Harness]) -> None:
+    """The successor sends PUBREL for the ids the client may still hold (not reusing them
+    for new messages), and takes a publish the client sends again as the one it had."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 2),)))
+    pub = a.connect("pub")
+    pub.send(Publish("t/x", b"one", 2, packet_id=1))
+    pub.send(PubRel(1))
+    sent = [p for p in c.packets() if isinstance(p, Publish)]
+    assert [p.payload for p in sent] == [b"one"]
+    held = sent[0].packet_id
+    c.send(PubRec(held))  # the client holds it, awaiting PUBREL
+    c.send(Publish("t/mine", b"mine", 2, packet_id=7))  # and sent one, awaiting PUBREL too
+    carry(a, b)
+    on_a = a.broker.sessions.get(CID)
+    assert on_a is not None
+    in_flight = sorted(on_a.inflight)  # "one", and its own "mine" (t/# matches it)
+    assert held in in_flight and len(in_flight) == 2
+    watcher = b.connect("watcher")
+    watcher.send(Subscribe(1, (Subscription("t/mine", 2),)))
+    watcher.packets()
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    again = b.connect(CID, clean=False)
+    packets = again.packets()
+    assert packets[0].session_present
+    assert [p.packet_id for p in packets if isinstance(p, PubRel)] == in_flight
+    again.send(Publish("t/mine", b"mine", 2, packet_id=7, dup=True))  # sent again
+    assert [p for p in watcher.packets() if isinstance(p, Publish)] == []  # not twice
+    assert any(isinstance(p, PubRec) and p.packet_id == 7 for p in again.packets())
+    b.connect("pub2").send(Publish("t/y", b"two", 2, packet_id=1))
+    new = [p for p in again.packets() if isinstance(p, Publish)]
+    assert [p.payload for p in new] == [b"two"] and new[0].packet_id not in in_flight
