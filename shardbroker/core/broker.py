@@ -171,6 +171,7 @@ class Broker:
         self.replicas = Replicas(shard, self.sessions, self.commit, link, self.time, self.stats, self.wake)
         self.peers.replicas = self.replicas
         self.sessions.replicate = self.delivery.replicate = self.inbound.replicate = self.replicas.changed
+        moves.partial = self.replicas.restored.__contains__
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,

@@ -135,6 +135,7 @@ class _Out:
     client_ids: list[str]
     packed: list[bytes]
     seen: tuple[tuple[int, int], ...]  # the publish numbers applied here when it was given
+    partial: list[bytes]  # sessions that do not hold every publish ``seen`` counts (sent without it)
     held: list[Session]  # in memory here, marked ``mark`` (those still marked are dropped at the end)
     mark: Leaving
     started: float  # monotonic: when the shard was given (its clients closed just before)
@@ -176,6 +177,9 @@ class Moves:
         self.relay: Relay = lambda peer, cid, msg, qos, retain, sub_ids, group: None
         self.barrier: Callable[[Callable[[], None]], None] = lambda done: done()
         self.global_id: Callable[[int], int] = lambda peer: peer
+        # a session that lacks publishes the numbers applied here count (taken from a copy when
+        # its node was lost: those went there): sent without them, so none is taken for had
+        self.partial: Callable[[str], bool] = lambda client_id: False
         self.delivery: Delivery | None = None
         # the durable forwards: the last applied from a peer, the last sent to one
         self.inbox_mark: Callable[[int], int] = lambda peer: 0
@@ -211,6 +215,7 @@ class Moves:
         mono, wall = self.time.mono, self.time.wall
         client_ids: list[str] = []
         packed: list[bytes] = []
+        partial: list[bytes] = []
         mark = Leaving(peer)
         held: list[Session] = []
         if out is not None:  # on its way to another peer, which has not acknowledged: here now
@@ -231,27 +236,28 @@ class Moves:
                 state = dataclasses.replace(state, session=dataclasses.replace(state.session,
                                                                                disconnected_at=at))
             client_ids.append(cid)
-            packed.append(pack_state(state))
-        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, self.seen_marks(), held,
-                                           mark, mono, mono)
+            (partial if self.partial(cid) else packed).append(pack_state(state))
+        out = self.outgoing[vshard] = _Out(peer, version, client_ids, packed, self.seen_marks(), partial,
+                                           held, mark, mono, mono)
         self._send(vshard, out)
-        if packed:
+        if client_ids:
             log.info("shard %d: virtual shard %d goes to peer %d: %d sessions sent", self.shard,
-                     vshard, peer, len(packed))
-        return len(packed)
+                     vshard, peer, len(client_ids))
+        return len(client_ids)
 
     def _send(self, vshard: int, out: _Out) -> None:
-        chunk: list[bytes] = []
-        size = 0
-        for blob in out.packed:
-            if chunk and size + len(blob) > CHUNK_BYTES:
-                self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), out.seen), size)
-                chunk, size = [], 0
-            chunk.append(blob)
-            size += len(blob)
-        if chunk:
-            self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), out.seen), size)
-        self.link.send(out.peer, ShardStateEnd(self.shard, vshard, out.version, len(out.packed)))
+        for blobs, seen in ((out.packed, out.seen), (out.partial, ())):
+            chunk: list[bytes] = []
+            size = 0
+            for blob in blobs:
+                if chunk and size + len(blob) > CHUNK_BYTES:
+                    self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), seen), size)
+                    chunk, size = [], 0
+                chunk.append(blob)
+                size += len(blob)
+            if chunk:
+                self.link.send(out.peer, ShardState(self.shard, vshard, out.version, tuple(chunk), seen), size)
+        self.link.send(out.peer, ShardStateEnd(self.shard, vshard, out.version, len(out.client_ids)))
         out.sent_at = self.time.mono
         self.wake()
 
@@ -403,7 +409,7 @@ class Moves:
             if mono - out.sent_at >= RESEND_AFTER and out.peer in self.link.peers:
                 log.warning("shard %d: virtual shard %d: no acknowledgement from peer %d;"
                             " sending its %d sessions again", self.shard, vshard, out.peer,
-                            len(out.packed))
+                            len(out.client_ids))
                 self._send(vshard, out)
         for vshard, out in list(self.ending.items()):
             if mono - out.ending >= BARRIER_WAIT:

@@ -63,6 +63,8 @@ class Replicas:
         self.backup: tuple[int, ...] = ()  # per virtual shard served here: its backup's peer id, or -1
         self._pending: set[str] = set()  # sessions changed in this iteration
         self.held: dict[int, dict[str, bytes]] = {}  # as a backup: vshard -> client id -> record
+        # sessions taken from copies here: they lack the publishes the lost node got before
+        self.restored: set[str] = set()
         for key in ("replicas_sent", "replicas_held", "sessions_restored"):
             stats.setdefault(key, 0)
 
@@ -200,6 +202,7 @@ class Replicas:
                 if batch is None:
                     batch = self.commit.batch()
                 announce += self.sessions.adopt(put_state(batch, state))
+                self.restored.add(cid)
                 restored += 1
         if announce:
             self.sessions.subscriptions.announce(announce)

@@ -19,7 +19,7 @@ import pytest
 from core_harness import Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.peer.messages import PeerMessage, RoutesAdd, SessionReplicas, from_sender
+from shardbroker.peer.messages import PeerMessage, RoutesAdd, SessionReplicas, ShardState, from_sender
 from shardbroker.protocol.packets import (
     ConnAck,
     Publish,
@@ -227,3 +227,20 @@ def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Har
     b.connect("pub2").send(Publish("t/y", b"two", 2, packet_id=1))
     new = [p for p in again.packets() if isinstance(p, Publish)]
     assert [p.payload for p in new] == [b"two"] and new[0].packet_id not in in_flight
+
+
+def test_a_session_taken_from_a_copy_moves_on_without_the_publish_numbers(
+        pair: tuple[Harness, Harness]) -> None:
+    """It lacks the publishes its lost node got: its next owner must not take a late copy of
+    one of those for one it already has."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    b.connect("pub").send(Publish("t/x", b"numbered", 1, packet_id=1))  # b has applied a number
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.link.take()
+    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1
+    b.run()
+    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, ShardState)]
+    assert len(states) == 1 and len(states[0].sessions) == 1 and states[0].seen == ()
