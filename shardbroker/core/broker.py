@@ -31,6 +31,7 @@ the shell passes the time, a ``Scheduler``, the store and the peer link.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -50,7 +51,7 @@ from shardbroker.core.output import Output
 from shardbroker.core.peers import PeerLink, Peers
 from shardbroker.core.replicas import Replicas
 from shardbroker.core.retained import RetainedSync
-from shardbroker.core.session import Message, Session
+from shardbroker.core.session import Leaving, Message, Session
 from shardbroker.core.sessions import Sessions
 from shardbroker.core.store import RetainedStore, ShardStore
 from shardbroker.core.subscriptions import Subscriptions
@@ -126,6 +127,12 @@ class Broker:
         self._flush_scheduled = False
         self._flow_recheck: Timer | None = None
         self._sys_published = now.mono
+        # a cluster node: the monotonic time after which nothing may be served (its grant's
+        # deadline), and what closes the clients then. Checked before any client's bytes are
+        # handled, so a node that was stopped past its lease (SIGSTOP, a stalled host) takes
+        # no publish it read on waking before its timer closes the clients
+        self.serve_until = math.inf
+        self.deadline_passed: Callable[[], None] = lambda: None
         self.flow: Flow[Client] = Flow()
         self.access = AccessRules(config.acl.deny_publish, config.acl.deny_subscribe)
         self.output = Output(self.wake)
@@ -224,6 +231,11 @@ class Broker:
         if client.closing:
             return
         self.time.set(now)
+        if now.mono >= self.serve_until:
+            self.serve_until = math.inf  # until the next grant
+            self.deadline_passed()
+            if client.closing:
+                return
         client.last_rx = now.mono
         try:
             packets = client.reader.feed(data)
@@ -458,6 +470,28 @@ class Broker:
         many sessions."""
         self.flush(now)
         return sum(self.moves.give(vshard, peer, version) for vshard, peer in shards)
+
+    def park_unserved(self, serves: Callable[[str], bool], now: Now) -> int:
+        """A cluster node's grant changed: the sessions of client IDs it does not let this
+        worker serve are parked (``Subscriptions.park``: still matched here, their routes
+        withdrawn), except those moving to another node (their routes carry the relay); the
+        others are unparked (routes announced again). How many are parked."""
+        self.time.set(now)
+        subscriptions = self.subscriptions
+        withdrawn: list[str] = []
+        announce: list[str] = []
+        parked = 0
+        for cid, sess in self.sessions.sessions.items():
+            if type(sess.moving) is Leaving or serves(cid):
+                announce += subscriptions.unpark(sess)
+            else:
+                withdrawn += subscriptions.park(sess)
+                parked += 1
+        if withdrawn:
+            self.peers.withdraw_routes(list(dict.fromkeys(withdrawn)))
+        if announce:
+            subscriptions.announce(announce)
+        return parked
 
     def place_replicas(self, restore: list[int], backup: tuple[int, ...], keep: Callable[[int], bool],
                        now: Now) -> int:

@@ -151,6 +151,12 @@ class Subscriptions:
         self._waiting: dict[int, list[_WaitingSuback]] = {}  # announcement -> SUBACKs waiting for it
         self._barriers: dict[int, Callable[[], None]] = {}  # announcement -> called when acknowledged
         self._members = RoundRobin()
+        # Parked sessions (a cluster node's sessions of virtual shards it does not serve: it lost
+        # its lease, or the shard went elsewhere while it was away): still matched here (the
+        # forwards other nodes' outboxes kept for them must find them), but their routes are
+        # not announced, so no peer sends them new publishes that their shard's owner gets too
+        self._parked: set[str] = set()
+        self.parked_refs: dict[str, int] = {}  # route key -> parked sessions' subscriptions
 
     # ---- the local tries and the route references
 
@@ -175,6 +181,8 @@ class Subscriptions:
             return False
         d = self.durable_refs.get(flt, 0)
         self.durable_refs[flt] = d + 1
+        if sess.client_id in self._parked:
+            return False  # announced when it is unparked
         return first or d == 0
 
     def announce(self, filters: list[str]) -> None:
@@ -191,12 +199,56 @@ class Subscriptions:
         subs[flt] = sub
         shared = parse_shared(flt)
         if shared is None:
-            return new, self.subs.add(flt, sess.client_id, sub)
-        self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
-        if not new:
-            return False, False
-        refs = self.shared_refs[flt] = self.shared_refs.get(flt, 0) + 1
-        return True, refs == 1
+            first = self.subs.add(flt, sess.client_id, sub)
+        else:
+            self.shared_subs.add(shared[1], (shared[0], sess.client_id), sub)
+            if not new:
+                return False, False
+            refs = self.shared_refs[flt] = self.shared_refs.get(flt, 0) + 1
+            first = refs == 1
+        if not self.parked_refs and not self._parked:
+            return new, first
+        if sess.client_id in self._parked:
+            if new:
+                self.parked_refs[flt] = self.parked_refs.get(flt, 0) + 1
+            return new, False
+        return new, new and self._visible(flt) == 1
+
+    def _visible(self, flt: str) -> int:
+        """This shard's subscriptions to route key ``flt`` that its peers know of (not parked)."""
+        return self._local_count(flt) - self.parked_refs.get(flt, 0)
+
+    def park(self, sess: Session) -> list[str]:
+        """Keep ``sess`` matched here but its routes unannounced (``_parked``); the route keys
+        that no other session here holds, to withdraw (``Peers.withdraw_routes``)."""
+        if sess.client_id in self._parked:
+            return []
+        self._parked.add(sess.client_id)
+        withdrawn = []
+        for flt in sess.subscriptions or ():
+            self.parked_refs[flt] = self.parked_refs.get(flt, 0) + 1
+            if self._visible(flt) == 0:
+                withdrawn.append(flt)
+        return withdrawn
+
+    def unpark(self, sess: Session) -> list[str]:
+        """``sess`` is served here again: the route keys its peers must hear of again."""
+        if sess.client_id not in self._parked:
+            return []
+        self._parked.discard(sess.client_id)
+        announce = []
+        for flt in sess.subscriptions or ():
+            left = self.parked_refs.get(flt, 0) - 1
+            if left > 0:
+                self.parked_refs[flt] = left
+            else:
+                self.parked_refs.pop(flt, None)
+            if self._visible(flt) == 1:
+                announce.append(flt)
+        return announce
+
+    def is_parked(self, client_id: str) -> bool:
+        return client_id in self._parked
 
     def _local_count(self, flt: str) -> int:
         """This shard's subscriptions to route key ``flt``."""
@@ -213,6 +265,13 @@ class Subscriptions:
             return False
         if not subs:
             sess.subscriptions = None
+        parked = sess.client_id in self._parked
+        if parked:
+            left = self.parked_refs.get(flt, 0) - 1
+            if left > 0:
+                self.parked_refs[flt] = left
+            else:
+                self.parked_refs.pop(flt, None)
         shared = parse_shared(flt)
         if shared is None:
             self.subs.remove(flt, sess.client_id)
@@ -227,7 +286,17 @@ class Subscriptions:
         d = self.durable_refs.get(flt, 0) - (1 if sess.persistent else 0)
         if n <= 0:
             self.durable_refs.pop(flt, None)
-            withdrawn.append(flt)
+            if not parked:
+                withdrawn.append(flt)
+            return True
+        if parked or (self.parked_refs and self._visible(flt) <= 0):
+            # the peers never heard of it from this session, or it was the last one they did
+            if d > 0:
+                self.durable_refs[flt] = d
+            else:
+                self.durable_refs.pop(flt, None)
+            if not parked:
+                withdrawn.append(flt)
             return True
         if d <= 0 and flt in self.durable_refs:  # no persistent subscriber left: plain hand-over
             del self.durable_refs[flt]
@@ -240,6 +309,7 @@ class Subscriptions:
         withdrawn: list[str] = []
         for flt in list(sess.subscriptions or ()):
             self.remove(sess, flt, withdrawn)
+        self._parked.discard(sess.client_id)
         self.peers.withdraw_routes(withdrawn)
 
     def route_count(self) -> int:
@@ -249,6 +319,8 @@ class Subscriptions:
     def route_keys(self) -> dict[str, bool]:
         """Every filter this shard subscribes to, and whether a persistent session does."""
         keys = [*self.subs.filters(), *self.shared_refs]
+        if self.parked_refs:
+            keys = [key for key in keys if self._visible(key) > 0]
         return {key: key in self.durable_refs for key in keys}
 
     def _ref_route(self, flt: str, first: bool, durable: bool, announce: list[str]) -> int | None:

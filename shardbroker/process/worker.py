@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -224,6 +225,7 @@ class Worker:
             broker.moves.on_done = self._moved_in
             broker.moves.asked = self._asked
             broker.moves.moving_in = self._count_moving_in
+            broker.deadline_passed = self._deadline_passed
             self._listen_remote(bus)
         broker.restore(now())
         poller = self._poller = Poller(loop)
@@ -521,14 +523,25 @@ class Worker:
             self._give_away(grant)
         if grant.owners != old.owners or grant.backup_of != old.backup_of:
             self._place_replicas(grant, old)
+        if grant.owners != old.owners or grant.peer_of != old.peer_of:
+            me, owners, count = self.shard_index, grant.owners, grant.count
+            self.broker.park_unserved(lambda cid: bool(owners) and owners[vshard_for(cid, count)] == me, now())
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None
         if grant.owners and self._loop is not None:
             self._fence_timer = self._loop.call_later(max(0.0, grant.until - time.monotonic()),
                                                       self._fence_expired, grant)
+        self.broker.serve_until = grant.until if grant.owners else math.inf
         return {"shard": self.shard_index, "seq": grant.seq,
                 "serving": len(grant.served_by(self.shard_index))}
+
+    def _deadline_passed(self) -> None:
+        """A client's bytes came after the grant's deadline, before its timer ran (the process
+        was stopped past it): the clients go first."""
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+        self._fence_expired(self.grant)
 
     def _fence_expired(self, grant: Grant) -> None:
         """The deadline of the grant held passed with no newer one: serve nothing more."""

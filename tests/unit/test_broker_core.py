@@ -783,3 +783,26 @@ def test_a_will_to_a_denied_topic_is_refused_at_connect(tmp_path: Path, make: Ma
     assert ack.reason_code == reasons.NOT_AUTHORIZED and c.transport.closed
     ok = h.connect("b", MQTT_5, will=Will("rw/x", b"yes"))
     assert ok.packets()[0].reason_code == reasons.SUCCESS
+
+
+def test_bytes_read_after_the_serving_deadline_close_the_clients_first(h: Harness) -> None:
+    """A cluster node stopped past its lease (SIGSTOP) reads what its clients sent meanwhile
+    on waking, before its deadline timer runs: not one publish of it is acknowledged."""
+    pub = h.connect("late-pub")
+    pub.packets()
+    closed: list[str] = []
+
+    def close_all() -> None:
+        closed.append("deadline")
+        h.broker.close_unserved(lambda cid: False, "the lease was not renewed in time", h.now)
+
+    h.broker.deadline_passed = close_all
+    h.broker.serve_until = h.now.mono + 1.0
+    pub.send(Publish("t", b"in-time", 1, packet_id=1))
+    assert [type(p).__name__ for p in pub.packets()] == ["PubAck"]
+    h.advance(2.0, tick=False)
+    pub.send(Publish("t", b"too-late", 1, packet_id=2))
+    assert closed == ["deadline"]
+    assert not any(isinstance(p, PubAck) for p in pub.packets())
+    assert pub.transport.closed
+    assert h.broker.serve_until == math.inf  # said once; the next grant sets it again

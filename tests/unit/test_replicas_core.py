@@ -19,7 +19,17 @@ import pytest
 from core_harness import Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.peer.messages import PeerMessage, RoutesAdd, SessionReplicas, ShardState, from_sender
+from shardbroker.peer.messages import (
+    DurableForward,
+    Forward,
+    PeerMessage,
+    RouteRemove,
+    RoutesAdd,
+    RoutesRemove,
+    SessionReplicas,
+    ShardState,
+    from_sender,
+)
 from shardbroker.protocol.packets import (
     ConnAck,
     Publish,
@@ -244,3 +254,35 @@ def test_a_session_taken_from_a_copy_moves_on_without_the_publish_numbers(
     b.run()
     states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, ShardState)]
     assert len(states) == 1 and len(states[0].sessions) == 1 and states[0].seen == ()
+
+
+def test_a_parked_session_still_gets_forwards_but_its_routes_are_not_announced(
+        pair: tuple[Harness, Harness]) -> None:
+    """A node back from a lost lease holds sessions of shards served elsewhere now: no peer
+    is to send them new publishes (their owner gets those), but what other nodes' outboxes
+    kept for them still reaches them."""
+    a, _b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    c.drop()
+    a.link.take()
+    assert a.broker.park_unserved(lambda cid: False, a.now) == 1
+    a.run()
+    removed = [m for _, m in a.link.take() if isinstance(m, (RouteRemove, RoutesRemove))]
+    assert removed and "t/#" not in a.broker.subscriptions.route_keys()
+    assert a.broker.park_unserved(lambda cid: False, a.now) == 1  # again: nothing more to say
+    a.run()
+    assert a.link.take() == []
+    a.peer_messages([DurableForward(768, 1, Forward("t/x", b"kept-for-it", 1, False), 5)])
+    other = a.connect("other", clean=False)  # a session served here subscribes to the same filter
+    other.send(Subscribe(1, (Subscription("t/#", 1),)))
+    a.run()
+    assert any(isinstance(m, RoutesAdd) and ("t/#", True) in m.keys for _, m in a.link.take())
+    other.send(Unsubscribe(2, ("t/#",)))  # the last visible one goes: withdrawn again
+    a.run()
+    assert any(isinstance(m, RouteRemove) and m.key == "t/#" for _, m in a.link.take())
+    assert a.broker.park_unserved(lambda cid: True, a.now) == 0  # served again: announced
+    a.run()
+    assert any(isinstance(m, RoutesAdd) and ("t/#", True) in m.keys for _, m in a.link.take())
+    again = a.connect(CID, clean=False)
+    assert [p.payload for p in again.packets() if isinstance(p, Publish)] == [b"kept-for-it"]
