@@ -174,7 +174,9 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
     on workers this node has, until the lease deadline. Nothing when it may serve nothing.
     ``cleared``: the oldest map version every other live node has applied; a shard the map
     gave this node at a later epoch is held back until then (its previous owner may still
-    serve it: the handover of a shard between live nodes). ``nodes``: the registered nodes
+    serve it: the handover of a shard between live nodes), unless ``incoming`` names its
+    previous owner and that node is registered no more (its lease ended: it serves nothing,
+    and the shard's clients, and the publishes for its sessions, wait for nobody else). ``nodes``: the registered nodes
     (this one is left out), under ``leases``; a shard the map gives one with a client address
     is relayed there (``peers``, ``remote``), and those with a number are the grant's
     ``nodes`` and ``peer_of``. ``number``: this node's. ``incoming``: per virtual shard moving
@@ -206,9 +208,14 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
                      backup_of=backup_of)
     owners = [-1] * shard_map.count
     epochs = [0] * shard_map.count
+    # shards taken from a node that is gone, at the epoch they were taken at
+    orphaned = {v for v, (epoch, node, _w) in (incoming or {}).items()
+                if node not in registered and 0 <= v < shard_map.count
+                and shard_map.vshards[v].epoch == epoch}
     for v in fence.served(now):
         slot = shard_map.vshards[v].slot
-        if slot is not None and 0 <= slot.worker < workers and shard_map.vshards[v].epoch <= cleared:
+        if slot is not None and 0 <= slot.worker < workers and (
+                shard_map.vshards[v].epoch <= cleared or v in orphaned):
             owners[v] = slot.worker
             epochs[v] = shard_map.vshards[v].epoch
     others = sorted(node for node, info in registered.items() if info.clients)

@@ -117,6 +117,28 @@ def test_shards_taken_from_a_live_node_wait_until_it_has_applied_the_map() -> No
         v for v, s in enumerate(second.vshards) if s.slot == Slot("n1", 0)]
 
 
+def test_shards_taken_from_a_node_that_is_gone_are_not_held_back() -> None:
+    """n2's lease ended: the shards it had go to n1 at version 2, and nobody can still serve
+    them, so n1 does not wait for the other live nodes (n3) to apply the map."""
+    first = next_map(None, place(COUNT, slots_of({"n1": 1, "n2": 1, "n3": 1})),
+                     {"n1": 11, "n2": 22, "n3": 33})
+    second = next_map(first, place(COUNT, slots_of({"n1": 1, "n3": 1})), {"n1": 11, "n3": 33})
+    assert first is not None and second is not None
+    fence = Fence("n1", 11)
+    fence.apply(second)
+    fence.renewed(100.0)
+    incoming = moved_in("n1", first, second, {})
+    taken = sorted(incoming)
+    assert taken and all(node == "n2" for _e, node, _w in incoming.values())
+    n3 = NodeInfo("n3", "127.0.0.4:7000", 1, number=3, key="k")
+    n2 = NodeInfo("n2", "127.0.0.3:7000", 1, number=2, key="k")
+    gone = from_fence(fence, 1, 1, now=0.0, cleared=1, nodes={"n3": n3}, incoming=incoming)
+    assert all(gone.owners[v] == 0 for v in taken)
+    # while n2 is still registered (a live handover), they wait as before
+    live = from_fence(fence, 2, 1, now=0.0, cleared=1, nodes={"n2": n2, "n3": n3}, incoming=incoming)
+    assert all(live.owners[v] == -1 for v in taken)
+
+
 def test_served_changes_name_the_shards_started_and_stopped_with_their_epochs() -> None:
     def grant(owners: dict[int, tuple[int, int]]) -> Grant:  # vshard -> (worker, epoch)
         return Grant(1, 1, 11, 100.0, tuple(owners.get(v, (-1, 0))[0] for v in range(4)),
