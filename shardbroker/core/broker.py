@@ -472,10 +472,11 @@ class Broker:
         return sum(self.moves.give(vshard, peer, version) for vshard, peer in shards)
 
     def park_unserved(self, serves: Callable[[str], bool], now: Now) -> int:
-        """A cluster node's grant changed: the sessions of client IDs it does not let this
-        worker serve are parked (``Subscriptions.park``: still matched here, their routes
-        withdrawn), except those moving to another node (their routes carry the relay); the
-        others are unparked (routes announced again). How many are parked."""
+        """A cluster node's grant changed: the sessions of client IDs ``serves`` says no to
+        (their virtual shard is another worker's in the map) are parked
+        (``Subscriptions.park``: still matched here, their routes withdrawn), except those
+        moving to another node (their routes carry the relay); the others are unparked (routes
+        announced again). How many are parked."""
         self.time.set(now)
         subscriptions = self.subscriptions
         withdrawn: list[str] = []

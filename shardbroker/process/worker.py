@@ -524,8 +524,11 @@ class Worker:
         if grant.owners != old.owners or grant.backup_of != old.backup_of:
             self._place_replicas(grant, old)
         if grant.owners != old.owners or grant.peer_of != old.peer_of:
-            me, owners, count = self.shard_index, grant.owners, grant.count
-            self.broker.park_unserved(lambda cid: bool(owners) and owners[vshard_for(cid, count)] == me, now())
+            # parked: the sessions of shards the map gives another worker (not those it gives
+            # this one and the grant holds back a moment: they are about to be served)
+            me, peer_of = self.shard_index, grant.peer_of
+            self.broker.park_unserved(lambda cid: not peer_of or peer_of[vshard_for(cid, len(peer_of))] == me,
+                                      now())
         if self._fence_timer is not None:
             self._fence_timer.cancel()
             self._fence_timer = None

@@ -4,7 +4,8 @@
 * three nodes up: every virtual shard assigned, a client reaching any node reaches its owner
   (relayed), QoS 1 round trips;
 * a node killed (SIGKILL): its virtual shards go to the survivors within lease_ttl + 2 s, the
-  survivors' clients are not disturbed; restarted, it gets its shards back with its sessions;
+  survivors' clients are not disturbed, and its persistent session is served by its backup
+  from its copy; restarted, it gets its shards back with its sessions;
 * a node cut off (its link down): it stops serving before its lease can end, the others take
   its shards only after it ended, and the serving intervals the nodes log per virtual shard
   and epoch never overlap between nodes (through the heal, when it takes its shards back);
@@ -299,10 +300,10 @@ def test_a_killed_nodes_shards_go_to_the_survivors_and_come_back_after_its_resta
         bounded(lambda moved=moved, n=n: net.connack(n, moved) == 0, 5,
                 f"{n} serves a shard it took")
 
-    # the victim's persistent session stays in its store: reached now, its shard's new
-    # owner has none for it (sessions are not replicated)
+    # the victim's persistent session stays in its store, with its queued messages; its
+    # shard's new owner, its backup, serves the session from its copy (core/replicas.py)
     c = net.client(survivors[0], kept, version=4, clean=False)
-    assert not c.connack.session_present  # type: ignore[attr-defined]
+    assert c.connack.session_present  # type: ignore[attr-defined]
     c.disconnect()
     net.client(survivors[0], kept, version=4, clean=True).disconnect()  # that session ends
 
