@@ -233,8 +233,9 @@ def from_fence(fence: Fence, seq: int, workers: int, now: float,
 def moved_in(me: str, before: ShardMap | None, after: ShardMap,
              held: Mapping[int, tuple[int, str, int]]) -> dict[int, tuple[int, str, int]]:
     """The virtual shards moving in to node ``me``, as ``{v: (epoch, node, worker)}``: the
-    shard's epoch in ``after`` and the (node, worker) that held it in ``before``, for each
-    shard ``after`` gives ``me`` and ``before`` gave another node. ``held`` is the previous
+    shard's epoch in ``after`` and the (node, worker) that held it before that epoch (the
+    map's ``prev``, or else the owner in ``before``), for each shard ``after`` gives ``me``
+    at an epoch ``before`` did not hold and another node held before. ``held`` is the previous
     answer: an entry stays while ``after`` gives the shard to ``me`` at the same epoch (the
     previous owner is named until the move is done, whichever maps come between); a shard
     given to ``me`` at a new epoch is judged again, and one given elsewhere is dropped."""
@@ -247,7 +248,12 @@ def moved_in(me: str, before: ShardMap | None, after: ShardMap,
         if kept is not None and kept[0] == vshard.epoch:
             out[v] = kept
             continue
-        old = before.vshards[v].slot if before is not None and v < before.count else None
+        was = before.vshards[v] if before is not None and v < before.count else None
+        if was is not None and was.epoch == vshard.epoch:
+            continue  # held at this epoch before: it is here already
+        # the map names the owner before this epoch (a node whose first map gives it the
+        # shard knows it too); a map without it: the owner in ``before``
+        old = vshard.prev if vshard.prev is not None or was is None else was.slot
         if old is not None and old.node != me:
             out[v] = (vshard.epoch, old.node, old.worker)
     return out

@@ -11,7 +11,9 @@ Invariants, kept by ``next_map``:
   only ever increase, and (vshard, epoch) names one owner, in one incarnation, for ever;
 * ``len(vshards)`` is the cluster's virtual shard count, fixed once the first map exists;
 * a virtual shard's ``backup`` (``placement.place_with_backups``: the slot it goes to if its
-  owner's node leaves) is on another node than its owner, and changes no epoch.
+  owner's node leaves) is on another node than its owner, and changes no epoch;
+* ``prev`` names the slot that served a virtual shard before its epoch began, when that was
+  another node.
 
 The etcd keys of the cluster are named here too.
 """
@@ -53,6 +55,9 @@ class VShard:
     slot: Slot | None
     epoch: int
     backup: Slot | None = None
+    # the slot that served it before ``epoch`` (None: nobody, or the same node): where a node
+    # whose first map gives it the shard asks for its sessions (``grant.moved_in``)
+    prev: Slot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +87,10 @@ class ShardMap:
         for v in self.vshards:
             entry: list[object] = ([None, None, v.epoch] if v.slot is None
                                    else [v.slot.node, v.slot.worker, v.epoch])
-            if v.backup is not None:
-                entry += [v.backup.node, v.backup.worker]
+            if v.backup is not None or v.prev is not None:
+                entry += [None, None] if v.backup is None else [v.backup.node, v.backup.worker]
+            if v.prev is not None:
+                entry += [v.prev.node, v.prev.worker]
             owners.append(entry)
         return json.dumps({"version": self.version, "leases": dict(self.leases), "owners": owners},
                           separators=(",", ":")).encode()
@@ -94,12 +101,14 @@ class ShardMap:
             doc = json.loads(data)
             vshards = []
             for entry in doc["owners"]:
-                node, worker, epoch, *more = entry  # a backup's node and worker, or nothing
+                # then the backup's node and worker, then the previous owner's (each optional)
+                node, worker, epoch, *more = entry
                 slot = None if node is None else Slot(str(node), int(worker))
-                if len(more) not in (0, 2):
+                if len(more) not in (0, 2, 4):
                     raise ValueError(f"an owner entry of {len(entry)} fields")
-                backup = Slot(str(more[0]), int(more[1])) if more else None
-                vshards.append(VShard(slot, int(epoch), backup))
+                backup = Slot(str(more[0]), int(more[1])) if more and more[0] is not None else None
+                prev = Slot(str(more[2]), int(more[3])) if len(more) == 4 else None
+                vshards.append(VShard(slot, int(epoch), backup, prev))
             leases = tuple(sorted((str(n), int(lease)) for n, lease in doc["leases"].items()))
             return ShardMap(int(doc["version"]), tuple(vshards), leases)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -124,9 +133,13 @@ def next_map(current: ShardMap | None, placement: Sequence[Slot | None],
         same_owner = old is not None and old.slot == slot and (
             slot is None or old_leases.get(slot.node) == leases[slot.node])
         backup = backups[v] if backups is not None else None
-        epoch = old.epoch if same_owner and old is not None else version
-        vshards.append(old if same_owner and old is not None and old.backup == backup
-                       else VShard(slot, epoch, backup))
+        if same_owner and old is not None:
+            vshards.append(old if old.backup == backup else VShard(slot, old.epoch, backup, old.prev))
+            continue
+        # a new owner: the one before is named, unless it is the same node (a restart)
+        prev = old.slot if old is not None and old.slot is not None and (
+            slot is None or old.slot.node != slot.node) else None
+        vshards.append(VShard(slot, version, backup, prev))
     if current is not None and tuple(vshards) == current.vshards and new_leases == current.leases:
         return None
     return ShardMap(version, tuple(vshards), new_leases)

@@ -261,7 +261,17 @@ def test_a_joining_node_names_each_shard_it_takes_with_its_previous_owner() -> N
         old = first.vshards[v].slot
         assert old is not None and incoming[v] == (second.vshards[v].epoch, "n1", old.worker)
     assert moved_in("n1", first, second, {}) == {}  # n1 only loses shards
-    assert moved_in("n2", None, second, {}) == {}  # no map before: nothing known to wait for
+    # a node whose first map this is knows them too: the map names each shard's previous owner
+    assert moved_in("n2", None, second, {}) == incoming
+    assert all(second.vshards[v].prev == first.vshards[v].slot for v in taken)
+    # a map written before it named them: nothing known to wait for
+    plain = replace(second, vshards=tuple(replace(vs, prev=None) for vs in second.vshards))
+    assert moved_in("n2", None, plain, {}) == {}
+    # n1 restarts (another lease): its shards get new epochs, and nobody before it to wait for
+    third = next_map(second, place(COUNT, slots_of({"n1": 2, "n2": 1})), {"n1": 12, "n2": 22})
+    assert third is not None and moved_in("n1", second, third, {}) == {}
+    assert moved_in("n1", None, third, {}) == {}
+    assert ShardMap.decode(third.encode()) == third
     fence = Fence("n2", 22)
     fence.apply(second)
     fence.renewed(100.0)
