@@ -179,6 +179,8 @@ class Broker:
         self.peers.replicas = self.replicas
         self.sessions.replicate = self.delivery.replicate = self.inbound.replicate = self.replicas.changed
         moves.partial = self.replicas.restored.__contains__
+        moves.holding = self.replicas.hold
+        self.replicas.delivery = self.delivery
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
@@ -608,6 +610,7 @@ class Broker:
                 self.close(client, reasons.KEEP_ALIVE_TIMEOUT, f"keepalive {client.keepalive}s expired")
         self.sessions.sweep()
         self.peers.sweep()
+        self.replicas.sweep()
         if self.commit.pending() or self.link.has_pending():
             self.wake()
 

@@ -68,6 +68,8 @@ class Delivery:
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
         for pid, out in sess.inflight.items():
+            if out.message is None and out.state != AWAIT_PUBCOMP:
+                continue  # held for a message sent by a node that was lost (``refill``)
             if out.state == AWAIT_PUBCOMP or out.message is None:
                 self.output.send(client, codec.encode_ack(PacketType.PUBREL, pid))
             else:
@@ -75,6 +77,42 @@ class Delivery:
                 if data is not None:
                     self.output.send(client, data)
         self.pump(sess)
+
+    def refill(self, sess: Session, pid: int, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> bool:
+        """``pid`` of ``sess`` is held for a QoS 2 message a lost node sent the client and saw
+        no PUBREC for (a session taken from a copy, ``core/replicas.py``): that message is here
+        again. It goes under that packet id with DUP, so a client that had it takes it as the
+        same one (MQTT 4.3.3). False when the id is not held so (place it as a new message)."""
+        out = sess.inflight.get(pid)
+        if out is None or out.message is not None or out.state == AWAIT_PUBCOMP or out.qos != 2:
+            return False
+        out.message, out.retain, out.sub_ids = msg, retain, sub_ids
+        if sess.persistent:
+            b = self._batch()
+            if msg.store_id is None:
+                msg.store_id = b.add_message(_stored(msg))
+            b.put_inflight(sess.client_id, pid, InflightRecord(msg.store_id, 2, AWAIT_PUBREC))
+            msg.ref()
+        client = sess.client
+        if client is not None and not client.closing:
+            data = self._publish_bytes(client, msg, 2, retain, pid, True, sub_ids)
+            if data is not None:
+                self.output.send(client, data)
+        return True
+
+    def release(self, sess: Session, pid: int) -> None:
+        """Stop holding ``pid`` for a lost node's message that did not come back: PUBREL (the
+        client answers PUBCOMP, whether it had the message or not)."""
+        out = sess.inflight.get(pid)
+        if out is None or out.message is not None or out.state == AWAIT_PUBCOMP:
+            return
+        out.state = AWAIT_PUBCOMP
+        if sess.persistent:
+            self._batch().put_inflight(sess.client_id, pid, InflightRecord(None, 2, AWAIT_PUBCOMP))
+            self.replicate(sess.client_id)
+        client = sess.client
+        if client is not None and not client.closing:
+            self.output.send(client, codec.encode_ack(PacketType.PUBREL, pid))
 
     def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                 group: tuple[str, str] | None = None) -> None:
@@ -342,6 +380,7 @@ class Delivery:
             out.state = AWAIT_PUBCOMP
             if sess.persistent:
                 self._batch().put_inflight(sess.client_id, pkt.packet_id, InflightRecord(None, 2, AWAIT_PUBCOMP))
+                self.replicate(sess.client_id)  # its copy says the client has it now
                 if out.message is not None:
                     out.message.unref()
             out.message = None

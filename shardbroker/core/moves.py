@@ -90,7 +90,9 @@ BARRIER_WAIT = 4.0  # seconds a barrier may take before its worker goes on witho
 MARKS_KEEP = 120.0  # seconds a moved-in session keeps its marks at most (a relay end frees them)
 MOVES_IN = "moves_in"  # meta: {vshard: map version it last arrived under}
 
-_Copy = tuple[Message, int, bool, tuple[int, ...]]  # a message for a session: qos, retain, ids
+# a message for a session: qos, retain, subscription ids, and the packet id it was in flight
+# under (0: queued)
+_Copy = tuple[Message, int, bool, tuple[int, ...], int]
 
 
 def _held_copies(sess: Session) -> list[_Copy]:
@@ -98,12 +100,12 @@ def _held_copies(sess: Session) -> list[_Copy]:
     awaiting PUBCOMP: delivered), then queued. Taken from it: a shared subscription's copies
     are not passed to another member of the group when it ends."""
     copies: list[_Copy] = []
-    for out in sess.inflight.values():
+    for pid, out in sess.inflight.items():
         if out.message is not None and out.state != AWAIT_PUBCOMP:
-            copies.append((out.message, out.qos, out.retain, out.sub_ids))
+            copies.append((out.message, out.qos, out.retain, out.sub_ids, pid))
             out.group = None
     for q in sess.queue or ():
-        copies.append((q.message, q.qos, q.retain, q.sub_ids))
+        copies.append((q.message, q.qos, q.retain, q.sub_ids, 0))
         q.group = None
     return copies
 
@@ -111,11 +113,11 @@ def _held_copies(sess: Session) -> list[_Copy]:
 def _stored_copies(state: ClientState) -> list[_Copy]:
     """The messages a session moving in had not delivered, as ``_held_copies``."""
     copies: list[_Copy] = []
-    for _pid, row, smsg in state.inflight:
+    for pid, row, smsg in state.inflight:
         if smsg is not None and row.state != AWAIT_PUBCOMP:
-            copies.append((_message(smsg), row.qos, smsg.retain, ()))
+            copies.append((_message(smsg), row.qos, smsg.retain, (), pid))
     for _seq, _msg_id, qos, smsg in state.queue:
-        copies.append((_message(smsg), qos, smsg.retain, ()))
+        copies.append((_message(smsg), qos, smsg.retain, (), 0))
     return copies
 
 
@@ -180,6 +182,8 @@ class Moves:
         # a session that lacks publishes the numbers applied here count (taken from a copy when
         # its node was lost: those went there): sent without them, so none is taken for had
         self.partial: Callable[[str], bool] = lambda client_id: False
+        # a session moved in may hold packet ids for a lost node's messages (``Replicas.hold``)
+        self.holding: Callable[[str], None] = lambda client_id: None
         self.delivery: Delivery | None = None
         # the durable forwards: the last applied from a peer, the last sent to one
         self.inbox_mark: Callable[[int], int] = lambda peer: 0
@@ -193,7 +197,7 @@ class Moves:
         self._merged_now: list[tuple[int, int, int, str]] = []  # of this iteration (its commit)
         for key in ("shards_moved_out", "shards_moved_in", "sessions_moved_out", "sessions_moved_in",
                     "moves_relayed", "moves_not_relayed", "moves_duplicates", "moves_unmatched",
-                    "moves_merged"):
+                    "moves_merged", "moves_refilled"):
             stats.setdefault(key, 0)
 
     def restore(self) -> None:
@@ -503,6 +507,7 @@ class Moves:
             self._merged.add((m.shard, m.vshard, m.version, rec.client_id))  # taken: not again
             adopted = self.sessions.get(rec.client_id)
             if adopted is not None:
+                self.holding(rec.client_id)
                 adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
                 self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
                 if carried or carried_subs:
@@ -537,11 +542,16 @@ class Moves:
         """Two nodes each held a session for one client ID (a node that lost its lease, or was
         killed, kept its own while the client got another one elsewhere): the one that stays
         gets the other's messages too, after its own (in flight there: queued here, sent again
-        as new messages). How many."""
+        as new messages, unless this one holds their packet id for them). How many."""
         delivery = self.delivery
         if delivery is None:
             return 0
-        for msg, qos, retain, sub_ids in copies:
+        for msg, qos, retain, sub_ids, pid in copies:
+            # one the other had sent under an id this session holds for it (taken from a copy
+            # while the other's node was lost) goes again under that id, as the same message
+            if pid and qos == 2 and delivery.refill(sess, pid, msg, retain, sub_ids):
+                self.stats["moves_refilled"] += 1
+                continue
             delivery.place(sess, msg, qos, retain, sub_ids, None)
         self.stats["moves_merged"] += 1
         return len(copies)

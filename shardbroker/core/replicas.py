@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import AWAIT_PUBCOMP, Leaving
+from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving
 from shardbroker.core.sessions import Sessions
 from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
 from shardbroker.storage.batch import vshard_of
@@ -38,16 +38,21 @@ from shardbroker.storage.session_state import ClientState, pack_state, put_state
 
 if TYPE_CHECKING:
     from shardbroker.core.clock import EventTime
+    from shardbroker.core.delivery import Delivery
 
 log = logging.getLogger("shardbroker.replicas")
 
 CHUNK_BYTES = 64 * 1024  # the records of one SessionReplicas (one bigger record goes alone)
 
 
-# a QoS 2 message in flight to the client, as its copy has it: whatever its state was, the
-# successor sends PUBREL (the client answers PUBCOMP, known packet id or not); the message
-# itself is in the lost node's store
+# A QoS 2 message in flight to the client, as its copy has it (no message: it is in the lost
+# node's store). PUBREC seen: the successor sends PUBREL (the client answers PUBCOMP). Not
+# seen: the client may or may not have it, so the successor holds the packet id for it
+# (``Delivery.refill``) until the message comes back with the lost node's session, or for
+# ``HOLD_FOR_LOST`` seconds, then sends PUBREL (``Delivery.release``)
 _PUBREL_DUE = InflightRecord(None, 2, AWAIT_PUBCOMP)
+_HELD = InflightRecord(None, 2, AWAIT_PUBREC)
+HOLD_FOR_LOST = 120.0
 
 
 class Replicas:
@@ -65,6 +70,9 @@ class Replicas:
         self.held: dict[int, dict[str, bytes]] = {}  # as a backup: vshard -> client id -> record
         # sessions taken from copies here: they lack the publishes the lost node got before
         self.restored: set[str] = set()
+        # sessions holding packet ids for a lost node's QoS 2 messages -> since when (monotonic)
+        self.holding: dict[str, float] = {}
+        self.delivery: Delivery | None = None  # set by the broker
         for key in ("replicas_sent", "replicas_held", "sessions_restored"):
             stats.setdefault(key, 0)
 
@@ -99,7 +107,8 @@ class Replicas:
         if sess is None or client_id not in self.sessions.stored_client_ids:
             return b""
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = [
-            (pid, _PUBREL_DUE, None) for pid, o in sess.inflight.items() if o.qos == 2]
+            (pid, _PUBREL_DUE if o.state == AWAIT_PUBCOMP else _HELD, None)
+            for pid, o in sess.inflight.items() if o.qos == 2]
         return pack_state(ClientState(self.sessions.record(sess), out, [], sorted(sess.qos2_in or ())))
 
     def set_backups(self, backup: tuple[int, ...]) -> None:
@@ -166,6 +175,31 @@ class Replicas:
             elif records.pop(cid, None) is not None:
                 self.stats["replicas_held"] -= 1
 
+    def hold(self, client_id: str) -> None:
+        """``client_id``'s session (taken from a copy, or moved in with such ids) may hold
+        packet ids for a lost node's messages: they are released after ``HOLD_FOR_LOST``."""
+        sess = self.sessions.get(client_id)
+        if sess is not None and any(o.message is None and o.state != AWAIT_PUBCOMP
+                                    for o in sess.inflight.values()):
+            self.holding.setdefault(client_id, self.time.mono)
+
+    def sweep(self) -> None:
+        """Release the packet ids held longer than ``HOLD_FOR_LOST`` for messages that did not
+        come back (their node is lost for ever, or its session went elsewhere)."""
+        if not self.holding or self.delivery is None:
+            return
+        mono = self.time.mono
+        for cid, since in list(self.holding.items()):
+            if mono - since < HOLD_FOR_LOST:
+                continue
+            del self.holding[cid]
+            sess = self.sessions.get(cid)
+            if sess is None:
+                continue
+            for pid, out in list(sess.inflight.items()):
+                if out.message is None and out.state != AWAIT_PUBCOMP:
+                    self.delivery.release(sess, pid)
+
     def keep_only(self, keep: Callable[[int], bool]) -> None:
         """Forget the copies of the shards ``keep`` says this worker no longer backs up."""
         for v in [v for v in self.held if not keep(v)]:
@@ -203,6 +237,7 @@ class Replicas:
                     batch = self.commit.batch()
                 announce += self.sessions.adopt(put_state(batch, state))
                 self.restored.add(cid)
+                self.hold(cid)
                 restored += 1
         if announce:
             self.sessions.subscriptions.announce(announce)

@@ -19,6 +19,8 @@ import pytest
 from core_harness import Harness
 
 from shardbroker.cluster.placement import vshard_for
+from shardbroker.core.replicas import HOLD_FOR_LOST
+from shardbroker.core.session import AWAIT_PUBCOMP
 from shardbroker.peer.messages import (
     DurableForward,
     Forward,
@@ -28,11 +30,13 @@ from shardbroker.peer.messages import (
     RoutesRemove,
     SessionReplicas,
     ShardState,
+    ShardStateEnd,
     from_sender,
 )
 from shardbroker.protocol.packets import (
     ConnAck,
     Publish,
+    PubComp,
     PubRec,
     PubRel,
     Subscribe,
@@ -205,8 +209,10 @@ def test_a_large_set_goes_in_chunks_that_together_replace_the_one_held(
 
 
 def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Harness]) -> None:
-    """The successor sends PUBREL for the ids the client may still hold (not reusing them
-    for new messages), and takes a publish the client sends again as the one it had."""
+    """The successor sends PUBREL for the ids of messages the client acknowledged (PUBREC),
+    holds the ids of those it may or may not have (not reusing them for new messages), and
+    takes a publish the client sends again as the one it had. Held ids are released (PUBREL)
+    once their messages have not come back for ``HOLD_FOR_LOST``."""
     a, b = pair
     c = a.connect(CID, clean=False)
     c.send(Subscribe(1, (Subscription("t/#", 2),)))
@@ -215,28 +221,70 @@ def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Har
     pub.send(PubRel(1))
     sent = [p for p in c.packets() if isinstance(p, Publish)]
     assert [p.payload for p in sent] == [b"one"]
-    held = sent[0].packet_id
-    c.send(PubRec(held))  # the client holds it, awaiting PUBREL
+    acked = sent[0].packet_id
+    c.send(PubRec(acked))  # the client has it, awaiting PUBREL
     c.send(Publish("t/mine", b"mine", 2, packet_id=7))  # and sent one, awaiting PUBREL too
     carry(a, b)
     on_a = a.broker.sessions.get(CID)
     assert on_a is not None
-    in_flight = sorted(on_a.inflight)  # "one", and its own "mine" (t/# matches it)
-    assert held in in_flight and len(in_flight) == 2
+    in_flight = sorted(on_a.inflight)  # "one", and its own "mine" (t/# matches it): no PUBREC
+    unknown = [pid for pid in in_flight if pid != acked]
+    assert acked in in_flight and len(unknown) == 1
     watcher = b.connect("watcher")
     watcher.send(Subscribe(1, (Subscription("t/mine", 2),)))
     watcher.packets()
     assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
-    again = b.connect(CID, clean=False)
+    again = b.connect(CID, clean=False, keepalive=0)
     packets = again.packets()
     assert packets[0].session_present
-    assert [p.packet_id for p in packets if isinstance(p, PubRel)] == in_flight
+    assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [acked]
+    again.send(PubComp(acked))
     again.send(Publish("t/mine", b"mine", 2, packet_id=7, dup=True))  # sent again
     assert [p for p in watcher.packets() if isinstance(p, Publish)] == []  # not twice
     assert any(isinstance(p, PubRec) and p.packet_id == 7 for p in again.packets())
     b.connect("pub2").send(Publish("t/y", b"two", 2, packet_id=1))
     new = [p for p in again.packets() if isinstance(p, Publish)]
     assert [p.payload for p in new] == [b"two"] and new[0].packet_id not in in_flight
+    again.send(PubRec(new[0].packet_id))
+    again.send(PubComp(new[0].packet_id))
+    again.packets()
+    b.advance(HOLD_FOR_LOST + 1)  # the lost node's message did not come back: released
+    assert [p.packet_id for p in again.packets() if isinstance(p, PubRel)] == unknown
+    sess = b.broker.sessions.get(CID)
+    assert sess is not None and sess.inflight[unknown[0]].state == AWAIT_PUBCOMP
+
+
+def test_a_message_in_flight_on_the_lost_node_comes_back_under_its_packet_id(
+        pair: tuple[Harness, Harness]) -> None:
+    """The lost node had sent the client a QoS 2 message and seen no PUBREC: when the shard
+    comes back to it, that message goes again under the packet id the successor held for it,
+    with DUP, not as a new message: a client that had it takes it as the same one."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 2),)))
+    pub = a.connect("pub")
+    pub.send(Publish("t/x", b"in-doubt", 2, packet_id=1))
+    pub.send(PubRel(1))
+    sent = [p for p in c.packets() if isinstance(p, Publish)]
+    pid = sent[0].packet_id
+    carry(a, b)
+    c.drop()  # a's node is lost (no PUBREC reached it)
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    b.advance(1, tick=False)  # its session on b is the newer one: it is the one kept
+    mid = b.connect(CID, clean=False)  # the client on b: nothing for that id yet
+    assert [p for p in mid.packets() if isinstance(p, (Publish, PubRel))] == []
+    mid.drop()
+    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1  # a is back: the shard goes home
+    b.run()
+    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(states, B_PEER)  # type: ignore[arg-type]
+    a.peer_messages(states)  # type: ignore[arg-type]
+    assert a.broker.stats["moves_refilled"] == 1
+    back = a.connect(CID, clean=False)
+    again = [p for p in back.packets() if isinstance(p, Publish)]
+    assert [(p.payload, p.packet_id, p.dup) for p in again] == [(b"in-doubt", pid, True)]
 
 
 def test_a_session_taken_from_a_copy_moves_on_without_the_publish_numbers(
