@@ -35,8 +35,8 @@ from shardbroker.peer.messages import (
 )
 from shardbroker.protocol.packets import (
     ConnAck,
-    Publish,
     PubComp,
+    Publish,
     PubRec,
     PubRel,
     Subscribe,
