@@ -4,10 +4,11 @@ The shard map names for each virtual shard a *backup*: the best slot on another 
 (``cluster.placement.place_with_backups``), which is exactly where the shard goes if its
 owner's node leaves. The owning worker sends that worker a copy of each persistent session
 record of the shard (client ID, protocol version, expiry interval, subscriptions, will; not
-its messages, but the packet ids of its QoS 2 exchanges in flight) as it commits it, and the
-whole set when the backup changes, when the shard
-becomes this worker's, or when the backup's worker (re)starts (``SessionReplicas``, peer kind
-21: ``vshard`` -1 for changes, a virtual shard for its whole set).
+its messages, but the packet ids of its QoS 2 exchanges in flight, and whether the client
+acknowledged each one sent) as it commits it, and the whole set when the backup changes,
+when the shard becomes this worker's, or when the backup's worker (re)starts
+(``SessionReplicas``, peer kind 21: ``vshard`` -1 for changes, a virtual shard for its
+whole set).
 
 The backup keeps them in memory. When the map gives it the shard and no live previous owner
 is to send the sessions (the owner's node lost its lease: killed, cut off), it takes them as
