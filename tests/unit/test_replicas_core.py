@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from core_harness import Harness
+from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
 from shardbroker.core.replicas import HOLD_FOR_LOST
@@ -208,20 +208,26 @@ def test_a_large_set_goes_in_chunks_that_together_replace_the_one_held(
     assert set(b.broker.replicas.held[V]) == set(cids)  # "stale" went with the whole set
 
 
+def qos2_sent(a: Harness, payload: bytes) -> tuple[FakeClient, int]:
+    """CID on ``a``, persistent, subscribed to t/# at QoS 2, and sent ``payload`` at QoS 2:
+    the client and the packet id it got it under (no PUBREC yet)."""
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 2),)))
+    pub = a.connect("pub")
+    pub.send(Publish("t/x", payload, 2, packet_id=1))
+    pub.send(PubRel(1))
+    sent = [p for p in c.packets() if isinstance(p, Publish)]
+    assert [p.payload for p in sent] == [payload]
+    return c, sent[0].packet_id
+
+
 def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Harness]) -> None:
     """The successor sends PUBREL for the ids of messages the client acknowledged (PUBREC),
     holds the ids of those it may or may not have (not reusing them for new messages), and
     takes a publish the client sends again as the one it had. Held ids are released (PUBREL)
     once their messages have not come back for ``HOLD_FOR_LOST``."""
     a, b = pair
-    c = a.connect(CID, clean=False)
-    c.send(Subscribe(1, (Subscription("t/#", 2),)))
-    pub = a.connect("pub")
-    pub.send(Publish("t/x", b"one", 2, packet_id=1))
-    pub.send(PubRel(1))
-    sent = [p for p in c.packets() if isinstance(p, Publish)]
-    assert [p.payload for p in sent] == [b"one"]
-    acked = sent[0].packet_id
+    c, acked = qos2_sent(a, b"one")
     c.send(PubRec(acked))  # the client has it, awaiting PUBREL
     c.send(Publish("t/mine", b"mine", 2, packet_id=7))  # and sent one, awaiting PUBREL too
     carry(a, b)
@@ -260,13 +266,7 @@ def test_a_message_in_flight_on_the_lost_node_comes_back_under_its_packet_id(
     comes back to it, that message goes again under the packet id the successor held for it,
     with DUP, not as a new message: a client that had it takes it as the same one."""
     a, b = pair
-    c = a.connect(CID, clean=False)
-    c.send(Subscribe(1, (Subscription("t/#", 2),)))
-    pub = a.connect("pub")
-    pub.send(Publish("t/x", b"in-doubt", 2, packet_id=1))
-    pub.send(PubRel(1))
-    sent = [p for p in c.packets() if isinstance(p, Publish)]
-    pid = sent[0].packet_id
+    c, pid = qos2_sent(a, b"in-doubt")
     carry(a, b)
     c.drop()  # a's node is lost (no PUBREC reached it)
     assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
