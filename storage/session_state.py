@@ -8,7 +8,10 @@ What it does:
 * ``pack_state`` / ``unpack_state``: that value as bytes and back, built from the store's
   own record encodings (``records.encode_session``, ``pack_inflight``, ``pack_message``)
   inside one CBOR array ``[session, [[pid, inflight row, message or null], ...],
-  [[qos, message], ...], [pid, ...]]``. Message ids and queue seqs are not shipped: they
+  [[qos, message], ...], [pid, ...]]``, and two more elements for a session taken from a
+  copy (``core/replicas.py``): the next packet id it would give (0: not said), and the
+  publish numbers it got that the lost node may hold too (``[[source, [number, ...]], ...]``,
+  ``session.Restored``). Message ids and queue seqs are not shipped: they
   belong to the store that wrote them. This is what a virtual shard's move between nodes
   carries (``peer.messages.ShardState``).
 * ``put_state``: the state's writes into a ``Batch`` (the session record, each message
@@ -55,6 +58,11 @@ class ClientState:
     inflight: list[tuple[int, InflightRecord, StoredMessage | None]]  # packet id, row, message
     queue: list[tuple[int, int, int, StoredMessage]]  # seq, msg_id, qos, message
     qos2_incoming: list[int]
+    next_pid: int = 0  # the next packet id its holder would give a message (0: not said)
+    # publish numbers per source (global id) a session taken from a copy got while the lost
+    # node's outbox may have got them too (``session.Restored``): sorted, ``((source, (mid,
+    # ...)), ...)``
+    got: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 class StateBatch(Protocol):
@@ -72,7 +80,12 @@ def pack_state(state: ClientState) -> bytes:
     inflight = [[pid, pack_inflight(rec), None if msg is None else pack_message(msg)]
                 for pid, rec, msg in state.inflight]
     queue = [[qos, pack_message(msg)] for _seq, _msg_id, qos, msg in state.queue]
-    return cbor2.dumps([encode_session(state.session), inflight, queue, list(state.qos2_incoming)])
+    fields: list[object] = [encode_session(state.session), inflight, queue, list(state.qos2_incoming)]
+    if state.next_pid or state.got:
+        fields.append(state.next_pid)
+    if state.got:
+        fields.append([[src, list(mids)] for src, mids in state.got])
+    return cbor2.dumps(fields)
 
 
 def _corrupt(problem: str) -> StoreCorrupt:
@@ -91,9 +104,15 @@ def unpack_state(data: bytes) -> ClientState:
         raw = cbor2.loads(data)
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise _corrupt(f"undecodable ({type(exc).__name__})") from None
-    if type(raw) is not list or len(raw) != 4 or type(raw[0]) is not bytes:
-        raise _corrupt("not a [session, inflight, queue, qos2] array")
-    session_row, inflight_rows, queue_rows, qos2_rows = raw
+    if type(raw) is not list or not 4 <= len(raw) <= 6 or type(raw[0]) is not bytes:
+        raise _corrupt("not a [session, inflight, queue, qos2(, next packet id(, got))] array")
+    session_row, inflight_rows, queue_rows, qos2_rows = raw[:4]
+    next_pid = 0
+    if len(raw) >= 5:
+        next_pid = raw[4]
+        if type(next_pid) is not int or not 0 <= next_pid <= 0xFFFF:
+            raise _corrupt(f"next packet id {next_pid!r}")
+    got = _got(raw[5]) if len(raw) == 6 else ()
     if not all(type(x) is list for x in (inflight_rows, queue_rows, qos2_rows)):
         raise _corrupt("rows are not arrays")
     inflight: list[tuple[int, InflightRecord, StoredMessage | None]] = []
@@ -111,7 +130,16 @@ def unpack_state(data: bytes) -> ClientState:
         if type(row) is not list or len(row) != 2 or row[0] not in (1, 2) or type(row[1]) is not bytes:
             raise _corrupt("bad queue row")
         queue.append((0, -1, row[0], decode_message(row[1])))
-    return ClientState(decode_session(session_row), inflight, queue, [_u16(p) for p in qos2_rows])
+    return ClientState(decode_session(session_row), inflight, queue, [_u16(p) for p in qos2_rows], next_pid,
+                       got)
+
+
+def _got(rows: Any) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    if type(rows) is not list or not all(
+            type(r) is list and len(r) == 2 and type(r[0]) is int and r[0] >= 0 and type(r[1]) is list
+            and all(type(m) is int and m > 0 for m in r[1]) for r in rows):
+        raise _corrupt("got is not [[source, [number, ...]], ...]")
+    return tuple((r[0], tuple(r[1])) for r in rows)
 
 
 def _nothing() -> None:
@@ -154,4 +182,4 @@ def put_state(batch: StateBatch, state: ClientState, ids: dict[int, int] | None 
         row_done()
     for pid in state.qos2_incoming:
         batch.add_qos2_incoming(cid, pid)
-    return ClientState(state.session, inflight, queue, list(state.qos2_incoming))
+    return ClientState(state.session, inflight, queue, list(state.qos2_incoming), state.next_pid, state.got)

@@ -508,6 +508,13 @@ class Broker:
         self.replicas.keep_only(keep)
         return restored
 
+    def shards_taken(self, previous: int, vshards: list[int], now: Now) -> None:
+        """This shard serves ``vshards`` now, taken from ``previous`` (a worker of a node that is
+        gone), and has announced the routes of the sessions restored for them: every shard may
+        drop the routes it kept for ``previous`` once all its shards are taken."""
+        self.time.set(now)
+        self.peers.shards_taken(previous, vshards)
+
     def give_shard(self, vshard: int, peer: int, version: int, now: Now) -> int:
         """``give_shards`` for one shard."""
         return self.give_shards([(vshard, peer)], version, now)

@@ -79,11 +79,16 @@ class Delivery:
         self.pump(sess)
 
     def refill(self, sess: Session, pid: int, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> bool:
-        """``pid`` of ``sess`` is held for a QoS 2 message a lost node sent the client and saw
-        no PUBREC for (a session taken from a copy, ``core/replicas.py``): that message is here
-        again. It goes under that packet id with DUP, so a client that had it takes it as the
-        same one (MQTT 4.3.3). False when the id is not held so (place it as a new message)."""
+        """A QoS 2 message another node's session for this client sent under ``pid`` and saw no
+        PUBREC for is here (the two sessions merge, ``core/moves.py``): ``pid`` of ``sess`` is
+        held for it (a session taken from a copy, ``core/replicas.py``), or free. It goes
+        under that packet id with DUP, so a client that had it takes it as the same one (MQTT
+        4.3.3). False when the id is in use here, or ``sess`` has a full window in flight
+        (place it as a new message)."""
         out = sess.inflight.get(pid)
+        if out is None and len(sess.inflight) < self.limits.max_inflight:
+            out = Outgoing(None, 2, False, (), AWAIT_PUBREC)
+            sess.track(pid, out)
         if out is None or out.message is not None or out.state == AWAIT_PUBCOMP or out.qos != 2:
             return False
         out.message, out.retain, out.sub_ids = msg, retain, sub_ids
@@ -99,6 +104,20 @@ class Delivery:
             if data is not None:
                 self.output.send(client, data)
         return True
+
+    def owe_pubrel(self, sess: Session, pid: int) -> None:
+        """Another node's session for this client owed it PUBREL for ``pid`` (the two merge,
+        ``core/moves.py``): this one owes it now, unless it uses that id (the client then
+        holds it for this one's message, and that exchange completes it)."""
+        if pid in sess.inflight:
+            return
+        sess.track(pid, Outgoing(None, 2, False, (), AWAIT_PUBCOMP))
+        if sess.persistent:
+            self._batch().put_inflight(sess.client_id, pid, InflightRecord(None, 2, AWAIT_PUBCOMP))
+            self.replicate(sess.client_id)
+        client = sess.client
+        if client is not None and not client.closing:
+            self.output.send(client, codec.encode_ack(PacketType.PUBREL, pid))
 
     def release(self, sess: Session, pid: int) -> None:
         """Stop holding ``pid`` for a lost node's message that did not come back: PUBREL (the

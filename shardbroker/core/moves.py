@@ -61,6 +61,7 @@ from shardbroker.core.session import (
     Arrived,
     Leaving,
     Message,
+    Restored,
     Session,
     Subscribed,
     subscribed,
@@ -119,6 +120,17 @@ def _stored_copies(state: ClientState) -> list[_Copy]:
     for _seq, _msg_id, qos, smsg in state.queue:
         copies.append((_message(smsg), qos, smsg.retain, (), 0))
     return copies
+
+
+def _held_pubrels(sess: Session) -> list[int]:
+    """The packet ids of a session in memory whose QoS 2 message the client has (PUBREC seen)
+    and which owe it PUBREL."""
+    return [pid for pid, out in sess.inflight.items() if out.qos == 2 and out.state == AWAIT_PUBCOMP]
+
+
+def _stored_pubrels(state: ClientState) -> list[int]:
+    """``_held_pubrels`` of a session moving in."""
+    return [pid for pid, row, _smsg in state.inflight if row.qos == 2 and row.state == AWAIT_PUBCOMP]
 
 
 def _message(smsg: StoredMessage) -> Message:
@@ -232,6 +244,9 @@ class Moves:
             if state is None:
                 continue
             here = self.sessions.get(cid)
+            if here is not None and type(here.moving) is Restored and here.moving.got:
+                state = dataclasses.replace(state, got=tuple(sorted(
+                    (src, tuple(sorted(mids))) for src, mids in here.moving.got.items())))
             if here is not None and here.moving is not mark:
                 here.moving = mark
                 held.append(here)
@@ -276,6 +291,15 @@ class Moves:
             else:
                 self.stats["moves_not_relayed"] += 1
             return True
+        if type(mark) is Restored:  # taken from a copy: note the numbers for the merge
+            mid = msg.mid
+            if mid and group is None and self.time.mono < mark.until:
+                src = self.global_id(msg.src)
+                got = mark.got.get(src)
+                if got is None:
+                    got = mark.got[src] = set()
+                got.add(mid)
+            return False
         if type(mark) is not Arrived:
             return False
         if self.time.mono >= mark.until:
@@ -484,6 +508,7 @@ class Moves:
             rec = state.session
             have = self.sessions.get(rec.client_id)
             carried: list[_Copy] = []
+            pubrels: list[int] = []
             carried_subs: dict[str, Subscribed] = {}
             if have is not None:
                 if have.client is not None or (have.disconnected_at or 0.0) >= (rec.disconnected_at or 0.0):
@@ -495,12 +520,15 @@ class Moves:
                         sub.topic_filter: subscribed(sub.qos, sub.no_local, sub.retain_as_published,
                                                      sub.retain_handling, sub.subscription_id)
                         for sub in rec.subscriptions})
-                    n = self._carry(have, _stored_copies(state))
+                    n = self._carry(have, _stored_copies(state), _stored_pubrels(state))
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
                              rec.client_id, m.shard, n)
                     continue
                 carried = _held_copies(have)
+                pubrels = _held_pubrels(have)
+                if state.got:  # publishes the incoming one got that were kept for this one too
+                    carried = self._not_got(carried, state.got)
                 carried_subs = dict(have.subscriptions or {})
                 self.sessions.end(have)
             announce += self.sessions.adopt(put_state(batch, state))
@@ -512,7 +540,7 @@ class Moves:
                 self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
                 if carried or carried_subs:
                     announce += self._add_subscriptions(adopted, carried_subs)
-                    n = self._carry(adopted, carried)
+                    n = self._carry(adopted, carried, pubrels)
                     log.info("shard %d: took the session of %s from peer %d (newer than the one held"
                              " here), with the %d messages this one held", self.shard,
                              rec.client_id, m.shard, n)
@@ -538,21 +566,32 @@ class Moves:
             self.sessions.persist(sess)
         return announce
 
-    def _carry(self, sess: Session, copies: list[_Copy]) -> int:
+    def _not_got(self, copies: list[_Copy], got: tuple[tuple[int, tuple[int, ...]], ...]) -> list[_Copy]:
+        """``copies`` but those whose publish number ``got`` holds (``session.Restored``)."""
+        numbers = {src: set(mids) for src, mids in got}
+        glob = self.global_id
+        kept = [c for c in copies if not (c[0].mid and c[0].mid in numbers.get(glob(c[0].src), ()))]
+        self.stats["moves_duplicates"] += len(copies) - len(kept)
+        return kept
+
+    def _carry(self, sess: Session, copies: list[_Copy], pubrels: list[int]) -> int:
         """Two nodes each held a session for one client ID (a node that lost its lease, or was
         killed, kept its own while the client got another one elsewhere): the one that stays
         gets the other's messages too, after its own (in flight there: queued here, sent again
-        as new messages, unless this one holds their packet id for them). How many."""
+        as new messages, unless their packet id is free here or held for them), and the
+        PUBRELs the other owed under ids free here. How many messages."""
         delivery = self.delivery
         if delivery is None:
             return 0
         for msg, qos, retain, sub_ids, pid in copies:
-            # one the other had sent under an id this session holds for it (taken from a copy
-            # while the other's node was lost) goes again under that id, as the same message
+            # a QoS 2 one the other had sent goes again under its id, as the same message (the
+            # client may hold it awaiting PUBREL), where that id is free or held for it here
             if pid and qos == 2 and delivery.refill(sess, pid, msg, retain, sub_ids):
                 self.stats["moves_refilled"] += 1
                 continue
             delivery.place(sess, msg, qos, retain, sub_ids, None)
+        for pid in pubrels:
+            delivery.owe_pubrel(sess, pid)
         self.stats["moves_merged"] += 1
         return len(copies)
 

@@ -27,6 +27,7 @@ from shardbroker.core.commit import Commit
 from shardbroker.core.outbox import APPLY, GAP, Outbox
 from shardbroker.core.routing import RouteTable, Target
 from shardbroker.core.session import Message
+from shardbroker.core.topics import SHARE_PREFIX
 from shardbroker.peer.messages import (
     REMOTE_BASE,
     DurableForward,
@@ -48,6 +49,7 @@ from shardbroker.peer.messages import (
     RoutesRemove,
     SessionReplicas,
     ShardRelayEnd,
+    ShardsTaken,
     ShardState,
     ShardStateAck,
     ShardStateEnd,
@@ -55,6 +57,10 @@ from shardbroker.peer.messages import (
 )
 
 DIGEST_EVERY = 10.0  # seconds between two route digests sent to every peer (anti-entropy)
+# seconds a gone peer's durable routes are kept at most, waiting for its shards to be taken
+# (the default of ``peer_removed``'s ``keep``; a cluster node's workers pass their lease TTL
+# plus a slack)
+LOST_ROUTES_KEEP = 20.0
 
 if TYPE_CHECKING:
     from shardbroker.core.backpressure import Backpressure
@@ -105,7 +111,14 @@ class Peers:
         self.node_number = 0  # this node's cluster number (0: no cluster), for ``global_id``
         self._digest_sent = 0.0  # monotonic: when this shard last told its peers its route digest
         self._repairing: set[int] = set()  # peers asked for their routes because a digest differed
+        # workers of nodes whose registration ended, whose durable routes are kept until every
+        # virtual shard they served is taken (``peer_removed``): peer -> (shards not taken yet,
+        # monotonic deadline); and shards taken from a peer before this worker saw it go
+        self.lost: dict[int, tuple[set[int], float]] = {}
+        self._taken_early: dict[int, tuple[set[int], float]] = {}
         stats.setdefault("route_repairs", 0)
+        for key in ("lost_routes_kept", "lost_routes_taken", "lost_routes_expired", "forwarded_to_lost"):
+            stats.setdefault(key, 0)
         self.subscriptions: Subscriptions  # set by the broker (they need each other)
         self.backpressure: Backpressure  # set by the broker
         self.retained_sync: RetainedSync  # set by the broker
@@ -120,6 +133,7 @@ class Peers:
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
             ShardStateQuery: self._on_shard_state_query, ShardRelayEnd: self._on_shard_relay_end,
             RouteDigest: self._on_route_digest, SessionReplicas: self._on_session_replicas,
+            ShardsTaken: self._on_shards_taken,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -151,16 +165,40 @@ class Peers:
         """The link reaches a new peer (a worker of another node that registered): ask for its
         routes and tell it ours, as at startup."""
         self.unsynced = len(self.link.peers) - len(self.synced)
+        # back before its shards were taken: the routes kept stay until its own replace them
+        self.lost.pop(peer, None)
+        self._taken_early.pop(peer, None)
         self.link.send(peer, RoutesQuery(self.shard))
         self.link.send(peer, Routes(self.shard, self._route_keys()))
         self.retained_sync.peer_added(peer)
         self._wake()
 
-    def peer_removed(self, peer: int) -> None:
-        """A peer is gone for good (its node's registration ended): its routes and its holds on
-        our publishers go with it. What the outbox holds for it stays, and is sent again if it
-        comes back."""
-        self.routes.replace(peer, {})
+    def peer_removed(self, peer: int, vshards: Iterable[int] = (), keep: float = LOST_ROUTES_KEEP) -> None:
+        """A peer is gone for good (its node's registration ended): its holds on our publishers
+        go. What the outbox holds for it stays, and is sent again if it comes back.
+
+        Its routes go too, but not at once when it served virtual shards (``vshards``, by the
+        last map that named it) and had persistent sessions: its durable keys stay until every
+        one of those shards is taken by another worker, which restores the sessions from its
+        copies and announces their routes (``ShardsTaken``), or ``keep`` seconds have passed. Meanwhile a QoS 1/2 publish for them still goes into the outbox for the
+        peer (nothing else does), so one acknowledged between the end of its registration
+        and the routes of the sessions' new owner is not dropped as matching nobody: it waits
+        for the lost node's return, and comes to the new owner with its sessions."""
+        pending = set(vshards)
+        early = self._taken_early.pop(peer, None)
+        if early is not None and self.time.mono < early[1]:
+            pending -= early[0]
+        kept = {key: True for key, durable in self.routes.keys(peer).items()
+                if durable and not key.startswith(SHARE_PREFIX)}
+        if pending and kept:
+            self.routes.replace(peer, kept)
+            self.lost[peer] = (pending, self.time.mono + keep)
+            self.stats["lost_routes_kept"] += 1
+            log.info("shard %d: peer %d is gone; its %d durable routes are kept until its %d virtual"
+                     " shards are taken", self.shard, peer, len(kept), len(pending))
+        else:
+            self.lost.pop(peer, None)
+            self.routes.replace(peer, {})
         self.synced.discard(peer)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.backpressure.peer_restarted(peer)
@@ -231,9 +269,15 @@ class Peers:
             mid = self.mid = self.mid + 1 if self.mid else int(self.time.wall * 1_000_000)
             msg.src = self.shard
             msg.mid = mid
+        lost = self.lost
         for shard, target in targets.items():
             if shard == self.shard:
                 self.subscriptions.deliver_local(msg, target.non_shared, target.groups, 0)
+            elif lost and shard in lost:
+                if msg.qos:  # kept for a lost node's persistent sessions: into the outbox
+                    self.stats["forwarded_to_lost"] += 1
+                    self._forward(shard, Forward(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties,
+                                                 msg.expires_at, msg.origin, True, (), 0), True, mid)
             else:
                 self._forward(shard, Forward(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties,
                                              msg.expires_at, msg.origin, target.non_shared, tuple(target.groups), 0),
@@ -408,6 +452,32 @@ class Peers:
     def _on_session_replicas(self, m: SessionReplicas) -> None:
         self.replicas.on_replicas(m)
 
+    def shards_taken(self, previous: int, vshards: list[int]) -> None:
+        """This shard took ``vshards`` from ``previous`` (a worker of a node that is gone) and
+        has announced their sessions' routes: tell every peer, and drop what this one kept."""
+        message = ShardsTaken(self.shard, previous, tuple(vshards))
+        self.link.broadcast(message)
+        self._on_shards_taken(message)
+        self._wake()
+
+    def _on_shards_taken(self, m: ShardsTaken) -> None:
+        previous = m.previous
+        lost = self.lost.get(previous)
+        if lost is None:
+            if previous in self.link.peers:  # its end has not reached this worker yet
+                early = self._taken_early.get(previous)
+                if early is None or self.time.mono >= early[1]:
+                    early = self._taken_early[previous] = (set(), self.time.mono + LOST_ROUTES_KEEP)
+                early[0].update(m.vshards)
+            return
+        lost[0].difference_update(m.vshards)
+        if not lost[0]:
+            del self.lost[previous]
+            self.routes.replace(previous, {})
+            self.stats["lost_routes_taken"] += 1
+            log.info("shard %d: every virtual shard of peer %d is taken (the last by peer %d): its"
+                     " routes are dropped", self.shard, previous, m.shard)
+
     # ---- the flush and the sweep
 
     def committed(self, ok: bool) -> None:
@@ -429,6 +499,14 @@ class Peers:
             self._digest_sent = self.time.mono
             self.link.broadcast(RouteDigest(self.shard, self.routes.digest(self.shard)))
             self._wake()
+        if self.lost:
+            for peer, (pending, until) in list(self.lost.items()):
+                if self.time.mono >= until:
+                    del self.lost[peer]
+                    self.routes.replace(peer, {})
+                    self.stats["lost_routes_expired"] += 1
+                    log.warning("shard %d: %d virtual shards of peer %d, which is gone, were not taken"
+                                " in time: its routes are dropped", self.shard, len(pending), peer)
         overdue = self.outbox.overdue(self.time.mono)
         if overdue:
             reached = set(self.link.peers)

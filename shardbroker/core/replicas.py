@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving
+from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving, Restored
 from shardbroker.core.sessions import Sessions
 from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
 from shardbroker.storage.batch import vshard_of
@@ -54,6 +54,14 @@ CHUNK_BYTES = 64 * 1024  # the records of one SessionReplicas (one bigger record
 _PUBREL_DUE = InflightRecord(None, 2, AWAIT_PUBCOMP)
 _HELD = InflightRecord(None, 2, AWAIT_PUBREC)
 HOLD_FOR_LOST = 120.0
+# packet ids a session taken from a copy skips past the next one its copy named: the lost
+# node gave the ids after that one to messages its last copies did not reach the backup with
+# (its bus stopped with them), which the client may hold awaiting PUBREL; the merge sends
+# those messages again under the same ids (``Delivery.refill``)
+PID_SKIP = 4096
+# seconds a session taken from a copy notes the publish numbers it gets (``session.Restored``):
+# longer than the other nodes take to drop the lost node's routes once its shards are taken
+RESTORED_MARKS = 10.0
 
 
 class Replicas:
@@ -110,7 +118,8 @@ class Replicas:
         out: list[tuple[int, InflightRecord, StoredMessage | None]] = [
             (pid, _PUBREL_DUE if o.state == AWAIT_PUBCOMP else _HELD, None)
             for pid, o in sess.inflight.items() if o.qos == 2]
-        return pack_state(ClientState(self.sessions.record(sess), out, [], sorted(sess.qos2_in or ())))
+        return pack_state(ClientState(self.sessions.record(sess), out, [], sorted(sess.qos2_in or ()),
+                                      sess.next_pid))
 
     def set_backups(self, backup: tuple[int, ...]) -> None:
         """The backup of each virtual shard served here (-1 elsewhere; empty: none at all).
@@ -233,10 +242,18 @@ class Replicas:
                 if rec.disconnected_at is None:  # connected on the lost node: the connection ended now
                     state = ClientState(SessionRecord(rec.client_id, rec.protocol_version,
                                                       rec.expiry_interval, wall, rec.subscriptions,
-                                                      rec.will), state.inflight, [], state.qos2_incoming)
+                                                      rec.will), state.inflight, [], state.qos2_incoming,
+                                        state.next_pid)
                 if batch is None:
                     batch = self.commit.batch()
                 announce += self.sessions.adopt(put_state(batch, state))
+                sess = self.sessions.get(cid)
+                if sess is not None:
+                    sess.moving = Restored(self.time.mono + RESTORED_MARKS)
+                    if state.next_pid:
+                        # the lost node may have sent the client ids after those its last copy
+                        # named: they are not given again soon (``PID_SKIP``)
+                        sess.next_pid = (state.next_pid - 1 + PID_SKIP) % 65535 + 1
                 self.restored.add(cid)
                 self.hold(cid)
                 restored += 1

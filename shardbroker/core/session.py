@@ -214,6 +214,18 @@ class Leaving:
 
 
 @dataclass(slots=True, eq=False)
+class Restored:
+    """``Session.moving`` of a session taken from its copy (``core/replicas.py``) while other
+    shards may still send the lost node's outbox the publishes they send it here (they keep its
+    routes until its shards are taken, ``Peers.peer_removed``): the numbers taken here, per
+    source (global id), until ``until`` (monotonic). When the lost node's own session merges
+    with this one (``core/moves.py``), its copies of those are dropped, not delivered twice."""
+
+    until: float
+    got: dict[int, set[int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
 class Arrived:
     """``Session.moving`` of a session that moved in, while its previous worker may still
     relay copies for it (at most until ``until``, monotonic): a publish may then reach it
@@ -246,7 +258,7 @@ class Session:
     dropped: int = 0  # messages dropped because the queue was full
     backlog: int = 0  # the kinds of backlog it is in (``backpressure.QUEUE | WRITE``), 0 for none
     slow: bool = False  # online but not acknowledging (``backpressure.py``): its queue limits apply
-    moving: Leaving | Arrived | None = None  # on its way between nodes (``core/moves.py``)
+    moving: Leaving | Arrived | Restored | None = None  # on its way between nodes (``core/moves.py``)
 
     @property
     def persistent(self) -> bool:

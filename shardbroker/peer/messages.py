@@ -41,6 +41,8 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
     21    ``SessionReplicas`` shard, vshard (-1: changes; else the whole set of
                               that virtual shard), items (an array of
                               [client id, bin] pairs; an empty bin: deleted)
+    22    ``ShardsTaken``     shard, previous (a peer id), vshards (an array
+                              of ints 0..1023, each once)
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -155,6 +157,7 @@ __all__ = [
     "ShardStateAck",
     "ShardStateEnd",
     "ShardStateQuery",
+    "ShardsTaken",
     "decode_batch",
     "decode_message",
     "encode_batch",
@@ -456,6 +459,18 @@ class SessionReplicas:
     items: tuple[tuple[str, bytes], ...]
 
 
+@dataclass(slots=True)
+class ShardsTaken:
+    """``shard`` serves ``vshards`` from now on, whose owner was ``previous`` (a worker of a node
+    whose registration ended), and has announced the routes of the sessions it took for them
+    (``core/replicas.py``): a receiver that kept ``previous``'s routes for those shards
+    (``Peers.peer_removed``) may drop them once every shard ``previous`` served is taken."""
+
+    shard: int
+    previous: int
+    vshards: tuple[int, ...]
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -479,6 +494,7 @@ PeerMessage: TypeAlias = (
     | ShardRelayEnd
     | RouteDigest
     | SessionReplicas
+    | ShardsTaken
 )
 
 _KIND_FORWARD: Final = 0
@@ -551,6 +567,10 @@ def _is_keys(v: object) -> bool:
 
 def _is_vshard(v: object) -> bool:
     return type(v) is int and 0 <= v < VSHARDS
+
+
+def _is_vshards(v: object) -> bool:
+    return type(v) is tuple and all(_is_vshard(x) for x in v) and len(set(v)) == len(v)
 
 
 def _is_target(v: object) -> bool:
@@ -647,6 +667,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
     (21, SessionReplicas, (("shard", *_UINT),
                            ("vshard", lambda v: v == -1 or _is_vshard(v), f"-1 or an int 0..{VSHARDS - 1}"),
                            ("items", lambda v: _is_pairs(v, bytes), "[str, bin] pairs"))),
+    (22, ShardsTaken, (("shard", *_UINT), ("previous", *_UINT),
+                       ("vshards", _is_vshards, f"an array of ints 0..{VSHARDS - 1}, each once"))),
 )
 
 

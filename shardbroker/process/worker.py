@@ -58,6 +58,9 @@ from shardbroker.transport.tcp import Poller, RelayedConnection, TcpConnection
 log = logging.getLogger("shardbroker.process.worker")
 
 SYNC_WAIT = 2.0
+# seconds past the lease TTL a gone node's durable routes are kept for its shards to be taken
+# (a new placement controller elected and its map applied)
+LOST_ROUTES_SLACK = 10.0
 GC_THRESHOLDS = (50_000, 20, 20)  # the defaults are (700, 10, 10)
 TICK = 0.5
 VERIFY_THREADS = 2  # password hashes verified at once per worker
@@ -190,6 +193,9 @@ class Worker:
         # lost its lease (cut off, restarted) keeps its sessions: the forwards other nodes
         # kept for it in their outboxes come back to this worker and must find them here
         self._held: set[int] = set()
+        # virtual shard -> the worker of a gone node that served it last (``_sync_nodes``),
+        # named to every peer when this worker takes the shard (``_place_replicas``)
+        self._lost_from: dict[int, int] = {}
         self._asked_at: dict[int, float] = {}  # a shard moving in -> when its sender was last asked
         # a shard moving in -> its epoch, and when a client first asked for it under that epoch
         self._incoming: dict[int, tuple[int, float]] = {}
@@ -350,10 +356,11 @@ class Worker:
                              f" {exc}") from None
         log.info("shard %d: listening for other nodes on %s", self.shard_index, where)
 
-    def _sync_nodes(self, grant: Grant) -> None:
+    def _sync_nodes(self, grant: Grant, old: Grant) -> None:
         """Make the bus reach every worker of every other node the grant names, and no other:
         a node that registered again (a new lease) is a new peer (its routes are asked for
-        again); one whose registration ended loses its routes here."""
+        again); one whose registration ended loses its routes once the shards ``old`` gave it
+        are taken (``Peers.peer_removed``)."""
         bus, peers = self.bus, self.broker.peers
         bus.identify(grant.number, grant.lease)
         peers.node_number = grant.number
@@ -371,11 +378,16 @@ class Worker:
             if want.get(peer) != spec:
                 del self._remote[peer]
                 bus.disconnect(peer)
-                peers.peer_removed(peer)
+                served = [v for v, p in enumerate(old.peer_of) if p == peer]
+                for v in served:
+                    self._lost_from[v] = peer
+                peers.peer_removed(peer, served, keep=self.config.cluster.lease_ttl + LOST_ROUTES_SLACK)
                 log.info("shard %d: bus to %s closed (peer %d)", self.shard_index, spec[1], peer)
         for peer, spec in want.items():
             if peer not in self._remote:
                 self._remote[peer] = spec
+                for v in [v for v, p in self._lost_from.items() if p == peer]:
+                    del self._lost_from[v]
                 bus.connect(peer, spec[1], spec[2])
                 peers.peer_added(peer)
                 log.info("shard %d: bus to %s (peer %d)", self.shard_index, spec[1], peer)
@@ -504,6 +516,13 @@ class Worker:
         keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me or peer_of[v] == me) if backup_of
                                        else (lambda v: True))
         self.broker.place_replicas(restore, backup, keep, now())
+        taken: dict[int, list[int]] = {}
+        for v in restore:
+            previous = self._lost_from.pop(v, -1)
+            if previous >= 0 and previous not in self._remote:
+                taken.setdefault(previous, []).append(v)
+        for previous, vshards in taken.items():  # their routes are announced: say so
+            self.broker.shards_taken(previous, vshards, now())
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one
@@ -513,7 +532,7 @@ class Worker:
         if grant.seq <= self.grant.seq:
             return {"shard": self.shard_index, "seq": self.grant.seq}
         old, self.grant = self.grant, grant
-        self._sync_nodes(grant)
+        self._sync_nodes(grant, old)
         if grant.owners != old.owners or grant.until < old.until:
             self._close_unserved("the shard map gives the client's virtual shard to another node"
                                  if grant.owners else "this node lost its cluster lease")

@@ -35,6 +35,7 @@ from shardbroker.peer.messages import (
     RoutesRemove,
     SessionReplicas,
     ShardRelayEnd,
+    ShardsTaken,
     ShardState,
     ShardStateAck,
     ShardStateEnd,
@@ -116,6 +117,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "route-digest": RouteDigest(3, 2**64 - 1),
     "session-replicas": SessionReplicas(256, -1, (("c-ü", b"\x84rec"), ("gone", b""))),
     "session-replicas-set": SessionReplicas(0, 1023, ()),
+    "shards-taken": ShardsTaken(512, 257, (0, 5, 1023)),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -283,7 +285,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [22, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [23, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):
@@ -643,6 +645,18 @@ def test_bad_session_replicas_are_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError):
         decode_batch(raw([item]))
     assert msgpack.unpackb(encode_message(SessionReplicas(1, -1, ()))[len(HEADER):])[0] == 21
+
+
+@pytest.mark.parametrize("item", [
+    [22, 0, 256, [1024]],  # not a virtual shard
+    [22, 0, 256, [3, 3]],  # twice
+    [22, 0, -1, [3]],  # no peer id
+    [22, 0, 256],  # no shards
+])
+def test_bad_shards_taken_are_refused(item: list[Any]) -> None:
+    with pytest.raises(PeerFormatError):
+        decode_batch(raw([item]))
+    assert msgpack.unpackb(encode_message(ShardsTaken(1, 256, ()))[len(HEADER):])[0] == 22
 
 
 def test_shard_state_kinds_are_15_to_19() -> None:

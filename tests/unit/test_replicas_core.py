@@ -19,7 +19,7 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.core.replicas import HOLD_FOR_LOST
+from shardbroker.core.replicas import HOLD_FOR_LOST, PID_SKIP
 from shardbroker.core.session import AWAIT_PUBCOMP
 from shardbroker.peer.messages import (
     DurableForward,
@@ -334,3 +334,83 @@ def test_a_parked_session_still_gets_forwards_but_its_routes_are_not_announced(
     assert any(isinstance(m, RoutesAdd) and ("t/#", True) in m.keys for _, m in a.link.take())
     again = a.connect(CID, clean=False)
     assert [p.payload for p in again.packets() if isinstance(p, Publish)] == [b"kept-for-it"]
+
+
+def test_ids_the_lost_node_gave_after_its_last_copy_are_not_given_again_and_come_back(
+        pair: tuple[Harness, Harness]) -> None:
+    """The lost node sent the client two QoS 2 messages whose copies never reached the backup
+    (its bus stopped with them): one the client acknowledged (PUBREC), one not. The successor
+    gives new messages ids past those (``PID_SKIP`` after the next id the copy named), and
+    when the shard comes back, the merged session sends the unacknowledged one again under
+    its own id with DUP, and PUBREL for the other."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 2),)))
+    carry(a, b)
+    on_a = a.broker.sessions.get(CID)
+    assert on_a is not None
+    copied_next = on_a.next_pid
+    pub = a.connect("pub")
+    for i, payload in enumerate((b"late-acked", b"late")):
+        pub.send(Publish("t/x", payload, 2, packet_id=i + 1))
+        pub.send(PubRel(i + 1))
+    sent = {p.payload: p.packet_id for p in c.packets() if isinstance(p, Publish)}
+    c.send(PubRec(sent[b"late-acked"]))
+    a.link.take()  # these copies are lost with the node
+    c.drop()
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    b.advance(1, tick=False)
+    mid = b.connect(CID, clean=False)
+    b.connect("pub2").send(Publish("t/y", b"on-b", 2, packet_id=1))
+    on_b = [p for p in mid.packets() if isinstance(p, Publish)]
+    assert [(p.payload, p.packet_id) for p in on_b] == [(b"on-b", (copied_next - 1 + PID_SKIP) % 65535 + 1)]
+    mid.send(PubRec(on_b[0].packet_id))
+    mid.send(PubComp(on_b[0].packet_id))
+    mid.drop()
+    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1  # a is back: the shard goes home
+    b.run()
+    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(states, B_PEER)  # type: ignore[arg-type]
+    a.peer_messages(states)  # type: ignore[arg-type]
+    assert a.broker.stats["moves_refilled"] == 1
+    back = a.connect(CID, clean=False)
+    packets = back.packets()
+    assert [(p.payload, p.packet_id, p.dup) for p in packets if isinstance(p, Publish)] == [
+        (b"late", sent[b"late"], True)]
+    assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [sent[b"late-acked"]]
+
+
+def test_a_publish_both_the_successor_and_the_lost_node_got_is_delivered_once_after_the_merge(
+        pair: tuple[Harness, Harness]) -> None:
+    """Until a publisher's shard learns that the lost node's shards are taken, it sends a QoS
+    1/2 publish for them into its outbox for the lost node (``Peers.peer_removed``), and to the
+    successor where it has other subscribers: the session taken from the copy notes its
+    number, and the merge with the lost node's session drops that one's copy of it. One only
+    the lost node got still comes."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    c.drop()
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    source = 768  # a worker of a third node, which published them
+
+    def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
+        return DurableForward(source, seq, Forward("t/x", payload, 1, False), mid)
+
+    b.peer_messages([forward(1, b"both", 1000)])
+    a.peer_messages([forward(1, b"both", 1000), forward(2, b"only-a", 1001)])
+    b.advance(1, tick=False)
+    b.connect(CID, clean=False).drop()  # on b since: its session is the newer one, kept
+    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1
+    b.run()
+    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(states, B_PEER)  # type: ignore[arg-type]
+    a.peer_messages(states)  # type: ignore[arg-type]
+    back = a.connect(CID, clean=False)
+    assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [b"both", b"only-a"]
+    assert a.broker.stats["moves_duplicates"] == 1

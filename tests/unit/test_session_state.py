@@ -69,6 +69,8 @@ def test_a_state_travels_and_is_written_back_as_the_same_session(tmp_path: Path)
     cbor2.dumps([b"\xa0", [[0, b"\x01", None]], [], []]),
     cbor2.dumps([b"\xa0", [], [[3, b"\x01"]], []]),
     cbor2.dumps([b"\xa0", [], [], [70000]]),
+    cbor2.dumps([b"\xa0", [], [], [], 0]),  # a next packet id out of range
+    cbor2.dumps([b"\xa0", [], [], [], 1, 2]),
 ])
 def test_bytes_it_did_not_make_are_refused(data: bytes) -> None:
     with pytest.raises(StoreCorrupt):
@@ -78,3 +80,9 @@ def test_bytes_it_did_not_make_are_refused(data: bytes) -> None:
 def test_a_session_without_rows() -> None:
     state = ClientState(SessionRecord("c", 4, 0xFFFFFFFF, 5.0), [], [], [])
     assert unpack_state(pack_state(state)) == state
+
+
+def test_a_copy_says_the_next_packet_id() -> None:
+    state = ClientState(SessionRecord("c", 4, 0xFFFFFFFF, 5.0), [], [], [], 65535)
+    assert unpack_state(pack_state(state)) == state
+    assert len(cbor2.loads(pack_state(ClientState(SessionRecord("c", 4, 1, None), [], [], [])))) == 4
