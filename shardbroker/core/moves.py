@@ -291,24 +291,36 @@ class Moves:
             else:
                 self.stats["moves_not_relayed"] += 1
             return True
-        if type(mark) is Restored:  # taken from a copy: note the numbers for the merge
-            mid = msg.mid
-            if mid and group is None and self.time.mono < mark.until:
+        mid = msg.mid
+        if type(mark) is Restored:  # taken from a copy (or merged with one): see ``Restored``
+            if mid and group is None:
                 src = self.global_id(msg.src)
                 got = mark.got.get(src)
-                if got is None:
-                    got = mark.got[src] = set()
-                got.add(mid)
+                if self.time.mono < mark.until:
+                    if got is None:
+                        got = mark.got[src] = set()
+                    got.add(mid)
+                    return False
+                if got is not None and mid in got:
+                    got.discard(mid)
+                    self.stats["moves_duplicates"] += 1
+                    return True
+            if self.time.mono >= mark.forget_at:
+                sess.moving = None
             return False
         if type(mark) is not Arrived:
             return False
         if self.time.mono >= mark.until:
-            sess.moving = None
+            sess.moving = self._after_arrived(mark)
             return False
-        mid = msg.mid
         if group is not None or not mid:  # a shared subscription's copy goes one way only
             return False
         src = self.global_id(msg.src)
+        got = mark.got.get(src)
+        if got is not None and mid in got:  # the lost node's copy of one the session has
+            got.discard(mid)
+            self.stats["moves_duplicates"] += 1
+            return True
         relayed = mark.relayed.get(src)
         if mid <= mark.seen.get(src, 0) or (relayed is not None and mid in relayed):
             if relayed is not None:
@@ -388,7 +400,7 @@ class Moves:
             for cid in self._arrived.pop((peer, vshard), ()):
                 sess = self.sessions.get(cid)
                 if sess is not None and type(sess.moving) is Arrived:
-                    sess.moving = None
+                    sess.moving = self._after_arrived(sess.moving)
         self._closing = waiting
 
     def on_ack(self, m: ShardStateAck) -> None:
@@ -536,7 +548,8 @@ class Moves:
             adopted = self.sessions.get(rec.client_id)
             if adopted is not None:
                 self.holding(rec.client_id)
-                adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP)
+                adopted.moving = Arrived(dict(m.seen), self.time.mono + MARKS_KEEP,
+                                         got={src: set(mids) for src, mids in state.got})
                 self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
                 if carried or carried_subs:
                     announce += self._add_subscriptions(adopted, carried_subs)
@@ -565,6 +578,14 @@ class Moves:
         if added:
             self.sessions.persist(sess)
         return announce
+
+    def _after_arrived(self, mark: Arrived) -> Restored | None:
+        """What an ``Arrived`` mark leaves when its marks go: the numbers still to drop of a
+        session taken from a copy (``Restored``), or nothing."""
+        if not any(mark.got.values()):
+            return None
+        mono = self.time.mono
+        return Restored(mono, mono + MARKS_KEEP, mark.got)
 
     def _not_got(self, copies: list[_Copy], got: tuple[tuple[int, tuple[int, ...]], ...]) -> list[_Copy]:
         """``copies`` but those whose publish number ``got`` holds (``session.Restored``)."""

@@ -249,7 +249,8 @@ class Replicas:
                 announce += self.sessions.adopt(put_state(batch, state))
                 sess = self.sessions.get(cid)
                 if sess is not None:
-                    sess.moving = Restored(self.time.mono + RESTORED_MARKS)
+                    sess.moving = Restored(self.time.mono + RESTORED_MARKS,
+                                           self.time.mono + RESTORED_MARKS + HOLD_FOR_LOST)
                     if state.next_pid:
                         # the lost node may have sent the client ids after those its last copy
                         # named: they are not given again soon (``PID_SKIP``)

@@ -219,9 +219,12 @@ class Restored:
     shards may still send the lost node's outbox the publishes they send it here (they keep its
     routes until its shards are taken, ``Peers.peer_removed``): the numbers taken here, per
     source (global id), until ``until`` (monotonic). When the lost node's own session merges
-    with this one (``core/moves.py``), its copies of those are dropped, not delivered twice."""
+    with this one (``core/moves.py``), its copies of those are dropped, not delivered twice,
+    also those that reach the merged session later (from an outbox kept for the lost node),
+    until ``forget_at``."""
 
     until: float
+    forget_at: float
     got: dict[int, set[int]] = field(default_factory=dict)
 
 
@@ -238,6 +241,7 @@ class Arrived:
     until: float
     relayed: dict[int, set[int]] = field(default_factory=dict)
     direct: dict[int, set[int]] = field(default_factory=dict)
+    got: dict[int, set[int]] = field(default_factory=dict)  # as ``Restored.got``, to drop
 
 
 @dataclass(slots=True, eq=False)
