@@ -112,12 +112,7 @@ class Delivery:
         if pid in sess.inflight:
             return
         sess.track(pid, Outgoing(None, 2, False, (), AWAIT_PUBCOMP))
-        if sess.persistent:
-            self._batch().put_inflight(sess.client_id, pid, InflightRecord(None, 2, AWAIT_PUBCOMP))
-            self.replicate(sess.client_id)
-        client = sess.client
-        if client is not None and not client.closing:
-            self.output.send(client, codec.encode_ack(PacketType.PUBREL, pid))
+        self._pubrel_due(sess, pid)
 
     def release(self, sess: Session, pid: int) -> None:
         """Stop holding ``pid`` for a lost node's message that did not come back: PUBREL (the
@@ -126,6 +121,11 @@ class Delivery:
         if out is None or out.message is not None or out.state == AWAIT_PUBCOMP:
             return
         out.state = AWAIT_PUBCOMP
+        self._pubrel_due(sess, pid)
+
+    def _pubrel_due(self, sess: Session, pid: int) -> None:
+        """``pid`` of ``sess`` now awaits PUBCOMP with no message: stored, copied, and PUBREL
+        sent to the client if it is connected."""
         if sess.persistent:
             self._batch().put_inflight(sess.client_id, pid, InflightRecord(None, 2, AWAIT_PUBCOMP))
             self.replicate(sess.client_id)

@@ -221,6 +221,17 @@ def qos2_sent(a: Harness, payload: bytes) -> tuple[FakeClient, int]:
     return c, sent[0].packet_id
 
 
+def go_home(a: Harness, b: Harness) -> None:
+    """``a``'s node is back: ``b`` gives it the shard, and ``a`` takes the session (merged with
+    its own)."""
+    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1
+    b.run()
+    states: list[PeerMessage] = [m for peer, m in b.link.take()
+                                 if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(states, B_PEER)
+    a.peer_messages(states)
+
+
 def test_the_qos2_packet_ids_in_flight_go_with_the_copy(pair: tuple[Harness, Harness]) -> None:
     """The successor sends PUBREL for the ids of messages the client acknowledged (PUBREC),
     holds the ids of those it may or may not have (not reusing them for new messages), and
@@ -276,11 +287,7 @@ def test_a_message_in_flight_on_the_lost_node_comes_back_under_its_packet_id(
     mid = b.connect(CID, clean=False)  # the client on b: nothing for that id yet
     assert [p for p in mid.packets() if isinstance(p, (Publish, PubRel))] == []
     mid.drop()
-    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1  # a is back: the shard goes home
-    b.run()
-    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
-    from_sender(states, B_PEER)  # type: ignore[arg-type]
-    a.peer_messages(states)  # type: ignore[arg-type]
+    go_home(a, b)  # a is back: the shard goes home, the two sessions merge
     assert a.broker.stats["moves_refilled"] == 1
     back = a.connect(CID, clean=False)
     again = [p for p in back.packets() if isinstance(p, Publish)]
@@ -369,11 +376,7 @@ def test_ids_the_lost_node_gave_after_its_last_copy_are_not_given_again_and_come
     mid.send(PubRec(on_b[0].packet_id))
     mid.send(PubComp(on_b[0].packet_id))
     mid.drop()
-    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1  # a is back: the shard goes home
-    b.run()
-    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
-    from_sender(states, B_PEER)  # type: ignore[arg-type]
-    a.peer_messages(states)  # type: ignore[arg-type]
+    go_home(a, b)  # a is back: the shard goes home, the two sessions merge
     assert a.broker.stats["moves_refilled"] == 1
     back = a.connect(CID, clean=False)
     packets = back.packets()
@@ -407,11 +410,7 @@ def test_a_publish_both_the_successor_and_the_lost_node_got_is_delivered_once_af
     a.peer_messages([forward(1, b"both", 1000), forward(2, b"only-a", 1001)])
     b.advance(1, tick=False)
     b.connect(CID, clean=False).drop()  # on b since: its session is the newer one, kept
-    assert b.broker.give_shard(V, A_PEER, 9, b.now) == 1
-    b.run()
-    states = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, (ShardState, ShardStateEnd))]
-    from_sender(states, B_PEER)  # type: ignore[arg-type]
-    a.peer_messages(states)  # type: ignore[arg-type]
+    go_home(a, b)
     a.peer_messages([forward(3, b"both-late", 1002)])  # the lost node's copy, after the merge
     back = a.connect(CID, clean=False)
     assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
