@@ -107,9 +107,14 @@ class Delivery:
 
     def owe_pubrel(self, sess: Session, pid: int) -> None:
         """Another node's session for this client owed it PUBREL for ``pid`` (the two merge,
-        ``core/moves.py``): this one owes it now, unless it uses that id (the client then
-        holds it for this one's message, and that exchange completes it)."""
-        if pid in sess.inflight:
+        ``core/moves.py``): this one owes it now. An id this one holds for the lost node's
+        message (``refill``) is released at once: the client acknowledged that message. One it
+        uses itself is left alone (the client holds it for this one's message, and that
+        exchange completes it)."""
+        out = sess.inflight.get(pid)
+        if out is not None:
+            if out.message is None and out.state != AWAIT_PUBCOMP:
+                self.release(sess, pid)
             return
         sess.track(pid, Outgoing(None, 2, False, (), AWAIT_PUBCOMP))
         self._pubrel_due(sess, pid)

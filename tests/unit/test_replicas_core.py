@@ -416,3 +416,26 @@ def test_a_publish_both_the_successor_and_the_lost_node_got_is_delivered_once_af
     assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
         b"both", b"both-late", b"only-a"]
     assert a.broker.stats["moves_duplicates"] == 2
+
+
+def test_a_held_id_whose_message_the_lost_node_saw_acknowledged_gets_pubrel_at_the_merge(
+        pair: tuple[Harness, Harness]) -> None:
+    """The copy held the id for a message without PUBREC; the lost node then saw the PUBREC
+    (its copy saying so never left): at the merge the id is released at once (PUBREL), not
+    after ``HOLD_FOR_LOST``."""
+    a, b = pair
+    c, pid = qos2_sent(a, b"acked-late")
+    carry(a, b)
+    c.send(PubRec(pid))  # the copy saying so is lost with the node
+    a.link.take()
+    c.drop()
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    b.advance(1, tick=False)
+    b.connect(CID, clean=False).drop()  # on b since: its session is the newer one, kept
+    go_home(a, b)
+    back = a.connect(CID, clean=False)
+    packets = back.packets()
+    assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [pid]
+    assert [p for p in packets if isinstance(p, Publish)] == []
