@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 from shardbroker.cluster.etcd import Compare, Delete, Etcd, EtcdError, Put
 from shardbroker.cluster.membership import NodeInfo, parse_node
-from shardbroker.cluster.placement import Slot, place_with_backups, slots_of, to_fresh_backups
+from shardbroker.cluster.placement import place_with_backups, slots_of
 from shardbroker.cluster.shardmap import (
     APPLIED_PREFIX,
     CONTROLLER_KEY,
@@ -44,12 +43,6 @@ from shardbroker.cluster.shardmap import (
 __all__ = ["ClusterView", "Controller", "MapMismatch", "StaleController", "read_view"]
 
 log = logging.getLogger("shardbroker.cluster")
-
-# seconds after the map changed a virtual shard's backup during which, if its owner's node
-# goes, the shard goes to the backup before (which keeps its copies as long,
-# ``replicas.KEEP_AFTER``) rather than the new one (the owner sends it the copies when it
-# applies the map: within a round of each node, about a second)
-BACKUP_SETTLE = 5.0
 
 
 class StaleController(Exception):
@@ -110,9 +103,6 @@ class Controller:
         self.lease = lease
         self.virtual_shards = virtual_shards
         self._held = 0  # create revision of the controller key this node holds; 0: none
-        # virtual shard -> (its backup before the map this controller wrote changed it, when:
-        # monotonic), for ``BACKUP_SETTLE`` seconds (``placement.to_fresh_backups``)
-        self._backup_was: dict[int, tuple[Slot, float]] = {}
 
     @property
     def leading(self) -> bool:
@@ -137,15 +127,6 @@ class Controller:
                               f" this node is set for {self.virtual_shards}")
         workers = {n.node_id: n.workers for n in view.nodes.values() if n.state == "up"}
         placement, backups = place_with_backups(self.virtual_shards, slots_of(workers, view.drained))
-        if view.map is not None and self._backup_was:
-            t = time.monotonic()
-            recent = {v: slot for v, (slot, at) in self._backup_was.items() if t - at < BACKUP_SETTLE}
-            self._backup_was = {v: self._backup_was[v] for v in recent}
-            moved = to_fresh_backups(placement, backups, [s.slot for s in view.map.vshards],
-                                     set(workers) - view.drained, recent)
-            if moved:
-                log.warning("%d virtual shards of a node that is gone go to their backup before last:"
-                            " their backup changed less than %.0f s ago", moved, BACKUP_SETTLE)
         return view, next_map(view.map, placement, view.leases, backups)
 
     def publish(self, view: ClusterView, new: ShardMap) -> None:
@@ -164,12 +145,6 @@ class Controller:
                                   " map changed since it was read")
         moved = sum(1 for v, s in enumerate(new.vshards)
                     if view.map is None or view.map.vshards[v].slot != s.slot)
-        if view.map is not None:
-            t = time.monotonic()
-            for v, s in enumerate(new.vshards):
-                old = view.map.vshards[v].backup
-                if old is not None and s.backup != old and s.slot == view.map.vshards[v].slot:
-                    self._backup_was[v] = (old, t)
         log.info("shard map version %d written: %d virtual shards moved", new.version, moved)
 
     def reconcile(self) -> ShardMap | None:

@@ -16,20 +16,17 @@ Pure: no I/O, no clock; the same inputs give the same answer in every process an
   *backup*: the best slot on another node. When the owner's node leaves, the shard goes to
   exactly that slot (the best of those left), so the backup is where the owner keeps a copy
   of the shard's session records (``core/replicas.py``) for its successor.
-* ``to_fresh_backups(...)``: a virtual shard whose owner's node is gone goes to its backup
-  before last instead, when its backup changed only a moment ago (that one may not hold
-  the copies yet; the one before still does).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from shardbroker.sharding import shard_for
 
-__all__ = ["Slot", "place", "place_with_backups", "slots_of", "to_fresh_backups", "vshard_for"]
+__all__ = ["Slot", "place", "place_with_backups", "slots_of", "vshard_for"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -81,26 +78,3 @@ def place_with_backups(count: int, slots: Iterable[Slot]) -> tuple[list[Slot | N
         owners.append(owner)
         backups.append(next((candidates[i] for _, i in scores[1:] if candidates[i].node != owner.node), None))
     return owners, backups
-
-
-def to_fresh_backups(owners: list[Slot | None], backups: list[Slot | None], current: Sequence[Slot | None],
-                     up: Iterable[str], recent: Mapping[int, Slot]) -> int:
-    """Change ``owners`` (and ``backups``) in place for the virtual shards whose ``current``
-    owner's node is not ``up`` any more and whose backup changed a moment ago (``recent``:
-    virtual shard -> the backup before, still holding the copies of its session records):
-    such a shard goes to that backup before last, if its node is up, rather than to the new
-    backup, which may have no copies yet; its backup is then the slot placement chose as its
-    owner (where it goes next, with its sessions, once it is settled). How many changed."""
-    live = set(up)
-    changed = 0
-    for v, before in recent.items():
-        was = current[v] if 0 <= v < len(current) else None
-        if was is None or was.node in live or before.node not in live or before.node == was.node:
-            continue
-        chosen = owners[v]
-        if chosen == before:
-            continue
-        owners[v] = before
-        backups[v] = chosen if chosen is not None and chosen.node != before.node else None
-        changed += 1
-    return changed

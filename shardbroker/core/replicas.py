@@ -62,10 +62,6 @@ PID_SKIP = 4096
 # seconds a session taken from a copy notes the publish numbers it gets (``session.Restored``):
 # longer than the other nodes take to drop the lost node's routes once its shards are taken
 RESTORED_MARKS = 10.0
-# seconds a worker keeps its copies of a virtual shard after it stopped being its backup: the
-# placement controller gives the shard to this worker rather than to the new backup if the
-# owner's node goes within ``controller.BACKUP_SETTLE`` of the change
-KEEP_AFTER = 10.0
 
 
 class Replicas:
@@ -85,8 +81,6 @@ class Replicas:
         self.restored: set[str] = set()
         # sessions holding packet ids for a lost node's QoS 2 messages -> since when (monotonic)
         self.holding: dict[str, float] = {}
-        # virtual shard -> when its copies go (monotonic): this worker no longer backs it up
-        self._unkept: dict[int, float] = {}
         self.delivery: Delivery | None = None  # set by the broker
         for key in ("replicas_sent", "replicas_held", "sessions_restored"):
             stats.setdefault(key, 0)
@@ -179,7 +173,6 @@ class Replicas:
     def on_replicas(self, m: SessionReplicas) -> None:
         held = self.held
         if m.vshard >= 0:
-            self._unkept.pop(m.vshard, None)  # its owner names this worker its backup (again)
             before = len(held.pop(m.vshard, ()))
             held[m.vshard] = {cid: blob for cid, blob in m.items if blob}
             self.stats["replicas_held"] += len(held[m.vshard]) - before
@@ -201,14 +194,8 @@ class Replicas:
             self.holding.setdefault(client_id, self.time.mono)
 
     def sweep(self) -> None:
-        """Forget the copies no longer kept (``keep_only``) once their time is up; release the
-        packet ids held longer than ``HOLD_FOR_LOST`` for messages that did not come back
-        (their node is lost for ever, or its session went elsewhere)."""
-        if self._unkept:
-            for v, until in list(self._unkept.items()):
-                if self.time.mono >= until:
-                    del self._unkept[v]
-                    self.stats["replicas_held"] -= len(self.held.pop(v, {}))
+        """Release the packet ids held longer than ``HOLD_FOR_LOST`` for messages that did not
+        come back (their node is lost for ever, or its session went elsewhere)."""
         if not self.holding or self.delivery is None:
             return
         mono = self.time.mono
@@ -224,14 +211,9 @@ class Replicas:
                     self.delivery.release(sess, pid)
 
     def keep_only(self, keep: Callable[[int], bool]) -> None:
-        """Forget the copies of the shards ``keep`` says this worker no longer backs up, after
-        ``KEEP_AFTER`` seconds (``sweep``)."""
-        mono = self.time.mono
-        for v in self.held:
-            if keep(v):
-                self._unkept.pop(v, None)
-            else:
-                self._unkept.setdefault(v, mono + KEEP_AFTER)
+        """Forget the copies of the shards ``keep`` says this worker no longer backs up."""
+        for v in [v for v in self.held if not keep(v)]:
+            self.stats["replicas_held"] -= len(self.held.pop(v))
 
     def restore(self, vshards: list[int]) -> int:
         """``vshards`` are served here now and no previous owner is to send their sessions:

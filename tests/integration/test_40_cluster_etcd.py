@@ -301,34 +301,6 @@ def test_drain_moves_about_a_third_and_empties_the_node(
     assert all(back.vshards[v].epoch == 3 for v in moved)  # back at a new epoch
 
 
-def test_a_shard_whose_backup_just_changed_goes_to_the_backup_before(
-        etcd_single: EtcdCluster, nodes: list[Node]) -> None:
-    """c joins and becomes the backup of some of b's shards (instead of a); b leaves before
-    c could have their copies: those go to a, which still has them, with c as their backup;
-    b's other shards go to their backup as usual."""
-    a = Node(etcd_single.endpoints, "a", ttl=10).join()
-    b = Node(etcd_single.endpoints, "b", ttl=10).join()
-    nodes += [a, b]
-    ctl = a.controller
-    assert ctl is not None
-    first = ctl.reconcile()
-    assert first is not None
-    c = Node(etcd_single.endpoints, "c", ttl=10).join()
-    nodes.append(c)
-    second = ctl.reconcile()
-    assert second is not None
-    changed = [v for v, s in enumerate(second.vshards) if s.slot == Slot("b", 0)
-               and first.vshards[v].backup == Slot("a", 0) and s.backup == Slot("c", 0)]
-    kept = [v for v, s in enumerate(second.vshards) if s.slot == Slot("b", 0) and v not in changed]
-    assert changed and kept
-    b.member.leave()
-    third = ctl.reconcile()
-    assert third is not None
-    assert all(third.vshards[v].slot == Slot("a", 0) and third.vshards[v].backup == Slot("c", 0)
-               for v in changed)
-    assert all(third.vshards[v].slot == second.vshards[v].backup for v in kept)
-
-
 def test_a_node_that_registers_again_gets_new_epochs(
         etcd_single: EtcdCluster, nodes: list[Node]) -> None:
     a = Node(etcd_single.endpoints, "a", ttl=10).join()

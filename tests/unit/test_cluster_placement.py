@@ -9,14 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardbroker.cluster.fence import Fence, NotOwner, Stamp, Verdict
-from shardbroker.cluster.placement import (
-    Slot,
-    place,
-    place_with_backups,
-    slots_of,
-    to_fresh_backups,
-    vshard_for,
-)
+from shardbroker.cluster.placement import Slot, place, place_with_backups, slots_of, vshard_for
 from shardbroker.cluster.shardmap import MapFormatError, ShardMap, VShard, next_map
 from shardbroker.sharding import shard_for
 
@@ -233,27 +226,3 @@ def test_a_map_carries_backups_and_a_backup_change_keeps_the_epoch() -> None:
     assert ShardMap.decode(old.encode()).vshards[0].backup is None
     with pytest.raises(MapFormatError):
         ShardMap.decode(b'{"version": 1, "owners": [["a", 0, 1, "b"]], "leases": {"a": 1}}')
-
-
-def test_a_shard_whose_backup_just_changed_goes_to_the_one_before_when_its_owner_goes() -> None:
-    """c came back and became the backup of some of a's shards a moment ago (it may have no
-    copies yet); a goes: those shards go to b, their backup before, which still has the
-    copies; c is then their backup (where they go next). The other shards of a, and shards
-    whose old backup is gone too, are placed as usual."""
-    before_owners, before_backups = place_with_backups(COUNT, slots_of({"a": 1, "b": 1, "c": 1}))
-    current = list(before_owners)
-    changed = [v for v in range(COUNT) if current[v] == Slot("a", 0) and before_backups[v] == Slot("c", 0)]
-    assert changed
-    recent = {v: Slot("b", 0) for v in changed}  # c replaced b as their backup
-    owners, backups = place_with_backups(COUNT, slots_of({"b": 1, "c": 1}))  # a is gone
-    assert all(owners[v] == Slot("c", 0) for v in changed)  # the rendezvous successor
-    expected_others = {v: owners[v] for v in range(COUNT) if v not in changed}
-    assert to_fresh_backups(owners, backups, current, {"b", "c"}, recent) == len(changed)
-    assert all(owners[v] == Slot("b", 0) and backups[v] == Slot("c", 0) for v in changed)
-    assert {v: owners[v] for v in range(COUNT) if v not in changed} == expected_others
-    # the backup before is gone too: placement stands
-    owners2, backups2 = place_with_backups(COUNT, slots_of({"c": 1}))
-    assert to_fresh_backups(owners2, backups2, current, {"c"}, recent) == 0
-    # the owner is still up: nothing changes
-    owners3, backups3 = place_with_backups(COUNT, slots_of({"a": 1, "b": 1, "c": 1}))
-    assert to_fresh_backups(owners3, backups3, current, {"a", "b", "c"}, recent) == 0
