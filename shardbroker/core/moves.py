@@ -244,9 +244,12 @@ class Moves:
             if state is None:
                 continue
             here = self.sessions.get(cid)
-            if here is not None and type(here.moving) is Restored and here.moving.got:
+            # the numbers a session taken from a copy is to drop go on with it (also once it
+            # moved on again: an ``Arrived`` mark holds them then)
+            mark_here = here.moving if here is not None else None
+            if (type(mark_here) is Restored or type(mark_here) is Arrived) and mark_here.got:
                 state = dataclasses.replace(state, got=tuple(sorted(
-                    (src, tuple(sorted(mids))) for src, mids in here.moving.got.items())))
+                    (src, tuple(sorted(mids))) for src, mids in mark_here.got.items() if mids)))
             if here is not None and here.moving is not mark:
                 here.moving = mark
                 held.append(here)

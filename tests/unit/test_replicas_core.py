@@ -385,14 +385,26 @@ def test_ids_the_lost_node_gave_after_its_last_copy_are_not_given_again_and_come
     assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [sent[b"late-acked"]]
 
 
+def hand(giver: Harness, giver_peer: int, taker: Harness, taker_peer: int, version: int) -> None:
+    """``giver`` gives virtual shard V to ``taker``, which takes its sessions."""
+    assert giver.broker.give_shard(V, taker_peer, version, giver.now) == 1
+    giver.run()
+    states: list[PeerMessage] = [m for peer, m in giver.link.take()
+                                 if peer == taker_peer and isinstance(m, (ShardState, ShardStateEnd))]
+    from_sender(states, giver_peer)
+    taker.peer_messages(states)
+
+
+@pytest.mark.parametrize("detour", [False, True])
 def test_a_publish_both_the_successor_and_the_lost_node_got_is_delivered_once_after_the_merge(
-        pair: tuple[Harness, Harness]) -> None:
+        pair: tuple[Harness, Harness], tmp_path: Path, detour: bool) -> None:
     """Until a publisher's shard learns that the lost node's shards are taken, it sends a QoS
     1/2 publish for them into its outbox for the lost node (``Peers.peer_removed``), and to the
     successor where it has other subscribers: the session taken from the copy notes its
     number, and the merge with the lost node's session drops that one's copy of it, whether
     the lost node had it before the merge or gets it after. One only the lost node got still
-    comes."""
+    comes. With ``detour``, the shard went from the successor to a third node first: the
+    numbers go with the session."""
     a, b = pair
     c = a.connect(CID, clean=False)
     c.send(Subscribe(1, (Subscription("t/#", 1),)))
@@ -410,7 +422,16 @@ def test_a_publish_both_the_successor_and_the_lost_node_got_is_delivered_once_af
     a.peer_messages([forward(1, b"both", 1000), forward(2, b"only-a", 1001)])
     b.advance(1, tick=False)
     b.connect(CID, clean=False).drop()  # on b since: its session is the newer one, kept
-    go_home(a, b)
+    if detour:
+        d_peer = 1024  # worker 0 of node 4
+        d = Harness(tmp_path / "d", peers=[A_PEER, B_PEER])
+        try:
+            hand(b, B_PEER, d, d_peer, 9)
+            hand(d, d_peer, a, A_PEER, 10)
+        finally:
+            d.close()
+    else:
+        go_home(a, b)
     a.peer_messages([forward(3, b"both-late", 1002)])  # the lost node's copy, after the merge
     back = a.connect(CID, clean=False)
     assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
