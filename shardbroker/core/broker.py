@@ -508,10 +508,6 @@ class Broker:
         self.replicas.keep_only(keep)
         return restored
 
-    def copies_for(self, vshards: list[int]) -> list[int]:
-        """Those of ``vshards`` whose session copies this worker holds (``core/replicas.py``)."""
-        return self.replicas.sets_held(vshards)
-
     def shards_taken(self, previous: int, vshards: list[int], now: Now) -> None:
         """This shard serves ``vshards`` now, taken from ``previous`` (a worker of a node that is
         gone), and has announced the routes of the sessions restored for them: every shard may

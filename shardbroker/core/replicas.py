@@ -215,10 +215,6 @@ class Replicas:
         for v in [v for v in self.held if not keep(v)]:
             self.stats["replicas_held"] -= len(self.held.pop(v))
 
-    def sets_held(self, vshards: list[int]) -> list[int]:
-        """Those of ``vshards`` whose whole set of copies this worker has had (even empty)."""
-        return [v for v in vshards if v in self.held]
-
     def restore(self, vshards: list[int]) -> int:
         """``vshards`` are served here now and no previous owner is to send their sessions:
         the copies held of them become sessions here (not those of a client that has one

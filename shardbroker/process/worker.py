@@ -515,15 +515,11 @@ class Worker:
         peer_of = grant.peer_of  # a shard the map gives this worker may be held back a while
         keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me or peer_of[v] == me) if backup_of
                                        else (lambda v: True))
-        # a shard this worker has no copies of (it became its backup a moment before its
-        # owner was lost) is not said to be taken: the others keep sending the lost node's
-        # outbox its publishes (its sessions here are new, empty; the two merge when it is back)
-        with_copies = set(self.broker.copies_for(restore))
         self.broker.place_replicas(restore, backup, keep, now())
         taken: dict[int, list[int]] = {}
         for v in restore:
             previous = self._lost_from.pop(v, -1)
-            if previous >= 0 and previous not in self._remote and v in with_copies:
+            if previous >= 0 and previous not in self._remote:
                 taken.setdefault(previous, []).append(v)
         for previous, vshards in taken.items():  # their routes are announced: say so
             self.broker.shards_taken(previous, vshards, now())

@@ -460,13 +460,3 @@ def test_a_held_id_whose_message_the_lost_node_saw_acknowledged_gets_pubrel_at_t
     packets = back.packets()
     assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [pid]
     assert [p for p in packets if isinstance(p, Publish)] == []
-
-
-def test_a_backup_knows_which_shards_it_has_whole_sets_of(pair: tuple[Harness, Harness]) -> None:
-    """A shard whose owner was lost before the backup got its set (even an empty one) is not
-    said to be taken (``ShardsTaken``): the worker asks ``copies_for`` first."""
-    a, b = pair
-    other = (V + 1) % COUNT
-    assert b.broker.copies_for([V, other]) == []
-    carry(a, b)  # the whole (empty) set of V
-    assert b.broker.copies_for([V, other]) == [V]
