@@ -255,14 +255,12 @@ class Replicas:
                 self._unkept.setdefault(v, mono + KEEP_AFTER)
 
     def take(self, vshards: list[int], previous: dict[int, int]) -> int:
-        """``vshards`` are served here now, with no live previous owner to send their
-        sessions (``previous``: the lost worker that served each, where known): those this
-        worker has copies of become sessions (``restore``) and are announced as taken; the
-        others a lost worker served are asked of every worker (``ReplicasQuery``) and wait for
-        ``COPIES_WAIT``. How many sessions restored."""
+        """``vshards`` are served here now, taken from workers of nodes that are gone
+        (``previous``: the one of each, where known): those this worker has copies of become
+        sessions (``restore``) and are announced as taken; the others are asked of every
+        worker (``ReplicasQuery``) and wait for ``COPIES_WAIT``. How many sessions restored."""
         have = [v for v in vshards if v in self.held]
-        # only a shard a lost worker served is asked for (not one the map gives out first)
-        missing = [v for v in vshards if v not in self.held and previous.get(v, -1) >= 0]
+        missing = [v for v in vshards if v not in self.held]
         restored = self.restore(have)
         by_previous: dict[int, list[int]] = {}
         for v in have:
