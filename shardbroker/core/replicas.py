@@ -32,7 +32,7 @@ from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
 from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving, Restored
 from shardbroker.core.sessions import Sessions
-from shardbroker.peer.messages import REMOTE_BASE, ReplicasQuery, SessionReplicas
+from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
 from shardbroker.storage.batch import vshard_of
 from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
 from shardbroker.storage.session_state import ClientState, pack_state, put_state, unpack_state
@@ -62,13 +62,6 @@ PID_SKIP = 4096
 # seconds a session taken from a copy notes the publish numbers it gets (``session.Restored``):
 # longer than the other nodes take to drop the lost node's routes once its shards are taken
 RESTORED_MARKS = 10.0
-# seconds a worker keeps its copies of a virtual shard after it stopped being its backup, for
-# a successor that became the backup a moment before the owner was lost and has none yet
-# (``ReplicasQuery``)
-KEEP_AFTER = 10.0
-# seconds a shard taken with no copies here waits for another worker's (its clients are
-# refused meanwhile) before it is served with none
-COPIES_WAIT = 1.5
 
 
 class Replicas:
@@ -89,16 +82,7 @@ class Replicas:
         # sessions holding packet ids for a lost node's QoS 2 messages -> since when (monotonic)
         self.holding: dict[str, float] = {}
         self.delivery: Delivery | None = None  # set by the broker
-        # virtual shard -> when its copies go (monotonic): this worker no longer backs it up
-        self._unkept: dict[int, float] = {}
-        # shards taken here with no copies: vshard -> (the lost worker that served it, until
-        # when their copies are waited for, monotonic)
-        self.awaiting: dict[int, tuple[int, float]] = {}
-        self._answered: dict[int, float] = {}  # vshard -> until when further answers are ignored
-        # the shards taken from a lost worker, announced (``Peers.shards_taken``; by the broker)
-        self.taken: Callable[[int, list[int]], None] = lambda previous, vshards: None
-        for key in ("replicas_sent", "replicas_held", "sessions_restored", "replicas_asked",
-                    "replicas_not_found"):
+        for key in ("replicas_sent", "replicas_held", "sessions_restored"):
             stats.setdefault(key, 0)
 
     # ---- as the owner
@@ -189,20 +173,9 @@ class Replicas:
     def on_replicas(self, m: SessionReplicas) -> None:
         held = self.held
         if m.vshard >= 0:
-            if self.time.mono < self._answered.get(m.vshard, 0.0):
-                return  # another answer to a query already answered: the shard is served here
-            self._unkept.pop(m.vshard, None)  # its owner names this worker its backup (again)
             before = len(held.pop(m.vshard, ()))
             held[m.vshard] = {cid: blob for cid, blob in m.items if blob}
             self.stats["replicas_held"] += len(held[m.vshard]) - before
-            waited = self.awaiting.pop(m.vshard, None)
-            if waited is not None:  # asked for: the shard's sessions, at last
-                self._answered[m.vshard] = self.time.mono + COPIES_WAIT
-                log.warning("shard %d: virtual shard %d: its session copies came from peer %d",
-                            self.shard, m.vshard, m.shard)
-                self.restore([m.vshard])
-                if waited[0] >= 0:
-                    self.taken(waited[0], [m.vshard])
             return
         for cid, blob in m.items:
             records = held.setdefault(vshard_of(cid), {})
@@ -223,13 +196,6 @@ class Replicas:
     def sweep(self) -> None:
         """Release the packet ids held longer than ``HOLD_FOR_LOST`` for messages that did not
         come back (their node is lost for ever, or its session went elsewhere)."""
-        if self._unkept:
-            for v, until in list(self._unkept.items()):
-                if self.time.mono >= until:
-                    del self._unkept[v]
-                    self.stats["replicas_held"] -= len(self.held.pop(v, {}))
-        if self.awaiting:
-            self._give_up_waiting()
         if not self.holding or self.delivery is None:
             return
         mono = self.time.mono
@@ -245,59 +211,9 @@ class Replicas:
                     self.delivery.release(sess, pid)
 
     def keep_only(self, keep: Callable[[int], bool]) -> None:
-        """Forget the copies of the shards ``keep`` says this worker no longer backs up, after
-        ``KEEP_AFTER`` seconds (``sweep``): a successor without them may ask for them."""
-        mono = self.time.mono
-        for v in self.held:
-            if keep(v):
-                self._unkept.pop(v, None)
-            else:
-                self._unkept.setdefault(v, mono + KEEP_AFTER)
-
-    def take(self, vshards: list[int], previous: dict[int, int]) -> int:
-        """``vshards`` are served here now, taken from workers of nodes that are gone
-        (``previous``: the one of each, where known): those this worker has copies of become
-        sessions (``restore``) and are announced as taken; the others are asked of every
-        worker (``ReplicasQuery``) and wait for ``COPIES_WAIT``. How many sessions restored."""
-        have = [v for v in vshards if v in self.held]
-        missing = [v for v in vshards if v not in self.held]
-        restored = self.restore(have)
-        by_previous: dict[int, list[int]] = {}
-        for v in have:
-            if previous.get(v, -1) >= 0:
-                by_previous.setdefault(previous[v], []).append(v)
-        for peer, vs in by_previous.items():
-            self.taken(peer, vs)
-        if missing:
-            until = self.time.mono + COPIES_WAIT
-            for v in missing:
-                self.awaiting[v] = (previous.get(v, -1), until)
-            self.stats["replicas_asked"] += len(missing)
-            self.link.broadcast(ReplicasQuery(self.shard, tuple(missing)))
-            log.warning("shard %d: no session copies of virtual shards %s here: asked the other"
-                        " workers", self.shard, ",".join(str(v) for v in missing))
-            self.wake()
-        return restored
-
-    def on_query(self, m: ReplicasQuery) -> None:
-        """A successor without copies asks: those kept here go to it."""
-        for v in m.vshards:
-            records = self.held.get(v)
-            if records is not None:
-                self._send(m.shard, v, list(records.items()))
-
-    def _give_up_waiting(self) -> None:
-        """Shards whose copies did not come in time are served with none."""
-        mono = self.time.mono
-        for v, (previous, until) in list(self.awaiting.items()):
-            if mono < until:
-                continue
-            del self.awaiting[v]
-            self.stats["replicas_not_found"] += 1
-            log.error("shard %d: virtual shard %d: no worker had its session copies; serving it"
-                      " without them (its clients get new sessions)", self.shard, v)
-            if previous >= 0:
-                self.taken(previous, [v])
+        """Forget the copies of the shards ``keep`` says this worker no longer backs up."""
+        for v in [v for v in self.held if not keep(v)]:
+            self.stats["replicas_held"] -= len(self.held.pop(v))
 
     def restore(self, vshards: list[int]) -> int:
         """``vshards`` are served here now and no previous owner is to send their sessions:
