@@ -63,6 +63,9 @@ class Inbound:
         self.backpressure: Backpressure  # set by the broker
         # a persistent session's incoming QoS 2 packet ids changed: copied to its shard's backup
         self.replicate: Callable[[str], None] = lambda client_id: None
+        # a QoS 2 resend (DUP) under an id the session does not hold: True if it waits for a
+        # lost node's session, unacknowledged (``Replicas.wait_resend``)
+        self.wait_resend: Callable[[Client, Session, Publish], bool] = lambda client, sess, pkt: False
 
     def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
         if self._rated:
@@ -108,6 +111,8 @@ class Inbound:
         pid = pkt.packet_id
         if qos == 2 and pid is not None and sess.has_qos2_in(pid):  # a resend of one we have: acknowledge again only
             self._ack(client, codec.encode(PubRec(pid), client.version))
+            return
+        if qos == 2 and pkt.dup and self.wait_resend(client, sess, pkt):
             return
         if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
@@ -160,6 +165,16 @@ class Inbound:
                       else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif client.withheld is not None:  # held, and QoS 0 has no acknowledgement to hold back
             self.backpressure.pause(client)
+
+    def had(self, client: Client, sess: Session, pid: int) -> None:
+        """A resend that waited for the lost node's session, which had taken (and routed) the
+        publish under ``pid``: acknowledged only, as a resend of one held here."""
+        if not sess.has_qos2_in(pid):
+            sess.add_qos2_in(pid)
+            if sess.persistent:
+                self.commit.batch().add_qos2_incoming(sess.client_id, pid)
+                self.replicate(sess.client_id)
+        self._ack(client, codec.encode_ack(PacketType.PUBREC, pid))
 
     def _ack(self, client: Client, data: bytes) -> None:
         """PUBACK/PUBREC: after the commit, and later still while the client is held back."""

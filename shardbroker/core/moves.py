@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -196,6 +196,9 @@ class Moves:
         self.partial: Callable[[str], bool] = lambda client_id: False
         # a session moved in may hold packet ids for a lost node's messages (``Replicas.hold``)
         self.holding: Callable[[str], None] = lambda client_id: None
+        # a session met the other of its client ID here, which held these incoming QoS 2 ids
+        # (``Replicas.merged``: resends waiting for a lost node's session)
+        self.lost_merged: Callable[[str, Collection[int]], None] = lambda client_id, had: None
         self.delivery: Delivery | None = None
         # the durable forwards: the last applied from a peer, the last sent to one
         self.inbox_mark: Callable[[int], int] = lambda peer: 0
@@ -536,6 +539,7 @@ class Moves:
                                                      sub.retain_handling, sub.subscription_id)
                         for sub in rec.subscriptions})
                     n = self._carry(have, _stored_copies(state), _stored_pubrels(state))
+                    self.lost_merged(rec.client_id, state.qos2_incoming)
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
                              rec.client_id, m.shard, n)
@@ -546,6 +550,7 @@ class Moves:
                     carried = self._not_got(carried, state.got)
                 carried_subs = dict(have.subscriptions or {})
                 self.sessions.end(have)
+                self.lost_merged(rec.client_id, ())  # its client had gone: it sends them again
             announce += self.sessions.adopt(put_state(batch, state))
             self._merged.add((m.shard, m.vshard, m.version, rec.client_id))  # taken: not again
             adopted = self.sessions.get(rec.client_id)

@@ -25,14 +25,16 @@ No I/O: the shell tells it the backups (``set_backups``) and which shards to res
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
+from shardbroker.core.client import Client
 from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
-from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving, Restored
+from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving, Restored, Session
 from shardbroker.core.sessions import Sessions
 from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
+from shardbroker.protocol.packets import Publish
 from shardbroker.storage.batch import vshard_of
 from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
 from shardbroker.storage.session_state import ClientState, pack_state, put_state, unpack_state
@@ -54,6 +56,14 @@ CHUNK_BYTES = 64 * 1024  # the records of one SessionReplicas (one bigger record
 _PUBREL_DUE = InflightRecord(None, 2, AWAIT_PUBCOMP)
 _HELD = InflightRecord(None, 2, AWAIT_PUBREC)
 HOLD_FOR_LOST = 120.0
+# A client whose session was taken from a copy sends again (DUP) the QoS 2 publishes it had no
+# PUBREC for. One under a packet id the copy did not name may be one the lost node took, and
+# routed, after its last copy left (its bus stopped with that copy, and the forwards leave
+# when it is back): routed here too it would arrive twice. So it waits, unacknowledged (the
+# client keeps it), until the lost node's own session merges with this one and says whether
+# it had that id (``Replicas.merged``), or ``RESENDS_WAIT`` seconds (the node is lost for
+# good): then it is taken as new. A client that goes meanwhile sends it again.
+RESENDS_WAIT = 30.0
 # packet ids a session taken from a copy skips past the next one its copy named: the lost
 # node gave the ids after that one to messages its last copies did not reach the backup with
 # (its bus stopped with them), which the client may hold awaiting PUBREL; the merge sends
@@ -81,8 +91,15 @@ class Replicas:
         self.restored: set[str] = set()
         # sessions holding packet ids for a lost node's QoS 2 messages -> since when (monotonic)
         self.holding: dict[str, float] = {}
+        # sessions taken from copies here that the lost node's own has not merged with yet ->
+        # since when (monotonic); the resends waiting for that merge (``RESENDS_WAIT``)
+        self.awaiting: dict[str, float] = {}
+        self.resends: dict[str, tuple[Client, dict[int, Publish]]] = {}
+        # takes waiting resends: acknowledged only (the ids the lost node had), or as new
+        self.release: Callable[[Client, Session, list[Publish], Collection[int]], None] = (
+            lambda client, sess, pkts, had: None)
         self.delivery: Delivery | None = None  # set by the broker
-        for key in ("replicas_sent", "replicas_held", "sessions_restored"):
+        for key in ("replicas_sent", "replicas_held", "sessions_restored", "resends_waited", "resends_had"):
             stats.setdefault(key, 0)
 
     # ---- as the owner
@@ -193,12 +210,52 @@ class Replicas:
                                     for o in sess.inflight.values()):
             self.holding.setdefault(client_id, self.time.mono)
 
+    # ---- publishes sent again by the client of a session taken from a copy
+
+    def wait_resend(self, client: Client, sess: Session, pkt: Publish) -> bool:
+        """``pkt``, a QoS 2 publish sent again under a packet id ``sess`` does not hold: True
+        if it waits for the lost node's session (``RESENDS_WAIT``), unacknowledged."""
+        cid = sess.client_id
+        if cid not in self.awaiting or pkt.packet_id is None:
+            return False
+        held = self.resends.get(cid)
+        if held is None or held[0] is not client:  # waiting ones of an earlier connection: resent
+            held = self.resends[cid] = (client, {})
+        held[1][pkt.packet_id] = pkt
+        self.stats["resends_waited"] += 1
+        return True
+
+    def merged(self, client_id: str, had: Collection[int]) -> None:
+        """The lost node's session of ``client_id`` merged with the one taken from its copy;
+        ``had``: the packet ids of the QoS 2 publishes it had taken (and routed) and not seen
+        released. The waiting resends under those are acknowledged only, the others taken."""
+        if self.awaiting.pop(client_id, None) is None:
+            return
+        self._release(client_id, had)
+
+    def _release(self, client_id: str, had: Collection[int]) -> None:
+        held = self.resends.pop(client_id, None)
+        sess = self.sessions.get(client_id)
+        if held is None or sess is None or sess.client is not held[0]:
+            return
+        client = held[0]
+        if client.closing or client.gone:
+            return
+        self.stats["resends_had"] += sum(1 for pid in held[1] if pid in had)
+        self.release(client, sess, list(held[1].values()), had)
+        self.wake()
+
     def sweep(self) -> None:
         """Release the packet ids held longer than ``HOLD_FOR_LOST`` for messages that did not
-        come back (their node is lost for ever, or its session went elsewhere)."""
+        come back (their node is lost for ever, or its session went elsewhere), and take the
+        resends that waited ``RESENDS_WAIT`` for a lost node's session."""
+        mono = self.time.mono
+        if self.awaiting:
+            for cid in [cid for cid, since in self.awaiting.items() if mono - since >= RESENDS_WAIT]:
+                del self.awaiting[cid]
+                self._release(cid, ())
         if not self.holding or self.delivery is None:
             return
-        mono = self.time.mono
         for cid, since in list(self.holding.items()):
             if mono - since < HOLD_FOR_LOST:
                 continue
@@ -256,6 +313,7 @@ class Replicas:
                         # named: they are not given again soon (``PID_SKIP``)
                         sess.next_pid = (state.next_pid - 1 + PID_SKIP) % 65535 + 1
                 self.restored.add(cid)
+                self.awaiting[cid] = self.time.mono
                 self.hold(cid)
                 restored += 1
         if announce:

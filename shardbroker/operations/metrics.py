@@ -104,6 +104,11 @@ _SHARD_COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      "session copies sent to the backups of this worker's virtual shards", "replicas_sent", {}),
     ("shardbroker_sessions_restored_total",
      "sessions taken from copies held here when their node was lost", "sessions_restored", {}),
+    ("shardbroker_qos2_resends_waited_total",
+     ("QoS 2 publishes sent again to a session taken from a copy, under an id the copy did not name, that"
+      " waited for the lost node's session"), "resends_waited", {}),
+    ("shardbroker_qos2_resends_had_total",
+     "of those, the ones the lost node had taken and routed: acknowledged only", "resends_had", {}),
     ("shardbroker_move_refilled_messages_total",
      "QoS 2 messages of a lost node sent again under the packet id held for them", "moves_refilled", {}),
     ("shardbroker_lost_routes_total",

@@ -19,7 +19,7 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.core.replicas import HOLD_FOR_LOST, PID_SKIP
+from shardbroker.core.replicas import HOLD_FOR_LOST, PID_SKIP, RESENDS_WAIT
 from shardbroker.core.session import AWAIT_PUBCOMP
 from shardbroker.peer.messages import (
     DurableForward,
@@ -460,3 +460,81 @@ def test_a_held_id_whose_message_the_lost_node_saw_acknowledged_gets_pubrel_at_t
     packets = back.packets()
     assert [p.packet_id for p in packets if isinstance(p, PubRel)] == [pid]
     assert [p for p in packets if isinstance(p, Publish)] == []
+
+
+def resend_after_loss(pair: tuple[Harness, Harness], lost_node_took_it: bool) -> tuple[FakeClient, FakeClient,
+                                                                                       list[PeerMessage]]:
+    """CID publishes at QoS 2 (id 5) to a subscriber on ``b``. With ``lost_node_took_it``,
+    ``a`` took it and routed it, but its bus stopped with the forward and with the copy that
+    names the id; else the publish never reached ``a``. ``b`` restores the session and the
+    client sends the publish again (DUP): the client, the watcher on ``b``, and the forwards
+    ``a`` could not send."""
+    a, b = pair
+    watcher = b.connect("watcher")
+    watcher.send(Subscribe(1, (Subscription("t/mine", 2),)))
+    watcher.packets()
+    a.peer_messages([RoutesAdd(B_PEER, (("t/mine", True),))])
+    c = a.connect(CID, clean=False)
+    carry(a, b)
+    stuck: list[PeerMessage] = []
+    if lost_node_took_it:
+        c.send(Publish("t/mine", b"once", 2, packet_id=5))
+        stuck = [m for peer, m in a.link.take() if peer == B_PEER and isinstance(m, DurableForward)]
+        assert len(stuck) == 1  # routed, and lost with the copy naming id 5
+        assert CID in a.broker.sessions.stored_client_ids
+    c.drop()
+    a.link.take()
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    again = b.connect(CID, clean=False, keepalive=0)
+    assert again.packets()[0].session_present
+    again.send(Publish("t/mine", b"once", 2, packet_id=5, dup=True))
+    assert [p for p in again.packets() if isinstance(p, PubRec)] == []  # it waits, unacknowledged
+    assert [p for p in watcher.packets() if isinstance(p, Publish)] == []
+    assert b.broker.stats["resends_waited"] == 1
+    return again, watcher, stuck
+
+
+@pytest.mark.parametrize("lost_node_took_it", [True, False])
+def test_a_qos2_resend_after_a_loss_waits_for_the_lost_node_and_arrives_once(
+        pair: tuple[Harness, Harness], lost_node_took_it: bool) -> None:
+    """A QoS 2 publish the client sends again to the successor, under an id its copy did not
+    name, waits until the lost node's session merges: if that one had the id, the lost node
+    routed it (its forward arrives when it is back), so it is only acknowledged; if not, it is
+    taken then."""
+    a, b = pair
+    again, watcher, stuck = resend_after_loss(pair, lost_node_took_it)
+    hand(a, A_PEER, b, B_PEER, 9)  # a is back, and its session of CID merges with b's
+    b.run()
+    assert any(isinstance(p, PubRec) and p.packet_id == 5 for p in again.packets())
+    routed = [p.payload for p in watcher.packets() if isinstance(p, Publish)]
+    assert routed == ([] if lost_node_took_it else [b"once"])
+    assert b.broker.stats["resends_had"] == int(lost_node_took_it)
+    from_sender(stuck, A_PEER)
+    b.peer_messages(stuck)  # the lost node's forward, once its bus runs again
+    delivered = routed + [p.payload for p in watcher.packets() if isinstance(p, Publish)]
+    assert delivered == [b"once"]
+    again.send(PubRel(5))
+    assert any(isinstance(p, PubComp) and p.packet_id == 5 for p in again.packets())
+    again.send(Publish("t/mine", b"next", 2, packet_id=5, dup=True))  # the id again: a new one now
+    assert any(isinstance(p, PubRec) and p.packet_id == 5 for p in again.packets())
+    assert [p.payload for p in watcher.packets() if isinstance(p, Publish)] == [b"next"]
+
+
+def test_a_waiting_resend_is_taken_after_the_wait_or_sent_again_by_a_new_connection(
+        pair: tuple[Harness, Harness]) -> None:
+    """The lost node does not come back: after ``RESENDS_WAIT`` the resend is taken as new.
+    One whose connection ended meanwhile is not taken: the client sends it again."""
+    _a, b = pair
+    again, watcher, _stuck = resend_after_loss(pair, True)
+    again.drop()
+    later = b.connect(CID, clean=False, keepalive=0)
+    later.packets()
+    later.send(Publish("t/mine", b"once", 2, packet_id=5, dup=True))
+    assert [p for p in later.packets() if isinstance(p, PubRec)] == []
+    b.advance(RESENDS_WAIT + 1)
+    assert [p.packet_id for p in later.packets() if isinstance(p, PubRec)] == [5]
+    assert [p.payload for p in watcher.packets() if isinstance(p, Publish)] == [b"once"]
+    later.send(Publish("t/mine", b"dup-later", 2, packet_id=6, dup=True))  # no longer waited for
+    assert [p.packet_id for p in later.packets() if isinstance(p, PubRec)] == [6]
