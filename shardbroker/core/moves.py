@@ -538,7 +538,10 @@ class Moves:
                         sub.topic_filter: subscribed(sub.qos, sub.no_local, sub.retain_as_published,
                                                      sub.retain_handling, sub.subscription_id)
                         for sub in rec.subscriptions})
-                    n = self._carry(have, _stored_copies(state), _stored_pubrels(state))
+                    copies = _stored_copies(state)
+                    if state.got:  # taken from a copy: its publishes that reached this one too
+                        copies = self._both_ways(have, copies, state.got)
+                    n = self._carry(have, copies, _stored_pubrels(state))
                     self.lost_merged(rec.client_id, state.qos2_incoming)
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
@@ -602,6 +605,37 @@ class Moves:
         kept = [c for c in copies if not (c[0].mid and c[0].mid in numbers.get(glob(c[0].src), ()))]
         self.stats["moves_duplicates"] += len(copies) - len(kept)
         return kept
+
+    def _both_ways(self, have: Session, copies: list[_Copy],
+                   got: tuple[tuple[int, tuple[int, ...]], ...]) -> list[_Copy]:
+        """``have``, the lost node's session, is kept; ``copies`` are the messages of the one
+        taken from its copy, which got the publishes numbered in ``got``: one of those that
+        ``have`` holds too came both ways. That session's copy of it goes: the stored state
+        has no numbers, so it is the first of its copies with the same topic and payload (alike
+        copies are interchangeable: the client gets as many as were published). The numbers
+        ``have`` does not hold are dropped if they reach it later (``Restored``)."""
+        numbers = {src: set(mids) for src, mids in got}
+        glob = self.global_id
+        alike: dict[tuple[str, bytes], list[int]] = {}
+        for i, c in enumerate(copies):
+            alike.setdefault((c[0].topic, c[0].payload), []).append(i)
+        drop: set[int] = set()
+        held = [out.message for out in have.inflight.values() if out.message is not None]
+        held += [q.message for q in have.queue or ()]
+        for msg in held:
+            mids = numbers.get(glob(msg.src)) if msg.mid else None
+            if mids is None or msg.mid not in mids:
+                continue
+            mids.discard(msg.mid)
+            same = alike.get((msg.topic, msg.payload))
+            if same:
+                drop.add(same.pop(0))
+        self.stats["moves_duplicates"] += len(drop)
+        left = {src: mids for src, mids in numbers.items() if mids}
+        if left and have.moving is None:
+            mono = self.time.mono
+            have.moving = Restored(mono, mono + MARKS_KEEP, left)
+        return [c for i, c in enumerate(copies) if i not in drop]
 
     def _carry(self, sess: Session, copies: list[_Copy], pubrels: list[int]) -> int:
         """Two nodes each held a session for one client ID (a node that lost its lease, or was

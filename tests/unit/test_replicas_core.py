@@ -538,3 +538,34 @@ def test_a_waiting_resend_is_taken_after_the_wait_or_sent_again_by_a_new_connect
     assert [p.payload for p in watcher.packets() if isinstance(p, Publish)] == [b"once"]
     later.send(Publish("t/mine", b"dup-later", 2, packet_id=6, dup=True))  # no longer waited for
     assert [p.packet_id for p in later.packets() if isinstance(p, PubRec)] == [6]
+
+
+def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_session_is_kept(
+        pair: tuple[Harness, Harness]) -> None:
+    """The client stayed on the lost node (stopped, not closed) and never reached the
+    successor: once back, that node closes it, so its session is the newer one and is kept at
+    the merge. The other session's copy of a publish both got is dropped (its stored state
+    has no numbers: a copy with the same topic and payload), and so is a later one from the
+    lost node's outbox."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    source = 768
+
+    def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
+        return DurableForward(source, seq, Forward("t/x", payload, 1, False), mid)
+
+    b.peer_messages([forward(1, b"both", 1000), forward(2, b"both-late", 1002), forward(3, b"same", 1003)])
+    a.advance(2, tick=False)
+    c.drop()  # the lost node is back and closes its client: its session is the newer one
+    a.peer_messages([forward(1, b"same", 999), forward(2, b"both", 1000), forward(3, b"only-a", 1001)])
+    go_home(a, b)
+    a.peer_messages([forward(4, b"both-late", 1002)])  # the lost node's copy, after the merge
+    back = a.connect(CID, clean=False)
+    assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
+        b"both", b"both-late", b"only-a", b"same", b"same"]
+    assert a.broker.stats["moves_duplicates"] == 2
