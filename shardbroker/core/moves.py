@@ -133,6 +133,17 @@ def _stored_pubrels(state: ClientState) -> list[int]:
     return [pid for pid, row, _smsg in state.inflight if row.qos == 2 and row.state == AWAIT_PUBCOMP]
 
 
+def _numbers(got: tuple[tuple[int, tuple[int, ...]], ...], mark: object) -> dict[int, set[int]]:
+    """The publish numbers a merge must not deliver twice: those a shipped state's session
+    got after being taken from a copy (``got``), and those a session held here did
+    (``mark``: its ``Restored`` or ``Arrived`` mark)."""
+    numbers = {src: set(mids) for src, mids in got}
+    if type(mark) is Restored or type(mark) is Arrived:
+        for src, mids in mark.got.items():
+            numbers.setdefault(src, set()).update(mids)
+    return {src: mids for src, mids in numbers.items() if mids}
+
+
 def _message(smsg: StoredMessage) -> Message:
     return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at)
 
@@ -357,6 +368,12 @@ class Moves:
         if type(mark) is Leaving:  # moving on already: relayed again
             delivery.deliver(sess, msg, msg.qos, msg.retain, sub_ids, group)
             return
+        if (type(mark) is Arrived or type(mark) is Restored) and group is None and msg.mid:
+            got = mark.got.get(msg.src)
+            if got is not None and msg.mid in got:  # the lost node's copy of one the session has
+                got.discard(msg.mid)
+                self.stats["moves_duplicates"] += 1
+                return
         if type(mark) is Arrived and group is None and msg.mid and self.time.mono < mark.until:
             src, mid = msg.src, msg.mid
             direct = mark.direct.get(src)
@@ -539,9 +556,17 @@ class Moves:
                                                      sub.retain_handling, sub.subscription_id)
                         for sub in rec.subscriptions})
                     copies = _stored_copies(state)
-                    if state.got:  # taken from a copy: its publishes that reached this one too
-                        copies = self._both_ways(have, copies, state.got)
+                    numbers = _numbers(state.got, have.moving)
+                    if numbers:  # a publish that reached both sessions: one copy goes
+                        held = [out.message for out in have.inflight.values() if out.message is not None]
+                        held += [q.message for q in have.queue or ()]
+                        drop = {j for _i, j in self._alike(held, numbers, copies)}
+                        copies = [c for j, c in enumerate(copies) if j not in drop]
                     n = self._carry(have, copies, _stored_pubrels(state))
+                    if have.moving is None or type(have.moving) is Restored:
+                        # the other worker relays what still reaches it there: taken once
+                        have.moving = Arrived({}, self.time.mono + MARKS_KEEP, got=numbers)
+                        self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
                     self.lost_merged(rec.client_id, state.qos2_incoming)
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
@@ -551,6 +576,15 @@ class Moves:
                 pubrels = _held_pubrels(have)
                 if state.got:  # publishes the incoming one got that were kept for this one too
                     carried = self._not_got(carried, state.got)
+                own = _numbers((), have.moving)  # this one was taken from a copy
+                if own:  # what it got that the incoming one holds too: its own copy goes
+                    drop = {i for i, _j in self._alike([c[0] for c in carried], own, _stored_copies(state))}
+                    carried = [c for i, c in enumerate(carried) if i not in drop]
+                    got_left = {src: set(mids) for src, mids in state.got}
+                    for src, mids in own.items():
+                        got_left.setdefault(src, set()).update(mids)
+                    state = dataclasses.replace(state, got=tuple(sorted(
+                        (src, tuple(sorted(mids))) for src, mids in got_left.items() if mids)))
                 carried_subs = dict(have.subscriptions or {})
                 self.sessions.end(have)
                 self.lost_merged(rec.client_id, ())  # its client had gone: it sends them again
@@ -606,36 +640,31 @@ class Moves:
         self.stats["moves_duplicates"] += len(copies) - len(kept)
         return kept
 
-    def _both_ways(self, have: Session, copies: list[_Copy],
-                   got: tuple[tuple[int, tuple[int, ...]], ...]) -> list[_Copy]:
-        """``have``, the lost node's session, is kept; ``copies`` are the messages of the one
-        taken from its copy, which got the publishes numbered in ``got``: one of those that
-        ``have`` holds too came both ways. That session's copy of it goes: the stored state
-        has no numbers, so it is the first of its copies with the same topic and payload (alike
-        copies are interchangeable: the client gets as many as were published). The numbers
-        ``have`` does not hold are dropped if they reach it later (``Restored``)."""
-        numbers = {src: set(mids) for src, mids in got}
+    def _alike(self, numbered: list[Message], numbers: dict[int, set[int]],
+               others: list[_Copy]) -> list[tuple[int, int]]:
+        """A publish that reached both of two sessions of one client ID (one taken from a copy
+        noted the numbers it got, ``Restored``): pairs (i, j) of ``numbered[i]``, whose number
+        is in ``numbers`` (taken out of it), and the first copy ``others[j]`` (a stored state:
+        no numbers) with the same topic and payload. Alike copies are interchangeable: keeping
+        one of each pair, the client gets as many as were published. The numbers left are
+        those still to drop when they arrive."""
         glob = self.global_id
         alike: dict[tuple[str, bytes], list[int]] = {}
-        for i, c in enumerate(copies):
-            alike.setdefault((c[0].topic, c[0].payload), []).append(i)
-        drop: set[int] = set()
-        held = [out.message for out in have.inflight.values() if out.message is not None]
-        held += [q.message for q in have.queue or ()]
-        for msg in held:
+        for j, c in enumerate(others):
+            alike.setdefault((c[0].topic, c[0].payload), []).append(j)
+        pairs: list[tuple[int, int]] = []
+        for i, msg in enumerate(numbered):
             mids = numbers.get(glob(msg.src)) if msg.mid else None
             if mids is None or msg.mid not in mids:
                 continue
             mids.discard(msg.mid)
             same = alike.get((msg.topic, msg.payload))
             if same:
-                drop.add(same.pop(0))
-        self.stats["moves_duplicates"] += len(drop)
-        left = {src: mids for src, mids in numbers.items() if mids}
-        if left and have.moving is None:
-            mono = self.time.mono
-            have.moving = Restored(mono, mono + MARKS_KEEP, left)
-        return [c for i, c in enumerate(copies) if i not in drop]
+                pairs.append((i, same.pop(0)))
+        self.stats["moves_duplicates"] += len(pairs)
+        for src in [src for src, mids in numbers.items() if not mids]:
+            del numbers[src]
+        return pairs
 
     def _carry(self, sess: Session, copies: list[_Copy], pubrels: list[int]) -> int:
         """Two nodes each held a session for one client ID (a node that lost its lease, or was

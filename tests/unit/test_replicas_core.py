@@ -565,7 +565,43 @@ def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_ses
     a.peer_messages([forward(1, b"same", 999), forward(2, b"both", 1000), forward(3, b"only-a", 1001)])
     go_home(a, b)
     a.peer_messages([forward(4, b"both-late", 1002)])  # the lost node's copy, after the merge
+    # one publish to both, before the publisher's worker hears the session moved: b relays
+    # its copy to a, which has had it straight
+    a.peer_messages([forward(5, b"twice", 1005)])
+    b.peer_messages([forward(4, b"twice", 1005)])
+    relayed: list[PeerMessage] = [m for peer, m in b.link.take() if peer == A_PEER and isinstance(m, DurableForward)]
+    assert len(relayed) == 1
+    from_sender(relayed, B_PEER)
+    a.peer_messages(relayed)
     back = a.connect(CID, clean=False)
     assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
-        b"both", b"both-late", b"only-a", b"same", b"same"]
-    assert a.broker.stats["moves_duplicates"] == 2
+        b"both", b"both-late", b"only-a", b"same", b"same", b"twice"]
+    assert a.broker.stats["moves_duplicates"] == 3
+
+
+def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_session_moves_in(
+        pair: tuple[Harness, Harness]) -> None:
+    """The lost node is back, its session of the client the newer one, and the shard stays
+    with the successor: the lost node's state is taken there, and the successor's own copy
+    of a publish both got goes (the state has no numbers: the one alike)."""
+    a, b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    source = 768
+
+    def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
+        return DurableForward(source, seq, Forward("t/x", payload, 1, False), mid)
+
+    b.peer_messages([forward(1, b"both", 1000), forward(2, b"only-b", 1001)])
+    a.advance(2, tick=False)
+    c.drop()  # the lost node is back and closes its client: its session is the newer one
+    a.peer_messages([forward(1, b"both", 1000), forward(2, b"only-a", 999)])
+    hand(a, A_PEER, b, B_PEER, 9)
+    back = b.connect(CID, clean=False)
+    assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
+        b"both", b"only-a", b"only-b"]
+    assert b.broker.stats["moves_duplicates"] == 1
