@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from shardbroker.config import Config
@@ -181,7 +181,7 @@ class Broker:
         moves.partial = self.replicas.restored.__contains__
         moves.holding = self.replicas.hold
         moves.lost_merged = self.replicas.merged
-        self.inbound.wait_resend = self.replicas.wait_resend
+        self.inbound.resent = self.replicas.resent
         self.replicas.release = self._take_resends
         self.replicas.delivery = self.delivery
         # One handler per packet type once connected (CONNECT goes to the handshake).
@@ -417,16 +417,13 @@ class Broker:
                           type(packet).__name__, client.client_id)
             self.close(client, reasons.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
 
-    def _take_resends(self, client: Client, sess: Session, pkts: list[Publish], had: Collection[int]) -> None:
-        """QoS 2 resends that waited for a lost node's session (``Replicas.wait_resend``): those
-        it had taken are acknowledged only, the others handled now as they came."""
+    def _take_resends(self, client: Client, sess: Session, pkts: list[Publish]) -> None:
+        """QoS 2 resends that waited for a lost node's session (``Replicas.resent``): handled
+        now, as they came (acknowledged only if that session had taken them)."""
         for pkt in pkts:
             if client.closing:
                 return
-            if pkt.packet_id in had:
-                self.inbound.had(client, sess, pkt.packet_id)  # type: ignore[arg-type]
-            else:
-                self.handle(client, pkt)
+            self.handle(client, pkt)
 
     def protocol_violation(self, client: Client, exc: ProtocolError) -> None:
         self.stats["protocol_errors"] += 1

@@ -25,6 +25,7 @@ from shardbroker.core.clock import EventTime, Scheduler
 from shardbroker.core.commit import Commit
 from shardbroker.core.output import Output
 from shardbroker.core.peers import Peers
+from shardbroker.core.replicas import RESEND_HAD, RESEND_NEW, RESEND_WAITS
 from shardbroker.core.session import Message, Session
 from shardbroker.core.topics import beyond_limits, validate_topic_name
 from shardbroker.protocol import codec, reasons
@@ -63,9 +64,10 @@ class Inbound:
         self.backpressure: Backpressure  # set by the broker
         # a persistent session's incoming QoS 2 packet ids changed: copied to its shard's backup
         self.replicate: Callable[[str], None] = lambda client_id: None
-        # a QoS 2 resend (DUP) under an id the session does not hold: True if it waits for a
-        # lost node's session, unacknowledged (``Replicas.wait_resend``)
-        self.wait_resend: Callable[[Client, Session, Publish], bool] = lambda client, sess, pkt: False
+        # a QoS 2 resend (DUP) under an id the session does not hold: new, waiting for a lost
+        # node's session (unacknowledged), or taken by the other session of a merge
+        # (``Replicas.resent``)
+        self.resent: Callable[[Client, Session, Publish], int] = lambda client, sess, pkt: RESEND_NEW
 
     def on_publish(self, client: Client, sess: Session, pkt: Publish) -> None:
         if self._rated:
@@ -112,8 +114,13 @@ class Inbound:
         if qos == 2 and pid is not None and sess.has_qos2_in(pid):  # a resend of one we have: acknowledge again only
             self._ack(client, codec.encode(PubRec(pid), client.version))
             return
-        if qos == 2 and pkt.dup and self.wait_resend(client, sess, pkt):
-            return
+        if qos == 2 and pkt.dup:
+            resent = self.resent(client, sess, pkt)
+            if resent == RESEND_WAITS:
+                return
+            if resent == RESEND_HAD:
+                self._had(client, sess, pid)  # type: ignore[arg-type]
+                return
         if qos and v5:  # 3.1.1 has no Receive Maximum: its clients are not held to one
             # Unacknowledged = QoS 1 not yet PUBACKed (acks leave at the next flush) + QoS 2 before PUBCOMP.
             if qos == 1:
@@ -166,9 +173,9 @@ class Inbound:
         elif client.withheld is not None:  # held, and QoS 0 has no acknowledgement to hold back
             self.backpressure.pause(client)
 
-    def had(self, client: Client, sess: Session, pid: int) -> None:
-        """A resend that waited for the lost node's session, which had taken (and routed) the
-        publish under ``pid``: acknowledged only, as a resend of one held here."""
+    def _had(self, client: Client, sess: Session, pid: int) -> None:
+        """A resend of a publish the other session of a merge (a lost node's) had taken, and
+        routed, under ``pid``: acknowledged only, as a resend of one held here."""
         if not sess.has_qos2_in(pid):
             sess.add_qos2_in(pid)
             if sess.persistent:

@@ -567,7 +567,7 @@ class Moves:
                         # the other worker relays what still reaches it there: taken once
                         have.moving = Arrived({}, self.time.mono + MARKS_KEEP, got=numbers)
                         self._arrived.setdefault((m.shard, m.vshard), []).append(rec.client_id)
-                    self.lost_merged(rec.client_id, state.qos2_incoming)
+                    self.lost_merged(rec.client_id, set(state.qos2_incoming) - (have.qos2_in or set()))
                     log.info("shard %d: kept the session of %s held here (newer than the one from"
                              " peer %d), with the %d messages that one held", self.shard,
                              rec.client_id, m.shard, n)
@@ -586,8 +586,9 @@ class Moves:
                     state = dataclasses.replace(state, got=tuple(sorted(
                         (src, tuple(sorted(mids))) for src, mids in got_left.items() if mids)))
                 carried_subs = dict(have.subscriptions or {})
+                other_had = set(have.qos2_in or ()) - set(state.qos2_incoming)
                 self.sessions.end(have)
-                self.lost_merged(rec.client_id, ())  # its client had gone: it sends them again
+                self.lost_merged(rec.client_id, other_had)
             announce += self.sessions.adopt(put_state(batch, state))
             self._merged.add((m.shard, m.vshard, m.version, rec.client_id))  # taken: not again
             adopted = self.sessions.get(rec.client_id)

@@ -62,8 +62,11 @@ HOLD_FOR_LOST = 120.0
 # when it is back): routed here too it would arrive twice. So it waits, unacknowledged (the
 # client keeps it), until the lost node's own session merges with this one and says whether
 # it had that id (``Replicas.merged``), or ``RESENDS_WAIT`` seconds (the node is lost for
-# good): then it is taken as new. A client that goes meanwhile sends it again.
+# good): then it is taken as new. A client that goes meanwhile sends it again. After a merge,
+# for ``RESENDS_WAIT`` too, a resend (DUP) under an id only the session not kept held is
+# acknowledged only: that session had taken it (a new publish under that id has no DUP).
 RESENDS_WAIT = 30.0
+RESEND_NEW, RESEND_WAITS, RESEND_HAD = 0, 1, 2  # what ``Replicas.resent`` says of a resend
 # packet ids a session taken from a copy skips past the next one its copy named: the lost
 # node gave the ids after that one to messages its last copies did not reach the backup with
 # (its bus stopped with them), which the client may hold awaiting PUBREL; the merge sends
@@ -95,9 +98,10 @@ class Replicas:
         # since when (monotonic); the resends waiting for that merge (``RESENDS_WAIT``)
         self.awaiting: dict[str, float] = {}
         self.resends: dict[str, tuple[Client, dict[int, Publish]]] = {}
-        # takes waiting resends: acknowledged only (the ids the lost node had), or as new
-        self.release: Callable[[Client, Session, list[Publish], Collection[int]], None] = (
-            lambda client, sess, pkts, had: None)
+        # after a merge: the incoming QoS 2 ids only the session not kept held, and since when
+        self.other_had: dict[str, tuple[set[int], float]] = {}
+        # handles waiting resends again, as they came (``resent`` decides then)
+        self.release: Callable[[Client, Session, list[Publish]], None] = lambda client, sess, pkts: None
         self.delivery: Delivery | None = None  # set by the broker
         for key in ("replicas_sent", "replicas_held", "sessions_restored", "resends_waited", "resends_had"):
             stats.setdefault(key, 0)
@@ -212,28 +216,42 @@ class Replicas:
 
     # ---- publishes sent again by the client of a session taken from a copy
 
-    def wait_resend(self, client: Client, sess: Session, pkt: Publish) -> bool:
-        """``pkt``, a QoS 2 publish sent again under a packet id ``sess`` does not hold: True
-        if it waits for the lost node's session (``RESENDS_WAIT``), unacknowledged."""
+    def resent(self, client: Client, sess: Session, pkt: Publish) -> int:
+        """``pkt``, a QoS 2 publish sent again (DUP) under a packet id ``sess`` does not hold:
+        ``RESEND_HAD`` if the other session of a merge had taken it (acknowledged only),
+        ``RESEND_WAITS`` if it waits for a lost node's session, unacknowledged, else
+        ``RESEND_NEW``."""
         cid = sess.client_id
-        if cid not in self.awaiting or pkt.packet_id is None:
-            return False
+        pid = pkt.packet_id
+        if pid is None:
+            return RESEND_NEW
+        had = self.other_had.get(cid)
+        if had is not None and pid in had[0]:
+            had[0].discard(pid)
+            self.stats["resends_had"] += 1
+            return RESEND_HAD
+        if cid not in self.awaiting:
+            return RESEND_NEW
         held = self.resends.get(cid)
         if held is None or held[0] is not client:  # waiting ones of an earlier connection: resent
             held = self.resends[cid] = (client, {})
-        held[1][pkt.packet_id] = pkt
+        held[1][pid] = pkt
         self.stats["resends_waited"] += 1
-        return True
+        return RESEND_WAITS
 
-    def merged(self, client_id: str, had: Collection[int]) -> None:
-        """The lost node's session of ``client_id`` merged with the one taken from its copy;
-        ``had``: the packet ids of the QoS 2 publishes it had taken (and routed) and not seen
-        released. The waiting resends under those are acknowledged only, the others taken."""
-        if self.awaiting.pop(client_id, None) is None:
-            return
-        self._release(client_id, had)
+    def merged(self, client_id: str, other_had: Collection[int]) -> None:
+        """Two sessions of ``client_id`` merged here (one a lost node's, or taken from a
+        copy); ``other_had``: the incoming QoS 2 packet ids only the one not kept held, each
+        a publish it had taken (and routed). Resends under those are acknowledged only, for
+        ``RESENDS_WAIT``; the resends that waited are handled now."""
+        if other_had:
+            self.other_had[client_id] = (set(other_had), self.time.mono)
+        else:
+            self.other_had.pop(client_id, None)
+        if self.awaiting.pop(client_id, None) is not None:
+            self._release(client_id)
 
-    def _release(self, client_id: str, had: Collection[int]) -> None:
+    def _release(self, client_id: str) -> None:
         held = self.resends.pop(client_id, None)
         sess = self.sessions.get(client_id)
         if held is None or sess is None or sess.client is not held[0]:
@@ -241,8 +259,7 @@ class Replicas:
         client = held[0]
         if client.closing or client.gone:
             return
-        self.stats["resends_had"] += sum(1 for pid in held[1] if pid in had)
-        self.release(client, sess, list(held[1].values()), had)
+        self.release(client, sess, list(held[1].values()))
         self.wake()
 
     def sweep(self) -> None:
@@ -253,7 +270,10 @@ class Replicas:
         if self.awaiting:
             for cid in [cid for cid, since in self.awaiting.items() if mono - since >= RESENDS_WAIT]:
                 del self.awaiting[cid]
-                self._release(cid, ())
+                self._release(cid)
+        if self.other_had:
+            for cid in [cid for cid, (_ids, since) in self.other_had.items() if mono - since >= RESENDS_WAIT]:
+                del self.other_had[cid]
         if not self.holding or self.delivery is None:
             return
         for cid, since in list(self.holding.items()):

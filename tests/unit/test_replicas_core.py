@@ -605,3 +605,29 @@ def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_ses
     assert sorted(p.payload for p in back.packets() if isinstance(p, Publish)) == [
         b"both", b"only-a", b"only-b"]
     assert b.broker.stats["moves_duplicates"] == 1
+
+
+def test_a_qos2_resend_after_the_shard_went_home_is_acknowledged_only(pair: tuple[Harness, Harness]) -> None:
+    """The client's resend waited on the successor; the shard then went back to the lost node
+    (its connection closed: the resend dropped), with the successor's session the newer one,
+    taken there. The lost node's own session had the id: the client's next resend (DUP) is
+    acknowledged only, and a new publish under that id (no DUP) is taken."""
+    a, b = pair
+    again, watcher, stuck = resend_after_loss(pair, True)
+    b.advance(2, tick=False)
+    go_home(a, b)  # b closes the client: its session is the newer one
+    sess = a.broker.sessions.get(CID)
+    assert sess is not None and not sess.has_qos2_in(5)  # b's state was taken
+    a.link.take()
+    back = a.connect(CID, clean=False)
+    back.packets()
+    back.send(Publish("t/mine", b"once", 2, packet_id=5, dup=True))
+    assert [p.packet_id for p in back.packets() if isinstance(p, PubRec)] == [5]
+    assert [m for _peer, m in a.link.take() if isinstance(m, DurableForward)] == []  # not routed again
+    assert a.broker.stats["resends_had"] == 1
+    back.send(PubRel(5))
+    back.packets()
+    back.send(Publish("t/mine", b"new", 2, packet_id=5))
+    assert [p.packet_id for p in back.packets() if isinstance(p, PubRec)] == [5]
+    routed = [m for _peer, m in a.link.take() if isinstance(m, DurableForward)]
+    assert [m.forward.payload for m in routed] == [b"new"]
