@@ -184,6 +184,7 @@ class Broker:
         self.inbound.resent = self.replicas.resent
         self.replicas.release = self._take_resends
         self.replicas.delivery = self.delivery
+        self.replicas.taken = self.peers.shards_taken
         # One handler per packet type once connected (CONNECT goes to the handshake).
         self._handlers: dict[type, Handler] = {
             Publish: self.inbound.on_publish, PubAck: self.delivery.on_puback, PubRec: self.delivery.on_pubrec,
@@ -508,16 +509,24 @@ class Broker:
         return parked
 
     def place_replicas(self, restore: list[int], backup: tuple[int, ...], keep: Callable[[int], bool],
-                       now: Now) -> int:
+                       now: Now, previous: dict[int, int] | None = None) -> int:
         """A cluster node's grant changed (``core/replicas.py``): the shards of ``restore`` are
         served here now with no live previous owner to send their sessions, so the copies held
         of them become sessions; ``backup`` is each served shard's backup peer id (-1
-        elsewhere); copies of shards ``keep`` says no are forgotten. How many restored."""
+        elsewhere); copies of shards ``keep`` says no are forgotten (after a while). With
+        ``previous`` (the lost worker that served each, where known), the shards restored are
+        announced as taken and those without copies here are asked of the other workers
+        (``Replicas.take``). How many restored."""
         self.time.set(now)
-        restored = self.replicas.restore(restore)
+        restored = (self.replicas.restore(restore) if previous is None
+                    else self.replicas.take(restore, previous))
         self.replicas.set_backups(backup)
         self.replicas.keep_only(keep)
         return restored
+
+    def awaiting_copies(self, vshard: int) -> bool:
+        """Whether ``vshard``, taken here without copies, waits for another worker's."""
+        return vshard in self.replicas.copies_awaited
 
     def shards_taken(self, previous: int, vshards: list[int], now: Now) -> None:
         """This shard serves ``vshards`` now, taken from ``previous`` (a worker of a node that is

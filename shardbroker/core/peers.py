@@ -37,6 +37,7 @@ from shardbroker.peer.messages import (
     LoginFailed,
     PeerMessage,
     Release,
+    ReplicasQuery,
     ResendRequest,
     Retain,
     RouteAck,
@@ -133,7 +134,7 @@ class Peers:
             ShardStateEnd: self._on_shard_state_end, ShardStateAck: self._on_shard_state_ack,
             ShardStateQuery: self._on_shard_state_query, ShardRelayEnd: self._on_shard_relay_end,
             RouteDigest: self._on_route_digest, SessionReplicas: self._on_session_replicas,
-            ShardsTaken: self._on_shards_taken,
+            ShardsTaken: self._on_shards_taken, ReplicasQuery: self._on_replicas_query,
         }
         self.login_failed: Callable[[str], None] = lambda address: None  # set by the broker
 
@@ -451,6 +452,9 @@ class Peers:
 
     def _on_session_replicas(self, m: SessionReplicas) -> None:
         self.replicas.on_replicas(m)
+
+    def _on_replicas_query(self, m: ReplicasQuery) -> None:
+        self.replicas.on_query(m)
 
     def shards_taken(self, previous: int, vshards: list[int]) -> None:
         """This shard took ``vshards`` from ``previous`` (a worker of a node that is gone) and

@@ -33,7 +33,7 @@ from shardbroker.core.commit import Commit
 from shardbroker.core.peers import PeerLink
 from shardbroker.core.session import AWAIT_PUBCOMP, AWAIT_PUBREC, Leaving, Restored, Session
 from shardbroker.core.sessions import Sessions
-from shardbroker.peer.messages import REMOTE_BASE, SessionReplicas
+from shardbroker.peer.messages import REMOTE_BASE, ReplicasQuery, SessionReplicas
 from shardbroker.protocol.packets import Publish
 from shardbroker.storage.batch import vshard_of
 from shardbroker.storage.records import InflightRecord, SessionRecord, StoredMessage, StoreError
@@ -67,6 +67,13 @@ HOLD_FOR_LOST = 120.0
 # acknowledged only: that session had taken it (a new publish under that id has no DUP).
 RESENDS_WAIT = 30.0
 RESEND_NEW, RESEND_WAITS, RESEND_HAD = 0, 1, 2  # what ``Replicas.resent`` says of a resend
+# seconds a worker keeps its copies of a virtual shard after it stopped being its backup, for
+# a successor that became the backup a moment before the owner was lost and has none yet
+# (``ReplicasQuery``)
+KEEP_AFTER = 10.0
+# seconds a shard taken with no copies here waits for another worker's (its clients are
+# refused meanwhile) before it is served with none
+COPIES_WAIT = 1.5
 # packet ids a session taken from a copy skips past the next one its copy named: the lost
 # node gave the ids after that one to messages its last copies did not reach the backup with
 # (its bus stopped with them), which the client may hold awaiting PUBREL; the merge sends
@@ -103,7 +110,16 @@ class Replicas:
         # handles waiting resends again, as they came (``resent`` decides then)
         self.release: Callable[[Client, Session, list[Publish]], None] = lambda client, sess, pkts: None
         self.delivery: Delivery | None = None  # set by the broker
-        for key in ("replicas_sent", "replicas_held", "sessions_restored", "resends_waited", "resends_had"):
+        # virtual shard -> when its copies go (monotonic): this worker no longer backs it up
+        self._unkept: dict[int, float] = {}
+        # shards taken here with no copies: vshard -> (the lost worker that served it, until
+        # when their copies are waited for, monotonic)
+        self.copies_awaited: dict[int, tuple[int, float]] = {}
+        self._answered: dict[int, float] = {}  # vshard -> until when further answers are ignored
+        # the shards taken from a lost worker, announced (``Peers.shards_taken``; by the broker)
+        self.taken: Callable[[int, list[int]], None] = lambda previous, vshards: None
+        for key in ("replicas_sent", "replicas_held", "sessions_restored", "resends_waited", "resends_had",
+                    "replicas_asked", "replicas_not_found"):
             stats.setdefault(key, 0)
 
     # ---- as the owner
@@ -194,9 +210,20 @@ class Replicas:
     def on_replicas(self, m: SessionReplicas) -> None:
         held = self.held
         if m.vshard >= 0:
+            if self.time.mono < self._answered.get(m.vshard, 0.0):
+                return  # another answer to a query already answered: the shard is served here
+            self._unkept.pop(m.vshard, None)  # its owner names this worker its backup (again)
             before = len(held.pop(m.vshard, ()))
             held[m.vshard] = {cid: blob for cid, blob in m.items if blob}
             self.stats["replicas_held"] += len(held[m.vshard]) - before
+            waited = self.copies_awaited.pop(m.vshard, None)
+            if waited is not None:  # asked for: the shard's sessions, at last
+                self._answered[m.vshard] = self.time.mono + COPIES_WAIT
+                log.warning("shard %d: virtual shard %d: its session copies came from peer %d",
+                            self.shard, m.vshard, m.shard)
+                self.restore([m.vshard])
+                if waited[0] >= 0:
+                    self.taken(waited[0], [m.vshard])
             return
         for cid, blob in m.items:
             records = held.setdefault(vshard_of(cid), {})
@@ -267,6 +294,16 @@ class Replicas:
         come back (their node is lost for ever, or its session went elsewhere), and take the
         resends that waited ``RESENDS_WAIT`` for a lost node's session."""
         mono = self.time.mono
+        if self._unkept:
+            for v, until in list(self._unkept.items()):
+                if mono >= until:
+                    del self._unkept[v]
+                    self.stats["replicas_held"] -= len(self.held.pop(v, {}))
+        if self._answered:
+            for v in [v for v, until in self._answered.items() if mono >= until]:
+                del self._answered[v]
+        if self.copies_awaited:
+            self._give_up_waiting()
         if self.awaiting:
             for cid in [cid for cid, since in self.awaiting.items() if mono - since >= RESENDS_WAIT]:
                 del self.awaiting[cid]
@@ -288,9 +325,61 @@ class Replicas:
                     self.delivery.release(sess, pid)
 
     def keep_only(self, keep: Callable[[int], bool]) -> None:
-        """Forget the copies of the shards ``keep`` says this worker no longer backs up."""
-        for v in [v for v in self.held if not keep(v)]:
-            self.stats["replicas_held"] -= len(self.held.pop(v))
+        """Forget the copies of the shards ``keep`` says this worker no longer backs up, after
+        ``KEEP_AFTER`` seconds (``sweep``): a successor without them may ask for them."""
+        mono = self.time.mono
+        for v in self.held:
+            if keep(v):
+                self._unkept.pop(v, None)
+            else:
+                self._unkept.setdefault(v, mono + KEEP_AFTER)
+
+    def take(self, vshards: list[int], previous: dict[int, int]) -> int:
+        """``vshards`` are served here now, with no live previous owner to send their
+        sessions (``previous``: the lost worker that served each, where known): those this
+        worker has copies of become sessions (``restore``) and are announced as taken; the
+        others a lost worker served are asked of every worker (``ReplicasQuery``) and wait for
+        ``COPIES_WAIT``. How many sessions restored."""
+        have = [v for v in vshards if v in self.held]
+        # only a shard a lost worker served is asked for (not one the map gives out first)
+        missing = [v for v in vshards if v not in self.held and previous.get(v, -1) >= 0]
+        restored = self.restore(have)
+        by_previous: dict[int, list[int]] = {}
+        for v in have:
+            if previous.get(v, -1) >= 0:
+                by_previous.setdefault(previous[v], []).append(v)
+        for peer, vs in by_previous.items():
+            self.taken(peer, vs)
+        if missing:
+            until = self.time.mono + COPIES_WAIT
+            for v in missing:
+                self.copies_awaited[v] = (previous[v], until)
+            self.stats["replicas_asked"] += len(missing)
+            self.link.broadcast(ReplicasQuery(self.shard, tuple(missing)))
+            log.warning("shard %d: no session copies of virtual shards %s here: asked the other"
+                        " workers", self.shard, ",".join(str(v) for v in missing))
+            self.wake()
+        return restored
+
+    def on_query(self, m: ReplicasQuery) -> None:
+        """A successor without copies asks: those kept here go to it."""
+        for v in m.vshards:
+            records = self.held.get(v)
+            if records is not None:
+                self._send(m.shard, v, list(records.items()))
+
+    def _give_up_waiting(self) -> None:
+        """Shards whose copies did not come in time are served with none."""
+        mono = self.time.mono
+        for v, (previous, until) in list(self.copies_awaited.items()):
+            if mono < until:
+                continue
+            del self.copies_awaited[v]
+            self.stats["replicas_not_found"] += 1
+            log.error("shard %d: virtual shard %d: no worker had its session copies; serving it"
+                      " without them (its clients get new sessions)", self.shard, v)
+            if previous >= 0:
+                self.taken(previous, [v])
 
     def restore(self, vshards: list[int]) -> int:
         """``vshards`` are served here now and no previous owner is to send their sessions:

@@ -43,6 +43,7 @@ Wire format (version ``PEER_PROTOCOL_VERSION`` = 1)
                               [client id, bin] pairs; an empty bin: deleted)
     22    ``ShardsTaken``     shard, previous (a peer id), vshards (an array
                               of ints 0..1023, each once)
+    23    ``ReplicasQuery``   shard, vshards (as in ``ShardsTaken``)
     ====  ==================  ===============================================
 
     Kinds 12 and 13 came after the others (a SUBSCRIBE's new filters, an UNSUBSCRIBE's
@@ -141,6 +142,7 @@ __all__ = [
     "PeerFormatError",
     "PeerMessage",
     "Release",
+    "ReplicasQuery",
     "ResendRequest",
     "Retain",
     "RouteAck",
@@ -471,6 +473,16 @@ class ShardsTaken:
     vshards: tuple[int, ...]
 
 
+@dataclass(slots=True)
+class ReplicasQuery:
+    """``shard`` serves ``vshards`` from now on, taken from a worker of a node that is gone,
+    and has no copies of their session records (it became their backup a moment before):
+    a receiver that still keeps copies of one sends it its whole set (``SessionReplicas``)."""
+
+    shard: int
+    vshards: tuple[int, ...]
+
+
 PeerMessage: TypeAlias = (
     Forward
     | DurableForward
@@ -495,6 +507,7 @@ PeerMessage: TypeAlias = (
     | RouteDigest
     | SessionReplicas
     | ShardsTaken
+    | ReplicasQuery
 )
 
 _KIND_FORWARD: Final = 0
@@ -669,6 +682,8 @@ _SIMPLE: Final[tuple[tuple[int, type[PeerMessage], _Spec], ...]] = (
                            ("items", lambda v: _is_pairs(v, bytes), "[str, bin] pairs"))),
     (22, ShardsTaken, (("shard", *_UINT), ("previous", *_UINT),
                        ("vshards", _is_vshards, f"an array of ints 0..{VSHARDS - 1}, each once"))),
+    (23, ReplicasQuery, (("shard", *_UINT),
+                         ("vshards", _is_vshards, f"an array of ints 0..{VSHARDS - 1}, each once"))),
 )
 
 

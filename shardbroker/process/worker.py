@@ -424,6 +424,8 @@ class Worker:
             return f"virtual shard {v} is not served by this worker"
         if self._moving_in(grant, v):
             return f"virtual shard {v} is moving in from another node"
+        if self.broker.awaiting_copies(v):
+            return f"virtual shard {v} waits for the copies of its sessions"
         return None
 
     def _moving_in(self, grant: Grant, v: int) -> bool:
@@ -515,14 +517,12 @@ class Worker:
         peer_of = grant.peer_of  # a shard the map gives this worker may be held back a while
         keep: Callable[[int], bool] = ((lambda v: backup_of[v] == me or peer_of[v] == me) if backup_of
                                        else (lambda v: True))
-        self.broker.place_replicas(restore, backup, keep, now())
-        taken: dict[int, list[int]] = {}
+        previous: dict[int, int] = {}
         for v in restore:
-            previous = self._lost_from.pop(v, -1)
-            if previous >= 0 and previous not in self._remote:
-                taken.setdefault(previous, []).append(v)
-        for previous, vshards in taken.items():  # their routes are announced: say so
-            self.broker.shards_taken(previous, vshards, now())
+            lost = self._lost_from.pop(v, -1)
+            if lost >= 0 and lost not in self._remote:
+                previous[v] = lost
+        self.broker.place_replicas(restore, backup, keep, now(), previous)
 
     def fence(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operation ``fence``: the supervisor's grant. A newer one replaces the one

@@ -23,6 +23,7 @@ from shardbroker.peer.messages import (
     PeerFormatError,
     PeerMessage,
     Release,
+    ReplicasQuery,
     ResendRequest,
     Retain,
     RouteAck,
@@ -118,6 +119,7 @@ MESSAGES: dict[str, PeerMessage] = {
     "session-replicas": SessionReplicas(256, -1, (("c-ü", b"\x84rec"), ("gone", b""))),
     "session-replicas-set": SessionReplicas(0, 1023, ()),
     "shards-taken": ShardsTaken(512, 257, (0, 5, 1023)),
+    "replicas-query": ReplicasQuery(768, (1, 1023)),
 }
 SAMPLE: list[PeerMessage] = list(MESSAGES.values())
 SAMPLE_BYTES = encode_batch(SAMPLE)
@@ -285,7 +287,7 @@ def test_decode_accepts_a_memoryview() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("item", [[99, 1], [-1], [23, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
+@pytest.mark.parametrize("item", [[99, 1], [-1], [24, 1, 2], ["p", "t"], [True, 1, 1, fwd_item()],
                                   [None], [1.0, 1, 1]])
 def test_unknown_kind_is_refused(item: list[Any]) -> None:
     with pytest.raises(PeerFormatError, match="unknown message kind"):

@@ -19,16 +19,18 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
-from shardbroker.core.replicas import HOLD_FOR_LOST, PID_SKIP, RESENDS_WAIT
+from shardbroker.core.replicas import COPIES_WAIT, HOLD_FOR_LOST, KEEP_AFTER, PID_SKIP, RESENDS_WAIT
 from shardbroker.core.session import AWAIT_PUBCOMP
 from shardbroker.peer.messages import (
     DurableForward,
     Forward,
     PeerMessage,
+    ReplicasQuery,
     RouteRemove,
     RoutesAdd,
     RoutesRemove,
     SessionReplicas,
+    ShardsTaken,
     ShardState,
     ShardStateEnd,
     from_sender,
@@ -183,8 +185,12 @@ def test_a_new_backup_or_a_restarted_one_gets_the_whole_set_and_an_old_one_forge
     a.run()
     carry(a, b)
     assert sum(len(r) for r in b.broker.replicas.held.values()) == 3
-    # b backs up only the first of them now
+    # b backs up only the first of them now: it forgets the others after KEEP_AFTER (a
+    # successor that has none yet may ask for them meanwhile)
     b.broker.place_replicas([], (), lambda v: v == vs[0], b.now)
+    b.advance(KEEP_AFTER - 1)
+    assert sorted(b.broker.replicas.held) == sorted(vs)
+    b.advance(2)
     assert list(b.broker.replicas.held) == [vs[0]]
 
 
@@ -631,3 +637,57 @@ def test_a_qos2_resend_after_the_shard_went_home_is_acknowledged_only(pair: tupl
     assert [p.packet_id for p in back.packets() if isinstance(p, PubRec)] == [5]
     routed = [m for _peer, m in a.link.take() if isinstance(m, DurableForward)]
     assert [m.forward.payload for m in routed] == [b"new"]
+
+
+def test_a_successor_without_copies_asks_and_one_that_kept_them_answers(
+        pair: tuple[Harness, Harness], tmp_path: Path) -> None:
+    """b backed up V and stopped being its backup a moment ago (it keeps the copies
+    ``KEEP_AFTER``); c is its new backup and has had none yet when a's node is lost. c asks
+    every worker (its clients wait), b answers with its set, and c serves the sessions; the
+    shard is announced as taken then. Nobody answering, c serves the shard without them
+    after ``COPIES_WAIT`` and announces it all the same."""
+    a, b = pair
+    c_peer, lost = 768, A_PEER
+    cl = a.connect(CID, clean=False)
+    cl.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    b.broker.place_replicas([], (), lambda v: False, b.now)  # no longer V's backup
+    c = Harness(tmp_path / "c", peers=[A_PEER, B_PEER])
+    try:
+        assert c.broker.place_replicas([V], (), lambda v: True, c.now, {V: lost}) == 0
+        c.run()
+        out = c.link.take()
+        assert [m for _, m in out if isinstance(m, ReplicasQuery)] == [ReplicasQuery(0, (V,))] * 2
+        assert not any(isinstance(m, ShardsTaken) for _, m in out)
+        assert c.broker.awaiting_copies(V)
+        query: list[PeerMessage] = [ReplicasQuery(0, (V,))]
+        from_sender(query, c_peer)
+        b.peer_messages(query)
+        answer: list[PeerMessage] = [m for peer, m in b.link.take() if peer == c_peer]
+        assert [type(m) for m in answer] == [SessionReplicas]
+        from_sender(answer, B_PEER)
+        c.peer_messages(answer)
+        assert not c.broker.awaiting_copies(V)
+        assert c.broker.stats["sessions_restored"] == 1
+        sess = c.broker.sessions.get(CID)
+        assert sess is not None and set(sess.subscriptions or {}) == {"t/#"}
+        assert [m for peer, m in c.link.take() if isinstance(m, ShardsTaken) and peer == B_PEER] == [
+            ShardsTaken(0, lost, (V,))]
+        # a shard no lost worker served (the map gives it out first): nothing to ask
+        fresh = (V + 2) % COUNT
+        c.broker.place_replicas([fresh], (), lambda v: True, c.now, {})
+        c.run()
+        assert not c.broker.awaiting_copies(fresh)
+        assert not any(isinstance(m, ReplicasQuery) for _, m in c.link.take())
+        # another shard nobody has copies of: served without them after the wait
+        other = (V + 1) % COUNT
+        c.broker.place_replicas([other], (), lambda v: True, c.now, {other: lost})
+        c.run()
+        c.link.take()
+        c.advance(COPIES_WAIT + 0.5)
+        assert not c.broker.awaiting_copies(other)
+        assert c.broker.stats["replicas_not_found"] == 1
+        assert [m for peer, m in c.link.take() if isinstance(m, ShardsTaken) and peer == B_PEER] == [
+            ShardsTaken(0, lost, (other,))]
+    finally:
+        c.close()
