@@ -104,6 +104,12 @@ _SHARD_COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      "session copies sent to the backups of this worker's virtual shards", "replicas_sent", {}),
     ("shardbroker_sessions_restored_total",
      "sessions taken from copies held here when their node was lost", "sessions_restored", {}),
+    ("shardbroker_replica_queries_total",
+     "virtual shards taken here with no session copies, whose copies were asked of the other workers",
+     "replicas_asked", {}),
+    ("shardbroker_replica_queries_unanswered_total",
+     "of those, the ones served without copies (nobody answered in time: new sessions)",
+     "replicas_not_found", {}),
     ("shardbroker_qos2_resends_waited_total",
      ("QoS 2 publishes sent again to a session taken from a copy, under an id the copy did not name, that"
       " waited for the lost node's session"), "resends_waited", {}),
