@@ -546,6 +546,23 @@ def test_a_waiting_resend_is_taken_after_the_wait_or_sent_again_by_a_new_connect
     assert [p.packet_id for p in later.packets() if isinstance(p, PubRec)] == [6]
 
 
+def restored_while_connected(a: Harness, b: Harness) -> FakeClient:
+    """CID on ``a``, persistent, subscribed to t/# at QoS 1, its copy on ``b``, which takes it
+    while the client is still connected to ``a`` (stopped, not closed): the client."""
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    carry(a, b)
+    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
+    b.run()
+    b.link.take()
+    return c
+
+
+def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
+    """A QoS 1 publish to t/x from worker 0 of a third node, numbered ``mid`` there."""
+    return DurableForward(768, seq, Forward("t/x", payload, 1, False), mid)
+
+
 def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_session_is_kept(
         pair: tuple[Harness, Harness]) -> None:
     """The client stayed on the lost node (stopped, not closed) and never reached the
@@ -554,17 +571,7 @@ def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_ses
     has no numbers: a copy with the same topic and payload), and so is a later one from the
     lost node's outbox."""
     a, b = pair
-    c = a.connect(CID, clean=False)
-    c.send(Subscribe(1, (Subscription("t/#", 1),)))
-    carry(a, b)
-    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
-    b.run()
-    b.link.take()
-    source = 768
-
-    def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
-        return DurableForward(source, seq, Forward("t/x", payload, 1, False), mid)
-
+    c = restored_while_connected(a, b)
     b.peer_messages([forward(1, b"both", 1000), forward(2, b"both-late", 1002), forward(3, b"same", 1003)])
     a.advance(2, tick=False)
     c.drop()  # the lost node is back and closes its client: its session is the newer one
@@ -591,17 +598,7 @@ def test_a_publish_that_came_both_ways_is_delivered_once_when_the_lost_nodes_ses
     with the successor: the lost node's state is taken there, and the successor's own copy
     of a publish both got goes (the state has no numbers: the one alike)."""
     a, b = pair
-    c = a.connect(CID, clean=False)
-    c.send(Subscribe(1, (Subscription("t/#", 1),)))
-    carry(a, b)
-    assert b.broker.place_replicas([V], (), lambda v: True, b.now) == 1
-    b.run()
-    b.link.take()
-    source = 768
-
-    def forward(seq: int, payload: bytes, mid: int) -> DurableForward:
-        return DurableForward(source, seq, Forward("t/x", payload, 1, False), mid)
-
+    c = restored_while_connected(a, b)
     b.peer_messages([forward(1, b"both", 1000), forward(2, b"only-b", 1001)])
     a.advance(2, tick=False)
     c.drop()  # the lost node is back and closes its client: its session is the newer one
@@ -619,7 +616,7 @@ def test_a_qos2_resend_after_the_shard_went_home_is_acknowledged_only(pair: tupl
     taken there. The lost node's own session had the id: the client's next resend (DUP) is
     acknowledged only, and a new publish under that id (no DUP) is taken."""
     a, b = pair
-    again, watcher, stuck = resend_after_loss(pair, True)
+    resend_after_loss(pair, True)
     b.advance(2, tick=False)
     go_home(a, b)  # b closes the client: its session is the newer one
     sess = a.broker.sessions.get(CID)
