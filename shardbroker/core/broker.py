@@ -181,6 +181,7 @@ class Broker:
         moves.partial = self.replicas.restored.__contains__
         moves.holding = self.replicas.hold
         moves.lost_merged = self.replicas.merged
+        moves.on_kept = self.replicas.kept
         self.inbound.resent = self.replicas.resent
         self.replicas.release = self._take_resends
         self.replicas.delivery = self.delivery

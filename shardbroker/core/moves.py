@@ -210,6 +210,8 @@ class Moves:
         # a session met the other of its client ID here, which held these incoming QoS 2 ids
         # (``Replicas.merged``: resends waiting for a lost node's session)
         self.lost_merged: Callable[[str, Collection[int]], None] = lambda client_id, had: None
+        # sessions given away and kept after all (``keep_given``): they stand for the lost taker's
+        self.on_kept: Callable[[list[Session]], None] = lambda sessions: None
         self.delivery: Delivery | None = None
         # the durable forwards: the last applied from a peer, the last sent to one
         self.inbox_mark: Callable[[int], int] = lambda peer: 0
@@ -519,6 +521,25 @@ class Moves:
             log.warning("shard %d: virtual shard %d: %d sessions taken back (peer %d did not"
                         " acknowledge them)", self.shard, vshard, back, out.peer)
         return back
+
+    def keep_given(self, vshard: int) -> int:
+        """``vshard`` is this worker's again, and the worker that acknowledged its sessions
+        was lost before it passed them on (the map names no previous owner to send them): the
+        sessions still held here, not yet dropped, are served here again (``on_kept``: as if
+        taken from a copy of that moment; the lost worker's merge with them when it is back).
+        How many."""
+        out = self.ending.pop(vshard, None)
+        if out is None:
+            return 0
+        kept = [sess for sess in out.held
+                if sess.moving is out.mark and self.sessions.get(sess.client_id) is sess]
+        for sess in kept:
+            sess.moving = None
+        self.on_kept(kept)
+        if kept:
+            log.warning("shard %d: virtual shard %d: %d sessions kept (peer %d, which took them, is"
+                        " gone and the shard is served here again)", self.shard, vshard, len(kept), out.peer)
+        return len(kept)
 
     # ---- taking a shard in
 

@@ -381,6 +381,30 @@ class Replicas:
             if previous >= 0:
                 self.taken(previous, [v])
 
+    def _as_restored(self, sess: Session, next_pid: int) -> None:
+        """``sess`` stands for the session a lost node held (taken from its copy, or kept
+        from the moment it was given to it): its publish numbers are noted for the merge,
+        QoS 2 resends wait for it, and the packet ids the lost node may have given since
+        ``next_pid`` are skipped (``PID_SKIP``)."""
+        mono = self.time.mono
+        sess.moving = Restored(mono + RESTORED_MARKS, mono + RESTORED_MARKS + HOLD_FOR_LOST)
+        if next_pid:
+            sess.next_pid = (next_pid - 1 + PID_SKIP) % 65535 + 1
+        cid = sess.client_id
+        self.restored.add(cid)
+        self.awaiting[cid] = mono
+        self.hold(cid)
+
+    def kept(self, sessions: list[Session]) -> None:
+        """The sessions of a shard given to a worker that acknowledged them and was lost
+        before it passed them on (``Moves.keep_given``): served here again, as if taken from
+        a copy of that moment."""
+        for sess in sessions:
+            self._as_restored(sess, sess.next_pid)
+        if sessions:
+            self.stats["sessions_restored"] += len(sessions)
+            self.wake()
+
     def restore(self, vshards: list[int]) -> int:
         """``vshards`` are served here now and no previous owner is to send their sessions:
         the copies held of them become sessions here (not those of a client that has one
@@ -415,15 +439,7 @@ class Replicas:
                 announce += self.sessions.adopt(put_state(batch, state))
                 sess = self.sessions.get(cid)
                 if sess is not None:
-                    sess.moving = Restored(self.time.mono + RESTORED_MARKS,
-                                           self.time.mono + RESTORED_MARKS + HOLD_FOR_LOST)
-                    if state.next_pid:
-                        # the lost node may have sent the client ids after those its last copy
-                        # named: they are not given again soon (``PID_SKIP``)
-                        sess.next_pid = (state.next_pid - 1 + PID_SKIP) % 65535 + 1
-                self.restored.add(cid)
-                self.awaiting[cid] = self.time.mono
-                self.hold(cid)
+                    self._as_restored(sess, state.next_pid)
                 restored += 1
         if announce:
             self.sessions.subscriptions.announce(announce)

@@ -492,8 +492,12 @@ class Worker:
         me = self.shard_index
         mine = [v for v, w in enumerate(grant.owners) if w == me]
         self._held.update(mine)
-        for v in [v for v in self.broker.moves.outgoing if v in mine]:
-            self.broker.moves.take_back(v)  # back before the taker acknowledged
+        moves = self.broker.moves
+        for v in [v for v in moves.outgoing if v in mine]:
+            moves.take_back(v)  # back before the taker acknowledged
+        incoming = grant.incoming
+        for v in [v for v in moves.ending if v in mine and (not incoming or incoming[v] < 0)]:
+            moves.keep_given(v)  # acknowledged, but the taker is gone: nobody will send them back
         if not peer_of or not grant.number:
             return
         given = [(v, peer) for v, peer in enumerate(peer_of)

@@ -19,6 +19,7 @@ import pytest
 from core_harness import FakeClient, Harness
 
 from shardbroker.cluster.placement import vshard_for
+from shardbroker.core.moves import BARRIER_WAIT
 from shardbroker.core.replicas import COPIES_WAIT, HOLD_FOR_LOST, KEEP_AFTER, PID_SKIP, RESENDS_WAIT
 from shardbroker.core.session import AWAIT_PUBCOMP
 from shardbroker.peer.messages import (
@@ -32,6 +33,7 @@ from shardbroker.peer.messages import (
     SessionReplicas,
     ShardsTaken,
     ShardState,
+    ShardStateAck,
     ShardStateEnd,
     from_sender,
 )
@@ -688,3 +690,32 @@ def test_a_successor_without_copies_asks_and_one_that_kept_them_answers(
             ShardsTaken(0, lost, (other,))]
     finally:
         c.close()
+
+
+def test_sessions_given_to_a_worker_lost_before_it_passed_them_on_are_kept(
+        pair: tuple[Harness, Harness]) -> None:
+    """a gave V to b, which acknowledged the sessions and was lost before copying them to its
+    backup; the map gives V back to a with nobody to send them: a serves the sessions it had
+    not dropped yet, as if taken from a copy (a QoS 2 resend waits for b's session)."""
+    a, _b = pair
+    c = a.connect(CID, clean=False)
+    c.send(Subscribe(1, (Subscription("t/#", 1),)))
+    c.drop()
+    a.link.take()
+    assert a.broker.give_shard(V, B_PEER, 9, a.now) == 1
+    a.run()
+    a.link.take()
+    ack: list[PeerMessage] = [ShardStateAck(0, V, 9, 1)]
+    from_sender(ack, B_PEER)
+    a.peer_messages(ack)
+    assert V in a.broker.moves.ending  # acknowledged: waiting for its peers before it drops them
+    assert a.broker.moves.keep_given(V) == 1
+    assert a.broker.stats["sessions_restored"] == 1
+    a.advance(BARRIER_WAIT + 1)  # nothing dropped after all
+    assert CID in a.broker.sessions.stored_client_ids
+    again = a.connect(CID, clean=False, keepalive=0)
+    assert again.packets()[0].session_present
+    a.connect("pub").send(Publish("t/x", b"after", 1, packet_id=1))
+    assert [p.payload for p in again.packets() if isinstance(p, Publish)] == [b"after"]
+    again.send(Publish("t/x", b"resent", 2, packet_id=9, dup=True))
+    assert [p for p in again.packets() if isinstance(p, PubRec)] == []  # waits for b's session
