@@ -164,23 +164,25 @@ class Inbound:
                       else codec.encode(PubAck(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif qos == 2:
             if code < 0x80:
-                sess.add_qos2_in(pid)  # type: ignore[arg-type]
-                if sess.persistent:
-                    self.commit.batch().add_qos2_incoming(sess.client_id, pid)  # type: ignore[arg-type]
-                    self.replicate(sess.client_id)
+                self._keep_qos2_id(sess, pid)  # type: ignore[arg-type]
             self._ack(client, codec.encode_ack(PacketType.PUBREC, pid) if code == 0 or not v5  # type: ignore[arg-type]
                       else codec.encode(PubRec(pid, code), MQTT_5))  # type: ignore[arg-type]
         elif client.withheld is not None:  # held, and QoS 0 has no acknowledgement to hold back
             self.backpressure.pause(client)
 
+    def _keep_qos2_id(self, sess: Session, pid: int) -> None:
+        """An incoming QoS 2 publish under ``pid`` is taken: its id is kept until PUBREL
+        (stored and copied to the backup for a persistent session)."""
+        sess.add_qos2_in(pid)
+        if sess.persistent:
+            self.commit.batch().add_qos2_incoming(sess.client_id, pid)
+            self.replicate(sess.client_id)
+
     def _had(self, client: Client, sess: Session, pid: int) -> None:
         """A resend of a publish the other session of a merge (a lost node's) had taken, and
-        routed, under ``pid``: acknowledged only, as a resend of one held here."""
-        if not sess.has_qos2_in(pid):
-            sess.add_qos2_in(pid)
-            if sess.persistent:
-                self.commit.batch().add_qos2_incoming(sess.client_id, pid)
-                self.replicate(sess.client_id)
+        routed, under ``pid`` (which ``sess`` does not hold): acknowledged only, as a resend of
+        one held here."""
+        self._keep_qos2_id(sess, pid)
         self._ack(client, codec.encode_ack(PacketType.PUBREC, pid))
 
     def _ack(self, client: Client, data: bytes) -> None:

@@ -144,6 +144,11 @@ def _numbers(got: tuple[tuple[int, tuple[int, ...]], ...], mark: object) -> dict
     return {src: mids for src, mids in numbers.items() if mids}
 
 
+def _packed(numbers: dict[int, set[int]]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Publish numbers per source as a shipped state carries them (``ClientState.got``)."""
+    return tuple(sorted((src, tuple(sorted(mids))) for src, mids in numbers.items() if mids))
+
+
 def _message(smsg: StoredMessage) -> Message:
     return Message(smsg.topic, smsg.payload, smsg.qos, smsg.retain, smsg.properties, smsg.expires_at)
 
@@ -264,8 +269,7 @@ class Moves:
             # moved on again: an ``Arrived`` mark holds them then)
             mark_here = here.moving if here is not None else None
             if (type(mark_here) is Restored or type(mark_here) is Arrived) and mark_here.got:
-                state = dataclasses.replace(state, got=tuple(sorted(
-                    (src, tuple(sorted(mids))) for src, mids in mark_here.got.items() if mids)))
+                state = dataclasses.replace(state, got=_packed(mark_here.got))
             if here is not None and here.moving is not mark:
                 here.moving = mark
                 held.append(here)
@@ -604,8 +608,7 @@ class Moves:
                     got_left = {src: set(mids) for src, mids in state.got}
                     for src, mids in own.items():
                         got_left.setdefault(src, set()).update(mids)
-                    state = dataclasses.replace(state, got=tuple(sorted(
-                        (src, tuple(sorted(mids))) for src, mids in got_left.items() if mids)))
+                    state = dataclasses.replace(state, got=_packed(got_left))
                 carried_subs = dict(have.subscriptions or {})
                 other_had = set(have.qos2_in or ()) - set(state.qos2_incoming)
                 self.sessions.end(have)

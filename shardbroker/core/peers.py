@@ -198,8 +198,7 @@ class Peers:
             log.info("shard %d: peer %d is gone; its %d durable routes are kept until its %d virtual"
                      " shards are taken", self.shard, peer, len(kept), len(pending))
         else:
-            self.lost.pop(peer, None)
-            self.routes.replace(peer, {})
+            self._drop_routes(peer)
         self.synced.discard(peer)
         self.unsynced = len(self.link.peers) - len(self.synced)
         self.backpressure.peer_restarted(peer)
@@ -476,11 +475,15 @@ class Peers:
             return
         lost[0].difference_update(m.vshards)
         if not lost[0]:
-            del self.lost[previous]
-            self.routes.replace(previous, {})
+            self._drop_routes(previous)
             self.stats["lost_routes_taken"] += 1
             log.info("shard %d: every virtual shard of peer %d is taken (the last by peer %d): its"
                      " routes are dropped", self.shard, previous, m.shard)
+
+    def _drop_routes(self, peer: int) -> None:
+        """A gone peer's routes go, those kept for its shards included (``peer_removed``)."""
+        self.lost.pop(peer, None)
+        self.routes.replace(peer, {})
 
     # ---- the flush and the sweep
 
@@ -506,8 +509,7 @@ class Peers:
         if self.lost:
             for peer, (pending, until) in list(self.lost.items()):
                 if self.time.mono >= until:
-                    del self.lost[peer]
-                    self.routes.replace(peer, {})
+                    self._drop_routes(peer)
                     self.stats["lost_routes_expired"] += 1
                     log.warning("shard %d: %d virtual shards of peer %d, which is gone, were not taken"
                                 " in time: its routes are dropped", self.shard, len(pending), peer)
