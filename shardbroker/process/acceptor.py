@@ -173,6 +173,7 @@ class Acceptor:
         self._cert_checked = time.monotonic()
         self._relays: set[ClientRelay] = set()
         self._trusted = [forwarded.networks(lst.trusted_proxies) for _sock, lst, _ctx in listens]
+        self._families = [int(sock.family) for sock, _lst, _ctx in listens]  # plain ints (see _on_accept)
         self.run_dir = run_dir
         self.shards = shards
         self._links: dict[int, _Link] = {}
@@ -279,7 +280,10 @@ class Acceptor:
                         pairs.append(None)
                         batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer, listener=p.index))
                         continue
-                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                    # Both ends non-blocking: the worker writes to its end as to a TCP socket,
+                    # and a relay that stops reading it (its client does not read) must fill its
+                    # write buffer, not block the worker in a ``send``.
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                     pairs.append((ours, theirs))
                     batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), p.identity,
                                          p.index))
@@ -347,8 +351,9 @@ class Acceptor:
         trusted = self._trusted[index]
         # ``listen.accept()`` turns the listener's family and type into enums for every socket
         # it makes (4 µs of the 45 a connection costs here): take the descriptor from the
-        # method it wraps (CPython's, stable since 3.0) and wrap it with plain ints.
-        family = int(listen.family)
+        # method it wraps (CPython's, stable since 3.0) and wrap it with plain ints, the
+        # family's taken once (``listen.family`` makes an enum too, at each call).
+        family = self._families[index]
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = listen._accept()  # type: ignore[attr-defined]

@@ -51,9 +51,9 @@ port = 0
 class Bystander:
     """QoS 1 round trips on a topic of its own, in a thread, timing each one."""
 
-    def __init__(self, broker, uniq) -> None:
+    def __init__(self, broker, uniq, cid: str | None = None) -> None:
         self.client = mb.RawClient(port=broker.port)
-        self.client.connect_mqtt(uniq.cid("by"), version=5)
+        self.client.connect_mqtt(cid or uniq.cid("by"), version=5)
         self.topic = uniq.topic("bystander")
         self.client.subscribe(self.topic, 1)
         self.worst = 0.0
@@ -89,8 +89,9 @@ class Bystander:
         assert self.worst < BYSTANDER_BOUND, f"a bystander round trip took {self.worst * 1000:.0f} ms"
 
 
-def _attack(target, uniq, attack: Callable[[], None]) -> None:
-    """Queue messages for a persistent session, run ``attack`` beside a bystander, then check."""
+def _attack(target, uniq, attack: Callable[[], None], bystander: str | None = None) -> None:
+    """Queue messages for a persistent session, run ``attack`` beside a bystander (client ID
+    ``bystander``, or one of its own), then check."""
     scid = uniq.cid("keep")
     topic = uniq.topic("kept")
     s = mb.RawClient(port=target.port)
@@ -102,7 +103,7 @@ def _attack(target, uniq, attack: Callable[[], None]) -> None:
     for i in range(20):
         p.publish(topic, b"%d" % i, qos=1)
     p.close()
-    with Bystander(target, uniq) as by:
+    with Bystander(target, uniq, bystander) as by:
         time.sleep(0.1)
         attack()
         time.sleep(0.2)
@@ -224,6 +225,66 @@ def test_a_flood_to_a_client_that_never_reads(target, uniq):
         stuck.close()
 
     _attack(target, uniq, attack)
+
+
+def _ws_socket(port: int) -> socket.socket:
+    """A WebSocket connection made by hand (upgrade done), on which the test decides when to read."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Protocol: mqtt\r\n\r\n")
+    head = b""
+    s.settimeout(5)
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, "the upgrade was refused"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def _ws_frame(data: bytes) -> bytes:
+    """One masked binary frame (a client's, RFC 6455 5.2), mask 0."""
+    n = len(data)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return b"\x82" + size + b"\0\0\0\0" + data
+
+
+@pytest.mark.parametrize("kind", ["tls", "ws"])
+def test_a_flood_to_a_relayed_client_that_never_reads(target, pki, uniq, kind):
+    """A TLS or WebSocket subscriber that stops reading under a flood: the relay in the acceptor
+    stops taking its bytes, and the worker's end of the pair fills up. The worker must go on
+    serving its other clients (its end is non-blocking), not wait in a ``send``. The
+    bystander is on the stuck client's worker."""
+    stuck_id = client_id_on_shard(uniq.prefix("stk"), 0, 2)
+    bystander = client_id_on_shard(uniq.prefix("by"), 0, 2)
+
+    def attack() -> None:
+        if kind == "tls":
+            ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(("127.0.0.1", target.tls_port))
+            stuck = ctx.wrap_socket(raw, server_hostname="localhost")
+            stuck.settimeout(5)
+            c = mb.RawClient(port=target.tls_port, sock=stuck)
+            c.connect_mqtt(stuck_id)
+            c.subscribe("flood/#", 0)
+        else:
+            stuck = _ws_socket(target.ws_port)
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.sendall(_ws_frame(mb.connect(stuck_id)) + _ws_frame(mb.subscribe(1, [("flood/#", 0)])))
+            time.sleep(0.3)  # connected and subscribed (its CONNACK and SUBACK are never read)
+        p = mb.RawClient(port=target.port)
+        p.connect_mqtt(uniq.cid("fl"))
+        payload = b"f" * 1000
+        deadline = time.monotonic() + 3  # well beyond what the relay and both socket buffers hold
+        while time.monotonic() < deadline:
+            p.send(b"".join(mb.publish("flood/x", payload) for _ in range(100)))
+        p.close()
+        stuck.close()
+
+    _attack(target, uniq, attack, bystander)
 
 
 def test_tls_and_websocket_handshakes_that_never_finish(target, pki, uniq):
