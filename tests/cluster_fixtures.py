@@ -54,25 +54,36 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def bus_address(workers: int = 4, host: str = "127.0.0.1") -> str:
     """A ``[cluster] advertise`` for a node on this host: ``HOST:PORT`` with the bus ports
-    PORT..PORT+workers-1 (one per worker) free now, and apart from every MQTT listener (whose
-    ports the kernel picks, as it picked PORT)."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind((host, 0))
-            port = first.getsockname()[1]
-            if port + workers - 1 > 0xFFFF:
-                continue
-            others = [socket.socket() for _ in range(workers - 1)]
-            try:
-                for i, s in enumerate(others, 1):
-                    s.bind((host, port + i))
-            except OSError:
-                continue
-            finally:
-                for s in others:
-                    s.close()
+    PORT..PORT+workers-1 (one per worker) free now. They are taken below the kernel's ephemeral
+    range, so apart from every MQTT listener (whose ports the kernel picks from that range) and
+    from the client ends of connections in TIME_WAIT, which a test that opened thousands of
+    connections leaves there for a minute (a bind to such a port fails)."""
+    import random
+
+    top = _ephemeral_low() - workers
+    for _ in range(200):
+        port = random.randrange(10000, top)
+        socks = [socket.socket() for _ in range(workers)]
+        try:
+            for i, s in enumerate(socks):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+                s.bind((host, port + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
         return f"{host}:{port}"
     raise RuntimeError(f"no {workers} free ports in a row on {host}")
 
