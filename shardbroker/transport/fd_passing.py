@@ -4,10 +4,13 @@ The acceptor reads a client's CONNECT, then sends the socket's file descriptor
 (SCM_RIGHTS) together with the bytes already read over a Unix stream socket
 that the owning worker listens on (``handoff-N.sock`` in the run directory).
 
-Wire format of one hand-off: a 4-byte big-endian length, then a frame of the index of the
-listener it came in on (u16), three optional strings and the initial bytes: the assigned client id, the client's address (``host:port``,
-for a socket that is not the client's own TCP socket: a TLS client's relay) and the identity
-in its certificate, each as ``u16 length + 1 (0: none)`` and UTF-8, then the initial bytes.
+Wire format of one hand-off: a fixed head of 12 bytes, big-endian: the length of the rest
+(u32), the index of the listener it came in on (u16), then the lengths of three optional
+strings (u16 each, length + 1; 0: none): the assigned client id, the client's address
+(``host:port``, for a socket that is not the client's own TCP socket: a TLS client's relay)
+and the identity in its certificate; then those strings (UTF-8) and the initial bytes. The
+lengths all come first so that the common hand-off, with none of the strings, is read with
+one ``unpack_from``.
 Hand-offs are sent in batches: one ``sendmsg`` carries up to ``MAX_FDS`` frames
 and their descriptors, in the same order. The descriptors ride on the first byte
 of the batch, so on the receiving side a descriptor always arrives no later than
@@ -32,11 +35,14 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-_LEN = struct.Struct(">I")
-_HLEN = struct.Struct(">H")
+_HEAD = struct.Struct(">IHHHH")  # the length after the first 4 bytes, listener, three string lengths + 1
+_HEAD_REST = _HEAD.size - 4
 _NOTICE = struct.Struct(">I")
 MAX_FRAME = 512 << 20
 MAX_FDS = 64  # descriptors per sendmsg; the receiver's control buffer holds exactly this many
+# Plain ints: ``flags & socket.MSG_CTRUNC`` would go through the enum's ``__rand__`` (Python code)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
 @dataclass(slots=True)
@@ -52,17 +58,20 @@ class Handoff:
     listener: int = 0  # which listener (its index in the configuration) it came in on
 
 
-def _opt(text: str | None) -> bytes:
+def _opt(text: str | None) -> tuple[int, bytes]:
     if text is None:
-        return _HLEN.pack(0)
+        return 0, b""
     raw = text.encode()
-    return _HLEN.pack(len(raw) + 1) + raw
+    return len(raw) + 1, raw
 
 
 def encode_frame(client_id: str | None, initial: bytes, peer: str | None = None,
                  identity: str | None = None, listener: int = 0) -> bytes:
-    body = _HLEN.pack(listener) + _opt(client_id) + _opt(peer) + _opt(identity) + initial
-    return _LEN.pack(len(body)) + body
+    if client_id is None and peer is None and identity is None:  # the common hand-off
+        return _HEAD.pack(_HEAD_REST + len(initial), listener, 0, 0, 0) + initial
+    (n1, s1), (n2, s2), (n3, s3) = _opt(client_id), _opt(peer), _opt(identity)
+    rest = s1 + s2 + s3 + initial
+    return _HEAD.pack(_HEAD_REST + len(rest), listener, n1, n2, n3) + rest
 
 
 def send_handoffs(sock: socket.socket, batch: list[Handoff]) -> None:
@@ -100,10 +109,10 @@ class HandoffReceiver:
             except OSError:
                 self.closed = True
                 break
-            if flags & socket.MSG_CTRUNC:  # descriptors were dropped: frames no longer pair up
+            if flags & _CTRUNC:  # descriptors were dropped: frames no longer pair up
                 raise ValueError("hand-off descriptors truncated")
             for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                     fds = array.array("i")
                     fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
                     self._fds.extend(fds)
@@ -120,25 +129,28 @@ class HandoffReceiver:
         out: list[Handoff] = []
         buf, fds = self._buf, self._fds
         at, n = 0, len(buf)
-        while n - at >= 4:
-            (size,) = _LEN.unpack_from(buf, at)
-            if size > MAX_FRAME:
+        head, unpack = _HEAD.size, _HEAD.unpack_from
+        while n - at >= head:
+            size, listener, n1, n2, n3 = unpack(buf, at)
+            if not _HEAD_REST <= size <= MAX_FRAME:
                 raise ValueError(f"hand-off frame of {size} bytes")
             end = at + 4 + size
             if n < end or not fds:
                 break
-            (listener,) = _HLEN.unpack_from(buf, at + 4)
-            pos = at + 6
-            fields: list[str | None] = []
-            for _ in range(3):
-                (marker,) = _HLEN.unpack_from(buf, pos)
-                pos += 2
-                if marker:
-                    fields.append(buf[pos : pos + marker - 1].decode())
-                    pos += marker - 1
-                else:
-                    fields.append(None)
-            out.append(Handoff(fds.popleft(), fields[0], bytes(buf[pos:end]), fields[1], fields[2], listener))
+            pos = at + head
+            if n1 | n2 | n3:
+                if n1 + n2 + n3 - (n1 > 0) - (n2 > 0) - (n3 > 0) > end - pos:
+                    raise ValueError("hand-off frame shorter than its strings")
+                fields: list[str | None] = []
+                for marker in (n1, n2, n3):
+                    if marker:
+                        fields.append(buf[pos : pos + marker - 1].decode())
+                        pos += marker - 1
+                    else:
+                        fields.append(None)
+                out.append(Handoff(fds.popleft(), fields[0], bytes(buf[pos:end]), fields[1], fields[2], listener))
+            else:
+                out.append(Handoff(fds.popleft(), None, bytes(buf[pos:end]), None, None, listener))
             at = end
         if at:
             del buf[:at]
