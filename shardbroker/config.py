@@ -385,6 +385,13 @@ class LimitsConfig:
         " 0 means its keep-alive, at most 60 s",
         _Float(0.0, 86400.0),
     )
+    slow_ack_rate: float = _setting(
+        100.0,
+        "acknowledgements/s below which a subscriber whose queue has reached its high-water mark"
+        " (512) with a full inflight window is slow, judged over each 2 s: as above; 0 = only"
+        " ack_timeout decides",
+        _Float(0.0, 1e9),
+    )
     queue_qos0: bool = _setting(
         False, "also queue QoS 0 messages for offline persistent sessions", _Bool()
     )

@@ -26,13 +26,20 @@ A backlog ends when its queue is down to ``QUEUE_LOW_WATER`` and its write buffe
 drained, when its subscriber goes offline, or when the subscriber is *slow*:
 
 * by bytes: it reads less than ``flow.SLOW_CONSUMER_RATE`` while backed up (``flow.py``);
-* by acknowledgements: its window is full and it has acknowledged nothing for its ack
-  timeout (``limits.ack_timeout``; by default its keep-alive, at most ``MAX_ACK_WAIT``).
+* by acknowledgements, while its queue is a backlog and its window is full:
+  - it acknowledges fewer than ``limits.slow_ack_rate`` messages/s, judged over each
+    ``SLOW_ACK_GRACE`` seconds (as the byte rate is judged over ``flow.SLOW_CONSUMER_GRACE``):
+    a subscriber that takes a message now and then still holds every publisher it matches,
+    a subscriber of ``#`` all of them, for as long as it is connected;
+  - or it has acknowledged nothing for its ack timeout (``limits.ack_timeout``; by default
+    its keep-alive, at most ``MAX_ACK_WAIT``), which decides alone with ``slow_ack_rate`` 0.
 
 A slow subscriber holds no one, and only then (or while it is offline) do the session
 queue limits and ``queue_full_policy`` apply to it. So a QoS 1/2 message the broker
-acknowledged for an online subscriber that keeps acknowledging is never dropped by a
-queue limit: its publishers wait instead. It is slow no longer once it acknowledges again.
+acknowledged for an online subscriber that keeps acknowledging at that rate is never
+dropped by a queue limit: its publishers wait instead. It is slow no longer once it has
+caught up, its queue down to ``QUEUE_LOW_WATER`` (``Delivery.pump``), as a slow consumer by
+bytes counts again once its write buffer has drained.
 
 ``Backlogs`` and ``Holds`` are the decisions, pure and loop-free; ``Backpressure`` applies
 them to clients, sessions and the peer link. Time comes in as an argument or through
@@ -67,6 +74,7 @@ QUEUE_LOW_WATER = 128  # ... and at which it ends
 WITHHELD_MAX = 1000  # acknowledgements withheld from one client before its socket is paused too
 HOLD_LEASE = 2.0  # seconds a hold from another shard lasts unless renewed
 MAX_ACK_WAIT = 60.0  # the default ack timeout: the client's keep-alive, at most this
+SLOW_ACK_GRACE = 2.0  # seconds over which a backlogged subscriber's acknowledgements are counted
 
 
 K = TypeVar("K", bound=Hashable)
@@ -226,25 +234,43 @@ class Backpressure:
         self.backlogs: Backlogs[Session] = Backlogs()
         self.holds = Holds()  # publishers of this shard held, by which shards
         self.paused: set[Client] = set()  # held clients whose socket is paused as well
+        # A QUEUE backlog's acknowledgements: when the period they are counted over began, and
+        # how many came since (only backlogged subscribers are counted).
+        self._period: dict[Session, float] = {}
+        self._acks: dict[Session, int] = {}
 
     # ---- the subscriber side
 
     def start(self, sess: Session, kind: int) -> None:
         if not sess.backlog:
             self.stats["backlogs"] += 1
+        if kind & QUEUE and not sess.backlog & QUEUE:
+            self._period[sess] = self.time.mono
+            self._acks[sess] = 0
         sess.backlog |= kind
         self.backlogs.start(sess, kind, self.time.mono)
 
     def stop(self, sess: Session, kind: int) -> None:
         if sess.backlog & kind:
             sess.backlog &= ~kind
+            if kind & QUEUE:
+                self._period.pop(sess, None)
+                self._acks.pop(sess, None)
             self._released(self.backlogs.stop(sess, kind))
 
     def end(self, sess: Session) -> None:
         """``sess`` holds no one any more (offline, slow, ended)."""
         if sess.backlog:
             sess.backlog = 0
+            self._period.pop(sess, None)
+            self._acks.pop(sess, None)
             self._released(self.backlogs.end(sess))
+
+    def acked(self, sess: Session) -> None:
+        """``sess``'s subscriber acknowledged a message (counted while its queue is a backlog)."""
+        acks = self._acks
+        if sess in acks:
+            acks[sess] += 1
 
     def fed(self, sess: Session, publisher: str | None) -> None:
         """A message of ``publisher`` landed in ``sess``'s backlog."""
@@ -272,26 +298,40 @@ class Backpressure:
             self._wake()
 
     def check_slow(self) -> None:
-        """The sweep: a backlogged subscriber that stopped acknowledging is slow (see above)."""
+        """The sweep: a backlogged subscriber that acknowledges too little is slow (see above)."""
         now = self.time.mono
-        backlogs = self.backlogs
-        for sess, since in list(backlogs.since.items()):
+        rate = self.limits.slow_ack_rate
+        for sess, since in list(self.backlogs.since.items()):
             client = sess.client
             if client is None:
                 self.end(sess)
                 continue
             if len(sess.inflight) < client.send_window:
-                continue  # it has room: its queue only waits for the next pump
+                # it has room: its queue only waits for the next pump; judged from when it is full
+                self._period[sess], self._acks[sess] = now, 0
+                continue
             waited = now - max(since, client.last_ack)
-            limit = ack_timeout(self.limits, client.keepalive)
-            if waited >= limit:
-                sess.slow = True
-                self.stats["slow_subscribers"] += 1
-                log.warning("subscriber %s is slow: %d messages in flight and nothing acknowledged for %.1f s; "
-                            "its publishers are no longer held and its queue (%d messages) is limited to %d "
-                            "messages (%s) until it acknowledges again", sess.client_id, len(sess.inflight),
-                            waited, sess.queued(), self.limits.max_queued_messages, self.limits.queue_full_policy)
-                self.end(sess)
+            if waited >= ack_timeout(self.limits, client.keepalive):
+                self._slow(sess, f"nothing acknowledged for {waited:.1f} s")
+                continue
+            began = self._period.get(sess, since)
+            if not rate or now - began < SLOW_ACK_GRACE:
+                continue
+            got = self._acks.get(sess, 0) / (now - began)
+            if got < rate:
+                self._slow(sess, f"{got:.1f} acknowledgements/s over {now - began:.1f} s, under"
+                                 f" limits.slow_ack_rate ({rate:g}/s)")
+            else:
+                self._period[sess], self._acks[sess] = now, 0  # it keeps up: judged again over the next period
+
+    def _slow(self, sess: Session, why: str) -> None:
+        sess.slow = True
+        self.stats["slow_subscribers"] += 1
+        log.warning("subscriber %s is slow: %d messages in flight, %s; its publishers are no longer held and "
+                    "its queue (%d messages) is limited to %d messages (%s) until it has caught up (down to %d queued)",
+                    sess.client_id, len(sess.inflight), why, sess.queued(), self.limits.max_queued_messages,
+                    self.limits.queue_full_policy, QUEUE_LOW_WATER)
+        self.end(sess)
 
     def renew(self) -> None:
         """The sweep: renew the holds on other shards' publishers, drop the expired ones here."""

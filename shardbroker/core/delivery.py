@@ -272,6 +272,8 @@ class Delivery:
         now = self.time.wall
         queue = sess.queue
         if queue is None:
+            if sess.slow:
+                self._caught_up(sess, 0)
             return
         while queue and len(sess.inflight) < client.send_window:
             q = queue.popleft()
@@ -297,6 +299,8 @@ class Delivery:
             sess.queue = None  # an idle session keeps no empty deque
         if sess.backlog & QUEUE and len(queue) <= QUEUE_LOW_WATER:
             self.backpressure.stop(sess, QUEUE)
+        elif sess.slow:
+            self._caught_up(sess, len(queue))
 
     def _publish_bytes(self, client: Client, msg: Message, qos: int, retain: bool, pid: int | None,
                        dup: bool, sub_ids: tuple[int, ...]) -> bytes | None:
@@ -379,13 +383,19 @@ class Delivery:
         self.pump(sess)
 
     def _progress(self, sess: Session) -> None:
-        """The subscriber acknowledged something: it is not slow."""
+        """The subscriber acknowledged something (counted for ``Backpressure.check_slow``)."""
         client = sess.client
         if client is not None:
             client.last_ack = self.time.mono
-        if sess.slow:
+        if sess.backlog & QUEUE:
+            self.backpressure.acked(sess)
+
+    def _caught_up(self, sess: Session, queued: int) -> None:
+        """A slow subscriber whose queue is down to the low-water mark is slow no longer: it
+        holds its publishers again when it next falls behind (``backpressure.py``)."""
+        if queued <= QUEUE_LOW_WATER:
             sess.slow = False
-            log.info("subscriber %s acknowledges again", sess.client_id)
+            log.info("subscriber %s has caught up (%d queued): it is no longer slow", sess.client_id, queued)
 
     def on_pubrec(self, client: Client, sess: Session, pkt: PubRec) -> None:
         out = sess.inflight.get(pkt.packet_id)

@@ -47,6 +47,7 @@ LIVE: dict[str, str] = {
     "limits.queue_full_policy": _EVERY_EVENT,
     "limits.queue_qos0": _EVERY_EVENT,
     "limits.ack_timeout": _EVERY_EVENT,
+    "limits.slow_ack_rate": _EVERY_EVENT,
     "limits.max_sessions": "sessions created from now on",
     "limits.max_topic_levels": _EVERY_EVENT + " (PUBLISH and SUBSCRIBE)",
     "limits.max_topic_length": _EVERY_EVENT + " (PUBLISH and SUBSCRIBE)",

@@ -16,7 +16,12 @@ import pytest
 from core_harness import FakeTransport, Harness
 
 from shardbroker.config import load_config
-from shardbroker.core.backpressure import HOLD_LEASE, QUEUE_HIGH_WATER, WITHHELD_MAX
+from shardbroker.core.backpressure import (
+    HOLD_LEASE,
+    QUEUE_HIGH_WATER,
+    QUEUE_LOW_WATER,
+    WITHHELD_MAX,
+)
 from shardbroker.core.session import NO_INFLIGHT
 from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
@@ -626,7 +631,8 @@ def test_a_queue_backlog_withholds_its_publishers_acks_and_drops_nothing(tmp_pat
 
 def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeout(tmp_path: Path,
                                                                                   make: MakeHarness) -> None:
-    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 100, "limits.ack_timeout": 5})
+    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 100, "limits.ack_timeout": 5,
+                                               "limits.slow_ack_rate": 0})  # the ack timeout alone decides
     window = h.config.limits.max_inflight
     held_from = window + QUEUE_HIGH_WATER + 1
     _flood(pub, "q", held_from + 9)
@@ -644,6 +650,68 @@ def test_a_subscriber_that_stops_acknowledging_is_cut_loose_after_its_ack_timeou
     first = _publishes(sub.packets())[0]
     sub.send(PubAck(first.packet_id))
     assert not sess.slow  # acknowledging again
+
+
+def _ack_some(sub: Any, n: int, pending: list[int]) -> None:
+    """Acknowledge the ``n`` oldest QoS 1 PUBLISHes the subscriber was sent (``pending`` keeps
+    the packet ids not acknowledged yet, oldest first)."""
+    pending += [p.packet_id for p in _publishes(sub.packets())]
+    for pid in pending[:n]:
+        sub.send(PubAck(pid))
+    del pending[:n]
+
+
+def test_a_subscriber_that_acknowledges_too_slowly_is_slow_until_it_catches_up(tmp_path: Path,
+                                                                             make: MakeHarness) -> None:
+    """Fewer than ``limits.slow_ack_rate`` acknowledgements/s over SLOW_ACK_GRACE while backlogged:
+    slow, its publishers released and its queue limited; healthy again only once its queue is
+    down to the low-water mark, not at its next acknowledgement (it would hold them again)."""
+    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 600})
+    window = h.config.limits.max_inflight
+    held_from = window + QUEUE_HIGH_WATER + 1
+    _flood(pub, "q", held_from + 9)
+    assert len(pub.packets()) == held_from - 1
+    pending: list[int] = []
+    for _ in range(3):  # 2 acknowledgements/s, far under 100/s
+        _ack_some(sub, 1, pending)
+        h.advance(0.5)
+    assert pub.packets() == []  # judged over 2 s: not yet
+    _ack_some(sub, 1, pending)
+    h.advance(0.5)
+    assert pub.packets() == [PubAck(i) for i in range(held_from, held_from + 10)]  # released
+    sess = h.broker.sessions.get("sub")
+    assert sess is not None and sess.slow and not sess.backlog and h.broker.stats["slow_subscribers"] == 1
+    _flood(pub, "q", 100, first=2000)
+    assert len(pub.packets()) == 100  # no one holds it now
+    assert sess.queued() == 600 and h.broker.stats["dropped_queue_full"] > 0  # its queue is limited
+    _ack_some(sub, 1, pending)
+    assert sess.slow  # one acknowledgement is not catching up
+    while sess.queued() > QUEUE_LOW_WATER:
+        _ack_some(sub, window, pending)
+    assert not sess.slow and h.broker.stats["slow_subscribers"] == 1
+    _flood(pub, "q", QUEUE_HIGH_WATER + 10, first=3000)  # it holds its publishers again when behind
+    assert sess.backlog and len(pub.packets()) < QUEUE_HIGH_WATER + 10
+
+
+def test_a_subscriber_that_keeps_up_at_the_rate_holds_its_publishers(tmp_path: Path, make: MakeHarness) -> None:
+    """At 120 acknowledgements/s (over the 100/s of the default) a backlog lasts as long as its
+    queue is over the low-water mark, however long that takes: nothing is dropped."""
+    h, sub, pub = _queue_pair(tmp_path, make, {"limits.max_queued_messages": 100})
+    window = h.config.limits.max_inflight
+    held_from = window + QUEUE_HIGH_WATER + 1
+    _flood(pub, "q", held_from + 9)
+    assert len(pub.packets()) == held_from - 1
+    pending: list[int] = []
+    for _ in range(6):  # 3 s at 120/s
+        _ack_some(sub, 60, pending)
+        h.advance(0.5)
+    sess = h.broker.sessions.get("sub")
+    assert sess is not None and sess.backlog and not sess.slow
+    assert pub.packets() == []  # still held, for 3 s
+    assert h.broker.stats["slow_subscribers"] == 0 and h.broker.stats["dropped_queue_full"] == 0
+    while _ack_all(sub):
+        pass
+    assert pub.packets() == [PubAck(i) for i in range(held_from, held_from + 10)]  # drained: released
 
 
 def test_a_backlog_holds_a_publisher_of_another_shard_through_the_bus(make: MakeHarness) -> None:

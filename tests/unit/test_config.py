@@ -38,6 +38,7 @@ EXPECTED_DEFAULTS = {
     "limits.max_queued_bytes": 16777216,
     "limits.queue_full_policy": "drop_oldest",
     "limits.ack_timeout": 0.0,
+    "limits.slow_ack_rate": 100.0,
     "limits.queue_qos0": False,
     "limits.max_sessions": 1000000,
     "limits.topic_alias_maximum": 10,
