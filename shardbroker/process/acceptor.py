@@ -68,6 +68,7 @@ import ssl
 import struct
 import time
 import uuid
+from collections import deque
 
 from shardbroker.cluster.grant import NONE, Grant
 from shardbroker.cluster.placement import vshard_for
@@ -101,6 +102,9 @@ MAX_PROXY = proxy.MAX_LENGTH  # bytes peeked for a PROXY protocol header
 ACCEPT_BATCH = 256  # connections accepted per readiness callback
 RELAY_CONNECT_TIMEOUT = 2.0  # seconds to connect to the node a client is relayed to
 AUTO_ID_TRIES = 64  # identifiers tried for a client that sent none, for one this node serves
+HANDOFF_WAIT = 5.0  # seconds a connection may wait for its worker to take it, then CONNACK "server unavailable"
+HANDOFF_RETRY = 0.05  # seconds between tries to reach a worker that is not listening (restarting)
+MAX_WAITING = 4096  # connections waiting for one worker beyond which new ones for it are refused at once
 
 
 class _Pending:
@@ -150,15 +154,33 @@ class _Outgoing:
 
 
 class _Link:
-    """A hand-off link to one worker: the socket (blocking, with a timeout, for sending), the
-    counted connections handed over it, and its close notices."""
+    """A hand-off link to one worker: the socket (non-blocking), what is left to send of a
+    batch the kernel took only in part, the counted connections handed over it, and its close
+    notices."""
 
-    __slots__ = ("handed", "notices", "sock")
+    __slots__ = ("handed", "notices", "rest", "sock", "writing")
 
     def __init__(self, sock: socket.socket, keyed: bool) -> None:
         self.sock = sock
         self.handed = HandedOff(keyed)
         self.notices = ClosedReader()
+        self.rest = b""  # the tail of a batch whose descriptors went with its first bytes
+        self.writing = False  # a writer is registered: the worker is not reading
+
+
+_Item = tuple[_Pending, str | None, int]  # a connection to hand over, its assigned id, its version
+
+
+class _Chunk:
+    """Up to ``MAX_FDS`` hand-offs for one worker that go in one ``sendmsg``, waiting for the
+    worker to take them (the socket pairs of relayed ones are made at the first try)."""
+
+    __slots__ = ("items", "pairs", "since")
+
+    def __init__(self, items: list[_Item], since: float) -> None:
+        self.items = items
+        self.pairs: list[tuple[socket.socket, socket.socket] | None] | None = None
+        self.since = since
 
 
 Listen = tuple[socket.socket, ListenerConfig, ssl.SSLContext | None]
@@ -181,7 +203,10 @@ class Acceptor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
-        self._outgoing: dict[int, list[tuple[_Pending, str | None, int]]] = {}  # shard -> hand-offs
+        self._outgoing: dict[int, list[_Item]] = {}  # shard -> hand-offs of this loop iteration
+        # shard -> batches its worker has not taken yet (it is busy, stopped or restarting)
+        self._waiting: dict[int, deque[_Chunk]] = {}
+        self._retry: asyncio.TimerHandle | None = None  # the next try to reach a worker not listening
         self.accepted = 0
         self.handed_off = 0
         self.handoff_sends = 0  # sendmsg calls that carried them (handed_off / handoff_sends: the batch size)
@@ -220,12 +245,13 @@ class Acceptor:
             return link
         path = os.path.join(self.run_dir, f"handoff-{shard}.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5.0)
+        sock.settimeout(1.0)  # a local listener: it answers at once, or is not there
         try:
             sock.connect(path)
         except OSError:
             sock.close()
             raise
+        sock.setblocking(False)  # a busy or stopped worker must not stop the acceptor
         link = self._links[shard] = _Link(sock, self.counts.per_address)
         if self._loop is not None:
             self._loop.add_reader(sock.fileno(), self._on_notices, shard, link)
@@ -254,6 +280,8 @@ class Acceptor:
             return
         if self._loop is not None:
             self._loop.remove_reader(link.sock.fileno())
+            if link.writing:
+                self._loop.remove_writer(link.sock.fileno())
         link.sock.close()
         gone = link.handed.gone()
         self.counts.release_all(gone)
@@ -262,6 +290,13 @@ class Acceptor:
 
     def _queue_handoff(self, shard: int, p: _Pending, client_id: str | None, version: int) -> None:
         """Hand the socket to its shard at the end of this loop iteration, with the others."""
+        waiting = self._waiting.get(shard)
+        if waiting and sum(len(c.items) for c in waiting) >= MAX_WAITING:
+            self._say_once(f"waiting-{shard}", "shard %d is not taking connections (%d waiting): refusing new ones",
+                           shard, MAX_WAITING)
+            self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "its worker is not taking connections"),
+                         quiet=True)
+            return
         self._forget(p)  # no more reading or deadline here; the socket stays open until sent
         if not self._outgoing:
             assert self._loop is not None
@@ -269,68 +304,145 @@ class Acceptor:
         self._outgoing.setdefault(shard, []).append((p, client_id, version))
 
     def _send_handoffs(self) -> None:
+        """The hand-offs of this iteration go to their workers' queues, in batches, and out."""
         outgoing, self._outgoing = self._outgoing, {}
+        now = time.monotonic()
         for shard, items in outgoing.items():
+            waiting = self._waiting.setdefault(shard, deque())
             for at in range(0, len(items), MAX_FDS):
-                chunk = items[at:at + MAX_FDS]
-                pairs: list[tuple[socket.socket, socket.socket] | None] = []
-                batch = []
-                for p, cid, _v in chunk:
-                    if p.listener is None:
-                        pairs.append(None)
-                        batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer, listener=p.index))
-                        continue
+                waiting.append(_Chunk(items[at:at + MAX_FDS], now))
+            self._pump(shard)
+
+    def _pump(self, shard: int) -> None:
+        """Send ``shard``'s waiting batches until its link takes no more. Never blocks: a worker
+        that does not read (busy, stopped) leaves them waiting, with a writer on the link, and
+        the acceptor goes on serving every other worker, its TLS and WebSocket relays among them;
+        a worker that is not listening (restarting) is tried again every ``HANDOFF_RETRY``.
+        A batch that waited ``HANDOFF_WAIT`` is refused (``_expire_waiting``)."""
+        waiting = self._waiting.get(shard)
+        while waiting:
+            try:
+                link = self._link(shard)
+            except OSError:
+                self._retry_later()
+                return
+            if link.writing:
+                return  # the writer goes on when the link has room
+            try:
+                if link.rest:
+                    sent = link.sock.send(link.rest)
+                    link.rest = link.rest[sent:]
+                    if link.rest:
+                        self._watch_link(shard, link)
+                        return
+                chunk = waiting[0]
+                rest = send_handoffs(link.sock, self._batch(chunk))
+            except (BlockingIOError, InterruptedError):
+                self._watch_link(shard, link)
+                return
+            except OSError as exc:
+                log.warning("hand-off link to shard %d failed: %s", shard, exc)
+                self._drop_link(shard, link)
+                self._retry_later()
+                return
+            waiting.popleft()
+            self._handed(shard, link, chunk)
+            if rest is not None:  # the kernel took the descriptors and the first bytes only
+                link.rest = rest
+                self._watch_link(shard, link)
+                return
+        if waiting is not None and not waiting:
+            del self._waiting[shard]
+
+    def _batch(self, chunk: _Chunk) -> list[Handoff]:
+        """The hand-offs of ``chunk``; the socket pairs of relayed connections made the first time."""
+        if chunk.pairs is None:
+            chunk.pairs = []
+            for p, _cid, _v in chunk.items:
+                if p.listener is None:
+                    chunk.pairs.append(None)
+                else:
                     # Both ends non-blocking: the worker writes to its end as to a TCP socket,
                     # and a relay that stops reading it (its client does not read) must fill its
                     # write buffer, not block the worker in a ``send``.
-                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                    pairs.append((ours, theirs))
-                    batch.append(Handoff(theirs.fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), p.identity,
-                                         p.index))
-                link = self._handoff(shard, batch)
-                if link is not None:
-                    self.handed_off += len(chunk)
-                    self.handoff_sends += 1
-                    sent = time.monotonic()
-                    for p, _cid, _v in chunk:
-                        self.handoff_seconds.observe(sent - p.first_at)
-                    for (p, _cid, _v), pair in zip(chunk, pairs, strict=True):
-                        p.counted = False  # from now on by the link: until the worker says it closed
-                        link.handed.handed(p.address)
-                        if pair is None:
-                            p.sock.close()  # the worker has its own descriptor now
-                            continue
-                        ours, theirs = pair
-                        theirs.close()
-                        ours.setblocking(False)
-                        assert self._loop is not None
-                        relay = ClientRelay(p.sock, ours, self._loop, self._relays.discard, p.framer)
-                        self._relays.add(relay)
-                        relay.start()
-                else:
-                    for (p, _cid, version), pair in zip(chunk, pairs, strict=True):
-                        if pair is not None:
-                            pair[0].close()
-                            pair[1].close()
-                        self._refuse(p, version, ProtocolError(reasons.SERVER_UNAVAILABLE, "shard unavailable"))
+                    chunk.pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
+        batch = []
+        for (p, cid, _v), pair in zip(chunk.items, chunk.pairs, strict=True):
+            if pair is None:
+                batch.append(Handoff(p.sock.fileno(), cid, bytes(p.data), p.peer, listener=p.index))
+            else:
+                batch.append(Handoff(pair[1].fileno(), cid, bytes(p.data), p.peer or _peername(p.sock), p.identity,
+                                     p.index))
+        return batch
 
-    def _handoff(self, shard: int, batch: list[Handoff]) -> _Link | None:
-        """Send a batch to its worker; the link that took it, or None."""
-        # A worker that is restarting refuses for a moment: retry briefly, then give up.
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                link = self._link(shard)
-                send_handoffs(link.sock, batch)
-                return link
-            except OSError as exc:
-                stale = self._links.get(shard)
-                if stale is not None:
-                    self._drop_link(shard, stale)
-                if time.monotonic() > deadline or self._stopping:
-                    log.warning("hand-off of %d connections to shard %d failed: %s", len(batch), shard, exc)
-                    return None
-                time.sleep(0.05)
+    def _handed(self, shard: int, link: _Link, chunk: _Chunk) -> None:
+        """``chunk``'s descriptors are the worker's now: close ours, count them on the link, and
+        start the relays of TLS and WebSocket clients."""
+        assert chunk.pairs is not None
+        self.handed_off += len(chunk.items)
+        self.handoff_sends += 1
+        sent = time.monotonic()
+        for (p, _cid, _v), pair in zip(chunk.items, chunk.pairs, strict=True):
+            self.handoff_seconds.observe(sent - p.first_at)
+            p.counted = False  # from now on by the link: until the worker says it closed
+            link.handed.handed(p.address)
+            if pair is None:
+                p.sock.close()  # the worker has its own descriptor now
+                continue
+            ours, theirs = pair
+            theirs.close()
+            assert self._loop is not None
+            relay = ClientRelay(p.sock, ours, self._loop, self._relays.discard, p.framer)
+            self._relays.add(relay)
+            relay.start()
+
+    def _watch_link(self, shard: int, link: _Link) -> None:
+        if not link.writing and self._loop is not None:
+            link.writing = True
+            self._loop.add_writer(link.sock.fileno(), self._link_writable, shard, link)
+
+    def _link_writable(self, shard: int, link: _Link) -> None:
+        if link.writing:
+            link.writing = False
+            assert self._loop is not None
+            self._loop.remove_writer(link.sock.fileno())
+        if self._links.get(shard) is link:
+            self._pump(shard)
+
+    def _retry_later(self) -> None:
+        if self._retry is None and self._loop is not None and not self._stopping:
+            self._retry = self._loop.call_later(HANDOFF_RETRY, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        for shard in list(self._waiting):
+            self._pump(shard)
+
+    def _expire_waiting(self, now: float) -> None:
+        """The sweep: batches that waited ``HANDOFF_WAIT`` for their worker are refused (CONNACK
+        "server unavailable" where the version has it). Only whole batches not begun: one whose
+        descriptors went out is the worker's."""
+        for shard, waiting in list(self._waiting.items()):
+            expired = 0
+            while waiting and now - waiting[0].since >= HANDOFF_WAIT:
+                chunk = waiting.popleft()
+                expired += len(chunk.items)
+                self._drop_chunk(chunk, ProtocolError(reasons.SERVER_UNAVAILABLE, "its worker did not take it"))
+            if expired:
+                log.warning("shard %d took no connections for %.0f s: %d refused", shard, HANDOFF_WAIT, expired)
+            if not waiting:
+                del self._waiting[shard]
+
+    def _drop_chunk(self, chunk: _Chunk, exc: ProtocolError | None) -> None:
+        for i, (p, _cid, version) in enumerate(chunk.items):
+            pair = chunk.pairs[i] if chunk.pairs is not None else None
+            if pair is not None:
+                pair[0].close()
+                pair[1].close()
+            if exc is None:
+                self._close(p)
+            else:
+                self._refuse(p, version, exc, quiet=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from the event loop: readiness callbacks, no task per connection."""
@@ -871,6 +983,8 @@ class Acceptor:
             log.info("%s sent no CONNECT within %.1fs: closing", _who(p),
                      self.config.limits.connect_timeout)
             self._close(p)
+        if self._waiting:
+            self._expire_waiting(now)
         if self._loop is not None and not self._stopping:
             self._sweep_handle = self._loop.call_later(SWEEP, self._sweep)
 
@@ -939,6 +1053,13 @@ class Acceptor:
             for p, _cid, _v in items:
                 self._close(p)
         self._outgoing.clear()
+        for waiting in self._waiting.values():
+            for chunk in waiting:
+                self._drop_chunk(chunk, None)
+        self._waiting.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for shard, link in list(self._links.items()):
             self._drop_link(shard, link)
 

@@ -74,16 +74,23 @@ def encode_frame(client_id: str | None, initial: bytes, peer: str | None = None,
     return _HEAD.pack(_HEAD_REST + len(rest), listener, n1, n2, n3) + rest
 
 
-def send_handoffs(sock: socket.socket, batch: list[Handoff]) -> None:
-    """Send up to ``MAX_FDS`` hand-offs in one ``sendmsg`` on a blocking Unix stream socket
-    (raises OSError on failure)."""
+def send_handoffs(sock: socket.socket, batch: list[Handoff]) -> bytes | None:
+    """Send up to ``MAX_FDS`` hand-offs in one ``sendmsg`` on a Unix stream socket. On a
+    non-blocking socket the kernel may take only the first bytes: the descriptors went with
+    them (they are the receiver's now), and the bytes not sent are returned, to be sent before
+    anything else on the socket. None when all went. Raises ``BlockingIOError`` when nothing
+    went (the descriptors are still the caller's), OSError on failure."""
     if not 0 < len(batch) <= MAX_FDS:
         raise ValueError(f"a hand-off batch holds 1 to {MAX_FDS} sockets, not {len(batch)}")
     data = b"".join(encode_frame(h.client_id, h.initial, h.peer, h.identity, h.listener) for h in batch)
     fds = array.array("i", [h.fd for h in batch])
     sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
     if sent < len(data):
-        sock.sendall(data[sent:])
+        if sock.gettimeout() != 0.0:  # a blocking socket: send the rest now
+            sock.sendall(data[sent:])
+            return None
+        return data[sent:]
+    return None
 
 
 class HandoffReceiver:

@@ -5,6 +5,8 @@ all still there."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
 import threading
@@ -387,3 +389,62 @@ def test_ten_thousand_idle_connections(target, uniq):
     print(f"10,000 idle clients: +{peaks[0] / 1e6:.1f} MB; after they went {first / 1e6:.1f} MB; "
           f"10,000 more: +{peaks[1] / 1e6:.1f} MB; after those {second / 1e6:.1f} MB")
     assert second - first < peaks[0] / 4, f"the second 10,000 left {second - first} more bytes"
+
+
+def _connack(port: int, cid: str) -> bytes:
+    """The CONNACK a new 3.1.1 client gets (a plain socket: its descriptor may be above what
+    ``select`` takes, which ``RawClient`` uses)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(mb.connect(cid, version=4))
+        return s.recv(4)
+
+
+def test_a_stopped_worker_does_not_stop_the_others_connections(make_broker, uniq):
+    """A worker that takes no connections (stopped here; busy in real life) while thousands of
+    clients of its shard connect: the acceptor keeps their hand-offs waiting instead of blocking
+    on that worker's link, so a client of the other worker still connects at once. Those that
+    waited ``HANDOFF_WAIT`` (5 s) get CONNACK "server unavailable"; the worker, back, serves
+    the rest and new ones."""
+    import resource
+
+    from shardbroker.sharding import shard_for
+
+    b = make_broker(workers=2)
+    stopped = b.worker_pids()[1]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 3000
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1000), hard))
+    socks: list[socket.socket] = []
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        prefix = uniq.prefix("w1")
+        ids = [cid for cid in (f"{prefix}{i}" for i in range(4 * n)) if shard_for(cid, 2) == 1][:n]
+        for cid in ids:
+            s = socket.create_connection(("127.0.0.1", b.port))
+            s.sendall(mb.connect(cid, version=4))
+            socks.append(s)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert _connack(b.port, client_id_on_shard(uniq.prefix("w0"), 0, 2)) == b"\x20\x02\x00\x00"
+        took = time.monotonic() - t0
+        assert took < 1.0, f"a client of the running worker took {took:.2f} s to connect"
+        time.sleep(6.0 - (time.monotonic() - t0))  # beyond HANDOFF_WAIT for every one of them
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    try:
+        answers = []
+        for s in socks:
+            s.settimeout(10)
+            try:
+                answers.append(s.recv(4))
+            except OSError as exc:
+                answers.append(repr(exc).encode())
+        refused, taken = answers.count(b"\x20\x02\x00\x03"), answers.count(b"\x20\x02\x00\x00")
+        assert refused + taken == n, set(answers) - {b"\x20\x02\x00\x03", b"\x20\x02\x00\x00"}
+        assert refused > 0  # the acceptor held them, and answered them itself after 5 s
+        assert "took no connections for 5 s" in b.log_text()
+        assert _connack(b.port, client_id_on_shard(uniq.prefix("w1b"), 1, 2)) == b"\x20\x02\x00\x00"
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
