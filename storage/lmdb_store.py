@@ -1416,6 +1416,35 @@ def _check_siblings(data_dir: Path, shards: int) -> None:
 # --------------------------------------------------------------------------- retained
 
 
+RetainedPage = tuple[list[tuple[str, StoredMessage]], bytes | None]
+
+
+def _page(cur: lmdb.Cursor[bytes], text: str, after: bytes | None, limit: int) -> RetainedPage:
+    """``RetainedStore.page`` on an open cursor."""
+    key_prefix = text.encode("utf-8", "surrogatepass")[:HASHED_HEAD]
+    if after is None:
+        ok = cur.set_range(key_prefix) if key_prefix else cur.first()
+    else:
+        ok = cur.set_range(after)
+        if ok and cur.key() == after:
+            ok = cur.next()
+    rows: list[tuple[str, StoredMessage]] = []
+    seen = 0
+    while ok:
+        key = cur.key()
+        if not key.startswith(key_prefix):
+            return rows, None
+        if seen == limit:
+            return rows, after
+        msg = decode_message(cur.value())
+        if msg.topic.startswith(text):
+            rows.append((msg.topic, msg))
+        after = key
+        seen += 1
+        ok = cur.next()
+    return rows, None
+
+
 class RetainedStore:
     """Retained messages of all shards, in one environment shared by every worker."""
 
@@ -1479,39 +1508,30 @@ class RetainedStore:
             if msg.topic.startswith(prefix):
                 yield msg.topic, msg
 
-    def find(self, heads: Sequence[tuple[str, bool]]) -> list[list[tuple[str, StoredMessage]]]:
-        """For each ``(text, exact)``: the message of topic ``text`` when ``exact``, else every
-        ``(topic, message)`` whose topic starts with ``text``, in key order. One read
-        transaction for all of them (a SUBSCRIBE's filters), rather than one each; a scan that
-        passes ``_PAGE_ROWS`` rows is finished by ``scan``, a page per transaction."""
-        found: list[list[tuple[str, StoredMessage]]] = []
-        long_scans: list[int] = []
+    def find(self, heads: Sequence[tuple[str, bool]]) -> list[RetainedPage]:
+        """For each ``(text, exact)``: the message of topic ``text`` when ``exact``, else the
+        ``(topic, message)`` pairs whose topic starts with ``text``, in key order, the first
+        ``_PAGE_ROWS`` rows of them: each with the key to go on after (``page``), or None when
+        that was all. One read transaction for all of them (a SUBSCRIBE's filters), rather
+        than one each."""
+        found: list[RetainedPage] = []
         db = self._env.dbs["retained"]
         with self._env.read() as txn:
             cur = txn.cursor(db=db)
             for text, exact in heads:
-                rows: list[tuple[str, StoredMessage]] = []
                 if exact:
                     data = txn.get(_text_key(text), db=db)
-                    if data is not None:
-                        rows.append((text, decode_message(data)))
+                    found.append(([] if data is None else [(text, decode_message(data))], None))
                 else:
-                    key_prefix = text.encode("utf-8", "surrogatepass")[:HASHED_HEAD]
-                    ok = cur.set_range(key_prefix) if key_prefix else cur.first()
-                    seen = 0
-                    while ok and cur.key().startswith(key_prefix):
-                        seen += 1
-                        if seen > _PAGE_ROWS:
-                            long_scans.append(len(found))
-                            break
-                        msg = decode_message(cur.value())
-                        if msg.topic.startswith(text):
-                            rows.append((msg.topic, msg))
-                        ok = cur.next()
-                found.append(rows)
-        for i in long_scans:
-            found[i] = list(self.scan(heads[i][0]))
+                    found.append(_page(cur, text, None, _PAGE_ROWS))
         return found
+
+    def page(self, text: str, after: bytes | None, limit: int) -> RetainedPage:
+        """Up to ``limit`` rows of the topics that start with ``text``, after the key ``after``
+        (from the first when None), in one read transaction: the pairs whose topic starts with
+        ``text``, and the key to go on after, or None when there are no more."""
+        with self._env.read() as txn:
+            return _page(txn.cursor(db=self._env.dbs["retained"]), text, after, limit)
 
     def count(self) -> int:
         return self._env.count("retained")

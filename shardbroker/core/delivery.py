@@ -64,6 +64,9 @@ class Delivery:
             lambda sess, msg, qos, retain, sub_ids, group: False)
         # a persistent session's QoS 2 packet ids in use changed: copied to its shard's backup
         self.replicate: Callable[[str], None] = lambda client_id: None
+        # sessions still owed retained messages (``Subscriptions._replay``) -> the topics sent to
+        # them meanwhile, whose waiting retained message is older and is then not sent
+        self.replaying: dict[Session, set[str]] = {}
 
     def resume(self, sess: Session, client: Client) -> None:
         """Resend unacknowledged messages with DUP (and PUBRELs), then drain the queue."""
@@ -140,6 +143,10 @@ class Delivery:
 
     def deliver(self, sess: Session, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                 group: tuple[str, str] | None = None) -> None:
+        if self.replaying:
+            superseding = self.replaying.get(sess)
+            if superseding is not None:
+                superseding.add(msg.topic)
         if sess.moving is not None and self.moving(sess, msg, qos, retain, sub_ids, group):
             return
         self.place(sess, msg, qos, retain, sub_ids, group)

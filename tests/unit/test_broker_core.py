@@ -23,7 +23,7 @@ from shardbroker.core.backpressure import (
     WITHHELD_MAX,
 )
 from shardbroker.core.session import NO_INFLIGHT
-from shardbroker.core.subscriptions import ROUTE_ACK_TIMEOUT
+from shardbroker.core.subscriptions import REPLAY_ROWS, ROUTE_ACK_TIMEOUT
 from shardbroker.peer.messages import (
     DurableForward,
     Forward,
@@ -41,6 +41,7 @@ from shardbroker.protocol import codec, reasons
 from shardbroker.protocol.packets import (
     MQTT_3_1_1,
     MQTT_5,
+    NO_PROPERTIES,
     ConnAck,
     Connect,
     Disconnect,
@@ -59,6 +60,8 @@ from shardbroker.protocol.packets import (
     Will,
 )
 from shardbroker.sharding import shard_for
+from shardbroker.storage.records import StoredMessage
+from shardbroker.storage.stamps import RetainedOp
 
 MakeHarness = Callable[..., Harness]
 
@@ -874,3 +877,73 @@ def test_bytes_read_after_the_serving_deadline_close_the_clients_first(h: Harnes
     assert not any(isinstance(p, PubAck) for p in pub.packets())
     assert pub.transport.closed
     assert h.broker.serve_until == math.inf  # said once; the next grant sets it again
+
+
+# --------------------------------------------------------------------------- retained messages owed over turns
+
+
+def _one_turn(h: Harness) -> None:
+    """One turn of the loop: the callbacks due now, not those they schedule."""
+    soon, h.scheduler.due_soon = h.scheduler.due_soon, []
+    for cb in soon:
+        cb(h.now)
+
+
+def _retained(h: Harness, n: int) -> list[str]:
+    topics = [f"r/{i:05d}" for i in range(n)]
+    h.retained.write([RetainedOp(t, StoredMessage(t, b"old", 0, True, NO_PROPERTIES), 0, "") for t in topics])
+    return topics
+
+
+def test_a_subscribe_to_many_retained_messages_is_answered_over_turns(h: Harness) -> None:
+    """The first page goes with the SUBACK; the rest at most REPLAY_ROWS a turn, so that the
+    shard's other clients are served in between; each once, in order."""
+    topics = _retained(h, 3000)
+    sub = h.connect("s")
+    sub.packets()
+    h.broker.received(sub.client, codec.encode(_sub("r/#", 0), sub.version), h.now)
+    _one_turn(h)
+    got = _publishes(sub.packets())
+    assert 0 < len(got) < len(topics)
+    turns = 0
+    while h.scheduler.due_soon:
+        _one_turn(h)
+        turns += 1
+        more = _publishes(sub.packets())
+        assert len(more) <= REPLAY_ROWS
+        got += more
+    assert turns >= 3
+    assert [p.topic for p in got] == topics and all(p.retain for p in got)
+
+
+def test_a_publish_supersedes_the_retained_message_still_owed(h: Harness) -> None:
+    """A topic published while its retained message still waits gets the new message only
+    (the old one after it would undo it); one already sent gets the new one after it."""
+    topics = _retained(h, 3000)
+    pub = h.connect("p")
+    sub = h.connect("s")
+    pub.packets(), sub.packets()
+    h.broker.received(sub.client, codec.encode(_sub("r/#", 0), sub.version), h.now)
+    _one_turn(h)
+    got = _publishes(sub.packets())
+    h.broker.received(pub.client, codec.encode(Publish(topics[-1], b"new"), pub.version), h.now)
+    h.broker.received(pub.client, codec.encode(Publish(topics[0], b"new"), pub.version), h.now)
+    h.run()
+    got += _publishes(sub.packets())
+    assert [(p.topic, p.payload) for p in got].count((topics[-1], b"new")) == 1
+    assert [p.topic for p in got].count(topics[-1]) == 1  # the old one was not sent after it
+    assert [(p.topic, p.payload) for p in got if p.topic == topics[0]] == [(topics[0], b"old"), (topics[0], b"new")]
+    assert len(got) == len(topics) + 1
+
+
+def test_an_unsubscribe_ends_the_retained_messages_owed(h: Harness) -> None:
+    _retained(h, 3000)
+    sub = h.connect("s")
+    sub.packets()
+    h.broker.received(sub.client, codec.encode(_sub("r/#", 0), sub.version), h.now)
+    _one_turn(h)
+    first = len(_publishes(sub.packets()))
+    h.broker.received(sub.client, codec.encode(Unsubscribe(2, ("r/#",)), sub.version), h.now)
+    h.run()
+    assert len(_publishes(sub.packets())) <= REPLAY_ROWS  # at most the turn already under way
+    assert first < 3000 and not h.broker.subscriptions._replays and not h.broker.delivery.replaying

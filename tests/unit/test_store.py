@@ -570,15 +570,25 @@ def test_retained_find_reads_every_head_of_a_subscribe_at_once(tmp_path: Path) -
     r = RetainedStore.open(tmp_path, map_size=SMALL)
     try:
         r.write([(t, msg(t, b"v", retain=True)) for t in topics])
-        found = r.find([("a/b", True), ("a/", False), ("a/x", True), ("", False), (long_topic, True),
+        pages = r.find([("a/b", True), ("a/", False), ("a/x", True), ("", False), (long_topic, True),
                         ("long/" + "x" * 450, False), ("bulk/", False), ("zzz", False)])
+        found = [rows for rows, _after in pages]
         assert [[t for t, _ in rows] for rows in found[:3]] == [["a/b"], ["a/b", "a/c"], []]
-        assert [t for t, _ in found[3]] == sorted(topics, key=lambda t: t.encode())[:len(found[3])]
-        assert len(found[3]) == len(topics)  # past a page of rows: finished by scan
+        ordered = sorted(topics, key=lambda t: t.encode())
+        assert [t for t, _ in found[3]] == ordered[:512]  # a page of rows, and where to go on
+        rest, after = [], pages[3][1]
+        while after is not None:  # the rest, a page at a time
+            rows, after = r.page("", after, 100)
+            assert len(rows) <= 100
+            rest += [t for t, _ in rows]
+        assert rest == ordered[512:]
         assert found[4] == [(long_topic, msg(long_topic, b"v", retain=True))]
         assert [t for t, _ in found[5]] == [long_topic]
-        assert [t for t, _ in found[6]] == [f"bulk/{i:04d}" for i in range(600)]
-        assert found[7] == []
+        assert [t for t, _ in found[6]] == [f"bulk/{i:04d}" for i in range(512)] and pages[6][1] is not None
+        rows, after = r.page("bulk/", pages[6][1], 1000)
+        assert [t for t, _ in rows] == [f"bulk/{i:04d}" for i in range(512, 600)] and after is None
+        assert found[7] == [] and pages[7][1] is None
+        assert [after for _rows, after in pages[:3]] == [None, None, None]
         assert r.find([]) == []
     finally:
         r.close()
