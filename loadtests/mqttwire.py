@@ -142,6 +142,19 @@ def pubcomp(packet_id: int) -> bytes:
     return b"\x70\x02" + PID_BYTES[packet_id]
 
 
+def frame_head(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+    """(position of the body, body length) of the packet starting at ``pos``, or None while its
+    fixed header is not all there (a remaining length of more than 4 bytes is malformed:
+    ``ValueError``)."""
+    try:
+        length, body = read_varint(buf, pos + 1)
+    except IndexError:
+        return None
+    if body - pos > 5:
+        raise ValueError("malformed remaining length")
+    return body, length
+
+
 def split_frames(buf: bytes | bytearray) -> tuple[list[tuple[int, bytes]], int]:
     """Split complete frames off the front of ``buf``.
 
