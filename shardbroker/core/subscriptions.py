@@ -569,7 +569,8 @@ class Subscriptions:
                         log.error("retained store read failed: %s", exc)
                         replays.clear()
                         break
-                    budget -= max(len(found), 1)
+                    # a page that goes on read the whole budget (rows of other topics among them)
+                    budget = 0 if after is not None else budget - max(len(found), 1)
                     self._deliver_retained(sess, r.flt, r.sub, found, superseded)
                     if after is None:
                         replays.pop(0)
