@@ -254,17 +254,19 @@ class Backpressure:
         if sess.backlog & kind:
             sess.backlog &= ~kind
             if kind & QUEUE:
-                self._period.pop(sess, None)
-                self._acks.pop(sess, None)
+                self._uncount(sess)
             self._released(self.backlogs.stop(sess, kind))
 
     def end(self, sess: Session) -> None:
         """``sess`` holds no one any more (offline, slow, ended)."""
         if sess.backlog:
             sess.backlog = 0
-            self._period.pop(sess, None)
-            self._acks.pop(sess, None)
+            self._uncount(sess)
             self._released(self.backlogs.end(sess))
+
+    def _uncount(self, sess: Session) -> None:
+        self._period.pop(sess, None)
+        self._acks.pop(sess, None)
 
     def acked(self, sess: Session) -> None:
         """``sess``'s subscriber acknowledged a message (counted while its queue is a backlog)."""
